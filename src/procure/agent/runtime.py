@@ -1,0 +1,51 @@
+"""Assembling a tick's dependencies from settings: store, vendor client, wallet, ledger, planner."""
+
+from __future__ import annotations
+
+import httpx
+
+from procure.agent.planner import DETERMINISTIC, Planner
+from procure.agent.tick import AgentDeps
+from procure.payments.settlements import FacilitatorLedger
+from procure.payments.wallet import load_or_create_account
+from procure.settings import Settings
+from procure.store import Store
+
+
+def choose_planner(settings: Settings) -> Planner:
+    if settings.planner_mode == "llm":
+        from procure.agent.llm_planner import make_llm_planner
+
+        return make_llm_planner(settings)
+    return DETERMINISTIC[settings.planner_mode]
+
+
+def make_deps(
+    settings: Settings,
+    store: Store,
+    *,
+    vendor_transport: httpx.AsyncBaseTransport | None = None,
+    facilitator_transport: httpx.AsyncBaseTransport | None = None,
+) -> AgentDeps:
+    from procure.vendors.client import VendorClient
+
+    return AgentDeps(
+        store=store,
+        vendors=VendorClient(
+            settings.gpu_vendor_secret.get_secret_value(),
+            timeout_s=settings.vendor_timeout_s,
+            transport=vendor_transport,
+        ),
+        account=load_or_create_account(
+            settings.x402_private_key.get_secret_value() if settings.x402_private_key else None,
+            settings.home,
+        ),
+        ledger=FacilitatorLedger(settings.facilitator_url, transport=facilitator_transport),
+        planner=choose_planner(settings),
+        cooldown_s=settings.vendor_cooldown_s,
+    )
+
+
+async def close_deps(deps: AgentDeps) -> None:
+    await deps.vendors.aclose()
+    await deps.ledger.aclose()

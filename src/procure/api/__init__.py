@@ -1,0 +1,1 @@
+"""The HTTP API: the seeds' agent endpoints, resource routes, /metrics and /healthz."""

@@ -1,0 +1,253 @@
+"""The `procure` command: thin Typer commands over the agent, the store and the local services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from procure.settings import Settings, get_settings
+
+app = typer.Typer(
+    help="procure: an autonomous agent that rents GPU compute for a goal within a hard budget, "
+    "paying vendors over x402. Configuration comes from the environment or .env "
+    "(see .env.example).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+vendors_app = typer.Typer(help="The vendor registry.", no_args_is_help=True)
+run_app = typer.Typer(
+    help="Start, tick and inspect runs (directly on the store).", no_args_is_help=True
+)
+app.add_typer(vendors_app, name="vendors")
+app.add_typer(run_app, name="run")
+console = Console()
+
+
+def _store(settings: Settings):  # type: ignore[no-untyped-def]
+    from procure.store import open_store
+
+    return open_store(settings.database_url)
+
+
+def _print_json(data: Any) -> None:
+    console.print_json(json.dumps(data))
+
+
+@app.command()
+def demo(
+    job_seconds: Annotated[float, typer.Option(help="Real seconds a mock job takes")] = 2.0,
+    budget: Annotated[float, typer.Option(help="Run budget in US dollars")] = 5.0,
+) -> None:
+    """Run the recovery story end to end: vendor 1 fails part-way, the agent pays vendor 2."""
+    from procure.demo import run_demo
+    from procure.models import RunStatus
+
+    state = run_demo(job_seconds=job_seconds, budget=budget, console=console)
+    if state.run.status != RunStatus.completed:
+        console.print(f"[bold red]run ended {state.run.status}: {state.run.status_reason}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 3000,
+    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+) -> None:
+    """Serve the API (agent endpoints, vendors, /metrics, /healthz)."""
+    import uvicorn
+
+    from procure.api.app import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings, _store(settings)), host=host, port=port)
+
+
+@app.command()
+def facilitator(
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 4020,
+    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+) -> None:
+    """Run the local x402 facilitator (verify + settle on a local chain kept under PROCURE_HOME)."""
+    import uvicorn
+
+    from procure.payments.facilitator import create_facilitator_app, open_chain
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    chain = open_chain(settings.home)
+    console.print(f"chain {chain.network}, token {chain.token_address}")
+    uvicorn.run(create_facilitator_app(chain), host=host, port=port)
+
+
+@app.command("mock-vendor")
+def mock_vendor(
+    vendor_id: Annotated[str, typer.Option(help="gpu_vendor_1 or gpu_vendor_2 (or any seeded id)")],
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 4001,
+    job_seconds: Annotated[float | None, typer.Option(help="Real seconds per job")] = None,
+) -> None:
+    """Run a mock GPU vendor. Honours GPU_VENDOR_SECRET, FAIL_VENDOR_ID, FAIL_RATE, FAIL_AT."""
+    import uvicorn
+    from x402.http import FacilitatorConfig, HTTPFacilitatorClient
+
+    from procure.local import mock_vendor_config
+    from procure.vendors.mock import create_mock_vendor_app
+    from procure.vendors.registry import default_vendors
+
+    settings = get_settings()
+    known = {v.vendor_id: v for v in default_vendors()}
+    if vendor_id not in known:
+        raise typer.BadParameter(f"unknown vendor {vendor_id}; known: {', '.join(known)}")
+    fails = settings.fail_vendor_id == vendor_id
+    cfg = mock_vendor_config(
+        known[vendor_id],
+        settings.facilitator_url,
+        settings.gpu_vendor_secret.get_secret_value(),
+        job_seconds=job_seconds or settings.mock_job_seconds,
+        fail_rate=(settings.fail_rate or 1.0) if fails else 0.0,
+        fail_at=settings.fail_at,
+    )
+    facilitator_client = HTTPFacilitatorClient(FacilitatorConfig(url=settings.facilitator_url))
+    uvicorn.run(create_mock_vendor_app(cfg, facilitator_client), host="127.0.0.1", port=port)
+
+
+@vendors_app.command("seed")
+def vendors_seed(
+    host: Annotated[str, typer.Option(help="Where the mock vendors listen")] = "http://localhost",
+) -> None:
+    """Insert the seeds' two vendors (gpu_vendor_1 on :4001, gpu_vendor_2 on :4002)."""
+    from procure.local import asset_info
+    from procure.store import repo
+    from procure.vendors.registry import default_vendors
+
+    settings = get_settings()
+    info = asset_info(settings.facilitator_url)
+    with _store(settings).session() as s:
+        for vendor in default_vendors(
+            host=host, network=str(info["network"]), asset=str(info["asset"])
+        ):
+            repo.save_vendor(s, vendor)
+            console.print(f"seeded {vendor.vendor_id} ({vendor.name}) at {vendor.endpoint}")
+
+
+@vendors_app.command("list")
+def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show the registry with each vendor's learned reliability."""
+    from procure.agent.context import reliability
+    from procure.store import repo
+
+    with _store(get_settings()).session() as s:
+        vendors = repo.list_vendors(s)
+    if as_json:
+        _print_json([{**v.to_json(), "learnedReliability": reliability(v)} for v in vendors])
+        return
+    table = Table("vendor", "name", "endpoint", "$/h", "prior", "learned", "ok", "failed", "GPUs")
+    for v in vendors:
+        table.add_row(
+            v.vendor_id,
+            v.name,
+            v.endpoint,
+            f"{v.base_price_per_hour / 1e6:.2f}",
+            f"{v.reliability_score:.2f}",
+            f"{reliability(v):.3f}",
+            str(v.successes),
+            str(v.failures),
+            ",".join(v.supported_gpu_types),
+        )
+    console.print(table)
+
+
+@run_app.command("start")
+def run_start(
+    goal: Annotated[str, typer.Option(help="What the compute is for")],
+    budget: Annotated[float, typer.Option(help="Budget in US dollars", min=0.000001)],
+    user_id: Annotated[str, typer.Option(help="Who the run is for")] = "cli",
+    gpu_type: Annotated[str, typer.Option(help="GPU type")] = "A100",
+    hours: Annotated[float, typer.Option(help="GPU hours", min=0.001)] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Training epochs", min=1)] = 3,
+) -> None:
+    """Start a run; prints it as JSON."""
+    from procure.models import JobSpec, usd_to_micros
+    from procure.store import repo
+
+    with _store(get_settings()).session() as s:
+        run = repo.create_run(
+            s,
+            user_id=user_id,
+            goal=goal,
+            budget_total=usd_to_micros(budget),
+            job_spec=JobSpec(gpu_type=gpu_type, hours=hours, epochs=epochs),
+        )
+    _print_json(run.to_json())
+
+
+@run_app.command("tick")
+def run_tick(run_id: str) -> None:
+    """Advance a run by one step (holding its lease)."""
+    from procure.agent.runtime import close_deps, make_deps
+    from procure.agent.tick import RunNotFound, tick
+    from procure.store import leases
+
+    settings = get_settings()
+    store = _store(settings)
+    with store.session() as s:
+        if not leases.acquire(s, run_id, "cli", 120):
+            console.print(f"[red]run {run_id} is held by {leases.holder(s, run_id)} or unknown")
+            raise typer.Exit(1)
+
+    async def go() -> dict[str, Any]:
+        deps = make_deps(settings, store)
+        try:
+            return (await tick(deps, run_id)).to_json()
+        finally:
+            await close_deps(deps)
+
+    try:
+        _print_json(asyncio.run(go()))
+    except RunNotFound:
+        console.print(f"[red]run {run_id} not found")
+        raise typer.Exit(1) from None
+    finally:
+        with store.session() as s:
+            leases.release(s, run_id, "cli")
+
+
+@run_app.command("status")
+def run_status(run_id: str) -> None:
+    """The run with its jobs, payments and observations, as the seeds' JSON."""
+    from procure.store import repo
+
+    with _store(get_settings()).session() as s:
+        state = repo.load_state(s, run_id)
+    if state is None:
+        console.print(f"[red]run {run_id} not found")
+        raise typer.Exit(1)
+    _print_json(state.to_json())
+
+
+@run_app.command("list")
+def run_list(limit: int = 20) -> None:
+    """The latest runs."""
+    from procure.store import repo
+
+    with _store(get_settings()).session() as s:
+        runs = repo.list_runs(s, limit=limit)
+    table = Table("id", "status", "goal", "budget", "remaining", "progress")
+    for r in runs:
+        table.add_row(
+            r.id,
+            r.status,
+            r.goal[:40],
+            f"{r.budget_total / 1e6:.2f}",
+            f"{r.budget_remaining / 1e6:.2f}",
+            f"{r.progress:.0%}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,103 @@
+"""Running procure's own services on loopback: the facilitator and mock vendors, each in a
+uvicorn server on a thread (for `procure demo` and the tests), on free ports.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from x402.http import FacilitatorConfig, HTTPFacilitatorClient
+
+from procure.models import Vendor
+from procure.payments.chain import LocalChain
+from procure.payments.facilitator import create_facilitator_app
+from procure.vendors.mock import MockVendorConfig, create_mock_vendor_app
+from procure.vendors.registry import vendor_payee
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LocalServer:
+    app: FastAPI
+    port: int
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve(app: FastAPI, port: int | None = None) -> LocalServer:
+    """Start `app` on 127.0.0.1 in a daemon thread; return once it accepts connections."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"server on port {port} did not start")
+        time.sleep(0.01)
+    return LocalServer(app, port, server, thread)
+
+
+def start_facilitator(journal: Path, port: int | None = None) -> LocalServer:
+    return serve(create_facilitator_app(LocalChain(journal)), port)
+
+
+def asset_info(facilitator_url: str) -> dict[str, object]:
+    """What the facilitator settles in: network, token address, EIP-712 name and version."""
+    last: Exception | None = None
+    for _ in range(50):
+        try:
+            response = httpx.get(f"{facilitator_url}/asset", timeout=5)
+            response.raise_for_status()
+            return dict(response.json())
+        except httpx.HTTPError as exc:
+            last = exc
+            time.sleep(0.2)
+    raise RuntimeError(f"facilitator at {facilitator_url} is not answering: {last}")
+
+
+def mock_vendor_config(
+    vendor: Vendor, facilitator_url: str, secret: str, **overrides: object
+) -> MockVendorConfig:
+    info = asset_info(facilitator_url)
+    fields: dict[str, object] = {
+        "vendor_id": vendor.vendor_id,
+        "name": vendor.name,
+        "price_per_hour": vendor.base_price_per_hour,
+        "secret": secret,
+        "pay_to": vendor.pay_to or vendor_payee(vendor.vendor_id),
+        "network": str(info["network"]),
+        "asset": str(info["asset"]),
+        "asset_extra": {"name": info["name"], "version": info["version"]},
+        "gpu_types": list(vendor.supported_gpu_types),
+    }
+    fields.update(overrides)
+    return MockVendorConfig(**fields)  # type: ignore[arg-type]
+
+
+def start_mock_vendor(
+    cfg: MockVendorConfig, facilitator_url: str, port: int | None = None
+) -> LocalServer:
+    facilitator = HTTPFacilitatorClient(FacilitatorConfig(url=facilitator_url))
+    return serve(create_mock_vendor_app(cfg, facilitator), port)

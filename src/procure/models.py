@@ -1,0 +1,224 @@
+"""The domain in pydantic: vendors, runs, jobs, payments, observations, quotes and actions.
+
+Money is held as integer micro-USD (1e-6 USD, the atomic unit of a 6-decimal USDC-style token)
+so budget arithmetic is exact; JSON shows it as dollars. Imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
+from pydantic.alias_generators import to_camel
+
+MICROS_PER_USD = 1_000_000
+
+
+def usd_to_micros(value: float | int | str | Decimal) -> int:
+    """Dollars (as given by a user or an API) to integer micro-USD, rounded half up."""
+    micros = Decimal(str(value)) * MICROS_PER_USD
+    return int(micros.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def micros_to_usd(micros: int) -> float:
+    return float(Decimal(micros) / MICROS_PER_USD)
+
+
+def format_usd(micros: int) -> str:
+    return f"${Decimal(micros) / MICROS_PER_USD:.2f}"
+
+
+def _parse_usd(value: Any) -> Any:
+    # Internal code passes ints (micros); JSON input in dollars arrives as float/str.
+    if isinstance(value, bool):
+        raise ValueError("must be a number of dollars")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float | str | Decimal):
+        return usd_to_micros(value)
+    return value
+
+
+Usd = Annotated[
+    int,
+    BeforeValidator(_parse_usd),
+    PlainSerializer(micros_to_usd, return_type=float, when_used="json"),
+    WithJsonSchema({"type": "number", "description": "US dollars"}),
+]
+"""Money: an int of micro-USD in Python, a number of dollars in JSON."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class RunStatus(StrEnum):
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    aborted = "aborted"
+    cancelled = "cancelled"
+
+
+TERMINAL_RUN_STATUSES = frozenset(
+    {RunStatus.completed, RunStatus.failed, RunStatus.aborted, RunStatus.cancelled}
+)
+
+
+class JobStatus(StrEnum):
+    submitted = "submitted"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+ACTIVE_JOB_STATUSES = frozenset({JobStatus.submitted, JobStatus.running})
+
+
+class PaymentStatus(StrEnum):
+    pending = "pending"
+    completed = "completed"
+    failed = "failed"
+
+
+class ObservationType(StrEnum):
+    agent_reasoning = "agent_reasoning"
+    job_log = "job_log"
+    error = "error"
+    payment_event = "payment_event"
+    job_event = "job_event"
+    llm_response = "llm_response"
+
+
+class Vendor(Model):
+    vendor_id: str
+    name: str
+    endpoint: str
+    base_price_per_hour: Usd
+    reliability_score: float = Field(ge=0, le=1, description="Prior reliability, 0..1")
+    supported_gpu_types: list[str]
+    pay_to: str | None = Field(None, description="Only payee address the agent will pay")
+    network: str | None = Field(None, description="CAIP-2 network the vendor is paid on")
+    asset: str | None = Field(None, description="Token contract the vendor is paid in")
+    successes: int = 0
+    failures: int = 0
+    gpu_hours: float = 0.0
+    cooldown_until: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class JobSpec(Model):
+    """What the user wants run; carried by the run and sent to the vendor."""
+
+    gpu_type: str = "A100"
+    hours: float = Field(1.0, gt=0, le=24 * 30)
+    epochs: int = Field(3, ge=1, le=1000)
+    model: str = "tiny-llm"
+    dataset: str = "dataset-a"
+
+
+class Run(Model):
+    id: str = Field(alias="_id")
+    user_id: str
+    goal: str
+    status: RunStatus
+    budget_total: Usd
+    budget_remaining: Usd
+    job_spec: JobSpec
+    progress: float = 0.0
+    status_reason: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Job(Model):
+    id: str = Field(alias="_id")
+    run_id: str
+    vendor_id: str
+    vendor_job_id: str | None = None
+    status: JobStatus
+    expected_cost: Usd
+    actual_cost: Usd | None = None
+    job_params: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str
+    quote_id: str | None = None
+    error_message: str | None = None
+    artifact_url: str | None = None
+    metrics: dict[str, Any] | None = None
+    progress: float = 0.0
+    log_cursor: int = 0
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None = None
+
+
+class Payment(Model):
+    id: str = Field(alias="_id")
+    run_id: str
+    job_id: str
+    vendor_id: str
+    amount: Usd
+    currency: str = "USD"
+    status: PaymentStatus
+    x402_tx_id: str | None = Field(None, alias="x402TxId")
+    nonce: str
+    pay_to: str | None = None
+    error_message: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Observation(Model):
+    id: int = Field(alias="_id")
+    run_id: str
+    type: ObservationType
+    content: str
+    vendor_id: str | None = None
+    timestamp: datetime
+
+
+class Quote(Model):
+    quote_id: str
+    vendor_id: str
+    gpu_type: str
+    hours: float
+    price_per_hour: Usd
+    amount: Usd
+    currency: str = "USD"
+    expires_at: datetime | None = None
+
+
+class Action(Model):
+    action: Literal["start_job", "wait", "abort"]
+    vendor_id: str | None = None
+    hours: float | None = None
+    gpu_type: str | None = None
+    reason: str
+
+
+class RunState(Model):
+    """Everything a tick or a planner knows about a run: the status view of the seeds."""
+
+    run: Run
+    jobs: list[Job]
+    payments: list[Payment]
+    observations: list[Observation]

@@ -1,0 +1,1 @@
+"""Payments: x402 client, facilitator and the local settlement chain."""

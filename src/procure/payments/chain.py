@@ -1,0 +1,660 @@
+"""Real x402 settlement on a local, in-process EVM chain.
+
+`LocalChain` runs an eth-tester (py-evm) chain inside the process, deploys the ProcureUSD
+token (an EIP-3009 ERC-20, see ``contracts/ProcureUSD.sol``) from a key derived from a fixed
+seed, and makes the chain durable across restarts with an append-only JSONL journal:
+
+* The journal's first line records the genesis timestamp. Every later line is one mined
+  transaction sent by the chain's own key (a mint, or a facilitator ``transferWithAuthorization``),
+  stored as the exact signed raw transaction plus a readable form (function, arguments,
+  block timestamp, tx hash, status).
+* A line is appended (and fsynced) only after the transaction was mined, and *inside* the
+  chain lock, before anything can observe the new state: the tx hash is returned, and balances
+  or logs can be read, only once the line is durable. If the journal write fails, the chain
+  is rolled back to its pre-transaction snapshot and the error propagates, so memory and
+  journal never disagree. A crash before the fsync loses a transaction nobody saw (no hash was
+  returned, no settle succeeded); the payer's authorization simply stays unused.
+* On construction the journal is replayed onto a fresh chain: same genesis timestamp, the
+  deploy at genesis+1, then each raw transaction re-sent with its recorded block timestamp.
+  Signed transactions are deterministic, so balances, used EIP-3009 nonces, Transfer logs and
+  tx hashes all come back identical; a divergence raises `JournalReplayError`. A torn last
+  line (crash mid-write) is dropped and truncated away.
+
+Every transaction is mined at once in its own block, stamped with the wall clock; block
+timestamps must strictly increase, so a sustained burst of more than one transaction per
+second runs block time ahead of the wall clock by about one second per extra transaction
+(it catches up when idle). EIP-3009 authorizations from our 402s stay valid for
+``max_timeout_seconds`` (300 s), so only hundreds of back-to-back transactions would matter.
+
+`ChainFacilitatorSigner` implements the x402 SDK's ``FacilitatorEvmSigner`` protocol over a
+`LocalChain`, and `make_facilitator` wires it into an ``x402Facilitator`` for ``chain.network``.
+All chain access goes through one re-entrant lock, so an HTTP facilitator may call from many
+threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from eth_abi import encode as abi_encode
+from eth_account import Account
+from eth_tester import EthereumTester, PyEVMBackend
+from eth_tester.backends.pyevm.main import get_default_account_state
+from eth_tester.exceptions import TransactionFailed
+from eth_utils import keccak, to_canonical_address, to_checksum_address
+from hexbytes import HexBytes
+from web3 import EthereumTesterProvider, Web3
+from x402 import x402Facilitator, x402FacilitatorSync
+from x402.mechanisms.evm.constants import MULTICALL3_ADDRESS, TX_STATUS_SUCCESS
+from x402.mechanisms.evm.data_suffix import append_data_suffix
+from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
+from x402.mechanisms.evm.types import TransactionReceipt, TypedDataDomain, TypedDataField
+from x402.mechanisms.evm.verify import verify_typed_data_strict
+
+__all__ = [
+    "CHAIN_KEY_SEED",
+    "ChainFacilitatorSigner",
+    "JournalError",
+    "JournalReplayError",
+    "LocalChain",
+    "make_facilitator",
+    "make_facilitator_sync",
+]
+
+#: Seed of the chain's single key: it deploys the token, is the only minter, and submits the
+#: facilitator's settlement transactions. Fixed, so addresses survive restarts.
+CHAIN_KEY_SEED = b"procure.payments.chain/local-deployer/v1"
+
+JOURNAL_VERSION = 1
+
+_DEPLOY_GAS = 3_000_000
+_TX_GAS = 500_000
+# Fixed EIP-1559 fees keep signed transactions (and so tx hashes) deterministic. The base fee
+# starts at 1 gwei and only falls on this nearly empty chain, so these always suffice.
+_MAX_FEE_PER_GAS = 5_000_000_000
+_MAX_PRIORITY_FEE_PER_GAS = 1_000_000_000
+# Start the genesis block a little in the past, so that rapid transactions (one block each,
+# strictly increasing timestamps) do not push block time far ahead of the wall clock.
+_GENESIS_LAG_SECONDS = 10
+
+_ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")
+_REVERT_PREFIX = "execution reverted: "
+
+
+class JournalError(RuntimeError):
+    """The journal cannot be read or written consistently."""
+
+
+class JournalReplayError(JournalError):
+    """Replaying the journal did not reproduce the recorded chain."""
+
+
+def _hex(value: bytes | str) -> str:
+    """Return ``value`` as a lowercase 0x-prefixed hex string."""
+    if isinstance(value, str):
+        return value.lower() if value.startswith("0x") else "0x" + value.lower()
+    return "0x" + bytes(value).hex()
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert contract-call arguments into JSON-friendly values (bytes become hex)."""
+    if isinstance(value, bytes | bytearray):
+        return _hex(bytes(value))
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    return value
+
+
+def _load_token_artifact() -> dict[str, Any]:
+    """Load the compiled ProcureUSD ABI and creation bytecode shipped with the package."""
+    text = (
+        resources.files("procure.payments")
+        .joinpath("contracts", "ProcureUSD.json")
+        .read_text(encoding="utf-8")
+    )
+    artifact: dict[str, Any] = json.loads(text)
+    return artifact
+
+
+class LocalChain:
+    """An in-process EVM chain with the ProcureUSD token, durable through a JSONL journal.
+
+    Args:
+        journal_path: Where to keep the journal. ``None`` keeps the chain purely in memory.
+            An existing journal is replayed on construction.
+    """
+
+    def __init__(self, journal_path: Path | None = None) -> None:
+        self._lock = threading.RLock()
+        self._journal_path = Path(journal_path) if journal_path is not None else None
+        self._account = Account.from_key(keccak(CHAIN_KEY_SEED))
+        self._artifact = _load_token_artifact()
+        self.token_abi: list[dict[str, Any]] = self._artifact["abi"]
+
+        entries = self._read_journal()
+        genesis_entry = entries[0] if entries and entries[0].get("op") == "genesis" else None
+        if entries and genesis_entry is None:
+            raise JournalError(f"{self._journal_path}: first line is not a genesis record")
+        genesis_ts = (
+            int(genesis_entry["timestamp"])
+            if genesis_entry is not None
+            else int(time.time()) - _GENESIS_LAG_SECONDS
+        )
+
+        self._backend = PyEVMBackend(
+            genesis_parameters=PyEVMBackend.generate_genesis_params(
+                overrides={"timestamp": genesis_ts}
+            ),
+            genesis_state={
+                # eth-tester's default sender (key 0x..01) must afford gas for plain eth_calls.
+                to_canonical_address(Account.from_key(b"\x00" * 31 + b"\x01").address): (
+                    get_default_account_state()
+                ),
+                to_canonical_address(self._account.address): get_default_account_state(),
+            },
+        )
+        self._tester = EthereumTester(backend=self._backend)
+        self._w3 = Web3(EthereumTesterProvider(self._tester))
+        self.chain_id: int = int(self._w3.eth.chain_id)
+        self.network: str = f"eip155:{self.chain_id}"
+
+        self.token_address: str = self._deploy_token(genesis_ts + 1)
+        self._token = self._w3.eth.contract(address=self.token_address, abi=self.token_abi)
+        self.token_name: str = self._token.functions.name().call(self._call_opts())
+        self.token_version: str = self._token.functions.version().call(self._call_opts())
+        self.token_decimals: int = self._token.functions.decimals().call(self._call_opts())
+
+        if genesis_entry is None:
+            if self._journal_path is not None:
+                self._append_journal(
+                    {
+                        "v": JOURNAL_VERSION,
+                        "op": "genesis",
+                        "timestamp": genesis_ts,
+                        "chain_id": self.chain_id,
+                        "key_address": self._account.address,
+                        "token": self.token_address,
+                    }
+                )
+        else:
+            if genesis_entry.get("token") != self.token_address:
+                raise JournalReplayError(
+                    f"journal token {genesis_entry.get('token')} != deployed {self.token_address}"
+                )
+            self._replay(entries[1:])
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def facilitator_address(self) -> str:
+        """Address that submits settlement transactions (also the deployer and minter)."""
+        return self._account.address
+
+    @property
+    def deployer_address(self) -> str:
+        """Address that deployed the token; the only one allowed to mint."""
+        return self._account.address
+
+    @property
+    def journal_path(self) -> Path | None:
+        """The journal file, or ``None`` for an in-memory chain."""
+        return self._journal_path
+
+    def payment_extra(self) -> dict[str, str]:
+        """The EIP-712 domain fields a 402's ``requirements.extra`` must carry for this token."""
+        return {"name": self.token_name, "version": self.token_version}
+
+    # ------------------------------------------------------------------ token views
+
+    def balance_of(self, address: str) -> int:
+        """Token balance of ``address`` in atomic units (6 decimals)."""
+        return int(self._read(self._token.functions.balanceOf(to_checksum_address(address))))
+
+    def native_balance(self, address: str) -> int:
+        """Native (gas) balance of ``address`` in wei."""
+        with self._lock:
+            return int(self._w3.eth.get_balance(to_checksum_address(address)))
+
+    def authorization_state(self, authorizer: str, nonce_hex: str) -> bool:
+        """Whether the EIP-3009 ``nonce_hex`` of ``authorizer`` has been used."""
+        nonce = HexBytes(nonce_hex)
+        if len(nonce) != 32:
+            raise ValueError(f"EIP-3009 nonce must be 32 bytes, got {len(nonce)}")
+        fn = self._token.functions.authorizationState(to_checksum_address(authorizer), nonce)
+        return bool(self._read(fn))
+
+    def transfers(self) -> list[dict[str, Any]]:
+        """All token Transfer events in chain order (mints have ``from`` = zero address)."""
+        with self._lock:
+            logs = self._token.events.Transfer().get_logs(from_block=0, to_block="latest")
+        return [
+            {
+                "from": log["args"]["from"],
+                "to": log["args"]["to"],
+                "value": int(log["args"]["value"]),
+                "tx_hash": _hex(log["transactionHash"]),
+                "block_number": int(log["blockNumber"]),
+                "log_index": int(log["logIndex"]),
+            }
+            for log in logs
+        ]
+
+    def transaction_for_nonce(self, authorizer: str, nonce_hex: str) -> str | None:
+        """The hash of the transaction that used ``authorizer``'s EIP-3009 ``nonce_hex``."""
+        wanted = HexBytes(nonce_hex)
+        with self._lock:
+            logs = self._token.events.AuthorizationUsed().get_logs(
+                from_block=0,
+                to_block="latest",
+                argument_filters={"authorizer": to_checksum_address(authorizer)},
+            )
+        for log in logs:
+            if HexBytes(log["args"]["nonce"]) == wanted:
+                return _hex(log["transactionHash"])
+        return None
+
+    # ------------------------------------------------------------------ state changes
+
+    def mint(self, address: str, amount: int) -> str:
+        """Mint ``amount`` atomic units to ``address``; returns the tx hash (journaled)."""
+        if amount < 0:
+            raise ValueError("amount must be non-negative")
+        to = to_checksum_address(address)
+        data = HexBytes(self._token.encode_abi("mint", [to, int(amount)]))
+        return self.transact(
+            self.token_address,
+            bytes(data),
+            function="mint",
+            args={"to": to, "value": int(amount)},
+        )
+
+    def transact(
+        self,
+        to: str,
+        data: bytes,
+        *,
+        function: str = "",
+        args: Any = None,
+    ) -> str:
+        """Send a journaled transaction from the chain's key and return its hash.
+
+        The call is first simulated on the pending block; a revert raises
+        ``eth_tester.exceptions.TransactionFailed`` ("execution reverted: <reason>") and
+        nothing is sent or journaled. ``function``/``args`` are recorded for audits only.
+        """
+        target = to_checksum_address(to)
+        with self._lock:
+            self._refresh_pending_timestamp()
+            self._eth_call(target, data, pending=True)
+            raw, nonce = self._sign(target, data, gas=_TX_GAS)
+            snapshot = self._tester.take_snapshot()
+            try:
+                tx_hash = _hex(self._w3.eth.send_raw_transaction(raw))
+                receipt = self._w3.eth.get_transaction_receipt(tx_hash)
+                block = self._w3.eth.get_block(receipt["blockNumber"])
+                self._append_journal(
+                    {
+                        "v": JOURNAL_VERSION,
+                        "op": "tx",
+                        "timestamp": int(block["timestamp"]),
+                        "nonce": nonce,
+                        "to": target,
+                        "function": function,
+                        "args": _jsonable(args),
+                        "tx_hash": tx_hash,
+                        "status": int(receipt["status"]),
+                        "raw_tx": _hex(raw),
+                    }
+                )
+            except BaseException:
+                # Not journaled means it never happened: undo it before anyone can see it.
+                self._tester.revert_to_snapshot(snapshot)
+                raise
+            return tx_hash
+
+    # ------------------------------------------------------------------ raw access
+
+    def call(self, to: str, data: bytes) -> bytes:
+        """Read-only ``eth_call`` from the chain's key against the pending block (now)."""
+        with self._lock:
+            self._refresh_pending_timestamp()
+            return self._eth_call(to_checksum_address(to), data, pending=True)
+
+    def read(self, fn: Any) -> Any:
+        """Call a bound web3 contract function (``contract.functions.x(...)``) on the chain."""
+        return self._read(fn)
+
+    def contract(self, address: str, abi: list[dict[str, Any]]) -> Any:
+        """A web3 contract object for building calldata; run calls through `read`/`transact`."""
+        return self._w3.eth.contract(address=to_checksum_address(address), abi=abi)
+
+    def code_at(self, address: str) -> bytes:
+        """Deployed bytecode at ``address`` (empty for an EOA)."""
+        with self._lock:
+            return bytes(self._w3.eth.get_code(to_checksum_address(address)))
+
+    def receipt(self, tx_hash: str) -> dict[str, Any]:
+        """The mined receipt of ``tx_hash`` (every sent transaction is mined at once)."""
+        with self._lock:
+            return dict(self._w3.eth.get_transaction_receipt(_hex(tx_hash)))
+
+    def block_timestamp(self) -> int:
+        """Timestamp of the latest mined block."""
+        with self._lock:
+            return int(self._w3.eth.get_block("latest")["timestamp"])
+
+    # ------------------------------------------------------------------ internals
+
+    def _call_opts(self) -> dict[str, Any]:
+        return {"from": self._account.address}
+
+    def _read(self, fn: Any) -> Any:
+        with self._lock:
+            self._refresh_pending_timestamp()
+            return fn.call(self._call_opts(), block_identifier="pending")
+
+    def _eth_call(self, to: str, data: bytes, *, pending: bool) -> bytes:
+        tx = {"from": self._account.address, "to": to, "data": _hex(data)}
+        block = "pending" if pending else "latest"
+        return bytes(self._w3.eth.call(tx, block_identifier=block))  # type: ignore[arg-type]
+
+    def _refresh_pending_timestamp(self, timestamp: int | None = None) -> None:
+        """Give the (always empty) pending block a timestamp: ``timestamp``, else ~now.
+
+        eth-tester stamps the pending block when the previous block is mined, so an idle
+        chain would otherwise execute the next transaction with a stale ``block.timestamp``.
+        """
+        latest = int(self._w3.eth.get_block("latest")["timestamp"])
+        if timestamp is None:
+            timestamp = max(int(time.time()), latest + 1)
+        elif timestamp <= latest:
+            raise JournalReplayError(
+                f"journal timestamp {timestamp} is not after the latest block ({latest})"
+            )
+        self._backend.chain.set_header_timestamp(timestamp)
+
+    def _sign(self, to: str | None, data: bytes, *, gas: int) -> tuple[bytes, int]:
+        """Sign a deterministic EIP-1559 transaction; returns (raw transaction, nonce)."""
+        nonce = int(self._w3.eth.get_transaction_count(self._account.address))
+        tx: dict[str, Any] = {
+            "type": 2,
+            "chainId": self.chain_id,
+            "nonce": nonce,
+            "gas": gas,
+            "maxFeePerGas": _MAX_FEE_PER_GAS,
+            "maxPriorityFeePerGas": _MAX_PRIORITY_FEE_PER_GAS,
+            "value": 0,
+            "data": _hex(data),
+        }
+        if to is not None:
+            tx["to"] = to
+        return bytes(self._account.sign_transaction(tx).raw_transaction), nonce
+
+    def _deploy_token(self, timestamp: int) -> str:
+        with self._lock:
+            self._refresh_pending_timestamp(timestamp)
+            raw, _ = self._sign(None, HexBytes(self._artifact["bytecode"]), gas=_DEPLOY_GAS)
+            tx_hash = self._w3.eth.send_raw_transaction(raw)
+            receipt = self._w3.eth.get_transaction_receipt(tx_hash)
+            if receipt["status"] != TX_STATUS_SUCCESS or not receipt["contractAddress"]:
+                raise RuntimeError("ProcureUSD deployment failed")
+            return to_checksum_address(receipt["contractAddress"])
+
+    def _replay(self, entries: Sequence[dict[str, Any]]) -> None:
+        with self._lock:
+            for index, entry in enumerate(entries, start=2):
+                if entry.get("op") != "tx":
+                    raise JournalReplayError(f"journal line {index}: unknown op {entry.get('op')}")
+                self._refresh_pending_timestamp(int(entry["timestamp"]))
+                try:
+                    tx_hash = _hex(self._w3.eth.send_raw_transaction(HexBytes(entry["raw_tx"])))
+                except Exception as exc:
+                    raise JournalReplayError(f"journal line {index}: rejected: {exc}") from exc
+                status = int(self._w3.eth.get_transaction_receipt(tx_hash)["status"])
+                if tx_hash != entry["tx_hash"] or status != int(entry["status"]):
+                    raise JournalReplayError(
+                        f"journal line {index}: replay gave {tx_hash} status {status}, "
+                        f"journal has {entry['tx_hash']} status {entry['status']}"
+                    )
+
+    def _read_journal(self) -> list[dict[str, Any]]:
+        """Parse the journal, dropping (and truncating away) a torn final line."""
+        path = self._journal_path
+        if path is None or not path.exists():
+            return []
+        blob = path.read_bytes()
+        cut = blob.rfind(b"\n") + 1
+        if cut < len(blob):
+            # The last write never finished (no newline), so it was never acknowledged.
+            with path.open("r+b") as fh:
+                fh.truncate(cut)
+                fh.flush()
+                os.fsync(fh.fileno())
+        entries: list[dict[str, Any]] = []
+        for number, line in enumerate(blob[:cut].split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise JournalError(f"{path}:{number}: corrupt journal line") from exc
+        return entries
+
+    def _append_journal(self, entry: dict[str, Any]) -> None:
+        """Append one line and fsync; on failure, truncate back and re-raise."""
+        path = self._journal_path
+        if path is None:
+            return
+        line = (json.dumps(entry, separators=(",", ":"), sort_keys=True) + "\n").encode()
+        created = not path.exists()
+        if created:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as fh:
+            start = fh.tell()
+            try:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except BaseException:
+                fh.truncate(start)
+                raise
+        if created:
+            _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a newly created file's directory entry durable (best effort on odd filesystems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _revert_payload(exc: TransactionFailed) -> bytes:
+    """Re-encode an eth-tester revert as ``Error(string)`` return data."""
+    message = str(exc.args[0]) if exc.args else str(exc)
+    reason = message.removeprefix(_REVERT_PREFIX)
+    return _ERROR_STRING_SELECTOR + abi_encode(["string"], [reason])
+
+
+class ChainFacilitatorSigner:
+    """The x402 SDK's ``FacilitatorEvmSigner`` protocol, backed by a `LocalChain`.
+
+    Reads run against the pending block at the current time; ``write_contract`` and
+    ``send_transaction`` are simulated first (a revert raises with the contract's reason,
+    which the SDK maps to its error codes) and then mined and journaled by the chain.
+    Multicall3 does not exist on the local chain, so ``tryAggregate`` calls to its canonical
+    address are answered by running each sub-call in turn.
+    """
+
+    def __init__(self, chain: LocalChain) -> None:
+        self._chain = chain
+
+    @property
+    def address(self) -> str:
+        """The facilitator's settlement address."""
+        return self._chain.facilitator_address
+
+    def get_addresses(self) -> list[str]:
+        """Addresses this facilitator settles from (one)."""
+        return [self._chain.facilitator_address]
+
+    def read_contract(
+        self,
+        address: str,
+        abi: list[dict[str, Any]],
+        function_name: str,
+        *args: Any,
+    ) -> Any:
+        """Call a view (or simulate a write) and return the decoded result."""
+        if (
+            function_name == "tryAggregate"
+            and to_checksum_address(address) == to_checksum_address(MULTICALL3_ADDRESS)
+            and not self._chain.code_at(address)
+        ):
+            return self._try_aggregate(bool(args[0]), args[1])
+        contract = self._chain.contract(address, abi)
+        return self._chain.read(contract.functions[function_name](*args))
+
+    def verify_typed_data(
+        self,
+        address: str,
+        domain: TypedDataDomain,
+        types: dict[str, list[TypedDataField]],
+        primary_type: str,
+        message: dict[str, Any],
+        signature: bytes,
+    ) -> bool:
+        """Verify an EIP-712 signature as the chain would (ecrecover, or EIP-1271 for code)."""
+        return verify_typed_data_strict(
+            self,
+            address,
+            domain,
+            types,  # type: ignore[arg-type]
+            primary_type,
+            message,
+            signature,
+        )
+
+    def write_contract(
+        self,
+        address: str,
+        abi: list[dict[str, Any]],
+        function_name: str,
+        *args: Any,
+        data_suffix: str | None = None,
+    ) -> str:
+        """Encode, simulate, send and journal a contract call; return the tx hash."""
+        contract = self._chain.contract(address, abi)
+        encoded = _hex(contract.encode_abi(function_name, list(args)))
+        calldata = append_data_suffix(encoded, data_suffix)
+        names = next(
+            (
+                [item.get("name") or f"arg{i}" for i, item in enumerate(entry.get("inputs", []))]
+                for entry in abi
+                if entry.get("type") == "function" and entry.get("name") == function_name
+            ),
+            [f"arg{i}" for i in range(len(args))],
+        )
+        return self._chain.transact(
+            address,
+            bytes(HexBytes(calldata)),
+            function=function_name,
+            args=dict(zip(names, args, strict=False)),
+        )
+
+    def send_transaction(self, to: str, data: bytes) -> str:
+        """Simulate, send and journal a raw call; return the tx hash."""
+        return self._chain.transact(to, bytes(data), function="", args=None)
+
+    def wait_for_transaction_receipt(self, tx_hash: str) -> TransactionReceipt:
+        """Receipt of a (already mined) transaction, logs as plain hex dicts."""
+        receipt = self._chain.receipt(tx_hash)
+        logs = [
+            {
+                "address": to_checksum_address(log["address"]),
+                "topics": [_hex(topic) for topic in log["topics"]],
+                "data": _hex(log["data"]),
+            }
+            for log in receipt.get("logs") or []
+        ]
+        return TransactionReceipt(
+            status=int(receipt["status"]),
+            block_number=int(receipt["blockNumber"]),
+            tx_hash=_hex(tx_hash),
+            logs=logs,
+        )
+
+    def get_balance(self, address: str, token_address: str) -> int:
+        """Token balance, or the native balance for the zero/empty token address."""
+        if not token_address or int(token_address, 16) == 0:
+            return self._chain.native_balance(address)
+        if to_checksum_address(token_address) == self._chain.token_address:
+            return self._chain.balance_of(address)
+        contract = self._chain.contract(token_address, self._chain.token_abi)
+        return int(self._chain.read(contract.functions.balanceOf(to_checksum_address(address))))
+
+    def get_chain_id(self) -> int:
+        """The local chain's id (eth-tester: 131277322940537)."""
+        return self._chain.chain_id
+
+    def get_code(self, address: str) -> bytes:
+        """Bytecode at ``address`` (empty for an EOA)."""
+        return self._chain.code_at(address)
+
+    def _try_aggregate(
+        self, require_success: bool, calls: Sequence[Sequence[Any]]
+    ) -> list[tuple[bool, bytes]]:
+        results: list[tuple[bool, bytes]] = []
+        for target, call_data in calls:
+            try:
+                results.append((True, self._chain.call(str(target), bytes(HexBytes(call_data)))))
+            except TransactionFailed as exc:
+                if require_success:
+                    raise
+                results.append((False, _revert_payload(exc)))
+        return results
+
+
+_F = TypeVar("_F", x402Facilitator, x402FacilitatorSync)
+
+
+def _register(facilitator: _F, chain: LocalChain, config: ExactEvmSchemeConfig | None) -> _F:
+    scheme = ExactEvmFacilitatorScheme(
+        ChainFacilitatorSigner(chain),
+        config or ExactEvmSchemeConfig(eip6492_allowed_factories=[], simulate_in_settle=False),
+    )
+    facilitator.register([chain.network], scheme)
+    return facilitator
+
+
+def make_facilitator(
+    chain: LocalChain, config: ExactEvmSchemeConfig | None = None
+) -> x402Facilitator:
+    """An async ``x402Facilitator`` settling 'exact' EVM payments on ``chain.network``.
+
+    ERC-6492 smart-wallet deployment stays disabled (no factory is allow-listed).
+    """
+    return _register(x402Facilitator(), chain, config)
+
+
+def make_facilitator_sync(
+    chain: LocalChain, config: ExactEvmSchemeConfig | None = None
+) -> x402FacilitatorSync:
+    """Like `make_facilitator`, but the synchronous ``x402FacilitatorSync``."""
+    return _register(x402FacilitatorSync(), chain, config)

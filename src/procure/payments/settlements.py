@@ -1,0 +1,38 @@
+"""Asking the facilitator whether a payment's nonce was already settled (crash reconciliation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass(frozen=True)
+class Settlement:
+    used: bool
+    transaction: str | None
+
+
+class SettlementLookupError(Exception):
+    """The facilitator could not say; the caller must not guess."""
+
+
+class FacilitatorLedger:
+    """Reads the local facilitator's settlement records over HTTP."""
+
+    def __init__(self, url: str, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=url, transport=transport or httpx.AsyncHTTPTransport(), timeout=10
+        )
+
+    async def lookup(self, payer: str, nonce: str) -> Settlement:
+        try:
+            response = await self._http.get(f"/authorizations/{payer}/{nonce}")
+            response.raise_for_status()
+            data = response.json()
+            return Settlement(used=bool(data["used"]), transaction=data.get("transaction"))
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            raise SettlementLookupError(f"facilitator lookup failed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

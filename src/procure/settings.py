@@ -1,0 +1,58 @@
+"""Configuration from the environment or `.env`, honouring the seeds' variable names."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///procure.db",
+        validation_alias=AliasChoices("PROCURE_DATABASE_URL", "DATABASE_URL"),
+        description="SQLAlchemy URL: sqlite:///file.db or postgresql+psycopg://user@host/db",
+    )
+    home: Path = Field(
+        Path(".procure"),
+        validation_alias="PROCURE_HOME",
+        description="Where the wallet key and the facilitator's chain journal are kept",
+    )
+    api_token: SecretStr | None = Field(
+        None, validation_alias="PROCURE_API_TOKEN", description="Bearer token for mutating routes"
+    )
+    planner_mode: Literal["stub", "heuristic", "llm"] = Field(
+        "heuristic", validation_alias="PLANNER_MODE"
+    )
+    gpu_vendor_secret: SecretStr = Field(
+        SecretStr("dev_secret_123"), validation_alias="GPU_VENDOR_SECRET"
+    )
+    facilitator_url: str = Field("http://127.0.0.1:4020", validation_alias="X402_FACILITATOR_URL")
+    x402_private_key: SecretStr | None = Field(None, validation_alias="X402_PRIVATE_KEY")
+    wallet_funding_usd: float = Field(
+        1000.0, validation_alias="PROCURE_WALLET_FUNDING", description="Faucet amount per wallet"
+    )
+    fireworks_api_key: SecretStr | None = Field(None, validation_alias="FIREWORKS_API_KEY")
+    fireworks_model: str = Field(
+        "accounts/fireworks/models/llama-v3-8b-instruct", validation_alias="FIREWORKS_MODEL"
+    )
+    llm_base_url: str = Field(
+        "https://api.fireworks.ai/inference/v1", validation_alias="LLM_BASE_URL"
+    )
+    llm_timeout_s: float = Field(20.0, validation_alias="LLM_TIMEOUT_S")
+    vendor_timeout_s: float = Field(10.0, validation_alias="VENDOR_TIMEOUT_S")
+    fail_vendor_id: str | None = Field(None, validation_alias="FAIL_VENDOR_ID")
+    fail_rate: float = Field(0.0, ge=0, le=1, validation_alias="FAIL_RATE")
+    fail_at: float = Field(0.47, gt=0, lt=1, validation_alias="FAIL_AT")
+    mock_job_seconds: float = Field(6.0, gt=0, validation_alias="MOCK_JOB_SECONDS")
+    vendor_cooldown_s: float = Field(300.0, ge=0, validation_alias="VENDOR_COOLDOWN_S")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,238 @@
+"""The store's interface: plain functions over a Session that read and write domain models."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from procure.models import (
+    Job,
+    JobSpec,
+    Observation,
+    ObservationType,
+    Payment,
+    Run,
+    RunState,
+    RunStatus,
+    Vendor,
+    utcnow,
+)
+from procure.store.tables import Base, JobRow, ObservationRow, PaymentRow, RunRow, VendorRow
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:24]
+
+
+def _columns(row: Base) -> dict[str, Any]:
+    return {c.key: getattr(row, c.key) for c in row.__mapper__.column_attrs}
+
+
+def _model(cls: type[M], row: Base) -> M:
+    return cls.model_validate(_columns(row))
+
+
+# --- vendors -------------------------------------------------------------------------------
+
+
+def save_vendor(s: Session, vendor: Vendor) -> Vendor:
+    """Insert or replace a vendor's registry entry, keeping its learned outcomes."""
+    row = s.get(VendorRow, vendor.vendor_id)
+    data = vendor.model_dump(exclude={"successes", "failures", "gpu_hours", "cooldown_until"})
+    if row is None:
+        row = VendorRow(**vendor.model_dump())
+        s.add(row)
+    else:
+        data.pop("created_at")
+        data["updated_at"] = utcnow()
+        for key, value in data.items():
+            setattr(row, key, value)
+    s.flush()
+    return _model(Vendor, row)
+
+
+def list_vendors(s: Session) -> list[Vendor]:
+    rows = s.scalars(select(VendorRow).order_by(VendorRow.vendor_id))
+    return [_model(Vendor, r) for r in rows]
+
+
+def get_vendor(s: Session, vendor_id: str) -> Vendor | None:
+    row = s.get(VendorRow, vendor_id)
+    return _model(Vendor, row) if row else None
+
+
+def record_vendor_outcome(
+    s: Session,
+    vendor_id: str,
+    *,
+    success: bool,
+    gpu_hours: float = 0.0,
+    cooldown_until: datetime | None = None,
+) -> None:
+    """Count a success or failure against a vendor (atomic increments, safe under concurrency)."""
+    values: dict[str, Any] = {
+        "gpu_hours": VendorRow.gpu_hours + gpu_hours,
+        "updated_at": utcnow(),
+    }
+    if success:
+        values["successes"] = VendorRow.successes + 1
+    else:
+        values["failures"] = VendorRow.failures + 1
+        if cooldown_until is not None:
+            values["cooldown_until"] = cooldown_until
+    s.execute(update(VendorRow).where(VendorRow.vendor_id == vendor_id).values(**values))
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+def create_run(s: Session, *, user_id: str, goal: str, budget_total: int, job_spec: JobSpec) -> Run:
+    now = utcnow()
+    row = RunRow(
+        id=new_id(),
+        user_id=user_id,
+        goal=goal,
+        status=RunStatus.running,
+        budget_total=budget_total,
+        budget_remaining=budget_total,
+        job_spec=job_spec.model_dump(),
+        progress=0.0,
+        next_tick_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+    s.add(row)
+    s.flush()
+    return _model(Run, row)
+
+
+def get_run(s: Session, run_id: str) -> Run | None:
+    row = s.get(RunRow, run_id)
+    return _model(Run, row) if row else None
+
+
+def list_runs(s: Session, *, limit: int = 100, status: str | None = None) -> list[Run]:
+    query = select(RunRow).order_by(RunRow.created_at.desc()).limit(limit)
+    if status:
+        query = query.where(RunRow.status == status)
+    return [_model(Run, r) for r in s.scalars(query)]
+
+
+def update_run(s: Session, run_id: str, **values: Any) -> None:
+    values["updated_at"] = utcnow()
+    s.execute(update(RunRow).where(RunRow.id == run_id).values(**values))
+
+
+def count_runs_by_status(s: Session) -> dict[str, int]:
+    rows = s.execute(select(RunRow.status, func.count()).group_by(RunRow.status))
+    return {status: n for status, n in rows}
+
+
+# --- jobs and payments ---------------------------------------------------------------------
+
+
+def insert_job(s: Session, job: Job) -> None:
+    s.add(JobRow(**job.model_dump()))
+
+
+def update_job(s: Session, job_id: str, **values: Any) -> None:
+    values["updated_at"] = utcnow()
+    s.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+
+
+def insert_payment(s: Session, payment: Payment) -> None:
+    s.add(PaymentRow(**payment.model_dump()))
+
+
+def update_payment(s: Session, payment_id: str, **values: Any) -> None:
+    values["updated_at"] = utcnow()
+    s.execute(update(PaymentRow).where(PaymentRow.id == payment_id).values(**values))
+
+
+def list_payments(s: Session, *, status: str | None = None) -> list[Payment]:
+    query = select(PaymentRow).order_by(PaymentRow.created_at)
+    if status:
+        query = query.where(PaymentRow.status == status)
+    return [_model(Payment, r) for r in s.scalars(query)]
+
+
+# --- observations (append-only) ------------------------------------------------------------
+
+
+def add_observation(
+    s: Session,
+    run_id: str,
+    type: ObservationType,
+    content: str,
+    *,
+    vendor_id: str | None = None,
+) -> None:
+    s.add(
+        ObservationRow(
+            run_id=run_id, type=type, content=content, vendor_id=vendor_id, timestamp=utcnow()
+        )
+    )
+
+
+def list_observations(s: Session, run_id: str, *, after_id: int = 0) -> list[Observation]:
+    query = (
+        select(ObservationRow)
+        .where(ObservationRow.run_id == run_id, ObservationRow.id > after_id)
+        .order_by(ObservationRow.id)
+    )
+    return [_model(Observation, r) for r in s.scalars(query)]
+
+
+# --- the whole state of a run --------------------------------------------------------------
+
+
+def load_state(s: Session, run_id: str, *, observations: bool = True) -> RunState | None:
+    """The run with its jobs, payments and (optionally; ticks skip them) observations."""
+    run = get_run(s, run_id)
+    if run is None:
+        return None
+    jobs = s.scalars(select(JobRow).where(JobRow.run_id == run_id).order_by(JobRow.created_at))
+    payments = s.scalars(
+        select(PaymentRow).where(PaymentRow.run_id == run_id).order_by(PaymentRow.created_at)
+    )
+    return RunState(
+        run=run,
+        jobs=[_model(Job, r) for r in jobs],
+        payments=[_model(Payment, r) for r in payments],
+        observations=list_observations(s, run_id) if observations else [],
+    )
+
+
+def refresh_budget(s: Session, run_id: str) -> int:
+    """Set the run's budgetRemaining to budgetTotal minus its completed payments; return it."""
+    paid = s.scalar(
+        select(func.coalesce(func.sum(PaymentRow.amount), 0)).where(
+            PaymentRow.run_id == run_id, PaymentRow.status == "completed"
+        )
+    )
+    run = s.get(RunRow, run_id)
+    assert run is not None
+    run.budget_remaining = run.budget_total - int(paid or 0)
+    run.updated_at = utcnow()
+    return run.budget_remaining
+
+
+def vendor_error_counts(s: Session, run_id: str) -> dict[str, int]:
+    """Error observations per vendor in one run: the planner's memory of trouble this run."""
+    rows = s.execute(
+        select(ObservationRow.vendor_id, func.count())
+        .where(
+            ObservationRow.run_id == run_id,
+            ObservationRow.type == ObservationType.error,
+            ObservationRow.vendor_id.is_not(None),
+        )
+        .group_by(ObservationRow.vendor_id)
+    )
+    return {vendor_id: n for vendor_id, n in rows}

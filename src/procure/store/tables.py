@@ -1,0 +1,138 @@
+"""The SQLAlchemy tables: the seeds' documents (runs, jobs, payments, observations, vendors)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Money columns are integer micro-USD: exact sums on every backend.
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone on read)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UtcDateTime(), dict[str, Any]: JSON}
+
+
+class VendorRow(Base):
+    __tablename__ = "vendors"
+
+    vendor_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    endpoint: Mapped[str] = mapped_column(String(500))
+    base_price_per_hour: Mapped[int] = mapped_column(BigInteger)
+    reliability_score: Mapped[float] = mapped_column(Float)
+    supported_gpu_types: Mapped[list[str]] = mapped_column(JSON)
+    pay_to: Mapped[str | None] = mapped_column(String(64))
+    network: Mapped[str | None] = mapped_column(String(64))
+    asset: Mapped[str | None] = mapped_column(String(64))
+    successes: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_hours: Mapped[float] = mapped_column(Float, default=0.0)
+    cooldown_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200))
+    goal: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    budget_total: Mapped[int] = mapped_column(BigInteger)
+    budget_remaining: Mapped[int] = mapped_column(BigInteger)
+    job_spec: Mapped[dict[str, Any]]
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    # Worker lease: who may tick this run, until when, and when it is next due.
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None]
+    next_tick_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_runs_due", "status", "next_tick_at"),)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    vendor_id: Mapped[str] = mapped_column(String(64))
+    vendor_job_id: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16))
+    expected_cost: Mapped[int] = mapped_column(BigInteger)
+    actual_cost: Mapped[int | None] = mapped_column(BigInteger)
+    job_params: Mapped[dict[str, Any]]
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    quote_id: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    artifact_url: Mapped[str | None] = mapped_column(String(500))
+    metrics: Mapped[dict[str, Any] | None]
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    log_cursor: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+
+
+class PaymentRow(Base):
+    __tablename__ = "payments"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    vendor_id: Mapped[str] = mapped_column(String(64))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16))
+    x402_tx_id: Mapped[str | None] = mapped_column(String(100))
+    nonce: Mapped[str] = mapped_column(String(66), unique=True)
+    pay_to: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class ObservationRow(Base):
+    __tablename__ = "observations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    content: Mapped[str] = mapped_column(Text)
+    vendor_id: Mapped[str | None] = mapped_column(String(64))
+    timestamp: Mapped[datetime]

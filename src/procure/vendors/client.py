@@ -1,0 +1,207 @@
+"""HTTP client for the vendor protocol: quote, submit (paying the 402 over x402), status, cancel.
+
+Every failure to get a well-formed answer is raised as `VendorError`, so the tick can record it
+and retry later instead of crashing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+from x402 import x402Client
+from x402.http.clients.httpx import PaymentError, x402AsyncTransport
+from x402.http.utils import decode_payment_required_header, decode_payment_response_header
+from x402.schemas import PaymentRequirements
+
+from procure.models import JobSpec, Quote, Vendor
+from procure.vendors.protocol import (
+    IDEMPOTENCY_HEADER,
+    QUOTE_HEADER,
+    QuoteRequest,
+    SubmitRequest,
+    VendorJob,
+)
+
+
+class VendorError(Exception):
+    """The vendor did not give a usable answer (down, timeout, 5xx, malformed, refused)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class PaymentRefused(VendorError):
+    """The payment was not made: our guardrails refused the 402, or settlement failed.
+
+    `offered` holds the requirements of the vendor's 402, so the refusal can be explained.
+    """
+
+    def __init__(self, message: str, *, offered: list[PaymentRequirements] | None = None) -> None:
+        super().__init__(message, retryable=False)
+        self.offered = offered or []
+
+
+class _Recording402(httpx.AsyncBaseTransport):
+    """Passes requests through, keeping the last 402's PAYMENT-REQUIRED header."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+        self._header: str | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if response.status_code == 402 and "PAYMENT-REQUIRED" in response.headers:
+            self._header = response.headers["PAYMENT-REQUIRED"]
+        return response
+
+    def offered(self) -> list[PaymentRequirements]:
+        if not self._header:
+            return []
+        try:
+            return list(decode_payment_required_header(self._header).accepts)
+        except Exception:
+            return []
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: VendorJob
+    tx_hash: str | None
+    settled_amount: int | None
+    replayed: bool
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _json(response: httpx.Response, what: str) -> Any:
+    if response.status_code >= 500:
+        raise VendorError(f"{what}: HTTP {response.status_code}")
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise VendorError(f"{what}: malformed JSON (HTTP {response.status_code})") from exc
+    if response.status_code >= 400:
+        detail = body.get("error") or body.get("detail") if isinstance(body, dict) else body
+        raise VendorError(f"{what}: HTTP {response.status_code}: {detail}", retryable=False)
+    return body
+
+
+class VendorClient:
+    """Talks to any vendor speaking procure's vendor protocol.
+
+    `transport` is the underlying httpx transport: real sockets by default, or an
+    `httpx.ASGITransport` to reach in-process vendors without sockets.
+    """
+
+    def __init__(
+        self,
+        secret: str,
+        *,
+        timeout_s: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._transport = transport or httpx.AsyncHTTPTransport()
+        self._headers = {"Authorization": f"Bearer {secret}"}
+        self._timeout = httpx.Timeout(timeout_s)
+        self._http = httpx.AsyncClient(
+            transport=self._transport, headers=self._headers, timeout=self._timeout
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, what: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise VendorError(f"{what}: {_describe(exc)}") from exc
+
+    async def quote(self, vendor: Vendor, spec: JobSpec) -> Quote:
+        body = QuoteRequest(gpu_type=spec.gpu_type, hours=spec.hours).to_json()
+        response = await self._call("quote", "POST", f"{vendor.endpoint}/quote", json=body)
+        data = _json(response, "quote")
+        try:
+            quote = Quote.model_validate(data)
+        except ValidationError as exc:
+            raise VendorError(f"quote: malformed answer: {exc.error_count()} errors") from exc
+        if quote.vendor_id != vendor.vendor_id:
+            raise VendorError(f"quote: answered for vendor {quote.vendor_id!r}", retryable=False)
+        return quote
+
+    async def submit(
+        self,
+        vendor: Vendor,
+        quote_id: str,
+        *,
+        idempotency_key: str,
+        job_params: dict[str, Any],
+        payer: x402Client,
+        checkpoint_url: str | None = None,
+    ) -> Submitted:
+        """Submit a job, paying the vendor's 402 with `payer` (whose hooks hold the guardrails)."""
+        headers = {IDEMPOTENCY_HEADER: idempotency_key, QUOTE_HEADER: quote_id}
+        body = SubmitRequest(
+            quote_id=quote_id, job_params=job_params, checkpoint_url=checkpoint_url
+        ).to_json()
+        recorder = _Recording402(self._transport)
+        # The payer transport wraps ours; it is not closed here, as closing would close ours.
+        paying = httpx.AsyncClient(
+            transport=x402AsyncTransport(payer, recorder),
+            headers=self._headers,
+            timeout=self._timeout,
+        )
+        try:
+            response = await paying.post(
+                f"{vendor.endpoint}/submit-job", json=body, headers=headers
+            )
+        except PaymentError as exc:
+            raise PaymentRefused(str(exc.__cause__ or exc), offered=recorder.offered()) from exc
+        except httpx.HTTPError as exc:
+            raise VendorError(f"submit-job: {_describe(exc)}") from exc
+        settlement = response.headers.get("PAYMENT-RESPONSE")
+        settled = decode_payment_response_header(settlement) if settlement else None
+        if response.status_code == 402:
+            reason = settled.error_reason if settled else None
+            raise PaymentRefused(f"payment not accepted by vendor: {reason or 'HTTP 402'}")
+        job = VendorJob.model_validate(_json(response, "submit-job"))
+        return Submitted(
+            job=job,
+            tx_hash=settled.transaction if settled and settled.success else None,
+            settled_amount=int(settled.amount) if settled and settled.amount else None,
+            replayed=response.headers.get("X-Idempotent-Replay") == "true",
+        )
+
+    async def status(
+        self,
+        vendor: Vendor,
+        *,
+        vendor_job_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> VendorJob | None:
+        """The vendor's view of a job, by its id or by our idempotency key; None if unknown."""
+        params = {"jobId": vendor_job_id} if vendor_job_id else {"idempotencyKey": idempotency_key}
+        response = await self._call(
+            "job-status", "GET", f"{vendor.endpoint}/job-status", params=params
+        )
+        if response.status_code == 404:
+            return None
+        try:
+            return VendorJob.model_validate(_json(response, "job-status"))
+        except ValidationError as exc:
+            raise VendorError(f"job-status: malformed answer: {exc.error_count()} errors") from exc
+
+    async def cancel(self, vendor: Vendor, vendor_job_id: str) -> None:
+        response = await self._call(
+            "cancel-job", "POST", f"{vendor.endpoint}/cancel-job", json={"jobId": vendor_job_id}
+        )
+        _json(response, "cancel-job")
