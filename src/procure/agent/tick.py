@@ -115,7 +115,8 @@ async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
         return TickResult("Waiting", action)
     vendor = ctx.vendor(action.vendor_id)
     assert vendor is not None  # the guard checked it
-    return await _start_job(deps, ctx, action, vendor)
+    result = await _start_job(deps, ctx, action, vendor)
+    return TickResult(result.message, action)
 
 
 async def _start_job(

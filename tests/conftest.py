@@ -1,0 +1,42 @@
+"""Shared fixtures: a store on SQLite and (when available) PostgreSQL, and the local world."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from world import POSTGRES_ENV, World, postgres_database, start_world
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database URL per test, on each backend. PostgreSQL must run under CI=true."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'procure.db'}"
+        return
+    if not os.environ.get(POSTGRES_ENV):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{POSTGRES_ENV} must be set under CI=true: PostgreSQL tests cannot skip")
+        pytest.skip(f"set {POSTGRES_ENV} to run PostgreSQL tests")
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'procure.db'}"
+
+
+@pytest.fixture
+def world(tmp_path: Path, db_url: str) -> Iterator[World]:
+    """Facilitator, the seeds' two mock vendors (vendor 1 fails at 47%), and a seeded store."""
+    w = start_world(
+        tmp_path, db_url, vendor_overrides={"gpu_vendor_1": {"fail_rate": 1.0, "fail_at": 0.47}}
+    )
+    yield w
+    w.stop()

@@ -1,0 +1,134 @@
+"""A local world for tests: facilitator on a real chain, mock vendors and a store, on loopback."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from procure.agent.runtime import make_deps
+from procure.agent.tick import AgentDeps
+from procure.local import LocalServer, mock_vendor_config, start_facilitator, start_mock_vendor
+from procure.models import Vendor, usd_to_micros
+from procure.payments.chain import LocalChain
+from procure.payments.wallet import load_or_create_account
+from procure.settings import Settings
+from procure.store import Store, open_store, repo
+from procure.vendors.registry import default_vendors
+
+SECRET = "test-vendor-secret"
+POSTGRES_ENV = "PROCURE_TEST_POSTGRES_URL"
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
+    admin_url = os.environ[POSTGRES_ENV]
+    name = f"procure_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@dataclass
+class World:
+    tmp: Path
+    settings: Settings
+    store: Store
+    chain: LocalChain
+    facilitator: LocalServer
+    vendor_servers: dict[str, LocalServer]
+    vendors: dict[str, Vendor]
+    servers: list[LocalServer] = field(default_factory=list)
+
+    def deps(self, **kwargs: Any) -> AgentDeps:
+        return make_deps(self.settings, self.store, **kwargs)
+
+    def faults(self, vendor_id: str, **faults: Any) -> None:
+        """Change a mock vendor's injected faults at run time, over its admin endpoint."""
+        response = httpx.post(
+            f"{self.vendor_servers[vendor_id].url}/admin/faults",
+            json=faults,
+            headers={"Authorization": f"Bearer {SECRET}"},
+        )
+        response.raise_for_status()
+
+    def new_run(self, budget: float = 5.0, **spec: Any) -> str:
+        from procure.models import JobSpec
+
+        with self.store.session() as s:
+            return repo.create_run(
+                s,
+                user_id="u1",
+                goal="Fine-tune",
+                budget_total=usd_to_micros(budget),
+                job_spec=JobSpec(**spec),
+            ).id
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        self.store.dispose()
+
+
+def start_world(
+    tmp: Path,
+    db_url: str,
+    *,
+    vendor_overrides: dict[str, dict[str, Any]] | None = None,
+    fund_usd: float = 100.0,
+    job_seconds: float = 0.6,
+    settings_overrides: dict[str, Any] | None = None,
+) -> World:
+    """Facilitator + the seeds' two vendors (+ overrides per vendor id) + seeded store."""
+    facilitator = start_facilitator(tmp / "chain-journal.jsonl")
+    chain: LocalChain = facilitator.app.state.chain
+    servers = [facilitator]
+    try:
+        env: dict[str, Any] = {
+            "PROCURE_DATABASE_URL": db_url,
+            "PROCURE_HOME": tmp / "home",
+            "GPU_VENDOR_SECRET": SECRET,
+            "X402_FACILITATOR_URL": facilitator.url,
+            "VENDOR_TIMEOUT_S": 2.0,
+            **(settings_overrides or {}),
+        }
+        settings = Settings(**env)
+        store = open_store(db_url)
+        vendors, vendor_servers = {}, {}
+        for vendor in default_vendors(network=chain.network, asset=chain.token_address):
+            overrides = {
+                "job_seconds": job_seconds,
+                **(vendor_overrides or {}).get(vendor.vendor_id, {}),
+            }
+            cfg = mock_vendor_config(vendor, facilitator.url, SECRET, **overrides)
+            server = start_mock_vendor(cfg, facilitator.url)
+            servers.append(server)
+            vendor.endpoint = server.url
+            vendors[vendor.vendor_id] = vendor
+            vendor_servers[vendor.vendor_id] = server
+        with store.session() as s:
+            for vendor in vendors.values():
+                repo.save_vendor(s, vendor)
+        account = load_or_create_account(None, settings.home)
+        if fund_usd:
+            chain.mint(account.address, usd_to_micros(fund_usd))
+        return World(tmp, settings, store, chain, facilitator, vendor_servers, vendors, servers)
+    except BaseException:
+        for server in reversed(servers):
+            server.stop()
+        raise
