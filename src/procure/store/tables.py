@@ -136,3 +136,22 @@ class ObservationRow(Base):
     content: Mapped[str] = mapped_column(Text)
     vendor_id: Mapped[str | None] = mapped_column(String(64))
     timestamp: Mapped[datetime]
+
+
+class TickLogRow(Base):
+    """One row per tick, written when its lease is released: who ticked which run, from when to
+    when, with what outcome. Intervals of one run never overlap (invariant 4), and this is how
+    the tests prove it; it is also the run's tick history for operators."""
+
+    __tablename__ = "tick_log"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    run_id: Mapped[str] = mapped_column(String(32))
+    owner: Mapped[str] = mapped_column(String(100))
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime]
+    outcome: Mapped[str] = mapped_column(String(100))
+
+    __table_args__ = (Index("ix_tick_log_run", "run_id", "started_at"),)
