@@ -6,10 +6,10 @@ import time
 from typing import Any
 
 import httpx
-from world import World
 
 from procure.api.app import create_app
 from procure.local import serve
+from world import World
 
 TERMINAL = {"completed", "failed", "aborted", "cancelled"}
 
@@ -89,3 +89,32 @@ def test_recovery_story_over_http(world: World) -> None:
     assert "Epoch 1/3 loss=1.50" in contents
     assert any("gpu_vendor_1 failed at 47%" in c for c in contents)
     assert any("switching to gpu_vendor_2" in c for c in contents)
+
+
+def test_secrets_never_appear_in_the_store_or_responses(world: World) -> None:
+    from world import SECRET
+
+    key = (
+        (world.settings.home / "wallet.key").read_text().strip()
+        if (world.settings.home / "wallet.key").exists()
+        else None
+    )
+    server = serve(create_app(world.settings, world.store))
+    try:
+        api = httpx.Client(base_url=server.url, timeout=30)
+        run_id = api.post(
+            "/api/agent-start", json={"userId": "u1", "goal": "Fine-tune", "budgetTotal": 5}
+        ).json()["_id"]
+        tick_until_done(api, run_id)
+        bodies = [
+            api.get("/api/agent-status", params={"runId": run_id}).text,
+            api.get("/api/vendors").text,
+            api.get("/api/runs").text,
+            api.get("/metrics").text,
+        ]
+    finally:
+        server.stop()
+    assert key is not None
+    for body in bodies:
+        assert SECRET not in body
+        assert key.removeprefix("0x") not in body

@@ -1,0 +1,140 @@
+"""The agent against vendors that fail: a budget too small, a vendor down, 500s, garbage, hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from procure.agent.runtime import close_deps
+from procure.agent.tick import AgentDeps, tick
+from procure.models import RunState
+from procure.store import repo
+from world import World, start_world
+
+TERMINAL = {"completed", "failed", "aborted", "cancelled"}
+
+
+async def drive(deps: AgentDeps, run_id: str, limit_s: float = 60) -> list[str]:
+    messages = []
+    deadline = time.monotonic() + limit_s
+    try:
+        while time.monotonic() < deadline:
+            messages.append((await tick(deps, run_id)).message)
+            with deps.store.session() as s:
+                run = repo.get_run(s, run_id)
+            assert run is not None
+            if run.status in TERMINAL:
+                return messages
+            await asyncio.sleep(0.05)
+    finally:
+        await close_deps(deps)
+    raise AssertionError(f"run did not finish: {messages[-5:]}")
+
+
+def state_of(world: World, run_id: str) -> RunState:
+    with world.store.session() as s:
+        state = repo.load_state(s, run_id)
+    assert state is not None
+    return state
+
+
+def test_budget_below_every_quote_aborts_without_paying(world: World) -> None:
+    run_id = world.new_run(budget=1.0)  # cheapest vendor wants $1.40
+    messages = asyncio.run(drive(world.deps(), run_id))
+    assert messages == ["Run aborted"]
+    state = state_of(world, run_id)
+    assert state.run.status == "aborted"
+    assert "No vendor is affordable" in (state.run.status_reason or "")
+    assert state.payments == [] and state.jobs == []
+    assert state.run.budget_remaining == state.run.budget_total
+    assert [t for t in world.chain.transfers() if t["from"] != "0x" + "0" * 40] == []
+
+
+def test_failed_vendor_cools_down_then_budget_runs_out(tmp_path: Path, sqlite_url: str) -> None:
+    # $3.00 covers vendor 1 ($1.40) twice but never vendor 2 ($2.10). After vendor 1 fails
+    # the agent waits out its cool-down, tries it again, and aborts when money runs out.
+    w = start_world(
+        tmp_path,
+        sqlite_url,
+        vendor_overrides={"gpu_vendor_1": {"fail_rate": 1.0}},
+        settings_overrides={"VENDOR_COOLDOWN_S": 1.0},
+    )
+    try:
+        run_id = w.new_run(budget=3.0)
+        messages = asyncio.run(drive(w.deps(), run_id))
+        state = state_of(w, run_id)
+    finally:
+        w.stop()
+    assert "Waiting" in messages  # the cool-down was respected
+    assert messages[-1] == "Run aborted"
+    assert state.run.status == "aborted"
+    assert [(p.vendor_id, p.amount, p.status) for p in state.payments] == [
+        ("gpu_vendor_1", 1_400_000, "completed"),
+        ("gpu_vendor_1", 1_400_000, "completed"),
+    ]
+    assert state.run.budget_remaining == 200_000
+    assert any("cooling down" in o.content for o in state.observations)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"error500": True},
+        {"garbage": True},
+        {"hang_seconds": 5.0},
+        {"refuse_capacity": True},
+    ],
+    ids=["http-500", "garbage-json", "hang", "no-capacity"],
+)
+def test_broken_vendor_yields_errors_and_run_completes_elsewhere(
+    world: World, fault: dict[str, object]
+) -> None:
+    world.faults("gpu_vendor_1", **fault, endpoints=["quote"])
+    run_id = world.new_run()
+    asyncio.run(drive(world.deps(), run_id))
+    state = state_of(world, run_id)
+    assert state.run.status == "completed"
+    errors = [o for o in state.observations if o.type == "error"]
+    assert errors and all(o.vendor_id == "gpu_vendor_1" for o in errors)
+    assert [(j.vendor_id, j.status) for j in state.jobs] == [("gpu_vendor_2", "completed")]
+    assert [(p.vendor_id, p.status) for p in state.payments] == [("gpu_vendor_2", "completed")]
+    assert state.run.budget_remaining == 5_000_000 - 2_100_000
+
+
+def test_vendor_that_is_down_is_skipped(world: World) -> None:
+    world.vendor_servers["gpu_vendor_1"].stop()
+    run_id = world.new_run()
+    asyncio.run(drive(world.deps(), run_id))
+    state = state_of(world, run_id)
+    assert state.run.status == "completed"
+    assert any("connection refused" in o.content for o in state.observations if o.type == "error")
+    assert [j.vendor_id for j in state.jobs] == ["gpu_vendor_2"]
+
+
+def test_status_garbage_mid_job_is_retried_not_lost(tmp_path: Path, sqlite_url: str) -> None:
+    # A healthy vendor whose job-status briefly answers garbage: errors are recorded, the job
+    # is not abandoned, and once answers are sane again the run completes on the same vendor.
+    w = start_world(tmp_path, sqlite_url, job_seconds=1.0)
+    try:
+        run_id = w.new_run()
+        deps = w.deps()
+
+        async def scenario() -> None:
+            assert (await tick(deps, run_id)).message == "Job started"
+            w.faults("gpu_vendor_1", garbage=True, endpoints=["job-status"])
+            assert (await tick(deps, run_id)).message == "Vendor error"
+            assert (await tick(deps, run_id)).message == "Vendor error"
+            w.faults("gpu_vendor_1")
+            await drive(deps, run_id)
+
+        asyncio.run(scenario())
+        state = state_of(w, run_id)
+        assert state.run.status == "completed"
+        assert [(j.vendor_id, j.status) for j in state.jobs] == [("gpu_vendor_1", "completed")]
+        assert len(state.payments) == 1
+        assert sum(1 for o in state.observations if "malformed JSON" in o.content) == 2
+    finally:
+        w.stop()

@@ -1,0 +1,102 @@
+"""Bad input to the API gets a 4xx with a clear message, never a 500; tokens guard mutations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from procure.api.app import create_app
+from procure.local import serve
+from procure.settings import Settings
+from procure.store import open_store
+
+
+@pytest.fixture
+def api(tmp_path: Path, db_url: str) -> Iterator[httpx.Client]:
+    settings = Settings(PROCURE_DATABASE_URL=db_url, PROCURE_HOME=tmp_path)
+    store = open_store(db_url)
+    server = serve(create_app(settings, store))
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        yield client
+    server.stop()
+    store.dispose()
+
+
+GOOD = {"userId": "u1", "goal": "Fine-tune", "budgetTotal": 5}
+
+
+@pytest.mark.parametrize(
+    ("body", "mentions"),
+    [
+        ({"goal": "Fine-tune", "budgetTotal": 5}, "userId"),
+        ({"userId": "u1", "budgetTotal": 5}, "goal"),
+        ({"userId": "u1", "goal": "x"}, "budgetTotal"),
+        ({**GOOD, "budgetTotal": -1}, "budgetTotal"),
+        ({**GOOD, "budgetTotal": 0}, "budgetTotal"),
+        ({**GOOD, "budgetTotal": "five"}, "budgetTotal"),
+        ({**GOOD, "budgetTotal": True}, "budgetTotal"),
+        ({**GOOD, "userId": 7}, "userId"),
+        ({**GOOD, "goal": ""}, "goal"),
+        ({**GOOD, "hours": 0}, "hours"),
+        ({**GOOD, "surprise": 1}, "surprise"),
+    ],
+)
+def test_start_rejects_bad_bodies(api: httpx.Client, body: dict, mentions: str) -> None:
+    response = api.post("/api/agent-start", json=body)
+    assert response.status_code == 422
+    assert mentions in response.json()["error"]
+
+
+def test_start_rejects_non_json(api: httpx.Client) -> None:
+    response = api.post(
+        "/api/agent-start", content=b"budget=5", headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "invalid request" in response.json()["error"]
+
+
+def test_unknown_run_is_404(api: httpx.Client) -> None:
+    tick = api.post("/api/agent-tick", json={"runId": "nope"})
+    assert tick.status_code == 404 and "nope" in tick.json()["error"]
+    status = api.get("/api/agent-status", params={"runId": "nope"})
+    assert status.status_code == 404 and "not found" in status.json()["error"]
+
+
+def test_tick_and_status_need_a_run_id(api: httpx.Client) -> None:
+    assert api.post("/api/agent-tick", json={}).status_code == 422
+    assert api.post("/api/agent-tick", json={"runId": 12}).status_code == 422
+    missing = api.get("/api/agent-status")
+    assert missing.status_code == 422 and "runId" in missing.json()["error"]
+
+
+def test_start_returns_the_run_in_the_seeds_shape(api: httpx.Client) -> None:
+    run = api.post("/api/agent-start", json={**GOOD, "budgetTotal": 5.25}).json()
+    assert run["status"] == "running"
+    assert run["budgetTotal"] == 5.25 and run["budgetRemaining"] == 5.25
+    assert run["userId"] == "u1" and len(run["_id"]) == 24
+    status = api.get("/api/agent-status", params={"runId": run["_id"]}).json()
+    assert status == {"run": run, "jobs": [], "payments": [], "observations": []}
+
+
+def test_mutations_need_the_token_when_configured(tmp_path: Path, sqlite_url: str) -> None:
+    settings = Settings(
+        PROCURE_DATABASE_URL=sqlite_url, PROCURE_HOME=tmp_path, PROCURE_API_TOKEN="s3cret"
+    )
+    store = open_store(sqlite_url)
+    server = serve(create_app(settings, store))
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            denied = client.post("/api/agent-start", json=GOOD)
+            assert denied.status_code == 401
+            assert "s3cret" not in denied.text
+            ok = client.post(
+                "/api/agent-start", json=GOOD, headers={"Authorization": "Bearer s3cret"}
+            )
+            assert ok.status_code == 201
+            # Reading needs no token.
+            assert client.get("/api/runs").status_code == 200
+    finally:
+        server.stop()
