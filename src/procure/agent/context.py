@@ -1,11 +1,15 @@
-"""What a planner sees of a run: its state, the vendors, and what went wrong this run."""
+"""What a planner sees of a run: its state, the vendors, and what went wrong this run.
+
+A planner may also leave notes on the context (e.g. the LLM planner's raw answer and why it was
+rejected); the tick stores them as observations of the run once the planner has returned.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from procure.models import PaymentStatus, RunState, Vendor, utcnow
+from procure.models import ObservationType, PaymentStatus, RunState, Vendor, utcnow
 
 # Beta-prior strength given to a vendor's registered reliability score, in pseudo-jobs.
 PRIOR_STRENGTH = 10.0
@@ -24,6 +28,9 @@ class PlanContext:
     vendors: list[Vendor]
     errors_by_vendor: dict[str, int] = field(default_factory=dict)
     now: datetime = field(default_factory=utcnow)
+    notes: list[tuple[ObservationType, str]] = field(default_factory=list, compare=False)
+    """Observations the planner wants stored (type, content); the tick writes them after planning.
+    Never attributed to a vendor, so they do not count as that vendor's errors this run."""
 
     @property
     def committed(self) -> int:

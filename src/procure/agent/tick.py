@@ -92,6 +92,10 @@ async def tick(deps: AgentDeps, run_id: str) -> TickResult:
 async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
     run_id = ctx.state.run.id
     action = await deps.planner(ctx)
+    if ctx.notes:  # what the planner asked to keep, e.g. the LLM's raw answer and rejections
+        with deps.store.session() as s:
+            for note_type, content in ctx.notes:
+                repo.add_observation(s, run_id, note_type, content)
     rejection = check_action(ctx, action)
     if rejection is not None:
         fallback = await DETERMINISTIC["heuristic"](ctx)
