@@ -100,3 +100,22 @@ def test_mutations_need_the_token_when_configured(tmp_path: Path, sqlite_url: st
             assert client.get("/api/runs").status_code == 200
     finally:
         server.stop()
+
+
+def test_vendor_prices_in_json_are_dollars_even_when_whole(api: httpx.Client) -> None:
+    vendor = {
+        "vendorId": "v3",
+        "name": "Whole",
+        "endpoint": "http://127.0.0.1:9",
+        "basePricePerHour": 2,
+        "reliabilityScore": 0.9,
+        "supportedGpuTypes": ["A100"],
+    }
+    saved = api.put("/api/vendors/v3", json=vendor)
+    assert saved.status_code == 200, saved.text
+    listed = {v["vendorId"]: v for v in api.get("/api/vendors").json()}
+    assert listed["v3"]["basePricePerHour"] == 2.0
+    bad = api.put("/api/vendors/v3", json={**vendor, "reliabilityScore": 7})
+    assert bad.status_code == 422
+    mismatch = api.put("/api/vendors/other", json=vendor)
+    assert mismatch.status_code == 400

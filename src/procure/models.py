@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -49,9 +49,11 @@ def _parse_usd(value: Any) -> Any:
     return value
 
 
+_USD_MARK = BeforeValidator(_parse_usd)
+
 Usd = Annotated[
     int,
-    BeforeValidator(_parse_usd),
+    _USD_MARK,
     PlainSerializer(micros_to_usd, return_type=float, when_used="json"),
     WithJsonSchema({"type": "number", "description": "US dollars"}),
 ]
@@ -67,6 +69,23 @@ class Model(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        """Validate JSON from outside, where every money field is dollars, even a bare `2`.
+
+        In Python an int `Usd` is micro-USD; on the wire a number is always dollars, so
+        integers there are turned into floats before validation.
+        """
+        if isinstance(data, dict):
+            data = dict(data)
+            for name, field in cls.model_fields.items():
+                if _USD_MARK in field.metadata:
+                    for key in (field.alias or name, name):
+                        value = data.get(key)
+                        if isinstance(value, int) and not isinstance(value, bool):
+                            data[key] = float(value)
+        return cls.model_validate(data)
 
 
 class RunStatus(StrEnum):

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.tick import AgentDeps, RunNotFound, tick
@@ -133,7 +134,11 @@ def create_app(
             ]
 
     @app.put("/api/vendors/{vendor_id}", dependencies=[Depends(require_token)])
-    async def put_vendor(vendor_id: str, vendor: Vendor) -> dict[str, Any]:
+    async def put_vendor(vendor_id: str, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        try:
+            vendor = Vendor.from_wire(body)
+        except ValidationError as exc:
+            raise HTTPException(422, f"invalid vendor: {exc.errors()[0]['msg']}") from exc
         if vendor.vendor_id != vendor_id:
             raise HTTPException(400, "vendorId in the body differs from the path")
         with store.session() as s:

@@ -16,7 +16,7 @@ from fastapi import Body, FastAPI
 from pydantic import BaseModel, Field
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from procure.models import Usd, format_usd
+from procure.models import format_usd, usd_to_micros
 from procure.payments.chain import LocalChain, make_facilitator
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 class FaucetRequest(BaseModel):
     address: str
-    amount: Usd = Field(gt=0)
+    amount: float = Field(gt=0, le=1_000_000, description="US dollars of test token to mint")
 
 
 def _parse(body: dict[str, Any]) -> tuple[PaymentPayload, PaymentRequirements]:
@@ -82,13 +82,13 @@ def create_facilitator_app(chain: LocalChain) -> FastAPI:
 
     @app.post("/faucet")
     async def faucet(body: FaucetRequest) -> dict[str, Any]:
-        tx = chain.mint(body.address, body.amount)
+        tx = chain.mint(body.address, usd_to_micros(body.amount))
         balance = chain.balance_of(body.address)
         return {
             "transaction": tx,
             "address": body.address,
             "balance": balance / 1e6,
-            "message": f"minted {format_usd(body.amount)}",
+            "message": f"minted {format_usd(usd_to_micros(body.amount))}",
         }
 
     @app.get("/balance/{address}")

@@ -131,7 +131,7 @@ class VendorClient:
         response = await self._call("quote", "POST", f"{vendor.endpoint}/quote", json=body)
         data = _json(response, "quote")
         try:
-            quote = Quote.model_validate(data)
+            quote = Quote.from_wire(data)
         except ValidationError as exc:
             raise VendorError(f"quote: malformed answer: {exc.error_count()} errors") from exc
         if quote.vendor_id != vendor.vendor_id:
@@ -173,7 +173,7 @@ class VendorClient:
         if response.status_code == 402:
             reason = settled.error_reason if settled else None
             raise PaymentRefused(f"payment not accepted by vendor: {reason or 'HTTP 402'}")
-        job = VendorJob.model_validate(_json(response, "submit-job"))
+        job = VendorJob.from_wire(_json(response, "submit-job"))
         return Submitted(
             job=job,
             tx_hash=settled.transaction if settled and settled.success else None,
@@ -196,7 +196,7 @@ class VendorClient:
         if response.status_code == 404:
             return None
         try:
-            return VendorJob.model_validate(_json(response, "job-status"))
+            return VendorJob.from_wire(_json(response, "job-status"))
         except ValidationError as exc:
             raise VendorError(f"job-status: malformed answer: {exc.error_count()} errors") from exc
 
