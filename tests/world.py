@@ -67,6 +67,15 @@ class World:
         )
         response.raise_for_status()
 
+    def stats(self, vendor_id: str) -> dict[str, Any]:
+        """A mock vendor's idempotency figures: submissions, paid starts, replays (and per key)."""
+        response = httpx.get(
+            f"{self.vendor_servers[vendor_id].url}/admin/stats",
+            headers={"Authorization": f"Bearer {SECRET}"},
+        )
+        response.raise_for_status()
+        return dict(response.json())
+
     def new_run(self, budget: float = 5.0, **spec: Any) -> str:
         from procure.models import JobSpec
 

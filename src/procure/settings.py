@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     fail_at: float = Field(0.47, gt=0, lt=1, validation_alias="FAIL_AT")
     mock_job_seconds: float = Field(6.0, gt=0, validation_alias="MOCK_JOB_SECONDS")
     vendor_cooldown_s: float = Field(300.0, ge=0, validation_alias="VENDOR_COOLDOWN_S")
+    payment_window_s: float = Field(
+        300.0,
+        ge=15,
+        validation_alias="PROCURE_PAYMENT_WINDOW_S",
+        description="How long a signed payment authorisation stays valid (its validBefore)",
+    )
 
 
 @lru_cache

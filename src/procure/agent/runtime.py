@@ -43,6 +43,7 @@ def make_deps(
         ledger=FacilitatorLedger(settings.facilitator_url, transport=facilitator_transport),
         planner=choose_planner(settings),
         cooldown_s=settings.vendor_cooldown_s,
+        auth_window_s=settings.payment_window_s,
     )
 
 

@@ -4,12 +4,22 @@ the store, decides, acts, and writes back; it holds nothing between calls.
 Side effects are two-phase: the intent (job `submitted`, payment `pending`, with idempotency key
 and nonce) is written before calling out, the outcome after. A tick that finds an intent left by
 a crash reconciles it with the vendor and the facilitator before doing anything new.
+
+Exactly once, whatever the crash: every attempt at a payment signs the same authorisation (nonce
+from the payment's id, `validBefore` from its creation time), so the chain settles it at most
+once; every attempt at a job sends the same idempotency key, so the vendor starts it at most
+once. A payment is marked `failed` only when no money can move for it any more: nothing was
+ever signed, or the ledger shows its nonce unused after its authorisation expired. Until then a
+refused payment whose signature left the agent stays `pending` (in doubt, counted against the
+budget) and the run waits for it. Crash points (`procure.crashpoints`) mark the gaps between
+an outcome and its record, for the crash tests.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from eth_account.signers.local import LocalAccount
 from sqlalchemy.orm import Session
@@ -17,6 +27,7 @@ from sqlalchemy.orm import Session
 from procure.agent.context import PlanContext
 from procure.agent.guard import check_action, check_quote
 from procure.agent.planner import DETERMINISTIC, Planner, heuristic_planner
+from procure.crashpoints import crash_point
 from procure.models import (
     ACTIVE_JOB_STATUSES,
     TERMINAL_RUN_STATUSES,
@@ -26,12 +37,19 @@ from procure.models import (
     ObservationType,
     Payment,
     PaymentStatus,
+    RunState,
     RunStatus,
     Vendor,
     format_usd,
     utcnow,
 )
-from procure.payments.payer import PaymentLimits, build_payer, check_requirements, payment_nonce
+from procure.payments.payer import (
+    PaymentLimits,
+    authorization_deadline,
+    build_payer,
+    check_requirements,
+    payment_nonce,
+)
 from procure.payments.settlements import FacilitatorLedger, SettlementLookupError
 from procure.store import Store, repo
 from procure.vendors.client import PaymentRefused, VendorClient, VendorError
@@ -54,6 +72,10 @@ class AgentDeps:
     ledger: FacilitatorLedger
     planner: Planner = heuristic_planner
     cooldown_s: float = 300.0
+    auth_window_s: float = 300.0
+    """How long a payment's signed authorisation stays valid after the payment is created."""
+    auth_margin_s: float = 30.0
+    """Clock skew allowed past `validBefore` before an unused authorisation counts as dead."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +187,14 @@ async def _start_job(
         updated_at=now,
     )
     with deps.store.session() as s:  # phase one: the intent, before any money moves
+        # Write-lock the run first (a row lock on PostgreSQL, the write lock on SQLite), then
+        # check against what is committed now, not what this tick read: whoever else ticked
+        # this run meanwhile (a lost lease), the budget and one-job-at-a-time still hold.
+        repo.update_run(s, run.id)
+        conflict = _intent_conflict(repo.load_state(s, run.id, observations=False), quote.amount)
+        if conflict is not None:
+            repo.add_observation(s, run.id, OBS.error, f"Not starting a job: {conflict}")
+            return TickResult("State changed", action)
         repo.insert_job(s, job)
         repo.insert_payment(s, payment)
         repo.add_observation(
@@ -176,20 +206,64 @@ async def _start_job(
             f"Proceeding with payment via x402 to vendor {vendor.vendor_id}",
             vendor_id=vendor.vendor_id,
         )
-    return await _submit(deps, job, payment, vendor)
+    crash_point("intent")
+    return await _submit(deps, job, payment, vendor, first_attempt=True)
+
+
+def _intent_conflict(state: RunState | None, amount: int) -> str | None:
+    """Why a new job and payment of `amount` must not be written now, or None."""
+    if state is None or state.run.status != RunStatus.running:
+        return "the run is no longer running"
+    if any(j.status in ACTIVE_JOB_STATUSES for j in state.jobs):
+        return "the run already has an active job"
+    committed = sum(
+        p.amount
+        for p in state.payments
+        if p.status in (PaymentStatus.completed, PaymentStatus.pending)
+    )
+    if committed + amount > state.run.budget_total:
+        return (
+            f"{format_usd(amount)} more would exceed the budget of "
+            f"{format_usd(state.run.budget_total)} ({format_usd(committed)} committed)"
+        )
+    return None
 
 
 # --- submitting and paying -----------------------------------------------------------------
 
 
-async def _submit(deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor) -> TickResult:
-    limits = PaymentLimits(
-        max_amount=payment.amount,
-        pay_to=vendor.pay_to,
-        asset=vendor.asset,
-        network=vendor.network or "eip155:*",
+def _limits(payment: Payment, vendor: Vendor) -> PaymentLimits:
+    return PaymentLimits(
+        max_amount=payment.amount, pay_to=vendor.pay_to, asset=vendor.asset, network=vendor.network
     )
-    payer = build_payer(deps.account, payment.nonce, limits)
+
+
+def _valid_before(deps: AgentDeps, payment: Payment) -> int:
+    return authorization_deadline(payment.created_at, deps.auth_window_s)
+
+
+def _expired(deps: AgentDeps, payment: Payment) -> bool:
+    """Whether the payment's authorisation can no longer be settled by anyone."""
+    return time.time() > _valid_before(deps, payment) + deps.auth_margin_s
+
+
+def _until(deps: AgentDeps, payment: Payment) -> str:
+    return datetime.fromtimestamp(_valid_before(deps, payment), UTC).strftime("%H:%M:%S UTC")
+
+
+async def _submit(
+    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, *, first_attempt: bool
+) -> TickResult:
+    """Pay and submit. `first_attempt`: no earlier attempt (before a crash, or one that got no
+    answer) can have sent a signature for this payment."""
+    if first_attempt:
+        balance = await _balance_short(deps, payment)
+        if balance is not None:
+            return _insufficient_balance(deps, job, payment, vendor, balance)
+    limits = _limits(payment, vendor)
+    payer = build_payer(
+        deps.account, payment.nonce, limits, valid_before=_valid_before(deps, payment)
+    )
     try:
         submitted = await deps.vendors.submit(
             vendor,
@@ -199,11 +273,15 @@ async def _submit(deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor) -
             payer=payer,
         )
     except PaymentRefused as exc:
-        reasons = [r for r in (check_requirements(o, limits) for o in exc.offered) if r]
-        return await _payment_refused(
-            deps, job, payment, vendor, reasons[0] if reasons else str(exc)
-        )
+        ours = [] if exc.payment_sent else [check_requirements(o, limits) for o in exc.offered]
+        reason = next((r for r in ours if r), str(exc))
+        signed = exc.payment_sent or not first_attempt
+        return await _payment_refused(deps, job, payment, vendor, reason, signed=signed)
     except VendorError as exc:
+        if not exc.retryable:  # turned down for good: settle the payment's fate, then move on
+            signed = exc.payment_sent or not first_attempt
+            reason = f"{vendor.vendor_id} {exc}"
+            return await _payment_refused(deps, job, payment, vendor, reason, signed=signed)
         # The payment may or may not have settled: keep the intent, reconcile next tick.
         with deps.store.session() as s:
             repo.add_observation(
@@ -214,35 +292,94 @@ async def _submit(deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor) -
                 vendor_id=vendor.vendor_id,
             )
         return TickResult("Vendor error")
+    crash_point("paid")
     tx = submitted.tx_hash
     if tx is None:  # an idempotent replay answers without a new settlement: ask the ledger
         tx = await _settled_tx(deps, payment)
-    _record_started(deps, job, payment, vendor, submitted.job, tx)
+    _record_started(deps, job, payment, vendor, submitted.job, tx, submitted.settled_amount)
+    crash_point("recorded")
     return TickResult("Job started")
 
 
-async def _payment_refused(
-    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, reason: str
-) -> TickResult:
-    # A refused or failed settlement may still have used the nonce (e.g. an earlier attempt
-    # settled before a crash): only the ledger can tell whether money moved.
+async def _balance_short(deps: AgentDeps, payment: Payment) -> int | None:
+    """The wallet's balance when it cannot cover `payment`; None when it can (or is unknown:
+    then the facilitator judges)."""
     try:
-        settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
-    except SettlementLookupError as exc:
-        with deps.store.session() as s:
-            repo.add_observation(s, job.run_id, OBS.error, f"Payment outcome unknown: {exc}")
-        return TickResult("Payment outcome unknown")
-    if settled.used:
-        with deps.store.session() as s:
-            repo.update_payment(
-                s, payment.id, status=PaymentStatus.completed, x402_tx_id=settled.transaction
-            )
-            repo.refresh_budget(s, job.run_id)
-        return await _reconcile_after_paid(deps, job, vendor, settled.transaction)
+        balance = await deps.ledger.balance(deps.account.address)
+    except SettlementLookupError:
+        return None
+    return balance if balance < payment.amount else None
+
+
+def _insufficient_balance(
+    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, balance: int
+) -> TickResult:
+    """Nothing was signed: the payment fails, and so does the run, with a reason to act on."""
+    reason = (
+        f"insufficient balance: wallet {deps.account.address} holds {format_usd(balance)}, "
+        f"the payment to {vendor.vendor_id} needs {format_usd(payment.amount)}"
+    )
     with deps.store.session() as s:
         repo.update_payment(s, payment.id, status=PaymentStatus.failed, error_message=reason)
         repo.update_job(
-            s, job.id, status=JobStatus.failed, error_message=f"payment refused: {reason}"
+            s, job.id, status=JobStatus.failed, error_message=reason, completed_at=utcnow()
+        )
+        # Not the vendor's fault: no penalty, and not counted as the vendor's error.
+        repo.add_observation(s, job.run_id, OBS.error, f"Payment not made: {reason}")
+        repo.update_run(
+            s,
+            job.run_id,
+            status=RunStatus.failed,
+            status_reason=f"{reason[0].upper()}{reason[1:]}. Fund the wallet "
+            "(procure wallet --fund AMOUNT) and start a new run.",
+        )
+    return TickResult("Insufficient balance")
+
+
+async def _payment_refused(
+    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, reason: str, *, signed: bool
+) -> TickResult:
+    """A payment was refused, by our guardrails or by the vendor. If a signed authorisation
+    may exist (`signed`), it may still settle, now (an earlier attempt) or later (whoever holds
+    it): only the ledger and its expiry can tell when the payment has truly failed."""
+    if signed:
+        try:
+            settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
+        except SettlementLookupError as exc:
+            settled = None
+            reason = f"{reason} (and the ledger cannot be asked: {exc})"
+        if settled is not None and settled.used:
+            crash_point("refused")
+            with deps.store.session() as s:
+                repo.update_payment(
+                    s, payment.id, status=PaymentStatus.completed, x402_tx_id=settled.transaction
+                )
+                repo.refresh_budget(s, job.run_id)
+            return await _reconcile_after_paid(deps, job, vendor, settled.transaction)
+        if settled is None or not _expired(deps, payment):
+            crash_point("refused")
+            with deps.store.session() as s:
+                repo.update_payment(s, payment.id, error_message=f"refused: {reason}")
+                _penalize(deps, s, vendor)
+                repo.add_observation(
+                    s,
+                    job.run_id,
+                    OBS.error,
+                    f"Payment to {vendor.vendor_id} refused: {reason}. Its signed authorisation "
+                    f"stays valid until {_until(deps, payment)}, so the payment stays pending "
+                    "(counted against the budget) until it expires unused or settles",
+                    vendor_id=vendor.vendor_id,
+                )
+            return TickResult("Payment in doubt")
+    crash_point("refused")
+    with deps.store.session() as s:
+        repo.update_payment(s, payment.id, status=PaymentStatus.failed, error_message=reason)
+        repo.update_job(
+            s,
+            job.id,
+            status=JobStatus.failed,
+            error_message=f"payment refused: {reason}",
+            completed_at=utcnow(),
         )
         _penalize(deps, s, vendor)
         repo.add_observation(
@@ -263,10 +400,20 @@ async def _settled_tx(deps: AgentDeps, payment: Payment) -> str | None:
 
 
 def _record_started(
-    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, vjob: VendorJob, tx: str | None
+    deps: AgentDeps,
+    job: Job,
+    payment: Payment,
+    vendor: Vendor,
+    vjob: VendorJob,
+    tx: str | None,
+    settled_amount: int | None = None,
 ) -> None:
+    paid: dict[str, object] = {"status": PaymentStatus.completed, "x402_tx_id": tx}
+    if settled_amount is not None and 0 < settled_amount < payment.amount:
+        paid["amount"] = settled_amount  # the vendor asked less than quoted: record what moved
+    amount = int(paid.get("amount", payment.amount))  # type: ignore[call-overload]
     with deps.store.session() as s:  # phase two: the outcome
-        repo.update_payment(s, payment.id, status=PaymentStatus.completed, x402_tx_id=tx)
+        repo.update_payment(s, payment.id, **paid)
         remaining = repo.refresh_budget(s, job.run_id)
         repo.update_job(
             s, job.id, status=JobStatus.running, vendor_job_id=vjob.job_id, progress=vjob.progress
@@ -275,7 +422,7 @@ def _record_started(
             s,
             job.run_id,
             OBS.payment_event,
-            f"Paid {format_usd(payment.amount)} to {vendor.vendor_id} via x402 "
+            f"Paid {format_usd(amount)} to {vendor.vendor_id} via x402 "
             f"(tx {tx or 'unknown'}); budget remaining {format_usd(remaining)}",
             vendor_id=vendor.vendor_id,
         )
@@ -296,23 +443,11 @@ async def _reconcile(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor
         (p for p in ctx.state.payments if p.job_id == job.id and p.status != PaymentStatus.failed),
         None,
     )
-    try:
-        vjob = await deps.vendors.status(vendor, idempotency_key=job.idempotency_key)
-    except VendorError as exc:
-        _vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
-        return TickResult("Vendor error")
     if payment is None:  # no live payment: the job can never have been paid for
         return _fail_job(deps, job, vendor, "job has no payment", penalize=False)
-    if vjob is not None:  # the vendor took it (it records only paid jobs)
-        if payment.status == PaymentStatus.pending:
-            tx = await _settled_tx(deps, payment)
-            _record_started(deps, job, payment, vendor, vjob, tx)
-        else:
-            with deps.store.session() as s:
-                repo.update_job(s, job.id, status=JobStatus.running, vendor_job_id=vjob.job_id)
-        return TickResult("Job started (reconciled)")
     if payment.status == PaymentStatus.completed:
-        return _fail_job(deps, job, vendor, "vendor was paid but has no record of the job")
+        return await _reconcile_after_paid(deps, job, vendor, payment.x402_tx_id)
+    # The ledger first: it alone says whether money moved, and it answers when the vendor is down.
     try:
         settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
     except SettlementLookupError as exc:
@@ -320,14 +455,52 @@ async def _reconcile(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor
             repo.add_observation(s, job.run_id, OBS.error, f"Cannot reconcile yet: {exc}")
         return TickResult("Payment outcome unknown")
     if settled.used:
+        try:
+            vjob = await deps.vendors.status(vendor, idempotency_key=job.idempotency_key)
+        except VendorError as exc:
+            vjob, trouble = None, exc
+        else:
+            trouble = None
+        crash_point("reconciled")
+        if vjob is not None:
+            _record_started(deps, job, payment, vendor, vjob, settled.transaction)
+            return TickResult("Job started (reconciled)")
         with deps.store.session() as s:
             repo.update_payment(
                 s, payment.id, status=PaymentStatus.completed, x402_tx_id=settled.transaction
             )
             repo.refresh_budget(s, job.run_id)
+        if trouble is not None:  # paid; the job's fate waits for the vendor to answer
+            _vendor_trouble(
+                deps, job.run_id, vendor, f"{vendor.vendor_id} {trouble}", penalize=False
+            )
+            return TickResult("Payment settled; job state unknown")
         return _fail_job(deps, job, vendor, "vendor was paid but has no record of the job")
-    # Neither paid nor started: submit again, with the same key and the same nonce.
-    return await _submit(deps, job, payment, vendor)
+    if _expired(deps, payment):
+        # Unused and expired: nothing can ever settle it, and unpaid, no vendor runs the job.
+        crash_point("reconciled")
+        refused = f" ({payment.error_message})" if payment.error_message else ""
+        reason = (
+            f"payment authorisation expired unused at {_until(deps, payment)}{refused}; "
+            "no money moved"
+        )
+        with deps.store.session() as s:
+            repo.update_payment(s, payment.id, status=PaymentStatus.failed, error_message=reason)
+        return _fail_job(deps, job, vendor, reason, penalize=False)
+    try:
+        vjob = await deps.vendors.status(vendor, idempotency_key=job.idempotency_key)
+    except VendorError as exc:
+        _vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
+        return TickResult("Vendor error")
+    if vjob is not None:  # the vendor took it (it records only paid jobs): it settled just now
+        tx = await _settled_tx(deps, payment)
+        crash_point("reconciled")
+        _record_started(deps, job, payment, vendor, vjob, tx)
+        return TickResult("Job started (reconciled)")
+    if payment.error_message:  # refused after signing: wait until it settles or expires
+        return TickResult(f"Payment in doubt until {_until(deps, payment)}")
+    # Neither paid nor started: submit again, with the same key and the same authorisation.
+    return await _submit(deps, job, payment, vendor, first_attempt=False)
 
 
 async def _reconcile_after_paid(
@@ -335,12 +508,23 @@ async def _reconcile_after_paid(
 ) -> TickResult:
     try:
         vjob = await deps.vendors.status(vendor, idempotency_key=job.idempotency_key)
-    except VendorError:
+    except VendorError as exc:
+        _vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
         return TickResult("Payment settled; job state unknown")
+    crash_point("reconciled")
     if vjob is None:
         return _fail_job(deps, job, vendor, "vendor was paid but has no record of the job")
     with deps.store.session() as s:
-        repo.update_job(s, job.id, status=JobStatus.running, vendor_job_id=vjob.job_id)
+        repo.update_job(
+            s, job.id, status=JobStatus.running, vendor_job_id=vjob.job_id, progress=vjob.progress
+        )
+        repo.add_observation(
+            s,
+            job.run_id,
+            OBS.job_event,
+            f"Job {vjob.job_id} started at {vendor.vendor_id} (reconciled; tx {tx or 'unknown'})",
+            vendor_id=vendor.vendor_id,
+        )
     return TickResult("Job started (reconciled)")
 
 
@@ -353,6 +537,7 @@ async def _poll(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> 
     except VendorError as exc:
         _vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
         return TickResult("Vendor error")
+    crash_point("polled")
     if vjob is None:
         return _fail_job(deps, job, vendor, f"{vendor.vendor_id} has no record of the job")
     new_lines = vjob.logs[job.log_cursor :]

@@ -1,4 +1,5 @@
-"""Asking the facilitator whether a payment's nonce was already settled (crash reconciliation)."""
+"""Asking the facilitator whether a payment's nonce was already settled (crash reconciliation),
+and what the agent's wallet holds (so an unfunded wallet is told, not signed for)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ class FacilitatorLedger:
             return Settlement(used=bool(data["used"]), transaction=data.get("transaction"))
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             raise SettlementLookupError(f"facilitator lookup failed: {exc}") from exc
+
+    async def balance(self, address: str) -> int:
+        """The wallet's token balance in atomic units (micro-USD)."""
+        try:
+            response = await self._http.get(f"/balance/{address}")
+            response.raise_for_status()
+            return int(response.json()["atomic"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise SettlementLookupError(f"facilitator balance lookup failed: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()

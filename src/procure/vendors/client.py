@@ -27,44 +27,69 @@ from procure.vendors.protocol import (
 
 
 class VendorError(Exception):
-    """The vendor did not give a usable answer (down, timeout, 5xx, malformed, refused)."""
+    """The vendor did not give a usable answer (down, timeout, 5xx, malformed, refused).
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    `payment_sent` is true when a signed payment left the agent in this call: the vendor holds
+    an authorisation it might still settle, so the payment's outcome is not known from here.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True, payment_sent: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.payment_sent = payment_sent
 
 
 class PaymentRefused(VendorError):
-    """The payment was not made: our guardrails refused the 402, or settlement failed.
+    """The payment was not made: our guardrails refused the 402 (nothing was signed or sent),
+    or the vendor did not accept the signed payment (`payment_sent`: settlement failed, or the
+    vendor refused the job after seeing the payment).
 
     `offered` holds the requirements of the vendor's 402, so the refusal can be explained.
     """
 
-    def __init__(self, message: str, *, offered: list[PaymentRequirements] | None = None) -> None:
-        super().__init__(message, retryable=False)
+    def __init__(
+        self,
+        message: str,
+        *,
+        offered: list[PaymentRequirements] | None = None,
+        payment_sent: bool = False,
+    ) -> None:
+        super().__init__(message, retryable=False, payment_sent=payment_sent)
         self.offered = offered or []
 
 
 class _Recording402(httpx.AsyncBaseTransport):
-    """Passes requests through, keeping the last 402's PAYMENT-REQUIRED header."""
+    """Passes requests through, keeping the last 402's PAYMENT-REQUIRED header and noting
+    whether a signed payment was sent."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self._inner = inner
         self._header: str | None = None
+        self.payment_sent = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if "PAYMENT-SIGNATURE" in request.headers or "X-PAYMENT" in request.headers:
+            self.payment_sent = True  # before sending: it may arrive even if we never hear back
         response = await self._inner.handle_async_request(request)
         if response.status_code == 402 and "PAYMENT-REQUIRED" in response.headers:
             self._header = response.headers["PAYMENT-REQUIRED"]
         return response
 
     def offered(self) -> list[PaymentRequirements]:
+        required = self._required()
+        return list(required.accepts) if required is not None else []
+
+    def error(self) -> str | None:
+        required = self._required()
+        return getattr(required, "error", None) if required is not None else None
+
+    def _required(self) -> Any:
         if not self._header:
-            return []
+            return None
         try:
-            return list(decode_payment_required_header(self._header).accepts)
+            return decode_payment_required_header(self._header)
         except Exception:
-            return []
+            return None
 
 
 @dataclass(frozen=True)
@@ -165,15 +190,46 @@ class VendorClient:
                 f"{vendor.endpoint}/submit-job", json=body, headers=headers
             )
         except PaymentError as exc:
-            raise PaymentRefused(str(exc.__cause__ or exc), offered=recorder.offered()) from exc
+            cause = exc.__cause__ or exc
+            if recorder.payment_sent:  # e.g. the paid request timed out: it may have settled
+                raise VendorError(
+                    f"submit-job: payment sent, no answer: {_describe(cause)}", payment_sent=True
+                ) from exc
+            raise PaymentRefused(str(cause), offered=recorder.offered()) from exc
         except httpx.HTTPError as exc:
-            raise VendorError(f"submit-job: {_describe(exc)}") from exc
+            raise VendorError(
+                f"submit-job: {_describe(exc)}", payment_sent=recorder.payment_sent
+            ) from exc
         settlement = response.headers.get("PAYMENT-RESPONSE")
-        settled = decode_payment_response_header(settlement) if settlement else None
+        try:
+            settled = decode_payment_response_header(settlement) if settlement else None
+        except Exception:
+            settled = None
         if response.status_code == 402:
-            reason = settled.error_reason if settled else None
-            raise PaymentRefused(f"payment not accepted by vendor: {reason or 'HTTP 402'}")
-        job = VendorJob.from_wire(_json(response, "submit-job"))
+            reason = (settled.error_reason if settled else None) or recorder.error()
+            raise PaymentRefused(
+                f"payment not accepted by vendor: {reason or 'HTTP 402'}",
+                offered=recorder.offered(),
+                payment_sent=recorder.payment_sent,
+            )
+        if 400 <= response.status_code < 500 and recorder.payment_sent:
+            # The vendor saw the payment and turned the request down: it should not have
+            # settled, but only the ledger can say.
+            try:
+                _json(response, "submit-job")
+            except VendorError as exc:
+                raise PaymentRefused(str(exc), payment_sent=True) from exc
+        try:
+            job = VendorJob.from_wire(_json(response, "submit-job"))
+        except VendorError as exc:
+            raise VendorError(
+                str(exc), retryable=exc.retryable, payment_sent=recorder.payment_sent
+            ) from exc
+        except ValidationError as exc:
+            raise VendorError(
+                f"submit-job: malformed answer: {exc.error_count()} errors",
+                payment_sent=recorder.payment_sent,
+            ) from exc
         return Submitted(
             job=job,
             tx_hash=settled.transaction if settled and settled.success else None,

@@ -3,7 +3,14 @@
 It simulates multi-epoch training on a wall clock that can be sped up (`job_seconds` per job),
 and injects faults on demand: a vendor that fails part-way (FAIL_VENDOR_ID / FAIL_RATE /
 FAIL_AT), 5xx, malformed JSON, hangs, capacity refusals and 402s that ask for more than quoted
-or for another payee or asset. Faults can be changed at run time with `POST /admin/faults`.
+or for another payee, asset or network. Faults can be changed at run time with
+`POST /admin/faults`.
+
+Idempotency: submissions with one `Idempotency-Key` run one at a time (a second waits for the
+first), and so do status lookups by that key; a paid key answers its job again, unpaid. So a
+job is started, and paid for, at most once per key, and a key's status is never read while a
+submission with it is half-way. `GET /admin/stats` counts submissions, paid starts and replays
+per key, for the tests to prove it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pydantic import BaseModel, Field
 from x402 import x402ResourceServer
 from x402.http import PaymentOption, RouteConfig
 from x402.http.middleware.fastapi import payment_middleware
+from x402.http.utils import decode_payment_required_header, encode_payment_required_header
 from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.schemas import AssetAmount
 
@@ -37,6 +45,7 @@ from procure.vendors.protocol import (
 
 FOREIGN_PAYEE = "0x000000000000000000000000000000000000dEaD"
 FOREIGN_ASSET = "0x00000000000000000000000000000000DeaDBeef"
+FOREIGN_NETWORK = "eip155:8453"  # Base mainnet: real money, never ours to pay on
 
 
 class Faults(BaseModel):
@@ -49,6 +58,8 @@ class Faults(BaseModel):
     overcharge_factor: float = Field(1.0, ge=0)
     foreign_payee: bool = False
     foreign_asset: bool = False
+    foreign_network: bool = False
+    answer_delay_s: float = Field(0.0, ge=0)  # submit-job: settle, then answer this late
     endpoints: list[str] = Field(default_factory=list)
 
 
@@ -152,6 +163,12 @@ def create_mock_vendor_app(
     quotes: dict[str, dict[str, Any]] = {}
     jobs: dict[str, _Job] = {}
     by_key: dict[str, _Job] = {}
+    key_locks: dict[str, asyncio.Lock] = {}
+    stats: dict[str, dict[str, int]] = {}  # per key: submissions, paid starts, replays
+
+    def count(key: str, what: str) -> None:
+        per_key = stats.setdefault(key, {"submissions": 0, "started": 0, "replays": 0})
+        per_key[what] += 1
 
     def faulty(endpoint: str) -> bool:
         return not cfg.faults.endpoints or endpoint in cfg.faults.endpoints
@@ -202,6 +219,21 @@ def create_mock_vendor_app(
     app.middleware("http")(payment_middleware(routes, server))
 
     @app.middleware("http")
+    async def foreign_network(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # The SDK's middleware refuses to start on a network its facilitator lacks, so the
+        # "another network" fault rewrites the 402 it sends instead.
+        response = await call_next(request)
+        header = response.headers.get("PAYMENT-REQUIRED")
+        if response.status_code == 402 and header and cfg.faults.foreign_network:
+            required = decode_payment_required_header(header)
+            for option in required.accepts:
+                option.network = FOREIGN_NETWORK
+            response.headers["PAYMENT-REQUIRED"] = encode_payment_required_header(required)
+        return response
+
+    @app.middleware("http")
     async def idempotent_submit(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
@@ -212,18 +244,31 @@ def create_mock_vendor_app(
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if not key:
             return JSONResponse({"error": f"{IDEMPOTENCY_HEADER} header required"}, 400)
-        existing = by_key.get(key)
-        if existing is not None and existing.paid:
-            view = _view(cfg, existing, clock())
-            return JSONResponse(view.to_json(), headers={"X-Idempotent-Replay": "true"})
-        response = await call_next(request)
-        job = by_key.get(key)
-        if job is not None and not job.paid:
-            if response.status_code == 200 and "PAYMENT-RESPONSE" in response.headers:
-                job.paid, job.started_at = True, clock()
-            else:
-                del by_key[key], jobs[job.job_id]
-        return response
+        await request.body()  # read it all now: the job does not depend on the client staying
+
+        async def process() -> Response:
+            async with key_locks.setdefault(key, asyncio.Lock()):
+                count(key, "submissions")
+                existing = by_key.get(key)
+                if existing is not None and existing.paid:
+                    count(key, "replays")
+                    view = _view(cfg, existing, clock())
+                    return JSONResponse(view.to_json(), headers={"X-Idempotent-Replay": "true"})
+                response = await call_next(request)
+                job = by_key.get(key)
+                if job is not None and not job.paid:
+                    if response.status_code == 200 and "PAYMENT-RESPONSE" in response.headers:
+                        job.paid, job.started_at = True, clock()
+                        count(key, "started")
+                    else:
+                        del by_key[key], jobs[job.job_id]
+            if cfg.faults.answer_delay_s:  # settled and recorded; the answer comes late
+                await asyncio.sleep(cfg.faults.answer_delay_s)
+            return response
+
+        # A submission runs to its end even if the client goes away (a crashed agent): money
+        # taken must leave its job behind, whoever is still listening.
+        return await asyncio.shield(asyncio.ensure_future(process()))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -272,7 +317,11 @@ def create_mock_vendor_app(
         job_id: str | None = Query(None, alias="jobId"),
         idempotency_key: str | None = Query(None, alias="idempotencyKey"),
     ) -> JSONResponse:
-        job = jobs.get(job_id or "") if job_id else by_key.get(idempotency_key or "")
+        if job_id:
+            job = jobs.get(job_id)
+        else:  # never mid-submission: wait for one in flight with this key to finish
+            async with key_locks.setdefault(idempotency_key or "", asyncio.Lock()):
+                job = by_key.get(idempotency_key or "")
         if job is None or not job.paid:
             return JSONResponse({"error": "no such job"}, 404)
         return JSONResponse(_view(cfg, job, clock()).to_json())
@@ -284,6 +333,16 @@ def create_mock_vendor_app(
             return JSONResponse({"error": "no such job"}, 404)
         job.cancelled = True
         return JSONResponse(_view(cfg, job, clock()).to_json())
+
+    @app.get("/admin/stats", dependencies=[Depends(authorize)])
+    async def admin_stats() -> dict[str, Any]:
+        """Per idempotency key: submissions received, paid starts (never above 1), replays."""
+        return {
+            "keys": stats,
+            "submissions": sum(k["submissions"] for k in stats.values()),
+            "started": sum(k["started"] for k in stats.values()),
+            "replays": sum(k["replays"] for k in stats.values()),
+        }
 
     @app.post("/admin/faults", dependencies=[Depends(authorize)])
     async def set_faults(faults: Faults) -> dict[str, Any]:

@@ -1,0 +1,335 @@
+"""Money that cannot be lost, one hole at a time: an unfunded wallet, a paid request whose answer
+is lost, two submissions racing with one key, a signed payment the vendor turned down, and the
+budget checked against the store itself when a job is about to be paid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from procure.agent.runtime import close_deps
+from procure.agent.tick import AgentDeps, tick
+from procure.models import RunState, usd_to_micros
+from procure.payments.payer import PaymentLimits, build_payer, payment_nonce
+from procure.payments.settlements import SettlementLookupError
+from procure.store import repo
+from procure.vendors.client import VendorError
+from world import SECRET, World, start_world
+
+TERMINAL = {"completed", "failed", "aborted", "cancelled"}
+ZERO = "0x" + "0" * 40
+
+
+async def drive(deps: AgentDeps, run_id: str, limit_s: float = 60) -> list[str]:
+    messages = []
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        messages.append((await tick(deps, run_id)).message)
+        with deps.store.session() as s:
+            run = repo.get_run(s, run_id)
+        assert run is not None
+        if run.status in TERMINAL:
+            return messages
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run did not finish: {messages[-5:]}")
+
+
+def state_of(world: World, run_id: str) -> RunState:
+    with world.store.session() as s:
+        state = repo.load_state(s, run_id)
+    assert state is not None
+    return state
+
+
+def paid_transfers(world: World) -> list[dict[str, Any]]:
+    return [t for t in world.chain.transfers() if t["from"] != ZERO]
+
+
+@pytest.fixture
+def unfunded(tmp_path: Path, db_url: str) -> Iterator[World]:
+    w = start_world(tmp_path, db_url, fund_usd=0)
+    yield w
+    w.stop()
+
+
+def test_unfunded_wallet_fails_the_run_clearly_without_paying(unfunded: World) -> None:
+    world = unfunded
+    run_id = world.new_run()
+    deps = world.deps()
+
+    async def scenario() -> list[str]:
+        try:
+            first = (await tick(deps, run_id)).message
+            again = (await tick(deps, run_id)).message  # the run does not go round again
+            return [first, again]
+        finally:
+            await close_deps(deps)
+
+    assert asyncio.run(scenario()) == ["Insufficient balance", "Run already failed"]
+    state = state_of(world, run_id)
+    assert state.run.status == "failed"
+    reason = state.run.status_reason or ""
+    assert reason.startswith("Insufficient balance: wallet ") and "holds $0.00" in reason
+    assert "procure wallet --fund" in reason
+    [payment] = state.payments
+    assert payment.status == "failed" and "insufficient balance" in (payment.error_message or "")
+    [job] = state.jobs
+    assert job.status == "failed"
+    errors = [o for o in state.observations if o.type == "error"]
+    assert [o.vendor_id for o in errors] == [None]  # not held against the vendor
+    assert "insufficient balance" in errors[0].content
+    assert paid_transfers(world) == []
+    assert state.run.budget_remaining == state.run.budget_total
+    assert world.stats("gpu_vendor_1")["submissions"] == 0  # nothing was even sent
+
+
+def test_signed_payment_turned_down_stays_pending_until_it_expires(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # The balance check cannot be made, so the agent signs; the facilitator finds no funds and
+    # the vendor answers 402. The vendor holds a valid authorisation: the payment is in doubt,
+    # pending (counted against the budget) until it expires unused, and only then failed.
+    world = start_world(
+        tmp_path, sqlite_url, fund_usd=0, settings_overrides={"VENDOR_COOLDOWN_S": 30}
+    )
+    try:
+        run_id = world.new_run()
+        deps = world.deps()
+        deps.auth_window_s, deps.auth_margin_s = 8, 0.5
+
+        async def no_balance(_address: str) -> int:
+            raise SettlementLookupError("balance unavailable (test)")
+
+        deps.ledger.balance = no_balance  # type: ignore[method-assign]
+
+        async def scenario() -> list[str]:
+            messages = [(await tick(deps, run_id)).message]
+            state = state_of(world, run_id)
+            [payment] = state.payments
+            assert (payment.status, state.jobs[0].status) == ("pending", "submitted")
+            assert "insufficient_balance" in (payment.error_message or "")
+            assert state.run.budget_remaining == state.run.budget_total
+            messages.append((await tick(deps, run_id)).message)  # waits; does not pay again
+            world.chain.mint(deps.account.address, usd_to_micros(10))
+            expiry = payment.created_at.timestamp() + 8 + 0.5
+            await asyncio.sleep(max(0.0, expiry - time.time()) + 1.1)
+            messages += await drive(deps, run_id)
+            await close_deps(deps)
+            return messages
+
+        messages = asyncio.run(scenario())
+        assert messages[0] == "Payment in doubt"
+        assert messages[1].startswith("Payment in doubt until ")
+        assert messages[2] == "Job failed" and messages[-1] == "Job completed"
+        state = state_of(world, run_id)
+        assert state.run.status == "completed"
+        first, second = state.payments
+        assert (first.vendor_id, first.status) == ("gpu_vendor_1", "failed")
+        assert "expired unused" in (first.error_message or "")
+        assert (second.vendor_id, second.status) == ("gpu_vendor_2", "completed")
+        assert any(
+            "stays valid until" in o.content for o in state.observations if o.type == "error"
+        )
+        # The authorisation the vendor saw is dead: signed again (identically), it is refused.
+        vendor1 = world.vendors["gpu_vendor_1"]
+        payer = build_payer(
+            deps.account,
+            payment_nonce(first.id),
+            PaymentLimits(1_400_000, vendor1.pay_to, vendor1.asset, vendor1.network),
+            valid_before=int(first.created_at.timestamp()) + 8,
+        )
+        with pytest.raises(VendorError, match="payment not accepted"):
+            asyncio.run(_submit_again(world, payer, "job-" + first.job_id))
+        assert [t["to"] for t in paid_transfers(world)] == [world.vendors["gpu_vendor_2"].pay_to]
+    finally:
+        world.stop()
+
+
+async def _submit_again(world: World, payer: Any, key: str) -> None:
+    from procure.vendors.client import VendorClient
+
+    client = VendorClient(SECRET)
+    vendor = world.vendors["gpu_vendor_1"]
+    try:
+        quote = await client.quote(vendor, state_spec())
+        await client.submit(vendor, quote.quote_id, idempotency_key=key, job_params={}, payer=payer)
+    finally:
+        await client.aclose()
+
+
+def state_spec() -> Any:
+    from procure.models import JobSpec
+
+    return JobSpec()
+
+
+def test_paid_request_that_times_out_is_reconciled_not_failed(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # The vendor settles after our client gave up. Before the fix this was a "refused" payment,
+    # marked failed while the money moved.
+    world = start_world(tmp_path, sqlite_url, settings_overrides={"VENDOR_TIMEOUT_S": 1.0})
+    try:
+        world.faults("gpu_vendor_1", hang_seconds=1.6, endpoints=["submit-job"])
+        run_id = world.new_run()
+        deps = world.deps()
+
+        async def scenario() -> list[str]:
+            first = (await tick(deps, run_id)).message
+            state = state_of(world, run_id)
+            assert [p.status for p in state.payments] == ["pending"]
+            world.faults("gpu_vendor_1")
+            await asyncio.sleep(1.0)  # the vendor finishes the hung request, and settles it
+            try:
+                return [first, *await drive(deps, run_id)]
+            finally:
+                await close_deps(deps)
+
+        messages = asyncio.run(scenario())
+        assert messages[0] == "Vendor error"
+        assert messages[1] == "Job started (reconciled)"
+        state = state_of(world, run_id)
+        assert state.run.status == "completed"
+        [payment] = state.payments
+        assert payment.status == "completed"
+        [transfer] = paid_transfers(world)
+        assert payment.x402_tx_id == transfer["tx_hash"]
+        assert world.stats("gpu_vendor_1")["started"] == 1
+    finally:
+        world.stop()
+
+
+def test_racing_submissions_with_one_key_start_and_pay_once(healthy: World) -> None:
+    world = healthy
+    vendor = world.vendors["gpu_vendor_1"]
+    from procure.vendors.client import VendorClient
+
+    deps = world.deps()
+    nonce = payment_nonce("race-payment")
+    limits = PaymentLimits(1_400_000, vendor.pay_to, vendor.asset, vendor.network)
+    valid_before = int(time.time()) + 120
+
+    async def race() -> list[Any]:
+        client = VendorClient(SECRET)
+        try:
+            quote = await client.quote(vendor, state_spec())
+            return await asyncio.gather(
+                *(
+                    client.submit(
+                        vendor,
+                        quote.quote_id,
+                        idempotency_key="job-race",
+                        job_params={},
+                        payer=build_payer(deps.account, nonce, limits, valid_before=valid_before),
+                    )
+                    for _ in range(4)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            await close_deps(deps)
+            await client.aclose()
+
+    results = asyncio.run(race())
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert len({r.job.job_id for r in results}) == 1
+    assert sorted(r.replayed for r in results) == [False, True, True, True]
+    assert len(paid_transfers(world)) == 1
+    stats = world.stats("gpu_vendor_1")["keys"]["job-race"]
+    assert (stats["started"], stats["replays"]) == (1, 3)
+    assert stats["submissions"] >= 4  # requests: an unpaid first try each, and paid retries
+
+
+@pytest.fixture
+def healthy(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
+    w = start_world(tmp_path, sqlite_url)
+    yield w
+    w.stop()
+
+
+def test_job_is_not_started_over_a_budget_committed_meanwhile(healthy: World) -> None:
+    # Another ticker (a worker whose lease was lost) committed a payment after this tick read
+    # the run: the intent is checked against the store, not against what the tick read.
+    world = healthy
+    run_id = world.new_run(budget=3.0)
+    deps = world.deps()
+    from procure.agent import tick as tick_module
+
+    real_load = tick_module.repo.load_state
+    calls = {"n": 0}
+
+    def load_then_someone_pays(s: Any, rid: str, **kw: Any) -> Any:
+        state = real_load(s, rid, **kw)
+        calls["n"] += 1
+        if calls["n"] == 1:  # the tick's first read, before planning
+            with world.store.session() as other:
+                run = repo.get_run(other, rid)
+                assert run is not None
+                _insert_paid_job(other, rid, amount=2_000_000)
+        return state
+
+    tick_module.repo.load_state = load_then_someone_pays  # type: ignore[assignment]
+    try:
+        message = asyncio.run(_tick_and_close(deps, run_id))
+    finally:
+        tick_module.repo.load_state = real_load  # type: ignore[assignment]
+    assert message == "State changed"
+    state = state_of(world, run_id)
+    assert len(state.payments) == 1  # only the other ticker's
+    assert any("Not starting a job" in o.content for o in state.observations)
+    assert paid_transfers(world) == []
+
+
+async def _tick_and_close(deps: AgentDeps, run_id: str) -> str:
+    try:
+        return (await tick(deps, run_id)).message
+    finally:
+        await close_deps(deps)
+
+
+def _insert_paid_job(s: Any, run_id: str, amount: int) -> None:
+    from procure.models import Job, JobStatus, Payment, PaymentStatus, utcnow
+
+    now = utcnow()
+    job_id, payment_id = repo.new_id(), repo.new_id()
+    repo.insert_job(
+        s,
+        Job(
+            _id=job_id,
+            run_id=run_id,
+            vendor_id="gpu_vendor_2",
+            status=JobStatus.failed,
+            expected_cost=amount,
+            idempotency_key=f"job-{job_id}",
+            created_at=now,
+            updated_at=now,
+        ),
+    )
+    s.flush()
+    repo.insert_payment(
+        s,
+        Payment(
+            _id=payment_id,
+            run_id=run_id,
+            job_id=job_id,
+            vendor_id="gpu_vendor_2",
+            amount=amount,
+            status=PaymentStatus.completed,
+            nonce=payment_nonce(payment_id),
+            created_at=now,
+            updated_at=now,
+        ),
+    )
+
+
+def test_admin_stats_needs_the_vendor_secret(healthy: World) -> None:
+    url = f"{healthy.vendor_servers['gpu_vendor_1'].url}/admin/stats"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {SECRET}"}).json()["started"] == 0
