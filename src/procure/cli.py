@@ -57,14 +57,95 @@ def demo(
 def serve(
     port: Annotated[int, typer.Option(help="Port to listen on")] = 3000,
     host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+    worker: Annotated[
+        bool, typer.Option(help="Run a worker in the server, so runs advance by themselves")
+    ] = True,
+    concurrency: Annotated[int, typer.Option(help="The worker's ticks in flight", min=1)] = 16,
+    poll_interval: Annotated[
+        float, typer.Option(help="Seconds before a run is due again after a tick", min=0)
+    ] = 1.0,
 ) -> None:
-    """Serve the API (agent endpoints, vendors, /metrics, /healthz)."""
+    """Serve the API (agent endpoints, vendors, /metrics, /healthz) and, unless --no-worker, a
+    worker that ticks due runs."""
     import uvicorn
 
+    from procure.agent.worker import WorkerConfig
     from procure.api.app import create_app
 
     settings = get_settings()
-    uvicorn.run(create_app(settings, _store(settings)), host=host, port=port)
+    cfg = WorkerConfig(concurrency=concurrency, poll_interval_s=poll_interval) if worker else None
+    uvicorn.run(create_app(settings, _store(settings), worker=cfg), host=host, port=port)
+
+
+@app.command("worker")
+def worker_command(
+    concurrency: Annotated[int, typer.Option(help="Ticks in flight at most", min=1)] = 16,
+    poll_interval: Annotated[
+        float, typer.Option(help="Seconds before a run is due again after a tick", min=0)
+    ] = 1.0,
+    lease: Annotated[float, typer.Option(help="Lease TTL in seconds (renewed)", min=1)] = 60.0,
+    once: Annotated[bool, typer.Option(help="Tick one batch of due runs and exit")] = False,
+    max_ticks: Annotated[int | None, typer.Option(help="Exit after this many ticks", min=1)] = None,
+    drain_timeout: Annotated[
+        float, typer.Option(help="Seconds to let ticks in flight finish on SIGTERM/SIGINT")
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help="Logging level")] = "INFO",
+) -> None:
+    """Lease due runs and tick them until stopped (SIGTERM/SIGINT: finish the ticks in flight,
+    release the leases, exit; a second signal cancels them). Several workers may share a
+    PostgreSQL store; one per SQLite file."""
+    import logging
+    import signal
+
+    from procure.agent.runtime import close_deps, make_deps
+    from procure.agent.worker import Worker, WorkerConfig, WorkerLockHeld, sqlite_worker_lock
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = get_settings()
+    store = _store(settings)
+    cfg = WorkerConfig(
+        concurrency=concurrency,
+        poll_interval_s=poll_interval,
+        lease_s=lease,
+        heartbeat_s=lease / 4,
+        once=once,
+        max_ticks=max_ticks,
+        drain_timeout_s=drain_timeout,
+    )
+
+    async def go() -> Any:
+        deps = make_deps(settings, store)
+        worker = Worker(deps, cfg)
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            (worker.stop if signals == 1 else worker.abort)()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            return await worker.run()
+        finally:
+            await close_deps(deps)
+
+    try:
+        with sqlite_worker_lock(store):
+            stats = asyncio.run(go())
+    except WorkerLockHeld as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    finally:
+        store.dispose()
+    console.print(
+        f"worker {cfg.owner}: {stats.ticks} ticks, {stats.errors} errors, "
+        f"{stats.lost_leases} leases lost",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -189,20 +270,16 @@ def run_start(
 def run_tick(run_id: str) -> None:
     """Advance a run by one step (holding its lease)."""
     from procure.agent.runtime import close_deps, make_deps
-    from procure.agent.tick import RunNotFound, tick
-    from procure.store import leases
+    from procure.agent.tick import RunNotFound
+    from procure.agent.worker import LeaseHeld, tick_under_lease
 
     settings = get_settings()
     store = _store(settings)
-    with store.session() as s:
-        if not leases.acquire(s, run_id, "cli", 120):
-            console.print(f"[red]run {run_id} is held by {leases.holder(s, run_id)} or unknown")
-            raise typer.Exit(1)
 
     async def go() -> dict[str, Any]:
         deps = make_deps(settings, store)
         try:
-            return (await tick(deps, run_id)).to_json()
+            return (await tick_under_lease(deps, run_id, "cli")).to_json()
         finally:
             await close_deps(deps)
 
@@ -211,9 +288,9 @@ def run_tick(run_id: str) -> None:
     except RunNotFound:
         console.print(f"[red]run {run_id} not found")
         raise typer.Exit(1) from None
-    finally:
-        with store.session() as s:
-            leases.release(s, run_id, "cli")
+    except LeaseHeld as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
 
 
 @run_app.command("status")

@@ -1,83 +1,313 @@
-"""The worker loop: lease due runs, tick them concurrently (bounded), heartbeat, release, and
-back off when there is nothing to do. Several workers may share one PostgreSQL store.
+"""The worker: lease due runs, tick them concurrently (bounded), heartbeat, release, and back off
+when there is nothing to do. Several workers may share one PostgreSQL store; on SQLite one worker
+per database file (an advisory file lock enforces it: SQLite has a single writer anyway).
+
+The loop is a continuous bounded pipeline, not a batch: up to `concurrency` ticks are in flight,
+and as soon as a quarter of the slots are free it leases that many more due runs in one
+statement (`FOR UPDATE SKIP LOCKED` on PostgreSQL). Finished ticks are released in batches, in
+one transaction that also writes each tick's row in the tick log. One heartbeat task renews all
+the worker's leases in one UPDATE; a tick whose lease was lost (the worker stalled past the TTL
+and another took the run) is cancelled, which the tick survives as it survives a crash.
+
+`stop()` (SIGTERM/SIGINT in `procure worker`, shutdown in `procure serve`) stops leasing, lets
+the ticks in flight finish (up to `drain_timeout_s`, then cancels them), and releases every lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from procure.agent.tick import AgentDeps, RunNotFound, tick
-from procure.store import leases
+from procure.agent.tick import AgentDeps, RunNotFound, TickResult, tick
+from procure.models import utcnow
+from procure.store import Store, leases, repo
 
 log = logging.getLogger(__name__)
+
+
+def _default_owner() -> str:
+    return f"worker-{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
 class WorkerConfig:
     concurrency: int = 16
     lease_s: float = 60.0
-    heartbeat_s: float = 20.0
+    heartbeat_s: float = 15.0
     poll_interval_s: float = 1.0  # how soon a run is due again after a tick
+    error_backoff_s: float = 5.0  # ... and after a tick that raised
     idle_min_s: float = 0.05
     idle_max_s: float = 2.0
-    owner: str = field(
-        default_factory=lambda: (
-            f"worker-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        )
-    )
+    drain_timeout_s: float = 30.0
+    max_ticks: int | None = None  # stop after this many ticks (tests, benchmarks)
+    once: bool = False  # lease one batch, tick it, and stop
+    owner: str = field(default_factory=_default_owner)
 
 
-async def _tick_one(deps: AgentDeps, cfg: WorkerConfig, run_id: str) -> str:
+@dataclass
+class WorkerStats:
+    ticks: int = 0
+    errors: int = 0
+    lost_leases: int = 0
+
+
+class LeaseHeld(Exception):
+    """Someone else is ticking the run."""
+
+    def __init__(self, run_id: str, holder: str | None) -> None:
+        super().__init__(f"run {run_id} is being ticked by {holder or 'another ticker'}")
+        self.holder = holder
+
+
+class Worker:
+    def __init__(self, deps: AgentDeps, cfg: WorkerConfig | None = None) -> None:
+        self.deps = deps
+        self.cfg = cfg or WorkerConfig()
+        self.stats = WorkerStats()
+        self._inflight: dict[asyncio.Task[None], str] = {}
+        self._done: list[leases.TickRecord] = []
+        self._stopping = asyncio.Event()
+        self._started = 0
+
+    @property
+    def store(self) -> Store:
+        return self.deps.store
+
+    def stop(self) -> None:
+        """Graceful: stop leasing, finish the ticks in flight, release, return from `run`."""
+        self._stopping.set()
+
+    def abort(self) -> None:
+        """Hard: cancel the ticks in flight too (they survive it as they survive a crash)."""
+        self._stopping.set()
+        for task in self._inflight:
+            task.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def _room(self) -> int:
+        room = self.cfg.concurrency - len(self._inflight)
+        if self.cfg.max_ticks is not None:
+            room = min(room, self.cfg.max_ticks - self._started)
+        return max(room, 0)
+
+    def _exhausted(self) -> bool:
+        return self.cfg.max_ticks is not None and self._started >= self.cfg.max_ticks
+
+    async def _tick(self, run_id: str) -> None:
+        started = utcnow()
+        outcome, next_in = "Tick error", self.cfg.error_backoff_s
+        try:
+            result = await tick(self.deps, run_id)
+            outcome, next_in = result.message, self.cfg.poll_interval_s
+        except RunNotFound:
+            outcome, next_in = "Run not found", None
+        except asyncio.CancelledError:
+            outcome, next_in = "Cancelled", self.cfg.poll_interval_s
+            raise
+        except Exception as exc:  # one run's trouble must not stop the others
+            log.exception("tick of run %s failed", run_id)
+            outcome = f"Tick error: {type(exc).__name__}"
+            self.stats.errors += 1
+        finally:
+            self.stats.ticks += 1
+            self._done.append(
+                leases.TickRecord(run_id, self.cfg.owner, started, utcnow(), outcome, next_in)
+            )
+
+    def _acquire(self, limit: int) -> int:
+        try:
+            with self.store.session() as s:
+                run_ids = leases.acquire_due(s, self.cfg.owner, self.cfg.lease_s, limit)
+        except Exception:
+            log.exception("leasing due runs failed; backing off")
+            return 0
+        for run_id in run_ids:
+            task = asyncio.create_task(self._tick(run_id), name=f"tick-{run_id}")
+            self._inflight[task] = run_id
+        self._started += len(run_ids)
+        return len(run_ids)
+
+    def _flush(self) -> None:
+        if not self._done:
+            return
+        done, self._done = self._done, []
+        try:
+            with self.store.session() as s:
+                leases.finish(s, done)
+        except Exception:
+            log.exception("releasing %d leases failed; retrying", len(done))
+            self._done[:0] = done
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            running = dict(self._inflight)
+            if not running:
+                continue
+            try:
+                with self.store.session() as s:
+                    held = leases.renew_many(s, running.values(), self.cfg.owner, self.cfg.lease_s)
+            except Exception:
+                log.exception("heartbeat failed")
+                continue
+            for task, run_id in running.items():
+                if run_id not in held and not task.done():
+                    log.error("lost the lease on run %s; cancelling its tick", run_id)
+                    self.stats.lost_leases += 1
+                    task.cancel()
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until a tick finishes, `stop()` is called, or `timeout` passes."""
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait(
+                [*self._inflight, stopper], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopper.cancel()
+        for task in [t for t in self._inflight if t.done()]:
+            del self._inflight[task]
+            if not task.cancelled() and task.exception() is not None:  # not expected
+                log.error("tick task failed", exc_info=task.exception())
+
+    async def run(self) -> WorkerStats:
+        """Tick due runs until `stop()`, `max_ticks` or (`once`) the first batch is done."""
+        cfg = self.cfg
+        batch_min = max(1, cfg.concurrency // 4)
+        idle = cfg.idle_min_s
+        next_poll = 0.0  # monotonic time before which a dry queue is not asked again
+        log.info("worker %s started (concurrency %d)", cfg.owner, cfg.concurrency)
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            while not self._stopping.is_set():
+                self._flush()
+                if self._exhausted():
+                    break
+                room = self._room()
+                now = time.monotonic()
+                got = 0
+                asked = room > 0 and (room >= batch_min or not self._inflight or now >= next_poll)
+                if asked:
+                    got = self._acquire(room)
+                    if got < room:  # the queue ran dry: ask again after a (growing) pause
+                        next_poll = now + idle
+                        idle = cfg.idle_min_s if got else min(cfg.idle_max_s, idle * 2)
+                    else:
+                        idle, next_poll = cfg.idle_min_s, 0.0
+                    if cfg.once:
+                        self._stopping.set()
+                        break
+                if self._inflight:
+                    waiting_for_runs = room - got > 0 and next_poll > now
+                    await self._wait(max(0.0, next_poll - now) if waiting_for_runs else None)
+                elif not asked or got == 0:
+                    await self._wait(max(0.0, next_poll - time.monotonic()) or idle)
+            await self._drain()
+        finally:
+            heartbeat.cancel()
+            for task in self._inflight:  # only left if we were cancelled ourselves
+                task.cancel()
+            self._flush()
+        log.info("worker %s stopped after %d ticks", cfg.owner, self.stats.ticks)
+        return self.stats
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        while self._inflight:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("cancelling %d ticks still in flight", len(self._inflight))
+                for task in self._inflight:
+                    task.cancel()
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+                self._inflight.clear()
+                break
+            await asyncio.wait(list(self._inflight), timeout=left)
+            for task in [t for t in self._inflight if t.done()]:
+                del self._inflight[task]
+            self._flush()
+
+
+async def run_worker(deps: AgentDeps, cfg: WorkerConfig | None = None) -> WorkerStats:
+    return await Worker(deps, cfg).run()
+
+
+async def tick_under_lease(
+    deps: AgentDeps, run_id: str, owner: str, lease_s: float = 120.0
+) -> TickResult:
+    """One tick of one run outside the worker (API, CLI): take the run's lease or raise
+    `LeaseHeld`, tick with a heartbeat, log the tick and release. `RunNotFound` if unknown."""
+    with deps.store.session() as s:
+        if not leases.acquire(s, run_id, owner, lease_s):
+            held_by = leases.holder(s, run_id)
+            if held_by is None and repo.get_run(s, run_id) is None:
+                raise RunNotFound(run_id)
+            raise LeaseHeld(run_id, held_by)
+
     async def heartbeat() -> None:
         while True:
-            await asyncio.sleep(cfg.heartbeat_s)
+            await asyncio.sleep(lease_s / 3)
             with deps.store.session() as s:
-                leases.renew(s, run_id, cfg.owner, cfg.lease_s)
+                leases.renew(s, run_id, owner, lease_s)
 
     beat = asyncio.create_task(heartbeat())
+    started = utcnow()
+    outcome = "Tick error"
     try:
         result = await tick(deps, run_id)
-        return result.message
+        outcome = result.message
+        return result
     except RunNotFound:
-        return "Run not found"
-    except Exception:  # one run's bug must not stop the others; the lease expires, it is retried
-        log.exception("tick of run %s failed", run_id)
-        return "Tick error"
+        outcome = "Run not found"
+        raise
     finally:
         beat.cancel()
+        record = leases.TickRecord(run_id, owner, started, utcnow(), outcome)
         with deps.store.session() as s:
-            leases.release(s, run_id, cfg.owner, next_tick_in_s=cfg.poll_interval_s)
+            leases.finish(s, [record])
 
 
-async def run_once(deps: AgentDeps, cfg: WorkerConfig) -> int:
-    """Lease and tick one batch of due runs; return how many were ticked."""
-    with deps.store.session() as s:
-        run_ids = leases.acquire_due(s, cfg.owner, cfg.lease_s, cfg.concurrency)
-    if run_ids:
-        await asyncio.gather(*(_tick_one(deps, cfg, r) for r in run_ids))
-    return len(run_ids)
+# --- one worker per SQLite file ------------------------------------------------------------
 
 
-async def run_worker(
-    deps: AgentDeps,
-    cfg: WorkerConfig | None = None,
-    *,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> None:
-    """Tick due runs until `should_stop()`; sleep with exponential backoff while idle."""
-    cfg = cfg or WorkerConfig()
-    idle = cfg.idle_min_s
-    log.info("worker %s started (concurrency %d)", cfg.owner, cfg.concurrency)
-    while not should_stop():
-        ticked = await run_once(deps, cfg)
-        if ticked:
-            idle = cfg.idle_min_s
-            continue
-        await asyncio.sleep(idle)
-        idle = min(cfg.idle_max_s, idle * 2)
+class WorkerLockHeld(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def sqlite_worker_lock(store: Store) -> Iterator[None]:
+    """On SQLite, hold an advisory lock on `<db>.worker.lock` so that only one worker runs per
+    database file (single-writer discipline); a no-op on PostgreSQL and in-memory SQLite."""
+    database = store.engine.url.database
+    if not store.is_sqlite or not database or database == ":memory:":
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(database).with_name(Path(database).name + ".worker.lock")
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkerLockHeld(
+                f"another worker already runs on the SQLite store {database}; "
+                "one worker per SQLite file (use PostgreSQL for several)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

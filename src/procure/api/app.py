@@ -4,6 +4,9 @@ beside them, `/metrics` and `/healthz`. Mutating routes need the bearer token wh
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -17,14 +20,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from procure.agent.runtime import close_deps, make_deps
-from procure.agent.tick import AgentDeps, RunNotFound, tick
+from procure.agent.tick import AgentDeps, RunNotFound
+from procure.agent.worker import (
+    LeaseHeld,
+    Worker,
+    WorkerConfig,
+    WorkerLockHeld,
+    sqlite_worker_lock,
+    tick_under_lease,
+)
 from procure.api import metrics
 from procure.api.schemas import StartRequest, TickRequest
 from procure.models import Vendor, usd_to_micros
 from procure.settings import Settings
-from procure.store import Store, leases, repo
+from procure.store import Store, repo
 
 TICK_LEASE_S = 120.0
+log = logging.getLogger(__name__)
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -36,16 +48,44 @@ def create_app(
     store: Store,
     *,
     deps: AgentDeps | None = None,
+    worker: WorkerConfig | None = None,
 ) -> FastAPI:
-    """The API over `store`. `deps` may be given (tests, in-process vendors); else built."""
+    """The API over `store`. `deps` may be given (tests, in-process vendors); else built.
+    With `worker`, a worker runs in the server's event loop for the app's lifetime, so runs
+    advance without anyone calling the tick endpoint (`procure serve` does this by default)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = deps is None
         app.state.deps = deps or make_deps(settings, store)
-        yield
+        app.state.worker = None
+        async with contextlib.AsyncExitStack() as stack:
+            if worker is not None:
+                await stack.enter_async_context(_run_worker(app, worker))
+            yield
         if owned:
             await close_deps(app.state.deps)
+
+    @asynccontextmanager
+    async def _run_worker(app: FastAPI, cfg: WorkerConfig) -> AsyncIterator[None]:
+        """The in-process worker: started with the app, drained and stopped on shutdown."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(sqlite_worker_lock(store))
+            except WorkerLockHeld as exc:
+                log.warning("not running a worker in this server: %s", exc)
+                yield
+                return
+            worker_ = app.state.worker = Worker(app.state.deps, cfg)
+            task = asyncio.create_task(worker_.run(), name="procure-worker")
+            try:
+                yield
+            finally:
+                worker_.stop()
+                try:
+                    await asyncio.wait_for(task, cfg.drain_timeout_s + 10)
+                except TimeoutError:
+                    log.error("the in-process worker did not stop in time")
 
     app = FastAPI(
         title="procure",
@@ -88,21 +128,17 @@ def create_app(
 
     @app.post("/api/agent-tick", dependencies=[Depends(require_token)])
     async def agent_tick(body: TickRequest, request: Request) -> JSONResponse:
+        """One tick, holding the run's lease: 409 while a worker (or another call) holds it."""
         owner = f"api-{uuid.uuid4().hex[:8]}"
-        with store.session() as s:
-            if repo.get_run(s, body.run_id) is None:
-                return _error(404, f"run {body.run_id} not found")
-            if not leases.acquire(s, body.run_id, owner, TICK_LEASE_S):
-                holder = leases.holder(s, body.run_id)
-                return _error(409, f"run {body.run_id} is being ticked by {holder}; try again")
         try:
             with metrics.TICK_SECONDS.time():
-                result = await tick(request.app.state.deps, body.run_id)
+                result = await tick_under_lease(
+                    request.app.state.deps, body.run_id, owner, TICK_LEASE_S
+                )
         except RunNotFound:
             return _error(404, f"run {body.run_id} not found")
-        finally:
-            with store.session() as s:
-                leases.release(s, body.run_id, owner)
+        except LeaseHeld as exc:
+            return _error(409, f"{exc}; try again", holder=exc.holder)
         metrics.TICKS.labels(result.message.split(" (")[0]).inc()
         return JSONResponse(result.to_json())
 

@@ -1,18 +1,38 @@
-"""Run leases: at most one ticker (worker or API call) holds a run at a time.
+"""Run leases: at most one ticker (worker or API call) holds a run at a time (invariant 4).
 
-A lease is taken by one conditional UPDATE, atomic on SQLite and PostgreSQL alike; workers find
-due runs with `FOR UPDATE SKIP LOCKED` on PostgreSQL so that they do not queue on each other.
+A lease is `runs.lease_owner` + `runs.lease_expires_at`, taken by one conditional UPDATE, atomic
+on SQLite and PostgreSQL alike. Workers lease a batch of due runs in one statement
+(`UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING id` on PostgreSQL, so
+that workers never queue on each other's rows), renew all their leases with one heartbeat
+UPDATE, and release them in batches together with the tick log: one `tick_log` row per tick,
+whose [started_at, finished_at] lies inside the lease, so the intervals of one run never overlap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from procure.models import RunStatus, utcnow
-from procure.store.tables import RunRow
+from procure.store.tables import RunRow, TickLogRow
+
+OUTCOME_MAX = 100  # tick_log.outcome's width
+
+
+@dataclass(frozen=True)
+class TickRecord:
+    """One tick, as the tick log keeps it."""
+
+    run_id: str
+    owner: str
+    started_at: datetime
+    finished_at: datetime
+    outcome: str
+    next_tick_in_s: float | None = None  # when the run is due again (None: leave as is)
 
 
 def _free(now: datetime):  # type: ignore[no-untyped-def]
@@ -26,27 +46,33 @@ def acquire(s: Session, run_id: str, owner: str, ttl_s: float) -> bool:
         update(RunRow)
         .where(RunRow.id == run_id, _free(now))
         .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=ttl_s))
+        .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def acquire_due(s: Session, owner: str, ttl_s: float, limit: int) -> list[str]:
-    """Lease up to `limit` running runs that are due for a tick; return their ids."""
+    """Lease up to `limit` running runs that are due for a tick, oldest due first, in one
+    statement; return their ids. On PostgreSQL rows locked by another worker are skipped."""
+    if limit <= 0:
+        return []
     now = utcnow()
-    query = (
+    due = (
         select(RunRow.id)
         .where(RunRow.status == RunStatus.running, RunRow.next_tick_at <= now, _free(now))
         .order_by(RunRow.next_tick_at)
         .limit(limit)
     )
     if s.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    ids = list(s.scalars(query))
-    leased = []
-    for run_id in ids:
-        if acquire(s, run_id, owner, ttl_s):
-            leased.append(run_id)
-    return leased
+        due = due.with_for_update(skip_locked=True)
+    statement = (
+        update(RunRow)
+        .where(RunRow.id.in_(due.scalar_subquery()), _free(now))
+        .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=ttl_s))
+        .returning(RunRow.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(s.scalars(statement))
 
 
 def renew(s: Session, run_id: str, owner: str, ttl_s: float) -> bool:
@@ -55,8 +81,25 @@ def renew(s: Session, run_id: str, owner: str, ttl_s: float) -> bool:
         update(RunRow)
         .where(RunRow.id == run_id, RunRow.lease_owner == owner)
         .values(lease_expires_at=now + timedelta(seconds=ttl_s))
+        .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def renew_many(s: Session, run_ids: Iterable[str], owner: str, ttl_s: float) -> set[str]:
+    """Heartbeat: extend this owner's leases on `run_ids`; return the ids still held."""
+    ids = list(run_ids)
+    if not ids:
+        return set()
+    now = utcnow()
+    statement = (
+        update(RunRow)
+        .where(RunRow.id.in_(ids), RunRow.lease_owner == owner)
+        .values(lease_expires_at=now + timedelta(seconds=ttl_s))
+        .returning(RunRow.id)
+        .execution_options(synchronize_session=False)
+    )
+    return set(s.scalars(statement))
 
 
 def release(s: Session, run_id: str, owner: str, next_tick_in_s: float | None = None) -> None:
@@ -64,12 +107,74 @@ def release(s: Session, run_id: str, owner: str, next_tick_in_s: float | None = 
     if next_tick_in_s is not None:
         values["next_tick_at"] = utcnow() + timedelta(seconds=next_tick_in_s)
     s.execute(
-        update(RunRow).where(RunRow.id == run_id, RunRow.lease_owner == owner).values(**values)
+        update(RunRow)
+        .where(RunRow.id == run_id, RunRow.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
     )
 
 
+def release_many(s: Session, owner: str, run_ids: Iterable[str]) -> None:
+    """Give back leases without ticking (e.g. leased, then the worker was told to stop)."""
+    ids = list(run_ids)
+    if ids:
+        s.execute(
+            update(RunRow)
+            .where(RunRow.id.in_(ids), RunRow.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def finish(s: Session, ticks: Sequence[TickRecord]) -> None:
+    """Record ticks in the tick log and release their leases (one executemany each).
+
+    A lease that was lost meanwhile (expired and taken by another) is left to its new holder,
+    but the tick is logged all the same: the log is the truth about who ticked when."""
+    if not ticks:
+        return
+    now = utcnow()
+    s.execute(
+        insert(TickLogRow),
+        [
+            {
+                "run_id": t.run_id,
+                "owner": t.owner,
+                "started_at": t.started_at,
+                "finished_at": t.finished_at,
+                "outcome": t.outcome[:OUTCOME_MAX],
+            }
+            for t in ticks
+        ],
+    )
+    rescheduled = [t for t in ticks if t.next_tick_in_s is not None]
+    if rescheduled:
+        s.connection().execute(
+            update(RunRow.__table__)
+            .where(
+                RunRow.__table__.c.id == bindparam("b_id"),
+                RunRow.__table__.c.lease_owner == bindparam("b_owner"),
+            )
+            .values(lease_owner=None, lease_expires_at=None, next_tick_at=bindparam("b_next")),
+            [
+                {
+                    "b_id": t.run_id,
+                    "b_owner": t.owner,
+                    "b_next": now + timedelta(seconds=t.next_tick_in_s or 0.0),
+                }
+                for t in rescheduled
+            ],
+        )
+    for t in ticks:
+        if t.next_tick_in_s is None:
+            release(s, t.run_id, t.owner)
+
+
 def holder(s: Session, run_id: str) -> str | None:
-    row = s.get(RunRow, run_id)
+    """Who holds the run's lease now (None: nobody, or the run does not exist)."""
+    row = s.execute(
+        select(RunRow.lease_owner, RunRow.lease_expires_at).where(RunRow.id == run_id)
+    ).first()
     if row is None or row.lease_owner is None:
         return None
     if row.lease_expires_at is not None and row.lease_expires_at < utcnow():
