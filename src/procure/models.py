@@ -153,6 +153,9 @@ class JobSpec(Model):
     epochs: int = Field(3, ge=1, le=1000)
     model: str = "tiny-llm"
     dataset: str = "dataset-a"
+    checkpoint_every: float = Field(
+        0.25, gt=0, le=1, description="Progress between checkpoints, as a fraction of the job"
+    )
 
 
 class Run(Model):
@@ -165,6 +168,7 @@ class Run(Model):
     job_spec: JobSpec
     progress: float = 0.0
     status_reason: str | None = None
+    deadline: datetime | None = Field(None, description="When the job must be done by, if ever")
     created_at: datetime
     updated_at: datetime
 
@@ -185,6 +189,10 @@ class Job(Model):
     metrics: dict[str, Any] | None = None
     progress: float = 0.0
     log_cursor: int = 0
+    start_progress: float = Field(0.0, description="Run progress this job resumed from")
+    checkpoint_url: str | None = Field(None, description="Latest checkpoint, or the resumed one")
+    checkpoint_progress: float = Field(0.0, description="Run progress saved in checkpoint_url")
+    slice_hours: float | None = Field(None, description="Hours bought per payment; None: all")
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None = None
@@ -201,6 +209,7 @@ class Payment(Model):
     x402_tx_id: str | None = Field(None, alias="x402TxId")
     nonce: str
     pay_to: str | None = None
+    hours: float | None = Field(None, description="GPU hours this payment buys")
     error_message: str | None = None
     created_at: datetime
     updated_at: datetime
@@ -231,6 +240,9 @@ class Action(Model):
     vendor_id: str | None = None
     hours: float | None = None
     gpu_type: str | None = None
+    slice_hours: float | None = Field(
+        None, description="Pay as you go: hours bought per payment (null: all hours at once)"
+    )
     reason: str
 
 

@@ -90,10 +90,40 @@ def record_vendor_outcome(
     s.execute(update(VendorRow).where(VendorRow.vendor_id == vendor_id).values(**values))
 
 
+def record_vendor_hours(s: Session, vendor_id: str, gpu_hours: float) -> None:
+    """GPU-hours a vendor ran without failing or finishing (a job stopped at a checkpoint)."""
+    s.execute(
+        update(VendorRow)
+        .where(VendorRow.vendor_id == vendor_id)
+        .values(gpu_hours=VendorRow.gpu_hours + gpu_hours, updated_at=utcnow())
+    )
+
+
+def cool_down(s: Session, vendor_id: str, until: datetime) -> None:
+    """Keep planners off a vendor until `until` without counting a failure (it erred, e.g. had
+    no capacity); an existing, later cool-down stands."""
+    s.execute(
+        update(VendorRow)
+        .where(
+            VendorRow.vendor_id == vendor_id,
+            (VendorRow.cooldown_until.is_(None)) | (VendorRow.cooldown_until < until),
+        )
+        .values(cooldown_until=until, updated_at=utcnow())
+    )
+
+
 # --- runs ----------------------------------------------------------------------------------
 
 
-def create_run(s: Session, *, user_id: str, goal: str, budget_total: int, job_spec: JobSpec) -> Run:
+def create_run(
+    s: Session,
+    *,
+    user_id: str,
+    goal: str,
+    budget_total: int,
+    job_spec: JobSpec,
+    deadline: datetime | None = None,
+) -> Run:
     now = utcnow()
     row = RunRow(
         id=new_id(),
@@ -104,6 +134,7 @@ def create_run(s: Session, *, user_id: str, goal: str, budget_total: int, job_sp
         budget_remaining=budget_total,
         job_spec=job_spec.model_dump(),
         progress=0.0,
+        deadline=deadline,
         next_tick_at=now,
         created_at=now,
         updated_at=now,

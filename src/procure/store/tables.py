@@ -76,6 +76,7 @@ class RunRow(Base):
     job_spec: Mapped[dict[str, Any]]
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     status_reason: Mapped[str | None] = mapped_column(Text)
+    deadline: Mapped[datetime | None]
     # Worker lease: who may tick this run, until when, and when it is next due.
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[datetime | None]
@@ -104,6 +105,11 @@ class JobRow(Base):
     metrics: Mapped[dict[str, Any] | None]
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     log_cursor: Mapped[int] = mapped_column(Integer, default=0)
+    # Checkpoint resume: where this job started from and the latest checkpoint it saved.
+    start_progress: Mapped[float] = mapped_column(Float, default=0.0)
+    checkpoint_url: Mapped[str | None] = mapped_column(String(500))
+    checkpoint_progress: Mapped[float] = mapped_column(Float, default=0.0)
+    slice_hours: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     completed_at: Mapped[datetime | None]
@@ -122,6 +128,7 @@ class PaymentRow(Base):
     x402_tx_id: Mapped[str | None] = mapped_column(String(100))
     nonce: Mapped[str] = mapped_column(String(66), unique=True)
     pay_to: Mapped[str | None] = mapped_column(String(64))
+    hours: Mapped[float | None] = mapped_column(Float)
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
