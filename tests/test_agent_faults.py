@@ -54,8 +54,9 @@ def test_budget_below_every_quote_aborts_without_paying(world: World) -> None:
 
 
 def test_failed_vendor_cools_down_then_budget_runs_out(tmp_path: Path, sqlite_url: str) -> None:
-    # $3.00 covers vendor 1 ($1.40) twice but never vendor 2 ($2.10). After vendor 1 fails
-    # the agent waits out its cool-down, tries it again, and aborts when money runs out.
+    # $2.50 covers vendor 1 ($1.40), then vendor 1 again from its checkpoint at 25% ($1.05),
+    # but never vendor 2 (even from the checkpoint, $1.575). After vendor 1 fails the agent
+    # waits out its cool-down, tries it again, and aborts when money runs out.
     w = start_world(
         tmp_path,
         sqlite_url,
@@ -63,7 +64,7 @@ def test_failed_vendor_cools_down_then_budget_runs_out(tmp_path: Path, sqlite_ur
         settings_overrides={"VENDOR_COOLDOWN_S": 1.0},
     )
     try:
-        run_id = w.new_run(budget=3.0)
+        run_id = w.new_run(budget=2.5)
         messages = asyncio.run(drive(w.deps(), run_id))
         state = state_of(w, run_id)
     finally:
@@ -73,9 +74,10 @@ def test_failed_vendor_cools_down_then_budget_runs_out(tmp_path: Path, sqlite_ur
     assert state.run.status == "aborted"
     assert [(p.vendor_id, p.amount, p.status) for p in state.payments] == [
         ("gpu_vendor_1", 1_400_000, "completed"),
-        ("gpu_vendor_1", 1_400_000, "completed"),
+        ("gpu_vendor_1", 1_050_000, "completed"),
     ]
-    assert state.run.budget_remaining == 200_000
+    assert [j.start_progress for j in state.jobs] == [0.0, 0.25]
+    assert state.run.budget_remaining == 50_000
     assert any("cooling down" in o.content for o in state.observations)
 
 

@@ -247,7 +247,14 @@ def test_good_answer_is_the_action_and_the_request_carries_state_and_schema(
 
 def test_schema_matches_the_action_model() -> None:
     schema = action_schema()
-    assert set(schema["properties"]) == {"action", "vendorId", "hours", "gpuType", "reason"}
+    assert set(schema["properties"]) == {
+        "action",
+        "vendorId",
+        "hours",
+        "gpuType",
+        "sliceHours",
+        "reason",
+    }
     assert schema["properties"]["action"]["enum"] == ["start_job", "wait", "abort"]
     assert set(schema["required"]) == {"action", "reason"}
     assert schema["additionalProperties"] is False

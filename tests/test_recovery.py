@@ -70,11 +70,14 @@ def test_recovery_story_over_http(world: World) -> None:
     assert tx_ids[0] != tx_ids[1]
     paid = sum(p["amount"] for p in payments)
     assert status["run"]["budgetRemaining"] == round(5 - paid, 6)
-    assert [p["amount"] for p in payments] == [1.4, 2.1]
+    # Vendor 2 resumed from vendor 1's checkpoint at 25%: it was paid for the 0.75h left.
+    assert [p["amount"] for p in payments] == [1.4, 1.575]
+    assert job2["startProgress"] == 0.25
+    assert job2["jobParams"]["resumeFrom"] == job1["checkpointUrl"]
 
     # The money really moved on the chain, to each vendor's registered payee, once.
     chain = world.chain
-    for vendor_id, amount in (("gpu_vendor_1", 1_400_000), ("gpu_vendor_2", 2_100_000)):
+    for vendor_id, amount in (("gpu_vendor_1", 1_400_000), ("gpu_vendor_2", 1_575_000)):
         payee = world.vendors[vendor_id].pay_to
         assert payee is not None
         assert chain.balance_of(payee) == amount

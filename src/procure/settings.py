@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     fail_at: float = Field(0.47, gt=0, lt=1, validation_alias="FAIL_AT")
     mock_job_seconds: float = Field(6.0, gt=0, validation_alias="MOCK_JOB_SECONDS")
     vendor_cooldown_s: float = Field(300.0, ge=0, validation_alias="VENDOR_COOLDOWN_S")
+    payment_overhead_usd: float = Field(
+        0.05,
+        ge=0,
+        validation_alias="PAYMENT_OVERHEAD_USD",
+        description="What one more x402 payment costs the planner (fees, latency, risk): "
+        "it pays in slices only when that saves more than this per slice",
+    )
     payment_window_s: float = Field(
         300.0,
         ge=15,

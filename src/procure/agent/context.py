@@ -1,4 +1,5 @@
-"""What a planner sees of a run: its state, the vendors, and what went wrong this run.
+"""What a planner sees of a run: its state, the vendors, and what went wrong this run; and what
+procure has learned of each vendor: its reliability and its failure hazard (failures per GPU-hour).
 
 A planner may also leave notes on the context (e.g. the LLM planner's raw answer and why it was
 rejected); the tick stores them as observations of the run once the planner has returned.
@@ -6,13 +7,20 @@ rejected); the tick stores them as observations of the run once the planner has 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from procure.models import ObservationType, PaymentStatus, RunState, Vendor, utcnow
+from procure.models import Job, ObservationType, PaymentStatus, RunState, Vendor, utcnow
 
 # Beta-prior strength given to a vendor's registered reliability score, in pseudo-jobs.
 PRIOR_STRENGTH = 10.0
+# The registry's reliability score is read as the chance that a job of this many GPU-hours
+# succeeds; that gives the prior hazard, held with the weight of PRIOR_HOURS of observation.
+REFERENCE_JOB_HOURS = 1.0
+PRIOR_HOURS = 10.0
+DEFAULT_PAYMENT_OVERHEAD = 50_000  # micro-USD: what one more x402 payment is worth avoiding
+DEFAULT_STARTUP_HOURS = 0.05  # a vendor's usual time from payment to a running job
 
 
 def reliability(vendor: Vendor) -> float:
@@ -20,6 +28,27 @@ def reliability(vendor: Vendor) -> float:
     alpha = vendor.reliability_score * PRIOR_STRENGTH + vendor.successes
     beta = (1 - vendor.reliability_score) * PRIOR_STRENGTH + vendor.failures
     return alpha / (alpha + beta)
+
+
+def prior_hazard(vendor: Vendor) -> float:
+    """Failures per GPU-hour implied by the registry's reliability score alone."""
+    score = min(max(vendor.reliability_score, 0.01), 0.9999)
+    return -math.log(score) / REFERENCE_JOB_HOURS
+
+
+def hazard(vendor: Vendor) -> float:
+    """Posterior mean of the vendor's failure rate per GPU-hour (Gamma prior + Poisson counts).
+
+    Failures are counted against every GPU-hour the vendor ran for us, failed jobs included,
+    so a vendor that dies early in long jobs and one that dies late in short ones compare fairly.
+    """
+    shape = prior_hazard(vendor) * PRIOR_HOURS + vendor.failures
+    return shape / (PRIOR_HOURS + max(vendor.gpu_hours, 0.0))
+
+
+def hours_between_failures(vendor: Vendor) -> float:
+    rate = hazard(vendor)
+    return math.inf if rate <= 0 else 1 / rate
 
 
 @dataclass(frozen=True)
@@ -31,6 +60,10 @@ class PlanContext:
     notes: list[tuple[ObservationType, str]] = field(default_factory=list, compare=False)
     """Observations the planner wants stored (type, content); the tick writes them after planning.
     Never attributed to a vendor, so they do not count as that vendor's errors this run."""
+    payment_overhead: int = DEFAULT_PAYMENT_OVERHEAD
+    """What each extra payment costs (fees, latency, another chance to fail), in micro-USD."""
+    startup_hours: float = DEFAULT_STARTUP_HOURS
+    """Expected hours from paying a vendor to the job running there."""
 
     @property
     def committed(self) -> int:
@@ -55,3 +88,25 @@ class PlanContext:
 
     def cooling_down(self, vendor: Vendor) -> bool:
         return vendor.cooldown_until is not None and vendor.cooldown_until > self.now
+
+    @property
+    def resume_from(self) -> Job | None:
+        """The job holding the run's furthest checkpoint, if any job saved one."""
+        saved = [j for j in self.state.jobs if j.checkpoint_url and j.checkpoint_progress > 0]
+        return max(saved, key=lambda j: j.checkpoint_progress, default=None)
+
+    @property
+    def resume_progress(self) -> float:
+        job = self.resume_from
+        return job.checkpoint_progress if job else 0.0
+
+    @property
+    def remaining_hours(self) -> float:
+        """GPU-hours of work left after the furthest checkpoint."""
+        return self.state.run.job_spec.hours * (1 - self.resume_progress)
+
+    @property
+    def hours_left(self) -> float | None:
+        """Hours until the run's deadline (negative once past), or None without one."""
+        deadline = self.state.run.deadline
+        return None if deadline is None else (deadline - self.now).total_seconds() / 3600

@@ -1,5 +1,13 @@
-"""The deterministic planners: `stub` (cheapest vendor not yet failed) and `heuristic` (lowest
-expected cost to completion: price over learned reliability, discounted for failures this run).
+"""The deterministic planners.
+
+- `stub`: the seeds' rule: the cheapest vendor that has not failed in this run, paid up front.
+- `heuristic` (the default): the vendor and payment slice with the lowest expected cost to
+  completion: price, the vendor's learned failure hazard, the work a failure loses since the
+  last checkpoint, unused paid time, payment overhead, and, when the run has a deadline, the
+  risk of missing it. Its reason names the figures it compared.
+
+Both are pure functions of the context (no clock, no randomness): the same state gives the same
+action, which the market simulator relies on to replay the tick's decisions.
 """
 
 from __future__ import annotations
@@ -7,13 +15,26 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from procure.agent.context import PlanContext, reliability
-from procure.models import Action, Vendor, format_usd
+from procure.agent.context import PlanContext, hazard, reliability
+from procure.agent.costmodel import (
+    Estimate,
+    Terms,
+    best_long_run_rate,
+    estimate,
+    intervals,
+    miss_probability,
+    slice_sizes,
+)
+from procure.agent.slices import RENEW_FRACTION
+from procure.models import Action, Job, Vendor, format_usd
 
 Planner = Callable[[PlanContext], Awaitable[Action]]
+Reconsider = Callable[[PlanContext, Job, float], str | None]
 
-# Each failure or error this run halves a vendor's chance in the planner's eyes.
+# Stub: each failure or error this run halves a vendor's chance in the planner's eyes.
 RUN_FAILURE_PENALTY = 0.5
+# Moving a running job to another vendor must save this share of the expected cost.
+SWITCH_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -35,42 +56,49 @@ def _options(ctx: PlanContext) -> tuple[list[Option], list[str]]:
             notes.append(f"{vendor.vendor_id} lacks {spec.gpu_type}")
             continue
         p = reliability(vendor) * RUN_FAILURE_PENALTY ** ctx.failures_in_run(vendor.vendor_id)
-        cost = round(vendor.base_price_per_hour * spec.hours)
+        cost = round(vendor.base_price_per_hour * ctx.remaining_hours)
         options.append(Option(vendor, cost, p))
     return options, notes
 
 
+def _no_vendor(notes: list[str]) -> Action:
+    return Action(action="abort", reason="No vendor offers what the job needs: " + "; ".join(notes))
+
+
+def _unaffordable(ctx: PlanContext, cheapest: Vendor, cost: int) -> Action:
+    return Action(
+        action="abort",
+        reason=(
+            f"No vendor is affordable: the cheapest, {cheapest.vendor_id}, costs "
+            f"{format_usd(cost)} and {format_usd(ctx.available)} is left"
+        ),
+    )
+
+
+COOLING = "Every affordable vendor is cooling down after a failure"
+
+
+def _lead(ctx: PlanContext, vendors: list[Vendor], best: Vendor) -> str:
+    failed = sorted(
+        {v.vendor_id for v in vendors if ctx.failures_in_run(v.vendor_id)} - {best.vendor_id}
+    )
+    if failed:
+        return f"{', '.join(failed)} failed previously; switching to {best.vendor_id}"
+    return f"{best.vendor_id} ({best.name}) is the best choice"
+
+
 def _decide(ctx: PlanContext, options: list[Option], notes: list[str], rank) -> Action:  # type: ignore[no-untyped-def]
     if not options:
-        return Action(
-            action="abort", reason="No vendor offers what the job needs: " + "; ".join(notes)
-        )
+        return _no_vendor(notes)
     affordable = [o for o in options if o.cost <= ctx.available]
     if not affordable:
-        cheapest = min(options, key=lambda o: o.cost)
-        return Action(
-            action="abort",
-            reason=(
-                f"No vendor is affordable: the cheapest, {cheapest.vendor.vendor_id}, costs "
-                f"{format_usd(cheapest.cost)} and {format_usd(ctx.available)} is left"
-            ),
-        )
+        cheapest = min(options, key=lambda o: (o.cost, o.vendor.vendor_id))
+        return _unaffordable(ctx, cheapest.vendor, cheapest.cost)
     ready = [o for o in affordable if not ctx.cooling_down(o.vendor)]
     if not ready:
-        return Action(
-            action="wait", reason="Every affordable vendor is cooling down after a failure"
-        )
+        return Action(action="wait", reason=COOLING)
     best = min(ready, key=rank)
     spec = ctx.state.run.job_spec
-    failed = sorted(
-        {o.vendor.vendor_id for o in options if ctx.failures_in_run(o.vendor.vendor_id)}
-        - {best.vendor.vendor_id}
-    )
-    lead = (
-        f"{', '.join(failed)} failed previously; switching to {best.vendor.vendor_id}"
-        if failed
-        else (f"{best.vendor.vendor_id} ({best.vendor.name}) is the best choice")
-    )
     compared = "; ".join(
         f"{o.vendor.vendor_id}: {format_usd(o.cost)}, p(success)={o.p_success:.2f}, "
         f"expected {format_usd(round(o.expected_cost))}"
@@ -79,15 +107,13 @@ def _decide(ctx: PlanContext, options: list[Option], notes: list[str], rank) -> 
     return Action(
         action="start_job",
         vendor_id=best.vendor.vendor_id,
-        hours=spec.hours,
+        hours=ctx.remaining_hours,
         gpu_type=spec.gpu_type,
-        reason=f"{lead}. Budget left {format_usd(ctx.available)}. Compared: {compared}",
+        reason=(
+            f"{_lead(ctx, [o.vendor for o in options], best.vendor)}. "
+            f"Budget left {format_usd(ctx.available)}. Compared: {compared}"
+        ),
     )
-
-
-async def heuristic_planner(ctx: PlanContext) -> Action:
-    options, notes = _options(ctx)
-    return _decide(ctx, options, notes, rank=lambda o: (o.expected_cost, o.vendor.vendor_id))
 
 
 async def stub_planner(ctx: PlanContext) -> Action:
@@ -95,6 +121,180 @@ async def stub_planner(ctx: PlanContext) -> Action:
     options, notes = _options(ctx)
     fresh = [o for o in options if not ctx.failures_in_run(o.vendor.vendor_id)] or options
     return _decide(ctx, fresh, notes, rank=lambda o: (o.cost, o.vendor.vendor_id))
+
+
+# --- the cost-aware planner ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The best way to rent one vendor for the rest of the run, as the planner scored it."""
+
+    vendor: Vendor
+    hazard: float
+    estimate: Estimate
+    p_miss: float
+    score: float  # expected cost plus the deadline's risk, micro-USD
+
+
+def effective_hazard(ctx: PlanContext, vendor: Vendor) -> float:
+    """The hazard the planner prices a vendor at: its learned failures per GPU-hour. Trouble in
+    this run is already in it (each failure is counted) and in the vendor's cool-down."""
+    return hazard(vendor)
+
+
+def _terms(ctx: PlanContext, vendor: Vendor, *, running: bool = False) -> Terms:
+    return Terms(
+        price_per_hour=float(vendor.base_price_per_hour),
+        hazard=effective_hazard(ctx, vendor),
+        payment_overhead=float(ctx.payment_overhead),
+        startup_hours=0.0 if running else ctx.startup_hours,
+    )
+
+
+def choices(
+    ctx: PlanContext,
+    vendors: list[Vendor],
+    *,
+    progress: float | None = None,
+    running: str | None = None,
+) -> list[Choice]:
+    """Each vendor's best slice and its score, best first, for the work left after `progress`
+    (the run's furthest checkpoint by default); `running` is the vendor already running the job,
+    which needs no start-up. Vendors that the budget cannot cover are left out."""
+    spec = ctx.state.run.job_spec
+    start = ctx.resume_progress if progress is None else progress
+    work = intervals(spec.hours, spec.checkpoint_every, start)
+    if not work:
+        return []
+    interval = max(work)
+    terms = {v.vendor_id: _terms(ctx, v, running=v.vendor_id == running) for v in vendors}
+    # After a failure the rest of the work is bought at the best long-run rate on offer.
+    redo_rate = min(
+        best_long_run_rate(t, interval, len(work), renew_fraction=RENEW_FRACTION)
+        for t in terms.values()
+    )
+    hours_left = ctx.hours_left
+    result = []
+    for vendor in vendors:
+        t = terms[vendor.vendor_id]
+        p_miss = miss_probability(
+            t.hazard,
+            sum(work),
+            t.startup_hours,
+            hours_left,
+            interval_hours=interval,
+            restart_hours=ctx.startup_hours,
+        )
+        # Missing the deadline is priced at all the money still at stake.
+        risk = p_miss * ctx.available
+        scored = [
+            (e.expected + risk, e)
+            for e in (
+                estimate(t, work, n, renew_fraction=RENEW_FRACTION, redo_rate=redo_rate)
+                for n in slice_sizes(len(work))
+            )
+            if round(e.nominal) <= ctx.available
+        ]
+        if not scored:
+            continue
+        score, best = min(scored, key=lambda se: (se[0], -se[1].slice_intervals))
+        result.append(Choice(vendor, t.hazard, best, p_miss, score))
+    return sorted(result, key=lambda c: (c.score, c.vendor.vendor_id))
+
+
+def reconsider(ctx: PlanContext, job: Job, paid_until: float) -> str | None:
+    """At a sliced job's renewal point: why to let it stop at its paid checkpoint
+    (`paid_until`, run progress) and move to another vendor, or None to renew.
+
+    The job's vendor is scored as it stands, already running; another vendor must be cheaper
+    by more than one payment's overhead and SWITCH_MARGIN of the cost, so that the agent does
+    not hop back and forth on noise. This is how a run leaves a flaky vendor when its slack for
+    the deadline runs out, and how it returns to a cheap vendor once that one's cool-down ends.
+    """
+    vendor = ctx.vendor(job.vendor_id)
+    if vendor is None:
+        return None
+    spec = ctx.state.run.job_spec
+    offered = [
+        v
+        for v in ctx.vendors
+        if spec.gpu_type in v.supported_gpu_types
+        and (v.vendor_id == vendor.vendor_id or not ctx.cooling_down(v))
+    ]
+    ranked = choices(ctx, offered, progress=paid_until, running=vendor.vendor_id)
+    here = next((c for c in ranked if c.vendor.vendor_id == vendor.vendor_id), None)
+    if not ranked or here is None or ranked[0] is here:
+        return None
+    best = ranked[0]
+    if best.score >= here.score * (1 - SWITCH_MARGIN) - ctx.payment_overhead:
+        return None
+    deadline = ctx.hours_left is not None
+    return (
+        f"stopping {vendor.vendor_id} at the checkpoint at {paid_until:.0%} to move to "
+        f"{best.vendor.vendor_id}: {_describe(best, deadline)}; "
+        f"staying: {_describe(here, deadline)}"
+    )
+
+
+def _describe(choice: Choice, deadline: bool) -> str:
+    e = choice.estimate
+    paying = "at once" if e.payments == 1 else f"in {e.payments} slices of {e.slice_hours:.2f}h"
+    text = (
+        f"{choice.vendor.vendor_id}: {format_usd(choice.vendor.base_price_per_hour)}/h, "
+        f"{choice.hazard:.3f} failures/h, paid {paying}, p(finish)={e.p_complete:.2f}, "
+        f"expected {format_usd(round(e.expected))}"
+    )
+    return text + (f", p(miss deadline)={choice.p_miss:.2f}" if deadline else "")
+
+
+def plan_cost_aware(ctx: PlanContext) -> Action:
+    """The heuristic planner's decision (synchronous: the simulator calls it directly too)."""
+    spec = ctx.state.run.job_spec
+    notes = [
+        f"{v.vendor_id} lacks {spec.gpu_type}"
+        for v in ctx.vendors
+        if spec.gpu_type not in v.supported_gpu_types
+    ]
+    offered = [v for v in ctx.vendors if spec.gpu_type in v.supported_gpu_types]
+    if not offered:
+        return _no_vendor(notes)
+    affordable = choices(ctx, offered)
+    if not affordable:
+        cheapest = min(offered, key=lambda v: (v.base_price_per_hour, v.vendor_id))
+        cost = round(cheapest.base_price_per_hour * ctx.remaining_hours)
+        return _unaffordable(ctx, cheapest, cost)
+    ready = [c for c in affordable if not ctx.cooling_down(c.vendor)]
+    if not ready:
+        return Action(action="wait", reason=COOLING)
+    best = ready[0]
+    deadline = ctx.hours_left is not None
+    where = f" from the checkpoint at {ctx.resume_progress:.0%}" if ctx.resume_progress > 0 else ""
+    context = f"{ctx.remaining_hours:.2f}h of work left{where}; budget left " + format_usd(
+        ctx.available
+    )
+    if deadline:
+        context += f"; deadline in {ctx.hours_left:.2f}h"
+    cooling = [c.vendor.vendor_id for c in affordable if ctx.cooling_down(c.vendor)]
+    compared = "; ".join(_describe(c, deadline) for c in ready)
+    if cooling:
+        compared += f"; cooling down: {', '.join(cooling)}"
+    e = best.estimate
+    return Action(
+        action="start_job",
+        vendor_id=best.vendor.vendor_id,
+        hours=ctx.remaining_hours,
+        gpu_type=spec.gpu_type,
+        slice_hours=e.slice_hours if e.payments > 1 else None,
+        reason=(
+            f"{_lead(ctx, offered, best.vendor)}. {context}. "
+            f"Lowest expected cost to completion: {compared}"
+        ),
+    )
+
+
+async def heuristic_planner(ctx: PlanContext) -> Action:
+    return plan_cost_aware(ctx)
 
 
 DETERMINISTIC: dict[str, Planner] = {"stub": stub_planner, "heuristic": heuristic_planner}

@@ -6,6 +6,7 @@ import httpx
 
 from procure.agent.planner import DETERMINISTIC, Planner
 from procure.agent.tick import AgentDeps
+from procure.models import usd_to_micros
 from procure.payments.settlements import FacilitatorLedger
 from procure.payments.wallet import load_or_create_account
 from procure.settings import Settings
@@ -43,6 +44,7 @@ def make_deps(
         ledger=FacilitatorLedger(settings.facilitator_url, transport=facilitator_transport),
         planner=choose_planner(settings),
         cooldown_s=settings.vendor_cooldown_s,
+        payment_overhead=usd_to_micros(settings.payment_overhead_usd),
         auth_window_s=settings.payment_window_s,
     )
 

@@ -13,6 +13,13 @@ ever signed, or the ledger shows its nonce unused after its authorisation expire
 refused payment whose signature left the agent stays `pending` (in doubt, counted against the
 budget) and the run waits for it. Crash points (`procure.crashpoints`) mark the gaps between
 an outcome and its record, for the crash tests.
+
+Losing less when a vendor fails: each poll keeps the job's latest checkpoint, and a new job (on
+any vendor) resumes from the run's furthest one, buying only the work left. A job may be paid in
+slices (`Action.slice_hours`): the tick buys the next slice when little of the paid time is left
+(`agent.slices`), each slice its own payment with its own nonce and idempotency key, under the
+same guardrails and budget check; at that point the planner may prefer to let the job stop at
+its paid checkpoint and move on (`planner.reconsider`).
 """
 
 from __future__ import annotations
@@ -24,19 +31,23 @@ from datetime import UTC, datetime, timedelta
 from eth_account.signers.local import LocalAccount
 from sqlalchemy.orm import Session
 
-from procure.agent.context import PlanContext
-from procure.agent.guard import check_action, check_quote
-from procure.agent.planner import DETERMINISTIC, Planner, heuristic_planner
+from procure.agent import slices
+from procure.agent.context import DEFAULT_PAYMENT_OVERHEAD, PlanContext
+from procure.agent.decide import decide
+from procure.agent.guard import check_quote, check_renewal
+from procure.agent.planner import Planner, Reconsider, heuristic_planner, reconsider
 from procure.crashpoints import crash_point
 from procure.models import (
     ACTIVE_JOB_STATUSES,
     TERMINAL_RUN_STATUSES,
     Action,
     Job,
+    JobSpec,
     JobStatus,
     ObservationType,
     Payment,
     PaymentStatus,
+    Quote,
     RunState,
     RunStatus,
     Vendor,
@@ -56,6 +67,7 @@ from procure.vendors.client import PaymentRefused, VendorClient, VendorError
 from procure.vendors.protocol import VendorJob
 
 OBS = ObservationType
+EPS = 1e-9
 
 
 class RunNotFound(LookupError):
@@ -76,6 +88,11 @@ class AgentDeps:
     """How long a payment's signed authorisation stays valid after the payment is created."""
     auth_margin_s: float = 30.0
     """Clock skew allowed past `validBefore` before an unused authorisation counts as dead."""
+    payment_overhead: int = DEFAULT_PAYMENT_OVERHEAD
+    """What the planner counts each extra payment as costing, in micro-USD."""
+    reconsider: Reconsider | None = reconsider
+    """Asked at each renewal of a sliced job whether to stop at the paid checkpoint and move;
+    None: always renew."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +113,12 @@ async def tick(deps: AgentDeps, run_id: str) -> TickResult:
         errors = repo.vendor_error_counts(s, run_id)
     if state.run.status in TERMINAL_RUN_STATUSES:
         return TickResult(f"Run already {state.run.status}")
-    ctx = PlanContext(state=state, vendors=vendors, errors_by_vendor=errors)
+    ctx = PlanContext(
+        state=state,
+        vendors=vendors,
+        errors_by_vendor=errors,
+        payment_overhead=deps.payment_overhead,
+    )
     active = next((j for j in state.jobs if j.status in ACTIVE_JOB_STATUSES), None)
     if active is not None:
         vendor = ctx.vendor(active.vendor_id)
@@ -105,6 +127,7 @@ async def tick(deps: AgentDeps, run_id: str) -> TickResult:
         if active.status == JobStatus.submitted:
             return await _reconcile(deps, ctx, active, vendor)
         return await _poll(deps, ctx, active, vendor)
+    await _settle_stray_slices(deps, ctx)  # pending ones still count against the budget
     return await _plan_and_act(deps, ctx)
 
 
@@ -113,25 +136,21 @@ async def tick(deps: AgentDeps, run_id: str) -> TickResult:
 
 async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
     run_id = ctx.state.run.id
-    action = await deps.planner(ctx)
+    decision = await decide(deps.planner, ctx)  # the planner, the guard, the fallback
     if ctx.notes:  # what the planner asked to keep, e.g. the LLM's raw answer and rejections
         with deps.store.session() as s:
             for note_type, content in ctx.notes:
                 repo.add_observation(s, run_id, note_type, content)
-    rejection = check_action(ctx, action)
-    if rejection is not None:
-        fallback = await DETERMINISTIC["heuristic"](ctx)
+    if decision.rejected is not None:
         with deps.store.session() as s:
             repo.add_observation(
                 s,
                 run_id,
                 OBS.error,
-                f"Guard rejected {action.action} on {action.vendor_id}: "
-                f"{rejection}; the deterministic planner decides instead",
+                f"Guard rejected {decision.rejected.action} on {decision.rejected.vendor_id}: "
+                f"{decision.rejection}; the deterministic planner decides instead",
             )
-        action = fallback
-        if check_action(ctx, action) is not None:  # cannot happen for the heuristic; be safe
-            action = Action(action="wait", reason=f"No safe action: {rejection}")
+    action = decision.action
     with deps.store.session() as s:
         repo.add_observation(s, run_id, OBS.agent_reasoning, action.reason)
         if action.action == "abort":
@@ -149,26 +168,38 @@ async def _start_job(
     deps: AgentDeps, ctx: PlanContext, action: Action, vendor: Vendor
 ) -> TickResult:
     run = ctx.state.run
-    spec = run.job_spec.model_copy(update={"hours": action.hours or run.job_spec.hours})
+    hours, slice_hours = slices.job_shape(ctx.remaining_hours, action.hours, action.slice_hours)
+    resume = ctx.resume_from  # the furthest checkpoint of the run, on whichever vendor
+    spec = run.job_spec.model_copy(update={"hours": slice_hours or hours})
     try:
         quote = await deps.vendors.quote(vendor, spec)
-    except VendorError as exc:
-        _vendor_trouble(deps, run.id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
+    except VendorError as exc:  # no answer, or no capacity: try elsewhere for a while
+        _vendor_trouble(
+            deps, run.id, vendor, f"{vendor.vendor_id} {exc}", penalize=False, cool=True
+        )
         return TickResult("Vendor error", action)
     rejection = check_quote(ctx, action, quote)
     if rejection is not None:
         _vendor_trouble(deps, run.id, vendor, f"Quote rejected: {rejection}", penalize=False)
         return TickResult("Quote rejected", action)
     now = utcnow()
+    params = run.job_spec.model_copy(update={"hours": hours}).model_dump(by_alias=True)
+    params["totalHours"] = run.job_spec.hours
+    if resume is not None:
+        params["resumeFrom"] = resume.checkpoint_url
     job = Job(
         _id=repo.new_id(),
         run_id=run.id,
         vendor_id=vendor.vendor_id,
         status=JobStatus.submitted,
-        expected_cost=quote.amount,
-        job_params=spec.model_dump(by_alias=True),
+        expected_cost=quote.amount if slice_hours is None else round(quote.price_per_hour * hours),
+        job_params=params,
         idempotency_key="",
         quote_id=quote.quote_id,
+        start_progress=resume.checkpoint_progress if resume else 0.0,
+        checkpoint_url=resume.checkpoint_url if resume else None,
+        checkpoint_progress=resume.checkpoint_progress if resume else 0.0,
+        slice_hours=slice_hours,
         created_at=now,
         updated_at=now,
     )
@@ -183,6 +214,7 @@ async def _start_job(
         status=PaymentStatus.pending,
         nonce=payment_nonce(payment_id),
         pay_to=vendor.pay_to,
+        hours=quote.hours,
         created_at=now,
         updated_at=now,
     )
@@ -202,8 +234,15 @@ async def _start_job(
             run.id,
             OBS.agent_reasoning,
             f"Budget remaining: {format_usd(run.budget_remaining)}\n"
-            f"Quote: {format_usd(quote.amount)} USD for {quote.hours:g}h {quote.gpu_type}\n"
-            f"Proceeding with payment via x402 to vendor {vendor.vendor_id}",
+            f"Quote: {format_usd(quote.amount)} USD for {quote.hours:g}h {quote.gpu_type}"
+            + (f" (first slice of {hours:g}h, paid as it runs)" if slice_hours else "")
+            + (
+                f"\nResuming from the checkpoint at {resume.checkpoint_progress:.0%} "
+                f"({resume.checkpoint_url}): {hours:g}h of {run.job_spec.hours:g}h left"
+                if resume
+                else ""
+            )
+            + f"\nProceeding with payment via x402 to vendor {vendor.vendor_id}",
             vendor_id=vendor.vendor_id,
         )
     crash_point("intent")
@@ -271,6 +310,7 @@ async def _submit(
             idempotency_key=job.idempotency_key,
             job_params=job.job_params,
             payer=payer,
+            checkpoint_url=job.job_params.get("resumeFrom"),
         )
     except PaymentRefused as exc:
         ours = [] if exc.payment_sent else [check_requirements(o, limits) for o in exc.offered]
@@ -532,6 +572,14 @@ async def _reconcile_after_paid(
 
 
 async def _poll(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> TickResult:
+    pending = next(
+        (p for p in ctx.state.payments if p.job_id == job.id and p.status == PaymentStatus.pending),
+        None,
+    )
+    if pending is not None and not pending.error_message:  # a slice bought before a crash
+        return await _retry_slice(deps, job, pending, vendor)
+    if pending is not None and await _settle_in_doubt(deps, job, pending, vendor) is None:
+        pending = None  # settled or expired: from now on it is just history
     try:
         vjob = await deps.vendors.status(vendor, vendor_job_id=job.vendor_job_id)
     except VendorError as exc:
@@ -542,11 +590,29 @@ async def _poll(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> 
         return _fail_job(deps, job, vendor, f"{vendor.vendor_id} has no record of the job")
     new_lines = vjob.logs[job.log_cursor :]
     now = utcnow()
+    saved_url, saved = job.checkpoint_url, job.checkpoint_progress
+    if vjob.checkpoint_url and (vjob.checkpoint_progress or 0.0) > saved + EPS:
+        saved_url, saved = vjob.checkpoint_url, vjob.checkpoint_progress or 0.0
     with deps.store.session() as s:
         for line in new_lines:
             repo.add_observation(s, job.run_id, OBS.job_log, line, vendor_id=vendor.vendor_id)
-        repo.update_job(s, job.id, log_cursor=len(vjob.logs), progress=vjob.progress)
+        repo.update_job(
+            s,
+            job.id,
+            log_cursor=len(vjob.logs),
+            progress=vjob.progress,
+            checkpoint_url=saved_url,
+            checkpoint_progress=saved,
+        )
         repo.update_run(s, job.run_id, progress=vjob.progress)
+        if saved > job.checkpoint_progress + EPS:
+            repo.add_observation(
+                s,
+                job.run_id,
+                OBS.job_event,
+                f"Checkpoint at {saved:.0%} saved at {vendor.vendor_id}: {saved_url}",
+                vendor_id=vendor.vendor_id,
+            )
         if vjob.status == "completed":
             repo.update_job(
                 s,
@@ -554,12 +620,12 @@ async def _poll(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> 
                 status=JobStatus.completed,
                 metrics=vjob.metrics,
                 artifact_url=vjob.artifact_url,
-                actual_cost=job.expected_cost,
+                actual_cost=_paid_for(ctx, job),
                 completed_at=now,
             )
             repo.update_run(s, job.run_id, status=RunStatus.completed, progress=1.0)
             repo.record_vendor_outcome(
-                s, vendor.vendor_id, success=True, gpu_hours=float(job.job_params.get("hours", 1))
+                s, vendor.vendor_id, success=True, gpu_hours=_gpu_hours(job, 1.0)
             )
             repo.add_observation(
                 s,
@@ -570,20 +636,296 @@ async def _poll(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> 
                 vendor_id=vendor.vendor_id,
             )
             return TickResult("Job completed")
+    job = job.model_copy(update={"checkpoint_url": saved_url, "checkpoint_progress": saved})
     if vjob.status in ("failed", "cancelled"):
         reason = vjob.error or f"job {vjob.status} by the vendor"
-        return _fail_job(deps, job, vendor, reason, progress=vjob.progress)
+        return _fail_job(deps, job, vendor, reason, progress=vjob.progress, ctx=ctx)
+    if vjob.status == "expired":  # its paid time ran out before another slice was bought
+        return _stop_job(deps, ctx, job, vendor, vjob, "its paid time ran out")
+    if pending is not None:  # a slice in doubt: buy no other until its fate is known
+        return TickResult(f"Job running ({vjob.progress:.0%}); a slice payment is in doubt")
+    paid = slices.paid_hours(job, ctx.state.payments)
+    if slices.renewal_due(job, paid, vjob.progress):
+        limit = slices.paid_until(job, paid)
+        move = deps.reconsider(ctx, job, limit) if deps.reconsider else None
+        if move is None:
+            return await _renew(deps, ctx, job, vendor, paid)
+        if vjob.progress >= limit - EPS:  # it has reached its paid checkpoint: let it go
+            return _stop_job(deps, ctx, job, vendor, vjob, move)
     return TickResult(f"Job running ({vjob.progress:.0%})")
+
+
+def _paid_for(ctx: PlanContext, job: Job) -> int:
+    return sum(
+        p.amount
+        for p in ctx.state.payments
+        if p.job_id == job.id and p.status == PaymentStatus.completed
+    )
+
+
+def _gpu_hours(job: Job, progress: float) -> float:
+    """GPU-hours the job ran for, from where it started to `progress` of the run."""
+    return max(0.0, progress - job.start_progress) * slices.total_hours(job)
+
+
+def _stop_job(
+    deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor, vjob: VendorJob, why: str
+) -> TickResult:
+    """End a job that is not the vendor's fault to end: paid time over, by choice or budget.
+    Its checkpoint stands; the next job resumes from it."""
+    with deps.store.session() as s:
+        repo.update_job(
+            s,
+            job.id,
+            status=JobStatus.cancelled,
+            error_message=f"stopped at {vjob.progress:.0%}: {why}",
+            actual_cost=_paid_for(ctx, job),
+            completed_at=utcnow(),
+        )
+        repo.record_vendor_hours(s, vendor.vendor_id, _gpu_hours(job, vjob.progress))
+        repo.update_run(s, job.run_id, progress=max(job.checkpoint_progress, ctx.resume_progress))
+        repo.add_observation(
+            s,
+            job.run_id,
+            OBS.job_event,
+            f"Job {vjob.job_id} at {vendor.vendor_id} stopped at {vjob.progress:.0%}, "
+            f"checkpoint at {job.checkpoint_progress:.0%} kept: {why}",
+            vendor_id=vendor.vendor_id,
+        )
+    return TickResult("Job stopped at a checkpoint")
+
+
+# --- paying as it runs ---------------------------------------------------------------------
+
+
+def _slice_key(payment: Payment) -> str:
+    return f"slice-{payment.id}"  # one idempotency key per slice, stable across retries
+
+
+async def _renew(
+    deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor, paid: float
+) -> TickResult:
+    """Buy the job's next slice: quote, guard, intent, then pay (its own nonce and key)."""
+    hours = slices.next_slice_hours(job, paid)
+    spec = JobSpec.model_validate(job.job_params).model_copy(update={"hours": hours})
+    try:
+        quote = await deps.vendors.quote(vendor, spec)
+    except VendorError as exc:
+        _vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
+        return TickResult("Vendor error")
+    rejection = check_renewal(ctx, job, quote)
+    if rejection is not None:  # the job runs out its paid time; then the run moves on
+        return TickResult(f"Slice not bought: {rejection}")
+    now = utcnow()
+    payment_id = repo.new_id()
+    payment = Payment(
+        _id=payment_id,
+        run_id=job.run_id,
+        job_id=job.id,
+        vendor_id=vendor.vendor_id,
+        amount=quote.amount,
+        status=PaymentStatus.pending,
+        nonce=payment_nonce(payment_id),
+        pay_to=vendor.pay_to,
+        hours=hours,
+        created_at=now,
+        updated_at=now,
+    )
+    with deps.store.session() as s:  # phase one: the intent
+        repo.update_run(s, job.run_id)  # write-lock the run, then check what is committed
+        conflict = _slice_conflict(repo.load_state(s, job.run_id, observations=False), job, quote)
+        if conflict is not None:
+            repo.add_observation(s, job.run_id, OBS.error, f"Not buying a slice: {conflict}")
+            return TickResult("State changed")
+        repo.insert_payment(s, payment)
+        repo.add_observation(
+            s,
+            job.run_id,
+            OBS.agent_reasoning,
+            f"Renewing {vendor.vendor_id}: {format_usd(quote.amount)} for the next {hours:g}h "
+            f"({paid:g}h of {slices.job_hours(job):g}h paid so far)",
+            vendor_id=vendor.vendor_id,
+        )
+    crash_point("intent")
+    return await _pay_slice(deps, job, payment, vendor, quote.quote_id, first_attempt=True)
+
+
+def _slice_conflict(state: RunState | None, job: Job, quote: Quote) -> str | None:
+    if state is None or state.run.status != RunStatus.running:
+        return "the run is no longer running"
+    current = next((j for j in state.jobs if j.id == job.id), None)
+    if current is None or current.status != JobStatus.running:
+        return "the job is no longer running"
+    if any(p.job_id == job.id and p.status == PaymentStatus.pending for p in state.payments):
+        return "another slice of this job is being paid"
+    committed = sum(
+        p.amount
+        for p in state.payments
+        if p.status in (PaymentStatus.completed, PaymentStatus.pending)
+    )
+    if committed + quote.amount > state.run.budget_total:
+        return f"{format_usd(quote.amount)} more would exceed the budget"
+    return None
+
+
+async def _retry_slice(deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor) -> TickResult:
+    """A slice whose payment was left pending (a crash, or no answer): pay it again, with the
+    same nonce and the same key, so that it is bought at most once."""
+    if _expired(deps, payment):
+        return await _slice_refused(
+            deps, job, payment, vendor, "its authorisation expired", signed=True
+        )
+    spec = JobSpec.model_validate(job.job_params).model_copy(update={"hours": payment.hours})
+    try:
+        quote = await deps.vendors.quote(vendor, spec)
+    except VendorError as exc:
+        _vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
+        return TickResult("Vendor error")
+    return await _pay_slice(deps, job, payment, vendor, quote.quote_id, first_attempt=False)
+
+
+async def _pay_slice(
+    deps: AgentDeps,
+    job: Job,
+    payment: Payment,
+    vendor: Vendor,
+    quote_id: str,
+    *,
+    first_attempt: bool,
+) -> TickResult:
+    limits = _limits(payment, vendor)
+    payer = build_payer(
+        deps.account, payment.nonce, limits, valid_before=_valid_before(deps, payment)
+    )
+    try:
+        renewed = await deps.vendors.renew(
+            vendor,
+            job.vendor_job_id or "",
+            quote_id,
+            idempotency_key=_slice_key(payment),
+            payer=payer,
+        )
+    except VendorError as exc:
+        signed = exc.payment_sent or not first_attempt
+        if exc.retryable and not isinstance(exc, PaymentRefused):
+            with deps.store.session() as s:  # it may have settled: retry with the same nonce
+                repo.add_observation(
+                    s,
+                    job.run_id,
+                    OBS.error,
+                    f"{vendor.vendor_id} renew-job {exc}; will retry on the next tick",
+                    vendor_id=vendor.vendor_id,
+                )
+            return TickResult("Vendor error")
+        ours = []
+        if isinstance(exc, PaymentRefused) and not exc.payment_sent:
+            ours = [check_requirements(o, limits) for o in exc.offered]
+        reason = next((r for r in ours if r), f"{vendor.vendor_id} {exc}")
+        return await _slice_refused(deps, job, payment, vendor, reason, signed=signed)
+    crash_point("paid")
+    tx = renewed.tx_hash or await _settled_tx(deps, payment)
+    _record_slice(deps, job, payment, vendor, tx)
+    crash_point("recorded")
+    return TickResult("Slice renewed")
+
+
+def _record_slice(
+    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, tx: str | None
+) -> None:
+    with deps.store.session() as s:
+        repo.update_payment(s, payment.id, status=PaymentStatus.completed, x402_tx_id=tx)
+        remaining = repo.refresh_budget(s, job.run_id)
+        repo.add_observation(
+            s,
+            job.run_id,
+            OBS.payment_event,
+            f"Paid {format_usd(payment.amount)} to {vendor.vendor_id} via x402 for "
+            f"{payment.hours:g}h more of job {job.vendor_job_id} (tx {tx or 'unknown'}); "
+            f"budget remaining {format_usd(remaining)}",
+            vendor_id=vendor.vendor_id,
+        )
+
+
+async def _slice_refused(
+    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, reason: str, *, signed: bool
+) -> TickResult:
+    """A slice's payment was refused. As for a job's first payment: if a signed authorisation
+    may exist it stays pending until the ledger shows it settled or expired unused."""
+    if signed:
+        outcome = await _settle_in_doubt(deps, job, payment, vendor, reason=reason)
+        if outcome is not None:
+            return outcome
+        return TickResult("Slice payment settled or expired")
+    with deps.store.session() as s:
+        repo.update_payment(s, payment.id, status=PaymentStatus.failed, error_message=reason)
+        repo.add_observation(
+            s,
+            job.run_id,
+            OBS.error,
+            f"Slice payment to {vendor.vendor_id} refused: {reason}",
+            vendor_id=vendor.vendor_id,
+        )
+    return TickResult("Slice refused")
+
+
+async def _settle_in_doubt(
+    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, *, reason: str | None = None
+) -> TickResult | None:
+    """Ask the ledger about a slice payment that may have settled. None once its fate is
+    recorded (completed or failed); else it stays pending and the answer says why."""
+    try:
+        settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
+    except SettlementLookupError:
+        settled = None
+    if settled is not None and settled.used:
+        _record_slice(deps, job, payment, vendor, settled.transaction)
+        return None
+    if settled is not None and _expired(deps, payment):
+        with deps.store.session() as s:
+            repo.update_payment(
+                s,
+                payment.id,
+                status=PaymentStatus.failed,
+                error_message=(payment.error_message or reason or "refused")
+                + "; authorisation expired unused",
+            )
+        return None
+    if reason is not None and reason != payment.error_message:
+        with deps.store.session() as s:
+            repo.update_payment(s, payment.id, error_message=f"refused: {reason}")
+            repo.add_observation(
+                s,
+                job.run_id,
+                OBS.error,
+                f"Slice payment to {vendor.vendor_id} refused: {reason}. It stays pending "
+                f"until its authorisation expires unused ({_until(deps, payment)}) or settles",
+                vendor_id=vendor.vendor_id,
+            )
+    return TickResult(f"Payment in doubt until {_until(deps, payment)}")
+
+
+async def _settle_stray_slices(deps: AgentDeps, ctx: PlanContext) -> None:
+    """Slice payments still in doubt on jobs that have ended: record their fate once the ledger
+    knows it (until then they count against the budget)."""
+    ended = {j.id: j for j in ctx.state.jobs if j.status not in ACTIVE_JOB_STATUSES}
+    for payment in ctx.state.payments:
+        job = ended.get(payment.job_id)
+        vendor = ctx.vendor(payment.vendor_id)
+        if payment.status == PaymentStatus.pending and job is not None and vendor is not None:
+            await _settle_in_doubt(deps, job, payment, vendor)
 
 
 # --- failures ------------------------------------------------------------------------------
 
 
-def _penalize(deps: AgentDeps, s: Session, vendor: Vendor) -> None:
+def _penalize(deps: AgentDeps, s: Session, vendor: Vendor, gpu_hours: float = 0.0) -> None:
+    """Count a failure against the vendor (with the GPU-hours it ran, for its hazard) and cool
+    it down: VENDOR_COOLDOWN_S before any planner may pick it again."""
     repo.record_vendor_outcome(
         s,
         vendor.vendor_id,
         success=False,
+        gpu_hours=gpu_hours,
         cooldown_until=utcnow() + timedelta(seconds=deps.cooldown_s),
     )
 
@@ -596,7 +938,10 @@ def _fail_job(
     *,
     penalize: bool = True,
     progress: float | None = None,
+    ctx: PlanContext | None = None,
 ) -> TickResult:
+    ran = _gpu_hours(job, progress if progress is not None else job.progress)
+    saved = max(job.checkpoint_progress, ctx.resume_progress if ctx else 0.0)
     with deps.store.session() as s:
         repo.update_job(
             s,
@@ -605,24 +950,38 @@ def _fail_job(
             error_message=reason,
             completed_at=utcnow(),
             **({"progress": progress} if progress is not None else {}),
+            **({"actual_cost": _paid_for(ctx, job)} if ctx else {}),
         )
         if vendor is not None and penalize:
-            _penalize(deps, s, vendor)
+            _penalize(deps, s, vendor, gpu_hours=ran)
+        if saved > 0:  # what the next job resumes from
+            repo.update_run(s, job.run_id, progress=saved)
         where = f" at {progress:.0%}" if progress is not None else ""
+        kept = f"; the checkpoint at {saved:.0%} is kept" if saved > 0 else ""
         repo.add_observation(
             s,
             job.run_id,
             OBS.error,
-            f"{job.vendor_id} failed{where}: {reason}",
+            f"{job.vendor_id} failed{where}: {reason}{kept}",
             vendor_id=job.vendor_id,
         )
     return TickResult("Job failed")
 
 
 def _vendor_trouble(
-    deps: AgentDeps, run_id: str, vendor: Vendor, message: str, *, penalize: bool
+    deps: AgentDeps,
+    run_id: str,
+    vendor: Vendor,
+    message: str,
+    *,
+    penalize: bool,
+    cool: bool = False,
 ) -> None:
+    """Record trouble with a vendor. `cool`: it cannot take work now (down, no capacity), so
+    planners leave it alone for VENDOR_COOLDOWN_S, without counting it as a failure."""
     with deps.store.session() as s:
         repo.add_observation(s, run_id, OBS.error, message, vendor_id=vendor.vendor_id)
         if penalize:
             _penalize(deps, s, vendor)
+        elif cool:
+            repo.cool_down(s, vendor.vendor_id, utcnow() + timedelta(seconds=deps.cooldown_s))

@@ -1,4 +1,5 @@
-"""HTTP client for the vendor protocol: quote, submit (paying the 402 over x402), status, cancel.
+"""HTTP client for the vendor protocol: quote, submit and renew (paying the 402 over x402), status,
+cancel.
 
 Every failure to get a well-formed answer is raised as `VendorError`, so the tick can record it
 and retry later instead of crashing.
@@ -21,6 +22,7 @@ from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
     QUOTE_HEADER,
     QuoteRequest,
+    RenewRequest,
     SubmitRequest,
     VendorJob,
 )
@@ -174,10 +176,39 @@ class VendorClient:
         checkpoint_url: str | None = None,
     ) -> Submitted:
         """Submit a job, paying the vendor's 402 with `payer` (whose hooks hold the guardrails)."""
-        headers = {IDEMPOTENCY_HEADER: idempotency_key, QUOTE_HEADER: quote_id}
         body = SubmitRequest(
             quote_id=quote_id, job_params=job_params, checkpoint_url=checkpoint_url
         ).to_json()
+        return await self._paid_post(
+            "submit-job", vendor, quote_id, body, idempotency_key=idempotency_key, payer=payer
+        )
+
+    async def renew(
+        self,
+        vendor: Vendor,
+        vendor_job_id: str,
+        quote_id: str,
+        *,
+        idempotency_key: str,
+        payer: x402Client,
+    ) -> Submitted:
+        """Buy the next slice of a running job (its own x402 payment, its own idempotency key)."""
+        body = RenewRequest(job_id=vendor_job_id, quote_id=quote_id).to_json()
+        return await self._paid_post(
+            "renew-job", vendor, quote_id, body, idempotency_key=idempotency_key, payer=payer
+        )
+
+    async def _paid_post(
+        self,
+        what: str,
+        vendor: Vendor,
+        quote_id: str,
+        body: dict[str, Any],
+        *,
+        idempotency_key: str,
+        payer: x402Client,
+    ) -> Submitted:
+        headers = {IDEMPOTENCY_HEADER: idempotency_key, QUOTE_HEADER: quote_id}
         recorder = _Recording402(self._transport)
         # The payer transport wraps ours; it is not closed here, as closing would close ours.
         paying = httpx.AsyncClient(
@@ -186,19 +217,17 @@ class VendorClient:
             timeout=self._timeout,
         )
         try:
-            response = await paying.post(
-                f"{vendor.endpoint}/submit-job", json=body, headers=headers
-            )
+            response = await paying.post(f"{vendor.endpoint}/{what}", json=body, headers=headers)
         except PaymentError as exc:
             cause = exc.__cause__ or exc
             if recorder.payment_sent:  # e.g. the paid request timed out: it may have settled
                 raise VendorError(
-                    f"submit-job: payment sent, no answer: {_describe(cause)}", payment_sent=True
+                    f"{what}: payment sent, no answer: {_describe(cause)}", payment_sent=True
                 ) from exc
             raise PaymentRefused(str(cause), offered=recorder.offered()) from exc
         except httpx.HTTPError as exc:
             raise VendorError(
-                f"submit-job: {_describe(exc)}", payment_sent=recorder.payment_sent
+                f"{what}: {_describe(exc)}", payment_sent=recorder.payment_sent
             ) from exc
         settlement = response.headers.get("PAYMENT-RESPONSE")
         try:
@@ -216,18 +245,18 @@ class VendorClient:
             # The vendor saw the payment and turned the request down: it should not have
             # settled, but only the ledger can say.
             try:
-                _json(response, "submit-job")
+                _json(response, what)
             except VendorError as exc:
                 raise PaymentRefused(str(exc), payment_sent=True) from exc
         try:
-            job = VendorJob.from_wire(_json(response, "submit-job"))
+            job = VendorJob.from_wire(_json(response, what))
         except VendorError as exc:
             raise VendorError(
                 str(exc), retryable=exc.retryable, payment_sent=recorder.payment_sent
             ) from exc
         except ValidationError as exc:
             raise VendorError(
-                f"submit-job: malformed answer: {exc.error_count()} errors",
+                f"{what}: malformed answer: {exc.error_count()} errors",
                 payment_sent=recorder.payment_sent,
             ) from exc
         return Submitted(

@@ -1,7 +1,10 @@
 """The mock GPU vendor: the vendor protocol over FastAPI, paid via the x402 SDK's middleware.
 
 It simulates multi-epoch training on a wall clock that can be sped up (`job_seconds` per job),
-and injects faults on demand: a vendor that fails part-way (FAIL_VENDOR_ID / FAIL_RATE /
+saves a checkpoint every `checkpointEvery` of progress (resumable with `checkpointUrl`), and runs
+a job only for the hours paid: `POST /renew-job` buys more (paid over x402 like submit-job, one
+idempotency key per slice); out of paid time a job pauses, and stops (`expired`) after a grace
+period. It injects faults on demand: a vendor that fails part-way (FAIL_VENDOR_ID / FAIL_RATE /
 FAIL_AT), 5xx, malformed JSON, hangs, capacity refusals and 402s that ask for more than quoted
 or for another payee, asset or network. Faults can be changed at run time with
 `POST /admin/faults`.
@@ -39,6 +42,7 @@ from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
     QUOTE_HEADER,
     QuoteRequest,
+    RenewRequest,
     SubmitRequest,
     VendorJob,
 )
@@ -79,6 +83,7 @@ class MockVendorConfig:
     fail_at: float = 0.47
     checkpoint_every: float = 0.25
     faults: Faults = field(default_factory=Faults)
+    grace_seconds: float | None = None  # a job out of paid time waits this long for a renewal
 
 
 @dataclass
@@ -90,8 +95,48 @@ class _Job:
     checkpoint_url: str | None
     will_fail: bool
     paid: bool = False
-    started_at: float | None = None
     cancelled: bool = False
+    total_hours: float = 1.0  # the whole run's work, against which progress is measured
+    paid_hours: float = 0.0  # the job runs until its progress has used these up
+    base: float = 0.0  # progress when the current stretch of running began
+    since: float | None = None  # clock time it began (None: not paid yet)
+
+
+def _start(job: _Job, now: float) -> None:
+    """The submission was paid: the job runs from its checkpoint for the hours quoted."""
+    job.paid = True
+    job.total_hours = float(job.params.get("totalHours") or job.quote["hours"])
+    job.paid_hours = float(job.quote["hours"])
+    job.base = _progress_start(job.checkpoint_url)
+    job.since = now
+
+
+def _limit(job: _Job) -> float:
+    """The progress at which the job's paid time runs out."""
+    return min(1.0, _progress_start(job.checkpoint_url) + job.paid_hours / job.total_hours)
+
+
+def _progress(cfg: MockVendorConfig, job: _Job, now: float) -> float:
+    if job.since is None:
+        return _progress_start(job.checkpoint_url)
+    return min(_limit(job), 1.0, job.base + (now - job.since) / cfg.job_seconds)
+
+
+def _expired(cfg: MockVendorConfig, job: _Job, now: float) -> bool:
+    limit = _limit(job)
+    if limit >= 1.0 - 1e-9 or job.since is None:
+        return False
+    ran_out = job.since + (limit - job.base) * cfg.job_seconds
+    grace = cfg.grace_seconds if cfg.grace_seconds is not None else max(1.0, cfg.job_seconds)
+    return now > ran_out + grace
+
+
+def _renew(cfg: MockVendorConfig, job: _Job, hours: float, now: float) -> None:
+    """A slice was paid: more hours; a job paused at its paid limit runs again from there."""
+    progress = _progress(cfg, job, now)
+    if progress >= _limit(job) - 1e-9:
+        job.base, job.since = progress, now
+    job.paid_hours += hours
 
 
 def _fails(job_key: str, rate: float) -> bool:
@@ -113,8 +158,7 @@ def _view(cfg: MockVendorConfig, job: _Job, now: float) -> VendorJob:
     """The job as the vendor reports it, computed from the clock: no background tasks."""
     epochs = int(job.params.get("epochs", 3))
     start = _progress_start(job.checkpoint_url)
-    elapsed = 0.0 if job.started_at is None else now - job.started_at
-    progress = min(1.0, start + elapsed / cfg.job_seconds)
+    progress = _progress(cfg, job, now)
     logs = [f"Job {job.job_id} started on {job.quote['gpuType']} at {cfg.name}"]
     if start:
         logs.append(f"Resumed from checkpoint {job.checkpoint_url}")
@@ -124,15 +168,22 @@ def _view(cfg: MockVendorConfig, job: _Job, now: float) -> VendorJob:
     for epoch in range(1, epochs + 1):
         if progress + 1e-9 >= epoch / epochs and epoch / epochs > start:
             logs.append(f"Epoch {epoch}/{epochs} loss={1.5 * 0.6 ** (epoch - 1):.2f}")
-    checkpoint = None
-    step = cfg.checkpoint_every
-    while step <= progress + 1e-9 and step < 1:
-        checkpoint = f"https://mock-storage/{cfg.vendor_id}/{job.job_id}/ckpt?step={step:.2f}"
-        step += cfg.checkpoint_every
+    # Checkpoints at whole multiples of the job's checkpointEvery; until the first one past
+    # the resumed checkpoint, that one is still the latest.
+    every = float(job.params.get("checkpointEvery") or cfg.checkpoint_every)
+    saved, saved_url = start, job.checkpoint_url if start else None
+    n = 1
+    while n * every <= progress + 1e-9 and n * every < 1 - 1e-9:
+        if n * every > start + 1e-9:
+            saved = n * every
+            saved_url = f"https://mock-storage/{cfg.vendor_id}/{job.job_id}/ckpt?step={saved:.6f}"
+        n += 1
     base = {
         "job_id": job.job_id,
         "logs": logs,
-        "checkpoint_url": checkpoint,
+        "checkpoint_url": saved_url,
+        "checkpoint_progress": round(saved, 6) if saved_url else None,
+        "paid_hours": job.paid_hours,
         "amount": job.quote["amount"],
     }
     if job.cancelled:
@@ -140,6 +191,9 @@ def _view(cfg: MockVendorConfig, job: _Job, now: float) -> VendorJob:
     if failed:
         error = f"Vendor crashed at {round(progress * 100)}% progress"
         return VendorJob(status="failed", progress=progress, error=error, **base)
+    if progress < 1.0 and _expired(cfg, job, now):
+        logs.append(f"Paid time ran out at {progress:.0%}; job stopped")
+        return VendorJob(status="expired", progress=progress, **base)
     if progress >= 1.0:
         logs.append("Training complete; artifact uploaded")
         return VendorJob(
@@ -205,7 +259,7 @@ def create_mock_vendor_app(
     server = x402ResourceServer(facilitator)
     server.register(cfg.network, ExactEvmServerScheme())
     routes = {
-        "POST /submit-job": RouteConfig(
+        f"POST /{path}": RouteConfig(
             accepts=PaymentOption(
                 scheme="exact",
                 pay_to=pay_to,
@@ -213,8 +267,9 @@ def create_mock_vendor_app(
                 network=cfg.network,
                 max_timeout_seconds=300,
             ),
-            description=f"GPU job at {cfg.name}",
+            description=f"{what} at {cfg.name}",
         )
+        for path, what in (("submit-job", "GPU job"), ("renew-job", "More GPU time"))
     }
     app.middleware("http")(payment_middleware(routes, server))
 
@@ -258,7 +313,7 @@ def create_mock_vendor_app(
                 job = by_key.get(key)
                 if job is not None and not job.paid:
                     if response.status_code == 200 and "PAYMENT-RESPONSE" in response.headers:
-                        job.paid, job.started_at = True, clock()
+                        _start(job, clock())
                         count(key, "started")
                     else:
                         del by_key[key], jobs[job.job_id]
@@ -269,6 +324,38 @@ def create_mock_vendor_app(
         # A submission runs to its end even if the client goes away (a crashed agent): money
         # taken must leave its job behind, whoever is still listening.
         return await asyncio.shield(asyncio.ensure_future(process()))
+
+    renewals: dict[str, tuple[str, float, bool]] = {}  # key -> (job id, hours, paid)
+
+    @app.middleware("http")
+    async def idempotent_renew(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # As for submissions: one slice per key, applied only once its payment settled.
+        if request.url.path != "/renew-job" or request.method != "POST":
+            return await call_next(request)
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if not key:
+            return JSONResponse({"error": f"{IDEMPOTENCY_HEADER} header required"}, 400)
+        async with key_locks.setdefault(f"renew:{key}", asyncio.Lock()):
+            done = renewals.get(key)
+            if done is not None and done[2]:
+                view = _view(cfg, jobs[done[0]], clock())
+                return JSONResponse(view.to_json(), headers={"X-Idempotent-Replay": "true"})
+            response = await call_next(request)
+            pending = renewals.get(key)
+            if pending is None or pending[2]:
+                return response
+            if response.status_code != 200 or "PAYMENT-RESPONSE" not in response.headers:
+                del renewals[key]
+                return response
+            job_id, hours, _ = pending
+            renewals[key] = (job_id, hours, True)
+            _renew(cfg, jobs[job_id], hours, clock())
+            return JSONResponse(
+                _view(cfg, jobs[job_id], clock()).to_json(),
+                headers={"PAYMENT-RESPONSE": response.headers["PAYMENT-RESPONSE"]},
+            )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -312,6 +399,22 @@ def create_mock_vendor_app(
         by_key[idempotency_key] = job
         return JSONResponse(_view(cfg, job, clock()).to_json())
 
+    @app.post("/renew-job", dependencies=[Depends(authorize)])
+    async def renew_job(
+        body: RenewRequest, idempotency_key: str = Header(alias=IDEMPOTENCY_HEADER)
+    ) -> JSONResponse:
+        job = jobs.get(body.job_id)
+        quote = quotes.get(body.quote_id)
+        if job is None or not job.paid:
+            return JSONResponse({"error": f"no such job {body.job_id}"}, 404)
+        if quote is None:
+            return JSONResponse({"error": f"unknown quote {body.quote_id}"}, 400)
+        view = _view(cfg, job, clock())
+        if view.status != "running":
+            return JSONResponse({"error": f"job {job.job_id} is {view.status}"}, 409)
+        renewals[idempotency_key] = (job.job_id, float(quote["hours"]), False)
+        return JSONResponse(view.to_json())
+
     @app.get("/job-status", dependencies=[Depends(authorize)])
     async def job_status(
         job_id: str | None = Query(None, alias="jobId"),
@@ -349,6 +452,32 @@ def create_mock_vendor_app(
         cfg.faults = faults
         return faults.model_dump()
 
+    def adopt_job(
+        job_id: str, key: str, params: dict[str, Any], *, hours: float, amount: int
+    ) -> None:
+        """Take a job as if it had just been submitted and paid, without the HTTP round and the
+        payment (benchmarks seed thousands of running jobs this way)."""
+        quote = {
+            "quoteId": f"q_adopted_{job_id}",
+            "vendorId": cfg.vendor_id,
+            "gpuType": params.get("gpuType", "A100"),
+            "hours": hours,
+            "amount": amount,
+            "currency": "USD",
+        }
+        job = _Job(
+            job_id=job_id,
+            key=key,
+            quote=quote,
+            params=params,
+            checkpoint_url=None,
+            will_fail=_fails(key, cfg.fail_rate),
+        )
+        _start(job, clock())
+        jobs[job_id] = job
+        by_key[key] = job
+
+    app.state.adopt_job = adopt_job
     app.state.config = cfg
     app.state.describe = lambda: (
         f"{cfg.name} ({cfg.vendor_id}) at {format_usd(cfg.price_per_hour)}/h"

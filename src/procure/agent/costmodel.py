@@ -1,0 +1,176 @@
+"""Expected cost to completion of renting one vendor, under a constant failure hazard.
+
+The planner's arithmetic, kept apart so that it can be read and tested on its own. The model:
+a vendor fails after an exponentially distributed time (its hazard, failures per hour, counted
+from the moment it is paid: start-up included); the job saves a checkpoint every
+`checkpoint_every` of its progress; money is paid in slices of whole checkpoint intervals, the
+next slice when `renew_fraction` of the current one is left; a failure loses the work since the
+last checkpoint and whatever paid time was not used, and the rest of the job is then bought at
+the best long-run rate on offer. Money is micro-USD, as floats here because these are
+expectations, not amounts to pay.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+MIN_HAZARD = 1e-9  # keeps the geometric sums finite for a vendor that never fails
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What renting one vendor costs and risks."""
+
+    price_per_hour: float  # micro-USD
+    hazard: float  # failures per hour
+    payment_overhead: float  # micro-USD per payment
+    startup_hours: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    slice_intervals: int  # checkpoint intervals bought per payment
+    slice_hours: float
+    payments: int  # how many payments if nothing fails
+    nominal: float  # list price of the work if nothing fails (what the budget must cover)
+    money_here: float  # expected payments to this vendor
+    redo_hours: float  # expected hours of work left to buy elsewhere after a failure
+    expected: float  # expected total cost to completion
+    p_complete: float  # chance this vendor finishes without failing
+
+
+def intervals(total_hours: float, checkpoint_every: float, start_progress: float) -> list[float]:
+    """Hours of work between consecutive checkpoints, from `start_progress` to the end.
+
+    Checkpoints fall at whole multiples of `checkpoint_every` of the run's progress, so a job
+    resumed from one is aligned with them; the last interval may be shorter.
+    """
+    step = min(max(checkpoint_every, 1e-4), 1.0)
+    first = math.floor(start_progress / step + EPS) + 1
+    bounds = [start_progress]
+    n = first
+    while n * step < 1 - EPS:
+        bounds.append(n * step)
+        n += 1
+    bounds.append(1.0)
+    return [(b - a) * total_hours for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def slice_sizes(count: int) -> list[int]:
+    """Candidate slice lengths in checkpoint intervals: roughly doubling, and all at once."""
+    sizes = {n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if n < count}
+    return sorted(sizes | {count})
+
+
+def _survival(terms: Terms, work_hours: float) -> float:
+    return math.exp(-max(terms.hazard, 0.0) * (terms.startup_hours + work_hours))
+
+
+def estimate(
+    terms: Terms,
+    work: list[float],
+    slice_intervals: int,
+    *,
+    renew_fraction: float,
+    redo_rate: float,
+) -> Estimate:
+    """Expected cost of running `work` (hours per checkpoint interval) on one vendor, paying
+    `slice_intervals` intervals at a time, and buying whatever a failure leaves at `redo_rate`
+    (micro-USD per useful hour).
+    """
+    total = sum(work)
+    count = len(work)
+    n = max(1, min(slice_intervals, count))
+    chunks = [sum(work[i : i + n]) for i in range(0, count, n)]
+    slice_hours = chunks[0]
+    money = 0.0
+    done = 0.0
+    for i, hours in enumerate(chunks):
+        # Slice i+1 is paid when `renew_fraction` of slice i is left: only if still alive then.
+        paid_at = 0.0 if i == 0 else max(done - renew_fraction * chunks[i - 1], 0.0)
+        alive = 1.0 if i == 0 else _survival(terms, paid_at)
+        money += alive * (terms.price_per_hour * hours + terms.payment_overhead)
+        done += hours
+    saved_if_failed = 0.0  # E[work kept by checkpoints ; the vendor fails]
+    cumulative = 0.0
+    survive = _survival(terms, 0.0)
+    for hours in work:
+        nxt = _survival(terms, cumulative + hours)
+        saved_if_failed += cumulative * (survive - nxt)
+        cumulative += hours
+        survive = nxt
+    p_complete = _survival(terms, total)
+    redo = (1 - p_complete) * total - saved_if_failed
+    nominal = terms.price_per_hour * total
+    return Estimate(
+        slice_intervals=n,
+        slice_hours=slice_hours,
+        payments=len(chunks),
+        nominal=nominal,
+        money_here=money,
+        redo_hours=redo,
+        expected=money + redo * redo_rate,
+        p_complete=p_complete,
+    )
+
+
+def long_run_rate(
+    terms: Terms, interval_hours: float, slice_intervals: int, *, renew_fraction: float
+) -> float:
+    """Micro-USD per useful hour of an endless job on this vendor (renewal-reward): money paid
+    per attempt over work kept per attempt, an attempt lasting until the vendor fails.
+    """
+    lam = max(terms.hazard, MIN_HAZARD)
+    k = max(interval_hours, EPS)
+    s = k * max(slice_intervals, 1)
+    start = math.exp(-lam * terms.startup_hours)
+    # Checkpoints reached: sum over j >= 1 of P(alive at j*k) = start * q / (1 - q).
+    q = math.exp(-lam * k)
+    kept = k * start * q / -math.expm1(-lam * k)
+    # Slices paid: the first always, slice i >= 2 if alive when it is renewed.
+    later = start * math.exp(lam * renew_fraction * s) * math.exp(-lam * s) / -math.expm1(-lam * s)
+    paid = (terms.price_per_hour * s + terms.payment_overhead) * (1 + later)
+    return paid / kept
+
+
+def best_long_run_rate(
+    terms: Terms, interval_hours: float, max_intervals: int, *, renew_fraction: float
+) -> float:
+    return min(
+        long_run_rate(terms, interval_hours, n, renew_fraction=renew_fraction)
+        for n in slice_sizes(max(max_intervals, 1))
+    )
+
+
+def miss_probability(
+    hazard: float,
+    work_hours: float,
+    startup_hours: float,
+    hours_left: float | None,
+    *,
+    interval_hours: float,
+    restart_hours: float,
+) -> float:
+    """Chance of missing the deadline when starting this vendor now (0 without a deadline).
+
+    Slack is the time left beyond the work and the start-up. Each failure costs at most the
+    work since the last checkpoint plus a restart, so the slack absorbs `n` failures; the
+    deadline is missed when the vendor fails more often than that (Poisson, at its hazard).
+    This is the "Can't Be Late" rule: cheap and risky while slack lasts, reliable once it is gone.
+    """
+    if hours_left is None:
+        return 0.0
+    slack = hours_left - startup_hours - work_hours
+    if slack < -EPS:
+        return 1.0
+    tolerated = math.floor(max(slack, 0.0) / max(interval_hours + restart_hours, EPS))
+    mean = max(hazard, 0.0) * (startup_hours + work_hours)
+    term = math.exp(-mean)
+    within = 0.0
+    for i in range(min(tolerated, 200) + 1):
+        within += term
+        term *= mean / (i + 1)
+    return min(max(1.0 - within, 0.0), 1.0)
