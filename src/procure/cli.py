@@ -217,16 +217,24 @@ def vendors_seed(
 
 @vendors_app.command("list")
 def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Show the registry with each vendor's learned reliability."""
-    from procure.agent.context import reliability
+    """Show the registry with what procure learned of each vendor: its reliability and its
+    failure hazard (failures per GPU-hour)."""
+    from procure.agent.context import hazard, reliability
     from procure.store import repo
 
     with _store(get_settings()).session() as s:
         vendors = repo.list_vendors(s)
     if as_json:
-        _print_json([{**v.to_json(), "learnedReliability": reliability(v)} for v in vendors])
+        _print_json(
+            [
+                {**v.to_json(), "learnedReliability": reliability(v), "hazardPerHour": hazard(v)}
+                for v in vendors
+            ]
+        )
         return
-    table = Table("vendor", "name", "endpoint", "$/h", "prior", "learned", "ok", "failed", "GPUs")
+    table = Table(
+        "vendor", "name", "endpoint", "$/h", "prior", "learned", "fail/h", "ok", "failed", "GPUs"
+    )
     for v in vendors:
         table.add_row(
             v.vendor_id,
@@ -235,6 +243,7 @@ def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
             f"{v.base_price_per_hour / 1e6:.2f}",
             f"{v.reliability_score:.2f}",
             f"{reliability(v):.3f}",
+            f"{hazard(v):.3f}",
             str(v.successes),
             str(v.failures),
             ",".join(v.supported_gpu_types),
@@ -250,18 +259,30 @@ def run_start(
     gpu_type: Annotated[str, typer.Option(help="GPU type")] = "A100",
     hours: Annotated[float, typer.Option(help="GPU hours", min=0.001)] = 1.0,
     epochs: Annotated[int, typer.Option(help="Training epochs", min=1)] = 3,
+    checkpoint_every: Annotated[
+        float, typer.Option(help="Progress between checkpoints (fraction)", min=0.001, max=1)
+    ] = 0.25,
+    deadline_hours: Annotated[
+        float | None, typer.Option(help="Hours from now the job must be done in", min=0.001)
+    ] = None,
 ) -> None:
     """Start a run; prints it as JSON."""
-    from procure.models import JobSpec, usd_to_micros
+    from datetime import timedelta
+
+    from procure.models import JobSpec, usd_to_micros, utcnow
     from procure.store import repo
 
+    deadline = None if deadline_hours is None else utcnow() + timedelta(hours=deadline_hours)
     with _store(get_settings()).session() as s:
         run = repo.create_run(
             s,
             user_id=user_id,
             goal=goal,
             budget_total=usd_to_micros(budget),
-            job_spec=JobSpec(gpu_type=gpu_type, hours=hours, epochs=epochs),
+            job_spec=JobSpec(
+                gpu_type=gpu_type, hours=hours, epochs=epochs, checkpoint_every=checkpoint_every
+            ),
+            deadline=deadline,
         )
     _print_json(run.to_json())
 

@@ -31,7 +31,7 @@ from procure.agent.worker import (
 )
 from procure.api import metrics
 from procure.api.schemas import StartRequest, TickRequest
-from procure.models import Vendor, usd_to_micros
+from procure.models import Vendor, usd_to_micros, utcnow
 from procure.settings import Settings
 from procure.store import Store, repo
 
@@ -122,6 +122,7 @@ def create_app(
                 goal=body.goal,
                 budget_total=usd_to_micros(body.budget_total),
                 job_spec=body.job_spec(),
+                deadline=body.deadline_at(utcnow()),
             )
         metrics.RUNS_STARTED.inc()
         return run.to_json()
@@ -161,11 +162,15 @@ def create_app(
 
     @app.get("/api/vendors")
     async def vendors() -> list[Any]:
-        from procure.agent.context import reliability
+        from procure.agent.context import hazard, reliability
 
         with store.session() as s:
             return [
-                {**v.to_json(), "learnedReliability": round(reliability(v), 4)}
+                {
+                    **v.to_json(),
+                    "learnedReliability": round(reliability(v), 4),
+                    "hazardPerHour": round(hazard(v), 6),
+                }
                 for v in repo.list_vendors(s)
             ]
 

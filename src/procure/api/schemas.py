@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from datetime import UTC, datetime, timedelta
+from typing import Self
+
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
 
 from procure.models import JobSpec, Model
 
@@ -16,9 +19,32 @@ class StartRequest(Model):
     gpu_type: StrictStr = "A100"
     hours: StrictFloat | StrictInt = Field(1.0, gt=0, le=720)
     epochs: StrictInt = Field(3, ge=1, le=1000)
+    checkpoint_every: StrictFloat | None = Field(
+        None, gt=0, le=1, description="Progress between checkpoints, as a fraction of the job"
+    )
+    deadline: datetime | None = Field(None, description="ISO time the job must be done by")
+    deadline_hours: StrictFloat | StrictInt | None = Field(
+        None, gt=0, le=24 * 365, description="Or: hours from now the job must be done in"
+    )
+
+    @model_validator(mode="after")
+    def _one_deadline(self) -> Self:
+        if self.deadline is not None and self.deadline_hours is not None:
+            raise ValueError("give deadline or deadlineHours, not both")
+        return self
 
     def job_spec(self) -> JobSpec:
-        return JobSpec(gpu_type=self.gpu_type, hours=float(self.hours), epochs=self.epochs)
+        extra = {} if self.checkpoint_every is None else {"checkpoint_every": self.checkpoint_every}
+        return JobSpec(gpu_type=self.gpu_type, hours=float(self.hours), epochs=self.epochs, **extra)
+
+    def deadline_at(self, now: datetime) -> datetime | None:
+        """The deadline as an aware UTC time (a time without a zone is taken as UTC)."""
+        if self.deadline_hours is not None:
+            return now + timedelta(hours=float(self.deadline_hours))
+        if self.deadline is None:
+            return None
+        deadline = self.deadline
+        return deadline.replace(tzinfo=UTC) if deadline.tzinfo is None else deadline
 
 
 class TickRequest(Model):
