@@ -103,8 +103,10 @@ def worker_command(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from procure.store import open_store
+
     settings = get_settings()
-    store = _store(settings)
+    store = open_store(settings.database_url, pre_ping=False)
     cfg = WorkerConfig(
         concurrency=concurrency,
         poll_interval_s=poll_interval,

@@ -44,12 +44,15 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
+    """`pre_ping` tests each pooled connection before use (one round trip per transaction):
+    the API keeps it; a worker turns it off, since a tick that meets a dropped connection
+    fails, the pool is invalidated and the run is ticked again after a back-off."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=pre_ping)
 
 
 def alembic_config(url: str) -> Config:
@@ -67,8 +70,8 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-def open_store(url: str, *, upgrade: bool = True) -> Store:
-    engine = make_engine(url)
+def open_store(url: str, *, upgrade: bool = True, pre_ping: bool = True) -> Store:
+    engine = make_engine(url, pre_ping=pre_ping)
     if upgrade:
         migrate(engine)
     return Store(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
