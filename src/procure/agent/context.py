@@ -20,7 +20,7 @@ PRIOR_STRENGTH = 10.0
 REFERENCE_JOB_HOURS = 1.0
 PRIOR_HOURS = 10.0
 DEFAULT_PAYMENT_OVERHEAD = 50_000  # micro-USD: what one more x402 payment is worth avoiding
-DEFAULT_STARTUP_HOURS = 0.05  # a vendor's usual time from payment to a running job
+DEFAULT_STARTUP_HOURS = 0.1  # a vendor's usual time from payment to a running job
 
 
 def reliability(vendor: Vendor) -> float:

@@ -3,10 +3,10 @@
 The planner's arithmetic, kept apart so that it can be read and tested on its own. The model:
 a vendor fails after an exponentially distributed time (its hazard, failures per hour, counted
 from the moment it is paid: start-up included); the job saves a checkpoint every
-`checkpoint_every` of its progress; money is paid in slices of whole checkpoint intervals, the
-next slice when `renew_fraction` of the current one is left; a failure loses the work since the
-last checkpoint and whatever paid time was not used, and the rest of the job is then bought at
-the best long-run rate on offer. Money is micro-USD, as floats here because these are
+`checkpoint_every` of its progress; money is paid in slices, the next one when `renew_fraction`
+of the current one is left; a failure loses the work since the last checkpoint and whatever
+paid time was not used, and the rest of the job is then bought at the best long-run rate on
+offer. Money is micro-USD, as floats here because these are
 expectations, not amounts to pay.
 """
 
@@ -32,8 +32,7 @@ class Terms:
 
 @dataclass(frozen=True)
 class Estimate:
-    slice_intervals: int  # checkpoint intervals bought per payment
-    slice_hours: float
+    slice_hours: float  # bought per payment
     payments: int  # how many payments if nothing fails
     nominal: float  # list price of the work if nothing fails (what the budget must cover)
     money_here: float  # expected payments to this vendor
@@ -59,10 +58,16 @@ def intervals(total_hours: float, checkpoint_every: float, start_progress: float
     return [(b - a) * total_hours for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def slice_sizes(count: int) -> list[int]:
-    """Candidate slice lengths in checkpoint intervals: roughly doubling, and all at once."""
-    sizes = {n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if n < count}
-    return sorted(sizes | {count})
+def slice_options(work: list[float]) -> list[float]:
+    """Candidate slice lengths in hours: a quarter and a half of a checkpoint interval (finer
+    than the checkpoints, when payments are cheap and failures frequent), whole intervals
+    roughly doubling, and everything at once."""
+    if not work:
+        return []
+    k, total = max(work), sum(work)
+    multiples = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+    hours = {k / 4, k / 2} | {n * k for n in multiples}
+    return [*sorted(h for h in hours if h < total - EPS), total]
 
 
 def _survival(terms: Terms, work_hours: float) -> float:
@@ -72,20 +77,19 @@ def _survival(terms: Terms, work_hours: float) -> float:
 def estimate(
     terms: Terms,
     work: list[float],
-    slice_intervals: int,
+    slice_hours: float,
     *,
     renew_fraction: float,
     redo_rate: float,
 ) -> Estimate:
     """Expected cost of running `work` (hours per checkpoint interval) on one vendor, paying
-    `slice_intervals` intervals at a time, and buying whatever a failure leaves at `redo_rate`
+    for `slice_hours` at a time, and buying whatever a failure leaves at `redo_rate`
     (micro-USD per useful hour).
     """
     total = sum(work)
-    count = len(work)
-    n = max(1, min(slice_intervals, count))
-    chunks = [sum(work[i : i + n]) for i in range(0, count, n)]
-    slice_hours = chunks[0]
+    size = min(max(slice_hours, EPS), total)
+    count = max(1, math.ceil(total / size - 1e-6))
+    chunks = [size] * (count - 1) + [total - size * (count - 1)]
     money = 0.0
     done = 0.0
     for i, hours in enumerate(chunks):
@@ -106,8 +110,7 @@ def estimate(
     redo = (1 - p_complete) * total - saved_if_failed
     nominal = terms.price_per_hour * total
     return Estimate(
-        slice_intervals=n,
-        slice_hours=slice_hours,
+        slice_hours=chunks[0],
         payments=len(chunks),
         nominal=nominal,
         money_here=money,
@@ -118,14 +121,14 @@ def estimate(
 
 
 def long_run_rate(
-    terms: Terms, interval_hours: float, slice_intervals: int, *, renew_fraction: float
+    terms: Terms, interval_hours: float, slice_hours: float, *, renew_fraction: float
 ) -> float:
     """Micro-USD per useful hour of an endless job on this vendor (renewal-reward): money paid
     per attempt over work kept per attempt, an attempt lasting until the vendor fails.
     """
     lam = max(terms.hazard, MIN_HAZARD)
     k = max(interval_hours, EPS)
-    s = k * max(slice_intervals, 1)
+    s = max(slice_hours, EPS)
     start = math.exp(-lam * terms.startup_hours)
     # Checkpoints reached: sum over j >= 1 of P(alive at j*k) = start * q / (1 - q).
     q = math.exp(-lam * k)
@@ -136,12 +139,10 @@ def long_run_rate(
     return paid / kept
 
 
-def best_long_run_rate(
-    terms: Terms, interval_hours: float, max_intervals: int, *, renew_fraction: float
-) -> float:
+def best_long_run_rate(terms: Terms, work: list[float], *, renew_fraction: float) -> float:
     return min(
-        long_run_rate(terms, interval_hours, n, renew_fraction=renew_fraction)
-        for n in slice_sizes(max(max_intervals, 1))
+        long_run_rate(terms, max(work), s, renew_fraction=renew_fraction)
+        for s in slice_options(work)
     )
 
 

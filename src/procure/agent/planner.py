@@ -23,7 +23,7 @@ from procure.agent.costmodel import (
     estimate,
     intervals,
     miss_probability,
-    slice_sizes,
+    slice_options,
 )
 from procure.agent.slices import RENEW_FRACTION
 from procure.models import Action, Job, Vendor, format_usd
@@ -35,6 +35,8 @@ Reconsider = Callable[[PlanContext, Job, float], str | None]
 RUN_FAILURE_PENALTY = 0.5
 # Moving a running job to another vendor must save this share of the expected cost.
 SWITCH_MARGIN = 0.02
+# Missing a deadline is priced at this many times the money still at stake.
+MISS_PENALTY = 2.0
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,7 @@ def choices(
     terms = {v.vendor_id: _terms(ctx, v, running=v.vendor_id == running) for v in vendors}
     # After a failure the rest of the work is bought at the best long-run rate on offer.
     redo_rate = min(
-        best_long_run_rate(t, interval, len(work), renew_fraction=RENEW_FRACTION)
-        for t in terms.values()
+        best_long_run_rate(t, work, renew_fraction=RENEW_FRACTION) for t in terms.values()
     )
     hours_left = ctx.hours_left
     result = []
@@ -186,19 +187,19 @@ def choices(
             interval_hours=interval,
             restart_hours=ctx.startup_hours,
         )
-        # Missing the deadline is priced at all the money still at stake.
-        risk = p_miss * ctx.available
+        # Missing the deadline is priced at MISS_PENALTY times the money still at stake.
+        risk = p_miss * ctx.available * MISS_PENALTY
         scored = [
             (e.expected + risk, e)
             for e in (
-                estimate(t, work, n, renew_fraction=RENEW_FRACTION, redo_rate=redo_rate)
-                for n in slice_sizes(len(work))
+                estimate(t, work, hours, renew_fraction=RENEW_FRACTION, redo_rate=redo_rate)
+                for hours in slice_options(work)
             )
             if round(e.nominal) <= ctx.available
         ]
         if not scored:
             continue
-        score, best = min(scored, key=lambda se: (se[0], -se[1].slice_intervals))
+        score, best = min(scored, key=lambda se: (se[0], -se[1].slice_hours))
         result.append(Choice(vendor, t.hazard, best, p_miss, score))
     return sorted(result, key=lambda c: (c.score, c.vendor.vendor_id))
 
@@ -213,9 +214,11 @@ def reconsider(ctx: PlanContext, job: Job, paid_until: float) -> str | None:
     the deadline runs out, and how it returns to a cheap vendor once that one's cool-down ends.
     """
     vendor = ctx.vendor(job.vendor_id)
-    if vendor is None:
-        return None
     spec = ctx.state.run.job_spec
+    step = spec.checkpoint_every
+    on_checkpoint = abs(paid_until - round(paid_until / step) * step) < 1e-6 or paid_until >= 1
+    if vendor is None or not on_checkpoint:  # stopping between checkpoints would lose work
+        return None
     offered = [
         v
         for v in ctx.vendors

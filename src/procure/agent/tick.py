@@ -127,7 +127,14 @@ async def tick(deps: AgentDeps, run_id: str) -> TickResult:
         if active.status == JobStatus.submitted:
             return await _reconcile(deps, ctx, active, vendor)
         return await _poll(deps, ctx, active, vendor)
-    await _settle_stray_slices(deps, ctx)  # pending ones still count against the budget
+    if await _settle_stray_slices(deps, ctx):
+        # Nothing new while money is in doubt: the run must not end with it unsettled.
+        return TickResult("Payment in doubt")
+    finished = next((j for j in state.jobs if j.status == JobStatus.completed), None)
+    if finished is not None:  # its job completed while a slice payment was in doubt
+        with deps.store.session() as s:
+            repo.update_run(s, run_id, status=RunStatus.completed, progress=1.0)
+        return TickResult("Job completed")
     return await _plan_and_act(deps, ctx)
 
 
@@ -623,7 +630,11 @@ async def _poll(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> 
                 actual_cost=_paid_for(ctx, job),
                 completed_at=now,
             )
-            repo.update_run(s, job.run_id, status=RunStatus.completed, progress=1.0)
+            # A slice payment still in doubt keeps the run open until its fate is known.
+            done = pending is None
+            repo.update_run(
+                s, job.run_id, progress=1.0, **({"status": RunStatus.completed} if done else {})
+            )
             repo.record_vendor_outcome(
                 s, vendor.vendor_id, success=True, gpu_hours=_gpu_hours(job, 1.0)
             )
@@ -904,15 +915,17 @@ async def _settle_in_doubt(
     return TickResult(f"Payment in doubt until {_until(deps, payment)}")
 
 
-async def _settle_stray_slices(deps: AgentDeps, ctx: PlanContext) -> None:
+async def _settle_stray_slices(deps: AgentDeps, ctx: PlanContext) -> bool:
     """Slice payments still in doubt on jobs that have ended: record their fate once the ledger
-    knows it (until then they count against the budget)."""
+    knows it. True while some are still in doubt."""
     ended = {j.id: j for j in ctx.state.jobs if j.status not in ACTIVE_JOB_STATUSES}
+    doubt = False
     for payment in ctx.state.payments:
         job = ended.get(payment.job_id)
         vendor = ctx.vendor(payment.vendor_id)
         if payment.status == PaymentStatus.pending and job is not None and vendor is not None:
-            await _settle_in_doubt(deps, job, payment, vendor)
+            doubt = await _settle_in_doubt(deps, job, payment, vendor) is not None or doubt
+    return doubt
 
 
 # --- failures ------------------------------------------------------------------------------
