@@ -333,3 +333,60 @@ def test_admin_stats_needs_the_vendor_secret(healthy: World) -> None:
     url = f"{healthy.vendor_servers['gpu_vendor_1'].url}/admin/stats"
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, headers={"Authorization": f"Bearer {SECRET}"}).json()["started"] == 0
+
+
+def test_settlement_lookup_by_nonce_survives_a_facilitator_restart(healthy: World) -> None:
+    from procure.payments.chain import LocalChain
+
+    world = healthy
+    run_id = world.new_run()
+    assert asyncio.run(_tick_and_close(world.deps(), run_id)) == "Job started"
+    [payment] = state_of(world, run_id).payments
+    wallet = world.deps().account.address
+    assert payment.x402_tx_id is not None
+    assert world.chain.transaction_for_nonce(wallet, payment.nonce) == payment.x402_tx_id
+    replayed = LocalChain(world.chain.journal_path)  # what a restarted facilitator rebuilds
+    assert replayed.transaction_for_nonce(wallet.lower(), payment.nonce) == payment.x402_tx_id
+    assert replayed.transaction_for_nonce(wallet, payment_nonce("never-paid")) is None
+
+
+def test_payment_in_doubt_when_its_run_ended_is_settled_by_the_worker(healthy: World) -> None:
+    # A run finished elsewhere while one of its payments was in doubt (a signed authorisation
+    # turned down, still valid). Nobody ticks an ended run: the worker's settler records the
+    # payment's fate once the ledger knows it, here: settled after all, and expired unused.
+    from procure.agent.tick import settle_ended_runs
+
+    world = healthy
+    run_id = world.new_run()
+    deps = world.deps()
+    deps.auth_window_s, deps.auth_margin_s = 300, 0
+
+    async def scenario() -> tuple[int, int]:
+        try:
+            assert (await tick(deps, run_id)).message == "Job started"
+            with world.store.session() as s:
+                # As if its answer had been lost and the run had then ended: pending, in doubt.
+                [paid] = state_of(world, run_id).payments
+                repo.update_payment(s, paid.id, status="pending", error_message="refused: test")
+                _insert_paid_job(s, run_id, amount=100_000)  # never settled on the chain
+            with world.store.session() as s:
+                others = [p for p in state_of(world, run_id).payments if p.id != paid.id]
+                repo.update_payment(s, others[0].id, status="pending", error_message="refused")
+                repo.update_run(s, run_id, status="completed")
+            first = await settle_ended_runs(deps)  # the used one; the other is still valid
+            deps.auth_window_s = -10  # now every authorisation has expired
+            second = await settle_ended_runs(deps)
+            return first, second
+        finally:
+            await close_deps(deps)
+
+    assert asyncio.run(scenario()) == (1, 1)
+    state = state_of(world, run_id)
+    by_status = {p.status: p for p in state.payments}
+    assert set(by_status) == {"completed", "failed"}
+    assert by_status["completed"].x402_tx_id == paid_transfers(world)[0]["tx_hash"]
+    assert "expired unused" in (by_status["failed"].error_message or "")
+    assert state.run.budget_remaining == 5_000_000 - by_status["completed"].amount
+    notes = [o.content for o in state.observations if o.type == "payment_event"]
+    assert any("settled after all" in n for n in notes)
+    assert any("expired unused: no money moved" in n for n in notes)

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         validation_alias="PROCURE_PAYMENT_WINDOW_S",
         description="How long a signed payment authorisation stays valid (its validBefore)",
     )
+    payment_margin_s: float = Field(
+        30.0,
+        ge=0,
+        validation_alias="PROCURE_PAYMENT_MARGIN_S",
+        description="Clock skew allowed past validBefore before an unused authorisation is dead",
+    )
 
 
 @lru_cache

@@ -46,6 +46,7 @@ def make_deps(
         cooldown_s=settings.vendor_cooldown_s,
         payment_overhead=usd_to_micros(settings.payment_overhead_usd),
         auth_window_s=settings.payment_window_s,
+        auth_margin_s=settings.payment_margin_s,
     )
 
 

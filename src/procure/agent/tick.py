@@ -343,7 +343,16 @@ async def _submit(
     tx = submitted.tx_hash
     if tx is None:  # an idempotent replay answers without a new settlement: ask the ledger
         tx = await _settled_tx(deps, payment)
-    _record_started(deps, job, payment, vendor, submitted.job, tx, submitted.settled_amount)
+    _record_started(
+        deps,
+        job,
+        payment,
+        vendor,
+        submitted.job,
+        tx,
+        submitted.settled_amount,
+        reconciled=not first_attempt,
+    )
     crash_point("recorded")
     return TickResult("Job started")
 
@@ -454,6 +463,8 @@ def _record_started(
     vjob: VendorJob,
     tx: str | None,
     settled_amount: int | None = None,
+    *,
+    reconciled: bool = False,
 ) -> None:
     paid: dict[str, object] = {"status": PaymentStatus.completed, "x402_tx_id": tx}
     if settled_amount is not None and 0 < settled_amount < payment.amount:
@@ -477,7 +488,8 @@ def _record_started(
             s,
             job.run_id,
             OBS.job_event,
-            f"Job {vjob.job_id} started at {vendor.vendor_id}",
+            f"Job {vjob.job_id} started at {vendor.vendor_id}"
+            + (" (reconciled after an interrupted submission)" if reconciled else ""),
             vendor_id=vendor.vendor_id,
         )
 
@@ -510,7 +522,7 @@ async def _reconcile(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor
             trouble = None
         crash_point("reconciled")
         if vjob is not None:
-            _record_started(deps, job, payment, vendor, vjob, settled.transaction)
+            _record_started(deps, job, payment, vendor, vjob, settled.transaction, reconciled=True)
             return TickResult("Job started (reconciled)")
         with deps.store.session() as s:
             repo.update_payment(
@@ -542,7 +554,7 @@ async def _reconcile(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor
     if vjob is not None:  # the vendor took it (it records only paid jobs): it settled just now
         tx = await _settled_tx(deps, payment)
         crash_point("reconciled")
-        _record_started(deps, job, payment, vendor, vjob, tx)
+        _record_started(deps, job, payment, vendor, vjob, tx, reconciled=True)
         return TickResult("Job started (reconciled)")
     if payment.error_message:  # refused after signing: wait until it settles or expires
         return TickResult(f"Payment in doubt until {_until(deps, payment)}")
@@ -926,6 +938,52 @@ async def _settle_stray_slices(deps: AgentDeps, ctx: PlanContext) -> bool:
         if payment.status == PaymentStatus.pending and job is not None and vendor is not None:
             doubt = await _settle_in_doubt(deps, job, payment, vendor) is not None or doubt
     return doubt
+
+
+# --- payments in doubt on runs that have ended -------------------------------------------
+
+
+async def settle_ended_runs(deps: AgentDeps, *, limit: int = 50) -> int:
+    """Record the fate of payments left pending on runs that have ended (a signed authorisation
+    refused but still valid when the run finished elsewhere): completed if the ledger shows
+    the nonce used, failed once it expired unused. Nobody ticks an ended run, so the worker
+    calls this now and then. Returns how many were settled."""
+    with deps.store.session() as s:
+        payments = repo.pending_payments_of_ended_runs(s, limit=limit)
+    settled_count = 0
+    for payment in payments:
+        try:
+            settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
+        except SettlementLookupError:
+            continue
+        if settled.used:
+            values: dict[str, object] = {
+                "status": PaymentStatus.completed,
+                "x402_tx_id": settled.transaction,
+            }
+            note = f"settled after all (tx {settled.transaction})"
+        elif _expired(deps, payment):
+            values = {
+                "status": PaymentStatus.failed,
+                "error_message": f"{payment.error_message or 'in doubt'}; "
+                "authorisation expired unused",
+            }
+            note = "expired unused: no money moved"
+        else:
+            continue
+        with deps.store.session() as s:
+            if repo.settle_pending_payment(s, payment.id, **values):
+                remaining = repo.refresh_budget(s, payment.run_id)
+                repo.add_observation(
+                    s,
+                    payment.run_id,
+                    OBS.payment_event,
+                    f"Payment of {format_usd(payment.amount)} to {payment.vendor_id}, in doubt "
+                    f"when the run ended, {note}; budget remaining {format_usd(remaining)}",
+                    vendor_id=payment.vendor_id,
+                )
+                settled_count += 1
+    return settled_count
 
 
 # --- failures ------------------------------------------------------------------------------

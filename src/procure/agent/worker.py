@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procure.agent.tick import AgentDeps, RunNotFound, TickResult, tick
+from procure.agent.tick import AgentDeps, RunNotFound, TickResult, settle_ended_runs, tick
 from procure.models import utcnow
 from procure.store import Store, leases, repo
 
@@ -47,6 +47,7 @@ class WorkerConfig:
     idle_min_s: float = 0.05
     idle_max_s: float = 2.0
     drain_timeout_s: float = 30.0
+    settle_every_s: float = 30.0  # how often to settle payments left in doubt on ended runs
     max_ticks: int | None = None  # stop after this many ticks (tests, benchmarks)
     once: bool = False  # lease one batch, tick it, and stop
     owner: str = field(default_factory=_default_owner)
@@ -167,6 +168,16 @@ class Worker:
                     self.stats.lost_leases += 1
                     task.cancel()
 
+    async def _settle_ended_runs(self) -> None:
+        """Payments in doubt on runs that have ended: nobody ticks those runs, so settle them
+        here once the ledger knows (see `tick.settle_ended_runs`)."""
+        while True:
+            await asyncio.sleep(self.cfg.settle_every_s)
+            try:
+                await settle_ended_runs(self.deps)
+            except Exception:
+                log.exception("settling payments of ended runs failed")
+
     async def _wait(self, timeout: float | None) -> None:
         """Until a tick finishes, `stop()` is called, or `timeout` passes."""
         stopper = asyncio.ensure_future(self._stopping.wait())
@@ -189,6 +200,7 @@ class Worker:
         next_poll = 0.0  # monotonic time before which a dry queue is not asked again
         log.info("worker %s started (concurrency %d)", cfg.owner, cfg.concurrency)
         heartbeat = asyncio.create_task(self._heartbeat())
+        settler = asyncio.create_task(self._settle_ended_runs())
         try:
             while not self._stopping.is_set():
                 self._flush()
@@ -216,6 +228,7 @@ class Worker:
             await self._drain()
         finally:
             heartbeat.cancel()
+            settler.cancel()
             for task in self._inflight:  # only left if we were cancelled ourselves
                 task.cancel()
             self._flush()

@@ -85,6 +85,7 @@ _MAX_PRIORITY_FEE_PER_GAS = 1_000_000_000
 _GENESIS_LAG_SECONDS = 10
 
 _ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")
+_AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
 _REVERT_PREFIX = "execution reverted: "
 
 
@@ -139,6 +140,9 @@ class LocalChain:
         self._account = Account.from_key(keccak(CHAIN_KEY_SEED))
         self._artifact = _load_token_artifact()
         self.token_abi: list[dict[str, Any]] = self._artifact["abi"]
+        # (authorizer, nonce) -> tx hash of every used EIP-3009 authorisation, kept as blocks
+        # are mined: a log scan per lookup grows with the chain (seconds at a few hundred).
+        self._used_nonces: dict[tuple[str, str], str] = {}
 
         entries = self._read_journal()
         genesis_entry = entries[0] if entries and entries[0].get("op") == "genesis" else None
@@ -232,10 +236,11 @@ class LocalChain:
         fn = self._token.functions.authorizationState(to_checksum_address(authorizer), nonce)
         return bool(self._read(fn))
 
-    def transfers(self) -> list[dict[str, Any]]:
-        """All token Transfer events in chain order (mints have ``from`` = zero address)."""
+    def transfers(self, from_block: int = 0) -> list[dict[str, Any]]:
+        """All token Transfer events in chain order (mints have ``from`` = zero address),
+        from block ``from_block`` on."""
         with self._lock:
-            logs = self._token.events.Transfer().get_logs(from_block=0, to_block="latest")
+            logs = self._token.events.Transfer().get_logs(from_block=from_block, to_block="latest")
         return [
             {
                 "from": log["args"]["from"],
@@ -248,19 +253,42 @@ class LocalChain:
             for log in logs
         ]
 
-    def transaction_for_nonce(self, authorizer: str, nonce_hex: str) -> str | None:
-        """The hash of the transaction that used ``authorizer``'s EIP-3009 ``nonce_hex``."""
-        wanted = HexBytes(nonce_hex)
+    def used_authorizations(
+        self, authorizer: str | None = None, from_block: int = 0
+    ) -> list[dict[str, Any]]:
+        """Every EIP-3009 authorisation used (of ``authorizer``, from block ``from_block`` on),
+        in chain order: authorizer, nonce, tx hash, block number."""
+        filters = {"authorizer": to_checksum_address(authorizer)} if authorizer else None
         with self._lock:
             logs = self._token.events.AuthorizationUsed().get_logs(
-                from_block=0,
-                to_block="latest",
-                argument_filters={"authorizer": to_checksum_address(authorizer)},
+                from_block=from_block, to_block="latest", argument_filters=filters
             )
-        for log in logs:
-            if HexBytes(log["args"]["nonce"]) == wanted:
-                return _hex(log["transactionHash"])
-        return None
+        return [
+            {
+                "authorizer": log["args"]["authorizer"],
+                "nonce": _hex(log["args"]["nonce"]),
+                "tx_hash": _hex(log["transactionHash"]),
+                "block_number": int(log["blockNumber"]),
+            }
+            for log in logs
+        ]
+
+    def transaction_for_nonce(self, authorizer: str, nonce_hex: str) -> str | None:
+        """The hash of the transaction that used ``authorizer``'s EIP-3009 ``nonce_hex``."""
+        with self._lock:
+            return self._used_nonces.get((authorizer.lower(), _hex(HexBytes(nonce_hex))))
+
+    def _index_receipt(self, tx_hash: str, receipt: Any) -> None:
+        """Remember the authorisations a mined transaction used (see `transaction_for_nonce`)."""
+        for log in receipt.get("logs") or []:
+            topics = [bytes(t) for t in log["topics"]]
+            if (
+                len(topics) == 3
+                and topics[0] == _AUTHORIZATION_USED_TOPIC
+                and to_checksum_address(log["address"]) == self.token_address
+            ):
+                authorizer = "0x" + topics[1][-20:].hex()
+                self._used_nonces[(authorizer, _hex(topics[2]))] = tx_hash
 
     # ------------------------------------------------------------------ state changes
 
@@ -319,6 +347,7 @@ class LocalChain:
                 # Not journaled means it never happened: undo it before anyone can see it.
                 self._tester.revert_to_snapshot(snapshot)
                 raise
+            self._index_receipt(tx_hash, receipt)
             return tx_hash
 
     # ------------------------------------------------------------------ raw access
@@ -419,7 +448,9 @@ class LocalChain:
                     tx_hash = _hex(self._w3.eth.send_raw_transaction(HexBytes(entry["raw_tx"])))
                 except Exception as exc:
                     raise JournalReplayError(f"journal line {index}: rejected: {exc}") from exc
-                status = int(self._w3.eth.get_transaction_receipt(tx_hash)["status"])
+                receipt = self._w3.eth.get_transaction_receipt(tx_hash)
+                status = int(receipt["status"])
+                self._index_receipt(tx_hash, receipt)
                 if tx_hash != entry["tx_hash"] or status != int(entry["status"]):
                     raise JournalReplayError(
                         f"journal line {index}: replay gave {tx_hash} status {status}, "

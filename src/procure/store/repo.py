@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from procure.models import (
+    TERMINAL_RUN_STATUSES,
     Job,
     JobSpec,
     Observation,
@@ -267,3 +268,33 @@ def vendor_error_counts(s: Session, run_id: str) -> dict[str, int]:
         .group_by(ObservationRow.vendor_id)
     )
     return {vendor_id: n for vendor_id, n in rows}
+
+
+# --- payments left in doubt when their run ended ------------------------------------------
+
+
+def pending_payments_of_ended_runs(s: Session, *, limit: int = 50) -> list[Payment]:
+    """Payments still pending (in doubt: a signed authorisation that may yet settle) on runs
+    that have ended; oldest first."""
+    query = (
+        select(PaymentRow)
+        .join(RunRow, RunRow.id == PaymentRow.run_id)
+        .where(
+            PaymentRow.status == "pending",
+            RunRow.status.in_([str(status) for status in TERMINAL_RUN_STATUSES]),
+        )
+        .order_by(PaymentRow.created_at)
+        .limit(limit)
+    )
+    return [_model(Payment, r) for r in s.scalars(query)]
+
+
+def settle_pending_payment(s: Session, payment_id: str, **values: Any) -> bool:
+    """Record a pending payment's fate, unless someone already did; True if this call did."""
+    values["updated_at"] = utcnow()
+    result = s.execute(
+        update(PaymentRow)
+        .where(PaymentRow.id == payment_id, PaymentRow.status == "pending")
+        .values(**values)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 from x402 import x402ResourceServer
 from x402.http import PaymentOption, RouteConfig
 from x402.http.middleware.fastapi import payment_middleware
@@ -299,7 +300,10 @@ def create_mock_vendor_app(
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if not key:
             return JSONResponse({"error": f"{IDEMPOTENCY_HEADER} header required"}, 400)
-        await request.body()  # read it all now: the job does not depend on the client staying
+        try:  # read it all now: the job does not depend on the client staying
+            await request.body()
+        except ClientDisconnect:
+            return Response(status_code=499)  # gone before it finished asking
 
         async def process() -> Response:
             async with key_locks.setdefault(key, asyncio.Lock()):
@@ -337,25 +341,36 @@ def create_mock_vendor_app(
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if not key:
             return JSONResponse({"error": f"{IDEMPOTENCY_HEADER} header required"}, 400)
-        async with key_locks.setdefault(f"renew:{key}", asyncio.Lock()):
-            done = renewals.get(key)
-            if done is not None and done[2]:
-                view = _view(cfg, jobs[done[0]], clock())
-                return JSONResponse(view.to_json(), headers={"X-Idempotent-Replay": "true"})
-            response = await call_next(request)
-            pending = renewals.get(key)
-            if pending is None or pending[2]:
-                return response
-            if response.status_code != 200 or "PAYMENT-RESPONSE" not in response.headers:
-                del renewals[key]
-                return response
-            job_id, hours, _ = pending
-            renewals[key] = (job_id, hours, True)
-            _renew(cfg, jobs[job_id], hours, clock())
-            return JSONResponse(
-                _view(cfg, jobs[job_id], clock()).to_json(),
-                headers={"PAYMENT-RESPONSE": response.headers["PAYMENT-RESPONSE"]},
-            )
+        try:  # as for submissions: the slice does not depend on the client staying
+            await request.body()
+        except ClientDisconnect:
+            return Response(status_code=499)
+
+        async def process() -> Response:
+            async with key_locks.setdefault(f"renew:{key}", asyncio.Lock()):
+                count(key, "submissions")
+                done = renewals.get(key)
+                if done is not None and done[2]:
+                    count(key, "replays")
+                    view = _view(cfg, jobs[done[0]], clock())
+                    return JSONResponse(view.to_json(), headers={"X-Idempotent-Replay": "true"})
+                response = await call_next(request)
+                pending = renewals.get(key)
+                if pending is None or pending[2]:
+                    return response
+                if response.status_code != 200 or "PAYMENT-RESPONSE" not in response.headers:
+                    del renewals[key]
+                    return response
+                job_id, hours, _ = pending
+                renewals[key] = (job_id, hours, True)
+                count(key, "started")
+                _renew(cfg, jobs[job_id], hours, clock())
+                return JSONResponse(
+                    _view(cfg, jobs[job_id], clock()).to_json(),
+                    headers={"PAYMENT-RESPONSE": response.headers["PAYMENT-RESPONSE"]},
+                )
+
+        return await asyncio.shield(asyncio.ensure_future(process()))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -439,7 +454,8 @@ def create_mock_vendor_app(
 
     @app.get("/admin/stats", dependencies=[Depends(authorize)])
     async def admin_stats() -> dict[str, Any]:
-        """Per idempotency key: submissions received, paid starts (never above 1), replays."""
+        """Per idempotency key (a job's or a slice's): requests received, paid starts or
+        renewals (never above 1), idempotent replays."""
         return {
             "keys": stats,
             "submissions": sum(k["submissions"] for k in stats.values()),

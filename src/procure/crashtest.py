@@ -1,0 +1,585 @@
+"""Crash testing: kill the worker at random moments, many times, and prove that no money is lost
+or paid twice (`tests/test_crash.py`, `benchmarks/crash.py`).
+
+The facilitator (on a journaled local chain) and two mock vendors run in this process on
+loopback and are never killed. Workers run in child processes forked from a *zygote*, a
+process that imported procure once, so that a restart costs milliseconds rather than the
+seconds of a cold Python start. Each worker dies one of two ways: at a named crash point
+(`procure.crashpoints`: between signing and sending, between the vendor's answer and the
+store's write, ...), or by SIGKILL from the zygote after a random lifetime. After every death
+the dead worker's leases are released (a supervisor that saw it die may do so) and the
+invariants are checked; then the next worker starts. At the end a last worker, without crash
+points, drains every run, and the final invariants are checked:
+
+* every run is terminal, and no payment is left pending;
+* no EIP-3009 nonce is used twice, and every nonce the wallet used on the chain belongs to a
+  payment the store holds as completed (never failed);
+* the chain's transfers to each vendor equal the store's completed payments to it, in count,
+  sum and transaction hashes;
+* no vendor started a job twice for one idempotency key, and every started job is a job the
+  store paid for;
+* no run's completed and pending payments ever exceed its budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+ZERO = "0x" + "0" * 40
+SECRET = "crash-test-secret"
+
+
+@dataclass
+class CrashConfig:
+    kills: int = 200
+    """Worker deaths to inflict before the final drain."""
+    database_url: str | None = None
+    """Defaults to a SQLite file in the work directory."""
+    workdir: Path | None = None
+    active_runs: int = 6
+    """Runs kept going at once; new ones are started as others end."""
+    budget_usd: float = 5.0
+    crash_at: str = (
+        "intent:0.15,signed:0.25,paid:0.25,recorded:0.15,reconciled:0.25,refused:0.25,polled:0.04"
+    )
+    """Crash points and probabilities for the killed workers (see procure.crashpoints)."""
+    max_life_s: float = 1.2
+    """Each worker is SIGKILLed after a lifetime drawn uniformly from [0, max_life_s]."""
+    job_seconds: float = 0.4
+    fail_rate: float = 0.3
+    """Vendor 1 fails part-way in this share of its jobs (vendor 2 never does)."""
+    concurrency: int = 16
+    check_every: int = 1
+    """Check the invariants after every n-th death (the chain part is the costly one)."""
+    drain_timeout_s: float = 120.0
+    seed: int | None = None
+    verbose: bool = False
+
+
+@dataclass
+class CrashReport:
+    kills: int = 0
+    by_signal: int = 0
+    by_crash_point: Counter[str] = field(default_factory=Counter)
+    lifetimes_s: list[float] = field(default_factory=list)
+    runs: Counter[str] = field(default_factory=Counter)
+    payments: Counter[str] = field(default_factory=Counter)
+    transfers: int = 0
+    paid_usd: float = 0.0
+    vendor_submissions: int = 0
+    vendor_starts: int = 0
+    vendor_replays: int = 0
+    reconciled_jobs: int = 0
+    checks: int = 0
+    seconds: float = 0.0
+    violations: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        lifetimes = sorted(self.lifetimes_s)
+        data.pop("lifetimes_s")
+        data["median_life_s"] = round(lifetimes[len(lifetimes) // 2], 3) if lifetimes else 0
+        data["by_crash_point"] = dict(sorted(self.by_crash_point.items()))
+        data["runs"] = dict(self.runs)
+        data["payments"] = dict(self.payments)
+        data["paid_usd"] = round(self.paid_usd, 6)
+        data["seconds"] = round(self.seconds, 1)
+        data["kills_per_s"] = round(self.kills / self.seconds, 2) if self.seconds else 0
+        return data
+
+
+class InvariantViolation(AssertionError):
+    pass
+
+
+# --- the zygote and its workers (child processes) ------------------------------------------
+
+
+def _worker(cmd: dict[str, Any], transports: tuple[Any, Any]) -> None:
+    """A forked worker: tick runs until killed (it never returns on its own). `transports`
+    (vendors, facilitator) were built before the fork, unused: their TLS contexts cost 30 ms
+    each to make."""
+    import asyncio
+
+    from procure import crashpoints
+    from procure.agent.runtime import close_deps, make_deps
+    from procure.agent.worker import WorkerConfig, run_worker
+    from procure.settings import Settings
+    from procure.store import open_store
+
+    crashpoints.configure(cmd.get("crash"), cmd.get("log"))
+    settings = Settings()
+
+    async def work() -> None:
+        store = open_store(settings.database_url, upgrade=False)
+        deps = make_deps(
+            settings, store, vendor_transport=transports[0], facilitator_transport=transports[1]
+        )
+        cfg = WorkerConfig(
+            concurrency=cmd["concurrency"],
+            lease_s=10.0,
+            heartbeat_s=2.0,
+            poll_interval_s=0.05,
+            settle_every_s=1.0,
+            owner=cmd["owner"],
+        )
+        try:
+            await run_worker(deps, cfg)
+        finally:
+            await close_deps(deps)
+
+    asyncio.run(work())
+
+
+def _zygote() -> None:
+    """Import everything once, then fork a worker per request (one JSON command per line)."""
+    import httpx
+
+    import procure.agent.runtime
+    import procure.agent.worker
+    import procure.store  # noqa: F401  (imported before forking, once)
+
+    def pair() -> tuple[Any, Any]:
+        return httpx.AsyncHTTPTransport(), httpx.AsyncHTTPTransport()
+
+    out = sys.stdout
+    transports = pair()
+    while line := sys.stdin.readline():
+        cmd = json.loads(line)
+        if cmd["cmd"] == "exit":
+            return
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _worker(cmd, transports)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(0)
+        started = time.monotonic()
+        out.write(json.dumps({"pid": pid}) + "\n")
+        out.flush()
+        transports = pair()  # the next worker's, made while this one works
+        deadline = started + cmd["life_s"] if cmd.get("life_s") is not None else None
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                break
+            time.sleep(0.005)
+        lived = time.monotonic() - started
+        how = (
+            "signal"
+            if os.WIFSIGNALED(status)
+            else ("crash" if os.WEXITSTATUS(status) == 137 else "exit")
+        )
+        code = os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        out.write(json.dumps({"pid": pid, "how": how, "code": code, "lived": lived}) + "\n")
+        out.flush()
+
+
+class Zygote:
+    def __init__(self, env: dict[str, str], log: IO[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "procure.crashtest", "--zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            text=True,
+            bufsize=1,
+        )
+
+    def _send(self, cmd: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"zygote died (exit {self.proc.poll()}); see its log")
+        return dict(json.loads(line))
+
+    def spawn(self, **cmd: Any) -> int:
+        self._send({"cmd": "spawn", **cmd})
+        return int(self._read()["pid"])
+
+    def result(self) -> dict[str, Any]:
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self._send({"cmd": "exit"})
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- the campaign ---------------------------------------------------------------------------
+
+
+def run_campaign(cfg: CrashConfig) -> CrashReport:
+    """Start the world, kill `cfg.kills` workers, drain, check; raise on any violation."""
+    from procure.local import mock_vendor_config, start_facilitator, start_mock_vendor
+    from procure.models import JobSpec, usd_to_micros
+    from procure.payments.wallet import load_or_create_account
+    from procure.store import open_store, repo
+    from procure.vendors.registry import default_vendors
+
+    rng = random.Random(cfg.seed)
+    work = cfg.workdir or Path(tempfile.mkdtemp(prefix="procure-crash-"))
+    work.mkdir(parents=True, exist_ok=True)
+    db_url = cfg.database_url or f"sqlite:///{work / 'procure.db'}"
+    crash_log = work / "crashes.log"
+    crash_log.write_text("")
+    report = CrashReport()
+    started = time.monotonic()
+
+    facilitator = start_facilitator(work / "chain-journal.jsonl")
+    servers = [facilitator]
+    zygote: Zygote | None = None
+    world: _World | None = None
+    log = (work / "workers.log").open("a")
+    store = open_store(db_url)
+    try:
+        chain = facilitator.app.state.chain
+        vendors = default_vendors(network=chain.network, asset=chain.token_address)
+        for vendor in vendors:
+            fail_rate = cfg.fail_rate if vendor.vendor_id == "gpu_vendor_1" else 0.0
+            vcfg = mock_vendor_config(
+                vendor, facilitator.url, SECRET, job_seconds=cfg.job_seconds, fail_rate=fail_rate
+            )
+            server = start_mock_vendor(vcfg, facilitator.url)
+            servers.append(server)
+            vendor.endpoint = server.url
+        with store.session() as s:
+            for vendor in vendors:
+                repo.save_vendor(s, vendor)
+        home = work / "home"
+        wallet = load_or_create_account(None, home).address
+        chain.mint(wallet, usd_to_micros(1_000_000))
+
+        env = {
+            **os.environ,
+            "PROCURE_DATABASE_URL": db_url,
+            "PROCURE_HOME": str(home),
+            "GPU_VENDOR_SECRET": SECRET,
+            "X402_FACILITATOR_URL": facilitator.url,
+            "VENDOR_TIMEOUT_S": "5",
+            "VENDOR_COOLDOWN_S": "0.5",
+            "PLANNER_MODE": "heuristic",
+            # Short-lived authorisations, so that a payment left in doubt by a crash (a retry
+            # the vendor turned down) is settled within the campaign, not five minutes later.
+            "PROCURE_PAYMENT_WINDOW_S": "30",
+            "PROCURE_PAYMENT_MARGIN_S": "1",
+        }
+        env.pop("PROCURE_CRASH_AT", None)
+        zygote = Zygote(env, log)
+        world = _World(store, chain, wallet, {v.vendor_id: v for v in vendors}, servers[1:])
+        budget = usd_to_micros(cfg.budget_usd)
+        created = 0
+
+        def top_up() -> None:
+            nonlocal created
+            with store.session() as s:
+                running = repo.count_runs_by_status(s).get("running", 0)
+                for _ in range(cfg.active_runs - running):
+                    repo.create_run(
+                        s,
+                        user_id="crash",
+                        goal=f"crash test run {created}",
+                        budget_total=budget,
+                        job_spec=JobSpec(hours=1.0, epochs=3),
+                    )
+                    created += 1
+
+        while report.kills < cfg.kills:
+            top_up()
+            owner = f"crash-{report.kills}"
+            zygote.spawn(
+                owner=owner,
+                crash=cfg.crash_at,
+                log=str(crash_log),
+                life_s=rng.uniform(0, cfg.max_life_s),
+                concurrency=cfg.concurrency,
+            )
+            result = zygote.result()
+            if result["how"] == "exit":
+                raise RuntimeError(f"worker exited by itself ({result}); see {work}/workers.log")
+            report.kills += 1
+            report.lifetimes_s.append(result["lived"])
+            if result["how"] == "signal":
+                report.by_signal += 1
+            _release_leases(store, owner)
+            if report.kills % cfg.check_every == 0:
+                report.checks += 1
+                _check(world, budget, final=False)
+            if cfg.verbose and report.kills % 50 == 0:
+                print(f"{report.kills} kills, {created} runs", file=sys.stderr)
+
+        # The drain: one last worker without crash points finishes every run.
+        pid = zygote.spawn(
+            owner="drain", crash=None, log=None, life_s=None, concurrency=cfg.concurrency
+        )
+        deadline = time.monotonic() + cfg.drain_timeout_s
+        while True:
+            with store.session() as s:
+                running = repo.count_runs_by_status(s).get("running", 0)
+                pending = len(repo.list_payments(s, status="pending"))
+            if running == 0 and pending == 0:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                zygote.result()
+                raise InvariantViolation(
+                    f"{running} runs running, {pending} payments pending after the drain"
+                )
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+        zygote.result()
+        _check(world, budget, final=True)
+
+        report.by_crash_point = Counter(crash_log.read_text().split())
+        _tally(world, report)
+    finally:
+        if zygote is not None:
+            zygote.close()
+        if world is not None and world.http is not None:
+            world.http.close()
+        log.close()
+        for server in reversed(servers):
+            server.stop()
+        store.dispose()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+@dataclass
+class _World:
+    store: Any
+    chain: Any
+    wallet: str
+    vendors: dict[str, Any]
+    vendor_servers: list[Any]
+    used: list[dict[str, Any]] = field(default_factory=list)
+    transfers: list[dict[str, Any]] = field(default_factory=list)
+    http: Any = None
+
+    def refresh_chain(self) -> None:
+        """Read the chain's new events only (a full scan per check grows with the chain)."""
+        after = self.used[-1]["block_number"] + 1 if self.used else 0
+        self.used += self.chain.used_authorizations(self.wallet, from_block=after)
+        after = self.transfers[-1]["block_number"] + 1 if self.transfers else 0
+        self.transfers += self.chain.transfers(from_block=after)
+
+    def vendor_stats(self) -> dict[str, dict[str, Any]]:
+        import httpx
+
+        if self.http is None:  # one client: a new one per call costs a TLS context (30 ms)
+            self.http = httpx.Client(headers={"Authorization": f"Bearer {SECRET}"}, timeout=30)
+        stats = {}
+        for vendor_id, server in zip(self.vendors, self.vendor_servers, strict=True):
+            response = self.http.get(f"{server.url}/admin/stats")
+            response.raise_for_status()
+            stats[vendor_id] = response.json()
+        return stats
+
+
+def _release_leases(store: Any, owner: str) -> None:
+    """The worker is dead (reaped): its leases are free at once, not when they expire."""
+    from sqlalchemy import update
+
+    from procure.store.tables import RunRow
+
+    with store.session() as s:
+        s.execute(
+            update(RunRow)
+            .where(RunRow.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+
+
+def _check(world: _World, budget: int, *, final: bool) -> None:
+    """Every invariant that must hold at any moment (and, if `final`, at the end)."""
+    from sqlalchemy import select
+
+    from procure.store.tables import JobRow, PaymentRow, RunRow
+
+    problems: list[str] = []
+    with world.store.session() as s:
+        runs = list(s.scalars(select(RunRow)))
+        jobs = list(s.scalars(select(JobRow)))
+        payments = list(s.scalars(select(PaymentRow)))
+    by_nonce = {p.nonce.lower(): p for p in payments}
+    jobs_by_key = {j.idempotency_key: j for j in jobs}
+
+    # Money: completed + pending never above the budget; budgetRemaining agrees with the store.
+    committed: Counter[str] = Counter()
+    completed: Counter[str] = Counter()
+    for p in payments:
+        if p.status in ("completed", "pending"):
+            committed[p.run_id] += p.amount
+        if p.status == "completed":
+            completed[p.run_id] += p.amount
+    active: Counter[str] = Counter(j.run_id for j in jobs if j.status in ("submitted", "running"))
+    for run in runs:
+        if committed[run.id] > run.budget_total:
+            problems.append(f"run {run.id}: {committed[run.id]} committed > {run.budget_total}")
+        if active[run.id] > 1:
+            problems.append(f"run {run.id}: {active[run.id]} active jobs")
+        if final and run.budget_remaining != run.budget_total - completed[run.id]:
+            problems.append(f"run {run.id}: budgetRemaining {run.budget_remaining} is stale")
+        if final and run.status == "running":
+            problems.append(f"run {run.id} is still running")
+
+    # The chain: each nonce used once, each used nonce a payment the store does not call failed.
+    world.refresh_chain()
+    used_nonces = [(u["nonce"], u["tx_hash"]) for u in world.used]
+    if len({n for n, _ in used_nonces}) != len(used_nonces):
+        problems.append("a nonce was used twice on the chain")
+    tx_of_nonce = dict(used_nonces)
+    for nonce, tx in used_nonces:
+        payment = by_nonce.get(nonce)
+        if payment is None:
+            problems.append(f"nonce {nonce} settled (tx {tx}) but no payment holds it")
+        elif payment.status == "failed":
+            problems.append(f"payment {payment.id} is failed but settled on chain (tx {tx})")
+        elif final and payment.status != "completed":
+            problems.append(f"payment {payment.id} settled on chain but left {payment.status}")
+    for p in payments:
+        if p.status == "completed" and p.nonce.lower() not in tx_of_nonce:
+            problems.append(f"payment {p.id} completed in the store, never settled on chain")
+        if p.status == "completed" and p.x402_tx_id not in (None, tx_of_nonce.get(p.nonce.lower())):
+            problems.append(f"payment {p.id} records tx {p.x402_tx_id}, the chain another")
+        if final and p.status == "pending":
+            problems.append(f"payment {p.id} left pending")
+
+    # Transfers to each vendor equal the store's completed payments to it.
+    # (The chain moves on while we look: a dead worker's request may still settle. Events are
+    # read after the store, and transfers after authorisations, so newer transfers are left out.)
+    settled_txs = set(tx_of_nonce.values())
+    transfers = [t for t in world.transfers if t["from"].lower() == world.wallet.lower()]
+    if final and len(transfers) != len(used_nonces):
+        problems.append(f"{len(transfers)} transfers from the wallet, {len(used_nonces)} nonces")
+    transfers = [t for t in transfers if t["tx_hash"] in settled_txs]
+    for vendor_id, vendor in world.vendors.items():
+        on_chain = sorted(t["value"] for t in transfers if t["to"] == vendor.pay_to)
+        in_store = sorted(
+            p.amount
+            for p in payments
+            if p.vendor_id == vendor_id
+            and p.status in (("completed",) if final else ("completed", "pending"))
+        )
+        if final and on_chain != in_store:
+            problems.append(f"{vendor_id}: chain paid {on_chain}, store completed {in_store}")
+        if not final and len(on_chain) > len(in_store):
+            problems.append(f"{vendor_id}: {len(on_chain)} transfers > {len(in_store)} payments")
+
+    # Vendors: one start (or slice) per key at most, only for what the store paid for.
+    by_id = {p.id: p for p in payments}
+    for vendor_id, stats in world.vendor_stats().items():
+        for key, figures in stats["keys"].items():
+            if figures["started"] > 1:
+                problems.append(f"{vendor_id} started key {key} {figures['started']} times")
+            if not figures["started"]:
+                continue
+            if key.startswith("slice-"):  # a renewal: one payment of its own
+                slice_payment = by_id.get(key.removeprefix("slice-"))
+                paid = [slice_payment] if slice_payment is not None else []
+            else:
+                job = jobs_by_key.get(key)
+                paid = [p for p in payments if job is not None and p.job_id == job.id]
+            if not paid:
+                problems.append(f"{vendor_id} started key {key}, unknown to the store")
+            elif final and not any(p.status == "completed" for p in paid):
+                problems.append(f"{vendor_id} started key {key}, its payment not completed")
+    if problems:
+        raise InvariantViolation("; ".join(problems[:20]))
+
+
+def _tally(world: _World, report: CrashReport) -> None:
+    from sqlalchemy import func, select
+
+    from procure.store.tables import ObservationRow, PaymentRow, RunRow
+
+    with world.store.session() as s:
+        report.runs = Counter(
+            dict(s.execute(select(RunRow.status, func.count()).group_by(RunRow.status)).all())
+        )  # type: ignore[arg-type]
+        report.payments = Counter(
+            dict(
+                s.execute(select(PaymentRow.status, func.count()).group_by(PaymentRow.status)).all()
+            )
+        )  # type: ignore[arg-type]
+        report.reconciled_jobs = int(
+            s.scalar(
+                select(func.count())
+                .select_from(ObservationRow)
+                .where(ObservationRow.content.like("%reconciled%"))
+            )
+            or 0
+        )
+    world.refresh_chain()
+    transfers = [t for t in world.transfers if t["from"].lower() == world.wallet.lower()]
+    report.transfers = len(transfers)
+    report.paid_usd = sum(t["value"] for t in transfers) / 1e6
+    for stats in world.vendor_stats().values():
+        report.vendor_submissions += stats["submissions"]
+        report.vendor_starts += stats["started"]
+        report.vendor_replays += stats["replays"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kills", type=int, default=1000)
+    parser.add_argument("--database-url", help="default: a fresh SQLite file")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--active-runs", type=int, default=CrashConfig.active_runs)
+    parser.add_argument("--crash-at", default=CrashConfig.crash_at)
+    parser.add_argument("--max-life", type=float, default=CrashConfig.max_life_s)
+    parser.add_argument("--check-every", type=int, default=10)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.zygote:
+        _zygote()
+        return 0
+    report = run_campaign(
+        CrashConfig(
+            kills=args.kills,
+            database_url=args.database_url,
+            workdir=args.workdir,
+            active_runs=args.active_runs,
+            crash_at=args.crash_at,
+            max_life_s=args.max_life,
+            check_every=args.check_every,
+            seed=args.seed,
+            verbose=args.verbose,
+        )
+    )
+    print(json.dumps(report.summary(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Exactly once, through any crash: the worker runs as a child process and is killed over and over,
+by SIGKILL at random moments and at named crash points (between signing and sending, between
+the vendor's answer and the store's write, ...), while the facilitator and the vendors, which
+are never killed, run here. After every death and at the end the invariants are checked (see
+`procure.crashtest`); any violation fails the campaign.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from procure.crashtest import CrashConfig, CrashReport, run_campaign
+from world import POSTGRES_ENV, postgres_database
+
+MONEY_POINTS = {"signed", "paid", "recorded", "reconciled"}
+
+
+def assert_sound(report: CrashReport, kills: int) -> None:
+    assert report.kills == kills
+    assert report.checks == kills  # the invariants held after every single death
+    assert report.violations == []
+    # Both kinds of death, and the crash points where money is in flight, were exercised.
+    assert report.by_signal >= kills // 5
+    points = report.by_crash_point
+    assert sum(points.values()) >= kills // 5, points
+    assert sum(points[p] for p in MONEY_POINTS) >= kills // 20, points
+    # Every run ended; work was done and paid for, once each.
+    assert set(report.runs) <= {"completed", "aborted", "failed"}, report.runs
+    assert report.runs["completed"] >= kills // 10
+    assert report.payments.get("pending", 0) == 0
+    assert report.transfers == report.payments["completed"] == report.vendor_starts
+
+
+@pytest.mark.timeout(420)
+def test_two_hundred_kills_lose_no_money_and_pay_nothing_twice(tmp_path: Path) -> None:
+    report = run_campaign(CrashConfig(kills=200, workdir=tmp_path, check_every=1))
+    print(report.summary())
+    assert_sound(report, 200)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(300)
+def test_kills_on_postgresql(tmp_path: Path) -> None:
+    if not os.environ.get(POSTGRES_ENV):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{POSTGRES_ENV} must be set under CI=true: PostgreSQL tests cannot skip")
+        pytest.skip(f"set {POSTGRES_ENV} to run PostgreSQL tests")
+    with postgres_database() as url:
+        report = run_campaign(
+            CrashConfig(kills=60, workdir=tmp_path, database_url=url, check_every=1)
+        )
+    print(report.summary())
+    assert_sound(report, 60)
