@@ -86,6 +86,8 @@ _GENESIS_LAG_SECONDS = 10
 
 _ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")
 _AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
+_TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
+_ZERO_TOPIC = b"\x00" * 32
 _REVERT_PREFIX = "execution reverted: "
 
 
@@ -143,6 +145,7 @@ class LocalChain:
         # (authorizer, nonce) -> tx hash of every used EIP-3009 authorisation, kept as blocks
         # are mined: a log scan per lookup grows with the chain (seconds at a few hundred).
         self._used_nonces: dict[tuple[str, str], str] = {}
+        self._minted: dict[str, int] = {}  # address (lower case) -> all ever minted to it
 
         entries = self._read_journal()
         genesis_entry = entries[0] if entries and entries[0].get("op") == "genesis" else None
@@ -278,17 +281,24 @@ class LocalChain:
         with self._lock:
             return self._used_nonces.get((authorizer.lower(), _hex(HexBytes(nonce_hex))))
 
+    def minted_to(self, address: str) -> int:
+        """All the tokens ever minted to ``address`` (atomic units), e.g. by the faucet."""
+        with self._lock:
+            return self._minted.get(address.lower(), 0)
+
     def _index_receipt(self, tx_hash: str, receipt: Any) -> None:
-        """Remember the authorisations a mined transaction used (see `transaction_for_nonce`)."""
+        """Remember the authorisations a mined transaction used (see `transaction_for_nonce`)
+        and what it minted (see `minted_to`)."""
         for log in receipt.get("logs") or []:
             topics = [bytes(t) for t in log["topics"]]
-            if (
-                len(topics) == 3
-                and topics[0] == _AUTHORIZATION_USED_TOPIC
-                and to_checksum_address(log["address"]) == self.token_address
-            ):
+            if to_checksum_address(log["address"]) != self.token_address or len(topics) != 3:
+                continue
+            if topics[0] == _AUTHORIZATION_USED_TOPIC:
                 authorizer = "0x" + topics[1][-20:].hex()
                 self._used_nonces[(authorizer, _hex(topics[2]))] = tx_hash
+            elif topics[0] == _TRANSFER_TOPIC and topics[1] == _ZERO_TOPIC:
+                to = "0x" + topics[2][-20:].hex()
+                self._minted[to] = self._minted.get(to, 0) + int.from_bytes(bytes(log["data"]))
 
     # ------------------------------------------------------------------ state changes
 

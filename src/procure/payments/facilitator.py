@@ -109,5 +109,13 @@ def create_facilitator_app(chain: LocalChain) -> FastAPI:
     return app
 
 
+def fund_wallet_once(chain: LocalChain, address: str, amount: int) -> str | None:
+    """Mint `amount` (micro-USD) to the agent's wallet unless the chain ever minted to it
+    before (the journal keeps that across restarts); the mint's tx hash, or None."""
+    if amount <= 0 or chain.minted_to(address) > 0:
+        return None
+    return chain.mint(address, amount)
+
+
 def open_chain(home: Path) -> LocalChain:
     return LocalChain(home / "chain-journal.jsonl")
