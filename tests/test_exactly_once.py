@@ -174,10 +174,13 @@ def test_paid_request_that_times_out_is_reconciled_not_failed(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     # The vendor settles after our client gave up. Before the fix this was a "refused" payment,
-    # marked failed while the money moved.
+    # marked failed while the money moved. (It also asks half its quote: the store learns
+    # from the ledger what really moved.)
     world = start_world(tmp_path, sqlite_url, settings_overrides={"VENDOR_TIMEOUT_S": 1.0})
     try:
-        world.faults("gpu_vendor_1", hang_seconds=1.6, endpoints=["submit-job"])
+        world.faults(
+            "gpu_vendor_1", hang_seconds=1.6, overcharge_factor=0.5, endpoints=["submit-job"]
+        )
         run_id = world.new_run()
         deps = world.deps()
 
@@ -201,6 +204,8 @@ def test_paid_request_that_times_out_is_reconciled_not_failed(
         assert payment.status == "completed"
         [transfer] = paid_transfers(world)
         assert payment.x402_tx_id == transfer["tx_hash"]
+        assert payment.amount == transfer["value"] == 700_000
+        assert state.run.budget_remaining == 5_000_000 - 700_000
         assert world.stats("gpu_vendor_1")["started"] == 1
     finally:
         world.stop()
@@ -390,3 +395,14 @@ def test_payment_in_doubt_when_its_run_ended_is_settled_by_the_worker(healthy: W
     notes = [o.content for o in state.observations if o.type == "payment_event"]
     assert any("settled after all" in n for n in notes)
     assert any("expired unused: no money moved" in n for n in notes)
+
+
+def test_vendor_asking_less_than_quoted_is_paid_and_recorded_at_what_moved(healthy: World) -> None:
+    world = healthy
+    world.faults("gpu_vendor_1", overcharge_factor=0.5)  # a discount, within the guardrails
+    run_id = world.new_run()
+    assert asyncio.run(_tick_and_close(world.deps(), run_id)) == "Job started"
+    [payment] = state_of(world, run_id).payments
+    [transfer] = paid_transfers(world)
+    assert payment.amount == transfer["value"] == 700_000
+    assert state_of(world, run_id).run.budget_remaining == 5_000_000 - 700_000

@@ -70,7 +70,12 @@ def test_settles_once_and_refuses_replay(facilitator: LocalServer) -> None:
         payer = first["payer"]
         nonce = payment_nonce("pay-1")
         lookup = http.get(f"/authorizations/{payer}/{nonce}").json()
-        assert lookup == {"used": True, "transaction": first["transaction"]}
+        assert lookup == {
+            "used": True,
+            "transaction": first["transaction"],
+            "payTo": PAYEE,
+            "amount": "1400000",
+        }
     assert facilitator.app.state.chain.balance_of(PAYEE) == 1_400_000
 
 
@@ -121,6 +126,6 @@ def test_chain_state_survives_restart(tmp_path: Path) -> None:
         assert replay["success"] is False
         payer = Account.from_key("0x" + "42" * 32).address
         lookup = httpx.get(f"{again.url}/authorizations/{payer}/{payment_nonce('pay-3')}").json()
-        assert lookup == {"used": True, "transaction": tx}
+        assert lookup == {"used": True, "transaction": tx, "payTo": PAYEE, "amount": "1400000"}
     finally:
         again.stop()

@@ -408,7 +408,7 @@ async def _payment_refused(
             crash_point("refused")
             with deps.store.session() as s:
                 repo.update_payment(
-                    s, payment.id, status=PaymentStatus.completed, x402_tx_id=settled.transaction
+                    s, payment.id, **_paid(payment, settled.transaction, settled.amount)
                 )
                 repo.refresh_budget(s, job.run_id)
             return await _reconcile_after_paid(deps, job, vendor, settled.transaction)
@@ -455,6 +455,15 @@ async def _settled_tx(deps: AgentDeps, payment: Payment) -> str | None:
         return None
 
 
+def _paid(payment: Payment, tx: str | None, amount: int | None) -> dict[str, object]:
+    """A payment's completion: its transaction and, if the vendor took less than quoted, what
+    really moved (so the store's sums match the chain's)."""
+    paid: dict[str, object] = {"status": PaymentStatus.completed, "x402_tx_id": tx}
+    if amount is not None and 0 < amount < payment.amount:
+        paid["amount"] = amount
+    return paid
+
+
 def _record_started(
     deps: AgentDeps,
     job: Job,
@@ -466,9 +475,7 @@ def _record_started(
     *,
     reconciled: bool = False,
 ) -> None:
-    paid: dict[str, object] = {"status": PaymentStatus.completed, "x402_tx_id": tx}
-    if settled_amount is not None and 0 < settled_amount < payment.amount:
-        paid["amount"] = settled_amount  # the vendor asked less than quoted: record what moved
+    paid = _paid(payment, tx, settled_amount)
     amount = int(paid.get("amount", payment.amount))  # type: ignore[call-overload]
     with deps.store.session() as s:  # phase two: the outcome
         repo.update_payment(s, payment.id, **paid)
@@ -522,11 +529,20 @@ async def _reconcile(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor
             trouble = None
         crash_point("reconciled")
         if vjob is not None:
-            _record_started(deps, job, payment, vendor, vjob, settled.transaction, reconciled=True)
+            _record_started(
+                deps,
+                job,
+                payment,
+                vendor,
+                vjob,
+                settled.transaction,
+                settled.amount,
+                reconciled=True,
+            )
             return TickResult("Job started (reconciled)")
         with deps.store.session() as s:
             repo.update_payment(
-                s, payment.id, status=PaymentStatus.completed, x402_tx_id=settled.transaction
+                s, payment.id, **_paid(payment, settled.transaction, settled.amount)
             )
             repo.refresh_budget(s, job.run_id)
         if trouble is not None:  # paid; the job's fate waits for the vendor to answer
@@ -957,10 +973,7 @@ async def settle_ended_runs(deps: AgentDeps, *, limit: int = 50) -> int:
         except SettlementLookupError:
             continue
         if settled.used:
-            values: dict[str, object] = {
-                "status": PaymentStatus.completed,
-                "x402_tx_id": settled.transaction,
-            }
+            values = _paid(payment, settled.transaction, settled.amount)
             note = f"settled after all (tx {settled.transaction})"
         elif _expired(deps, payment):
             values = {

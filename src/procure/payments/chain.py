@@ -145,6 +145,7 @@ class LocalChain:
         # (authorizer, nonce) -> tx hash of every used EIP-3009 authorisation, kept as blocks
         # are mined: a log scan per lookup grows with the chain (seconds at a few hundred).
         self._used_nonces: dict[tuple[str, str], str] = {}
+        self._nonce_transfers: dict[tuple[str, str], tuple[str, int]] = {}  # -> (to, value)
         self._minted: dict[str, int] = {}  # address (lower case) -> all ever minted to it
 
         entries = self._read_journal()
@@ -281,6 +282,16 @@ class LocalChain:
         with self._lock:
             return self._used_nonces.get((authorizer.lower(), _hex(HexBytes(nonce_hex))))
 
+    def settlement_for_nonce(self, authorizer: str, nonce_hex: str) -> dict[str, Any] | None:
+        """What ``authorizer``'s EIP-3009 ``nonce_hex`` paid: tx hash, payee and amount."""
+        key = (authorizer.lower(), _hex(HexBytes(nonce_hex)))
+        with self._lock:
+            tx = self._used_nonces.get(key)
+            if tx is None:
+                return None
+            to, value = self._nonce_transfers.get(key, (None, None))
+        return {"transaction": tx, "to": to, "amount": value}
+
     def minted_to(self, address: str) -> int:
         """All the tokens ever minted to ``address`` (atomic units), e.g. by the faucet."""
         with self._lock:
@@ -289,16 +300,25 @@ class LocalChain:
     def _index_receipt(self, tx_hash: str, receipt: Any) -> None:
         """Remember the authorisations a mined transaction used (see `transaction_for_nonce`)
         and what it minted (see `minted_to`)."""
+        used: list[tuple[str, str]] = []
+        transfers: list[tuple[str, str, int]] = []
         for log in receipt.get("logs") or []:
             topics = [bytes(t) for t in log["topics"]]
             if to_checksum_address(log["address"]) != self.token_address or len(topics) != 3:
                 continue
             if topics[0] == _AUTHORIZATION_USED_TOPIC:
-                authorizer = "0x" + topics[1][-20:].hex()
-                self._used_nonces[(authorizer, _hex(topics[2]))] = tx_hash
-            elif topics[0] == _TRANSFER_TOPIC and topics[1] == _ZERO_TOPIC:
-                to = "0x" + topics[2][-20:].hex()
-                self._minted[to] = self._minted.get(to, 0) + int.from_bytes(bytes(log["data"]))
+                used.append(("0x" + topics[1][-20:].hex(), _hex(topics[2])))
+            elif topics[0] == _TRANSFER_TOPIC:
+                source, to = "0x" + topics[1][-20:].hex(), "0x" + topics[2][-20:].hex()
+                value = int.from_bytes(bytes(log["data"]))
+                transfers.append((source, to, value))
+                if topics[1] == _ZERO_TOPIC:
+                    self._minted[to] = self._minted.get(to, 0) + value
+        for authorizer, nonce in used:
+            self._used_nonces[(authorizer, nonce)] = tx_hash
+            paid = next(((to, v) for src, to, v in transfers if src == authorizer), None)
+            if paid is not None:
+                self._nonce_transfers[(authorizer, nonce)] = (to_checksum_address(paid[0]), paid[1])
 
     # ------------------------------------------------------------------ state changes
 

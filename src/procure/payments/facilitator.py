@@ -99,8 +99,13 @@ def create_facilitator_app(chain: LocalChain) -> FastAPI:
     @app.get("/authorizations/{payer}/{nonce}")
     async def authorization(payer: str, nonce: str) -> dict[str, Any]:
         used = chain.authorization_state(payer, nonce)
-        tx = chain.transaction_for_nonce(payer, nonce) if used else None
-        return {"used": used, "transaction": tx}
+        paid = chain.settlement_for_nonce(payer, nonce) if used else None
+        return {
+            "used": used,
+            "transaction": paid["transaction"] if paid else None,
+            "payTo": paid["to"] if paid else None,
+            "amount": str(paid["amount"]) if paid and paid["amount"] is not None else None,
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

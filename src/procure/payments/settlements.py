@@ -12,6 +12,7 @@ import httpx
 class Settlement:
     used: bool
     transaction: str | None
+    amount: int | None = None  # what moved, in atomic units (micro-USD), when known
 
 
 class SettlementLookupError(Exception):
@@ -31,7 +32,12 @@ class FacilitatorLedger:
             response = await self._http.get(f"/authorizations/{payer}/{nonce}")
             response.raise_for_status()
             data = response.json()
-            return Settlement(used=bool(data["used"]), transaction=data.get("transaction"))
+            amount = data.get("amount")
+            return Settlement(
+                used=bool(data["used"]),
+                transaction=data.get("transaction"),
+                amount=int(amount) if amount is not None else None,
+            )
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             raise SettlementLookupError(f"facilitator lookup failed: {exc}") from exc
 

@@ -14,7 +14,11 @@ import httpx
 from pydantic import ValidationError
 from x402 import x402Client
 from x402.http.clients.httpx import PaymentError, x402AsyncTransport
-from x402.http.utils import decode_payment_required_header, decode_payment_response_header
+from x402.http.utils import (
+    decode_payment_required_header,
+    decode_payment_response_header,
+    decode_payment_signature_header,
+)
 from x402.schemas import PaymentRequirements
 
 from procure.models import JobSpec, Quote, Vendor
@@ -68,10 +72,13 @@ class _Recording402(httpx.AsyncBaseTransport):
         self._inner = inner
         self._header: str | None = None
         self.payment_sent = False
+        self.signed_amount: int | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if "PAYMENT-SIGNATURE" in request.headers or "X-PAYMENT" in request.headers:
+        signature = request.headers.get("PAYMENT-SIGNATURE") or request.headers.get("X-PAYMENT")
+        if signature:
             self.payment_sent = True  # before sending: it may arrive even if we never hear back
+            self.signed_amount = _signed_amount(signature)
         response = await self._inner.handle_async_request(request)
         if response.status_code == 402 and "PAYMENT-REQUIRED" in response.headers:
             self._header = response.headers["PAYMENT-REQUIRED"]
@@ -92,6 +99,15 @@ class _Recording402(httpx.AsyncBaseTransport):
             return decode_payment_required_header(self._header)
         except Exception:
             return None
+
+
+def _signed_amount(header: str) -> int | None:
+    """The value of the EIP-3009 authorisation in a PAYMENT-SIGNATURE header, if it has one."""
+    try:
+        payload = decode_payment_signature_header(header)
+        return int(payload.payload["authorization"]["value"])
+    except Exception:
+        return None
 
 
 @dataclass(frozen=True)
@@ -262,7 +278,14 @@ class VendorClient:
         return Submitted(
             job=job,
             tx_hash=settled.transaction if settled and settled.success else None,
-            settled_amount=int(settled.amount) if settled and settled.amount else None,
+            # The 'exact' scheme moves exactly what was signed; the answer may not say it.
+            settled_amount=(
+                int(settled.amount)
+                if settled and settled.amount
+                else recorder.signed_amount
+                if settled and settled.success
+                else None
+            ),
             replayed=response.headers.get("X-Idempotent-Replay") == "true",
         )
 
