@@ -30,7 +30,9 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 from x402 import x402ResourceServer
 from x402.http import PaymentOption, RouteConfig
 from x402.http.middleware.fastapi import payment_middleware
@@ -207,6 +209,43 @@ def _view(cfg: MockVendorConfig, job: _Job, now: float) -> VendorJob:
     return VendorJob(status="running", progress=progress, **base)
 
 
+class _Innermost:
+    """Pure ASGI middleware calling `handler(scope, receive, send, inner)` for HTTP requests."""
+
+    def __init__(self, app: ASGIApp, handler: Callable[..., Awaitable[None]]) -> None:
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        await self.handler(scope, receive, send, self.app)
+
+
+_UNPAID_POSTS = frozenset({"/quote", "/cancel-job", "/admin/faults"})
+
+
+class _PaidChain:
+    """Runs `chain` (`@app.middleware("http")`-style functions, innermost first) only for
+    requests they can act on: POSTs other than the unpaid routes. The rest go straight in,
+    without a BaseHTTPMiddleware layer (a task group and a stream each) per function."""
+
+    def __init__(self, app: ASGIApp, chain: list[Callable[..., Awaitable[Response]]]) -> None:
+        self.app = app
+        paid: ASGIApp = app
+        for dispatch in chain:
+            paid = BaseHTTPMiddleware(paid, dispatch=dispatch)
+        self.paid = paid
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] not in _UNPAID_POSTS
+        ):
+            return await self.paid(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_mock_vendor_app(
     cfg: MockVendorConfig,
     facilitator: Any,
@@ -228,24 +267,25 @@ def create_mock_vendor_app(
     def faulty(endpoint: str) -> bool:
         return not cfg.faults.endpoints or endpoint in cfg.faults.endpoints
 
-    def authorize(authorization: str | None = Header(None)) -> None:
+    async def authorize(authorization: str | None = Header(None)) -> None:
+        # async: a sync dependency would run in a thread pool on every request
         if not secrets.compare_digest(authorization or "", f"Bearer {cfg.secret}"):
             raise HTTPException(401, "missing or wrong vendor secret")
 
-    @app.middleware("http")
-    async def inject_faults(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        endpoint = request.url.path.strip("/")
+    async def inject_faults(scope: Scope, receive: Receive, send: Send, inner: ASGIApp) -> None:
+        # Pure ASGI (innermost, around the routes): no request/response wrapping on the way.
+        endpoint = scope["path"].strip("/")
         if endpoint in {"admin/faults", "healthz"} or not faulty(endpoint):
-            return await call_next(request)
+            return await inner(scope, receive, send)
         if cfg.faults.hang_seconds:
             await asyncio.sleep(cfg.faults.hang_seconds)
         if cfg.faults.error500:
-            return JSONResponse({"error": "internal error (injected)"}, status_code=500)
+            response = JSONResponse({"error": "internal error (injected)"}, status_code=500)
+            return await response(scope, receive, send)
         if cfg.faults.garbage:
-            return Response("{not json at all", media_type="application/json")
-        return await call_next(request)
+            response = Response("{not json at all", media_type="application/json")
+            return await response(scope, receive, send)
+        return await inner(scope, receive, send)
 
     async def price(context: Any) -> AssetAmount:
         quote = quotes.get(context.adapter.get_header(QUOTE_HEADER) or "")
@@ -272,9 +312,8 @@ def create_mock_vendor_app(
         )
         for path, what in (("submit-job", "GPU job"), ("renew-job", "More GPU time"))
     }
-    app.middleware("http")(payment_middleware(routes, server))
+    paying = payment_middleware(routes, server)
 
-    @app.middleware("http")
     async def foreign_network(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
@@ -289,7 +328,6 @@ def create_mock_vendor_app(
             response.headers["PAYMENT-REQUIRED"] = encode_payment_required_header(required)
         return response
 
-    @app.middleware("http")
     async def idempotent_submit(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
@@ -331,7 +369,6 @@ def create_mock_vendor_app(
 
     renewals: dict[str, tuple[str, float, bool]] = {}  # key -> (job id, hours, paid)
 
-    @app.middleware("http")
     async def idempotent_renew(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
@@ -371,6 +408,14 @@ def create_mock_vendor_app(
                 )
 
         return await asyncio.shield(asyncio.ensure_future(process()))
+
+    # Innermost first: faults, then (POST only) the x402 payment, the foreign-network fault
+    # and the idempotent submit/renew wrappers. The latter act only on POSTs to the paid
+    # routes (a 402 comes only from the payment middleware), so GETs and quotes skip them.
+    app.add_middleware(_Innermost, handler=inject_faults)
+    app.add_middleware(
+        _PaidChain, chain=[paying, foreign_network, idempotent_submit, idempotent_renew]
+    )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
