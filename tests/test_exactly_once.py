@@ -267,24 +267,21 @@ def test_job_is_not_started_over_a_budget_committed_meanwhile(healthy: World) ->
     deps = world.deps()
     from procure.agent import tick as tick_module
 
-    real_load = tick_module.repo.load_state
-    calls = {"n": 0}
+    real_load = tick_module.repo.load_tick_state  # the tick's first read, before planning
 
-    def load_then_someone_pays(s: Any, rid: str, **kw: Any) -> Any:
-        state = real_load(s, rid, **kw)
-        calls["n"] += 1
-        if calls["n"] == 1:  # the tick's first read, before planning
-            with world.store.session() as other:
-                run = repo.get_run(other, rid)
-                assert run is not None
-                _insert_paid_job(other, rid, amount=2_000_000)
+    def load_then_someone_pays(s: Any, rid: str) -> Any:
+        state = real_load(s, rid)
+        with world.store.session() as other:
+            run = repo.get_run(other, rid)
+            assert run is not None
+            _insert_paid_job(other, rid, amount=2_000_000)
         return state
 
-    tick_module.repo.load_state = load_then_someone_pays  # type: ignore[assignment]
+    tick_module.repo.load_tick_state = load_then_someone_pays  # type: ignore[assignment]
     try:
         message = asyncio.run(_tick_and_close(deps, run_id))
     finally:
-        tick_module.repo.load_state = real_load  # type: ignore[assignment]
+        tick_module.repo.load_tick_state = real_load  # type: ignore[assignment]
     assert message == "State changed"
     state = state_of(world, run_id)
     assert len(state.payments) == 1  # only the other ticker's

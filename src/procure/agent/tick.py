@@ -25,7 +25,7 @@ its paid checkpoint and move on (`planner.reconsider`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from eth_account.signers.local import LocalAccount
@@ -106,27 +106,38 @@ class TickResult:
 
 async def tick(deps: AgentDeps, run_id: str) -> TickResult:
     with deps.store.session() as s:
-        state = repo.load_state(s, run_id, observations=False)
+        state = repo.load_tick_state(s, run_id)
         if state is None:
             raise RunNotFound(run_id)
-        vendors = repo.list_vendors(s)
-        errors = repo.vendor_error_counts(s, run_id)
+        active = next((j for j in state.jobs if j.status in ACTIVE_JOB_STATUSES), None)
+        polling = (
+            state.run.status not in TERMINAL_RUN_STATUSES
+            and active is not None
+            and active.status == JobStatus.running
+        )
+        if polling:  # the hot path: only the job's vendor; the rest is loaded if planning
+            assert active is not None
+            job_vendor = repo.get_vendor_row(s, active.vendor_id)
+            vendors = [job_vendor] if job_vendor is not None else []
+            errors: dict[str, int] | None = None
+        else:
+            vendors = repo.list_vendors(s)
+            errors = repo.vendor_error_counts(s, run_id)
     if state.run.status in TERMINAL_RUN_STATUSES:
         return TickResult(f"Run already {state.run.status}")
     ctx = PlanContext(
         state=state,
         vendors=vendors,
-        errors_by_vendor=errors,
+        errors_by_vendor=errors or {},
         payment_overhead=deps.payment_overhead,
     )
-    active = next((j for j in state.jobs if j.status in ACTIVE_JOB_STATUSES), None)
     if active is not None:
         vendor = ctx.vendor(active.vendor_id)
         if vendor is None:
             return _fail_job(deps, active, None, f"vendor {active.vendor_id} left the registry")
         if active.status == JobStatus.submitted:
             return await _reconcile(deps, ctx, active, vendor)
-        return await _poll(deps, ctx, active, vendor)
+        return await _poll(deps, ctx, active, vendor, partial=errors is None)
     if await _settle_stray_slices(deps, ctx):
         # Nothing new while money is in doubt: the run must not end with it unsettled.
         return TickResult("Payment in doubt")
@@ -606,7 +617,19 @@ async def _reconcile_after_paid(
 # --- watching a running job ----------------------------------------------------------------
 
 
-async def _poll(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> TickResult:
+def _full_context(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
+    """`ctx` with every vendor and this run's error counts, for a poll that must plan."""
+    with deps.store.session() as s:
+        vendors = repo.list_vendors(s)
+        errors = repo.vendor_error_counts(s, ctx.state.run.id)
+    return replace(ctx, vendors=vendors, errors_by_vendor=errors)
+
+
+async def _poll(
+    deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor, *, partial: bool = False
+) -> TickResult:
+    """Poll a running job. `partial`: `ctx` holds only the job's vendor and no error counts
+    (enough to poll); the rest is loaded before anything that plans."""
     pending = next(
         (p for p in ctx.state.payments if p.job_id == job.id and p.status == PaymentStatus.pending),
         None,
@@ -629,17 +652,17 @@ async def _poll(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> 
     if vjob.checkpoint_url and (vjob.checkpoint_progress or 0.0) > saved + EPS:
         saved_url, saved = vjob.checkpoint_url, vjob.checkpoint_progress or 0.0
     with deps.store.session() as s:
-        for line in new_lines:
-            repo.add_observation(s, job.run_id, OBS.job_log, line, vendor_id=vendor.vendor_id)
-        repo.update_job(
+        repo.record_poll(
             s,
+            job.run_id,
             job.id,
             log_cursor=len(vjob.logs),
             progress=vjob.progress,
             checkpoint_url=saved_url,
             checkpoint_progress=saved,
         )
-        repo.update_run(s, job.run_id, progress=vjob.progress)
+        for line in new_lines:
+            repo.add_observation(s, job.run_id, OBS.job_log, line, vendor_id=vendor.vendor_id)
         if saved > job.checkpoint_progress + EPS:
             repo.add_observation(
                 s,
@@ -686,6 +709,8 @@ async def _poll(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> 
     paid = slices.paid_hours(job, ctx.state.payments)
     if slices.renewal_due(job, paid, vjob.progress):
         limit = slices.paid_until(job, paid)
+        if partial:
+            ctx = _full_context(deps, ctx)
         move = deps.reconsider(ctx, job, limit) if deps.reconsider else None
         if move is None:
             return await _renew(deps, ctx, job, vendor, paid)

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from procure.models import (
@@ -240,6 +240,95 @@ def load_state(s: Session, run_id: str, *, observations: bool = True) -> RunStat
         payments=[_model(Payment, r) for r in payments],
         observations=list_observations(s, run_id) if observations else [],
     )
+
+
+# The tick's hot statements, built once (no per-call construction or cache-key generation).
+_runs, _jobs, _payments, _vendors = (
+    RunRow.__table__,
+    JobRow.__table__,
+    PaymentRow.__table__,
+    VendorRow.__table__,
+)
+_RUN_BY_ID = select(_runs).where(_runs.c.id == bindparam("run_id"))
+_JOBS_OF_RUN = (
+    select(_jobs).where(_jobs.c.run_id == bindparam("run_id")).order_by(_jobs.c.created_at)
+)
+_PAYMENTS_OF_RUN = (
+    select(_payments)
+    .where(_payments.c.run_id == bindparam("run_id"))
+    .order_by(_payments.c.created_at)
+)
+_VENDOR_BY_ID = select(_vendors).where(_vendors.c.vendor_id == bindparam("vendor_id"))
+_JOB_POLLED = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("job_id"))
+    .values(
+        log_cursor=bindparam("log_cursor"),
+        progress=bindparam("progress"),
+        checkpoint_url=bindparam("checkpoint_url"),
+        checkpoint_progress=bindparam("checkpoint_progress"),
+        updated_at=bindparam("now"),
+    )
+)
+_RUN_POLLED = (
+    update(_runs)
+    .where(_runs.c.id == bindparam("run_id"))
+    .values(progress=bindparam("progress"), updated_at=bindparam("now"))
+)
+
+
+def load_tick_state(s: Session, run_id: str) -> RunState | None:
+    """`load_state` without observations, for a tick at the start of its own session: Core
+    selects of the three tables (no ORM objects, no identity map), each row validated straight
+    into its model. Nothing may be pending in `s` (a Core select does not autoflush)."""
+    conn = s.connection()
+    key = {"run_id": run_id}
+    row = conn.execute(_RUN_BY_ID, key).mappings().first()
+    if row is None:
+        return None
+    job_rows = conn.execute(_JOBS_OF_RUN, key).mappings().all()
+    payment_rows = conn.execute(_PAYMENTS_OF_RUN, key).mappings().all()
+    return RunState(
+        run=Run.model_validate(dict(row)),
+        jobs=[Job.model_validate(dict(r)) for r in job_rows],
+        payments=[Payment.model_validate(dict(r)) for r in payment_rows],
+        observations=[],
+    )
+
+
+def get_vendor_row(s: Session, vendor_id: str) -> Vendor | None:
+    """`get_vendor` by a Core select (a tick polling a job needs only the job's vendor)."""
+    row = s.connection().execute(_VENDOR_BY_ID, {"vendor_id": vendor_id}).mappings().first()
+    return Vendor.model_validate(dict(row)) if row else None
+
+
+def record_poll(
+    s: Session,
+    run_id: str,
+    job_id: str,
+    *,
+    log_cursor: int,
+    progress: float,
+    checkpoint_url: str | None,
+    checkpoint_progress: float,
+) -> None:
+    """A poll's progress: the job's (log cursor, progress, checkpoint) and the run's, as two
+    Core UPDATEs on the session's connection (no ORM synchronisation: the tick holds no
+    loaded rows of these tables in `s`)."""
+    now = utcnow()
+    conn = s.connection()
+    conn.execute(
+        _JOB_POLLED,
+        {
+            "job_id": job_id,
+            "log_cursor": log_cursor,
+            "progress": progress,
+            "checkpoint_url": checkpoint_url,
+            "checkpoint_progress": checkpoint_progress,
+            "now": now,
+        },
+    )
+    conn.execute(_RUN_POLLED, {"run_id": run_id, "progress": progress, "now": now})
 
 
 def refresh_budget(s: Session, run_id: str) -> int:
