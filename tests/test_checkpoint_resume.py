@@ -4,7 +4,6 @@ job's successor starts from the last checkpoint and is paid only for the work le
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,39 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from procure.agent.runtime import close_deps
-from procure.agent.tick import AgentDeps, tick
 from procure.api.app import create_app
 from procure.local import serve
-from procure.models import RunState, utcnow
+from procure.models import utcnow
 from procure.store import repo
-from world import World, start_world
-
-TERMINAL = {"completed", "failed", "aborted", "cancelled"}
-
-
-async def drive(deps: AgentDeps, run_id: str, limit_s: float = 60) -> list[str]:
-    messages = []
-    deadline = time.monotonic() + limit_s  # a safety net, not an assertion
-    try:
-        while time.monotonic() < deadline:
-            messages.append((await tick(deps, run_id)).message)
-            with deps.store.session() as s:
-                run = repo.get_run(s, run_id)
-            assert run is not None
-            if run.status in TERMINAL:
-                return messages
-            await asyncio.sleep(0.05)
-    finally:
-        await close_deps(deps)
-    raise AssertionError(f"run did not finish: {messages[-5:]}")
-
-
-def state_of(world: World, run_id: str) -> RunState:
-    with world.store.session() as s:
-        state = repo.load_state(s, run_id)
-    assert state is not None
-    return state
+from world import World, drive, start_world, state_of
 
 
 @pytest.fixture

@@ -16,36 +16,14 @@ import pytest
 
 from procure.agent.runtime import close_deps
 from procure.agent.tick import AgentDeps, tick
-from procure.models import RunState, usd_to_micros
+from procure.models import usd_to_micros
 from procure.payments.payer import PaymentLimits, build_payer, payment_nonce
 from procure.payments.settlements import SettlementLookupError
 from procure.store import repo
 from procure.vendors.client import VendorError
-from world import SECRET, World, start_world
+from world import SECRET, World, drive, start_world, state_of
 
-TERMINAL = {"completed", "failed", "aborted", "cancelled"}
 ZERO = "0x" + "0" * 40
-
-
-async def drive(deps: AgentDeps, run_id: str, limit_s: float = 60) -> list[str]:
-    messages = []
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        messages.append((await tick(deps, run_id)).message)
-        with deps.store.session() as s:
-            run = repo.get_run(s, run_id)
-        assert run is not None
-        if run.status in TERMINAL:
-            return messages
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"run did not finish: {messages[-5:]}")
-
-
-def state_of(world: World, run_id: str) -> RunState:
-    with world.store.session() as s:
-        state = repo.load_state(s, run_id)
-    assert state is not None
-    return state
 
 
 def paid_transfers(world: World) -> list[dict[str, Any]]:

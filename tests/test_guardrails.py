@@ -7,47 +7,18 @@ moves, the reason is observed, the vendor is penalised, and the run completes el
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from procure.agent.runtime import close_deps
-from procure.agent.tick import AgentDeps, tick
-from procure.models import RunState
 from procure.payments.payer import PaymentLimits, check_requirements
 from procure.store import repo
 from procure.vendors.mock import FOREIGN_ASSET, FOREIGN_NETWORK, FOREIGN_PAYEE
-from world import World, start_world
+from world import World, drive, start_world, state_of
 
-TERMINAL = {"completed", "failed", "aborted", "cancelled"}
 ZERO = "0x" + "0" * 40
-
-
-async def drive(deps: AgentDeps, run_id: str, limit_s: float = 60) -> list[str]:
-    messages = []
-    deadline = time.monotonic() + limit_s
-    try:
-        while time.monotonic() < deadline:
-            messages.append((await tick(deps, run_id)).message)
-            with deps.store.session() as s:
-                run = repo.get_run(s, run_id)
-            assert run is not None
-            if run.status in TERMINAL:
-                return messages
-            await asyncio.sleep(0.05)
-    finally:
-        await close_deps(deps)
-    raise AssertionError(f"run did not finish: {messages[-5:]}")
-
-
-def state_of(world: World, run_id: str) -> RunState:
-    with world.store.session() as s:
-        state = repo.load_state(s, run_id)
-    assert state is not None
-    return state
 
 
 def paid_transfers(world: World) -> list[dict[str, Any]]:

@@ -9,9 +9,7 @@ import httpx
 
 from procure.api.app import create_app
 from procure.local import serve
-from world import World
-
-TERMINAL = {"completed", "failed", "aborted", "cancelled"}
+from world import TERMINAL, World
 
 
 def tick_until_done(api: httpx.Client, run_id: str, limit_s: float = 60) -> list[dict[str, Any]]:

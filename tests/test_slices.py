@@ -5,7 +5,6 @@ its checkpoint, and the next job resumes there."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,39 +13,10 @@ import pytest
 
 from procure.agent.context import PlanContext
 from procure.agent.planner import heuristic_planner
-from procure.agent.runtime import close_deps
-from procure.agent.tick import AgentDeps, tick
-from procure.models import Action, Job, RunState
+from procure.models import Action, Job
 from procure.payments.payer import payment_nonce
-from procure.store import repo
 from procure.vendors.client import PaymentRefused, VendorClient, VendorError
-from world import World, start_world
-
-TERMINAL = {"completed", "failed", "aborted", "cancelled"}
-
-
-async def drive(deps: AgentDeps, run_id: str, limit_s: float = 60) -> list[str]:
-    messages = []
-    deadline = time.monotonic() + limit_s  # a safety net, not an assertion
-    try:
-        while time.monotonic() < deadline:
-            messages.append((await tick(deps, run_id)).message)
-            with deps.store.session() as s:
-                run = repo.get_run(s, run_id)
-            assert run is not None
-            if run.status in TERMINAL:
-                return messages
-            await asyncio.sleep(0.05)
-    finally:
-        await close_deps(deps)
-    raise AssertionError(f"run did not finish: {messages[-5:]}")
-
-
-def state_of(world: World, run_id: str) -> RunState:
-    with world.store.session() as s:
-        state = repo.load_state(s, run_id)
-    assert state is not None
-    return state
+from world import World, drive, start_world, state_of
 
 
 def sliced(vendor_id: str, slice_hours: float = 0.25) -> Any:

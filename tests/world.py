@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from procure.agent.runtime import make_deps
 from procure.agent.tick import AgentDeps
 from procure.local import LocalServer, mock_vendor_config, start_facilitator, start_mock_vendor
-from procure.models import Vendor, usd_to_micros
+from procure.models import RunState, Vendor, usd_to_micros
 from procure.payments.chain import LocalChain
 from procure.payments.wallet import load_or_create_account
 from procure.settings import Settings
@@ -141,3 +141,41 @@ def start_world(
         for server in reversed(servers):
             server.stop()
         raise
+
+
+TERMINAL = {"completed", "failed", "aborted", "cancelled"}
+
+
+async def drive(deps: AgentDeps, run_id: str, limit_s: float = 60) -> list[str]:
+    """Tick a run until it ends; return the tick messages. Closes `deps`.
+
+    The time limit is a safety net against a hung test, not an assertion about speed.
+    """
+    import asyncio
+    import time
+
+    from procure.agent.runtime import close_deps
+    from procure.agent.tick import tick
+
+    messages: list[str] = []
+    deadline = time.monotonic() + limit_s
+    try:
+        while time.monotonic() < deadline:
+            messages.append((await tick(deps, run_id)).message)
+            with deps.store.session() as s:
+                run = repo.get_run(s, run_id)
+            assert run is not None
+            if run.status in TERMINAL:
+                return messages
+            await asyncio.sleep(0.05)
+    finally:
+        await close_deps(deps)
+    raise AssertionError(f"run did not finish: {messages[-5:]}")
+
+
+def state_of(world: World, run_id: str) -> RunState:
+    """The run's whole state, as the status endpoint shows it."""
+    with world.store.session() as s:
+        state = repo.load_state(s, run_id)
+    assert state is not None
+    return state
