@@ -222,20 +222,7 @@ async def _start_job(
         updated_at=now,
     )
     job.idempotency_key = f"job-{job.id}"
-    payment_id = repo.new_id()
-    payment = Payment(
-        _id=payment_id,
-        run_id=run.id,
-        job_id=job.id,
-        vendor_id=vendor.vendor_id,
-        amount=quote.amount,
-        status=PaymentStatus.pending,
-        nonce=payment_nonce(payment_id),
-        pay_to=vendor.pay_to,
-        hours=quote.hours,
-        created_at=now,
-        updated_at=now,
-    )
+    payment = _new_payment(run.id, job.id, vendor, quote.amount, quote.hours)
     with deps.store.session() as s:  # phase one: the intent, before any money moves
         # Write-lock the run first (a row lock on PostgreSQL, the write lock on SQLite), then
         # check against what is committed now, not what this tick read: whoever else ticked
@@ -284,6 +271,25 @@ def _intent_conflict(state: RunState | None, amount: int) -> str | None:
             f"{format_usd(state.run.budget_total)} ({format_usd(committed)} committed)"
         )
     return None
+
+
+def _new_payment(run_id: str, job_id: str, vendor: Vendor, amount: int, hours: float) -> Payment:
+    """A pending payment: its nonce is derived from its own id, so every retry reuses it."""
+    now = utcnow()
+    payment_id = repo.new_id()
+    return Payment(
+        _id=payment_id,
+        run_id=run_id,
+        job_id=job_id,
+        vendor_id=vendor.vendor_id,
+        amount=amount,
+        status=PaymentStatus.pending,
+        nonce=payment_nonce(payment_id),
+        pay_to=vendor.pay_to,
+        hours=hours,
+        created_at=now,
+        updated_at=now,
+    )
 
 
 # --- submitting and paying -----------------------------------------------------------------
@@ -780,21 +786,7 @@ async def _renew(
     rejection = check_renewal(ctx, job, quote)
     if rejection is not None:  # the job runs out its paid time; then the run moves on
         return TickResult(f"Slice not bought: {rejection}")
-    now = utcnow()
-    payment_id = repo.new_id()
-    payment = Payment(
-        _id=payment_id,
-        run_id=job.run_id,
-        job_id=job.id,
-        vendor_id=vendor.vendor_id,
-        amount=quote.amount,
-        status=PaymentStatus.pending,
-        nonce=payment_nonce(payment_id),
-        pay_to=vendor.pay_to,
-        hours=hours,
-        created_at=now,
-        updated_at=now,
-    )
+    payment = _new_payment(job.run_id, job.id, vendor, quote.amount, hours)
     with deps.store.session() as s:  # phase one: the intent
         repo.update_run(s, job.run_id)  # write-lock the run, then check what is committed
         conflict = _slice_conflict(repo.load_state(s, job.run_id, observations=False), job, quote)
