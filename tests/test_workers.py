@@ -58,6 +58,10 @@ def _env(world: World) -> dict[str, str]:
         # The local facilitator settles one payment at a time: a burst of starts queues there.
         "VENDOR_TIMEOUT_S": "30",
         "VENDOR_COOLDOWN_S": "0",
+        # Whole-job payments: this test is about leases and money under concurrency, and
+        # pay-as-you-go slices (tested in test_slices.py) would multiply the settlements that
+        # the one local chain must serialise.
+        "PAYMENT_OVERHEAD_USD": "5",
     }
 
 
@@ -106,8 +110,22 @@ def _wait_all_done(world: World, run_ids: list[str], procs: list[Any], limit_s: 
     while (left := _open_runs(world, run_ids)) > 0:
         for proc, log in procs:
             assert proc.poll() is None, f"{proc.args} died:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"{left} of {len(run_ids)} runs still open"
+        assert time.monotonic() < deadline, f"{left} of {len(run_ids)} runs still open: " + (
+            _stuck(world, run_ids)
+        )
         time.sleep(0.25)
+
+
+def _stuck(world: World, run_ids: list[str]) -> str:
+    """The last observations of the runs still open, to say why they are."""
+    lines = []
+    with world.store.session() as s:
+        for run_id in run_ids:
+            state = repo.load_state(s, run_id)
+            if state is not None and state.run.status not in TERMINAL_RUN_STATUSES:
+                last = [o.content[:120] for o in state.observations[-3:]]
+                lines.append(f"{run_id}: {last}")
+    return "\n".join(lines[:10])
 
 
 def _tick_log(world: World) -> list[TickLogRow]:
