@@ -18,16 +18,7 @@ from procure.local import free_port, start_facilitator
 from procure.payments.chain import LocalChain
 from procure.payments.facilitator import fund_wallet_once
 from procure.payments.wallet import load_or_create_account
-
-
-def procure(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "procure.cli", *args],
-        env={**os.environ, "COLUMNS": "200", **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from world import procure_cli as procure
 
 
 def test_wallet_shows_address_and_balance_and_funds_without_showing_the_key(

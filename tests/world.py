@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,3 +181,14 @@ def state_of(world: World, run_id: str) -> RunState:
         state = repo.load_state(s, run_id)
     assert state is not None
     return state
+
+
+def procure_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the `procure` command as a user would, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "procure.cli", *args],
+        env={**os.environ, "COLUMNS": "200", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

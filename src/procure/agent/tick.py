@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 from eth_account.signers.local import LocalAccount
 from sqlalchemy.orm import Session
+from x402 import x402Client
 
 from procure.agent import slices
 from procure.agent.context import DEFAULT_PAYMENT_OVERHEAD, PlanContext
@@ -273,6 +274,13 @@ def _intent_conflict(state: RunState | None, amount: int) -> str | None:
     return None
 
 
+def _payer(deps: AgentDeps, payment: Payment, limits: PaymentLimits) -> x402Client:
+    """The x402 client for one payment: its own nonce and expiry, behind `limits`."""
+    return build_payer(
+        deps.account, payment.nonce, limits, valid_before=_valid_before(deps, payment)
+    )
+
+
 def _new_payment(run_id: str, job_id: str, vendor: Vendor, amount: int, hours: float) -> Payment:
     """A pending payment: its nonce is derived from its own id, so every retry reuses it."""
     now = utcnow()
@@ -324,9 +332,7 @@ async def _submit(
         if balance is not None:
             return _insufficient_balance(deps, job, payment, vendor, balance)
     limits = _limits(payment, vendor)
-    payer = build_payer(
-        deps.account, payment.nonce, limits, valid_before=_valid_before(deps, payment)
-    )
+    payer = _payer(deps, payment, limits)
     try:
         submitted = await deps.vendors.submit(
             vendor,
@@ -850,9 +856,7 @@ async def _pay_slice(
     first_attempt: bool,
 ) -> TickResult:
     limits = _limits(payment, vendor)
-    payer = build_payer(
-        deps.account, payment.nonce, limits, valid_before=_valid_before(deps, payment)
-    )
+    payer = _payer(deps, payment, limits)
     try:
         renewed = await deps.vendors.renew(
             vendor,
