@@ -196,6 +196,8 @@ def wallet(
     key). --fund AMOUNT mints test dollars to it first (local facilitator only)."""
     import httpx
 
+    from procure.bounds import UnsafeInput, loads
+
     settings = get_settings()
     address = _wallet(settings).address
     url = settings.facilitator_url
@@ -206,8 +208,9 @@ def wallet(
                 minted.raise_for_status()
             answer = http.get(f"/balance/{address}")
             answer.raise_for_status()
-            balance = answer.json()
-    except httpx.HTTPError as exc:
+            balance = loads(answer.content)
+            float(balance["balance"])
+    except (httpx.HTTPError, UnsafeInput, KeyError, TypeError, ValueError) as exc:
         console.print(
             f"[red]the facilitator at {url} did not answer ({type(exc).__name__}: {exc}); "
             "start it with `procure facilitator` or set X402_FACILITATOR_URL"
@@ -229,9 +232,8 @@ def mock_vendor(
 ) -> None:
     """Run a mock GPU vendor. Honours GPU_VENDOR_SECRET, FAIL_VENDOR_ID, FAIL_RATE, FAIL_AT."""
     import uvicorn
-    from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 
-    from procure.local import mock_vendor_config
+    from procure.local import facilitator_client, mock_vendor_config
     from procure.vendors.mock import create_mock_vendor_app
     from procure.vendors.registry import default_vendors
 
@@ -245,11 +247,11 @@ def mock_vendor(
         settings.facilitator_url,
         settings.gpu_vendor_secret.get_secret_value(),
         job_seconds=job_seconds or settings.mock_job_seconds,
-        fail_rate=(settings.fail_rate or 1.0) if fails else 0.0,
+        fail_rate=(1.0 if settings.fail_rate is None else settings.fail_rate) if fails else 0.0,
         fail_at=settings.fail_at,
     )
-    facilitator_client = HTTPFacilitatorClient(FacilitatorConfig(url=settings.facilitator_url))
-    uvicorn.run(create_mock_vendor_app(cfg, facilitator_client), host="127.0.0.1", port=port)
+    facilitator = facilitator_client(settings.facilitator_url)
+    uvicorn.run(create_mock_vendor_app(cfg, facilitator), host="127.0.0.1", port=port)
 
 
 @vendors_app.command("seed")

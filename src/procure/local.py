@@ -15,6 +15,8 @@ import uvicorn
 from fastapi import FastAPI
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 
+from procure.bounds import UnsafeInput, loads
+from procure.httpbounds import bounded_client
 from procure.models import Vendor
 from procure.payments.chain import LocalChain
 from procure.payments.facilitator import create_facilitator_app
@@ -70,8 +72,8 @@ def asset_info(facilitator_url: str) -> dict[str, object]:
         try:
             response = httpx.get(f"{facilitator_url}/asset", timeout=5)
             response.raise_for_status()
-            return dict(response.json())
-        except httpx.HTTPError as exc:
+            return dict(loads(response.content))
+        except (httpx.HTTPError, UnsafeInput, TypeError, ValueError) as exc:
             last = exc
             time.sleep(0.2)
     raise RuntimeError(f"facilitator at {facilitator_url} is not answering: {last}")
@@ -96,8 +98,13 @@ def mock_vendor_config(
     return MockVendorConfig(**fields)  # type: ignore[arg-type]
 
 
+def facilitator_client(facilitator_url: str, timeout_s: float = 10.0) -> HTTPFacilitatorClient:
+    """The x402 SDK's facilitator client, each of its calls bounded in time and size."""
+    http = bounded_client(deadline_s=timeout_s, follow_redirects=False)
+    return HTTPFacilitatorClient(FacilitatorConfig(url=facilitator_url, http_client=http))
+
+
 def start_mock_vendor(
     cfg: MockVendorConfig, facilitator_url: str, port: int | None = None
 ) -> LocalServer:
-    facilitator = HTTPFacilitatorClient(FacilitatorConfig(url=facilitator_url))
-    return serve(create_mock_vendor_app(cfg, facilitator), port)
+    return serve(create_mock_vendor_app(cfg, facilitator_client(facilitator_url)), port)

@@ -169,6 +169,12 @@ class Run(Model):
     progress: float = 0.0
     status_reason: str | None = None
     deadline: datetime | None = Field(None, description="When the job must be done by, if ever")
+    cancel_requested_at: datetime | None = Field(
+        None, description="When a user asked to cancel the run (it ends `cancelled`)"
+    )
+    cancel_reason: str | None = Field(None, description="Who asked to cancel, and why")
+    troubles: int = Field(0, description="Ticks in a row that found no way forward")
+    log_lines: int = Field(0, description="Vendor log lines kept for this run")
     created_at: datetime
     updated_at: datetime
 

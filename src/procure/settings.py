@@ -47,7 +47,13 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(20.0, validation_alias="LLM_TIMEOUT_S")
     vendor_timeout_s: float = Field(10.0, validation_alias="VENDOR_TIMEOUT_S")
     fail_vendor_id: str | None = Field(None, validation_alias="FAIL_VENDOR_ID")
-    fail_rate: float = Field(0.0, ge=0, le=1, validation_alias="FAIL_RATE")
+    fail_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        validation_alias="FAIL_RATE",
+        description="Share of FAIL_VENDOR_ID's jobs that fail (unset: all; 0: none)",
+    )
     fail_at: float = Field(0.47, gt=0, lt=1, validation_alias="FAIL_AT")
     mock_job_seconds: float = Field(6.0, gt=0, validation_alias="MOCK_JOB_SECONDS")
     vendor_cooldown_s: float = Field(300.0, ge=0, validation_alias="VENDOR_COOLDOWN_S")

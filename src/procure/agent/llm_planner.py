@@ -37,6 +37,8 @@ from pydantic import ValidationError
 from procure.agent.context import PlanContext, reliability
 from procure.agent.guard import check_action
 from procure.agent.planner import Planner, heuristic_planner
+from procure.bounds import UnsafeInput, loads
+from procure.httpbounds import bounded_client
 from procure.models import (
     Action,
     JobStatus,
@@ -146,9 +148,9 @@ def _parse_answer(content: str) -> dict[str, Any]:
     if text.startswith("```"):  # models in json_object mode sometimes fence their answer
         text = text.strip("`").removeprefix("json").strip()
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _Rejected(f"answer is not valid JSON ({exc.msg})") from None
+        data = loads(text, max_bytes=64 << 10)
+    except UnsafeInput as exc:
+        raise _Rejected(f"answer is not usable JSON ({str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise _Rejected(f"answer is JSON but not an object ({type(data).__name__})")
     return data
@@ -279,6 +281,8 @@ def make_llm_planner(settings: Settings, *, client: AsyncOpenAI | None = None) -
             base_url=settings.llm_base_url,
             timeout=settings.llm_timeout_s,
             max_retries=0,  # the next tick is the retry; a tick must stay short
+            # One deadline for the whole exchange and a bounded answer, whatever the server does.
+            http_client=bounded_client(deadline_s=settings.llm_timeout_s),
         )
     return LLMPlanner(
         client, settings.fireworks_model, timeout_s=settings.llm_timeout_s, secrets=(key,)

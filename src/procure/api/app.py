@@ -31,6 +31,7 @@ from procure.agent.worker import (
 )
 from procure.api import metrics
 from procure.api.schemas import StartRequest, TickRequest
+from procure.asgibounds import BoundedRequests
 from procure.models import Vendor, usd_to_micros, utcnow
 from procure.settings import Settings
 from procure.store import Store, repo
@@ -93,6 +94,8 @@ def create_app(
         description="Rents GPU compute for a goal within a hard budget, paying over x402.",
         lifespan=lifespan,
     )
+
+    app.add_middleware(BoundedRequests)  # outermost: before any parser or authentication
 
     def require_token(authorization: str | None = Header(None)) -> None:
         if settings.api_token is None:

@@ -16,6 +16,7 @@ from fastapi import Body, FastAPI
 from pydantic import BaseModel, Field
 from x402.schemas import PaymentPayload, PaymentRequirements
 
+from procure.asgibounds import BoundedRequests
 from procure.models import format_usd, usd_to_micros
 from procure.payments.chain import LocalChain, make_facilitator
 
@@ -40,6 +41,8 @@ def create_facilitator_app(chain: LocalChain) -> FastAPI:
     app = FastAPI(title="procure local x402 facilitator")
     app.state.chain = chain
     app.state.facilitator = facilitator
+
+    app.add_middleware(BoundedRequests)  # outermost: before any parser or authentication
 
     @app.get("/supported")
     async def supported() -> dict[str, Any]:

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import httpx
 
+from procure.bounds import UnsafeInput, loads
+from procure.httpbounds import bounded_client
+
 
 @dataclass(frozen=True)
 class Settlement:
@@ -22,23 +25,39 @@ class SettlementLookupError(Exception):
 class FacilitatorLedger:
     """Reads the local facilitator's settlement records over HTTP."""
 
-    def __init__(self, url: str, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=url, transport=transport or httpx.AsyncHTTPTransport(), timeout=10
+    def __init__(
+        self,
+        url: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self._http = bounded_client(
+            deadline_s=timeout_s, max_bytes=64 << 10, transport=transport, base_url=url
         )
 
     async def lookup(self, payer: str, nonce: str) -> Settlement:
         try:
             response = await self._http.get(f"/authorizations/{payer}/{nonce}")
             response.raise_for_status()
-            data = response.json()
+            data = loads(response.content)
             amount = data.get("amount")
+            transaction = data.get("transaction")
+            if transaction is not None and not isinstance(transaction, str):
+                raise ValueError("transaction is not a string")
             return Settlement(
                 used=bool(data["used"]),
-                transaction=data.get("transaction"),
+                transaction=transaction[:200] if transaction else transaction,
                 amount=int(amount) if amount is not None else None,
             )
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
+        except (
+            httpx.HTTPError,
+            UnsafeInput,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as exc:
             raise SettlementLookupError(f"facilitator lookup failed: {exc}") from exc
 
     async def balance(self, address: str) -> int:
@@ -46,7 +65,7 @@ class FacilitatorLedger:
         try:
             response = await self._http.get(f"/balance/{address}")
             response.raise_for_status()
-            return int(response.json()["atomic"])
+            return int(loads(response.content)["atomic"])
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             raise SettlementLookupError(f"facilitator balance lookup failed: {exc}") from exc
 

@@ -60,6 +60,8 @@ class VendorRow(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0)
     gpu_hours: Mapped[float] = mapped_column(Float, default=0.0)
     cooldown_until: Mapped[datetime | None]
+    # The vendor's own bearer credential, encrypted (procure.vendors.credentials); None: none.
+    credential: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -77,6 +79,13 @@ class RunRow(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     status_reason: Mapped[str | None] = mapped_column(Text)
     deadline: Mapped[datetime | None]
+    # A user asked to stop the run: the next tick cancels its job and ends it `cancelled`.
+    cancel_requested_at: Mapped[datetime | None]
+    cancel_reason: Mapped[str | None] = mapped_column(Text)
+    # Ticks in a row that found no way forward; past a bound the run ends `failed`.
+    troubles: Mapped[int] = mapped_column(Integer, default=0)
+    # Vendor log lines kept as observations; past a bound the rest are counted, not kept.
+    log_lines: Mapped[int] = mapped_column(Integer, default=0)
     # Worker lease: who may tick this run, until when, and when it is next due.
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[datetime | None]

@@ -21,6 +21,8 @@ from x402.http.utils import (
 )
 from x402.schemas import PaymentRequirements
 
+from procure.bounds import UnsafeInput, clip, loads
+from procure.httpbounds import BoundedTransport
 from procure.models import JobSpec, Quote, Vendor
 from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
@@ -120,22 +122,26 @@ class Submitted:
 
 def _describe(exc: Exception) -> str:
     if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
+        return f"timed out ({exc})" if str(exc) else "timed out"
     if isinstance(exc, httpx.ConnectError):
         return "connection refused"
-    return f"{type(exc).__name__}: {exc}"
+    return clip(f"{type(exc).__name__}: {exc}", 500)
 
 
 def _json(response: httpx.Response, what: str) -> Any:
     if response.status_code >= 500:
         raise VendorError(f"{what}: HTTP {response.status_code}")
     try:
-        body = response.json()
-    except ValueError as exc:
-        raise VendorError(f"{what}: malformed JSON (HTTP {response.status_code})") from exc
+        body = loads(response.content)
+    except UnsafeInput as exc:
+        raise VendorError(
+            f"{what}: malformed JSON (HTTP {response.status_code}): {clip(str(exc), 200)}"
+        ) from exc
     if response.status_code >= 400:
         detail = body.get("error") or body.get("detail") if isinstance(body, dict) else body
-        raise VendorError(f"{what}: HTTP {response.status_code}: {detail}", retryable=False)
+        raise VendorError(
+            f"{what}: HTTP {response.status_code}: {clip(str(detail), 500)}", retryable=False
+        )
     return body
 
 
@@ -143,7 +149,8 @@ class VendorClient:
     """Talks to any vendor speaking procure's vendor protocol.
 
     `transport` is the underlying httpx transport: real sockets by default, or an
-    `httpx.ASGITransport` to reach in-process vendors without sockets.
+    `httpx.ASGITransport` to reach in-process vendors without sockets. Every exchange is
+    bounded: `timeout_s` in all (connect to last byte) and `max_bytes` of answer.
     """
 
     def __init__(
@@ -152,8 +159,11 @@ class VendorClient:
         *,
         timeout_s: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_bytes: int | None = None,
     ) -> None:
-        self._transport = transport or httpx.AsyncHTTPTransport()
+        self._transport = BoundedTransport(
+            transport, deadline_s=timeout_s, **({"max_bytes": max_bytes} if max_bytes else {})
+        )
         self._headers = {"Authorization": f"Bearer {secret}"}
         self._timeout = httpx.Timeout(timeout_s)
         self._http = httpx.AsyncClient(

@@ -40,6 +40,7 @@ from x402.http.utils import decode_payment_required_header, encode_payment_requi
 from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.schemas import AssetAmount
 
+from procure.asgibounds import BoundedRequests
 from procure.models import format_usd, micros_to_usd, usd_to_micros
 from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
@@ -416,6 +417,7 @@ def create_mock_vendor_app(
     app.add_middleware(
         _PaidChain, chain=[paying, foreign_network, idempotent_submit, idempotent_renew]
     )
+    app.add_middleware(BoundedRequests)  # outermost: before any parser or the payment
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -1,0 +1,85 @@
+"""Bounds on everything that comes from outside: JSON depth and size, text length.
+
+Python's JSON parser guards its depth with the interpreter's recursion limit, and the EVM
+libraries we import (py-evm, py_ecc) raise that limit to 100,000, so a body of 100,000 `[`
+overflows the C stack and kills the process. Every JSON the project parses from outside goes
+through `loads` (or `check_json`), which measures the nesting without recursion first.
+Imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import accumulate
+from typing import Any
+
+MAX_JSON_DEPTH = 64
+"""Deeper than any document of ours or of the protocols we speak (x402 nests ~6 levels)."""
+MAX_REQUEST_BYTES = 1 << 20
+"""A request body to any of our services (1 MiB): 413 above it."""
+MAX_ANSWER_BYTES = 2 << 20
+"""An answer from a vendor, the facilitator, an LLM, a cloud or a node (2 MiB)."""
+MAX_TEXT_CHARS = 4_000
+"""One stored text from outside (a log line, an error, an observation)."""
+
+
+class UnsafeInput(ValueError):
+    """Input from outside that is too large, too deep or not JSON at all."""
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_STEP = [0] * 256
+_STEP[ord("[")] = _STEP[ord("{")] = 1
+_STEP[ord("]")] = _STEP[ord("}")] = -1
+
+
+def json_depth(raw: bytes | str) -> int:
+    """How deep the arrays and objects of `raw` nest (brackets inside strings do not count).
+    Linear and without recursion, so it is safe on any input; on text that is not JSON the
+    figure is meaningless but finite."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    if data.count(b"[") + data.count(b"{") <= 1:
+        return data.count(b"[") + data.count(b"{")
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
+
+
+def check_json(
+    raw: bytes | str, *, max_bytes: int = MAX_ANSWER_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> None:
+    """Raise `UnsafeInput` if `raw` is larger than `max_bytes` or nests deeper than
+    `max_depth`."""
+    size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
+    if size > max_bytes:
+        raise UnsafeInput(f"{size:,} bytes, more than the {max_bytes:,} allowed")
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise UnsafeInput(f"JSON nested {depth:,} levels deep, more than the {max_depth} allowed")
+
+
+def loads(
+    raw: bytes | str, *, max_bytes: int = MAX_ANSWER_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> Any:
+    """`json.loads` for input from outside: bounded size and depth, and no NaN or Infinity
+    (they are not JSON, and money must be finite). Raises `UnsafeInput`."""
+    check_json(raw, max_bytes=max_bytes, max_depth=max_depth)
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except UnsafeInput:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise UnsafeInput(f"not JSON: {exc}") from exc
+
+
+def _no_constant(name: str) -> Any:
+    raise UnsafeInput(f"not JSON: {name}")
+
+
+def clip(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - 40)  # room for the note
+    return f"{text[:keep]} … [{len(text) - keep:,} characters cut]"
