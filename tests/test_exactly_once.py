@@ -334,7 +334,7 @@ def test_payment_in_doubt_when_its_run_ended_is_settled_by_the_worker(healthy: W
     # A run finished elsewhere while one of its payments was in doubt (a signed authorisation
     # turned down, still valid). Nobody ticks an ended run: the worker's settler records the
     # payment's fate once the ledger knows it, here: settled after all, and expired unused.
-    from procure.agent.tick import settle_ended_runs
+    from procure.agent.reconcile import settle_ended_runs
 
     world = healthy
     run_id = world.new_run()

@@ -150,7 +150,7 @@ def _parse_answer(content: str) -> dict[str, Any]:
     try:
         data = loads(text, max_bytes=64 << 10)
     except UnsafeInput as exc:
-        raise _Rejected(f"answer is not usable JSON ({str(exc)[:200]})") from None
+        raise _Rejected(f"answer is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise _Rejected(f"answer is JSON but not an object ({type(data).__name__})")
     return data

@@ -29,11 +29,12 @@ def make_deps(
     facilitator_transport: httpx.AsyncBaseTransport | None = None,
 ) -> AgentDeps:
     from procure.vendors.client import VendorClient
+    from procure.vendors.credentials import Keyring
 
     return AgentDeps(
         store=store,
         vendors=VendorClient(
-            settings.gpu_vendor_secret.get_secret_value(),
+            Keyring.load(settings.home),  # each vendor's own stored credential, to it alone
             timeout_s=settings.vendor_timeout_s,
             transport=vendor_transport,
         ),

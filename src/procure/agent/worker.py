@@ -26,7 +26,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procure.agent.tick import AgentDeps, RunNotFound, TickResult, settle_ended_runs, tick
+from procure.agent.deps import AgentDeps, RunNotFound, TickResult
+from procure.agent.reconcile import settle_ended_runs
+from procure.agent.tick import tick
 from procure.models import utcnow
 from procure.store import Store, leases, repo
 

@@ -1,0 +1,54 @@
+"""What a tick needs from the outside world, and what it answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eth_account.signers.local import LocalAccount
+
+from procure.agent.context import DEFAULT_PAYMENT_OVERHEAD
+from procure.agent.planner import Planner, Reconsider, heuristic_planner, reconsider
+from procure.models import (
+    Action,
+    ObservationType,
+)
+from procure.payments.settlements import FacilitatorLedger
+from procure.store import Store
+from procure.vendors.client import VendorClient
+
+OBS = ObservationType
+EPS = 1e-9  # progress is compared with this tolerance
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+@dataclass
+class AgentDeps:
+    """What a tick needs from the outside world."""
+
+    store: Store
+    vendors: VendorClient
+    account: LocalAccount
+    ledger: FacilitatorLedger
+    planner: Planner = heuristic_planner
+    cooldown_s: float = 300.0
+    auth_window_s: float = 300.0
+    """How long a payment's signed authorisation stays valid after the payment is created."""
+    auth_margin_s: float = 30.0
+    """Clock skew allowed past `validBefore` before an unused authorisation counts as dead."""
+    payment_overhead: int = DEFAULT_PAYMENT_OVERHEAD
+    """What the planner counts each extra payment as costing, in micro-USD."""
+    reconsider: Reconsider | None = reconsider
+    """Asked at each renewal of a sliced job whether to stop at the paid checkpoint and move;
+    None: always renew."""
+
+
+@dataclass(frozen=True)
+class TickResult:
+    message: str
+    action: Action | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"message": self.message, "action": self.action.to_json() if self.action else None}

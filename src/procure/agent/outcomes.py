@@ -1,0 +1,201 @@
+"""Recording what happened: payments and their authorisation windows, failed and stopped jobs,
+vendor trouble and penalties. Shared by every step of the tick."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.orm import Session
+from x402 import x402Client
+
+from procure.agent import slices
+from procure.agent.context import PlanContext
+from procure.agent.deps import OBS, AgentDeps, TickResult
+from procure.models import (
+    Job,
+    JobStatus,
+    Payment,
+    PaymentStatus,
+    Vendor,
+    utcnow,
+)
+from procure.payments.payer import (
+    PaymentLimits,
+    authorization_deadline,
+    build_payer,
+    payment_nonce,
+)
+from procure.payments.settlements import SettlementLookupError
+from procure.store import repo
+from procure.vendors.protocol import VendorJob
+
+
+def payment_limits(payment: Payment, vendor: Vendor) -> PaymentLimits:
+    return PaymentLimits(
+        max_amount=payment.amount, pay_to=vendor.pay_to, asset=vendor.asset, network=vendor.network
+    )
+
+
+def valid_before(deps: AgentDeps, payment: Payment) -> int:
+    return authorization_deadline(payment.created_at, deps.auth_window_s)
+
+
+def authorization_expired(deps: AgentDeps, payment: Payment) -> bool:
+    """Whether the payment's authorisation can no longer be settled by anyone."""
+    return time.time() > valid_before(deps, payment) + deps.auth_margin_s
+
+
+def valid_until(deps: AgentDeps, payment: Payment) -> str:
+    return datetime.fromtimestamp(valid_before(deps, payment), UTC).strftime("%H:%M:%S UTC")
+
+
+def payer_for(deps: AgentDeps, payment: Payment, limits: PaymentLimits) -> x402Client:
+    """The x402 client for one payment: its own nonce and expiry, behind `limits`."""
+    return build_payer(
+        deps.account, payment.nonce, limits, valid_before=valid_before(deps, payment)
+    )
+
+
+def new_payment(run_id: str, job_id: str, vendor: Vendor, amount: int, hours: float) -> Payment:
+    """A pending payment: its nonce is derived from its own id, so every retry reuses it."""
+    now = utcnow()
+    payment_id = repo.new_id()
+    return Payment(
+        _id=payment_id,
+        run_id=run_id,
+        job_id=job_id,
+        vendor_id=vendor.vendor_id,
+        amount=amount,
+        status=PaymentStatus.pending,
+        nonce=payment_nonce(payment_id),
+        pay_to=vendor.pay_to,
+        hours=hours,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+async def settled_tx(deps: AgentDeps, payment: Payment) -> str | None:
+    try:
+        return (await deps.ledger.lookup(deps.account.address, payment.nonce)).transaction
+    except SettlementLookupError:
+        return None
+
+
+def paid_values(payment: Payment, tx: str | None, amount: int | None) -> dict[str, object]:
+    """A payment's completion: its transaction and, if the vendor took less than quoted, what
+    really moved (so the store's sums match the chain's)."""
+    paid: dict[str, object] = {"status": PaymentStatus.completed, "x402_tx_id": tx}
+    if amount is not None and 0 < amount < payment.amount:
+        paid["amount"] = amount
+    return paid
+
+
+def paid_for(ctx: PlanContext, job: Job) -> int:
+    return sum(
+        p.amount
+        for p in ctx.state.payments
+        if p.job_id == job.id and p.status == PaymentStatus.completed
+    )
+
+
+def gpu_hours_run(job: Job, progress: float) -> float:
+    """GPU-hours the job ran for, from where it started to `progress` of the run."""
+    return max(0.0, progress - job.start_progress) * slices.total_hours(job)
+
+
+def penalize_vendor(deps: AgentDeps, s: Session, vendor: Vendor, gpu_hours: float = 0.0) -> None:
+    """Count a failure against the vendor (with the GPU-hours it ran, for its hazard) and cool
+    it down: VENDOR_COOLDOWN_S before any planner may pick it again."""
+    repo.record_vendor_outcome(
+        s,
+        vendor.vendor_id,
+        success=False,
+        gpu_hours=gpu_hours,
+        cooldown_until=utcnow() + timedelta(seconds=deps.cooldown_s),
+    )
+
+
+def fail_job(
+    deps: AgentDeps,
+    job: Job,
+    vendor: Vendor | None,
+    reason: str,
+    *,
+    penalize: bool = True,
+    progress: float | None = None,
+    ctx: PlanContext | None = None,
+) -> TickResult:
+    ran = gpu_hours_run(job, progress if progress is not None else job.progress)
+    saved = max(job.checkpoint_progress, ctx.resume_progress if ctx else 0.0)
+    with deps.store.session() as s:
+        repo.update_job(
+            s,
+            job.id,
+            status=JobStatus.failed,
+            error_message=reason,
+            completed_at=utcnow(),
+            **({"progress": progress} if progress is not None else {}),
+            **({"actual_cost": paid_for(ctx, job)} if ctx else {}),
+        )
+        if vendor is not None and penalize:
+            penalize_vendor(deps, s, vendor, gpu_hours=ran)
+        if saved > 0:  # what the next job resumes from
+            repo.update_run(s, job.run_id, progress=saved)
+        where = f" at {progress:.0%}" if progress is not None else ""
+        kept = f"; the checkpoint at {saved:.0%} is kept" if saved > 0 else ""
+        repo.add_observation(
+            s,
+            job.run_id,
+            OBS.error,
+            f"{job.vendor_id} failed{where}: {reason}{kept}",
+            vendor_id=job.vendor_id,
+        )
+    return TickResult("Job failed")
+
+
+def vendor_trouble(
+    deps: AgentDeps,
+    run_id: str,
+    vendor: Vendor,
+    message: str,
+    *,
+    penalize: bool,
+    cool: bool = False,
+) -> None:
+    """Record trouble with a vendor. `cool`: it cannot take work now (down, no capacity), so
+    planners leave it alone for VENDOR_COOLDOWN_S, without counting it as a failure."""
+    with deps.store.session() as s:
+        repo.add_observation(s, run_id, OBS.error, message, vendor_id=vendor.vendor_id)
+        if penalize:
+            penalize_vendor(deps, s, vendor)
+        elif cool:
+            repo.cool_down(s, vendor.vendor_id, utcnow() + timedelta(seconds=deps.cooldown_s))
+
+
+def stop_job(
+    deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor, vjob: VendorJob, why: str
+) -> TickResult:
+    """End a job that is not the vendor's fault to end: paid time over, by choice or budget.
+    Its checkpoint stands; the next job resumes from it."""
+    with deps.store.session() as s:
+        repo.update_job(
+            s,
+            job.id,
+            status=JobStatus.cancelled,
+            error_message=f"stopped at {vjob.progress:.0%}: {why}",
+            actual_cost=paid_for(ctx, job),
+            completed_at=utcnow(),
+        )
+        repo.record_vendor_hours(s, vendor.vendor_id, gpu_hours_run(job, vjob.progress))
+        repo.update_run(s, job.run_id, progress=max(job.checkpoint_progress, ctx.resume_progress))
+        repo.add_observation(
+            s,
+            job.run_id,
+            OBS.job_event,
+            f"Job {vjob.job_id} at {vendor.vendor_id} stopped at {vjob.progress:.0%}, "
+            f"checkpoint at {job.checkpoint_progress:.0%} kept: {why}",
+            vendor_id=vendor.vendor_id,
+        )
+    return TickResult("Job stopped at a checkpoint")

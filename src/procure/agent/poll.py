@@ -1,0 +1,125 @@
+"""Watching a running job: poll the vendor, keep its log lines and checkpoint, complete, fail or
+stop the job, and buy the next slice when it is due."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from procure.agent import slices
+from procure.agent.context import PlanContext
+from procure.agent.deps import EPS, OBS, AgentDeps, TickResult
+from procure.agent.outcomes import fail_job, gpu_hours_run, paid_for, stop_job, vendor_trouble
+from procure.agent.renewals import renew, retry_slice, settle_in_doubt
+from procure.crashpoints import crash_point
+from procure.models import (
+    Job,
+    JobStatus,
+    PaymentStatus,
+    RunStatus,
+    Vendor,
+    utcnow,
+)
+from procure.store import repo
+from procure.vendors.client import VendorError
+
+
+def full_context(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
+    """`ctx` with every vendor and this run's error counts, for a poll that must plan."""
+    with deps.store.session() as s:
+        vendors = repo.list_vendors(s)
+        errors = repo.vendor_error_counts(s, ctx.state.run.id)
+    return replace(ctx, vendors=vendors, errors_by_vendor=errors)
+
+
+async def poll(
+    deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor, *, partial: bool = False
+) -> TickResult:
+    """Poll a running job. `partial`: `ctx` holds only the job's vendor and no error counts
+    (enough to poll); the rest is loaded before anything that plans."""
+    pending = next(
+        (p for p in ctx.state.payments if p.job_id == job.id and p.status == PaymentStatus.pending),
+        None,
+    )
+    if pending is not None and not pending.error_message:  # a slice bought before a crash
+        return await retry_slice(deps, job, pending, vendor)
+    if pending is not None and await settle_in_doubt(deps, job, pending, vendor) is None:
+        pending = None  # settled or expired: from now on it is just history
+    try:
+        vjob = await deps.vendors.status(vendor, vendor_job_id=job.vendor_job_id)
+    except VendorError as exc:
+        vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
+        return TickResult("Vendor error")
+    crash_point("polled")
+    if vjob is None:
+        return fail_job(deps, job, vendor, f"{vendor.vendor_id} has no record of the job")
+    new_lines = vjob.logs[job.log_cursor :]
+    now = utcnow()
+    saved_url, saved = job.checkpoint_url, job.checkpoint_progress
+    if vjob.checkpoint_url and (vjob.checkpoint_progress or 0.0) > saved + EPS:
+        saved_url, saved = vjob.checkpoint_url, vjob.checkpoint_progress or 0.0
+    with deps.store.session() as s:
+        repo.record_poll(
+            s,
+            job.run_id,
+            job.id,
+            log_cursor=len(vjob.logs),
+            progress=vjob.progress,
+            checkpoint_url=saved_url,
+            checkpoint_progress=saved,
+        )
+        for line in new_lines:
+            repo.add_observation(s, job.run_id, OBS.job_log, line, vendor_id=vendor.vendor_id)
+        if saved > job.checkpoint_progress + EPS:
+            repo.add_observation(
+                s,
+                job.run_id,
+                OBS.job_event,
+                f"Checkpoint at {saved:.0%} saved at {vendor.vendor_id}: {saved_url}",
+                vendor_id=vendor.vendor_id,
+            )
+        if vjob.status == "completed":
+            repo.update_job(
+                s,
+                job.id,
+                status=JobStatus.completed,
+                metrics=vjob.metrics,
+                artifact_url=vjob.artifact_url,
+                actual_cost=paid_for(ctx, job),
+                completed_at=now,
+            )
+            # A slice payment still in doubt keeps the run open until its fate is known.
+            done = pending is None
+            repo.update_run(
+                s, job.run_id, progress=1.0, **({"status": RunStatus.completed} if done else {})
+            )
+            repo.record_vendor_outcome(
+                s, vendor.vendor_id, success=True, gpu_hours=gpu_hours_run(job, 1.0)
+            )
+            repo.add_observation(
+                s,
+                job.run_id,
+                OBS.job_event,
+                f"Job {vjob.job_id} completed at {vendor.vendor_id}: {vjob.metrics}; "
+                f"artifact {vjob.artifact_url}",
+                vendor_id=vendor.vendor_id,
+            )
+            return TickResult("Job completed")
+    job = job.model_copy(update={"checkpoint_url": saved_url, "checkpoint_progress": saved})
+    if vjob.status in ("failed", "cancelled"):
+        reason = vjob.error or f"job {vjob.status} by the vendor"
+        return fail_job(deps, job, vendor, reason, progress=vjob.progress, ctx=ctx)
+    if vjob.status == "expired":  # its paid time ran out before another slice was bought
+        return stop_job(deps, ctx, job, vendor, vjob, "its paid time ran out")
+    if pending is not None:  # a slice in doubt: buy no other until its fate is known
+        return TickResult(f"Job running ({vjob.progress:.0%}); a slice payment is in doubt")
+    paid = slices.paid_hours(job, ctx.state.payments)
+    if slices.renewal_due(job, paid, vjob.progress):
+        limit = slices.paid_until(job, paid)
+        if partial:
+            ctx = full_context(deps, ctx)
+        move = deps.reconsider(ctx, job, limit) if deps.reconsider else None
+        if move is None:
+            return await renew(deps, ctx, job, vendor, paid)
+        if vjob.progress >= limit - EPS:  # it has reached its paid checkpoint: let it go
+            return stop_job(deps, ctx, job, vendor, vjob, move)
+    return TickResult(f"Job running ({vjob.progress:.0%})")
