@@ -1,0 +1,114 @@
+"""The node's dead-man switch: its controller holds a lease (`POST /lease {"ttl_s", "holder"}`)
+and renews it; when a lease lapses without renewal the node runs its stop action
+(`GPU_WORKER_ON_ORPHAN`, e.g. `shutdown -h now`), so an instance whose controller died is not
+left running (and billing) forever. Off unless the action is configured; can be disarmed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+async def run_shell(command: str, timeout_s: float) -> int:
+    """Run the stop action; its exit status (-1: it outlived `timeout_s` and was killed). Its
+    output is not logged: the command may carry a credential and echo it."""
+    process = await asyncio.create_subprocess_shell(
+        command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        return await asyncio.wait_for(process.wait(), timeout_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return -1
+
+
+class DeadMan:
+    """Lease state and the watcher that fires once per lapse. `clock` is monotonic seconds."""
+
+    def __init__(
+        self,
+        action: str | None,
+        *,
+        timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        run: Callable[[str, float], Awaitable[int]] = run_shell,
+    ) -> None:
+        self._action = action
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._run = run
+        self._changed = asyncio.Event()
+        self.state = "off" if action is None else "idle"  # idle | armed | fired | disarmed
+        self.holder: str | None = None
+        self.ttl_s: float | None = None
+        self.expires_at: float | None = None
+        self.fired_reason: str | None = None
+        self.exit_status: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._action is not None
+
+    def renew(self, holder: str, ttl_s: float) -> dict[str, Any]:
+        """Take or renew the lease: the stop action runs `ttl_s` from now unless renewed."""
+        if self.holder not in (None, holder):
+            log.info("lease taken over by %s from %s", holder, self.holder)
+        self.holder, self.ttl_s = holder, ttl_s
+        self.expires_at = self._clock() + ttl_s
+        self.state, self.fired_reason, self.exit_status = "armed", None, None
+        self._changed.set()
+        return self.to_json()
+
+    def disarm(self) -> dict[str, Any]:
+        if self.state == "armed":
+            log.info("dead-man switch disarmed (lease of %s dropped)", self.holder)
+        self.state = "disarmed" if self.enabled else "off"
+        self.expires_at = None
+        self._changed.set()
+        return self.to_json()
+
+    def to_json(self) -> dict[str, Any]:
+        left = None if self.expires_at is None else round(self.expires_at - self._clock(), 3)
+        return {
+            "state": self.state,
+            "holder": self.holder,
+            "ttl_s": self.ttl_s,
+            "expires_in_s": left,
+            "fired_reason": self.fired_reason,
+            "exit_status": self.exit_status,
+        }
+
+    async def watch(self) -> None:
+        """Sleep until the lease would lapse (or changes); fire when it lapses. Runs forever."""
+        while True:
+            self._changed.clear()
+            wait = None
+            if self.state == "armed" and self.expires_at is not None:
+                wait = max(0.0, self.expires_at - self._clock())
+                if wait == 0.0:
+                    await self._fire()
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), wait)
+
+    async def _fire(self) -> None:
+        assert self._action is not None and self.ttl_s is not None
+        self.state = "fired"
+        self.fired_reason = (
+            f"the lease of {self.holder} lapsed: not renewed within its {self.ttl_s:g}s"
+        )
+        log.warning("%s; running the stop action (GPU_WORKER_ON_ORPHAN)", self.fired_reason)
+        try:
+            self.exit_status = await self._run(self._action, self._timeout_s)
+        except Exception as exc:  # a broken action must not kill the watcher
+            self.exit_status = -1
+            log.error("the stop action could not run: %s", type(exc).__name__)
+            return
+        log.warning("the stop action exited with status %s", self.exit_status)

@@ -1,0 +1,146 @@
+"""Registration with a go-livepeer orchestrator (BYOC): `POST /capability/register` with the raw
+secret in `Authorization`, retried with backoff until accepted, repeated periodically so an
+orchestrator that restarted (and forgot us) learns us again, and `unregister` on a clean stop.
+A refusal (400 `invalid_authorization`, any 4xx) is reported and not retried."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from procure.bounds import clip
+from procure.gpu.settings import GpuWorkerSettings
+from procure.httpbounds import bounded_client
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """The orchestrator refused the registration: retrying the same request cannot help."""
+
+
+class NotAccepted(Exception):
+    """The orchestrator could not be reached or failed: worth another try later."""
+
+
+@dataclass
+class Registration:
+    """What the node knows of its registration (shown on /healthz; never the secret)."""
+
+    orchestrator: str
+    name: str
+    state: str = "starting"  # registering | registered | retrying | refused | unregistered
+    attempts: int = 0
+    accepted: int = 0
+    last_error: str | None = None
+    registered_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def capability(settings: GpuWorkerSettings, url: str) -> dict[str, Any]:
+    """The body go-livepeer's `/capability/register` expects."""
+    return {
+        "name": settings.capability_name,
+        "description": settings.capability_description,
+        "url": url,
+        "capacity": settings.capability_capacity,
+        "price_per_unit": settings.capability_price_per_unit,
+        "price_scaling": settings.capability_price_scaling,
+        "currency": settings.capability_currency,
+        "requirements": {"video_ingress": False, "video_egress": False, "data_output": True},
+    }
+
+
+def orchestrator_client(
+    settings: GpuWorkerSettings, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """Bounded client for the orchestrator; self-signed TLS only when explicitly allowed."""
+    inner = transport or httpx.AsyncHTTPTransport(verify=not settings.orchestrator_insecure_tls)
+    return bounded_client(deadline_s=settings.orchestrator_timeout_s, transport=inner)
+
+
+async def register_once(
+    client: httpx.AsyncClient, orchestrator: str, secret: str, body: dict[str, Any]
+) -> None:
+    url = f"{orchestrator.rstrip('/')}/capability/register"
+    try:
+        response = await client.post(url, json=body, headers={"Authorization": secret})
+    except httpx.HTTPError as exc:
+        reason = clip(str(exc) or type(exc).__name__, 200)
+        raise NotAccepted(f"no answer from {url}: {reason}") from None
+    said = clip(response.text.strip(), 200)
+    if response.status_code == 200:
+        return
+    if response.status_code == 400 and "invalid_authorization" in said:
+        raise Refused(
+            "the orchestrator refused our secret (400 invalid_authorization): check "
+            "ORCHESTRATOR_SECRET against the orchestrator's -orchSecret"
+        )
+    if 400 <= response.status_code < 500:
+        raise Refused(
+            f"the orchestrator refused the registration: HTTP {response.status_code} {said}"
+        )
+    raise NotAccepted(f"HTTP {response.status_code} from {url}: {said}")
+
+
+async def keep_registered(
+    client: httpx.AsyncClient,
+    settings: GpuWorkerSettings,
+    body: dict[str, Any],
+    state: Registration,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Register until accepted (exponential backoff with jitter), then again every
+    `register_every_s` (re-registering replaces the entry, so it is harmless when remembered and
+    restores it when forgotten). Returns only when refused; cancel it to stop."""
+    secret = settings.orchestrator_secret.get_secret_value() if settings.orchestrator_secret else ""
+    delay = settings.retry_min_s
+    while True:
+        state.attempts += 1
+        state.state = "registering" if state.accepted == 0 else state.state
+        try:
+            await register_once(client, state.orchestrator, secret, body)
+        except Refused as exc:
+            state.state, state.last_error = "refused", str(exc)
+            log.error("capability %s not registered: %s; not retrying", state.name, exc)
+            return
+        except NotAccepted as exc:
+            state.state, state.last_error = "retrying", str(exc)
+            log.warning(
+                "capability %s not registered yet (%s); again in %.1fs", state.name, exc, delay
+            )
+            await sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, settings.retry_max_s)
+            continue
+        if state.state != "registered":
+            log.info("capability %s registered with %s", state.name, state.orchestrator)
+        state.state, state.last_error = "registered", None
+        state.accepted += 1
+        state.registered_at = time.time()
+        delay = settings.retry_min_s
+        await sleep(settings.register_every_s)
+
+
+async def unregister(client: httpx.AsyncClient, orchestrator: str, secret: str, name: str) -> bool:
+    """`POST /capability/unregister` with the name as the body; False when it did not work."""
+    url = f"{orchestrator.rstrip('/')}/capability/unregister"
+    try:
+        response = await client.post(url, content=name.encode(), headers={"Authorization": secret})
+    except httpx.HTTPError as exc:
+        log.warning("could not unregister %s: %s", name, clip(str(exc), 200))
+        return False
+    if response.status_code != 200:
+        log.warning("could not unregister %s: HTTP %s", name, response.status_code)
+        return False
+    log.info("capability %s unregistered from %s", name, orchestrator)
+    return True

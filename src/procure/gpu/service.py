@@ -1,0 +1,242 @@
+"""The GPU worker's HTTP service (`procure gpu-worker`): `POST /gpu-check` (and its alias
+`/agent-net`) in seed 003's shape, `GET /models`, `GET /metrics` (dcgm-exporter names),
+`GET /healthz`, and the dead-man lease. Registration with an orchestrator runs beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import httpx
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from procure.asgibounds import BoundedRequests
+from procure.gpu import registration
+from procure.gpu.deadman import DeadMan
+from procure.gpu.metrics import exposition
+from procure.gpu.ollama import Catalogue, ollama_client, read_catalogue
+from procure.gpu.probe import CachedProbe, Probe, read_nvml
+from procure.gpu.settings import GpuWorkerSettings
+
+log = logging.getLogger(__name__)
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class CheckRequest(BaseModel):
+    # Orchestrators may add their own keys; only agent_id matters (the seed: "arbitrary").
+    model_config = ConfigDict(extra="ignore")
+    agent_id: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+    ] = Field(strict=True)
+
+
+class LeaseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl_s: float = Field(gt=0.1, le=7 * 86400, allow_inf_nan=False)
+    holder: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_gpu_worker_app(
+    settings: GpuWorkerSettings,
+    *,
+    read: Callable[[], Probe] = read_nvml,
+    port: int = 9876,
+    hostname: str | None = None,
+    ollama_transport: httpx.AsyncBaseTransport | None = None,
+    orchestrator_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """The worker. `read` is the NVML boundary (tests pass a fake); the transports let tests
+    route Ollama or the orchestrator in-process (default: real sockets)."""
+    host = hostname or socket.gethostname()
+    probe = CachedProbe(read, settings.nvml_cache_s)
+    deadman = DeadMan(
+        settings.on_orphan.get_secret_value() if settings.on_orphan else None,
+        timeout_s=settings.orphan_action_timeout_s,
+    )
+    state: registration.Registration | None = None
+    if settings.orchestrator_url:
+        state = registration.Registration(settings.orchestrator_url, settings.capability_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            app.state.ollama = None
+            if settings.ollama_url:
+                app.state.ollama = await stack.enter_async_context(
+                    ollama_client(settings.ollama_timeout_s, ollama_transport)
+                )
+            tasks: list[asyncio.Task[None]] = []
+            if deadman.enabled:
+                tasks.append(asyncio.create_task(deadman.watch(), name="gpu-deadman"))
+            if state is not None:
+                client = await stack.enter_async_context(
+                    registration.orchestrator_client(settings, orchestrator_transport)
+                )
+                tasks.append(asyncio.create_task(_register(client), name="gpu-register"))
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if state is not None and state.state == "registered":
+                    await _unregister(client)
+
+    async def _register(client: httpx.AsyncClient) -> None:
+        assert state is not None
+        url = settings.capability_url or f"http://{host}:{port}"
+        await registration.keep_registered(
+            client, settings, registration.capability(settings, url), state
+        )
+
+    async def _unregister(client: httpx.AsyncClient) -> None:
+        assert state is not None and settings.orchestrator_url
+        secret = settings.orchestrator_secret
+        if await registration.unregister(
+            client,
+            settings.orchestrator_url,
+            secret.get_secret_value() if secret else "",
+            settings.capability_name,
+        ):
+            state.state = "unregistered"
+
+    app = FastAPI(
+        title="procure GPU worker",
+        version="0.1.0",
+        description="GPU health (NVML), the Ollama model catalogue and dcgm-exporter metrics.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BoundedRequests)  # outermost: before any parser or authentication
+
+    def require_token(authorization: str | None = Header(None)) -> None:
+        if settings.token is None:
+            return
+        expected = f"Bearer {settings.token.get_secret_value()}"
+        if not secrets.compare_digest((authorization or "").encode(), expected.encode()):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        return _error(422, "invalid request: " + "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    async def catalogue(request: Request) -> Catalogue | None:
+        if request.app.state.ollama is None or not settings.ollama_url:
+            return None
+        return await read_catalogue(request.app.state.ollama, settings.ollama_url)
+
+    async def gpu_check(body: CheckRequest, request: Request) -> dict[str, Any]:
+        figures, models = await asyncio.gather(probe.get(), catalogue(request))
+        answer: dict[str, Any] = {"status": "success", "agent_id": body.agent_id}
+        if models is not None and models.ok:
+            loaded = max(models.loaded, key=lambda m: m["size_vram"], default=None)
+            first = loaded or (models.pulled[0] if models.pulled else None)
+            answer |= {
+                "model_name": first["name"] if first else None,
+                "vram_usage_mb": models.vram_mb,
+                "total_models": len(models.pulled),
+                "source": "ollama",
+            }
+        else:
+            # No Ollama (or it is down): the GPUs themselves say what they hold.
+            named = [g for g in figures.gpus if g.name]
+            answer |= {
+                "model_name": named[0].name if named else None,
+                "vram_usage_mb": sum(g.memory_used_mb or 0 for g in figures.gpus),
+                "total_models": 0,
+                "source": "nvml",
+            }
+        answer |= {
+            "timestamp": time.time(),
+            "gpu_count": figures.gpu_count,
+            "gpus": [g.to_json() for g in figures.gpus],
+            "reason": figures.reason,
+        }
+        if models is not None and not models.ok:
+            answer["ollama_error"] = models.error
+        return answer
+
+    authed = [Depends(require_token)]
+    app.post("/gpu-check", dependencies=authed)(gpu_check)
+    app.post("/agent-net", dependencies=authed)(gpu_check)  # the seed's alias
+
+    @app.get("/models", dependencies=authed)
+    async def models(request: Request) -> dict[str, Any]:
+        found = await catalogue(request)
+        if found is None:
+            return {
+                "status": "not_configured",
+                "error": "no Ollama server configured (set OLLAMA_URL)",
+                "total_models": 0,
+                "models": [],
+                "loaded": [],
+                "vram_usage_mb": 0,
+            }
+        return found.to_json()
+
+    @app.get("/metrics", dependencies=authed)
+    async def metrics() -> Response:
+        return Response(exposition(await probe.get(), host), media_type=PROMETHEUS_TEXT)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        figures = await probe.get()
+        return {
+            "status": "ok",
+            "gpu_count": figures.gpu_count,
+            "gpus_failing": sum(1 for g in figures.gpus if g.error),
+            "reason": figures.reason,
+            "ollama": "configured" if settings.ollama_url else "not_configured",
+            "registration": state.to_json() if state else {"state": "off"},
+            "lease": deadman.to_json(),
+        }
+
+    @app.post("/lease", dependencies=authed)
+    async def take_lease(body: LeaseRequest) -> dict[str, Any]:
+        _lease_allowed()
+        return deadman.renew(body.holder, body.ttl_s)
+
+    @app.get("/lease", dependencies=authed)
+    async def lease() -> dict[str, Any]:
+        return deadman.to_json()
+
+    @app.delete("/lease", dependencies=authed)
+    async def disarm() -> dict[str, Any]:
+        _lease_allowed()
+        return deadman.disarm()
+
+    def _lease_allowed() -> None:
+        if not deadman.enabled:
+            raise HTTPException(
+                409, "the dead-man switch is off: set GPU_WORKER_ON_ORPHAN to enable it"
+            )
+        if settings.token is None:
+            # Anyone who can reach the port could otherwise shut the instance down.
+            raise HTTPException(403, "leases need GPU_WORKER_TOKEN to be set")
+
+    app.state.probe = probe
+    app.state.deadman = deadman
+    app.state.registration = state
+    return app

@@ -1,0 +1,110 @@
+"""The GPU worker's configuration, from the environment or `.env` (seed 003's names where it has
+them): its token, the Ollama server, the orchestrator to register with and the dead-man switch."""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_capability_name() -> str:
+    """`agent-net-<host>`: the seed's per-orchestrator capability name (e.g. agent-net-nyc)."""
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-") or "node"
+    return f"agent-net-{host[:40]}"
+
+
+class GpuWorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    token: SecretStr | None = Field(
+        None,
+        validation_alias="GPU_WORKER_TOKEN",
+        description="Bearer token for every route but /healthz (unset: open)",
+    )
+    nvml_cache_s: float = Field(
+        2.0,
+        ge=0,
+        validation_alias="GPU_WORKER_NVML_CACHE_S",
+        description="NVML is read at most once per this many seconds, however many requests",
+    )
+    ollama_url: str | None = Field(
+        None, validation_alias="OLLAMA_URL", description="e.g. http://ollama:11434 (unset: none)"
+    )
+    ollama_timeout_s: float = Field(3.0, gt=0, validation_alias="OLLAMA_TIMEOUT_S")
+    orchestrator_url: str | None = Field(
+        None,
+        validation_alias="ORCHESTRATOR_URL",
+        description="go-livepeer orchestrator to register with, e.g. https://orch:8935 (unset: "
+        "no registration)",
+    )
+    orchestrator_secret: SecretStr | None = Field(None, validation_alias="ORCHESTRATOR_SECRET")
+    orchestrator_insecure_tls: bool = Field(
+        False,
+        validation_alias="ORCHESTRATOR_INSECURE_TLS",
+        description="Accept the orchestrator's self-signed certificate (only when set)",
+    )
+    orchestrator_timeout_s: float = Field(5.0, gt=0, validation_alias="ORCHESTRATOR_TIMEOUT_S")
+    register_every_s: float = Field(
+        60.0,
+        gt=0,
+        validation_alias="CAPABILITY_REFRESH_S",
+        description="Register again this often, so an orchestrator that restarted knows us again",
+    )
+    retry_min_s: float = Field(0.5, gt=0, validation_alias="CAPABILITY_RETRY_MIN_S")
+    retry_max_s: float = Field(60.0, gt=0, validation_alias="CAPABILITY_RETRY_MAX_S")
+    capability_name: str = Field(
+        default_factory=default_capability_name,
+        min_length=1,
+        max_length=100,
+        validation_alias="CAPABILITY_NAME",
+    )
+    capability_description: str = Field(
+        "GPU health and model listing (BYOC)", validation_alias="CAPABILITY_DESCRIPTION"
+    )
+    capability_url: str | None = Field(
+        None,
+        validation_alias="CAPABILITY_URL",
+        description="Where the orchestrator sends jobs (default http://<hostname>:<port>)",
+    )
+    capability_capacity: int = Field(10, ge=1, validation_alias="CAPABILITY_CAPACITY")
+    capability_price_per_unit: int = Field(
+        0, ge=0, lt=2**63, validation_alias="CAPABILITY_PRICE_PER_UNIT"
+    )
+    capability_price_scaling: int = Field(
+        1, ge=0, lt=2**63, validation_alias="CAPABILITY_PRICE_SCALING"
+    )
+    capability_currency: str = Field("wei", validation_alias="CAPABILITY_CURRENCY")
+    on_orphan: SecretStr | None = Field(
+        None,
+        validation_alias="GPU_WORKER_ON_ORPHAN",
+        description="Shell command run when the controller's lease lapses, e.g. "
+        "`shutdown -h now` (unset: no dead-man switch). Secret: it may carry a cloud API key",
+    )
+    orphan_action_timeout_s: float = Field(
+        60.0, gt=0, validation_alias="GPU_WORKER_ORPHAN_TIMEOUT_S"
+    )
+
+    @field_validator(
+        "token",
+        "ollama_url",
+        "orchestrator_url",
+        "orchestrator_secret",
+        "capability_url",
+        "on_orphan",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # docker compose passes `${VAR:-}` as an empty string: an empty token must not become a
+        # token that "Bearer " matches, nor an empty stop action an armed switch.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if isinstance(text, str) and not text.strip() else value
+
+    @field_validator("capability_name", mode="before")
+    @classmethod
+    def _blank_name_is_default(cls, value: Any) -> Any:
+        return default_capability_name() if isinstance(value, str) and not value.strip() else value
