@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import cProfile
 import json
 import os
@@ -58,10 +59,13 @@ from procure.payments.facilitator import create_facilitator_app
 from procure.settings import Settings
 from procure.store import Store, open_store, repo
 from procure.store.tables import JobRow, PaymentRow, RunRow, TickLogRow
+from procure.vendors.credentials import KEY_ENV, Keyring
 from procure.vendors.mock import MockVendorConfig, create_mock_vendor_app
 from procure.vendors.registry import default_vendors
 
 SECRET = "bench-secret"
+# One credential key for the seeding process and every worker (each has its own home).
+BENCH_KEY = base64.urlsafe_b64encode(b"procure-throughput-benchmark-key").decode()
 FACILITATOR_URL = "http://facilitator.bench"
 JOB_SECONDS = 1e6  # jobs never finish during a measurement: every tick is a poll
 
@@ -87,7 +91,7 @@ def seed(url: str, runs: int) -> None:
     """Vendors (in-process endpoints) and `runs` runs, each with a paid job running."""
     store = open_store(url)
     now = datetime.now(UTC)
-    vendors = default_vendors()
+    vendors = default_vendors(credential=Keyring(BENCH_KEY).encrypt(SECRET))
     with store.session() as s:
         for v in vendors:
             v.endpoint = f"http://{vendor_host(v.vendor_id)}"
@@ -179,6 +183,7 @@ def in_process_deps(url: str, home: Path) -> tuple[AgentDeps, Store]:
     in this process; the vendors adopt the store's running jobs as paid and running."""
     chain = LocalChain(None)
     facilitator = make_facilitator(chain)
+    os.environ[KEY_ENV] = BENCH_KEY  # the key seed() encrypted the vendors' credential with
     store = open_store(url, upgrade=False, pre_ping=False)  # as `procure worker` opens it
     apps: dict[str, Any] = {"facilitator.bench": create_facilitator_app(chain)}
     with store.session() as s:

@@ -21,6 +21,7 @@ from procure.models import TERMINAL_RUN_STATUSES, JobSpec, Observation, RunState
 from procure.payments.wallet import load_or_create_account
 from procure.settings import Settings
 from procure.store import Store, open_store, repo
+from procure.vendors.credentials import Keyring
 from procure.vendors.registry import default_vendors
 
 STYLE = {
@@ -90,7 +91,11 @@ def run_demo(
     )  # type: ignore[call-arg]
     servers = [facilitator]
     try:
-        vendors = default_vendors(network=chain.network, asset=chain.token_address)
+        vendors = default_vendors(
+            network=chain.network,
+            asset=chain.token_address,
+            credential=Keyring.load(settings.home).encrypt(secret),
+        )
         for vendor, fail_rate in zip(vendors, (1.0, 0.0), strict=True):
             cfg = mock_vendor_config(
                 vendor,

@@ -7,6 +7,7 @@ and retry later instead of crashing.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from x402.schemas import PaymentRequirements
 from procure.bounds import UnsafeInput, clip, loads
 from procure.httpbounds import BoundedTransport
 from procure.models import JobSpec, Quote, Vendor
+from procure.vendors.credentials import CredentialError, Keyring
 from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
     QUOTE_HEADER,
@@ -32,6 +34,8 @@ from procure.vendors.protocol import (
     SubmitRequest,
     VendorJob,
 )
+
+log = logging.getLogger(__name__)
 
 
 class VendorError(Exception):
@@ -148,6 +152,13 @@ def _json(response: httpx.Response, what: str) -> Any:
 class VendorClient:
     """Talks to any vendor speaking procure's vendor protocol.
 
+    Each vendor gets its own credential only: `credentials` is the `Keyring` that opens the
+    encrypted credential stored with each vendor (`Vendor.credential`), sent to that vendor as
+    `Authorization: Bearer ...`; a vendor without one, or whose credential this key cannot
+    open (a warning is logged), gets no Authorization header at all. A plain `str` instead is
+    one credential sent to every vendor this client is given: for a client of one known vendor
+    (tests, tools), never for a registry of vendors.
+
     `transport` is the underlying httpx transport: real sockets by default, or an
     `httpx.ASGITransport` to reach in-process vendors without sockets. Every exchange is
     bounded: `timeout_s` in all (connect to last byte) and `max_bytes` of answer.
@@ -155,7 +166,7 @@ class VendorClient:
 
     def __init__(
         self,
-        secret: str,
+        credentials: Keyring | str | None = None,
         *,
         timeout_s: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -164,24 +175,50 @@ class VendorClient:
         self._transport = BoundedTransport(
             transport, deadline_s=timeout_s, **({"max_bytes": max_bytes} if max_bytes else {})
         )
-        self._headers = {"Authorization": f"Bearer {secret}"}
+        self._keyring = credentials if isinstance(credentials, Keyring) else None
+        self._only = credentials if isinstance(credentials, str) else None
+        self._opened: dict[str, str | None] = {}  # ciphertext -> credential (None: unopenable)
         self._timeout = httpx.Timeout(timeout_s)
-        self._http = httpx.AsyncClient(
-            transport=self._transport, headers=self._headers, timeout=self._timeout
-        )
+        self._http = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, what: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    def _auth(self, vendor: Vendor) -> dict[str, str]:
+        """The Authorization header for `vendor` alone: its own credential, or none."""
+        credential = self._only if self._only is not None else self._credential(vendor)
+        return {"Authorization": f"Bearer {credential}"} if credential else {}
+
+    def _credential(self, vendor: Vendor) -> str | None:
+        token = vendor.credential
+        if not token:
+            return None
+        if token in self._opened:
+            return self._opened[token]
+        opened: str | None = None
+        if self._keyring is None:
+            log.warning("vendor %s: no key to open its credential; sending none", vendor.vendor_id)
+        else:
+            try:
+                opened = self._keyring.decrypt(token)
+            except CredentialError as exc:
+                log.warning("vendor %s: %s; sending no credential", vendor.vendor_id, exc)
+        if len(self._opened) >= 1024:
+            self._opened.clear()
+        self._opened[token] = opened
+        return opened
+
+    async def _call(
+        self, what: str, vendor: Vendor, method: str, url: str, **kwargs: Any
+    ) -> httpx.Response:
         try:
-            return await self._http.request(method, url, **kwargs)
+            return await self._http.request(method, url, headers=self._auth(vendor), **kwargs)
         except httpx.HTTPError as exc:
             raise VendorError(f"{what}: {_describe(exc)}") from exc
 
     async def quote(self, vendor: Vendor, spec: JobSpec) -> Quote:
         body = QuoteRequest(gpu_type=spec.gpu_type, hours=spec.hours).to_json()
-        response = await self._call("quote", "POST", f"{vendor.endpoint}/quote", json=body)
+        response = await self._call("quote", vendor, "POST", f"{vendor.endpoint}/quote", json=body)
         data = _json(response, "quote")
         try:
             quote = Quote.from_wire(data)
@@ -235,11 +272,11 @@ class VendorClient:
         payer: x402Client,
     ) -> Submitted:
         headers = {IDEMPOTENCY_HEADER: idempotency_key, QUOTE_HEADER: quote_id}
+        headers.update(self._auth(vendor))
         recorder = _Recording402(self._transport)
         # The payer transport wraps ours; it is not closed here, as closing would close ours.
         paying = httpx.AsyncClient(
             transport=x402AsyncTransport(payer, recorder),
-            headers=self._headers,
             timeout=self._timeout,
         )
         try:
@@ -309,7 +346,7 @@ class VendorClient:
         """The vendor's view of a job, by its id or by our idempotency key; None if unknown."""
         params = {"jobId": vendor_job_id} if vendor_job_id else {"idempotencyKey": idempotency_key}
         response = await self._call(
-            "job-status", "GET", f"{vendor.endpoint}/job-status", params=params
+            "job-status", vendor, "GET", f"{vendor.endpoint}/job-status", params=params
         )
         if response.status_code == 404:
             return None
@@ -320,6 +357,10 @@ class VendorClient:
 
     async def cancel(self, vendor: Vendor, vendor_job_id: str) -> None:
         response = await self._call(
-            "cancel-job", "POST", f"{vendor.endpoint}/cancel-job", json={"jobId": vendor_job_id}
+            "cancel-job",
+            vendor,
+            "POST",
+            f"{vendor.endpoint}/cancel-job",
+            json={"jobId": vendor_job_id},
         )
         _json(response, "cancel-job")

@@ -19,8 +19,12 @@ def default_vendors(
     ports: tuple[int, int] = (4001, 4002),
     network: str | None = None,
     asset: str | None = None,
+    credential: str | None = None,
 ) -> list[Vendor]:
-    """The seeds' two vendors: a cheap, less reliable one and a dearer, reliable one."""
+    """The seeds' two vendors: a cheap, less reliable one and a dearer, reliable one.
+
+    `credential` is their bearer credential, already encrypted (`Keyring.encrypt`): the seeds'
+    mock vendors share `GPU_VENDOR_SECRET`. A vendor registered later has its own."""
     specs = [
         ("gpu_vendor_1", "FastGPU", "1.40", 0.90, ["A10", "A100"], ports[0]),
         ("gpu_vendor_2", "SteadyCompute", "2.10", 0.97, ["A10", "A100", "H100"], ports[1]),
@@ -36,6 +40,7 @@ def default_vendors(
             pay_to=vendor_payee(vendor_id),
             network=network,
             asset=asset,
+            credential=credential,
         )
         for vendor_id, name, price, reliability, gpus, port in specs
     ]
