@@ -28,8 +28,11 @@ def assert_sound(report: CrashReport, kills: int) -> None:
     assert sum(points.values()) >= kills // 5, points
     assert sum(points[p] for p in MONEY_POINTS) >= kills // 20, points
     # Every run ended; work was done and paid for, once each.
-    assert set(report.runs) <= {"completed", "aborted", "failed"}, report.runs
-    assert report.runs["completed"] >= kills // 10
+    assert set(report.runs) <= {"completed", "aborted", "failed", "cancelled"}, report.runs
+    assert report.runs["completed"] >= kills // 20  # fewer than whole jobs: many pay in slices
+    # Users cancelled runs and workers died carrying it out; slices were bought as jobs ran.
+    assert report.cancels_requested >= kills // 40 and report.runs["cancelled"] >= 1
+    assert report.vendor_renewals >= kills // 20
     assert report.payments.get("pending", 0) == 0
     assert report.transfers == report.payments["completed"] == report.vendor_starts
 
@@ -39,6 +42,7 @@ def test_two_hundred_kills_lose_no_money_and_pay_nothing_twice(tmp_path: Path) -
     report = run_campaign(CrashConfig(kills=200, workdir=tmp_path, check_every=1))
     print(report.summary())
     assert_sound(report, 200)
+    assert report.by_crash_point["cancel_sent"] >= 1, report.by_crash_point
 
 
 @pytest.mark.postgres

@@ -27,6 +27,7 @@ POINTS = frozenset(
         "polled",  # the vendor's job status is in hand, not yet written
         "reconciled",  # reconciliation learnt the outcome, not yet written
         "refused",  # a refused payment's outcome is known, not yet written
+        "cancel_sent",  # the vendor confirmed a job's cancel; the run not yet ended
     }
 )
 

@@ -49,11 +49,12 @@ class CrashConfig:
     database_url: str | None = None
     """Defaults to a SQLite file in the work directory."""
     workdir: Path | None = None
-    active_runs: int = 6
+    active_runs: int = 10
     """Runs kept going at once; new ones are started as others end."""
     budget_usd: float = 5.0
     crash_at: str = (
-        "intent:0.15,signed:0.25,paid:0.25,recorded:0.15,reconciled:0.25,refused:0.25,polled:0.04"
+        "intent:0.15,signed:0.25,paid:0.25,recorded:0.15,reconciled:0.25,refused:0.25,polled:0.04,"
+        "cancel_sent:0.6"
     )
     """Crash points and probabilities for the killed workers (see procure.crashpoints)."""
     max_life_s: float = 1.2
@@ -61,6 +62,8 @@ class CrashConfig:
     job_seconds: float = 0.4
     fail_rate: float = 0.3
     """Vendor 1 fails part-way in this share of its jobs (vendor 2 never does)."""
+    cancel_every: int = 16
+    """After every n-th death, a user asks to cancel a random running run."""
     concurrency: int = 16
     check_every: int = 1
     """Check the invariants after every n-th death (the chain part is the costly one)."""
@@ -82,6 +85,9 @@ class CrashReport:
     vendor_submissions: int = 0
     vendor_starts: int = 0
     vendor_replays: int = 0
+    vendor_renewals: int = 0
+    """Slices bought as jobs ran (each its own payment): the campaign covers renewals."""
+    cancels_requested: int = 0
     reconciled_jobs: int = 0
     checks: int = 0
     seconds: float = 0.0
@@ -243,6 +249,7 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
     from procure.models import JobSpec, usd_to_micros
     from procure.payments.wallet import load_or_create_account
     from procure.store import open_store, repo
+    from procure.vendors.credentials import Keyring
     from procure.vendors.registry import default_vendors
 
     rng = random.Random(cfg.seed)
@@ -262,7 +269,13 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
     store = open_store(db_url)
     try:
         chain = facilitator.app.state.chain
-        vendors = default_vendors(network=chain.network, asset=chain.token_address)
+        home = work / "home"
+        # The workers (PROCURE_HOME=home) open the vendors' credential with home's secret.key.
+        vendors = default_vendors(
+            network=chain.network,
+            asset=chain.token_address,
+            credential=Keyring.load(home).encrypt(SECRET),
+        )
         for vendor in vendors:
             fail_rate = cfg.fail_rate if vendor.vendor_id == "gpu_vendor_1" else 0.0
             vcfg = mock_vendor_config(
@@ -274,7 +287,6 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
         with store.session() as s:
             for vendor in vendors:
                 repo.save_vendor(s, vendor)
-        home = work / "home"
         wallet = load_or_create_account(None, home).address
         chain.mint(wallet, usd_to_micros(1_000_000))
 
@@ -291,6 +303,9 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
             # the vendor turned down) is settled within the campaign, not five minutes later.
             "PROCURE_PAYMENT_WINDOW_S": "30",
             "PROCURE_PAYMENT_MARGIN_S": "1",
+            # Extra payments cost the planner next to nothing, so it often pays in slices:
+            # the campaign then kills workers while slices are bought (renewals) too.
+            "PAYMENT_OVERHEAD_USD": "0.01",
         }
         env.pop("PROCURE_CRASH_AT", None)
         zygote = Zygote(env, log)
@@ -330,6 +345,8 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
             if result["how"] == "signal":
                 report.by_signal += 1
             _release_leases(store, owner)
+            if report.kills % cfg.cancel_every == 0:
+                _cancel_one(store, rng, report)
             if report.kills % cfg.check_every == 0:
                 report.checks += 1
                 _check(world, budget, final=False)
@@ -371,6 +388,21 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
         store.dispose()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _cancel_one(store: Any, rng: random.Random, report: CrashReport) -> None:
+    """A user cancels a running run (the next worker carries it out, or dies trying)."""
+    from procure.agent.cancel import CannotCancel, request_cancel
+    from procure.store import repo
+
+    with store.session() as s:
+        running = [r.id for r in repo.list_runs(s, limit=100, status="running")]
+    if running:
+        try:
+            request_cancel(store, rng.choice(running), by="crash test", reason="campaign")
+            report.cancels_requested += 1
+        except CannotCancel:  # it ended meanwhile
+            pass
 
 
 @dataclass
@@ -546,6 +578,9 @@ def _tally(world: _World, report: CrashReport) -> None:
         report.vendor_submissions += stats["submissions"]
         report.vendor_starts += stats["started"]
         report.vendor_replays += stats["replays"]
+        report.vendor_renewals += sum(
+            1 for key, k in stats["keys"].items() if key.startswith("slice-") and k["started"]
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,20 @@ class AgentDeps:
     reconsider: Reconsider | None = reconsider
     """Asked at each renewal of a sliced job whether to stop at the paid checkpoint and move;
     None: always renew."""
+    max_troubles: int = 30
+    """Ticks in a row without a way forward (see `TROUBLE`) before the job is given up or, with
+    no job, the run ends `failed`: every run reaches a terminal state."""
+    stall_s: float = 1800.0
+    """A running job whose progress has not moved for this long is given up."""
+
+
+TROUBLE = frozenset(
+    {"Vendor error", "Quote rejected", "Payment settled; job state unknown", "State changed"}
+)
+"""Outcomes that found no way forward; they count towards `AgentDeps.max_troubles`."""
+WAITING = ("Waiting", "Payment in doubt", "Payment outcome unknown", "Slice not bought")
+"""Outcomes that wait for something bounded (a cooldown, an authorisation's expiry): they
+neither count nor reset the count."""
 
 
 @dataclass(frozen=True)

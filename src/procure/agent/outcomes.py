@@ -76,20 +76,34 @@ def new_payment(run_id: str, job_id: str, vendor: Vendor, amount: int, hours: fl
     )
 
 
-async def settled_tx(deps: AgentDeps, payment: Payment) -> str | None:
+async def settlement_of(
+    deps: AgentDeps, payment: Payment, tx: str | None = None, amount: int | None = None
+) -> tuple[str | None, int | None]:
+    """The transaction and the amount that moved for a settled payment: as the vendor's answer
+    gave them, completed from the ledger where it did not (an idempotent replay answers without
+    a settlement). (None, None) parts when the ledger cannot say now."""
+    if tx is not None and amount is not None:
+        return tx, amount
     try:
-        return (await deps.ledger.lookup(deps.account.address, payment.nonce)).transaction
+        settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
     except SettlementLookupError:
-        return None
+        return tx, amount
+    return tx or settled.transaction, amount if amount is not None else settled.amount
 
 
 def paid_values(payment: Payment, tx: str | None, amount: int | None) -> dict[str, object]:
-    """A payment's completion: its transaction and, if the vendor took less than quoted, what
-    really moved (so the store's sums match the chain's)."""
+    """A payment's completion: its transaction and what really moved, the signed amount, which
+    may be less than quoted (so the store's sums match the chain's, and the budget shows what
+    was spent). Never more: the guardrails sign nothing above the quote."""
     paid: dict[str, object] = {"status": PaymentStatus.completed, "x402_tx_id": tx}
-    if amount is not None and 0 < amount < payment.amount:
+    if amount is not None and 0 <= amount <= payment.amount:
         paid["amount"] = amount
     return paid
+
+
+def booked(payment: Payment, values: dict[str, object]) -> int:
+    """What `paid_values` books for `payment`."""
+    return int(values.get("amount", payment.amount))  # type: ignore[call-overload]
 
 
 def paid_for(ctx: PlanContext, job: Job) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from procure.agent import slices
+from procure.agent import joblogs, slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import EPS, OBS, AgentDeps, TickResult
 from procure.agent.outcomes import fail_job, gpu_hours_run, paid_for, stop_job, vendor_trouble
@@ -21,6 +21,16 @@ from procure.models import (
 )
 from procure.store import repo
 from procure.vendors.client import VendorError
+from procure.vendors.protocol import VendorJob
+
+
+def _implausible(job: Job, vjob: VendorJob) -> str | None:
+    """Why the vendor's report of a job cannot be true, or None."""
+    if vjob.progress < job.progress - 0.01:
+        return f"reported progress went back from {job.progress:.0%} to {vjob.progress:.0%}"
+    if vjob.status == "completed" and vjob.progress < 1 - EPS:
+        return f"reported the job completed at {vjob.progress:.0%} progress"
+    return None
 
 
 def full_context(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
@@ -52,23 +62,31 @@ async def poll(
     crash_point("polled")
     if vjob is None:
         return fail_job(deps, job, vendor, f"{vendor.vendor_id} has no record of the job")
-    new_lines = vjob.logs[job.log_cursor :]
     now = utcnow()
+    advanced = vjob.progress > job.progress + EPS
+    kept = joblogs.keep(vjob.logs[job.log_cursor :], ctx.state.run.log_lines)
     saved_url, saved = job.checkpoint_url, job.checkpoint_progress
-    if vjob.checkpoint_url and (vjob.checkpoint_progress or 0.0) > saved + EPS:
-        saved_url, saved = vjob.checkpoint_url, vjob.checkpoint_progress or 0.0
+    # A checkpoint past the progress the vendor reports is not believed.
+    offered = min(vjob.checkpoint_progress or 0.0, vjob.progress)
+    if vjob.checkpoint_url and offered > saved + EPS:
+        saved_url, saved = vjob.checkpoint_url, offered
+    lie = _implausible(job, vjob)
     with deps.store.session() as s:
         repo.record_poll(
             s,
             job.run_id,
             job.id,
             log_cursor=len(vjob.logs),
-            progress=vjob.progress,
+            progress=max(vjob.progress, job.progress),
             checkpoint_url=saved_url,
             checkpoint_progress=saved,
+            progressed_at=now if advanced else job.progressed_at,
+            log_lines=kept.counted,
         )
-        for line in new_lines:
+        for line in kept.lines:
             repo.add_observation(s, job.run_id, OBS.job_log, line, vendor_id=vendor.vendor_id)
+        for note in kept.notes:
+            repo.add_observation(s, job.run_id, OBS.job_event, note, vendor_id=vendor.vendor_id)
         if saved > job.checkpoint_progress + EPS:
             repo.add_observation(
                 s,
@@ -77,7 +95,7 @@ async def poll(
                 f"Checkpoint at {saved:.0%} saved at {vendor.vendor_id}: {saved_url}",
                 vendor_id=vendor.vendor_id,
             )
-        if vjob.status == "completed":
+        if vjob.status == "completed" and lie is None:
             repo.update_job(
                 s,
                 job.id,
@@ -105,6 +123,16 @@ async def poll(
             )
             return TickResult("Job completed")
     job = job.model_copy(update={"checkpoint_url": saved_url, "checkpoint_progress": saved})
+    if lie is not None:  # the vendor's account cannot be true: resume elsewhere
+        return fail_job(deps, job, vendor, lie, progress=job.progress, ctx=ctx)
+    if vjob.status == "running" and not advanced:
+        since = job.progressed_at or job.created_at
+        if (now - since).total_seconds() > deps.stall_s:
+            why = (
+                f"no progress for {(now - since).total_seconds():,.0f}s "
+                f"(stuck at {vjob.progress:.0%}; PROCURE_STALL_S={deps.stall_s:g})"
+            )
+            return fail_job(deps, job, vendor, why, progress=vjob.progress, ctx=ctx)
     if vjob.status in ("failed", "cancelled"):
         reason = vjob.error or f"job {vjob.status} by the vendor"
         return fail_job(deps, job, vendor, reason, progress=vjob.progress, ctx=ctx)

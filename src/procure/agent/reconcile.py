@@ -9,7 +9,7 @@ from procure.agent.outcomes import (
     authorization_expired,
     fail_job,
     paid_values,
-    settled_tx,
+    settlement_of,
     valid_until,
     vendor_trouble,
 )
@@ -26,7 +26,12 @@ from procure.store import repo
 from procure.vendors.client import VendorError
 
 
-async def reconcile(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> TickResult:
+async def reconcile(
+    deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor, *, resubmit: bool = True
+) -> TickResult:
+    """The fate of a job left `submitted`. `resubmit`: when neither paid nor started, submit it
+    again (same key, same authorisation); False (the run is being cancelled): wait for the
+    authorisation to expire instead."""
     payment = next(
         (p for p in ctx.state.payments if p.job_id == job.id and p.status != PaymentStatus.failed),
         None,
@@ -90,12 +95,14 @@ async def reconcile(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor)
         vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
         return TickResult("Vendor error")
     if vjob is not None:  # the vendor took it (it records only paid jobs): it settled just now
-        tx = await settled_tx(deps, payment)
+        tx, amount = await settlement_of(deps, payment)
         crash_point("reconciled")
-        record_started(deps, job, payment, vendor, vjob, tx, reconciled=True)
+        record_started(deps, job, payment, vendor, vjob, tx, amount, reconciled=True)
         return TickResult("Job started (reconciled)")
     if payment.error_message:  # refused after signing: wait until it settles or expires
         return TickResult(f"Payment in doubt until {valid_until(deps, payment)}")
+    if not resubmit:
+        return TickResult(f"Payment in doubt until {valid_until(deps, payment)} (cancelling)")
     # Neither paid nor started: submit again, with the same key and the same authorisation.
     return await submit(deps, job, payment, vendor, first_attempt=False)
 

@@ -9,10 +9,12 @@ from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_renewal
 from procure.agent.outcomes import (
     authorization_expired,
+    booked,
     new_payment,
+    paid_values,
     payer_for,
     payment_limits,
-    settled_tx,
+    settlement_of,
     valid_until,
     vendor_trouble,
 )
@@ -147,23 +149,30 @@ async def _pay_slice(
         reason = next((r for r in ours if r), f"{vendor.vendor_id} {exc}")
         return await _slice_refused(deps, job, payment, vendor, reason, signed=signed)
     crash_point("paid")
-    tx = renewed.tx_hash or await settled_tx(deps, payment)
-    _record_slice(deps, job, payment, vendor, tx)
+    tx, amount = await settlement_of(deps, payment, renewed.tx_hash, renewed.settled_amount)
+    _record_slice(deps, job, payment, vendor, tx, amount)
     crash_point("recorded")
     return TickResult("Slice renewed")
 
 
 def _record_slice(
-    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, tx: str | None
+    deps: AgentDeps,
+    job: Job,
+    payment: Payment,
+    vendor: Vendor,
+    tx: str | None,
+    amount: int | None,
 ) -> None:
+    """A slice paid: booked at what moved (the signed amount), like a job's first payment."""
+    paid = paid_values(payment, tx, amount)
     with deps.store.session() as s:
-        repo.update_payment(s, payment.id, status=PaymentStatus.completed, x402_tx_id=tx)
+        repo.update_payment(s, payment.id, **paid)
         remaining = repo.refresh_budget(s, job.run_id)
         repo.add_observation(
             s,
             job.run_id,
             OBS.payment_event,
-            f"Paid {format_usd(payment.amount)} to {vendor.vendor_id} via x402 for "
+            f"Paid {format_usd(booked(payment, paid))} to {vendor.vendor_id} via x402 for "
             f"{payment.hours:g}h more of job {job.vendor_job_id} (tx {tx or 'unknown'}); "
             f"budget remaining {format_usd(remaining)}",
             vendor_id=vendor.vendor_id,
@@ -202,7 +211,7 @@ async def settle_in_doubt(
     except SettlementLookupError:
         settled = None
     if settled is not None and settled.used:
-        _record_slice(deps, job, payment, vendor, settled.transaction)
+        _record_slice(deps, job, payment, vendor, settled.transaction, settled.amount)
         return None
     if settled is not None and authorization_expired(deps, payment):
         with deps.store.session() as s:

@@ -48,6 +48,8 @@ def make_deps(
         payment_overhead=usd_to_micros(settings.payment_overhead_usd),
         auth_window_s=settings.payment_window_s,
         auth_margin_s=settings.payment_margin_s,
+        max_troubles=settings.max_troubles,
+        stall_s=settings.stall_s,
     )
 
 

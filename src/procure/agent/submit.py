@@ -9,13 +9,14 @@ from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_quote
 from procure.agent.outcomes import (
     authorization_expired,
+    booked,
     fail_job,
     new_payment,
     paid_values,
     payer_for,
     payment_limits,
     penalize_vendor,
-    settled_tx,
+    settlement_of,
     valid_until,
     vendor_trouble,
 )
@@ -56,7 +57,9 @@ async def start_job(
         return TickResult("Vendor error", action)
     rejection = check_quote(ctx, action, quote)
     if rejection is not None:
-        vendor_trouble(deps, run.id, vendor, f"Quote rejected: {rejection}", penalize=False)
+        vendor_trouble(
+            deps, run.id, vendor, f"Quote rejected: {rejection}", penalize=False, cool=True
+        )
         return TickResult("Quote rejected", action)
     now = utcnow()
     params = run.job_spec.model_copy(update={"hours": hours}).model_dump(by_alias=True)
@@ -172,18 +175,10 @@ async def submit(
             )
         return TickResult("Vendor error")
     crash_point("paid")
-    tx = submitted.tx_hash
-    if tx is None:  # an idempotent replay answers without a new settlement: ask the ledger
-        tx = await settled_tx(deps, payment)
+    # An idempotent replay answers without a settlement: the ledger says what moved.
+    tx, amount = await settlement_of(deps, payment, submitted.tx_hash, submitted.settled_amount)
     record_started(
-        deps,
-        job,
-        payment,
-        vendor,
-        submitted.job,
-        tx,
-        submitted.settled_amount,
-        reconciled=not first_attempt,
+        deps, job, payment, vendor, submitted.job, tx, amount, reconciled=not first_attempt
     )
     crash_point("recorded")
     return TickResult("Job started")
@@ -292,7 +287,7 @@ def record_started(
     reconciled: bool = False,
 ) -> None:
     paid = paid_values(payment, tx, settled_amount)
-    amount = int(paid.get("amount", payment.amount))  # type: ignore[call-overload]
+    amount = booked(payment, paid)
     with deps.store.session() as s:  # phase two: the outcome
         repo.update_payment(s, payment.id, **paid)
         remaining = repo.refresh_budget(s, job.run_id)

@@ -23,9 +23,10 @@ given up (its vendor is at fault) or, with no job, the run ends `failed` with th
 
 from __future__ import annotations
 
+from procure.agent import cancel
 from procure.agent.context import PlanContext
 from procure.agent.decide import decide
-from procure.agent.deps import OBS, AgentDeps, RunNotFound, TickResult
+from procure.agent.deps import OBS, TROUBLE, WAITING, AgentDeps, RunNotFound, TickResult
 from procure.agent.outcomes import fail_job
 from procure.agent.poll import poll
 from procure.agent.reconcile import reconcile
@@ -34,7 +35,9 @@ from procure.agent.submit import start_job
 from procure.models import (
     ACTIVE_JOB_STATUSES,
     TERMINAL_RUN_STATUSES,
+    Job,
     JobStatus,
+    PaymentStatus,
     RunStatus,
 )
 from procure.store import repo
@@ -48,6 +51,7 @@ async def tick(deps: AgentDeps, run_id: str) -> TickResult:
         active = next((j for j in state.jobs if j.status in ACTIVE_JOB_STATUSES), None)
         polling = (
             state.run.status not in TERMINAL_RUN_STATUSES
+            and state.run.cancel_requested_at is None
             and active is not None
             and active.status == JobStatus.running
         )
@@ -67,22 +71,78 @@ async def tick(deps: AgentDeps, run_id: str) -> TickResult:
         errors_by_vendor=errors or {},
         payment_overhead=deps.payment_overhead,
     )
+    if state.run.cancel_requested_at is not None:
+        result = await cancel.carry_out(deps, ctx, active)
+    else:
+        result = await _step(deps, ctx, active, partial=errors is None)
+    return await _count_troubles(deps, ctx, active, result)
+
+
+async def _step(
+    deps: AgentDeps, ctx: PlanContext, active: Job | None, *, partial: bool
+) -> TickResult:
+    """One step of a run that is running: the state it is in decides which."""
     if active is not None:
         vendor = ctx.vendor(active.vendor_id)
         if vendor is None:
             return fail_job(deps, active, None, f"vendor {active.vendor_id} left the registry")
         if active.status == JobStatus.submitted:
             return await reconcile(deps, ctx, active, vendor)
-        return await poll(deps, ctx, active, vendor, partial=errors is None)
+        return await poll(deps, ctx, active, vendor, partial=partial)
     if await settle_stray_slices(deps, ctx):
         # Nothing new while money is in doubt: the run must not end with it unsettled.
         return TickResult("Payment in doubt")
-    finished = next((j for j in state.jobs if j.status == JobStatus.completed), None)
+    finished = next((j for j in ctx.state.jobs if j.status == JobStatus.completed), None)
     if finished is not None:  # its job completed while a slice payment was in doubt
         with deps.store.session() as s:
-            repo.update_run(s, run_id, status=RunStatus.completed, progress=1.0)
+            repo.update_run(s, ctx.state.run.id, status=RunStatus.completed, progress=1.0)
         return TickResult("Job completed")
     return await _plan_and_act(deps, ctx)
+
+
+async def _count_troubles(
+    deps: AgentDeps, ctx: PlanContext, active: Job | None, result: TickResult
+) -> TickResult:
+    """Keep the run's count of ticks in a row without a way forward, and act on it: past
+    `max_troubles` the active job is given up (its vendor is at fault), or with no job the run
+    ends `failed`. A job whose first payment is in doubt is left to its authorisation's expiry."""
+    run = ctx.state.run
+    if result.message.startswith(WAITING):
+        return result
+    if result.message not in TROUBLE:
+        if run.troubles:
+            with deps.store.session() as s:
+                repo.update_run(s, run.id, troubles=0)
+        return result
+    troubles = run.troubles + 1
+    if troubles < deps.max_troubles:
+        with deps.store.session() as s:
+            repo.update_run(s, run.id, troubles=troubles)
+        return result
+    with deps.store.session() as s:
+        last = repo.last_observation(s, run.id, OBS.error) or result.message
+    why = f"no way forward in {troubles} tries in a row (last: {last})"
+    if run.cancel_requested_at is not None:
+        return await cancel.carry_out(deps, ctx, active, give_up=True)
+    if active is not None:
+        paid = any(
+            p.job_id == active.id and p.status == PaymentStatus.completed
+            for p in ctx.state.payments
+        )
+        if active.status == JobStatus.running or paid:
+            given_up = fail_job(deps, active, ctx.vendor(active.vendor_id), why, ctx=ctx)
+            with deps.store.session() as s:
+                repo.update_run(s, run.id, troubles=0)
+            return given_up
+        with deps.store.session() as s:  # money in doubt: its expiry ends the job
+            repo.update_run(s, run.id, troubles=troubles)
+        return result
+    with deps.store.session() as s:
+        repo.update_run(
+            s, run.id, status=RunStatus.failed, troubles=troubles, status_reason=f"Failed: {why}"
+        )
+        repo.add_observation(s, run.id, OBS.error, f"Run failed: {why}")
+    return TickResult("Run failed", result.action)
 
 
 async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:

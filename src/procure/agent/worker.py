@@ -270,21 +270,38 @@ async def tick_under_lease(
                 raise RunNotFound(run_id)
             raise LeaseHeld(run_id, held_by)
 
+    work = asyncio.ensure_future(tick(deps, run_id))
+
     async def heartbeat() -> None:
+        # Renew while the tick runs; if the lease was lost (this loop stalled past its TTL and
+        # someone else took the run), stop the tick: it survives that as it survives a crash.
         while True:
             await asyncio.sleep(lease_s / 3)
             with deps.store.session() as s:
-                leases.renew(s, run_id, owner, lease_s)
+                held = leases.renew(s, run_id, owner, lease_s)
+            if not held:
+                log.error("lost the lease on run %s; cancelling the tick", run_id)
+                work.cancel()
+                return
 
     beat = asyncio.create_task(heartbeat())
     started = utcnow()
     outcome = "Tick error"
     try:
-        result = await tick(deps, run_id)
+        result = await work
         outcome = result.message
         return result
     except RunNotFound:
         outcome = "Run not found"
+        raise
+    except asyncio.CancelledError:
+        if beat.done() and not beat.cancelled():  # the heartbeat lost the lease: stopped
+            outcome = "Lease lost"
+            with deps.store.session() as s:
+                holder = leases.holder(s, run_id)
+            raise LeaseHeld(run_id, holder) from None
+        work.cancel()  # we were cancelled ourselves: so is the tick
+        outcome = "Cancelled"
         raise
     finally:
         beat.cancel()

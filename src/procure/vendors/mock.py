@@ -23,12 +23,12 @@ import hashlib
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import ClientDisconnect
@@ -68,6 +68,15 @@ class Faults(BaseModel):
     foreign_asset: bool = False
     foreign_network: bool = False
     answer_delay_s: float = Field(0.0, ge=0)  # submit-job: settle, then answer this late
+    # A hostile vendor's answers (the agent must record an error and move on, never crash):
+    deep_json: bool = False  # 100,000 nested `[` instead of an answer
+    drip_bytes_per_s: float = Field(0.0, ge=0)  # the answer one byte at a time, this fast
+    wrong_types: bool = False  # JSON whose fields have the wrong types
+    huge_line_bytes: int = Field(0, ge=0, le=64 << 20)  # job-status: one log line this long
+    extra_log_lines: int = Field(0, ge=0, le=1_000_000)  # job-status: this many more lines
+    nul_in_logs: bool = False  # job-status: a log line and the error with NUL characters
+    huge_error_bytes: int = Field(0, ge=0, le=64 << 20)  # a failed job's error this long
+    progress_lie: Literal["", "regress", "early_complete", "stuck"] = ""  # from 30% on
     endpoints: list[str] = Field(default_factory=list)
 
 
@@ -190,6 +199,18 @@ def _view(cfg: MockVendorConfig, job: _Job, now: float) -> VendorJob:
         "paid_hours": job.paid_hours,
         "amount": job.quote["amount"],
     }
+    faults = cfg.faults
+    if faults.huge_line_bytes:
+        logs.append("x" * faults.huge_line_bytes)
+    logs.extend(f"debug line {i}" for i in range(faults.extra_log_lines))
+    if faults.nul_in_logs:
+        logs.append("binary\x00garbage\x00")
+    if faults.progress_lie and progress >= 0.3:
+        if faults.progress_lie == "regress":
+            return VendorJob(status="running", progress=0.05, **base)
+        if faults.progress_lie == "early_complete":
+            return VendorJob(status="completed", progress=0.3, **base)
+        return VendorJob(status="running", progress=0.3, **base)  # stuck
     if job.cancelled:
         return VendorJob(status="cancelled", progress=progress, **base)
     if failed:
@@ -285,6 +306,22 @@ def create_mock_vendor_app(
             return await response(scope, receive, send)
         if cfg.faults.garbage:
             response = Response("{not json at all", media_type="application/json")
+            return await response(scope, receive, send)
+        if cfg.faults.deep_json:
+            response = Response("[" * 100_000, media_type="application/json")
+            return await response(scope, receive, send)
+        if cfg.faults.wrong_types:
+            wrong = {"jobId": 5, "status": ["running"], "progress": "lots", "quoteId": 7}
+            return await JSONResponse(wrong)(scope, receive, send)
+        if cfg.faults.drip_bytes_per_s:
+            pause = 1 / cfg.faults.drip_bytes_per_s
+
+            async def drip() -> AsyncIterator[bytes]:
+                for byte in b" " * 600 + b"{}":
+                    await asyncio.sleep(pause)
+                    yield bytes([byte])
+
+            response = StreamingResponse(drip(), media_type="application/json")
             return await response(scope, receive, send)
         return await inner(scope, receive, send)
 
@@ -489,7 +526,10 @@ def create_mock_vendor_app(
                 job = by_key.get(idempotency_key or "")
         if job is None or not job.paid:
             return JSONResponse({"error": "no such job"}, 404)
-        return JSONResponse(_view(cfg, job, clock()).to_json())
+        answer = _view(cfg, job, clock()).to_json()
+        if answer.get("error") and cfg.faults.huge_error_bytes:  # past the protocol's own clip
+            answer["error"] += "; core dump: " + "E" * cfg.faults.huge_error_bytes
+        return JSONResponse(answer)
 
     @app.post("/cancel-job", dependencies=[Depends(authorize)])
     async def cancel_job(body: dict[str, str]) -> JSONResponse:

@@ -6,11 +6,35 @@ with status `expired`, its last checkpoint intact.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
+from procure.bounds import clip
 from procure.models import Model, Usd
+
+METRICS_BYTES = 16 << 10
+"""A job's metrics as the vendor reports them, at most (they are stored with the job)."""
+
+
+def _bounded_metrics(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None:
+        text = json.dumps(value, default=str)
+        if len(text) > METRICS_BYTES:
+            raise ValueError(f"metrics larger than {METRICS_BYTES:,} bytes")
+        if "\\u0000" in text:
+            raise ValueError("metrics hold a NUL character")
+    return value
+
+
+def _clipped(value: Any) -> Any:
+    return clip(value, 2_000) if isinstance(value, str) else value
+
+
+ErrorText = Annotated[str | None, BeforeValidator(_clipped)]
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL cannot store a NUL character in text
+Url = Annotated[str | None, Field(max_length=500, pattern=NO_NUL)]
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 QUOTE_HEADER = "X-Quote-Id"
@@ -35,14 +59,14 @@ class RenewRequest(Model):
 class VendorJob(Model):
     """What `GET /job-status` answers: the whole job as the vendor sees it."""
 
-    job_id: str
+    job_id: str = Field(min_length=1, max_length=100, pattern=NO_NUL)
     status: Literal["queued", "running", "completed", "failed", "cancelled", "expired"]
     progress: float = Field(ge=0, le=1)
     logs: list[str] = Field(default_factory=list)
-    metrics: dict[str, Any] | None = None
-    artifact_url: str | None = None
-    error: str | None = None
-    checkpoint_url: str | None = None
+    metrics: Annotated[dict[str, Any] | None, AfterValidator(_bounded_metrics)] = None
+    artifact_url: Url = None
+    error: ErrorText = None
+    checkpoint_url: Url = None
     checkpoint_progress: float | None = Field(None, ge=0, le=1)
-    paid_hours: float | None = None
+    paid_hours: float | None = Field(None, ge=0, allow_inf_nan=False)
     amount: Usd | None = None

@@ -1,0 +1,86 @@
+"""What is booked is what moved: after runs against vendors that charge less than they quoted
+(booked at the signed amount) or more (refused, nothing moves), paid whole or in slices, the
+store's completed payments to each vendor equal the chain's transfers to it, and each run's
+budgetRemaining is its budget less what really left the wallet."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from procure.agent.context import PlanContext
+from procure.agent.planner import heuristic_planner
+from procure.models import Action
+from world import World, drive, start_world, state_of
+
+
+def whole_or_sliced(vendor_id: str, slice_hours: float | None) -> object:
+    """Rent `vendor_id` (whole, or in slices) until it fails this run; then the heuristic."""
+
+    async def plan(ctx: PlanContext) -> Action:
+        vendor = ctx.vendor(vendor_id)
+        if vendor is None or ctx.failures_in_run(vendor_id) or ctx.cooling_down(vendor):
+            return await heuristic_planner(ctx)
+        return Action(
+            action="start_job",
+            vendor_id=vendor_id,
+            hours=ctx.remaining_hours,
+            slice_hours=slice_hours,
+            reason=f"{vendor_id}, {'whole' if slice_hours is None else 'sliced'}",
+        )
+
+    return plan
+
+
+def test_store_matches_chain_per_vendor(tmp_path: Path, db_url: str) -> None:
+    # No cool-down: each run meets the over-charging vendor afresh.
+    w = start_world(tmp_path, db_url, job_seconds=2.0, settings_overrides={"VENDOR_COOLDOWN_S": 0})
+    try:
+        _check_runs(w)
+    finally:
+        w.stop()
+
+
+def _check_runs(w: World) -> None:
+    # Vendor 1 signs for half its quote; vendor 2 asks half as much again as it quoted.
+    w.faults("gpu_vendor_1", overcharge_factor=0.5)
+    w.faults("gpu_vendor_2", overcharge_factor=1.5)
+    plans = [
+        ("gpu_vendor_1", None),  # under-charging, whole job
+        ("gpu_vendor_1", 0.25),  # under-charging, in slices
+        ("gpu_vendor_2", None),  # over-charging: refused, then vendor 1 takes it
+        ("gpu_vendor_2", 0.25),
+    ]
+    run_ids = []
+    for vendor_id, slice_hours in plans:
+        run_id = w.new_run(budget=5.0)
+        deps = w.deps()
+        deps.planner = whole_or_sliced(vendor_id, slice_hours)  # type: ignore[assignment]
+        asyncio.run(drive(deps, run_id))
+        run_ids.append(run_id)
+
+    states = [state_of(w, r) for r in run_ids]
+    assert all(s.run.status == "completed" for s in states)
+    sliced_run = states[1]
+    slices = [p for p in sliced_run.payments if p.status == "completed"]
+    assert len(slices) >= 3  # a first slice and renewals
+    # Each payment booked at what was signed: half of what was quoted for its hours.
+    for p in slices:
+        assert p.hours is not None
+        assert p.amount == round(1_400_000 * p.hours * 0.5), (p.amount, p.hours)
+    # The over-charging vendor's 402s were refused: nothing moved, nothing booked.
+    for state in states[2:]:
+        refused = [p for p in state.payments if p.vendor_id == "gpu_vendor_2"]
+        assert refused and all(p.status == "failed" for p in refused)
+
+    transfers = [t for t in w.chain.transfers() if t["from"] != "0x" + "0" * 40]
+    payments = [p for s in states for p in s.payments if p.status == "completed"]
+    for vendor in w.vendors.values():
+        on_chain = sorted(t["value"] for t in transfers if t["to"] == vendor.pay_to)
+        in_store = sorted(p.amount for p in payments if p.vendor_id == vendor.vendor_id)
+        assert on_chain == in_store, vendor.vendor_id
+    tx_of = {t["tx_hash"] for t in transfers}
+    assert all(p.x402_tx_id in tx_of for p in payments)
+    for state in states:
+        spent = sum(p.amount for p in state.payments if p.status == "completed")
+        assert state.run.budget_remaining == state.run.budget_total - spent
