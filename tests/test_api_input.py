@@ -78,7 +78,13 @@ def test_start_returns_the_run_in_the_seeds_shape(api: httpx.Client) -> None:
     assert run["budgetTotal"] == 5.25 and run["budgetRemaining"] == 5.25
     assert run["userId"] == "u1" and len(run["_id"]) == 24
     status = api.get("/api/agent-status", params={"runId": run["_id"]}).json()
-    assert status == {"run": run, "jobs": [], "payments": [], "observations": []}
+    assert status == {
+        "run": run,
+        "jobs": [],
+        "payments": [],
+        "observations": [],
+        "observationsNext": None,  # the seeds' shape, plus the cursor of the next page
+    }
 
 
 def test_mutations_need_the_token_when_configured(tmp_path: Path, sqlite_url: str) -> None:

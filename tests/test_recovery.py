@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import httpx
+from sqlalchemy import text
 
 from procure.api.app import create_app
 from procure.local import serve
@@ -49,7 +50,8 @@ def test_recovery_story_over_http(world: World) -> None:
     finally:
         server.stop()
 
-    assert set(status) == {"run", "jobs", "payments", "observations"}
+    assert set(status) == {"run", "jobs", "payments", "observations", "observationsNext"}
+    assert status["observationsNext"] is None  # the whole history fits in the first page
     assert status["run"]["status"] == "completed"
     job1, job2 = status["jobs"]
     assert (job1["vendorId"], job1["status"]) == ("gpu_vendor_1", "failed")
@@ -116,6 +118,14 @@ def test_secrets_never_appear_in_the_store_or_responses(world: World) -> None:
     finally:
         server.stop()
     assert key is not None
+    # The vendors' credential (GPU_VENDOR_SECRET for the seeds) is stored encrypted: neither
+    # it, its ciphertext nor the key that opens it is shown.
+    with world.store.session() as s:
+        stored = [c for (c,) in s.execute(text("SELECT credential FROM vendors")) if c]
+    assert len(stored) == 2 and not any(SECRET in c for c in stored)
+    credential_key = (world.settings.home / "secret.key").read_text().strip()
     for body in bodies:
         assert SECRET not in body
         assert key.removeprefix("0x") not in body
+        assert credential_key not in body
+        assert not any(c in body for c in stored)

@@ -24,6 +24,7 @@ from procure.payments.chain import LocalChain
 from procure.payments.wallet import load_or_create_account
 from procure.settings import Settings
 from procure.store import Store, open_store, repo
+from procure.vendors.credentials import Keyring
 from procure.vendors.registry import default_vendors
 
 SECRET = "test-vendor-secret"
@@ -121,7 +122,12 @@ def start_world(
         settings = Settings(**env)
         store = open_store(db_url)
         vendors, vendor_servers = {}, {}
-        for vendor in default_vendors(network=chain.network, asset=chain.token_address):
+        # The seeds' vendors share the mock vendors' secret, stored encrypted with the key
+        # every process of this world uses (PROCURE_HOME's secret.key).
+        credential = Keyring.load(settings.home).encrypt(SECRET)
+        for vendor in default_vendors(
+            network=chain.network, asset=chain.token_address, credential=credential
+        ):
             overrides = {
                 "job_seconds": job_seconds,
                 **(vendor_overrides or {}).get(vendor.vendor_id, {}),

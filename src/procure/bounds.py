@@ -78,7 +78,10 @@ def _no_constant(name: str) -> Any:
 
 
 def clip(text: str, limit: int = MAX_TEXT_CHARS) -> str:
-    """`text` cut to `limit` characters, saying how much was cut."""
+    """`text` cut to `limit` characters, saying how much was cut, with any NUL character
+    replaced (PostgreSQL cannot store one in text)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
     if len(text) <= limit:
         return text
     keep = max(0, limit - 40)  # room for the note

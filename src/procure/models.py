@@ -7,7 +7,7 @@ so budget arithmetic is exact; JSON shows it as dollars. Imports nothing of the 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
@@ -18,16 +18,24 @@ from pydantic import (
     Field,
     PlainSerializer,
     WithJsonSchema,
+    computed_field,
 )
 from pydantic.alias_generators import to_camel
 
 MICROS_PER_USD = 1_000_000
 
 
-def usd_to_micros(value: float | int | str | Decimal) -> int:
-    """Dollars (as given by a user or an API) to integer micro-USD, rounded half up."""
+def usd_to_micros(value: float | int | str | Decimal, *, rounding: str = ROUND_HALF_UP) -> int:
+    """Dollars (as given by a user or an API) to integer micro-USD, rounded half up unless
+    `rounding` (a `decimal` rounding mode) says otherwise."""
     micros = Decimal(str(value)) * MICROS_PER_USD
-    return int(micros.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return int(micros.quantize(Decimal(1), rounding=rounding))
+
+
+def budget_to_micros(value: float | int | str | Decimal) -> int:
+    """A budget in dollars to micro-USD, rounded down: a budget never grows by rounding
+    ($4.9999995 is $4.999999)."""
+    return usd_to_micros(value, rounding=ROUND_DOWN)
 
 
 def micros_to_usd(micros: int) -> float:
@@ -143,6 +151,18 @@ class Vendor(Model):
     cooldown_until: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    credential: str | None = Field(
+        None,
+        exclude=True,
+        repr=False,
+        description="The vendor's own bearer credential, encrypted; never serialised",
+    )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def has_credential(self) -> bool:
+        """Whether the vendor has a credential of its own (the value is never shown)."""
+        return self.credential is not None
 
 
 class JobSpec(Model):
@@ -199,6 +219,9 @@ class Job(Model):
     checkpoint_url: str | None = Field(None, description="Latest checkpoint, or the resumed one")
     checkpoint_progress: float = Field(0.0, description="Run progress saved in checkpoint_url")
     slice_hours: float | None = Field(None, description="Hours bought per payment; None: all")
+    progressed_at: datetime | None = Field(
+        None, description="When the vendor last reported progress"
+    )
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None = None
@@ -231,13 +254,14 @@ class Observation(Model):
 
 
 class Quote(Model):
-    quote_id: str
-    vendor_id: str
-    gpu_type: str
-    hours: float
-    price_per_hour: Usd
-    amount: Usd
-    currency: str = "USD"
+    # A vendor's answer: bounded, so nothing it sends can overflow a column or a sum.
+    quote_id: str = Field(min_length=1, max_length=100, pattern=r"^[^\x00]*$")
+    vendor_id: str = Field(max_length=64)
+    gpu_type: str = Field(max_length=64)
+    hours: float = Field(gt=0, le=24 * 365, allow_inf_nan=False)
+    price_per_hour: Usd = Field(ge=0, le=10**15)
+    amount: Usd = Field(ge=0, le=10**15)
+    currency: str = Field("USD", max_length=8)
     expires_at: datetime | None = None
 
 

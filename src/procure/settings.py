@@ -70,6 +70,29 @@ class Settings(BaseSettings):
         validation_alias="PROCURE_PAYMENT_WINDOW_S",
         description="How long a signed payment authorisation stays valid (its validBefore)",
     )
+    api_lease_s: float = Field(
+        15.0,
+        ge=1,
+        le=600,
+        validation_alias="PROCURE_API_LEASE_S",
+        description="Lease a tick through the API (or the CLI) holds on its run, renewed every "
+        "third of it while the tick runs: after a crash mid-tick the run is free again this "
+        "soon",
+    )
+    max_troubles: int = Field(
+        30,
+        ge=1,
+        le=10_000,
+        validation_alias="PROCURE_MAX_TRIES",
+        description="Ticks in a row without a way forward (vendor errors, rejected quotes) "
+        "before the job is given up or the run ends failed",
+    )
+    stall_s: float = Field(
+        1800.0,
+        gt=0,
+        validation_alias="PROCURE_STALL_S",
+        description="A running job whose progress has not moved for this long is given up",
+    )
     payment_margin_s: float = Field(
         30.0,
         ge=0,

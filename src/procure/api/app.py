@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from procure.agent.cancel import CannotCancel, request_cancel
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.tick import AgentDeps, RunNotFound
 from procure.agent.worker import (
@@ -30,13 +32,23 @@ from procure.agent.worker import (
     tick_under_lease,
 )
 from procure.api import metrics
-from procure.api.schemas import StartRequest, TickRequest
+from procure.api.schemas import (
+    NO_NUL,
+    CancelRequest,
+    StartRequest,
+    TickRequest,
+    VendorRegistration,
+    problems,
+)
 from procure.asgibounds import BoundedRequests
-from procure.models import Vendor, usd_to_micros, utcnow
+from procure.bounds import clip
+from procure.models import RunStatus, utcnow
 from procure.settings import Settings
 from procure.store import Store, repo
+from procure.vendors.credentials import CredentialError, Keyring
 
-TICK_LEASE_S = 120.0
+OBSERVATIONS_PAGE = 1000
+OBSERVATIONS_PAGE_MAX = 5000
 log = logging.getLogger(__name__)
 
 
@@ -106,15 +118,59 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-            for e in exc.errors()
-        ]
-        return _error(422, "invalid request: " + "; ".join(problems), details=problems)
+        found = problems(list(exc.errors()))
+        return _error(422, "invalid request: " + "; ".join(found), details=found)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+    # Starlette's own answers (404 unknown route, 405 wrong method, ...) and every
+    # HTTPException raised by a route: all in the `{"error": ...}` envelope.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        message = str(exc.detail)
+        path = clip(request.url.path, 200)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such route: {path}"
+        elif exc.status_code == 405 and message == "Method Not Allowed":
+            message = f"method {request.method} not allowed on {path}"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with its 422 answer described as the envelope we send."""
+        if app.openapi_schema is None:
+            document = default_openapi()
+            document.get("components", {}).get("schemas", {})["HTTPValidationError"] = {
+                "title": "Error",
+                "type": "object",
+                "properties": {
+                    "error": {"type": "string"},
+                    "details": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["error"],
+            }
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.exception_handler(DataError)
+    async def refused_by_the_store(request: Request, exc: DataError) -> JSONResponse:
+        # A value the database cannot keep or compare (e.g. a NUL character on PostgreSQL) that
+        # validation let through: the client's input, so a 422, never a 500.
+        reason = (str(exc.orig or exc).splitlines() or [""])[0]
+        log.warning(
+            "the store refused a value on %s %s: %s",
+            request.method,
+            clip(request.url.path, 200),
+            clip(reason, 200),
+        )
+        return _error(422, "invalid request: a value the store cannot keep (e.g. a NUL character)")
+
+    @app.exception_handler(Exception)
+    async def crashed(_request: Request, _exc: Exception) -> JSONResponse:
+        # A bug, never bad input: the server logs the traceback; the client gets the envelope.
+        return _error(500, "internal error")
 
     @app.post("/api/agent-start", status_code=201, dependencies=[Depends(require_token)])
     async def agent_start(body: StartRequest) -> dict[str, Any]:
@@ -123,7 +179,7 @@ def create_app(
                 s,
                 user_id=body.user_id,
                 goal=body.goal,
-                budget_total=usd_to_micros(body.budget_total),
+                budget_total=body.budget_micros(),
                 job_spec=body.job_spec(),
                 deadline=body.deadline_at(utcnow()),
             )
@@ -137,7 +193,7 @@ def create_app(
         try:
             with metrics.TICK_SECONDS.time():
                 result = await tick_under_lease(
-                    request.app.state.deps, body.run_id, owner, TICK_LEASE_S
+                    request.app.state.deps, body.run_id, owner, settings.api_lease_s
                 )
         except RunNotFound:
             return _error(404, f"run {body.run_id} not found")
@@ -146,13 +202,38 @@ def create_app(
         metrics.TICKS.labels(result.message.split(" (")[0]).inc()
         return JSONResponse(result.to_json())
 
-    @app.get("/api/agent-status")
-    async def agent_status(run_id: str = Query(alias="runId", min_length=1)) -> dict[str, Any]:
+    def status_of(run_id: str, after: int, limit: int) -> dict[str, Any]:
+        """The seeds' status shape, with one page of observations and the next page's cursor
+        (`observationsNext`, null on the last page)."""
         with store.session() as s:
-            state = repo.load_state(s, run_id)
-        if state is None:
+            page = repo.load_state_page(s, run_id, observations_after=after, limit=limit)
+        if page is None:
             raise HTTPException(404, f"run {run_id} not found")
-        return state.to_json()
+        state, after_next = page
+        return {**state.to_json(), "observationsNext": after_next}
+
+    observations_after = Query(
+        0,
+        alias="observationsAfter",
+        ge=0,
+        le=2**63 - 1,
+        description="Return observations with an id above this cursor (observationsNext)",
+    )
+    observations_limit = Query(
+        OBSERVATIONS_PAGE,
+        alias="observationsLimit",
+        ge=1,
+        le=OBSERVATIONS_PAGE_MAX,
+        description="Observations per page",
+    )
+
+    @app.get("/api/agent-status")
+    async def agent_status(
+        run_id: str = Query(alias="runId", min_length=1, max_length=200, pattern=NO_NUL),
+        after: int = observations_after,
+        limit: int = observations_limit,
+    ) -> dict[str, Any]:
+        return status_of(run_id, after, limit)
 
     @app.get("/api/runs")
     async def runs(limit: int = Query(50, ge=1, le=500), status: str | None = None) -> list[Any]:
@@ -160,8 +241,44 @@ def create_app(
             return [r.to_json() for r in repo.list_runs(s, limit=limit, status=status)]
 
     @app.get("/api/runs/{run_id}")
-    async def run_detail(run_id: str) -> dict[str, Any]:
-        return await agent_status(run_id)
+    async def run_detail(
+        run_id: str = Path(min_length=1, max_length=200, pattern=NO_NUL),
+        after: int = observations_after,
+        limit: int = observations_limit,
+    ) -> dict[str, Any]:
+        return status_of(run_id, after, limit)
+
+    @app.post("/api/runs/{run_id}/cancel", dependencies=[Depends(require_token)])
+    async def cancel_run(
+        request: Request,
+        run_id: str = Path(min_length=1, max_length=200),
+        body: CancelRequest | None = None,
+    ) -> JSONResponse:
+        """Stop a run: its job is cancelled at the vendor and no new payment starts. 200 with
+        the run once it is `cancelled`; 202 while a worker holding the run finishes it; 409 if
+        it already ended otherwise. Cancelling twice is fine."""
+        body = body or CancelRequest()
+        try:
+            run = request_cancel(store, run_id, by=body.requested_by or "api", reason=body.reason)
+        except RunNotFound:
+            return _error(404, f"run {run_id} not found")
+        except CannotCancel as exc:
+            return _error(409, str(exc))
+        if run.status == RunStatus.running:  # carry it out now if nobody else is ticking it
+            owner = f"api-cancel-{uuid.uuid4().hex[:8]}"
+            with contextlib.suppress(LeaseHeld):
+                await tick_under_lease(request.app.state.deps, run_id, owner, settings.api_lease_s)
+            with store.session() as s:
+                run = repo.get_run(s, run_id) or run
+        if run.status == RunStatus.cancelled:
+            return JSONResponse({"message": "Run cancelled", "run": run.to_json()})
+        return JSONResponse(
+            {
+                "message": "Cancel requested; the run ends as soon as its job is stopped",
+                "run": run.to_json(),
+            },
+            status_code=202,
+        )
 
     @app.get("/api/vendors")
     async def vendors() -> list[Any]:
@@ -177,16 +294,28 @@ def create_app(
                 for v in repo.list_vendors(s)
             ]
 
+    keyrings: list[Keyring] = []  # loaded on first use (it may create the key file)
+
     @app.put("/api/vendors/{vendor_id}", dependencies=[Depends(require_token)])
-    async def put_vendor(vendor_id: str, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
-        try:
-            vendor = Vendor.from_wire(body)
-        except ValidationError as exc:
-            raise HTTPException(422, f"invalid vendor: {exc.errors()[0]['msg']}") from exc
-        if vendor.vendor_id != vendor_id:
-            raise HTTPException(400, "vendorId in the body differs from the path")
+    async def put_vendor(vendor_id: str, body: VendorRegistration) -> JSONResponse:
+        """Register or replace a vendor. `credential` is write-only: stored encrypted, sent to
+        this vendor alone, never shown (`hasCredential`). Left out, the stored one is kept
+        unless the endpoint changes; `null` drops it."""
+        if body.vendor_id != vendor_id:
+            return _error(400, "vendorId in the body differs from the path")
+        credential = None
+        if body.credential is not None:
+            try:
+                if not keyrings:
+                    keyrings.append(Keyring.load(settings.home))
+                credential = keyrings[0].encrypt(body.credential)
+            except (CredentialError, OSError) as exc:
+                log.error("cannot keep vendor credentials: %s", type(exc).__name__)
+                return _error(503, f"cannot keep vendor credentials: {exc}")
+        clear = "credential" in body.model_fields_set and body.credential is None
         with store.session() as s:
-            return repo.save_vendor(s, vendor).to_json()
+            saved = repo.save_vendor(s, body.to_vendor(credential), clear_credential=clear)
+        return JSONResponse(saved.to_json())
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
+from procure.bounds import clip
 from procure.models import (
     TERMINAL_RUN_STATUSES,
     Job,
@@ -43,14 +44,28 @@ def _model(cls: type[M], row: Base) -> M:
 # --- vendors -------------------------------------------------------------------------------
 
 
-def save_vendor(s: Session, vendor: Vendor) -> Vendor:
-    """Insert or replace a vendor's registry entry, keeping its learned outcomes."""
+def save_vendor(s: Session, vendor: Vendor, *, clear_credential: bool = False) -> Vendor:
+    """Insert or replace a vendor's registry entry, keeping its learned outcomes.
+
+    `vendor.credential` (already encrypted) replaces the stored one when given. When it is not
+    given, the stored credential is kept only if the endpoint is unchanged: a credential is
+    bound to the endpoint it was registered for, so moving the vendor elsewhere drops it.
+    `clear_credential` drops it in any case.
+    """
     row = s.get(VendorRow, vendor.vendor_id)
-    data = vendor.model_dump(exclude={"successes", "failures", "gpu_hours", "cooldown_until"})
+    data = vendor.model_dump(
+        exclude={"successes", "failures", "gpu_hours", "cooldown_until", "has_credential"}
+    )
     if row is None:
-        row = VendorRow(**vendor.model_dump())
+        row = VendorRow(
+            **vendor.model_dump(exclude={"has_credential"}), credential=vendor.credential
+        )
         s.add(row)
     else:
+        if vendor.credential is not None:
+            row.credential = vendor.credential
+        elif clear_credential or row.endpoint != vendor.endpoint:
+            row.credential = None
         data.pop("created_at")
         data["updated_at"] = utcnow()
         for key, value in data.items():
@@ -206,27 +221,46 @@ def add_observation(
     *,
     vendor_id: str | None = None,
 ) -> None:
+    # Much of what is observed comes from outside (vendors' logs and errors, LLM answers):
+    # no observation grows the store by more than a bounded text.
     s.add(
         ObservationRow(
-            run_id=run_id, type=type, content=content, vendor_id=vendor_id, timestamp=utcnow()
+            run_id=run_id,
+            type=type,
+            content=clip(content),
+            vendor_id=vendor_id,
+            timestamp=utcnow(),
         )
     )
 
 
-def list_observations(s: Session, run_id: str, *, after_id: int = 0) -> list[Observation]:
+def list_observations(
+    s: Session, run_id: str, *, after_id: int = 0, limit: int | None = None
+) -> list[Observation]:
+    """A run's observations with an id above `after_id`, oldest first; at most `limit`."""
     query = (
         select(ObservationRow)
         .where(ObservationRow.run_id == run_id, ObservationRow.id > after_id)
         .order_by(ObservationRow.id)
     )
+    if limit is not None:
+        query = query.limit(limit)
     return [_model(Observation, r) for r in s.scalars(query)]
 
 
 # --- the whole state of a run --------------------------------------------------------------
 
 
-def load_state(s: Session, run_id: str, *, observations: bool = True) -> RunState | None:
-    """The run with its jobs, payments and (optionally; ticks skip them) observations."""
+def load_state(
+    s: Session,
+    run_id: str,
+    *,
+    observations: bool = True,
+    observations_after: int = 0,
+    observations_limit: int | None = None,
+) -> RunState | None:
+    """The run with its jobs, payments and (optionally; ticks skip them) observations: all of
+    them, or those with an id above `observations_after`, at most `observations_limit`."""
     run = get_run(s, run_id)
     if run is None:
         return None
@@ -238,8 +272,28 @@ def load_state(s: Session, run_id: str, *, observations: bool = True) -> RunStat
         run=run,
         jobs=[_model(Job, r) for r in jobs],
         payments=[_model(Payment, r) for r in payments],
-        observations=list_observations(s, run_id) if observations else [],
+        observations=list_observations(
+            s, run_id, after_id=observations_after, limit=observations_limit
+        )
+        if observations
+        else [],
     )
+
+
+def load_state_page(
+    s: Session, run_id: str, *, observations_after: int = 0, limit: int = 1000
+) -> tuple[RunState, int | None] | None:
+    """`load_state` with one page of at most `limit` observations after the cursor
+    `observations_after`, and the cursor of the next page (None when this one is the last)."""
+    state = load_state(
+        s, run_id, observations_after=observations_after, observations_limit=limit + 1
+    )
+    if state is None:
+        return None
+    if len(state.observations) <= limit:
+        return state, None
+    del state.observations[limit:]
+    return state, state.observations[-1].id
 
 
 # The tick's hot statements, built once (no per-call construction or cache-key generation).
@@ -267,13 +321,18 @@ _JOB_POLLED = (
         progress=bindparam("progress"),
         checkpoint_url=bindparam("checkpoint_url"),
         checkpoint_progress=bindparam("checkpoint_progress"),
+        progressed_at=bindparam("progressed_at"),
         updated_at=bindparam("now"),
     )
 )
 _RUN_POLLED = (
     update(_runs)
     .where(_runs.c.id == bindparam("run_id"))
-    .values(progress=bindparam("progress"), updated_at=bindparam("now"))
+    .values(
+        progress=bindparam("progress"),
+        log_lines=_runs.c.log_lines + bindparam("lines"),
+        updated_at=bindparam("now"),
+    )
 )
 
 
@@ -311,8 +370,11 @@ def record_poll(
     progress: float,
     checkpoint_url: str | None,
     checkpoint_progress: float,
+    progressed_at: datetime | None = None,
+    log_lines: int = 0,
 ) -> None:
-    """A poll's progress: the job's (log cursor, progress, checkpoint) and the run's, as two
+    """A poll's progress: the job's (log cursor, progress, checkpoint, when it last progressed)
+    and the run's (progress, `log_lines` more lines kept), as two
     Core UPDATEs on the session's connection (no ORM synchronisation: the tick holds no
     loaded rows of these tables in `s`)."""
     now = utcnow()
@@ -325,10 +387,13 @@ def record_poll(
             "progress": progress,
             "checkpoint_url": checkpoint_url,
             "checkpoint_progress": checkpoint_progress,
+            "progressed_at": progressed_at,
             "now": now,
         },
     )
-    conn.execute(_RUN_POLLED, {"run_id": run_id, "progress": progress, "now": now})
+    conn.execute(
+        _RUN_POLLED, {"run_id": run_id, "progress": progress, "lines": log_lines, "now": now}
+    )
 
 
 def refresh_budget(s: Session, run_id: str) -> int:
@@ -387,3 +452,13 @@ def settle_pending_payment(s: Session, payment_id: str, **values: Any) -> bool:
         .values(**values)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def last_observation(s: Session, run_id: str, type: ObservationType) -> str | None:
+    """The content of the run's latest observation of `type`, if any."""
+    return s.scalar(
+        select(ObservationRow.content)
+        .where(ObservationRow.run_id == run_id, ObservationRow.type == type)
+        .order_by(ObservationRow.id.desc())
+        .limit(1)
+    )

@@ -119,6 +119,8 @@ class JobRow(Base):
     checkpoint_url: Mapped[str | None] = mapped_column(String(500))
     checkpoint_progress: Mapped[float] = mapped_column(Float, default=0.0)
     slice_hours: Mapped[float | None] = mapped_column(Float)
+    # When the vendor last reported more progress (None: not since it started).
+    progressed_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     completed_at: Mapped[datetime | None]
