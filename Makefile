@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3  # 3 processes on 2 cores: most tests wait on loopback servers
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
