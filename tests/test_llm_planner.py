@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from procure.agent.context import PlanContext
 from procure.agent.llm_planner import LLMPlanner, action_schema, make_llm_planner
@@ -54,6 +54,7 @@ class Reply:
     content: str = ""
     status: int = 200
     delay_s: float = 0.0
+    raw: bytes | None = None  # sent as the whole HTTP body instead of a chat completion
 
 
 @dataclass
@@ -80,6 +81,8 @@ class FakeLLM:
             reply = self.script.pop(0) if self.script else Reply(content="")
             if reply.delay_s:
                 await asyncio.sleep(reply.delay_s)
+            if reply.raw is not None:
+                return Response(reply.raw, media_type="application/json")  # type: ignore[return-value]
             if reply.status != 200:
                 # A careless server that echoes the request's credentials in its error body.
                 return JSONResponse(
@@ -500,3 +503,21 @@ def test_tick_survives_an_unreachable_endpoint(llm: FakeLLM, settings: Settings)
     [error] = [c for t, c in _observations(state) if t == ObservationType.error]
     assert "request failed: APIConnectionError" in error
     assert_no_key(*(c for _, c in _observations(state)))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(raw=b"[" * 100_000),  # the server's whole answer (once a segfault)
+        Reply(content="[" * 100_000),  # the model's answer inside a valid completion
+        Reply(raw=b'{"choices": "' + b"x" * (3 << 20) + b'"}'),  # larger than any answer
+    ],
+    ids=["deep-body", "deep-content", "3MB-body"],
+)
+def test_hostile_llm_answers_fall_back(llm: FakeLLM, settings: Settings, reply: Reply) -> None:
+    llm.script.append(reply)
+    ctx = make_ctx()
+    action = plan(settings, ctx)
+    assert action == heuristic(ctx)
+    errors = notes_of(ctx, ObservationType.error)
+    assert len(errors) == 1 and "heuristic planner decides instead" in errors[0]

@@ -223,7 +223,7 @@ def mock_vendor(
     """Run a mock GPU vendor. Honours GPU_VENDOR_SECRET, FAIL_VENDOR_ID, FAIL_RATE, FAIL_AT."""
     import uvicorn
 
-    from procure.local import facilitator_client, mock_vendor_config
+    from procure.local import facilitator_client, mock_fail_rate, mock_vendor_config
     from procure.vendors.mock import create_mock_vendor_app
     from procure.vendors.registry import default_vendors
 
@@ -231,13 +231,12 @@ def mock_vendor(
     known = {v.vendor_id: v for v in default_vendors()}
     if vendor_id not in known:
         raise typer.BadParameter(f"unknown vendor {vendor_id}; known: {', '.join(known)}")
-    fails = settings.fail_vendor_id == vendor_id
     cfg = mock_vendor_config(
         known[vendor_id],
         settings.facilitator_url,
         settings.gpu_vendor_secret.get_secret_value(),
         job_seconds=job_seconds or settings.mock_job_seconds,
-        fail_rate=(1.0 if settings.fail_rate is None else settings.fail_rate) if fails else 0.0,
+        fail_rate=mock_fail_rate(settings, vendor_id),
         fail_at=settings.fail_at,
     )
     facilitator = facilitator_client(settings.facilitator_url)

@@ -20,6 +20,7 @@ from procure.httpbounds import bounded_client
 from procure.models import Vendor
 from procure.payments.chain import LocalChain
 from procure.payments.facilitator import create_facilitator_app
+from procure.settings import Settings
 from procure.vendors.mock import MockVendorConfig, create_mock_vendor_app
 from procure.vendors.registry import vendor_payee
 
@@ -77,6 +78,14 @@ def asset_info(facilitator_url: str) -> dict[str, object]:
             last = exc
             time.sleep(0.2)
     raise RuntimeError(f"facilitator at {facilitator_url} is not answering: {last}")
+
+
+def mock_fail_rate(settings: Settings, vendor_id: str) -> float:
+    """The share of `vendor_id`'s jobs that fail, as the seeds configure it: FAIL_VENDOR_ID's
+    fail at FAIL_RATE (0: never; unset: always), every other vendor's never."""
+    if settings.fail_vendor_id != vendor_id:
+        return 0.0
+    return 1.0 if settings.fail_rate is None else settings.fail_rate
 
 
 def mock_vendor_config(
