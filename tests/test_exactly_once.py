@@ -132,8 +132,9 @@ def test_signed_payment_turned_down_stays_pending_until_it_expires(
 
 async def _submit_again(world: World, payer: Any, key: str) -> None:
     from procure.vendors.client import VendorClient
+    from procure.vendors.credentials import Keyring
 
-    client = VendorClient(SECRET)
+    client = VendorClient(Keyring.load(world.settings.home))
     vendor = world.vendors["gpu_vendor_1"]
     try:
         quote = await client.quote(vendor, state_spec())
@@ -193,6 +194,7 @@ def test_racing_submissions_with_one_key_start_and_pay_once(healthy: World) -> N
     world = healthy
     vendor = world.vendors["gpu_vendor_1"]
     from procure.vendors.client import VendorClient
+    from procure.vendors.credentials import Keyring
 
     deps = world.deps()
     nonce = payment_nonce("race-payment")
@@ -200,7 +202,7 @@ def test_racing_submissions_with_one_key_start_and_pay_once(healthy: World) -> N
     valid_before = int(time.time()) + 120
 
     async def race() -> list[Any]:
-        client = VendorClient(SECRET)
+        client = VendorClient(Keyring.load(world.settings.home))
         try:
             quote = await client.quote(vendor, state_spec())
             return await asyncio.gather(

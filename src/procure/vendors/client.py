@@ -155,9 +155,8 @@ class VendorClient:
     Each vendor gets its own credential only: `credentials` is the `Keyring` that opens the
     encrypted credential stored with each vendor (`Vendor.credential`), sent to that vendor as
     `Authorization: Bearer ...`; a vendor without one, or whose credential this key cannot
-    open (a warning is logged), gets no Authorization header at all. A plain `str` instead is
-    one credential sent to every vendor this client is given: for a client of one known vendor
-    (tests, tools), never for a registry of vendors.
+    open (a warning is logged), gets no Authorization header at all. There is no way to send
+    one credential to every vendor: that is how a credential leaks to a host it is not for.
 
     `transport` is the underlying httpx transport: real sockets by default, or an
     `httpx.ASGITransport` to reach in-process vendors without sockets. Every exchange is
@@ -166,7 +165,7 @@ class VendorClient:
 
     def __init__(
         self,
-        credentials: Keyring | str | None = None,
+        credentials: Keyring | None = None,
         *,
         timeout_s: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -175,8 +174,7 @@ class VendorClient:
         self._transport = BoundedTransport(
             transport, deadline_s=timeout_s, **({"max_bytes": max_bytes} if max_bytes else {})
         )
-        self._keyring = credentials if isinstance(credentials, Keyring) else None
-        self._only = credentials if isinstance(credentials, str) else None
+        self._keyring = credentials
         self._opened: dict[str, str | None] = {}  # ciphertext -> credential (None: unopenable)
         self._timeout = httpx.Timeout(timeout_s)
         self._http = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
@@ -186,7 +184,7 @@ class VendorClient:
 
     def _auth(self, vendor: Vendor) -> dict[str, str]:
         """The Authorization header for `vendor` alone: its own credential, or none."""
-        credential = self._only if self._only is not None else self._credential(vendor)
+        credential = self._credential(vendor)
         return {"Authorization": f"Bearer {credential}"} if credential else {}
 
     def _credential(self, vendor: Vendor) -> str | None:
