@@ -1,0 +1,143 @@
+"""The mock cloud's instances' GPU nodes: the real GPU node service (`gpu.service`) over a
+simulated NVML, each on its own loopback address (127.0.0.N; all of 127/8 is loopback on Linux)
+and the one node port, so an instance's `ip` is where its node really answers. Its dead-man
+switch terminates its own instance through the cloud's API, as on a real instance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+
+import uvicorn
+
+from procure.clouds.lambda_cloud.mockstate import MockCloudState, MockInstance
+from procure.clouds.lambda_cloud.simnvml import sim_nvml
+from procure.gpu.probe import read_nvml
+from procure.gpu.service import create_gpu_worker_app
+from procure.gpu.settings import GpuWorkerSettings
+
+log = logging.getLogger(__name__)
+LAST_IP = 254
+
+
+@dataclass
+class Node:
+    instance_id: str
+    ip: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def stop_command(state: MockCloudState, instance_id: str) -> str:
+    """The node's stop action: terminate its own instance through the cloud's API (the command
+    an operator would set as GPU_WORKER_ON_ORPHAN on a real Lambda instance)."""
+    env = f"LAMBDA_API_URL={shlex.quote(state.config.api_url)} "
+    env += f"LAMBDA_API_KEY={shlex.quote(state.config.api_key)}"
+    module = "procure.clouds.lambda_cloud.selfstop"
+    return f"{env} {shlex.quote(sys.executable)} -m {module} {shlex.quote(instance_id)}"
+
+
+def node_settings(state: MockCloudState, inst: MockInstance) -> GpuWorkerSettings:
+    # Every field that the environment could set is given, so a developer's .env (an
+    # orchestrator, Ollama) never reaches the simulated nodes.
+    return GpuWorkerSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        GPU_WORKER_TOKEN=state.config.node_token,
+        GPU_WORKER_NVML_CACHE_S=0.0,
+        OLLAMA_URL=None,
+        ORCHESTRATOR_URL=None,
+        CAPABILITY_NAME=f"agent-net-{inst.id[:12]}",
+        GPU_WORKER_ON_ORPHAN=stop_command(state, inst.id) if state.config.api_url else None,
+        GPU_WORKER_ORPHAN_TIMEOUT_S=30.0,
+    )
+
+
+def _bind(used: set[str], first: int, port: int) -> tuple[str, socket.socket]:
+    for n in range(first, LAST_IP + 1):
+        ip = f"127.0.0.{n}"
+        if ip in used:
+            continue
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((ip, port))
+        except OSError:  # taken by someone else (another mock, another test): the next one
+            sock.close()
+            continue
+        return ip, sock
+    raise OSError(f"no loopback address left for port {port}")
+
+
+async def start_node(state: MockCloudState, inst: MockInstance, used: set[str]) -> Node:
+    """Bind 127.0.0.N:<node port>, serve the GPU node there (a uvicorn server on its own thread),
+    and return once it accepts connections."""
+    port = state.config.node_port
+    ip, sock = _bind(used, state.config.first_ip, port)
+    module = sim_nvml(lambda: state.gpus(inst.id))
+    app = create_gpu_worker_app(
+        node_settings(state, inst),
+        read=lambda: read_nvml(module),
+        port=port,
+        hostname=ip.replace(".", "-"),
+    )
+    config = uvicorn.Config(app, host=ip, port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"node-{ip}", daemon=True
+    )
+    thread.start()
+    try:
+        async with asyncio.timeout(15):
+            while not server.started:
+                if not thread.is_alive():
+                    raise OSError(f"the node on {ip}:{port} did not start")
+                await asyncio.sleep(0.01)
+    finally:
+        if not server.started:
+            server.should_exit = True
+            with contextlib.suppress(OSError):
+                sock.close()
+    return Node(inst.id, ip, server, thread)
+
+
+class Nodes:
+    """Keeps one node per live instance: started at launch, stopped when the instance ends."""
+
+    def __init__(self, state: MockCloudState) -> None:
+        self.state = state
+        self.nodes: dict[str, Node] = {}
+        self._lock = asyncio.Lock()
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            with self.state.lock:
+                wanted = {i.id: i for i in self.state.instances.values() if i.ended_at is None}
+            for instance_id in [i for i in self.nodes if i not in wanted]:
+                node = self.nodes.pop(instance_id)
+                await asyncio.to_thread(node.stop)
+            for instance_id, inst in wanted.items():
+                if instance_id in self.nodes:
+                    continue
+                try:
+                    node = await start_node(self.state, inst, {n.ip for n in self.nodes.values()})
+                except OSError as exc:
+                    log.warning("instance %s has no node: %s", instance_id, exc)
+                    continue
+                self.nodes[instance_id] = node
+                with self.state.lock:
+                    inst.ip = node.ip
+
+    async def stop_all(self) -> None:
+        async with self._lock:
+            nodes, self.nodes = list(self.nodes.values()), {}
+            await asyncio.gather(*(asyncio.to_thread(n.stop) for n in nodes))

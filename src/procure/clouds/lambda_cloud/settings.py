@@ -1,0 +1,25 @@
+"""The Lambda Cloud client's configuration: the API key and base URL from the environment or
+`.env` (`LAMBDA_API_KEY`, `LAMBDA_API_URL`), and the deadline of each call."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_URL = "https://cloud.lambda.ai"
+
+
+class LambdaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    api_key: SecretStr | None = Field(
+        None, validation_alias="LAMBDA_API_KEY", description="Lambda Cloud API key (secret)"
+    )
+    api_url: str = Field(
+        DEFAULT_URL,
+        validation_alias="LAMBDA_API_URL",
+        description="Base URL (the mock cloud: http://127.0.0.1:4100)",
+    )
+    timeout_s: float = Field(
+        30.0, gt=0, le=600, validation_alias="LAMBDA_API_TIMEOUT_S", description="Per call, all in"
+    )

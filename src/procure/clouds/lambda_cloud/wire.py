@@ -1,0 +1,167 @@
+"""Lambda Cloud's wire format, read defensively: answers become `clouds.base` types, error
+envelopes become its exceptions. Anything unexpected is the provider's trouble, never a crash."""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from procure.bounds import clip
+from procure.clouds.base import (
+    AuthError,
+    CapacityError,
+    CloudError,
+    Instance,
+    InstanceStatus,
+    InstanceType,
+    ProviderError,
+    QuotaError,
+)
+
+CENTS = 10_000  # micro-USD per cent
+STATUSES = set(get_args(InstanceStatus))
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Specs(_Loose):
+    gpus: int = Field(ge=0, le=1024)
+
+
+class _Type(_Loose):
+    name: str = Field(max_length=200)
+    description: str = Field("", max_length=1000)
+    price_cents_per_hour: int = Field(ge=0, le=10**9)
+    specs: _Specs
+
+
+class _Region(_Loose):
+    name: str = Field(max_length=200)
+
+
+class _TypeItem(_Loose):
+    instance_type: _Type
+    regions_with_capacity_available: list[_Region] = Field(max_length=1000)
+
+
+class _Instance(_Loose):
+    id: str = Field(min_length=1, max_length=200)
+    name: str | None = Field(None, max_length=200)
+    ip: str | None = Field(None, max_length=100)
+    status: str
+    region: _Region
+    instance_type: _Type
+
+
+class _ErrorBody(_Loose):
+    code: str = Field(max_length=200)
+    message: str = Field("", max_length=10_000)
+    suggestion: str | None = Field(None, max_length=10_000)
+
+
+def _data(body: Any, what: str) -> Any:
+    if not isinstance(body, dict) or "data" not in body:
+        raise ProviderError(f"Lambda answered {what} without its `data`")
+    return body["data"]
+
+
+def instance_types(body: Any) -> list[InstanceType]:
+    data = _data(body, "instance-types")
+    if not isinstance(data, dict) or len(data) > 1000:
+        raise ProviderError("Lambda's instance-types answer is not a map of types")
+    try:
+        items = [_TypeItem.model_validate(v) for v in data.values()]
+    except ValidationError as exc:
+        raise ProviderError(f"Lambda's instance-types answer is malformed: {_first(exc)}") from None
+    return [
+        InstanceType(
+            name=i.instance_type.name,
+            description=i.instance_type.description,
+            gpus=i.instance_type.specs.gpus,
+            price_per_hour=i.instance_type.price_cents_per_hour * CENTS,
+            regions_with_capacity=[r.name for r in i.regions_with_capacity_available],
+        )
+        for i in items
+    ]
+
+
+def instance(raw: Any) -> Instance:
+    try:
+        i = _Instance.model_validate(raw)
+    except ValidationError as exc:
+        raise ProviderError(f"Lambda's instance is malformed: {_first(exc)}") from None
+    if i.status not in STATUSES:
+        # A status we do not know could be anything; guessing could terminate a live instance.
+        raise ProviderError(f"Lambda reported an unknown instance status {clip(i.status, 40)!r}")
+    return Instance(
+        id=i.id,
+        name=i.name,
+        status=i.status,  # type: ignore[arg-type]
+        instance_type=i.instance_type.name,
+        region=i.region.name,
+        ip=i.ip or None,
+        price_per_hour=i.instance_type.price_cents_per_hour * CENTS,
+        gpus=i.instance_type.specs.gpus,
+    )
+
+
+def instances(body: Any) -> list[Instance]:
+    data = _data(body, "instances")
+    if not isinstance(data, list) or len(data) > 10_000:
+        raise ProviderError("Lambda's instances answer is not a list")
+    return [instance(i) for i in data]
+
+
+def one_instance(body: Any) -> Instance:
+    return instance(_data(body, "the instance"))
+
+
+def launched_ids(body: Any) -> list[str]:
+    data = _data(body, "launch")
+    ids = data.get("instance_ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= 200 for i in ids):
+        raise ProviderError("Lambda's launch answer has no instance_ids")
+    return ids
+
+
+def terminated(body: Any) -> list[Instance]:
+    data = _data(body, "terminate")
+    items = data.get("terminated_instances") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ProviderError("Lambda's terminate answer has no terminated_instances")
+    return [instance(i) for i in items]
+
+
+def error_code(body: Any) -> tuple[str, str] | None:
+    """(code, message) of an error envelope, or None when `body` is not one."""
+    raw = body.get("error") if isinstance(body, dict) else None
+    try:
+        error = _ErrorBody.model_validate(raw)
+    except ValidationError:
+        return None
+    return error.code, clip(error.message, 300)
+
+
+def error_for(status: int, body: Any, what: str) -> CloudError:
+    """The exception for a failed call: by Lambda's `code` first, by HTTP status when the body
+    is not Lambda's envelope (a proxy's page, garbage)."""
+    found = error_code(body)
+    code, message = found if found else ("", "")
+    text = f"{what}: Lambda answered {status}" + (f" {code}: {message}" if code else "")
+    if code == "instance-operations/launch/insufficient-capacity":
+        return CapacityError(text)
+    if code == "global/quota-exceeded":
+        return QuotaError(text)
+    if code == "global/invalid-api-key" or status == 401:
+        return AuthError(f"{what}: Lambda refused the API key (401 {code or 'unauthorized'})")
+    if code.startswith("provider/") or status == 429 or status >= 500 or not found:
+        return ProviderError(text if found else f"{what}: Lambda answered {status} without JSON")
+    return CloudError(text)  # account inactive, invalid parameters, not found: fix, not retry
+
+
+def _first(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    return clip(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}", 200)
