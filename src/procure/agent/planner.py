@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from procure.agent import deadline as slack_rule
 from procure.agent.context import PlanContext, hazard, reliability
 from procure.agent.costmodel import (
     Estimate,
@@ -215,6 +216,9 @@ def reconsider(ctx: PlanContext, job: Job, paid_until: float) -> str | None:
     """
     vendor = ctx.vendor(job.vendor_id)
     spec = ctx.state.run.job_spec
+    if vendor is not None and slack_rule.applies(ctx):
+        offered = [v for v in ctx.vendors if spec.gpu_type in v.supported_gpu_types]
+        return slack_rule.reconsider(ctx, job, offered)
     step = spec.checkpoint_every
     on_checkpoint = abs(paid_until - round(paid_until / step) * step) < 1e-6 or paid_until >= 1
     if vendor is None or not on_checkpoint:  # stopping between checkpoints would lose work
@@ -262,6 +266,18 @@ def plan_cost_aware(ctx: PlanContext) -> Action:
     offered = [v for v in ctx.vendors if spec.gpu_type in v.supported_gpu_types]
     if not offered:
         return _no_vendor(notes)
+    if slack_rule.applies(ctx):  # a deadline, and failures that lose no work: slack decides
+        fits = [
+            v
+            for v in offered
+            if round(v.base_price_per_hour * ctx.remaining_hours) <= ctx.available
+        ]
+        if not fits:
+            cheapest = min(offered, key=lambda v: (v.base_price_per_hour, v.vendor_id))
+            return _unaffordable(
+                ctx, cheapest, round(cheapest.base_price_per_hour * ctx.remaining_hours)
+            )
+        return slack_rule.plan(ctx, fits)
     affordable = choices(ctx, offered)
     if not affordable:
         cheapest = min(offered, key=lambda v: (v.base_price_per_hour, v.vendor_id))
