@@ -8,11 +8,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from procure.cli_cloud import mock_cloud
 from procure.cli_common import (
     console,
     print_json,
     store_for,
 )
+from procure.cli_fleet import fleet_app
 from procure.cli_gpu import gpu_worker, tickets_app
 from procure.cli_runs import run_app
 from procure.settings import Settings, get_settings
@@ -318,6 +320,8 @@ def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
 app.add_typer(run_app, name="run")
 app.add_typer(tickets_app, name="tickets")
 app.command("gpu-worker")(gpu_worker)
+app.command("mock-cloud")(mock_cloud)
+app.add_typer(fleet_app, name="fleet")
 
 if __name__ == "__main__":
     app()

@@ -28,6 +28,9 @@ POINTS = frozenset(
         "reconciled",  # reconciliation learnt the outcome, not yet written
         "refused",  # a refused payment's outcome is known, not yet written
         "cancel_sent",  # the vendor confirmed a job's cancel; the run not yet ended
+        "fleet_intent",  # a fleet action is durably `executing`; the cloud not yet called
+        "fleet_launched",  # the cloud launched the instance; nothing of it recorded yet
+        "fleet_terminated",  # the cloud terminated the instance; nothing of it recorded yet
     }
 )
 

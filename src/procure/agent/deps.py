@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from eth_account.signers.local import LocalAccount
 
@@ -14,6 +14,7 @@ from procure.models import (
 )
 from procure.payments.settlements import FacilitatorLedger
 from procure.store import Store
+from procure.store.ledger import SpendCaps
 from procure.vendors.client import VendorClient
 
 OBS = ObservationType
@@ -48,6 +49,8 @@ class AgentDeps:
     no job, the run ends `failed`: every run reaches a terminal state."""
     stall_s: float = 1800.0
     """A running job whose progress has not moved for this long is given up."""
+    spend_caps: SpendCaps = field(default_factory=SpendCaps)
+    """Global caps on spend per hour, day and month, across agent payments and the fleet."""
 
 
 TROUBLE = frozenset(

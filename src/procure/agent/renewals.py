@@ -7,6 +7,7 @@ from procure.agent import slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_renewal
+from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import (
     authorization_expired,
     booked,
@@ -62,6 +63,9 @@ async def renew(
     with deps.store.session() as s:  # phase one: the intent
         repo.update_run(s, job.run_id)  # write-lock the run, then check what is committed
         conflict = _slice_conflict(repo.load_state(s, job.run_id, observations=False), job, quote)
+        if conflict is None and spend_cap_blocks(deps, s, job.run_id, quote.amount, "a slice"):
+            # The job runs out its paid time and stops at its checkpoint; the run then waits.
+            return TickResult("Slice not bought: the global spend cap would be exceeded")
         if conflict is not None:
             repo.add_observation(s, job.run_id, OBS.error, f"Not buying a slice: {conflict}")
             return TickResult("State changed")

@@ -11,6 +11,7 @@ from procure.payments.settlements import FacilitatorLedger
 from procure.payments.wallet import load_or_create_account
 from procure.settings import Settings
 from procure.store import Store
+from procure.store.ledger import load_caps
 
 
 def choose_planner(settings: Settings) -> Planner:
@@ -50,6 +51,7 @@ def make_deps(
         auth_margin_s=settings.payment_margin_s,
         max_troubles=settings.max_troubles,
         stall_s=settings.stall_s,
+        spend_caps=load_caps(),
     )
 
 

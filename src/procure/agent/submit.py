@@ -7,6 +7,7 @@ from procure.agent import slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_quote
+from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import (
     authorization_expired,
     booked,
@@ -90,6 +91,9 @@ async def start_job(
         # this run meanwhile (a lost lease), the budget and one-job-at-a-time still hold.
         repo.update_run(s, run.id)
         conflict = _intent_conflict(repo.load_state(s, run.id, observations=False), quote.amount)
+        capped = conflict is None and spend_cap_blocks(deps, s, run.id, quote.amount, "a job")
+        if capped:
+            return TickResult("Waiting for the global spend cap", action)
         if conflict is not None:
             repo.add_observation(s, run.id, OBS.error, f"Not starting a job: {conflict}")
             return TickResult("State changed", action)

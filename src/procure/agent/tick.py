@@ -163,7 +163,9 @@ async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
             )
     action = decision.action
     with deps.store.session() as s:
-        repo.add_observation(s, run_id, OBS.agent_reasoning, action.reason)
+        # A run that waits tick after tick for the same reason says it once.
+        if action.reason not in repo.recent_contents(s, run_id):
+            repo.add_observation(s, run_id, OBS.agent_reasoning, action.reason)
         if action.action == "abort":
             repo.update_run(s, run_id, status=RunStatus.aborted, status_reason=action.reason)
             return TickResult("Run aborted", action)

@@ -32,6 +32,7 @@ from procure.agent.worker import (
     tick_under_lease,
 )
 from procure.api import metrics
+from procure.api.fleet import fleet_router
 from procure.api.schemas import (
     NO_NUL,
     CancelRequest,
@@ -329,4 +330,5 @@ def create_app(
             metrics.observe_store(s)
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(fleet_router(store, require_token))
     return app

@@ -462,3 +462,16 @@ def last_observation(s: Session, run_id: str, type: ObservationType) -> str | No
         .order_by(ObservationRow.id.desc())
         .limit(1)
     )
+
+
+def recent_contents(s: Session, run_id: str, limit: int = 4) -> list[str]:
+    """The contents of the run's latest `limit` observations, newest first (to say a repeated
+    thing once: a run waiting tick after tick for the same reason)."""
+    return list(
+        s.scalars(
+            select(ObservationRow.content)
+            .where(ObservationRow.run_id == run_id)
+            .order_by(ObservationRow.id.desc())
+            .limit(limit)
+        )
+    )

@@ -1,0 +1,24 @@
+"""The agent's side of the global spend ledger: a payment is started only if the caps on total
+spend per hour, day and month (agent payments and fleet instance-hours together) still allow it.
+A capped run waits (the windows roll), saying why once, not on every tick."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from procure.agent.deps import OBS, AgentDeps
+from procure.models import utcnow
+from procure.store import repo
+from procure.store.ledger import global_cap_conflict
+
+
+def spend_cap_blocks(deps: AgentDeps, s: Session, run_id: str, amount: int, what: str) -> bool:
+    """Whether the global caps forbid paying `amount` now, in the transaction `s` that records
+    the payment's intent (the ledger fences it against concurrent spenders)."""
+    conflict = global_cap_conflict(s, deps.spend_caps, amount, now=utcnow())
+    if conflict is None:
+        return False
+    note = f"Waiting to pay for {what}: {conflict}"
+    if note not in repo.recent_contents(s, run_id):
+        repo.add_observation(s, run_id, OBS.agent_reasoning, note)
+    return True

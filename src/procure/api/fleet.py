@@ -1,0 +1,82 @@
+"""The fleet's routes: the seed's action summary, instances with their figures and anomalies,
+the action history, and approve / reject / rollback (bearer token)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
+
+from procure.api import metrics
+from procure.fleet import actions
+from procure.fleet.metrics import FleetCollector
+from procure.fleet.settings import FleetSettings
+from procure.fleet.summary import action_json, instances, summary
+from procure.models import utcnow
+from procure.store import Store, fleet_repo
+
+ACTION_ID = Path(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:-]+$")
+_collector = FleetCollector()
+metrics.REGISTRY.register(_collector)  # the seed's names on procure's /metrics
+
+
+def fleet_router(
+    store: Store, require_token: Callable[..., None], cfg: FleetSettings | None = None
+) -> APIRouter:
+    cfg = cfg or FleetSettings()
+    _collector.store = store
+    router = APIRouter(prefix="/api/fleet", tags=["fleet"])
+    guarded = [Depends(require_token)]
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @router.get("/summary")
+    async def get_summary() -> dict[str, Any]:
+        with store.session() as s:
+            return summary(s, cfg, utcnow())
+
+    @router.get("/instances")
+    async def get_instances() -> list[dict[str, Any]]:
+        with store.session() as s:
+            return instances(s, cfg, utcnow())
+
+    @router.get("/actions")
+    async def get_actions(
+        status: str | None = Query(None, max_length=50), limit: int = Query(100, ge=1, le=1000)
+    ) -> list[dict[str, Any]]:
+        with store.session() as s:
+            return [action_json(r) for r in fleet_repo.list_actions(s, status=status, limit=limit)]
+
+    async def _decide(action_id: str, approve: bool) -> JSONResponse:
+        try:
+            row = actions.decide(
+                store, action_id, approve, "api", utcnow(), slack=cfg.slack_webhook_url is not None
+            )
+        except KeyError:
+            return error(404, f"action {action_id} not found")
+        except actions.ActionRefused as exc:
+            return error(409, str(exc))
+        return JSONResponse(action_json(row))
+
+    @router.post("/actions/{action_id}/approve", dependencies=guarded)
+    async def approve(action_id: str = ACTION_ID) -> JSONResponse:
+        return await _decide(action_id, True)
+
+    @router.post("/actions/{action_id}/reject", dependencies=guarded)
+    async def reject(action_id: str = ACTION_ID) -> JSONResponse:
+        return await _decide(action_id, False)
+
+    @router.post("/actions/{action_id}/rollback", dependencies=guarded)
+    async def rollback(action_id: str = ACTION_ID) -> JSONResponse:
+        try:
+            row = actions.rollback(store, action_id, "api", utcnow())
+        except KeyError:
+            return error(404, f"action {action_id} not found")
+        except actions.ActionRefused as exc:
+            return error(409, str(exc))
+        return JSONResponse(action_json(row), status_code=202)
+
+    return router

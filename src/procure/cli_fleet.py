@@ -1,0 +1,217 @@
+"""`procure fleet ...`: the fleet controller (run, dry run unless --live), its status, its
+actions, and approve / reject / rollback of one action."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from procure.cli_common import console, fail, load_settings, print_json, store_errors, store_for
+
+fleet_app = typer.Typer(
+    help="The fleet controller: watch GPU instances, scale them within safety rails.",
+    no_args_is_help=True,
+)
+
+
+def _fleet_settings():  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from procure.fleet.settings import FleetSettings
+
+    try:
+        return FleetSettings()
+    except ValidationError as exc:
+        fail("bad fleet setting: " + "; ".join(str(e["msg"]) for e in exc.errors()))
+
+
+@fleet_app.command("run")
+def run(
+    live: Annotated[
+        bool, typer.Option("--live", help="Act on the cloud (default: dry run)")
+    ] = False,
+    once: Annotated[bool, typer.Option("--once", help="One scan, then exit")] = False,
+    interval: Annotated[
+        float | None, typer.Option(help="Seconds between scans (LAMBDA_LABS_SCAN_INTERVAL_S)")
+    ] = None,
+    cloud_url: Annotated[
+        str | None, typer.Option(help="Lambda Cloud API base URL (LAMBDA_API_URL)")
+    ] = None,
+    audit_git: Annotated[
+        Path | None, typer.Option(help="Also commit each audit entry to a git repository here")
+    ] = None,
+) -> None:
+    """Scan the fleet every interval: read the nodes, decide, pass the rails, act (with --live),
+    audit and notify. Several controllers on one PostgreSQL never act twice (a lease)."""
+    from procure.clouds.lambda_cloud.client import LambdaCloud
+    from procure.clouds.lambda_cloud.settings import LambdaSettings
+    from procure.fleet.context import FleetContext
+    from procure.fleet.controller import run_controller
+    from procure.fleet.outbox import run_outbox
+    from procure.httpbounds import bounded_client
+    from procure.store.ledger import load_caps
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings, cfg = load_settings(), _fleet_settings()
+    lambda_settings = LambdaSettings(**({"api_url": cloud_url} if cloud_url else {}))
+    webhook = cfg.slack_webhook_url.get_secret_value() if cfg.slack_webhook_url else None
+    git_dir = audit_git or (Path(cfg.audit_git) if cfg.audit_git else None)
+
+    async def main() -> None:
+        with store_errors(settings):
+            store = store_for(settings)
+        cloud = LambdaCloud(lambda_settings)
+        nodes = bounded_client(deadline_s=cfg.node_timeout_s)
+        slack = bounded_client(deadline_s=cfg.slack_timeout_s) if webhook else None
+        ctx = FleetContext(
+            store=store,
+            cloud=cloud,
+            nodes=nodes,
+            cfg=cfg,
+            caps=load_caps(),
+            dry_run=not live,
+            slack=webhook is not None,
+        )
+        delivery = asyncio.create_task(
+            run_outbox(store, slack, webhook, Path(cfg.audit_log), git_dir)
+        )
+        mode = "LIVE" if live else "dry run"
+        console.print(f"fleet controller {ctx.owner} ({mode}) on {lambda_settings.api_url}")
+        try:
+            await run_controller(ctx, interval_s=interval, once=once)
+            if once:  # let the outbox deliver what this scan queued
+                from procure.fleet.outbox import deliver_slack, write_audit
+
+                await write_audit(store, Path(cfg.audit_log), git_dir)
+                if slack is not None and webhook:
+                    await deliver_slack(store, slack, webhook)
+        finally:
+            delivery.cancel()
+            await cloud.aclose()
+            await nodes.aclose()
+            if slack is not None:
+                await slack.aclose()
+            store.dispose()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
+@fleet_app.command("status")
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The seed's action summary, the instances with their latest figures and anomalies."""
+    from procure.fleet.summary import instances, summary
+    from procure.models import utcnow
+
+    settings, cfg = load_settings(), _fleet_settings()
+    with store_errors(settings):
+        store = store_for(settings)
+        with store.session() as s:
+            data = {"summary": summary(s, cfg, utcnow()), "instances": instances(s, cfg, utcnow())}
+        store.dispose()
+    if as_json:
+        print_json(data)
+        return
+    print_json(data["summary"])
+    table = Table("instance", "type", "status", "GPU %", "°C", "anomalies")
+    for i in data["instances"]:
+        latest = i["latest"] or {}
+        table.add_row(
+            i["instance_id"],
+            i["instance_type"],
+            i["status"],
+            "" if latest.get("gpu_util") is None else f"{latest['gpu_util']:.0f}",
+            "" if latest.get("temperature_c") is None else f"{latest['temperature_c']:.0f}",
+            ", ".join(a["kind"] for a in i["anomalies"]),
+        )
+    console.print(table)
+
+
+@fleet_app.command("actions")
+def list_actions(
+    status_filter: Annotated[str | None, typer.Option("--status")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The action history, newest first."""
+    from procure.fleet.summary import action_json
+    from procure.store import fleet_repo
+
+    settings = load_settings()
+    with store_errors(settings):
+        store = store_for(settings)
+        with store.session() as s:
+            rows = [
+                action_json(r)
+                for r in fleet_repo.list_actions(s, status=status_filter, limit=limit)
+            ]
+        store.dispose()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("action", "type", "target", "$/h", "status", "reason")
+    for r in rows:
+        status_text = r["status"] + (f" ({r['blocked_by']})" if r["blocked_by"] else "")
+        table.add_row(
+            r["action_id"],
+            r["action_type"],
+            r["target_instance"] or "",
+            f"{r['cost_impact']:+.2f}",
+            status_text,
+            r["reason"],
+        )
+    console.print(table)
+
+
+def _decide(action_id: str, what: str) -> None:
+    from procure.fleet import actions
+    from procure.models import utcnow
+
+    settings, cfg = load_settings(), _fleet_settings()
+    with store_errors(settings):
+        store = store_for(settings)
+        try:
+            if what == "rollback":
+                row = actions.rollback(store, action_id, "cli", utcnow())
+                console.print(f"rollback {row.action_id} queued: terminates {row.target_instance}")
+            else:
+                row = actions.decide(
+                    store,
+                    action_id,
+                    what == "approve",
+                    "cli",
+                    utcnow(),
+                    slack=cfg.slack_webhook_url is not None,
+                )
+                console.print(f"{action_id}: {row.status}")
+        except KeyError:
+            fail(f"no action {action_id}")
+        except actions.ActionRefused as exc:
+            fail(str(exc))
+        finally:
+            store.dispose()
+
+
+@fleet_app.command("approve")
+def approve(action_id: str) -> None:
+    """Approve a pending action: the controller carries it out on its next scan."""
+    _decide(action_id, "approve")
+
+
+@fleet_app.command("reject")
+def reject(action_id: str) -> None:
+    """Reject a pending action."""
+    _decide(action_id, "reject")
+
+
+@fleet_app.command("rollback")
+def rollback(action_id: str) -> None:
+    """Roll back an executed provision (terminate what it launched). Terminations cannot be."""
+    _decide(action_id, "rollback")

@@ -1,0 +1,305 @@
+"""Recording and carrying out actions, exactly once: a launch is named after its action id and
+the action is `executing` (durable) before the cloud is called, so a controller killed between
+the cloud's answer and its record finds the instance by name instead of launching another;
+terminations are idempotent. Also approval, rejection, expiry and rollback."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy.orm import Session
+
+from procure.bounds import clip
+from procure.clouds.base import CloudError, Instance
+from procure.crashpoints import crash_point
+from procure.fleet import notify, rails
+from procure.fleet.context import FleetContext
+from procure.fleet.policy import PROVISION, TERMINATE, Proposal
+from procure.store import Store, fleet_repo
+from procure.store.fleet_tables import ActionRow
+
+log = logging.getLogger(__name__)
+
+
+class ActionRefused(Exception):
+    """The action is not in a state that allows this (e.g. approving an executed one)."""
+
+
+def new_action_id(action_type: str, now: datetime) -> str:
+    return f"{action_type.split('_')[0]}_{int(now.timestamp())}_{uuid.uuid4().hex[:8]}"
+
+
+def proposal_of(row: ActionRow) -> Proposal:
+    return Proposal(
+        row.action_type,
+        row.target_instance,
+        row.reason,
+        row.instance_type or "",
+        row.region or "",
+        row.price_per_hour,
+        row.metrics_before or {},
+    )
+
+
+def record(ctx: FleetContext, p: Proposal) -> tuple[str, str]:
+    """Pass the proposal through the rails and record it: (action id, status)."""
+    now = ctx.clock()
+    with ctx.store.session() as s:
+        verdict = rails.check(s, p, ctx.cfg, ctx.caps, now, dry_run=ctx.dry_run)
+        status = {"go": "approved", "blocked": "blocked", "pending": "pending"}[verdict.outcome]
+        row = fleet_repo.add_action(
+            s,
+            action_id=new_action_id(p.action_type, now),
+            action_type=p.action_type,
+            target_instance=p.target,
+            reason=clip(p.reason, 1000),
+            cost_impact=Decimal(str(p.cost_impact)),
+            status=status,
+            metrics_before=p.metrics_before,
+            created_at=now,
+            dry_run=ctx.dry_run,
+            instance_type=p.instance_type,
+            region=p.region,
+            price_per_hour=p.price_per_hour,
+            block_reason=verdict.reason,
+            error_message=verdict.detail or None,
+            needed_approval=verdict.outcome == "pending",
+            expires_at=now + timedelta(minutes=ctx.cfg.confirmation_timeout_mins)
+            if verdict.outcome == "pending"
+            else None,
+        )
+        if status != "approved":
+            notify.announce(s, row, now, slack=ctx.slack, detail=verdict.detail)
+        return row.action_id, status
+
+
+def _fail(ctx: FleetContext, s: Session, row: ActionRow, error: str, now: datetime) -> None:
+    fleet_repo.set_status(s, row, "failed", now, error_message=clip(error, 1000))
+    notify.announce(s, row, now, slack=ctx.slack)
+
+
+def _finish_launch(
+    ctx: FleetContext, s: Session, row: ActionRow, ids: list[str], found: list[Instance]
+) -> None:
+    now = ctx.clock()
+    by_id = {i.id: i for i in found}
+    for instance_id in ids:
+        known = by_id.get(instance_id)
+        fleet_repo.upsert_instance(
+            s,
+            now,
+            instance_id=instance_id,
+            name=row.action_id,
+            instance_type=row.instance_type or "",
+            region=row.region or "",
+            ip=known.ip if known else None,
+            status=known.status if known else "booting",
+            price_per_hour=known.price_per_hour if known else row.price_per_hour,
+            gpus=known.gpus if known else 1,
+            launched_by=row.action_id,
+        )
+    fleet_repo.set_status(
+        s,
+        row,
+        "executed",
+        now,
+        executed_at=now,
+        target_instance=ids[0] if ids else None,
+        rollback_data={"terminate_instance_ids": ids},
+        metrics_after={"instance_ids": ids},
+        error_message=None,
+    )
+    notify.announce(s, row, now, slack=ctx.slack)
+
+
+async def carry_out(ctx: FleetContext, action_id: str, listing: list[Instance] | None) -> str:
+    """Carry out one approved (or interrupted) action; its status afterwards. `listing`: the
+    cloud's instances as just listed, where an interrupted launch is looked for by name."""
+    now = ctx.clock()
+    with ctx.store.session() as s:
+        row = fleet_repo.get_action(s, action_id, lock=True)
+        if row is None or row.status not in ("approved", "executing"):
+            return row.status if row else "missing"
+        if row.next_attempt_at is not None and row.next_attempt_at > now:
+            return row.status  # backing off after a retryable cloud error
+        if row.status == "executing" and row.action_type == PROVISION and listing is not None:
+            mine = [i for i in listing if i.name == action_id]
+            if mine:  # launched before a crash (or a lost answer): record it, launch nothing
+                log.info("action %s: found its instance %s by name", action_id, mine[0].id)
+                _finish_launch(ctx, s, row, [i.id for i in mine], mine)
+                return "executed"
+        if row.status == "approved":
+            verdict = rails.check(
+                s, proposal_of(row), ctx.cfg, ctx.caps, now, dry_run=ctx.dry_run, approved=True
+            )
+            if verdict.outcome == "blocked":
+                fleet_repo.set_status(
+                    s,
+                    row,
+                    "blocked",
+                    now,
+                    block_reason=verdict.reason,
+                    error_message=verdict.detail,
+                )
+                notify.announce(s, row, now, slack=ctx.slack, detail=verdict.detail)
+                return "blocked"
+        fleet_repo.set_status(s, row, "executing", now, attempts=row.attempts + 1)
+        attempts, p = row.attempts, proposal_of(row)
+    crash_point("fleet_intent")
+    try:
+        if p.action_type == PROVISION:
+            ids = await ctx.cloud.launch(
+                instance_type=p.instance_type,
+                region=p.region,
+                name=action_id,
+                ssh_key_names=ctx.cfg.ssh_key_names,
+            )
+            crash_point("fleet_launched")
+            gone: list[Instance] = []
+        else:
+            gone = await ctx.cloud.terminate([p.target] if p.target else [])
+            ids = [p.target] if p.target else []
+            crash_point("fleet_terminated")
+    except CloudError as exc:
+        return _cloud_error(ctx, action_id, exc, attempts)
+    now = ctx.clock()
+    with ctx.store.session() as s:
+        row = fleet_repo.get_action(s, action_id, lock=True)
+        assert row is not None
+        if p.action_type == PROVISION:
+            _finish_launch(ctx, s, row, ids, [])
+        else:
+            fleet_repo.end_instances(s, ids, now)
+            fleet_repo.set_status(
+                s,
+                row,
+                "executed",
+                now,
+                executed_at=now,
+                metrics_after={"terminated": [i.id for i in gone] or ids},
+                error_message=None,
+            )
+            notify.announce(s, row, now, slack=ctx.slack)
+            if row.rollback_of:
+                original = fleet_repo.get_action(s, row.rollback_of)
+                if original is not None:
+                    fleet_repo.set_status(s, original, "rolled_back", now)
+                    notify.announce(s, original, now, slack=ctx.slack)
+    return "executed"
+
+
+def _cloud_error(ctx: FleetContext, action_id: str, exc: CloudError, attempts: int) -> str:
+    """A retryable error leaves the action `executing`, to be looked for by name and retried
+    after a back-off; any other (capacity, quota, bad key) fails it."""
+    now = ctx.clock()
+    error = clip(f"{type(exc).__name__}: {exc}", 500)
+    with ctx.store.session() as s:
+        row = fleet_repo.get_action(s, action_id, lock=True)
+        assert row is not None
+        if exc.retryable and attempts < ctx.cfg.max_launch_attempts:
+            wait = timedelta(seconds=min(3600.0, ctx.cfg.scan_interval_s * 2**attempts))
+            fleet_repo.set_status(
+                s, row, "executing", now, next_attempt_at=now + wait, error_message=error
+            )
+            log.warning("action %s: %s; retrying in %s", action_id, error, wait)
+            return "executing"
+        _fail(ctx, s, row, error, now)
+    log.error("action %s failed: %s", action_id, error)
+    return "failed"
+
+
+# --- people's decisions ----------------------------------------------------------------------
+
+
+def expire(ctx: FleetContext) -> int:
+    """Pending actions past their confirmation timeout are rejected."""
+    now = ctx.clock()
+    n = 0
+    with ctx.store.session() as s:
+        for row in fleet_repo.list_actions(s, status="pending", limit=1000):
+            if row.expires_at is not None and row.expires_at <= now:
+                fleet_repo.set_status(
+                    s,
+                    row,
+                    "rejected",
+                    now,
+                    decided_by="timeout",
+                    decided_at=now,
+                    error_message=f"no confirmation within {ctx.cfg.confirmation_timeout_mins:g}"
+                    " min",
+                )
+                notify.announce(s, row, now, slack=ctx.slack)
+                n += 1
+    return n
+
+
+def decide(
+    store: Store, action_id: str, approve: bool, by: str, now: datetime, *, slack: bool = False
+) -> ActionRow:
+    """Approve or reject a pending action (the controller carries out an approved one)."""
+    with store.session() as s:
+        row = fleet_repo.get_action(s, action_id, lock=True)
+        if row is None:
+            raise KeyError(action_id)
+        if row.status != "pending":
+            raise ActionRefused(f"action {action_id} is {row.status}, not pending")
+        # Expiry is the controller's to judge, on its own clock (which may run faster than
+        # this one): a pending action is approvable until the controller has expired it.
+        if approve:
+            fleet_repo.set_status(s, row, "approved", now, decided_by=by, decided_at=now)
+        else:
+            fleet_repo.set_status(
+                s,
+                row,
+                "rejected",
+                now,
+                decided_by=by,
+                decided_at=now,
+                error_message=f"rejected by {by}",
+            )
+            notify.announce(s, row, now, slack=slack)
+        return row
+
+
+def rollback(store: Store, action_id: str, by: str, now: datetime) -> ActionRow:
+    """Roll back an executed provision: an approved termination of what it launched (the
+    controller carries it out). A termination cannot be rolled back, by design."""
+    with store.session() as s:
+        row = fleet_repo.get_action(s, action_id, lock=True)
+        if row is None:
+            raise KeyError(action_id)
+        if row.action_type == TERMINATE:
+            raise ActionRefused(
+                "a termination cannot be rolled back (by design: the instance and its disk are "
+                "gone); provision a new instance instead"
+            )
+        if row.status != "executed" or row.dry_run:
+            raise ActionRefused(f"action {action_id} is {row.status}: nothing to roll back")
+        ids = (row.rollback_data or {}).get("terminate_instance_ids") or []
+        if not ids:
+            raise ActionRefused(f"action {action_id} launched nothing to roll back")
+        started = fleet_repo.list_actions(s, limit=1000)
+        for other in started:
+            if other.rollback_of == action_id and other.status not in ("failed", "blocked"):
+                return other  # already asked: asking twice is fine
+        instance = fleet_repo.get_instance(s, ids[0])
+        return fleet_repo.add_action(
+            s,
+            action_id=new_action_id(TERMINATE, now),
+            action_type=TERMINATE,
+            target_instance=ids[0],
+            reason=f"Rollback of {action_id} requested by {by}",
+            cost_impact=-(row.cost_impact or Decimal(0)),
+            status="approved",
+            created_at=now,
+            dry_run=False,
+            instance_type=row.instance_type,
+            region=row.region,
+            price_per_hour=instance.price_per_hour if instance else row.price_per_hour,
+            decided_by=by,
+            decided_at=now,
+            rollback_of=action_id,
+        )

@@ -1,0 +1,54 @@
+"""What the controller works with: the store, the cloud, the nodes' HTTP client, its settings,
+the global caps, its clock (injectable: tests and the demo run time faster) and its identity."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import httpx
+
+from procure.clouds.base import Cloud, InstanceType
+from procure.fleet.settings import FleetSettings
+from procure.models import utcnow
+from procure.store import Store
+from procure.store.ledger import SpendCaps
+
+
+def default_owner() -> str:
+    return f"fleet-{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class FleetContext:
+    store: Store
+    cloud: Cloud
+    nodes: httpx.AsyncClient  # bounded (httpbounds.bounded_client)
+    cfg: FleetSettings
+    caps: SpendCaps = field(default_factory=SpendCaps)
+    clock: Callable[[], datetime] = utcnow
+    dry_run: bool = True
+    owner: str = field(default_factory=default_owner)
+    slack: bool = False  # a webhook is configured: queue Slack messages
+    # Learnt while running (not state: the store is the truth).
+    types: dict[str, InstanceType] = field(default_factory=dict)
+    cloud_failures: int = 0
+    backoff_until: datetime | None = None
+
+    @property
+    def lease_name(self) -> str:
+        return f"fleet:{self.cfg.fleet_name}"
+
+    @property
+    def node_holder(self) -> str:
+        """The dead-man lease holder: the fleet, not this process, so a restarted controller
+        renews the same lease."""
+        return f"procure-{self.lease_name}"
+
+    @property
+    def node_token(self) -> str | None:
+        return self.cfg.node_token.get_secret_value() if self.cfg.node_token else None

@@ -1,0 +1,195 @@
+"""One scan of the fleet and the loop around it: take the fleet's lease, list the instances,
+finish interrupted actions, expire and carry out decided ones, read every node (renewing its
+dead-man lease), keep the samples, analyse, decide, pass the rails, act. A cloud error is
+recorded and backed off; nothing in a scan may crash the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from procure.bounds import clip
+from procure.clouds.base import CloudError, Instance
+from procure.fleet import actions, costs, monitor, nodes, policy
+from procure.fleet.context import FleetContext
+from procure.models import utcnow
+from procure.store import fleet_repo
+
+log = logging.getLogger(__name__)
+NODE_CONCURRENCY = 16
+
+
+@dataclass
+class ScanResult:
+    at: datetime
+    leased: bool = True
+    error: str | None = None
+    instances: int = 0
+    proposals: list[str] = field(default_factory=list)  # "<action id> <status>"
+    carried_out: list[str] = field(default_factory=list)
+    views: list[monitor.InstanceView] = field(default_factory=list)
+    recommendations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -> None:
+    """The instance ledger follows the cloud: new ones start billing, vanished ones stop. An
+    instance named after one of our launch actions is ours, whoever recorded it."""
+    seen = {i.id for i in listing}
+    with ctx.store.session() as s:
+        for i in listing:
+            mine = None
+            if i.name:
+                action = fleet_repo.get_action(s, i.name)
+                mine = i.name if action and action.action_type == policy.PROVISION else None
+            fleet_repo.upsert_instance(
+                s,
+                now,
+                instance_id=i.id,
+                name=i.name,
+                instance_type=i.instance_type,
+                region=i.region,
+                ip=i.ip,
+                status=i.status,
+                price_per_hour=i.price_per_hour,
+                gpus=i.gpus,
+                launched_by=mine,
+            )
+        gone = [r.instance_id for r in fleet_repo.live_instances(s) if r.instance_id not in seen]
+        fleet_repo.end_instances(s, gone, now)
+
+
+async def _list(ctx: FleetContext) -> list[Instance]:
+    listing = await ctx.cloud.instances()
+    if not ctx.types:  # prices change rarely: learn them once per process (and after errors)
+        ctx.types = {t.name: t for t in await ctx.cloud.instance_types()}
+    return listing
+
+
+async def _read_nodes(
+    ctx: FleetContext, listing: list[Instance], now: datetime
+) -> list[dict[str, Any]]:
+    limit = asyncio.Semaphore(NODE_CONCURRENCY)
+    port, token = ctx.cfg.node_port, ctx.node_token
+
+    async def one(i: Instance) -> dict[str, Any]:
+        async with limit:
+            sample = await nodes.read_node(ctx.nodes, i, port, token, now)
+            if sample.get("reachable"):
+                await nodes.renew_lease(
+                    ctx.nodes, i, port, token, ctx.node_holder, ctx.cfg.node_lease_s
+                )
+            return sample
+
+    readable = [i for i in listing if i.status in ("active", "unhealthy")]
+    return list(await asyncio.gather(*(one(i) for i in readable)))
+
+
+def _note(ctx: FleetContext, now: datetime, error: str | None) -> None:
+    with ctx.store.session() as s:
+        fleet_repo.note_scan(s, ctx.lease_name, now, error, ctx.backoff_until)
+
+
+async def scan_once(ctx: FleetContext) -> ScanResult:
+    now = ctx.clock()
+    result = ScanResult(at=now)
+    with ctx.store.session() as s:
+        held = fleet_repo.take_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow())
+    if not held:
+        result.leased = False  # another controller runs this fleet: it acts, we do not
+        return result
+    if ctx.backoff_until is not None and now < ctx.backoff_until:
+        result.error = f"backing off after cloud errors until {ctx.backoff_until.isoformat()}"
+        return result
+    try:
+        listing = await _list(ctx)
+    except CloudError as exc:
+        ctx.cloud_failures += 1
+        wait = min(3600.0, ctx.cfg.scan_interval_s * 2 ** min(ctx.cloud_failures - 1, 6))
+        ctx.backoff_until = now + timedelta(seconds=wait)
+        ctx.types = {}
+        result.error = clip(f"{type(exc).__name__}: {exc}", 500)
+        log.warning("listing the fleet failed (%s); backing off %.0fs", result.error, wait)
+        _note(ctx, now, result.error)
+        return result
+    ctx.cloud_failures, ctx.backoff_until = 0, None
+    result.instances = len(listing)
+    _sync_instances(ctx, listing, now)
+
+    # Decided and interrupted actions first: they were promised before this scan's ideas.
+    actions.expire(ctx)
+    with ctx.store.session() as s:
+        todo = [r.action_id for r in fleet_repo.list_actions(s, status=("approved", "executing"))]
+    for action_id in reversed(todo):  # oldest first
+        status = await actions.carry_out(ctx, action_id, listing)
+        result.carried_out.append(f"{action_id} {status}")
+    if todo:  # what they launched or terminated is in the next listing; keep this one
+        try:
+            listing = await ctx.cloud.instances()
+            _sync_instances(ctx, listing, now)
+        except CloudError as exc:
+            result.error = clip(f"{type(exc).__name__}: {exc}", 500)
+
+    samples = await _read_nodes(ctx, listing, now)
+    with ctx.store.session() as s:
+        fleet_repo.add_samples(s, samples)
+        fleet_repo.prune_samples(s, now - timedelta(hours=ctx.cfg.sample_retention_h))
+        live = fleet_repo.live_instances(s)
+        recent = fleet_repo.samples_since(
+            s, [r.instance_id for r in live], now - monitor.lookback(ctx.cfg)
+        )
+        result.views = monitor.views(live, recent, ctx.cfg, now)
+    result.recommendations = costs.recommendations(result.views, ctx.cfg)
+
+    default = ctx.types.get(ctx.cfg.default_instance_type)
+    dedupe = timedelta(minutes=max(ctx.cfg.action_cooldown_mins, ctx.cfg.confirmation_timeout_mins))
+    for p in policy.decide(result.views, ctx.cfg, default.price_per_hour if default else None):
+        with ctx.store.session() as s:
+            last = fleet_repo.recent_same(s, p.action_type, p.target, now - dedupe)
+        rehearsed = last is not None and last.block_reason == "dry_run" and not ctx.dry_run
+        if last is not None and last.status not in ("executed", "rolled_back") and not rehearsed:
+            continue  # decided already (blocked, waiting, refused or failed): not again so soon
+        action_id, status = actions.record(ctx, p)
+        result.proposals.append(f"{action_id} {status}")
+        if status == "approved":
+            status = await actions.carry_out(ctx, action_id, None)
+            result.carried_out.append(f"{action_id} {status}")
+    _note(ctx, now, result.error)
+    return result
+
+
+async def run_controller(
+    ctx: FleetContext,
+    *,
+    interval_s: float | None = None,
+    stop: asyncio.Event | None = None,
+    once: bool = False,
+    sleep: Any = asyncio.sleep,
+) -> None:
+    """Scan every `interval_s` (the settings' by default) until `stop` is set. `sleep` lets
+    the demo run time faster."""
+    stop = stop or asyncio.Event()
+    interval = interval_s if interval_s is not None else ctx.cfg.scan_interval_s
+    try:
+        while not stop.is_set():
+            try:
+                result = await scan_once(ctx)
+                if result.error:
+                    log.warning("fleet scan: %s", result.error)
+            except Exception:  # a bug in one scan must not end the controller
+                log.exception("fleet scan failed")
+            if once:
+                break
+            waiter = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait(
+                    [waiter, asyncio.ensure_future(sleep(interval))],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                waiter.cancel()
+    finally:
+        with ctx.store.session() as s:
+            fleet_repo.release_lease(s, ctx.lease_name, ctx.owner)

@@ -1,0 +1,96 @@
+"""Talking to the GPU nodes: read one node's figures (`POST /gpu-check`) into a sample, and renew
+the controller's dead-man lease on it (`POST /lease`). Never raises: a node that does not answer,
+or answers garbage, is an unreachable sample."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from procure.bounds import UnsafeInput, clip, loads
+from procure.clouds.base import Instance
+
+AGENT_ID = "procure-fleet"
+
+
+def node_url(instance: Instance, port: int) -> str | None:
+    return f"http://{instance.ip}:{port}" if instance.ip else None
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def figures(answer: Any) -> dict[str, Any]:
+    """A `/gpu-check` answer → the sample's figures (mean utilisation over the node's GPUs,
+    hottest temperature, total power and memory, XID errors if the node reports them)."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("gpus"), list):
+        return {"reachable": False, "error": "the node's answer has no gpus list"}
+    gpus = [g for g in answer["gpus"][:64] if isinstance(g, dict)]
+    utils = [u for g in gpus if (u := _number(g.get("utilization_gpu_pct"))) is not None]
+    temps = [t for g in gpus if (t := _number(g.get("temperature_c"))) is not None]
+    power = [p for g in gpus if (p := _number(g.get("power_w"))) is not None]
+    memory = [m for g in gpus if (m := _number(g.get("memory_used_mb"))) is not None]
+    xids = [x for g in gpus if (x := _number(g.get("xid_errors"))) is not None]
+    reason = answer.get("reason")
+    return {
+        "reachable": True,
+        "gpu_util": min(100.0, max(0.0, sum(utils) / len(utils))) if utils else None,
+        "temperature_c": max(temps) if temps else None,
+        "power_w": sum(power) if power else None,
+        "memory_used_mb": int(sum(memory)) if memory else None,
+        "xid_errors": int(sum(xids)) if xids else None,
+        "gpus_failing": sum(1 for g in gpus if g.get("error")),
+        "error": clip(str(reason), 300) if reason and not gpus else None,
+    }
+
+
+async def read_node(
+    client: httpx.AsyncClient, instance: Instance, port: int, token: str | None, now: datetime
+) -> dict[str, Any]:
+    """One sample of `instance` (a row of fleet_samples)."""
+    sample: dict[str, Any] = {"instance_id": instance.id, "taken_at": now}
+    url = node_url(instance, port)
+    if url is None:
+        return sample | {"reachable": False, "error": "the instance has no IP address yet"}
+    try:
+        response = await client.post(
+            f"{url}/gpu-check", json={"agent_id": AGENT_ID}, headers=_headers(token)
+        )
+        if response.status_code != 200:
+            return sample | {"reachable": False, "error": f"HTTP {response.status_code}"}
+        return sample | figures(loads(response.content))
+    except (httpx.HTTPError, UnsafeInput, ValueError) as exc:
+        return sample | {"reachable": False, "error": clip(f"{type(exc).__name__}: {exc}", 300)}
+
+
+async def renew_lease(
+    client: httpx.AsyncClient,
+    instance: Instance,
+    port: int,
+    token: str | None,
+    holder: str,
+    ttl_s: float,
+) -> str:
+    """Renew the dead-man lease; what happened: armed | off (the node has no switch) | error."""
+    url = node_url(instance, port)
+    if url is None:
+        return "error"
+    try:
+        response = await client.post(
+            f"{url}/lease", json={"ttl_s": ttl_s, "holder": holder}, headers=_headers(token)
+        )
+    except httpx.HTTPError:
+        return "error"
+    if response.status_code == 200:
+        return "armed"
+    return "off" if response.status_code in (403, 409) else "error"

@@ -1,0 +1,322 @@
+"""The fleet's store interface: plain functions over a Session for actions, instances, samples,
+the outbox and the controller lease."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from procure.bounds import clip
+from procure.store.fleet_tables import (
+    ActionRow,
+    FleetInstanceRow,
+    FleetLeaseRow,
+    FleetSampleRow,
+    OutboxRow,
+)
+
+# Statuses an action goes through; `blocked`, `executed`, `failed`, `rejected` and
+# `rolled_back` end it.
+OPEN_STATUSES = ("pending", "approved", "executing")
+RUNNING_STATUSES = ("booting", "active", "unhealthy")  # billed and counted against the caps
+
+
+# --- actions -------------------------------------------------------------------------------
+
+
+def add_action(s: Session, **values: Any) -> ActionRow:
+    row = ActionRow(**values)
+    row.updated_at = values.get("created_at")
+    s.add(row)
+    s.flush()
+    return row
+
+
+def get_action(s: Session, action_id: str, *, lock: bool = False) -> ActionRow | None:
+    query = select(ActionRow).where(ActionRow.action_id == action_id)
+    if lock and s.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return s.scalars(query).first()
+
+
+def list_actions(
+    s: Session, *, status: str | Iterable[str] | None = None, limit: int = 100
+) -> list[ActionRow]:
+    query = select(ActionRow).order_by(ActionRow.created_at.desc(), ActionRow.action_id)
+    if isinstance(status, str):
+        query = query.where(ActionRow.status == status)
+    elif status is not None:
+        query = query.where(ActionRow.status.in_(list(status)))
+    return list(s.scalars(query.limit(limit)))
+
+
+def set_status(s: Session, row: ActionRow, status: str, now: datetime, **values: Any) -> None:
+    row.status = status
+    row.updated_at = now
+    for key, value in values.items():
+        setattr(row, key, value)
+    s.flush()
+
+
+def last_acted(s: Session, action_type: str) -> datetime | None:
+    """When an action of this type last went to the cloud (or would have, in a dry run)."""
+    return s.scalar(
+        select(func.max(ActionRow.executed_at)).where(
+            ActionRow.action_type == action_type, ActionRow.executed_at.is_not(None)
+        )
+    )
+
+
+def recent_same(
+    s: Session, action_type: str, target: str | None, since: datetime
+) -> ActionRow | None:
+    """The latest action of this type on this target created since `since`."""
+    query = select(ActionRow).where(
+        ActionRow.action_type == action_type,
+        ActionRow.created_at >= since,
+        ActionRow.target_instance.is_(None)
+        if target is None
+        else ActionRow.target_instance == target,
+    )
+    return s.scalars(query.order_by(ActionRow.created_at.desc()).limit(1)).first()
+
+
+@dataclass(frozen=True)
+class ActionCounts:
+    by_type: dict[str, int]
+    by_status: dict[str, int]
+    by_type_status: dict[tuple[str, str], int]
+    blocks_by_reason: dict[str, int]
+    confirmations_required: int
+    cost_by_type: dict[str, float]  # executed actions' cost impact, $/h
+
+
+def count_actions(s: Session) -> ActionCounts:
+    rows = s.execute(
+        select(
+            ActionRow.action_type,
+            ActionRow.status,
+            ActionRow.block_reason,
+            func.count(),
+            func.sum(ActionRow.cost_impact),
+        ).group_by(ActionRow.action_type, ActionRow.status, ActionRow.block_reason)
+    ).all()
+    by_type: dict[str, int] = {}
+    by_status: dict[str, int] = {}
+    by_type_status: dict[tuple[str, str], int] = {}
+    blocks: dict[str, int] = {}
+    cost: dict[str, float] = {}
+    for action_type, status, block_reason, n, impact in rows:
+        by_type[action_type] = by_type.get(action_type, 0) + n
+        by_status[status] = by_status.get(status, 0) + n
+        key = (action_type, status)
+        by_type_status[key] = by_type_status.get(key, 0) + n
+        if status == "blocked" and block_reason:
+            blocks[block_reason] = blocks.get(block_reason, 0) + n
+        if status in ("executed", "rolled_back"):
+            cost[action_type] = cost.get(action_type, 0.0) + float(impact or Decimal(0))
+    confirmations = s.scalar(
+        select(func.count()).select_from(ActionRow).where(ActionRow.needed_approval.is_(True))
+    )
+    return ActionCounts(by_type, by_status, by_type_status, blocks, int(confirmations or 0), cost)
+
+
+# --- instances (instance-hours) ------------------------------------------------------------
+
+
+def live_instances(s: Session) -> list[FleetInstanceRow]:
+    return list(
+        s.scalars(
+            select(FleetInstanceRow)
+            .where(FleetInstanceRow.ended_at.is_(None))
+            .order_by(FleetInstanceRow.first_seen_at, FleetInstanceRow.instance_id)
+        )
+    )
+
+
+def get_instance(s: Session, instance_id: str) -> FleetInstanceRow | None:
+    return s.get(FleetInstanceRow, instance_id)
+
+
+def instance_named(s: Session, name: str) -> FleetInstanceRow | None:
+    return s.scalars(select(FleetInstanceRow).where(FleetInstanceRow.name == name)).first()
+
+
+def upsert_instance(s: Session, now: datetime, **values: Any) -> FleetInstanceRow:
+    """Record that the cloud shows this instance now (billing runs while it is not ended)."""
+    row = s.get(FleetInstanceRow, values["instance_id"])
+    if row is None:
+        row = FleetInstanceRow(first_seen_at=now, last_seen_at=now, **values)
+        s.add(row)
+    else:
+        for key, value in values.items():
+            if value is not None or key != "launched_by":
+                setattr(row, key, value)
+        row.last_seen_at = now
+    if row.status not in RUNNING_STATUSES and row.ended_at is None:
+        row.ended_at = now
+    elif row.status in RUNNING_STATUSES:
+        row.ended_at = None
+    s.flush()
+    return row
+
+
+def end_instances(s: Session, instance_ids: Iterable[str], now: datetime) -> None:
+    ids = list(instance_ids)
+    if ids:
+        s.execute(
+            update(FleetInstanceRow)
+            .where(FleetInstanceRow.instance_id.in_(ids), FleetInstanceRow.ended_at.is_(None))
+            .values(ended_at=now, status="terminated")
+            .execution_options(synchronize_session=False)
+        )
+
+
+# --- samples -------------------------------------------------------------------------------
+
+
+def add_samples(s: Session, samples: list[dict[str, Any]]) -> None:
+    if samples:
+        s.add_all(FleetSampleRow(**sample) for sample in samples)
+        s.flush()
+
+
+def samples_since(s: Session, instance_ids: list[str], since: datetime) -> list[FleetSampleRow]:
+    if not instance_ids:
+        return []
+    return list(
+        s.scalars(
+            select(FleetSampleRow)
+            .where(FleetSampleRow.instance_id.in_(instance_ids), FleetSampleRow.taken_at >= since)
+            .order_by(FleetSampleRow.instance_id, FleetSampleRow.taken_at)
+        )
+    )
+
+
+def prune_samples(s: Session, before: datetime) -> int:
+    result = s.execute(delete(FleetSampleRow).where(FleetSampleRow.taken_at < before))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+# --- outbox --------------------------------------------------------------------------------
+
+
+def enqueue(s: Session, channel: str, payload: dict[str, Any], now: datetime) -> None:
+    s.add(OutboxRow(channel=channel, payload=payload, created_at=now, next_attempt_at=now))
+    s.flush()
+
+
+def due_messages(s: Session, channel: str, now: datetime, limit: int = 20) -> list[OutboxRow]:
+    """The oldest undelivered messages, in order, up to the first that is not due yet: a
+    message waiting out a Retry-After holds back the ones behind it (order is kept)."""
+    queued = s.scalars(
+        select(OutboxRow)
+        .where(OutboxRow.channel == channel, OutboxRow.delivered_at.is_(None))
+        .order_by(OutboxRow.id)
+        .limit(limit)
+    )
+    due = []
+    for message in queued:
+        if message.next_attempt_at > now:
+            break
+        due.append(message)
+    return due
+
+
+def mark_delivered(s: Session, message_id: int, now: datetime) -> None:
+    s.execute(
+        update(OutboxRow)
+        .where(OutboxRow.id == message_id)
+        .values(delivered_at=now, attempts=OutboxRow.attempts + 1, last_error=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def mark_retry(s: Session, message_id: int, at: datetime, error: str) -> None:
+    s.execute(
+        update(OutboxRow)
+        .where(OutboxRow.id == message_id)
+        .values(next_attempt_at=at, attempts=OutboxRow.attempts + 1, last_error=clip(error, 300))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def prune_outbox(s: Session, before: datetime) -> None:
+    s.execute(
+        delete(OutboxRow).where(
+            OutboxRow.delivered_at.is_not(None), OutboxRow.delivered_at < before
+        )
+    )
+
+
+def outbox_counts(s: Session) -> dict[str, int]:
+    rows = s.execute(
+        select(OutboxRow.channel, OutboxRow.delivered_at.is_(None), func.count()).group_by(
+            OutboxRow.channel, OutboxRow.delivered_at.is_(None)
+        )
+    ).all()
+    return {f"{channel}_{'queued' if queued else 'delivered'}": n for channel, queued, n in rows}
+
+
+# --- the controller lease ------------------------------------------------------------------
+
+
+def take_lease(s: Session, name: str, owner: str, ttl_s: float, now: datetime) -> bool:
+    """Take or renew the fleet's lease (one conditional UPDATE, or the first INSERT)."""
+    expires = now + timedelta(seconds=ttl_s)
+    result = s.execute(
+        update(FleetLeaseRow)
+        .where(
+            FleetLeaseRow.name == name,
+            (FleetLeaseRow.owner == owner)
+            | FleetLeaseRow.owner.is_(None)
+            | (FleetLeaseRow.expires_at < now),
+        )
+        .values(owner=owner, expires_at=expires)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        return True
+    if s.get(FleetLeaseRow, name) is not None:
+        return False
+    try:
+        with s.begin_nested():
+            s.add(FleetLeaseRow(name=name, owner=owner, expires_at=expires))
+    except IntegrityError:  # another controller inserted it first
+        return False
+    return True
+
+
+def release_lease(s: Session, name: str, owner: str) -> None:
+    s.execute(
+        update(FleetLeaseRow)
+        .where(FleetLeaseRow.name == name, FleetLeaseRow.owner == owner)
+        .values(owner=None, expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def lease_row(s: Session, name: str) -> FleetLeaseRow | None:
+    return s.get(FleetLeaseRow, name)
+
+
+def note_scan(
+    s: Session, name: str, now: datetime, error: str | None, backoff_until: datetime | None
+) -> None:
+    s.execute(
+        update(FleetLeaseRow)
+        .where(FleetLeaseRow.name == name)
+        .values(
+            last_scan_at=now,
+            last_error=clip(error, 500) if error else None,
+            backoff_until=backoff_until,
+        )
+        .execution_options(synchronize_session=False)
+    )

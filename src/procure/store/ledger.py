@@ -1,0 +1,149 @@
+"""The global spend ledger: optional caps on total spend per hour, day and month, across agent
+payments and fleet instance-hours (invariant 1: no combination of runs and instances overspends).
+
+Windows roll: the last 60 minutes, the last 24 hours, the last 30 days. Agent spend is the sum of
+completed and pending payments created in the window (a pending one may still move money); fleet
+spend is each instance's price times the hours it was billed inside the window, plus, for an
+instance still running, the rest of the hour it has started (Lambda bills by the minute, but an
+instance launched now will run at least until the next decision, so it is counted forward).
+
+`global_cap_conflict` fences concurrent spenders on PostgreSQL with a transaction-scoped
+advisory lock: two spenders that check and then record in the same transaction are serialised.
+On SQLite there is one writer at a time, and the fleet and the worker each hold their own lease.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import func, or_, select, text
+from sqlalchemy.orm import Session
+
+from procure.models import format_usd, usd_to_micros
+from procure.store.fleet_tables import FleetInstanceRow
+from procure.store.tables import PaymentRow
+
+LEDGER_LOCK = 0x70726F63  # "proc": the advisory lock key every spender takes
+WINDOWS = {"hour": timedelta(hours=1), "day": timedelta(days=1), "month": timedelta(days=30)}
+
+
+@dataclass(frozen=True)
+class SpendCaps:
+    """Caps in micro-USD; None: no cap on that window."""
+
+    per_hour: int | None = None
+    per_day: int | None = None
+    per_month: int | None = None
+
+    def items(self) -> list[tuple[str, int]]:
+        caps = {"hour": self.per_hour, "day": self.per_day, "month": self.per_month}
+        return [(window, cap) for window, cap in caps.items() if cap is not None]
+
+    @property
+    def any(self) -> bool:
+        return bool(self.items())
+
+
+class SpendCapSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    max_spend_per_hour: float | None = Field(
+        None, ge=0, validation_alias="PROCURE_MAX_SPEND_PER_HOUR"
+    )
+    max_spend_per_day: float | None = Field(
+        None, ge=0, validation_alias="PROCURE_MAX_SPEND_PER_DAY"
+    )
+    max_spend_per_month: float | None = Field(
+        None, ge=0, validation_alias="PROCURE_MAX_SPEND_PER_MONTH"
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def caps(self) -> SpendCaps:
+        def micros(usd: float | None) -> int | None:
+            return None if usd is None else usd_to_micros(usd)
+
+        return SpendCaps(
+            micros(self.max_spend_per_hour),
+            micros(self.max_spend_per_day),
+            micros(self.max_spend_per_month),
+        )
+
+
+def load_caps() -> SpendCaps:
+    """The caps from the environment (PROCURE_MAX_SPEND_PER_HOUR|DAY|MONTH, in dollars)."""
+    return SpendCapSettings().caps()
+
+
+def fence(s: Session) -> None:
+    """Serialise spenders until this transaction ends (PostgreSQL; a no-op on SQLite)."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEDGER_LOCK})
+
+
+def payments_spent(s: Session, since: datetime) -> int:
+    total = s.scalar(
+        select(func.coalesce(func.sum(PaymentRow.amount), 0)).where(
+            PaymentRow.status.in_(("completed", "pending")), PaymentRow.created_at >= since
+        )
+    )
+    return int(total or 0)
+
+
+def _hours(start: datetime, end: datetime) -> float:
+    return max(0.0, (end - start).total_seconds() / 3600)
+
+
+def fleet_spent(s: Session, since: datetime, now: datetime, *, forward: bool = True) -> int:
+    """Instance-hours times price inside [since, now], plus (`forward`) the started hour of the
+    running ones (what a cap must count; a cost report counts only what has accrued)."""
+    rows = s.execute(
+        select(
+            FleetInstanceRow.price_per_hour,
+            FleetInstanceRow.first_seen_at,
+            FleetInstanceRow.ended_at,
+        ).where(
+            FleetInstanceRow.first_seen_at <= now,
+            or_(FleetInstanceRow.ended_at.is_(None), FleetInstanceRow.ended_at >= since),
+        )
+    ).all()
+    total = 0.0
+    for price, first_seen, ended in rows:
+        start = max(first_seen, since)
+        if ended is None:
+            billed = _hours(first_seen, now)
+            rest = 1.0 - billed % 1.0 if forward else 0.0  # the rest of the hour it is in
+            total += price * (_hours(start, now) + rest)
+        else:
+            total += price * _hours(start, min(ended, now))
+    return round(total)
+
+
+def spent(s: Session, window: str, *, now: datetime) -> int:
+    since = now - WINDOWS[window]
+    return payments_spent(s, since) + fleet_spent(s, since, now)
+
+
+def global_cap_conflict(
+    s: Session, caps: SpendCaps, amount_micros: int, *, now: datetime
+) -> str | None:
+    """Why spending `amount_micros` more now would break a global cap, or None if it would not.
+    Fences the transaction first, so the caller records its spend before anyone else checks."""
+    if not caps.any:
+        return None
+    fence(s)
+    for window, cap in caps.items():
+        already = spent(s, window, now=now)
+        if already + amount_micros > cap:
+            return (
+                f"global spend cap per {window} ({format_usd(cap)}) would be exceeded: "
+                f"{format_usd(already)} spent + {format_usd(amount_micros)}"
+            )
+    return None
