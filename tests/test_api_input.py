@@ -102,8 +102,9 @@ def test_mutations_need_the_token_when_configured(tmp_path: Path, sqlite_url: st
                 "/api/agent-start", json=GOOD, headers={"Authorization": "Bearer s3cret"}
             )
             assert ok.status_code == 201
-            # Reading needs no token.
-            assert client.get("/api/runs").status_code == 200
+            # Reading needs it too (unless PROCURE_PUBLIC_READ=true).
+            assert client.get("/api/runs").status_code == 401
+            assert client.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).is_success
     finally:
         server.stop()
 
@@ -125,3 +126,21 @@ def test_vendor_prices_in_json_are_dollars_even_when_whole(api: httpx.Client) ->
     assert bad.status_code == 422
     mismatch = api.put("/api/vendors/other", json=vendor)
     assert mismatch.status_code == 400
+
+
+def test_public_read_opens_reads_not_writes(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROCURE_PUBLIC_READ", "true")
+    settings = Settings(
+        PROCURE_DATABASE_URL=sqlite_url, PROCURE_HOME=tmp_path, PROCURE_API_TOKEN="s3cret"
+    )
+    store = open_store(sqlite_url)
+    server = serve(create_app(settings, store))
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/api/runs").status_code == 200
+            assert client.get("/api/vendors").status_code == 200
+            assert client.post("/api/agent-start", json=GOOD).status_code == 401
+    finally:
+        server.stop()

@@ -174,12 +174,14 @@ def test_every_error_uses_the_error_envelope(checks: httpx.Client) -> None:
         "wrong method": checks.delete("/api/agent-start"),
         "wrong method on a read": checks.post("/healthz"),
         "no token": checks.post("/api/agent-start", json=GOOD),
-        "unknown run": checks.get("/api/runs/nope"),
-        "unknown run (seeds)": checks.get("/api/agent-status", params={"runId": "nope"}),
+        "unknown run": checks.get("/api/runs/nope", headers=AUTH),
+        "unknown run (seeds)": checks.get(
+            "/api/agent-status", params={"runId": "nope"}, headers=AUTH
+        ),
         "unknown run tick": checks.post("/api/agent-tick", json={"runId": "nope"}, headers=AUTH),
         "invalid": _start(checks, budgetTotal="five"),
         "not json": checks.post("/api/agent-start", content=b"{", headers=AUTH),
-        "bad query": checks.get("/api/runs", params={"limit": "many"}),
+        "bad query": checks.get("/api/runs", params={"limit": "many"}, headers=AUTH),
     }
     for name, answer in answers.items():
         assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text)
@@ -237,15 +239,15 @@ def test_nul_characters_are_a_422_on_every_backend(api: httpx.Client) -> None:
         _start(api, goal="a\x00b"),
         _start(api, userId="\x00"),
         api.post("/api/agent-tick", json={"runId": "r\x00"}, headers=AUTH),
-        api.get("/api/agent-status", params={"runId": "r\x00"}),
-        api.get("/api/runs/r%00"),
+        api.get("/api/agent-status", params={"runId": "r\x00"}, headers=AUTH),
+        api.get("/api/runs/r%00", headers=AUTH),
     ]
     for answer in answers:
         assert answer.status_code == 422, (answer.request.url, answer.text)
         assert "error" in answer.json()
     assert "NUL" in answers[0].json()["error"]
     # Anywhere validation would let one through, the store's refusal is a 422 too, not a 500.
-    listed = api.get("/api/runs", params={"status": "running\x00"})
+    listed = api.get("/api/runs", params={"status": "running\x00"}, headers=AUTH)
     assert listed.status_code in (200, 422), listed.text
     if listed.status_code == 422:
         assert "NUL" in listed.json()["error"]
@@ -277,7 +279,7 @@ def _run_with_observations(store: Store, count: int) -> tuple[str, list[int]]:
 def test_observations_come_in_pages(api: httpx.Client, store: Store, seeds: bool) -> None:
     run_id, ids = _run_with_observations(store, 2345)
     url, where = ("/api/agent-status", {"runId": run_id}) if seeds else (f"/api/runs/{run_id}", {})
-    first = api.get(url, params=where).json()
+    first = api.get(url, params=where, headers=AUTH).json()
     assert set(first) == {"run", "jobs", "payments", "observations", "observationsNext"}
     assert len(first["observations"]) == 1000  # the default page
     assert first["observationsNext"] == ids[999]
@@ -286,7 +288,11 @@ def test_observations_come_in_pages(api: httpx.Client, store: Store, seeds: bool
     cursor: int | None = 0
     pages = 0
     while cursor is not None:
-        page = api.get(url, params={**where, "observationsAfter": cursor, "observationsLimit": 700})
+        page = api.get(
+            url,
+            params={**where, "observationsAfter": cursor, "observationsLimit": 700},
+            headers=AUTH,
+        )
         assert page.status_code == 200, page.text
         body = page.json()
         assert len(body["observations"]) <= 700
@@ -295,9 +301,9 @@ def test_observations_come_in_pages(api: httpx.Client, store: Store, seeds: bool
         cursor = body["observationsNext"]
         pages += 1
     assert seen == ids and pages == 4  # 700 + 700 + 700 + 245, in order, none twice
-    whole = api.get(url, params={**where, "observationsLimit": 5000}).json()
+    whole = api.get(url, params={**where, "observationsLimit": 5000}, headers=AUTH).json()
     assert whole["observationsNext"] is None and len(whole["observations"]) == 2345
-    past_the_end = api.get(url, params={**where, "observationsAfter": ids[-1]}).json()
+    past_the_end = api.get(url, params={**where, "observationsAfter": ids[-1]}, headers=AUTH).json()
     assert past_the_end["observations"] == [] and past_the_end["observationsNext"] is None
 
 
@@ -305,9 +311,13 @@ def test_a_page_that_ends_exactly_at_the_last_observation_says_so(
     api: httpx.Client, store: Store
 ) -> None:
     run_id, ids = _run_with_observations(store, 10)
-    exact = api.get("/api/agent-status", params={"runId": run_id, "observationsLimit": 10})
+    exact = api.get(
+        "/api/agent-status", params={"runId": run_id, "observationsLimit": 10}, headers=AUTH
+    )
     assert exact.json()["observationsNext"] is None
-    short = api.get("/api/agent-status", params={"runId": run_id, "observationsLimit": 9})
+    short = api.get(
+        "/api/agent-status", params={"runId": run_id, "observationsLimit": 9}, headers=AUTH
+    )
     assert short.json()["observationsNext"] == ids[8]
 
 
@@ -324,7 +334,7 @@ def test_a_page_that_ends_exactly_at_the_last_observation_says_so(
 def test_bad_page_parameters_are_a_422(api: httpx.Client, store: Store, params: dict) -> None:
     run_id, _ = _run_with_observations(store, 1)
     for url in ("/api/agent-status", f"/api/runs/{run_id}"):
-        answer = api.get(url, params={"runId": run_id, **params})
+        answer = api.get(url, params={"runId": run_id, **params}, headers=AUTH)
         assert answer.status_code == 422, answer.text
         assert "observations" in answer.json()["error"]
 

@@ -41,7 +41,8 @@ def test_approve_execute_rollback_and_metrics(api: tuple[str, str]) -> None:
         async with fleet(db_url, cloud, confirmation_threshold=1.0) as ctx:
             await scan_for(ctx, 17)
             async with httpx.AsyncClient(base_url=url) as http:
-                pending = (await http.get("/api/fleet/actions?status=pending")).json()
+                assert (await http.get("/api/fleet/actions")).status_code == 401  # reads too
+                pending = (await http.get("/api/fleet/actions?status=pending", headers=AUTH)).json()
                 assert len(pending) == 1
                 action_id = pending[0]["action_id"]
                 path = f"/api/fleet/actions/{action_id}"
@@ -53,7 +54,7 @@ def test_approve_execute_rollback_and_metrics(api: tuple[str, str]) -> None:
                 await scan_for(ctx, 1)
                 assert cloud.launches == [action_id]
 
-                summary = (await http.get("/api/fleet/summary")).json()
+                summary = (await http.get("/api/fleet/summary", headers=AUTH)).json()
                 assert {k: summary[k] for k in list(summary)[:10]} == {
                     "total_actions": 1,
                     "actions_by_type": {"provision_instance": 1},
@@ -66,7 +67,7 @@ def test_approve_execute_rollback_and_metrics(api: tuple[str, str]) -> None:
                     "instances_running": 2,
                     "max_instances": 10,
                 }
-                instances = (await http.get("/api/fleet/instances")).json()
+                instances = (await http.get("/api/fleet/instances", headers=AUTH)).json()
                 first = next(i for i in instances if i["launched_by"] is None)
                 assert first["latest"]["gpu_util"] == 95.0
                 assert first["anomalies"][0]["kind"] == "sustained_high"

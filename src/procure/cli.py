@@ -56,9 +56,16 @@ def serve(
     poll_interval: Annotated[
         float, typer.Option(help="Seconds before a run is due again after a tick", min=0)
     ] = 1.0,
+    fleet: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the fleet controller in the server (dry run unless "
+            "LAMBDA_LABS_DRY_RUN=false; servers sharing a PostgreSQL share one fleet lease)"
+        ),
+    ] = False,
 ) -> None:
     """Serve the API (agent endpoints, vendors, /metrics, /healthz) and, unless --no-worker, a
-    worker that ticks due runs."""
+    worker that ticks due runs; with --fleet, the fleet controller too."""
     import uvicorn
 
     from procure.agent.worker import WorkerConfig
@@ -66,7 +73,19 @@ def serve(
 
     settings = get_settings()
     cfg = WorkerConfig(concurrency=concurrency, poll_interval_s=poll_interval) if worker else None
-    uvicorn.run(create_app(settings, store_for(settings), worker=cfg), host=host, port=port)
+    fleet_run = _fleet_run() if fleet else None
+    app_ = create_app(settings, store_for(settings), worker=cfg, fleet=fleet_run)
+    uvicorn.run(app_, host=host, port=port)
+
+
+def _fleet_run() -> Any:
+    """The in-server fleet controller's configuration, from the environment."""
+    from procure.cli_fleet import _fleet_settings
+    from procure.clouds.lambda_cloud.settings import LambdaSettings
+    from procure.fleet.inprocess import FleetRun
+    from procure.store.ledger import load_caps
+
+    return FleetRun(cfg=_fleet_settings(), cloud=LambdaSettings(), caps=load_caps())
 
 
 @app.command("worker")

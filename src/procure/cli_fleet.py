@@ -215,3 +215,15 @@ def reject(action_id: str) -> None:
 def rollback(action_id: str) -> None:
     """Roll back an executed provision (terminate what it launched). Terminations cannot be."""
     _decide(action_id, "rollback")
+
+
+@fleet_app.command("demo")
+def demo() -> None:
+    """The controller's story in one process: a burst saturates a mock cloud's pool, the
+    controller provisions (an operator approves), idle instances are terminated, the Slack
+    messages arrive at a local receiver, and the summary JSON ends it."""
+    from procure.fleet.demo import run_fleet_demo
+
+    result = run_fleet_demo(console=console)
+    if not result.ok:
+        fail("the demo's story did not happen: expected a provision, an approval and a termination")

@@ -43,10 +43,13 @@ from procure.api.schemas import (
 )
 from procure.asgibounds import BoundedRequests
 from procure.bounds import clip
+from procure.fleet.inprocess import FleetRun, fleet_in_server
 from procure.models import RunStatus, utcnow
 from procure.settings import Settings
 from procure.store import Store, repo
 from procure.vendors.credentials import CredentialError, Keyring
+from procure.web import mount_dashboard
+from procure.web.settings import WebSettings
 
 OBSERVATIONS_PAGE = 1000
 OBSERVATIONS_PAGE_MAX = 5000
@@ -63,10 +66,12 @@ def create_app(
     *,
     deps: AgentDeps | None = None,
     worker: WorkerConfig | None = None,
+    fleet: FleetRun | None = None,
 ) -> FastAPI:
     """The API over `store`. `deps` may be given (tests, in-process vendors); else built.
     With `worker`, a worker runs in the server's event loop for the app's lifetime, so runs
-    advance without anyone calling the tick endpoint (`procure serve` does this by default)."""
+    advance without anyone calling the tick endpoint (`procure serve` does this by default).
+    With `fleet`, the fleet controller runs there too (`procure serve --fleet`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +81,9 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             if worker is not None:
                 await stack.enter_async_context(_run_worker(app, worker))
+            app.state.fleet = None
+            if fleet is not None:
+                app.state.fleet = await stack.enter_async_context(fleet_in_server(store, fleet))
             yield
         if owned:
             await close_deps(app.state.deps)
@@ -116,6 +124,15 @@ def create_app(
         expected = f"Bearer {settings.api_token.get_secret_value()}"
         if not secrets.compare_digest(authorization or "", expected):
             raise HTTPException(401, "missing or wrong bearer token")
+
+    public_read = WebSettings().public_read
+
+    def require_read(authorization: str | None = Header(None)) -> None:
+        """Reads need the token too, when one is set, unless PROCURE_PUBLIC_READ=true."""
+        if not public_read:
+            require_token(authorization)
+
+    readers = [Depends(require_read)]
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -228,7 +245,7 @@ def create_app(
         description="Observations per page",
     )
 
-    @app.get("/api/agent-status")
+    @app.get("/api/agent-status", dependencies=readers)
     async def agent_status(
         run_id: str = Query(alias="runId", min_length=1, max_length=200, pattern=NO_NUL),
         after: int = observations_after,
@@ -236,12 +253,12 @@ def create_app(
     ) -> dict[str, Any]:
         return status_of(run_id, after, limit)
 
-    @app.get("/api/runs")
+    @app.get("/api/runs", dependencies=readers)
     async def runs(limit: int = Query(50, ge=1, le=500), status: str | None = None) -> list[Any]:
         with store.session() as s:
             return [r.to_json() for r in repo.list_runs(s, limit=limit, status=status)]
 
-    @app.get("/api/runs/{run_id}")
+    @app.get("/api/runs/{run_id}", dependencies=readers)
     async def run_detail(
         run_id: str = Path(min_length=1, max_length=200, pattern=NO_NUL),
         after: int = observations_after,
@@ -281,7 +298,7 @@ def create_app(
             status_code=202,
         )
 
-    @app.get("/api/vendors")
+    @app.get("/api/vendors", dependencies=readers)
     async def vendors() -> list[Any]:
         from procure.agent.context import hazard, reliability
 
@@ -330,5 +347,6 @@ def create_app(
             metrics.observe_store(s)
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(fleet_router(store, require_token))
+    app.include_router(fleet_router(store, require_token, require_read=require_read))
+    mount_dashboard(app, settings, store)  # the operator's pages at `/` (procure.web)
     return app

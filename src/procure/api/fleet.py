@@ -23,27 +23,32 @@ metrics.REGISTRY.register(_collector)  # the seed's names on procure's /metrics
 
 
 def fleet_router(
-    store: Store, require_token: Callable[..., None], cfg: FleetSettings | None = None
+    store: Store,
+    require_token: Callable[..., None],
+    cfg: FleetSettings | None = None,
+    *,
+    require_read: Callable[..., None] | None = None,
 ) -> APIRouter:
     cfg = cfg or FleetSettings()
     _collector.store = store
     router = APIRouter(prefix="/api/fleet", tags=["fleet"])
     guarded = [Depends(require_token)]
+    readers = [Depends(require_read)] if require_read else []
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    @router.get("/summary")
+    @router.get("/summary", dependencies=readers)
     async def get_summary() -> dict[str, Any]:
         with store.session() as s:
             return summary(s, cfg, utcnow())
 
-    @router.get("/instances")
+    @router.get("/instances", dependencies=readers)
     async def get_instances() -> list[dict[str, Any]]:
         with store.session() as s:
             return instances(s, cfg, utcnow())
 
-    @router.get("/actions")
+    @router.get("/actions", dependencies=readers)
     async def get_actions(
         status: str | None = Query(None, max_length=50), limit: int = Query(100, ge=1, le=1000)
     ) -> list[dict[str, Any]]:

@@ -1,0 +1,33 @@
+"""The operator's dashboard: server-rendered pages over the API's services, mounted by
+`mount_dashboard` into the API app (`procure serve` serves it at `/`)."""
+
+from __future__ import annotations
+
+import importlib
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from procure.settings import Settings
+from procure.store import Store
+from procure.web.auth import make_auth
+from procure.web.pages import web_router
+from procure.web.settings import WebSettings
+from procure.web.templating import STATIC_DIR
+
+
+def _fleet_available() -> bool:
+    """The fleet page only when the fleet modules are there and import cleanly."""
+    try:
+        importlib.import_module("procure.web.fleet")
+    except ImportError:  # the fleet controller is not part of this build
+        return False
+    return True
+
+
+def mount_dashboard(
+    app: FastAPI, settings: Settings, store: Store, web: WebSettings | None = None
+) -> None:
+    auth = make_auth(settings, web or WebSettings())
+    app.include_router(web_router(settings, store, auth, fleet=_fleet_available()))
+    app.mount("/assets", StaticFiles(directory=STATIC_DIR), name="dashboard-assets")

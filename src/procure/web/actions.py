@@ -1,0 +1,70 @@
+"""What the dashboard's buttons do, through the same functions as the API: start a run
+(validated by the API's `StartRequest`) and cancel one (recorded, then carried out at once when
+nobody else is ticking it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+from pydantic import ValidationError
+
+from procure.agent.cancel import request_cancel
+from procure.agent.tick import AgentDeps
+from procure.agent.worker import LeaseHeld, tick_under_lease
+from procure.api import metrics
+from procure.api.schemas import StartRequest, problems
+from procure.models import Run, RunStatus, utcnow
+from procure.store import Store, repo
+
+NUMBERS = ("budgetTotal", "hours", "deadlineHours")
+
+
+def start_request(form: dict[str, str]) -> tuple[StartRequest | None, list[str]]:
+    """The form as the API's body: numbers parsed, blanks left out, then `StartRequest`."""
+    body: dict[str, Any] = {}
+    for key in ("userId", "goal", "gpuType", *NUMBERS):
+        value = form.get(key, "").strip()
+        if not value:
+            continue
+        if key in NUMBERS:
+            with contextlib.suppress(ValueError):
+                body[key] = float(value)
+                continue
+        body[key] = value  # a number that did not parse: StartRequest says why
+    try:
+        return StartRequest.model_validate(body), []
+    except ValidationError as exc:
+        return None, problems(list(exc.errors()))
+
+
+def start_run(store: Store, body: StartRequest) -> Run:
+    with store.session() as s:
+        run = repo.create_run(
+            s,
+            user_id=body.user_id,
+            goal=body.goal,
+            budget_total=body.budget_micros(),
+            job_spec=body.job_spec(),
+            deadline=body.deadline_at(utcnow()),
+        )
+    metrics.RUNS_STARTED.inc()
+    return run
+
+
+async def cancel_run(store: Store, deps: AgentDeps, run_id: str, *, by: str, lease_s: float) -> Run:
+    """As `POST /api/runs/{id}/cancel`: raises `RunNotFound` or `CannotCancel`."""
+    run = await asyncio.to_thread(request_cancel, store, run_id, by=by, reason="from the dashboard")
+    if run.status == RunStatus.running:  # carry it out now if nobody else is ticking it
+        owner = f"web-cancel-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(LeaseHeld):
+            await tick_under_lease(deps, run_id, owner, lease_s)
+
+        def reread() -> Run | None:
+            with store.session() as s:
+                return repo.get_run(s, run_id)
+
+        run = await asyncio.to_thread(reread) or run
+    return run
