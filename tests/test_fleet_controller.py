@@ -116,3 +116,22 @@ def test_capacity_refusal_fails_the_action_and_says_so(sqlite_url: str) -> None:
             )
 
     asyncio.run(body())
+
+
+def test_a_duplicate_launch_is_terminated_and_the_recorded_one_kept(sqlite_url: str) -> None:
+    # Lambda's launch has no idempotency key: a launch whose answer was lost may land after
+    # its retry, leaving two instances named after one action. The controller keeps one.
+    async def body() -> None:
+        cloud = FakeCloud()
+        cloud.add(util=95)
+        async with fleet(sqlite_url, cloud) as ctx:
+            await scan_for(ctx, 18)
+            (action,) = all_actions(ctx)
+            assert action.status == "executed" and action.target_instance
+            late = cloud.add(util=0, name=action.action_id)  # the lost answer's launch lands
+            result = await scan_once(ctx)
+            assert result.carried_out == [f"{late} terminated (a duplicate launch)"]
+            live = {i.id for i in cloud.live()}
+            assert action.target_instance in live and late not in live
+
+    asyncio.run(body())

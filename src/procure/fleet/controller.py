@@ -61,6 +61,32 @@ def _sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -
         fleet_repo.end_instances(s, gone, now)
 
 
+LIVE = ("booting", "active", "unhealthy")
+
+
+async def _terminate_duplicates(ctx: FleetContext, listing: list[Instance]) -> list[str]:
+    """Lambda's launch has no idempotency key: a launch whose answer was lost and that landed
+    only after its retry leaves two instances named after one action. Keep the one the action
+    recorded (else the first listed) and terminate the others, saying so; the ids terminated."""
+    by_action: dict[str, list[Instance]] = {}
+    for i in listing:
+        if i.name and i.status in LIVE:
+            by_action.setdefault(i.name, []).append(i)
+    extras: list[str] = []
+    with ctx.store.session() as s:
+        for name, twins in by_action.items():
+            action = fleet_repo.get_action(s, name) if len(twins) > 1 else None
+            if action is None or action.action_type != policy.PROVISION:
+                continue
+            keep = next((i for i in twins if i.id == action.target_instance), twins[0])
+            extras += [i.id for i in twins if i.id != keep.id]
+    if not extras or ctx.dry_run:
+        return []
+    await ctx.cloud.terminate(extras)  # idempotent; a failure is retried next scan
+    log.warning("terminated duplicate launches %s (kept the one its action recorded)", extras)
+    return extras
+
+
 async def _list(ctx: FleetContext) -> list[Instance]:
     listing = await ctx.cloud.instances()
     if not ctx.types:  # prices change rarely: learn them once per process (and after errors)
@@ -117,6 +143,11 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
     ctx.cloud_failures, ctx.backoff_until = 0, None
     result.instances = len(listing)
     _sync_instances(ctx, listing, now)
+    try:
+        duplicates = await _terminate_duplicates(ctx, listing)
+    except CloudError as exc:
+        duplicates, result.error = [], clip(f"{type(exc).__name__}: {exc}", 500)
+    result.carried_out += [f"{i} terminated (a duplicate launch)" for i in duplicates]
 
     # Decided and interrupted actions first: they were promised before this scan's ideas.
     actions.expire(ctx)
