@@ -62,7 +62,7 @@ class CrashConfig:
     job_seconds: float = 0.4
     fail_rate: float = 0.3
     """Vendor 1 fails part-way in this share of its jobs (vendor 2 never does)."""
-    cancel_every: int = 16
+    cancel_every: int = 10
     """After every n-th death, a user asks to cancel a random running run."""
     concurrency: int = 16
     check_every: int = 1
