@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 
 from procure.models import JobSpec
 from procure.store import repo
-from web_browser import chromium, dashboard
+from web_browser import chromium, console_errors, dashboard, screenshot_dir
 from world import World, state_of
 
 TOKEN = "dashboard-test-token"
@@ -44,16 +45,21 @@ def _csrf(html: str) -> str:
     return found.group(1)
 
 
-def test_login_with_the_token_and_a_wrong_one_refused(world: World, browser: Any) -> None:
+def test_login_with_the_token_and_a_wrong_one_refused(
+    world: World, browser: Any, tmp_path: Path
+) -> None:
     run_id = _run(world)
     with dashboard(world, token=TOKEN) as server:
         context = browser.new_context()
         page = context.new_page()
+        errors = console_errors(page)
         page.goto(f"{server.url}/runs/{run_id}")
         page.wait_for_url(re.compile(r"/login\?next="))  # asked for the token first
+        page.screenshot(path=str(screenshot_dir(tmp_path) / "login-page.png"))
         page.fill("input[name=token]", "not-the-token")
         page.click("#login-form button")
         assert page.locator("#login-error").inner_text() == "Wrong token."
+        page.screenshot(path=str(screenshot_dir(tmp_path) / "login-refused.png"))
         page.fill("input[name=token]", TOKEN)
         page.click("#login-form button")
         page.wait_for_url(f"**/runs/{run_id}")  # back where the user was going
@@ -69,6 +75,7 @@ def test_login_with_the_token_and_a_wrong_one_refused(world: World, browser: Any
         page.goto(f"{server.url}/vendors")
         page.wait_for_url(re.compile(r"/login\?next="))
         context.close()
+        assert errors == []  # the refused login's 401 is expected; nothing else
 
 
 def test_reads_need_a_session_or_the_bearer(world: World) -> None:
@@ -125,10 +132,12 @@ def test_without_a_token_the_dashboard_is_open_and_says_so(world: World, browser
     with dashboard(world) as server:
         context = browser.new_context()
         page = context.new_page()
+        errors = console_errors(page)
         page.goto(server.url + "/")
         assert "dashboard is open to anyone" in page.locator("#open-banner").inner_text()
         assert page.locator("text=Log in").count() == 0
         context.close()
+        assert errors == []
         # Open, but its forms still carry CSRF: a cross-site POST cannot cancel a run.
         with httpx.Client(base_url=server.url) as http:
             assert http.post(f"/runs/{run_id}/cancel").status_code == 403

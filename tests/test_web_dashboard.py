@@ -13,7 +13,7 @@ import pytest
 
 from procure.models import JobSpec, ObservationType, PaymentStatus, format_usd
 from procure.store import repo
-from web_browser import chromium, dashboard, drive_run, screenshot_dir
+from web_browser import chromium, console_errors, dashboard, drive_run, screenshot_dir
 from world import World, state_of
 
 
@@ -35,16 +35,7 @@ def page(browser: Any) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     p = context.new_page()
     p.set_default_timeout(15_000)
-    errors: list[str] = []
-    p.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    p.on(
-        "console",
-        lambda m: (
-            m.type == "error"
-            and not re.search(r"Failed to load resource.*status of 4\d\d", m.text)
-            and errors.append(f"console: {m.text}")
-        ),
-    )
+    errors = console_errors(p)
     yield p
     context.close()
     assert errors == []
@@ -57,7 +48,9 @@ def _run(world: World, goal: str, **spec: Any) -> str:
         ).id
 
 
-def test_runs_page_lists_newest_first_and_filters_by_status(world: World, page: Any) -> None:
+def test_runs_page_lists_newest_first_and_filters_by_status(
+    world: World, page: Any, tmp_path: Path
+) -> None:
     older = _run(world, "Older run")
     newer = _run(world, "Newer run")
     with world.store.session() as s:
@@ -68,6 +61,7 @@ def test_runs_page_lists_newest_first_and_filters_by_status(world: World, page: 
         assert rows.count() == 2
         assert rows.nth(0).get_attribute("data-run") == newer  # newest first
         assert "Newer run" in rows.nth(0).inner_text()
+        page.screenshot(path=str(screenshot_dir(tmp_path) / "runs-page.png"), full_page=True)
         page.get_by_role("link", name=re.compile(r"^failed \(1\)")).click()
         page.wait_for_url(re.compile(r"/\?status=failed$"))
         assert page.locator("table.runs tbody tr").count() == 1
@@ -157,15 +151,17 @@ def test_cancel_asks_then_cancels_the_run(world: World, page: Any) -> None:
     assert run.cancel_reason and "dashboard" in run.cancel_reason
 
 
-def test_start_form_validates_and_starts_a_run(world: World, page: Any) -> None:
+def test_start_form_validates_and_starts_a_run(world: World, page: Any, tmp_path: Path) -> None:
     with dashboard(world) as server:
         page.goto(server.url + "/runs/new")
+        page.screenshot(path=str(screenshot_dir(tmp_path) / "start-form.png"), full_page=True)
         page.fill("textarea[name=goal]", "Train from the dashboard")
         page.fill("input[name=budgetTotal]", "lots")
         page.fill("input[name=hours]", "0")
         page.click("#start")
         errors = page.locator("#form-errors").inner_text()
         assert "budgetTotal" in errors and "hours" in errors
+        page.screenshot(path=str(screenshot_dir(tmp_path) / "start-form-errors.png"))
         # What was typed is kept; fix it and start.
         assert page.input_value("textarea[name=goal]") == "Train from the dashboard"
         page.fill("input[name=budgetTotal]", "7.5")
@@ -184,3 +180,34 @@ def test_start_form_validates_and_starts_a_run(world: World, page: Any) -> None:
         2.0,
     )
     assert run.deadline is not None and run.user_id == "dashboard"
+
+
+def test_recovery_story_appears_live(world: World, page: Any, tmp_path: Path) -> None:
+    """The page is open before the run's first tick; the run is ticked elsewhere (as a worker
+    would); the failure, the switch, both payments with their hashes and spent to date arrive
+    over the event stream, with no reload."""
+    run_id = world.new_run()
+    with dashboard(world) as server:
+        page.goto(f"{server.url}/runs/{run_id}")
+        page.wait_for_selector("#live-state:text('live')")
+        assert page.locator("#payments").inner_text() == "No payment yet."
+        page.evaluate("window.__sameDocument = true")  # lost on any reload or navigation
+        drive_run(world, run_id)  # vendor 1 fails at 47%, the agent resumes on vendor 2
+        page.wait_for_selector("#run-status:text('completed')")
+        page.wait_for_selector("#live-state:text('ended')")
+        assert page.evaluate("window.__sameDocument") is True
+        settled = [p for p in state_of(world, run_id).payments if p.status == "completed"]
+        assert len(settled) == 2
+        hashes = page.locator("#payments code.tx").all_inner_texts()
+        assert hashes == [p.x402_tx_id for p in settled]
+        assert page.locator("#run-spent").inner_text() == format_usd(sum(p.amount for p in settled))
+        jobs = page.locator("#jobs tbody tr").all_inner_texts()
+        assert "gpu_vendor_1" in jobs[0] and "failed" in jobs[0]  # the failure ...
+        assert "gpu_vendor_2" in jobs[1] and "completed" in jobs[1]  # ... and the switch
+        timeline = page.locator("#timeline")
+        assert timeline.locator("li.obs.error").count() >= 1
+        assert timeline.locator("li.obs.payment").count() >= 2
+        ids = timeline.locator("li.obs").evaluate_all("els => els.map(e => e.dataset.id)")
+        assert len(ids) == len(set(ids))  # each observation once
+        assert page.locator("#cancel").count() == 0  # removed once the run ended
+        page.screenshot(path=str(screenshot_dir(tmp_path) / "run-live.png"), full_page=True)

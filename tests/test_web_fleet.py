@@ -4,12 +4,9 @@ scan, and the page shows it executed; instances with their sparkline and the spe
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
@@ -19,27 +16,7 @@ from procure.api.app import create_app
 from procure.local import serve
 from procure.settings import Settings
 from procure.store import open_store
-from web_browser import chromium, screenshot_dir
-
-T = TypeVar("T")
-
-
-class Loop:
-    """An event loop on its own thread: the controller runs there while Playwright's sync API
-    owns the test's thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=90)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
+from web_browser import Loop, chromium, console_errors, screenshot_dir
 
 
 @pytest.fixture
@@ -67,6 +44,7 @@ def test_approve_a_pending_action_from_the_page(
         try:
             loop.run(scan_for(ctx, 17))  # sustained high load: a launch that needs approval
             page = browser.new_page()
+            errors = console_errors(page)
             page.goto(server.url + "/fleet")
             (row,) = page.locator("#pending tbody tr").all()
             action_id = row.get_attribute("data-action")
@@ -84,6 +62,7 @@ def test_approve_a_pending_action_from_the_page(
             history = page.locator(f'#history tr[data-action="{action_id}"]').inner_text()
             assert "executed" in history and "dashboard" in history
             page.screenshot(path=str(screenshot_dir(tmp_path) / "fleet-page.png"), full_page=True)
+            assert errors == []
         finally:
             server.stop()
             loop.run(controller.__aexit__(None, None, None))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
+import re
+import threading
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,6 +78,22 @@ def dashboard(world: World, token: str | None = None) -> Iterator[LocalServer]:
         server.stop()
 
 
+def console_errors(page: Any) -> list[str]:
+    """Collect the page's script errors and console errors from now on (a 4xx the test asks
+    for, e.g. a wrong token, is expected and left out); assert the list empty after each page."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    page.on(
+        "console",
+        lambda m: (
+            m.type == "error"
+            and not re.search(r"Failed to load resource.*status of 4\d\d", m.text)
+            and errors.append(f"console: {m.text}")
+        ),
+    )
+    return errors
+
+
 def off_thread(fn: Callable[[], T]) -> T:
     """Run `fn` in another thread: Playwright's sync API owns this thread's event loop."""
     with ThreadPoolExecutor(1) as pool:
@@ -93,3 +111,21 @@ def screenshot_dir(tmp: Path) -> Path:
     where = Path(os.environ.get("WEB_SCREENSHOTS") or tmp)
     where.mkdir(parents=True, exist_ok=True)
     return where
+
+
+class Loop:
+    """An event loop on its own thread: the controller runs there while Playwright's sync API
+    owns the test's thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=90)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Annotated, Any
 
 import typer
@@ -34,12 +35,26 @@ app.add_typer(vendors_app, name="vendors")
 def demo(
     job_seconds: Annotated[float, typer.Option(help="Real seconds a mock job takes")] = 2.0,
     budget: Annotated[float, typer.Option(help="Run budget in US dollars")] = 5.0,
+    serve_: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="Afterwards keep the demo's services up and serve the dashboard until Ctrl+C",
+        ),
+    ] = False,
+    port: Annotated[int, typer.Option(help="The dashboard's port, with --serve")] = 3000,
 ) -> None:
-    """Run the recovery story end to end: vendor 1 fails part-way, the agent pays vendor 2."""
+    """Run the recovery story end to end: vendor 1 fails part-way, the agent pays vendor 2.
+    With --serve, then open the dashboard on the printed URL to see it (and start more runs)."""
     from procure.demo import run_demo
     from procure.models import RunStatus
 
-    state = run_demo(job_seconds=job_seconds, budget=budget, console=console)
+    then = None
+    if serve_:
+        from procure.demo_serve import serve_until_interrupted
+
+        then = functools.partial(serve_until_interrupted, port=port, console=console)
+    state = run_demo(job_seconds=job_seconds, budget=budget, console=console, then=then)
     if state.run.status != RunStatus.completed:
         console.print(f"[bold red]run ended {state.run.status}: {state.run.status_reason}")
         raise typer.Exit(1)

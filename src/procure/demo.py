@@ -10,6 +10,7 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -76,7 +77,10 @@ def run_demo(
     fail_at: float = 0.47,
     budget: float = 5.0,
     console: Console | None = None,
+    then: Callable[[Settings, Store], None] | None = None,
 ) -> RunState:
+    """The story; then `then(settings, store)`, if given, while the services still run (e.g.
+    the dashboard until Ctrl+C), before they stop."""
     console = console or Console()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="procure-demo-"))
     secret = "demo-secret"
@@ -147,6 +151,8 @@ def run_demo(
                 f"{v.vendor_id} received ${chain.balance_of(v.pay_to) / 1e6:.2f}" for v in vendors
             )
         )
+        if then is not None:
+            then(settings, store)
         return state
     finally:
         for server in reversed(servers):

@@ -1,8 +1,9 @@
 """The fleet's routes: the seed's action summary, instances with their figures and anomalies,
-the action history, and approve / reject / rollback (bearer token)."""
+the action history, and approve / reject / rollback (bearer token). Store calls run in a thread."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -38,33 +39,49 @@ def fleet_router(
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    @router.get("/summary", dependencies=readers)
-    async def get_summary() -> dict[str, Any]:
+    def read_summary() -> dict[str, Any]:
         with store.session() as s:
             return summary(s, cfg, utcnow())
 
-    @router.get("/instances", dependencies=readers)
-    async def get_instances() -> list[dict[str, Any]]:
+    def read_instances() -> list[dict[str, Any]]:
         with store.session() as s:
             return instances(s, cfg, utcnow())
+
+    def read_actions(status: str | None, limit: int) -> list[dict[str, Any]]:
+        with store.session() as s:
+            return [action_json(r) for r in fleet_repo.list_actions(s, status=status, limit=limit)]
+
+    @router.get("/summary", dependencies=readers)
+    async def get_summary() -> dict[str, Any]:
+        return await asyncio.to_thread(read_summary)
+
+    @router.get("/instances", dependencies=readers)
+    async def get_instances() -> list[dict[str, Any]]:
+        return await asyncio.to_thread(read_instances)
 
     @router.get("/actions", dependencies=readers)
     async def get_actions(
         status: str | None = Query(None, max_length=50), limit: int = Query(100, ge=1, le=1000)
     ) -> list[dict[str, Any]]:
-        with store.session() as s:
-            return [action_json(r) for r in fleet_repo.list_actions(s, status=status, limit=limit)]
+        return await asyncio.to_thread(read_actions, status, limit)
+
+    def decide(action_id: str, approve: bool) -> dict[str, Any]:
+        row = actions.decide(
+            store, action_id, approve, "api", utcnow(), slack=cfg.slack_webhook_url is not None
+        )
+        return action_json(row)  # inside the thread: the row's attributes are read here
+
+    def roll_back(action_id: str) -> dict[str, Any]:
+        return action_json(actions.rollback(store, action_id, "api", utcnow()))
 
     async def _decide(action_id: str, approve: bool) -> JSONResponse:
         try:
-            row = actions.decide(
-                store, action_id, approve, "api", utcnow(), slack=cfg.slack_webhook_url is not None
-            )
+            decided = await asyncio.to_thread(decide, action_id, approve)
         except KeyError:
             return error(404, f"action {action_id} not found")
         except actions.ActionRefused as exc:
             return error(409, str(exc))
-        return JSONResponse(action_json(row))
+        return JSONResponse(decided)
 
     @router.post("/actions/{action_id}/approve", dependencies=guarded)
     async def approve(action_id: str = ACTION_ID) -> JSONResponse:
@@ -77,11 +94,11 @@ def fleet_router(
     @router.post("/actions/{action_id}/rollback", dependencies=guarded)
     async def rollback(action_id: str = ACTION_ID) -> JSONResponse:
         try:
-            row = actions.rollback(store, action_id, "api", utcnow())
+            rolled = await asyncio.to_thread(roll_back, action_id)
         except KeyError:
             return error(404, f"action {action_id} not found")
         except actions.ActionRefused as exc:
             return error(409, str(exc))
-        return JSONResponse(action_json(row), status_code=202)
+        return JSONResponse(rolled, status_code=202)
 
     return router

@@ -1,5 +1,6 @@
 """The dashboard's routes: runs, a run (with cancel), vendors, the start form, login and logout,
-and the run's Server-Sent Events. Store reads run in a thread (the worker shares the loop)."""
+the run's Server-Sent Events, and (with the fleet) the Fleet and Nodes pages. Store reads run in
+a thread (the worker shares the loop)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def web_router(settings: Settings, store: Store, auth: Auth, *, fleet: bool) -> 
             {
                 **context,
                 "auth_open": auth.open,
+                "public_read": auth.public_read,
                 "logged_in": session is not None and session.authenticated,
                 "can_act": may_act(request, auth),
                 "csrf": auth.csrf(session) if session else "",
@@ -259,6 +261,15 @@ def web_router(settings: Settings, store: Store, auth: Auth, *, fleet: bool) -> 
             page=page,
             message=message,
             checked_form=checked_form,
+            may_read=lambda request: may_read(request, auth),
+            to_login=to_login,
+        )
+        from procure.web.nodes_pages import add_nodes_routes
+
+        add_nodes_routes(
+            router,
+            store,
+            page=page,
             may_read=lambda request: may_read(request, auth),
             to_login=to_login,
         )

@@ -1,0 +1,105 @@
+"""The Nodes page's data: each live GPU node's latest stored figures (from the fleet's samples)
+and its models, asked of the node's `GET /models` under a short deadline. Never raises for a
+node: one that does not answer, or answers garbage, says so in its `models.error`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from procure.bounds import UnsafeInput, clip, loads
+from procure.fleet.settings import FleetSettings
+from procure.fleet.summary import instances
+from procure.httpbounds import bounded_client
+from procure.models import utcnow
+from procure.store import Store
+from procure.store.fleet_repo import RUNNING_STATUSES
+
+MODELS_DEADLINE_S = 2.0  # the page waits at most this long on any node
+MODELS_MAX_BYTES = 256 * 1024
+MAX_MODELS = 50
+PARALLEL = 16
+
+
+def figures(store: Store, cfg: FleetSettings) -> list[dict[str, Any]]:
+    """Live instances with their latest sample and anomalies (sync: run it in a thread)."""
+    with store.session() as s:
+        return instances(s, cfg, utcnow())
+
+
+def _model(entry: Any) -> dict[str, Any] | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        return None
+    size = entry.get("size")
+    vram = entry.get("size_vram_mb")
+    return {
+        "name": clip(entry["name"], 200),
+        "parameter_size": clip(str(entry.get("parameter_size") or ""), 40) or None,
+        "quantization": clip(str(entry.get("quantization_level") or ""), 40) or None,
+        "size_gb": size / 1e9 if isinstance(size, int) and size >= 0 else None,
+        "vram_mb": vram if isinstance(vram, int) and vram >= 0 else None,
+    }
+
+
+def catalogue(answer: Any) -> dict[str, Any]:
+    """A node's `/models` answer → what the page shows (pulled and loaded models)."""
+    if not isinstance(answer, dict):
+        return {"state": "error", "error": "the node's answer is not a JSON object"}
+    pulled = answer.get("models") if isinstance(answer.get("models"), list) else []
+    loaded = answer.get("loaded") if isinstance(answer.get("loaded"), list) else []
+    status = answer.get("status")
+    error = answer.get("error")
+    return {
+        "state": status if status in ("ok", "degraded", "not_configured") else "error",
+        "error": clip(str(error), 300) if error else None,
+        "models": [m for m in map(_model, pulled[:MAX_MODELS]) if m],
+        "loaded": [m for m in map(_model, loaded[:MAX_MODELS]) if m],
+    }
+
+
+async def models_of(
+    client: httpx.AsyncClient, node: dict[str, Any], cfg: FleetSettings
+) -> dict[str, Any]:
+    """The node's models; a node not running, without an address, or last seen unreachable
+    is not asked (the page would only wait for the deadline)."""
+    latest = node.get("latest") or {}
+    if node.get("status") not in RUNNING_STATUSES or not node.get("ip"):
+        return {"state": "skipped", "error": "not running or no address"}
+    if latest and not latest.get("reachable"):
+        return {"state": "skipped", "error": "unreachable at the last scan"}
+    token = cfg.node_token.get_secret_value() if cfg.node_token else None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = await client.get(f"http://{node['ip']}:{cfg.node_port}/models", headers=headers)
+        if response.status_code != 200:
+            return {"state": "error", "error": f"HTTP {response.status_code} from the node"}
+        return catalogue(loads(response.content))
+    except (httpx.HTTPError, UnsafeInput, ValueError) as exc:
+        return {"state": "error", "error": clip(f"{type(exc).__name__}: {exc}", 300)}
+
+
+async def nodes_view(
+    store: Store,
+    cfg: FleetSettings,
+    *,
+    deadline_s: float = MODELS_DEADLINE_S,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[dict[str, Any]]:
+    """Every live node with `models` added; all nodes are asked at once."""
+    nodes = await asyncio.to_thread(figures, store, cfg)
+    gate = asyncio.Semaphore(PARALLEL)
+
+    async def ask(client: httpx.AsyncClient, node: dict[str, Any]) -> dict[str, Any]:
+        async with gate:
+            return await models_of(client, node, cfg)
+
+    async with bounded_client(
+        deadline_s=deadline_s,
+        max_bytes=MODELS_MAX_BYTES,
+        transport=transport,
+        follow_redirects=False,
+    ) as client:
+        found = await asyncio.gather(*(ask(client, n) for n in nodes))
+    return [{**node, "models": models} for node, models in zip(nodes, found, strict=True)]

@@ -1,0 +1,73 @@
+"""`procure demo --serve` as a new user runs it: the story, then the dashboard on a printed URL
+showing the demo's completed run, with its services still up, until Ctrl+C (SIGINT) ends it
+cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from queue import Empty, Queue
+
+import httpx
+
+from procure.local import free_port
+
+
+def _lines(stream: object, into: Queue[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        into.put(line)
+
+
+def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    command = ["demo", "--serve", "--port", str(port), "--job-seconds", "0.5"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "procure.cli", *command],
+        cwd=tmp_path,  # no .env of the checkout
+        env={**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: Queue[str] = Queue()
+    threading.Thread(target=_lines, args=(child.stdout, seen), daemon=True).start()
+    output: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            try:
+                line = seen.get(timeout=1)
+            except Empty:
+                assert child.poll() is None, "".join(output)
+                continue
+            output.append(line)
+            found = re.match(r"dashboard (http://127\.0\.0\.1:\d+)/ \(Ctrl\+C to stop\)", line)
+            url = found.group(1) if found else None
+        assert url == f"http://127.0.0.1:{port}", "".join(output)
+        runs = httpx.get(url + "/", timeout=10)
+        assert runs.status_code == 200
+        assert "Fine-tune tiny-llm on dataset A" in runs.text
+        (run_id,) = re.findall(r'data-run="([0-9a-f]+)"', runs.text)
+        assert re.search(rf'data-run="{run_id}".*?status-completed', runs.text, re.S)
+        run = httpx.get(f"{url}/runs/{run_id}", timeout=10).text
+        assert run.count('class="hash tx"') == 2  # both payments, with their hashes
+        vendors = httpx.get(url + "/vendors", timeout=10)
+        assert 'id="wallet-balance">$' in vendors.text  # the facilitator is still up
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    while not seen.empty():
+        output.append(seen.get())
+    text = "".join(output)
+    assert "Traceback" not in text, text
+    assert "stopping" in text
