@@ -43,7 +43,7 @@ def micros_to_usd(micros: int) -> float:
 
 
 def format_usd(micros: int) -> str:
-    return f"${Decimal(micros) / MICROS_PER_USD:.2f}"
+    return f"${Decimal(micros) / MICROS_PER_USD:,.2f}"
 
 
 def _parse_usd(value: Any) -> Any:
