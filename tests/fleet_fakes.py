@@ -27,7 +27,7 @@ from procure.clouds.base import (
     ProviderError,
     QuotaError,
 )
-from procure.gpu.probe import read_nvml
+from procure.gpu.probe import nvml_reader
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
 from procure.local import LocalServer, free_port
@@ -109,7 +109,7 @@ class FakeCloud:
         settings = GpuWorkerSettings(
             token=NODE_TOKEN, nvml_cache_s=0, on_orphan="true", orchestrator_url=None
         )
-        app = create_gpu_worker_app(settings, read=lambda: read_nvml(module))
+        app = create_gpu_worker_app(settings, read=nvml_reader(module))
         self.nodes[instance_id] = Node(gpu, serve_on(app, ip, self.node_port))
         status = "booting" if self.boot_scans else "active"
         self._booting[instance_id] = self.boot_scans
@@ -120,6 +120,9 @@ class FakeCloud:
 
     def set_util(self, instance_id: str, util: int) -> None:
         self.nodes[instance_id].gpu.util = util
+
+    def xid(self, instance_id: str, code: int) -> None:
+        self.nodes[instance_id].gpu.xid(code)
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances_.values() if i.status not in ("terminated",)]

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 MIB = 1 << 20
+XID_EVENT = 0x8  # pynvml.nvmlEventTypeXidCriticalError
 
 
 class NVMLError(Exception):
@@ -30,6 +31,7 @@ ERRORS = {
         ("NVMLError_NotSupported", "Not Supported"),
         ("NVMLError_GpuIsLost", "GPU is lost"),
         ("NVMLError_Unknown", "Unknown Error"),
+        ("NVMLError_Timeout", "Timeout"),
     ]
 }
 
@@ -47,6 +49,12 @@ class FakeGpu:
     limit_mw: int = 700_000
     fails: str | None = None  # an NVML error class raised when reading its memory
     power_supported: bool = True
+    events_supported: bool = True
+    pending_xids: list[int] = field(default_factory=list)  # XID events not yet waited for
+
+    def xid(self, code: int) -> None:
+        """The driver reports XID `code` on this GPU (as NVML's critical-XID event)."""
+        self.pending_xids.append(code)
 
 
 @dataclass
@@ -64,6 +72,7 @@ class FakeNvml:
         m.NVML_TEMPERATURE_GPU = 0  # type: ignore[attr-defined]
         m.NVML_CLOCK_SM = 1  # type: ignore[attr-defined]
         m.NVML_CLOCK_MEM = 2  # type: ignore[attr-defined]
+        m.nvmlEventTypeXidCriticalError = XID_EVENT  # type: ignore[attr-defined]
 
         def init() -> None:
             if self.init_error:
@@ -83,6 +92,22 @@ class FakeNvml:
                 raise ERRORS["NVMLError_NotSupported"]()
             return h.power_mw
 
+        def register(h: FakeGpu, types_: int, event_set: list[FakeGpu]) -> None:
+            if not h.events_supported:
+                raise ERRORS["NVMLError_NotSupported"]()
+            if types_ & XID_EVENT:
+                event_set.append(h)
+
+        def wait(event_set: list[FakeGpu], timeout_ms: int) -> Any:
+            # The real call blocks up to timeout_ms; with nothing pending it raises Timeout.
+            for h in event_set:
+                if h.pending_xids:
+                    code = h.pending_xids.pop(0)
+                    return types.SimpleNamespace(
+                        device=h, eventType=XID_EVENT, eventData=code, gpuInstanceId=0xFFFFFFFF
+                    )
+            raise ERRORS["NVMLError_Timeout"]()
+
         functions = {
             "nvmlInit": init,
             "nvmlShutdown": lambda: None,
@@ -100,6 +125,10 @@ class FakeNvml:
             "nvmlDeviceGetEnforcedPowerLimit": lambda h: h.limit_mw,
             "nvmlDeviceGetClockInfo": lambda h, clock: 1980 if clock == 1 else 2619,
             "nvmlDeviceGetTotalEnergyConsumption": lambda h: 987_654_321,
+            "nvmlEventSetCreate": lambda: [],
+            "nvmlDeviceRegisterEvents": register,
+            "nvmlEventSetWait": wait,
+            "nvmlEventSetFree": lambda event_set: event_set.clear(),
         }
         for name, fn in functions.items():
             setattr(m, name, fn)

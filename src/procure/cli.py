@@ -12,6 +12,7 @@ from rich.table import Table
 from procure.cli_cloud import mock_cloud
 from procure.cli_common import (
     console,
+    fail,
     print_json,
     store_for,
 )
@@ -51,8 +52,15 @@ def demo(
 
     then = None
     if serve_:
+        import socket
+
         from procure.demo_serve import serve_until_interrupted
 
+        with socket.socket() as probe:  # before the demo runs: say it in one line, not later
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                fail(f"port {port} is busy; choose another with --port")
         then = functools.partial(serve_until_interrupted, port=port, console=console)
     state = run_demo(job_seconds=job_seconds, budget=budget, console=console, then=then)
     if state.run.status != RunStatus.completed:

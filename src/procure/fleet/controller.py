@@ -1,7 +1,7 @@
 """One scan of the fleet and the loop around it: take the fleet's lease, list the instances,
-finish interrupted actions, expire and carry out decided ones, read every node (renewing its
-dead-man lease), keep the samples, analyse, decide, pass the rails, act. A cloud error is
-recorded and backed off; nothing in a scan may crash the loop."""
+finish interrupted actions, expire and carry out decided ones, read every node (or Prometheus,
+when set), renewing each node's dead-man lease, keep the samples, analyse, decide, pass the
+rails, act. A cloud error is recorded and backed off; nothing in a scan may crash the loop."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from procure.bounds import clip
 from procure.clouds.base import CloudError, Instance
-from procure.fleet import actions, costs, monitor, nodes, policy
+from procure.fleet import actions, costs, monitor, nodes, policy, prometheus
 from procure.fleet.context import FleetContext
 from procure.models import utcnow
 from procure.store import fleet_repo
@@ -100,17 +100,25 @@ async def _read_nodes(
     limit = asyncio.Semaphore(NODE_CONCURRENCY)
     port, token = ctx.cfg.node_port, ctx.node_token
 
-    async def one(i: Instance) -> dict[str, Any]:
-        async with limit:
-            sample = await nodes.read_node(ctx.nodes, i, port, token, now)
-            if sample.get("reachable"):
+    async def renew(i: Instance, sample: dict[str, Any]) -> dict[str, Any]:
+        if sample.get("reachable"):
+            async with limit:
                 await nodes.renew_lease(
                     ctx.nodes, i, port, token, ctx.node_holder, ctx.cfg.node_lease_s
                 )
-            return sample
+        return sample
+
+    async def one(i: Instance) -> dict[str, Any]:
+        async with limit:
+            sample = await nodes.read_node(ctx.nodes, i, port, token, now)
+        return await renew(i, sample)
 
     readable = [i for i in listing if i.status in ("active", "unhealthy")]
-    return list(await asyncio.gather(*(one(i) for i in readable)))
+    if not ctx.cfg.prometheus_url:
+        return list(await asyncio.gather(*(one(i) for i in readable)))
+    found = await prometheus.read_instances(ctx.nodes, ctx.cfg.prometheus_url, readable, now)
+    # The figures come from Prometheus, but the dead-man lease lives on the node: renew it.
+    return list(await asyncio.gather(*(renew(i, s) for i, s in zip(readable, found, strict=True))))
 
 
 def _note(ctx: FleetContext, now: datetime, error: str | None) -> None:

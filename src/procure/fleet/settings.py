@@ -66,6 +66,12 @@ class FleetSettings(BaseSettings):
         validation_alias="LAMBDA_LABS_NODE_LEASE_S",
         description="Dead-man lease held on each node: a node not renewed this long stops itself",
     )
+    prometheus_url: str | None = Field(
+        None,
+        validation_alias="FLEET_PROMETHEUS_URL",
+        description="Read the figures from this Prometheus (scraping dcgm-exporter, instances "
+        "matched by the `instance` label's host = the instance's IP); unset: read the nodes",
+    )
     sample_retention_h: float = Field(48.0, gt=0, validation_alias="LAMBDA_LABS_SAMPLE_RETENTION_H")
     max_launch_attempts: int = Field(5, ge=1, validation_alias="LAMBDA_LABS_MAX_LAUNCH_ATTEMPTS")
     slack_webhook_url: SecretStr | None = Field(None, validation_alias="SLACK_WEBHOOK_URL")
@@ -82,7 +88,9 @@ class FleetSettings(BaseSettings):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
 
-    @field_validator("slack_webhook_url", "node_token", "audit_git", mode="before")
+    @field_validator(
+        "slack_webhook_url", "node_token", "audit_git", "prometheus_url", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

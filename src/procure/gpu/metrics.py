@@ -28,7 +28,15 @@ FIELDS: list[tuple[str, str, Callable[[Gpu], float | None]]] = [
     ),
     ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", lambda g: g.sm_clock_mhz),
     ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", lambda g: g.mem_clock_mhz),
+    ("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.", lambda g: _xid(g)),
 ]
+
+
+def _xid(gpu: Gpu) -> int | None:
+    # dcgm's meaning: the last XID, 0 while none was seen; absent where XIDs are not watched.
+    if gpu.xid_errors is None:
+        return None
+    return gpu.last_xid or 0
 
 
 def exposition(probe: Probe, hostname: str) -> bytes:

@@ -1,6 +1,6 @@
 """The one place that reads NVML (through nvidia-ml-py's `pynvml`): GPU count and per-GPU figures.
 Everything else takes the `Probe` as data. Never raises: no driver is `gpu_count 0` and a reason,
-and an error on one GPU is reported on that GPU alone."""
+an error on one GPU is reported on that GPU alone, and XID events are counted where supported."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -36,6 +36,8 @@ class Gpu:
     sm_clock_mhz: int | None = None
     mem_clock_mhz: int | None = None
     energy_mj: int | None = None
+    xid_errors: int | None = None  # XID events seen since the node started; None: not watched
+    last_xid: int | None = None  # the last XID seen (dcgm's DCGM_FI_DEV_XID_ERRORS)
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -71,9 +73,9 @@ def load_nvml() -> ModuleType | None:
     return pynvml
 
 
-def read_nvml(nvml: ModuleType | None = None) -> Probe:
+def read_nvml(nvml: ModuleType | None = None, xids: XidWatch | None = None) -> Probe:
     """Read every GPU once. `nvml` is the pynvml module (tests pass a fake one); default: the
-    real one."""
+    real one. With `xids`, each GPU also carries the XID events drained since the last read."""
     nvml = nvml if nvml is not None else load_nvml()
     now = time.time()
     if nvml is None:
@@ -92,12 +94,80 @@ def read_nvml(nvml: ModuleType | None = None) -> Probe:
         except Exception as exc:
             return Probe(0, driver_version=_text(driver), reason=f"NVML: {_describe(exc)}")
         gpus = [_read_gpu(nvml, i) for i in range(count)]
+        if xids is not None:
+            xids.start(nvml)
+            xids.drain(nvml)
+            gpus = [replace(g, **xids.figures(g.index)) for g in gpus]
         reason = None if count else "the NVIDIA driver is loaded but reports no GPU"
         return Probe(count, gpus, _text(driver), reason, now)
     finally:
         # Nothing to do about a failed shutdown, and the figures are already read.
         with contextlib.suppress(Exception):
             nvml.nvmlShutdown()
+
+
+def nvml_reader(nvml: ModuleType | None = None) -> Callable[[], Probe]:
+    """`read_nvml` with an `XidWatch` kept across reads: what the worker uses."""
+    xids = XidWatch()
+    return lambda: read_nvml(nvml, xids)
+
+
+class XidWatch:
+    """An NVML event set per GPU for critical XID errors, registered once and drained without
+    blocking on each read: a count and the last XID per GPU. Best effort: a GPU (or binding)
+    without events has None figures. Not thread-safe; `CachedProbe` serialises the reads."""
+
+    MAX_DRAIN = 1000  # per GPU per read: a storm of events must not stall the probe
+
+    def __init__(self) -> None:
+        self._sets: dict[int, Any] | None = None  # None: not started yet
+        self.counts: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+
+    def start(self, nvml: ModuleType) -> None:
+        """Register the event sets once. It takes an NVML reference of its own and keeps it:
+        nvmlInit/nvmlShutdown are reference-counted, so `read_nvml`'s shutdown after each
+        read then leaves NVML, and the event sets, alive."""
+        if self._sets is not None:
+            return
+        try:
+            nvml.nvmlInit()
+            count = int(nvml.nvmlDeviceGetCount())
+        except Exception:  # no driver now: try again on the next read
+            return
+        self._sets = {i: self._register(nvml, i) for i in range(count)}
+        self.counts = {i: 0 for i, es in self._sets.items() if es is not None}
+
+    def _register(self, nvml: ModuleType, index: int) -> Any:
+        event_set = None
+        try:
+            event_set = nvml.nvmlEventSetCreate()
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, event_set)
+            return event_set
+        except Exception:  # unsupported on this GPU (or these bindings): no XID figures
+            if event_set is not None:
+                with contextlib.suppress(Exception):
+                    nvml.nvmlEventSetFree(event_set)
+            return None
+
+    def drain(self, nvml: ModuleType) -> None:
+        for index, event_set in (self._sets or {}).items():
+            if event_set is None:
+                continue
+            for _ in range(self.MAX_DRAIN):
+                try:
+                    event = nvml.nvmlEventSetWait(event_set, 0)  # 0 ms: never block a read
+                except Exception:  # NVMLError_Timeout: nothing pending (or the GPU is lost)
+                    break
+                if int(event.eventType) & int(nvml.nvmlEventTypeXidCriticalError):
+                    self.counts[index] += 1
+                    self.last[index] = int(event.eventData)
+
+    def figures(self, index: int) -> dict[str, int | None]:
+        if index not in self.counts:
+            return {}
+        return {"xid_errors": self.counts[index], "last_xid": self.last.get(index)}
 
 
 def _init_failure(nvml: ModuleType, exc: Exception) -> str:

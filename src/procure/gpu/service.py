@@ -26,7 +26,7 @@ from procure.gpu import registration
 from procure.gpu.deadman import DeadMan
 from procure.gpu.metrics import exposition
 from procure.gpu.ollama import Catalogue, ollama_client, read_catalogue
-from procure.gpu.probe import CachedProbe, Probe, read_nvml
+from procure.gpu.probe import CachedProbe, Probe, nvml_reader
 from procure.gpu.settings import GpuWorkerSettings
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,17 @@ def _error(status: int, message: str) -> JSONResponse:
 def create_gpu_worker_app(
     settings: GpuWorkerSettings,
     *,
-    read: Callable[[], Probe] = read_nvml,
+    read: Callable[[], Probe] | None = None,
     port: int = 9876,
     hostname: str | None = None,
     ollama_transport: httpx.AsyncBaseTransport | None = None,
     orchestrator_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
-    """The worker. `read` is the NVML boundary (tests pass a fake); the transports let tests
-    route Ollama or the orchestrator in-process (default: real sockets)."""
+    """The worker. `read` is the NVML boundary (tests pass a fake; default: the real NVML, its
+    XID events watched); the transports let tests route Ollama or the orchestrator in-process
+    (default: real sockets)."""
     host = hostname or socket.gethostname()
-    probe = CachedProbe(read, settings.nvml_cache_s)
+    probe = CachedProbe(read or nvml_reader(), settings.nvml_cache_s)
     deadman = DeadMan(
         settings.on_orphan.get_secret_value() if settings.on_orphan else None,
         timeout_s=settings.orphan_action_timeout_s,
