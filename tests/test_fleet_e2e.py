@@ -115,7 +115,7 @@ def test_cloud_errors_are_recorded_backed_off_and_never_duplicate_a_launch(
         async with controller(
             sqlite_url,
             mock,
-            timeout_s=0.5,
+            timeout_s=1.5,  # not so short that a loaded machine looks like a hang
             high_usage_duration_mins=2,
             action_cooldown_mins=0,
             confirmation_timeout_mins=3,
@@ -143,7 +143,7 @@ def test_cloud_errors_are_recorded_backed_off_and_never_duplicate_a_launch(
             await refused_listing("no JSON")
             faults(wrong_shape=True, endpoints=["instances"])
             await refused_listing("ProviderError")
-            faults(hang_s=2.0, endpoints=["instances"])
+            faults(hang_s=4.0, endpoints=["instances"])
             await refused_listing("in time")
             faults(account_inactive=True, endpoints=["instances"])
             await refused_listing("inactive")
@@ -166,7 +166,7 @@ def test_cloud_errors_are_recorded_backed_off_and_never_duplicate_a_launch(
 
             # A launch whose answer never comes (it hangs past the deadline, then happens):
             # the action stays executing, and its retry finds the instance by name.
-            faults(hang_s=1.0, endpoints=["launch"])
+            faults(hang_s=3.0, endpoints=["launch"])
             for _ in range(6):
                 await minutes(ctx, mock, 1)
                 waiting = [a for a in all_actions(ctx) if a.status == "executing"]

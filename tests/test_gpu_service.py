@@ -35,7 +35,7 @@ SEED_KEYS = {
 @contextmanager
 def worker(nvml: FakeNvml, *, ollama_url: str | None = None, **env: Any) -> Iterator[httpx.Client]:
     settings = GpuWorkerSettings(
-        GPU_WORKER_TOKEN=TOKEN, OLLAMA_URL=ollama_url, OLLAMA_TIMEOUT_S=0.5, **env
+        GPU_WORKER_TOKEN=TOKEN, OLLAMA_URL=ollama_url, OLLAMA_TIMEOUT_S=1.5, **env
     )
     module = nvml.module()
     server = serve(
@@ -50,7 +50,7 @@ def worker(nvml: FakeNvml, *, ollama_url: str | None = None, **env: Any) -> Iter
 
 @pytest.fixture
 def ollama() -> Iterator[tuple[str, OllamaBehaviour]]:
-    behaviour = OllamaBehaviour(slow_s=1.5)
+    behaviour = OllamaBehaviour(slow_s=4.0)
     server = serve(mock_ollama(behaviour))
     yield server.url, behaviour
     server.stop()

@@ -139,7 +139,7 @@ def settings(endpoint: tuple[FakeLLM, LocalServer], tmp_path: Path) -> Settings:
         FIREWORKS_API_KEY=API_KEY,
         FIREWORKS_MODEL=MODEL,
         LLM_BASE_URL=f"{server.url}/v1",
-        LLM_TIMEOUT_S=0.5,
+        LLM_TIMEOUT_S=5.0,  # generous: a loaded CI machine must not turn answers into timeouts
     )  # type: ignore[call-arg]
 
 
@@ -354,9 +354,7 @@ def test_key_echoed_by_the_endpoint_is_redacted(llm: FakeLLM, settings: Settings
 def test_slow_endpoint_times_out_and_falls_back(llm: FakeLLM, settings: Settings) -> None:
     llm.script.append(Reply(content=GOOD.content, delay_s=3))
     ctx = make_ctx()
-    started = time.monotonic()
-    action = plan(settings, ctx)
-    assert time.monotonic() - started < 2.5
+    action = plan(settings.model_copy(update={"llm_timeout_s": 0.5}), ctx)
     assert_fell_back(ctx, action, "no answer within 0.5s")
     assert notes_of(ctx, ObservationType.llm_response) == []
 
