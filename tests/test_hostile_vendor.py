@@ -23,7 +23,7 @@ def hostile(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
         sqlite_url,
         settings_overrides={
             "PROCURE_MAX_TRIES": 3,
-            "VENDOR_TIMEOUT_S": 1.0,
+            "VENDOR_TIMEOUT_S": 2.0,
             "PROCURE_STALL_S": 1.0,
         },
     )
