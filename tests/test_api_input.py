@@ -144,3 +144,18 @@ def test_public_read_opens_reads_not_writes(
             assert client.post("/api/agent-start", json=GOOD).status_code == 401
     finally:
         server.stop()
+
+
+def test_a_non_ascii_bearer_token_is_refused_not_a_500(tmp_path: Path, sqlite_url: str) -> None:
+    settings = Settings(
+        PROCURE_DATABASE_URL=sqlite_url, PROCURE_HOME=tmp_path, PROCURE_API_TOKEN="s3cret"
+    )
+    store = open_store(sqlite_url)
+    server = serve(create_app(settings, store))
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            odd = {"Authorization": "Bearer caf\xe9".encode("latin-1")}  # any byte may arrive
+            assert client.post("/api/agent-start", json=GOOD, headers=odd).status_code == 401
+            assert client.get("/api/runs", headers=odd).status_code == 401
+    finally:
+        server.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +27,7 @@ from procure.api.runs import runs_router
 from procure.api.schemas import problems
 from procure.api.vendors import vendors_router
 from procure.asgibounds import BoundedRequests
+from procure.bearer import bearer_matches
 from procure.bounds import clip
 from procure.fleet.inprocess import FleetRun, fleet_in_server
 from procure.settings import Settings
@@ -103,8 +103,7 @@ def create_app(
     def require_token(authorization: str | None = Header(None)) -> None:
         if settings.api_token is None:
             return
-        expected = f"Bearer {settings.api_token.get_secret_value()}"
-        if not secrets.compare_digest(authorization or "", expected):
+        if not bearer_matches(authorization, settings.api_token.get_secret_value()):
             raise HTTPException(401, "missing or wrong bearer token")
 
     public_read = WebSettings().public_read

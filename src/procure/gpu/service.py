@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from procure.asgibounds import BoundedRequests
+from procure.bearer import bearer_matches
 from procure.gpu import registration
 from procure.gpu.deadman import DeadMan
 from procure.gpu.metrics import exposition
@@ -127,8 +127,7 @@ def create_gpu_worker_app(
     def require_token(authorization: str | None = Header(None)) -> None:
         if settings.token is None:
             return
-        expected = f"Bearer {settings.token.get_secret_value()}"
-        if not secrets.compare_digest((authorization or "").encode(), expected.encode()):
+        if not bearer_matches(authorization, settings.token.get_secret_value()):
             raise HTTPException(401, "missing or wrong bearer token")
 
     @app.exception_handler(RequestValidationError)

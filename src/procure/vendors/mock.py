@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +40,7 @@ from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.schemas import AssetAmount
 
 from procure.asgibounds import BoundedRequests
+from procure.bearer import bearer_matches
 from procure.models import format_usd, micros_to_usd, usd_to_micros
 from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
@@ -291,7 +291,7 @@ def create_mock_vendor_app(
 
     async def authorize(authorization: str | None = Header(None)) -> None:
         # async: a sync dependency would run in a thread pool on every request
-        if not secrets.compare_digest(authorization or "", f"Bearer {cfg.secret}"):
+        if not bearer_matches(authorization, cfg.secret):
             raise HTTPException(401, "missing or wrong vendor secret")
 
     async def inject_faults(scope: Scope, receive: Receive, send: Send, inner: ASGIApp) -> None:

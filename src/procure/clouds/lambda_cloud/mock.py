@@ -13,7 +13,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from procure.asgibounds import BoundedRequests
+from procure.bearer import bearer_matches
 from procure.clouds.lambda_cloud.catalogue import region_json
 from procure.clouds.lambda_cloud.mockstate import (
     MockCloudConfig,
@@ -195,8 +195,7 @@ def create_mock_cloud_app(state: MockCloudState) -> FastAPI:
             with contextlib.suppress(ValueError):
                 decoded = base64.b64decode(given[6:].strip()).decode("utf-8", "replace")
                 given = "Bearer " + decoded.split(":", 1)[0]
-        expected = f"Bearer {config.api_key}"
-        if not secrets.compare_digest(given.encode(), expected.encode()):
+        if not bearer_matches(given, config.api_key):
             raise Refusal(
                 401,
                 "global/invalid-api-key",
