@@ -88,6 +88,22 @@ def _at(hours: float) -> datetime:
     return EPOCH + timedelta(hours=hours)
 
 
+def completed_payment(payment_id: str, job: Job, quote: Quote, at: float) -> Payment:
+    """A simulated payment for `quote`, settled at simulated hour `at` (shared by the markets)."""
+    return Payment(
+        _id=payment_id,
+        run_id=job.run_id,
+        job_id=job.id,
+        vendor_id=job.vendor_id,
+        amount=quote.amount,
+        status=PaymentStatus.completed,
+        nonce=payment_id,
+        hours=quote.hours,
+        created_at=_at(at),
+        updated_at=_at(at),
+    )
+
+
 @dataclass
 class _Sim:
     policy: Policy
@@ -122,21 +138,7 @@ class _Sim:
         )
 
     def pay(self, job: Job, quote: Quote, at: float) -> None:
-        pid = f"p{next(self.ids)}"
-        self.payments.append(
-            Payment(
-                _id=pid,
-                run_id=self.run.id,
-                job_id=job.id,
-                vendor_id=job.vendor_id,
-                amount=quote.amount,
-                status=PaymentStatus.completed,
-                nonce=pid,
-                hours=quote.hours,
-                created_at=_at(at),
-                updated_at=_at(at),
-            )
-        )
+        self.payments.append(completed_payment(f"p{next(self.ids)}", job, quote, at))
 
     def paid(self, job: Job) -> float:
         return paid_hours(job, self.payments)

@@ -27,7 +27,6 @@ from procure.models import (
     JobSpec,
     JobStatus,
     Payment,
-    PaymentStatus,
     Quote,
     Run,
     RunState,
@@ -35,6 +34,7 @@ from procure.models import (
     Vendor,
     usd_to_micros,
 )
+from procure.sim.engine import completed_payment
 from procure.sim.market import charge
 from procure.sim.traces import EPS, Mode, Setting, hold, preempt_if_gone
 from procure.sim.traces import Job as Account
@@ -107,21 +107,7 @@ class _Agent:
         )
 
     def pay(self, job: Job, quote: Quote, at: float) -> None:
-        pid = f"p{next(self.ids)}"
-        self.payments.append(
-            Payment(
-                _id=pid,
-                run_id=self.run.id,
-                job_id=job.id,
-                vendor_id=job.vendor_id,
-                amount=quote.amount,
-                status=PaymentStatus.completed,
-                nonce=pid,
-                hours=quote.hours,
-                created_at=_at(at),
-                updated_at=_at(at),
-            )
-        )
+        self.payments.append(completed_payment(f"p{next(self.ids)}", job, quote, at))
 
     def set_capacity(self, available: bool, now: float, gap: float) -> None:
         """The spot vendor as the agent sees it at this tick: no capacity cools it down."""
