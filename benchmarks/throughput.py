@@ -18,6 +18,14 @@ Figures come from the tick log: ticks whose [started_at, finished_at] lie in the
 Latency is a tick's own duration inside the worker (concurrent ticks share one event loop, so it
 includes waiting for the others' store calls).
 
+On PostgreSQL it also measures, on the same database, the floor no implementation can beat here:
+the bare statements one poll needs (take the lease, read the run's and job's hot state, write
+the job's progress, write the run's progress and release the lease) issued directly with
+psycopg from one process, one poll per transaction ("floor 1") and batched as the worker
+batches them, `concurrency // 4` polls per transaction with executemany ("floor B"). The floor
+makes no vendor call; procure's ticks each include one (the in-process vendor app's handling
+and the HTTP client), so procure / floor is the share of the store's limit that is left to it.
+
     .venv/bin/python benchmarks/throughput.py                      # 100, 1000, 10000 runs
     .venv/bin/python benchmarks/throughput.py --runs 100 --seconds 3 --backends sqlite
     .venv/bin/python benchmarks/throughput.py --profile --runs 1000 --backends postgres
@@ -305,6 +313,51 @@ def measure(url: str, workers: int, concurrency: int, warmup: float, seconds: fl
     }
 
 
+def floor(url: str, batch: int, seconds: float) -> dict[str, float]:
+    """Polls/s of the bare statements, one poll per transaction and `batch` per transaction."""
+    import psycopg
+
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    owner, ttl = "floor", 60.0
+    lease = (
+        "UPDATE runs SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s)"
+        " WHERE id = %s AND (lease_owner IS NULL OR lease_expires_at < now())"
+    )
+    read = (
+        "SELECT r.id, r.progress, r.status, r.budget_remaining, r.cancel_requested_at, j.id,"
+        " j.progress, j.log_cursor, j.status, j.checkpoint_progress, j.vendor_id, j.vendor_job_id"
+        " FROM runs r JOIN jobs j ON j.run_id = r.id WHERE r.id = %s AND j.status = 'running'"
+    )
+    read_many = read.replace("r.id = %s", "r.id = ANY(%s)")
+    job = "UPDATE jobs SET progress = %s, log_cursor = %s, updated_at = now() WHERE id = %s"
+    release = (
+        "UPDATE runs SET progress = %s, lease_owner = NULL, lease_expires_at = NULL,"
+        " next_tick_at = now(), updated_at = now() WHERE id = %s AND lease_owner = %s"
+    )
+    figures: dict[str, float] = {}
+    with psycopg.connect(dsn) as conn:
+        run_ids = [r[0] for r in conn.execute("SELECT id FROM runs ORDER BY id")]
+        conn.commit()
+        for name, size in (("floor_1", 1), ("floor_b", batch)):
+            polls, i = 0, 0
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                ids = [run_ids[(i + k) % len(run_ids)] for k in range(size)]
+                i += size
+                with conn.transaction(), conn.cursor() as cur:
+                    if size == 1:
+                        cur.execute(lease, (owner, ttl, ids[0]))
+                        rows = cur.execute(read, (ids[0],)).fetchall()
+                    else:
+                        cur.executemany(lease, [(owner, ttl, run_id) for run_id in ids])
+                        rows = cur.execute(read_many, (ids,)).fetchall()
+                    cur.executemany(job, [(row[6] + 1e-6, row[7] + 1, row[5]) for row in rows])
+                    cur.executemany(release, [(row[1] + 1e-6, row[0], owner) for row in rows])
+                polls += len(rows)
+            figures[name] = polls / seconds
+    return figures
+
+
 def profile(url: str, concurrency: int, seconds: float, *, cprofile: bool = True) -> None:
     with tempfile.TemporaryDirectory() as home:
         deps, store = in_process_deps(url, Path(home))
@@ -338,7 +391,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--backends", default="sqlite,postgres")
-    parser.add_argument("--concurrency", type=int, default=32, help="ticks in flight per worker")
+    parser.add_argument("--concurrency", type=int, default=64, help="ticks in flight per worker")
     parser.add_argument("--no-two-workers", action="store_true", help="skip 2 workers on PG")
     parser.add_argument(
         "--postgres-url",
@@ -374,13 +427,20 @@ def main() -> None:
                             profile(url, args.concurrency, args.seconds, cprofile=args.profile)
                             continue
                         r = measure(url, workers, args.concurrency, args.warmup, args.seconds)
+                        if backend == "postgres" and workers == 1:
+                            r.update(floor(url, max(1, args.concurrency // 4), args.seconds))
                     r.update(backend=backend, runs=runs, workers=workers)
                     results.append(r)
+                    floors = (
+                        f"  floor 1 {r['floor_1']:6.0f}/s, floor B {r['floor_b']:6.0f}/s"
+                        if "floor_1" in r
+                        else ""
+                    )
                     print(
                         f"{backend:9} {runs:6} runs  {workers} worker(s): {r['tps']:7.0f} ticks/s"
                         f"  p50 {r['p50']:6.1f} ms  p99 {r['p99']:6.1f} ms"
                         f"  worker CPU {r['cpu_ms']:.2f} ms/tick"
-                        f"  ({r['polls']}/{r['ticks']} polls)",
+                        f"  ({r['polls']}/{r['ticks']} polls){floors}",
                         flush=True,
                     )
     if not results:
@@ -392,16 +452,25 @@ def main() -> None:
         f"{args.warmup:g}s warm-up; mix: polls of running jobs; {os.cpu_count()} CPUs, "
         f"load average {load:.1f} at the end"
     )
-    print("| store | runs | workers | ticks/s | p50 ms | p99 ms | CPU ms/tick | 2 workers / 1 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| store | runs | workers | ticks/s | p50 ms | p99 ms | CPU ms/tick | 2 workers / 1 "
+        "| floor 1 polls/s | floor B polls/s | procure / floor 1 | procure / floor B |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     one = {(r["backend"], r["runs"]): r["tps"] for r in results if r["workers"] == 1}
     for r in results:
         ratio = ""
         if r["workers"] == 2 and one.get((r["backend"], r["runs"])):
             ratio = f"{r['tps'] / one[(r['backend'], r['runs'])]:.2f}"
+        floors = "| | | |"
+        if "floor_1" in r:
+            floors = (
+                f"{r['floor_1']:.0f} | {r['floor_b']:.0f} | {r['tps'] / r['floor_1']:.0%} | "
+                f"{r['tps'] / r['floor_b']:.0%} |"
+            )
         print(
             f"| {r['backend']} | {r['runs']} | {r['workers']} | {r['tps']:.0f} | "
-            f"{r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_ms']:.2f} | {ratio} |"
+            f"{r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_ms']:.2f} | {ratio} | {floors}"
         )
 
 

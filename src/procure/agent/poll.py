@@ -14,12 +14,14 @@ from procure.crashpoints import crash_point
 from procure.models import (
     Job,
     JobStatus,
+    Payment,
     PaymentStatus,
     RunStatus,
     Vendor,
     utcnow,
 )
 from procure.store import repo
+from procure.store.hotpath import PollWrite
 from procure.vendors.client import VendorError
 from procure.vendors.protocol import VendorJob
 
@@ -42,10 +44,18 @@ def full_context(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
 
 
 async def poll(
-    deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor, *, partial: bool = False
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    vendor: Vendor,
+    *,
+    partial: bool = False,
+    sink: list[PollWrite] | None = None,
 ) -> TickResult:
     """Poll a running job. `partial`: `ctx` holds only the job's vendor and no error counts
-    (enough to poll); the rest is loaded before anything that plans."""
+    (enough to poll); the rest is loaded before anything that plans. `sink`: a plain poll (the
+    job runs on, nothing else to do) appends its write there for the worker to write in its
+    batch, instead of writing it now (`procure.store.hotpath`)."""
     pending = next(
         (p for p in ctx.state.payments if p.job_id == job.id and p.status == PaymentStatus.pending),
         None,
@@ -71,30 +81,55 @@ async def poll(
     if vjob.checkpoint_url and offered > saved + EPS:
         saved_url, saved = vjob.checkpoint_url, offered
     lie = _implausible(job, vjob)
+    write = PollWrite(
+        run_id=job.run_id,
+        job_id=job.id,
+        log_cursor=len(vjob.logs),
+        progress=max(vjob.progress, job.progress),
+        checkpoint_url=saved_url,
+        checkpoint_progress=saved,
+        progressed_at=now if advanced else job.progressed_at,
+        log_lines=kept.counted,
+        observations=[(OBS.job_log, line, vendor.vendor_id) for line in kept.lines]
+        + [(OBS.job_event, note, vendor.vendor_id) for note in kept.notes],
+    )
+    if saved > job.checkpoint_progress + EPS:
+        write.observations.append(
+            (
+                OBS.job_event,
+                f"Checkpoint at {saved:.0%} saved at {vendor.vendor_id}: {saved_url}",
+                vendor.vendor_id,
+            )
+        )
+    paid = slices.paid_hours(job, ctx.state.payments)
+    stalled_s = (
+        (now - (job.progressed_at or job.created_at)).total_seconds()
+        if vjob.status == "running" and not advanced
+        else 0.0
+    )
+    plain = (
+        vjob.status == "running"
+        and lie is None
+        and stalled_s <= deps.stall_s
+        and (pending is not None or not slices.renewal_due(job, paid, vjob.progress))
+    )
+    if plain and sink is not None:
+        sink.append(write)
+        return _running(vjob, pending)
     with deps.store.session() as s:
         repo.record_poll(
             s,
-            job.run_id,
-            job.id,
-            log_cursor=len(vjob.logs),
-            progress=max(vjob.progress, job.progress),
-            checkpoint_url=saved_url,
-            checkpoint_progress=saved,
-            progressed_at=now if advanced else job.progressed_at,
-            log_lines=kept.counted,
+            write.run_id,
+            write.job_id,
+            log_cursor=write.log_cursor,
+            progress=write.progress,
+            checkpoint_url=write.checkpoint_url,
+            checkpoint_progress=write.checkpoint_progress,
+            progressed_at=write.progressed_at,
+            log_lines=write.log_lines,
         )
-        for line in kept.lines:
-            repo.add_observation(s, job.run_id, OBS.job_log, line, vendor_id=vendor.vendor_id)
-        for note in kept.notes:
-            repo.add_observation(s, job.run_id, OBS.job_event, note, vendor_id=vendor.vendor_id)
-        if saved > job.checkpoint_progress + EPS:
-            repo.add_observation(
-                s,
-                job.run_id,
-                OBS.job_event,
-                f"Checkpoint at {saved:.0%} saved at {vendor.vendor_id}: {saved_url}",
-                vendor_id=vendor.vendor_id,
-            )
+        for kind, content, vendor_id in write.observations:
+            repo.add_observation(s, job.run_id, kind, content, vendor_id=vendor_id)
         if vjob.status == "completed" and lie is None:
             repo.update_job(
                 s,
@@ -125,22 +160,19 @@ async def poll(
     job = job.model_copy(update={"checkpoint_url": saved_url, "checkpoint_progress": saved})
     if lie is not None:  # the vendor's account cannot be true: resume elsewhere
         return fail_job(deps, job, vendor, lie, progress=job.progress, ctx=ctx)
-    if vjob.status == "running" and not advanced:
-        since = job.progressed_at or job.created_at
-        if (now - since).total_seconds() > deps.stall_s:
-            why = (
-                f"no progress for {(now - since).total_seconds():,.0f}s "
-                f"(stuck at {vjob.progress:.0%}; PROCURE_STALL_S={deps.stall_s:g})"
-            )
-            return fail_job(deps, job, vendor, why, progress=vjob.progress, ctx=ctx)
+    if stalled_s > deps.stall_s:
+        why = (
+            f"no progress for {stalled_s:,.0f}s "
+            f"(stuck at {vjob.progress:.0%}; PROCURE_STALL_S={deps.stall_s:g})"
+        )
+        return fail_job(deps, job, vendor, why, progress=vjob.progress, ctx=ctx)
     if vjob.status in ("failed", "cancelled"):
         reason = vjob.error or f"job {vjob.status} by the vendor"
         return fail_job(deps, job, vendor, reason, progress=vjob.progress, ctx=ctx)
     if vjob.status == "expired":  # its paid time ran out before another slice was bought
         return stop_job(deps, ctx, job, vendor, vjob, "its paid time ran out")
     if pending is not None:  # a slice in doubt: buy no other until its fate is known
-        return TickResult(f"Job running ({vjob.progress:.0%}); a slice payment is in doubt")
-    paid = slices.paid_hours(job, ctx.state.payments)
+        return _running(vjob, pending)
     if slices.renewal_due(job, paid, vjob.progress):
         limit = slices.paid_until(job, paid)
         if partial:
@@ -150,4 +182,10 @@ async def poll(
             return await renew(deps, ctx, job, vendor, paid)
         if vjob.progress >= limit - EPS:  # it has reached its paid checkpoint: let it go
             return stop_job(deps, ctx, job, vendor, vjob, move)
+    return _running(vjob, pending)
+
+
+def _running(vjob: VendorJob, pending: Payment | None) -> TickResult:
+    if pending is not None:
+        return TickResult(f"Job running ({vjob.progress:.0%}); a slice payment is in doubt")
     return TickResult(f"Job running ({vjob.progress:.0%})")

@@ -38,31 +38,52 @@ from procure.models import (
     Job,
     JobStatus,
     PaymentStatus,
+    RunState,
     RunStatus,
+    Vendor,
 )
 from procure.store import repo
+from procure.store.hotpath import PollWrite
 
 
-async def tick(deps: AgentDeps, run_id: str) -> TickResult:
-    with deps.store.session() as s:
-        state = repo.load_tick_state(s, run_id)
-        if state is None:
-            raise RunNotFound(run_id)
-        active = next((j for j in state.jobs if j.status in ACTIVE_JOB_STATUSES), None)
-        polling = (
-            state.run.status not in TERMINAL_RUN_STATUSES
-            and state.run.cancel_requested_at is None
-            and active is not None
-            and active.status == JobStatus.running
-        )
-        if polling:  # the hot path: only the job's vendor; the rest is loaded if planning
-            assert active is not None
-            job_vendor = repo.get_vendor_row(s, active.vendor_id)
-            vendors = [job_vendor] if job_vendor is not None else []
-            errors: dict[str, int] | None = None
-        else:
-            vendors = repo.list_vendors(s)
-            errors = repo.vendor_error_counts(s, run_id)
+def polling(state: RunState) -> Job | None:
+    """The running job of a run whose tick is a poll (the hot path), or None."""
+    if state.run.status in TERMINAL_RUN_STATUSES or state.run.cancel_requested_at is not None:
+        return None
+    active = next((j for j in state.jobs if j.status in ACTIVE_JOB_STATUSES), None)
+    return active if active is not None and active.status == JobStatus.running else None
+
+
+async def tick(
+    deps: AgentDeps,
+    run_id: str,
+    *,
+    loaded: tuple[RunState, Vendor] | None = None,
+    sink: list[PollWrite] | None = None,
+) -> TickResult:
+    """One tick of `run_id`. The worker may pass what it has `loaded` for a batch (a run whose
+    tick is a poll, read at the lease, and its job's vendor) and a `sink` for a plain poll's
+    write (see `poll`); anything else is read here."""
+    if loaded is not None and polling(loaded[0]) is not None:
+        state, job_vendor = loaded
+        vendors: list[Vendor] = [job_vendor]
+        errors: dict[str, int] | None = None
+        active = polling(state)
+    else:
+        with deps.store.session() as s:
+            found = repo.load_tick_state(s, run_id)
+            if found is None:
+                raise RunNotFound(run_id)
+            state = found
+            active = next((j for j in state.jobs if j.status in ACTIVE_JOB_STATUSES), None)
+            if polling(state) is not None:  # the hot path: only the job's vendor
+                assert active is not None
+                found_vendor = repo.get_vendor_row(s, active.vendor_id)
+                vendors = [found_vendor] if found_vendor is not None else []
+                errors = None
+            else:
+                vendors = repo.list_vendors(s)
+                errors = repo.vendor_error_counts(s, run_id)
     if state.run.status in TERMINAL_RUN_STATUSES:
         return TickResult(f"Run already {state.run.status}")
     ctx = PlanContext(
@@ -74,12 +95,17 @@ async def tick(deps: AgentDeps, run_id: str) -> TickResult:
     if state.run.cancel_requested_at is not None:
         result = await cancel.carry_out(deps, ctx, active)
     else:
-        result = await _step(deps, ctx, active, partial=errors is None)
+        result = await _step(deps, ctx, active, partial=errors is None, sink=sink)
     return await _count_troubles(deps, ctx, active, result)
 
 
 async def _step(
-    deps: AgentDeps, ctx: PlanContext, active: Job | None, *, partial: bool
+    deps: AgentDeps,
+    ctx: PlanContext,
+    active: Job | None,
+    *,
+    partial: bool,
+    sink: list[PollWrite] | None = None,
 ) -> TickResult:
     """One step of a run that is running: the state it is in decides which."""
     if active is not None:
@@ -88,7 +114,7 @@ async def _step(
             return fail_job(deps, active, None, f"vendor {active.vendor_id} left the registry")
         if active.status == JobStatus.submitted:
             return await reconcile(deps, ctx, active, vendor)
-        return await poll(deps, ctx, active, vendor, partial=partial)
+        return await poll(deps, ctx, active, vendor, partial=partial, sink=sink)
     if await settle_stray_slices(deps, ctx):
         # Nothing new while money is in doubt: the run must not end with it unsettled.
         return TickResult("Payment in doubt")

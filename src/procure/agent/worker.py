@@ -4,10 +4,14 @@ per database file (an advisory file lock enforces it: SQLite has a single writer
 
 The loop is a continuous bounded pipeline, not a batch: up to `concurrency` ticks are in flight,
 and as soon as a quarter of the slots are free it leases that many more due runs in one
-statement (`FOR UPDATE SKIP LOCKED` on PostgreSQL). Finished ticks are released in batches, in
-one transaction that also writes each tick's row in the tick log. One heartbeat task renews all
-the worker's leases in one UPDATE; a tick whose lease was lost (the worker stalled past the TTL
-and another took the run) is cancelled, which the tick survives as it survives a crash.
+statement (`FOR UPDATE SKIP LOCKED` on PostgreSQL) and, in the same transaction, reads the state
+of those that are polling a running job (three selects for the batch, `store.hotpath`).
+Finished ticks are released in batches, in one transaction that also writes their plain polls'
+progress (fenced by the leases), each tick's row in the tick log and the leases' release: on the
+hot path a tick costs the store a few rows in batched statements, not statements of its own.
+One heartbeat task renews all the worker's leases in one UPDATE; a tick whose lease was lost
+(the worker stalled past the TTL and another took the run) is cancelled, which the tick
+survives as it survives a crash. The tick log keeps `tick_log_days` of history.
 
 `stop()` (SIGTERM/SIGINT in `procure worker`, shutdown in `procure serve`) stops leasing, lets
 the ticks in flight finish (up to `drain_timeout_s`, then cancels them), and releases every lease.
@@ -26,11 +30,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
 from procure.agent.deps import AgentDeps, RunNotFound, TickResult
 from procure.agent.reconcile import settle_ended_runs
-from procure.agent.tick import tick
-from procure.models import utcnow
-from procure.store import Store, leases, repo
+from procure.agent.tick import polling, tick
+from procure.models import RunState, Vendor, utcnow
+from procure.store import Store, hotpath, leases, repo
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class WorkerConfig:
     idle_max_s: float = 2.0
     drain_timeout_s: float = 30.0
     settle_every_s: float = 30.0  # how often to settle payments left in doubt on ended runs
+    flush_after_s: float = 0.02  # longest a finished tick waits for its batch to be released
+    tick_log_days: float = 7.0  # tick log rows older than this are deleted
     max_ticks: int | None = None  # stop after this many ticks (tests, benchmarks)
     once: bool = False  # lease one batch, tick it, and stop
     owner: str = field(default_factory=_default_owner)
@@ -76,7 +84,9 @@ class Worker:
         self.cfg = cfg or WorkerConfig()
         self.stats = WorkerStats()
         self._inflight: dict[asyncio.Task[None], str] = {}
-        self._done: list[leases.TickRecord] = []
+        self._done: list[tuple[leases.TickRecord, list[hotpath.PollWrite]]] = []
+        self._done_since = 0.0  # when the oldest unreleased finished tick finished
+        self._flushing: asyncio.Task[None] | None = None  # the batch being released
         self._stopping = asyncio.Event()
         self._started = 0
 
@@ -107,11 +117,12 @@ class Worker:
     def _exhausted(self) -> bool:
         return self.cfg.max_ticks is not None and self._started >= self.cfg.max_ticks
 
-    async def _tick(self, run_id: str) -> None:
+    async def _tick(self, run_id: str, loaded: tuple[RunState, Vendor] | None) -> None:
         started = utcnow()
         outcome, next_in = "Tick error", self.cfg.error_backoff_s
+        writes: list[hotpath.PollWrite] = []
         try:
-            result = await tick(self.deps, run_id)
+            result = await tick(self.deps, run_id, loaded=loaded, sink=writes)
             outcome, next_in = result.message, self.cfg.poll_interval_s
         except RunNotFound:
             outcome, next_in = "Run not found", None
@@ -124,33 +135,81 @@ class Worker:
             self.stats.errors += 1
         finally:
             self.stats.ticks += 1
-            self._done.append(
-                leases.TickRecord(run_id, self.cfg.owner, started, utcnow(), outcome, next_in)
-            )
+            if not self._done:
+                self._done_since = time.monotonic()
+            record = leases.TickRecord(run_id, self.cfg.owner, started, utcnow(), outcome, next_in)
+            self._done.append((record, writes))
 
-    def _acquire(self, limit: int) -> int:
+    def _lease(self, limit: int) -> tuple[list[str], dict[str, tuple[RunState, Vendor]]]:
+        with self.store.session() as s:
+            run_ids = leases.acquire_due(s, self.cfg.owner, self.cfg.lease_s, limit)
+            return run_ids, _load_polling(s, run_ids)
+
+    async def _acquire(self, limit: int) -> int:
+        # In a thread: the ticks in flight go on while the statement and its commit wait.
         try:
-            with self.store.session() as s:
-                run_ids = leases.acquire_due(s, self.cfg.owner, self.cfg.lease_s, limit)
+            run_ids, loaded = await asyncio.to_thread(self._lease, limit)
         except Exception:
             log.exception("leasing due runs failed; backing off")
             return 0
         for run_id in run_ids:
-            task = asyncio.create_task(self._tick(run_id), name=f"tick-{run_id}")
+            task = asyncio.create_task(
+                self._tick(run_id, loaded.get(run_id)), name=f"tick-{run_id}"
+            )
             self._inflight[task] = run_id
         self._started += len(run_ids)
         return len(run_ids)
 
+    def _flush_due(self, batch: int) -> bool:
+        return bool(self._done) and (
+            len(self._done) >= batch
+            or not self._inflight
+            or time.monotonic() >= self._done_since + self.cfg.flush_after_s
+        )
+
+    def _release(self, done: list[tuple[leases.TickRecord, list[hotpath.PollWrite]]]) -> None:
+        """Release finished ticks' leases, with their plain polls' writes and their rows in the
+        tick log, in one transaction. A write whose lease was lost is dropped."""
+        with self.store.session() as s:
+            writes = [(r.run_id, w) for r, ws in done for w in ws]
+            held = hotpath.held_leases(s, self.cfg.owner, {run for run, _ in writes})
+            hotpath.apply_polls(s, [w for run, w in writes if run in held])
+            leases.finish(s, [r for r, _ in done])
+
     def _flush(self) -> None:
+        """Release what has finished, now (shutdown)."""
         if not self._done:
             return
         done, self._done = self._done, []
         try:
-            with self.store.session() as s:
-                leases.finish(s, done)
+            self._release(done)
         except Exception:
             log.exception("releasing %d leases failed; retrying", len(done))
             self._done[:0] = done
+
+    def _flush_soon(self) -> None:
+        """Release what has finished in a thread, one batch at a time: the ticks in flight go
+        on while the batch's statements and commit wait on the store."""
+        if not self._done or (self._flushing is not None and not self._flushing.done()):
+            return
+        done, self._done = self._done, []
+
+        async def release() -> None:
+            try:
+                await asyncio.to_thread(self._release, done)
+            except Exception:
+                log.exception("releasing %d leases failed; retrying", len(done))
+                if not self._done:
+                    self._done_since = time.monotonic()
+                self._done[:0] = done
+
+        self._flushing = asyncio.create_task(release(), name="release-batch")
+
+    async def _flushed(self) -> None:
+        """Wait for the batch being released, then release the rest."""
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        self._flush()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -159,8 +218,7 @@ class Worker:
             if not running:
                 continue
             try:
-                with self.store.session() as s:
-                    held = leases.renew_many(s, running.values(), self.cfg.owner, self.cfg.lease_s)
+                held = await asyncio.to_thread(self._renew, list(running.values()))
             except Exception:
                 log.exception("heartbeat failed")
                 continue
@@ -170,15 +228,25 @@ class Worker:
                     self.stats.lost_leases += 1
                     task.cancel()
 
+    def _renew(self, run_ids: list[str]) -> set[str]:
+        with self.store.session() as s:
+            return leases.renew_many(s, run_ids, self.cfg.owner, self.cfg.lease_s)
+
     async def _settle_ended_runs(self) -> None:
         """Payments in doubt on runs that have ended: nobody ticks those runs, so settle them
-        here once the ledger knows (see `tick.settle_ended_runs`)."""
+        here once the ledger knows (see `tick.settle_ended_runs`). The tick log is pruned here
+        too, a bounded chunk at a time."""
         while True:
             await asyncio.sleep(self.cfg.settle_every_s)
             try:
                 await settle_ended_runs(self.deps)
             except Exception:
                 log.exception("settling payments of ended runs failed")
+            try:
+                with self.store.session() as s:
+                    leases.prune_tick_log(s, older_than_s=self.cfg.tick_log_days * 86400)
+            except Exception:
+                log.exception("pruning the tick log failed")
 
     async def _wait(self, timeout: float | None) -> None:
         """Until a tick finishes, `stop()` is called, or `timeout` passes."""
@@ -205,7 +273,8 @@ class Worker:
         settler = asyncio.create_task(self._settle_ended_runs())
         try:
             while not self._stopping.is_set():
-                self._flush()
+                if self._flush_due(batch_min):
+                    self._flush_soon()
                 if self._exhausted():
                     break
                 room = self._room()
@@ -213,7 +282,7 @@ class Worker:
                 got = 0
                 asked = room > 0 and (room >= batch_min or not self._inflight or now >= next_poll)
                 if asked:
-                    got = self._acquire(room)
+                    got = await self._acquire(room)
                     if got < room:  # the queue ran dry: ask again after a (growing) pause
                         next_poll = now + idle
                         idle = cfg.idle_min_s if got else min(cfg.idle_max_s, idle * 2)
@@ -224,16 +293,21 @@ class Worker:
                         break
                 if self._inflight:
                     waiting_for_runs = room - got > 0 and next_poll > now
-                    await self._wait(max(0.0, next_poll - now) if waiting_for_runs else None)
+                    timeout = max(0.0, next_poll - now) if waiting_for_runs else None
+                    if self._done:  # a batch waits to be released
+                        flush_in = max(0.0, self._done_since + cfg.flush_after_s - now)
+                        timeout = flush_in if timeout is None else min(timeout, flush_in)
+                    await self._wait(timeout)
                 elif not asked or got == 0:
                     await self._wait(max(0.0, next_poll - time.monotonic()) or idle)
             await self._drain()
+            await self._flushed()
         finally:
             heartbeat.cancel()
             settler.cancel()
             for task in self._inflight:  # only left if we were cancelled ourselves
                 task.cancel()
-            self._flush()
+            self._flush()  # what the batch in flight (if any) does not hold
         log.info("worker %s stopped after %d ticks", cfg.owner, self.stats.ticks)
         return self.stats
 
@@ -251,7 +325,20 @@ class Worker:
             await asyncio.wait(list(self._inflight), timeout=left)
             for task in [t for t in self._inflight if t.done()]:
                 del self._inflight[task]
-            self._flush()
+            await self._flushed()
+
+
+def _load_polling(s: Session, run_ids: list[str]) -> dict[str, tuple[RunState, Vendor]]:
+    """The leased runs whose tick is a poll, with their job's vendor (read in the lease's
+    transaction); the others are read by their own tick."""
+    states = hotpath.load_tick_states(s, run_ids)
+    jobs = {run_id: job for run_id, state in states.items() if (job := polling(state))}
+    vendors = hotpath.load_vendors(s, {job.vendor_id for job in jobs.values()})
+    return {
+        run_id: (states[run_id], vendors[job.vendor_id])
+        for run_id, job in jobs.items()
+        if job.vendor_id in vendors
+    }
 
 
 async def run_worker(deps: AgentDeps, cfg: WorkerConfig | None = None) -> WorkerStats:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from procure.models import RunStatus, utcnow
@@ -180,3 +180,21 @@ def holder(s: Session, run_id: str) -> str | None:
     if row.lease_expires_at is not None and row.lease_expires_at < utcnow():
         return None
     return row.lease_owner
+
+
+def prune_tick_log(s: Session, *, older_than_s: float, limit: int = 10_000) -> int:
+    """Delete up to `limit` tick log rows that finished more than `older_than_s` ago (oldest
+    first); return how many. Called periodically, it keeps the log to a window of history."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    oldest = (
+        select(TickLogRow.id)
+        .where(TickLogRow.finished_at < cutoff)
+        .order_by(TickLogRow.id)
+        .limit(limit)
+    )
+    result = s.execute(
+        delete(TickLogRow)
+        .where(TickLogRow.id.in_(oldest.scalar_subquery()))
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

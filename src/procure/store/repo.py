@@ -313,7 +313,7 @@ _PAYMENTS_OF_RUN = (
     .order_by(_payments.c.created_at)
 )
 _VENDOR_BY_ID = select(_vendors).where(_vendors.c.vendor_id == bindparam("vendor_id"))
-_JOB_POLLED = (
+JOB_POLLED = (
     update(_jobs)
     .where(_jobs.c.id == bindparam("job_id"))
     .values(
@@ -325,7 +325,7 @@ _JOB_POLLED = (
         updated_at=bindparam("now"),
     )
 )
-_RUN_POLLED = (
+RUN_POLLED = (
     update(_runs)
     .where(_runs.c.id == bindparam("run_id"))
     .values(
@@ -380,7 +380,7 @@ def record_poll(
     now = utcnow()
     conn = s.connection()
     conn.execute(
-        _JOB_POLLED,
+        JOB_POLLED,
         {
             "job_id": job_id,
             "log_cursor": log_cursor,
@@ -392,7 +392,7 @@ def record_poll(
         },
     )
     conn.execute(
-        _RUN_POLLED, {"run_id": run_id, "progress": progress, "lines": log_lines, "now": now}
+        RUN_POLLED, {"run_id": run_id, "progress": progress, "lines": log_lines, "now": now}
     )
 
 
