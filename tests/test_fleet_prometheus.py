@@ -92,7 +92,8 @@ def test_figures_come_from_prometheus_matched_by_instance_label(
             # The nodes say 5 %: these figures are Prometheus's, aggregated like /gpu-check's.
             assert (last.gpu_util, last.temperature_c, last.power_w) == (80.0, 75.0, 550.5)
             assert (last.memory_used_mb, last.xid_errors) == (1500, 1)
-            assert {"kind": "xid", "evidence": "1 XID error(s) reported"} in views[seen].anomalies
+            xid = "1 XID error(s) reported (no earlier count to compare with)"  # a first sample
+            assert {"kind": "xid", "evidence": xid} in views[seen].anomalies
             missing = views[unseen].latest
             assert missing is not None and not missing.reachable
             assert {"kind": "unreachable", "evidence": missing.error} in views[unseen].anomalies

@@ -5,6 +5,7 @@ flags the instance with its evidence."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,10 +14,12 @@ from fleet_fakes import NODE_TOKEN, FakeCloud
 from fleet_world import fleet
 from gpu_fakes import FakeGpu, FakeNvml, two_gpus
 from procure.fleet.controller import scan_once
+from procure.fleet.monitor import new_xids
 from procure.gpu.probe import XidWatch, nvml_reader, read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
 from procure.local import serve
+from procure.store.fleet_tables import FleetSampleRow
 
 
 def test_xid_events_are_counted_per_gpu_with_the_last_one() -> None:
@@ -75,8 +78,66 @@ def test_the_fleet_monitor_flags_an_xid_with_its_evidence(sqlite_url: str) -> No
             cloud.xid(sick, 79)
             ctx.clock.advance(minutes=1)  # type: ignore[attr-defined]
             views = {v.id: v for v in (await scan_once(ctx)).views}
-            assert {"kind": "xid", "evidence": "1 XID error(s) reported"} in views[sick].anomalies
+            evidence = (
+                "1 new XID error(s) in 1 min since the previous sample "
+                "(1 in all since the node started)"
+            )
+            assert {"kind": "xid", "evidence": evidence} in views[sick].anomalies
             assert views[sick].latest is not None and views[sick].latest.xid_errors == 1
             assert all(a["kind"] != "xid" for a in views[well].anomalies)
 
     asyncio.run(body())
+
+
+def test_an_xid_is_flagged_at_the_scan_that_sees_it_not_at_every_scan_after(
+    sqlite_url: str,
+) -> None:
+    """The node's count is for its lifetime: one XID, then quiet scans, flags it once; a
+    further XID flags it again, with how many are new and over which period."""
+
+    async def body() -> None:
+        cloud = FakeCloud()
+        sick = cloud.add(util=50)
+        async with fleet(sqlite_url, cloud) as ctx:
+
+            async def xids() -> list[str]:
+                ctx.clock.advance(minutes=1)  # type: ignore[attr-defined]
+                (v,) = (await scan_once(ctx)).views
+                return [a["evidence"] for a in v.anomalies if a["kind"] == "xid"]
+
+            assert await xids() == []
+            cloud.xid(sick, 79)
+            flagged = [await xids() for _ in range(4)]
+            assert flagged[0] == [
+                "1 new XID error(s) in 1 min since the previous sample "
+                "(1 in all since the node started)"
+            ]
+            assert flagged[1:] == [[], [], []]  # quiet scans: the old XID is not news
+            cloud.xid(sick, 48)
+            cloud.xid(sick, 31)
+            assert await xids() == [
+                "2 new XID error(s) in 1 min since the previous sample "
+                "(3 in all since the node started)"
+            ]
+            assert await xids() == []
+
+    asyncio.run(body())
+
+
+def test_a_count_that_goes_down_is_a_restarted_node_whose_xids_are_all_new() -> None:
+    def at(minute: int, xids: int | None, reachable: bool = True) -> FleetSampleRow:
+        taken = datetime(2026, 1, 5, 12, minute, tzinfo=UTC)
+        return FleetSampleRow(
+            instance_id="i-1", taken_at=taken, reachable=reachable, xid_errors=xids
+        )
+
+    assert new_xids([at(0, 5), at(1, 5)]) is None
+    assert new_xids([at(0, 5), at(1, 2)]) == (
+        "2 new XID error(s) since the node restarted (2 in all since the node started)"
+    )
+    assert new_xids([at(0, 5), at(1, 0)]) is None  # restarted, nothing since
+    # An unreachable scan in between: compared with the last count the node gave.
+    assert new_xids([at(0, 1), at(1, None, reachable=False), at(3, 2)]) == (
+        "1 new XID error(s) in 3 min since the previous sample (2 in all since the node started)"
+    )
+    assert new_xids([at(0, 3)]) == "3 XID error(s) reported (no earlier count to compare with)"

@@ -155,9 +155,41 @@ def anomalies(
                 "evidence": f"{last.temperature_c:g} °C (>= {cfg.hot_temperature_c:g} °C)",
             }
         )
-    if last.xid_errors:
-        found.append({"kind": "xid", "evidence": f"{last.xid_errors} XID error(s) reported"})
+    xid = new_xids(samples)
+    if xid is not None:
+        found.append({"kind": "xid", "evidence": xid})
     return found
+
+
+def new_xids(samples: Sequence[FleetSampleRow]) -> str | None:
+    """The evidence of XID errors that are new at the latest sample, None when there are none.
+    A node reports its XID count since it started: what is new is the rise since the previous
+    sample that had a count (kept in the store, within the scan window); a count that went down
+    means the node restarted, so all of it is new; with no earlier count in the window, the
+    count the node reports is all there is to go on."""
+    last = samples[-1] if samples else None
+    if last is None or not last.xid_errors:
+        return None
+    before = next(
+        (
+            (x.taken_at, x.xid_errors or 0)
+            for x in reversed(samples[:-1])
+            if x.reachable and x.xid_errors is not None
+        ),
+        None,
+    )
+    if before is None:
+        return f"{last.xid_errors} XID error(s) reported (no earlier count to compare with)"
+    taken_at, count = before
+    if last.xid_errors < count:
+        fresh, since = last.xid_errors, "since the node restarted"
+    else:
+        fresh = last.xid_errors - count
+        minutes = (last.taken_at - taken_at).total_seconds() / 60
+        since = f"in {minutes:.0f} min since the previous sample"
+    if fresh <= 0:
+        return None
+    return f"{fresh} new XID error(s) {since} ({last.xid_errors} in all since the node started)"
 
 
 def views(

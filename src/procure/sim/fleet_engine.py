@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from procure.clouds.base import CapacityError, CloudError, Instance, InstanceType, QuotaError
+from procure.clouds.lambda_cloud.catalogue import TYPES
 from procure.clouds.lambda_cloud.mockstate import MockCloudConfig, MockCloudState, Refusal
 from procure.fleet import actions, monitor
 from procure.fleet.context import FleetContext
@@ -133,11 +134,14 @@ def _signal(
         queued_gpus=sum(j.spec.gpus for j in queued),
         oldest_wait_s=max((c.now - j.queued_at for j in queued), default=0.0),
         arrived=len(c.jobs) + c.completed - len(c.arrivals),
+        completed=c.completed,
         busy_gpus=sum(sum(c.busy(n)) for n in c.nodes),
         gpus_per_instance=kind.gpus if kind else 1,
         boot_s=state.config.boot_s,
         regions=tuple(kind.regions_with_capacity) if kind else (),
         last_provision_at=last_up,
+        largest_queued_gpus=max((j.spec.gpus for j in queued), default=0),
+        offers=tuple(cloud_types),
     )
 
 
@@ -245,3 +249,14 @@ def run_policy(
         return asyncio.run(
             _run(name, decide, cfg, jobs, workload, hours=hours, boot_s=boot_s, store_dir=Path(tmp))
         )
+
+
+def work_floor_usd(jobs: list[JobSpec], cfg: FleetSettings, boot_s: float = 180.0) -> float:
+    """The work-only floor no policy can go under: the jobs' GPU-hours at the configured type's
+    price per GPU-hour (every second of a launched instance is billed, booting included), plus
+    the boot of the minimum fleet, billed before any job can start on it."""
+    kind = TYPES[cfg.default_instance_type]
+    per_gpu_hour = kind.price_cents_per_hour / 100 / kind.gpus
+    work = sum(j.gpus * j.duration_s for j in jobs) / 3600
+    boots = cfg.min_instances * kind.gpus * boot_s / 3600
+    return (work + boots) * per_gpu_hour
