@@ -94,7 +94,7 @@ def _start(api: httpx.Client, **body: Any) -> httpx.Response:
         ({"budgetTotal": 1e-7}, "budgetTotal"),  # rounds down to nothing
         ({"budgetTotal": 0.0000009}, "budgetTotal"),
         ({"hours": 1e-7}, "hours"),  # once a run that answered "Quote rejected" forever
-        ({"hours": 1 / 61}, "hours"),
+        ({"hours": 1 / 61}, "hours: Input should be at least 1 minute (0.0167 hours)"),
         ({"hours": 1e9}, "hours"),
         ({"hours": -1}, "hours"),
         ({"checkpointEvery": 1e-300}, "checkpointEvery"),  # once a vendor spinning at full CPU

@@ -1,6 +1,7 @@
 """`procure demo --serve` as a new user runs it: the story, then the dashboard on a printed URL
-showing the demo's completed run, with its services still up, until Ctrl+C (SIGINT) ends it
-cleanly."""
+showing the demo's completed run, with its services still up, and a fleet to look at (a mock
+cloud's instances with simulated GPU nodes, watched by the fleet controller in dry run), until
+Ctrl+C (SIGINT) ends it cleanly."""
 
 from __future__ import annotations
 
@@ -60,6 +61,23 @@ def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
         assert run.count('class="hash tx"') == 2  # both payments, with their hashes
         vendors = httpx.get(url + "/vendors", timeout=10)
         assert 'id="wallet-balance">$' in vendors.text  # the facilitator is still up
+        # The Fleet page lists the demo cloud's instances with the controller's figures ...
+        fleet = httpx.get(url + "/fleet", timeout=10).text
+        rows = re.findall(r'<tr data-instance="([0-9a-f]+)">(.*?)</tr>', fleet, re.S)
+        assert len(rows) == 2, fleet
+        cells = " ".join(row for _, row in rows)
+        assert sorted(re.findall(r"demo-gpu-\d", cells)) == ["demo-gpu-1", "demo-gpu-2"]
+        assert sorted(re.findall(r"</svg> (\d+)%", cells)) == ["0", "98"]  # busy and idle
+        assert "Instances (2 running of at most 4)" in fleet
+        # ... and the Nodes page each node, reachable, with its figures.
+        nodes = httpx.get(url + "/nodes", timeout=10).text
+        assert sorted(
+            re.findall(r'<section class="card node" data-instance="([0-9a-f]+)"', nodes)
+        ) == sorted(instance for instance, _ in rows)
+        assert nodes.count(">reachable</span>") == 2
+        assert nodes.count('class="util">98%') == 1 and nodes.count('class="util">0%') == 1
+        instances = httpx.get(url + "/api/fleet/instances", timeout=10).json()
+        assert {i["name"] for i in instances} == {"demo-gpu-1", "demo-gpu-2"}
         child.send_signal(signal.SIGINT)
         assert child.wait(timeout=30) == 0
     finally:

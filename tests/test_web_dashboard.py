@@ -161,6 +161,7 @@ def test_start_form_validates_and_starts_a_run(world: World, page: Any, tmp_path
         page.click("#start")
         errors = page.locator("#form-errors").inner_text()
         assert "budgetTotal" in errors and "hours" in errors
+        assert "at least 1 minute (0.0167 hours)" in errors and "0.01666" not in errors
         page.screenshot(path=str(screenshot_dir(tmp_path) / "start-form-errors.png"))
         # What was typed is kept; fix it and start.
         assert page.input_value("textarea[name=goal]") == "Train from the dashboard"

@@ -5,8 +5,11 @@ browser; a node that hangs costs the page only the short deadline."""
 from __future__ import annotations
 
 import asyncio
+import html
+import re
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,9 @@ def test_nodes_page_shows_figures_and_models(
             assert "OLLAMA_URL" in other.locator(".models").inner_text()
             dark = page.locator(f'section.node[data-instance="{gone}"]')
             assert dark.locator(".reach").inner_text() == "unreachable"
+            assert dark.locator(".unreachable .reason").inner_text().startswith("ConnectError")
+            assert "Never seen reachable" in dark.locator(".last-seen").inner_text()
+            assert dark.locator("dl.figures").count() == 0  # no row of "—" without a reason
             assert "unreachable at the last scan" in dark.locator(".models").inner_text()
             assert page.locator('nav a[aria-current="page"]').inner_text() == "Nodes"
             page.screenshot(path=str(screenshot_dir(tmp_path) / "nodes-page.png"), full_page=True)
@@ -153,3 +159,56 @@ def test_a_hanging_node_costs_only_the_deadline(sqlite_url: str) -> None:
     assert time.monotonic() - started < 5
     assert node["models"]["state"] == "error" and node["latest"]["gpu_util"] == 5.0
     store.dispose()
+
+
+def test_an_unreachable_node_says_why_and_when_it_was_last_seen(
+    db_url: str, tmp_path: Path
+) -> None:
+    store = open_store(db_url)
+    seen = utcnow() - timedelta(minutes=20)
+    lost = seen + timedelta(minutes=12)
+    with store.session() as s:
+        fleet_repo.upsert_instance(
+            s,
+            seen - timedelta(hours=1),
+            instance_id="i-dark",
+            name="gone-dark",
+            instance_type="gpu_1x_a100",
+            region="us-east-1",
+            ip="10.0.0.7",
+            status="active",
+            price_per_hour=1_290_000,
+            launched_by=None,
+        )
+        fleet_repo.add_samples(
+            s,
+            [
+                {"instance_id": "i-dark", "taken_at": seen, "reachable": True, "gpu_util": 50.0},
+                {
+                    "instance_id": "i-dark",
+                    "taken_at": lost,
+                    "reachable": False,
+                    "error": "ConnectError: [Errno 111] Connection refused",
+                },
+            ],
+        )
+    settings = Settings(
+        PROCURE_DATABASE_URL=db_url,
+        PROCURE_HOME=tmp_path / "home",
+        X402_FACILITATOR_URL="http://127.0.0.1:9",
+    )
+    server = serve(create_app(settings, store))
+    try:
+        page = httpx.get(server.url + "/nodes", timeout=20)
+        assert page.status_code == 200
+        (card,) = re.findall(r'<div class="unreachable">(.*?)</div>', page.text, re.S)
+        text = " ".join(re.sub(r"<[^>]+>", " ", html.unescape(card)).split())
+        assert "Unreachable at the last scan: ConnectError: [Errno 111] Connection refused" in text
+        assert f"Last seen {seen:%Y-%m-%d %H:%M:%S} UTC, 12 min before the last scan." in text
+        (node,) = httpx.get(server.url + "/api/nodes", timeout=20).json()
+        assert node["latest"]["reachable"] is False
+        assert node["last_seen_at"].startswith(f"{seen:%Y-%m-%dT%H:%M:%S}")
+        assert node["unreachable_for_s"] == 720
+    finally:
+        server.stop()
+        store.dispose()

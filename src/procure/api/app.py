@@ -1,13 +1,13 @@
-"""The FastAPI app: its factory and lifespan (worker, fleet), error envelopes, the token checks,
-and one router per resource (runs, vendors, fleet, nodes, ops) plus the dashboard's pages.
+"""The FastAPI app: its factory and lifespan (the agent's loop and worker, the fleet), error
+envelopes, the token checks, and one router per resource (runs, vendors, fleet, nodes, ops) plus
+the dashboard's pages.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from procure.agent.runtime import close_deps, make_deps
+from procure.agent.loop_thread import AgentLoop
+from procure.agent.runtime import make_deps
 from procure.agent.tick import AgentDeps
-from procure.agent.worker import Worker, WorkerConfig, WorkerLockHeld, sqlite_worker_lock
+from procure.agent.worker import WorkerConfig
 from procure.api.fleet import fleet_router
 from procure.api.nodes import nodes_router
 from procure.api.ops import ops_router
@@ -30,6 +31,7 @@ from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
 from procure.bounds import clip
 from procure.fleet.inprocess import FleetRun, fleet_in_server
+from procure.loopthread import LoopThread
 from procure.settings import Settings
 from procure.store import Store
 from procure.web import mount_dashboard
@@ -46,50 +48,45 @@ def create_app(
     settings: Settings,
     store: Store,
     *,
-    deps: AgentDeps | None = None,
+    deps_factory: Callable[[], AgentDeps] | None = None,
     worker: WorkerConfig | None = None,
     fleet: FleetRun | None = None,
 ) -> FastAPI:
-    """The API over `store`. `deps` may be given (tests, in-process vendors); else built.
-    With `worker`, a worker runs in the server's event loop for the app's lifetime, so runs
-    advance without anyone calling the tick endpoint (`procure serve` does this by default).
-    With `fleet`, the fleet controller runs there too (`procure serve --fleet`)."""
+    """The API over `store`.
+
+    The agent runs on an event loop of its own, in a dedicated thread (`AgentLoop`): the
+    in-process worker, and every tick the API (`POST /api/agent-tick`, cancel) or the dashboard
+    asks for, so that their synchronous store calls never stall this loop's pages, SSE streams
+    and health checks. Its deps are built there by `deps_factory` (default: `make_deps` from the
+    settings), called on the agent's loop because their httpx clients belong to the loop that
+    uses them, and closed there on shutdown. A test that wants its own deps passes a factory
+    (e.g. one returning `make_deps(...)` with another planner), never deps already in use on
+    another loop.
+
+    With `worker`, a worker runs on the agent's loop for the app's lifetime, so runs advance
+    without anyone calling the tick endpoint (`procure serve` does this by default). With
+    `fleet`, the fleet controller runs too, on a loop and thread of its own
+    (`procure serve --fleet`), and the Fleet and Nodes pages read with its settings.
+
+    While the app runs: `app.state.agent` (the AgentLoop), `app.state.deps` (its deps: await
+    their clients only through `app.state.agent.call`), `app.state.worker` (the Worker, or None),
+    `app.state.fleet` (the controller's FleetContext, or None)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        owned = deps is None
-        app.state.deps = deps or make_deps(settings, store)
-        app.state.worker = None
+        agent = AgentLoop(deps_factory or (lambda: make_deps(settings, store)), worker=worker)
+        app.state.agent = agent
+        app.state.deps = await agent.start()
+        app.state.worker = agent.worker
+        app.state.fleet = None
         async with contextlib.AsyncExitStack() as stack:
-            if worker is not None:
-                await stack.enter_async_context(_run_worker(app, worker))
-            app.state.fleet = None
+            stack.push_async_callback(agent.stop)  # last out: the worker drains, deps close
             if fleet is not None:
-                app.state.fleet = await stack.enter_async_context(fleet_in_server(store, fleet))
+                run = fleet
+                controller = LoopThread(lambda: fleet_in_server(store, run), name="procure-fleet")
+                app.state.fleet = await controller.start()
+                stack.push_async_callback(controller.stop)
             yield
-        if owned:
-            await close_deps(app.state.deps)
-
-    @asynccontextmanager
-    async def _run_worker(app: FastAPI, cfg: WorkerConfig) -> AsyncIterator[None]:
-        """The in-process worker: started with the app, drained and stopped on shutdown."""
-        with contextlib.ExitStack() as held:
-            try:
-                held.enter_context(sqlite_worker_lock(store))
-            except WorkerLockHeld as exc:
-                log.warning("not running a worker in this server: %s", exc)
-                yield
-                return
-            worker_ = app.state.worker = Worker(app.state.deps, cfg)
-            task = asyncio.create_task(worker_.run(), name="procure-worker")
-            try:
-                yield
-            finally:
-                worker_.stop()
-                try:
-                    await asyncio.wait_for(task, cfg.drain_timeout_s + 10)
-                except TimeoutError:
-                    log.error("the in-process worker did not stop in time")
 
     app = FastAPI(
         title="procure",
@@ -171,8 +168,9 @@ def create_app(
 
     app.include_router(runs_router(settings, store, require_token, require_read))
     app.include_router(vendors_router(settings, store, require_token, require_read))
-    app.include_router(fleet_router(store, require_token, require_read=require_read))
-    app.include_router(nodes_router(store, require_read))
+    fleet_cfg = fleet.cfg if fleet is not None else None  # else each reads the environment's
+    app.include_router(fleet_router(store, require_token, fleet_cfg, require_read=require_read))
+    app.include_router(nodes_router(store, require_read, fleet_cfg))
     app.include_router(ops_router(store))
-    mount_dashboard(app, settings, store)  # the operator's pages at `/` (procure.web)
+    mount_dashboard(app, settings, store, fleet_cfg=fleet_cfg)  # the pages at `/` (procure.web)
     return app

@@ -1,5 +1,6 @@
 """The runs resource: the seeds' agent endpoints (`/api/agent-start|tick|status`) and
-`/api/runs` (list, detail, cancel). Store calls run in a thread: the worker shares the loop."""
+`/api/runs` (list, detail, cancel). Store calls run in a thread and ticks on the agent's own
+loop (`app.state.agent`, procure.agent.loop_thread): nothing here blocks the API's loop."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from procure.agent.cancel import CannotCancel, request_cancel
 from procure.agent.tick import RunNotFound
-from procure.agent.worker import LeaseHeld, tick_under_lease
+from procure.agent.worker import LeaseHeld
 from procure.api import metrics
 from procure.api.schemas import NO_NUL, CancelRequest, StartRequest, TickRequest
 from procure.models import Run, RunStatus, utcnow
@@ -77,8 +78,8 @@ def runs_router(
         owner = f"api-{uuid.uuid4().hex[:8]}"
         try:
             with metrics.TICK_SECONDS.time():
-                result = await tick_under_lease(
-                    request.app.state.deps, body.run_id, owner, settings.api_lease_s
+                result = await request.app.state.agent.tick(
+                    body.run_id, owner, settings.api_lease_s
                 )
         except RunNotFound:
             return _error(404, f"run {body.run_id} not found")
@@ -152,7 +153,7 @@ def runs_router(
         if run.status == RunStatus.running:  # carry it out now if nobody else is ticking it
             owner = f"api-cancel-{uuid.uuid4().hex[:8]}"
             with contextlib.suppress(LeaseHeld):
-                await tick_under_lease(request.app.state.deps, run_id, owner, settings.api_lease_s)
+                await request.app.state.agent.tick(run_id, owner, settings.api_lease_s)
             run = await asyncio.to_thread(reread, run_id) or run
         if run.status == RunStatus.cancelled:
             return JSONResponse({"message": "Run cancelled", "run": run.to_json()})

@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from procure.models import JobSpec, Model, Vendor, budget_to_micros, usd_to_micros, utcnow
 
@@ -86,6 +87,19 @@ class StartRequest(Model):
         allow_inf_nan=False,
         description="Or: hours from now the job must be done in",
     )
+
+    @field_validator("hours", mode="before")
+    @classmethod
+    def _at_least_a_minute(cls, value: Any) -> Any:
+        # Said in minutes: pydantic's own message would print the bound as 0.016666666666666666.
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if is_number and value < MIN_HOURS:
+            raise PydanticCustomError(
+                "greater_than_equal",
+                "Input should be at least 1 minute (0.0167 hours)",
+                {"ge": MIN_HOURS},
+            )
+        return value
 
     @field_validator("budget_total")
     @classmethod

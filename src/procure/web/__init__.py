@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -14,6 +15,9 @@ from procure.web.auth import make_auth
 from procure.web.pages import web_router
 from procure.web.settings import WebSettings
 from procure.web.templating import STATIC_DIR
+
+if TYPE_CHECKING:
+    from procure.fleet.settings import FleetSettings
 
 
 def _fleet_available() -> bool:
@@ -26,8 +30,17 @@ def _fleet_available() -> bool:
 
 
 def mount_dashboard(
-    app: FastAPI, settings: Settings, store: Store, web: WebSettings | None = None
+    app: FastAPI,
+    settings: Settings,
+    store: Store,
+    web: WebSettings | None = None,
+    *,
+    fleet_cfg: FleetSettings | None = None,
 ) -> None:
+    """The pages at `/`; `fleet_cfg`: what the Fleet and Nodes pages read with (the in-server
+    controller's settings; default: the environment's)."""
     auth = make_auth(settings, web or WebSettings())
-    app.include_router(web_router(settings, store, auth, fleet=_fleet_available()))
+    app.include_router(
+        web_router(settings, store, auth, fleet=_fleet_available(), fleet_cfg=fleet_cfg)
+    )
     app.mount("/assets", StaticFiles(directory=STATIC_DIR), name="dashboard-assets")

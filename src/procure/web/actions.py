@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from procure.agent.cancel import request_cancel
-from procure.agent.tick import AgentDeps
-from procure.agent.worker import LeaseHeld, tick_under_lease
+from procure.agent.loop_thread import AgentLoop
+from procure.agent.worker import LeaseHeld
 from procure.api import metrics
 from procure.api.schemas import StartRequest, problems
 from procure.models import Run, RunStatus, utcnow
@@ -54,13 +54,16 @@ def start_run(store: Store, body: StartRequest) -> Run:
     return run
 
 
-async def cancel_run(store: Store, deps: AgentDeps, run_id: str, *, by: str, lease_s: float) -> Run:
-    """As `POST /api/runs/{id}/cancel`: raises `RunNotFound` or `CannotCancel`."""
+async def cancel_run(
+    store: Store, agent: AgentLoop, run_id: str, *, by: str, lease_s: float
+) -> Run:
+    """As `POST /api/runs/{id}/cancel`: raises `RunNotFound` or `CannotCancel`. The tick that
+    carries it out runs on the agent's loop (`agent`), not the caller's."""
     run = await asyncio.to_thread(request_cancel, store, run_id, by=by, reason="from the dashboard")
     if run.status == RunStatus.running:  # carry it out now if nobody else is ticking it
         owner = f"web-cancel-{uuid.uuid4().hex[:8]}"
         with contextlib.suppress(LeaseHeld):
-            await tick_under_lease(deps, run_id, owner, lease_s)
+            await agent.tick(run_id, owner, lease_s)
 
         def reread() -> Run | None:
             with store.session() as s:

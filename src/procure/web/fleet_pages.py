@@ -28,8 +28,9 @@ def add_fleet_routes(
     checked_form: CheckedForm,
     may_read: Callable[[Request], bool],
     to_login: Callable[[Request], Response],
+    fleet_cfg: FleetSettings | None = None,
 ) -> None:
-    cfg = FleetSettings()
+    cfg = fleet_cfg or FleetSettings()
 
     @router.get("/fleet", response_class=HTMLResponse)
     async def fleet_page(request: Request) -> Response:

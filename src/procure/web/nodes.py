@@ -1,13 +1,18 @@
-"""The Nodes page's data: each live GPU node's latest stored figures (from the fleet's samples)
-and its models, asked of the node's `GET /models` under a short deadline. Never raises for a
-node: one that does not answer, or answers garbage, says so in its `models.error`."""
+"""The Nodes page's data: each live GPU node's latest stored figures (from the fleet's samples),
+when it last answered, and its models, asked of the node's `GET /models` under a short deadline.
+Never raises for a node: one that does not answer, or answers garbage, says so in its
+`models.error`; one the last scan found unreachable says why (`latest.error`) and since when
+(`last_seen_at`, `unreachable_for_s`)."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from procure.bounds import UnsafeInput, clip, loads
 from procure.fleet.settings import FleetSettings
@@ -16,6 +21,7 @@ from procure.httpbounds import bounded_client
 from procure.models import utcnow
 from procure.store import Store
 from procure.store.fleet_repo import RUNNING_STATUSES
+from procure.store.fleet_tables import FleetSampleRow
 
 MODELS_DEADLINE_S = 2.0  # the page waits at most this long on any node
 MODELS_MAX_BYTES = 256 * 1024
@@ -23,10 +29,35 @@ MAX_MODELS = 50
 PARALLEL = 16
 
 
+def last_seen(s: Session, instance_ids: list[str]) -> dict[str, datetime]:
+    """Each instance's latest sample in which its node answered (among the samples kept)."""
+    if not instance_ids:
+        return {}
+    rows = s.execute(
+        select(FleetSampleRow.instance_id, func.max(FleetSampleRow.taken_at))
+        .where(FleetSampleRow.instance_id.in_(instance_ids), FleetSampleRow.reachable.is_(True))
+        .group_by(FleetSampleRow.instance_id)
+    )
+    return {instance_id: taken_at for instance_id, taken_at in rows if taken_at is not None}
+
+
 def figures(store: Store, cfg: FleetSettings) -> list[dict[str, Any]]:
-    """Live instances with their latest sample and anomalies (sync: run it in a thread)."""
+    """Live instances with their latest sample and anomalies, and when each node last answered:
+    `last_seen_at` (None: never, in the samples kept) and, for a node unreachable at the last
+    scan, `unreachable_for_s` (from then to that scan, on the controller's clock). Sync: run it
+    in a thread."""
     with store.session() as s:
-        return instances(s, cfg, utcnow())
+        listed = instances(s, cfg, utcnow())
+        seen = last_seen(s, [n["instance_id"] for n in listed])
+    for node in listed:
+        when = seen.get(node["instance_id"])
+        latest = node.get("latest")
+        node["last_seen_at"] = when.isoformat() if when else None
+        node["unreachable_for_s"] = None
+        if latest and not latest.get("reachable") and when is not None:
+            taken = datetime.fromisoformat(latest["taken_at"])
+            node["unreachable_for_s"] = max(0.0, (taken - when).total_seconds())
+    return listed
 
 
 def _model(entry: Any) -> dict[str, Any] | None:

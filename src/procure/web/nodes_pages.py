@@ -19,8 +19,9 @@ def add_nodes_routes(
     page: Callable[..., Response],
     may_read: Callable[[Request], bool],
     to_login: Callable[[Request], Response],
+    fleet_cfg: FleetSettings | None = None,
 ) -> None:
-    cfg = FleetSettings()
+    cfg = fleet_cfg or FleetSettings()
 
     @router.get("/nodes", response_class=HTMLResponse)
     async def nodes_page(request: Request) -> Response:

@@ -1,12 +1,12 @@
 """The dashboard's routes: runs, a run (with cancel), vendors, the start form, login and logout,
 the run's Server-Sent Events, and (with the fleet) the Fleet and Nodes pages. Store reads run in
-a thread (the worker shares the loop)."""
+a thread and ticks on the agent's own loop (`app.state.agent`): no handler blocks this loop."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Request
@@ -29,6 +29,9 @@ from procure.web.auth import COOKIE, Auth, Session, may_act, may_read, session_o
 from procure.web.events import run_events
 from procure.web.forms import form_of
 from procure.web.templating import templates
+
+if TYPE_CHECKING:  # the fleet modules are optional (see procure.web._fleet_available)
+    from procure.fleet.settings import FleetSettings
 
 RUN_ID = Path(min_length=1, max_length=200, pattern=r"^[^\x00]*$")
 WALLET_TIMEOUT_S = 3.0
@@ -57,7 +60,16 @@ def _set_session(request: Request, response: Response, auth: Auth, cookie: str) 
     )
 
 
-def web_router(settings: Settings, store: Store, auth: Auth, *, fleet: bool) -> APIRouter:
+def web_router(
+    settings: Settings,
+    store: Store,
+    auth: Auth,
+    *,
+    fleet: bool,
+    fleet_cfg: FleetSettings | None = None,
+) -> APIRouter:
+    """The pages; `fleet_cfg`: the settings the Fleet and Nodes pages read with (the in-server
+    controller's; default: the environment's)."""
     router = APIRouter(include_in_schema=False)
 
     def page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
@@ -172,7 +184,7 @@ def web_router(settings: Settings, store: Store, auth: Auth, *, fleet: bool) -> 
         )
         try:
             run = await actions.cancel_run(
-                store, request.app.state.deps, run_id, by=who, lease_s=settings.api_lease_s
+                store, request.app.state.agent, run_id, by=who, lease_s=settings.api_lease_s
             )
         except RunNotFound:
             return message(request, 404, "No such run", f"There is no run {run_id}.")
@@ -193,10 +205,13 @@ def web_router(settings: Settings, store: Store, auth: Auth, *, fleet: bool) -> 
         )
 
     async def _wallet(request: Request) -> dict[str, Any]:
-        deps = request.app.state.deps
-        address = deps.account.address
+        agent = request.app.state.agent
+        address = agent.deps.account.address
         try:
-            balance = await asyncio.wait_for(deps.ledger.balance(address), WALLET_TIMEOUT_S)
+            # The ledger's client belongs to the agent's loop: asked there.
+            balance = await asyncio.wait_for(
+                agent.call(lambda deps: deps.ledger.balance(address)), WALLET_TIMEOUT_S
+            )
         except (SettlementLookupError, TimeoutError) as exc:
             return {"address": address, "balance": None, "error": str(exc) or "timed out"}
         return {"address": address, "balance": balance, "error": None}
@@ -258,6 +273,7 @@ def web_router(settings: Settings, store: Store, auth: Auth, *, fleet: bool) -> 
         add_fleet_routes(
             router,
             store,
+            fleet_cfg=fleet_cfg,
             page=page,
             message=message,
             checked_form=checked_form,
@@ -269,6 +285,7 @@ def web_router(settings: Settings, store: Store, auth: Auth, *, fleet: bool) -> 
         add_nodes_routes(
             router,
             store,
+            fleet_cfg=fleet_cfg,
             page=page,
             may_read=lambda request: may_read(request, auth),
             to_login=to_login,
