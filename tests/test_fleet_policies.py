@@ -106,6 +106,23 @@ def test_an_idle_instance_stays_when_a_wave_of_work_is_predicted_within_a_boot()
     assert p.work_coming(signal, capacity=2)
 
 
+def test_with_no_minimum_the_last_idle_instance_goes_unless_a_job_is_due_within_a_boot() -> None:
+    # At night, 0.4 jobs an hour: 0.02 predicted within a 3-minute boot, a fraction of a job,
+    # which launches nothing; keeping the last GPU billed for it costs more than a boot.
+    now = T0 + timedelta(days=1, minutes=1)
+    lone = [instance(1, 0.0, now)]
+    night = learned(rate_per_h=0.4, busy=1)
+    quiet = FleetSignal(now=now, arrived=10, completed=48)
+    (out,) = night(lone, cfg(min_instances=0), PRICE, quiet)
+    assert (out.action_type, out.target) == (TERMINATE, "i-1")
+    assert not night.work_coming(quiet, capacity=0)
+    # Forty jobs an hour: two predicted within a boot, each of which would launch one: it stays.
+    busy = learned(rate_per_h=40.0, busy=20)
+    rush = FleetSignal(now=now, arrived=960, completed=960)
+    assert busy.work_coming(rush, capacity=0)
+    assert busy(lone, cfg(min_instances=0), PRICE, rush) == []
+
+
 def test_a_queue_launches_only_when_its_last_job_would_wait_past_the_target() -> None:
     p = learned(rate_per_h=4.0, busy=2)  # jobs of 30 GPU-minutes
     now = T0 + timedelta(days=1, minutes=1)

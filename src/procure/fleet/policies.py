@@ -245,14 +245,17 @@ class ProcurePolicy:
         return max(1, min(want, math.ceil(deficit / per)))
 
     def work_coming(self, signal: FleetSignal, capacity: int) -> bool:
-        """Would the arrivals predicted within a boot time make `capacity` GPUs launch again?"""
+        """Would the arrivals predicted within a boot time make `capacity` GPUs launch again?
+        Less than one job predicted to wait is none: a fraction of a job launches nothing (at
+        night, 0.4 jobs/h predict 0.02 jobs within a boot, which would start on no GPU at all,
+        but keeping the last GPU billed for them costs more than booting one if a job comes)."""
         gpu_s = self.job_gpu_s()
         if gpu_s is None:
             return False
         horizon = signal.boot_s
         free = max(0, capacity - signal.busy_gpus)
         backlog = signal.queued_gpus + self._rate * horizon - free - capacity * horizon / gpu_s
-        return self.tail_wait_s(backlog, capacity) > self._limit(signal)
+        return backlog >= 1 and self.tail_wait_s(backlog, capacity) > self._limit(signal)
 
     def _provision(
         self,
