@@ -110,6 +110,23 @@ def test_running_job_moves_to_the_reliable_vendor_when_its_slack_is_gone() -> No
     assert reason is not None and "to move to steady" in reason
 
 
+def test_without_a_deadline_a_stand_in_goes_back_to_the_cheaper_vendor_at_a_checkpoint() -> None:
+    # A job put on a dearer stand-in while FLAKY cooled down, half done, at a checkpoint where
+    # FLAKY is free again. Staying saves a start-up; moving back saves a little over 1% here.
+    def move(price: str, deadline_in: float | None) -> str | None:
+        stand_in = vendor("stand-in", price, 0.95, failures=30, gpu_hours=90.0)
+        job = failed_job("stand-in", 0.5).model_copy(update={"status": JobStatus.running})
+        ctx = context([FLAKY, stand_in], jobs=[job], deadline_in=deadline_in, overhead="0.001")
+        return reconsider(ctx, job, 0.5)
+
+    reason = move("1.025", None)
+    assert reason is not None and "to move to flaky" in reason
+    # With a deadline, even one far off, it takes a larger saving to move (its risk is coarse).
+    assert move("1.025", 1000) is None
+    # No saving beyond the cost of the move itself: stay, deadline or not.
+    assert move("1.00", None) is None and move("1.00", 1000) is None
+
+
 def test_reason_names_the_figures_compared() -> None:
     action = plan_cost_aware(context([FLAKY, STEADY]))
     for figure in ("$1.00/h", "$1.60/h", "failures/h", "expected $", "p(finish)=", "$100.00"):

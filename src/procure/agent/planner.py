@@ -34,8 +34,13 @@ Reconsider = Callable[[PlanContext, Job, float], str | None]
 
 # Stub: each failure or error this run halves a vendor's chance in the planner's eyes.
 RUN_FAILURE_PENALTY = 0.5
-# Moving a running job to another vendor must save this share of the expected cost.
+# Moving a running job to another vendor must save this share of the expected cost: with a
+# deadline, whose risk of a miss is a coarse estimate that jumps as slack is spent; without
+# one, where the scores are money alone and already charge the move (a payment, and a start-up
+# exposed to failure), a smaller share, so that a job put on a dearer stand-in while a cheaper
+# vendor cooled down goes back to it at the next checkpoint instead of staying for hours.
 SWITCH_MARGIN = 0.02
+SWITCH_MARGIN_NO_DEADLINE = 0.005
 # Missing a deadline is priced at this many times the money still at stake.
 MISS_PENALTY = 2.0
 
@@ -210,9 +215,10 @@ def reconsider(ctx: PlanContext, job: Job, paid_until: float) -> str | None:
     (`paid_until`, run progress) and move to another vendor, or None to renew.
 
     The job's vendor is scored as it stands, already running; another vendor must be cheaper
-    by more than one payment's overhead and SWITCH_MARGIN of the cost, so that the agent does
-    not hop back and forth on noise. This is how a run leaves a flaky vendor when its slack for
-    the deadline runs out, and how it returns to a cheap vendor once that one's cool-down ends.
+    by more than one payment's overhead and a margin of the cost (SWITCH_MARGIN with a deadline,
+    SWITCH_MARGIN_NO_DEADLINE without), so that the agent does not hop back and forth on noise.
+    This is how a run leaves a flaky vendor when its slack for the deadline runs out, and how it
+    returns to a cheap vendor once that one's cool-down ends.
     """
     vendor = ctx.vendor(job.vendor_id)
     spec = ctx.state.run.job_spec
@@ -234,9 +240,10 @@ def reconsider(ctx: PlanContext, job: Job, paid_until: float) -> str | None:
     if not ranked or here is None or ranked[0] is here:
         return None
     best = ranked[0]
-    if best.score >= here.score * (1 - SWITCH_MARGIN) - ctx.payment_overhead:
-        return None
     deadline = ctx.hours_left is not None
+    margin = SWITCH_MARGIN if deadline else SWITCH_MARGIN_NO_DEADLINE
+    if best.score >= here.score * (1 - margin) - ctx.payment_overhead:
+        return None
     return (
         f"stopping {vendor.vendor_id} at the checkpoint at {paid_until:.0%} to move to "
         f"{best.vendor.vendor_id}: {_describe(best, deadline)}; "
