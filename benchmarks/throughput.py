@@ -391,7 +391,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--backends", default="sqlite,postgres")
-    parser.add_argument("--concurrency", type=int, default=64, help="ticks in flight per worker")
+    parser.add_argument("--concurrency", type=int, default=128, help="ticks in flight per worker")
     parser.add_argument("--no-two-workers", action="store_true", help="skip 2 workers on PG")
     parser.add_argument(
         "--postgres-url",
