@@ -40,9 +40,9 @@ def assert_sound(report: CrashReport, kills: int) -> None:
 @pytest.mark.timeout(420)
 def test_many_kills_lose_no_money_and_pay_nothing_twice(tmp_path: Path) -> None:
     # Sized for CI (2 cores); `python benchmarks/crash.py --kills 1000` runs the full campaign.
-    report = run_campaign(CrashConfig(kills=120, workdir=tmp_path, check_every=1))
+    report = run_campaign(CrashConfig(kills=100, workdir=tmp_path, check_every=1))
     print(report.summary())
-    assert_sound(report, 120)
+    assert_sound(report, 100)
     assert report.by_crash_point["cancel_sent"] >= 1, report.by_crash_point
 
 
@@ -55,7 +55,7 @@ def test_kills_on_postgresql(tmp_path: Path) -> None:
         pytest.skip(f"set {POSTGRES_ENV} to run PostgreSQL tests")
     with postgres_database() as url:
         report = run_campaign(
-            CrashConfig(kills=45, workdir=tmp_path, database_url=url, check_every=1)
+            CrashConfig(kills=40, workdir=tmp_path, database_url=url, check_every=1)
         )
     print(report.summary())
-    assert_sound(report, 45)
+    assert_sound(report, 40)
