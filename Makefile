@@ -22,7 +22,7 @@ demo-serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q -n 3  # 3 processes on 2 cores: most tests wait on loopback servers
+	$(BIN)/pytest -q -n 3 --dist worksteal  # 3 processes on 2 cores; idle ones take queued tests from busy ones
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
