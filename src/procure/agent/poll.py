@@ -20,7 +20,7 @@ from procure.models import (
     Vendor,
     utcnow,
 )
-from procure.store import repo
+from procure.store import hotpath, repo
 from procure.store.hotpath import PollWrite
 from procure.vendors.client import VendorError
 from procure.vendors.protocol import VendorJob
@@ -117,19 +117,7 @@ async def poll(
         sink.append(write)
         return _running(vjob, pending)
     with deps.store.session() as s:
-        repo.record_poll(
-            s,
-            write.run_id,
-            write.job_id,
-            log_cursor=write.log_cursor,
-            progress=write.progress,
-            checkpoint_url=write.checkpoint_url,
-            checkpoint_progress=write.checkpoint_progress,
-            progressed_at=write.progressed_at,
-            log_lines=write.log_lines,
-        )
-        for kind, content, vendor_id in write.observations:
-            repo.add_observation(s, job.run_id, kind, content, vendor_id=vendor_id)
+        hotpath.apply_polls(s, [write])
         if vjob.status == "completed" and lie is None:
             repo.update_job(
                 s,

@@ -64,11 +64,11 @@ async def tick(
     """One tick of `run_id`. The worker may pass what it has `loaded` for a batch (a run whose
     tick is a poll, read at the lease, and its job's vendor) and a `sink` for a plain poll's
     write (see `poll`); anything else is read here."""
-    if loaded is not None and polling(loaded[0]) is not None:
+    active = polling(loaded[0]) if loaded is not None else None
+    if loaded is not None and active is not None:
         state, job_vendor = loaded
         vendors: list[Vendor] = [job_vendor]
         errors: dict[str, int] | None = None
-        active = polling(state)
     else:
         with deps.store.session() as s:
             found = repo.load_tick_state(s, run_id)

@@ -15,12 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from procure.bounds import clip
 from procure.models import Job, ObservationType, Payment, Run, RunState, Vendor, utcnow
-from procure.store.repo import JOB_POLLED, RUN_POLLED
 from procure.store.tables import JobRow, ObservationRow, PaymentRow, RunRow, VendorRow
 
 _runs, _jobs, _payments, _vendors, _observations = (
@@ -30,12 +29,35 @@ _runs, _jobs, _payments, _vendors, _observations = (
     VendorRow.__table__,
     ObservationRow.__table__,
 )
+# A poll's two writes, built once (no per-call construction or cache-key generation).
+_JOB_POLLED = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("job_id"))
+    .values(
+        log_cursor=bindparam("log_cursor"),
+        progress=bindparam("progress"),
+        checkpoint_url=bindparam("checkpoint_url"),
+        checkpoint_progress=bindparam("checkpoint_progress"),
+        progressed_at=bindparam("progressed_at"),
+        updated_at=bindparam("now"),
+    )
+)
+_RUN_POLLED = (
+    update(_runs)
+    .where(_runs.c.id == bindparam("run_id"))
+    .values(
+        progress=bindparam("progress"),
+        log_lines=_runs.c.log_lines + bindparam("lines"),
+        updated_at=bindparam("now"),
+    )
+)
 
 
 @dataclass
 class PollWrite:
-    """What a plain poll leaves to be written: `repo.record_poll`'s figures and the new log
-    lines and notes, as (type, content, vendor_id)."""
+    """What a poll writes: the job's log cursor, progress, checkpoint and when it last
+    progressed, the run's progress and `log_lines` more lines kept, and the new log lines and
+    notes, as (type, content, vendor_id)."""
 
     run_id: str
     job_id: str
@@ -103,14 +125,15 @@ def held_leases(s: Session, owner: str, run_ids: Iterable[str]) -> set[str]:
 
 
 def apply_polls(s: Session, writes: Sequence[PollWrite]) -> None:
-    """Write plain polls (the caller has checked the leases): two executemany UPDATEs and one
-    INSERT of their log lines, whatever the number of polls."""
+    """Write polls (the caller holds their leases): two UPDATEs and one INSERT of their log
+    lines, executemany whatever the number of polls; Core statements on the session's
+    connection (no ORM synchronisation: no loaded rows of these tables may be in `s`)."""
     if not writes:
         return
     now = utcnow()
     conn = s.connection()
     conn.execute(
-        JOB_POLLED,
+        _JOB_POLLED,
         [
             {
                 "job_id": w.job_id,
@@ -125,7 +148,7 @@ def apply_polls(s: Session, writes: Sequence[PollWrite]) -> None:
         ],
     )
     conn.execute(
-        RUN_POLLED,
+        _RUN_POLLED,
         [
             {"run_id": w.run_id, "progress": w.progress, "lines": w.log_lines, "now": now}
             for w in writes

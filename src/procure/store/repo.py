@@ -313,27 +313,6 @@ _PAYMENTS_OF_RUN = (
     .order_by(_payments.c.created_at)
 )
 _VENDOR_BY_ID = select(_vendors).where(_vendors.c.vendor_id == bindparam("vendor_id"))
-JOB_POLLED = (
-    update(_jobs)
-    .where(_jobs.c.id == bindparam("job_id"))
-    .values(
-        log_cursor=bindparam("log_cursor"),
-        progress=bindparam("progress"),
-        checkpoint_url=bindparam("checkpoint_url"),
-        checkpoint_progress=bindparam("checkpoint_progress"),
-        progressed_at=bindparam("progressed_at"),
-        updated_at=bindparam("now"),
-    )
-)
-RUN_POLLED = (
-    update(_runs)
-    .where(_runs.c.id == bindparam("run_id"))
-    .values(
-        progress=bindparam("progress"),
-        log_lines=_runs.c.log_lines + bindparam("lines"),
-        updated_at=bindparam("now"),
-    )
-)
 
 
 def load_tick_state(s: Session, run_id: str) -> RunState | None:
@@ -359,41 +338,6 @@ def get_vendor_row(s: Session, vendor_id: str) -> Vendor | None:
     """`get_vendor` by a Core select (a tick polling a job needs only the job's vendor)."""
     row = s.connection().execute(_VENDOR_BY_ID, {"vendor_id": vendor_id}).mappings().first()
     return Vendor.model_validate(dict(row)) if row else None
-
-
-def record_poll(
-    s: Session,
-    run_id: str,
-    job_id: str,
-    *,
-    log_cursor: int,
-    progress: float,
-    checkpoint_url: str | None,
-    checkpoint_progress: float,
-    progressed_at: datetime | None = None,
-    log_lines: int = 0,
-) -> None:
-    """A poll's progress: the job's (log cursor, progress, checkpoint, when it last progressed)
-    and the run's (progress, `log_lines` more lines kept), as two
-    Core UPDATEs on the session's connection (no ORM synchronisation: the tick holds no
-    loaded rows of these tables in `s`)."""
-    now = utcnow()
-    conn = s.connection()
-    conn.execute(
-        JOB_POLLED,
-        {
-            "job_id": job_id,
-            "log_cursor": log_cursor,
-            "progress": progress,
-            "checkpoint_url": checkpoint_url,
-            "checkpoint_progress": checkpoint_progress,
-            "progressed_at": progressed_at,
-            "now": now,
-        },
-    )
-    conn.execute(
-        RUN_POLLED, {"run_id": run_id, "progress": progress, "lines": log_lines, "now": now}
-    )
 
 
 def refresh_budget(s: Session, run_id: str) -> int:
