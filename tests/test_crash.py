@@ -55,7 +55,7 @@ def test_kills_on_postgresql(tmp_path: Path) -> None:
         pytest.skip(f"set {POSTGRES_ENV} to run PostgreSQL tests")
     with postgres_database() as url:
         report = run_campaign(
-            CrashConfig(kills=40, workdir=tmp_path, database_url=url, check_every=1)
+            CrashConfig(kills=45, workdir=tmp_path, database_url=url, check_every=1)
         )
     print(report.summary())
-    assert_sound(report, 40)
+    assert_sound(report, 45)
