@@ -1,13 +1,22 @@
-"""What the fleet controller needs of a cloud, whatever the provider: instance types with prices
-and capacity, instances, launch and terminate; and the errors it must tell apart. Each provider's
-client (`clouds/lambda_cloud/`) implements `Cloud`; the fleet imports only this module's names."""
+"""What procure needs of a GPU cloud, whatever the provider: `Cloud` (the fleet controller's view:
+instance types, instances, launch, terminate) and `RentalCloud` (the agent's and the gateway's view:
+offers, launch by name from a spec, find by name, billing), and the errors they must tell apart.
+Each provider's folder (`lambda_cloud/`, `runpod/`, `vast/`) implements both; callers import only
+this module's names."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-InstanceStatus = Literal["booting", "active", "unhealthy", "terminating", "terminated", "preempted"]
+# "active" is running. "preempted": the provider stopped it (a lost host, an outbid Vast.ai bid, a
+# RunPod pod EXITED by the platform): the job on it is lost. "exited": its container ended.
+InstanceStatus = Literal[
+    "booting", "active", "unhealthy", "terminating", "terminated", "preempted", "exited"
+]
+Provider = Literal["lambda", "runpod", "vast"]
+PROVIDERS: tuple[Provider, ...] = ("lambda", "runpod", "vast")
+LABEL_PREFIX = "procure-"  # every instance procure launches is named (labelled) with this prefix
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,42 @@ class Instance:
     ip: str | None  # where its GPU node answers (the node's port is the controller's setting)
     price_per_hour: int  # micro-USD
     gpus: int = 1
+    # Where the instance's GPU node answers (scheme://host:port, from the provider's address and
+    # port mapping), once it is running; None before. Checked before any token goes to it.
+    node_url: str | None = None
+    interruptible: bool = False
+    gpu: str = ""  # canonical GPU model (see Offer.gpu), where the provider says
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One thing that can be rented now. `offer_id` is what `launch` needs: a Lambda instance type,
+    a RunPod GPU type id, a Vast.ai ask id."""
+
+    provider: Provider
+    offer_id: str
+    gpu: str  # canonical model, upper case without vendor: "A100", "H100", "A10", "RTX4090"
+    gpu_count: int
+    region: str  # Lambda region, RunPod data centre id, Vast.ai geolocation
+    price_per_hour: int  # micro-USD for the whole instance, all its GPUs
+    interruptible: bool  # a Vast.ai bid; Lambda and RunPod REST v2 have none
+    available: int  # how many can be launched now (1 where the provider only says yes or no)
+    billing_increment_s: int  # 60 on Lambda, 1 on RunPod and Vast.ai
+    min_bid_per_hour: int | None = None  # micro-USD, interruptible offers only
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What to launch. `name` is procure's idempotency key (always starting with LABEL_PREFIX):
+    the instance's name on Lambda and RunPod, its label on Vast.ai."""
+
+    name: str
+    offer: Offer
+    image: str | None = None  # container image (RunPod, Vast.ai); Lambda is a VM
+    startup_script: str | None = None  # Lambda user_data, Vast.ai onstart, RunPod args
+    env: dict[str, str] = field(default_factory=dict)
+    bid_per_hour: int | None = None  # micro-USD; interruptible offers only (default: min bid)
+    node_port: int = 9876  # where the GPU node listens inside the instance
 
 
 class CloudError(Exception):
@@ -56,6 +101,14 @@ class ProviderError(CloudError):
     retryable = True
 
 
+class RateLimited(ProviderError):
+    """429: `retry_after_s` from the provider's Retry-After, or the client's own back-off."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Cloud(Protocol):
     async def instance_types(self) -> list[InstanceType]: ...
 
@@ -69,6 +122,44 @@ class Cloud(Protocol):
 
     async def terminate(self, instance_ids: list[str]) -> list[Instance]:
         """Terminate (idempotent: an instance already gone is not an error)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class RentalCloud(Protocol):
+    """What the agent and the gateway need of a cloud account. Each call has its deadline; every
+    failure is one of the errors above, never another exception."""
+
+    provider: Provider
+    billing_increment_s: int
+
+    async def offers(self, *, gpu: str | None = None) -> list[Offer]:
+        """Every offer (cheapest first), optionally of one GPU model."""
+        ...
+
+    async def launch_spec(self, spec: LaunchSpec) -> Instance:
+        """Launch one instance named `spec.name`. Not idempotent on the provider's side: callers
+        call `find(spec.name)` first."""
+        ...
+
+    async def find(self, name: str) -> list[Instance]:
+        """Instances (not yet terminated) carrying this name or label."""
+        ...
+
+    async def get(self, instance_id: str) -> Instance | None:
+        """One instance, or None when the provider no longer knows it."""
+        ...
+
+    async def labelled(self) -> list[Instance]:
+        """Every live instance whose name starts with LABEL_PREFIX (for the sweeper)."""
+        ...
+
+    async def terminate(self, instance_ids: list[str]) -> list[Instance]: ...
+
+    async def billed(self, instance_id: str) -> int | None:
+        """Micro-USD the provider has billed for this instance so far, from its billing endpoint
+        (RunPod, Vast.ai); None where the provider has none (Lambda: cost is computed)."""
         ...
 
     async def aclose(self) -> None: ...

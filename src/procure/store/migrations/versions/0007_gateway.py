@@ -1,0 +1,16 @@
+"""Reserved revision 0007 (filled by this wave's work; empty is a no-op)."""
+
+from __future__ import annotations
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
