@@ -6,36 +6,16 @@ switch terminates its own instance through the cloud's API, as on a real instanc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shlex
-import socket
 import sys
-import threading
-from dataclasses import dataclass
 
-import uvicorn
-
+from procure.clouds import mocknodes
 from procure.clouds.lambda_cloud.mockstate import MockCloudState, MockInstance
-from procure.clouds.lambda_cloud.simnvml import sim_nvml
-from procure.gpu.probe import read_nvml
-from procure.gpu.service import create_gpu_worker_app
+from procure.clouds.mocknodes import Node
 from procure.gpu.settings import GpuWorkerSettings
 
 log = logging.getLogger(__name__)
-LAST_IP = 254
-
-
-@dataclass
-class Node:
-    instance_id: str
-    ip: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def stop_command(state: MockCloudState, instance_id: str) -> str:
@@ -62,52 +42,15 @@ def node_settings(state: MockCloudState, inst: MockInstance) -> GpuWorkerSetting
     )
 
 
-def _bind(used: set[str], first: int, port: int) -> tuple[str, socket.socket]:
-    for n in range(first, LAST_IP + 1):
-        ip = f"127.0.0.{n}"
-        if ip in used:
-            continue
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((ip, port))
-        except OSError:  # taken by someone else (another mock, another test): the next one
-            sock.close()
-            continue
-        return ip, sock
-    raise OSError(f"no loopback address left for port {port}")
-
-
 async def start_node(state: MockCloudState, inst: MockInstance, used: set[str]) -> Node:
-    """Bind 127.0.0.N:<node port>, serve the GPU node there (a uvicorn server on its own thread),
-    and return once it accepts connections."""
-    port = state.config.node_port
-    ip, sock = _bind(used, state.config.first_ip, port)
-    module = sim_nvml(lambda: state.gpus(inst.id))
-    app = create_gpu_worker_app(
-        node_settings(state, inst),
-        read=lambda: read_nvml(module),
-        port=port,
-        hostname=ip.replace(".", "-"),
+    return await mocknodes.start_node(
+        instance_id=inst.id,
+        settings=node_settings(state, inst),
+        gpus=lambda: state.gpus(inst.id),
+        port=state.config.node_port,
+        used=used,
+        first_ip=state.config.first_ip,
     )
-    config = uvicorn.Config(app, host=ip, port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name=f"node-{ip}", daemon=True
-    )
-    thread.start()
-    try:
-        async with asyncio.timeout(15):
-            while not server.started:
-                if not thread.is_alive():
-                    raise OSError(f"the node on {ip}:{port} did not start")
-                await asyncio.sleep(0.01)
-    finally:
-        if not server.started:
-            server.should_exit = True
-            with contextlib.suppress(OSError):
-                sock.close()
-    return Node(inst.id, ip, server, thread)
 
 
 class Nodes:
