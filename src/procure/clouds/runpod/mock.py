@@ -1,0 +1,464 @@
+"""The mock RunPod (`procure mock-cloud --provider runpod`): RunPod REST v2's pod, catalog and
+billing paths with its Bearer auth, problem+json errors, RateLimit headers and 429s, createPod's
+422 for bodies the spec refuses, over `MockRunPodState`; each pod runs a real GPU node. Admin
+paths (the mocks' common design): /admin/state, /admin/clock, /admin/faults, /admin/capacity,
+/admin/billing, /admin/instances/{id}/preempt|unhealthy.
+
+Fields the live API accepts but the spec copy does not (dstack's `entrypoint`, `cmd`, ...) are
+refused with 422, as the spec's `unevaluatedProperties: false` says."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response
+from jsonschema import Draft202012Validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from procure.asgibounds import BoundedRequests
+from procure.bearer import bearer_matches
+from procure.clouds.runpod.catalogue import CUDA, DATA_CENTERS, gpu_type_json, level
+from procure.clouds.runpod.mockbilling import pod_billing
+from procure.clouds.runpod.mockstate import MockPod, MockRunPodState, Problem, RunPodMockConfig
+from procure.clouds.runpod.nodes import Nodes
+from procure.clouds.runpod.wire import node_port_of
+from procure.clouds.specs import request_schema, spec
+
+log = logging.getLogger(__name__)
+STEP_EVERY_S = 0.05
+PROBLEM = "application/problem+json"
+ENDPOINTS = ("catalog", "pods", "pod", "create", "delete", "billing")
+
+
+class Faults(BaseModel):
+    """What the next answers of the provider's paths do instead of the right thing."""
+
+    model_config = ConfigDict(extra="forbid")
+    endpoints: list[str] = Field(default_factory=list, max_length=10)  # empty: all of ENDPOINTS
+    status: int | None = Field(None, ge=400, le=599)  # answer this problem+json status
+    retry_after_s: int | None = Field(2, ge=0, le=86_400)  # with status 429; None: no header
+    count: int | None = Field(None, ge=1, le=10_000)  # answers left to fault; None: until reset
+    hang_s: float = Field(0.0, ge=0, le=600)
+    garbage: bool = False  # 200 with an HTML page
+    huge: bool = False  # 200 with a 3 MB body
+    unknown_status: bool = False  # pods read with a status RunPod never documented
+    never_boot: bool = False  # pods created from now on stay PROVISIONING
+    wrong_ip: bool = False  # running pods' runtime ip is not where their node is
+
+    def applies(self, endpoint: str) -> bool:
+        return not self.endpoints or endpoint in self.endpoints
+
+    def answer_faulted(self) -> bool:
+        return bool(self.status or self.hang_s or self.garbage or self.huge)
+
+
+class ClockBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    advance_s: float = Field(0.0, ge=0, le=365 * 86400)
+    speed: float | None = Field(None, ge=0, le=1e6)
+
+
+class CapacityBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    gpu: str = Field(max_length=200, validation_alias=AliasChoices("gpu", "instance_type"))
+    data_center: str = Field(
+        max_length=100, validation_alias=AliasChoices("dataCenterId", "region")
+    )
+    count: int = Field(ge=0, le=10_000)
+
+
+@cache
+def _create_validator() -> Draft202012Validator:
+    registry = Registry().with_resource("urn:runpod", DRAFT202012.create_resource(spec("runpod")))
+    return Draft202012Validator(request_schema("runpod", "POST", "/v2/pods"), registry=registry)
+
+
+def spec_errors(body: Any) -> list[str]:
+    """createPod's contract violations, as RunPod lists them in a 422's `errors`."""
+    found = []
+    for error in _create_validator().iter_errors(body):
+        where = "$" + "".join(f".{p}" for p in error.absolute_path)
+        found.append(f"{where}: {error.message[:200]}")
+    return found[:20]
+
+
+def pod_json(state: MockRunPodState, pod: MockPod, faults: Faults) -> dict[str, Any]:
+    """RunPod's `Pod` object."""
+    now = state.now()
+    status = pod.status
+    if status == "RUNNING" and state.config.nodes and pod.ip is None:
+        status = "STARTING"  # its node is not listening yet
+    actions = {
+        "EXITED": ["start", "terminate"],
+        "ERROR": ["terminate"],
+        "TERMINATED": [],
+    }.get(status, ["stop", "restart", "terminate"])
+    runtime = None
+    if status == "RUNNING":
+        node_private = node_port_of(pod.ports, state.config.node_port)
+        ports = []
+        for entry in pod.ports:
+            number, _, proto = entry.partition("/")
+            if not number.isdigit():
+                continue
+            if proto == "tcp" and int(number) == node_private:
+                ip = "127.0.0.1" if faults.wrong_ip else pod.ip
+                ports.append(
+                    {"private": int(number), "public": state.config.node_port, "type": "tcp"}
+                    | {"ip": ip}
+                )
+            else:
+                ports.append({"private": int(number), "public": None, "type": proto, "ip": None})
+        runtime = {
+            "uptime": int(now - (pod.running_at or now)),
+            "gpus": [{"util": 0, "memoryUtil": 0} for _ in range(pod.count)],
+            "ports": ports,
+        }
+    return {
+        "id": pod.id,
+        "name": pod.name,
+        "status": "MIGRATING" if faults.unknown_status else status,
+        "actions": actions,
+        "image": pod.image,
+        "args": pod.args,
+        "disk": pod.disk,
+        "mounts": {},
+        "ports": pod.ports,
+        "env": pod.env,
+        "registry": None,
+        "gpu": {"id": pod.kind.id, "count": pod.count},
+        "cloud": pod.cloud,
+        "dataCenterId": pod.dc,
+        "cudaVersion": CUDA,
+        "ssh": {
+            "proxy": {
+                "host": "ssh.runpod.io",
+                "port": 22,
+                "username": f"{pod.id}-64411eb2",
+                "command": f"ssh {pod.id}-64411eb2@ssh.runpod.io",
+            },
+            "direct": None,
+        },
+        "template": None,
+        "cost": 0.0 if status in ("EXITED", "TERMINATED") else pod.cost,
+        "locked": False,
+        "globalNetworking": {"enabled": False},
+        "runtime": runtime,
+        "createdAt": state.iso(pod.created_at),
+        "startedAt": state.iso(pod.running_at) if status == "RUNNING" and pod.running_at else None,
+    }
+
+
+def _problem(exc: Problem) -> JSONResponse:
+    return JSONResponse(
+        exc.to_json(), status_code=exc.status, media_type=PROBLEM, headers=exc.headers
+    )
+
+
+def create_app(state: MockRunPodState) -> FastAPI:
+    config = state.config
+    nodes = Nodes(state)
+    faults = Faults()
+
+    async def stepper() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(state.step)
+                if config.nodes:
+                    await nodes.reconcile()
+            except Exception:  # the simulation must keep running whatever one step did
+                log.exception("mock RunPod step failed")
+            await asyncio.sleep(STEP_EVERY_S)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(stepper(), name="mock-runpod-step")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await nodes.stop_all()
+
+    app = FastAPI(title="procure mock RunPod", version="2", lifespan=lifespan)
+    app.add_middleware(BoundedRequests)
+    app.state.cloud, app.state.nodes, app.state.faults = state, nodes, faults
+
+    def authorised(authorization: str | None = Header(None)) -> None:
+        if not authorization:
+            raise Problem(401, "missing bearer token")
+        if not bearer_matches(authorization, config.api_key):
+            raise Problem(401, "invalid bearer token")
+
+    @app.exception_handler(Problem)
+    async def problem(_request: Request, exc: Problem) -> JSONResponse:
+        return _problem(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            return _problem(Problem(405, "The requested method is not allowed for this path."))
+        return _problem(Problem(exc.status_code, "resource not found"))
+
+    async def guard(endpoint: str) -> dict[str, str]:
+        """Count the request against the rate limits, then play any fault injected for it.
+        Returns the RateLimit headers every authenticated answer carries."""
+        headers = state.admit()
+        if not faults.applies(endpoint) or not faults.answer_faulted():
+            return headers
+        if faults.count is not None:
+            faults.count -= 1
+            spent = faults.count <= 0
+        else:
+            spent = False
+        hang, status, garbage, huge = faults.hang_s, faults.status, faults.garbage, faults.huge
+        retry_after = faults.retry_after_s
+        if spent:
+            faults.status, faults.hang_s, faults.garbage, faults.huge = None, 0.0, False, False
+            faults.count = None
+        if hang:
+            await asyncio.sleep(hang)
+        if status:
+            extra = dict(headers)
+            if status == 429 and retry_after is not None:
+                extra["Retry-After"] = str(retry_after)
+            raise Problem(status, _fault_detail(status), headers=extra)
+        if garbage:
+            raise _Raw(Response("<html><body>502 Bad Gateway</body></html>", 200))
+        if huge:
+            raise _Raw(Response(b'{"pods": "' + b"x" * (3 << 20) + b'"}', 200))
+        return headers
+
+    @app.exception_handler(_Raw)
+    async def raw(_request: Request, exc: _Raw) -> Response:
+        return exc.response
+
+    authed = [Depends(authorised)]
+
+    @app.get("/v2/catalog/gpus", dependencies=authed)
+    async def gpus(request: Request) -> JSONResponse:
+        headers = await guard("catalog")
+        query = request.query_params
+        include = [v for v in query.get("include", "").split(",") if v]
+        product = [v for v in query.get("product", "").split(",") if v]
+        if bool(include) != bool(product):
+            raise Problem(400, "product is required with include=AVAILABILITY, and only with it")
+        cloud = query.get("cloud", "SECURE")
+        count = query.get("count", "1")
+        if cloud not in ("SECURE", "COMMUNITY") or not count.isdigit() or int(count) < 1:
+            raise Problem(422, "invalid query parameters", errors=["cloud or count is invalid"])
+        with state.lock:
+            now = state.step()
+            answer = []
+            for kind in config.gpus.values():
+                prices = {c: state.price(kind, c, now) for c in ("SECURE", "COMMUNITY")}
+                item = gpu_type_json(kind, prices)
+                if include:
+                    dcs = [
+                        {
+                            "id": dc,
+                            "name": DATA_CENTERS.get(dc, dc),
+                            "availability": level(state.free(kind.id, dc) // int(count)),
+                        }
+                        for dc in config.capacity.get(kind.id, {})
+                    ]
+                    best = max((d["availability"] for d in dcs), key=_rank, default="NONE")
+                    item |= {
+                        "availability": best,
+                        "dataCenters": dcs,
+                        "cudaVersions": [{"version": CUDA, "available": best != "NONE"}],
+                    }
+                answer.append(item)
+        return JSONResponse({"gpus": answer}, headers=headers)
+
+    @app.get("/v2/pods", dependencies=authed)
+    async def list_pods() -> JSONResponse:
+        headers = await guard("pods")
+        with state.lock:
+            state.step()
+            pods = [pod_json(state, p, faults) for p in state.pods.values() if not p.deleted]
+        return JSONResponse({"pods": pods}, headers=headers)
+
+    @app.post("/v2/pods", dependencies=authed)
+    async def create_pod(request: Request) -> JSONResponse:
+        headers = await guard("create")
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise Problem(400, "request body is not valid JSON", headers=headers) from None
+        errors = spec_errors(body)
+        if errors:
+            raise Problem(422, "Request validation failed.", errors=errors, headers=headers)
+        try:
+            pod = await asyncio.to_thread(state.create, body, faults.never_boot)
+        except Problem as exc:
+            exc.headers = headers | exc.headers
+            raise
+        if config.nodes:
+            await nodes.reconcile()
+        with state.lock:
+            return JSONResponse(pod_json(state, pod, faults), status_code=201, headers=headers)
+
+    @app.get("/v2/pods/{pod_id}", dependencies=authed)
+    async def get_pod(pod_id: str) -> JSONResponse:
+        headers = await guard("pod")
+        with state.lock:
+            state.step()
+            try:
+                return JSONResponse(pod_json(state, state.visible(pod_id), faults), headers=headers)
+            except Problem as exc:
+                exc.headers = headers
+                raise
+
+    @app.delete("/v2/pods/{pod_id}", dependencies=authed)
+    async def delete_pod(pod_id: str) -> Response:
+        headers = await guard("delete")
+        try:
+            await asyncio.to_thread(state.delete, pod_id)
+        except Problem as exc:
+            exc.headers = headers
+            raise
+        if config.nodes:
+            await nodes.reconcile()
+        return Response(status_code=204, headers=headers)
+
+    @app.get("/v2/billing/pods", dependencies=authed)
+    async def billing_pods(request: Request) -> JSONResponse:
+        headers = await guard("billing")
+        with state.lock:
+            state.step()
+            return JSONResponse(pod_billing(state, request.query_params), headers=headers)
+
+    # --- admin (not RunPod's API) ----------------------------------------------------------
+
+    @app.get("/admin/state", dependencies=authed)
+    async def admin_state() -> dict[str, Any]:
+        with state.lock:
+            now = state.step()
+            return {
+                "now_s": round(now, 3),
+                "speed": state.clock.speed,
+                "faults": faults.model_dump(),
+                "node_port": config.node_port,
+                "launches": state.launches,
+                "instances": [
+                    {
+                        "id": p.id,
+                        "name": p.name,
+                        "status": p.status,
+                        "ip": p.ip,
+                        "node": f"http://{p.ip}:{config.node_port}" if p.ip else None,
+                        "gpu": p.kind.id,
+                        "count": p.count,
+                        "dataCenterId": p.dc,
+                        "cost": p.cost,
+                        "billedMicroUsd": state.billed(p, now),
+                    }
+                    for p in state.pods.values()
+                ],
+            }
+
+    @app.get("/admin/billing", dependencies=authed)
+    async def admin_billing() -> dict[str, Any]:
+        return await asyncio.to_thread(state.billing)
+
+    @app.post("/admin/faults", dependencies=authed)
+    async def set_faults(body: Faults) -> dict[str, Any]:
+        for key, value in body.model_dump().items():
+            setattr(faults, key, value)
+        return faults.model_dump()
+
+    @app.post("/admin/clock", dependencies=authed)
+    async def set_clock(body: ClockBody) -> dict[str, Any]:
+        if body.speed is not None:
+            state.clock.set_speed(body.speed)
+        if body.advance_s:
+            state.clock.advance(body.advance_s)
+        now = await asyncio.to_thread(state.step)
+        return {"now_s": round(now, 3), "speed": state.clock.speed}
+
+    @app.post("/admin/capacity", dependencies=authed)
+    async def set_capacity(body: CapacityBody) -> dict[str, Any]:
+        with state.lock:
+            config.capacity.setdefault(body.gpu, {})[body.data_center] = body.count
+            return {"capacity": config.capacity}
+
+    @app.post("/admin/instances/{pod_id}/{fault}", dependencies=authed)
+    async def instance_fault(pod_id: str, fault: str) -> dict[str, Any]:
+        if fault not in ("preempt", "unhealthy"):
+            raise Problem(404, "no such fault: preempt or unhealthy")
+        act = state.preempt if fault == "preempt" else state.make_error
+        pod = await asyncio.to_thread(act, pod_id)
+        if config.nodes:
+            await nodes.reconcile()
+        with state.lock:
+            return pod_json(state, pod, Faults())
+
+    return app
+
+
+class _Raw(Exception):
+    """A fault's answer that is not RunPod's (garbage, a huge body)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__("raw answer")
+        self.response = response
+
+
+def _rank(availability: str) -> int:
+    return ("NONE", "LOW", "MEDIUM", "HIGH").index(availability)
+
+
+def _fault_detail(status: int) -> str:
+    return {
+        400: "There are no longer any instances available with the requested specifications.",
+        402: "insufficient balance",
+        403: "access denied",
+        429: "rate limit exceeded for the minute window",
+    }.get(status, "upstream service unavailable")
+
+
+@dataclass
+class MockCloud:
+    """The mock RunPod served on loopback (in-process: tests, demos, the benchmark)."""
+
+    url: str
+    state: MockRunPodState
+    server: Any  # procure.local.LocalServer
+
+    @property
+    def api_key(self) -> str:
+        return self.state.config.api_key
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_mock_cloud(config: RunPodMockConfig | None = None, port: int | None = None) -> MockCloud:
+    """Serve the mock RunPod on 127.0.0.1 (a free port unless given) in a background thread."""
+    from procure.local import serve
+
+    state = MockRunPodState(config or RunPodMockConfig())
+    server = serve(create_app(state), port)
+    return MockCloud(server.url, state, server)
+
+
+def serve_mock_cloud(config: RunPodMockConfig, port: int = 4200) -> None:
+    """Serve the mock RunPod on 127.0.0.1:`port` in the foreground (the CLI's command)."""
+    import uvicorn
+
+    app = create_app(MockRunPodState(config))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

@@ -1,0 +1,283 @@
+"""RunPod REST v2's wire format, read defensively: catalog GPU types become `Offer`s, pods become
+`Instance`s, billing records micro-USD, problem+json answers the errors of `clouds.base`.
+Anything unexpected is the provider's trouble (`ProviderError`), never a crash."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from procure.bounds import clip
+from procure.clouds.base import (
+    AuthError,
+    CapacityError,
+    CloudError,
+    Instance,
+    InstanceStatus,
+    Offer,
+    ProviderError,
+    QuotaError,
+    RateLimited,
+)
+
+MICROS = 1_000_000
+BILLING_INCREMENT_S = 1  # RunPod bills pods per second (docs.runpod.io/pods/pricing)
+CLOUDS = ("SECURE", "COMMUNITY")
+# How many pods one availability level stands for (RunPod only gives a level, not a count).
+AVAILABLE = {"NONE": 0, "LOW": 1, "MEDIUM": 3, "HIGH": 8}
+STATUS: dict[str, InstanceStatus] = {
+    "PROVISIONING": "booting",
+    "STARTING": "booting",
+    "RUNNING": "active",
+    # RunPod REST v2 has no interruptible pods: a pod that procure never stopped but that shows
+    # EXITED was stopped by the platform (lost host, balance) or its container ended.
+    "EXITED": "preempted",
+    "ERROR": "unhealthy",
+    "TERMINATED": "terminated",
+}
+MAX_PODS = 10_000
+
+
+def billed_micros(rate_usd_per_hour: float, seconds: float) -> int:
+    """RunPod's per-second rule as the mock bills it: every started second is billed, at the
+    pod's hourly rate, rounded to the micro-USD."""
+    whole = max(0, math.ceil(seconds - 1e-6))
+    return round(whole * round(rate_usd_per_hour * MICROS) / 3600)
+
+
+def canonical_gpu(gpu_id: str) -> str:
+    """RunPod's GPU type id ("NVIDIA GeForce RTX 4090", "NVIDIA A100 80GB PCIe") as procure's
+    canonical model ("RTX4090", "A100")."""
+    words = [w for w in re.split(r"\s+", gpu_id.upper()) if w not in ("NVIDIA", "GEFORCE", "AMD")]
+    if not words:
+        return ""
+    if words[0] == "RTX" and len(words) > 1:
+        return words[1] if words[1].startswith("A") else "RTX" + words[1]
+    return words[0]
+
+
+def offer_id(cloud: str, gpu_id: str) -> str:
+    """What `launch` needs of an offer: the cloud tier and the GPU type id."""
+    return f"{cloud}:{gpu_id}"
+
+
+def parse_offer_id(value: str) -> tuple[str, str]:
+    cloud, sep, gpu_id = value.partition(":")
+    if sep and cloud in CLOUDS and gpu_id:
+        return cloud, gpu_id
+    return "SECURE", value  # a bare GPU type id: RunPod's default tier
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Price(_Loose):
+    secure: float = Field(ge=0, le=10_000)
+    community: float = Field(ge=0, le=10_000)
+
+
+class _DataCenter(_Loose):
+    id: str = Field(min_length=1, max_length=200)
+    availability: str = Field(max_length=20)
+
+
+class _GpuType(_Loose):
+    id: str = Field(min_length=1, max_length=200)
+    name: str = Field("", max_length=200)
+    secure: bool = False
+    community: bool = False
+    price: _Price
+    dataCenters: list[_DataCenter] = Field(default_factory=list, max_length=1000)
+
+
+class _PodGpu(_Loose):
+    id: str = Field(max_length=200)
+    count: int = Field(1, ge=1, le=1024)
+
+
+class _Port(_Loose):
+    private: int | None = Field(None, ge=0, le=1_000_000)
+    public: int | None = Field(None, ge=0, le=1_000_000)
+    type: str | None = Field(None, max_length=20)
+    ip: str | None = Field(None, max_length=100)
+
+
+class _Runtime(_Loose):
+    ports: list[_Port] | None = Field(None, max_length=1000)
+
+
+class _Pod(_Loose):
+    id: str = Field(min_length=1, max_length=200)
+    name: str = Field("", max_length=1000)
+    status: str = Field(max_length=40)
+    cost: float = Field(0.0, ge=0, le=100_000)
+    cloud: str = Field("SECURE", max_length=20)
+    dataCenterId: str | None = Field(None, max_length=200)
+    gpu: _PodGpu | None = None
+    ports: list[str] | None = Field(None, max_length=1000)
+    runtime: _Runtime | None = None
+
+
+class _Problem(_Loose):
+    title: str = Field("", max_length=1000)
+    status: int | None = None
+    detail: str = Field("", max_length=10_000)
+    errors: list[str] = Field(default_factory=list, max_length=1000)
+
+
+class _BillingRecord(_Loose):
+    podId: str = Field(max_length=200)
+    totalAmount: float = Field(ge=0, le=1e9)
+
+
+def _first(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    return clip(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}", 200)
+
+
+def offers(body: Any, cloud: str, gpu_count: int = 1) -> list[Offer]:
+    """The offers of one tier in a `listGpuTypes` answer (with include=AVAILABILITY): one per
+    (GPU type, data centre) that has stock, priced per GPU times count."""
+    items = body.get("gpus") if isinstance(body, dict) else None
+    if not isinstance(items, list) or len(items) > 10_000:
+        raise ProviderError("RunPod's GPU catalog answer has no list of gpus")
+    found: list[Offer] = []
+    for raw in items:
+        try:
+            gpu = _GpuType.model_validate(raw)
+        except ValidationError as exc:
+            raise ProviderError(f"RunPod's GPU catalog is malformed: {_first(exc)}") from None
+        if not (gpu.secure if cloud == "SECURE" else gpu.community):
+            continue
+        rate = gpu.price.secure if cloud == "SECURE" else gpu.price.community
+        for dc in gpu.dataCenters:
+            available = AVAILABLE.get(dc.availability, 0)
+            if available <= 0:
+                continue
+            found.append(
+                Offer(
+                    provider="runpod",
+                    offer_id=offer_id(cloud, gpu.id),
+                    gpu=canonical_gpu(gpu.id),
+                    gpu_count=gpu_count,
+                    region=dc.id,
+                    price_per_hour=round(rate * MICROS) * gpu_count,
+                    interruptible=False,
+                    available=available,
+                    billing_increment_s=BILLING_INCREMENT_S,
+                )
+            )
+    return found
+
+
+def node_port_of(ports: list[str] | None, default: int) -> int:
+    """The pod's first `<n>/tcp` port: procure launches its node's port first."""
+    for entry in ports or []:
+        number, _, proto = entry.partition("/")
+        if proto == "tcp" and number.isdigit():
+            return int(number)
+    return default
+
+
+def instance(raw: Any, node_port: int) -> Instance:
+    try:
+        pod = _Pod.model_validate(raw)
+    except ValidationError as exc:
+        raise ProviderError(f"RunPod's pod is malformed: {_first(exc)}") from None
+    status = STATUS.get(pod.status)
+    if status is None:
+        # A status we do not know could be anything; guessing could terminate a live pod.
+        raise ProviderError(f"RunPod reported an unknown pod status {clip(pod.status, 40)!r}")
+    ip = node_url = None
+    if status == "active" and pod.runtime and pod.runtime.ports:
+        private = node_port_of(pod.ports, node_port)
+        for port in pod.runtime.ports:
+            if port.private == private and port.ip and port.public:
+                ip, node_url = port.ip, f"http://{port.ip}:{port.public}"
+                break
+    gpu_id = pod.gpu.id if pod.gpu else ""
+    cloud = pod.cloud if pod.cloud in CLOUDS else "SECURE"
+    return Instance(
+        id=pod.id,
+        name=pod.name,
+        status=status,
+        instance_type=offer_id(cloud, gpu_id),
+        region=pod.dataCenterId or "",
+        ip=ip,
+        price_per_hour=round(pod.cost * MICROS),
+        gpus=pod.gpu.count if pod.gpu else 0,
+        node_url=node_url,
+        interruptible=False,
+        gpu=canonical_gpu(gpu_id),
+    )
+
+
+def pods(body: Any, node_port: int) -> list[Instance]:
+    items = body.get("pods") if isinstance(body, dict) else None
+    if not isinstance(items, list) or len(items) > MAX_PODS:
+        raise ProviderError("RunPod's pods answer has no list of pods")
+    return [instance(p, node_port) for p in items]
+
+
+def billed(body: Any, pod_id: str) -> int:
+    """Micro-USD billed for `pod_id`: the sum of its `listPodBilling` records."""
+    items = body.get("records") if isinstance(body, dict) else None
+    if not isinstance(items, list) or len(items) > 100_000:
+        raise ProviderError("RunPod's billing answer has no records")
+    try:
+        records = [_BillingRecord.model_validate(r) for r in items]
+    except ValidationError as exc:
+        raise ProviderError(f"RunPod's billing record is malformed: {_first(exc)}") from None
+    return round(sum(r.totalAmount for r in records if r.podId == pod_id) * MICROS)
+
+
+def problem(body: Any) -> tuple[str, list[str]]:
+    """(detail, errors) of a problem+json answer; ("", []) when `body` is not one."""
+    try:
+        found = _Problem.model_validate(body)
+    except ValidationError:
+        return "", []
+    return clip(found.detail or found.title, 300), [clip(e, 200) for e in found.errors[:5]]
+
+
+def retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (RunPod sends integer seconds); None when absent or unreadable."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(min(int(value.strip()), 3600))
+
+
+def exhausted_for(rate_limit: str | None) -> float | None:
+    """Seconds until a window whose remaining count is 0 resets, from the `RateLimit` header
+    (`"minute";r=0;t=12, ...`); None when every window has requests left."""
+    wait = None
+    for member in (rate_limit or "")[:1000].split(","):
+        params = dict(p.strip().partition("=")[::2] for p in member.split(";")[1:])
+        if params.get("r") == "0" and params.get("t", "").isdigit():
+            wait = max(wait or 0.0, float(min(int(params["t"]), 3600)))
+    return wait
+
+
+def error_for(status: int, body: Any, what: str, *, create: bool, after: str | None) -> CloudError:
+    """The exception for a failed call, by RunPod's createPod policy: 422 never retry, 400 try
+    the next candidate (rule or capacity), 402 stop (balance), 401/403 the key, 429 wait, 5xx
+    retry."""
+    detail, errors = problem(body)
+    text = f"{what}: RunPod answered {status}" + (f": {detail}" if detail else "")
+    if errors:
+        text += " (" + "; ".join(errors) + ")"
+    if status in (401, 403):
+        return AuthError(f"{what}: RunPod refused the API key ({status} {detail or 'denied'})")
+    if status == 429:
+        return RateLimited(text, retry_after(after))
+    if status == 402:
+        return QuotaError(text)
+    if status == 400 and create:
+        return CapacityError(text)
+    if status >= 500 or not detail:
+        return ProviderError(text if detail else f"{what}: RunPod answered {status} without JSON")
+    return CloudError(text)  # 400 elsewhere, 404, 409, 422: fix the request, never retry
