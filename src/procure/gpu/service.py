@@ -1,6 +1,7 @@
 """The GPU worker's HTTP service (`procure gpu-worker`): `POST /gpu-check` (and its alias
 `/agent-net`) in seed 003's shape, `GET /models`, `GET /metrics` (dcgm-exporter names),
-`GET /healthz`, and the dead-man lease. Registration with an orchestrator runs beside it."""
+`GET /healthz`, the dead-man lease and the job runner (`/jobs`). Registration with an
+orchestrator runs beside it."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
 from procure.gpu import registration
 from procure.gpu.deadman import DeadMan
+from procure.gpu.job_routes import job_router
+from procure.gpu.jobs import JobRunner, Limits
 from procure.gpu.metrics import exposition
 from procure.gpu.ollama import Catalogue, ollama_client, read_catalogue
 from procure.gpu.probe import CachedProbe, Probe, nvml_reader
@@ -69,6 +72,18 @@ def create_gpu_worker_app(
         settings.on_orphan.get_secret_value() if settings.on_orphan else None,
         timeout_s=settings.orphan_action_timeout_s,
     )
+    runner = JobRunner(
+        Limits(
+            max_running=settings.jobs_max_running,
+            keep=settings.jobs_keep,
+            log_lines=settings.job_log_lines,
+            line_bytes=settings.job_line_bytes,
+            cancel_grace_s=settings.job_cancel_grace_s,
+            checkpoint_root=settings.checkpoint_dir,
+            docker=settings.docker_binary,
+            docker_gpus=settings.docker_gpus,
+        )
+    )
     state: registration.Registration | None = None
     if settings.orchestrator_url:
         state = registration.Registration(settings.orchestrator_url, settings.capability_name)
@@ -92,6 +107,7 @@ def create_gpu_worker_app(
             try:
                 yield
             finally:
+                await runner.close()  # no job outlives the node
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -119,7 +135,8 @@ def create_gpu_worker_app(
     app = FastAPI(
         title="procure GPU worker",
         version="0.1.0",
-        description="GPU health (NVML), the Ollama model catalogue and dcgm-exporter metrics.",
+        description="GPU health (NVML), the Ollama model catalogue, dcgm-exporter metrics and the "
+        "job runner.",
         lifespan=lifespan,
     )
     app.add_middleware(BoundedRequests)  # outermost: before any parser or authentication
@@ -236,7 +253,15 @@ def create_gpu_worker_app(
             # Anyone who can reach the port could otherwise shut the instance down.
             raise HTTPException(403, "leases need GPU_WORKER_TOKEN to be set")
 
+    def _jobs_allowed() -> None:
+        if settings.token is None:
+            # Anyone who can reach the port could otherwise run any command on the instance.
+            raise HTTPException(403, "jobs need GPU_WORKER_TOKEN to be set")
+
+    app.include_router(job_router(runner, require_token, _jobs_allowed))
+
     app.state.probe = probe
+    app.state.jobs = runner
     app.state.deadman = deadman
     app.state.registration = state
     return app
