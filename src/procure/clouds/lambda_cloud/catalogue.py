@@ -21,13 +21,14 @@ class MockType:
     gpu_memory_mb: int
     power_limit_w: int
 
-    def to_json(self) -> dict[str, Any]:
-        """Lambda's `InstanceType` object."""
+    def to_json(self, price_cents: int | None = None) -> dict[str, Any]:
+        """Lambda's `InstanceType` object (at `price_cents` per hour where the price moved)."""
+        price = self.price_cents_per_hour if price_cents is None else price_cents
         return {
             "name": self.name,
             "description": self.description,
             "gpu_description": self.gpu_description,
-            "price_cents_per_hour": self.price_cents_per_hour,
+            "price_cents_per_hour": price,
             "specs": {
                 "vcpus": self.vcpus,
                 "memory_gib": self.memory_gib,

@@ -1,16 +1,30 @@
-"""The Lambda Cloud API v1 client (`Cloud` of `clouds.base`): instance types with prices and
-capacity, instances, launch and terminate, over httpx with one deadline per call and client-side
-pacing. The API key goes only in the Authorization header: never in a log or an exception."""
+"""The Lambda Cloud API v1 client, both `Cloud` (the fleet: instance types, instances, launch,
+terminate) and `RentalCloud` (the agent: offers, launch by name from a spec, find, billing) of
+`clouds.base`, over httpx with one deadline per call and client-side pacing. The API key goes
+only in the Authorization header to its own base URL: never in a log or an exception."""
 
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 from typing import Any
 
 import httpx
 
 from procure.bounds import UnsafeInput, loads
-from procure.clouds.base import AuthError, CloudError, Instance, InstanceType, ProviderError
+from procure.clouds.base import (
+    LABEL_PREFIX,
+    AuthError,
+    CloudError,
+    Instance,
+    InstanceType,
+    LaunchSpec,
+    Offer,
+    Provider,
+    ProviderError,
+    RateLimited,
+)
 from procure.clouds.lambda_cloud import wire
 from procure.clouds.lambda_cloud.pacing import Pacer
 from procure.clouds.lambda_cloud.settings import LambdaSettings
@@ -19,11 +33,18 @@ from procure.httpbounds import bounded_client
 log = logging.getLogger(__name__)
 MAX_NAME = 64  # Lambda's limit on an instance name
 GONE = {"terminating", "terminated", "preempted"}
+ENDED = {"terminating", "terminated"}
+TAG = {"key": "managed-by", "value": "procure"}  # marks procure's instances in Lambda's console
+MAX_USER_DATA = 1024 * 1024  # Lambda's limit on user_data
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
 class LambdaCloud:
     """One account's client. `transport` routes requests elsewhere (tests); `pacer` spaces
     them (default: Lambda's published limits on the wall clock)."""
+
+    provider: Provider = "lambda"
+    billing_increment_s: int = wire.BILLING_INCREMENT_S
 
     def __init__(
         self,
@@ -36,7 +57,9 @@ class LambdaCloud:
         self._key = settings.api_key.get_secret_value() if settings.api_key else ""
         self.base_url = settings.api_url.rstrip("/")
         self.pacer = pacer or Pacer()
-        headers = {"Accept": "application/json", "User-Agent": "procure-fleet"}
+        self.ssh_key_name = settings.ssh_key_name
+        self.node_port = settings.node_port
+        headers = {"Accept": "application/json", "User-Agent": "procure"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         self._http = bounded_client(
@@ -54,7 +77,7 @@ class LambdaCloud:
         return wire.instance_types(await self._call("GET", "/api/v1/instance-types"))
 
     async def instances(self) -> list[Instance]:
-        return wire.instances(await self._call("GET", "/api/v1/instances"))
+        return wire.instances(await self._call("GET", "/api/v1/instances"), self.node_port)
 
     async def instance(self, instance_id: str) -> Instance | None:
         """One instance, or None when Lambda does not know it (any more)."""
@@ -62,7 +85,7 @@ class LambdaCloud:
             body = await self._call("GET", f"/api/v1/instances/{_segment(instance_id)}")
         except _NotFound:
             return None
-        return wire.one_instance(body)
+        return wire.one_instance(body, self.node_port)
 
     async def find_by_name(self, name: str) -> list[Instance]:
         """Instances named `name`: how a launch retried after a crash finds what it launched."""
@@ -106,6 +129,102 @@ class LambdaCloud:
         except _NotFound:
             return []  # gone in between
 
+    # --- RentalCloud: the agent's view ---------------------------------------------------
+
+    async def offers(self, *, gpu: str | None = None) -> list[Offer]:
+        """One offer per GPU instance type and region with capacity now, cheapest first. Lambda
+        says only whether a region has capacity, so `available` is 1."""
+        found = [
+            Offer(
+                provider="lambda",
+                offer_id=t.name,
+                gpu=wire.gpu_of(t.name),
+                gpu_count=t.gpus,
+                region=region,
+                price_per_hour=t.price_per_hour,
+                interruptible=False,  # Lambda sells no spot or bid instances
+                available=1,
+                billing_increment_s=self.billing_increment_s,
+            )
+            for t in await self.instance_types()
+            if t.gpus > 0 and wire.gpu_of(t.name)
+            for region in t.regions_with_capacity
+        ]
+        if gpu:
+            found = [o for o in found if o.gpu == gpu.strip().upper()]
+        return sorted(found, key=lambda o: (o.price_per_hour, o.gpu_count, o.offer_id, o.region))
+
+    async def launch_spec(self, spec: LaunchSpec) -> Instance:
+        """Launch one instance named `spec.name` and tagged as procure's, with `user_data`
+        exporting `spec.env` before `spec.startup_script` (see `user_data`). Not idempotent:
+        callers `find(spec.name)` first. The instance is booting; `get` follows it."""
+        if not spec.name.startswith(LABEL_PREFIX):
+            raise CloudError(f"an instance procure launches is named {LABEL_PREFIX}…")
+        if spec.offer.provider != "lambda":
+            raise CloudError(f"an offer of {spec.offer.provider} cannot launch on Lambda")
+        if len(spec.name) > MAX_NAME:
+            raise CloudError(f"instance name longer than Lambda's {MAX_NAME} characters")
+        body: dict[str, Any] = {
+            "region_name": spec.offer.region,
+            "instance_type_name": spec.offer.offer_id,
+            "ssh_key_names": [self.ssh_key_name],
+            "name": spec.name,
+            "tags": [TAG],
+        }
+        script = user_data(spec)
+        if script is not None:
+            body["user_data"] = script
+        path = "/api/v1/instance-operations/launch"
+        try:
+            answer = await self._call("POST", path, body, launch=True)
+        except CloudError as exc:
+            raise _without(exc, spec.env.values()) from None
+        ids = wire.launched_ids(answer)
+        log.info(
+            "launched %s (%s in %s) as %s",
+            spec.name,
+            spec.offer.offer_id,
+            spec.offer.region,
+            ", ".join(ids),
+        )
+        return Instance(
+            id=ids[0],
+            name=spec.name,
+            status="booting",
+            instance_type=spec.offer.offer_id,
+            region=spec.offer.region,
+            ip=None,
+            price_per_hour=spec.offer.price_per_hour,
+            gpus=spec.offer.gpu_count,
+            gpu=spec.offer.gpu,
+        )
+
+    async def find(self, name: str) -> list[Instance]:
+        """Instances named `name` that are not terminating or terminated (Lambda cannot filter
+        by name: the whole list is read). A preempted one is returned: its job is lost, and the
+        caller must see that rather than launch blind."""
+        return [i for i in await self.instances() if i.name == name and i.status not in ENDED]
+
+    async def get(self, instance_id: str) -> Instance | None:
+        return await self.instance(instance_id)
+
+    async def labelled(self) -> list[Instance]:
+        """Every live instance named with procure's prefix (filtered here: Lambda has no
+        server-side filter)."""
+        return [
+            i
+            for i in await self.instances()
+            if i.name and i.name.startswith(LABEL_PREFIX) and i.status not in GONE
+        ]
+
+    async def billed(self, instance_id: str) -> int | None:
+        """None: Lambda has no billing endpoint. Procure computes the cost as Lambda bills it
+        (`wire.cost_micros`): the instance type's hourly price / 60 for each minute begun, from
+        when the instance is first seen `active` (it passed its health checks) to its
+        terminate or preemption; booting is free."""
+        _segment(instance_id)
+        return None
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -134,14 +253,46 @@ class LambdaCloud:
         code = wire.error_code(parsed)
         if response.status_code == 404 and code and code[0] == "global/object-does-not-exist":
             raise _NotFound(what)
-        found = wire.error_for(response.status_code, parsed, what)
-        error = type(found)(self._scrub(str(found)))
+        found = wire.error_for(
+            response.status_code, parsed, what, response.headers.get("retry-after")
+        )
+        error = _without(found, [self._key])
         log.warning("%s", error)
         raise error
 
     def _scrub(self, text: str) -> str:
         # A provider or proxy that echoes the request must not put the key in our messages.
         return text.replace(self._key, "***") if self._key else text
+
+
+def user_data(spec: LaunchSpec) -> str | None:
+    """The launch's cloud-init `user_data` (Lambda is a VM: no image, no env field): a bash
+    script exporting `spec.env` (`export NAME='value'`, one a line, shell-quoted), then
+    `spec.startup_script`. None when there is neither."""
+    if not spec.env and not spec.startup_script:
+        return None
+    lines = ["#!/bin/bash"]
+    for name, value in spec.env.items():
+        if not _ENV_NAME.match(name) or "\0" in value or "\n" in value:
+            raise CloudError(f"not an environment variable procure can export: {name[:40]!r}")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    if spec.startup_script:
+        lines.append(spec.startup_script)
+    script = "\n".join(lines) + "\n"
+    if len(script.encode()) > MAX_USER_DATA:
+        raise CloudError("the start-up script is over Lambda's 1 MB user_data limit")
+    return script
+
+
+def _without(error: CloudError, secrets: Any) -> CloudError:
+    """`error` again, with no secret (the key, the launch's env values) in its message."""
+    text = str(error)
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "***")
+    if isinstance(error, RateLimited):
+        return RateLimited(text, error.retry_after_s)
+    return type(error)(text)
 
 
 class _NotFound(CloudError):

@@ -5,6 +5,8 @@ nodes read it from different threads. Refusals are `Refusal`s in Lambda's error 
 
 from __future__ import annotations
 
+import math
+import random
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -35,6 +37,21 @@ class MockCloudConfig:
     api_url: str = ""  # where the nodes' dead-man switch calls terminate (set when served)
     workload: list[JobSpec] = field(default_factory=list)  # placed from simulated time 0
     nodes: bool = True  # run a GPU node per instance (off: the API and the queue only)
+    # Prices that move: each type's price is redrawn every `price_period_s` simulated seconds
+    # within ±`price_drift` (a fraction) of its list price, deterministically from `seed`. An
+    # instance keeps the price of its launch. 0: list prices, as Lambda's mostly are.
+    price_drift: float = 0.0
+    price_period_s: float = 3600.0
+    seed: int = 0
+    # Lambda's published limits, on the wall clock (off by default: tests and demos run faster
+    # than real time): about 1 request/s, launch 1 per 12 s or 5 a minute. Each is a token
+    # bucket (`*_burst` at once, one more every `*_interval_s`). Refused: 429 in Lambda's error
+    # envelope, without Retry-After (Lambda documents neither the 429 nor the header).
+    rate_limit: bool = False
+    request_interval_s: float = 1.0
+    request_burst: int = 2
+    launch_interval_s: float = 12.0
+    launch_burst: int = 5
 
 
 class Refusal(Exception):
@@ -72,6 +89,10 @@ class MockInstance:
     ended_at: float | None = None  # terminate or preemption
     ip: str | None = None  # set once its node is bound
     node_up: bool = False
+    billed_from: float | None = None  # when it passed health checks (became active)
+    price_cents: int = 0  # per hour, fixed at launch
+    tags: list[dict[str, str]] = field(default_factory=list)
+    node_token: str | None = None  # from the launch's user_data; else the config's node_token
     private_ip: str = ""
     jupyter_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
@@ -86,7 +107,8 @@ class MockCloudState:
         self.launches = 0
         self.refusals: dict[str, int] = {}
         self.lock = threading.RLock()
-        self._ended_billing: dict[str, int] = {}
+        self.forgotten_billed = 0  # micro-USD billed for instances no longer listed
+        self.never_boot = False  # a fault: instances launched now stay booting forever
         if config.workload:
             self.cluster.submit(config.workload, 0.0)
 
@@ -108,6 +130,7 @@ class MockCloudState:
                 if inst.active_at > now:
                     break
                 inst.status = "active"
+                inst.billed_from = inst.active_at
                 self.cluster.add_node(inst.id, inst.type.gpus, inst.active_at)
             self.cluster.advance(now)
             for inst in list(self.instances.values()):
@@ -116,12 +139,22 @@ class MockCloudState:
                 if inst.status == "terminating" and now >= inst.ended_at + self.config.terminate_s:
                     inst.status = "terminated"
                 if now >= inst.ended_at + self.config.terminate_s + self.config.retain_s:
+                    self.forgotten_billed += self.billed(inst, now)
                     del self.instances[inst.id]
             return now
 
     # --- the API's operations --------------------------------------------------------------
 
-    def launch(self, type_name: str, region: str, name: str, ssh_key_names: list[str]) -> str:
+    def launch(
+        self,
+        type_name: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        *,
+        tags: list[dict[str, str]] | None = None,
+        node_token: str | None = None,
+    ) -> str:
         with self.lock:
             now = self.step()
             kind = self.config.types.get(type_name)
@@ -177,7 +210,10 @@ class MockCloudState:
                 region=region,
                 ssh_key_names=list(ssh_key_names),
                 launched_at=now,
-                active_at=now + self.config.boot_s,
+                active_at=math.inf if self.never_boot else now + self.config.boot_s,
+                tags=list(tags or []),
+                node_token=node_token,
+                price_cents=self.price_cents(type_name, now),
             )
             inst.private_ip = (
                 f"10.0.{len(self.instances) // 250 % 250}.{len(self.instances) % 250 + 2}"
@@ -237,6 +273,16 @@ class MockCloudState:
     def live(self) -> list[MockInstance]:
         return [i for i in self.instances.values() if i.status in LIVE]
 
+    def price_cents(self, type_name: str, now: float) -> int:
+        """The type's price per hour at simulated time `now` (see `MockCloudConfig.price_drift`)."""
+        base = self.config.types[type_name].price_cents_per_hour
+        drift = self.config.price_drift
+        if drift <= 0:
+            return base
+        period = int(now // max(self.config.price_period_s, 1.0))
+        draw = random.Random(f"{self.config.seed}:{type_name}:{period}").uniform(-1, 1)
+        return max(1, round(base * (1 + drift * draw)))
+
     def free_capacity(self, type_name: str, region: str) -> int:
         used = sum(1 for i in self.live() if i.type.name == type_name and i.region == region)
         return self.config.capacity.get(type_name, {}).get(region, 0) - used
@@ -263,9 +309,39 @@ class MockCloudState:
             ]
 
     def _cost(self, inst: MockInstance, until: float) -> int:
-        # Billed from launch (booting included) to the end, per second, as Lambda bills.
+        # The fleet simulation's conservative cost (`figures`, the fleet benchmark): per second
+        # from launch, booting included. What Lambda bills is `billed` (`GET /admin/billing`).
         hours = max(0.0, until - inst.launched_at) / 3600
-        return round(inst.type.price_cents_per_hour * 10_000 * hours)
+        return round(inst.price_cents * 10_000 * hours)
+
+    def billed(self, inst: MockInstance, now: float) -> int:
+        """Micro-USD Lambda bills for `inst` by its rule: from when it passed its health checks
+        (became active) to terminate or preemption, in whole minutes, each minute begun billed
+        (Lambda does not document partial-minute rounding; up is the conservative reading), at
+        the type's hourly price / 60 per minute, rounded to the micro-dollar. Booting is free."""
+        if inst.billed_from is None:
+            return 0
+        end = inst.ended_at if inst.ended_at is not None else now
+        seconds = round(max(0.0, end - inst.billed_from), 3)  # float noise must not add a minute
+        minutes = math.ceil(seconds / 60)
+        return round(minutes * inst.price_cents * 10_000 / 60)
+
+    def billing(self) -> dict[str, Any]:
+        """`GET /admin/billing`: each instance still listed and what Lambda's rule bills for it.
+        Instances forgotten after `retain_s` keep their amount in the total."""
+        with self.lock:
+            now = self.step()
+            rows = [
+                {
+                    "id": i.id,
+                    "name": i.name,
+                    "billedMicroUsd": self.billed(i, now),
+                    "status": i.status,
+                }
+                for i in self.instances.values()
+            ]
+            total = self.forgotten_billed + sum(int(r["billedMicroUsd"]) for r in rows)
+            return {"totalMicroUsd": total, "instances": rows}
 
     def figures(self) -> dict[str, Any]:
         """Queue, utilisation and money, for the benchmark and the admin endpoint."""
@@ -281,5 +357,5 @@ class MockCloudState:
                 "launches": self.launches,
                 "refusals": dict(self.refusals),
                 "billed_usd": round((self.billed_micros + running) / 1e6, 6),
-                "hourly_usd": round(sum(i.type.price_cents_per_hour for i in self.live()) / 100, 2),
+                "hourly_usd": round(sum(i.price_cents for i in self.live()) / 100, 2),
             }

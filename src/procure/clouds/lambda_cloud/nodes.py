@@ -18,6 +18,32 @@ from procure.gpu.settings import GpuWorkerSettings
 log = logging.getLogger(__name__)
 
 
+def env_from_user_data(user_data: str | None) -> dict[str, str]:
+    """The environment a launch's `user_data` exports, as the instance's shell would see it:
+    every line `export NAME=VALUE` (VALUE in shell quoting, as `shlex.quote` writes it; more
+    than one NAME=VALUE per line allowed). Other lines are the start-up script and ignored; a
+    line that does not parse is skipped. This is the format `LambdaCloud.launch_spec` writes:
+
+        #!/bin/bash
+        export GPU_WORKER_TOKEN='tok'
+        export PROCURE_JOB=job-1
+        <the start-up script>
+    """
+    env: dict[str, str] = {}
+    for line in (user_data or "").splitlines():
+        if not line.lstrip().startswith("export "):
+            continue
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        for word in words[1:]:
+            name, sep, value = word.partition("=")
+            if sep and name.isidentifier():
+                env[name] = value
+    return env
+
+
 def stop_command(state: MockCloudState, instance_id: str) -> str:
     """The node's stop action: terminate its own instance through the cloud's API (the command
     an operator would set as GPU_WORKER_ON_ORPHAN on a real Lambda instance)."""
@@ -32,7 +58,7 @@ def node_settings(state: MockCloudState, inst: MockInstance) -> GpuWorkerSetting
     # orchestrator, Ollama) never reaches the simulated nodes.
     return GpuWorkerSettings(
         _env_file=None,  # type: ignore[call-arg]
-        GPU_WORKER_TOKEN=state.config.node_token,
+        GPU_WORKER_TOKEN=inst.node_token or state.config.node_token,
         GPU_WORKER_NVML_CACHE_S=0.0,
         OLLAMA_URL=None,
         ORCHESTRATOR_URL=None,

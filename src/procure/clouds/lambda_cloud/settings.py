@@ -1,5 +1,6 @@
 """The Lambda Cloud client's configuration: the API key and base URL from the environment or
-`.env` (`LAMBDA_API_KEY`, `LAMBDA_API_URL`), and the deadline of each call."""
+`.env` (`LAMBDA_API_KEY`, `LAMBDA_API_URL`), the deadline of each call, and what a launch needs
+(the account's SSH key name, the port the GPU node listens on in each instance)."""
 
 from __future__ import annotations
 
@@ -22,4 +23,18 @@ class LambdaSettings(BaseSettings):
     )
     timeout_s: float = Field(
         30.0, gt=0, le=600, validation_alias="LAMBDA_API_TIMEOUT_S", description="Per call, all in"
+    )
+    ssh_key_name: str = Field(
+        "procure",
+        min_length=1,
+        max_length=200,
+        validation_alias="LAMBDA_SSH_KEY_NAME",
+        description="The SSH key (registered in the Lambda account) each launch names",
+    )
+    node_port: int = Field(
+        9876,
+        ge=1,
+        le=65535,
+        validation_alias="LAMBDA_NODE_PORT",
+        description="Where each instance's GPU node answers (the firewall must open it)",
     )

@@ -3,6 +3,9 @@ envelopes become its exceptions. Anything unexpected is the provider's trouble, 
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import re
 from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,10 +20,13 @@ from procure.clouds.base import (
     InstanceType,
     ProviderError,
     QuotaError,
+    RateLimited,
 )
 
 CENTS = 10_000  # micro-USD per cent
 STATUSES = set(get_args(InstanceStatus))
+BILLING_INCREMENT_S = 60
+_TYPE_NAME = re.compile(r"^gpu_(\d+)x_([a-z0-9]+)")
 
 
 class _Loose(BaseModel):
@@ -88,7 +94,41 @@ def instance_types(body: Any) -> list[InstanceType]:
     ]
 
 
-def instance(raw: Any) -> Instance:
+def gpu_of(type_name: str) -> str:
+    """The canonical GPU model of a Lambda instance type: gpu_1x_a100 → A100, gpu_8x_h100_sxm5
+    → H100, gpu_1x_gh200 → GH200; "" for a type that is not named so (cpu_4x_general)."""
+    found = _TYPE_NAME.match(type_name)
+    return found.group(2).upper() if found else ""
+
+
+def address(ip: str | None) -> str | None:
+    """`ip` when it is an IP address and nothing else (no port, path or host name), else None:
+    an address taken from the cloud's answer must not steer a node's token anywhere else."""
+    if not ip:
+        return None
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return None
+
+
+def node_url(ip: str | None, port: int) -> str | None:
+    checked = address(ip)
+    if checked is None:
+        return None
+    host = f"[{checked}]" if ":" in checked else checked
+    return f"http://{host}:{port}"
+
+
+def cost_micros(price_per_hour: int, billed_s: float) -> int:
+    """What Lambda bills (micro-USD) for `billed_s` seconds of an instance at `price_per_hour`
+    micro-USD: whole minutes, each minute begun counted, at the hourly price / 60. Billing runs
+    from when the instance passes its health checks (shows `active`) to its terminate."""
+    seconds = round(max(0.0, billed_s), 3)  # float noise must not add a minute
+    return round(math.ceil(seconds / BILLING_INCREMENT_S) * price_per_hour / 60)
+
+
+def instance(raw: Any, node_port: int | None = None) -> Instance:
     try:
         i = _Instance.model_validate(raw)
     except ValidationError as exc:
@@ -96,27 +136,31 @@ def instance(raw: Any) -> Instance:
     if i.status not in STATUSES:
         # A status we do not know could be anything; guessing could terminate a live instance.
         raise ProviderError(f"Lambda reported an unknown instance status {clip(i.status, 40)!r}")
+    ip = address(i.ip)
+    up = i.status == "active" and node_port is not None
     return Instance(
         id=i.id,
         name=i.name,
         status=i.status,  # type: ignore[arg-type]
         instance_type=i.instance_type.name,
         region=i.region.name,
-        ip=i.ip or None,
+        ip=ip,
         price_per_hour=i.instance_type.price_cents_per_hour * CENTS,
         gpus=i.instance_type.specs.gpus,
+        node_url=node_url(ip, node_port) if up and node_port is not None else None,
+        gpu=gpu_of(i.instance_type.name),
     )
 
 
-def instances(body: Any) -> list[Instance]:
+def instances(body: Any, node_port: int | None = None) -> list[Instance]:
     data = _data(body, "instances")
     if not isinstance(data, list) or len(data) > 10_000:
         raise ProviderError("Lambda's instances answer is not a list")
-    return [instance(i) for i in data]
+    return [instance(i, node_port) for i in data]
 
 
-def one_instance(body: Any) -> Instance:
-    return instance(_data(body, "the instance"))
+def one_instance(body: Any, node_port: int | None = None) -> Instance:
+    return instance(_data(body, "the instance"), node_port)
 
 
 def launched_ids(body: Any) -> list[str]:
@@ -145,12 +189,25 @@ def error_code(body: Any) -> tuple[str, str] | None:
     return error.code, clip(error.message, 300)
 
 
-def error_for(status: int, body: Any, what: str) -> CloudError:
+def retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (Lambda documents no 429; a proxy's may carry one), bounded."""
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        return None  # absent, or an HTTP date: the caller backs off on its own
+    return min(seconds, 3600.0) if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def error_for(
+    status: int, body: Any, what: str, retry_after_header: str | None = None
+) -> CloudError:
     """The exception for a failed call: by Lambda's `code` first, by HTTP status when the body
-    is not Lambda's envelope (a proxy's page, garbage)."""
+    is not Lambda's envelope (a proxy's page, garbage). A 429 is `RateLimited`."""
     found = error_code(body)
     code, message = found if found else ("", "")
     text = f"{what}: Lambda answered {status}" + (f" {code}: {message}" if code else "")
+    if status == 429:
+        return RateLimited(text, retry_after(retry_after_header))
     if code == "instance-operations/launch/insufficient-capacity":
         return CapacityError(text)
     if code == "global/quota-exceeded":
