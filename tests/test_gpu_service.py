@@ -93,7 +93,7 @@ def test_without_a_driver_the_worker_still_answers_plainly() -> None:
     assert "no NVIDIA driver found" in body["reason"]
     assert health.json()["gpu_count"] == 0 and "no NVIDIA driver" in health.json()["reason"]
     families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
-    assert families["procure_gpu_count"].samples[0].value == 0
+    assert families["procure_gpus"].samples[0].value == 0
     assert families["DCGM_FI_DEV_GPU_UTIL"].samples == []
 
 
@@ -159,9 +159,11 @@ def test_metrics_speak_dcgm_exporter_names_and_labels() -> None:
     assert sample.labels == {
         "gpu": "1",
         "UUID": "GPU-bbbb",
+        "pci_bus_id": "",
         "device": "nvidia1",
         "modelName": "NVIDIA H100 80GB HBM3",
         "Hostname": "node-7",
+        "DCGM_FI_DRIVER_VERSION": "550.54.15",
     }
     failing = {s.labels["gpu"]: s.value for s in families["procure_gpu_read_error"].samples}
     assert failing == {"0": 0, "1": 0, "2": 1}

@@ -1,6 +1,7 @@
 """What an action tells the world: the seed's audit entry and its Slack messages (🚫 blocked,
 ✅ executed, ⚠️ requires confirmation, ❌ failed), queued in the outbox in the same transaction
-that records the action, so none is lost and none blocks the controller."""
+that records the action, so none is lost and none blocks the controller. Text is escaped as
+Slack's formatting rules require (`&`, `<`, `>`), so no name can ping a channel or hide a link."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from sqlalchemy.orm import Session
 
 from procure.store import fleet_repo
 from procure.store.fleet_tables import ActionRow
+
+
+def slack_escape(text: str) -> str:
+    """Slack's three control characters as entities: `<!channel>`, `<@U123>` and `<url|label>`
+    from a cloud, vendor or instance name then show as typed instead of acting."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _impact(row: ActionRow) -> float | None:
@@ -64,6 +71,8 @@ def headline(row: ActionRow, detail: str = "") -> str | None:
 
 
 def slack_message(row: ActionRow, text: str) -> dict[str, Any]:
+    """The webhook payload; `text` is raw (escaped here, once)."""
+    text = slack_escape(text)
     context = [
         f"action `{row.action_id}`",
         f"target `{row.target_instance}`" if row.target_instance else "",
@@ -74,7 +83,9 @@ def slack_message(row: ActionRow, text: str) -> dict[str, Any]:
         {"type": "section", "text": {"type": "mrkdwn", "text": text}},
         {
             "type": "context",
-            "elements": [{"type": "mrkdwn", "text": " · ".join(c for c in context if c)}],
+            "elements": [
+                {"type": "mrkdwn", "text": slack_escape(" · ".join(c for c in context if c))}
+            ],
         },
     ]
     if row.status == "pending":
@@ -84,8 +95,10 @@ def slack_message(row: ActionRow, text: str) -> dict[str, Any]:
                 "type": "section",
                 "text": {
                     "type": "mrkdwn",
-                    "text": f"Approve: `procure fleet approve {row.action_id}` · "
-                    f"reject: `procure fleet reject {row.action_id}`",
+                    "text": slack_escape(
+                        f"Approve: `procure fleet approve {row.action_id}` · "
+                        f"reject: `procure fleet reject {row.action_id}`"
+                    ),
                 },
             },
         )

@@ -1,24 +1,36 @@
 """Delivering the outbox: Slack messages to the incoming webhook (honouring 429 Retry-After,
-backing off on failure, never losing one) and audit entries to the log file and, optionally,
-a local git repository (one commit per entry). Runs beside the controller, never inside it."""
+backing off on 5xx, recording and dropping what Slack refuses for good) and audit entries to the
+log file and, optionally, a local git repository (one commit per entry). Runs beside the
+controller, never inside it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from datetime import datetime, timedelta
+import math
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import httpx
+from sqlalchemy import update
 
 from procure.bounds import clip
 from procure.models import utcnow
 from procure.store import Store, fleet_repo
+from procure.store.fleet_tables import OutboxRow
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 600.0
 MAX_RETRY_AFTER_S = 3600.0
+# Slack's answers that no retry can change (invalid_payload, invalid_token, channel_not_found,
+# no_service, channel_is_archived, ...): a few tries, then the message is recorded and dropped.
+PERMANENT = frozenset({400, 403, 404, 410})
+MAX_PERMANENT_TRIES = 3
+# 5xx is retried (with Retry-After when given) but not for ever: a message the webhook always
+# fails on must not hold the queue behind it for good (at the backoff cap, about 7 hours).
+MAX_SERVER_ERROR_TRIES = 50
 
 
 def backoff(attempts: int) -> float:
@@ -26,40 +38,72 @@ def backoff(attempts: int) -> float:
 
 
 def retry_after(response: httpx.Response, attempts: int) -> float:
-    value = response.headers.get("retry-after", "")
+    """Retry-After in seconds or as an HTTP date (capped); the backoff when absent or garbage."""
+    value = response.headers.get("retry-after", "").strip()
     try:
-        return min(MAX_RETRY_AFTER_S, max(0.0, float(value)))
+        seconds = float(value)
     except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return backoff(attempts)
+    if not math.isfinite(seconds):
         return backoff(attempts)
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
+
+
+def _drop(store: Store, message_id: int, error: str) -> None:
+    """Recorded (its last error says why) and no longer queued."""
+    with store.session() as s:
+        s.execute(
+            update(OutboxRow)
+            .where(OutboxRow.id == message_id)
+            .values(
+                delivered_at=utcnow(),
+                attempts=OutboxRow.attempts + 1,
+                last_error=clip(f"dropped: {error}", 300),
+            )
+            .execution_options(synchronize_session=False)
+        )
 
 
 async def deliver_slack(
     store: Store, client: httpx.AsyncClient, url: str, now: datetime | None = None
 ) -> int:
-    """Post the due Slack messages in order; stop at the first refusal (Slack asks for about
-    one message a second: the rest wait their turn). How many were delivered."""
+    """Post the due Slack messages in order. 429 and 5xx (and no answer) concern the webhook
+    as a whole: the message waits (Retry-After, else backoff) and so do the ones behind it,
+    keeping their order. Any other refusal concerns this message: it is tried again on the
+    next pass without holding the others back, and dropped (recorded) after
+    MAX_PERMANENT_TRIES. How many were delivered."""
     now = now or utcnow()
     with store.session() as s:
         due = [(m.id, m.payload, m.attempts) for m in fleet_repo.due_messages(s, "slack", now)]
     delivered = 0
     for message_id, payload, attempts in due:
-        wait: float | None = None
-        error = ""
         try:
             response = await client.post(url, json=payload)
-            if response.status_code == 200:
+        except httpx.HTTPError as exc:
+            wait, error = backoff(attempts), f"{type(exc).__name__}: {clip(str(exc), 100)}"
+        else:
+            status = response.status_code
+            if status == 200:
                 with store.session() as s:
                     fleet_repo.mark_delivered(s, message_id, utcnow())
                 delivered += 1
                 continue
-            wait = (
-                retry_after(response, attempts)
-                if response.status_code == 429
-                else backoff(attempts)
-            )
-            error = f"HTTP {response.status_code}: {clip(response.text, 100)}"
-        except httpx.HTTPError as exc:
-            wait, error = backoff(attempts), f"{type(exc).__name__}: {exc}"
+            error = f"HTTP {status}: {clip(response.text, 100)}"
+            transient = status == 429 or status >= 500
+            tries = attempts + 1
+            if not transient or (status >= 500 and tries >= MAX_SERVER_ERROR_TRIES):
+                if transient or tries >= MAX_PERMANENT_TRIES:
+                    log.error("Slack refused a message for good (%s); dropped it", error)
+                    _drop(store, message_id, error)
+                else:
+                    log.warning("Slack refused a message (%s); trying it again later", error)
+                    with store.session() as s:  # due again at once: it holds nothing back
+                        fleet_repo.mark_retry(s, message_id, utcnow(), error)
+                continue
+            wait = retry_after(response, attempts)
         log.warning("Slack webhook refused a message (%s); retrying in %.0fs", error, wait)
         with store.session() as s:
             fleet_repo.mark_retry(s, message_id, utcnow() + timedelta(seconds=wait), error)

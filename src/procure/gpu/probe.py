@@ -1,11 +1,14 @@
-"""The one place that reads NVML (through nvidia-ml-py's `pynvml`): GPU count and per-GPU figures.
-Everything else takes the `Probe` as data. Never raises: no driver is `gpu_count 0` and a reason,
-an error on one GPU is reported on that GPU alone, and XID events are counted where supported."""
+"""The one place that reads NVML (through nvidia-ml-py's `pynvml`): GPU count and per-GPU figures,
+as many of dcgm-exporter's default counters as NVML gives (field values, PCIe throughput, GPM
+where the GPU has it). Everything else takes the `Probe` as data. Never raises: no driver is
+`gpu_count 0` and a reason, an error on one GPU is reported on that GPU alone, a figure the GPU
+cannot give is None (never 0), and XID events are counted where supported."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +42,23 @@ class Gpu:
     xid_errors: int | None = None  # XID events seen since the node started; None: not watched
     last_xid: int | None = None  # the last XID seen (dcgm's DCGM_FI_DEV_XID_ERRORS)
     error: str | None = None
+    # dcgm-exporter's other default counters, where NVML gives them.
+    pci_bus_id: str | None = None
+    memory_reserved_mb: int | None = None
+    memory_temp_c: int | None = None
+    enc_util_pct: int | None = None
+    dec_util_pct: int | None = None
+    pcie_replays: int | None = None  # total since boot
+    pcie_tx_bytes_s: float | None = None  # rates over the last window
+    pcie_rx_bytes_s: float | None = None
+    nvlink_bandwidth_total: int | None = None  # NVLink tx + rx since boot, as NVML counts (KiB)
+    remapped_rows_correctable: int | None = None
+    remapped_rows_uncorrectable: int | None = None
+    row_remap_failure: int | None = None
+    vgpu_license_status: int | None = None
+    gr_engine_active: float | None = None  # GPM ratios 0..1 over the last window
+    tensor_active: float | None = None
+    dram_active: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,9 +93,12 @@ def load_nvml() -> ModuleType | None:
     return pynvml
 
 
-def read_nvml(nvml: ModuleType | None = None, xids: XidWatch | None = None) -> Probe:
+def read_nvml(
+    nvml: ModuleType | None = None, xids: XidWatch | None = None, gpm: GpmWatch | None = None
+) -> Probe:
     """Read every GPU once. `nvml` is the pynvml module (tests pass a fake one); default: the
-    real one. With `xids`, each GPU also carries the XID events drained since the last read."""
+    real one. With `xids`, each GPU also carries the XID events drained since the last read;
+    with `gpm`, the GPM ratios and PCIe rates since the last read (on GPUs with GPM)."""
     nvml = nvml if nvml is not None else load_nvml()
     now = time.time()
     if nvml is None:
@@ -98,6 +121,8 @@ def read_nvml(nvml: ModuleType | None = None, xids: XidWatch | None = None) -> P
             xids.start(nvml)
             xids.drain(nvml)
             gpus = [replace(g, **xids.figures(g.index)) for g in gpus]
+        if gpm is not None and gpm.start(nvml):
+            gpus = [g if g.error else replace(g, **gpm.figures(nvml, g.index)) for g in gpus]
         reason = None if count else "the NVIDIA driver is loaded but reports no GPU"
         return Probe(count, gpus, _text(driver), reason, now)
     finally:
@@ -107,9 +132,9 @@ def read_nvml(nvml: ModuleType | None = None, xids: XidWatch | None = None) -> P
 
 
 def nvml_reader(nvml: ModuleType | None = None) -> Callable[[], Probe]:
-    """`read_nvml` with an `XidWatch` kept across reads: what the worker uses."""
-    xids = XidWatch()
-    return lambda: read_nvml(nvml, xids)
+    """`read_nvml` with an `XidWatch` and a `GpmWatch` kept across reads: what the worker uses."""
+    xids, gpm = XidWatch(), GpmWatch()
+    return lambda: read_nvml(nvml, xids, gpm)
 
 
 class XidWatch:
@@ -209,9 +234,170 @@ def _read_gpu(nvml: ModuleType, index: int) -> Gpu:
         figures["mem_clock_mhz"] = None if mem is None else int(mem)
         energy = _optional(nvml, nvml.nvmlDeviceGetTotalEnergyConsumption, handle)
         figures["energy_mj"] = None if energy is None else int(energy)
+        figures |= _extras(nvml, handle)
     except Exception as exc:  # a lost GPU, a driver fault, a surprise: this GPU only
         return Gpu(index, error=_describe(exc), **figures)
     return Gpu(index, **figures)
+
+
+def _maybe(nvml: ModuleType, name: str, *args: Any) -> Any:
+    """`nvml.<name>(*args)`, or None where the bindings lack it or the GPU cannot answer: the
+    extra figures are best effort and never make a GPU count as failing."""
+    fn = getattr(nvml, name, None)
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
+
+# NVML field ids (nvml.h) for figures that only the field-value API gives.
+FI_MEMORY_TEMP = 82
+FI_NVLINK_RAW_TX = 140  # KiB, data + protocol overhead, all links with scopeId UINT_MAX
+FI_NVLINK_RAW_RX = 141
+ALL_LINKS = 0xFFFFFFFF
+VIRTUALIZATION_VGPU = 2  # NVML_GPU_VIRTUALIZATION_MODE_VGPU: a vGPU inside a virtual machine
+
+
+def _extras(nvml: ModuleType, handle: Any) -> dict[str, Any]:
+    """dcgm-exporter's default counters beyond the basic figures; absent ones stay None."""
+    found: dict[str, Any] = {}
+    pci = _maybe(nvml, "nvmlDeviceGetPciInfo", handle)
+    if pci is not None:
+        found["pci_bus_id"] = _text(getattr(pci, "busId", None))
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        memory = _maybe(nvml, "nvmlDeviceGetMemoryInfo", handle, version)
+        if memory is not None and hasattr(memory, "reserved"):
+            # As DCGM reads it: used excludes what the driver reserves (used + free +
+            # reserved = total), so FB_USED matches dcgm-exporter's on the same GPU.
+            found["memory_reserved_mb"] = int(memory.reserved) // MIB
+            found["memory_used_mb"] = int(memory.used) // MIB
+            found["memory_free_mb"] = int(memory.free) // MIB
+    for key, fn in (
+        ("enc_util_pct", "nvmlDeviceGetEncoderUtilization"),
+        ("dec_util_pct", "nvmlDeviceGetDecoderUtilization"),
+    ):
+        answer = _maybe(nvml, fn, handle)  # [utilisation %, sampling period us]
+        if answer is not None:
+            found[key] = int(answer[0])
+    replays = _maybe(nvml, "nvmlDeviceGetPcieReplayCounter", handle)
+    if replays is not None:
+        found["pcie_replays"] = int(replays)
+    for key, counter in (("pcie_tx_bytes_s", 0), ("pcie_rx_bytes_s", 1)):  # NVML_PCIE_UTIL_*
+        kib_s = _maybe(nvml, "nvmlDeviceGetPcieThroughput", handle, counter)
+        if kib_s is not None:
+            found[key] = float(kib_s) * 1024  # NVML answers KB/s (1 KB = 1024 bytes)
+    rows = _maybe(nvml, "nvmlDeviceGetRemappedRows", handle)  # (corr, unc, pending, failure)
+    if rows is not None:
+        found["remapped_rows_correctable"] = int(rows[0])
+        found["remapped_rows_uncorrectable"] = int(rows[1])
+        found["row_remap_failure"] = 1 if rows[3] else 0
+    fields = _field_values(nvml, handle, [FI_MEMORY_TEMP])
+    if FI_MEMORY_TEMP in fields:
+        found["memory_temp_c"] = int(fields[FI_MEMORY_TEMP])
+    links = _field_values(
+        nvml, handle, [(FI_NVLINK_RAW_TX, ALL_LINKS), (FI_NVLINK_RAW_RX, ALL_LINKS)]
+    )
+    if FI_NVLINK_RAW_TX in links and FI_NVLINK_RAW_RX in links:
+        found["nvlink_bandwidth_total"] = int(links[FI_NVLINK_RAW_TX] + links[FI_NVLINK_RAW_RX])
+    if _maybe(nvml, "nvmlDeviceGetVirtualizationMode", handle) == VIRTUALIZATION_VGPU:
+        grid = _maybe(nvml, "nvmlDeviceGetGridLicensableFeatures", handle)
+        if grid is not None and grid.isGridLicenseSupported and grid.licensableFeaturesCount:
+            found["vgpu_license_status"] = int(grid.gridLicensableFeatures[0].featureState)
+    return found
+
+
+_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+
+def _field_values(nvml: ModuleType, handle: Any, ids: list[Any]) -> dict[int, float]:
+    """`nvmlDeviceGetFieldValues`: the fields this GPU answered (nvmlReturn 0), by id."""
+    answer = _maybe(nvml, "nvmlDeviceGetFieldValues", handle, ids)
+    found: dict[int, float] = {}
+    for item in answer or []:
+        try:
+            if int(item.nvmlReturn) != 0:
+                continue
+            value = float(getattr(item.value, _VALUE_MEMBERS[int(item.valueType)]))
+        except (AttributeError, IndexError, TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            found[int(item.fieldId)] = value
+    return found
+
+
+class GpmWatch:
+    """GPU Performance Monitoring (Hopper and newer): one GPM sample per GPU kept from the last
+    read, so each read gives dcgm's DCGM_FI_PROF_* ratios (and PCIe rates) over the time since.
+    Like `XidWatch`, it keeps an NVML reference of its own so the samples outlive each read's
+    nvmlShutdown. Best effort: a GPU without GPM, or the first read, gives no GPM figures."""
+
+    # NVML_GPM_METRIC_* ids: figure, id, scale to dcgm's unit.
+    METRICS = (
+        ("gr_engine_active", 1, 0.01),  # GRAPHICS_UTIL, % -> ratio
+        ("tensor_active", 5, 0.01),  # ANY_TENSOR_UTIL
+        ("dram_active", 10, 0.01),  # DRAM_BW_UTIL
+        ("pcie_tx_bytes_s", 20, float(MIB)),  # PCIE_TX_PER_SEC, MiB/s -> bytes/s
+        ("pcie_rx_bytes_s", 21, float(MIB)),
+    )
+
+    def __init__(self) -> None:
+        self._started = False
+        self._supported: dict[int, bool] = {}
+        self._samples: dict[int, Any] = {}
+
+    def start(self, nvml: ModuleType) -> bool:
+        """Take the NVML reference once; False where these bindings have no GPM at all."""
+        if not hasattr(nvml, "nvmlGpmSampleAlloc"):
+            return False
+        if not self._started:
+            try:
+                nvml.nvmlInit()
+            except Exception:  # no driver now: try again on the next read
+                return False
+            self._started = True
+        return True
+
+    def figures(self, nvml: ModuleType, index: int) -> dict[str, float]:
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            if index not in self._supported:
+                support = nvml.nvmlGpmQueryDeviceSupport(handle)
+                self._supported[index] = bool(support.isSupportedDevice)
+            if not self._supported[index]:
+                return {}
+            sample = nvml.nvmlGpmSampleAlloc()
+            nvml.nvmlGpmSampleGet(handle, sample)
+        except Exception:
+            return {}
+        previous, self._samples[index] = self._samples.get(index), sample
+        if previous is None:
+            return {}
+        try:
+            return self._between(nvml, previous, sample)
+        except Exception:
+            return {}
+        finally:
+            with contextlib.suppress(Exception):
+                nvml.nvmlGpmSampleFree(previous)
+
+    def _between(self, nvml: ModuleType, first: Any, second: Any) -> dict[str, float]:
+        request = nvml.c_nvmlGpmMetricsGet_t()
+        request.version = nvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(self.METRICS)
+        request.sample1, request.sample2 = first, second
+        for i, (_, metric_id, _) in enumerate(self.METRICS):
+            request.metrics[i].metricId = metric_id
+        nvml.nvmlGpmMetricsGet(request)
+        found: dict[str, float] = {}
+        for i, (key, _, scale) in enumerate(self.METRICS):
+            metric = request.metrics[i]
+            value = float(metric.value)
+            if int(metric.nvmlReturn) == 0 and math.isfinite(value):
+                found[key] = value * scale
+        return found
 
 
 def _optional(nvml: ModuleType, fn: Callable[..., Any], *args: Any) -> Any:

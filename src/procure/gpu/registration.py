@@ -1,7 +1,8 @@
 """Registration with a go-livepeer orchestrator (BYOC): `POST /capability/register` with the raw
-secret in `Authorization`, retried with backoff until accepted, repeated periodically so an
+secret in `Authorization` and the node's own token in the body's `token` (go-livepeer sends it as
+`Bearer` when it forwards jobs), retried with backoff until accepted, repeated periodically so an
 orchestrator that restarted (and forgot us) learns us again, and `unregister` on a clean stop.
-A refusal (400 `invalid_authorization`, any 4xx) is reported and not retried."""
+A refusal (400 `invalid authorization`, any 4xx) is reported and not retried."""
 
 from __future__ import annotations
 
@@ -46,9 +47,16 @@ class Registration:
         return asdict(self)
 
 
+# go-livepeer's answers (byoc/job_orchestrator.go) that the worker branches on.
+INVALID_AUTHORIZATION = "invalid authorization"  # 400: the -orchSecret does not match
+REGISTER_ERROR = "Error registering capability"  # 400: the body was not a capability
+
+
 def capability(settings: GpuWorkerSettings, url: str) -> dict[str, Any]:
-    """The body go-livepeer's `/capability/register` expects."""
-    return {
+    """The body go-livepeer's `/capability/register` expects (core.ExternalCapability). `token`
+    is what the orchestrator puts in `Authorization: Bearer` when it forwards a job to `url`:
+    the node's own token, left out when the node has none (go-livepeer then sends none)."""
+    body: dict[str, Any] = {
         "name": settings.capability_name,
         "description": settings.capability_description,
         "url": url,
@@ -58,6 +66,9 @@ def capability(settings: GpuWorkerSettings, url: str) -> dict[str, Any]:
         "currency": settings.capability_currency,
         "requirements": {"video_ingress": False, "video_egress": False, "data_output": True},
     }
+    if settings.token is not None:
+        body["token"] = settings.token.get_secret_value()
+    return body
 
 
 def orchestrator_client(
@@ -80,11 +91,14 @@ async def register_once(
     said = clip(response.text.strip(), 200)
     if response.status_code == 200:
         return
-    if response.status_code == 400 and "invalid_authorization" in said:
+    # Older mocks and proxies spell it with an underscore; go-livepeer with a space.
+    if response.status_code == 400 and INVALID_AUTHORIZATION in said.replace("_", " "):
         raise Refused(
-            "the orchestrator refused our secret (400 invalid_authorization): check "
+            f"the orchestrator refused our secret (HTTP 400 {said}): check "
             "ORCHESTRATOR_SECRET against the orchestrator's -orchSecret"
         )
+    if response.status_code == 400 and said.startswith(REGISTER_ERROR):
+        raise Refused(f"the orchestrator could not read our capability: {said}")
     if 400 <= response.status_code < 500:
         raise Refused(
             f"the orchestrator refused the registration: HTTP {response.status_code} {said}"

@@ -1,6 +1,7 @@
 """Livepeer probabilistic tickets (go-livepeer's pm/): winProb as 256-bit fixed point from
-ticketEV and faceValue (and back), the payout's mean and spread over N jobs, the winning check,
-and seed 003's consistency check of orchestrator flags against gateway flags."""
+ticketEV and faceValue exactly as go-livepeer's recipient computes it (and back), the payout's
+mean and spread over N jobs, the winning check, and seed 003's consistency check of orchestrator
+flags against gateway flags, judged as go-livepeer's gateway judges ticket params."""
 
 from __future__ import annotations
 
@@ -15,15 +16,37 @@ from eth_hash.auto import keccak
 MAX_WIN_PROB = 2**256 - 1
 """winProb of a ticket that always wins: probabilities are fractions of this."""
 UNITS = {"wei": 1, "gwei": 10**9, "eth": 10**18}
+_LOW_64 = 2**64 - 1
 
 
 def win_prob(ticket_ev: int, face_value: int) -> int:
-    """winProb = ticketEV * (2^256 - 1) / faceValue, rounded down as go-livepeer does."""
-    if face_value <= 0:
-        raise ValueError("faceValue must be positive")
-    if not 0 <= ticket_ev <= face_value:
+    """go-livepeer's `recipient.winProb` exactly (pm/recipient.go): 0 for a zero faceValue,
+    MaxUint256 when faceValue equals ticketEV, else ticketEV x (MaxUint256 div faceValue), plus
+    one in the quotient when the division leaves a remainder. Like go-livepeer, "a remainder" is
+    judged by `m.Int64() != 0`: the remainder's low 64 bits, so a remainder that is a non-zero
+    multiple of 2^64 (possible only for faceValues above 2^64 wei) rounds down there too."""
+    if face_value < 0 or ticket_ev < 0:
+        raise ValueError("ticketEV and faceValue cannot be negative")
+    if face_value == 0:
+        return 0
+    if face_value == ticket_ev:
+        return MAX_WIN_PROB
+    if ticket_ev > face_value:
         raise ValueError("ticketEV must be between 0 and faceValue (winProb at most 1)")
-    return ticket_ev * MAX_WIN_PROB // face_value
+    quotient, remainder = divmod(MAX_WIN_PROB, face_value)
+    if remainder & _LOW_64:  # big.Int.Int64() keeps the low 64 bits
+        quotient += 1
+    fixed = ticket_ev * quotient
+    if fixed > MAX_WIN_PROB:
+        # go-livepeer would send it, but no uint256 holds it: the TicketBroker cannot take it.
+        raise ValueError("winProb would not fit in 256 bits for this faceValue")
+    return fixed
+
+
+def ticket_ev_of(face_value: int, fixed: int) -> Fraction:
+    """go-livepeer's `ticketEV`: faceValue x winProb / MaxUint256, exactly (what a gateway
+    compares with its -maxTicketEV; rounding winProb up makes it slightly above -ticketEV)."""
+    return Fraction(face_value * fixed, MAX_WIN_PROB)
 
 
 def probability(fixed: int) -> Fraction:
@@ -102,30 +125,63 @@ def spaced(wei: int) -> str:
 
 @dataclass(frozen=True)
 class Check:
-    """One row of the seed's table: an orchestrator setting against the gateway's ceiling."""
+    """One row of the seed's table: an orchestrator setting against the gateway's ceiling, judged
+    as go-livepeer judges it. `compared` is what go-livepeer actually compares when that is not
+    the flag itself (the ticket's EV from its rounded-up winProb); `strict` when equality is
+    refused too; `zero_is_no_limit` for gateway flags whose 0 means any value (-maxPricePerUnit);
+    `uncapped` when the orchestrator's flag is 0, which sets no cap (-maxFaceValue)."""
 
     parameter: str
     orchestrator: int
     gateway: int
+    compared: Fraction | None = None
+    strict: bool = False
+    zero_is_no_limit: bool = False
+    uncapped: bool = False
+
+    @property
+    def value(self) -> Fraction:
+        return Fraction(self.orchestrator) if self.compared is None else self.compared
 
     @property
     def ok(self) -> bool:
-        return self.orchestrator <= self.gateway
+        if self.zero_is_no_limit and self.gateway == 0:
+            return True
+        if self.uncapped:
+            return False
+        return self.value < self.gateway if self.strict else self.value <= self.gateway
 
     @property
     def verdict(self) -> str:
-        if self.orchestrator > self.gateway:
+        if self.zero_is_no_limit and self.gateway == 0:
+            return "✅ no limit"
+        if self.uncapped:
+            return "❌ no cap (0)"
+        if not self.ok:
             return "❌ over the limit"
-        return "✅ equal" if self.orchestrator == self.gateway else "✅ within limit"
+        return "✅ equal" if self.value == self.gateway else "✅ within limit"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        answer: dict[str, Any] = {
             "parameter": self.parameter,
             "orchestrator": str(self.orchestrator),
             "gateway": str(self.gateway),
             "ok": self.ok,
             "verdict": self.verdict,
         }
+        if self.compared is not None:
+            answer["compared"] = str(self.compared)
+        return answer
+
+
+def _go_win_prob(ticket_ev: int, face_value: int) -> int:
+    """go-livepeer's formula without procure's guards (what it computes for any input)."""
+    if face_value == 0:
+        return 0
+    if face_value == ticket_ev:
+        return MAX_WIN_PROB
+    quotient, remainder = divmod(MAX_WIN_PROB, face_value)
+    return ticket_ev * (quotient + 1 if remainder & _LOW_64 else quotient)
 
 
 def consistency(
@@ -138,24 +194,44 @@ def consistency(
     max_face_value: int,
     max_total_ev: int | None = None,
     capability_price_per_unit: int | None = None,
+    deposit: int | None = None,
+    deposit_multiplier: int = 1,
 ) -> list[Check]:
-    """Orchestrator flags (`-pricePerUnit`, `-ticketEV`, `-maxFaceValue`) against the gateway's
-    (`-maxPricePerUnit`, `-maxTicketEV`, `-maxFaceValue`, `-maxTotalEV`): each must not exceed
-    its ceiling, or the gateway refuses the orchestrator's tickets or price. The seed's three
-    rows come first, in its order."""
+    """Orchestrator flags against a gateway's, meaning what go-livepeer's flags mean:
+
+    - `-pricePerUnit` against the gateway's `-maxPricePerUnit` (0 there: any price);
+    - the ticket's EV against `-maxTicketEV` (and, for one ticket, `-maxTotalEV`): the EV the
+      gateway computes, faceValue x winProb / MaxUint256, with winProb rounded up as the
+      orchestrator rounds it, so a `-ticketEV` equal to the ceiling can still be refused;
+    - the orchestrator's `-maxFaceValue` (0: no cap) against the largest faceValue the gateway
+      accepts, its deposit / `-depositMultiplier` (`max_face_value` when no deposit is given);
+    - the ticket's EV strictly under its faceValue (the gateway refuses "faceValue too low").
+
+    The seed's three rows come first, in its order."""
+    fixed = _go_win_prob(ticket_ev, face_value)
+    ev = ticket_ev_of(face_value, fixed)
+    face_limit = max_face_value if deposit is None else deposit // max(1, deposit_multiplier)
     checks = [
-        Check("`pricePerUnit` / `maxPricePerUnit`", price_per_unit, max_price_per_unit),
-        Check("`ticketEV` / `maxTicketEV`", ticket_ev, max_ticket_ev),
-        Check("`faceValue` / `maxFaceValue`", face_value, max_face_value),
+        Check(
+            "`pricePerUnit` / `maxPricePerUnit`",
+            price_per_unit,
+            max_price_per_unit,
+            zero_is_no_limit=True,
+        ),
+        Check("`ticketEV` / `maxTicketEV`", ticket_ev, max_ticket_ev, compared=ev),
+        Check("`faceValue` / `maxFaceValue`", face_value, face_limit, uncapped=face_value == 0),
     ]
     if max_total_ev is not None:
-        checks.append(Check("`ticketEV` / `maxTotalEV`", ticket_ev, max_total_ev))
+        checks.append(Check("`ticketEV` / `maxTotalEV`", ticket_ev, max_total_ev, compared=ev))
+    if face_value > 0:
+        checks.append(Check("`ticketEV` / `faceValue`", ticket_ev, face_value, ev, strict=True))
     if capability_price_per_unit is not None:
         checks.append(
             Check(
                 "`CAPABILITY_PRICE_PER_UNIT` / `maxPricePerUnit`",
                 capability_price_per_unit,
                 max_price_per_unit,
+                zero_is_no_limit=True,
             )
         )
     return checks
