@@ -1,0 +1,300 @@
+"""The Vast.ai API client (`Cloud` and `RentalCloud` of `clouds.base`): offers (on-demand and
+interruptible bids), launch on an ask, get, find by label, terminate, charges; over httpx with
+one deadline per call and per-endpoint pacing. The key goes only in the Authorization header to
+its own base URL: never in a log, an exception or a repr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from procure.bounds import UnsafeInput, loads
+from procure.clouds.base import (
+    LABEL_PREFIX,
+    AuthError,
+    CapacityError,
+    CloudError,
+    Instance,
+    InstanceType,
+    LaunchSpec,
+    Offer,
+    Provider,
+    ProviderError,
+    RateLimited,
+)
+from procure.clouds.vast import wire
+from procure.clouds.vast.pacing import Pacer
+from procure.clouds.vast.settings import VastSettings
+from procure.httpbounds import bounded_client
+
+log = logging.getLogger(__name__)
+PAGE = 25  # Vast's most instances a page
+MAX_PAGES = 200
+MAX_LABEL = 1024
+MAX_ONSTART = 4048  # Vast's limit (longer scripts must be gzipped and base64-encoded)
+DISK_GB = 20.0
+SEARCH_LIMIT = 500
+MIN_BID, MAX_BID = 0.001, 128.0  # $/h, the spec's bounds on a bid at create
+
+
+class VastCloud:
+    """One Vast.ai account's client. `transport` routes requests elsewhere (tests); `pacer`
+    spaces them (default: Vast's per-endpoint intervals times `pace_scale`)."""
+
+    provider: Provider = "vast"
+    billing_increment_s: int = wire.BILLING_INCREMENT_S
+
+    def __init__(
+        self,
+        settings: VastSettings | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        pacer: Pacer | None = None,
+    ) -> None:
+        settings = settings or VastSettings()
+        self._key = settings.api_key.get_secret_value() if settings.api_key else ""
+        self.base_url = settings.api_url.rstrip("/")
+        self.node_port = settings.node_port
+        self.image = settings.image
+        self.pacer = pacer or Pacer(settings.pace_scale)
+        headers = {"Accept": "application/json", "User-Agent": "procure"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        self._http = bounded_client(
+            deadline_s=settings.timeout_s,
+            transport=transport,
+            base_url=self.base_url,
+            headers=headers,
+            follow_redirects=False,  # a redirect could carry the key to another host
+        )
+
+    def __repr__(self) -> str:
+        return f"VastCloud({self.base_url!r})"
+
+    # --- RentalCloud ---------------------------------------------------------------------
+
+    async def offers(self, *, gpu: str | None = None, spot: bool | None = None) -> list[Offer]:
+        """On-demand and interruptible (bid) offers, cheapest first; `spot` picks one kind."""
+        found: list[Offer] = []
+        for interruptible in (False, True):
+            if spot is not None and spot != interruptible:
+                continue
+            body = {
+                "limit": SEARCH_LIMIT,
+                # The spec's enum says "ondemand"; the SDK sends "on-demand". Vast takes both.
+                "type": "bid" if interruptible else "ondemand",
+                "verified": {"eq": True},
+                "rentable": {"eq": True},
+                "rented": {"eq": False},
+                "direct_port_count": {"gte": 1},
+            }
+            answer = await self._call("POST", "/api/v0/bundles/", "search", json_body=body)
+            found += wire.offers(answer, interruptible=interruptible)
+        if gpu:
+            found = [o for o in found if o.gpu == wire.canonical_gpu(gpu)]
+        return sorted(found, key=lambda o: (o.price_per_hour, o.interruptible, o.offer_id))
+
+    async def launch_spec(self, spec: LaunchSpec) -> Instance:
+        if not spec.name or len(spec.name) > MAX_LABEL:
+            raise CloudError(f"a Vast.ai label is 1 to {MAX_LABEL} characters")
+        offer = spec.offer
+        if offer.provider != "vast":
+            raise CloudError(f"a {offer.provider} offer cannot be launched on Vast.ai")
+        env = {k: v for k, v in spec.env.items() if not k.startswith("-")}
+        env[f"-p {spec.node_port}:{spec.node_port}"] = "1"  # Vast's dict form of a port map
+        body: dict[str, Any] = {
+            "image": spec.image or self.image,
+            "label": spec.name,
+            "disk": DISK_GB,
+            "env": env,
+            # onstart runs after Vast's own entrypoint with the ssh runtypes; with none, the
+            # image's entrypoint runs as it is (args runtype).
+            "runtype": "ssh_direct" if spec.startup_script else "args",
+        }
+        if spec.startup_script:
+            if len(spec.startup_script) > MAX_ONSTART:
+                raise CloudError(f"a Vast.ai onstart script is at most {MAX_ONSTART} characters")
+            body["onstart"] = spec.startup_script
+        price = offer.price_per_hour
+        if offer.interruptible:
+            price = spec.bid_per_hour or offer.min_bid_per_hour or offer.price_per_hour
+            dollars = round(price / wire.MICROS, 6)
+            if not MIN_BID <= dollars <= MAX_BID:
+                raise CloudError(f"a Vast.ai bid is ${MIN_BID} to ${MAX_BID:g} an hour")
+            body["price"] = dollars
+            body["cancel_unavail"] = False  # a losing bid waits rather than failing
+        path = f"/api/v0/asks/{_segment(offer.offer_id)}/"
+        # Never retried here: Vast's create takes no idempotency key. After an error the caller
+        # looks for the label (find) before launching again.
+        answer = await self._call("PUT", path, "create", json_body=body)
+        instance_id = wire.new_contract(answer)
+        log.info("launched %s on Vast.ai ask %s as %s", spec.name, offer.offer_id, instance_id)
+        return Instance(
+            id=instance_id,
+            name=spec.name,
+            status="booting",
+            instance_type=wire.type_name(offer.gpu, offer.gpu_count),
+            region=offer.region,
+            ip=None,
+            price_per_hour=price,
+            gpus=offer.gpu_count,
+            interruptible=offer.interruptible,
+            gpu=offer.gpu,
+        )
+
+    async def get(self, instance_id: str) -> Instance | None:
+        path = f"/api/v0/instances/{_segment(instance_id)}/"
+        try:
+            body = await self._call("GET", path, "show")
+        except _NotFound:
+            return None
+        found = wire.one_instance(body, self.node_port)
+        return None if found is None or found.status == "terminated" else found
+
+    async def find(self, name: str) -> list[Instance]:
+        """Live instances labelled `name` (Vast filters by label on the server)."""
+        found = await self._list({"label": {"eq": name}})
+        return [i for i in found if i.name == name]
+
+    async def labelled(self) -> list[Instance]:
+        return [i for i in await self._list({}) if (i.name or "").startswith(LABEL_PREFIX)]
+
+    async def terminate(self, instance_ids: list[str]) -> list[Instance]:
+        """Destroy each; one Vast no longer has (404 not_found) is not an error, so a retry
+        after a crash is harmless."""
+        gone: list[Instance] = []
+        for instance_id in instance_ids:
+            path = f"/api/v0/instances/{_segment(instance_id)}/"
+            try:
+                await self._call("DELETE", path, "destroy")
+            except _NotFound:
+                continue
+            gone.append(Instance(instance_id, None, "terminating", "", "", None, 0, gpus=0))
+        return gone
+
+    async def billed(self, instance_id: str) -> int | None:
+        """Micro-USD Vast has charged this instance (its `instance-<id>` row of the charges),
+        None when it has no charge yet. Charges are rounded to 3 decimals by Vast."""
+        _segment(instance_id)
+        # The day range is required; every contract this account could have is inside it.
+        filters = {"day": {"gte": 0, "lte": int(time.time()) + 400 * 86400}}
+        params: dict[str, str] = {"select_filters": json.dumps(filters), "limit": "500"}
+        total: int | None = None
+        for _ in range(MAX_PAGES):
+            body = await self._call("GET", "/api/v0/charges", "charges", params=params)
+            amount, token = wire.charges_page(body, instance_id)
+            if amount is not None:
+                total = (total or 0) + amount
+            if not token:
+                return total
+            params["after_token"] = token
+        raise ProviderError("Vast.ai's charges did not end within the pages allowed")
+
+    # --- Cloud (the fleet controller) ----------------------------------------------------
+
+    async def instance_types(self) -> list[InstanceType]:
+        """One type per GPU model and count, at its cheapest on-demand offer, with the regions
+        where one can be rented now."""
+        types: dict[str, InstanceType] = {}
+        for o in await self.offers(spot=False):
+            name = wire.type_name(o.gpu, o.gpu_count)
+            seen = types.get(name)
+            regions = sorted({*(seen.regions_with_capacity if seen else []), o.region})
+            price = min(o.price_per_hour, seen.price_per_hour) if seen else o.price_per_hour
+            types[name] = InstanceType(
+                name, f"{o.gpu_count}x {o.gpu} on Vast.ai", o.gpu_count, price, regions
+            )
+        return list(types.values())
+
+    async def instances(self) -> list[Instance]:
+        return await self._list({})
+
+    async def launch(
+        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+    ) -> list[str]:
+        """Rent the cheapest on-demand offer of this type in this region (Vast has no SSH key
+        names at launch: the account's keys apply)."""
+        candidates = [
+            o
+            for o in await self.offers(spot=False)
+            if wire.type_name(o.gpu, o.gpu_count) == instance_type and o.region == region
+        ]
+        if not candidates:
+            raise CapacityError(f"Vast.ai has no {instance_type} offer in {region} now")
+        spec = LaunchSpec(name=name, offer=candidates[0], node_port=self.node_port)
+        return [(await self.launch_spec(spec)).id]
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- the wire --------------------------------------------------------------------------
+
+    async def _list(self, filters: dict[str, Any]) -> list[Instance]:
+        params = {"limit": str(PAGE), "select_filters": json.dumps(filters)}
+        found: list[Instance] = []
+        for _ in range(MAX_PAGES):
+            body = await self._call("GET", "/api/v1/instances/", "list", params=params)
+            page, token = wire.instances_page(body, self.node_port)
+            found += [i for i in page if i.status != "terminated"]
+            if not token:
+                return found
+            params["after_token"] = token
+        raise ProviderError("Vast.ai's instance list did not end within the pages allowed")
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        json_body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        what = f"{method} {path}"
+        if not self._key:
+            raise AuthError(f"{what}: VAST_API_KEY is not set")
+        await self.pacer.wait(endpoint)
+        try:
+            response = await self._http.request(method, path, json=json_body, params=params)
+        except httpx.TimeoutException:
+            raise ProviderError(f"{what}: Vast.ai gave no complete answer in time") from None
+        except httpx.HTTPError as exc:
+            raise ProviderError(self._scrub(f"{what}: {type(exc).__name__}: {exc}")) from None
+        try:
+            parsed = loads(response.content) if response.content else None
+        except UnsafeInput:
+            parsed = None
+        if response.is_success:
+            self.pacer.ok(endpoint)
+            if parsed is None:
+                raise ProviderError(f"{what}: Vast.ai answered {response.status_code} with no JSON")
+            return parsed
+        found = wire.error_for(response.status_code, parsed, response.content, what)
+        if response.status_code == 404 and endpoint in ("show", "destroy"):
+            raise _NotFound(what)
+        if isinstance(found, RateLimited):
+            backoff = self.pacer.limited(endpoint, wire.threshold_s(str(found)))
+            error: CloudError = RateLimited(self._scrub(str(found)), retry_after_s=backoff)
+        else:
+            error = type(found)(self._scrub(str(found)))
+        log.warning("%s", error)
+        raise error
+
+    def _scrub(self, text: str) -> str:
+        # A provider or proxy that echoes the request must not put the key in our messages.
+        return text.replace(self._key, "***") if self._key else text
+
+
+class _NotFound(CloudError):
+    """Vast's 404 for an instance (internal: callers see None or an idempotent no-op)."""
+
+
+def _segment(value: str) -> str:
+    # Vast's ids are integers; anything else must not be spliced into a path.
+    if not value.isascii() or not value.isdigit() or len(value) > 19:
+        raise CloudError("not a Vast.ai id")
+    return value

@@ -1,0 +1,40 @@
+"""The Vast.ai client's configuration: the API key and base URL from the environment or `.env`
+(`VAST_API_KEY`, `VAST_API_URL`), the deadline of each call and how fast to pace calls."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_URL = "https://console.vast.ai"
+
+
+class VastSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    api_key: SecretStr | None = Field(
+        None, validation_alias="VAST_API_KEY", description="Vast.ai API key (secret)"
+    )
+    api_url: str = Field(
+        DEFAULT_URL,
+        validation_alias="VAST_API_URL",
+        description="Base URL (the mock cloud: http://127.0.0.1:4300)",
+    )
+    timeout_s: float = Field(
+        30.0, gt=0, le=600, validation_alias="VAST_API_TIMEOUT_S", description="Per call, all in"
+    )
+    pace_scale: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        validation_alias="VAST_PACE_SCALE",
+        description="Multiplies Vast's per-endpoint minimum intervals (0: no pacing, for a mock)",
+    )
+    node_port: int = Field(
+        9876, ge=1, le=65535, validation_alias="VAST_NODE_PORT", description="GPU node's port"
+    )
+    image: str = Field(
+        "vastai/base-image:@vastai-automatic-tag",
+        validation_alias="VAST_IMAGE",
+        description="Image for fleet launches (which give none)",
+    )
