@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -546,6 +547,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+def _checksum_args(args: Sequence[Any]) -> list[Any]:
+    """Contract call arguments with every hex address in EIP-55 form: web3 refuses lowercase
+    ones, and a vendor's requirements (so the authorisation's `to`) may carry them."""
+    return [
+        to_checksum_address(a) if isinstance(a, str) and _HEX_ADDRESS.match(a) else a for a in args
+    ]
+
+
 def _revert_payload(exc: TransactionFailed) -> bytes:
     """Re-encode an eth-tester revert as ``Error(string)`` return data."""
     message = str(exc.args[0]) if exc.args else str(exc)
@@ -590,7 +602,7 @@ class ChainFacilitatorSigner:
         ):
             return self._try_aggregate(bool(args[0]), args[1])
         contract = self._chain.contract(address, abi)
-        return self._chain.read(contract.functions[function_name](*args))
+        return self._chain.read(contract.functions[function_name](*_checksum_args(args)))
 
     def verify_typed_data(
         self,
@@ -622,6 +634,7 @@ class ChainFacilitatorSigner:
     ) -> str:
         """Encode, simulate, send and journal a contract call; return the tx hash."""
         contract = self._chain.contract(address, abi)
+        args = tuple(_checksum_args(args))
         encoded = _hex(contract.encode_abi(function_name, list(args)))
         calldata = append_data_suffix(encoded, data_suffix)
         names = next(

@@ -1,5 +1,7 @@
 """The x402 payer: the official SDK client, signing EIP-3009 with a nonce derived from the
 payment's own id (so a retried payment can never settle twice), behind the agent's guardrails.
+It pays x402 v2 vendors (`PAYMENT-REQUIRED` header) and v1 vendors (402 with a JSON body,
+`X-PAYMENT`) alike, under the same limits.
 
 The authorisation's whole content is fixed by the payment record: nonce from its id,
 `validBefore` from its creation time (`authorization_deadline`). A retry after a crash therefore
@@ -9,17 +11,21 @@ has passed unused, no copy of it, sent or not, can ever move money.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak
+from eth_utils import keccak, to_checksum_address
 from x402 import x402Client
 from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload
+from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 from x402.schemas import AbortResult, PaymentRequirements
+from x402.schemas.v1 import PaymentRequirementsV1
 
 from procure.crashpoints import crash_point
 from procure.models import format_usd
@@ -33,6 +39,62 @@ def payment_nonce(payment_id: str) -> str:
 def authorization_deadline(created_at: datetime, window_s: float) -> int:
     """A payment's EIP-3009 `validBefore` (unix seconds): `window_s` after the payment was made."""
     return int(created_at.timestamp()) + int(window_s)
+
+
+_HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_HEX = re.compile(r"^0x[0-9a-fA-F]{1,64}$")
+_LEGACY_NAMES = {f"eip155:{chain}": name for name, chain in V1_NETWORK_CHAIN_IDS.items()}
+
+
+def is_hex_address(value: object) -> bool:
+    """A 20-byte hex address, in any letter case (vendors send lowercase ones too)."""
+    return isinstance(value, str) and bool(_HEX_ADDRESS.match(value))
+
+
+def same_address(a: str, b: str) -> bool:
+    """Two addresses are one when their hex is: letter case (the EIP-55 checksum) aside.
+    (The signer refuses anything but 20 bytes; this compares what the registry holds.)"""
+    return all(isinstance(x, str) and _HEX.match(x) for x in (a, b)) and a.lower() == b.lower()
+
+
+def caip2_network(network: str) -> str:
+    """A network as CAIP-2 (`eip155:<chain id>`): x402 v1 vendors name known chains by legacy
+    names (`base-sepolia`), which are mapped; any other name is returned unchanged."""
+    chain = V1_NETWORK_CHAIN_IDS.get(network)
+    return f"eip155:{chain}" if chain is not None else network
+
+
+def legacy_network(network: str) -> str | None:
+    """The x402 v1 legacy name of a CAIP-2 network, if it has one."""
+    return _LEGACY_NAMES.get(network)
+
+
+def _checksummed(requirements: PaymentRequirements) -> PaymentRequirements:
+    """The requirements with payee and asset in EIP-55 form, as the TypeScript client signs
+    them (viem's getAddress): a lowercase `payTo` or asset is paid, not refused."""
+    return requirements.model_copy(
+        update={
+            "pay_to": to_checksum_address(requirements.pay_to),
+            "asset": to_checksum_address(requirements.asset),
+            "extra": dict(requirements.extra or {}),  # the SDK's signer writes into it
+        }
+    )
+
+
+def v2_requirements(req: PaymentRequirementsV1) -> PaymentRequirements:
+    """A v1 requirement in v2 terms (what the EVM 'exact' scheme signs is the same)."""
+    extra: Any = req.extra or {}
+    if isinstance(extra, str):  # some v1 vendors send `extra` as a JSON string
+        extra = json.loads(extra)
+    return PaymentRequirements(
+        scheme=req.scheme,
+        network=caip2_network(req.network),
+        asset=req.asset,
+        amount=req.max_amount_required,
+        pay_to=req.pay_to,
+        max_timeout_seconds=req.max_timeout_seconds,
+        extra=extra if isinstance(extra, dict) else {},
+    )
 
 
 class FixedNonceExactEvmScheme(ExactEvmScheme):
@@ -49,6 +111,9 @@ class FixedNonceExactEvmScheme(ExactEvmScheme):
     ) -> dict[str, Any]:
         if (requirements.extra or {}).get("assetTransferMethod") == "permit2":
             raise ValueError("permit2 payments are not supported: EIP-3009 only")
+        if not (is_hex_address(requirements.pay_to) and is_hex_address(requirements.asset)):
+            raise ValueError("payee and asset must be 20-byte hex addresses")
+        requirements = _checksummed(requirements)
         authorization = ExactEIP3009Authorization(
             from_address=self._signer.address,
             to=requirements.pay_to,
@@ -60,6 +125,19 @@ class FixedNonceExactEvmScheme(ExactEvmScheme):
         signature = self._sign_authorization(authorization, requirements)
         crash_point("signed")
         return ExactEIP3009Payload(authorization=authorization, signature=signature).to_dict()
+
+
+class FixedNonceExactEvmSchemeV1:
+    """The same authorisation for x402 v1 vendors: their requirements are turned into v2 terms
+    and signed by the v2 scheme, so the nonce, `validBefore` and guardrails are one."""
+
+    scheme = "exact"
+
+    def __init__(self, v2: FixedNonceExactEvmScheme) -> None:
+        self._v2 = v2
+
+    def create_payment_payload(self, requirements: PaymentRequirementsV1) -> dict[str, Any]:
+        return self._v2.create_payment_payload(v2_requirements(requirements))
 
 
 @dataclass(frozen=True)
@@ -75,23 +153,33 @@ class PaymentLimits:
 
 
 def check_requirements(req: Any, limits: PaymentLimits) -> str | None:
-    """Why a 402's requirements break the limits, or None when they are acceptable."""
+    """Why a 402's requirements (v1 or v2) break the limits, or None when they are acceptable.
+
+    Addresses are compared by their hex, letter case aside, once both are well-formed; v1
+    legacy network names are compared as the chain they name."""
     for what, value in (("payee", limits.pay_to), ("asset", limits.asset)):
         if not value:
             return f"the vendor registry has no {what} for this vendor: it cannot be paid"
     if not limits.network:
         return "the vendor registry has no network for this vendor: it cannot be paid"
     assert limits.pay_to and limits.asset
-    amount = int(req.amount)
+    raw_amount = req.amount if hasattr(req, "amount") else req.max_amount_required
+    if not (isinstance(raw_amount, str) and raw_amount.isdigit() and len(raw_amount) <= 78):
+        return f"402 asks a malformed amount {str(raw_amount)[:80]!r}"
+    amount = int(raw_amount)
     if amount > limits.max_amount:
         return (
             f"402 asks {format_usd(amount)}, more than the quoted {format_usd(limits.max_amount)}"
         )
-    if req.pay_to.lower() != limits.pay_to.lower():
+    if not (isinstance(req.pay_to, str) and _HEX.match(req.pay_to)):
+        return f"402 pays {str(req.pay_to)[:80]!r}, which is not an address"
+    if not same_address(req.pay_to, limits.pay_to):
         return f"402 pays {req.pay_to}, not the vendor's registered payee {limits.pay_to}"
-    if req.asset.lower() != limits.asset.lower():
+    if not (isinstance(req.asset, str) and _HEX.match(req.asset)):
+        return f"402 asks asset {str(req.asset)[:80]!r}, which is not an address"
+    if not same_address(req.asset, limits.asset):
         return f"402 asks asset {req.asset}, not the registered asset {limits.asset}"
-    if req.network != limits.network:
+    if caip2_network(req.network) != caip2_network(limits.network):
         return f"402 asks network {req.network}, not the registered network {limits.network}"
     return None
 
@@ -105,17 +193,26 @@ def build_payer(
     if valid_before is None:
         valid_before = int(time.time()) + 300
     client = x402Client()
-    # Register for every EVM chain so a 402 on a foreign network reaches the guard below
-    # and is refused with its reason, rather than matching nothing.
-    client.register("eip155:*", FixedNonceExactEvmScheme(account, nonce, valid_before))
-    # The SDK's own spend controls hold the same limits: one asset on one network, capped at
-    # the quote. A 402 outside them matches nothing; the caller explains why (check_requirements).
+    scheme = FixedNonceExactEvmScheme(account, nonce, valid_before)
+    # Register for every EVM chain, v2 and v1 (CAIP-2 and legacy names), so a 402 on a foreign
+    # network reaches the guard below and is refused with its reason, rather than matching
+    # nothing.
+    client.register("eip155:*", scheme)
+    v1 = FixedNonceExactEvmSchemeV1(scheme)
+    client.register_v1("eip155:*", v1)  # type: ignore[arg-type]
+    for name in V1_NETWORK_CHAIN_IDS:
+        client.register_v1(name, v1)  # type: ignore[arg-type]
+    # The SDK's own spend controls hold the same limits: one asset on one network (by either
+    # of its names), capped at the quote. A 402 outside them matches nothing; the caller
+    # explains why (check_requirements).
+    network = caip2_network(limits.network or "")
     allowed = [
         {
-            "network": limits.network or "",
+            "network": name,
             "asset": limits.asset or "",
             "max_amount_per_payment": str(limits.max_amount),
         }
+        for name in filter(None, {network, legacy_network(network)})
     ]
     client.set_spend_controls({"max_amount_per_payment": False, "allowed_assets": allowed})
 

@@ -21,6 +21,7 @@ from x402.http.utils import (
     decode_payment_signature_header,
 )
 from x402.schemas import PaymentRequirements
+from x402.schemas.v1 import PaymentRequiredV1, PaymentRequirementsV1
 
 from procure.bounds import UnsafeInput, clip, loads
 from procure.httpbounds import BoundedTransport
@@ -63,7 +64,7 @@ class PaymentRefused(VendorError):
         self,
         message: str,
         *,
-        offered: list[PaymentRequirements] | None = None,
+        offered: list[PaymentRequirements | PaymentRequirementsV1] | None = None,
         payment_sent: bool = False,
     ) -> None:
         super().__init__(message, retryable=False, payment_sent=payment_sent)
@@ -71,12 +72,13 @@ class PaymentRefused(VendorError):
 
 
 class _Recording402(httpx.AsyncBaseTransport):
-    """Passes requests through, keeping the last 402's PAYMENT-REQUIRED header and noting
-    whether a signed payment was sent."""
+    """Passes requests through, keeping what the last 402 asked (v2: its PAYMENT-REQUIRED
+    header; v1: its JSON body) and noting whether a signed payment was sent."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self._inner = inner
         self._header: str | None = None
+        self._body: bytes | None = None
         self.payment_sent = False
         self.signed_amount: int | None = None
 
@@ -86,11 +88,13 @@ class _Recording402(httpx.AsyncBaseTransport):
             self.payment_sent = True  # before sending: it may arrive even if we never hear back
             self.signed_amount = _signed_amount(signature)
         response = await self._inner.handle_async_request(request)
-        if response.status_code == 402 and "PAYMENT-REQUIRED" in response.headers:
-            self._header = response.headers["PAYMENT-REQUIRED"]
+        if response.status_code == 402:
+            self._header = response.headers.get("PAYMENT-REQUIRED")
+            # The body is bounded by our transport; the SDK reads it for v1 anyway.
+            self._body = None if self._header else await response.aread()
         return response
 
-    def offered(self) -> list[PaymentRequirements]:
+    def offered(self) -> list[PaymentRequirements | PaymentRequirementsV1]:
         required = self._required()
         return list(required.accepts) if required is not None else []
 
@@ -99,16 +103,21 @@ class _Recording402(httpx.AsyncBaseTransport):
         return getattr(required, "error", None) if required is not None else None
 
     def _required(self) -> Any:
-        if not self._header:
-            return None
         try:
-            return decode_payment_required_header(self._header)
+            if self._header:
+                return decode_payment_required_header(self._header)
+            if self._body:
+                data = loads(self._body)
+                if isinstance(data, dict) and data.get("x402Version") == 1:
+                    return PaymentRequiredV1.model_validate(data)
         except Exception:
             return None
+        return None
 
 
 def _signed_amount(header: str) -> int | None:
-    """The value of the EIP-3009 authorisation in a PAYMENT-SIGNATURE header, if it has one."""
+    """The value of the EIP-3009 authorisation in a PAYMENT-SIGNATURE (or v1 X-PAYMENT)
+    header, if it has one."""
     try:
         payload = decode_payment_signature_header(header)
         return int(payload.payload["authorization"]["value"])
@@ -290,7 +299,9 @@ class VendorClient:
             raise VendorError(
                 f"{what}: {_describe(exc)}", payment_sent=recorder.payment_sent
             ) from exc
-        settlement = response.headers.get("PAYMENT-RESPONSE")
+        settlement = response.headers.get("PAYMENT-RESPONSE") or response.headers.get(
+            "X-PAYMENT-RESPONSE"
+        )
         try:
             settled = decode_payment_response_header(settlement) if settlement else None
         except Exception:

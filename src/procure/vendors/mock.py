@@ -6,8 +6,12 @@ a job only for the hours paid: `POST /renew-job` buys more (paid over x402 like 
 idempotency key per slice); out of paid time a job pauses, and stops (`expired`) after a grace
 period. It injects faults on demand: a vendor that fails part-way (FAIL_VENDOR_ID / FAIL_RATE /
 FAIL_AT), 5xx, malformed JSON, hangs, capacity refusals and 402s that ask for more than quoted
-or for another payee, asset or network. Faults can be changed at run time with
-`POST /admin/faults`.
+or for another payee, asset or network, or that write payee and asset in lowercase. Faults
+can be changed at run time with `POST /admin/faults`.
+
+It speaks x402 v2 and v1 (`x402_versions`): a 402 carries the v2 `PAYMENT-REQUIRED` header
+and the v1 JSON body, and a v1 client's `X-PAYMENT` is verified and settled like a v2 payment
+(answered with `X-PAYMENT-RESPONSE`). A vendor set to v1 alone answers as v1-only vendors do.
 
 Idempotency: submissions with one `Idempotency-Key` run one at a time (a second waits for the
 first), and so do status lookups by that key; a paid key answers its job again, unpaid. So a
@@ -35,13 +39,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from x402 import x402ResourceServer
 from x402.http import PaymentOption, RouteConfig
 from x402.http.middleware.fastapi import payment_middleware
-from x402.http.utils import decode_payment_required_header, encode_payment_required_header
+from x402.http.utils import (
+    decode_payment_required_header,
+    encode_payment_required_header,
+)
 from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.schemas import AssetAmount
 
 from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
 from procure.models import format_usd, micros_to_usd, usd_to_micros
+from procure.payments.x402v1 import PAYMENT_RESPONSE, X_PAYMENT_RESPONSE, x402_edge
 from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
     QUOTE_HEADER,
@@ -67,6 +75,7 @@ class Faults(BaseModel):
     foreign_payee: bool = False
     foreign_asset: bool = False
     foreign_network: bool = False
+    lowercase_addresses: bool = False  # payee and asset not EIP-55 checksummed, as some send
     answer_delay_s: float = Field(0.0, ge=0)  # submit-job: settle, then answer this late
     # A hostile vendor's answers (the agent must record an error and move on, never crash):
     deep_json: bool = False  # 100,000 nested `[` instead of an answer
@@ -97,6 +106,7 @@ class MockVendorConfig:
     checkpoint_every: float = 0.25
     faults: Faults = field(default_factory=Faults)
     grace_seconds: float | None = None  # a job out of paid time waits this long for a renewal
+    x402_versions: tuple[int, ...] = (1, 2)  # the x402 versions its 402s offer and it accepts
 
 
 @dataclass
@@ -330,10 +340,13 @@ def create_mock_vendor_app(
         amount = quote["amount"] if quote else cfg.price_per_hour
         amount = round(amount * cfg.faults.overcharge_factor)
         asset = FOREIGN_ASSET if cfg.faults.foreign_asset else cfg.asset
+        if cfg.faults.lowercase_addresses:
+            asset = asset.lower()
         return AssetAmount(amount=str(amount), asset=asset, extra=cfg.asset_extra)
 
     async def pay_to(_context: Any) -> str:
-        return FOREIGN_PAYEE if cfg.faults.foreign_payee else cfg.pay_to
+        payee = FOREIGN_PAYEE if cfg.faults.foreign_payee else cfg.pay_to
+        return payee.lower() if cfg.faults.lowercase_addresses else payee
 
     server = x402ResourceServer(facilitator)
     server.register(cfg.network, ExactEvmServerScheme())
@@ -366,6 +379,9 @@ def create_mock_vendor_app(
             response.headers["PAYMENT-REQUIRED"] = encode_payment_required_header(required)
         return response
 
+    # x402 v1 clients are answered at the edge (the SDK's server speaks v2 only).
+    x402_versions = x402_edge(lambda: cfg.x402_versions, QUOTE_HEADER)
+
     async def idempotent_submit(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
@@ -392,9 +408,19 @@ def create_mock_vendor_app(
                 response = await call_next(request)
                 job = by_key.get(key)
                 if job is not None and not job.paid:
-                    if response.status_code == 200 and "PAYMENT-RESPONSE" in response.headers:
+                    if response.status_code == 200 and PAYMENT_RESPONSE in response.headers:
                         _start(job, clock())
                         count(key, "started")
+                        # The route answered before the payment settled: answer the job as
+                        # it now is (paid, its hours running), as a replay would.
+                        response = JSONResponse(
+                            _view(cfg, job, clock()).to_json(),
+                            headers={
+                                name: response.headers[name]
+                                for name in (PAYMENT_RESPONSE, X_PAYMENT_RESPONSE)
+                                if name in response.headers
+                            },
+                        )
                     else:
                         del by_key[key], jobs[job.job_id]
             if cfg.faults.answer_delay_s:  # settled and recorded; the answer comes late
@@ -433,7 +459,7 @@ def create_mock_vendor_app(
                 pending = renewals.get(key)
                 if pending is None or pending[2]:
                     return response
-                if response.status_code != 200 or "PAYMENT-RESPONSE" not in response.headers:
+                if response.status_code != 200 or PAYMENT_RESPONSE not in response.headers:
                     del renewals[key]
                     return response
                 job_id, hours, _ = pending
@@ -442,17 +468,22 @@ def create_mock_vendor_app(
                 _renew(cfg, jobs[job_id], hours, clock())
                 return JSONResponse(
                     _view(cfg, jobs[job_id], clock()).to_json(),
-                    headers={"PAYMENT-RESPONSE": response.headers["PAYMENT-RESPONSE"]},
+                    headers={
+                        name: response.headers[name]
+                        for name in (PAYMENT_RESPONSE, X_PAYMENT_RESPONSE)
+                        if name in response.headers
+                    },
                 )
 
         return await asyncio.shield(asyncio.ensure_future(process()))
 
-    # Innermost first: faults, then (POST only) the x402 payment, the foreign-network fault
-    # and the idempotent submit/renew wrappers. The latter act only on POSTs to the paid
-    # routes (a 402 comes only from the payment middleware), so GETs and quotes skip them.
+    # Innermost first: faults, then (POST only) the x402 payment, the foreign-network fault,
+    # the x402 v1 edge and the idempotent submit/renew wrappers. The latter act only on POSTs
+    # to the paid routes (a 402 comes only from the payment middleware): GETs and quotes skip them.
     app.add_middleware(_Innermost, handler=inject_faults)
     app.add_middleware(
-        _PaidChain, chain=[paying, foreign_network, idempotent_submit, idempotent_renew]
+        _PaidChain,
+        chain=[paying, foreign_network, x402_versions, idempotent_submit, idempotent_renew],
     )
     app.add_middleware(BoundedRequests)  # outermost: before any parser or the payment
 
