@@ -11,15 +11,24 @@ from rich.table import Table
 
 from procure.cli_cloud import mock_cloud
 from procure.cli_common import (
+    cloud_settings,
     console,
     fail,
+    load_settings,
     print_json,
+    settings_errors,
     store_for,
 )
 from procure.cli_fleet import fleet_app
 from procure.cli_gpu import gpu_worker, tickets_app
 from procure.cli_runs import run_app
-from procure.settings import Settings, get_settings
+from procure.numbers import number, whole
+from procure.safetext import guard_logging, safe
+from procure.settings import Settings
+
+PORT = whole(1, 65535, "--port")
+CONCURRENCY = whole(1, 1000, "--concurrency")
+POLL = number(0, 3600, "--poll-interval")
 
 app = typer.Typer(
     help="procure: an autonomous agent that rents GPU compute for a goal within a hard budget, "
@@ -34,8 +43,15 @@ app.add_typer(vendors_app, name="vendors")
 
 @app.command()
 def demo(
-    job_seconds: Annotated[float, typer.Option(help="Real seconds a mock job takes")] = 2.0,
-    budget: Annotated[float, typer.Option(help="Run budget in US dollars")] = 5.0,
+    job_seconds: Annotated[
+        float,
+        typer.Option(
+            help="Real seconds a mock job takes", parser=number(0.01, 3600, "--job-seconds")
+        ),
+    ] = 2.0,
+    budget: Annotated[
+        float, typer.Option(help="Run budget in US dollars", parser=number(1e-6, 1e6, "--budget"))
+    ] = 5.0,
     serve_: Annotated[
         bool,
         typer.Option(
@@ -43,7 +59,9 @@ def demo(
             help="Afterwards keep the demo's services up and serve the dashboard until Ctrl+C",
         ),
     ] = False,
-    port: Annotated[int, typer.Option(help="The dashboard's port, with --serve")] = 3000,
+    port: Annotated[
+        int, typer.Option(help="The dashboard's port, with --serve", parser=PORT)
+    ] = 3000,
 ) -> None:
     """Run the recovery story end to end: vendor 1 fails part-way, the agent pays vendor 2.
     With --serve, then open the dashboard on the printed URL to see it (and start more runs)."""
@@ -64,20 +82,25 @@ def demo(
         then = functools.partial(serve_until_interrupted, port=port, console=console)
     state = run_demo(job_seconds=job_seconds, budget=budget, console=console, then=then)
     if state.run.status != RunStatus.completed:
-        console.print(f"[bold red]run ended {state.run.status}: {state.run.status_reason}")
+        console.print(
+            f"[bold red]run ended {safe(state.run.status)}: {safe(state.run.status_reason)}"
+        )
         raise typer.Exit(1)
 
 
 @app.command()
 def serve(
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 3000,
+    port: Annotated[int, typer.Option(help="Port to listen on", parser=PORT)] = 3000,
     host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
     worker: Annotated[
         bool, typer.Option(help="Run a worker in the server, so runs advance by themselves")
     ] = True,
-    concurrency: Annotated[int, typer.Option(help="The worker's ticks in flight", min=1)] = 16,
+    concurrency: Annotated[
+        int, typer.Option(help="The worker's ticks in flight", parser=CONCURRENCY)
+    ] = 16,
     poll_interval: Annotated[
-        float, typer.Option(help="Seconds before a run is due again after a tick", min=0)
+        float,
+        typer.Option(help="Seconds before a run is due again after a tick", parser=POLL),
     ] = 1.0,
     fleet: Annotated[
         bool,
@@ -94,34 +117,50 @@ def serve(
     from procure.agent.worker import WorkerConfig
     from procure.api.app import create_app
 
-    settings = get_settings()
+    settings = load_settings()
+    guard_logging()
     cfg = WorkerConfig(concurrency=concurrency, poll_interval_s=poll_interval) if worker else None
     fleet_run = _fleet_run() if fleet else None
-    app_ = create_app(settings, store_for(settings), worker=cfg, fleet=fleet_run)
+    with settings_errors():  # the dashboard's and the fleet's settings are read here
+        app_ = create_app(settings, store_for(settings), worker=cfg, fleet=fleet_run)
     uvicorn.run(app_, host=host, port=port)
 
 
 def _fleet_run() -> Any:
     """The in-server fleet controller's configuration, from the environment."""
     from procure.cli_fleet import _fleet_settings
-    from procure.clouds.lambda_cloud.settings import LambdaSettings
     from procure.fleet.inprocess import FleetRun
     from procure.store.ledger import load_caps
 
-    return FleetRun(cfg=_fleet_settings(), cloud=LambdaSettings(), caps=load_caps())
+    with settings_errors():
+        caps = load_caps()
+    return FleetRun(cfg=_fleet_settings(), cloud=cloud_settings(), caps=caps)
 
 
 @app.command("worker")
 def worker_command(
-    concurrency: Annotated[int, typer.Option(help="Ticks in flight at most", min=1)] = 16,
+    concurrency: Annotated[
+        int, typer.Option(help="Ticks in flight at most", parser=CONCURRENCY)
+    ] = 16,
     poll_interval: Annotated[
-        float, typer.Option(help="Seconds before a run is due again after a tick", min=0)
+        float,
+        typer.Option(help="Seconds before a run is due again after a tick", parser=POLL),
     ] = 1.0,
-    lease: Annotated[float, typer.Option(help="Lease TTL in seconds (renewed)", min=1)] = 60.0,
+    lease: Annotated[
+        float,
+        typer.Option(help="Lease TTL in seconds (renewed)", parser=number(1, 86400, "--lease")),
+    ] = 60.0,
     once: Annotated[bool, typer.Option(help="Tick one batch of due runs and exit")] = False,
-    max_ticks: Annotated[int | None, typer.Option(help="Exit after this many ticks", min=1)] = None,
+    max_ticks: Annotated[
+        int | None,
+        typer.Option(help="Exit after this many ticks", parser=whole(1, 10**9, "--max-ticks")),
+    ] = None,
     drain_timeout: Annotated[
-        float, typer.Option(help="Seconds to let ticks in flight finish on SIGTERM/SIGINT")
+        float,
+        typer.Option(
+            help="Seconds to let ticks in flight finish on SIGTERM/SIGINT",
+            parser=number(0, 3600, "--drain-timeout"),
+        ),
     ] = 30.0,
     log_level: Annotated[str, typer.Option(help="Logging level")] = "INFO",
 ) -> None:
@@ -137,9 +176,10 @@ def worker_command(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    guard_logging(log_level)
     from procure.store import open_store
 
-    settings = get_settings()
+    settings = load_settings()
     store = open_store(settings.database_url, pre_ping=False)
     cfg = WorkerConfig(
         concurrency=concurrency,
@@ -173,7 +213,7 @@ def worker_command(
         with sqlite_worker_lock(store):
             stats = asyncio.run(go())
     except WorkerLockHeld as exc:
-        console.print(f"[red]{exc}")
+        console.print(f"[red]{safe(exc)}")
         raise typer.Exit(1) from None
     finally:
         store.dispose()
@@ -186,7 +226,7 @@ def worker_command(
 
 @app.command()
 def facilitator(
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 4020,
+    port: Annotated[int, typer.Option(help="Port to listen on", parser=PORT)] = 4020,
     host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
 ) -> None:
     """Run the local x402 facilitator (verify + settle on a local chain kept under PROCURE_HOME).
@@ -199,7 +239,7 @@ def facilitator(
     from procure.models import format_usd, usd_to_micros
     from procure.payments.facilitator import create_facilitator_app, fund_wallet_once, open_chain
 
-    settings = get_settings()
+    settings = load_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     chain = open_chain(settings.home)
     console.print(f"chain {chain.network}, token {chain.token_address}")
@@ -222,7 +262,10 @@ def _wallet(settings: Settings):  # type: ignore[no-untyped-def]
 def wallet(
     fund: Annotated[
         float | None,
-        typer.Option(help="Ask the local facilitator's faucet for this many test dollars", min=0),
+        typer.Option(
+            help="Ask the local facilitator's faucet for this many test dollars",
+            parser=number(0, 1e6, "--fund"),
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -232,7 +275,7 @@ def wallet(
 
     from procure.bounds import UnsafeInput, loads
 
-    settings = get_settings()
+    settings = load_settings()
     address = _wallet(settings).address
     url = settings.facilitator_url
     try:
@@ -261,8 +304,11 @@ def wallet(
 @app.command("mock-vendor")
 def mock_vendor(
     vendor_id: Annotated[str, typer.Option(help="gpu_vendor_1 or gpu_vendor_2 (or any seeded id)")],
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 4001,
-    job_seconds: Annotated[float | None, typer.Option(help="Real seconds per job")] = None,
+    port: Annotated[int, typer.Option(help="Port to listen on", parser=PORT)] = 4001,
+    job_seconds: Annotated[
+        float | None,
+        typer.Option(help="Real seconds per job", parser=number(0.01, 86400, "--job-seconds")),
+    ] = None,
 ) -> None:
     """Run a mock GPU vendor. Honours GPU_VENDOR_SECRET, FAIL_VENDOR_ID, FAIL_RATE, FAIL_AT."""
     import uvicorn
@@ -271,7 +317,7 @@ def mock_vendor(
     from procure.vendors.mock import create_mock_vendor_app
     from procure.vendors.registry import default_vendors
 
-    settings = get_settings()
+    settings = load_settings()
     known = {v.vendor_id: v for v in default_vendors()}
     if vendor_id not in known:
         raise typer.BadParameter(f"unknown vendor {vendor_id}; known: {', '.join(known)}")
@@ -298,7 +344,7 @@ def vendors_seed(
     from procure.vendors.credentials import Keyring
     from procure.vendors.registry import default_vendors
 
-    settings = get_settings()
+    settings = load_settings()
     info = asset_info(settings.facilitator_url)
     credential = Keyring.load(settings.home).encrypt(settings.gpu_vendor_secret.get_secret_value())
     with store_for(settings).session() as s:
@@ -309,7 +355,9 @@ def vendors_seed(
             credential=credential,
         ):
             repo.save_vendor(s, vendor)
-            console.print(f"seeded {vendor.vendor_id} ({vendor.name}) at {vendor.endpoint}")
+            console.print(
+                f"seeded {safe(vendor.vendor_id)} ({safe(vendor.name)}) at {safe(vendor.endpoint)}"
+            )
 
 
 @vendors_app.command("list")
@@ -319,7 +367,7 @@ def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
     from procure.agent.context import hazard, reliability
     from procure.store import repo
 
-    with store_for(get_settings()).session() as s:
+    with store_for(load_settings()).session() as s:
         vendors = repo.list_vendors(s)
     if as_json:
         print_json(
@@ -343,17 +391,17 @@ def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
         "credential",
     )
     for v in vendors:
-        table.add_row(
-            v.vendor_id,
-            v.name,
-            v.endpoint,
+        table.add_row(  # names and endpoints came from outside: no markup, no escapes
+            safe(v.vendor_id, 100),
+            safe(v.name, 100),
+            safe(v.endpoint, 200),
             f"{v.base_price_per_hour / 1e6:.2f}",
             f"{v.reliability_score:.2f}",
             f"{reliability(v):.3f}",
             f"{hazard(v):.3f}",
             str(v.successes),
             str(v.failures),
-            ",".join(v.supported_gpu_types),
+            safe(",".join(v.supported_gpu_types), 200),
             "yes" if v.has_credential else "none",
         )
     console.print(table)

@@ -10,24 +10,49 @@ from typing import Annotated
 import typer
 
 from procure.cli_common import console
+from procure.numbers import number, whole
+from procure.safetext import safe
 
 
 def mock_cloud(
-    port: Annotated[int, typer.Option(help="Port of the API on 127.0.0.1")] = 4100,
-    speed: Annotated[float, typer.Option(help="Simulated seconds per real second", min=0)] = 1.0,
-    boot_s: Annotated[float, typer.Option(help="Booting → active, simulated s", min=0)] = 180.0,
-    node_port: Annotated[int, typer.Option(help="Port of every instance's GPU node")] = 9876,
+    port: Annotated[
+        int, typer.Option(help="Port of the API on 127.0.0.1", parser=whole(1, 65535, "--port"))
+    ] = 4100,
+    speed: Annotated[
+        float,
+        typer.Option(help="Simulated seconds per real second", parser=number(0, 1e6, "--speed")),
+    ] = 1.0,
+    boot_s: Annotated[
+        float,
+        typer.Option(help="Booting → active, simulated s", parser=number(0, 86400, "--boot-s")),
+    ] = 180.0,
+    node_port: Annotated[
+        int,
+        typer.Option(
+            help="Port of every instance's GPU node", parser=whole(1, 65535, "--node-port")
+        ),
+    ] = 9876,
     node_token: Annotated[
         str | None,
         typer.Option(help="Nodes' bearer token (leases need one)", envvar="MOCK_CLOUD_NODE_TOKEN"),
     ] = None,
-    quota: Annotated[int, typer.Option(help="Most instances alive at once", min=0)] = 20,
-    capacity: Annotated[int, typer.Option(help="Instances per type and region", min=0)] = 8,
+    quota: Annotated[
+        int,
+        typer.Option(help="Most instances alive at once", parser=whole(0, 10_000, "--quota")),
+    ] = 20,
+    capacity: Annotated[
+        int,
+        typer.Option(help="Instances per type and region", parser=whole(0, 10_000, "--capacity")),
+    ] = 8,
     workload: Annotated[
         Path | None, typer.Option(help="CSV of jobs: submit_s,gpus,duration_s")
     ] = None,
     synthetic_seed: Annotated[
-        int | None, typer.Option(help="A synthetic day of jobs from this seed")
+        int | None,
+        typer.Option(
+            help="A synthetic day of jobs from this seed",
+            parser=whole(0, 2**32 - 1, "--synthetic-seed"),
+        ),
     ] = None,
     no_nodes: Annotated[bool, typer.Option("--no-nodes", help="No GPU node per instance")] = False,
 ) -> None:
@@ -48,7 +73,7 @@ def mock_cloud(
         elif synthetic_seed is not None:
             jobs = synthetic(synthetic_seed)
     except (OSError, WorkloadError) as exc:
-        console.print(f"[red]workload: {exc}")
+        console.print(f"[red]workload: {safe(exc)}")
         raise typer.Exit(2) from None
     key = os.environ.get("LAMBDA_API_KEY") or "mock-lambda-key"
     config = MockCloudConfig(

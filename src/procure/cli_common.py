@@ -13,7 +13,7 @@ from rich.console import Console
 
 from procure.settings import Settings, get_settings
 
-console = Console()
+console = Console(emoji=False)  # ":name:" in a cloud's or vendor's text stays text
 
 
 def store_for(settings: Settings):  # type: ignore[no-untyped-def]
@@ -27,20 +27,49 @@ def print_json(data: Any) -> None:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """One line on stderr and a non-zero exit: the CLI never shows a traceback for bad input."""
-    typer.echo(f"error: {message}", err=True)
+    """One line on stderr and a non-zero exit: the CLI never shows a traceback for bad input.
+    The message may quote outside text: escape sequences and line breaks are taken out."""
+    from procure.safetext import clean
+
+    typer.echo(f"error: {clean(message, 1000)}", err=True)
     raise typer.Exit(code)
 
 
 def load_settings() -> Settings:
     """The settings, or one line naming the variable that is wrong."""
+    with settings_errors():
+        return get_settings()
+
+
+@contextlib.contextmanager
+def settings_errors() -> Iterator[None]:
+    """Any settings class refused while this runs (start-up): one line naming each variable
+    and why, never the value (it may be a secret), and exit status 1."""
     from pydantic import ValidationError
 
     try:
-        return get_settings()
+        yield
     except ValidationError as exc:
-        found = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        found = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            why = str(e["msg"]).removeprefix("Value error, ")
+            found.append(f"{where}: {why}" if where else why)
         fail("bad setting: " + "; ".join(found))
+
+
+def cloud_settings(**overrides: Any) -> Any:
+    """Lambda Cloud's settings, with LAMBDA_API_URL checked to be an http(s) URL."""
+    from procure.clouds.lambda_cloud.settings import LambdaSettings
+    from procure.settings import http_url
+
+    with settings_errors():
+        cloud = LambdaSettings(**overrides)
+    try:
+        http_url(cloud.api_url)
+    except ValueError as exc:
+        fail(f"bad setting: LAMBDA_API_URL: {exc}")
+    return cloud
 
 
 @contextlib.contextmanager

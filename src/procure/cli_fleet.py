@@ -11,7 +11,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from procure.cli_common import console, fail, load_settings, print_json, store_errors, store_for
+from procure.cli_common import (
+    cloud_settings,
+    console,
+    fail,
+    load_settings,
+    print_json,
+    settings_errors,
+    store_errors,
+    store_for,
+)
+from procure.numbers import number, whole
+from procure.safetext import guard_logging, redact, safe, show_url
 
 fleet_app = typer.Typer(
     help="The fleet controller: watch GPU instances, scale them within safety rails.",
@@ -20,14 +31,10 @@ fleet_app = typer.Typer(
 
 
 def _fleet_settings():  # type: ignore[no-untyped-def]
-    from pydantic import ValidationError
-
     from procure.fleet.settings import FleetSettings
 
-    try:
+    with settings_errors():
         return FleetSettings()
-    except ValidationError as exc:
-        fail("bad fleet setting: " + "; ".join(str(e["msg"]) for e in exc.errors()))
 
 
 @fleet_app.command("run")
@@ -37,7 +44,11 @@ def run(
     ] = False,
     once: Annotated[bool, typer.Option("--once", help="One scan, then exit")] = False,
     interval: Annotated[
-        float | None, typer.Option(help="Seconds between scans (LAMBDA_LABS_SCAN_INTERVAL_S)")
+        float | None,
+        typer.Option(
+            help="Seconds between scans (LAMBDA_LABS_SCAN_INTERVAL_S)",
+            parser=number(0.01, 86400, "--interval"),
+        ),
     ] = None,
     cloud_url: Annotated[
         str | None, typer.Option(help="Lambda Cloud API base URL (LAMBDA_API_URL)")
@@ -49,7 +60,6 @@ def run(
     """Scan the fleet every interval: read the nodes, decide, pass the rails, act (with --live),
     audit and notify. Several controllers on one PostgreSQL never act twice (a lease)."""
     from procure.clouds.lambda_cloud.client import LambdaCloud
-    from procure.clouds.lambda_cloud.settings import LambdaSettings
     from procure.fleet.context import FleetContext
     from procure.fleet.controller import run_controller
     from procure.fleet.outbox import run_outbox
@@ -57,12 +67,13 @@ def run(
     from procure.store.ledger import load_caps
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    guard_logging()
     settings, cfg = load_settings(), _fleet_settings()
-    lambda_settings = LambdaSettings(**({"api_url": cloud_url} if cloud_url else {}))
+    lambda_settings = cloud_settings(**({"api_url": cloud_url} if cloud_url else {}))
     webhook = cfg.slack_webhook_url.get_secret_value() if cfg.slack_webhook_url else None
     git_dir = audit_git or (Path(cfg.audit_git) if cfg.audit_git else None)
 
-    async def main() -> None:
+    async def main() -> str | None:
         with store_errors(settings):
             store = store_for(settings)
         cloud = LambdaCloud(lambda_settings)
@@ -81,9 +92,10 @@ def run(
             run_outbox(store, slack, webhook, Path(cfg.audit_log), git_dir)
         )
         mode = "LIVE" if live else "dry run"
-        console.print(f"fleet controller {ctx.owner} ({mode}) on {lambda_settings.api_url}")
+        where = show_url(lambda_settings.api_url)  # never a password in the URL
+        console.print(f"fleet controller {ctx.owner} ({mode}) on {safe(where)}")
         try:
-            await run_controller(ctx, interval_s=interval, once=once)
+            error = await run_controller(ctx, interval_s=interval, once=once)
             if once:  # let the outbox deliver what this scan queued
                 from procure.fleet.outbox import deliver_slack, write_audit
 
@@ -97,11 +109,15 @@ def run(
             if slack is not None:
                 await slack.aclose()
             store.dispose()
+        return error
 
     try:
-        asyncio.run(main())
+        error = asyncio.run(main())
     except KeyboardInterrupt:
         console.print("stopped")
+        return
+    if once and error:  # the one scan asked for did not happen: say so, exit non-zero
+        fail(f"the scan failed: {redact(error)}")
 
 
 @fleet_app.command("status")
@@ -123,13 +139,13 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     table = Table("instance", "type", "status", "GPU %", "°C", "anomalies")
     for i in data["instances"]:
         latest = i["latest"] or {}
-        table.add_row(
-            i["instance_id"],
-            i["instance_type"],
-            i["status"],
+        table.add_row(  # every text here came from the cloud: no markup, no escapes
+            safe(i["instance_id"], 100),
+            safe(i["instance_type"], 100),
+            safe(i["status"], 50),
             "" if latest.get("gpu_util") is None else f"{latest['gpu_util']:.0f}",
             "" if latest.get("temperature_c") is None else f"{latest['temperature_c']:.0f}",
-            ", ".join(a["kind"] for a in i["anomalies"]),
+            safe(", ".join(a["kind"] for a in i["anomalies"]), 200),
         )
     console.print(table)
 
@@ -137,7 +153,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @fleet_app.command("actions")
 def list_actions(
     status_filter: Annotated[str | None, typer.Option("--status")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    limit: Annotated[int, typer.Option(parser=whole(1, 1000, "--limit"))] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The action history, newest first."""
@@ -160,12 +176,12 @@ def list_actions(
     for r in rows:
         status_text = r["status"] + (f" ({r['blocked_by']})" if r["blocked_by"] else "")
         table.add_row(
-            r["action_id"],
-            r["action_type"],
-            r["target_instance"] or "",
+            safe(r["action_id"], 100),
+            safe(r["action_type"], 50),
+            safe(r["target_instance"] or "", 100),
             f"{r['cost_impact']:+.2f}",
-            status_text,
-            r["reason"],
+            safe(status_text, 100),
+            safe(r["reason"], 300),
         )
     console.print(table)
 
@@ -180,7 +196,9 @@ def _decide(action_id: str, what: str) -> None:
         try:
             if what == "rollback":
                 row = actions.rollback(store, action_id, "cli", utcnow())
-                console.print(f"rollback {row.action_id} queued: terminates {row.target_instance}")
+                console.print(
+                    f"rollback {safe(row.action_id)} queued: terminates {safe(row.target_instance)}"
+                )
             else:
                 row = actions.decide(
                     store,
@@ -189,8 +207,9 @@ def _decide(action_id: str, what: str) -> None:
                     "cli",
                     utcnow(),
                     slack=cfg.slack_webhook_url is not None,
+                    fleet_name=cfg.fleet_name,
                 )
-                console.print(f"{action_id}: {row.status}")
+                console.print(f"{safe(action_id)}: {safe(row.status)}")
         except KeyError:
             fail(f"no action {action_id}")
         except actions.ActionRefused as exc:

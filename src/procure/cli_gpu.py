@@ -6,7 +6,9 @@ from typing import Annotated
 
 import typer
 
-from procure.cli_common import console, print_json
+from procure.cli_common import console, fail, print_json, settings_errors
+from procure.numbers import number, whole
+from procure.safetext import guard_logging, safe
 
 tickets_app = typer.Typer(
     help="Livepeer probabilistic tickets: winProb, payout spread, the winning check, and the "
@@ -16,7 +18,9 @@ tickets_app = typer.Typer(
 
 
 def gpu_worker(
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 9876,
+    port: Annotated[
+        int, typer.Option(help="Port to listen on", parser=whole(1, 65535, "--port"))
+    ] = 9876,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in a container)")] = (
         "127.0.0.1"
     ),
@@ -35,17 +39,25 @@ def gpu_worker(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app_ = create_gpu_worker_app(GpuWorkerSettings(), port=port)
+    guard_logging(log_level)
+    with settings_errors():
+        worker_settings = GpuWorkerSettings()
+    app_ = create_gpu_worker_app(worker_settings, port=port)
     uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
 
 
 def _wei(text: str) -> int:
+    """An amount in wei, at most 2^256-1; a huge exponent is refused before it is computed."""
     from procure.gpu.tickets import parse_wei
+    from procure.numbers import UINT256_MAX, small_exponent
 
     try:
-        return parse_wei(text)
+        wei = parse_wei(small_exponent(text))
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        fail(str(exc), code=2)
+    if wei > UINT256_MAX:
+        fail(f"{text[:40]!r} is more than 2^256-1 wei", code=2)
+    return wei
 
 
 @tickets_app.command("winprob")
@@ -53,7 +65,11 @@ def tickets_winprob(
     ticket_ev: Annotated[str, typer.Option(help="Expected value per ticket (-ticketEV)")],
     face_value: Annotated[str, typer.Option(help="Ticket face value")],
     jobs: Annotated[
-        int, typer.Option(help="Jobs (tickets) to show the payout spread over", min=1)
+        int,
+        typer.Option(
+            help="Jobs (tickets) to show the payout spread over",
+            parser=whole(1, 10**9, "--jobs"),
+        ),
     ] = 100,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -65,7 +81,7 @@ def tickets_winprob(
     try:
         fixed = tickets.win_prob(ev, face)
     except ValueError as exc:
-        console.print(f"[red]{exc}")
+        console.print(f"[red]{safe(exc)}")
         raise typer.Exit(1) from None
     spread = tickets.payout(face, fixed, jobs)
     result = {
@@ -92,7 +108,10 @@ def tickets_winprob(
 def tickets_wins(
     signature: Annotated[str, typer.Option(help="The ticket's signature, hex")],
     recipient_rand: Annotated[str, typer.Option(help="recipientRand, decimal or 0x hex")],
-    win_prob: Annotated[float | None, typer.Option(help="winProb as a probability")] = None,
+    win_prob: Annotated[
+        float | None,
+        typer.Option(help="winProb as a probability", parser=number(0, 1, "--win-prob")),
+    ] = None,
     win_prob_fixed: Annotated[str | None, typer.Option(help="winProb, 256-bit integer")] = None,
 ) -> None:
     """Does the ticket win? uint256(keccak256(signature ‖ recipientRand)) < winProb.
@@ -107,7 +126,7 @@ def tickets_wins(
         fixed = tickets.to_fixed(win_prob) if win_prob is not None else int(str(win_prob_fixed), 0)
         won = tickets.wins(sig, rand, fixed)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        fail(str(exc), code=2)
     typer.echo("winning ticket" if won else "not a winning ticket")
     raise typer.Exit(0 if won else 1)
 

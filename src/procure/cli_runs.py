@@ -16,6 +16,8 @@ from procure.cli_common import (
     store_errors,
     store_for,
 )
+from procure.numbers import shaped, whole
+from procure.safetext import safe
 
 _START_OPTIONS = {
     "userId": "--user-id",
@@ -38,17 +40,34 @@ run_app = typer.Typer(
 def run_start(
     goal: Annotated[str, typer.Option(help="What the compute is for")],
     budget: Annotated[
-        float, typer.Option(help="Budget in US dollars (0.000001 to 1,000,000; rounded down)")
+        float,
+        typer.Option(
+            help="Budget in US dollars (0.000001 to 1,000,000; rounded down)",
+            parser=shaped("--budget"),
+        ),
     ],
     user_id: Annotated[str, typer.Option(help="Who the run is for")] = "cli",
     gpu_type: Annotated[str, typer.Option(help="GPU type")] = "A100",
-    hours: Annotated[float, typer.Option(help="GPU hours (1/60 to 720)")] = 1.0,
-    epochs: Annotated[int, typer.Option(help="Training epochs (1 to 1000)")] = 3,
+    hours: Annotated[
+        float, typer.Option(help="GPU hours (1/60 to 720)", parser=shaped("--hours"))
+    ] = 1.0,
+    epochs: Annotated[
+        int,
+        typer.Option(help="Training epochs (1 to 1000)", parser=shaped("--epochs", integer=True)),
+    ] = 3,
     checkpoint_every: Annotated[
-        float, typer.Option(help="Progress between checkpoints (fraction, 0.01 to 1)")
+        float,
+        typer.Option(
+            help="Progress between checkpoints (fraction, 0.01 to 1)",
+            parser=shaped("--checkpoint-every"),
+        ),
     ] = 0.25,
     deadline_hours: Annotated[
-        float | None, typer.Option(help="Hours from now the job must be done in")
+        float | None,
+        typer.Option(
+            help="Hours from now the job must be done in",
+            parser=shaped("--deadline-hours"),
+        ),
     ] = None,
 ) -> None:
     """Start a run, within the same limits as the API's agent-start; prints it as JSON."""
@@ -115,10 +134,10 @@ def run_tick(run_id: str) -> None:
         try:
             print_json(asyncio.run(go()))
         except RunNotFound:
-            console.print(f"[red]run {run_id} not found")
+            console.print(f"[red]run {safe(run_id)} not found")
             raise typer.Exit(1) from None
         except LeaseHeld as exc:
-            console.print(f"[red]{exc}")
+            console.print(f"[red]{safe(exc)}")
             raise typer.Exit(1) from None
 
 
@@ -159,19 +178,19 @@ def run_cancel(
         try:
             run = request_cancel(store, run_id, by=f"cli:{getpass.getuser()}", reason=reason)
         except RunNotFound:
-            console.print(f"[red]run {run_id} not found")
+            console.print(f"[red]run {safe(run_id)} not found")
             raise typer.Exit(1) from None
         except CannotCancel as exc:
-            console.print(f"[red]{exc}")
+            console.print(f"[red]{safe(exc)}")
             raise typer.Exit(1) from None
         if run.status == "running":
             asyncio.run(carry_out())
             with store.session() as s:
                 run = repo.get_run(s, run_id) or run
     if run.status == "cancelled":
-        console.print(f"run {run_id} cancelled: {run.status_reason}")
+        console.print(f"run {safe(run_id)} cancelled: {safe(run.status_reason)}")
     else:
-        console.print(f"cancel of run {run_id} requested; the worker holding it finishes it")
+        console.print(f"cancel of run {safe(run_id)} requested; the worker holding it finishes it")
 
 
 @run_app.command("status")
@@ -183,14 +202,16 @@ def run_status(run_id: str) -> None:
     with store_errors(settings), store_for(settings).session() as s:
         state = repo.load_state(s, run_id)
     if state is None:
-        console.print(f"[red]run {run_id} not found")
+        console.print(f"[red]run {safe(run_id)} not found")
         raise typer.Exit(1)
     print_json(state.to_json())
 
 
 @run_app.command("list")
 def run_list(
-    limit: Annotated[int, typer.Option(help="How many runs (1 to 500)", min=1, max=500)] = 20,
+    limit: Annotated[
+        int, typer.Option(help="How many runs (1 to 500)", parser=whole(1, 500, "--limit"))
+    ] = 20,
 ) -> None:
     """The latest runs."""
     from procure.store import repo
@@ -201,9 +222,9 @@ def run_list(
     table = Table("id", "status", "goal", "budget", "remaining", "progress")
     for r in runs:
         table.add_row(
-            r.id,
-            r.status,
-            r.goal[:40],
+            safe(r.id, 100),
+            safe(r.status, 50),
+            safe(r.goal, 40),
             f"{r.budget_total / 1e6:.2f}",
             f"{r.budget_remaining / 1e6:.2f}",
             f"{r.progress:.0%}",

@@ -20,6 +20,7 @@ from procure.agent.tick import tick
 from procure.local import mock_vendor_config, start_facilitator, start_mock_vendor
 from procure.models import TERMINAL_RUN_STATUSES, JobSpec, Observation, RunState, usd_to_micros
 from procure.payments.wallet import load_or_create_account
+from procure.safetext import safe
 from procure.settings import Settings
 from procure.store import Store, open_store, repo
 from procure.vendors.credentials import Keyring
@@ -36,7 +37,7 @@ STYLE = {
 
 
 def print_observation(console: Console, obs: Observation) -> None:
-    console.print(f"[{STYLE.get(obs.type, 'white')}]{obs.type:>15}[/] {obs.content}")
+    console.print(f"[{STYLE.get(obs.type, 'white')}]{obs.type:>15}[/] {safe(obs.content, one_line=False)}")
 
 
 async def _drive(

@@ -1,17 +1,65 @@
-"""Configuration from the environment or `.env`, honouring the seeds' variable names."""
+"""Configuration from the environment or `.env`, honouring the seeds' variable names; and the
+checks every settings class shares (finite bounded numbers, well-formed URLs, blank = unset)."""
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from procure.numbers import finite_before
+
+_NUMERIC = (int, float, int | None, float | None)
+_UNSAFE = re.compile(r"[\x00-\x20\x7f\\]")  # whitespace, control characters, backslashes
+
+
+def http_url(value: str) -> str:
+    """`value` when it is an absolute http(s) URL with a host (and a valid port), without
+    spaces, control characters, backslashes or a fragment; else ValueError
+    (whose message never repeats the value: it may hold a secret)."""
+    text = value.strip()
+    if not text or len(text) > 2048 or _UNSAFE.search(text):
+        raise ValueError("not a URL (empty, too long, or spaces/control characters)")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("not an http(s) URL")
+    try:
+        parts.port  # noqa: B018 -- raises on a port that is not a number in range
+    except ValueError:
+        raise ValueError("the URL's port is not a number from 1 to 65535") from None
+    if not parts.hostname or parts.fragment:
+        raise ValueError("not a URL with a host (or it has a fragment)")
+    return text
+
+
+def finite_numbers(cls: type[BaseSettings], value: Any, info: ValidationInfo) -> Any:
+    """A `field_validator("*", mode="before")` body: every number setting of `cls` must be a
+    plain finite decimal (no nan, inf, 1e400 or expression); other fields pass through."""
+    field = cls.model_fields.get(info.field_name or "")
+    if field is not None and field.annotation in _NUMERIC:
+        if isinstance(value, str) and not value.strip() and field.annotation in _NUMERIC[2:]:
+            return None
+        return finite_before(value)
+    return value
+
+
+def blank_is_unset(value: Any) -> Any:
+    """docker compose passes `${VAR:-}` and `.env.example` has `NAME=`: empty means unset."""
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return None if isinstance(text, str) and not text.strip() else value
+
+
+# Every settings class: no infinities, and a refused value is never echoed (it may be a secret).
+CHECKED = SettingsConfigDict(env_file=".env", extra="ignore", allow_inf_nan=False)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(**CHECKED, hide_input_in_errors=True)
 
     database_url: str = Field(
         "sqlite:///procure.db",
@@ -35,7 +83,11 @@ class Settings(BaseSettings):
     facilitator_url: str = Field("http://127.0.0.1:4020", validation_alias="X402_FACILITATOR_URL")
     x402_private_key: SecretStr | None = Field(None, validation_alias="X402_PRIVATE_KEY")
     wallet_funding_usd: float = Field(
-        1000.0, validation_alias="PROCURE_WALLET_FUNDING", description="Faucet amount per wallet"
+        1000.0,
+        ge=0,
+        le=1e9,
+        validation_alias="PROCURE_WALLET_FUNDING",
+        description="Faucet amount per wallet",
     )
     fireworks_api_key: SecretStr | None = Field(None, validation_alias="FIREWORKS_API_KEY")
     fireworks_model: str = Field(
@@ -44,8 +96,8 @@ class Settings(BaseSettings):
     llm_base_url: str = Field(
         "https://api.fireworks.ai/inference/v1", validation_alias="LLM_BASE_URL"
     )
-    llm_timeout_s: float = Field(20.0, validation_alias="LLM_TIMEOUT_S")
-    vendor_timeout_s: float = Field(10.0, validation_alias="VENDOR_TIMEOUT_S")
+    llm_timeout_s: float = Field(20.0, gt=0, le=600, validation_alias="LLM_TIMEOUT_S")
+    vendor_timeout_s: float = Field(10.0, gt=0, le=600, validation_alias="VENDOR_TIMEOUT_S")
     fail_vendor_id: str | None = Field(None, validation_alias="FAIL_VENDOR_ID")
     fail_rate: float | None = Field(
         None,
@@ -55,11 +107,14 @@ class Settings(BaseSettings):
         description="Share of FAIL_VENDOR_ID's jobs that fail (unset: all; 0: none)",
     )
     fail_at: float = Field(0.47, gt=0, lt=1, validation_alias="FAIL_AT")
-    mock_job_seconds: float = Field(6.0, gt=0, validation_alias="MOCK_JOB_SECONDS")
-    vendor_cooldown_s: float = Field(300.0, ge=0, validation_alias="VENDOR_COOLDOWN_S")
+    mock_job_seconds: float = Field(6.0, gt=0, le=7 * 86400, validation_alias="MOCK_JOB_SECONDS")
+    vendor_cooldown_s: float = Field(
+        300.0, ge=0, le=30 * 86400, validation_alias="VENDOR_COOLDOWN_S"
+    )
     payment_overhead_usd: float = Field(
         0.05,
         ge=0,
+        le=1e6,
         validation_alias="PAYMENT_OVERHEAD_USD",
         description="What one more x402 payment costs the planner (fees, latency, risk): "
         "it pays in slices only when that saves more than this per slice",
@@ -67,6 +122,7 @@ class Settings(BaseSettings):
     payment_window_s: float = Field(
         300.0,
         ge=15,
+        le=7 * 86400,
         validation_alias="PROCURE_PAYMENT_WINDOW_S",
         description="How long a signed payment authorisation stays valid (its validBefore)",
     )
@@ -90,15 +146,45 @@ class Settings(BaseSettings):
     stall_s: float = Field(
         1800.0,
         gt=0,
+        le=30 * 86400,
         validation_alias="PROCURE_STALL_S",
         description="A running job whose progress has not moved for this long is given up",
     )
     payment_margin_s: float = Field(
         30.0,
         ge=0,
+        le=86400,
         validation_alias="PROCURE_PAYMENT_MARGIN_S",
         description="Clock skew allowed past validBefore before an unused authorisation is dead",
     )
+
+    warning_threshold: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        validation_alias="PROCURE_WARNING_THRESHOLD",
+        description="Share of every budget (a run's, the global ledger's, the fleet's caps) "
+        "that warns once before the cap (procure.warnings)",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        validation_alias="PROCURE_METRICS_TOKEN",
+        description="Scrape token for /metrics (unset: the API token; neither: open)",
+    )
+
+    _finite = field_validator("*", mode="before")(classmethod(finite_numbers))
+
+    @field_validator(
+        "api_token", "metrics_token", "x402_private_key", "fireworks_api_key", mode="before"
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return blank_is_unset(value)
+
+    @field_validator("facilitator_url", "llm_base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return http_url(value)
 
 
 @lru_cache

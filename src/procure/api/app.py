@@ -83,7 +83,9 @@ def create_app(
             stack.push_async_callback(agent.stop)  # last out: the worker drains, deps close
             if fleet is not None:
                 run = fleet
-                controller = LoopThread(lambda: fleet_in_server(store, run), name="procure-fleet")
+                controller = LoopThread(
+                    lambda: fleet_in_server(store, run, background), name="procure-fleet"
+                )
                 app.state.fleet = await controller.start()
                 stack.push_async_callback(controller.stop)
             yield
@@ -96,6 +98,8 @@ def create_app(
     )
 
     app.add_middleware(BoundedRequests)  # outermost: before any parser or authentication
+    background: dict[str, str] = {}  # background tasks' states, for /healthz
+    app.state.background = background
 
     def require_token(authorization: str | None = Header(None)) -> None:
         if settings.api_token is None:
@@ -171,6 +175,6 @@ def create_app(
     fleet_cfg = fleet.cfg if fleet is not None else None  # else each reads the environment's
     app.include_router(fleet_router(store, require_token, fleet_cfg, require_read=require_read))
     app.include_router(nodes_router(store, require_read, fleet_cfg))
-    app.include_router(ops_router(store))
+    app.include_router(ops_router(store, background, settings))
     mount_dashboard(app, settings, store, fleet_cfg=fleet_cfg)  # the pages at `/` (procure.web)
     return app

@@ -7,16 +7,18 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from procure.api import metrics
+from procure.api.runs import CURSOR, cursor_key, paged
 from procure.fleet import actions
 from procure.fleet.metrics import FleetCollector
 from procure.fleet.settings import FleetSettings
 from procure.fleet.summary import action_json, instances, summary
 from procure.models import utcnow
-from procure.store import Store, fleet_repo
+from procure.store import Store, keyset
+from procure.store.keyset import Key
 
 ACTION_ID = Path(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:-]+$")
 _collector = FleetCollector()
@@ -47,9 +49,12 @@ def fleet_router(
         with store.session() as s:
             return instances(s, cfg, utcnow())
 
-    def read_actions(status: str | None, limit: int) -> list[dict[str, Any]]:
+    def read_actions(
+        status: str | None, limit: int, after: Key | None
+    ) -> tuple[list[dict[str, Any]], Key | None]:
         with store.session() as s:
-            return [action_json(r) for r in fleet_repo.list_actions(s, status=status, limit=limit)]
+            page = keyset.actions(s, limit=limit, after=after, status=status)
+            return [action_json(r) for r in page.rows], page.next
 
     @router.get("/summary", dependencies=readers)
     async def get_summary() -> dict[str, Any]:
@@ -61,13 +66,25 @@ def fleet_router(
 
     @router.get("/actions", dependencies=readers)
     async def get_actions(
-        status: str | None = Query(None, max_length=50), limit: int = Query(100, ge=1, le=1000)
-    ) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(read_actions, status, limit)
+        request: Request,
+        status: str | None = Query(None, max_length=50),
+        limit: int = Query(100, ge=1, le=1000),
+        cursor: str | None = CURSOR,
+    ) -> JSONResponse:
+        """The action history newest first; the next page's URL in the `Link` header."""
+        after = cursor_key(cursor)
+        found, after_next = await asyncio.to_thread(read_actions, status, limit, after)
+        return paged(request, found, after_next)
 
     def decide(action_id: str, approve: bool) -> dict[str, Any]:
         row = actions.decide(
-            store, action_id, approve, "api", utcnow(), slack=cfg.slack_webhook_url is not None
+            store,
+            action_id,
+            approve,
+            "api",
+            utcnow(),
+            slack=cfg.slack_webhook_url is not None,
+            fleet_name=cfg.fleet_name,
         )
         return action_json(row)  # inside the thread: the row's attributes are read here
 

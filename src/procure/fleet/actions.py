@@ -214,54 +214,116 @@ def _cloud_error(ctx: FleetContext, action_id: str, exc: CloudError, attempts: i
 # --- people's decisions ----------------------------------------------------------------------
 
 
+def _timeout_note(row: ActionRow) -> str:
+    """Why an expired action ended: the seed's wording, with the time it had to be confirmed."""
+    if row.expires_at is None or row.created_at is None:
+        return "no confirmation in time"
+    minutes = (row.expires_at - row.created_at).total_seconds() / 60
+    return f"no confirmation within {minutes:g} min"
+
+
 def expire(ctx: FleetContext) -> int:
-    """Pending actions past their confirmation timeout are rejected."""
+    """Pending actions past their confirmation timeout are rejected (as expired). Each is a
+    compare-and-set, so an approval that won the race is never overwritten."""
     now = ctx.clock()
     n = 0
     with ctx.store.session() as s:
         for row in fleet_repo.list_actions(s, status="pending", limit=1000):
-            if row.expires_at is not None and row.expires_at <= now:
-                fleet_repo.set_status(
-                    s,
-                    row,
-                    "rejected",
-                    now,
-                    decided_by="timeout",
-                    decided_at=now,
-                    error_message=f"no confirmation within {ctx.cfg.confirmation_timeout_mins:g}"
-                    " min",
-                )
-                notify.announce(s, row, now, slack=ctx.slack)
+            if row.expires_at is None or row.expires_at > now:
+                continue
+            done = fleet_repo.transition(
+                s,
+                row.action_id,
+                "pending",
+                "rejected",
+                now,
+                decided_by="timeout",
+                decided_at=now,
+                error_message=_timeout_note(row),
+            )
+            if done is not None:
+                notify.announce(s, done, now, slack=ctx.slack)
                 n += 1
     return n
 
 
+# A controller whose last scan is this recent runs on the wall clock; one further off runs on
+# its own (a simulation, a test's manual clock), and expiry is judged on that one.
+_CLOCK_SKEW = timedelta(hours=1)
+
+
+def _judged_at(s: Session, fleet_name: str, now: datetime) -> datetime:
+    """When, for expiry, it is now: the wall clock, unless the controller's own clock is
+    clearly another (ahead of ours, or far behind)."""
+    lease = fleet_repo.lease_row(s, f"fleet:{fleet_name}")
+    last = lease.last_scan_at if lease is not None else None
+    if last is None:
+        return now
+    if last > now or now - last > _CLOCK_SKEW:
+        return last
+    return now
+
+
 def decide(
-    store: Store, action_id: str, approve: bool, by: str, now: datetime, *, slack: bool = False
+    store: Store,
+    action_id: str,
+    approve: bool,
+    by: str,
+    now: datetime,
+    *,
+    slack: bool = False,
+    fleet_name: str = "default",
 ) -> ActionRow:
-    """Approve or reject a pending action (the controller carries out an approved one)."""
+    """Approve or reject a pending action (the controller carries out an approved one). One
+    compare-and-set from `pending`: of concurrent approve and reject exactly one wins, and the
+    other is refused. A pending action past its deadline is not approvable: it ends expired."""
+    expired = False
     with store.session() as s:
-        row = fleet_repo.get_action(s, action_id, lock=True)
+        row = fleet_repo.get_action(s, action_id)
         if row is None:
             raise KeyError(action_id)
         if row.status != "pending":
             raise ActionRefused(f"action {action_id} is {row.status}, not pending")
-        # Expiry is the controller's to judge, on its own clock (which may run faster than
-        # this one): a pending action is approvable until the controller has expired it.
-        if approve:
-            fleet_repo.set_status(s, row, "approved", now, decided_by=by, decided_at=now)
-        else:
-            fleet_repo.set_status(
+        expires_at = row.expires_at
+        if expires_at is not None and expires_at <= _judged_at(s, fleet_name, now):
+            done = fleet_repo.transition(
                 s,
-                row,
+                action_id,
+                "pending",
+                "rejected",
+                now,
+                decided_by="timeout",
+                decided_at=now,
+                error_message=_timeout_note(row),
+            )
+            if done is not None:
+                notify.announce(s, done, now, slack=slack)
+            expired = True
+        elif approve:
+            done = fleet_repo.transition(
+                s, action_id, "pending", "approved", now, decided_by=by, decided_at=now
+            )
+        else:
+            done = fleet_repo.transition(
+                s,
+                action_id,
+                "pending",
                 "rejected",
                 now,
                 decided_by=by,
                 decided_at=now,
                 error_message=f"rejected by {by}",
             )
-            notify.announce(s, row, now, slack=slack)
-        return row
+            if done is not None:
+                notify.announce(s, done, now, slack=slack)
+        if done is None:  # another decision (or the controller's expiry) came first
+            s.expire_all()
+            current = fleet_repo.get_action(s, action_id)
+            status = current.status if current is not None else "gone"
+            raise ActionRefused(f"action {action_id} is {status}, not pending")
+    if expired:  # committed above: it stays expired
+        raise ActionRefused(f"action {action_id} expired: its confirmation time is over")
+    return done
 
 
 def rollback(store: Store, action_id: str, by: str, now: datetime) -> ActionRow:

@@ -16,6 +16,7 @@ from procure.clouds.base import CloudError, Instance
 from procure.fleet import actions, costs, monitor, nodes, policy, prometheus
 from procure.fleet.context import FleetContext
 from procure.models import utcnow
+from procure.safetext import redact
 from procure.store import fleet_repo
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def _sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -
         fleet_repo.end_instances(s, gone, now)
 
 
+sync_instances = _sync_instances  # public: the fleet benchmark's engine keeps the ledger too
 LIVE = ("booting", "active", "unhealthy")
 
 
@@ -206,19 +208,29 @@ async def run_controller(
     stop: asyncio.Event | None = None,
     once: bool = False,
     sleep: Any = asyncio.sleep,
-) -> None:
+    health: dict[str, str] | None = None,
+) -> str | None:
     """Scan every `interval_s` (the settings' by default) until `stop` is set. `sleep` lets
-    the demo run time faster."""
+    the demo run time faster. Returns the last scan's error (None when it went well), and keeps
+    `health["fleet-controller"]` up to date for /healthz."""
     stop = stop or asyncio.Event()
     interval = interval_s if interval_s is not None else ctx.cfg.scan_interval_s
+    error: str | None = None
     try:
         while not stop.is_set():
             try:
                 result = await scan_once(ctx)
+                error = result.error
                 if result.error:
                     log.warning("fleet scan: %s", result.error)
-            except Exception:  # a bug in one scan must not end the controller
+            except Exception as exc:  # a bug in one scan must not end the controller
+                error = clip(f"{type(exc).__name__}: {exc}", 500)
                 log.exception("fleet scan failed")
+            if health is not None:
+                # /healthz answers anyone: the error without URLs' secrets, and short
+                health["fleet-controller"] = (
+                    f"scan failed: {redact(clip(error, 200))}" if error else "running"
+                )
             if once:
                 break
             waiter = asyncio.ensure_future(stop.wait())
@@ -232,3 +244,4 @@ async def run_controller(
     finally:
         with ctx.store.session() as s:
             fleet_repo.release_lease(s, ctx.lease_name, ctx.owner)
+    return error

@@ -1,5 +1,6 @@
 """The fleet controller inside `procure serve --fleet`, like the agent's worker: started with the
-app, its outbox delivered beside it, stopped on shutdown with its fleet lease released."""
+app, its outbox delivered beside it, stopped on shutdown with its fleet lease released. Each
+task's state is kept in `health` (shown by /healthz): one that dies says so, in the log too."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from procure.fleet.controller import run_controller
 from procure.fleet.outbox import run_outbox
 from procure.fleet.settings import FleetSettings
 from procure.httpbounds import bounded_client
+from procure.safetext import show_url
 from procure.store import Store
 from procure.store.ledger import SpendCaps
 
@@ -37,8 +39,28 @@ class FleetRun:
     interval_s: float | None = None
 
 
+def _watch(task: asyncio.Task[object], name: str, health: dict[str, str]) -> None:
+    """When `task` ends, its state in `health`; an exception is logged, never lost."""
+
+    def done(finished: asyncio.Task[object]) -> None:
+        if finished.cancelled():
+            health[name] = "stopped"
+            return
+        exc = finished.exception()
+        if exc is None:
+            health[name] = "stopped"
+            return
+        health[name] = f"failed: {type(exc).__name__}"
+        log.error("background task %s failed; it no longer runs", name, exc_info=exc)
+
+    task.add_done_callback(done)
+
+
 @contextlib.asynccontextmanager
-async def fleet_in_server(store: Store, run: FleetRun) -> AsyncIterator[FleetContext]:
+async def fleet_in_server(
+    store: Store, run: FleetRun, health: dict[str, str] | None = None
+) -> AsyncIterator[FleetContext]:
+    health = health if health is not None else {}
     cfg = run.cfg
     webhook = cfg.slack_webhook_url.get_secret_value() if cfg.slack_webhook_url else None
     cloud = LambdaCloud(run.cloud, pacer=run.pacer)
@@ -54,16 +76,21 @@ async def fleet_in_server(store: Store, run: FleetRun) -> AsyncIterator[FleetCon
         slack=webhook is not None,
     )
     stop = asyncio.Event()
+    health["fleet-controller"] = "starting"
     controller = asyncio.create_task(
-        run_controller(ctx, interval_s=run.interval_s, stop=stop), name="procure-fleet"
+        run_controller(ctx, interval_s=run.interval_s, stop=stop, health=health),
+        name="procure-fleet",
     )
+    _watch(controller, "fleet-controller", health)
     git_dir = Path(cfg.audit_git) if cfg.audit_git else None
     delivery = asyncio.create_task(
         run_outbox(store, slack, webhook, Path(cfg.audit_log), git_dir),
         name="procure-fleet-outbox",
     )
+    health["fleet-outbox"] = "running"
+    _watch(delivery, "fleet-outbox", health)
     mode = "dry run" if cfg.dry_run else "LIVE"
-    log.info("fleet controller %s (%s) on %s", ctx.owner, mode, run.cloud.api_url)
+    log.info("fleet controller %s (%s) on %s", ctx.owner, mode, show_url(run.cloud.api_url))
     try:
         yield ctx
     finally:

@@ -4,26 +4,44 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from procure.settings import CHECKED, blank_is_unset, finite_numbers, http_url
+
+WEEK_MINS = 7 * 24 * 60
+DAY_S = 24 * 3600
+MAX_USD_PER_HOUR = 1e7  # far above any real fleet; a typo of more is refused, not obeyed
 
 
 class FleetSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # A refused value is never echoed: the Slack URL and the node token are secrets.
+    model_config = SettingsConfigDict(**CHECKED, populate_by_name=True, hide_input_in_errors=True)
 
-    max_hourly_spend: float = Field(100.0, ge=0, validation_alias="LAMBDA_LABS_MAX_HOURLY_SPEND")
-    max_instances: int = Field(10, ge=0, validation_alias="LAMBDA_LABS_MAX_INSTANCES")
-    min_instances: int = Field(0, ge=0, validation_alias="LAMBDA_LABS_MIN_INSTANCES")
+    max_hourly_spend: float = Field(
+        100.0, ge=0, le=MAX_USD_PER_HOUR, validation_alias="LAMBDA_LABS_MAX_HOURLY_SPEND"
+    )
+    max_instances: int = Field(10, ge=0, le=10_000, validation_alias="LAMBDA_LABS_MAX_INSTANCES")
+    warning_threshold: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        validation_alias="PROCURE_WARNING_THRESHOLD",
+        description="Share of each cap (instances, hourly spend) that warns once first",
+    )
+    min_instances: int = Field(0, ge=0, le=10_000, validation_alias="LAMBDA_LABS_MIN_INSTANCES")
     action_cooldown_mins: float = Field(
-        30.0, ge=0, validation_alias="LAMBDA_LABS_ACTION_COOLDOWN_MINS"
+        30.0, ge=0, le=WEEK_MINS, validation_alias="LAMBDA_LABS_ACTION_COOLDOWN_MINS"
     )
     confirmation_threshold: float = Field(
         100.0,
+        ge=0,
+        le=MAX_USD_PER_HOUR,
         validation_alias="LAMBDA_LABS_CONFIRMATION_THRESHOLD",
         description="An action whose cost impact ($/h) exceeds this waits for approval",
     )
     confirmation_timeout_mins: float = Field(
-        5.0, gt=0, validation_alias="LAMBDA_LABS_CONFIRMATION_TIMEOUT_MINS"
+        5.0, gt=0, le=WEEK_MINS, validation_alias="LAMBDA_LABS_CONFIRMATION_TIMEOUT_MINS"
     )
     default_instance_type: str = Field(
         "gpu_1x_a100", validation_alias="LAMBDA_LABS_DEFAULT_INSTANCE_TYPE"
@@ -41,13 +59,17 @@ class FleetSettings(BaseSettings):
         20.0, ge=0, le=100, validation_alias="LAMBDA_LABS_LOW_GPU_THRESHOLD"
     )
     high_usage_duration_mins: float = Field(
-        15.0, gt=0, validation_alias="LAMBDA_LABS_HIGH_USAGE_DURATION_MINS"
+        15.0, gt=0, le=WEEK_MINS, validation_alias="LAMBDA_LABS_HIGH_USAGE_DURATION_MINS"
     )
     low_usage_duration_mins: float = Field(
-        30.0, gt=0, validation_alias="LAMBDA_LABS_LOW_USAGE_DURATION_MINS"
+        30.0, gt=0, le=WEEK_MINS, validation_alias="LAMBDA_LABS_LOW_USAGE_DURATION_MINS"
     )
-    hot_temperature_c: float = Field(85.0, validation_alias="LAMBDA_LABS_HOT_TEMPERATURE_C")
-    scan_interval_s: float = Field(60.0, gt=0, validation_alias="LAMBDA_LABS_SCAN_INTERVAL_S")
+    hot_temperature_c: float = Field(
+        85.0, ge=0, le=200, validation_alias="LAMBDA_LABS_HOT_TEMPERATURE_C"
+    )
+    scan_interval_s: float = Field(
+        60.0, gt=0, le=DAY_S, validation_alias="LAMBDA_LABS_SCAN_INTERVAL_S"
+    )
     dry_run: bool = Field(
         True,
         validation_alias="LAMBDA_LABS_DRY_RUN",
@@ -59,10 +81,11 @@ class FleetSettings(BaseSettings):
         validation_alias="LAMBDA_LABS_NODE_TOKEN",
         description="Bearer token of the GPU nodes (their GPU_WORKER_TOKEN)",
     )
-    node_timeout_s: float = Field(5.0, gt=0, validation_alias="LAMBDA_LABS_NODE_TIMEOUT_S")
+    node_timeout_s: float = Field(5.0, gt=0, le=600, validation_alias="LAMBDA_LABS_NODE_TIMEOUT_S")
     node_lease_s: float = Field(
         900.0,
         gt=0,
+        le=30 * DAY_S,
         validation_alias="LAMBDA_LABS_NODE_LEASE_S",
         description="Dead-man lease held on each node: a node not renewed this long stops itself",
     )
@@ -72,13 +95,17 @@ class FleetSettings(BaseSettings):
         description="Read the figures from this Prometheus (scraping dcgm-exporter, instances "
         "matched by the `instance` label's host = the instance's IP); unset: read the nodes",
     )
-    sample_retention_h: float = Field(48.0, gt=0, validation_alias="LAMBDA_LABS_SAMPLE_RETENTION_H")
-    max_launch_attempts: int = Field(5, ge=1, validation_alias="LAMBDA_LABS_MAX_LAUNCH_ATTEMPTS")
+    sample_retention_h: float = Field(
+        48.0, gt=0, le=24 * 366, validation_alias="LAMBDA_LABS_SAMPLE_RETENTION_H"
+    )
+    max_launch_attempts: int = Field(
+        5, ge=1, le=100, validation_alias="LAMBDA_LABS_MAX_LAUNCH_ATTEMPTS"
+    )
     slack_webhook_url: SecretStr | None = Field(None, validation_alias="SLACK_WEBHOOK_URL")
-    slack_timeout_s: float = Field(5.0, gt=0, validation_alias="SLACK_TIMEOUT_S")
+    slack_timeout_s: float = Field(5.0, gt=0, le=600, validation_alias="SLACK_TIMEOUT_S")
     audit_log: str = Field("fleet-audit.jsonl", validation_alias="LAMBDA_LABS_AUDIT_LOG")
     audit_git: str | None = Field(None, validation_alias="LAMBDA_LABS_AUDIT_GIT")
-    lease_s: float = Field(120.0, gt=1, validation_alias="LAMBDA_LABS_CONTROLLER_LEASE_S")
+    lease_s: float = Field(120.0, gt=1, le=DAY_S, validation_alias="LAMBDA_LABS_CONTROLLER_LEASE_S")
     fleet_name: str = Field("default", max_length=100, validation_alias="LAMBDA_LABS_FLEET_NAME")
 
     @field_validator("ssh_key_names", mode="before")
@@ -88,9 +115,33 @@ class FleetSettings(BaseSettings):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
 
+    _finite = field_validator("*", mode="before")(classmethod(finite_numbers))
+
     @field_validator(
         "slack_webhook_url", "node_token", "audit_git", "prometheus_url", mode="before"
     )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
+        return blank_is_unset(value)
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else http_url(value)
+
+    @field_validator("slack_webhook_url")
+    @classmethod
+    def _webhook(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            http_url(value.get_secret_value())  # its message never repeats the URL
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FleetSettings:
+        if self.min_instances > self.max_instances:
+            raise ValueError("LAMBDA_LABS_MIN_INSTANCES must not exceed LAMBDA_LABS_MAX_INSTANCES")
+        if self.low_gpu_threshold > self.high_gpu_threshold:
+            raise ValueError(
+                "LAMBDA_LABS_LOW_GPU_THRESHOLD must not exceed LAMBDA_LABS_HIGH_GPU_THRESHOLD"
+            )
+        return self

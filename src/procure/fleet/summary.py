@@ -1,4 +1,5 @@
-"""The seed's action summary, and the fleet's status, from the store alone (invariant 6)."""
+"""The seed's action summary, and the fleet's status, from the store alone (invariant 6). Error
+texts (which may quote a URL with its password or a webhook's path) are shown redacted."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from procure.fleet import costs, monitor
 from procure.fleet.settings import FleetSettings
+from procure.safetext import redact
 from procure.store import fleet_repo
 from procure.store.fleet_tables import ActionRow
 
@@ -21,7 +23,7 @@ def action_json(row: ActionRow) -> dict[str, Any]:
         "action_id": row.action_id,
         "action_type": row.action_type,
         "target_instance": row.target_instance,
-        "reason": row.reason,
+        "reason": _redacted(row.reason),
         "cost_impact": None if row.cost_impact is None else float(row.cost_impact),
         "status": row.status,
         "dry_run": row.dry_run,
@@ -34,8 +36,12 @@ def action_json(row: ActionRow) -> dict[str, Any]:
         "metrics_after": row.metrics_after,
         "created_at": iso(row.created_at),
         "executed_at": iso(row.executed_at),
-        "error_message": row.error_message,
+        "error_message": _redacted(row.error_message),
     }
+
+
+def _redacted(text: str | None) -> str | None:
+    return None if text is None else redact(text)
 
 
 def as_of(s: Session, cfg: FleetSettings, now: datetime) -> datetime:
@@ -76,7 +82,7 @@ def summary(s: Session, cfg: FleetSettings, now: datetime) -> dict[str, Any]:
         else {
             "owner": lease.owner,
             "last_scan_at": lease.last_scan_at.isoformat() if lease.last_scan_at else None,
-            "last_error": lease.last_error,
+            "last_error": _redacted(lease.last_error),
         },
     }
 

@@ -19,6 +19,7 @@ import httpx
 from procure.bounds import clip
 from procure.gpu.settings import GpuWorkerSettings
 from procure.httpbounds import bounded_client
+from procure.safetext import redact, show_url
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,11 @@ class Registration:
     registered_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shown on the node's open /healthz: no password in the URL, no secret in an error.
+        shown = asdict(self)
+        shown["orchestrator"] = show_url(self.orchestrator)
+        shown["last_error"] = redact(self.last_error) if self.last_error else None
+        return shown
 
 
 # go-livepeer's answers (byoc/job_orchestrator.go) that the worker branches on.

@@ -7,8 +7,10 @@ import re
 import socket
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from procure.settings import CHECKED, finite_numbers, http_url
 
 
 def default_capability_name() -> str:
@@ -18,7 +20,8 @@ def default_capability_name() -> str:
 
 
 class GpuWorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # A refused value is never echoed: the token and the orphan command are secrets.
+    model_config = SettingsConfigDict(**CHECKED, populate_by_name=True, hide_input_in_errors=True)
 
     token: SecretStr | None = Field(
         None,
@@ -28,13 +31,14 @@ class GpuWorkerSettings(BaseSettings):
     nvml_cache_s: float = Field(
         2.0,
         ge=0,
+        le=3600,
         validation_alias="GPU_WORKER_NVML_CACHE_S",
         description="NVML is read at most once per this many seconds, however many requests",
     )
     ollama_url: str | None = Field(
         None, validation_alias="OLLAMA_URL", description="e.g. http://ollama:11434 (unset: none)"
     )
-    ollama_timeout_s: float = Field(3.0, gt=0, validation_alias="OLLAMA_TIMEOUT_S")
+    ollama_timeout_s: float = Field(3.0, gt=0, le=600, validation_alias="OLLAMA_TIMEOUT_S")
     orchestrator_url: str | None = Field(
         None,
         validation_alias="ORCHESTRATOR_URL",
@@ -47,15 +51,18 @@ class GpuWorkerSettings(BaseSettings):
         validation_alias="ORCHESTRATOR_INSECURE_TLS",
         description="Accept the orchestrator's self-signed certificate (only when set)",
     )
-    orchestrator_timeout_s: float = Field(5.0, gt=0, validation_alias="ORCHESTRATOR_TIMEOUT_S")
+    orchestrator_timeout_s: float = Field(
+        5.0, gt=0, le=600, validation_alias="ORCHESTRATOR_TIMEOUT_S"
+    )
     register_every_s: float = Field(
         60.0,
         gt=0,
+        le=86400,
         validation_alias="CAPABILITY_REFRESH_S",
         description="Register again this often, so an orchestrator that restarted knows us again",
     )
-    retry_min_s: float = Field(0.5, gt=0, validation_alias="CAPABILITY_RETRY_MIN_S")
-    retry_max_s: float = Field(60.0, gt=0, validation_alias="CAPABILITY_RETRY_MAX_S")
+    retry_min_s: float = Field(0.5, gt=0, le=3600, validation_alias="CAPABILITY_RETRY_MIN_S")
+    retry_max_s: float = Field(60.0, gt=0, le=86400, validation_alias="CAPABILITY_RETRY_MAX_S")
     capability_name: str = Field(
         default_factory=default_capability_name,
         min_length=1,
@@ -70,7 +77,7 @@ class GpuWorkerSettings(BaseSettings):
         validation_alias="CAPABILITY_URL",
         description="Where the orchestrator sends jobs (default http://<hostname>:<port>)",
     )
-    capability_capacity: int = Field(10, ge=1, validation_alias="CAPABILITY_CAPACITY")
+    capability_capacity: int = Field(10, ge=1, le=1_000_000, validation_alias="CAPABILITY_CAPACITY")
     capability_price_per_unit: int = Field(
         0, ge=0, lt=2**63, validation_alias="CAPABILITY_PRICE_PER_UNIT"
     )
@@ -85,7 +92,61 @@ class GpuWorkerSettings(BaseSettings):
         "`shutdown -h now` (unset: no dead-man switch). Secret: it may carry a cloud API key",
     )
     orphan_action_timeout_s: float = Field(
-        60.0, gt=0, validation_alias="GPU_WORKER_ORPHAN_TIMEOUT_S"
+        60.0, gt=0, le=3600, validation_alias="GPU_WORKER_ORPHAN_TIMEOUT_S"
+    )
+
+    _finite = field_validator("*", mode="before")(classmethod(finite_numbers))
+
+    @field_validator("ollama_url", "orchestrator_url", "capability_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else http_url(value)
+
+    jobs_max_running: int = Field(
+        1,
+        ge=1,
+        le=64,
+        validation_alias="GPU_WORKER_JOBS_MAX_RUNNING",
+        description="Jobs that run at once; the others wait, queued",
+    )
+    jobs_keep: int = Field(
+        50,
+        ge=1,
+        le=10_000,
+        validation_alias="GPU_WORKER_JOBS_KEEP",
+        description="Jobs kept in memory; the oldest finished one is forgotten first",
+    )
+    job_log_lines: int = Field(
+        2_000, ge=10, le=1_000_000, validation_alias="GPU_WORKER_JOB_LOG_LINES"
+    )
+    job_line_bytes: int = Field(
+        4_096, ge=80, le=65_536, validation_alias="GPU_WORKER_JOB_LINE_BYTES"
+    )
+    job_cancel_grace_s: float = Field(
+        10.0,
+        gt=0,
+        le=3_600,
+        validation_alias="GPU_WORKER_JOB_CANCEL_GRACE_S",
+        description="SIGTERM, then SIGKILL after this many seconds",
+    )
+    checkpoint_dir: str = Field(
+        "~/.cache/procure/checkpoints",
+        min_length=1,
+        validation_alias="GPU_WORKER_CHECKPOINT_DIR",
+        description="Where a job writes its checkpoints when the request names no "
+        "checkpointDir (a local directory or any fsspec URL); one folder per job under it",
+    )
+    docker_binary: str = Field(
+        "docker",
+        min_length=1,
+        validation_alias="GPU_WORKER_DOCKER",
+        description="The docker client that runs jobs given with an image",
+    )
+    docker_gpus: str | None = Field(
+        "all",
+        validation_alias="GPU_WORKER_DOCKER_GPUS",
+        description="`docker run --gpus` for jobs given with an image (empty: no --gpus, for "
+        "a machine without the NVIDIA container toolkit)",
     )
 
     @field_validator(
@@ -95,6 +156,7 @@ class GpuWorkerSettings(BaseSettings):
         "orchestrator_secret",
         "capability_url",
         "on_orphan",
+        "docker_gpus",
         mode="before",
     )
     @classmethod
@@ -108,3 +170,10 @@ class GpuWorkerSettings(BaseSettings):
     @classmethod
     def _blank_name_is_default(cls, value: Any) -> Any:
         return default_capability_name() if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("checkpoint_dir", "docker_binary", mode="before")
+    @classmethod
+    def _blank_job_setting_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[info.field_name or ""].default
+        return value

@@ -13,6 +13,8 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
+from procure.numbers import small_exponent
+
 MAX_WIN_PROB = 2**256 - 1
 """winProb of a ticket that always wins: probabilities are fractions of this."""
 UNITS = {"wei": 1, "gwei": 10**9, "eth": 10**18}
@@ -110,6 +112,7 @@ def parse_wei(text: str) -> int:
     found = re.fullmatch(r"\s*([0-9][0-9_ ]*(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
     if not found or found.group(2) not in ("", *UNITS):
         raise ValueError(f"not an amount: {text!r} (e.g. 29000000000000, 18gwei, 0.001eth)")
+    small_exponent(text)  # 1e999999999 is refused here, before Fraction computes 10**n
     amount = (
         Fraction(found.group(1).replace("_", "").replace(" ", "")) * UNITS[found.group(2) or "wei"]
     )

@@ -65,6 +65,33 @@ def set_status(s: Session, row: ActionRow, status: str, now: datetime, **values:
     s.flush()
 
 
+def transition(
+    s: Session, action_id: str, from_status: str, to_status: str, now: datetime, **values: Any
+) -> ActionRow | None:
+    """Compare-and-set: move the action from `from_status` to `to_status` only if it is still
+    there, in one conditional UPDATE (no read-then-write race on SQLite or PostgreSQL). The
+    row as it now is when this call won, None when another writer moved it first."""
+    result = s.execute(
+        update(ActionRow)
+        .where(ActionRow.action_id == action_id, ActionRow.status == from_status)
+        .values(status=to_status, updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return s.scalars(
+        select(ActionRow)
+        .where(ActionRow.action_id == action_id)
+        .execution_options(populate_existing=True)
+    ).first()
+
+
+def count_status(s: Session, status: str) -> int:
+    """How many actions have this status (the true count, not one page's length)."""
+    query = select(func.count()).select_from(ActionRow).where(ActionRow.status == status)
+    return int(s.scalar(query) or 0)
+
+
 def last_acted(s: Session, action_type: str) -> datetime | None:
     """When an action of this type last went to the cloud (or would have, in a dry run)."""
     return s.scalar(

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
 from procure.models import format_usd, usd_to_micros
+from procure.settings import CHECKED, finite_numbers
 from procure.store.fleet_tables import FleetInstanceRow
 from procure.store.tables import PaymentRow
 
@@ -38,6 +39,7 @@ class SpendCaps:
     per_hour: int | None = None
     per_day: int | None = None
     per_month: int | None = None
+    warn_at: float = 0.8  # share of every budget that warns first (procure.warnings)
 
     def items(self) -> list[tuple[str, int]]:
         caps = {"hour": self.per_hour, "day": self.per_day, "month": self.per_month}
@@ -49,22 +51,26 @@ class SpendCaps:
 
 
 class SpendCapSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(**CHECKED)
 
     max_spend_per_hour: float | None = Field(
-        None, ge=0, validation_alias="PROCURE_MAX_SPEND_PER_HOUR"
+        None, ge=0, le=1e9, validation_alias="PROCURE_MAX_SPEND_PER_HOUR"
     )
     max_spend_per_day: float | None = Field(
-        None, ge=0, validation_alias="PROCURE_MAX_SPEND_PER_DAY"
+        None, ge=0, le=1e9, validation_alias="PROCURE_MAX_SPEND_PER_DAY"
     )
     max_spend_per_month: float | None = Field(
-        None, ge=0, validation_alias="PROCURE_MAX_SPEND_PER_MONTH"
+        None, ge=0, le=1e9, validation_alias="PROCURE_MAX_SPEND_PER_MONTH"
+    )
+    warning_threshold: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, validation_alias="PROCURE_WARNING_THRESHOLD"
     )
 
     @field_validator("*", mode="before")
     @classmethod
-    def _blank_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
+    def _blank_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        value = None if isinstance(value, str) and not value.strip() else value
+        return value if value is None else finite_numbers(cls, value, info)
 
     def caps(self) -> SpendCaps:
         def micros(usd: float | None) -> int | None:
@@ -74,6 +80,7 @@ class SpendCapSettings(BaseSettings):
             micros(self.max_spend_per_hour),
             micros(self.max_spend_per_day),
             micros(self.max_spend_per_month),
+            0.8 if self.warning_threshold is None else self.warning_threshold,
         )
 
 

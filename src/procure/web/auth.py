@@ -1,13 +1,15 @@
 """Dashboard sessions and CSRF: an HMAC-signed session cookie (never the raw token) issued after
-the login form, and a per-session CSRF token that every mutating form carries."""
+the login form, and a per-session CSRF token that every mutating form carries. A cookie that is
+malformed (or not ASCII) is no session, never an error; a logged-out session is revoked here."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -15,6 +17,13 @@ from procure.settings import Settings
 from procure.web.settings import WebSettings
 
 COOKIE = "procure_session"
+MAX_REVOKED = 100_000  # logged-out sessions remembered until they would have expired anyway
+
+
+def _same(a: str, b: str) -> bool:
+    """Constant-time equality of two strings from outside: compare_digest refuses non-ASCII
+    str (a TypeError, which would be a 500), so both are compared as UTF-8 bytes."""
+    return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class Auth:
     public_read: bool
     max_age_s: int
     key: bytes
+    revoked: dict[str, float] = field(default_factory=dict, compare=False)  # sid -> expiry
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @property
     def open(self) -> bool:
@@ -49,30 +60,39 @@ class Auth:
 
     def read(self, cookie: str | None) -> Session | None:
         """The session a cookie holds, if its signature is ours and it has not expired."""
-        if not cookie or len(cookie) > 200:
+        if not cookie or len(cookie) > 200 or not cookie.isascii():
             return None
         parts = cookie.split(".")
         if len(parts) != 4:
             return None
         sid, issued, flag, signature = parts
-        if not hmac.compare_digest(self.sign(f"{sid}.{issued}.{flag}"), signature):
+        if not _same(self.sign(f"{sid}.{issued}.{flag}"), signature):
             return None
-        if not issued.isdigit() or int(issued) + self.max_age_s < time.time():
+        if not issued.isdigit() or len(issued) > 12 or int(issued) + self.max_age_s < time.time():
+            return None
+        if sid in self.revoked:
             return None
         return Session(sid, int(issued), flag == "1")
 
+    def revoke(self, session: Session) -> None:
+        """Log a session out on the server: its cookie is refused from now on, even if kept."""
+        now = time.time()
+        with self.lock:
+            if len(self.revoked) >= MAX_REVOKED:  # forget those that have expired by now
+                for sid, until in list(self.revoked.items()):
+                    if until < now:
+                        del self.revoked[sid]
+            if len(self.revoked) < MAX_REVOKED:
+                self.revoked[session.sid] = session.issued + self.max_age_s
+
     def check_token(self, given: str) -> bool:
-        return self.token is not None and hmac.compare_digest(given.encode(), self.token.encode())
+        return self.token is not None and _same(given, self.token)
 
     def csrf(self, session: Session) -> str:
         return self.sign(f"csrf.{session.sid}")
 
     def csrf_ok(self, session: Session | None, given: str | None) -> bool:
-        return (
-            session is not None
-            and given is not None
-            and hmac.compare_digest(self.csrf(session), given)
-        )
+        return session is not None and given is not None and _same(self.csrf(session), given)
 
 
 def make_auth(settings: Settings, web: WebSettings) -> Auth:
@@ -94,9 +114,7 @@ def session_of(request: Request, auth: Auth) -> Session | None:
 
 def bearer_ok(request: Request, auth: Auth) -> bool:
     header = request.headers.get("authorization", "")
-    return auth.token is not None and hmac.compare_digest(
-        header.encode(), f"Bearer {auth.token}".encode()
-    )
+    return auth.token is not None and _same(header, f"Bearer {auth.token}")
 
 
 def may_read(request: Request, auth: Auth) -> bool:

@@ -57,6 +57,7 @@ def fleet_view(store: Store, cfg: FleetSettings) -> dict[str, Any]:
         windows = {"hour": caps.per_hour, "day": caps.per_day, "month": caps.per_month}
         gauges = [_gauge(w, spent(s, w, now=now), cap) for w, cap in windows.items()]
         pending = [action_json(r) for r in fleet_repo.list_actions(s, status="pending")]
+        pending_total = fleet_repo.count_status(s, "pending")  # the page lists at most 100
         history = [action_json(r) for r in fleet_repo.list_actions(s, limit=HISTORY)]
         listed = instances(s, cfg, now)
         overview = summary(s, cfg, now)
@@ -82,6 +83,7 @@ def fleet_view(store: Store, cfg: FleetSettings) -> dict[str, Any]:
             *gauges,
         ],
         "pending": pending,
+        "pending_total": pending_total,
         "history": history,
         "recommendations": costs.recommendations(views, cfg),
     }
@@ -97,5 +99,13 @@ def approve_or_reject(
     store: Store, cfg: FleetSettings, action_id: str, approve: bool, by: str
 ) -> dict[str, Any]:
     """As `POST /api/fleet/actions/{id}/approve|reject`: raises KeyError or ActionRefused."""
-    row = decide(store, action_id, approve, by, utcnow(), slack=cfg.slack_webhook_url is not None)
+    row = decide(
+        store,
+        action_id,
+        approve,
+        by,
+        utcnow(),
+        slack=cfg.slack_webhook_url is not None,
+        fleet_name=cfg.fleet_name,
+    )
     return action_json(row)

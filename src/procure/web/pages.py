@@ -5,6 +5,7 @@ a thread and ticks on the agent's own loop (`app.state.agent`): no handler block
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -23,7 +24,7 @@ from procure.agent.tick import RunNotFound
 from procure.models import RunStatus
 from procure.payments.settlements import SettlementLookupError
 from procure.settings import Settings
-from procure.store import Store
+from procure.store import Store, keyset
 from procure.web import actions, views
 from procure.web.auth import COOKIE, Auth, Session, may_act, may_read, session_of
 from procure.web.events import run_events
@@ -127,12 +128,25 @@ def web_router(
     async def runs_page(
         request: Request,
         status: str | None = Query(None, max_length=20),
-        page_no: int = Query(1, alias="page", ge=1, le=100_000),
+        before: str | None = Query(None, max_length=600),
+        after: str | None = Query(None, max_length=600),
+        last: bool = Query(False),
     ) -> Response:
+        """Runs newest first; `before`/`after`: the page older/newer than a cursor (keyset),
+        `last`: the oldest runs."""
         if not may_read(request, auth):
             return to_login(request)
         status = status if status in views.STATUSES else None
-        data = await asyncio.to_thread(views.runs, store, status, page_no)
+        try:
+            older_than = keyset.decode(before) if before else None
+            newer_than = keyset.decode(after) if after else None
+        except keyset.BadCursor:
+            return message(request, 400, "Bad page link", "That page link is not one of ours.")
+        data = await asyncio.to_thread(
+            functools.partial(
+                views.runs, store, status, before=older_than, after=newer_than, oldest=last
+            )
+        )
         return page(request, "runs.html", {**data, "nav": "runs"})
 
     @router.get("/runs/new", response_class=HTMLResponse)
@@ -241,9 +255,11 @@ def web_router(
 
     @router.post("/logout")
     async def logout(request: Request) -> Response:
-        _form, _session, refused = await checked_form(request)
+        _form, session, refused = await checked_form(request)
         if refused:
             return refused
+        if session is not None:
+            auth.revoke(session)  # the cookie alone is not enough: a copy of it must die too
         response = RedirectResponse("/login" if not auth.open else "/", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from procure.settings import CHECKED, finite_numbers, http_url
 
 DEFAULT_URL = "https://api.runpod.io"
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
 
 
 class RunPodSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # A refused value is never echoed (the key is a secret); numbers must be finite.
+    model_config = SettingsConfigDict(**CHECKED, populate_by_name=True, hide_input_in_errors=True)
+    _finite = field_validator("*", mode="before")(classmethod(finite_numbers))
+    _url = field_validator("api_url")(classmethod(lambda cls, v: http_url(v)))
 
     api_key: SecretStr | None = Field(
         None, validation_alias="RUNPOD_API_KEY", description="RunPod API key (secret)"

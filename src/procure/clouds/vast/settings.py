@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from procure.settings import CHECKED, finite_numbers, http_url
 
 DEFAULT_URL = "https://console.vast.ai"
 
 
 class VastSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # A refused value is never echoed (the key is a secret); numbers must be finite.
+    model_config = SettingsConfigDict(**CHECKED, populate_by_name=True, hide_input_in_errors=True)
+    _finite = field_validator("*", mode="before")(classmethod(finite_numbers))
+    _url = field_validator("api_url")(classmethod(lambda cls, v: http_url(v)))
 
     api_key: SecretStr | None = Field(
         None, validation_alias="VAST_API_KEY", description="Vast.ai API key (secret)"

@@ -1,0 +1,116 @@
+"""Text from outside (cloud instance names and types, vendor names, job logs, error messages)
+made safe to print: terminal escape sequences, control and bidi characters removed, Rich markup
+escaped; and secrets (URL passwords, webhook paths, bearer tokens) redacted from log lines."""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import urlsplit
+
+from rich.markup import escape
+
+# ESC sequences (CSI, OSC ... up to BEL or ST, and two-character ones), 8-bit CSI/OSC, then
+# any remaining C0/C1 control character, and the bidi controls that reorder what is shown.
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC (hyperlinks, titles), to BEL or ST
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"  # DCS, SOS, PM, APC
+    r"|\x1b[@-Z\\-_]?"  # two-character sequences, or a lone ESC
+    r"|\x9b[0-?]*[ -/]*[@-~]"  # 8-bit CSI
+    r"|\x9d[^\x07\x9c]*[\x07\x9c]?"  # 8-bit OSC
+)
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_LINE_BREAKS = re.compile(r"[\t\n\r\u2028\u2029]+")
+
+
+def clean(text: object, limit: int = 2000, *, one_line: bool = True) -> str:
+    """`text` without escape sequences or control characters (and on one line unless asked
+    otherwise), at most `limit` characters: safe for a terminal, not yet for Rich markup."""
+    value = text if isinstance(text, str) else str(text)
+    value = _ESCAPES.sub("", value[: limit * 4])
+    if one_line:
+        value = _LINE_BREAKS.sub(" ", value)
+    value = _CONTROLS.sub("", value)
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+# A "[" that Rich would not take for a tag: Rich still turns a "\\[" before it into "[", so it
+# gets a backslash of its own (rich.markup.escape only escapes tag-like brackets).
+_PLAIN_BRACKET = re.compile(r"\[(?![a-z#/@][^[]*?\])")
+
+
+def safe(text: object, limit: int = 2000, *, one_line: bool = True) -> str:
+    """`clean`, then Rich markup escaped: for `console.print` and Rich tables. Rich shows the
+    result exactly as the text was (a trailing backslash is doubled, as rich.markup.escape
+    does, so that it cannot escape a tag written after it)."""
+    return _PLAIN_BRACKET.sub(r"\\[", escape(clean(text, limit, one_line=one_line)))
+
+
+# --- secrets in text ---------------------------------------------------------------------------
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@:]*:[^/\s@]*@")
+_SLACK_HOOK = re.compile(r"(?i)(hooks\.slack(?:-gov)?\.com/(?:services|workflows|triggers)/)\S+")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{6,}")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&](?:token|key|api_key|apikey|secret|password|signature|sig|auth)=)[^&\s\"']+"
+)
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords, Slack webhook paths, bearer tokens and secret-looking query
+    parameters replaced by ***."""
+    text = _USERINFO.sub(rf"\1{REDACTED}@", text)
+    text = _SLACK_HOOK.sub(rf"\1{REDACTED}", text)
+    text = _BEARER.sub(rf"\1\2{REDACTED}", text)
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+
+
+def show_url(url: str) -> str:
+    """A URL as it may be printed or logged: no password, and no path or query when the host is
+    a webhook service (there the path is the secret)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(a malformed URL)"
+    if not parts.scheme or not host:
+        return redact(clean(url, 200))
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    if "@" in parts.netloc:
+        host = f"{REDACTED}@{host}"
+    return redact(clean(f"{parts.scheme}://{host}{port}{parts.path}", 300))
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message with `redact` (and without escape sequences), so a
+    secret that reaches a log call (the HTTP library's request lines, an error that quotes a
+    URL) is not written out. Installed on the handlers, so it sees every logger's records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken log call: leave it to the handler to report
+            return True
+        cleaned = redact(clean(message, 20_000, one_line=False))
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def guard_logging(level: int | str = logging.INFO) -> None:
+    """After `logging.basicConfig`: redact secrets on every root handler, and keep the HTTP
+    libraries' per-request INFO lines (full URLs, webhook paths included) out of the logs."""
+    for name in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, _level(level)))
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+def _level(level: int | str) -> int:
+    value = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    return value if isinstance(value, int) else logging.INFO
