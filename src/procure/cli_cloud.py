@@ -1,5 +1,5 @@
-"""`procure mock-cloud`: the local mock of Lambda Cloud's API, with a simulated GPU node per
-instance and an optional workload, on a clock that can run faster than real time."""
+"""`procure mock-cloud --provider lambda|runpod|vast`: a local mock of that provider's API, with a
+real GPU node (simulated NVML) per instance, on a clock that can run faster than real time."""
 
 from __future__ import annotations
 
@@ -13,11 +13,24 @@ from procure.cli_common import console
 from procure.numbers import number, whole
 from procure.safetext import safe
 
+DEFAULT_PORTS = {"lambda": 4100, "runpod": 4200, "vast": 4300}
+
 
 def mock_cloud(
+    provider: Annotated[
+        str,
+        typer.Option(
+            help="Which provider's API to serve: lambda, runpod or vast",
+            case_sensitive=False,
+        ),
+    ] = "lambda",
     port: Annotated[
-        int, typer.Option(help="Port of the API on 127.0.0.1", parser=whole(1, 65535, "--port"))
-    ] = 4100,
+        int | None,
+        typer.Option(
+            help="Port of the API on 127.0.0.1 (default: lambda 4100, runpod 4200, vast 4300)",
+            parser=whole(1, 65535, "--port"),
+        ),
+    ] = None,
     speed: Annotated[
         float,
         typer.Option(help="Simulated seconds per real second", parser=number(0, 1e6, "--speed")),
@@ -26,6 +39,26 @@ def mock_cloud(
         float,
         typer.Option(help="Booting → active, simulated s", parser=number(0, 86400, "--boot-s")),
     ] = 180.0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of price drift and preemption", parser=whole(0, 2**32 - 1, "--seed")
+        ),
+    ] = 0,
+    price_drift: Annotated[
+        float,
+        typer.Option(
+            help="Prices move within ± this fraction of list, hour by hour",
+            parser=number(0, 0.9, "--price-drift"),
+        ),
+    ] = 0.0,
+    outbid_per_hour: Annotated[
+        float,
+        typer.Option(
+            help="vast: chance per hour that a running bid is outbid (preempted)",
+            parser=number(0, 3600, "--outbid-per-hour"),
+        ),
+    ] = 0.2,
     node_port: Annotated[
         int,
         typer.Option(
@@ -56,10 +89,62 @@ def mock_cloud(
     ] = None,
     no_nodes: Annotated[bool, typer.Option("--no-nodes", help="No GPU node per instance")] = False,
 ) -> None:
-    """Serve Lambda Cloud's API v1 on loopback (key: LAMBDA_API_KEY, else mock-lambda-key).
-    Each instance gets a GPU node at http://127.0.0.N:NODE_PORT; admin endpoints under /admin
-    inject faults, move the clock, add workloads and report the queue (see README)."""
+    """Serve a provider's API on loopback: Lambda Cloud's v1 (key LAMBDA_API_KEY, else
+    mock-lambda-key), RunPod's REST v2 (RUNPOD_API_KEY, else mock-runpod-key) or Vast.ai's
+    (VAST_API_KEY, else mock-vast-key). Each instance that runs gets a GPU node at
+    http://127.0.0.N:NODE_PORT; admin endpoints under /admin (bearer: the key) preempt instances,
+    inject faults, move the clock and report billing (see README). --quota, --capacity,
+    --workload and --synthetic-seed are Lambda's; --outbid-per-hour is Vast.ai's."""
     import uvicorn
+
+    provider = provider.lower()
+    if provider not in DEFAULT_PORTS:
+        console.print(f"[red]--provider: choose lambda, runpod or vast, not {safe(provider)}")
+        raise typer.Exit(2)
+    port = port or DEFAULT_PORTS[provider]
+    if provider == "runpod":
+        from procure.clouds.runpod.mock import serve_mock_cloud as serve_runpod
+        from procure.clouds.runpod.mockstate import RunPodMockConfig
+
+        source = "RUNPOD_API_KEY" if os.environ.get("RUNPOD_API_KEY") else "mock-runpod-key"
+        console.print(
+            f"mock RunPod (REST v2) on http://127.0.0.1:{port} (key: {source}), speed ×{speed:g}, "
+            f"pods' nodes on 127.0.0.N:{node_port}"
+        )
+        serve_runpod(
+            RunPodMockConfig(
+                api_key=os.environ.get("RUNPOD_API_KEY") or "mock-runpod-key",
+                speed=speed,
+                provision_s=boot_s / 3,
+                start_s=boot_s * 2 / 3,
+                node_port=node_port,
+                node_token=node_token,
+                seed=seed,
+                price_drift=price_drift,
+                nodes=not no_nodes,
+            ),
+            port=port,
+        )
+        return
+    if provider == "vast":
+        from procure.clouds.vast.mock import serve_mock_cloud as serve_vast
+
+        source = "VAST_API_KEY" if os.environ.get("VAST_API_KEY") else "mock-vast-key"
+        console.print(
+            f"mock Vast.ai on http://127.0.0.1:{port} (key: {source}), speed ×{speed:g}, "
+            f"bids outbid at {outbid_per_hour:g}/h"
+        )
+        serve_vast(
+            port,
+            speed=speed,
+            boot_s=boot_s,
+            seed=seed,
+            outbid_per_hour=outbid_per_hour,
+            node_token=node_token,
+            host_port=node_port,
+            nodes=not no_nodes,
+        )
+        return
 
     from procure.clouds.lambda_cloud.catalogue import default_capacity
     from procure.clouds.lambda_cloud.mock import create_mock_cloud_app
@@ -87,6 +172,8 @@ def mock_cloud(
         api_url=f"http://127.0.0.1:{port}",
         workload=jobs,
         nodes=not no_nodes,
+        seed=seed,
+        price_drift=price_drift,
     )
     source = "LAMBDA_API_KEY" if os.environ.get("LAMBDA_API_KEY") else "the default mock-lambda-key"
     console.print(
