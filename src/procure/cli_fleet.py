@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from procure.cli_common import (
     cloud_settings,
@@ -20,6 +19,7 @@ from procure.cli_common import (
     settings_errors,
     store_errors,
     store_for,
+    table,
 )
 from procure.numbers import number, whole
 from procure.safetext import guard_logging, redact, safe, show_url
@@ -50,8 +50,19 @@ def run(
             parser=number(0.01, 86400, "--interval"),
         ),
     ] = None,
+    cloud: Annotated[
+        str,
+        typer.Option(
+            help="Which cloud account: lambda, runpod or vast (its key: LAMBDA_API_KEY, "
+            "RUNPOD_API_KEY or VAST_API_KEY)",
+            case_sensitive=False,
+        ),
+    ] = "lambda",
     cloud_url: Annotated[
-        str | None, typer.Option(help="Lambda Cloud API base URL (LAMBDA_API_URL)")
+        str | None,
+        typer.Option(
+            help="The cloud's API base URL (LAMBDA_API_URL, RUNPOD_API_URL, VAST_API_URL)"
+        ),
     ] = None,
     audit_git: Annotated[
         Path | None, typer.Option(help="Also commit each audit entry to a git repository here")
@@ -66,36 +77,57 @@ def run(
     from procure.httpbounds import bounded_client
     from procure.store.ledger import load_caps
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    guard_logging()
+    # --once is a command a user reads: warnings only, then one line of what it decided
+    level = logging.WARNING if once else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    guard_logging(level)
     settings, cfg = load_settings(), _fleet_settings()
+    provider = cloud.lower()
+    if provider not in ("lambda", "runpod", "vast"):
+        fail(f"--cloud: choose lambda, runpod or vast, not {safe(provider)}")
     lambda_settings = cloud_settings(**({"api_url": cloud_url} if cloud_url else {}))
+    if provider == "lambda" and lambda_settings.api_key is None:  # every scan would fail
+        fail(
+            "LAMBDA_API_KEY is not set: the fleet controller reads and scales a Lambda Cloud "
+            "account (to try it locally: `procure mock-cloud`, then LAMBDA_API_URL and "
+            "LAMBDA_API_KEY as it prints)"
+        )
     webhook = cfg.slack_webhook_url.get_secret_value() if cfg.slack_webhook_url else None
     git_dir = audit_git or (Path(cfg.audit_git) if cfg.audit_git else None)
 
     async def main() -> str | None:
         with store_errors(settings):
             store = store_for(settings)
-        cloud = LambdaCloud(lambda_settings)
+        if provider == "lambda":
+            client = LambdaCloud(lambda_settings)
+        else:
+            from procure.clouds.registry import make_cloud
+
+            with settings_errors():
+                client = make_cloud(provider, api_url=cloud_url)  # type: ignore[arg-type]
         nodes = bounded_client(deadline_s=cfg.node_timeout_s)
         slack = bounded_client(deadline_s=cfg.slack_timeout_s) if webhook else None
         ctx = FleetContext(
             store=store,
-            cloud=cloud,
+            cloud=client,  # type: ignore[arg-type]
             nodes=nodes,
             cfg=cfg,
             caps=load_caps(),
             dry_run=not live,
             slack=webhook is not None,
+            mapped_ports=provider != "lambda",
         )
         delivery = asyncio.create_task(
             run_outbox(store, slack, webhook, Path(cfg.audit_log), git_dir)
         )
         mode = "LIVE" if live else "dry run"
-        where = show_url(lambda_settings.api_url)  # never a password in the URL
+        where = show_url(getattr(client, "base_url", None) or lambda_settings.api_url)
         console.print(f"fleet controller {ctx.owner} ({mode}) on {safe(where)}")
         try:
-            error = await run_controller(ctx, interval_s=interval, once=once)
+            if once:
+                error = await _scan_and_say(ctx)
+            else:
+                error = await run_controller(ctx, interval_s=interval)
             if once:  # let the outbox deliver what this scan queued
                 from procure.fleet.outbox import deliver_slack, write_audit
 
@@ -104,7 +136,7 @@ def run(
                     await deliver_slack(store, slack, webhook)
         finally:
             delivery.cancel()
-            await cloud.aclose()
+            await client.aclose()
             await nodes.aclose()
             if slack is not None:
                 await slack.aclose()
@@ -118,6 +150,31 @@ def run(
         return
     if once and error:  # the one scan asked for did not happen: say so, exit non-zero
         fail(f"the scan failed: {redact(error)}")
+
+
+async def _scan_and_say(ctx: Any) -> str | None:
+    """One scan, then one line of what it saw and decided; its error, if any."""
+    from procure.bounds import clip
+    from procure.fleet.controller import scan_once
+    from procure.store import fleet_repo
+
+    try:
+        result = await scan_once(ctx)
+    except Exception as exc:  # one line, not a traceback
+        return clip(f"{type(exc).__name__}: {exc}", 500)
+    finally:
+        with ctx.store.session() as s:
+            fleet_repo.release_lease(s, ctx.lease_name, ctx.owner)
+    if not result.leased:
+        console.print("another controller holds the fleet lease: this scan did nothing")
+    elif result.error is None:
+        decided = ", ".join(result.proposals) or "no action"
+        done = f"; carried out: {', '.join(result.carried_out)}" if result.carried_out else ""
+        console.print(
+            f"scanned {result.instances} instance(s); decided: {safe(decided, 500)}{safe(done)}",
+            highlight=False,
+        )
+    return result.error
 
 
 @fleet_app.command("status")
@@ -136,10 +193,12 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         print_json(data)
         return
     print_json(data["summary"])
-    table = Table("instance", "type", "status", "GPU %", "°C", "anomalies")
+    out = table(
+        "instance", "type", "status", "GPU %", "°C", "anomalies", fold=("type", "anomalies")
+    )
     for i in data["instances"]:
         latest = i["latest"] or {}
-        table.add_row(  # every text here came from the cloud: no markup, no escapes
+        out.add_row(  # every text here came from the cloud: no markup, no escapes
             safe(i["instance_id"], 100),
             safe(i["instance_type"], 100),
             safe(i["status"], 50),
@@ -147,7 +206,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             "" if latest.get("temperature_c") is None else f"{latest['temperature_c']:.0f}",
             safe(", ".join(a["kind"] for a in i["anomalies"]), 200),
         )
-    console.print(table)
+    console.print(out)
 
 
 @fleet_app.command("actions")
@@ -172,10 +231,12 @@ def list_actions(
     if as_json:
         print_json(rows)
         return
-    table = Table("action", "type", "target", "$/h", "status", "reason")
+    out = table(
+        "action", "type", "target", "$/h", "status", "reason", fold=("target", "status", "reason")
+    )
     for r in rows:
         status_text = r["status"] + (f" ({r['blocked_by']})" if r["blocked_by"] else "")
-        table.add_row(
+        out.add_row(
             safe(r["action_id"], 100),
             safe(r["action_type"], 50),
             safe(r["target_instance"] or "", 100),
@@ -183,7 +244,7 @@ def list_actions(
             safe(status_text, 100),
             safe(r["reason"], 300),
         )
-    console.print(table)
+    console.print(out)
 
 
 def _decide(action_id: str, what: str) -> None:

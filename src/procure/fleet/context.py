@@ -34,6 +34,7 @@ class FleetContext:
     dry_run: bool = True
     owner: str = field(default_factory=default_owner)
     slack: bool = False  # a webhook is configured: queue Slack messages
+    mapped_ports: bool = False  # nodes answer where the cloud maps their port (RunPod, Vast.ai)
     # Learnt while running (not state: the store is the truth).
     types: dict[str, InstanceType] = field(default_factory=dict)
     cloud_failures: int = 0

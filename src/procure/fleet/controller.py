@@ -100,7 +100,7 @@ async def _read_nodes(
     ctx: FleetContext, listing: list[Instance], now: datetime
 ) -> list[dict[str, Any]]:
     limit = asyncio.Semaphore(NODE_CONCURRENCY)
-    port, token = ctx.cfg.node_port, ctx.node_token
+    port, token = (0 if ctx.mapped_ports else ctx.cfg.node_port), ctx.node_token
 
     async def renew(i: Instance, sample: dict[str, Any]) -> dict[str, Any]:
         if sample.get("reachable"):

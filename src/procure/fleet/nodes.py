@@ -12,11 +12,22 @@ import httpx
 
 from procure.bounds import UnsafeInput, clip, loads
 from procure.clouds.base import Instance
+from procure.gpu.jobclient import check_node_url
 
 AGENT_ID = "procure-fleet"
 
 
 def node_url(instance: Instance, port: int) -> str | None:
+    """Where the instance's node answers: its ip and the fleet's node port, or (port 0, for
+    clouds that map ports: RunPod, Vast.ai) the address the cloud gives, once it is checked to be
+    a plain http(s) URL on the instance's own ip, so the node's token goes nowhere else."""
+    if port == 0:
+        if not instance.node_url or not instance.ip:
+            return None
+        try:
+            return check_node_url(instance.node_url, expected_host=instance.ip)
+        except ValueError:
+            return None
     return f"http://{instance.ip}:{port}" if instance.ip else None
 
 
