@@ -72,7 +72,7 @@ def test_approve_execute_rollback_and_metrics(api: tuple[str, str]) -> None:
                 assert first["latest"]["gpu_util"] == 95.0
                 assert first["anomalies"][0]["kind"] == "sustained_high"
 
-                text = (await http.get("/metrics")).text
+                text = (await http.get("/metrics", headers=AUTH)).text
                 assert (
                     'lambda_labs_autonomous_actions_total{action_type="provision_instance",'
                     'status="executed"} 1.0' in text

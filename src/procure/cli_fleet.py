@@ -120,6 +120,9 @@ def run(
         delivery = asyncio.create_task(
             run_outbox(store, slack, webhook, Path(cfg.audit_log), git_dir)
         )
+        from procure.fleet.cap_warnings import run_warnings
+
+        warnings_task = asyncio.create_task(run_warnings(store, fleet=cfg))
         mode = "LIVE" if live else "dry run"
         where = show_url(getattr(client, "base_url", None) or lambda_settings.api_url)
         console.print(f"fleet controller {ctx.owner} ({mode}) on {safe(where)}")
@@ -136,6 +139,7 @@ def run(
                     await deliver_slack(store, slack, webhook)
         finally:
             delivery.cancel()
+            warnings_task.cancel()
             await client.aclose()
             await nodes.aclose()
             if slack is not None:

@@ -89,12 +89,38 @@ class Settings(BaseSettings):
         validation_alias="PROCURE_WALLET_FUNDING",
         description="Faucet amount per wallet",
     )
+    # The LLM planner: each provider has its own model setting (and key, where it takes one)
+    llm_provider: Literal["fireworks", "ollama", "vllm", "openai"] | None = Field(
+        None,
+        validation_alias="LLM_PROVIDER",
+        description="fireworks, ollama, vllm or openai (unset: from LLM_BASE_URL, else fireworks)",
+    )
     fireworks_api_key: SecretStr | None = Field(None, validation_alias="FIREWORKS_API_KEY")
     fireworks_model: str = Field(
-        "accounts/fireworks/models/llama-v3-8b-instruct", validation_alias="FIREWORKS_MODEL"
+        "accounts/fireworks/models/llama-v3-8b-instruct",
+        min_length=1,
+        max_length=200,
+        validation_alias="FIREWORKS_MODEL",
     )
-    llm_base_url: str = Field(
-        "https://api.fireworks.ai/inference/v1", validation_alias="LLM_BASE_URL"
+    ollama_model: str = Field(
+        "llama3.1:8b", min_length=1, max_length=200, validation_alias="OLLAMA_MODEL"
+    )
+    vllm_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        validation_alias="VLLM_MODEL",
+        description="The model vLLM serves (its --model); needed with LLM_PROVIDER=vllm",
+    )
+    vllm_api_key: SecretStr | None = Field(None, validation_alias="VLLM_API_KEY")
+    openai_model: str = Field(
+        "gpt-4o-mini", min_length=1, max_length=200, validation_alias="OPENAI_MODEL"
+    )
+    openai_api_key: SecretStr | None = Field(None, validation_alias="OPENAI_API_KEY")
+    llm_base_url: str | None = Field(
+        None,
+        validation_alias="LLM_BASE_URL",
+        description="The endpoint's /v1 base URL (unset: the provider's usual one)",
     )
     llm_timeout_s: float = Field(20.0, gt=0, le=600, validation_alias="LLM_TIMEOUT_S")
     vendor_timeout_s: float = Field(10.0, gt=0, le=600, validation_alias="VENDOR_TIMEOUT_S")

@@ -24,6 +24,7 @@ from procure.store import hotpath, repo
 from procure.store.hotpath import PollWrite
 from procure.vendors.client import VendorError
 from procure.vendors.protocol import VendorJob
+from procure.warnings import check_run
 
 
 def _implausible(job: Job, vjob: VendorJob) -> str | None:
@@ -56,6 +57,8 @@ async def poll(
     (enough to poll); the rest is loaded before anything that plans. `sink`: a plain poll (the
     job runs on, nothing else to do) appends its write there for the worker to write in its
     batch, instead of writing it now (`procure.store.hotpath`)."""
+    run = ctx.state.run  # every payment is followed by a poll: the budget warning is noticed here
+    check_run(deps.store, run.id, run.budget_total, run.budget_remaining, deps.spend_caps.warn_at)
     pending = next(
         (p for p in ctx.state.payments if p.job_id == job.id and p.status == PaymentStatus.pending),
         None,

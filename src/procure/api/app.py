@@ -5,6 +5,7 @@ the dashboard's pages.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -51,6 +52,7 @@ def create_app(
     deps_factory: Callable[[], AgentDeps] | None = None,
     worker: WorkerConfig | None = None,
     fleet: FleetRun | None = None,
+    budget_warnings: bool = True,
 ) -> FastAPI:
     """The API over `store`.
 
@@ -70,7 +72,8 @@ def create_app(
 
     While the app runs: `app.state.agent` (the AgentLoop), `app.state.deps` (its deps: await
     their clients only through `app.state.agent.call`), `app.state.worker` (the Worker, or None),
-    `app.state.fleet` (the controller's FleetContext, or None)."""
+    `app.state.fleet` (the controller's FleetContext, or None). With `budget_warnings` (the default)
+    the budgets are swept for warnings before their caps (`fleet.cap_warnings`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +91,25 @@ def create_app(
                 )
                 app.state.fleet = await controller.start()
                 stack.push_async_callback(controller.stop)
+            # Warnings before caps: swept off the loop (store calls in a thread), delivered
+            # through the outbox; one per budget and period.
+            from procure.fleet import cap_warnings
+
+            if not budget_warnings:  # a test that sweeps by hand with its own thresholds
+                yield
+                return
+            warn = asyncio.create_task(
+                cap_warnings.run_warnings(store, fleet=fleet.cfg if fleet else None),
+                name="procure-warnings",
+            )
+            background["budget-warnings"] = "running"
+
+            async def stop_warnings() -> None:
+                warn.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warn
+
+            stack.push_async_callback(stop_warnings)
             yield
 
     app = FastAPI(

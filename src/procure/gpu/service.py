@@ -29,8 +29,9 @@ from procure.gpu.job_routes import job_router
 from procure.gpu.jobs import JobRunner, Limits
 from procure.gpu.metrics import exposition
 from procure.gpu.ollama import Catalogue, ollama_client, read_catalogue
-from procure.gpu.probe import CachedProbe, Probe, nvml_reader
+from procure.gpu.probe import CachedProbe, Probe, nvml_reader, plainly
 from procure.gpu.settings import GpuWorkerSettings
+from procure.scrape import ScrapeSettings, scrape_allowed
 
 log = logging.getLogger(__name__)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -90,6 +91,8 @@ def create_gpu_worker_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        found = await probe.get()  # the start-up line says plainly what the node has
+        (log.warning if found.gpu_count == 0 else log.info)("GPU node: %s", plainly(found))
         async with contextlib.AsyncExitStack() as stack:
             app.state.ollama = None
             if settings.ollama_url:
@@ -190,6 +193,7 @@ def create_gpu_worker_app(
             "gpu_count": figures.gpu_count,
             "gpus": [g.to_json() for g in figures.gpus],
             "reason": figures.reason,
+            "gpu": plainly(figures),
         }
         if models is not None and not models.ok:
             answer["ollama_error"] = models.error
@@ -213,15 +217,29 @@ def create_gpu_worker_app(
             }
         return found.to_json()
 
-    @app.get("/metrics", dependencies=authed)
-    async def metrics() -> Response:
-        return Response(exposition(await probe.get(), host), media_type=PROMETHEUS_TEXT)
+    scrape_token = ScrapeSettings().metrics_token  # the one /metrics rule: procure.scrape
+
+    @app.get("/metrics")
+    async def metrics(authorization: str | None = Header(None)) -> Response:
+        if not scrape_allowed(authorization, scrape_token, settings.token):
+            raise HTTPException(401, "missing or wrong bearer token")
+        body = exposition(await probe.get(), host)
+        if deadman.enabled:  # the alert rules' "a node whose lease lapsed"
+            lapsed = 1 if deadman.state == "fired" else 0
+            name = host.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            body += (
+                "# HELP procure_node_lease_lapsed 1 once the dead-man lease lapsed and fired\n"
+                "# TYPE procure_node_lease_lapsed gauge\n"
+                f'procure_node_lease_lapsed{{Hostname="{name}"}} {lapsed}\n'
+            ).encode()
+        return Response(body, media_type=PROMETHEUS_TEXT)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         figures = await probe.get()
         return {
             "status": "ok",
+            "gpu": plainly(figures),  # healthy as a service; whether it has a GPU, plainly
             "gpu_count": figures.gpu_count,
             "gpus_failing": sum(1 for g in figures.gpus if g.error),
             "reason": figures.reason,
