@@ -11,7 +11,8 @@ progress (fenced by the leases), each tick's row in the tick log and the leases'
 hot path a tick costs the store a few rows in batched statements, not statements of its own.
 One heartbeat task renews all the worker's leases in one UPDATE; a tick whose lease was lost
 (the worker stalled past the TTL and another took the run) is cancelled, which the tick
-survives as it survives a crash. The tick log keeps `tick_log_days` of history.
+survives as it survives a crash. The tick log keeps `tick_log_days` of history and at most
+`tick_log_per_run` rows per run, pruned in batches until the pass catches up (`_prune`).
 
 `stop()` (SIGTERM/SIGINT in `procure worker`, shutdown in `procure serve`) stops leasing, lets
 the ticks in flight finish (up to `drain_timeout_s`, then cancels them), and releases every lease.
@@ -26,7 +27,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +37,20 @@ from procure.agent.deps import AgentDeps, RunNotFound, TickResult
 from procure.agent.reconcile import settle_ended_runs
 from procure.agent.tick import polling, tick
 from procure.models import RunState, Vendor, utcnow
-from procure.store import Store, hotpath, leases, repo
+from procure.store import Store, hotpath, leases, repo, totals
 
 log = logging.getLogger(__name__)
+# Called with (outcome, seconds) after each tick the worker makes: the API's metrics count them.
+TICK_OBSERVERS: list[Callable[[str, float], None]] = []
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    try:
+        return float(value) if value.strip() else default
+    except ValueError:
+        log.warning("%s=%r is not a number; using %s", name, value, default)
+        return default
 
 
 def _default_owner() -> str:
@@ -57,7 +69,15 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
     settle_every_s: float = 30.0  # how often to settle payments left in doubt on ended runs
     flush_after_s: float = 0.02  # longest a finished tick waits for its batch to be released
-    tick_log_days: float = 7.0  # tick log rows older than this are deleted
+    # Retention of the tick log (runs, jobs, payments, observations are never pruned): rows
+    # older than `tick_log_days`, and beyond the newest `tick_log_per_run` of a run, go, in
+    # batches of `prune_batch` rows, repeated each pass until caught up or `prune_budget_s`.
+    tick_log_days: float = field(default_factory=lambda: _env_float("PROCURE_TICK_LOG_DAYS", 7.0))
+    tick_log_per_run: int = field(
+        default_factory=lambda: int(_env_float("PROCURE_TICK_LOG_PER_RUN", 1000))
+    )
+    prune_batch: int = 5000
+    prune_budget_s: float = 10.0
     max_ticks: int | None = None  # stop after this many ticks (tests, benchmarks)
     once: bool = False  # lease one batch, tick it, and stop
     owner: str = field(default_factory=_default_owner)
@@ -68,6 +88,43 @@ class WorkerStats:
     ticks: int = 0
     errors: int = 0
     lost_leases: int = 0
+
+
+TRIM_LOOKBACK = 100_000
+"""On its first pass a worker trims the runs of the newest this many tick log rows (older
+rows go by age)."""
+
+
+def prune(store: Store, cfg: WorkerConfig, mark: int | None = None) -> tuple[int, int]:
+    """Retention of operational logs: the tick log's rows past `cfg.tick_log_days`, then each
+    recently ticked run's rows beyond its newest `cfg.tick_log_per_run`, in transactions of at
+    most `cfg.prune_batch` rows, repeated until a batch comes back short (caught up) or
+    `cfg.prune_budget_s` passes; the store's running totals are folded too. Returns (rows
+    deleted, the trim mark for next time; None starts near the newest rows)."""
+    deadline = time.monotonic() + cfg.prune_budget_s
+    deleted = 0
+    with store.session() as s:
+        totals.fold(s)
+        if mark is None:
+            mark = max(0, leases.tick_log_mark(s) - TRIM_LOOKBACK)
+    while time.monotonic() < deadline:
+        with store.session() as s:
+            n = leases.prune_tick_log(
+                s, older_than_s=cfg.tick_log_days * 86400, limit=cfg.prune_batch
+            )
+        deleted += n
+        if n < cfg.prune_batch:
+            break
+    while time.monotonic() < deadline:
+        with store.session() as s:
+            n, next_mark = leases.trim_tick_log_runs(
+                s, keep=max(1, cfg.tick_log_per_run), since_id=mark
+            )
+        deleted += n
+        if next_mark == mark:
+            break
+        mark = next_mark
+    return deleted, mark
 
 
 class LeaseHeld(Exception):
@@ -89,6 +146,7 @@ class Worker:
         self._flushing: asyncio.Task[None] | None = None  # the batch being released
         self._stopping = asyncio.Event()
         self._started = 0
+        self._trim_mark: int | None = None  # tick log id up to which runs were trimmed
 
     @property
     def store(self) -> Store:
@@ -135,6 +193,10 @@ class Worker:
             self.stats.errors += 1
         finally:
             self.stats.ticks += 1
+            seconds = (utcnow() - started).total_seconds()
+            for observe in TICK_OBSERVERS:  # metrics; never let them stop a tick's release
+                with contextlib.suppress(Exception):
+                    observe(outcome, seconds)
             if not self._done:
                 self._done_since = time.monotonic()
             record = leases.TickRecord(run_id, self.cfg.owner, started, utcnow(), outcome, next_in)
@@ -243,10 +305,25 @@ class Worker:
             except Exception:
                 log.exception("settling payments of ended runs failed")
             try:
-                with self.store.session() as s:
-                    leases.prune_tick_log(s, older_than_s=self.cfg.tick_log_days * 86400)
+                await asyncio.to_thread(self._prune)
             except Exception:
                 log.exception("pruning the tick log failed")
+
+    async def _sweep_clouds(self) -> None:
+        """The agent's cloud instances that no live run owns are terminated (`cloud_sweeper`)."""
+        from procure.agent.cloud_sweeper import sweep
+
+        while self.deps.clouds:
+            await asyncio.sleep(self.deps.cloud.sweep_every_s)
+            try:
+                await sweep(self.deps)
+            except Exception:
+                log.exception("sweeping cloud instances failed")
+
+    def _prune(self) -> int:
+        """One retention pass (see `prune`); the trim's mark is kept between passes."""
+        deleted, self._trim_mark = prune(self.store, self.cfg, self._trim_mark)
+        return deleted
 
     async def _wait(self, timeout: float | None) -> None:
         """Until a tick finishes, `stop()` is called, or `timeout` passes."""
@@ -271,6 +348,7 @@ class Worker:
         log.info("worker %s started (concurrency %d)", cfg.owner, cfg.concurrency)
         heartbeat = asyncio.create_task(self._heartbeat())
         settler = asyncio.create_task(self._settle_ended_runs())
+        sweeper = asyncio.create_task(self._sweep_clouds())
         try:
             while not self._stopping.is_set():
                 if self._flush_due(batch_min):
@@ -305,6 +383,7 @@ class Worker:
         finally:
             heartbeat.cancel()
             settler.cancel()
+            sweeper.cancel()
             for task in self._inflight:  # only left if we were cancelled ourselves
                 task.cancel()
             self._flush()  # what the batch in flight (if any) does not hold

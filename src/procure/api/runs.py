@@ -18,9 +18,10 @@ from procure.agent.tick import RunNotFound
 from procure.agent.worker import LeaseHeld
 from procure.api import metrics
 from procure.api.schemas import NO_NUL, CancelRequest, StartRequest, TickRequest
-from procure.models import Run, RunStatus, utcnow
+from procure.models import Payment, Run, RunStatus, utcnow
 from procure.settings import Settings
-from procure.store import Store, repo
+from procure.store import Store, keyset, repo
+from procure.store.keyset import Key
 
 OBSERVATIONS_PAGE = 1000
 OBSERVATIONS_PAGE_MAX = 5000
@@ -41,8 +42,34 @@ OBSERVATIONS_LIMIT = Query(
 )
 
 
+CURSOR = Query(
+    None,
+    max_length=600,
+    description="The page after this cursor (from the previous page's Link header)",
+)
+
+
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def cursor_key(cursor: str | None) -> Key | None:
+    if cursor is None:
+        return None
+    try:
+        return keyset.decode(cursor)
+    except keyset.BadCursor as exc:
+        raise HTTPException(400, f"invalid cursor: {exc}") from exc
+
+
+def paged(request: Request, found: list[Any], after: Key | None) -> JSONResponse:
+    """A page as a JSON list, with the next page's URL in `Link: <...>; rel="next"` (RFC 8288)
+    unless it is the last."""
+    headers = {}
+    if after is not None:
+        url = request.url.include_query_params(cursor=after.encode())
+        headers["Link"] = f'<{url}>; rel="next"'
+    return JSONResponse(found, headers=headers)
 
 
 def runs_router(
@@ -96,37 +123,73 @@ def runs_router(
         state, after_next = page
         return {**state.to_json(), "observationsNext": after_next}
 
-    async def status_of(run_id: str, after: int, limit: int) -> dict[str, Any]:
+    async def status_of(request: Request, run_id: str, after: int, limit: int) -> JSONResponse:
         """The seeds' status shape, with one page of observations and the next page's cursor
-        (`observationsNext`, null on the last page)."""
+        (`observationsNext`, null on the last page; its URL in the `Link` header too)."""
         found = await asyncio.to_thread(status_page, run_id, after, limit)
         if found is None:
             raise HTTPException(404, f"run {run_id} not found")
-        return found
+        headers = {}
+        if found["observationsNext"] is not None:
+            url = request.url.include_query_params(observationsAfter=found["observationsNext"])
+            headers["Link"] = f'<{url}>; rel="next"'
+        return JSONResponse(found, headers=headers)
 
     @router.get("/api/agent-status", dependencies=readers)
     async def agent_status(
+        request: Request,
         run_id: str = Query(alias="runId", min_length=1, max_length=200, pattern=NO_NUL),
         after: int = OBSERVATIONS_AFTER,
         limit: int = OBSERVATIONS_LIMIT,
-    ) -> dict[str, Any]:
-        return await status_of(run_id, after, limit)
+    ) -> JSONResponse:
+        return await status_of(request, run_id, after, limit)
 
-    def listed(limit: int, status: str | None) -> list[Any]:
+    def listed(limit: int, status: str | None, after: Key | None) -> tuple[list[Any], Key | None]:
         with store.session() as s:
-            return [r.to_json() for r in repo.list_runs(s, limit=limit, status=status)]
+            page = keyset.runs(s, limit=limit, after=after, status=status)
+            return [repo.row_model(Run, r).to_json() for r in page.rows], page.next
 
     @router.get("/api/runs", dependencies=readers)
-    async def runs(limit: int = Query(50, ge=1, le=500), status: str | None = None) -> list[Any]:
-        return await asyncio.to_thread(listed, limit, status)
+    async def runs(
+        request: Request,
+        limit: int = Query(50, ge=1, le=500),
+        status: str | None = Query(None, max_length=20),
+        cursor: str | None = CURSOR,
+    ) -> JSONResponse:
+        """Runs newest first, `limit` a page; the next page's URL is in the `Link` header
+        (`rel="next"`), absent on the last page."""
+        after = cursor_key(cursor)
+        found, after_next = await asyncio.to_thread(listed, limit, status, after)
+        return paged(request, found, after_next)
+
+    def payments_listed(
+        limit: int, status: str | None, run_id: str | None, after: Key | None
+    ) -> tuple[list[Any], Key | None]:
+        with store.session() as s:
+            page = keyset.payments(s, limit=limit, after=after, status=status, run_id=run_id)
+            return [repo.row_model(Payment, r).to_json() for r in page.rows], page.next
+
+    @router.get("/api/payments", dependencies=readers)
+    async def payments(
+        request: Request,
+        limit: int = Query(50, ge=1, le=500),
+        status: str | None = Query(None, max_length=20),
+        run_id: str | None = Query(None, alias="runId", max_length=200),
+        cursor: str | None = CURSOR,
+    ) -> JSONResponse:
+        """Payments newest first (optionally of one status or run), paged like `/api/runs`."""
+        after = cursor_key(cursor)
+        found, after_next = await asyncio.to_thread(payments_listed, limit, status, run_id, after)
+        return paged(request, found, after_next)
 
     @router.get("/api/runs/{run_id}", dependencies=readers)
     async def run_detail(
+        request: Request,
         run_id: str = Path(min_length=1, max_length=200, pattern=NO_NUL),
         after: int = OBSERVATIONS_AFTER,
         limit: int = OBSERVATIONS_LIMIT,
-    ) -> dict[str, Any]:
-        return await status_of(run_id, after, limit)
+    ) -> JSONResponse:
+        return await status_of(request, run_id, after, limit)
 
     def reread(run_id: str) -> Run | None:
         with store.session() as s:

@@ -52,6 +52,7 @@ class ActionRow(Base):
         Index("idx_actions_created", "created_at"),
         Index("idx_actions_type", "action_type"),
         Index("idx_actions_status", "status"),
+        Index("ix_actions_created_id", "created_at", "action_id"),
     )
 
 
@@ -91,7 +92,10 @@ class FleetSampleRow(Base):
     gpus_failing: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(String(300))
 
-    __table_args__ = (Index("ix_fleet_samples_instance", "instance_id", "taken_at"),)
+    __table_args__ = (
+        Index("ix_fleet_samples_instance", "instance_id", "taken_at"),
+        Index("ix_fleet_samples_taken", "taken_at"),
+    )
 
 
 class OutboxRow(Base):
@@ -108,7 +112,10 @@ class OutboxRow(Base):
     delivered_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(String(300))
 
-    __table_args__ = (Index("ix_fleet_outbox_due", "channel", "delivered_at", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_fleet_outbox_due", "channel", "delivered_at", "next_attempt_at"),
+        Index("ix_fleet_outbox_delivered", "delivered_at"),
+    )
 
 
 class FleetLeaseRow(Base):

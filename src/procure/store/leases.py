@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, delete, insert, or_, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from procure.models import RunStatus, utcnow
@@ -189,7 +189,7 @@ def prune_tick_log(s: Session, *, older_than_s: float, limit: int = 10_000) -> i
     oldest = (
         select(TickLogRow.id)
         .where(TickLogRow.finished_at < cutoff)
-        .order_by(TickLogRow.id)
+        .order_by(TickLogRow.finished_at)  # ix_tick_log_finished: the oldest, read off the index
         .limit(limit)
     )
     result = s.execute(
@@ -198,3 +198,45 @@ def prune_tick_log(s: Session, *, older_than_s: float, limit: int = 10_000) -> i
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def tick_log_mark(s: Session) -> int:
+    """The newest tick log id (0: none): where `trim_tick_log_runs` starts looking."""
+    return int(s.scalar(select(func.max(TickLogRow.id))) or 0)
+
+
+def trim_tick_log_runs(
+    s: Session, *, keep: int, since_id: int, runs_limit: int = 500
+) -> tuple[int, int]:
+    """Keep at most `keep` tick log rows per run (its newest): for each run ticked since the
+    tick log id `since_id` (up to `runs_limit` runs; the rest next time), delete its older rows.
+    Return (rows deleted, the id to pass as `since_id` next time). Each run's trim is one index
+    range (`ix_tick_log_run`), so the cost follows the write rate, not the log's size."""
+    recent = s.execute(
+        select(TickLogRow.run_id, func.max(TickLogRow.id))
+        .where(TickLogRow.id > since_id)
+        .group_by(TickLogRow.run_id)
+        .order_by(func.max(TickLogRow.id))
+        .limit(runs_limit)
+    ).all()
+    if not recent:
+        return 0, since_id
+    deleted = 0
+    for run_id, _newest in recent:
+        # The started_at of the run's keep-th newest row: what is older goes.
+        edge = s.scalar(
+            select(TickLogRow.started_at)
+            .where(TickLogRow.run_id == run_id)
+            .order_by(TickLogRow.started_at.desc())
+            .offset(keep - 1)
+            .limit(1)
+        )
+        if edge is None:
+            continue
+        result = s.execute(
+            delete(TickLogRow)
+            .where(TickLogRow.run_id == run_id, TickLogRow.started_at < edge)
+            .execution_options(synchronize_session=False)
+        )
+        deleted += int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return deleted, int(recent[-1][1])

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
 from procure.bounds import clip
@@ -24,6 +24,7 @@ from procure.models import (
     Vendor,
     utcnow,
 )
+from procure.store import totals
 from procure.store.tables import Base, JobRow, ObservationRow, PaymentRow, RunRow, VendorRow
 
 M = TypeVar("M", bound=BaseModel)
@@ -39,6 +40,11 @@ def _columns(row: Base) -> dict[str, Any]:
 
 def _model(cls: type[M], row: Base) -> M:
     return cls.model_validate(_columns(row))
+
+
+def row_model(cls: type[M], row: Base) -> M:
+    """The domain model of a table row (e.g. a page of `procure.store.keyset`)."""
+    return _model(cls, row)
 
 
 # --- vendors -------------------------------------------------------------------------------
@@ -128,6 +134,16 @@ def cool_down(s: Session, vendor_id: str, until: datetime) -> None:
     )
 
 
+def clear_cooldown(s: Session, vendor_id: str) -> Vendor | None:
+    """Let planners pick a vendor again now (an operator knows it is fixed); None if unknown."""
+    s.execute(
+        update(VendorRow)
+        .where(VendorRow.vendor_id == vendor_id)
+        .values(cooldown_until=None, updated_at=utcnow())
+    )
+    return get_vendor(s, vendor_id)
+
+
 # --- runs ----------------------------------------------------------------------------------
 
 
@@ -178,8 +194,8 @@ def update_run(s: Session, run_id: str, **values: Any) -> None:
 
 
 def count_runs_by_status(s: Session) -> dict[str, int]:
-    rows = s.execute(select(RunRow.status, func.count()).group_by(RunRow.status))
-    return {status: n for status, n in rows}
+    """Runs per status, from the running totals (constant time: procure.store.totals)."""
+    return totals.runs_by_status(s)
 
 
 # --- jobs and payments ---------------------------------------------------------------------
@@ -342,11 +358,10 @@ def get_vendor_row(s: Session, vendor_id: str) -> Vendor | None:
 
 def refresh_budget(s: Session, run_id: str) -> int:
     """Set the run's budgetRemaining to budgetTotal minus its completed payments; return it."""
-    paid = s.scalar(
-        select(func.coalesce(func.sum(PaymentRow.amount), 0)).where(
-            PaymentRow.run_id == run_id, PaymentRow.status == "completed"
-        )
-    )
+    # The status in the sum, not the WHERE: the run's few payments, by its index, whatever
+    # a planner guesses of the status index's selectivity.
+    settled = case((PaymentRow.status == "completed", PaymentRow.amount), else_=0)
+    paid = s.scalar(select(func.coalesce(func.sum(settled), 0)).where(PaymentRow.run_id == run_id))
     run = s.get(RunRow, run_id)
     assert run is not None
     run.budget_remaining = run.budget_total - int(paid or 0)

@@ -62,6 +62,9 @@ class VendorRow(Base):
     cooldown_until: Mapped[datetime | None]
     # The vendor's own bearer credential, encrypted (procure.vendors.credentials); None: none.
     credential: Mapped[str | None] = mapped_column(Text)
+    # "x402", or "cloud": a cloud account, what it may rent in `cloud` (models.CloudTerms).
+    kind: Mapped[str] = mapped_column(String(8), default="x402", server_default="x402")
+    cloud: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -93,7 +96,11 @@ class RunRow(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
-    __table_args__ = (Index("ix_runs_due", "status", "next_tick_at"),)
+    __table_args__ = (
+        Index("ix_runs_due", "status", "next_tick_at"),
+        Index("ix_runs_created", "created_at", "id"),
+        Index("ix_runs_status_created", "status", "created_at", "id"),
+    )
 
 
 class JobRow(Base):
@@ -144,16 +151,23 @@ class PaymentRow(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
+    __table_args__ = (
+        Index("ix_payments_status_created", "status", "created_at", "id"),
+        Index("ix_payments_created", "created_at", "id"),
+    )
+
 
 class ObservationRow(Base):
     __tablename__ = "observations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
     type: Mapped[str] = mapped_column(String(32))
     content: Mapped[str] = mapped_column(Text)
     vendor_id: Mapped[str | None] = mapped_column(String(64))
     timestamp: Mapped[datetime]
+
+    __table_args__ = (Index("ix_observations_run_id_id", "run_id", "id"),)
 
 
 class TickLogRow(Base):
@@ -172,4 +186,21 @@ class TickLogRow(Base):
     finished_at: Mapped[datetime]
     outcome: Mapped[str] = mapped_column(String(100))
 
-    __table_args__ = (Index("ix_tick_log_run", "run_id", "started_at"),)
+    __table_args__ = (
+        Index("ix_tick_log_run", "run_id", "started_at"),
+        Index("ix_tick_log_finished", "finished_at"),
+    )
+
+
+class StoreTotalRow(Base):
+    """Running totals (`runs:<status>`, `payments:<status>`, `micros:<status>`), one row per
+    change written by triggers in the writer's transaction (migration 0008); their sum per name
+    is the total, folded into one row per name now and then (procure.store.totals)."""
+
+    __tablename__ = "store_totals"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    value: Mapped[int] = mapped_column(BigInteger)

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from procure.models import ACTIVE_JOB_STATUSES, Observation, PaymentStatus, Run
-from procure.store.tables import JobRow, ObservationRow, PaymentRow, RunRow
+from procure.store import keyset, totals
+from procure.store.keyset import Key
+from procure.store.tables import JobRow, ObservationRow, PaymentRow
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -29,39 +31,63 @@ class RunRowView:
 
 @dataclass(frozen=True)
 class RunsPage:
+    """One page of runs, newest first, with the cursors of the pages beside it (keyset: no page
+    numbers, no OFFSET); `total`: runs of the shown status (from the store's running totals)."""
+
     rows: list[RunRowView]
     total: int
-    page: int
     per_page: int
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.per_page))
+    newer: str | None  # cursor for `?after=`: the page of newer runs (None: this is the first)
+    older: str | None  # cursor for `?before=`: the page of older runs (None: this is the last)
 
 
-def runs_page(s: Session, *, status: str | None, page: int, per_page: int) -> RunsPage:
-    """Runs newest first, one page of them, with spent to date and the vendor now."""
-    count = select(func.count()).select_from(RunRow)
-    query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id)
-    if status:
-        count = count.where(RunRow.status == status)
-        query = query.where(RunRow.status == status)
-    total = int(s.scalar(count) or 0)
-    rows = list(s.scalars(query.offset((page - 1) * per_page).limit(per_page)))
+def runs_page(
+    s: Session,
+    *,
+    status: str | None,
+    per_page: int,
+    before: Key | None = None,
+    after: Key | None = None,
+    oldest: bool = False,
+) -> RunsPage:
+    """Runs newest first, one page: the newest, those just older than `before`, those just
+    newer than `after`, or (`oldest`) the oldest; with spent to date and the vendor now."""
+    if after is not None or oldest:
+        found = keyset.runs(s, limit=per_page, after=after, status=status, newest_first=False)
+        rows = list(reversed(found.rows))
+        newer_left = found.next is not None
+        older_left = not oldest  # came from an older page (`after`): there is one
+    else:
+        found = keyset.runs(s, limit=per_page, after=before, status=status)
+        rows = found.rows
+        newer_left = before is not None
+        older_left = found.next is not None
+    key = [keyset.Key(r.created_at, r.id) for r in rows]
     runs = [_as(Run, r) for r in rows]
     ids = [r.id for r in rows]
     spent = spent_by_run(s, ids)
     vendors = vendors_now(s, ids)
     views = [RunRowView(run, spent.get(run.id, 0), vendors.get(run.id)) for run in runs]
-    return RunsPage(views, total, page, per_page)
+    counts = totals.runs_by_status(s)
+    total = counts.get(status, 0) if status else sum(counts.values())
+    return RunsPage(
+        views,
+        total,
+        per_page,
+        newer=key[0].encode() if key and newer_left else None,
+        older=key[-1].encode() if key and older_left else None,
+    )
 
 
 def spent_by_run(s: Session, run_ids: list[str]) -> dict[str, int]:
     if not run_ids:
         return {}
+    # The status goes in the sum, not the WHERE: with it there, SQLite's planner (no
+    # statistics) reads every completed payment by the status index instead of the page's.
+    settled = case((PaymentRow.status == PaymentStatus.completed, PaymentRow.amount), else_=0)
     rows = s.execute(
-        select(PaymentRow.run_id, func.sum(PaymentRow.amount))
-        .where(PaymentRow.run_id.in_(run_ids), PaymentRow.status == PaymentStatus.completed)
+        select(PaymentRow.run_id, func.sum(settled))
+        .where(PaymentRow.run_id.in_(run_ids))
         .group_by(PaymentRow.run_id)
     )
     return {run_id: int(total or 0) for run_id, total in rows}

@@ -15,6 +15,7 @@ from procure.models import (
     utcnow,
 )
 from procure.store import Store, repo
+from procure.store.keyset import Key
 from procure.web import charts, queries
 
 PER_PAGE = 25
@@ -31,9 +32,19 @@ KIND = {
 }
 
 
-def runs(store: Store, status: str | None, page: int) -> dict[str, Any]:
+def runs(
+    store: Store,
+    status: str | None,
+    *,
+    before: Key | None = None,
+    after: Key | None = None,
+    oldest: bool = False,
+) -> dict[str, Any]:
+    """The runs page: the newest, or the page beside a cursor, or the oldest (keyset)."""
     with store.session() as s:
-        found = queries.runs_page(s, status=status, page=page, per_page=PER_PAGE)
+        found = queries.runs_page(
+            s, status=status, per_page=PER_PAGE, before=before, after=after, oldest=oldest
+        )
         counts = repo.count_runs_by_status(s)
     return {"page": found, "status": status, "statuses": STATUSES, "counts": counts}
 

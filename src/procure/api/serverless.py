@@ -1,0 +1,185 @@
+"""The agent's API as serverless functions (Vercel, as the seeds deploy it): an ASGI app that
+keeps nothing in process memory between requests — no worker, no agent loop, no connection
+pool; each tick builds its deps and closes them — over PostgreSQL, plus `GET /api/cron/tick`,
+the scheduled call that ticks due runs for a bounded time and does the worker's upkeep."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import NullPool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from procure.agent.deps import TickResult
+from procure.agent.reconcile import settle_ended_runs
+from procure.agent.runtime import close_deps, make_deps
+from procure.agent.worker import LeaseHeld, WorkerConfig, prune, tick_under_lease
+from procure.api.ops import ops_router
+from procure.api.runs import runs_router
+from procure.api.schemas import problems
+from procure.api.vendors import vendors_router
+from procure.bearer import bearer_matches
+from procure.models import RunStatus, utcnow
+from procure.settings import Settings
+from procure.store import Store
+from procure.store.db import make_engine, migrate
+from procure.store.tables import RunRow
+
+log = logging.getLogger(__name__)
+
+CRON_BUDGET_S = 45.0
+"""How long one scheduled call ticks (under Vercel's `maxDuration` of 60 s in vercel.json);
+`PROCURE_CRON_BUDGET_S` sets it."""
+CRON_BATCH = 16
+"""Runs ticked at once by a scheduled call."""
+CRON_PAUSE_S = 1.0
+"""Between rounds of a scheduled call: how soon a run is ticked again (the worker's poll)."""
+
+
+class ColdAgent:
+    """What the routes call `request.app.state.agent` for, built for one call and gone after:
+    the deps (vendor and facilitator clients, wallet) live only as long as the tick."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    async def tick(self, run_id: str, owner: str, lease_s: float) -> TickResult:
+        deps = make_deps(self.settings, self.store)
+        try:
+            return await tick_under_lease(deps, run_id, owner, lease_s)
+        finally:
+            await close_deps(deps)
+
+
+def serverless_store(url: str, *, upgrade: bool = False) -> Store:
+    """A store without a connection pool: a frozen or recycled function instance holds no
+    connection; each transaction opens its own (front it with PgBouncer or Neon's pooler)."""
+    engine = (
+        make_engine(url) if url.startswith("sqlite") else create_engine(url, poolclass=NullPool)
+    )
+    if upgrade:
+        migrate(engine)
+    return Store(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
+
+
+def _due(store: Store, limit: int) -> list[str]:
+    now = utcnow()
+    with store.session() as s:
+        return list(
+            s.scalars(
+                select(RunRow.id)
+                .where(RunRow.status == RunStatus.running, RunRow.next_tick_at <= now)
+                .where((RunRow.lease_owner.is_(None)) | (RunRow.lease_expires_at < now))
+                .order_by(RunRow.next_tick_at)
+                .limit(limit)
+            )
+        )
+
+
+async def tick_due(
+    settings: Settings,
+    store: Store,
+    *,
+    budget_s: float = CRON_BUDGET_S,
+    batch: int = CRON_BATCH,
+    pause_s: float = CRON_PAUSE_S,
+) -> dict[str, Any]:
+    """The scheduled call: tick the due runs (each under its lease, as the worker does) in
+    rounds until none is due or `budget_s` is spent; then settle payments left in doubt on
+    ended runs and prune the operational logs (bounded, like the worker's pass)."""
+    owner = f"cron-{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + budget_s
+    ticked, busy, failed = 0, 0, 0
+    deps = make_deps(settings, store)
+    try:
+        while time.monotonic() < deadline:
+            due = await asyncio.to_thread(_due, store, batch)
+            if not due:
+                break
+            outcomes = await asyncio.gather(
+                *(tick_under_lease(deps, run_id, owner, settings.api_lease_s) for run_id in due),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, LeaseHeld):
+                    busy += 1
+                elif isinstance(outcome, BaseException):
+                    failed += 1
+                    log.error("a scheduled tick failed: %s", type(outcome).__name__)
+                else:
+                    ticked += 1
+            if time.monotonic() + pause_s >= deadline:
+                break
+            await asyncio.sleep(pause_s)
+        settled = await settle_ended_runs(deps)
+    finally:
+        await close_deps(deps)
+    cfg = WorkerConfig(prune_budget_s=max(0.0, min(5.0, deadline - time.monotonic())))
+    # No mark survives between calls: each call trims the runs of the newest rows.
+    pruned, _mark = await asyncio.to_thread(prune, store, cfg)
+    return {"ticked": ticked, "busy": busy, "failed": failed, "settled": settled, "pruned": pruned}
+
+
+def create_serverless_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+    """The API's agent routes (start, tick, status, runs, payments, vendors, healthz, metrics)
+    and the cron route, with no lifespan: a platform may skip it, and nothing outlives a
+    request. The wallet and vendor-credential keys must come from the environment
+    (`X402_PRIVATE_KEY`, `PROCURE_SECRET_KEY`): a function has no home to keep them in."""
+    settings = settings or Settings()
+    store = store or serverless_store(settings.database_url)
+    cron_secret = os.environ.get("CRON_SECRET") or None
+    budget_s = float(os.environ.get("PROCURE_CRON_BUDGET_S") or CRON_BUDGET_S)
+    app = FastAPI(title="procure (serverless)", version="0.1.0")
+    app.state.agent = ColdAgent(settings, store)
+
+    def require_token(authorization: str | None = Header(None)) -> None:
+        if settings.api_token is None:
+            return
+        if not bearer_matches(authorization, settings.api_token.get_secret_value()):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    public_read = os.environ.get("PROCURE_PUBLIC_READ", "").lower() in ("1", "true", "yes")
+
+    def require_read(authorization: str | None = Header(None)) -> None:
+        if not public_read:
+            require_token(authorization)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        found = problems(list(exc.errors()))
+        return JSONResponse(
+            {"error": "invalid request: " + "; ".join(found), "details": found}, status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.get("/api/cron/tick", tags=["ops"])
+    async def cron_tick(authorization: str | None = Header(None)) -> dict[str, Any]:
+        """Vercel Cron's call (`Authorization: Bearer $CRON_SECRET`; without CRON_SECRET, the
+        API token, if any, guards it)."""
+        secret = cron_secret or (
+            settings.api_token.get_secret_value() if settings.api_token else None
+        )
+        if secret is not None and not bearer_matches(authorization, secret):
+            raise HTTPException(401, "missing or wrong bearer token")
+        return await tick_due(settings, store, budget_s=budget_s)
+
+    app.include_router(runs_router(settings, store, require_token, require_read))
+    app.include_router(vendors_router(settings, store, require_token, require_read))
+    app.include_router(ops_router(store, settings=settings))
+    return app
