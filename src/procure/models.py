@@ -135,6 +135,39 @@ class ObservationType(StrEnum):
     llm_response = "llm_response"
 
 
+CLOUD_PROVIDERS = ("lambda", "runpod", "vast")  # as procure.clouds.base.PROVIDERS
+
+
+class CloudTerms(Model):
+    """What a cloud-account vendor may rent: one GPU model and count, at most this price per
+    hour (the whole instance), interruptible (spot, bid) offers or not, in these regions."""
+
+    provider: Literal["lambda", "runpod", "vast"]
+    gpu: str = Field(min_length=1, max_length=32, description="Canonical model, e.g. A100")
+    count: int = Field(1, ge=1, le=16)
+    max_price_per_hour: Usd = Field(ge=0, le=10**12)
+    spot: bool = Field(False, description="Interruptible offers (Vast.ai bids) allowed")
+    regions: list[str] = Field(default_factory=list, description="Empty: any region")
+    image: str | None = Field(None, max_length=300, description="Container image to run")
+
+
+class OfferTerms(Model):
+    """The offer the agent weighs a cloud vendor at for one decision (never stored on the
+    vendor): what it costs and risks, from the provider's offers and what procure learned."""
+
+    provider: str
+    offer_id: str
+    gpu: str
+    gpu_count: int
+    region: str
+    price_per_hour: Usd
+    interruptible: bool
+    billing_increment_s: int
+    boot_s: float = Field(description="Expected seconds from launch to a running node")
+    preemption_hazard: float = Field(0.0, description="Preemptions per hour beyond failures")
+    min_bid_per_hour: Usd | None = None
+
+
 class Vendor(Model):
     vendor_id: str
     name: str
@@ -156,6 +189,13 @@ class Vendor(Model):
         exclude=True,
         repr=False,
         description="The vendor's own bearer credential, encrypted; never serialised",
+    )
+    kind: Literal["x402", "cloud"] = Field(
+        "x402", description="An x402 vendor, or a cloud account whose instances the agent rents"
+    )
+    cloud: CloudTerms | None = Field(None, description="What a cloud vendor may rent")
+    offer: OfferTerms | None = Field(
+        None, exclude=True, description="The offer a planner weighs it at now (not stored)"
     )
 
     @computed_field  # type: ignore[prop-decorator]

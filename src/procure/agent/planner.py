@@ -12,6 +12,7 @@ action, which the market simulator relies on to replay the tick's decisions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -147,16 +148,20 @@ class Choice:
 
 def effective_hazard(ctx: PlanContext, vendor: Vendor) -> float:
     """The hazard the planner prices a vendor at: its learned failures per GPU-hour. Trouble in
-    this run is already in it (each failure is counted) and in the vendor's cool-down."""
-    return hazard(vendor)
+    this run is already in it (each failure is counted) and in the vendor's cool-down. A cloud
+    offer adds its preemption hazard (interruptible offers above all)."""
+    return hazard(vendor) + (vendor.offer.preemption_hazard if vendor.offer else 0.0)
 
 
 def _terms(ctx: PlanContext, vendor: Vendor, *, running: bool = False) -> Terms:
+    # A cloud offer is billed by its increment (no payments to make) and starts after its boot.
+    offer = vendor.offer
+    startup = ctx.startup_hours if offer is None else offer.boot_s / 3600
     return Terms(
         price_per_hour=float(vendor.base_price_per_hour),
         hazard=effective_hazard(ctx, vendor),
-        payment_overhead=float(ctx.payment_overhead),
-        startup_hours=0.0 if running else ctx.startup_hours,
+        payment_overhead=float(ctx.payment_overhead) if offer is None else 0.0,
+        startup_hours=0.0 if running else startup,
     )
 
 
@@ -253,6 +258,19 @@ def reconsider(ctx: PlanContext, job: Job, paid_until: float) -> str | None:
 
 def _describe(choice: Choice, deadline: bool) -> str:
     e = choice.estimate
+    offer = choice.vendor.offer
+    if offer is not None:  # a cloud instance: billed as it runs, lost work and boot priced in
+        kind = "bid" if offer.interruptible else "on-demand"
+        # Failures are Poisson at the hazard over boot and work: p(finish) = exp(-mean).
+        restarts = -math.log(max(e.p_complete, 1e-12))
+        text = (
+            f"{choice.vendor.vendor_id} ({offer.provider}/{kind} {offer.gpu}x{offer.gpu_count} "
+            f"in {offer.region}): {format_usd(offer.price_per_hour)}/h, boot "
+            f"~{offer.boot_s:.0f}s, {choice.hazard:.3f} failures/h, {restarts:.2f} expected "
+            f"failures or preemptions (each costs a boot and the work since a checkpoint), "
+            f"p(finish)={e.p_complete:.2f}, expected {format_usd(round(e.expected))}"
+        )
+        return text + (f", p(miss deadline)={choice.p_miss:.2f}" if deadline else "")
     paying = "at once" if e.payments == 1 else f"in {e.payments} slices of {e.slice_hours:.2f}h"
     text = (
         f"{choice.vendor.vendor_id}: {format_usd(choice.vendor.base_price_per_hour)}/h, "

@@ -92,11 +92,24 @@ async def tick(
         errors_by_vendor=errors or {},
         payment_overhead=deps.payment_overhead,
     )
-    if state.run.cancel_requested_at is not None:
+    cloud_job = active is not None and _on_cloud(ctx, active)
+    if state.run.cancel_requested_at is not None and cloud_job:
+        assert active is not None
+        vendor = ctx.vendor(active.vendor_id)
+        assert vendor is not None
+        from procure.agent import cloud_run
+
+        result = await cloud_run.step(deps, ctx, active, vendor, cancelling=True)
+    elif state.run.cancel_requested_at is not None:
         result = await cancel.carry_out(deps, ctx, active)
     else:
         result = await _step(deps, ctx, active, partial=errors is None, sink=sink)
     return await _count_troubles(deps, ctx, active, result)
+
+
+def _on_cloud(ctx: PlanContext, job: Job) -> bool:
+    vendor = ctx.vendor(job.vendor_id)
+    return vendor is not None and vendor.kind == "cloud"
 
 
 async def _step(
@@ -112,6 +125,10 @@ async def _step(
         vendor = ctx.vendor(active.vendor_id)
         if vendor is None:
             return fail_job(deps, active, None, f"vendor {active.vendor_id} left the registry")
+        if vendor.kind == "cloud":  # an instance rented for the job: its own state machine
+            from procure.agent import cloud_run
+
+            return await cloud_run.step(deps, ctx, active, vendor)
         if active.status == JobStatus.submitted:
             return await reconcile(deps, ctx, active, vendor)
         return await poll(deps, ctx, active, vendor, partial=partial, sink=sink)
@@ -148,6 +165,13 @@ async def _count_troubles(
     with deps.store.session() as s:
         last = repo.last_observation(s, run.id, OBS.error) or result.message
     why = f"no way forward in {troubles} tries in a row (last: {last})"
+    if active is not None and _on_cloud(ctx, active):  # terminate and book before it ends
+        from procure.agent import cloud_run
+
+        given_up = cloud_run.give_up(deps, active, why)
+        with deps.store.session() as s:
+            repo.update_run(s, run.id, troubles=0)
+        return given_up
     if run.cancel_requested_at is not None:
         return await cancel.carry_out(deps, ctx, active, give_up=True)
     if active is not None:
@@ -173,6 +197,10 @@ async def _count_troubles(
 
 async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
     run_id = ctx.state.run.id
+    if any(v.kind == "cloud" for v in ctx.vendors):  # (imported only where clouds are used)
+        from procure.agent.cloud_offers import price_clouds
+
+        ctx = await price_clouds(deps, ctx)  # each cloud vendor at its best offer now
     decision = await decide(deps.planner, ctx)  # the planner, the guard, the fallback
     if ctx.notes:  # what the planner asked to keep, e.g. the LLM's raw answer and rejections
         with deps.store.session() as s:
@@ -199,5 +227,10 @@ async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
         return TickResult("Waiting", action)
     vendor = ctx.vendor(action.vendor_id)
     assert vendor is not None  # the guard checked it
+    if vendor.kind == "cloud":
+        from procure.agent import cloud_run
+
+        result = await cloud_run.start_cloud_job(deps, ctx, action, vendor)
+        return TickResult(result.message, action)
     result = await start_job(deps, ctx, action, vendor)
     return TickResult(result.message, action)
