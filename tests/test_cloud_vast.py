@@ -68,6 +68,7 @@ def client(
         VAST_API_URL=cloud.url,
         VAST_API_TIMEOUT_S=kw.pop("timeout_s", 5),
         VAST_PACE_SCALE=kw.pop("pace", SCALE * 1.5),
+        VAST_RATE_LIMIT_RETRIES=kw.pop("retries", 0),  # each 429 seen by the test itself
     )
     return VastCloud(settings, transport=rec or Recorder(), **kw)
 
@@ -468,3 +469,24 @@ def test_find_pages_through_many_instances() -> None:
         assert last.name == "procure-job-27"
     finally:
         mock.stop()
+
+
+def test_a_429_is_waited_out_and_retried_as_vasts_sdk_does(recorder: Recorder) -> None:
+    cloud = start_mock_cloud(config(rate_scale=0.5, nodes=False))  # list: one per 0.5 s
+
+    async def scenario() -> None:
+        first = client(cloud, recorder, pace=0)
+        await first.find("x")
+        await first.aclose()
+        # Another process (a new client knows nothing of the last call): Vast answers 429,
+        # the client backs off and tries again by itself.
+        second = client(cloud, recorder, pace=0, retries=2)
+        assert await second.find("x") == []
+        await second.aclose()
+        statuses = [x.status for x in recorder.exchanges]
+        assert 429 in statuses and statuses[-1] == 200
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cloud.stop()

@@ -7,7 +7,6 @@ import functools
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from procure.cli_cloud import mock_cloud
 from procure.cli_common import (
@@ -18,9 +17,11 @@ from procure.cli_common import (
     print_json,
     settings_errors,
     store_for,
+    table,
 )
 from procure.cli_fleet import fleet_app
 from procure.cli_gpu import gpu_worker, tickets_app
+from procure.cli_offers import add_cloud, offers
 from procure.cli_runs import run_app
 from procure.numbers import number, whole
 from procure.safetext import guard_logging, safe
@@ -70,15 +71,11 @@ def demo(
 
     then = None
     if serve_:
-        import socket
-
         from procure.demo_serve import serve_until_interrupted
+        from procure.local import port_is_free
 
-        with socket.socket() as probe:  # before the demo runs: say it in one line, not later
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                fail(f"port {port} is busy; choose another with --port")
+        if not port_is_free(port):  # before the demo runs: say it in one line, not later
+            fail(f"port {port} is busy; choose another with --port")
         then = functools.partial(serve_until_interrupted, port=port, console=console)
     state = run_demo(job_seconds=job_seconds, budget=budget, console=console, then=then)
     if state.run.status != RunStatus.completed:
@@ -335,21 +332,37 @@ def mock_vendor(
 
 @vendors_app.command("seed")
 def vendors_seed(
-    host: Annotated[str, typer.Option(help="Where the mock vendors listen")] = "http://localhost",
+    host: Annotated[
+        str, typer.Option(help="Where the mock vendors listen: a host name or http(s)://host")
+    ] = "http://localhost",
+    port: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="The mock vendors' ports: give it twice (vendor 1, vendor 2); given once, "
+            "vendor 2 gets the next port [default: 4001, 4002]",
+            parser=PORT,
+        ),
+    ] = None,
 ) -> None:
     """Insert the seeds' two vendors (gpu_vendor_1 on :4001, gpu_vendor_2 on :4002), with
-    GPU_VENDOR_SECRET as their credential (stored encrypted; see PROCURE_SECRET_KEY)."""
+    GPU_VENDOR_SECRET as their credential (stored encrypted; see PROCURE_SECRET_KEY). The
+    network and asset they are paid in come from the facilitator at X402_FACILITATOR_URL."""
     from procure.local import asset_info
     from procure.store import repo
     from procure.vendors.credentials import Keyring
     from procure.vendors.registry import default_vendors
 
+    base, ports = seed_endpoints(host, port or [])
     settings = load_settings()
-    info = asset_info(settings.facilitator_url)
+    try:
+        info = asset_info(settings.facilitator_url, tries=10)
+    except RuntimeError as exc:
+        fail(f"{exc}; start it with `procure facilitator` or set X402_FACILITATOR_URL")
     credential = Keyring.load(settings.home).encrypt(settings.gpu_vendor_secret.get_secret_value())
     with store_for(settings).session() as s:
         for vendor in default_vendors(
-            host=host,
+            host=base,
+            ports=ports,
             network=str(info["network"]),
             asset=str(info["asset"]),
             credential=credential,
@@ -358,6 +371,49 @@ def vendors_seed(
             console.print(
                 f"seeded {safe(vendor.vendor_id)} ({safe(vendor.name)}) at {safe(vendor.endpoint)}"
             )
+
+
+@vendors_app.command("clear-cooldown")
+def vendors_clear_cooldown(
+    vendor_id: Annotated[str, typer.Argument(help="The vendor to pick again now")],
+) -> None:
+    """End a vendor's cooldown now (after a failure, planners keep off it for
+    VENDOR_COOLDOWN_S): for when you know it is fixed."""
+    from procure.cli_common import store_errors
+    from procure.store import repo
+
+    settings = load_settings()
+    with store_errors(settings), store_for(settings).session() as s:
+        vendor = repo.clear_cooldown(s, vendor_id)
+    if vendor is None:
+        fail(f"vendor {vendor_id} not found")
+    console.print(f"{safe(vendor_id)}: cooldown cleared; planners may pick it again")
+
+
+def seed_endpoints(host: str, ports: list[int]) -> tuple[str, tuple[int, int]]:
+    """`--host` and `--port` as the base URL and the two vendors' ports, or one line saying
+    what is wrong (a port inside --host would make `http://host:4001:4001`)."""
+    from urllib.parse import urlsplit
+
+    base = host if "://" in host else f"http://{host}"
+    try:
+        parts = urlsplit(base)
+        given_port = parts.port
+    except ValueError:
+        fail(f"--host {host!r} is not a host name or an http(s) URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        fail(f"--host {host!r} is not a host name or an http(s) URL")
+    if given_port is not None:
+        fail(f"--host {host!r} has a port: give the host alone and the ports with --port")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        fail(f"--host {host!r} has a path: give the scheme and host alone")
+    if len(ports) > 2:
+        fail("--port is given at most twice (vendor 1, vendor 2)")
+    first = ports[0] if ports else 4001
+    second = ports[1] if len(ports) == 2 else first + 1
+    if second > 65535 or second == first:
+        fail("--port: the two vendors need two different ports")
+    return f"{parts.scheme}://{parts.netloc}", (first, second)
 
 
 @vendors_app.command("list")
@@ -377,40 +433,39 @@ def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
             ]
         )
         return
-    table = Table(
+    out = table(  # 80 columns: the prior, ok and failed counts are in --json
         "vendor",
         "name",
         "endpoint",
         "$/h",
-        "prior",
         "learned",
         "fail/h",
-        "ok",
-        "failed",
+        "ok/fail",
         "GPUs",
-        "credential",
+        "cred",
+        fold=("name", "endpoint", "GPUs"),
     )
     for v in vendors:
-        table.add_row(  # names and endpoints came from outside: no markup, no escapes
+        out.add_row(  # names and endpoints came from outside: no markup, no escapes
             safe(v.vendor_id, 100),
             safe(v.name, 100),
             safe(v.endpoint, 200),
             f"{v.base_price_per_hour / 1e6:.2f}",
-            f"{v.reliability_score:.2f}",
             f"{reliability(v):.3f}",
             f"{hazard(v):.3f}",
-            str(v.successes),
-            str(v.failures),
+            f"{v.successes}/{v.failures}",
             safe(",".join(v.supported_gpu_types), 200),
             "yes" if v.has_credential else "none",
         )
-    console.print(table)
+    console.print(out)
 
 
 app.add_typer(run_app, name="run")
 app.add_typer(tickets_app, name="tickets")
 app.command("gpu-worker")(gpu_worker)
 app.command("mock-cloud")(mock_cloud)
+app.command("offers")(offers)
+vendors_app.command("add-cloud")(add_cloud)
 app.add_typer(fleet_app, name="fleet")
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from procure.store import cloud_repo, hotpath, repo
 from procure.store.cloud_repo import CloudInstance
 from procure.store.hotpath import PollWrite
 from procure.vendors.credentials import CredentialError, Keyring
+from procure.warnings import check_run
 
 GONE = ("preempted", "exited", "terminated")  # the instance (and the job on it) is lost
 
@@ -174,6 +175,15 @@ async def step(
             deps, job, f"no {inst.provider} account configured: cannot reach {inst.name}"
         )
     run = ctx.state.run
+    # Warnings before the cap: what is reserved (one increment ahead of the cost to date) counts.
+    reserved = sum(p.amount for p in ctx.state.payments if p.status == PaymentStatus.pending)
+    check_run(
+        deps.store,
+        run.id,
+        run.budget_total,
+        run.budget_remaining - reserved,
+        deps.spend_caps.warn_at,
+    )
     if inst.status not in ("terminating", "terminated") and inst.outcome is None:
         why = None
         if cancelling:

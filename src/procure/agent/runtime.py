@@ -29,6 +29,7 @@ def make_deps(
     vendor_transport: httpx.AsyncBaseTransport | None = None,
     facilitator_transport: httpx.AsyncBaseTransport | None = None,
 ) -> AgentDeps:
+    from procure.agent.cloud_clients import clouds_from_env
     from procure.vendors.client import VendorClient
     from procure.vendors.credentials import Keyring
 
@@ -52,9 +53,14 @@ def make_deps(
         max_troubles=settings.max_troubles,
         stall_s=settings.stall_s,
         spend_caps=load_caps(),
+        clouds=clouds_from_env(),
+        keyring=Keyring.load(settings.home),  # also seals each instance's node token
     )
 
 
 async def close_deps(deps: AgentDeps) -> None:
+    from procure.agent.cloud_clients import close_clouds
+
     await deps.vendors.aclose()
     await deps.ledger.aclose()
+    await close_clouds(deps.clouds)

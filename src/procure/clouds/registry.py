@@ -32,7 +32,24 @@ def provider(name: str) -> Provider:
 
 def has_key(name: Provider) -> bool:
     """Whether the environment (or `.env`, read by each client's settings) sets this key."""
-    return bool(os.environ.get(KEY_VARS[name], "").strip())
+    if os.environ.get(KEY_VARS[name], "").strip():
+        return True
+    key = getattr(_settings(name), "api_key", None)
+    return key is not None and bool(key.get_secret_value().strip())
+
+
+def _settings(name: Provider) -> object:
+    if name == "lambda":
+        from procure.clouds.lambda_cloud.settings import LambdaSettings
+
+        return LambdaSettings()
+    if name == "runpod":
+        from procure.clouds.runpod.settings import RunPodSettings
+
+        return RunPodSettings()
+    from procure.clouds.vast.settings import VastSettings
+
+    return VastSettings()
 
 
 def make_cloud(

@@ -395,6 +395,8 @@ def pending_payments_of_ended_runs(s: Session, *, limit: int = 50) -> list[Payme
         .where(
             PaymentRow.status == "pending",
             RunRow.status.in_([str(status) for status in TERMINAL_RUN_STATUSES]),
+            # cloud reservations are booked from the provider's bill, not the x402 ledger
+            ~PaymentRow.nonce.startswith("cloud-"),
         )
         .order_by(PaymentRow.created_at)
         .limit(limit)

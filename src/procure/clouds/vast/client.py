@@ -59,6 +59,7 @@ class VastCloud:
         self._key = settings.api_key.get_secret_value() if settings.api_key else ""
         self.base_url = settings.api_url.rstrip("/")
         self.node_port = settings.node_port
+        self.rate_limit_retries = settings.rate_limit_retries
         self.image = settings.image
         self.pacer = pacer or Pacer(settings.pace_scale)
         headers = {"Accept": "application/json", "User-Agent": "procure"}
@@ -246,6 +247,27 @@ class VastCloud:
         raise ProviderError("Vast.ai's instance list did not end within the pages allowed")
 
     async def _call(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        json_body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        """One call; a 429 is waited out (the pacer's back-off: Vast sends no Retry-After) and
+        tried again, `rate_limit_retries` times, as Vast's own SDK does."""
+        for attempt in range(self.rate_limit_retries + 1):
+            try:
+                return await self._call_once(
+                    method, path, endpoint, json_body=json_body, params=params
+                )
+            except RateLimited as exc:
+                if attempt >= self.rate_limit_retries or (exc.retry_after_s or 0) > 30:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _call_once(
         self,
         method: str,
         path: str,

@@ -35,6 +35,13 @@ class VastSettings(BaseSettings):
         validation_alias="VAST_PACE_SCALE",
         description="Multiplies Vast's per-endpoint minimum intervals (0: no pacing, for a mock)",
     )
+    rate_limit_retries: int = Field(
+        2,
+        ge=0,
+        le=5,
+        validation_alias="VAST_RATE_LIMIT_RETRIES",
+        description="A 429 is waited out (client-side back-off) and retried this many times",
+    )
     node_port: int = Field(
         9876, ge=1, le=65535, validation_alias="VAST_NODE_PORT", description="GPU node's port"
     )

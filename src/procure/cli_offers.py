@@ -1,0 +1,172 @@
+"""`procure offers` (every offer across the configured clouds and x402 vendors, cheapest first)
+and `procure vendors add-cloud` (a cloud account as a vendor of the agent)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+
+from procure.cli_common import (
+    console,
+    fail,
+    load_settings,
+    print_json,
+    settings_errors,
+    store_for,
+    table,
+)
+from procure.numbers import number, whole
+from procure.safetext import safe
+
+PROVIDERS = ("lambda", "runpod", "vast")
+
+
+def offers(
+    gpu: Annotated[str | None, typer.Option(help="One GPU model, e.g. A100, H100, RTX4090")] = None,
+    count: Annotated[
+        int | None, typer.Option(help="GPUs per instance", parser=whole(1, 16, "--count"))
+    ] = None,
+    max_price: Annotated[
+        float | None,
+        typer.Option(
+            help="At most this $/h for the instance", parser=number(0, 1e4, "--max-price")
+        ),
+    ] = None,
+    spot: Annotated[
+        bool | None,
+        typer.Option("--spot/--on-demand", help="Only interruptible (or only on-demand) offers"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+) -> None:
+    """Every offer across the clouds whose key is set (LAMBDA_API_KEY, RUNPOD_API_KEY,
+    VAST_API_KEY) and the registered x402 vendors, cheapest first: what `sky show-gpus` and
+    `dstack offer` show, over all your sources. A cloud that cannot be asked is named, not fatal."""
+    from procure.agent.cloud_clients import close_clouds
+    from procure.agent.cloud_offers import all_offers
+    from procure.clouds.registry import configured_clouds
+    from procure.models import usd_to_micros
+    from procure.store import repo
+
+    settings = load_settings()
+    with settings_errors():
+        clients = configured_clouds()
+    with store_for(settings).session() as s:
+        vendors = repo.list_vendors(s)
+    errors: list[str] = []
+
+    async def ask() -> list:  # type: ignore[type-arg]
+        try:
+            return await all_offers(
+                clients,  # type: ignore[arg-type]
+                vendors,
+                gpu=gpu,
+                count=count,
+                max_price=usd_to_micros(max_price) if max_price is not None else None,
+                spot=spot,
+                errors=errors,
+            )
+        finally:
+            await close_clouds(clients)  # type: ignore[arg-type]
+
+    rows = asyncio.run(ask())
+    if as_json:
+        print_json({"offers": [r.to_json() for r in rows], "errors": errors})
+        return
+    if not clients:
+        console.print(
+            "no cloud key set (LAMBDA_API_KEY, RUNPOD_API_KEY, VAST_API_KEY): x402 vendors only"
+        )
+    out = table(
+        "source", "GPU", "n", "region", "$/h", "spot", "avail", "via", fold=("region", "via")
+    )
+    for r in rows:
+        out.add_row(  # everything here came from a cloud or a vendor: no markup, no escapes
+            safe(r.source, 20),
+            safe(r.gpu, 20),
+            str(r.gpu_count),
+            safe(r.region, 40),
+            f"{r.price_per_hour / 1e6:.3f}",
+            "yes" if r.interruptible else "",
+            str(r.available),
+            safe(r.vendor_id or "", 60),
+        )
+    console.print(out)
+    for e in errors:
+        console.print(f"[yellow]{safe(e, 300)}")
+
+
+def add_cloud(
+    provider: Annotated[str, typer.Argument(help="lambda, runpod or vast")],
+    gpu: Annotated[str, typer.Option(help="GPU model to rent, e.g. A100")],
+    max_price: Annotated[
+        float,
+        typer.Option(
+            help="At most this $/h for the instance", parser=number(0.001, 1e4, "--max-price")
+        ),
+    ],
+    count: Annotated[
+        int, typer.Option(help="GPUs per instance", parser=whole(1, 16, "--count"))
+    ] = 1,
+    spot: Annotated[
+        bool, typer.Option("--spot", help="Interruptible offers (Vast.ai bids) allowed")
+    ] = False,
+    region: Annotated[
+        list[str] | None, typer.Option(help="Only these regions (repeat; default any)")
+    ] = None,
+    image: Annotated[str | None, typer.Option(help="Container image the job runs in")] = None,
+    vendor_id: Annotated[
+        str | None, typer.Option("--id", help="Vendor id (default PROVIDER-GPU)")
+    ] = None,
+    reliability: Annotated[
+        float,
+        typer.Option(help="Prior reliability, 0..1", parser=number(0, 1, "--reliability")),
+    ] = 0.9,
+) -> None:
+    """Register a cloud account as a vendor of the agent: it launches an instance of the cheapest
+    matching offer (under --max-price), runs the job there through the node's job runner, books
+    what the provider bills, and terminates it when the job ends. The key is the provider's
+    (LAMBDA_API_KEY, RUNPOD_API_KEY or VAST_API_KEY) and goes to that provider alone."""
+    from pydantic import ValidationError
+
+    from procure.clouds.registry import KEY_VARS, has_key
+    from procure.models import CloudTerms, Vendor, usd_to_micros
+    from procure.store import repo
+
+    provider = provider.lower()
+    if provider not in PROVIDERS:
+        fail(f"unknown cloud {safe(provider)}: choose lambda, runpod or vast", code=2)
+    gpu_model = gpu.upper().replace(" ", "")
+    try:
+        terms = CloudTerms(
+            provider=provider,  # type: ignore[arg-type]
+            gpu=gpu_model,
+            count=count,
+            max_price_per_hour=usd_to_micros(max_price),
+            spot=spot,
+            regions=list(region or []),
+            image=image,
+        )
+        vendor = Vendor(
+            vendor_id=vendor_id or f"{provider}-{gpu_model.lower()}",
+            name=f"{provider} {gpu_model}" + (" (spot)" if spot else ""),
+            endpoint=f"cloud:{provider}",
+            base_price_per_hour=usd_to_micros(max_price),
+            reliability_score=reliability,
+            supported_gpu_types=[gpu_model],
+            kind="cloud",
+            cloud=terms,
+        )
+    except ValidationError as exc:
+        fail(f"not a valid cloud vendor: {safe(exc.errors()[0].get('msg', exc), 200)}", code=2)
+    with store_for(load_settings()).session() as s:
+        repo.save_vendor(s, vendor)
+    console.print(
+        f"vendor {safe(vendor.vendor_id)}: {safe(provider)} {gpu_model} ×{count} "
+        f"at most ${max_price:,.2f}/h{' (spot allowed)' if spot else ''}"
+    )
+    if not has_key(provider):  # type: ignore[arg-type]
+        console.print(
+            f"[yellow]{KEY_VARS[provider]} is not set: the agent cannot rent from it until it is"  # type: ignore[index]
+        )
