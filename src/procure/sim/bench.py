@@ -1,18 +1,24 @@
-"""The planner benchmark: every policy and the oracle on the same seeded jobs, per scenario.
+"""The planner benchmark: every policy, the oracle and the exact optimum on the same seeded jobs.
 
-Each job's budget is `budget_factor` times the oracle's cost for it, so a policy that wastes
-money runs out of it. Policies learn vendor outcomes across the jobs of a scenario, as the agent
-does across runs; each policy starts from the registry alone.
+Each job's budget is `budget_factor` times its expected cost under the exact non-clairvoyant
+optimum (`optimum.py`: the vendors' true prices, hazards, start-ups and fee; no deadline), so it
+depends on the job's size and checkpoints only, never on the failures drawn. Policies learn
+vendor outcomes across the jobs of a scenario, as the agent does across runs; each policy starts
+from the registry alone. Costs are reported per completed job (all money over the jobs
+finished), per job, and per job with every unfinished run charged what the optimum expects to
+pay to finish it from the checkpoint it reached: no policy can beat the optimum on that last
+figure in expectation, however it picks or abandons its jobs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from procure.sim.engine import Outcome, registry, simulate
 from procure.sim.market import JobCase, Market, make_jobs
+from procure.sim.optimum import expected_cost, optimal_policy
 from procure.sim.oracle import OracleResult, oracle
 from procure.sim.policies import POLICIES, Policy
 
@@ -26,6 +32,8 @@ class Summary:
     jobs: int
     completed: int
     spent: int  # micro-USD over all jobs, finished or not
+    charged: float  # spent, plus the optimum's expected cost to finish every unfinished run
+    bound: float  # the exact optimum's expected cost, summed over the jobs
     deadline_jobs: int
     deadline_misses: int
     mean_finish_hours: float
@@ -41,15 +49,49 @@ class Summary:
         """Micro-USD per completed job: all the money spent, over the jobs it finished."""
         return self.spent / self.completed if self.completed else math.inf
 
+    @property
+    def cost_per_job(self) -> float:
+        return self.spent / self.jobs if self.jobs else math.nan
+
+    @property
+    def charged_per_job(self) -> float:
+        return self.charged / self.jobs if self.jobs else math.nan
+
+    @property
+    def bound_per_job(self) -> float:
+        return self.bound / self.jobs if self.jobs else math.nan
+
+
+def job_budget(market: Market, case: JobCase, factor: float = BUDGET_FACTOR) -> int:
+    """`factor` times the job's expected cost under the exact optimum: known before it runs."""
+    return math.ceil(factor * expected_cost(market, case.hours, case.checkpoint_every, 0.0))
+
+
+def charge_unfinished(
+    market: Market, cases: Sequence[JobCase], rows: list[Outcome]
+) -> list[Outcome]:
+    """Each outcome with what the optimum expects to pay from its start and from where it ended."""
+    out = []
+    for case, o in zip(cases, rows, strict=True):
+        owed = (
+            0.0
+            if o.completed
+            else expected_cost(market, case.hours, case.checkpoint_every, o.progress)
+        )
+        start = expected_cost(market, case.hours, case.checkpoint_every, 0.0)
+        out.append(replace(o, owed=owed, expected=start))
+    return out
+
 
 def run_policy(
     policy: Policy, market: Market, cases: Sequence[JobCase], budget_of: Sequence[int]
 ) -> list[Outcome]:
     learned = registry(market)
-    return [
+    rows = [
         simulate(policy, market, case, budget, learned)
         for case, budget in zip(cases, budget_of, strict=True)
     ]
+    return charge_unfinished(market, cases, rows)
 
 
 def summarize(scenario: str, policy: str, outcomes: Iterable[Outcome]) -> Summary:
@@ -61,6 +103,8 @@ def summarize(scenario: str, policy: str, outcomes: Iterable[Outcome]) -> Summar
         jobs=len(rows),
         completed=len(done),
         spent=sum(o.cost for o in rows),
+        charged=sum(o.cost + o.owed for o in rows),
+        bound=sum(o.expected for o in rows),
         deadline_jobs=sum(1 for o in rows if o.has_deadline),
         deadline_misses=sum(1 for o in rows if o.missed_deadline),
         mean_finish_hours=(
@@ -85,6 +129,7 @@ def oracle_outcomes(cases: Sequence[JobCase], results: Sequence[OracleResult]) -
             payments=r.segments,
             failures=0,
             max_committed=r.cost,
+            progress=1.0,
         )
         for case, r in zip(cases, results, strict=True)
     ]
@@ -94,14 +139,15 @@ def run_scenario(
     market: Market,
     jobs: int,
     seed: int,
-    policies: Sequence[Policy] = POLICIES,
+    policies: Sequence[Policy] | None = None,
     budget_factor: float = BUDGET_FACTOR,
 ) -> dict[str, list[Outcome]]:
-    """Outcomes per policy name (the oracle's under "oracle") on `jobs` seeded jobs."""
+    """Outcomes per policy name (the oracle's under "oracle") on `jobs` seeded jobs; by default
+    the seeds', greedy, procure and the optimal policy played in the simulator ("optimum")."""
     cases = make_jobs(market, jobs, seed)
+    budget_of = [job_budget(market, case, budget_factor) for case in cases]
     best = [oracle(market, case) for case in cases]
-    budget_of = [math.ceil(r.cost * budget_factor) for r in best]
-    results = {"oracle": oracle_outcomes(cases, best)}
-    for policy in policies:
+    results = {"oracle": charge_unfinished(market, cases, oracle_outcomes(cases, best))}
+    for policy in (*POLICIES, optimal_policy(market)) if policies is None else policies:
         results[policy.name] = run_policy(policy, market, cases, budget_of)
     return results

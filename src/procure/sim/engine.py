@@ -6,8 +6,11 @@ takes the decision the tick takes (`agent.decide`: planner, guard, fallback); qu
 renewals pass the tick's own checks (`check_quote`, `check_renewal`) against the budget, and
 renewals follow the tick's rule (`agent.slices`). Between decisions the market plays out: start-up
 delays, capacity refusals, failures at their drawn times, checkpoints, paid time running out.
-Vendors' learned outcomes (successes, failures, GPU-hours) carry over from job to job, as the
-store keeps them.
+The agent's rules hold whatever the policy asks: a job that ends before the work is done leaves
+the run at the checkpoint it reached, and the next job resumes from there (only the job that
+reaches the end completes the run); failures keep coming for as long as a job runs, horizon or
+not (the horizon only stops new jobs). Vendors' learned outcomes (successes, failures,
+GPU-hours) carry over from job to job, as the store keeps them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from datetime import UTC, datetime, timedelta
 from procure.agent.context import PlanContext
 from procure.agent.decide import decide, run_sync
 from procure.agent.guard import check_quote, check_renewal
-from procure.agent.planner import reconsider
 from procure.agent.slices import (
     RENEW_FRACTION,
     job_shape,
@@ -65,6 +67,11 @@ class Outcome:
     payments: int
     failures: int
     max_committed: int  # the most ever paid at once, to check against the budget
+    progress: float = 0.0  # the checkpoint the run ended at (1.0: completed)
+    # Micro-USD the exact optimum expects to pay to finish from `progress` (0 when completed),
+    # and from the start: filled in by the benchmark, which charges unfinished runs with it.
+    owed: float = 0.0
+    expected: float = 0.0
 
 
 def registry(market: Market) -> dict[str, Vendor]:
@@ -191,6 +198,7 @@ def simulate(
         ids=itertools.count(),
     )
     finish = _play(sim)
+    progress = 1.0 if finish is not None else sim.context(0.0).resume_progress
     for vendor_id, vendor in sim.vendors.items():
         learned[vendor_id] = vendor.model_copy(update={"cooldown_until": None})
     cost = sum(p.amount for p in sim.payments)
@@ -209,6 +217,7 @@ def simulate(
         payments=len(sim.payments),
         failures=sim.failures,
         max_committed=cost,  # payments only ever add up; the last total is the largest
+        progress=progress,
     )
 
 
@@ -288,10 +297,13 @@ def _run_job(
             return False, fails
         if renew_at is None:
             end = work_start + paid
-            if paid >= hours - EPS:
+            if paid >= hours - EPS and start + paid / total >= 1 - EPS:
                 sim.jobs[-1] = job.model_copy(update={"status": JobStatus.completed})
                 sim.learn(spec.vendor_id, success=True, gpu_hours=paid, now=end)
                 return True, end
+            if paid >= hours - EPS:  # a job shorter than the work left: the run goes on
+                _stopped(sim, job, start + paid / total, paid)
+                return False, end
             if slice_hours is not None and _renew(sim, spec, job, paid, end, stopping=True):
                 paid = sim.paid(job)  # changed its mind at the last moment: carry on
                 renewing = True
@@ -310,8 +322,8 @@ def _renew(
     """The tick at a renewal point: pay the next slice unless the planner would rather move on,
     or the budget cannot cover it. False: let the job run out its paid time."""
     ctx = sim.context(now)
-    reason = reconsider(ctx, job, paid_until(job, paid))
-    if reason is not None:
+    stop = sim.policy.reconsider
+    if stop is not None and stop(ctx, job, paid_until(job, paid)) is not None:
         return False
     more = sim.quote(spec, next_slice_hours(job, paid))
     if check_renewal(ctx, job, more) is not None:

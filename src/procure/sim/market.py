@@ -1,13 +1,15 @@
 """The simulated market: vendors with prices and hidden failure hazards, and seeded jobs.
 
 Each job lives on its own clock (hours since it was submitted). What the market will do to it is
-drawn up front from the seed, so every policy meets the same market and the oracle can know it
-in hindsight: each vendor's failure times (a Poisson process at its true hazard: a job running
-there when one comes is lost) and, per quarter hour, whether the vendor has capacity.
+fixed by the seed, so every policy meets the same market and the oracle can know it in
+hindsight: each vendor's failure times (a Poisson process at its true hazard: a job running
+there when one comes is lost), drawn lazily from the vendor's own stream for as long as anyone
+asks, never cut at a horizon, and, per quarter hour, whether the vendor has capacity.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import random
@@ -16,7 +18,7 @@ from dataclasses import dataclass, replace
 from procure.models import usd_to_micros
 
 CAPACITY_PERIOD_HOURS = 0.25  # capacity is re-drawn this often
-HORIZON_FACTOR = 8.0  # a job not done within this many times its length (+ a day) is given up
+HORIZON_FACTOR = 8.0  # no job starts after this many times its length (+ a day): given up
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ class JobCase:
     hours: float
     checkpoint_every: float  # fraction of the job between checkpoints
     deadline_hours: float | None
-    horizon_hours: float
-    failures: dict[str, tuple[float, ...]]  # vendor id -> failure times, sorted
+    horizon_hours: float  # no new job after this; one already running goes on (and may fail)
+    failures: dict[str, Failures]  # vendor id -> its failure times
     capacity_seed: int
 
     def has_capacity(self, spec: VendorSpec, at_hours: float) -> bool:
@@ -97,14 +99,39 @@ DEADLINE_TIGHT = replace(FAILURE_HEAVY, name="deadline-tight", deadline_slack=0.
 SCENARIOS: dict[str, Market] = {m.name: m for m in (CALM, FAILURE_HEAVY, DEADLINE_TIGHT)}
 
 
-def _poisson_times(rng: random.Random, rate: float, horizon: float) -> tuple[float, ...]:
-    times, t = [], 0.0
-    while rate > 0:
-        t += rng.expovariate(rate)
-        if t > horizon:
-            break
-        times.append(t)
-    return tuple(times)
+class Failures:
+    """One vendor's failure times for one job: a Poisson process at `rate`, drawn from its own
+    seeded stream as far as it is asked about (so the order of questions never changes it)."""
+
+    def __init__(self, seed: str, rate: float) -> None:
+        self.rate = rate
+        self._rng = random.Random(seed)
+        self._times: list[float] = []
+
+    def _cover(self, t: float) -> None:
+        while self.rate > 0 and (not self._times or self._times[-1] <= t):
+            last = self._times[-1] if self._times else 0.0
+            self._times.append(last + self._rng.expovariate(self.rate))
+
+    def index_after(self, t: float) -> int:
+        """The index of the first failure strictly after `t`."""
+        self._cover(t)
+        return bisect.bisect_right(self._times, t)
+
+    def time(self, index: int) -> float:
+        """The `index`-th failure time (from 0), or infinity for a vendor that never fails."""
+        if self.rate <= 0:
+            return math.inf
+        while len(self._times) <= index:
+            self._cover(self._times[-1] if self._times else 0.0)
+        return self._times[index]
+
+    def after(self, t: float) -> float:
+        return self.time(self.index_after(t))
+
+    def upto(self, t: float) -> list[float]:
+        """Every failure at or before `t`."""
+        return self._times[: self.index_after(t)]
 
 
 def make_jobs(market: Market, count: int, seed: int) -> list[JobCase]:
@@ -120,14 +147,14 @@ def make_jobs(market: Market, count: int, seed: int) -> list[JobCase]:
         if market.deadline_slack is not None:
             fastest = min(v.startup_hours for v in market.vendors)
             deadline = fastest + hours * (1 + market.deadline_slack)
-        failures = {v.vendor_id: _poisson_times(rng, v.hazard, horizon) for v in market.vendors}
+        stream = rng.getrandbits(64)
+        failures = {
+            v.vendor_id: Failures(f"{stream}:{v.vendor_id}", v.hazard) for v in market.vendors
+        }
         jobs.append(JobCase(index, hours, every, deadline, horizon, failures, rng.getrandbits(32)))
     return jobs
 
 
 def next_failure(job: JobCase, vendor_id: str, after: float) -> float:
     """The first failure of `vendor_id` strictly after `after`, or infinity."""
-    for t in job.failures[vendor_id]:
-        if t > after:
-            return t
-    return math.inf
+    return job.failures[vendor_id].after(after)

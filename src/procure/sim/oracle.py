@@ -44,7 +44,9 @@ def _search(
     cum = list(itertools.accumulate(work, initial=0.0))
     total = len(work)
     cheapest = min(v.price_per_hour for v in market.vendors)
-    limit = job.horizon_hours if deadline is None else min(deadline, job.horizon_hours)
+    # A policy may start a job until the horizon and run it to the end: the oracle may too.
+    latest = job.horizon_hours + max(v.startup_hours for v in market.vendors) + job.hours
+    limit = latest if deadline is None else min(deadline, latest)
     fee = market.payment_fee
 
     def bound(m: int) -> float:
@@ -66,12 +68,13 @@ def _search(
         left = cum[total] - cum[m]
         for spec in market.vendors:
             failures = job.failures[spec.vendor_id]
-            first = bisect.bisect_right(failures, t)
-            for i in range(first - 1, len(failures)):
-                start = t if i < first else failures[i] + eps
+            first = failures.index_after(t)  # the vendor's next failure
+            i = first - 1
+            while True:
+                start = t if i < first else failures.time(i) + eps
                 if start > limit:
                     break
-                window_end = failures[i + 1] if i + 1 < len(failures) else math.inf
+                window_end = failures.time(i + 1)
                 begin = start + spec.startup_hours
                 room = min(window_end, limit) - begin
                 if room > eps:
@@ -90,8 +93,9 @@ def _search(
                                 cost,
                             ),
                         )
-                if room >= left - eps:
+                if room >= left - eps or window_end == math.inf:
                     break  # this window holds all the work left: later ones only finish later
+                i += 1
     return None
 
 

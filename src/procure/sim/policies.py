@@ -13,7 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from procure.agent.context import PlanContext
-from procure.agent.planner import Planner, heuristic_planner, stub_planner
+from procure.agent.planner import (
+    Planner,
+    Reconsider,
+    heuristic_planner,
+    reconsider,
+    stub_planner,
+)
 from procure.models import Action, format_usd
 
 
@@ -22,6 +28,8 @@ class Policy:
     name: str
     planner: Planner
     resume: bool  # whether a new job resumes from the last checkpoint
+    # At each renewal of a sliced job, why to let it stop instead (None: always renew).
+    reconsider: Reconsider | None = reconsider
 
 
 async def greedy_planner(ctx: PlanContext) -> Action:
