@@ -44,6 +44,16 @@ app.add_typer(vendors_app, name="vendors")
 
 @app.command()
 def demo(
+    story: Annotated[
+        str,
+        typer.Argument(
+            help="recovery (the seeds' story: an x402 vendor fails, another finishes) or clouds "
+            "(three mock clouds: a spot instance preempted, the job resumed on another cloud)"
+        ),
+    ] = "recovery",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="clouds: one JSON object at the end, not the trace")
+    ] = False,
     job_seconds: Annotated[
         float,
         typer.Option(
@@ -64,11 +74,30 @@ def demo(
         int, typer.Option(help="The dashboard's port, with --serve", parser=PORT)
     ] = 3000,
 ) -> None:
-    """Run the recovery story end to end: vendor 1 fails part-way, the agent pays vendor 2.
-    With --serve, then open the dashboard on the printed URL to see it (and start more runs)."""
+    """Run a story end to end. `procure demo` (recovery): vendor 1 fails part-way, the agent pays
+    vendor 2; with --serve, then open the dashboard on the printed URL to see it (and start more
+    runs). `procure demo clouds`: the agent on mock Lambda, RunPod and Vast.ai clouds and one
+    x402 vendor takes the cheapest interruptible offer, loses it part-way, and resumes from the
+    checkpoint on another cloud; --json prints the summary as one object."""
     from procure.demo import run_demo
     from procure.models import RunStatus
 
+    if story == "clouds":
+        import io
+
+        from rich.console import Console
+
+        from procure.demos.clouds import run_cloud_demo
+
+        quiet = Console(file=io.StringIO()) if as_json else console
+        summary = run_cloud_demo(console=quiet, budget=budget)
+        if as_json:
+            print_json(summary)
+        if summary["status"] != "completed" or summary["instances_left_running"]:
+            raise typer.Exit(1)
+        return
+    if story != "recovery":
+        fail(f"unknown story {safe(story)}: recovery or clouds", code=2)
     then = None
     if serve_:
         from procure.demo_serve import serve_until_interrupted
@@ -109,12 +138,16 @@ def serve(
 ) -> None:
     """Serve the API (agent endpoints, vendors, /metrics, /healthz) and, unless --no-worker, a
     worker that ticks due runs; with --fleet, the fleet controller too."""
+    import logging
+
     import uvicorn
 
     from procure.agent.worker import WorkerConfig
     from procure.api.app import create_app
 
     settings = load_settings()
+    # one line per run event (procure.agent.runlog) beside uvicorn's own; migrations stay quiet
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     guard_logging()
     cfg = WorkerConfig(concurrency=concurrency, poll_interval_s=poll_interval) if worker else None
     fleet_run = _fleet_run() if fleet else None
@@ -458,6 +491,30 @@ def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
             "yes" if v.has_credential else "none",
         )
     console.print(out)
+
+
+@app.command()
+def spend(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The total spent across every run and the fleet: paid, pending, the fleet's
+    instance-hours, and the last hour, day and 30 days (as the global caps count them)."""
+    from procure.cli_common import store_errors
+    from procure.models import utcnow
+    from procure.store.spend import spend_summary
+
+    settings = load_settings()
+    with store_errors(settings), store_for(settings).session() as s:
+        summary = spend_summary(s, utcnow())
+    if as_json:
+        print_json(summary)
+        return
+    w = summary["windows"]
+    console.print(
+        f"total ${summary['total']:,.2f} over {summary['runs']} run(s): "
+        f"paid ${summary['paid']:,.2f}, pending ${summary['pending']:,.2f}, "
+        f"fleet ${summary['fleet']:,.2f}\n"
+        f"last hour ${w['hour']:,.2f}, day ${w['day']:,.2f}, 30 days ${w['month']:,.2f}",
+        highlight=False,
+    )
 
 
 app.add_typer(run_app, name="run")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
 from procure.agent.planner import DETERMINISTIC, Planner
@@ -28,7 +30,10 @@ def make_deps(
     *,
     vendor_transport: httpx.AsyncBaseTransport | None = None,
     facilitator_transport: httpx.AsyncBaseTransport | None = None,
+    clouds: dict[str, Any] | None = None,
 ) -> AgentDeps:
+    """The agent's dependencies from the settings; `clouds` (by provider) instead of a client
+    for every cloud whose key is in the environment (the demos use their mock clouds)."""
     from procure.agent.cloud_clients import clouds_from_env
     from procure.vendors.client import VendorClient
     from procure.vendors.credentials import Keyring
@@ -53,7 +58,7 @@ def make_deps(
         max_troubles=settings.max_troubles,
         stall_s=settings.stall_s,
         spend_caps=load_caps(),
-        clouds=clouds_from_env(),
+        clouds=clouds_from_env() if clouds is None else clouds,
         keyring=Keyring.load(settings.home),  # also seals each instance's node token
     )
 

@@ -1,0 +1,1 @@
+"""The demos: whole stories on local mock services, one process each."""
