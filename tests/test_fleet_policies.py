@@ -1,8 +1,8 @@
-"""procure's fleet policy as an operator sees it: it lets an idle instance go when nothing is
-queued and nothing is on its way, keeps it when a wave of work is predicted within a boot,
-launches for a queue only when its last job would wait longer than the target, picks a type
-with the configured GPU that holds the job, and on a seeded workload costs less than the seed's
-rule without a longer p95 wait, never under the work-only floor, through the real rails."""
+"""procure's fleet policy as an operator sees it: a queued job gets a launch once it has waited
+its target less a boot (not when a booting instance has room for it), of the cheapest type that
+holds it, packed; an idle instance already paid for is kept until its billing increment ends;
+a long job left alone on a big node moves to a smaller one; and through the controller's real
+rails on the mock cloud every job starts within its target, never under the work-only floor."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from procure.clouds.base import InstanceType
 from procure.fleet import monitor
-from procure.fleet.policies import FleetSignal, ProcurePolicy, fitting_type, seed_rule
+from procure.fleet.policies import FleetSignal, ProcurePolicy, fitting_type
 from procure.fleet.policy import PROVISION, TERMINATE
 from procure.fleet.settings import FleetSettings
 from procure.sim.fleet_engine import run_policy, work_floor_usd
@@ -20,9 +20,13 @@ from procure.store.fleet_tables import FleetInstanceRow, FleetSampleRow
 T0 = datetime(2026, 1, 5, tzinfo=UTC)
 PRICE = 1_290_000  # gpu_1x_a100, micro-USD per hour
 A100 = InstanceType("gpu_1x_a100", "1x A100 (40 GB PCIe)", 1, PRICE, ["us-east-1"])
+A100_2 = InstanceType("gpu_2x_a100", "2x A100 (40 GB PCIe)", 2, 2 * PRICE, ["us-east-1"])
+A100_4 = InstanceType("gpu_4x_a100", "4x A100 (40 GB PCIe)", 4, 4 * PRICE, ["us-west-1"])
 A100_8 = InstanceType("gpu_8x_a100", "8x A100 (40 GB SXM4)", 8, 10_320_000, ["us-west-1"])
 A10 = InstanceType("gpu_1x_a10", "1x A10 (24 GB PCIe)", 1, 750_000, ["us-east-1"])
 H100_8 = InstanceType("gpu_8x_h100_sxm5", "8x H100 (80 GB SXM5)", 8, 23_920_000, ["us-east-1"])
+OFFERS = (A10, A100, A100_2, A100_4, A100_8, H100_8)
+BOOT = 600.0
 
 
 def cfg(**kw: object) -> FleetSettings:
@@ -31,143 +35,141 @@ def cfg(**kw: object) -> FleetSettings:
 
 
 def instance(
-    n: int, util: float | None, now: datetime, status: str = "active"
+    n: int,
+    busy: int,
+    now: datetime,
+    *,
+    gpus: int = 1,
+    status: str = "active",
+    age_s: float = 0.0,
+    idle_min: float = 0.0,
 ) -> monitor.InstanceView:
     row = FleetInstanceRow(
         instance_id=f"i-{n}",
         name=None,
-        instance_type="gpu_1x_a100",
+        instance_type=f"gpu_{gpus}x_a100",
         region="us-east-1",
         ip=None,
         status=status,
-        price_per_hour=PRICE,
-        gpus=1,
+        price_per_hour=PRICE * gpus,
+        gpus=gpus,
         launched_by="a",
-        first_seen_at=T0,
+        first_seen_at=now - timedelta(seconds=age_s),
         last_seen_at=now,
         ended_at=None,
     )
-    samples = (
-        []
-        if util is None
-        else [
-            FleetSampleRow(instance_id=row.instance_id, taken_at=now, reachable=True, gpu_util=util)
-        ]
+    util = 98.0 * busy / gpus
+    sample = FleetSampleRow(
+        instance_id=row.instance_id, taken_at=now, reachable=True, gpu_util=util
     )
-    return monitor.view(row, samples, cfg(), now)
+    latest = sample if status == "active" else None
+    low = idle_min if util < 20 and status == "active" else 0.0
+    return monitor.InstanceView(row, latest, 0.0, low, None, util if low else None)
 
 
-def learned(rate_per_h: float, job_s: float = 1800.0, busy: int = 2) -> ProcurePolicy:
-    """A policy that has watched `busy` GPUs work through jobs of `job_s` for a day, with
-    `rate_per_h` arrivals an hour."""
-    p, watching = ProcurePolicy(), cfg(min_instances=0, max_instances=0)
-    for minute in range(24 * 60 + 1):
-        now = T0 + timedelta(minutes=minute)
-        arrived = round(rate_per_h * minute / 60)
-        completed = round(busy * minute * 60 / job_s)
-        p(
-            [],
-            watching,
-            None,
-            FleetSignal(now, arrived=arrived, completed=completed, busy_gpus=busy),
-        )
-    return p
+def signal(now: datetime, offers: tuple[InstanceType, ...] = OFFERS, **kw: object) -> FleetSignal:
+    return FleetSignal(now=now, boot_s=BOOT, offers=offers, **kw)  # type: ignore[arg-type]
 
 
-def test_an_idle_instance_goes_at_once_when_nothing_is_queued_or_on_its_way() -> None:
-    p = learned(rate_per_h=1.0)
-    assert abs(p.job_gpu_s() - 1800) < 60  # type: ignore[operator]  # Little's law
-    now = T0 + timedelta(days=1, minutes=1)
-    views = [instance(1, 98.0, now), instance(2, 0.0, now), instance(3, 98.0, now)]
-    signal = FleetSignal(now=now, busy_gpus=2, arrived=24, completed=96)
-    (out,) = p(views, cfg(min_instances=1), PRICE, signal)
-    assert (out.action_type, out.target) == (TERMINATE, "i-2")  # idle for one scan: enough
-    assert "no job queued" in out.reason
-    # A job queued (it will land there): nothing goes.
-    queued = FleetSignal(
-        now=now, busy_gpus=2, arrived=24, completed=96, queued_jobs=1, queued_gpus=1
+def test_a_queued_job_launches_once_it_has_waited_its_target_less_a_boot() -> None:
+    p = ProcurePolicy(target_wait_s=1800)
+    views = [instance(1, 1, T0)]
+
+    def launches(waited_s: float, booting: bool = False) -> list[str]:
+        here = views + ([instance(2, 0, T0, status="booting")] if booting else [])
+        s = signal(T0, queued=((1, waited_s),), queued_jobs=1, queued_gpus=1, busy_gpus=1)
+        return [x.instance_type for x in p(here, cfg(), PRICE, s) if x.action_type == PROVISION]
+
+    assert launches(60) == []  # a job may end and free a GPU before the target: wait
+    assert launches(1200) == ["gpu_1x_a100"]  # 20 min waited + a 10 min boot = the target
+    assert launches(1200, booting=True) == []  # the instance booting will take it
+    # At target 0 it launches at once.
+    now = ProcurePolicy(target_wait_s=0)
+    s = signal(T0, queued=((1, 0.0),), queued_jobs=1, queued_gpus=1, busy_gpus=1)
+    assert [x.action_type for x in now(views, cfg(), PRICE, s)] == [PROVISION]
+
+
+def test_launches_are_packed_onto_the_cheapest_type_with_the_gpu_and_capacity() -> None:
+    p = ProcurePolicy(target_wait_s=0)
+    queued = ((2, 60.0), (8, 60.0), (1, 60.0))
+    s = signal(T0, queued=queued, queued_jobs=3, queued_gpus=11)
+    out = p([], cfg(), PRICE, s)
+    # Each job on the type that holds it exactly: not the cheaper A10s, not the H100s.
+    assert sorted(x.instance_type for x in out) == ["gpu_1x_a100", "gpu_2x_a100", "gpu_8x_a100"]
+    assert {x.instance_type: x.region for x in out}["gpu_8x_a100"] == "us-west-1"  # capacity
+    # No 1- or 2-GPU capacity left: one 4-GPU instance holds the 2-GPU job and the 1 behind it.
+    scarce = tuple(
+        InstanceType(t.name, t.description, t.gpus, t.price_per_hour, [])
+        if t in (A100, A100_2)
+        else t
+        for t in OFFERS
     )
-    assert [
-        x for x in p(views, cfg(min_instances=1), PRICE, queued) if x.action_type == TERMINATE
-    ] == []
-    # Never under the minimum: a lone idle instance stays.
-    alone = FleetSignal(now=now, arrived=24, completed=96)
-    assert p([instance(2, 0.0, now)], cfg(min_instances=1), PRICE, alone) == []
-
-
-def test_an_idle_instance_stays_when_a_wave_of_work_is_predicted_within_a_boot() -> None:
-    # Two jobs a minute arriving: 6 within the 3-minute boot; on the 2 busy GPUs that would be
-    # left, the last of them would wait ~85 min, past the hour's target: it would launch again.
-    p = learned(rate_per_h=120.0, busy=2)
-    now = T0 + timedelta(days=1, minutes=1)
-    views = [instance(1, 98.0, now), instance(2, 0.0, now), instance(3, 98.0, now)]
-    signal = FleetSignal(now=now, busy_gpus=2, arrived=2880, completed=96)
-    assert p(views, cfg(min_instances=1), PRICE, signal) == []
-    assert p.work_coming(signal, capacity=2)
-
-
-def test_with_no_minimum_the_last_idle_instance_goes_unless_a_job_is_due_within_a_boot() -> None:
-    # At night, 0.4 jobs an hour: 0.02 predicted within a 3-minute boot, a fraction of a job,
-    # which launches nothing; keeping the last GPU billed for it costs more than a boot.
-    now = T0 + timedelta(days=1, minutes=1)
-    lone = [instance(1, 0.0, now)]
-    night = learned(rate_per_h=0.4, busy=1)
-    quiet = FleetSignal(now=now, arrived=10, completed=48)
-    (out,) = night(lone, cfg(min_instances=0), PRICE, quiet)
-    assert (out.action_type, out.target) == (TERMINATE, "i-1")
-    assert not night.work_coming(quiet, capacity=0)
-    # Forty jobs an hour: two predicted within a boot, each of which would launch one: it stays.
-    busy = learned(rate_per_h=40.0, busy=20)
-    rush = FleetSignal(now=now, arrived=960, completed=960)
-    assert busy.work_coming(rush, capacity=0)
-    assert busy(lone, cfg(min_instances=0), PRICE, rush) == []
-
-
-def test_a_queue_launches_only_when_its_last_job_would_wait_past_the_target() -> None:
-    p = learned(rate_per_h=4.0, busy=2)  # jobs of 30 GPU-minutes
-    now = T0 + timedelta(days=1, minutes=1)
-    views = [instance(1, 98.0, now), instance(2, 98.0, now)]
-
-    def launches(queued: int) -> int:
-        signal = FleetSignal(
-            now=now, busy_gpus=2, arrived=96, completed=96, queued_jobs=queued, queued_gpus=queued
-        )
-        return sum(x.action_type == PROVISION for x in p(views, cfg(), PRICE, signal))
-
-    assert launches(3) == 0  # on 2 GPUs the 3rd starts in ~45 min: within the hour
-    assert launches(5) == 1  # the 5th would wait ~75 min: a 3rd GPU brings it to ~50
-    assert launches(40) == 8  # 40 jobs of 30 min in an hour need 20 GPUs: the max of 10, at once
+    s = signal(T0, scarce, queued=((2, 60.0), (1, 60.0)), queued_jobs=2, queued_gpus=3)
+    (one,) = p([], cfg(), PRICE, s)
+    assert (one.action_type, one.instance_type) == (PROVISION, "gpu_4x_a100")
 
 
 def test_the_type_launched_has_the_configured_gpu_and_holds_the_largest_job() -> None:
-    offers = (A10, A100, A100_8, H100_8)
-    one = FleetSignal(now=T0, largest_queued_gpus=1, offers=offers)
-    two = FleetSignal(now=T0, largest_queued_gpus=2, offers=offers)
+    one = FleetSignal(now=T0, largest_queued_gpus=1, offers=OFFERS)
+    two = FleetSignal(now=T0, largest_queued_gpus=2, offers=(A10, A100, A100_8, H100_8))
     assert fitting_type(one, cfg()) == A100  # not the cheaper A10: the jobs do not say they fit
     assert fitting_type(two, cfg()) == A100_8  # same A100 40 GB, 8 of them; not the H100s
+
+
+def test_an_idle_instance_is_kept_while_its_paid_increment_lasts() -> None:
     p = ProcurePolicy()
-    now = T0 + timedelta(minutes=1)
-    signal = FleetSignal(
-        now=now, queued_jobs=1, queued_gpus=2, largest_queued_gpus=2, offers=offers, busy_gpus=1
-    )
-    (out,) = p([instance(1, 98.0, now)], cfg(), PRICE, signal)
-    assert (out.action_type, out.instance_type, out.region) == (
-        PROVISION,
-        "gpu_8x_a100",
-        "us-west-1",
-    )
-    assert out.price_per_hour == A100_8.price_per_hour
+    now = T0 + timedelta(hours=5)
+
+    def goes(age_s: float, increment: float) -> bool:
+        views = [instance(1, 0, now, age_s=age_s, idle_min=5)]
+        out = p(views, cfg(), PRICE, signal(now, billing_increment_s=increment))
+        return [(x.action_type, x.target) for x in out] == [(TERMINATE, "i-1")]
+
+    assert goes(age_s=1234.0, increment=1.0)  # billed by the second: it goes at once
+    assert goes(age_s=1234.0, increment=60.0)  # by the minute: within this minute
+    assert not goes(age_s=1234.0, increment=3600.0)  # by the hour: 39 min paid, kept
+    assert goes(age_s=3600 - 30, increment=3600.0)  # 30 s of its hour left: it goes now
+    # Never under the minimum.
+    views = [instance(1, 0, now, age_s=60, idle_min=5)]
+    assert p(views, cfg(min_instances=1), PRICE, signal(now)) == []
 
 
-def test_on_a_seeded_workload_procure_is_cheaper_than_the_seed_rule_without_a_longer_p95() -> None:
+def test_a_long_job_left_alone_on_a_big_node_moves_to_a_smaller_one() -> None:
+    p = ProcurePolicy(migrate_after_s=1200)
+    big = [instance(1, 1, T0, gpus=8, age_s=7200)]
+    assert p(big, cfg(), PRICE, signal(T0, free_gpus=(("i-1", 7),))) == []  # just seen
+    later = T0 + timedelta(minutes=21)
+    big = [instance(1, 1, later, gpus=8, age_s=8460)]
+    (launch,) = p(big, cfg(), PRICE, signal(later, free_gpus=(("i-1", 7),)))
+    assert (launch.action_type, launch.instance_type) == (PROVISION, "gpu_1x_a100")
+    booted = later + timedelta(seconds=BOOT + 60)
+    views = [instance(1, 1, booted, gpus=8, age_s=9120), instance(2, 0, booted)]
+    out = p(views, cfg(), PRICE, signal(booted, free_gpus=(("i-1", 7), ("i-2", 1))))
+    assert [(x.action_type, x.target) for x in out] == [(TERMINATE, "i-1")]
+
+
+def test_through_the_real_rails_every_job_starts_within_its_target_and_a_boot() -> None:
     jobs = synthetic(3, hours=4, bursts=1, burst_jobs=20)
     common = {"min_instances": 1, "max_instances": 10, "scan_interval_s": 60.0}
-    ours = run_policy("procure", ProcurePolicy(), cfg(**common), jobs, "small", hours=4)
-    seed = run_policy(
-        "seed-rule", seed_rule, cfg(**common, action_cooldown_mins=30), jobs, "small", hours=4
+    ours = run_policy(
+        "procure", ProcurePolicy(target_wait_s=1800), cfg(**common), jobs, "small", hours=4
     )
-    assert ours.completed == seed.completed == len(jobs)
-    assert ours.cap_violations == seed.cap_violations == 0
-    assert ours.wait_p95_s <= seed.wait_p95_s
-    floor = work_floor_usd(jobs, cfg(**common))
-    assert floor <= ours.cost_usd < seed.cost_usd
+    assert ours.completed == len(jobs)
+    assert ours.cap_violations == 0
+    assert ours.wait_p95_s <= 1800 + 180 + 3 * 60  # the target, a boot, a few scans
+    assert work_floor_usd(jobs, cfg(**common)) <= ours.cost_usd
+
+
+def test_a_target_shorter_than_a_boot_keeps_free_gpus_for_the_arrivals() -> None:
+    p = ProcurePolicy(target_wait_s=300)  # half a boot
+    for minute in range(0, 181, 1):  # 60 GPUs an hour arriving, for three hours
+        now = T0 + timedelta(minutes=minute)
+        p([], cfg(max_instances=0), None, signal(now, arrived_gpus=minute))
+    now = T0 + timedelta(minutes=181)
+    assert 5 <= p.spare_gpus(signal(now)) <= 12  # 5 GPUs in the 5 min past the target, x2
+    idle = [instance(1, 0, now, gpus=8, age_s=600, idle_min=10)]
+    kept = signal(now, arrived_gpus=181, free_gpus=(("i-1", 8), ("i-9", 4)))
+    assert p(idle, cfg(), PRICE, kept) == []  # the idle node is the headroom: it stays
+    out = p([], cfg(), PRICE, signal(now, arrived_gpus=181))
+    assert [x.action_type for x in out] == [PROVISION]  # none free: headroom is launched
+    assert "headroom" in out[0].reason

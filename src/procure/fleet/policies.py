@@ -1,10 +1,9 @@
 """Scaling policies beside the seed's rule (which `policy.decide` keeps, unchanged): a static fleet,
 a cluster-autoscaler-like rule, a Navarch-like rule, and procure's own, which reads the job
-queue, learns the arrival rate and a job's GPU time (Little's law), launches only when the
-queue's last job would wait past its target (boot time and per-second billing counted), lets an
-idle instance go at once unless work is predicted within a boot, and launches the type with the
-configured GPU that holds the jobs, where there is capacity. Each only proposes; the rails
-decide, whatever a policy says."""
+queue and the provider's billing increment: it launches for a job once it would otherwise wait
+past its target, packs jobs onto the cheapest types that hold them, keeps an idle instance
+while its paid increment lasts, and moves a long job left alone on a big node to a smaller one.
+Each only proposes; the rails decide, whatever a policy says."""
 
 from __future__ import annotations
 
@@ -40,6 +39,10 @@ class FleetSignal:
     last_provision_at: datetime | None = None
     largest_queued_gpus: int = 0  # GPUs the largest queued job asks for
     offers: tuple[InstanceType, ...] = ()  # the cloud's catalogue: types, prices, capacity
+    billing_increment_s: float = 1.0  # the provider bills every increment begun in full
+    queued: tuple[tuple[int, float], ...] = ()  # per queued job, in order: (GPUs, waited s)
+    free_gpus: tuple[tuple[str, int], ...] = ()  # per active instance: (id, GPUs free now)
+    arrived_gpus: int = 0  # GPUs asked by the jobs submitted so far (a counter)
 
 
 Policy = Callable[[Sequence[InstanceView], FleetSettings, int | None, FleetSignal], list[Proposal]]
@@ -170,134 +173,64 @@ def navarch(
     return []
 
 
+PER_REGION = 4  # launches of one type per region listed with capacity, in one scan
+
+
 @dataclass
 class ProcurePolicy:
-    """procure's policy: as few GPU-seconds billed beyond the work as a queue-wait target allows.
+    """procure's policy: as little billed beyond the work as a queue-wait target allows, on
+    whatever billing increment the provider uses.
 
-    It reads the job queue and learns two figures: the arrival rate and the GPU time a job
-    takes (Little's law on what it sees: busy GPU-seconds over jobs completed), both forgetting
-    with `half_life_min`. From them it predicts when the last job queued would start on the
-    capacity there is (active and booting), and how the queue grows.
+    - Up: a queued job that no instance (active, or booting with room for it) will take is
+      launched for once it has waited `target_wait_s` less a boot, so that it starts within the
+      target; meanwhile a job that ends may free a place for it, and then nothing is bought.
+      Launches are packed: each job gets the cheapest type with capacity that holds it (the
+      configured GPU, `same_gpu`), and the room left on a new instance takes the jobs queued
+      behind it; near the instance cap it packs onto the largest type instead.
+    - Down: an instance that runs nothing is already paid until the end of its billing
+      increment, so it is kept while that lasts (a job that arrives takes it at no cost and
+      without a boot); it goes at the last scan before its next increment begins, once it has
+      been idle for `hold_s` (ski rental: staying idle that long costs what booting another
+      would); with per-second billing that is at once after the hold.
 
-    - Up: only when the last job queued would wait longer than `target_wait_s` (and longer than
-      a boot: a launch is billed from its first second and helps only once booted); then, at
-      once and where the cloud has capacity, as many instances as bring that wait within the
-      target, never more than the queue can use.
-    - Down: billing is per second, so an idle instance is worth keeping only for work on its
-      way: with no job queued, an idle instance goes at once, unless the arrivals predicted
-      within a boot time would make the fleet left launch again (ski rental: keeping it that
-      long costs what booting another would).
+    - Headroom: a target shorter than a boot cannot be met by launching when a job comes; it
+      then keeps free GPUs for the jobs that arrive within a boot less the target (the GPU
+      arrival rate it has seen times that span), launching for them and letting none go below.
+
+    The one knob is `target_wait_s`: lower buys shorter queues, higher buys a cheaper fleet.
     """
 
-    target_wait_s: float = 3600.0  # how long the last job queued may wait before a launch
-    half_life_min: float = 60.0  # how fast the learned figures forget
-    _rate: float = 0.0  # jobs arriving per second (EWMA)
-    _busy_s: float = 0.0  # busy GPU-seconds seen (decayed)
-    _done: float = 0.0  # jobs completed (decayed)
-    _last: tuple[datetime, int, int] | None = field(default=None, repr=False)
-
-    def job_gpu_s(self) -> float | None:
-        """GPU-seconds a job takes, as seen so far (None before a first job completed)."""
-        return self._busy_s / self._done if self._done >= 1 else None
-
-    def predicted_gpus(self) -> float:
-        """The load coming: GPUs busy on average at the arrival rate seen (Little's law)."""
-        gpu_s = self.job_gpu_s()
-        return 0.0 if gpu_s is None else self._rate * gpu_s
+    target_wait_s: float = 1800.0  # how long a queued job may wait for a place before a launch
+    hold_s: float | None = 0.0  # idle time before letting go (None: one boot)
+    migrate_after_s: float = 600.0  # a node at most half used this long is replaced
+    _frag_since: dict[str, datetime] = field(default_factory=dict, repr=False)
+    _replacing: dict[str, datetime] = field(default_factory=dict, repr=False)
+    half_life_min: float = 60.0  # how fast the learned GPU arrival rate forgets
+    _gpu_rate: float = 0.0  # GPUs asked per second by arriving jobs (EWMA)
+    _last: tuple[datetime, int] | None = field(default=None, repr=False)
 
     def _learn(self, signal: FleetSignal) -> None:
         if self._last is not None:
-            at, arrived, completed = self._last
+            at, arrived = self._last
             dt = (signal.now - at).total_seconds()
             if dt > 0:
                 keep = 0.5 ** (dt / 60 / self.half_life_min)
-                self._rate = keep * self._rate + (1 - keep) * (signal.arrived - arrived) / dt
-                self._busy_s = keep * self._busy_s + signal.busy_gpus * dt
-                self._done = keep * self._done + max(0, signal.completed - completed)
-        self._last = (signal.now, signal.arrived, signal.completed)
+                rate = max(0, signal.arrived_gpus - arrived) / dt
+                self._gpu_rate = keep * self._gpu_rate + (1 - keep) * rate
+        self._last = (signal.now, signal.arrived_gpus)
 
-    def _limit(self, signal: FleetSignal) -> float:
-        return max(self.target_wait_s, signal.boot_s)
-
-    def tail_wait_s(self, backlog: float, capacity: int) -> float:
-        """When the last of `backlog` jobs waiting for a GPU to free up would start on
-        `capacity` GPUs: each frees one job per job-time, on average."""
-        gpu_s = self.job_gpu_s()
-        if backlog <= 0:
-            return 0.0
-        if gpu_s is None or capacity <= 0:
-            return math.inf
-        return backlog * gpu_s / capacity
-
-    def _launches(
-        self, signal: FleetSignal, per: int, capacity: int, free: int, booting: int
-    ) -> int:
-        """Instances of `per` GPUs to launch now for the queue."""
-        deficit = signal.queued_gpus - free - booting  # queued GPUs no GPU there is will take
-        backlog = max(0, signal.queued_gpus - free)  # jobs waiting for a GPU to free up
-        if deficit <= 0 or self.tail_wait_s(backlog, capacity) <= self._limit(signal):
+    def spare_gpus(self, signal: FleetSignal) -> int:
+        """Free GPUs to keep: those the jobs arriving within a boot less the target ask for,
+        times the boot over the target (up to 8: arrivals come in bursts, and near zero the
+        target asks that nearly every job find a place at once)."""
+        span = max(0.0, signal.boot_s - self.target_wait_s)
+        if span <= 0:
             return 0
-        gpu_s = self.job_gpu_s()
-        if gpu_s is None or capacity <= 0:
-            return math.ceil(deficit / per)  # nothing learned yet: a GPU per job queued
-        needed = backlog * gpu_s / self._limit(signal)  # GPUs that start the last in time
-        want = math.ceil((needed - capacity) / per - 1e-9)
-        return max(1, min(want, math.ceil(deficit / per)))
+        burst = min(8.0, signal.boot_s / max(self.target_wait_s, 1.0))
+        return math.ceil(self._gpu_rate * span * burst - 1e-9)
 
-    def work_coming(self, signal: FleetSignal, capacity: int) -> bool:
-        """Would the arrivals predicted within a boot time make `capacity` GPUs launch again?
-        Less than one job predicted to wait is none: a fraction of a job launches nothing (at
-        night, 0.4 jobs/h predict 0.02 jobs within a boot, which would start on no GPU at all,
-        but keeping the last GPU billed for them costs more than booting one if a job comes)."""
-        gpu_s = self.job_gpu_s()
-        if gpu_s is None:
-            return False
-        horizon = signal.boot_s
-        free = max(0, capacity - signal.busy_gpus)
-        backlog = signal.queued_gpus + self._rate * horizon - free - capacity * horizon / gpu_s
-        return backlog >= 1 and self.tail_wait_s(backlog, capacity) > self._limit(signal)
-
-    def _provision(
-        self,
-        running: list[InstanceView],
-        cfg: FleetSettings,
-        price: int | None,
-        signal: FleetSignal,
-        capacity: int,
-        free: int,
-        booting: int,
-    ) -> list[Proposal]:
-        """Launches for the queue, of the type that fits it, and up to the minimum."""
-        room = cfg.max_instances - len(running)  # the rails would refuse the rest
-        kind = fitting_type(signal, cfg)
-        out: list[Proposal] = []
-        if kind is not None or not signal.offers:  # no catalogue: the configured type
-            name = kind.name if kind else cfg.default_instance_type
-            cost = kind.price_per_hour if kind else price
-            per = max(1, kind.gpus if kind else signal.gpus_per_instance)
-            regions = tuple(kind.regions_with_capacity) if kind else signal.regions or (cfg.region,)
-            n = self._launches(signal, per, capacity, free, booting)
-            largest = signal.largest_queued_gpus
-            if per >= largest > max((v.instance.gpus for v in running), default=0):
-                n = max(n, 1)  # a job queued fits no instance there is, but fits this type
-            wait = self.tail_wait_s(max(0, signal.queued_gpus - free), capacity)
-            reason = (
-                f"{signal.queued_jobs} job(s) queued: the last would wait {wait / 60:.0f} min "
-                f"on {capacity} GPU(s) (target {self._limit(signal) / 60:.0f} min)"
-            )
-            if cost is not None and regions:
-                out += [
-                    _launch(cfg, cost, reason, regions[k % len(regions)], name)
-                    for k in range(min(n, room))
-                ]
-        missing = min(cfg.min_instances - len(running) - len(out), room - len(out))
-        if price is not None and missing > 0:
-            regions = signal.regions or (cfg.region,)
-            out += [
-                _launch(cfg, price, "below the minimum", regions[k % len(regions)])
-                for k in range(missing)
-            ]
-        return out
+    def _hold(self, signal: FleetSignal) -> float:
+        return signal.boot_s if self.hold_s is None else self.hold_s
 
     def __call__(
         self,
@@ -308,31 +241,216 @@ class ProcurePolicy:
     ) -> list[Proposal]:
         self._learn(signal)
         running = _running(views)
-        booting = sum(v.instance.gpus for v in running if v.instance.status == "booting")
-        active_gpus = sum(v.instance.gpus for v in running if v.instance.status == "active")
-        free = max(0, active_gpus - signal.busy_gpus)
-        capacity = active_gpus + booting
-        proposals = self._provision(running, cfg, price, signal, capacity, free, booting)
-        if proposals:
-            return proposals
-        if signal.queued_jobs:
-            return []  # work is waiting: nothing idle goes now
-        left, count = capacity, len(running)
-        idle = [v for v in running if _idle(v, cfg)]
-        for v in sorted(idle, key=lambda x: -x.low_streak_min):
-            after = left - v.instance.gpus
-            if count <= cfg.min_instances or self.work_coming(signal, after):
+        moving = bool(self._replacing)
+        out = self._provision(running, cfg, price, signal)
+        out += self._right_size(running, cfg, signal, len(out))
+        # An idle instance with jobs queued holds none of them (the scheduler would have placed
+        # it there): it may go all the same.
+        return out + self._release(running, cfg, signal, moving)
+
+    def _right_size(
+        self, running: list[InstanceView], cfg: FleetSettings, signal: FleetSignal, launching: int
+    ) -> list[Proposal]:
+        """A node at most half used for `migrate_after_s` (a long job left alone on a big node:
+        durations are heavy-tailed, one that has run long will likely run longer) is replaced
+        by the cheapest type that holds its work: the new one is launched, and once booted the
+        old one goes near the end of its paid increment; its jobs restart there from their last
+        checkpoint."""
+        out: list[Proposal] = []
+        offers = [t for t in self._offers(cfg, signal) if t.regions_with_capacity]
+        free = dict(signal.free_gpus)
+        increment = max(1.0, signal.billing_increment_s)
+        step = 1.5 * cfg.scan_interval_s
+        room = cfg.max_instances - len(running) - launching
+        seen = set()
+        for v in running:
+            busy = round(_busy_gpus(v))
+            n = v.instance.gpus
+            smaller = [t for t in offers if busy <= t.gpus < n]
+            if v.instance.status != "active" or busy == 0 or 2 * busy > n or not smaller:
+                continue
+            seen.add(v.id)
+            since = self._frag_since.setdefault(v.id, signal.now)
+            if (signal.now - since).total_seconds() < self.migrate_after_s:
+                continue
+            age = (signal.now - v.instance.first_seen_at).total_seconds()
+            paid_left = increment - age % increment if increment > 1 else 0.0
+            started = self._replacing.get(v.id)
+            elsewhere = max((f for i, f in free.items() if i != v.id), default=0)
+            if started is not None and elsewhere >= busy and paid_left <= step:
+                if (signal.now - started).total_seconds() >= signal.boot_s:
+                    self._replacing.pop(v.id, None)
+                    self._frag_since.pop(v.id, None)
+                    out.append(_terminate(v, f"{busy} of {n} GPUs used: moved to a smaller type"))
+                continue
+            stale = started is not None and (
+                (signal.now - started).total_seconds() > 2 * signal.boot_s + step
+            )
+            if (started is None or stale) and paid_left <= signal.boot_s + step and room > 0:
+                kind = min(smaller, key=lambda t: (t.price_per_hour, t.gpus, t.name))
+                self._replacing[v.id] = signal.now
+                room -= 1
+                out.append(
+                    _launch(
+                        cfg,
+                        kind.price_per_hour,
+                        f"{busy} of {n} GPUs used for {self.migrate_after_s / 60:.0f} min: "
+                        f"{kind.name} replaces it",
+                        kind.regions_with_capacity[0],
+                        kind.name,
+                    )
+                )
+        for gone in set(self._frag_since) - seen:
+            self._frag_since.pop(gone, None)
+            self._replacing.pop(gone, None)
+        return out
+
+    def _provision(
+        self,
+        running: list[InstanceView],
+        cfg: FleetSettings,
+        price: int | None,
+        signal: FleetSignal,
+    ) -> list[Proposal]:
+        room = min(cfg.max_instances - len(running), 10_000)
+        spend = usd_micros(cfg.max_hourly_spend) - sum(v.instance.price_per_hour for v in running)
+        out: list[Proposal] = []
+        # Queued jobs first take the room on instances still booting (first fit, in order).
+        free = [v.instance.gpus for v in running if v.instance.status == "booting"]
+        waiting: list[tuple[int, float]] = []
+        for gpus, waited in signal.queued:
+            slot = next((k for k, f in enumerate(free) if f >= gpus), None)
+            if slot is None:
+                waiting.append((gpus, waited))
+            else:
+                free[slot] -= gpus
+        due_after = max(0.0, self.target_wait_s - signal.boot_s)
+        offers = self._offers(cfg, signal)
+        # The catalogue says which regions have room, not how much: a few launches per region
+        # listed, spread over them; the cloud refuses the rest and the next scan sees it.
+        capacity = {t.name: PER_REGION * len(t.regions_with_capacity) for t in offers}
+        used: dict[str, int] = {}
+        opened: list[int] = []  # room left on each instance launched now
+        for index, (gpus, waited) in enumerate(waiting):
+            slot = next((k for k, f in enumerate(opened) if f >= gpus), None)
+            if slot is not None:
+                opened[slot] -= gpus
+                continue
+            if waited < due_after or room <= 0:
+                continue
+            near_cap = room <= 1
+            fits = [
+                t
+                for t in offers
+                if t.gpus >= gpus and capacity.get(t.name, 0) > 0 and t.price_per_hour <= spend
+            ]
+            if not fits:
+                continue
+            if near_cap:  # the last instance the cap allows: as many GPUs as it can hold
+                kind = max(fits, key=lambda t: (t.gpus, -t.price_per_hour))
+            else:
+                behind = sum(g for g, _ in waiting[index + 1 :])
+                kind = min(fits, key=lambda t: _launch_cost(t, gpus, behind))
+            capacity[kind.name] -= 1
+            used[kind.name] = used.get(kind.name, 0) + 1
+            room -= 1
+            spend -= kind.price_per_hour
+            opened.append(kind.gpus - gpus)
+            regions = kind.regions_with_capacity
+            wait = max((w for _, w in waiting), default=0.0)
+            reason = (
+                f"{len(waiting)} job(s) queued with no place coming, the oldest for "
+                f"{wait / 60:.0f} min (target {self.target_wait_s / 60:.0f} min): "
+                f"{kind.name} holds a {gpus}-GPU job"
+            )
+            region = regions[(used[kind.name] - 1) % len(regions)]
+            out.append(_launch(cfg, kind.price_per_hour, reason, region, kind.name))
+        spare = sum(f for _, f in signal.free_gpus) + sum(free) + sum(opened)
+        short = self.spare_gpus(signal) - spare
+        if short > 0 and room > 0 and not waiting:
+            fits = [t for t in offers if capacity.get(t.name, 0) > 0 and t.price_per_hour <= spend]
+            kind = min(fits, key=lambda t: (t.gpus < min(short, 8), t.price_per_hour), default=None)
+            if kind is not None:
+                room -= 1
+                out.append(
+                    _launch(
+                        cfg,
+                        kind.price_per_hour,
+                        f"headroom: {spare} GPU(s) free, {short + spare} kept for the "
+                        f"{self._gpu_rate * 3600:.1f} GPU(s)/h arriving",
+                        kind.regions_with_capacity[0],
+                        kind.name,
+                    )
+                )
+        missing = min(cfg.min_instances - len(running) - len(out), room)
+        if price is not None and missing > 0:
+            regions = signal.regions or (cfg.region,)
+            out += [
+                _launch(cfg, price, "below the minimum", regions[k % len(regions)])
+                for k in range(missing)
+            ]
+        return out
+
+    def _offers(self, cfg: FleetSettings, signal: FleetSignal) -> list[InstanceType]:
+        """The types it may launch: those with the configured type's GPU (the jobs say how many
+        GPUs they need, not which); with no catalogue, the configured type alone."""
+        default = next((t for t in signal.offers if t.name == cfg.default_instance_type), None)
+        if default is None:
+            regions = list(signal.regions or (cfg.region,))
+            per = max(1, signal.gpus_per_instance)
+            return [InstanceType(cfg.default_instance_type, "", per, 0, regions)]
+        return [t for t in signal.offers if same_gpu(t, default)]
+
+    def _release(
+        self, running: list[InstanceView], cfg: FleetSettings, signal: FleetSignal, moving: bool
+    ) -> list[Proposal]:
+        out: list[Proposal] = []
+        count = len(running)
+        step = 1.5 * cfg.scan_interval_s  # the next scan may come a little late
+        keep = self.spare_gpus(signal)
+        spare = sum(f for _, f in signal.free_gpus) - keep
+        increment = max(1.0, signal.billing_increment_s)
+        for v in sorted(running, key=lambda x: -x.low_streak_min):
+            if count <= cfg.min_instances:
                 break
-            left, count = after, count - 1
-            proposals.append(
+            if not _idle(v, cfg) or v.low_streak_min * 60 < self._hold(signal):
+                continue
+            if keep and spare - v.instance.gpus < 0:
+                continue  # kept as headroom
+            age = (signal.now - v.instance.first_seen_at).total_seconds()
+            if moving and age < 2 * signal.boot_s + step:
+                continue  # booted to take a moved job: it waits for it
+            paid_left = increment - age % increment if increment > 1 else 0.0
+            if paid_left > step:
+                continue  # paid for already: kept, free, for whatever comes
+            count -= 1
+            spare -= v.instance.gpus
+            out.append(
                 _terminate(
                     v,
-                    f"idle, no job queued, {self._rate * 3600:.1f} job(s)/h arriving: "
-                    f"{left} GPU(s) left start them within "
-                    f"{self._limit(signal) / 60:.0f} min",
+                    f"idle {v.low_streak_min:.0f} min, no job queued, its paid "
+                    f"{increment / 60:g}-min increment ends in {paid_left / 60:.0f} min",
                 )
             )
-        return proposals
+        return out
+
+
+def _launch_cost(t: InstanceType, gpus: int, behind: int) -> tuple[float, int, str]:
+    """How to rank a type for a job of `gpus` with `behind` GPUs queued after it: price per GPU
+    it will use (room filled by the jobs behind, up to its size), then the fewest GPUs (a job
+    left alone on a big node wastes the rest: durations are heavy-tailed)."""
+    used = min(t.gpus, gpus + behind)
+    return (t.price_per_hour / used, t.gpus, t.name)
+
+
+def _busy_gpus(v: InstanceView) -> float:
+    """GPUs busy on the node, from its utilisation (98 % per busy GPU, as NVML reports)."""
+    util = v.latest.gpu_util if v.latest and v.latest.gpu_util is not None else 0.0
+    return util / 98.0 * v.instance.gpus
+
+
+def usd_micros(usd: float) -> int:
+    return round(usd * 1e6)
 
 
 def _idle(v: InstanceView, cfg: FleetSettings) -> bool:

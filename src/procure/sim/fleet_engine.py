@@ -1,4 +1,4 @@
-"""The fleet benchmark's engine: one policy, one workload, on the mock cloud's state (boot delays,
+"""The fleet's end-to-end check: one policy, one workload, on the mock cloud's state (boot delays,
 prices, capacity and quota refusals, per-second billing) on a manual clock, in-process without
 HTTP, but through the controller's real path: its monitor's views, its rails, its action
 records (an SQLite store) and its exactly-once launches. Counts cap violations at every scan."""
@@ -17,7 +17,7 @@ from procure.clouds.lambda_cloud.catalogue import TYPES
 from procure.clouds.lambda_cloud.mockstate import MockCloudConfig, MockCloudState, Refusal
 from procure.fleet import actions, monitor
 from procure.fleet.context import FleetContext
-from procure.fleet.controller import _sync_instances
+from procure.fleet.controller import sync_instances
 from procure.fleet.policies import FleetSignal, Policy
 from procure.fleet.settings import FleetSettings
 from procure.httpbounds import bounded_client
@@ -142,6 +142,8 @@ def _signal(
         last_provision_at=last_up,
         largest_queued_gpus=max((j.spec.gpus for j in queued), default=0),
         offers=tuple(cloud_types),
+        queued=tuple((j.spec.gpus, c.now - j.queued_at) for j in queued),
+        free_gpus=tuple((n.id, n.gpus.count(None)) for n in c.nodes.values() if not n.stalled),
     )
 
 
@@ -185,7 +187,7 @@ async def _run(
             listing = await cloud.instances()
             current = frozenset((i.id, i.status) for i in listing)
             if current != seen:  # the store follows the cloud (only changes cost a write)
-                _sync_instances(ctx, listing, now)
+                sync_instances(ctx, listing, now)
                 seen = current
             for sample in _samples(state, now):
                 history.setdefault(sample.instance_id, deque(maxlen=keep)).append(sample)

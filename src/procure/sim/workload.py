@@ -89,12 +89,18 @@ def synthetic(
     burst_minutes: float = 20.0,
     mean_duration_s: float = 1800.0,
     multi_gpu_share: float = 0.0,
+    gpu_weights: dict[int, float] | None = None,
+    duration_sigma: float = 0.8,
+    min_duration_s: float = 60.0,
+    max_duration_s: float = 6 * 3600.0,
 ) -> list[JobSpec]:
     """A seeded day of work: Poisson arrivals whose rate follows the day (`jobs_per_hour` on
     average, ± `diurnal_amplitude`, highest at `peak_hour`), plus `bursts` bursts of
     `burst_jobs` jobs each arriving within `burst_minutes`. Durations are log-normal around
-    `mean_duration_s` (1 min to 6 h). A share of jobs want 2 GPUs (none by default, so every
-    job fits a 1-GPU instance)."""
+    `mean_duration_s` with spread `duration_sigma`, clipped to [`min_duration_s`,
+    `max_duration_s`] (1 min to 6 h by default; a wide sigma and a cap of days give the heavy
+    tail of real clusters). A share of jobs want 2 GPUs (none by default, so every job fits a
+    1-GPU instance), or, with `gpu_weights`, each job's GPU count is drawn from those weights."""
     if not (0 < hours <= 24 * 30 and jobs_per_hour >= 0 and 0 <= diurnal_amplitude <= 1):
         raise WorkloadError("hours in (0, 720], jobs_per_hour >= 0, amplitude in [0, 1]")
     rng = random.Random(seed)
@@ -107,10 +113,13 @@ def synthetic(
         return jobs_per_hour * (1 + diurnal_amplitude * math.cos(phase)) / 3600.0
 
     def job(at: float) -> JobSpec:
-        sigma = 0.8
+        sigma = duration_sigma
         mu = math.log(mean_duration_s) - sigma**2 / 2
-        duration = min(max(rng.lognormvariate(mu, sigma), 60.0), 6 * 3600.0)
-        gpus = 2 if rng.random() < multi_gpu_share else 1
+        duration = min(max(rng.lognormvariate(mu, sigma), min_duration_s), max_duration_s)
+        if gpu_weights:
+            gpus = rng.choices(list(gpu_weights), weights=list(gpu_weights.values()))[0]
+        else:
+            gpus = 2 if rng.random() < multi_gpu_share else 1
         return JobSpec(round(at, 3), gpus, round(duration, 3))
 
     t = 0.0
