@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-serve test lint install clean
+.PHONY: demo demo-serve demo-clouds test lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(STAMP)
 
 demo-serve: $(STAMP)
 	$(BIN)/procure demo --serve
+
+demo-clouds: $(STAMP)
+	$(BIN)/procure demo clouds
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
