@@ -1,0 +1,521 @@
+"""The gateway's HTTP service: the seeds' vendor protocol (`POST /quote`, `POST /submit-job` and
+`POST /renew-job` paid over x402 through the SDK's middleware, `GET /job-status`,
+`POST /cancel-job`) with the mock vendor's bearer, idempotency-key and checkpoint semantics,
+selling jobs run on instances of one cloud account (`procure.gateway.instances`).
+
+Money: a quote is the cloud's live offer plus the margin, valid `quote_valid_s`; the 402 asks for
+exactly the quote. The route runs only after the SDK verified the payment: it checks the quote,
+the buyer's cap, capacity and that the payment's nonce was never seen, and writes the job
+`unpaid` with its payment `pending`; the payment is settled after it and booked at once (the job
+becomes `paid`, and only then can an instance be launched). A crash between settlement and the
+booking is reconciled with the facilitator. A submission with a paid key answers its job again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import Field
+from starlette.requests import ClientDisconnect
+from x402 import x402ResourceServer
+from x402.http import PaymentOption, RouteConfig
+from x402.http.middleware.fastapi import payment_middleware
+from x402.http.utils import decode_payment_response_header, decode_payment_signature_header
+from x402.mechanisms.evm.exact import ExactEvmServerScheme
+from x402.schemas import AssetAmount
+
+from procure.asgibounds import BoundedRequests
+from procure.bearer import bearer_matches
+from procure.bounds import UnsafeInput, loads
+from procure.clouds.base import CloudError
+from procure.crashpoints import crash_point
+from procure.gateway import book
+from procure.gateway.instances import Runtime
+from procure.gateway.loop import run_loop
+from procure.gateway.pricing import amount_for, best_offer, sell_per_hour
+from procure.models import micros_to_usd, utcnow
+from procure.store.gateway_tables import GatewayJobRow, GatewayQuoteRow
+from procure.vendors.mock import _PaidChain
+from procure.vendors.protocol import (
+    IDEMPOTENCY_HEADER,
+    QUOTE_HEADER,
+    QuoteRequest,
+    RenewRequest,
+    SubmitRequest,
+    VendorJob,
+)
+
+log = logging.getLogger(__name__)
+MAX_KEY = 200
+OFFERS_TTL_S = 5.0
+NEXT = Callable[[Request], Awaitable[Response]]
+
+
+class GatewayQuoteRequest(QuoteRequest):
+    gpu_type: str = Field(min_length=1, max_length=32)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def view(row: GatewayJobRow) -> dict[str, Any]:
+    """The job as `GET /job-status` answers it (the protocol's VendorJob)."""
+    status = row.status
+    if status in ("unpaid", "paid", "launching", "booting"):
+        shown = "cancelled" if row.cancel_requested else "queued"
+    elif status in ("running", "ending"):
+        shown = row.outcome if status == "ending" and row.outcome else "running"
+        shown = "cancelled" if row.cancel_requested else shown
+    else:
+        shown = status
+    done = shown == "completed"
+    return VendorJob(
+        job_id=row.job_id,
+        status=shown,  # type: ignore[arg-type]
+        progress=1.0 if done else min(1.0, max(0.0, row.progress)),
+        logs=list(row.logs),
+        metrics={"gpu": row.gpu, "paidHours": row.paid_hours} if done else None,
+        artifact_url=row.checkpoint_url if done else None,
+        error=row.error if shown == "failed" else None,
+        checkpoint_url=row.checkpoint_url,
+        checkpoint_progress=row.checkpoint_progress if row.checkpoint_url else None,
+        paid_hours=row.paid_hours,
+        amount=row.amount,
+    ).to_json()
+
+
+def _authorization(request: Request) -> dict[str, Any] | None:
+    """The EIP-3009 authorisation in the request's payment header (already verified by the
+    SDK when a route sees it), or None."""
+    header = request.headers.get("PAYMENT-SIGNATURE") or request.headers.get("X-PAYMENT")
+    if not header:
+        return None
+    try:
+        auth = decode_payment_signature_header(header).payload["authorization"]
+        return {
+            "from": str(auth["from"]),
+            "nonce": str(auth["nonce"])[:80],
+            "value": int(auth["value"]),
+        }
+    except Exception:
+        return None
+
+
+def _own_checkpoint(rt: Runtime, url: str | None) -> str | None:
+    """A checkpoint to resume from, only if this gateway wrote it (under its checkpoint
+    directory): a buyer cannot point the node at any other file or host."""
+    if not url or len(url) > 500 or ".." in url or "\x00" in url:
+        return None
+    root = rt.cfg.checkpoint_dir.rstrip("/") + "/"
+    return url if url.startswith(root) else None
+
+
+def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> FastAPI:
+    """The gateway service over `rt` (config, store, cloud); `facilitator` is an x402
+    facilitator client. `loop`: run the instance loop in the app's lifespan."""
+    cfg = rt.cfg
+    locks: dict[str, asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_loop(rt, stop)) if loop else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    app = FastAPI(title=f"procure gateway {cfg.vendor_id}", lifespan=lifespan)
+
+    def lock(name: str) -> asyncio.Lock:
+        if len(locks) > 10_000:  # idle locks of finished keys go; held ones stay
+            for k in [k for k, v in locks.items() if not v.locked()]:
+                del locks[k]
+        return locks.setdefault(name, asyncio.Lock())
+
+    cache: dict[str, tuple[float, list[Any]]] = {}
+
+    async def offers(gpu: str) -> list[Any]:
+        """The cloud's offers of `gpu`, at most OFFERS_TTL_S old: a buyer asking for quotes
+        in a loop cannot drive the gateway into the cloud's rate limits."""
+        now = asyncio.get_running_loop().time()
+        hit = cache.get(gpu)
+        if hit is None or now - hit[0] > OFFERS_TTL_S:
+            hit = (now, await rt.cloud.offers(gpu=gpu))
+            cache[gpu] = hit
+        return hit[1]
+
+    async def authorize(authorization: str | None = Header(None)) -> None:
+        if not bearer_matches(authorization, cfg.secret):
+            raise HTTPException(401, "missing or wrong vendor secret")
+
+    async def price(context: Any) -> AssetAmount:
+        # Exactly the quote (checked valid before the 402 is sent): never more.
+        with rt.store.session() as s:
+            quote = book.get_quote(s, context.adapter.get_header(QUOTE_HEADER) or "")
+            amount = quote.amount if quote else 1
+        return AssetAmount(amount=str(amount), asset=cfg.asset, extra=cfg.asset_extra)
+
+    server = x402ResourceServer(facilitator)
+    server.register(cfg.network, ExactEvmServerScheme())
+    routes = {
+        f"POST /{path}": RouteConfig(
+            accepts=PaymentOption(
+                scheme="exact",
+                pay_to=cfg.pay_to,
+                price=price,
+                network=cfg.network,
+                max_timeout_seconds=300,
+            ),
+            description=f"{what} at {cfg.name}",
+        )
+        for path, what in (("submit-job", "GPU job"), ("renew-job", "More GPU time"))
+    }
+    paying = payment_middleware(routes, server)
+
+    async def recheck(nonce: str, payer: str) -> bool:
+        """A payment left pending by a crash: settled (booked now) or not (dropped)?"""
+        if rt.ledger is None:
+            return False
+        try:
+            found = await rt.ledger.lookup(payer, nonce)
+        except Exception:
+            return False
+        with rt.store.session() as s:
+            if found.used:
+                book.settled(s, nonce, found.transaction, cfg.hour_s, found.amount)
+            else:
+                book.unsettled(s, nonce)
+        return found.used
+
+    def quote_refusal(request: Request, body: dict[str, Any], gpu: str | None) -> str | None:
+        quote_id = body.get("quoteId")
+        if not isinstance(quote_id, str) or request.headers.get(QUOTE_HEADER) != quote_id:
+            return f"the {QUOTE_HEADER} header must name the body's quoteId"
+        with rt.store.session() as s:
+            quote = book.get_quote(s, quote_id)
+        if quote is None:
+            return f"unknown quote {quote_id[:40]}"
+        if quote.expires_at <= utcnow():
+            return f"quote {quote_id} expired; ask for a new one"
+        if gpu is not None and quote.gpu != gpu:
+            return f"quote {quote_id} is for {quote.gpu}, the job runs on {gpu}"
+        return None
+
+    async def paid_route(request: Request, call_next: NEXT) -> Response:
+        # Outermost of the paid chain: idempotency, the quote checked before any 402, and the
+        # settlement booked the moment the SDK reports it.
+        path = request.url.path
+        if path not in ("/submit-job", "/renew-job") or request.method != "POST":
+            return await call_next(request)
+        if not bearer_matches(request.headers.get("authorization"), cfg.secret):
+            return _error(401, "missing or wrong vendor secret")
+        key = request.headers.get(IDEMPOTENCY_HEADER) or ""
+        if not key or len(key) > MAX_KEY:
+            return _error(400, f"{IDEMPOTENCY_HEADER} header required (at most {MAX_KEY} chars)")
+        try:
+            raw = await request.body()
+            body = loads(raw)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except UnsafeInput as exc:
+            return _error(400, f"malformed JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error(400, "the body is a JSON object")
+        kind = "submit" if path == "/submit-job" else "renew"
+
+        async def process() -> Response:
+            async with lock(f"{kind}:{key}"):
+                replay = await replayed(kind, key)
+                if replay is not None:
+                    return replay
+                gpu = None
+                if kind == "renew":
+                    with rt.store.session() as s:
+                        row = book.job(s, str(body.get("jobId") or ""))
+                        gpu = row.gpu if row is not None else None
+                refusal = quote_refusal(request, body, gpu)
+                if refusal:
+                    return _error(400, refusal)
+                response = await call_next(request)
+                auth = _authorization(request)
+                if auth is None:
+                    return response
+                with rt.store.session() as s:
+                    ours = book.pending_payment(s, kind, key)
+                    if ours is None or ours.nonce != auth["nonce"]:
+                        return response  # refused before a payment was taken
+                    if response.status_code == 200 and "PAYMENT-RESPONSE" in response.headers:
+                        crash_point("paid")  # settled, not yet booked: reconciled later
+                        try:
+                            settle = decode_payment_response_header(
+                                response.headers["PAYMENT-RESPONSE"]
+                            )
+                            tx = settle.transaction
+                        except Exception:
+                            tx = None
+                        row = book.settled(s, auth["nonce"], tx, cfg.hour_s)
+                    else:
+                        book.unsettled(s, auth["nonce"])
+                        return response
+                crash_point("recorded")
+                rt.wake.set()
+                if kind == "renew" and row is not None:
+                    return JSONResponse(
+                        view(row),
+                        headers={"PAYMENT-RESPONSE": response.headers["PAYMENT-RESPONSE"]},
+                    )
+                return response
+
+        # Runs to its end even if the buyer goes away: money taken is always booked.
+        return await asyncio.shield(asyncio.ensure_future(process()))
+
+    async def replayed(kind: str, key: str) -> Response | None:
+        with rt.store.session() as s:
+            pending = book.pending_payment(s, kind, key)
+        if pending is not None:  # a crash between settlement and booking, or a lost answer
+            await recheck(pending.nonce, pending.payer)
+        with rt.store.session() as s:
+            if kind == "submit":
+                row = book.job_by_key(s, key)
+            else:
+                from sqlalchemy import select
+
+                from procure.store.gateway_tables import GatewayPaymentRow
+
+                paid = s.scalar(
+                    select(GatewayPaymentRow).where(
+                        GatewayPaymentRow.kind == "renew",
+                        GatewayPaymentRow.key == key,
+                        GatewayPaymentRow.status == "completed",
+                    )
+                )
+                row = book.job(s, paid.job_id) if paid is not None else None
+            if row is None or row.status == "unpaid":
+                return None
+            return JSONResponse(view(row), headers={"X-Idempotent-Replay": "true"})
+
+    app.add_middleware(_PaidChain, chain=[paying, paid_route])
+    app.add_middleware(BoundedRequests)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "vendorId": cfg.vendor_id, "cloud": cfg.provider}
+
+    @app.post("/quote", dependencies=[Depends(authorize)])
+    async def quote(body: GatewayQuoteRequest) -> JSONResponse:
+        gpu = body.gpu_type.upper()
+        if cfg.gpus and gpu not in {g.upper() for g in cfg.gpus}:
+            return _error(400, f"GPU type {body.gpu_type} not offered")
+        if body.hours > cfg.max_hours:
+            return _error(400, f"at most {cfg.max_hours:g} hours per quote")
+        now = utcnow()
+        with rt.store.session() as s:
+            book.purge_quotes(s, now)
+            if book.open_quotes(s, now) >= cfg.max_open_quotes:
+                return _error(429, "too many open quotes; try again later")
+        try:
+            offer = best_offer(await offers(gpu), gpu)
+        except CloudError as exc:
+            return _error(503, f"the cloud is not answering: {exc}"[:500])
+        if offer is None:
+            return _error(409, "no capacity available")
+        per_hour = sell_per_hour(offer.price_per_hour, cfg.margin)
+        amount = amount_for(per_hour, body.hours)
+        expires = now + timedelta(seconds=cfg.quote_valid_s)
+        row = GatewayQuoteRow(
+            quote_id=f"q_{uuid.uuid4().hex[:16]}",
+            gpu=gpu,
+            hours=body.hours,
+            price_per_hour=per_hour,
+            amount=amount,
+            cost_per_hour=offer.price_per_hour,
+            offer={"region": offer.region, "offerId": offer.offer_id},
+            expires_at=expires,
+            created_at=now,
+        )
+        with rt.store.session() as s:
+            s.add(row)
+        return JSONResponse(
+            {
+                "quoteId": row.quote_id,
+                "vendorId": cfg.vendor_id,
+                "gpuType": body.gpu_type,
+                "hours": body.hours,
+                "pricePerHour": micros_to_usd(per_hour),
+                "amount": micros_to_usd(amount),
+                "currency": "USD",
+                "expiresAt": expires.isoformat(),
+                "validForSeconds": cfg.quote_valid_s,
+            }
+        )
+
+    def payment_refusal(auth: dict[str, Any] | None, quote: GatewayQuoteRow) -> JSONResponse | None:
+        if auth is None:
+            return _error(402, "no payment")
+        if auth["value"] != quote.amount:
+            return _error(400, "the payment is not for the quoted amount")
+        if quote.expires_at <= utcnow():
+            return _error(409, f"quote {quote.quote_id} expired; ask for a new one")
+        with rt.store.session() as s:
+            if book.nonce_seen(s, auth["nonce"]):
+                return _error(409, "this payment was already used")
+        return None
+
+    @app.post("/submit-job", dependencies=[Depends(authorize)])
+    async def submit_job(
+        request: Request,
+        body: SubmitRequest,
+        idempotency_key: str = Header(alias=IDEMPOTENCY_HEADER),
+    ) -> JSONResponse:
+        # Reached only with a payment the SDK verified; it is settled after this answers 200.
+        if len(json.dumps(body.job_params, default=str)) > cfg.max_params_bytes:
+            return _error(400, f"jobParams larger than {cfg.max_params_bytes:,} bytes")
+        auth = _authorization(request)
+        with rt.store.session() as s:
+            quote = book.get_quote(s, body.quote_id)
+        if quote is None:
+            return _error(400, f"unknown quote {body.quote_id[:40]}")
+        refused = payment_refusal(auth, quote)
+        if refused is not None:
+            return refused
+        assert auth is not None
+        try:  # capacity now, before the money moves: a clean refusal
+            if best_offer(await offers(quote.gpu), quote.gpu) is None:
+                return _error(409, "no capacity available")
+        except CloudError as exc:
+            return _error(503, f"the cloud is not answering: {exc}"[:500])
+        now = utcnow()
+        with rt.store.session() as s:  # no await from the caps' count to the insert
+            if book.nonce_seen(s, auth["nonce"]):
+                return _error(409, "this payment was already used")
+            held = book.live_jobs_of(s, auth["from"])
+            if held >= cfg.max_instances:
+                return _error(
+                    429, f"this buyer already holds {held} jobs (max {cfg.max_instances})"
+                )
+            if book.live_jobs(s) >= cfg.max_live_jobs:
+                return _error(503, "the gateway is full; try again later")
+            resume = _own_checkpoint(rt, body.checkpoint_url)
+            row = GatewayJobRow(
+                job_id=f"gw-{uuid.uuid4().hex[:16]}",
+                key=idempotency_key,
+                quote_id=quote.quote_id,
+                gpu=quote.gpu,
+                payer=auth["from"].lower(),
+                nonce=auth["nonce"],
+                params=body.job_params,
+                resume_from=resume,
+                status="unpaid",
+                paid_hours=0.0,
+                amount=0,
+                attempt=0,
+                tried_regions=[],
+                progress=0.0,
+                logs=[f"[gateway] job accepted for {quote.gpu}, {quote.hours:g} h"],
+                log_cursor=0,
+                cancel_requested=0,
+                created_at=now,
+                updated_at=now,
+            )
+            if body.checkpoint_url and resume is None:
+                book.note(row, "[gateway] checkpoint not from this gateway; starting afresh", 200)
+            s.add(row)
+            book.add_payment(
+                s,
+                nonce=auth["nonce"],
+                job_id=row.job_id,
+                kind="submit",
+                key=idempotency_key,
+                payer=auth["from"],
+                amount=auth["value"],
+                hours=quote.hours,
+            )
+            answer = view(row)
+        return JSONResponse({**answer, "status": "queued"})
+
+    @app.post("/renew-job", dependencies=[Depends(authorize)])
+    async def renew_job(
+        request: Request,
+        body: RenewRequest,
+        idempotency_key: str = Header(alias=IDEMPOTENCY_HEADER),
+    ) -> JSONResponse:
+        auth = _authorization(request)
+        with rt.store.session() as s:
+            row = book.job(s, body.job_id)
+            quote = book.get_quote(s, body.quote_id)
+        if row is None or row.status == "unpaid":
+            return _error(404, f"no such job {body.job_id[:40]}")
+        if quote is None:
+            return _error(400, f"unknown quote {body.quote_id[:40]}")
+        if row.status not in book.STARTED or row.status == "ending" or row.cancel_requested:
+            return _error(409, f"job {row.job_id} is {view(row)['status']}")
+        refused = payment_refusal(auth, quote)
+        if refused is not None:
+            return refused
+        assert auth is not None
+        with rt.store.session() as s:
+            if book.nonce_seen(s, auth["nonce"]):
+                return _error(409, "this payment was already used")
+            book.add_payment(
+                s,
+                nonce=auth["nonce"],
+                job_id=row.job_id,
+                kind="renew",
+                key=idempotency_key,
+                payer=auth["from"],
+                amount=auth["value"],
+                hours=quote.hours,
+            )
+        return JSONResponse(view(row))
+
+    @app.get("/job-status", dependencies=[Depends(authorize)])
+    async def job_status(
+        job_id: str | None = Query(None, alias="jobId", max_length=100),
+        idempotency_key: str | None = Query(None, alias="idempotencyKey", max_length=MAX_KEY),
+    ) -> JSONResponse:
+        if job_id:
+            with rt.store.session() as s:
+                row = book.job(s, job_id)
+        else:  # never mid-submission: wait for one in flight with this key to finish
+            async with lock(f"submit:{idempotency_key or ''}"):
+                with rt.store.session() as s:
+                    row = book.job_by_key(s, idempotency_key or "")
+        if row is None or row.status == "unpaid":
+            return _error(404, "no such job")
+        return JSONResponse(view(row))
+
+    @app.post("/cancel-job", dependencies=[Depends(authorize)])
+    async def cancel_job(body: dict[str, Any]) -> JSONResponse:
+        job_id = body.get("jobId")
+        with rt.store.session() as s:
+            row = book.job(s, job_id) if isinstance(job_id, str) else None
+            if row is None or row.status == "unpaid":
+                return _error(404, "no such job")
+            if row.status in book.STARTED and not row.cancel_requested:
+                row.cancel_requested = 1
+                row.updated_at = utcnow()
+            answer = view(row)
+        rt.wake.set()
+        return JSONResponse(answer)
+
+    @app.get("/gateway/status", dependencies=[Depends(authorize)])
+    async def status() -> dict[str, Any]:
+        return await asyncio.to_thread(book.figures, rt.store)
+
+    app.state.runtime = rt
+    return app

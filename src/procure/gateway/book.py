@@ -1,0 +1,239 @@
+"""The gateway's durable book in the store: quotes, sold jobs, payments received and instances,
+and the figures `procure gateway status`, the dashboard and `/metrics` show (income, instance
+costs, margin). Plain functions over one session each; the caller owns the transaction."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from procure.models import micros_to_usd, utcnow
+from procure.store import Store
+from procure.store.gateway_tables import (
+    GatewayInstanceRow,
+    GatewayJobRow,
+    GatewayPaymentRow,
+    GatewayQuoteRow,
+)
+
+STARTED = ("paid", "launching", "booting", "running", "ending")  # paid, not yet ended
+LIVE = ("unpaid", *STARTED)  # count against the caps
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+HOLDING = ("launching", "booting", "running")  # instance rows that may hold a machine
+
+
+# --- quotes ----------------------------------------------------------------------------------
+
+
+def open_quotes(s: Session, now: datetime) -> int:
+    return int(s.scalar(select(func.count()).where(GatewayQuoteRow.expires_at > now)) or 0)
+
+
+def purge_quotes(s: Session, now: datetime) -> None:
+    """Quotes expired a while ago go: the book of quotes cannot grow without bound."""
+    s.execute(delete(GatewayQuoteRow).where(GatewayQuoteRow.expires_at < now - timedelta(hours=1)))
+
+
+def get_quote(s: Session, quote_id: str) -> GatewayQuoteRow | None:
+    return s.get(GatewayQuoteRow, quote_id[:32]) if quote_id else None
+
+
+# --- jobs and payments -----------------------------------------------------------------------
+
+
+def job(s: Session, job_id: str) -> GatewayJobRow | None:
+    return s.get(GatewayJobRow, job_id[:32]) if job_id else None
+
+
+def job_by_key(s: Session, key: str) -> GatewayJobRow | None:
+    return s.scalar(select(GatewayJobRow).where(GatewayJobRow.key == key[:200])) if key else None
+
+
+def nonce_seen(s: Session, nonce: str) -> bool:
+    return s.get(GatewayPaymentRow, nonce) is not None
+
+
+def live_jobs_of(s: Session, payer: str) -> int:
+    query = select(func.count()).where(
+        GatewayJobRow.payer == payer.lower(), GatewayJobRow.status.in_(LIVE)
+    )
+    return int(s.scalar(query) or 0)
+
+
+def live_jobs(s: Session) -> int:
+    return int(s.scalar(select(func.count()).where(GatewayJobRow.status.in_(LIVE))) or 0)
+
+
+def started_job_ids(s: Session) -> list[str]:
+    query = select(GatewayJobRow.job_id).where(GatewayJobRow.status.in_(STARTED))
+    return list(s.scalars(query.order_by(GatewayJobRow.created_at)))
+
+
+def add_payment(
+    s: Session,
+    *,
+    nonce: str,
+    job_id: str,
+    kind: str,
+    key: str,
+    payer: str,
+    amount: int,
+    hours: float,
+) -> None:
+    """A verified payment about to be settled (`pending`): its nonce is taken from now on."""
+    s.add(
+        GatewayPaymentRow(
+            nonce=nonce,
+            job_id=job_id,
+            kind=kind,
+            key=key,
+            payer=payer,  # as signed: the facilitator looks it up so
+            amount=amount,
+            hours=hours,
+            transaction=None,
+            status="pending",
+            created_at=utcnow(),
+        )
+    )
+
+
+def pending_payment(s: Session, kind: str, key: str) -> GatewayPaymentRow | None:
+    query = select(GatewayPaymentRow).where(
+        GatewayPaymentRow.kind == kind,
+        GatewayPaymentRow.key == key,
+        GatewayPaymentRow.status == "pending",
+    )
+    return s.scalar(query)
+
+
+def settled(
+    s: Session, nonce: str, transaction: str | None, hour_s: float, amount: int | None = None
+) -> GatewayJobRow | None:
+    """The payment `nonce` settled: booked as income, and its job paid (a submit) or given
+    more paid time (a renewal). Idempotent."""
+    payment = s.get(GatewayPaymentRow, nonce, with_for_update=True)
+    if payment is None or payment.status == "completed":
+        return job(s, payment.job_id) if payment else None
+    payment.status = "completed"
+    payment.transaction = (transaction or "")[:200] or None
+    if amount is not None:
+        payment.amount = amount  # what moved
+    row = s.get(GatewayJobRow, payment.job_id, with_for_update=True)
+    if row is None:
+        return None
+    now = utcnow()
+    row.amount += payment.amount
+    row.paid_hours += payment.hours
+    if payment.kind == "submit":
+        row.status = "paid"
+    elif row.paid_until is not None:
+        row.paid_until = max(row.paid_until, now) + timedelta(seconds=payment.hours * hour_s)
+    row.updated_at = now
+    return row
+
+
+def unsettled(s: Session, nonce: str) -> None:
+    """The payment `nonce` did not settle: it and (a submit's) unpaid job leave no trace."""
+    payment = s.get(GatewayPaymentRow, nonce)
+    if payment is None or payment.status != "pending":
+        return
+    if payment.kind == "submit":
+        row = s.get(GatewayJobRow, payment.job_id)
+        if row is not None and row.status == "unpaid":
+            s.delete(row)
+    s.delete(payment)
+    s.flush()
+
+
+def note(row: GatewayJobRow, line: str, keep: int) -> None:
+    """Append a log line the buyer will see (the gateway's own, beside the job's)."""
+    row.logs = [*row.logs, line[:2_000]][-keep:]
+
+
+# --- instances -------------------------------------------------------------------------------
+
+
+def instances_of(s: Session, job_id: str) -> list[GatewayInstanceRow]:
+    query = select(GatewayInstanceRow).where(GatewayInstanceRow.job_id == job_id)
+    return list(s.scalars(query.order_by(GatewayInstanceRow.created_at)))
+
+
+def holding_names(s: Session) -> set[str]:
+    """Names of instances whose job is still live (what the sweeper must leave alone)."""
+    query = (
+        select(GatewayInstanceRow.name)
+        .join(GatewayJobRow, GatewayJobRow.job_id == GatewayInstanceRow.job_id)
+        .where(GatewayInstanceRow.status.in_(HOLDING), GatewayJobRow.status.in_(STARTED))
+    )
+    return set(s.scalars(query))
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def figures(store: Store) -> dict[str, Any]:
+    """Income, instance costs and margin (USD), jobs by status, live instances: for
+    `procure gateway status`, the dashboard and `/metrics`. Costs of running instances are
+    accrued to now at their price."""
+    now = utcnow()
+    with store.session() as s:
+        income = s.scalar(
+            select(func.coalesce(func.sum(GatewayPaymentRow.amount), 0)).where(
+                GatewayPaymentRow.status == "completed"
+            )
+        )
+        payments = s.scalar(select(func.count()).where(GatewayPaymentRow.status == "completed"))
+        by_status = dict(
+            s.execute(
+                select(GatewayJobRow.status, func.count()).group_by(GatewayJobRow.status)
+            ).all()
+        )
+        rows = list(s.scalars(select(GatewayInstanceRow)))
+        quotes = open_quotes(s, now)
+    cost, live = 0, 0
+    for row in rows:
+        if row.cost is not None:
+            cost += row.cost
+        elif row.launched_at is not None and row.status in HOLDING:
+            live += 1
+            hours = max(0.0, (now - row.launched_at).total_seconds()) / 3600
+            cost += round(row.price_per_hour * hours)
+    income = int(income or 0)
+    return {
+        "incomeUsd": micros_to_usd(income),
+        "instanceCostUsd": micros_to_usd(cost),
+        "marginUsd": micros_to_usd(income - cost),
+        "paymentsReceived": int(payments or 0),
+        "jobs": {str(k): int(v) for k, v in by_status.items()},
+        "liveInstances": live,
+        "instancesLaunched": sum(1 for r in rows if r.launched_at is not None),
+        "openQuotes": quotes,
+    }
+
+
+def prometheus_lines(store: Store, vendor_id: str) -> list[str]:
+    """The gateway's figures in Prometheus' text format, for the API's `/metrics`."""
+    f = figures(store)
+    label = f'{{vendor_id="{vendor_id}"}}'
+    lines = [
+        "# HELP procure_gateway_income_usd Payments received by the gateway, USD.",
+        "# TYPE procure_gateway_income_usd counter",
+        f"procure_gateway_income_usd{label} {f['incomeUsd']}",
+        "# HELP procure_gateway_instance_cost_usd What the gateway's instances cost, USD.",
+        "# TYPE procure_gateway_instance_cost_usd counter",
+        f"procure_gateway_instance_cost_usd{label} {f['instanceCostUsd']}",
+        "# HELP procure_gateway_margin_usd Income less instance costs, USD.",
+        "# TYPE procure_gateway_margin_usd gauge",
+        f"procure_gateway_margin_usd{label} {f['marginUsd']}",
+        "# HELP procure_gateway_live_instances Instances the gateway holds now.",
+        "# TYPE procure_gateway_live_instances gauge",
+        f"procure_gateway_live_instances{label} {f['liveInstances']}",
+        "# HELP procure_gateway_jobs Jobs sold, by status.",
+        "# TYPE procure_gateway_jobs gauge",
+    ]
+    for status, count in sorted(f["jobs"].items()):
+        lines.append(f'procure_gateway_jobs{{vendor_id="{vendor_id}",status="{status}"}} {count}')
+    return lines

@@ -1,0 +1,431 @@
+"""The gateway's instances: one loop launches an instance for each paid job (named after the
+job's key and attempt; the intent is in the book before the cloud is called, and the name is
+looked for before any launch), runs the job on the node's job runner, relays its progress, logs
+and checkpoints into the book, and terminates the instance when the job ends, is cancelled or its
+paid time runs out. `loop.py` calls `advance` for every paid job, every poll."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from procure.clouds.base import (
+    AuthError,
+    CapacityError,
+    CloudError,
+    Instance,
+    LaunchSpec,
+    Offer,
+    QuotaError,
+    RentalCloud,
+)
+from procure.crashpoints import crash_point
+from procure.gateway import book
+from procure.gateway.pricing import best_offer, instance_cost
+from procure.gateway.settings import GatewayConfig
+from procure.gpu.jobclient import NodeJobClient, NodeJobError
+from procure.models import utcnow
+from procure.payments.settlements import FacilitatorLedger
+from procure.store import Store
+from procure.store.gateway_tables import GatewayInstanceRow, GatewayJobRow
+
+log = logging.getLogger(__name__)
+GONE = ("terminated", "preempted", "exited")
+
+
+NodeFactory = Callable[[str, str, str], NodeJobClient]
+
+
+def http_node(url: str, token: str, host: str) -> NodeJobClient:
+    return NodeJobClient(url, token, expected_host=host, deadline_s=10.0)
+
+
+@dataclass
+class Runtime:
+    cfg: GatewayConfig
+    store: Store
+    cloud: RentalCloud
+    ledger: FacilitatorLedger | None = None  # reconciles payments a crash left pending
+    node: NodeFactory = http_node
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+# --- the book, one short transaction at a time ------------------------------------------------
+
+
+def _job(rt: Runtime, job_id: str) -> GatewayJobRow | None:
+    with rt.store.session() as s:
+        return book.job(s, job_id)
+
+
+def _instance(rt: Runtime, job_id: str) -> GatewayInstanceRow | None:
+    with rt.store.session() as s:
+        rows = book.instances_of(s, job_id)
+    return rows[-1] if rows else None
+
+
+def _update(rt: Runtime, job_id: str, say: str | None = None, **fields: Any) -> None:
+    with rt.store.session() as s:
+        row = s.get(GatewayJobRow, job_id)
+        if row is None:
+            return
+        for name, value in fields.items():
+            setattr(row, name, value)
+        if say:
+            book.note(row, f"[gateway] {say}", rt.cfg.log_lines)
+        row.updated_at = utcnow()
+
+
+def _update_instance(rt: Runtime, name: str, **fields: Any) -> None:
+    with rt.store.session() as s:
+        row = s.get(GatewayInstanceRow, name)
+        if row is not None:
+            for key, value in fields.items():
+                setattr(row, key, value)
+
+
+def _deadline(rt: Runtime, row: GatewayJobRow) -> datetime:
+    """When the paid time ends: set once the job first runs; before that, the paid hours from
+    payment bound the attempts to launch."""
+    if row.paid_until is not None:
+        return row.paid_until
+    return row.created_at + timedelta(seconds=row.paid_hours * rt.cfg.hour_s)
+
+
+async def advance(rt: Runtime, job_id: str) -> None:
+    """One step of a paid job: launch, boot, poll or end."""
+    row = _job(rt, job_id)
+    if row is None or row.status not in book.STARTED:
+        return
+    if row.cancel_requested and row.status != "ending":
+        _update(rt, job_id, "cancelled by the buyer", status="ending", outcome="cancelled")
+        row = _job(rt, job_id)
+        assert row is not None
+    if row.status in ("paid", "launching"):
+        await _launch(rt, row)
+    elif row.status == "booting":
+        await _boot(rt, row)
+    elif row.status == "running":
+        await _poll(rt, row)
+    if (row := _job(rt, job_id)) is not None and row.status == "ending":
+        await _end(rt, row)
+
+
+# --- launch -----------------------------------------------------------------------------------
+
+
+async def _launch(rt: Runtime, row: GatewayJobRow) -> None:
+    inst = _instance(rt, row.job_id)
+    if row.status == "launching" and inst is not None and inst.status == "launching":
+        try:
+            found = await rt.cloud.find(inst.name)
+        except CloudError as exc:
+            _update(rt, row.job_id, error=f"find {inst.name}: {exc}"[:2000])
+            return
+        if found:  # launched before a crash or a lost answer: adopt it, never launch again
+            for extra in found[1:]:
+                await rt.cloud.terminate([extra.id])
+            _launched(rt, row, inst, found[0])
+            return
+        if utcnow() > _deadline(rt, row):
+            _update_instance(rt, inst.name, status="failed", ended_at=utcnow(), cost=0)
+            why = f"no instance could be launched within the paid time: {row.error or 'no answer'}"
+            _update(rt, row.job_id, why, status="ending", outcome="failed", error=why[:2000])
+            return
+        await _call_launch(rt, row, inst)
+        return
+    now = utcnow()
+    if now > _deadline(rt, row):
+        why = row.error or "no capacity"
+        _update(
+            rt,
+            row.job_id,
+            f"no instance within the paid time: {why}",
+            status="ending",
+            outcome="failed",
+            error=f"no instance could be launched within the paid time: {why}",
+        )
+        return
+    try:
+        offers = await rt.cloud.offers(gpu=row.gpu)
+    except CloudError as exc:
+        _update(rt, row.job_id, error=f"offers: {exc}"[:2000])
+        return
+    offer = best_offer(offers, row.gpu, set(row.tried_regions))
+    if offer is None:
+        # Every region tried (or none has capacity now): try them all again next poll.
+        # The last refusal says most; with none, the catalogue had nothing to offer.
+        why = row.error if row.tried_regions and row.error else None
+        _update(
+            rt,
+            row.job_id,
+            tried_regions=[],
+            error=why or f"no {row.gpu} capacity on {rt.cfg.provider}",
+        )
+        return
+    name = rt.cfg.instance_name(row.key, row.attempt + 1)
+    with rt.store.session() as s:  # the intent, durable before the cloud is called
+        job = s.get(GatewayJobRow, row.job_id)
+        assert job is not None
+        job.attempt += 1
+        job.status = "launching"
+        job.updated_at = now
+        inst = GatewayInstanceRow(
+            name=name,
+            job_id=row.job_id,
+            provider=rt.cfg.provider,
+            region=offer.region,
+            offer=dataclasses.asdict(offer),
+            price_per_hour=offer.price_per_hour,
+            instance_id=None,
+            status="launching",
+            created_at=now,
+        )
+        s.add(inst)
+    crash_point("intent")
+    fresh = _job(rt, row.job_id)
+    assert fresh is not None
+    await _call_launch(rt, fresh, inst)
+
+
+async def _call_launch(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow) -> None:
+    offer = Offer(**inst.offer)
+    spec = LaunchSpec(
+        name=inst.name,
+        offer=offer,
+        image=rt.cfg.image,
+        env={"GPU_WORKER_TOKEN": rt.cfg.node_token(inst.name)},
+        node_port=rt.cfg.node_port,
+    )
+    try:
+        launched = await rt.cloud.launch_spec(spec)
+    except (CapacityError, QuotaError, AuthError) as exc:
+        # Nothing launched: another region next poll (within the paid time).
+        _update_instance(rt, inst.name, status="failed", ended_at=utcnow(), cost=0)
+        why = f"{type(exc).__name__} in {inst.region}: {exc}"[:2000]
+        _update(
+            rt,
+            row.job_id,
+            f"launch refused: {why}",
+            status="paid",
+            error=why,
+            tried_regions=[*row.tried_regions, inst.region],
+        )
+        return
+    except CloudError as exc:  # unknown outcome: next poll looks for the name first
+        _update(rt, row.job_id, error=f"launch {inst.name}: {exc}"[:2000])
+        return
+    crash_point("fleet_launched")
+    _launched(rt, row, inst, launched)
+
+
+def _launched(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow, got: Instance) -> None:
+    now = utcnow()
+    _update_instance(
+        rt, inst.name, instance_id=got.id, status="booting", launched_at=inst.launched_at or now
+    )
+    _update(rt, row.job_id, f"instance {got.id} launched in {inst.region}", status="booting")
+
+
+# --- boot and run -----------------------------------------------------------------------------
+
+
+async def _boot(rt: Runtime, row: GatewayJobRow) -> None:
+    inst = _instance(rt, row.job_id)
+    if inst is None or inst.instance_id is None:
+        _update(rt, row.job_id, status="paid")
+        return
+    try:
+        got = await rt.cloud.get(inst.instance_id)
+    except CloudError as exc:
+        _update(rt, row.job_id, error=f"get {inst.instance_id}: {exc}"[:2000])
+        return
+    now = utcnow()
+    booted_for = (now - (inst.launched_at or now)).total_seconds()
+    if now > _deadline(rt, row):  # never hold an instance past the paid time
+        why = "the paid time ran out before an instance was ready"
+        _update(rt, row.job_id, why, status="ending", outcome="failed", error=why)
+        return
+    if got is None or got.status in GONE:
+        await _lost(rt, row, inst, f"instance {inst.instance_id} was lost while booting")
+        return
+    if got.status == "active" and got.node_url and got.ip:
+        resume = row.checkpoint_url or row.resume_from
+        try:
+            async with rt.node(got.node_url, rt.cfg.node_token(inst.name), got.ip) as node:
+                submitted = await node.submit(
+                    command=list(rt.cfg.command),
+                    image=None,
+                    env={"PROCURE_JOB_SPEC": json.dumps(row.params, sort_keys=True)[:8000]},
+                    resume_from=resume,
+                    checkpoint_dir=f"{rt.cfg.checkpoint_dir.rstrip('/')}/{row.job_id}",
+                    idempotency_key=f"{row.job_id}-{row.attempt}",
+                )
+        except (NodeJobError, ValueError) as exc:
+            if booted_for > rt.cfg.boot_timeout_s:
+                await _lost(rt, row, inst, f"the node never took the job: {exc}")
+            return
+        _update_instance(
+            rt, inst.name, status="running", node_url=got.node_url, node_job_id=submitted["id"]
+        )
+        paid_until = row.paid_until or now + timedelta(seconds=row.paid_hours * rt.cfg.hour_s)
+        said = f"job started on {inst.instance_id}" + (
+            f", resuming from {resume}" if resume else ""
+        )
+        _update(rt, row.job_id, said, status="running", paid_until=paid_until, log_cursor=0)
+        return
+    if booted_for > rt.cfg.boot_timeout_s:
+        await _lost(rt, row, inst, f"instance {inst.instance_id} did not boot in time")
+
+
+async def _lost(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow, why: str) -> None:
+    """The instance cannot serve the job: terminate it and launch another, from the last
+    checkpoint, elsewhere (the next poll), within the paid time."""
+    if not await _terminate(rt, inst):
+        return
+    _update(
+        rt,
+        row.job_id,
+        why,
+        status="paid",
+        error=why[:2000],
+        tried_regions=[*row.tried_regions, inst.region],
+    )
+
+
+async def _poll(rt: Runtime, row: GatewayJobRow) -> None:
+    inst = _instance(rt, row.job_id)
+    if inst is None or inst.node_url is None or inst.node_job_id is None:
+        _update(rt, row.job_id, status="booting")
+        return
+    if utcnow() > _deadline(rt, row):
+        _update(
+            rt,
+            row.job_id,
+            f"paid time ran out at {row.progress:.0%}; job stopped",
+            status="ending",
+            outcome="expired",
+        )
+        return
+    host = inst.node_url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        async with rt.node(inst.node_url, rt.cfg.node_token(inst.name), host) as node:
+            status = await node.status(inst.node_job_id)
+            page = await node.logs(inst.node_job_id, after=row.log_cursor, limit=200)
+    except (NodeJobError, ValueError) as exc:
+        try:
+            got = await rt.cloud.get(inst.instance_id or "")
+        except CloudError:
+            return
+        if got is None or got.status in GONE or getattr(exc, "status", None) == 404:
+            await _lost(rt, row, inst, f"instance {inst.instance_id} lost: {exc}")
+        return
+    _relay(rt, row, status, page)
+
+
+def _relay(rt: Runtime, row: GatewayJobRow, status: dict[str, Any], page: dict[str, Any]) -> None:
+    """Progress, checkpoints and log lines from the node into the book (what buyers read)."""
+    fields: dict[str, Any] = {"log_cursor": page["next"]}
+    last = row.last_progress
+    url, at = row.checkpoint_url, row.checkpoint_progress
+    lines = list(row.logs)
+    for line in page["lines"]:
+        word, _, rest = line["text"].strip().partition(" ")
+        if word == "PROCURE_PROGRESS":
+            try:
+                last = min(1.0, max(0.0, float(rest)))
+            except ValueError:
+                continue
+        elif word == "PROCURE_CHECKPOINT" and rest.strip():
+            url, at = rest.strip()[:500], last if last is not None else row.progress
+        else:
+            lines.append(line["text"][:2_000])
+    if (
+        status.get("checkpoint")
+        and status["checkpoint"] != url
+        and len(status["checkpoint"]) <= 500
+    ):
+        url, at = status["checkpoint"], min(status["progress"], last or status["progress"])
+    fields.update(
+        last_progress=last,
+        checkpoint_url=url,
+        checkpoint_progress=at,
+        progress=max(row.progress, status["progress"]),
+        logs=lines[-rt.cfg.log_lines :],
+    )
+    node_status = status["status"]
+    if node_status in ("completed", "failed", "cancelled"):
+        ok = node_status == "completed" and status.get("exitCode") in (0, None)
+        fields["outcome"] = "completed" if ok else "failed"
+        fields["status"] = "ending"
+        if ok:
+            fields["progress"] = 1.0
+        else:
+            code = status.get("exitCode")
+            fields["error"] = (status.get("error") or f"the job {node_status} (exit code {code})")[
+                :2000
+            ]
+    _update(rt, row.job_id, **fields)
+
+
+# --- end --------------------------------------------------------------------------------------
+
+
+async def _terminate(rt: Runtime, inst: GatewayInstanceRow) -> bool:
+    """Terminate the instance (found by name when its id was never recorded); book its cost.
+    False when the cloud could not be reached: try again next poll."""
+    try:
+        ids = (
+            [inst.instance_id]
+            if inst.instance_id
+            else [i.id for i in await rt.cloud.find(inst.name)]
+        )
+        if ids:
+            await rt.cloud.terminate(ids)
+    except CloudError as exc:
+        log.warning("terminate %s: %s", inst.name, exc)
+        return False
+    now = utcnow()
+    cost: int | None = None
+    if inst.instance_id:
+        try:
+            cost = await rt.cloud.billed(inst.instance_id)
+        except CloudError:
+            cost = None
+    if cost is None:
+        cost = instance_cost(
+            inst.price_per_hour, rt.cloud.billing_increment_s, inst.launched_at, now
+        )
+    _update_instance(
+        rt,
+        inst.name,
+        status="terminated",
+        ended_at=now,
+        cost=cost,
+        instance_id=inst.instance_id or (ids[0] if ids else None),
+    )
+    return True
+
+
+async def _end(rt: Runtime, row: GatewayJobRow) -> None:
+    inst = _instance(rt, row.job_id)
+    if inst is not None and inst.status in book.HOLDING:
+        if inst.node_job_id and inst.node_url and row.outcome in ("cancelled", "expired"):
+            host = inst.node_url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+            try:  # the job checkpoints on SIGTERM; the instance goes regardless
+                async with rt.node(inst.node_url, rt.cfg.node_token(inst.name), host) as node:
+                    await node.cancel(inst.node_job_id)
+            except (NodeJobError, ValueError):
+                pass
+        if not await _terminate(rt, inst):
+            return
+    outcome = row.outcome or "failed"
+    _update(
+        rt, row.job_id, f"job {outcome}; instance terminated", status=outcome, ended_at=utcnow()
+    )

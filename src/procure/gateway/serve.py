@@ -1,0 +1,153 @@
+"""Starting a gateway: its configuration from the facilitator and the gateway's own wallet, in a
+thread on loopback (tests, demos) or in the foreground (`procure gateway`), and the status
+figures `procure gateway status` shows. `python -m procure.gateway.serve CONFIG.json` runs one
+from a JSON file (the crash tests kill it)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from procure.clouds.base import Provider, RentalCloud
+from procure.gateway import book
+from procure.gateway.app import create_gateway_app
+from procure.gateway.instances import Runtime
+from procure.gateway.settings import GatewayConfig, cloud_from_env, load_node_key
+from procure.local import LocalServer, asset_info, facilitator_client, serve
+from procure.payments.settlements import FacilitatorLedger
+from procure.payments.wallet import load_or_create_account
+from procure.settings import Settings
+from procure.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+def gateway_config(
+    *,
+    vendor_id: str,
+    provider: Provider,
+    facilitator_url: str,
+    secret: str,
+    home: Path,
+    **options: Any,
+) -> GatewayConfig:
+    """A gateway's configuration: asset and network from the facilitator, payments to the
+    gateway's own wallet (`<home>/gateway/wallet.key`, created once), node tokens from its own
+    key. `options` are GatewayConfig's other fields (margin, max_instances, gpus, ...)."""
+    info = asset_info(facilitator_url)
+    account = load_or_create_account(None, home / "gateway")
+    return GatewayConfig(
+        vendor_id=vendor_id,
+        secret=secret,
+        provider=provider,
+        pay_to=account.address,
+        network=str(info["network"]),
+        asset=str(info["asset"]),
+        asset_extra={"name": info["name"], "version": info["version"]},
+        node_key=load_node_key(home / "gateway"),
+        **options,
+    )
+
+
+def gateway_app(
+    cfg: GatewayConfig, store: Store, cloud: RentalCloud, facilitator_url: str, *, loop: bool = True
+) -> FastAPI:
+    runtime = Runtime(cfg=cfg, store=store, cloud=cloud, ledger=FacilitatorLedger(facilitator_url))
+    return create_gateway_app(runtime, facilitator_client(facilitator_url), loop=loop)
+
+
+def start_gateway(
+    cfg: GatewayConfig,
+    store: Store,
+    cloud: RentalCloud,
+    facilitator_url: str,
+    port: int | None = None,
+) -> LocalServer:
+    """The gateway on 127.0.0.1 in a background thread (tests and demos)."""
+    return serve(gateway_app(cfg, store, cloud, facilitator_url), port)
+
+
+def serve_gateway(
+    cfg: GatewayConfig,
+    *,
+    database_url: str,
+    facilitator_url: str,
+    port: int,
+    host: str = "127.0.0.1",
+    cloud: RentalCloud | None = None,
+) -> None:
+    """`procure gateway`: serve in the foreground until interrupted."""
+    store = open_store(database_url)
+    app = gateway_app(cfg, store, cloud or cloud_from_env(cfg.provider), facilitator_url)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def run_gateway(
+    settings: Settings,
+    *,
+    cloud: Provider,
+    port: int,
+    vendor_id: str,
+    margin: float = 0.1,
+    max_instances: int = 2,
+    gpus: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
+) -> None:
+    """`procure gateway --cloud C --port P --vendor-id ID [--margin] [--max-instances] [--gpu]`:
+    the buyers' bearer is GPU_VENDOR_SECRET, the facilitator X402_FACILITATOR_URL, the book the
+    configured store, the cloud's key its provider's own variable."""
+    cfg = gateway_config(
+        vendor_id=vendor_id,
+        provider=cloud,
+        facilitator_url=settings.facilitator_url,
+        secret=settings.gpu_vendor_secret.get_secret_value(),
+        home=settings.home,
+        margin=margin,
+        max_instances=max_instances,
+        gpus=tuple(g.upper() for g in gpus),
+    )
+    log.info("gateway %s selling %s, paid to %s", vendor_id, cloud, cfg.pay_to)
+    serve_gateway(
+        cfg,
+        database_url=settings.database_url,
+        facilitator_url=settings.facilitator_url,
+        port=port,
+        host=host,
+    )
+
+
+def gateway_status(database_url: str) -> dict[str, Any]:
+    """`procure gateway status`: income, instance costs and margin (USD), payments received,
+    jobs by status, live and launched instances, open quotes (see `book.figures`)."""
+    store = open_store(database_url)
+    try:
+        return book.figures(store)
+    finally:
+        store.dispose()
+
+
+def main(argv: list[str]) -> None:
+    """Run a gateway from a JSON file: `config` (GatewayConfig's fields), `databaseUrl`,
+    `facilitatorUrl`, `port`; the cloud from the environment."""
+    spec = json.loads(Path(argv[0]).read_text())
+    options = dict(spec["config"])
+    for name in ("gpus", "command"):
+        if name in options:
+            options[name] = tuple(options[name])
+    cfg = GatewayConfig(**options)
+    serve_gateway(
+        cfg,
+        database_url=spec["databaseUrl"],
+        facilitator_url=spec["facilitatorUrl"],
+        port=int(spec["port"]),
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,94 @@
+"""The gateway's configuration (what `procure gateway` is started with) and the cloud client it
+sells from, built from that provider's own settings (its key from the environment)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from procure.clouds.base import LABEL_PREFIX, PROVIDERS, Provider, RentalCloud
+
+
+@dataclass
+class GatewayConfig:
+    vendor_id: str
+    secret: str = field(repr=False)  # the bearer buyers send (GPU_VENDOR_SECRET), as the mock's
+    provider: Provider
+    pay_to: str  # the gateway's own address: every payment settles to it
+    network: str
+    asset: str
+    asset_extra: dict[str, Any]
+    node_key: str = field(repr=False)  # derives each instance's node token (never sent anywhere)
+    margin: float = 0.1
+    max_instances: int = 2  # live jobs (so instances) one buyer (payer address) may hold
+    gpus: tuple[str, ...] = ()  # the GPU models sold (empty: whatever the cloud offers)
+    quote_valid_s: float = 300.0
+    max_hours: float = 24.0  # one quote or renewal at most
+    hour_s: float = 3600.0  # wall seconds in a paid hour (tests and demos shrink it)
+    command: tuple[str, ...] = ("python", "examples/train.py")  # what the node runs
+    image: str | None = None  # container image of a launch (RunPod, Vast.ai)
+    checkpoint_dir: str = "~/.cache/procure/gateway-checkpoints"  # fsspec URL nodes can reach
+    node_port: int = 9876
+    poll_s: float = 2.0
+    boot_timeout_s: float = 900.0
+    sweep_every_s: float = 30.0
+    log_lines: int = 200  # a job's last log lines kept and relayed
+    max_params_bytes: int = 8_000
+    max_open_quotes: int = 10_000  # unexpired quotes at once (a hostile buyer's spam)
+    max_live_jobs: int = 1_000  # all buyers together, paid or being paid
+    name: str = "procure gateway"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The prefix of every instance name this gateway launches (one gateway per vendor id
+        on an account never sweeps another's instances)."""
+        tag = hashlib.sha256(self.vendor_id.encode()).hexdigest()[:8]
+        return f"{LABEL_PREFIX}gw-{tag}-"
+
+    def instance_name(self, key: str, attempt: int) -> str:
+        digest = hashlib.sha256(f"{self.vendor_id}\x00{key}".encode()).hexdigest()[:24]
+        return f"{self.label}{digest}-{attempt}"
+
+    def node_token(self, instance_name: str) -> str:
+        return hmac.new(self.node_key.encode(), instance_name.encode(), "sha256").hexdigest()
+
+
+def load_node_key(home: Path) -> str:
+    """The key node tokens derive from: created once under `home` (mode 0600) and kept, so a
+    restarted gateway still reaches the nodes it launched."""
+    path = home / "gateway-node.key"
+    if path.exists():
+        return path.read_text().strip()
+    home.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as out:
+        out.write(key)
+    return key
+
+
+def cloud_from_env(provider: str) -> RentalCloud:
+    """The provider's client, configured by its own settings (LAMBDA_API_KEY, RUNPOD_API_KEY,
+    VAST_API_KEY and their base URLs); each key goes only to its own provider."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown cloud {provider!r}: one of {', '.join(PROVIDERS)}")
+    if provider == "runpod":
+        from procure.clouds.runpod.client import RunPodCloud
+
+        return RunPodCloud()  # type: ignore[return-value]
+    if provider == "lambda":
+        from procure.clouds.lambda_cloud.client import LambdaCloud
+
+        return LambdaCloud()  # type: ignore[return-value]
+    from procure.clouds.vast.client import VastCloud
+
+    return VastCloud()  # type: ignore[return-value]
