@@ -21,7 +21,7 @@ from procure.cli_common import (
 )
 from procure.cli_fleet import fleet_app
 from procure.cli_gpu import gpu_worker, tickets_app
-from procure.cli_offers import add_cloud, offers
+from procure.cli_offers import add_cloud, gateway_app, offers
 from procure.cli_runs import run_app
 from procure.numbers import number, whole
 from procure.safetext import guard_logging, safe
@@ -522,6 +522,7 @@ app.add_typer(tickets_app, name="tickets")
 app.command("gpu-worker")(gpu_worker)
 app.command("mock-cloud")(mock_cloud)
 app.command("offers")(offers)
+app.add_typer(gateway_app, name="gateway")
 vendors_app.command("add-cloud")(add_cloud)
 app.add_typer(fleet_app, name="fleet")
 

@@ -170,3 +170,70 @@ def add_cloud(
         console.print(
             f"[yellow]{KEY_VARS[provider]} is not set: the agent cannot rent from it until it is"  # type: ignore[index]
         )
+
+
+gateway_app = typer.Typer(
+    help="Sell a cloud account's GPUs over the seeds' x402 vendor protocol.",
+    invoke_without_command=True,
+)
+
+
+@gateway_app.callback()
+def gateway(
+    ctx: typer.Context,
+    cloud: Annotated[
+        str | None, typer.Option(help="The account to sell: lambda, runpod or vast")
+    ] = None,
+    port: Annotated[
+        int, typer.Option(help="Port to listen on", parser=whole(1, 65535, "--port"))
+    ] = 4010,
+    vendor_id: Annotated[str, typer.Option(help="The vendor id buyers know it by")] = "gateway",
+    margin: Annotated[
+        float,
+        typer.Option(
+            help="Added to the cloud's price (0.1: 10 %)", parser=number(0, 10, "--margin")
+        ),
+    ] = 0.1,
+    max_instances: Annotated[
+        int,
+        typer.Option(
+            help="At most this many instances at once", parser=whole(1, 1000, "--max-instances")
+        ),
+    ] = 2,
+    gpu: Annotated[
+        list[str] | None, typer.Option(help="GPU models offered (repeat; default: all)")
+    ] = None,
+) -> None:
+    """Serve /quote, /submit-job (402 until paid over x402), /renew-job, /job-status and
+    /cancel-job in front of a cloud account (its key: LAMBDA_API_KEY, RUNPOD_API_KEY or
+    VAST_API_KEY). Buyers' bearer: GPU_VENDOR_SECRET; facilitator: X402_FACILITATOR_URL. A paid
+    job runs on an instance launched for it and terminated when it ends. `procure gateway status`
+    shows its book."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if cloud is None or cloud.lower() not in PROVIDERS:
+        fail("--cloud: choose lambda, runpod or vast", code=2)
+    from procure.gateway.serve import run_gateway
+
+    run_gateway(
+        load_settings(),
+        cloud=cloud.lower(),  # type: ignore[arg-type]
+        port=port,
+        vendor_id=vendor_id,
+        margin=margin,
+        max_instances=max_instances,
+        gpus=tuple(g.upper() for g in gpu or ()),
+    )
+
+
+@gateway_app.command("status")
+def gateway_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The gateway's book: income, instance costs and margin, payments, jobs and instances."""
+    from procure.gateway.serve import gateway_status as figures
+
+    data = figures(load_settings().database_url)
+    if as_json:
+        print_json(data)
+        return
+    for key, value in data.items():
+        console.print(f"{key:<20} {safe(value, 200)}")

@@ -1,6 +1,7 @@
 """`procure demo clouds`: the agent on three mock clouds (Lambda, RunPod, Vast.ai) and one x402
-vendor, in one process on the embedded store. The cheapest interruptible offer (a Vast.ai bid) is
-taken, its host is lost part-way, and the job resumes from its checkpoint on another cloud."""
+vendor — a `procure gateway` selling the mock Lambda account — in one process on the embedded
+store. The cheapest interruptible offer (a Vast.ai bid) is taken, its host is lost part-way, and
+the job resumes from its checkpoint on another cloud."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from rich.console import Console
 
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.tick import tick
-from procure.local import free_port, mock_vendor_config, start_facilitator, start_mock_vendor
+from procure.local import free_port, start_facilitator
 from procure.models import (
     TERMINAL_RUN_STATUSES,
     CloudTerms,
@@ -31,7 +32,6 @@ from procure.safetext import safe
 from procure.settings import Settings
 from procure.store import Store, cloud_repo, open_store, repo
 from procure.vendors.credentials import Keyring
-from procure.vendors.registry import default_vendors
 
 TRAIN = Path(__file__).resolve().parents[3] / "examples" / "train.py"
 STEPS, STEP_S = 120, 0.05  # the job: 6 s of work, a checkpoint every few steps
@@ -141,6 +141,40 @@ def cloud_vendors() -> list[Vendor]:
     return [vendor("vast", 1.0, spot=True), vendor("runpod", 2.0), vendor("lambda", 2.0)]
 
 
+def start_demo_gateway(
+    clouds: MockClouds, store: Store, facilitator_url: str, secret: str, workdir: Path
+) -> tuple[Vendor, Any]:
+    """`procure gateway --cloud lambda` on loopback, and the vendor the agent knows it by."""
+    from procure.gateway.serve import gateway_config, start_gateway
+
+    command = (sys.executable, str(TRAIN), "--steps", str(STEPS), "--step-time", str(STEP_S))
+    cfg = gateway_config(
+        vendor_id="lambda_gateway",
+        provider="lambda",
+        facilitator_url=facilitator_url,
+        secret=secret,
+        home=workdir / "gateway",
+        command=command,
+        checkpoint_dir=str(workdir / "checkpoints"),
+        hour_s=60.0,
+        poll_s=0.2,
+        gpus=("A100",),
+    )
+    server = start_gateway(cfg, store, clients(clouds)["lambda"], facilitator_url)
+    vendor = Vendor(
+        vendor_id="lambda_gateway",
+        name="Lambda A100 via x402 gateway",
+        endpoint=server.url,
+        base_price_per_hour=usd_to_micros(1.29 * 1.1),
+        reliability_score=0.95,
+        supported_gpu_types=["A100"],
+        pay_to=cfg.pay_to,
+        network=cfg.network,
+        asset=cfg.asset,
+    )
+    return vendor, server
+
+
 def run_cloud_demo(
     *, workdir: Path | None = None, console: Console | None = None, budget: float = 5.0
 ) -> dict[str, Any]:
@@ -163,20 +197,12 @@ def run_cloud_demo(
     servers: list[Any] = [facilitator]
     clouds = start_clouds()
     try:
-        # One x402 vendor beside the clouds (the steady one of the seeds, at $2.10/h).
-        x402 = default_vendors(
-            network=chain.network,
-            asset=chain.token_address,
-            credential=Keyring.load(settings.home).encrypt(secret),
-        )[1]
-        server = start_mock_vendor(
-            mock_vendor_config(x402, facilitator.url, secret, job_seconds=4.0, fail_rate=0.0),
-            facilitator.url,
-        )
-        servers.append(server)
-        x402.endpoint = server.url
-        x402.supported_gpu_types = ["A100"]
         store = open_store(settings.database_url)
+        # One x402 vendor beside the clouds: a gateway selling the mock Lambda account, its
+        # price the live offer plus 10 %.
+        x402, server = start_demo_gateway(clouds, store, facilitator.url, secret, workdir)
+        servers.append(server)
+        x402.credential = Keyring.load(settings.home).encrypt(secret)
         vendors = [*cloud_vendors(), x402]
         with store.session() as s:
             for vendor in vendors:
@@ -186,7 +212,10 @@ def run_cloud_demo(
         console.rule("[bold]procure demo clouds")
         for provider, mock in clouds.mocks.items():
             console.print(f"mock {provider:<7} {mock.url}")
-        console.print(f"x402 vendor {x402.vendor_id} {x402.endpoint} $2.10/h")
+        console.print(
+            f"x402 vendor {x402.vendor_id} {x402.endpoint} (a procure gateway in front of the "
+            f"mock Lambda), ${x402.base_price_per_hour / 1e6:.2f}/h"
+        )
         with store.session() as s:
             run = repo.create_run(
                 s,
