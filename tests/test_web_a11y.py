@@ -107,6 +107,7 @@ def pages(ids: dict[str, str]) -> dict[str, str]:
         "vendors": "/vendors",
         "fleet": "/fleet",
         "nodes": "/nodes",
+        "offers": "/offers",
         "not-found": "/runs/no-such-run",
     }
 

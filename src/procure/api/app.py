@@ -18,24 +18,29 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from procure.agent.loop_thread import AgentLoop
 from procure.agent.runtime import make_deps
 from procure.agent.tick import AgentDeps
 from procure.agent.worker import WorkerConfig
+from procure.api.cloud_vendors import cloud_vendors_router
+from procure.api.docs import mount_docs
 from procure.api.fleet import fleet_router
 from procure.api.nodes import nodes_router
+from procure.api.offers import offers_router
 from procure.api.ops import ops_router
 from procure.api.runs import runs_router
 from procure.api.schemas import problems
+from procure.api.spend import spend_router
 from procure.api.vendors import vendors_router
 from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
 from procure.bounds import clip
 from procure.fleet.inprocess import FleetRun, fleet_in_server
-from procure.loopthread import LoopThread
+from procure.loopthread import AgentLoop, LoopThread
 from procure.settings import Settings
 from procure.store import Store
 from procure.web import mount_dashboard
+from procure.web.cloud_vendor_pages import cloud_vendor_pages
+from procure.web.offers_pages import offers_pages
 from procure.web.settings import WebSettings
 
 log = logging.getLogger(__name__)
@@ -117,6 +122,7 @@ def create_app(
         version="0.1.0",
         description="Rents GPU compute for a goal within a hard budget, paying over x402.",
         lifespan=lifespan,
+        docs_url=None,  # mount_docs: Swagger UI from the package, not a CDN
     )
 
     app.add_middleware(BoundedRequests)  # outermost: before any parser or authentication
@@ -194,9 +200,15 @@ def create_app(
 
     app.include_router(runs_router(settings, store, require_token, require_read))
     app.include_router(vendors_router(settings, store, require_token, require_read))
+    app.include_router(cloud_vendors_router(store, require_token))  # POST /api/vendors/cloud
+    app.include_router(spend_router(store, require_read))
     fleet_cfg = fleet.cfg if fleet is not None else None  # else each reads the environment's
     app.include_router(fleet_router(store, require_token, fleet_cfg, require_read=require_read))
     app.include_router(nodes_router(store, require_read, fleet_cfg))
     app.include_router(ops_router(store, background, settings))
+    app.include_router(offers_router(store, require_read))
     mount_dashboard(app, settings, store, fleet_cfg=fleet_cfg)  # the pages at `/` (procure.web)
+    app.include_router(offers_pages(settings, store))  # /offers
+    app.include_router(cloud_vendor_pages(settings, store))  # /vendors/cloud/new
+    mount_docs(app)
     return app

@@ -40,6 +40,7 @@ def mount_dashboard(
     """The pages at `/`; `fleet_cfg`: what the Fleet and Nodes pages read with (the in-server
     controller's settings; default: the environment's)."""
     auth = make_auth(settings, web or WebSettings())
+    app.state.dashboard_auth = auth  # one session store: /offers logs out too
     app.include_router(
         web_router(settings, store, auth, fleet=_fleet_available(), fleet_cfg=fleet_cfg)
     )
