@@ -29,6 +29,7 @@ from procure.web import actions, views
 from procure.web.auth import COOKIE, Auth, Session, may_act, may_read, session_of
 from procure.web.events import run_events
 from procure.web.forms import form_of
+from procure.web.spend import spend_total
 from procure.web.templating import templates
 
 if TYPE_CHECKING:  # the fleet modules are optional (see procure.web._fleet_available)
@@ -49,7 +50,7 @@ def _loopback_http(request: Request) -> bool:
         return False
 
 
-def _set_session(request: Request, response: Response, auth: Auth, cookie: str) -> None:
+def set_session(request: Request, response: Response, auth: Auth, cookie: str) -> None:
     response.set_cookie(
         COOKIE,
         cookie,
@@ -93,7 +94,7 @@ def web_router(
             status_code=status,
         )
         if fresh:
-            _set_session(request, response, auth, fresh)
+            set_session(request, response, auth, fresh)
         return response
 
     def message(request: Request, status: int, heading: str, text: str) -> Response:
@@ -147,7 +148,8 @@ def web_router(
                 views.runs, store, status, before=older_than, after=newer_than, oldest=last
             )
         )
-        return page(request, "runs.html", {**data, "nav": "runs"})
+        spend = await asyncio.to_thread(spend_total, store)  # across every run and the fleet
+        return page(request, "runs.html", {**data, "spend": spend, "nav": "runs"})
 
     @router.get("/runs/new", response_class=HTMLResponse)
     async def start_page(request: Request) -> Response:
@@ -158,7 +160,14 @@ def web_router(
     async def _start_context(form: dict[str, str], errors: list[str]) -> dict[str, Any]:
         vendors = await asyncio.to_thread(views.vendors, store)
         gpus = sorted({g for row in vendors for g in row["vendor"].supported_gpu_types})
-        return {"form": form, "errors": errors, "gpu_types": gpus, "nav": "start"}
+        dearest = max((row["vendor"].base_price_per_hour for row in vendors), default=None)
+        return {
+            "form": form,
+            "errors": errors,
+            "gpu_types": gpus,
+            "dearest_per_hour": dearest,  # the form says what the first payment may be
+            "nav": "start",
+        }
 
     @router.post("/runs/new")
     async def start_run(request: Request) -> Response:
@@ -250,7 +259,7 @@ def web_router(
             )
         _session, cookie = auth.new_session(authenticated=True)
         response = RedirectResponse(target, status_code=303)
-        _set_session(request, response, auth, cookie)
+        set_session(request, response, auth, cookie)
         return response
 
     @router.post("/logout")
