@@ -1,5 +1,5 @@
 """Crash benchmark: kill the worker 1,000+ times at random moments and at named crash points,
-then prove that no money was lost or paid twice (see `procure.crashtest`).
+then prove that no money was lost or paid twice (see `tests/crash_harness.py`).
 
     .venv/bin/python benchmarks/crash.py --kills 1000
     .venv/bin/python benchmarks/crash.py --kills 1000 \\
@@ -14,8 +14,12 @@ invariant violation. `--check-every N` checks the invariants after every N-th de
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from procure.crashtest import main
+# the harness is a test tool, kept with the tests rather than shipped in the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from crash_harness import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -32,11 +32,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
+from procure.clouds.mockworld.workload import JobSpec, synthetic
 from procure.fleet.policies import ProcurePolicy, navarch, seed_rule, static
 from procure.fleet.settings import FleetSettings
 from procure.sim.fleet_peers import ClusterAutoscaler, navarch_queue
 from procure.sim.fleet_world import BILLING, CATALOGUE, Result, World, run, work_floor_usd
-from procure.sim.workload import JobSpec, synthetic
 
 MAX_INSTANCES = 32
 MAX_HOURLY_USD = 100.0

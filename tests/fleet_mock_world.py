@@ -15,12 +15,12 @@ from procure.clouds.lambda_cloud.mock import MockCloud, start_mock_cloud
 from procure.clouds.lambda_cloud.mockstate import MockCloudConfig
 from procure.clouds.lambda_cloud.pacing import unpaced
 from procure.clouds.lambda_cloud.settings import LambdaSettings
+from procure.clouds.mockworld.workload import JobSpec
 from procure.fleet.context import FleetContext
 from procure.fleet.controller import ScanResult, scan_once
 from procure.fleet.settings import FleetSettings
 from procure.httpbounds import bounded_client
 from procure.local import free_port
-from procure.sim.workload import JobSpec
 from procure.store import open_store
 
 KEY = "mock-key-e2e"

@@ -25,11 +25,11 @@ import pytest
 from sqlalchemy import select
 
 from procure.agent.deps import AgentDeps, RunNotFound
-from procure.agent.loop_thread import AgentLoop
 from procure.agent.planner import Planner
 from procure.agent.worker import LeaseHeld, Worker, WorkerConfig
 from procure.api.app import create_app
 from procure.local import free_port, serve
+from procure.loopthread import AgentLoop
 from procure.models import Action
 from procure.store import leases
 from procure.store.tables import TickLogRow

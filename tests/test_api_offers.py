@@ -17,8 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
+from procure.agent import offers_cache
 from procure.agent.runtime import make_deps
-from procure.api import offers as offers_api
 from procure.api.app import create_app
 from procure.clouds.registry import make_cloud
 from procure.clouds.runpod.mock import start_mock_cloud as start_runpod
@@ -236,7 +236,7 @@ def hanging_lambda() -> FastAPI:
 def test_a_cloud_that_hangs_is_named_and_x402_offers_still_come(
     tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(offers_api, "DEADLINE_S", 0.5)
+    monkeypatch.setattr(offers_cache, "DEADLINE_S", 0.5)
     hanging = serve(hanging_lambda())
     try:
         lam = {"lambda": make_cloud("lambda", api_key="lambda-key", api_url=hanging.url)}

@@ -28,7 +28,7 @@ from x402.mechanisms.evm.signer import FacilitatorEvmSigner
 from x402.mechanisms.evm.types import AUTHORIZATION_TYPES, TypedDataDomain, TypedDataField
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
-from procure.payments import chain as chain_module
+from procure.payments import chain_journal
 from procure.payments.chain import (
     ChainFacilitatorSigner,
     LocalChain,
@@ -278,7 +278,7 @@ def test_failed_journal_write_rolls_back(journal: Path, monkeypatch: pytest.Monk
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patched:
-        patched.setattr(chain_module.os, "fsync", disk_full)
+        patched.setattr(chain_journal.os, "fsync", disk_full)
         settled = make_facilitator_sync(chain).settle(payload, requirements)
 
     assert not settled.success

@@ -2,7 +2,7 @@
 by SIGKILL at random moments and at named crash points (between signing and sending, between
 the vendor's answer and the store's write, ...), while the facilitator and the vendors, which
 are never killed, run here. After every death and at the end the invariants are checked (see
-`procure.crashtest`); any violation fails the campaign.
+`tests/crash_harness.py`); any violation fails the campaign.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from procure.crashtest import CrashConfig, CrashReport, run_campaign
+from crash_harness import CrashConfig, CrashReport, run_campaign
 from world import POSTGRES_ENV, postgres_database
 
 MONEY_POINTS = {"signed", "paid", "recorded", "reconciled"}

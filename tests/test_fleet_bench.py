@@ -10,11 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from procure.clouds.mockworld.workload import synthetic
 from procure.fleet.policies import ProcurePolicy, navarch, seed_rule, static
 from procure.fleet.settings import FleetSettings
 from procure.sim.fleet_peers import ClusterAutoscaler, navarch_queue, pack
 from procure.sim.fleet_world import World, run, work_floor_usd
-from procure.sim.workload import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = {

@@ -19,8 +19,8 @@ from fleet_mock_world import (
     statuses,
 )
 from fleet_world import all_actions
+from procure.clouds.mockworld.workload import JobSpec
 from procure.fleet.controller import scan_once
-from procure.sim.workload import JobSpec
 
 
 def eventually(condition: Callable[[], Any], what: str, within_s: float = 30) -> Any:

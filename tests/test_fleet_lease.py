@@ -18,11 +18,11 @@ from fleet_world import all_actions
 from procure.api.app import create_app
 from procure.clouds.lambda_cloud.pacing import unpaced
 from procure.clouds.lambda_cloud.settings import LambdaSettings
+from procure.clouds.mockworld.workload import JobSpec
 from procure.fleet.controller import scan_once
 from procure.fleet.inprocess import FleetRun
 from procure.local import serve
 from procure.settings import Settings
-from procure.sim.workload import JobSpec
 from procure.store import fleet_repo, open_store
 
 SCANS = 8

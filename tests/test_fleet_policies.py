@@ -9,12 +9,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from procure.clouds.base import InstanceType
+from procure.clouds.mockworld.workload import synthetic
 from procure.fleet import monitor
 from procure.fleet.policies import FleetSignal, ProcurePolicy, fitting_type
 from procure.fleet.policy import PROVISION, TERMINATE
 from procure.fleet.settings import FleetSettings
 from procure.sim.fleet_engine import run_policy, work_floor_usd
-from procure.sim.workload import synthetic
 from procure.store.fleet_tables import FleetInstanceRow, FleetSampleRow
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)

@@ -14,9 +14,9 @@ import pytest
 
 from procure.clouds.lambda_cloud.mock import MockCloud, start_mock_cloud
 from procure.clouds.lambda_cloud.mockstate import MockCloudConfig
+from procure.clouds.mockworld.workload import JobSpec, WorkloadError, parse_csv, synthetic
 from procure.clouds.specs import validate_answer
 from procure.local import free_port
-from procure.sim.workload import JobSpec, WorkloadError, parse_csv, synthetic
 
 KEY = "mock-key-for-tests"
 NODE_TOKEN = "node-token"

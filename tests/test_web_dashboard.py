@@ -155,12 +155,15 @@ def test_start_form_validates_and_starts_a_run(world: World, page: Any, tmp_path
     with dashboard(world) as server:
         page.goto(server.url + "/runs/new")
         page.screenshot(path=str(screenshot_dir(tmp_path) / "start-form.png"), full_page=True)
+        first = page.locator("#first-payment").inner_text()
+        assert "cancelled a moment later has already spent it" in first and "$2.10" in first
         page.fill("textarea[name=goal]", "Train from the dashboard")
         page.fill("input[name=budgetTotal]", "lots")
         page.fill("input[name=hours]", "0")
         page.click("#start")
         errors = page.locator("#form-errors").inner_text()
-        assert "budgetTotal" in errors and "hours" in errors
+        assert "Budget (US dollars)" in errors and "GPU hours" in errors  # the form's labels
+        assert "budgetTotal" not in errors
         assert "at least 1 minute (0.0167 hours)" in errors and "0.01666" not in errors
         page.screenshot(path=str(screenshot_dir(tmp_path) / "start-form-errors.png"))
         # What was typed is kept; fix it and start.

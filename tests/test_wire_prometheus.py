@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_fakes import FakeNvml, two_gpus
+from procure.agent import metrics
 from procure.agent.worker import WorkerConfig
-from procure.api import metrics
 from procure.api.app import create_app
 from procure.clouds.lambda_cloud.simnvml import SimGpu, sim_nvml
 from procure.gpu.probe import nvml_reader, read_nvml

@@ -248,7 +248,7 @@ def test_chain_signer_checksums_addresses() -> None:
     failed the transfer simulation before); other arguments pass unchanged."""
     from eth_utils import to_checksum_address
 
-    from procure.payments.chain import _checksum_args
+    from procure.payments.chain_facilitator import checksum_args
 
     lower, nonce = "0x" + "ab" * 20, "0x" + "ab" * 32
-    assert _checksum_args([lower, 5, nonce]) == [to_checksum_address(lower), 5, nonce]
+    assert checksum_args([lower, 5, nonce]) == [to_checksum_address(lower), 5, nonce]

@@ -149,7 +149,7 @@ def mock_cloud(
     from procure.clouds.lambda_cloud.catalogue import default_capacity
     from procure.clouds.lambda_cloud.mock import create_mock_cloud_app
     from procure.clouds.lambda_cloud.mockstate import MockCloudConfig, MockCloudState
-    from procure.sim.workload import WorkloadError, load_csv, synthetic
+    from procure.clouds.mockworld.workload import WorkloadError, load_csv, synthetic
 
     jobs = []
     try:

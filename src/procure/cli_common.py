@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from procure.settings import Settings, get_settings
 
@@ -20,6 +22,20 @@ def store_for(settings: Settings):  # type: ignore[no-untyped-def]
     from procure.store import open_store
 
     return open_store(settings.database_url)
+
+
+def table(key: str, *columns: str, fold: tuple[str, ...] = ()) -> Table:
+    """A table that stays readable in 80 columns: the first column (the id the next command
+    needs) is never cut nor wrapped, short columns (status, figures) neither; the long text
+    columns named in `fold` take what is left and fold onto more lines instead of being cut."""
+    out = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    out.add_column(key, no_wrap=True, min_width=len(key))
+    for name in columns:
+        if name in fold:
+            out.add_column(name, overflow="fold", ratio=1, min_width=6)
+        else:
+            out.add_column(name, no_wrap=True, overflow="fold")
+    return out
 
 
 def print_json(data: Any) -> None:

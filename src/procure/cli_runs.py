@@ -6,7 +6,6 @@ import asyncio
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from procure.cli_common import (
     console,
@@ -15,6 +14,7 @@ from procure.cli_common import (
     print_json,
     store_errors,
     store_for,
+    table,
 )
 from procure.numbers import shaped, whole
 from procure.safetext import safe
@@ -74,7 +74,7 @@ def run_start(
     from pydantic import ValidationError
 
     from procure.api.schemas import StartRequest
-    from procure.models import utcnow
+    from procure.models import format_usd, utcnow
     from procure.store import repo
 
     try:
@@ -107,7 +107,15 @@ def run_start(
             job_spec=body.job_spec(),
             deadline=body.deadline_at(utcnow()),
         )
+        dearest = max((v.base_price_per_hour for v in repo.list_vendors(s)), default=0)
     print_json(run.to_json())
+    # stderr: stdout stays the run's JSON for scripts
+    first = f" (at most {format_usd(dearest)} per GPU hour)" if dearest else ""
+    typer.echo(
+        f"note: the first payment{first} is made as the job starts; cancelling the run "
+        "right after does not get it back",
+        err=True,
+    )
 
 
 @run_app.command("tick")
@@ -219,9 +227,9 @@ def run_list(
     settings = load_settings()
     with store_errors(settings), store_for(settings).session() as s:
         runs = repo.list_runs(s, limit=limit)
-    table = Table("id", "status", "goal", "budget", "remaining", "progress")
+    out = table("id", "status", "goal", "budget", "remaining", "progress", fold=("goal",))
     for r in runs:
-        table.add_row(
+        out.add_row(
             safe(r.id, 100),
             safe(r.status, 50),
             safe(r.goal, 40),
@@ -229,4 +237,4 @@ def run_list(
             f"{r.budget_remaining / 1e6:.2f}",
             f"{r.progress:.0%}",
         )
-    console.print(table)
+    console.print(out)

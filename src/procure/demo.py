@@ -37,7 +37,9 @@ STYLE = {
 
 
 def print_observation(console: Console, obs: Observation) -> None:
-    console.print(f"[{STYLE.get(obs.type, 'white')}]{obs.type:>15}[/] {safe(obs.content, one_line=False)}")
+    console.print(
+        f"[{STYLE.get(obs.type, 'white')}]{obs.type:>15}[/] {safe(obs.content, one_line=False)}"
+    )
 
 
 async def _drive(

@@ -23,12 +23,12 @@ from procure.clouds.lambda_cloud.mock import MockCloud, start_mock_cloud
 from procure.clouds.lambda_cloud.mockstate import MockCloudConfig
 from procure.clouds.lambda_cloud.pacing import unpaced
 from procure.clouds.lambda_cloud.settings import LambdaSettings
+from procure.clouds.mockworld.workload import JobSpec
 from procure.fleet.inprocess import FleetRun
 from procure.fleet.settings import FleetSettings
 from procure.local import free_port, serve
 from procure.models import utcnow
 from procure.settings import Settings
-from procure.sim.workload import JobSpec
 from procure.store import Store, fleet_repo
 
 CLOUD_KEY = "demo-lambda-key"

@@ -66,10 +66,22 @@ def start_facilitator(journal: Path, port: int | None = None) -> LocalServer:
     return serve(create_facilitator_app(LocalChain(journal)), port)
 
 
-def asset_info(facilitator_url: str) -> dict[str, object]:
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now. SO_REUSEADDR as uvicorn sets it: a port
+    whose last connections are still in TIME_WAIT (just freed) is free, not busy."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def asset_info(facilitator_url: str, tries: int = 50) -> dict[str, object]:
     """What the facilitator settles in: network, token address, EIP-712 name and version."""
     last: Exception | None = None
-    for _ in range(50):
+    for _ in range(tries):
         try:
             response = httpx.get(f"{facilitator_url}/asset", timeout=5)
             response.raise_for_status()

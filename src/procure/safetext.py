@@ -104,7 +104,8 @@ class RedactingFilter(logging.Filter):
 def guard_logging(level: int | str = logging.INFO) -> None:
     """After `logging.basicConfig`: redact secrets on every root handler, and keep the HTTP
     libraries' per-request INFO lines (full URLs, webhook paths included) out of the logs."""
-    for name in ("httpx", "httpcore", "hpack"):
+    # alembic: its INFO lines (one per migration at each start) say nothing to a user
+    for name in ("httpx", "httpcore", "hpack", "alembic"):
         logging.getLogger(name).setLevel(max(logging.WARNING, _level(level)))
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):

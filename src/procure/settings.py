@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from procure.numbers import finite_before
@@ -201,7 +208,16 @@ class Settings(BaseSettings):
     _finite = field_validator("*", mode="before")(classmethod(finite_numbers))
 
     @field_validator(
-        "api_token", "metrics_token", "x402_private_key", "fireworks_api_key", mode="before"
+        "api_token",
+        "metrics_token",
+        "x402_private_key",
+        "fireworks_api_key",
+        "vllm_api_key",
+        "openai_api_key",
+        "vllm_model",
+        "llm_provider",
+        "llm_base_url",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
@@ -209,8 +225,14 @@ class Settings(BaseSettings):
 
     @field_validator("facilitator_url", "llm_base_url")
     @classmethod
-    def _url(cls, value: str) -> str:
-        return http_url(value)
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else http_url(value)
+
+    @model_validator(mode="after")
+    def _vllm_names_its_model(self) -> Settings:
+        if self.llm_provider == "vllm" and not self.vllm_model:
+            raise ValueError("VLLM_MODEL: LLM_PROVIDER=vllm needs the model vLLM serves")
+        return self
 
 
 @lru_cache

@@ -284,7 +284,7 @@ async def deliver(
         due = [(m.id, m.payload, m.attempts) for m in fleet_repo.due_messages(s, channel, utcnow())]
     if client is None or not url:
         for message_id, _, _ in due:
-            outbox._drop(store, message_id, "no destination configured")
+            outbox.drop(store, message_id, "no destination configured")
         return 0
     delivered = 0
     for message_id, payload, attempts in due:
@@ -302,7 +302,7 @@ async def deliver(
             error = f"HTTP {status}: {clip(response.text, 100)}"
             if status != 429 and status < 500:
                 if attempts + 1 >= outbox.MAX_PERMANENT_TRIES:
-                    outbox._drop(store, message_id, error)
+                    outbox.drop(store, message_id, error)
                 else:
                     with store.session() as s:
                         fleet_repo.mark_retry(s, message_id, utcnow(), error)

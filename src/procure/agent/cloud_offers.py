@@ -132,7 +132,7 @@ async def price_clouds(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
             if learned.cooldown_until is not None and learned.cooldown_until > now:
                 cooling += 1
                 continue
-            copies.append(_priced(deps, vendor, offer, learned, f"{vendor.vendor_id}#{i}"))
+            copies.append(priced(deps, vendor, offer, learned, f"{vendor.vendor_id}#{i}"))
         if not copies:
             why = f"{cooling} cooling down after trouble" if cooling else "none now"
             said.append(
@@ -154,7 +154,7 @@ async def price_clouds(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
     return replace(ctx, vendors=vendors)
 
 
-def _priced(
+def priced(
     deps: AgentDeps, vendor: Vendor, offer: Offer, learned: OfferStats, ranking_id: str
 ) -> Vendor:
     return vendor.model_copy(

@@ -5,13 +5,17 @@ dollars, vendors with price, learned reliability, cooling-down flag and failures
 summary of jobs and payments; never secrets, endpoints, payee addresses or the observation log)
 and must answer with one JSON action that validates against `procure.models.Action`.
 
-Endpoints (`LLM_BASE_URL`, `FIREWORKS_MODEL`, `FIREWORKS_API_KEY`, `LLM_TIMEOUT_S`):
+Endpoints (`LLM_PROVIDER`, `LLM_BASE_URL`, `LLM_TIMEOUT_S`; each provider's model and key are
+its own, see `endpoint`):
 
-- Fireworks (default): `https://api.fireworks.ai/inference/v1`,
-  model `accounts/fireworks/models/llama-v3-8b-instruct`, key in `FIREWORKS_API_KEY`.
-- Ollama: `LLM_BASE_URL=http://localhost:11434/v1`, `FIREWORKS_MODEL=llama3.1:8b`, no key.
-- vLLM: `LLM_BASE_URL=http://localhost:8000/v1`, `FIREWORKS_MODEL=` the served model, no key
-  (or the `--api-key` it was started with).
+- Fireworks (default): `https://api.fireworks.ai/inference/v1`, `FIREWORKS_MODEL`
+  (`accounts/fireworks/models/llama-v3-8b-instruct`), key in `FIREWORKS_API_KEY`.
+- Ollama (`LLM_PROVIDER=ollama`): `http://localhost:11434/v1`, `OLLAMA_MODEL` (`llama3.1:8b`),
+  no key.
+- vLLM (`LLM_PROVIDER=vllm`): `http://localhost:8000/v1`, `VLLM_MODEL` (the served model,
+  required), `VLLM_API_KEY` if it was started with `--api-key`.
+- OpenAI (`LLM_PROVIDER=openai`): `https://api.openai.com/v1`, `OPENAI_MODEL` (`gpt-4o-mini`),
+  key in `OPENAI_API_KEY`.
 
 The request asks for structured output (`response_format` of type `json_schema`); an endpoint
 that rejects that with HTTP 400 is asked again with `{"type": "json_object"}`, and the planner
@@ -29,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from openai import AsyncOpenAI, BadRequestError
 from pydantic import ValidationError
@@ -272,18 +278,57 @@ class LLMPlanner:
         return completion.choices[0].message.content
 
 
+_BASE_URLS = {
+    "fireworks": "https://api.fireworks.ai/inference/v1",
+    "ollama": "http://localhost:11434/v1",
+    "vllm": "http://localhost:8000/v1",
+    "openai": "https://api.openai.com/v1",
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    provider: str
+    base_url: str
+    model: str
+    key: str = field(repr=False)
+
+
+def endpoint(settings: Settings) -> Endpoint:
+    """Which provider, URL, model and key the planner uses. LLM_PROVIDER names the provider;
+    unset, Ollama's port or OpenAI's host in LLM_BASE_URL say it, else Fireworks (the seeds').
+    A provider's model setting is used for that provider alone."""
+    provider = settings.llm_provider
+    url = settings.llm_base_url
+    if provider is None:
+        parts = urlsplit(url or "")
+        if parts.port == 11434:
+            provider = "ollama"
+        elif (parts.hostname or "").endswith("openai.com"):
+            provider = "openai"
+        else:
+            provider = "fireworks"
+    model, secret = {
+        "fireworks": (settings.fireworks_model, settings.fireworks_api_key),
+        "ollama": (settings.ollama_model, None),
+        "vllm": (settings.vllm_model or "", settings.vllm_api_key),
+        "openai": (settings.openai_model, settings.openai_api_key),
+    }[provider]
+    key = secret.get_secret_value() if secret else ""
+    return Endpoint(provider, url or _BASE_URLS[provider], model, key)
+
+
 def make_llm_planner(settings: Settings, *, client: AsyncOpenAI | None = None) -> Planner:
     """The LLM planner for `settings`; `client` replaces the one built from them (tests)."""
-    key = settings.fireworks_api_key.get_secret_value() if settings.fireworks_api_key else ""
+    chosen = endpoint(settings)
+    key = chosen.key
     if client is None:
         client = AsyncOpenAI(
             api_key=key or PLACEHOLDER_KEY,
-            base_url=settings.llm_base_url,
+            base_url=chosen.base_url,
             timeout=settings.llm_timeout_s,
             max_retries=0,  # the next tick is the retry; a tick must stay short
             # One deadline for the whole exchange and a bounded answer, whatever the server does.
             http_client=bounded_client(deadline_s=settings.llm_timeout_s),
         )
-    return LLMPlanner(
-        client, settings.fireworks_model, timeout_s=settings.llm_timeout_s, secrets=(key,)
-    )
+    return LLMPlanner(client, chosen.model, timeout_s=settings.llm_timeout_s, secrets=(key,))

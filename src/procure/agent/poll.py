@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from procure.agent import joblogs, slices
+from procure.agent import joblogs, runlog, slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import EPS, OBS, AgentDeps, TickResult
 from procure.agent.outcomes import fail_job, gpu_hours_run, paid_for, stop_job, vendor_trouble
@@ -143,8 +143,8 @@ async def poll(
                 s,
                 job.run_id,
                 OBS.job_event,
-                f"Job {vjob.job_id} completed at {vendor.vendor_id}: {vjob.metrics}; "
-                f"artifact {vjob.artifact_url}",
+                f"Job {vjob.job_id} completed at {vendor.vendor_id}: "
+                f"{runlog.readable(vjob.metrics)}; artifact {vjob.artifact_url or 'none'}",
                 vendor_id=vendor.vendor_id,
             )
             return TickResult("Job completed")

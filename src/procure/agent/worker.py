@@ -33,6 +33,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from procure.agent import runlog
 from procure.agent.deps import AgentDeps, RunNotFound, TickResult
 from procure.agent.reconcile import settle_ended_runs
 from procure.agent.tick import polling, tick
@@ -182,6 +183,7 @@ class Worker:
         try:
             result = await tick(self.deps, run_id, loaded=loaded, sink=writes)
             outcome, next_in = result.message, self.cfg.poll_interval_s
+            runlog.ticked(run_id, result)  # one line per run event
         except RunNotFound:
             outcome, next_in = "Run not found", None
         except asyncio.CancelledError:

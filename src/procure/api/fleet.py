@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from procure.api import metrics
+from procure.agent import metrics
 from procure.api.runs import CURSOR, cursor_key, paged
 from procure.fleet import actions
 from procure.fleet.metrics import FleetCollector

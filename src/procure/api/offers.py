@@ -1,31 +1,25 @@
-"""`GET /api/offers`: every offer across the configured clouds and x402 vendors, cheapest first,
-asked through the agent's own cloud clients (on its loop) and kept briefly, so that a busy page
-or script cannot spend the clouds' rate limits."""
+"""`GET /api/offers`: every offer across the configured clouds and x402 vendors, cheapest first
+(`procure.agent.offers_cache` asks and keeps them)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from procure.agent.cloud_offers import OfferRow, all_offers
-from procure.bounds import clip
+from procure.agent.offers_cache import (
+    GPU_PATTERN,
+    MAX_COUNT,
+    MAX_PRICE_USD,
+    offers_now,
+    select,
+)
 from procure.loopthread import LoopNotRunning
-from procure.models import Vendor, usd_to_micros, utcnow
-from procure.store import Store, repo
+from procure.models import usd_to_micros
+from procure.store import Store
 
-CACHE_S = 15.0  # one ask of every cloud per this many seconds, whatever the filters or callers
-DEADLINE_S = 30.0  # past this the clouds are named as not answering; the x402 offers still show
-MAX_ERROR_CHARS = 300
-GPU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"
-MAX_COUNT = 16
-MAX_PRICE_USD = 1e4
+__all__ = ["GPU_PATTERN", "MAX_COUNT", "MAX_PRICE_USD", "offers_now", "offers_router", "select"]
 
 GPU = Query(None, min_length=1, max_length=40, pattern=GPU_PATTERN, description="e.g. A100")
 COUNT = Query(None, ge=1, le=MAX_COUNT, description="GPUs per instance")
@@ -33,86 +27,6 @@ MAX_PRICE = Query(
     None, alias="maxPrice", ge=0, le=MAX_PRICE_USD, description="At most this $/h (instance)"
 )
 SPOT = Query(None, description="true: only interruptible offers; false: only on-demand")
-
-
-@dataclass(frozen=True)
-class Fetched:
-    """Every offer now (unfiltered), the clouds' troubles, the clouds asked, and when."""
-
-    rows: list[OfferRow]
-    errors: list[str]
-    clouds: list[str]
-    asked_at: datetime
-
-
-@dataclass(frozen=True)
-class _Entry:
-    started: float
-    task: asyncio.Future[Fetched]
-
-
-def _vendors(store: Store) -> list[Vendor]:
-    with store.session() as s:
-        return repo.list_vendors(s)
-
-
-async def _fetch(app: FastAPI, store: Store) -> Fetched:
-    vendors = await asyncio.to_thread(_vendors, store)
-    agent = app.state.agent
-    clouds = sorted(agent.deps.clouds)
-    asked_at = utcnow()
-
-    async def ask(deps: Any) -> Fetched:
-        errors: list[str] = []
-        rows = await all_offers(deps, vendors, errors=errors)
-        return Fetched(rows, [clip(e, MAX_ERROR_CHARS) for e in errors], clouds, asked_at)
-
-    try:
-        return await asyncio.wait_for(agent.call(ask), DEADLINE_S)
-    except TimeoutError:
-        rows = await all_offers({}, vendors)  # the x402 vendors' offers need no cloud
-        late = f"the clouds ({', '.join(clouds)}) did not answer within {DEADLINE_S:g} s"
-        return Fetched(rows, [late], clouds, asked_at)
-
-
-async def offers_now(app: FastAPI, store: Store) -> Fetched:
-    """Every offer, asked at most once per CACHE_S per app; callers meanwhile share the answer
-    (and one ask in flight). A failed ask is not kept."""
-    entry: _Entry | None = getattr(app.state, "offers_cache", None)
-    now = time.monotonic()
-    stale = entry is None or (
-        entry.task.done()
-        and (
-            entry.task.cancelled()
-            or entry.task.exception() is not None
-            or now - entry.started >= CACHE_S
-        )
-    )
-    if stale:
-        entry = _Entry(now, asyncio.ensure_future(_fetch(app, store)))
-        app.state.offers_cache = entry
-    assert entry is not None
-    return await asyncio.shield(entry.task)  # a caller that leaves does not cancel the others'
-
-
-def select(
-    rows: list[OfferRow],
-    *,
-    gpu: str | None = None,
-    count: int | None = None,
-    max_price: int | None = None,
-    spot: bool | None = None,
-) -> list[OfferRow]:
-    """The rows that pass the filters (as `all_offers` applies them; `max_price` in micro-USD),
-    still cheapest first."""
-    return [
-        r
-        for r in rows
-        if (gpu is None or r.gpu.upper() == gpu.upper())
-        and (count is None or r.gpu_count == count)
-        and (max_price is None or r.price_per_hour <= max_price)
-        and (spot is None or r.interruptible == spot)
-    ]
 
 
 def offers_router(store: Store, require_read: Callable[..., None]) -> APIRouter:

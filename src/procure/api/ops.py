@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, HTTPException
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from procure.api import metrics
+from procure.agent import metrics
 from procure.scrape import ScrapeSettings, scrape_allowed
 from procure.settings import Settings
 from procure.store import Store, repo

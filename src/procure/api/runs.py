@@ -1,6 +1,6 @@
 """The runs resource: the seeds' agent endpoints (`/api/agent-start|tick|status`) and
 `/api/runs` (list, detail, cancel). Store calls run in a thread and ticks on the agent's own
-loop (`app.state.agent`, procure.agent.loop_thread): nothing here blocks the API's loop."""
+loop (`app.state.agent`, procure.loopthread): nothing here blocks the API's loop."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 
+from procure.agent import metrics, runlog
 from procure.agent.cancel import CannotCancel, request_cancel
 from procure.agent.tick import RunNotFound
 from procure.agent.worker import LeaseHeld
-from procure.api import metrics
 from procure.api.schemas import NO_NUL, CancelRequest, StartRequest, TickRequest
 from procure.models import Payment, Run, RunStatus, utcnow
 from procure.settings import Settings
@@ -97,6 +97,7 @@ def runs_router(
     async def agent_start(body: StartRequest) -> dict[str, Any]:
         run = await asyncio.to_thread(create, body)
         metrics.RUNS_STARTED.inc()
+        runlog.run_started(run)
         return run.to_json()
 
     @router.post("/api/agent-tick", dependencies=writers)

@@ -2,166 +2,76 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Self
+from datetime import datetime
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
 from eth_utils import is_address, is_checksum_address, to_checksum_address
 from pydantic import (
-    AfterValidator,
     ConfigDict,
     Field,
     StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
-    model_validator,
 )
-from pydantic_core import PydanticCustomError
 
-from procure.models import JobSpec, Model, Vendor, budget_to_micros, usd_to_micros, utcnow
+from procure.agent.cloud_vendors import MAX_PRICE_PER_HOUR_USD
+from procure.agent.start_request import (
+    MAX_BUDGET_USD,
+    MAX_DEADLINE_HOURS,
+    MAX_HOURS,
+    MIN_CHECKPOINT_EVERY,
+    MIN_HOURS,
+    NO_NUL,
+    StartRequest,
+    Text,
+    problems,
+)
+from procure.models import Model, Vendor, usd_to_micros
 
-MAX_BUDGET_USD = 1_000_000
-MIN_HOURS = 1 / 60
-"""One minute of GPU work: less cannot be quoted at a micro-dollar or checkpointed usefully."""
-MAX_HOURS = 720
-MIN_CHECKPOINT_EVERY = 0.01
-"""At most 100 checkpoints per job."""
-MAX_DEADLINE_HOURS = 24 * 365 * 5
-"""A deadline lies at most five years ahead."""
-NO_NUL = r"^[^\x00]*$"
-"""Text without NUL characters: PostgreSQL cannot store them (nor look them up)."""
-
-
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
-
-Text = Annotated[StrictStr, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": NO_NUL})]
-"""A string from outside that the store can keep: validated with a clear message, and stated as
-a JSON Schema `pattern` in /openapi.json."""
-
-# StrictFloat accepts JSON integers (but not booleans or strings); as a plain `number` the
-# bounds below appear in /openapi.json as standard JSON Schema (`minimum`, `maximum`,
-# `exclusiveMinimum`), which a StrictFloat | StrictInt union would hide in pydantic's own
-# `gt`/`le` keys.
-
-
-class StartRequest(Model):
-    model_config = ConfigDict(extra="forbid")
-
-    user_id: Text = Field(min_length=1, max_length=200)
-    goal: Text = Field(min_length=1, max_length=2000)
-    budget_total: StrictFloat = Field(
-        ge=0.000001,
-        le=MAX_BUDGET_USD,
-        allow_inf_nan=False,
-        description="US dollars, at least one micro-dollar (rounded down to whole micro-dollars)",
-    )
-    gpu_type: Text = Field("A100", min_length=1, max_length=64)
-    hours: StrictFloat = Field(
-        1.0,
-        ge=MIN_HOURS,
-        le=MAX_HOURS,
-        allow_inf_nan=False,
-        description="GPU hours of work (at least one minute)",
-    )
-    epochs: StrictInt = Field(3, ge=1, le=1000)
-    checkpoint_every: StrictFloat | None = Field(
-        None,
-        ge=MIN_CHECKPOINT_EVERY,
-        le=1,
-        allow_inf_nan=False,
-        description="Progress between checkpoints, as a fraction of the job",
-    )
-    deadline: datetime | None = Field(
-        None, description="ISO time the job must be done by: in the future, within five years"
-    )
-    deadline_hours: StrictFloat | None = Field(
-        None,
-        gt=0,
-        le=MAX_DEADLINE_HOURS,
-        allow_inf_nan=False,
-        description="Or: hours from now the job must be done in",
-    )
-
-    @field_validator("hours", mode="before")
-    @classmethod
-    def _at_least_a_minute(cls, value: Any) -> Any:
-        # Said in minutes: pydantic's own message would print the bound as 0.016666666666666666.
-        is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        if is_number and value < MIN_HOURS:
-            raise PydanticCustomError(
-                "greater_than_equal",
-                "Input should be at least 1 minute (0.0167 hours)",
-                {"ge": MIN_HOURS},
-            )
-        return value
-
-    @field_validator("budget_total")
-    @classmethod
-    def _whole_micros(cls, value: float) -> float:
-        if budget_to_micros(value) < 1:
-            raise ValueError("must be at least one micro-dollar (0.000001)")
-        return value
-
-    @field_validator("deadline")
-    @classmethod
-    def _sane_deadline(cls, value: datetime | None) -> datetime | None:
-        if value is None:
-            return None
-        try:
-            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-            now = utcnow()
-            ahead = value - now
-        except (OverflowError, ValueError):
-            raise ValueError("is not a representable time") from None
-        if ahead <= timedelta(0):
-            raise ValueError("must be in the future")
-        if ahead > timedelta(hours=MAX_DEADLINE_HOURS):
-            raise ValueError("must be at most five years ahead")
-        return value
-
-    @model_validator(mode="after")
-    def _one_deadline(self) -> Self:
-        if self.deadline is not None and self.deadline_hours is not None:
-            raise ValueError("give deadline or deadlineHours, not both")
-        return self
-
-    def budget_micros(self) -> int:
-        """The budget in micro-USD, rounded down (never up)."""
-        return budget_to_micros(self.budget_total)
-
-    def job_spec(self) -> JobSpec:
-        extra = {} if self.checkpoint_every is None else {"checkpoint_every": self.checkpoint_every}
-        return JobSpec(gpu_type=self.gpu_type, hours=float(self.hours), epochs=self.epochs, **extra)
-
-    def deadline_at(self, now: datetime) -> datetime | None:
-        """The deadline as an aware UTC time (a time without a zone is taken as UTC)."""
-        if self.deadline_hours is not None:
-            return now + timedelta(hours=float(self.deadline_hours))
-        return self.deadline
+__all__ = [
+    "MAX_BUDGET_USD",
+    "MAX_DEADLINE_HOURS",
+    "MAX_HOURS",
+    "MIN_CHECKPOINT_EVERY",
+    "MIN_HOURS",
+    "NO_NUL",
+    "READ_ONLY_VENDOR_FIELDS",
+    "CancelRequest",
+    "StartRequest",
+    "Text",
+    "TickRequest",
+    "VendorRegistration",
+    "problems",
+]
 
 
 class TickRequest(Model):
     run_id: Text = Field(min_length=1, max_length=200)
 
 
-def problems(errors: list[Any]) -> list[str]:
-    """Pydantic's errors as `field: message` lines (the `body` prefix left out)."""
-    return [
-        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors
-    ]
-
-
-MAX_PRICE_PER_HOUR_USD = 10_000
 MAX_VENDOR_COUNT = 1_000_000_000
 _VENDOR_ID = r"^[A-Za-z0-9_.-]+$"
 _CREDENTIAL = r"^[\x21-\x7e]+$"  # visible ASCII: a valid bearer header value, nothing else
 _GpuType = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+
+
+_READ_ONLY: dict[str, Any] = {"readOnly": True}
+READ_ONLY_VENDOR_FIELDS = frozenset(
+    {
+        "created_at",
+        "updated_at",
+        "cooldown_until",
+        "has_credential",
+        "learned_reliability",
+        "hazard_per_hour",
+        "kind",
+        "cloud",
+    }
+)
+"""Fields of a vendor that its answers carry and a write ignores."""
 
 
 class VendorRegistration(Model):
@@ -207,6 +117,20 @@ class VendorRegistration(Model):
         description="Write-only bearer credential for this vendor alone (visible ASCII)",
         json_schema_extra={"writeOnly": True},
     )
+    # What `GET /api/vendors` answers beside the registry entry: accepted so that a vendor
+    # read can be written back as it is, and ignored (procure keeps or computes them)
+    created_at: datetime | None = Field(None, json_schema_extra=_READ_ONLY)
+    updated_at: datetime | None = Field(None, json_schema_extra=_READ_ONLY)
+    cooldown_until: datetime | None = Field(
+        None,
+        json_schema_extra=_READ_ONLY,
+        description="Read-only; `DELETE /api/vendors/{vendorId}/cooldown` clears it",
+    )
+    has_credential: bool | None = Field(None, json_schema_extra=_READ_ONLY)
+    learned_reliability: float | None = Field(None, json_schema_extra=_READ_ONLY)
+    hazard_per_hour: float | None = Field(None, json_schema_extra=_READ_ONLY)
+    kind: Literal["x402", "cloud"] | None = Field(None, json_schema_extra=_READ_ONLY)
+    cloud: dict[str, Any] | None = Field(None, json_schema_extra=_READ_ONLY)
 
     @field_validator("endpoint")
     @classmethod

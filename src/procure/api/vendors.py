@@ -1,5 +1,6 @@
-"""The vendors resource: the registry with learned reliability and hazard, and `PUT` of one
-vendor (its credential stored encrypted, never shown). Store calls run in a thread."""
+"""The vendors resource: the registry with learned reliability and hazard, `PUT` and `PATCH` of
+one vendor (its credential stored encrypted, never shown), clearing a cooldown. Store calls run
+in a thread."""
 
 from __future__ import annotations
 
@@ -8,17 +9,45 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from procure.agent.context import hazard, reliability
-from procure.api.schemas import VendorRegistration
+from procure.api.schemas import READ_ONLY_VENDOR_FIELDS, VendorRegistration
+from procure.bounds import UnsafeInput, loads
 from procure.models import Vendor
 from procure.settings import Settings
 from procure.store import Store, repo
 from procure.vendors.credentials import CredentialError, Keyring
 
 log = logging.getLogger(__name__)
+
+
+_KEPT = ("pay_to", "network", "asset")
+"""Optional registry fields a write that leaves them out keeps as stored."""
+_WRITABLE_JSON = frozenset(
+    VendorRegistration.model_fields[k].alias or k
+    for k in VendorRegistration.model_fields
+    if k not in READ_ONLY_VENDOR_FIELDS
+)
+
+
+def _named(changes: dict[str, Any]) -> set[str]:
+    """The attribute names of the fields a PATCH body names (camelCase or snake_case)."""
+    by_alias = {(f.alias or k): k for k, f in VendorRegistration.model_fields.items()}
+    return {by_alias.get(k, k) for k in changes} - READ_ONLY_VENDOR_FIELDS
+
+
+def _patch_schema() -> dict[str, Any]:
+    """PUT's schema with nothing required: a PATCH names only what changes."""
+    schema = VendorRegistration.model_json_schema(
+        by_alias=True, ref_template="#/components/schemas/{model}"
+    )
+    schema.pop("required", None)
+    schema["title"] = "VendorPatch"
+    return schema
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -54,15 +83,29 @@ def vendors_router(
             keyrings.append(Keyring.load(settings.home))
         return keyrings[0].encrypt(credential)
 
-    def save(vendor: Vendor, clear: bool) -> Vendor:
+    def save(body: VendorRegistration, credential: str | None, given: set[str]) -> Vendor | None:
+        """Write `body` over the stored vendor: fields left out keep their stored value (a
+        PUT that omits network and asset must not make the vendor unpayable), read-only ones
+        are ignored. `given`: the fields the request named. A PATCH (`given` smaller than the
+        body) needs the vendor to exist: None if it does not."""
+        partial = given != body.model_fields_set - READ_ONLY_VENDOR_FIELDS
         with store.session() as s:
+            stored = repo.get_vendor(s, body.vendor_id)
+            if stored is None and partial:
+                return None
+            vendor = body.to_vendor(credential)
+            if stored is not None:
+                kept = {k: getattr(stored, k) for k in _KEPT if k not in given}
+                # kind and cloud terms are the registry's own, never changed by this route
+                vendor = vendor.model_copy(
+                    update={**kept, "kind": stored.kind, "cloud": stored.cloud}
+                )
+            clear = "credential" in given and body.credential is None
             return repo.save_vendor(s, vendor, clear_credential=clear)
 
-    @router.put("/api/vendors/{vendor_id}", dependencies=[Depends(require_token)])
-    async def put_vendor(vendor_id: str, body: VendorRegistration) -> JSONResponse:
-        """Register or replace a vendor. `credential` is write-only: stored encrypted, sent to
-        this vendor alone, never shown (`hasCredential`). Left out, the stored one is kept
-        unless the endpoint changes; `null` drops it."""
+    async def write(
+        vendor_id: str, body: VendorRegistration, given: set[str] | None = None
+    ) -> JSONResponse:
         if body.vendor_id != vendor_id:
             return _error(400, "vendorId in the body differs from the path")
         credential = None
@@ -72,8 +115,72 @@ def vendors_router(
             except (CredentialError, OSError) as exc:
                 log.error("cannot keep vendor credentials: %s", type(exc).__name__)
                 return _error(503, f"cannot keep vendor credentials: {exc}")
-        clear = "credential" in body.model_fields_set and body.credential is None
-        saved = await asyncio.to_thread(save, body.to_vendor(credential), clear)
+        named = body.model_fields_set - READ_ONLY_VENDOR_FIELDS if given is None else given
+        saved = await asyncio.to_thread(save, body, credential, named)
+        if saved is None:
+            return _error(404, f"vendor {vendor_id} not found")
         return JSONResponse(saved.to_json())
+
+    @router.put("/api/vendors/{vendor_id}", dependencies=[Depends(require_token)])
+    async def put_vendor(vendor_id: str, body: VendorRegistration) -> JSONResponse:
+        """Register or replace a vendor. Optional fields left out (payTo, network, asset)
+        keep their stored value; `null` clears them. Read-only fields (as `GET` answers them)
+        are ignored, so a vendor read can be written back as it is. `credential` is
+        write-only: stored encrypted, sent to this vendor alone, never shown
+        (`hasCredential`). Left out, the stored one is kept unless the endpoint changes;
+        `null` drops it."""
+        return await write(vendor_id, body)
+
+    @router.patch(
+        "/api/vendors/{vendor_id}",
+        dependencies=[Depends(require_token)],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _patch_schema()}},
+            }
+        },
+    )
+    async def patch_vendor(vendor_id: str, request: Request) -> JSONResponse:
+        """Change only the fields given (any of `PUT`'s); 404 for an unknown vendor."""
+        try:
+            changes = loads(await request.body())
+        except UnsafeInput as exc:
+            return _error(400, f"invalid JSON: {exc}")
+        if not isinstance(changes, dict):
+            return _error(422, "invalid request: the body must be a JSON object")
+        stored = await asyncio.to_thread(_get, vendor_id)
+        if stored is None:
+            return _error(404, f"vendor {vendor_id} not found")
+        base = {
+            k: v
+            for k, v in stored.to_json().items()
+            if k in _WRITABLE_JSON and k not in ("credential",)
+        }
+        merged = {**base, "vendorId": vendor_id, **changes}
+        try:
+            body = VendorRegistration.model_validate(merged)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        # only what the patch named counts as given: the rest is kept as stored
+        return await write(vendor_id, body, _named(changes))
+
+    def _get(vendor_id: str) -> Vendor | None:
+        with store.session() as s:
+            return repo.get_vendor(s, vendor_id)
+
+    def clear(vendor_id: str) -> Vendor | None:
+        with store.session() as s:
+            return repo.clear_cooldown(s, vendor_id)
+
+    @router.delete("/api/vendors/{vendor_id}/cooldown", dependencies=[Depends(require_token)])
+    async def clear_vendor_cooldown(vendor_id: str) -> JSONResponse:
+        """End a vendor's cooldown now (after a failure planners keep off it for
+        VENDOR_COOLDOWN_S): for when an operator knows it is fixed."""
+        vendor = await asyncio.to_thread(clear, vendor_id)
+        if vendor is None:
+            return _error(404, f"vendor {vendor_id} not found")
+        log.info("vendor %s: cooldown cleared", vendor_id)
+        return JSONResponse(vendor.to_json())
 
     return router

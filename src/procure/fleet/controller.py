@@ -35,9 +35,10 @@ class ScanResult:
     recommendations: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -> None:
+def sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -> None:
     """The instance ledger follows the cloud: new ones start billing, vanished ones stop. An
-    instance named after one of our launch actions is ours, whoever recorded it."""
+    instance named after one of our launch actions is ours, whoever recorded it. Public: the
+    fleet benchmark's engine (`sim.fleet_engine`) keeps the ledger the same way."""
     seen = {i.id for i in listing}
     with ctx.store.session() as s:
         for i in listing:
@@ -62,7 +63,6 @@ def _sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -
         fleet_repo.end_instances(s, gone, now)
 
 
-sync_instances = _sync_instances  # public: the fleet benchmark's engine keeps the ledger too
 LIVE = ("booting", "active", "unhealthy")
 
 
@@ -152,7 +152,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         return result
     ctx.cloud_failures, ctx.backoff_until = 0, None
     result.instances = len(listing)
-    _sync_instances(ctx, listing, now)
+    sync_instances(ctx, listing, now)
     try:
         duplicates = await _terminate_duplicates(ctx, listing)
     except CloudError as exc:
@@ -169,7 +169,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
     if todo:  # what they launched or terminated is in the next listing; keep this one
         try:
             listing = await ctx.cloud.instances()
-            _sync_instances(ctx, listing, now)
+            sync_instances(ctx, listing, now)
         except CloudError as exc:
             result.error = clip(f"{type(exc).__name__}: {exc}", 500)
 

@@ -24,6 +24,7 @@ from procure.clouds.lambda_cloud.mock import MockCloud, start_mock_cloud
 from procure.clouds.lambda_cloud.mockstate import MockCloudConfig
 from procure.clouds.lambda_cloud.pacing import unpaced
 from procure.clouds.lambda_cloud.settings import LambdaSettings
+from procure.clouds.mockworld.workload import JobSpec
 from procure.fleet import actions
 from procure.fleet.context import FleetContext
 from procure.fleet.controller import run_controller
@@ -35,7 +36,6 @@ from procure.fleet.summary import summary
 from procure.httpbounds import bounded_client
 from procure.local import free_port
 from procure.models import utcnow
-from procure.sim.workload import JobSpec
 from procure.store import Store, fleet_repo, open_store
 
 API_KEY = "demo-lambda-key"

@@ -52,7 +52,7 @@ def retry_after(response: httpx.Response, attempts: int) -> float:
     return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
-def _drop(store: Store, message_id: int, error: str) -> None:
+def drop(store: Store, message_id: int, error: str) -> None:
     """Recorded (its last error says why) and no longer queued."""
     with store.session() as s:
         s.execute(
@@ -97,7 +97,7 @@ async def deliver_slack(
             if not transient or (status >= 500 and tries >= MAX_SERVER_ERROR_TRIES):
                 if transient or tries >= MAX_PERMANENT_TRIES:
                     log.error("Slack refused a message for good (%s); dropped it", error)
-                    _drop(store, message_id, error)
+                    drop(store, message_id, error)
                 else:
                     log.warning("Slack refused a message (%s); trying it again later", error)
                     with store.session() as s:  # due again at once: it holds nothing back

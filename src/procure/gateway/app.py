@@ -44,7 +44,7 @@ from procure.gateway.loop import run_loop
 from procure.gateway.pricing import amount_for, best_offer, sell_per_hour
 from procure.models import micros_to_usd, utcnow
 from procure.store.gateway_tables import GatewayJobRow, GatewayQuoteRow
-from procure.vendors.mock import _PaidChain
+from procure.vendors.mock_asgi import PaidChain as _PaidChain
 from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
     QUOTE_HEADER,

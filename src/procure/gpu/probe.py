@@ -84,6 +84,14 @@ class Probe:
         }
 
 
+def plainly(probe: Probe) -> str:
+    """What a person should read first: whether this machine has GPUs, and which."""
+    if probe.gpu_count == 0:
+        return f"no GPU on this machine ({probe.reason or 'NVML found none'})"
+    names = sorted({g.name or "unnamed GPU" for g in probe.gpus})
+    return f"{probe.gpu_count} GPU(s): {', '.join(names)}"
+
+
 def load_nvml() -> ModuleType | None:
     """The real `pynvml`, or None when nvidia-ml-py is not installed."""
     try:

@@ -26,38 +26,44 @@ second runs block time ahead of the wall clock by about one second per extra tra
 (it catches up when idle). EIP-3009 authorizations from our 402s stay valid for
 ``max_timeout_seconds`` (300 s), so only hundreds of back-to-back transactions would matter.
 
-`ChainFacilitatorSigner` implements the x402 SDK's ``FacilitatorEvmSigner`` protocol over a
-`LocalChain`, and `make_facilitator` wires it into an ``x402Facilitator`` for ``chain.network``.
-All chain access goes through one re-entrant lock, so an HTTP facilitator may call from many
-threads.
+The journal's file format lives in `chain_journal`; `ChainFacilitatorSigner` and
+`make_facilitator` (the x402 SDK's facilitator over a `LocalChain`) in `chain_facilitator`, both
+re-exported here. All chain access goes through one re-entrant lock, so an HTTP facilitator may
+call from many threads.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import threading
 import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_tester import EthereumTester, PyEVMBackend
 from eth_tester.backends.pyevm.main import get_default_account_state
-from eth_tester.exceptions import TransactionFailed
 from eth_utils import keccak, to_canonical_address, to_checksum_address
 from hexbytes import HexBytes
 from web3 import EthereumTesterProvider, Web3
-from x402 import x402Facilitator, x402FacilitatorSync
-from x402.mechanisms.evm.constants import MULTICALL3_ADDRESS, TX_STATUS_SUCCESS
-from x402.mechanisms.evm.data_suffix import append_data_suffix
-from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
-from x402.mechanisms.evm.types import TransactionReceipt, TypedDataDomain, TypedDataField
-from x402.mechanisms.evm.verify import verify_typed_data_strict
+from x402.mechanisms.evm.constants import TX_STATUS_SUCCESS
+
+from procure.payments.chain_facilitator import (
+    ChainFacilitatorSigner,
+    make_facilitator,
+    make_facilitator_sync,
+)
+from procure.payments.chain_journal import (
+    JOURNAL_VERSION,
+    JournalError,
+    JournalReplayError,
+    append_journal,
+    jsonable,
+    read_journal,
+    to_hex,
+)
 
 __all__ = [
     "CHAIN_KEY_SEED",
@@ -73,8 +79,6 @@ __all__ = [
 #: facilitator's settlement transactions. Fixed, so addresses survive restarts.
 CHAIN_KEY_SEED = b"procure.payments.chain/local-deployer/v1"
 
-JOURNAL_VERSION = 1
-
 _DEPLOY_GAS = 3_000_000
 _TX_GAS = 500_000
 # Fixed EIP-1559 fees keep signed transactions (and so tx hashes) deterministic. The base fee
@@ -85,37 +89,9 @@ _MAX_PRIORITY_FEE_PER_GAS = 1_000_000_000
 # strictly increasing timestamps) do not push block time far ahead of the wall clock.
 _GENESIS_LAG_SECONDS = 10
 
-_ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")
 _AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
 _TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
 _ZERO_TOPIC = b"\x00" * 32
-_REVERT_PREFIX = "execution reverted: "
-
-
-class JournalError(RuntimeError):
-    """The journal cannot be read or written consistently."""
-
-
-class JournalReplayError(JournalError):
-    """Replaying the journal did not reproduce the recorded chain."""
-
-
-def _hex(value: bytes | str) -> str:
-    """Return ``value`` as a lowercase 0x-prefixed hex string."""
-    if isinstance(value, str):
-        return value.lower() if value.startswith("0x") else "0x" + value.lower()
-    return "0x" + bytes(value).hex()
-
-
-def _jsonable(value: Any) -> Any:
-    """Convert contract-call arguments into JSON-friendly values (bytes become hex)."""
-    if isinstance(value, bytes | bytearray):
-        return _hex(bytes(value))
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    return value
 
 
 def _load_token_artifact() -> dict[str, Any]:
@@ -149,7 +125,7 @@ class LocalChain:
         self._nonce_transfers: dict[tuple[str, str], tuple[str, int]] = {}  # -> (to, value)
         self._minted: dict[str, int] = {}  # address (lower case) -> all ever minted to it
 
-        entries = self._read_journal()
+        entries = read_journal(self._journal_path)
         genesis_entry = entries[0] if entries and entries[0].get("op") == "genesis" else None
         if entries and genesis_entry is None:
             raise JournalError(f"{self._journal_path}: first line is not a genesis record")
@@ -184,7 +160,8 @@ class LocalChain:
 
         if genesis_entry is None:
             if self._journal_path is not None:
-                self._append_journal(
+                append_journal(
+                    self._journal_path,
                     {
                         "v": JOURNAL_VERSION,
                         "op": "genesis",
@@ -192,7 +169,7 @@ class LocalChain:
                         "chain_id": self.chain_id,
                         "key_address": self._account.address,
                         "token": self.token_address,
-                    }
+                    },
                 )
         else:
             if genesis_entry.get("token") != self.token_address:
@@ -251,7 +228,7 @@ class LocalChain:
                 "from": log["args"]["from"],
                 "to": log["args"]["to"],
                 "value": int(log["args"]["value"]),
-                "tx_hash": _hex(log["transactionHash"]),
+                "tx_hash": to_hex(log["transactionHash"]),
                 "block_number": int(log["blockNumber"]),
                 "log_index": int(log["logIndex"]),
             }
@@ -271,8 +248,8 @@ class LocalChain:
         return [
             {
                 "authorizer": log["args"]["authorizer"],
-                "nonce": _hex(log["args"]["nonce"]),
-                "tx_hash": _hex(log["transactionHash"]),
+                "nonce": to_hex(log["args"]["nonce"]),
+                "tx_hash": to_hex(log["transactionHash"]),
                 "block_number": int(log["blockNumber"]),
             }
             for log in logs
@@ -281,11 +258,11 @@ class LocalChain:
     def transaction_for_nonce(self, authorizer: str, nonce_hex: str) -> str | None:
         """The hash of the transaction that used ``authorizer``'s EIP-3009 ``nonce_hex``."""
         with self._lock:
-            return self._used_nonces.get((authorizer.lower(), _hex(HexBytes(nonce_hex))))
+            return self._used_nonces.get((authorizer.lower(), to_hex(HexBytes(nonce_hex))))
 
     def settlement_for_nonce(self, authorizer: str, nonce_hex: str) -> dict[str, Any] | None:
         """What ``authorizer``'s EIP-3009 ``nonce_hex`` paid: tx hash, payee and amount."""
-        key = (authorizer.lower(), _hex(HexBytes(nonce_hex)))
+        key = (authorizer.lower(), to_hex(HexBytes(nonce_hex)))
         with self._lock:
             tx = self._used_nonces.get(key)
             if tx is None:
@@ -308,7 +285,7 @@ class LocalChain:
             if to_checksum_address(log["address"]) != self.token_address or len(topics) != 3:
                 continue
             if topics[0] == _AUTHORIZATION_USED_TOPIC:
-                used.append(("0x" + topics[1][-20:].hex(), _hex(topics[2])))
+                used.append(("0x" + topics[1][-20:].hex(), to_hex(topics[2])))
             elif topics[0] == _TRANSFER_TOPIC:
                 source, to = "0x" + topics[1][-20:].hex(), "0x" + topics[2][-20:].hex()
                 value = int.from_bytes(bytes(log["data"]))
@@ -357,10 +334,11 @@ class LocalChain:
             raw, nonce = self._sign(target, data, gas=_TX_GAS)
             snapshot = self._tester.take_snapshot()
             try:
-                tx_hash = _hex(self._w3.eth.send_raw_transaction(raw))
+                tx_hash = to_hex(self._w3.eth.send_raw_transaction(raw))
                 receipt = self._w3.eth.get_transaction_receipt(tx_hash)
                 block = self._w3.eth.get_block(receipt["blockNumber"])
-                self._append_journal(
+                append_journal(
+                    self._journal_path,
                     {
                         "v": JOURNAL_VERSION,
                         "op": "tx",
@@ -368,11 +346,11 @@ class LocalChain:
                         "nonce": nonce,
                         "to": target,
                         "function": function,
-                        "args": _jsonable(args),
+                        "args": jsonable(args),
                         "tx_hash": tx_hash,
                         "status": int(receipt["status"]),
-                        "raw_tx": _hex(raw),
-                    }
+                        "raw_tx": to_hex(raw),
+                    },
                 )
             except BaseException:
                 # Not journaled means it never happened: undo it before anyone can see it.
@@ -405,7 +383,7 @@ class LocalChain:
     def receipt(self, tx_hash: str) -> dict[str, Any]:
         """The mined receipt of ``tx_hash`` (every sent transaction is mined at once)."""
         with self._lock:
-            return dict(self._w3.eth.get_transaction_receipt(_hex(tx_hash)))
+            return dict(self._w3.eth.get_transaction_receipt(to_hex(tx_hash)))
 
     def block_timestamp(self) -> int:
         """Timestamp of the latest mined block."""
@@ -423,7 +401,7 @@ class LocalChain:
             return fn.call(self._call_opts(), block_identifier="pending")
 
     def _eth_call(self, to: str, data: bytes, *, pending: bool) -> bytes:
-        tx = {"from": self._account.address, "to": to, "data": _hex(data)}
+        tx = {"from": self._account.address, "to": to, "data": to_hex(data)}
         block = "pending" if pending else "latest"
         return bytes(self._w3.eth.call(tx, block_identifier=block))  # type: ignore[arg-type]
 
@@ -453,7 +431,7 @@ class LocalChain:
             "maxFeePerGas": _MAX_FEE_PER_GAS,
             "maxPriorityFeePerGas": _MAX_PRIORITY_FEE_PER_GAS,
             "value": 0,
-            "data": _hex(data),
+            "data": to_hex(data),
         }
         if to is not None:
             tx["to"] = to
@@ -476,7 +454,7 @@ class LocalChain:
                     raise JournalReplayError(f"journal line {index}: unknown op {entry.get('op')}")
                 self._refresh_pending_timestamp(int(entry["timestamp"]))
                 try:
-                    tx_hash = _hex(self._w3.eth.send_raw_transaction(HexBytes(entry["raw_tx"])))
+                    tx_hash = to_hex(self._w3.eth.send_raw_transaction(HexBytes(entry["raw_tx"])))
                 except Exception as exc:
                     raise JournalReplayError(f"journal line {index}: rejected: {exc}") from exc
                 receipt = self._w3.eth.get_transaction_receipt(tx_hash)
@@ -487,248 +465,3 @@ class LocalChain:
                         f"journal line {index}: replay gave {tx_hash} status {status}, "
                         f"journal has {entry['tx_hash']} status {entry['status']}"
                     )
-
-    def _read_journal(self) -> list[dict[str, Any]]:
-        """Parse the journal, dropping (and truncating away) a torn final line."""
-        path = self._journal_path
-        if path is None or not path.exists():
-            return []
-        blob = path.read_bytes()
-        cut = blob.rfind(b"\n") + 1
-        if cut < len(blob):
-            # The last write never finished (no newline), so it was never acknowledged.
-            with path.open("r+b") as fh:
-                fh.truncate(cut)
-                fh.flush()
-                os.fsync(fh.fileno())
-        entries: list[dict[str, Any]] = []
-        for number, line in enumerate(blob[:cut].split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise JournalError(f"{path}:{number}: corrupt journal line") from exc
-        return entries
-
-    def _append_journal(self, entry: dict[str, Any]) -> None:
-        """Append one line and fsync; on failure, truncate back and re-raise."""
-        path = self._journal_path
-        if path is None:
-            return
-        line = (json.dumps(entry, separators=(",", ":"), sort_keys=True) + "\n").encode()
-        created = not path.exists()
-        if created:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab") as fh:
-            start = fh.tell()
-            try:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
-            except BaseException:
-                fh.truncate(start)
-                raise
-        if created:
-            _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a newly created file's directory entry durable (best effort on odd filesystems)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-_HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-
-
-def _checksum_args(args: Sequence[Any]) -> list[Any]:
-    """Contract call arguments with every hex address in EIP-55 form: web3 refuses lowercase
-    ones, and a vendor's requirements (so the authorisation's `to`) may carry them."""
-    return [
-        to_checksum_address(a) if isinstance(a, str) and _HEX_ADDRESS.match(a) else a for a in args
-    ]
-
-
-def _revert_payload(exc: TransactionFailed) -> bytes:
-    """Re-encode an eth-tester revert as ``Error(string)`` return data."""
-    message = str(exc.args[0]) if exc.args else str(exc)
-    reason = message.removeprefix(_REVERT_PREFIX)
-    return _ERROR_STRING_SELECTOR + abi_encode(["string"], [reason])
-
-
-class ChainFacilitatorSigner:
-    """The x402 SDK's ``FacilitatorEvmSigner`` protocol, backed by a `LocalChain`.
-
-    Reads run against the pending block at the current time; ``write_contract`` and
-    ``send_transaction`` are simulated first (a revert raises with the contract's reason,
-    which the SDK maps to its error codes) and then mined and journaled by the chain.
-    Multicall3 does not exist on the local chain, so ``tryAggregate`` calls to its canonical
-    address are answered by running each sub-call in turn.
-    """
-
-    def __init__(self, chain: LocalChain) -> None:
-        self._chain = chain
-
-    @property
-    def address(self) -> str:
-        """The facilitator's settlement address."""
-        return self._chain.facilitator_address
-
-    def get_addresses(self) -> list[str]:
-        """Addresses this facilitator settles from (one)."""
-        return [self._chain.facilitator_address]
-
-    def read_contract(
-        self,
-        address: str,
-        abi: list[dict[str, Any]],
-        function_name: str,
-        *args: Any,
-    ) -> Any:
-        """Call a view (or simulate a write) and return the decoded result."""
-        if (
-            function_name == "tryAggregate"
-            and to_checksum_address(address) == to_checksum_address(MULTICALL3_ADDRESS)
-            and not self._chain.code_at(address)
-        ):
-            return self._try_aggregate(bool(args[0]), args[1])
-        contract = self._chain.contract(address, abi)
-        return self._chain.read(contract.functions[function_name](*_checksum_args(args)))
-
-    def verify_typed_data(
-        self,
-        address: str,
-        domain: TypedDataDomain,
-        types: dict[str, list[TypedDataField]],
-        primary_type: str,
-        message: dict[str, Any],
-        signature: bytes,
-    ) -> bool:
-        """Verify an EIP-712 signature as the chain would (ecrecover, or EIP-1271 for code)."""
-        return verify_typed_data_strict(
-            self,
-            address,
-            domain,
-            types,  # type: ignore[arg-type]
-            primary_type,
-            message,
-            signature,
-        )
-
-    def write_contract(
-        self,
-        address: str,
-        abi: list[dict[str, Any]],
-        function_name: str,
-        *args: Any,
-        data_suffix: str | None = None,
-    ) -> str:
-        """Encode, simulate, send and journal a contract call; return the tx hash."""
-        contract = self._chain.contract(address, abi)
-        args = tuple(_checksum_args(args))
-        encoded = _hex(contract.encode_abi(function_name, list(args)))
-        calldata = append_data_suffix(encoded, data_suffix)
-        names = next(
-            (
-                [item.get("name") or f"arg{i}" for i, item in enumerate(entry.get("inputs", []))]
-                for entry in abi
-                if entry.get("type") == "function" and entry.get("name") == function_name
-            ),
-            [f"arg{i}" for i in range(len(args))],
-        )
-        return self._chain.transact(
-            address,
-            bytes(HexBytes(calldata)),
-            function=function_name,
-            args=dict(zip(names, args, strict=False)),
-        )
-
-    def send_transaction(self, to: str, data: bytes) -> str:
-        """Simulate, send and journal a raw call; return the tx hash."""
-        return self._chain.transact(to, bytes(data), function="", args=None)
-
-    def wait_for_transaction_receipt(self, tx_hash: str) -> TransactionReceipt:
-        """Receipt of a (already mined) transaction, logs as plain hex dicts."""
-        receipt = self._chain.receipt(tx_hash)
-        logs = [
-            {
-                "address": to_checksum_address(log["address"]),
-                "topics": [_hex(topic) for topic in log["topics"]],
-                "data": _hex(log["data"]),
-            }
-            for log in receipt.get("logs") or []
-        ]
-        return TransactionReceipt(
-            status=int(receipt["status"]),
-            block_number=int(receipt["blockNumber"]),
-            tx_hash=_hex(tx_hash),
-            logs=logs,
-        )
-
-    def get_balance(self, address: str, token_address: str) -> int:
-        """Token balance, or the native balance for the zero/empty token address."""
-        if not token_address or int(token_address, 16) == 0:
-            return self._chain.native_balance(address)
-        if to_checksum_address(token_address) == self._chain.token_address:
-            return self._chain.balance_of(address)
-        contract = self._chain.contract(token_address, self._chain.token_abi)
-        return int(self._chain.read(contract.functions.balanceOf(to_checksum_address(address))))
-
-    def get_chain_id(self) -> int:
-        """The local chain's id (eth-tester: 131277322940537)."""
-        return self._chain.chain_id
-
-    def get_code(self, address: str) -> bytes:
-        """Bytecode at ``address`` (empty for an EOA)."""
-        return self._chain.code_at(address)
-
-    def _try_aggregate(
-        self, require_success: bool, calls: Sequence[Sequence[Any]]
-    ) -> list[tuple[bool, bytes]]:
-        results: list[tuple[bool, bytes]] = []
-        for target, call_data in calls:
-            try:
-                results.append((True, self._chain.call(str(target), bytes(HexBytes(call_data)))))
-            except TransactionFailed as exc:
-                if require_success:
-                    raise
-                results.append((False, _revert_payload(exc)))
-        return results
-
-
-_F = TypeVar("_F", x402Facilitator, x402FacilitatorSync)
-
-
-def _register(facilitator: _F, chain: LocalChain, config: ExactEvmSchemeConfig | None) -> _F:
-    scheme = ExactEvmFacilitatorScheme(
-        ChainFacilitatorSigner(chain),
-        config or ExactEvmSchemeConfig(eip6492_allowed_factories=[], simulate_in_settle=False),
-    )
-    facilitator.register([chain.network], scheme)
-    return facilitator
-
-
-def make_facilitator(
-    chain: LocalChain, config: ExactEvmSchemeConfig | None = None
-) -> x402Facilitator:
-    """An async ``x402Facilitator`` settling 'exact' EVM payments on ``chain.network``.
-
-    ERC-6492 smart-wallet deployment stays disabled (no factory is allow-listed).
-    """
-    return _register(x402Facilitator(), chain, config)
-
-
-def make_facilitator_sync(
-    chain: LocalChain, config: ExactEvmSchemeConfig | None = None
-) -> x402FacilitatorSync:
-    """Like `make_facilitator`, but the synchronous ``x402FacilitatorSync``."""
-    return _register(x402FacilitatorSync(), chain, config)

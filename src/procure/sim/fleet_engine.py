@@ -15,13 +15,13 @@ from pathlib import Path
 from procure.clouds.base import CapacityError, CloudError, Instance, InstanceType, QuotaError
 from procure.clouds.lambda_cloud.catalogue import TYPES
 from procure.clouds.lambda_cloud.mockstate import MockCloudConfig, MockCloudState, Refusal
+from procure.clouds.mockworld.workload import JobSpec
 from procure.fleet import actions, monitor
 from procure.fleet.context import FleetContext
 from procure.fleet.controller import sync_instances
 from procure.fleet.policies import FleetSignal, Policy
 from procure.fleet.settings import FleetSettings
 from procure.httpbounds import bounded_client
-from procure.sim.workload import JobSpec
 from procure.store import fleet_repo, open_store
 from procure.store.fleet_tables import FleetSampleRow
 

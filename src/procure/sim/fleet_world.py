@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from procure.clouds.base import InstanceType
+from procure.clouds.mockworld.placement import Cluster, percentile
+from procure.clouds.mockworld.workload import JobSpec
 from procure.fleet.monitor import InstanceView
 from procure.fleet.policies import FleetSignal, Policy
 from procure.fleet.policy import PROVISION, TERMINATE, Proposal
 from procure.fleet.settings import FleetSettings
-from procure.sim.placement import Cluster, percentile
-from procure.sim.workload import JobSpec
 from procure.store.fleet_tables import FleetInstanceRow, FleetSampleRow
 
 BASE = datetime(2026, 1, 5, tzinfo=UTC)

@@ -18,22 +18,21 @@ first), and so do status lookups by that key; a paid key answers its job again, 
 job is started, and paid for, at most once per key, and a key's status is never read while a
 submission with it is half-way. `GET /admin/stats` counts submissions, paid starts and replays
 per key, for the tests to prove it.
+
+This module holds the routes; the jobs' clock is `mock_jobs`, the config and faults
+`mock_config`, the ASGI plumbing `mock_asgi` (their public names are re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 from x402 import x402ResourceServer
@@ -50,232 +49,32 @@ from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
 from procure.models import format_usd, micros_to_usd, usd_to_micros
 from procure.payments.x402v1 import PAYMENT_RESPONSE, X_PAYMENT_RESPONSE, x402_edge
+from procure.vendors import mock_jobs
+from procure.vendors.mock_asgi import Innermost, PaidChain
+from procure.vendors.mock_config import (
+    FOREIGN_ASSET,
+    FOREIGN_NETWORK,
+    FOREIGN_PAYEE,
+    Faults,
+    MockVendorConfig,
+)
 from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
     QUOTE_HEADER,
     QuoteRequest,
     RenewRequest,
     SubmitRequest,
-    VendorJob,
 )
 
-FOREIGN_PAYEE = "0x000000000000000000000000000000000000dEaD"
-FOREIGN_ASSET = "0x00000000000000000000000000000000DeaDBeef"
-FOREIGN_NETWORK = "eip155:8453"  # Base mainnet: real money, never ours to pay on
-
-
-class Faults(BaseModel):
-    """Faults to inject; each applies to the endpoints named in `endpoints` (all if empty)."""
-
-    error500: bool = False
-    garbage: bool = False
-    hang_seconds: float = 0.0
-    refuse_capacity: bool = False
-    overcharge_factor: float = Field(1.0, ge=0)
-    foreign_payee: bool = False
-    foreign_asset: bool = False
-    foreign_network: bool = False
-    lowercase_addresses: bool = False  # payee and asset not EIP-55 checksummed, as some send
-    answer_delay_s: float = Field(0.0, ge=0)  # submit-job: settle, then answer this late
-    # A hostile vendor's answers (the agent must record an error and move on, never crash):
-    deep_json: bool = False  # 100,000 nested `[` instead of an answer
-    drip_bytes_per_s: float = Field(0.0, ge=0)  # the answer one byte at a time, this fast
-    wrong_types: bool = False  # JSON whose fields have the wrong types
-    huge_line_bytes: int = Field(0, ge=0, le=64 << 20)  # job-status: one log line this long
-    extra_log_lines: int = Field(0, ge=0, le=1_000_000)  # job-status: this many more lines
-    nul_in_logs: bool = False  # job-status: a log line and the error with NUL characters
-    huge_error_bytes: int = Field(0, ge=0, le=64 << 20)  # a failed job's error this long
-    progress_lie: Literal["", "regress", "early_complete", "stuck"] = ""  # from 30% on
-    endpoints: list[str] = Field(default_factory=list)
-
-
-@dataclass
-class MockVendorConfig:
-    vendor_id: str
-    name: str
-    price_per_hour: int  # micro-USD
-    secret: str
-    pay_to: str
-    network: str
-    asset: str
-    asset_extra: dict[str, Any]
-    gpu_types: list[str] = field(default_factory=lambda: ["A10", "A100", "H100"])
-    job_seconds: float = 6.0
-    fail_rate: float = 0.0
-    fail_at: float = 0.47
-    checkpoint_every: float = 0.25
-    faults: Faults = field(default_factory=Faults)
-    grace_seconds: float | None = None  # a job out of paid time waits this long for a renewal
-    x402_versions: tuple[int, ...] = (1, 2)  # the x402 versions its 402s offer and it accepts
-
-
-@dataclass
-class _Job:
-    job_id: str
-    key: str
-    quote: dict[str, Any]
-    params: dict[str, Any]
-    checkpoint_url: str | None
-    will_fail: bool
-    paid: bool = False
-    cancelled: bool = False
-    total_hours: float = 1.0  # the whole run's work, against which progress is measured
-    paid_hours: float = 0.0  # the job runs until its progress has used these up
-    base: float = 0.0  # progress when the current stretch of running began
-    since: float | None = None  # clock time it began (None: not paid yet)
-
-
-def _start(job: _Job, now: float) -> None:
-    """The submission was paid: the job runs from its checkpoint for the hours quoted."""
-    job.paid = True
-    job.total_hours = float(job.params.get("totalHours") or job.quote["hours"])
-    job.paid_hours = float(job.quote["hours"])
-    job.base = _progress_start(job.checkpoint_url)
-    job.since = now
-
-
-def _limit(job: _Job) -> float:
-    """The progress at which the job's paid time runs out."""
-    return min(1.0, _progress_start(job.checkpoint_url) + job.paid_hours / job.total_hours)
-
-
-def _progress(cfg: MockVendorConfig, job: _Job, now: float) -> float:
-    if job.since is None:
-        return _progress_start(job.checkpoint_url)
-    return min(_limit(job), 1.0, job.base + (now - job.since) / cfg.job_seconds)
-
-
-def _expired(cfg: MockVendorConfig, job: _Job, now: float) -> bool:
-    limit = _limit(job)
-    if limit >= 1.0 - 1e-9 or job.since is None:
-        return False
-    ran_out = job.since + (limit - job.base) * cfg.job_seconds
-    grace = cfg.grace_seconds if cfg.grace_seconds is not None else max(1.0, cfg.job_seconds)
-    return now > ran_out + grace
-
-
-def _renew(cfg: MockVendorConfig, job: _Job, hours: float, now: float) -> None:
-    """A slice was paid: more hours; a job paused at its paid limit runs again from there."""
-    progress = _progress(cfg, job, now)
-    if progress >= _limit(job) - 1e-9:
-        job.base, job.since = progress, now
-    job.paid_hours += hours
-
-
-def _fails(job_key: str, rate: float) -> bool:
-    # Deterministic per job: the same submission always fails or always succeeds.
-    digest = hashlib.sha256(job_key.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < rate
-
-
-def _progress_start(checkpoint_url: str | None) -> float:
-    if not checkpoint_url or "step=" not in checkpoint_url:
-        return 0.0
-    try:
-        return min(0.99, float(checkpoint_url.rsplit("step=", 1)[1]))
-    except ValueError:
-        return 0.0
-
-
-def _view(cfg: MockVendorConfig, job: _Job, now: float) -> VendorJob:
-    """The job as the vendor reports it, computed from the clock: no background tasks."""
-    epochs = int(job.params.get("epochs", 3))
-    start = _progress_start(job.checkpoint_url)
-    progress = _progress(cfg, job, now)
-    logs = [f"Job {job.job_id} started on {job.quote['gpuType']} at {cfg.name}"]
-    if start:
-        logs.append(f"Resumed from checkpoint {job.checkpoint_url}")
-    failed = job.will_fail and progress >= cfg.fail_at
-    if failed:
-        progress = cfg.fail_at
-    for epoch in range(1, epochs + 1):
-        if progress + 1e-9 >= epoch / epochs and epoch / epochs > start:
-            logs.append(f"Epoch {epoch}/{epochs} loss={1.5 * 0.6 ** (epoch - 1):.2f}")
-    # Checkpoints at whole multiples of the job's checkpointEvery; until the first one past
-    # the resumed checkpoint, that one is still the latest.
-    every = float(job.params.get("checkpointEvery") or cfg.checkpoint_every)
-    saved, saved_url = start, job.checkpoint_url if start else None
-    n = 1
-    while n * every <= progress + 1e-9 and n * every < 1 - 1e-9:
-        if n * every > start + 1e-9:
-            saved = n * every
-            saved_url = f"https://mock-storage/{cfg.vendor_id}/{job.job_id}/ckpt?step={saved:.6f}"
-        n += 1
-    base = {
-        "job_id": job.job_id,
-        "logs": logs,
-        "checkpoint_url": saved_url,
-        "checkpoint_progress": round(saved, 6) if saved_url else None,
-        "paid_hours": job.paid_hours,
-        "amount": job.quote["amount"],
-    }
-    faults = cfg.faults
-    if faults.huge_line_bytes:
-        logs.append("x" * faults.huge_line_bytes)
-    logs.extend(f"debug line {i}" for i in range(faults.extra_log_lines))
-    if faults.nul_in_logs:
-        logs.append("binary\x00garbage\x00")
-    if faults.progress_lie and progress >= 0.3:
-        if faults.progress_lie == "regress":
-            return VendorJob(status="running", progress=0.05, **base)
-        if faults.progress_lie == "early_complete":
-            return VendorJob(status="completed", progress=0.3, **base)
-        return VendorJob(status="running", progress=0.3, **base)  # stuck
-    if job.cancelled:
-        return VendorJob(status="cancelled", progress=progress, **base)
-    if failed:
-        error = f"Vendor crashed at {round(progress * 100)}% progress"
-        return VendorJob(status="failed", progress=progress, error=error, **base)
-    if progress < 1.0 and _expired(cfg, job, now):
-        logs.append(f"Paid time ran out at {progress:.0%}; job stopped")
-        return VendorJob(status="expired", progress=progress, **base)
-    if progress >= 1.0:
-        logs.append("Training complete; artifact uploaded")
-        return VendorJob(
-            status="completed",
-            progress=1.0,
-            metrics={"finalLoss": round(1.5 * 0.6 ** (epochs - 1), 4), "epochs": epochs},
-            artifact_url=f"https://mock-storage/{cfg.vendor_id}/model-final.bin",
-            **base,
-        )
-    return VendorJob(status="running", progress=progress, **base)
-
-
-class _Innermost:
-    """Pure ASGI middleware calling `handler(scope, receive, send, inner)` for HTTP requests."""
-
-    def __init__(self, app: ASGIApp, handler: Callable[..., Awaitable[None]]) -> None:
-        self.app, self.handler = app, handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        await self.handler(scope, receive, send, self.app)
-
-
-_UNPAID_POSTS = frozenset({"/quote", "/cancel-job", "/admin/faults"})
-
-
-class _PaidChain:
-    """Runs `chain` (`@app.middleware("http")`-style functions, innermost first) only for
-    requests they can act on: POSTs other than the unpaid routes. The rest go straight in,
-    without a BaseHTTPMiddleware layer (a task group and a stream each) per function."""
-
-    def __init__(self, app: ASGIApp, chain: list[Callable[..., Awaitable[Response]]]) -> None:
-        self.app = app
-        paid: ASGIApp = app
-        for dispatch in chain:
-            paid = BaseHTTPMiddleware(paid, dispatch=dispatch)
-        self.paid = paid
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"] not in _UNPAID_POSTS
-        ):
-            return await self.paid(scope, receive, send)
-        await self.app(scope, receive, send)
+__all__ = [
+    "FOREIGN_ASSET",
+    "FOREIGN_NETWORK",
+    "FOREIGN_PAYEE",
+    "Faults",
+    "MockVendorConfig",
+    "PaidChain",
+    "create_mock_vendor_app",
+]
 
 
 def create_mock_vendor_app(
@@ -287,8 +86,8 @@ def create_mock_vendor_app(
     """The vendor service; `facilitator` is an x402 facilitator client (HTTP or in-process)."""
     app = FastAPI(title=f"mock GPU vendor {cfg.vendor_id}")
     quotes: dict[str, dict[str, Any]] = {}
-    jobs: dict[str, _Job] = {}
-    by_key: dict[str, _Job] = {}
+    jobs: dict[str, mock_jobs.MockJob] = {}
+    by_key: dict[str, mock_jobs.MockJob] = {}
     key_locks: dict[str, asyncio.Lock] = {}
     stats: dict[str, dict[str, int]] = {}  # per key: submissions, paid starts, replays
 
@@ -403,18 +202,18 @@ def create_mock_vendor_app(
                 existing = by_key.get(key)
                 if existing is not None and existing.paid:
                     count(key, "replays")
-                    view = _view(cfg, existing, clock())
+                    view = mock_jobs.view(cfg, existing, clock())
                     return JSONResponse(view.to_json(), headers={"X-Idempotent-Replay": "true"})
                 response = await call_next(request)
                 job = by_key.get(key)
                 if job is not None and not job.paid:
                     if response.status_code == 200 and PAYMENT_RESPONSE in response.headers:
-                        _start(job, clock())
+                        mock_jobs.start_paid(job, clock())
                         count(key, "started")
                         # The route answered before the payment settled: answer the job as
                         # it now is (paid, its hours running), as a replay would.
                         response = JSONResponse(
-                            _view(cfg, job, clock()).to_json(),
+                            mock_jobs.view(cfg, job, clock()).to_json(),
                             headers={
                                 name: response.headers[name]
                                 for name in (PAYMENT_RESPONSE, X_PAYMENT_RESPONSE)
@@ -453,7 +252,7 @@ def create_mock_vendor_app(
                 done = renewals.get(key)
                 if done is not None and done[2]:
                     count(key, "replays")
-                    view = _view(cfg, jobs[done[0]], clock())
+                    view = mock_jobs.view(cfg, jobs[done[0]], clock())
                     return JSONResponse(view.to_json(), headers={"X-Idempotent-Replay": "true"})
                 response = await call_next(request)
                 pending = renewals.get(key)
@@ -465,9 +264,9 @@ def create_mock_vendor_app(
                 job_id, hours, _ = pending
                 renewals[key] = (job_id, hours, True)
                 count(key, "started")
-                _renew(cfg, jobs[job_id], hours, clock())
+                mock_jobs.renew(cfg, jobs[job_id], hours, clock())
                 return JSONResponse(
-                    _view(cfg, jobs[job_id], clock()).to_json(),
+                    mock_jobs.view(cfg, jobs[job_id], clock()).to_json(),
                     headers={
                         name: response.headers[name]
                         for name in (PAYMENT_RESPONSE, X_PAYMENT_RESPONSE)
@@ -480,9 +279,9 @@ def create_mock_vendor_app(
     # Innermost first: faults, then (POST only) the x402 payment, the foreign-network fault,
     # the x402 v1 edge and the idempotent submit/renew wrappers. The latter act only on POSTs
     # to the paid routes (a 402 comes only from the payment middleware): GETs and quotes skip them.
-    app.add_middleware(_Innermost, handler=inject_faults)
+    app.add_middleware(Innermost, handler=inject_faults)
     app.add_middleware(
-        _PaidChain,
+        PaidChain,
         chain=[paying, foreign_network, x402_versions, idempotent_submit, idempotent_renew],
     )
     app.add_middleware(BoundedRequests)  # outermost: before any parser or the payment
@@ -517,17 +316,17 @@ def create_mock_vendor_app(
         quote = quotes.get(body.quote_id)
         if quote is None:
             return JSONResponse({"error": f"unknown quote {body.quote_id}"}, 400)
-        job = _Job(
+        job = mock_jobs.MockJob(
             job_id=f"vgpu-{uuid.uuid4().hex[:8]}",
             key=idempotency_key,
             quote=quote,
             params=body.job_params,
             checkpoint_url=body.checkpoint_url,
-            will_fail=_fails(idempotency_key, cfg.fail_rate),
+            will_fail=mock_jobs.fails(idempotency_key, cfg.fail_rate),
         )
         jobs[job.job_id] = job
         by_key[idempotency_key] = job
-        return JSONResponse(_view(cfg, job, clock()).to_json())
+        return JSONResponse(mock_jobs.view(cfg, job, clock()).to_json())
 
     @app.post("/renew-job", dependencies=[Depends(authorize)])
     async def renew_job(
@@ -539,7 +338,7 @@ def create_mock_vendor_app(
             return JSONResponse({"error": f"no such job {body.job_id}"}, 404)
         if quote is None:
             return JSONResponse({"error": f"unknown quote {body.quote_id}"}, 400)
-        view = _view(cfg, job, clock())
+        view = mock_jobs.view(cfg, job, clock())
         if view.status != "running":
             return JSONResponse({"error": f"job {job.job_id} is {view.status}"}, 409)
         renewals[idempotency_key] = (job.job_id, float(quote["hours"]), False)
@@ -557,7 +356,7 @@ def create_mock_vendor_app(
                 job = by_key.get(idempotency_key or "")
         if job is None or not job.paid:
             return JSONResponse({"error": "no such job"}, 404)
-        answer = _view(cfg, job, clock()).to_json()
+        answer = mock_jobs.view(cfg, job, clock()).to_json()
         if answer.get("error") and cfg.faults.huge_error_bytes:  # past the protocol's own clip
             answer["error"] += "; core dump: " + "E" * cfg.faults.huge_error_bytes
         return JSONResponse(answer)
@@ -568,7 +367,7 @@ def create_mock_vendor_app(
         if job is None:
             return JSONResponse({"error": "no such job"}, 404)
         job.cancelled = True
-        return JSONResponse(_view(cfg, job, clock()).to_json())
+        return JSONResponse(mock_jobs.view(cfg, job, clock()).to_json())
 
     @app.get("/admin/stats", dependencies=[Depends(authorize)])
     async def admin_stats() -> dict[str, Any]:
@@ -599,15 +398,15 @@ def create_mock_vendor_app(
             "amount": amount,
             "currency": "USD",
         }
-        job = _Job(
+        job = mock_jobs.MockJob(
             job_id=job_id,
             key=key,
             quote=quote,
             params=params,
             checkpoint_url=None,
-            will_fail=_fails(key, cfg.fail_rate),
+            will_fail=mock_jobs.fails(key, cfg.fail_rate),
         )
-        _start(job, clock())
+        mock_jobs.start_paid(job, clock())
         jobs[job_id] = job
         by_key[key] = job
 

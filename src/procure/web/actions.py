@@ -11,15 +11,24 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from procure.agent import metrics, runlog
 from procure.agent.cancel import request_cancel
-from procure.agent.loop_thread import AgentLoop
+from procure.agent.start_request import StartRequest, problems
 from procure.agent.worker import LeaseHeld
-from procure.api import metrics
-from procure.api.schemas import StartRequest, problems
+from procure.loopthread import AgentLoop
 from procure.models import Run, RunStatus, utcnow
 from procure.store import Store, repo
 
 NUMBERS = ("budgetTotal", "hours", "deadlineHours")
+LABELS = {
+    "goal": "Goal",
+    "budgetTotal": "Budget (US dollars)",
+    "gpuType": "GPU type",
+    "hours": "GPU hours",
+    "deadlineHours": "Deadline (hours from now)",
+    "userId": "User",
+}
+"""The start form's labels (templates/start.html) by the API field each one fills."""
 
 
 def start_request(form: dict[str, str]) -> tuple[StartRequest | None, list[str]]:
@@ -37,7 +46,9 @@ def start_request(form: dict[str, str]) -> tuple[StartRequest | None, list[str]]
     try:
         return StartRequest.model_validate(body), []
     except ValidationError as exc:
-        return None, problems(list(exc.errors()))
+        # the form's own labels, not the API's field names: the user reads the form
+        named = [{**e, "loc": [LABELS.get(str(p), p) for p in e["loc"]]} for e in exc.errors()]
+        return None, problems(named)
 
 
 def start_run(store: Store, body: StartRequest) -> Run:
@@ -51,6 +62,7 @@ def start_run(store: Store, body: StartRequest) -> Run:
             deadline=body.deadline_at(utcnow()),
         )
     metrics.RUNS_STARTED.inc()
+    runlog.run_started(run)
     return run
 
 

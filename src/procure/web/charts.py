@@ -3,7 +3,8 @@ progress (each job's stretch of it over time). Colours come from the page's CSS 
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
 from html import escape
 
 from markupsafe import Markup
@@ -28,7 +29,21 @@ def _y(share: float) -> float:
     return TOP + (1 - min(max(share, 0.0), 1.0)) * (H - TOP - BOTTOM)
 
 
-def _svg(label: str, body: list[str], start: datetime, end: datetime, top: str) -> Markup:
+TICKS = (0.25, 0.5, 0.75)
+"""Intermediate ticks on both axes, as shares of the axis: a value can be read off the chart."""
+
+
+def _svg(
+    label: str,
+    body: list[str],
+    start: datetime,
+    end: datetime,
+    top: str,
+    y_label: Callable[[float], str] = lambda share: f"{share:.0%}",
+) -> Markup:
+    """The frame: axes with 0, the top and intermediate values (and light grid lines across),
+    the start and end times and the times between."""
+    t0, span = _frame(start, end)
     axis = [
         f'<line class="axis" x1="{LEFT}" y1="{_y(0):.1f}" x2="{W - RIGHT}" y2="{_y(0):.1f}"/>',
         f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{_y(0):.1f}"/>',
@@ -39,6 +54,22 @@ def _svg(label: str, body: list[str], start: datetime, end: datetime, top: str) 
         f'<text class="tick" x="{W - RIGHT}" y="{H - 6}" text-anchor="end">{end:%H:%M:%S} UTC'
         "</text>",
     ]
+    for share in TICKS:
+        y = _y(share)
+        axis += [
+            f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{W - RIGHT}" y2="{y:.1f}"/>',
+            f'<text class="tick y-tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{escape(y_label(share))}</text>",
+        ]
+        if span >= 4:  # a run of a few seconds: its start and end say it all
+            x = LEFT + share * (W - LEFT - RIGHT)
+            at = datetime.fromtimestamp(t0 + share * span, tz=UTC)
+            axis += [
+                f'<line class="axis" x1="{x:.1f}" y1="{_y(0):.1f}" x2="{x:.1f}" '
+                f'y2="{_y(0) + 4:.1f}"/>',
+                f'<text class="tick x-tick" x="{x:.1f}" y="{H - 6}" text-anchor="middle">'
+                f"{at:%H:%M:%S}</text>",
+            ]
     return Markup(
         f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{escape(label)}"'
         f' xmlns="http://www.w3.org/2000/svg"><title>{escape(label)}</title>'
@@ -83,7 +114,12 @@ def budget_burn(budget: int, payments: list[Payment], start: datetime, end: date
         f'text-anchor="end">spent {format_usd(total)}</text>',
     ]
     return _svg(
-        "Budget burn: spent over time against the budget", body, start, end, format_usd(top)
+        "Budget burn: spent over time against the budget",
+        body,
+        start,
+        end,
+        format_usd(top),
+        lambda share: format_usd(round(top * share)),
     )
 
 

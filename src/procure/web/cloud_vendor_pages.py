@@ -12,14 +12,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
-from procure.api.cloud_vendors import (
+from procure.agent.cloud_vendors import (
     MAX_COUNT,
+    MAX_PRICE_PER_HOUR_USD,
     MIN_PRICE_PER_HOUR_USD,
     CloudVendorRequest,
     NotACloudVendor,
     save_cloud_vendor,
 )
-from procure.api.schemas import MAX_PRICE_PER_HOUR_USD
 from procure.settings import Settings
 from procure.store import Store
 from procure.web.auth import Auth, make_auth, may_act, may_read, session_of

@@ -20,6 +20,14 @@ from procure.store.ledger import load_caps, spent
 
 __all__ = ["ActionRefused", "approve_or_reject", "fleet_view"]
 HISTORY = 50
+CAP_LABELS = {
+    "hour": ("All spend, last hour", "PROCURE_MAX_SPEND_PER_HOUR"),
+    "day": ("All spend, last 24 h", "PROCURE_MAX_SPEND_PER_DAY"),
+    "month": ("All spend, last 30 days", "PROCURE_MAX_SPEND_PER_MONTH"),
+}
+"""What each gauge measures: runs' payments and fleet instance-hours together, per window."""
+ALARM_CLASS = {"sustained_high": "status-pending", "sustained_low": "status-idle"}
+"""Load signals (a reason to scale) are not failures: not red like one."""
 
 
 def sparkline(values: list[float], top: float = 100.0) -> Markup:
@@ -32,10 +40,17 @@ def sparkline(values: list[float], top: float = 100.0) -> Markup:
         f"{i * step:.1f},{h - 2 - min(max(v, 0), top) / top * (h - 4):.1f}"
         for i, v in enumerate(values)
     )
-    label = f"GPU utilisation, last {values[-1]:.0f}%"
-    return Markup(
+    label = (
+        f"GPU utilisation, last {values[-1]:.0f}% (low {min(values):.0f}%, "
+        f"high {max(values):.0f}%, scale 0–{top:.0f}%)"
+    )
+    return Markup(  # the scale drawn: a faint line at the top (100%) and the bottom (0%)
         f'<svg class="spark" viewBox="0 0 {w} {h}" role="img" aria-label="{escape(label)}">'
+        f"<title>{escape(label)}</title>"
+        f'<line class="grid" x1="0" y1="2" x2="{w}" y2="2"/>'
+        f'<line class="grid" x1="0" y1="{h - 2}" x2="{w}" y2="{h - 2}"/>'
         f'<polyline points="{points}"/></svg>'
+        f'<span class="spark-scale muted">{min(values):.0f}–{max(values):.0f}%</span>'
     )
 
 
@@ -56,6 +71,8 @@ def fleet_view(store: Store, cfg: FleetSettings) -> dict[str, Any]:
         caps = load_caps()
         windows = {"hour": caps.per_hour, "day": caps.per_day, "month": caps.per_month}
         gauges = [_gauge(w, spent(s, w, now=now), cap) for w, cap in windows.items()]
+        for gauge in gauges:
+            gauge["label"], gauge["setting"] = CAP_LABELS[gauge["window"]]
         pending = [action_json(r) for r in fleet_repo.list_actions(s, status="pending")]
         pending_total = fleet_repo.count_status(s, "pending")  # the page lists at most 100
         history = [action_json(r) for r in fleet_repo.list_actions(s, limit=HISTORY)]
@@ -76,6 +93,8 @@ def fleet_view(store: Store, cfg: FleetSettings) -> dict[str, Any]:
         "gauges": [
             {
                 "window": "fleet hourly",
+                "label": "Fleet, per hour now",
+                "setting": "LAMBDA_LABS_MAX_HOURLY_SPEND",
                 "used": round(hourly * 1e6),
                 "cap": round(cfg.max_hourly_spend * 1e6),
                 "share": hourly / cfg.max_hourly_spend if cfg.max_hourly_spend else None,
@@ -86,6 +105,8 @@ def fleet_view(store: Store, cfg: FleetSettings) -> dict[str, Any]:
         "pending_total": pending_total,
         "history": history,
         "recommendations": costs.recommendations(views, cfg),
+        "dry_run": cfg.dry_run,
+        "alarm_class": ALARM_CLASS,
     }
 
 

@@ -11,7 +11,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from procure.api.offers import GPU_PATTERN, MAX_COUNT, MAX_PRICE_USD, offers_now, select
+from procure.agent.offers_cache import GPU_PATTERN, MAX_COUNT, MAX_PRICE_USD, offers_now, select
 from procure.loopthread import LoopNotRunning
 from procure.models import usd_to_micros
 from procure.settings import Settings

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from procure.clouds.lambda_cloud.mockfaults import Faults
 from procure.clouds.lambda_cloud.mockstate import MockCloudState, MockInstance, Refusal
 from procure.clouds.lambda_cloud.nodes import Nodes
-from procure.sim.workload import JobSpec, WorkloadError, parse_csv, synthetic
+from procure.clouds.mockworld.workload import JobSpec, WorkloadError, parse_csv, synthetic
 
 
 class ClockBody(BaseModel):

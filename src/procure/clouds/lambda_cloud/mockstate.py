@@ -1,7 +1,8 @@
 """The mock cloud's state on a simulated clock: instances and their life (booting → active →
 terminating → terminated, or preempted, or unhealthy), capacity and quota, billing, and the
-workload the instances' GPUs run (`sim.placement`). Thread-safe: the API and the simulated
-nodes read it from different threads. Refusals are `Refusal`s in Lambda's error vocabulary."""
+workload the instances' GPUs run (`clouds.mockworld.placement`). Thread-safe: the API and the
+simulated nodes read it from different threads. Refusals are `Refusal`s in Lambda's error
+vocabulary."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from typing import Any
 
 from procure.clouds.lambda_cloud.catalogue import TYPES, MockType, default_capacity
 from procure.clouds.lambda_cloud.simnvml import SimGpu
-from procure.sim.clock import SimClock
-from procure.sim.placement import Cluster
-from procure.sim.workload import JobSpec
+from procure.clouds.mockworld.clock import SimClock
+from procure.clouds.mockworld.placement import Cluster
+from procure.clouds.mockworld.workload import JobSpec
 
 LIVE = ("booting", "active", "unhealthy")
 

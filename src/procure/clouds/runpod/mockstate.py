@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+from procure.clouds.mockworld.clock import SimClock
 from procure.clouds.runpod.catalogue import DATA_CENTERS, GPUS, GpuKind, default_capacity
 from procure.clouds.runpod.wire import billed_micros
-from procure.sim.clock import SimClock
 
 HOLDING = ("PROVISIONING", "STARTING", "RUNNING", "ERROR")  # these hold their GPUs
 BILLING = HOLDING

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from procure.clouds.mockworld.clock import SimClock
 from procure.clouds.vast.pacing import INTERVALS_S
-from procure.sim.clock import SimClock
 
 MICROS = 1_000_000
 

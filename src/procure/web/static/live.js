@@ -10,6 +10,8 @@
 
   var timeline = document.getElementById("timeline");
   var state = document.getElementById("live-state");
+  // The newest events (the completion among them) are at the bottom of the scroll box
+  if (timeline) timeline.scrollTop = timeline.scrollHeight;
   if (!timeline || !window.EventSource || timeline.dataset.ended) return;
   var cursor = Number(timeline.dataset.cursor || 0);
   var source = new EventSource(timeline.dataset.events + "?after=" + cursor);
@@ -21,7 +23,10 @@
     var o = JSON.parse(event.data);
     if (o._id <= cursor) return; // already on the page
     cursor = o._id;
+    // Follow the newest unless the reader scrolled up to read older ones
+    var atEnd = timeline.scrollHeight - timeline.scrollTop - timeline.clientHeight < 40;
     timeline.insertAdjacentHTML("beforeend", o.html);
+    if (atEnd) timeline.scrollTop = timeline.scrollHeight;
   });
   source.addEventListener("run", function (event) {
     var run = JSON.parse(event.data);

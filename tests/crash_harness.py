@@ -203,7 +203,7 @@ def _zygote() -> None:
 class Zygote:
     def __init__(self, env: dict[str, str], log: IO[str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "procure.crashtest", "--zygote"],
+            [sys.executable, str(Path(__file__).resolve()), "--zygote"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from procure.sim.workload import JobSpec
+from procure.clouds.mockworld.workload import JobSpec
 
 MAX_LIVE_JOBS = 200_000  # jobs not yet finished, across every workload submitted
 
