@@ -67,7 +67,9 @@ def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
         assert len(rows) == 2, fleet
         cells = " ".join(row for _, row in rows)
         assert sorted(re.findall(r"demo-gpu-\d", cells)) == ["demo-gpu-1", "demo-gpu-2"]
-        assert sorted(re.findall(r"</svg> (\d+)%", cells)) == ["0", "98"]  # busy and idle
+        # each sparkline, its scale, then the latest figure: busy and idle
+        latest = re.findall(r"</svg>(?:<span class=\"spark-scale[^>]*>[^<]*</span>)? (\d+)%", cells)
+        assert sorted(latest) == ["0", "98"], cells
         assert "Instances (2 running of at most 4)" in fleet
         # ... and the Nodes page each node, reachable, with its figures.
         nodes = httpx.get(url + "/nodes", timeout=10).text

@@ -32,6 +32,7 @@ from procure.payments.payer import PaymentLimits, build_payer
 from procure.payments.wallet import load_or_create_account
 from procure.store import Store, open_store, repo
 from procure.vendors.credentials import Keyring
+from procure.web.spend import spend_total
 from world import World, drive, start_world, state_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +176,13 @@ def test_agent_completes_a_run_bought_from_the_gateway(gw: GatewayWorld) -> None
     # The instance is terminated (the job's log says so, and the mock has nothing running).
     wait_for(lambda: gw.live_pods() == [])
     assert len(gw.pods()) == 1 and figures["instancesLaunched"] == 1
+    # ... and on its /metrics, behind procure's scrape rule (here: the buyers' bearer).
+    assert httpx.get(f"{gw.url}/metrics", timeout=15).status_code == 401
+    scraped = httpx.get(f"{gw.url}/metrics", headers=gw.headers(), timeout=15).text
+    assert 'procure_gateway_income_usd{vendor_id="gw1"} 0.374' in scraped
+    assert 'procure_gateway_live_instances{vendor_id="gw1"} 0' in scraped
+    # ... and on the dashboard's runs page, beside what the runs spent.
+    assert spend_total(gw.store)["gateway"]["income"] == pytest.approx(0.374)
     status = httpx.get(
         f"{gw.url}/job-status", params={"jobId": job.vendor_job_id}, headers=gw.headers()
     ).json()
@@ -237,6 +245,9 @@ def test_a_payment_is_charged_once_whatever_is_replayed(gw: GatewayWorld) -> Non
     assert paid.status_code == 200, paid.text
     assert "PAYMENT-RESPONSE" in paid.headers
     job_id = paid.json()["jobId"]
+    # The first paid answer already says what was bought (the hours and the amount of the quote).
+    assert paid.json()["paidHours"] == pytest.approx(q["hours"])
+    assert paid.json()["amount"] == pytest.approx(q["amount"])
     # The same request again (a retry after a lost answer): the same job, nothing charged.
     again = submit(gw, "key-1", q, payment)
     assert again.status_code == 200 and again.json()["jobId"] == job_id

@@ -92,6 +92,9 @@ def test_plain_polls_are_written_with_the_release(world: World) -> None:
 
 def test_a_poll_whose_lease_was_lost_writes_nothing(world: World) -> None:
     run_id = _started_run(world)
+    with world.store.session() as s:  # what the start wrote (the vendor's first answer)
+        before = s.scalars(select(JobRow.progress).where(JobRow.run_id == run_id)).one()
+    assert before < 0.4
 
     def taken_over() -> None:  # another worker takes the run while this one asks the vendor
         with world.store.session() as s:
@@ -105,7 +108,7 @@ def test_a_poll_whose_lease_was_lost_writes_nothing(world: World) -> None:
     assert _poll_once(world, report, during_poll=taken_over)[-1] == "Job running (40%)"
     with world.store.session() as s:
         job = s.scalars(select(JobRow).where(JobRow.run_id == run_id)).one()
-        assert (job.progress, job.log_cursor) == (0.0, 0)  # the new holder polls from here
+        assert (job.progress, job.log_cursor) == (before, 0)  # the new holder polls from here
         assert leases.holder(s, run_id) == "worker-b"  # and keeps its lease
     assert _logs(world, run_id) == []
 

@@ -4,12 +4,14 @@ managed, safety blocks, confirmations, GPU utilisation and instance cost per per
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from procure.models import utcnow
 from procure.store import Store, fleet_repo
@@ -26,6 +28,9 @@ NAMES = (
 )
 
 
+log = logging.getLogger(__name__)
+
+
 class FleetCollector(Collector):
     """Register once; point `store` at the store to read (None: nothing to report)."""
 
@@ -39,6 +44,14 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         if self.store is None:
             return
+        try:
+            yield from self._collect(self.store)
+        except SQLAlchemyError as exc:
+            # A store that cannot be read (gone, down) loses the fleet's families from this
+            # scrape; it never turns the whole /metrics into a 500.
+            log.warning("fleet metrics not read: %s", type(exc).__name__)
+
+    def _collect(self, store: Store) -> Iterator[Metric]:
         now = self.clock()
         actions = CounterMetricFamily(
             "lambda_labs_autonomous_actions", "Autonomous actions", labels=["action_type", "status"]
@@ -67,7 +80,7 @@ class FleetCollector(Collector):
             "Instance cost: per hour, today, this month",
             labels=["instance_id", "instance_type", "period"],
         )
-        with self.store.session() as s:
+        with store.session() as s:
             counts = fleet_repo.count_actions(s)
             live = [
                 r for r in fleet_repo.live_instances(s) if r.status in fleet_repo.RUNNING_STATUSES

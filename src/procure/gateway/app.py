@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import Field, SecretStr
 from starlette.requests import ClientDisconnect
 from x402 import x402ResourceServer
 from x402.http import PaymentOption, RouteConfig
@@ -43,6 +43,7 @@ from procure.gateway.instances import Runtime
 from procure.gateway.loop import run_loop
 from procure.gateway.pricing import amount_for, best_offer, sell_per_hour
 from procure.models import micros_to_usd, utcnow
+from procure.scrape import ScrapeSettings, scrape_allowed
 from procure.store.gateway_tables import GatewayJobRow, GatewayQuoteRow
 from procure.vendors.mock_asgi import PaidChain as _PaidChain
 from procure.vendors.protocol import (
@@ -118,6 +119,9 @@ def _own_checkpoint(rt: Runtime, url: str | None) -> str | None:
         return None
     root = rt.cfg.checkpoint_dir.rstrip("/") + "/"
     return url if url.startswith(root) else None
+
+
+_SCRAPE = ScrapeSettings()
 
 
 def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> FastAPI:
@@ -446,7 +450,10 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 hours=quote.hours,
             )
             answer = view(row)
-        return JSONResponse({**answer, "status": "queued"})
+        # The SDK settles after this answer (and turns it into a 402 if settling fails), so the
+        # answer already says what this payment buys, as a replay of it will.
+        paid = {"paidHours": quote.hours, "amount": micros_to_usd(auth["value"])}
+        return JSONResponse({**answer, **paid, "status": "queued"})
 
     @app.post("/renew-job", dependencies=[Depends(authorize)])
     async def renew_job(
@@ -516,6 +523,16 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
     @app.get("/gateway/status", dependencies=[Depends(authorize)])
     async def status() -> dict[str, Any]:
         return await asyncio.to_thread(book.figures, rt.store)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        # procure's one rule for /metrics: the scrape token, or this process's own (the buyers'
+        # bearer); open only when neither is set.
+        own = SecretStr(cfg.secret) if cfg.secret else None
+        if not scrape_allowed(request.headers.get("authorization"), _SCRAPE.metrics_token, own):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        lines = await asyncio.to_thread(book.prometheus_lines, rt.store, cfg.vendor_id)
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     app.state.runtime = rt
     return app
