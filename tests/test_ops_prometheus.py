@@ -196,8 +196,14 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             expr = promql.replace("$__rate_interval", "30s")
             eventually(lambda e=expr: query(e), f"data for {expr}", within_s=90)
         # The warnings the demo crossed, as the alert rules see them.
-        scopes = {r["metric"]["scope"] for r in query("procure_budget_warnings_total > 0")}
-        assert {"run", "ledger"} <= scopes
+        eventually(
+            lambda: (
+                {"run", "ledger"}
+                <= {r["metric"]["scope"] for r in query("procure_budget_warnings_total > 0")}
+            ),
+            "run and ledger warnings in Prometheus",
+            within_s=90,
+        )
         eventually(lambda: query('ALERTS{alertname="ProcureBudgetWarning"}'), "the warning alert")
     finally:
         prometheus.terminate()

@@ -182,7 +182,7 @@ def assert_money_invariants(world: World, run_ids: list[str]) -> None:
     assert all(r.lease_owner is None for r in runs.values())
 
 
-@pytest.mark.timeout(360)  # about 35 s on an idle 2-core machine
+@pytest.mark.timeout(600)  # about 35 s on an idle 2-core machine; 97 s beside the suite
 def test_two_workers_and_api_ticks_on_postgres(tmp_path: Path, pg_url: str) -> None:
     """Two `procure worker` processes plus many concurrent API ticks on 150 runs."""
     world = start_world(tmp_path, pg_url, vendor_overrides=FLAKY, fund_usd=2000, job_seconds=0.4)
@@ -220,7 +220,8 @@ def test_two_workers_and_api_ticks_on_postgres(tmp_path: Path, pg_url: str) -> N
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 hammers = [asyncio.create_task(hammer(client)) for _ in range(8)]
                 try:
-                    await asyncio.to_thread(_wait_all_done, world, run_ids, procs, 200)
+                    # generous: a payment refused on a loaded machine waits out its authorisation first
+                    await asyncio.to_thread(_wait_all_done, world, run_ids, procs, 480)
                 finally:
                     stop.set()
                     await asyncio.gather(*hammers)
