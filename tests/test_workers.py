@@ -220,7 +220,7 @@ def test_two_workers_and_api_ticks_on_postgres(tmp_path: Path, pg_url: str) -> N
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 hammers = [asyncio.create_task(hammer(client)) for _ in range(8)]
                 try:
-                    # generous: a payment refused on a loaded machine waits out its authorisation first
+                    # generous: a payment refused under load waits out its authorisation first
                     await asyncio.to_thread(_wait_all_done, world, run_ids, procs, 480)
                 finally:
                     stop.set()
