@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from procure.cli import seed_endpoints
+from procure.cli.vendors import seed_endpoints
 from procure.local import LocalServer, port_is_free, start_facilitator
 
 

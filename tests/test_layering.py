@@ -12,7 +12,7 @@ ROOT = SRC / "procure"
 
 EDGES = {"vendors", "clouds", "payments", "gpu"}
 DECISIONS = {"agent", "fleet", "gateway"}
-ABOVE_DECISIONS = {"api", "web", "cli", "demo", "sim"}
+ABOVE_DECISIONS = {"api", "web", "cli", "demos", "sim"}
 STORE_MAY_IMPORT = {"store", "models", "bounds", "settings"}
 """`store` reads the domain (`models`), clips text (`bounds`) and the checked-number rule
 (`settings`); nothing that decides or serves."""
@@ -32,16 +32,10 @@ def module_name(path: Path) -> str:
 
 
 def part(module: str) -> str:
-    """The package a module belongs to: `procure.web.actions` → `web`; the root's `cli*` and
-    `demo*` modules are one part each (the `procure` command and the demos)."""
+    """The package a module belongs to: `procure.web.actions` → `web`, `procure.cli.runs` →
+    `cli` (the `procure` command), `procure.demos.serve` → `demos`."""
     pieces = module.split(".")
-    if len(pieces) < 2:
-        return "procure"
-    head = pieces[1]
-    for prefix in ("cli", "demo"):
-        if head.startswith(prefix):
-            return prefix
-    return head
+    return pieces[1] if len(pieces) >= 2 else "procure"
 
 
 def is_module(name: str) -> bool:
@@ -126,7 +120,7 @@ def test_the_checker_reads_the_package() -> None:
     found = all_imports()
     # the checker sees what it must: relative and absolute imports, modules taken by name
     assert any(i.module == "procure.web.actions" and i.target.startswith("procure.") for i in found)
-    assert part("procure.cli_runs") == "cli" and part("procure.demo_serve") == "demo"
+    assert part("procure.cli.runs") == "cli" and part("procure.demos.serve") == "demos"
     assert against_layering(Import("procure.gpu.x", "procure.fleet.y", None, 1))
     assert against_layering(Import("procure.web.x", "procure.api.schemas", "Start", 1))
     assert against_layering(Import("procure.store.x", "procure.agent", None, 1))

@@ -13,7 +13,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from procure.numbers import whole
 from procure.settings import Settings, get_settings
+
+PORT = whole(1, 65535, "--port")
 
 console = Console(emoji=False)  # ":name:" in a cloud's or vendor's text stays text
 

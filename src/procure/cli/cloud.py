@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from procure.cli_common import console
+from procure.cli.common import console
 from procure.numbers import number, whole
 from procure.safetext import safe
 

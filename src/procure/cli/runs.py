@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from procure.cli_common import (
+from procure.cli.common import (
     console,
     fail,
     load_settings,

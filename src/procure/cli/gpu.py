@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from procure.cli_common import console, fail, print_json, settings_errors
+from procure.cli.common import console, fail, print_json, settings_errors
 from procure.numbers import number, whole
 from procure.safetext import guard_logging, safe
 

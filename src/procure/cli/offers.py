@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from procure.cli_common import (
+from procure.cli.common import (
     console,
     fail,
     load_settings,

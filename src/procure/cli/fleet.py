@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from procure.cli_common import (
+from procure.cli.common import (
     cloud_settings,
     console,
     fail,

@@ -1,0 +1,83 @@
+"""`procure demo`: the recovery story (and its dashboard with --serve) or the clouds story."""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated
+
+import typer
+
+from procure.cli.common import PORT, console, fail, print_json
+from procure.numbers import number
+from procure.safetext import safe
+
+
+def demo(
+    story: Annotated[
+        str,
+        typer.Argument(
+            help="recovery (the seeds' story: an x402 vendor fails, another finishes) or clouds "
+            "(three mock clouds: a spot instance preempted, the job resumed on another cloud)"
+        ),
+    ] = "recovery",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="clouds: one JSON object at the end, not the trace")
+    ] = False,
+    job_seconds: Annotated[
+        float,
+        typer.Option(
+            help="Real seconds a mock job takes", parser=number(0.01, 3600, "--job-seconds")
+        ),
+    ] = 2.0,
+    budget: Annotated[
+        float, typer.Option(help="Run budget in US dollars", parser=number(1e-6, 1e6, "--budget"))
+    ] = 5.0,
+    serve_: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="Afterwards keep the demo's services up and serve the dashboard until Ctrl+C",
+        ),
+    ] = False,
+    port: Annotated[
+        int, typer.Option(help="The dashboard's port, with --serve", parser=PORT)
+    ] = 3000,
+) -> None:
+    """Run a story end to end. `procure demo` (recovery): vendor 1 fails part-way, the agent pays
+    vendor 2; with --serve, then open the dashboard on the printed URL to see it (and start more
+    runs). `procure demo clouds`: the agent on mock Lambda, RunPod and Vast.ai clouds and one
+    x402 vendor takes the cheapest interruptible offer, loses it part-way, and resumes from the
+    checkpoint on another cloud; --json prints the summary as one object."""
+    from procure.demos.recovery import run_demo
+    from procure.models import RunStatus
+
+    if story == "clouds":
+        import io
+
+        from rich.console import Console
+
+        from procure.demos.clouds import run_cloud_demo
+
+        quiet = Console(file=io.StringIO()) if as_json else console
+        summary = run_cloud_demo(console=quiet, budget=budget)
+        if as_json:
+            print_json(summary)
+        if summary["status"] != "completed" or summary["instances_left_running"]:
+            raise typer.Exit(1)
+        return
+    if story != "recovery":
+        fail(f"unknown story {safe(story)}: recovery or clouds", code=2)
+    then = None
+    if serve_:
+        from procure.demos.serve import serve_until_interrupted
+        from procure.local import port_is_free
+
+        if not port_is_free(port):  # before the demo runs: say it in one line, not later
+            fail(f"port {port} is busy; choose another with --port")
+        then = functools.partial(serve_until_interrupted, port=port, console=console)
+    state = run_demo(job_seconds=job_seconds, budget=budget, console=console, then=then)
+    if state.run.status != RunStatus.completed:
+        console.print(
+            f"[bold red]run ended {safe(state.run.status)}: {safe(state.run.status_reason)}"
+        )
+        raise typer.Exit(1)
