@@ -9,26 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from pydantic import SecretStr
 
-from procure import demo_serve
 from procure.agent.worker import WorkerConfig
 from procure.api.app import create_app
+from procure.demos import serve as demo_serve
 from procure.fleet import cap_warnings
-from procure.local import free_port, serve
+from procure.local import serve
 from procure.models import usd_to_micros
 from procure.store import ledger
+from prometheus_harness import eventually, promtool, running_prometheus
 from world import start_world
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -36,21 +31,6 @@ RULES = DEPLOY / "prometheus" / "procure-rules.yml"
 CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "procure-dashboard.json"
 TOKEN = "scrape-token-5e1a"
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} must be installed under CI=true (Debian package prometheus)")
-        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
-    return found
-
-
-def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [tool("promtool"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
 
 
 def test_the_alert_rules_pass_promtool_and_each_alert_fires() -> None:
@@ -89,15 +69,6 @@ def local_config(tmp: Path, serve_port: int, nodes: list[str]) -> Path:
     config = tmp / "prometheus.yml"
     config.write_text(text)
     return config
-
-
-def eventually(condition: Callable[[], Any], what: str, within_s: float = 60) -> Any:
-    deadline = time.monotonic() + within_s
-    while not (found := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.2)
-    return found
 
 
 @pytest.fixture
@@ -157,34 +128,12 @@ def demo(
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     tmp_path: Path, demo: tuple[int, list[str], Callable[[], None]]
 ) -> None:
-    binary = tool("prometheus")
     serve_port, nodes, start_runs = demo
     config = local_config(tmp_path, serve_port, nodes)
     checked = promtool("check", "config", str(config), cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    port = free_port()
-    prometheus = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def query(promql: str) -> list[dict[str, Any]]:
-        try:
-            answer = httpx.get(
-                f"http://127.0.0.1:{port}/api/v1/query", params={"query": promql}, timeout=5
-            )
-        except httpx.HTTPError:
-            return []  # not up yet
-        return answer.json()["data"]["result"] if answer.status_code == 200 else []
-
-    try:
+    with running_prometheus(config, tmp_path) as prometheus:
+        query = prometheus.query
         # Every target scraped with the token (a 401 would leave up == 0).
         targets = eventually(
             lambda: len(r := query('up{job=~"procure.*"} == 1')) == 1 + len(nodes) and r,
@@ -205,6 +154,3 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             within_s=90,
         )
         eventually(lambda: query('ALERTS{alertname="ProcureBudgetWarning"}'), "the warning alert")
-    finally:
-        prometheus.terminate()
-        prometheus.wait(timeout=30)

@@ -5,10 +5,6 @@ with its name, type and labels on simulated GPUs; what a GPU cannot give is abse
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +21,8 @@ from procure.clouds.lambda_cloud.simnvml import SimGpu, sim_nvml
 from procure.gpu.probe import nvml_reader, read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
-from procure.local import free_port, serve
+from procure.local import serve
+from prometheus_harness import eventually, promtool, running_prometheus
 from world import World
 
 # dcgm-exporter etc/default-counters.csv (the enabled lines): name -> Prometheus type.
@@ -67,17 +64,9 @@ DCGM_LABELS = {
 }
 
 
-def promtool(text: str) -> list[str]:
-    """`promtool check metrics`' lint findings (it fails the test on anything it cannot parse).
-    Skips only outside CI when promtool is missing; under CI=true it must run."""
-    tool = shutil.which("promtool")
-    if tool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool must be installed under CI=true (Debian package prometheus)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    done = subprocess.run(
-        [tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
-    )
+def promtool_lint(text: str) -> list[str]:
+    """`promtool check metrics`' lint findings (it fails the test on anything it cannot parse)."""
+    done = promtool("check", "metrics", stdin=text)
     problems = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode in (0, 3), f"promtool could not read it: {problems}"  # 3: lint only
     assert (done.returncode == 3) == bool(problems), problems
@@ -111,15 +100,6 @@ def types_of(text: str) -> dict[str, str]:
     return {
         line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")
     }
-
-
-def eventually(condition: Callable[[], Any], what: str, within_s: float = 30) -> Any:
-    deadline = time.monotonic() + within_s
-    while not (found := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
-    return found
 
 
 def gpu_metrics(read: Callable[[], Any], scrapes: int = 2) -> str:
@@ -165,7 +145,7 @@ def test_gpu_worker_exports_dcgm_exporters_default_set_on_simulated_gpus() -> No
     fb = ("FREE", "USED", "RESERVED")
     assert sum(value(f"DCGM_FI_DEV_FB_{k}", "GPU-busy") for k in fb) == 81559
     assert value("DCGM_FI_DEV_FB_TOTAL", "GPU-busy") == 81559
-    assert reference_only(promtool(text)) == []
+    assert reference_only(promtool_lint(text)) == []
 
 
 def test_what_a_gpu_cannot_give_is_absent_not_zero() -> None:
@@ -182,7 +162,7 @@ def test_what_a_gpu_cannot_give_is_absent_not_zero() -> None:
         assert found[name].samples == [], name
     assert len(found["DCGM_FI_DEV_FB_TOTAL"].samples) == 2  # procure read it; now exported
     assert found["procure_gpus"].samples[0].value == 2
-    assert reference_only(promtool(text)) == []
+    assert reference_only(promtool_lint(text)) == []
 
 
 def test_tick_outcomes_are_a_fixed_set_whatever_the_message() -> None:
@@ -215,7 +195,7 @@ def test_serve_metrics_pass_promtool_and_count_the_workers_ticks(world: World) -
         text = eventually(worker_ticks, "the in-process worker's ticks on /metrics")
     finally:
         server.stop()
-    assert promtool(text) == []  # procure's own names: not one finding
+    assert promtool_lint(text) == []  # procure's own names: not one finding
     found, kinds = families(text), types_of(text)
     outcomes = {s.labels["outcome"] for s in found["procure_ticks"].samples}
     assert outcomes <= set(metrics.OUTCOME_LABELS)
@@ -243,51 +223,25 @@ DASHBOARD = [
 
 
 def test_nvidias_dashboard_shows_data_from_a_real_prometheus(tmp_path: Path) -> None:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("prometheus must be installed under CI=true (Debian package prometheus)")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
     gpus = [
         SimGpu("NVIDIA H100 80GB HBM3", "GPU-a", 81559, 700, busy=True),
         SimGpu("NVIDIA H100 80GB HBM3", "GPU-b", 81559, 700, busy=True),
     ]
     settings = GpuWorkerSettings(GPU_WORKER_NVML_CACHE_S=0)
     node = serve(create_gpu_worker_app(settings, read=nvml_reader(sim_nvml(lambda: gpus))))
-    port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         f"  - job_name: gpu\n    static_configs: [{{targets: ['127.0.0.1:{node.port}']}}]\n"
     )
-    server = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def query(promql: str) -> list[dict[str, Any]]:
-        try:
-            answer = httpx.get(
-                f"http://127.0.0.1:{port}/api/v1/query", params={"query": promql}, timeout=5
-            )
-        except httpx.HTTPError:
-            return []  # not up yet
-        return answer.json()["data"]["result"] if answer.status_code == 200 else []
-
     try:
-        for promql in DASHBOARD:
-            result = eventually(lambda q=promql: query(q), f"data for {promql}", within_s=60)
-            if "gpu=~" in promql and not promql.startswith(("avg", "sum")):
-                assert {r["metric"]["gpu"] for r in result} == {"0", "1"}, promql  # the legend
+        with running_prometheus(config, tmp_path) as prometheus:
+            for promql in DASHBOARD:
+                result = eventually(
+                    lambda q=promql: prometheus.query(q), f"data for {promql}", within_s=60
+                )
+                if "gpu=~" in promql and not promql.startswith(("avg", "sum")):
+                    assert {r["metric"]["gpu"] for r in result} == {"0", "1"}, promql  # legend
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         node.stop()
