@@ -39,7 +39,7 @@ def test_run_start_tick_status_list(env: dict[str, str], world: World) -> None:
 
     status = json.loads(procure("run", "status", run["_id"], env=env).stdout)
     assert status["payments"][0]["status"] == "completed"
-    assert status["run"]["budgetRemaining"] == 3.6
+    assert status["run"]["budgetRemaining"] == 4.65  # unproven vendor 1: a $0.35 first slice
 
     listed = procure("run", "list", env=env).stdout
     assert run["_id"] in listed

@@ -46,7 +46,8 @@ def world(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
         sqlite_url,
         job_seconds=2.0,
         vendor_overrides={"gpu_vendor_1": {"fail_rate": 1.0, "fail_at": 0.47}},
-        settings_overrides={"VENDOR_COOLDOWN_S": 600},
+        # The slices' own mechanics: no short first slice (tests/test_first_slice.py has it).
+        settings_overrides={"VENDOR_COOLDOWN_S": 600, "PROCURE_FIRST_SLICE_FRACTION": 1.0},
     )
     yield w
     w.stop()

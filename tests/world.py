@@ -117,6 +117,8 @@ def start_world(
             "GPU_VENDOR_SECRET": SECRET,
             "X402_FACILITATOR_URL": facilitator.url,
             "VENDOR_TIMEOUT_S": 2.0,
+            # The seeds' stories with their exact payments; tests/test_first_slice.py has the probe.
+            "PROCURE_FIRST_SLICE_FRACTION": 1.0,
             **(settings_overrides or {}),
         }
         settings = Settings(**env)

@@ -152,6 +152,15 @@ class Settings(BaseSettings):
         description="What one more x402 payment costs the planner (fees, latency, risk): "
         "it pays in slices only when that saves more than this per slice",
     )
+    first_slice_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        validation_alias="PROCURE_FIRST_SLICE_FRACTION",
+        description="A vendor that has not yet completed a job for procure is first paid for "
+        "this share of the job's first slice (the whole job when paid at once), at least a "
+        "minute of work; it gets normal slices once it has run. 1: no short first slice",
+    )
     payment_window_s: float = Field(
         300.0,
         ge=15,

@@ -80,6 +80,9 @@ class AgentDeps:
     no job, the run ends `failed`: every run reaches a terminal state."""
     stall_s: float = 1800.0
     """A running job whose progress has not moved for this long is given up."""
+    first_slice_fraction: float = 0.25
+    """A vendor not yet proven (`slices.proven`) is first paid for this share of the normal
+    first payment; 1: no short first slice."""
     spend_caps: SpendCaps = field(default_factory=SpendCaps)
     """Global caps on spend per hour, day and month, across agent payments and the fleet."""
     clouds: dict[str, RentalCloud] = field(default_factory=dict)

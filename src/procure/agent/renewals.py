@@ -60,6 +60,13 @@ async def renew(
     if rejection is not None:  # the job runs out its paid time; then the run moves on
         return TickResult(f"Slice not bought: {rejection}")
     payment = new_payment(job.run_id, job.id, vendor, quote.amount, hours)
+    first = slices.first_slice_of(job)
+    proved = (
+        f"; it has run half of its short first slice of {first:g}h, so it is paid in full "
+        "slices from now on"
+        if first is not None and paid <= first + slices.EPS
+        else ""
+    )
     with deps.store.session() as s:  # phase one: the intent
         repo.update_run(s, job.run_id)  # write-lock the run, then check what is committed
         conflict = _slice_conflict(repo.load_state(s, job.run_id, observations=False), job, quote)
@@ -75,7 +82,7 @@ async def renew(
             job.run_id,
             OBS.agent_reasoning,
             f"Renewing {vendor.vendor_id}: {format_usd(quote.amount)} for the next {hours:g}h "
-            f"({paid:g}h of {slices.job_hours(job):g}h paid so far)",
+            f"({paid:g}h of {slices.job_hours(job):g}h paid so far)" + proved,
             vendor_id=vendor.vendor_id,
         )
     crash_point("intent")

@@ -57,6 +57,7 @@ def make_deps(
         auth_margin_s=settings.payment_margin_s,
         max_troubles=settings.max_troubles,
         stall_s=settings.stall_s,
+        first_slice_fraction=settings.first_slice_fraction,
         spend_caps=load_caps(),
         clouds=clouds_from_env() if clouds is None else clouds,
         keyring=Keyring.load(settings.home),  # also seals each instance's node token

@@ -4,14 +4,22 @@ A job paid in slices buys `slice_hours` at a time; the vendor stops it when its 
 out, so the tick renews when `RENEW_FRACTION` of a slice is left. A failure then loses at most
 the current slice (and the next one, if it was bought in the last stretch). Pure functions of a
 job and its payments, shared by the tick and the market simulator.
+
+A vendor that has not proven itself (`proven`) is first paid for a short slice (`first_slice`):
+a run cancelled, or a vendor that dies, moments after the start costs that much, not a whole
+slice. Once half of it has run, the normal slices follow (`renewal_due`).
 """
 
 from __future__ import annotations
 
-from procure.models import Job, Payment, PaymentStatus
+from procure.models import Job, JobStatus, Payment, PaymentStatus, Vendor
 
 RENEW_FRACTION = 0.1
 """Renew when this much of a slice is left: enough for a poll and a payment to happen."""
+PROBE_RENEW_FRACTION = 0.5
+"""A short first slice is renewed once this much of it is left: half of it run is the proof."""
+MIN_SLICE_HOURS = 1 / 60
+"""No payment buys less than a minute of work (as `start_request.MIN_HOURS`)."""
 EPS = 1e-9
 
 
@@ -47,12 +55,44 @@ def next_slice_hours(job: Job, paid: float) -> float:
     return min(job.slice_hours or left, left)
 
 
+def first_slice_of(job: Job) -> float | None:
+    """Hours of the job's short first slice (`first_slice`), or None if it had none."""
+    first = job.job_params.get("firstSliceHours")
+    return float(first) if isinstance(first, int | float) and first > 0 else None
+
+
 def renewal_due(job: Job, paid: float, progress: float) -> bool:
     """Whether a sliced job at `progress` should buy its next slice now."""
     if job.slice_hours is None or next_slice_hours(job, paid) <= EPS:
         return False
     paid_left = (paid_until(job, paid) - progress) * total_hours(job)
+    first = first_slice_of(job)
+    if first is not None and paid <= first + EPS:  # still on its short first slice
+        return paid_left <= PROBE_RENEW_FRACTION * first + EPS
     return paid_left <= RENEW_FRACTION * job.slice_hours + EPS
+
+
+def proven(vendor: Vendor, jobs: list[Job]) -> bool:
+    """Whether `vendor` has shown that it does the work it is paid for: a job completed for
+    procure (its learned successes, any run), or a job of this run (`jobs`) that ran on it
+    without failing."""
+    if vendor.successes > 0:
+        return True
+    return any(
+        j.vendor_id == vendor.vendor_id
+        and j.status != JobStatus.failed
+        and j.progress > j.start_progress + EPS
+        for j in jobs
+    )
+
+
+def first_slice(hours: float, slice_hours: float | None, fraction: float) -> float | None:
+    """Hours the first payment to an unproven vendor buys: `fraction` of the normal first
+    payment (a slice, or the whole job when paid at once), at least `MIN_SLICE_HOURS`; None
+    when that would not be shorter than the normal one."""
+    normal = slice_hours or hours
+    short = max(normal * fraction, MIN_SLICE_HOURS)
+    return short if short < normal - EPS else None
 
 
 def job_shape(

@@ -18,7 +18,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from procure.models import JobSpec, Model, budget_to_micros, utcnow
+from procure.agent import slices
+from procure.models import (
+    JobSpec,
+    Model,
+    Vendor,
+    budget_to_micros,
+    format_usd,
+    micros_to_usd,
+    utcnow,
+)
 
 MAX_BUDGET_USD = 1_000_000
 MIN_HOURS = 1 / 60
@@ -149,3 +158,51 @@ def problems(errors: list[Any]) -> list[str]:
     return [
         f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors
     ]
+
+
+NO_REFUND = "A cancel stops the job but does not refund a paid slice."
+
+
+def first_payment(
+    spec: JobSpec, budget: int, vendors: list[Vendor], fraction: float
+) -> dict[str, Any]:
+    """What a run's first payment may be, said before it starts (the start answer's
+    `firstPayment`, the dashboard's form): it is made as the job starts, before any work, and
+    a cancel does not refund it. A vendor that has not yet completed a job for procure is
+    first paid for `fraction` of it (`slices.first_slice`); a proven one may be paid for the
+    whole job at once. Cloud instances are paid by their billing increment, not here."""
+    worst: tuple[int, float, str] | None = None
+    for v in vendors:
+        if v.kind != "x402" or spec.gpu_type not in v.supported_gpu_types:
+            continue
+        probe = None if v.successes > 0 else slices.first_slice(spec.hours, None, fraction)
+        hours = probe or spec.hours
+        amount = min(round(v.base_price_per_hour * hours), budget)
+        worst = max(worst or (amount, hours, v.vendor_id), (amount, hours, v.vendor_id))
+    if worst is None:
+        return {
+            "atMost": None,
+            "hours": None,
+            "vendorId": None,
+            "refundable": False,
+            "note": f"No registered vendor offers {spec.gpu_type} yet. {NO_REFUND}",
+        }
+    amount, hours, vendor_id = worst
+    short = (
+        f"A vendor that has not yet completed a job for procure is first paid for "
+        f"{fraction:.0%} of the job, then in full slices once it runs."
+        if fraction < 1
+        else ""
+    )
+    return {
+        "atMost": micros_to_usd(amount),
+        "hours": round(hours, 6),
+        "vendorId": vendor_id,
+        "refundable": False,
+        "note": (
+            f"For {spec.hours:g} GPU-hour{'' if spec.hours == 1 else 's'} of {spec.gpu_type}, "
+            "the first payment is made as the "
+            f"job starts, before any work: at most {format_usd(amount)} ({hours:g} GPU-hours "
+            f"at {vendor_id}). {short}{' ' if short else ''}{NO_REFUND}"
+        ),
+    }

@@ -49,8 +49,14 @@ async def start_job(
 ) -> TickResult:
     run = ctx.state.run
     hours, slice_hours = slices.job_shape(ctx.remaining_hours, action.hours, action.slice_hours)
+    # An unproven vendor is first paid for a short slice: a cancel, or its death, moments
+    # after the start then costs that much; once half of it has run, the planner's shape
+    # follows (its slices, or the rest at once).
+    probe = None
+    if not slices.proven(vendor, ctx.state.jobs):
+        probe = slices.first_slice(hours, slice_hours, deps.first_slice_fraction)
     resume = ctx.resume_from  # the furthest checkpoint of the run, on whichever vendor
-    spec = run.job_spec.model_copy(update={"hours": slice_hours or hours})
+    spec = run.job_spec.model_copy(update={"hours": probe or slice_hours or hours})
     try:
         quote = await deps.vendors.quote(vendor, spec)
     except VendorError as exc:  # no answer, or no capacity: try elsewhere for a while
@@ -63,8 +69,12 @@ async def start_job(
         )
         return TickResult("Quote rejected", action)
     now = utcnow()
+    normal = "at once" if slice_hours is None else f"in slices of {slice_hours:g}h"
     params = run.job_spec.model_copy(update={"hours": hours}).model_dump(by_alias=True)
     params["totalHours"] = run.job_spec.hours
+    if probe is not None:
+        params["firstSliceHours"] = quote.hours  # what was bought (a vendor may sell more)
+        slice_hours = slice_hours or hours  # renewals: the planner's slice, or all the rest
     if resume is not None:
         params["resumeFrom"] = resume.checkpoint_url
     job = Job(
@@ -105,7 +115,15 @@ async def start_job(
             OBS.agent_reasoning,
             f"Budget remaining: {format_usd(run.budget_remaining)}\n"
             f"Quote: {format_usd(quote.amount)} USD for {quote.hours:g}h {quote.gpu_type}"
-            + (f" (first slice of {hours:g}h, paid as it runs)" if slice_hours else "")
+            + (
+                f" (a short first slice of the {hours:g}h job: {vendor.vendor_id} has not yet "
+                "completed a job for procure; once half of it has run, the rest is bought "
+                f"{normal}. A cancel does not refund a paid slice)"
+                if probe is not None
+                else f" (first slice of {hours:g}h, paid as it runs)"
+                if slice_hours
+                else ""
+            )
             + (
                 f"\nResuming from the checkpoint at {resume.checkpoint_progress:.0%} "
                 f"({resume.checkpoint_url}): {hours:g}h of {run.job_spec.hours:g}h left"

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from procure.agent import metrics, runlog
 from procure.agent.cancel import CannotCancel, request_cancel
+from procure.agent.start_request import first_payment
 from procure.agent.tick import RunNotFound
 from procure.agent.worker import LeaseHeld
 from procure.api.schemas import NO_NUL, CancelRequest, StartRequest, TickRequest
@@ -82,9 +83,9 @@ def runs_router(
     writers = [Depends(require_token)]
     readers = [Depends(require_read)]
 
-    def create(body: StartRequest) -> Run:
+    def create(body: StartRequest) -> tuple[Run, dict[str, Any]]:
         with store.session() as s:
-            return repo.create_run(
+            run = repo.create_run(
                 s,
                 user_id=body.user_id,
                 goal=body.goal,
@@ -92,13 +93,19 @@ def runs_router(
                 job_spec=body.job_spec(),
                 deadline=body.deadline_at(utcnow()),
             )
+            vendors = repo.list_vendors(s)
+        fraction = settings.first_slice_fraction
+        return run, first_payment(run.job_spec, run.budget_total, vendors, fraction)
 
     @router.post("/api/agent-start", status_code=201, dependencies=writers)
     async def agent_start(body: StartRequest) -> dict[str, Any]:
-        run = await asyncio.to_thread(create, body)
+        """The run, and `firstPayment`: what its first payment may be (`atMost` dollars for
+        `hours` GPU-hours, made as the job starts, before any work) and that a cancel does not
+        refund it (`refundable`: false; `note` says it in words)."""
+        run, first = await asyncio.to_thread(create, body)
         metrics.RUNS_STARTED.inc()
         runlog.run_started(run)
-        return run.to_json()
+        return {**run.to_json(), "firstPayment": first}
 
     @router.post("/api/agent-tick", dependencies=writers)
     async def agent_tick(body: TickRequest, request: Request) -> JSONResponse:

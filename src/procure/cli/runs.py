@@ -73,8 +73,9 @@ def run_start(
     """Start a run, within the same limits as the API's agent-start; prints it as JSON."""
     from pydantic import ValidationError
 
+    from procure.agent.start_request import first_payment
     from procure.api.schemas import StartRequest
-    from procure.models import format_usd, utcnow
+    from procure.models import utcnow
     from procure.store import repo
 
     try:
@@ -107,15 +108,10 @@ def run_start(
             job_spec=body.job_spec(),
             deadline=body.deadline_at(utcnow()),
         )
-        dearest = max((v.base_price_per_hour for v in repo.list_vendors(s)), default=0)
-    print_json(run.to_json())
-    # stderr: stdout stays the run's JSON for scripts
-    first = f" (at most {format_usd(dearest)} per GPU hour)" if dearest else ""
-    typer.echo(
-        f"note: the first payment{first} is made as the job starts; cancelling the run "
-        "right after does not get it back",
-        err=True,
-    )
+        vendors = repo.list_vendors(s)
+    first = first_payment(run.job_spec, run.budget_total, vendors, settings.first_slice_fraction)
+    print_json({**run.to_json(), "firstPayment": first})  # as POST /api/agent-start answers
+    typer.echo(f"note: {first['note']}", err=True)  # stderr: stdout stays JSON for scripts
 
 
 @run_app.command("tick")

@@ -9,11 +9,12 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from procure.models import TERMINAL_RUN_STATUSES, Observation, RunState
+from procure.models import TERMINAL_RUN_STATUSES, Observation, PaymentStatus, RunState
 from procure.store import Store, repo
-from procure.web import views
+from procure.web import queries, views
 from procure.web.templating import templates
 
 BATCH = 200
@@ -57,19 +58,27 @@ def _fragments(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def poll(store: Store, run_id: str, after: int) -> tuple[list[Observation], RunState | None]:
-    """One look at the store (sync: run in a thread): new observations and the run's state."""
+def poll(
+    store: Store, run_id: str, after: int
+) -> tuple[list[Observation], RunState | None, datetime | None]:
+    """One look at the store (sync: run in a thread): new observations, the run's state and
+    when a worker next ticks it."""
     with store.session() as s:
         observations = repo.list_observations(s, run_id, after_id=after, limit=BATCH)
         state = repo.load_state(s, run_id, observations=False)
-    return observations, state
+        next_check = queries.next_tick_at(s, run_id)
+    return observations, state, next_check
 
 
-def _version(state: RunState) -> str:
-    """Changes whenever anything the summary shows changes (every write bumps updated_at)."""
+def _version(state: RunState, next_check: datetime | None) -> str:
+    """Changes whenever anything the summary shows changes (every write bumps updated_at); while
+    a payment is in doubt, also when its next check moves."""
     stamps = [state.run.updated_at, *(j.updated_at for j in state.jobs)]
     stamps += [p.updated_at for p in state.payments]
-    return f"{len(state.jobs)}/{len(state.payments)}/{max(stamps).isoformat()}"
+    version = f"{len(state.jobs)}/{len(state.payments)}/{max(stamps).isoformat()}"
+    if next_check is not None and any(p.status == PaymentStatus.pending for p in state.payments):
+        version += f"/{next_check.isoformat()}"
+    return version
 
 
 async def run_events(
@@ -78,22 +87,25 @@ async def run_events(
     after: int,
     disconnected: Callable[[], Awaitable[bool]],
     limits: StreamLimits = StreamLimits(),
+    *,
+    auth_window_s: float | None = None,
 ) -> AsyncIterator[str]:
     started = last_sent = time.monotonic()
     last_version: str | None = None
     yield "retry: 2000\n\n"
     while time.monotonic() - started < limits.max_s and not await disconnected():
-        observations, state = await asyncio.to_thread(poll, store, run_id, after)
+        observations, state, next_check = await asyncio.to_thread(poll, store, run_id, after)
         if state is None:
             yield _event("gone", {"runId": run_id})
             return
         for o in observations:
             after = o.id
             yield _event("observation", _observation(o), o.id)
-        version = _version(state)
+        version = _version(state, next_check)
         if version != last_version:
             last_version = version
-            yield _event("run", _fragments(views.summary(state)))
+            shown = views.summary(state, next_check=next_check, auth_window_s=auth_window_s)
+            yield _event("run", _fragments(shown))
         if state.run.status in TERMINAL_RUN_STATUSES and len(observations) < BATCH:
             # Nothing more will come: say so, so the page stops listening (no reconnect loop).
             yield _event("end", {"status": state.run.status})

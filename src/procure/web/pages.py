@@ -161,11 +161,15 @@ def web_router(
         vendors = await asyncio.to_thread(views.vendors, store)
         gpus = sorted({g for row in vendors for g in row["vendor"].supported_gpu_types})
         dearest = max((row["vendor"].base_price_per_hour for row in vendors), default=None)
+        first = views.first_payment(
+            form, [row["vendor"] for row in vendors], settings.first_slice_fraction
+        )
         return {
             "form": form,
             "errors": errors,
             "gpu_types": gpus,
             "dearest_per_hour": dearest,  # the form says what the first payment may be
+            "first_payment": first,  # ... and for the values in it, how much at most
             "nav": "start",
         }
 
@@ -184,7 +188,9 @@ def web_router(
     async def run_page(request: Request, run_id: str = RUN_ID) -> Response:
         if not may_read(request, auth):
             return to_login(request)
-        data = await asyncio.to_thread(views.run, store, run_id)
+        data = await asyncio.to_thread(
+            functools.partial(views.run, auth_window_s=settings.payment_window_s), store, run_id
+        )
         if data is None:
             return message(request, 404, "No such run", f"There is no run {run_id}.")
         notice = request.query_params.get("notice")
@@ -287,7 +293,13 @@ def web_router(
         if last.isdigit() and len(last) < 19:
             after = max(after, int(last))
         return StreamingResponse(
-            run_events(store, run_id, after, request.is_disconnected),
+            run_events(
+                store,
+                run_id,
+                after,
+                request.is_disconnected,
+                auth_window_s=settings.payment_window_s,
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -3,17 +3,23 @@ routes run them in a thread so the event loop, shared with the worker, never wai
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from procure.agent.context import hazard, reliability
+from procure.agent.start_request import first_payment as first_payment_of
 from procure.models import (
     TERMINAL_RUN_STATUSES,
+    JobSpec,
     ObservationType,
     PaymentStatus,
     RunState,
     RunStatus,
+    Vendor,
+    budget_to_micros,
     utcnow,
 )
+from procure.payments.payer import authorization_deadline
 from procure.store import Store, repo
 from procure.store.keyset import Key
 from procure.web import charts, queries
@@ -49,7 +55,41 @@ def runs(
     return {"page": found, "status": status, "statuses": STATUSES, "counts": counts}
 
 
-def summary(state: RunState) -> dict[str, Any]:
+def doubts(
+    state: RunState, *, next_check: datetime | None, auth_window_s: float | None
+) -> list[dict[str, Any]]:
+    """The run's payments whose fate is not known yet (signed, then refused or unanswered):
+    what the run waits for, from the store alone. `next_check`: when a worker next ticks the
+    run; `auth_window_s`: how long an authorisation stays valid (None: not said)."""
+    found = []
+    for p in state.payments:
+        if p.status != PaymentStatus.pending or p.nonce.startswith("cloud-"):
+            continue  # a cloud reservation is booked from the provider's bill, not reconciled
+        expires = None
+        if auth_window_s is not None:
+            valid_before = authorization_deadline(p.created_at, auth_window_s)
+            expires = datetime.fromtimestamp(valid_before, UTC)
+        found.append(
+            {
+                "payment": p,
+                "since": p.created_at,  # when it was signed
+                "refused": bool(p.error_message),
+                "why": (p.error_message or "").removeprefix("refused: "),
+                "expires": expires,
+                "next_check": next_check,
+                # no worker has it due later (ticked by hand, or a worker is late): say so
+                "next_check_due": next_check is not None and next_check <= utcnow(),
+            }
+        )
+    return found
+
+
+def summary(
+    state: RunState,
+    *,
+    next_check: datetime | None = None,
+    auth_window_s: float | None = None,
+) -> dict[str, Any]:
     """The parts of a run page that change as it advances (also sent live)."""
     run = state.run
     spent = sum(p.amount for p in state.payments if p.status == PaymentStatus.completed)
@@ -63,16 +103,18 @@ def summary(state: RunState) -> dict[str, Any]:
         "ended": run.status in TERMINAL_RUN_STATUSES,
         "burn": charts.budget_burn(run.budget_total, state.payments, run.created_at, end),
         "progress_chart": charts.progress(state.jobs, run.created_at, end),
+        "doubts": doubts(state, next_check=next_check, auth_window_s=auth_window_s),
     }
 
 
-def run(store: Store, run_id: str) -> dict[str, Any] | None:
+def run(store: Store, run_id: str, *, auth_window_s: float | None = None) -> dict[str, Any] | None:
     with store.session() as s:
         state = repo.load_state(s, run_id, observations=False)
         if state is None:
             return None
         observations = queries.latest_observations(s, run_id, TIMELINE)
-    shown = summary(state)
+        next_check = queries.next_tick_at(s, run_id)
+    shown = summary(state, next_check=next_check, auth_window_s=auth_window_s)
     return {
         **shown,
         "summary": shown,
@@ -100,3 +142,20 @@ def vendors(store: Store) -> list[dict[str, Any]]:
         }
         for v in listed
     ]
+
+
+def first_payment(form: dict[str, str], vendors: list[Vendor], fraction: float) -> dict[str, Any]:
+    """The start form's word on the first payment, for the values in the form (its defaults
+    until the user sends others; a value that does not parse counts as the default)."""
+
+    def number(key: str, default: float, low: float, high: float) -> float:
+        try:
+            value = float(form.get(key) or default)
+        except ValueError:
+            return default
+        return value if low <= value <= high else default
+
+    gpu = (form.get("gpuType") or "A100").strip()[:64] or "A100"
+    spec = JobSpec(gpu_type=gpu, hours=number("hours", 1.0, 1 / 60, 720))
+    budget = budget_to_micros(number("budgetTotal", 5.0, 0.000001, 1_000_000))
+    return first_payment_of(spec, budget, vendors, fraction)
