@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from procure.bounds import clip
@@ -250,15 +250,27 @@ def add_observation(
     )
 
 
+# A run's observations are selected as a range of (run_id, id) row values, not as `run_id = X`:
+# with the equality PostgreSQL may walk the primary key in id order and filter by run (its
+# statistics say ids follow the table's order), reading every later observation of every run:
+# 0.3 s for one page on a year of runs. Over the row-value range only the (run_id, id) index
+# serves the query and its order: 1 ms.
+_LAST_ID = 2**63 - 1
+BY_RUN_AND_ID = (ObservationRow.run_id, ObservationRow.id)
+NEWEST_BY_RUN_AND_ID = (ObservationRow.run_id.desc(), ObservationRow.id.desc())
+
+
+def of_run(run_id: str, after_id: int = 0) -> ColumnElement[bool]:
+    """The run's observations with an id above `after_id`, as an index range (see above)."""
+    key = tuple_(ObservationRow.run_id, ObservationRow.id)
+    return and_(key > tuple_(run_id, after_id), key <= tuple_(run_id, _LAST_ID))
+
+
 def list_observations(
     s: Session, run_id: str, *, after_id: int = 0, limit: int | None = None
 ) -> list[Observation]:
     """A run's observations with an id above `after_id`, oldest first; at most `limit`."""
-    query = (
-        select(ObservationRow)
-        .where(ObservationRow.run_id == run_id, ObservationRow.id > after_id)
-        .order_by(ObservationRow.id)
-    )
+    query = select(ObservationRow).where(of_run(run_id, after_id)).order_by(*BY_RUN_AND_ID)
     if limit is not None:
         query = query.limit(limit)
     return [_model(Observation, r) for r in s.scalars(query)]
@@ -419,8 +431,8 @@ def last_observation(s: Session, run_id: str, type: ObservationType) -> str | No
     """The content of the run's latest observation of `type`, if any."""
     return s.scalar(
         select(ObservationRow.content)
-        .where(ObservationRow.run_id == run_id, ObservationRow.type == type)
-        .order_by(ObservationRow.id.desc())
+        .where(of_run(run_id), ObservationRow.type == type)
+        .order_by(*NEWEST_BY_RUN_AND_ID)
         .limit(1)
     )
 
@@ -431,8 +443,8 @@ def recent_contents(s: Session, run_id: str, limit: int = 4) -> list[str]:
     return list(
         s.scalars(
             select(ObservationRow.content)
-            .where(ObservationRow.run_id == run_id)
-            .order_by(ObservationRow.id.desc())
+            .where(of_run(run_id))
+            .order_by(*NEWEST_BY_RUN_AND_ID)
             .limit(limit)
         )
     )

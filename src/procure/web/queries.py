@@ -4,6 +4,7 @@ where it runs now, and the newest observations of a run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -11,9 +12,9 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from procure.models import ACTIVE_JOB_STATUSES, Observation, PaymentStatus, Run
-from procure.store import keyset, totals
+from procure.store import keyset, repo, totals
 from procure.store.keyset import Key
-from procure.store.tables import JobRow, ObservationRow, PaymentRow
+from procure.store.tables import JobRow, ObservationRow, PaymentRow, RunRow
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -117,9 +118,14 @@ def latest_observations(s: Session, run_id: str, limit: int) -> list[Observation
     rows = list(
         s.scalars(
             select(ObservationRow)
-            .where(ObservationRow.run_id == run_id)
-            .order_by(ObservationRow.id.desc())
+            .where(repo.of_run(run_id))
+            .order_by(*repo.NEWEST_BY_RUN_AND_ID)
             .limit(limit)
         )
     )
     return [_as(Observation, r) for r in reversed(rows)]
+
+
+def next_tick_at(s: Session, run_id: str) -> datetime | None:
+    """When a worker next ticks the run (its lease's due time), if ever set."""
+    return s.scalar(select(RunRow.next_tick_at).where(RunRow.id == run_id))
