@@ -173,3 +173,50 @@ def test_a_target_shorter_than_a_boot_keeps_free_gpus_for_the_arrivals() -> None
     out = p([], cfg(), PRICE, signal(now, arrived_gpus=181))
     assert [x.action_type for x in out] == [PROVISION]  # none free: headroom is launched
     assert "headroom" in out[0].reason
+
+
+def test_billed_by_the_hour_from_its_boot_s_end_an_idle_instance_goes_at_that_hour_s_end() -> None:
+    p = ProcurePolicy()
+    hourly = {"billing_increment_s": 3600.0}
+
+    def step(at: datetime, status: str) -> list[tuple[str, str | None]]:
+        view = instance(1, 0, at, status=status, age_s=(at - T0).total_seconds(), idle_min=30)
+        out = p([view], cfg(), PRICE, signal(at, **hourly))
+        return [(x.action_type, x.target) for x in out]
+
+    # Launched at T0, seen booting until T0+9 min, active (billed) from T0+10 min.
+    for minute in range(10):
+        step(T0 + timedelta(minutes=minute), "booting")
+    assert step(T0 + timedelta(minutes=58, seconds=30), "active") == []  # its hour: 11 min left
+    assert step(T0 + timedelta(minutes=68), "active") == [(TERMINATE, "i-1")]  # 1 min left
+
+
+def test_billed_by_the_hour_a_boot_no_job_needs_any_more_is_called_off() -> None:
+    now = T0 + timedelta(minutes=9)
+    booting = [instance(1, 0, now, status="booting", age_s=540)]
+
+    def out(**kw: object) -> list[tuple[str, str | None]]:
+        got = ProcurePolicy()(booting, cfg(), PRICE, signal(now, **kw))
+        return [(x.action_type, x.target) for x in got]
+
+    assert out(billing_increment_s=3600.0) == [(TERMINATE, "i-1")]  # its job went elsewhere
+    assert out(billing_increment_s=3600.0, queued=((1, 900.0),)) == []  # a job waits for it
+    assert out(billing_increment_s=3600.0, bills_boot=True) == []  # its boot is billed already
+    assert out(billing_increment_s=60.0) == []  # by the minute: an idle one goes in a minute
+    early = [instance(1, 0, now, status="booting", age_s=120)]
+    assert ProcurePolicy()(early, cfg(), PRICE, signal(now, billing_increment_s=3600.0)) == []
+
+
+def test_billed_by_the_hour_a_half_used_node_moves_into_room_already_paid_for() -> None:
+    p = ProcurePolicy(migrate_after_s=600)
+    hourly = {"billing_increment_s": 3600.0, "free_gpus": (("i-1", 7), ("i-2", 2))}
+
+    def views(at: datetime, age_s: float) -> list[monitor.InstanceView]:
+        return [instance(1, 1, at, gpus=8, age_s=age_s), instance(2, 2, at, gpus=4, age_s=age_s)]
+
+    assert p(views(T0, 6000), cfg(), PRICE, signal(T0, **hourly)) == []  # 20 min of its hour left
+    later = T0 + timedelta(seconds=1170)
+    out = p(views(later, 7170), cfg(), PRICE, signal(later, **hourly))
+    # The 8-GPU node's one job moves to the 4-GPU node's free GPUs: nothing launched, and the
+    # node that takes it stays.
+    assert [(x.action_type, x.target) for x in out] == [(TERMINATE, "i-1")]

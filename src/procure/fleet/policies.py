@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 from procure.clouds.base import InstanceType
 from procure.fleet import policy
+from procure.fleet.billing import LONG_INCREMENT_S, BillingClock, unneeded_boots
 from procure.fleet.monitor import InstanceView
 from procure.fleet.policy import PROVISION, TERMINATE, Proposal
 from procure.fleet.settings import FleetSettings
@@ -43,6 +44,7 @@ class FleetSignal:
     queued: tuple[tuple[int, float], ...] = ()  # per queued job, in order: (GPUs, waited s)
     free_gpus: tuple[tuple[str, int], ...] = ()  # per active instance: (id, GPUs free now)
     arrived_gpus: int = 0  # GPUs asked by the jobs submitted so far (a counter)
+    bills_boot: bool = False  # billing starts at launch (else once booted, as on Lambda)
 
 
 Policy = Callable[[Sequence[InstanceView], FleetSettings, int | None, FleetSignal], list[Proposal]]
@@ -191,7 +193,11 @@ class ProcurePolicy:
       increment, so it is kept while that lasts (a job that arrives takes it at no cost and
       without a boot); it goes at the last scan before its next increment begins, once it has
       been idle for `hold_s` (ski rental: staying idle that long costs what booting another
-      would); with per-second billing that is at once after the hold.
+      would); with per-second billing that is at once after the hold. Its increments are
+      counted from when billing began (the end of its boot, where the cloud bills from there).
+      Billed by long increments, a boot that no queued job needs any more is called off before
+      it ends (booting is free; its first hour is not), and a half-used node whose jobs fit on
+      another node in use goes at the end of its increment (they move there, nothing bought).
 
     - Headroom: a target shorter than a boot cannot be met by launching when a job comes; it
       then keeps free GPUs for the jobs that arrive within a boot less the target (the GPU
@@ -208,6 +214,11 @@ class ProcurePolicy:
     half_life_min: float = 60.0  # how fast the learned GPU arrival rate forgets
     _gpu_rate: float = 0.0  # GPUs asked per second by arriving jobs (EWMA)
     _last: tuple[datetime, int] | None = field(default=None, repr=False)
+    _billing: BillingClock = field(default_factory=BillingClock, repr=False)
+
+    def paid_left_s(self, v: InstanceView, signal: FleetSignal) -> float:
+        """Seconds left of the increment the instance is being billed for (0: per second)."""
+        return self._billing.paid_left_s(v, signal)
 
     def _learn(self, signal: FleetSignal) -> None:
         if self._last is not None:
@@ -241,12 +252,36 @@ class ProcurePolicy:
     ) -> list[Proposal]:
         self._learn(signal)
         running = _running(views)
+        self._billing.track(running, signal)
         moving = bool(self._replacing)
         out = self._provision(running, cfg, price, signal)
         out += self._right_size(running, cfg, signal, len(out))
         # An idle instance with jobs queued holds none of them (the scheduler would have placed
         # it there): it may go all the same.
-        return out + self._release(running, cfg, signal, moving)
+        released = self._release(running, cfg, signal, moving)
+        left = len(running) - len(released)
+        return out + released + self._cancel_boots(running, cfg, signal, moving, left)
+
+    def _cancel_boots(
+        self,
+        running: list[InstanceView],
+        cfg: FleetSettings,
+        signal: FleetSignal,
+        moving: bool,
+        count: int,
+    ) -> list[Proposal]:
+        """Boots no queued job needs any more (`billing.unneeded_boots`) are called off, but
+        not those launched as headroom or to take a moved job, nor under the minimum."""
+        if moving or self.spare_gpus(signal) > 0:
+            return []
+        out: list[Proposal] = []
+        for v in unneeded_boots(running, signal, 1.5 * cfg.scan_interval_s):
+            if count <= cfg.min_instances:
+                break
+            count -= 1
+            reason = "booting for a job that found a place elsewhere; billing has not begun"
+            out.append(_terminate(v, reason))
+        return out
 
     def _right_size(
         self, running: list[InstanceView], cfg: FleetSettings, signal: FleetSignal, launching: int
@@ -255,14 +290,24 @@ class ProcurePolicy:
         durations are heavy-tailed, one that has run long will likely run longer) is replaced
         by the cheapest type that holds its work: the new one is launched, and once booted the
         old one goes near the end of its paid increment; its jobs restart there from their last
-        checkpoint."""
+        checkpoint. Billed by long increments, where another node in use has the room, the jobs
+        move there at the end of the increment and nothing is launched."""
         out: list[Proposal] = []
         offers = [t for t in self._offers(cfg, signal) if t.regions_with_capacity]
         free = dict(signal.free_gpus)
-        increment = max(1.0, signal.billing_increment_s)
         step = 1.5 * cfg.scan_interval_s
         room = cfg.max_instances - len(running) - launching
         seen = set()
+        long = signal.billing_increment_s >= LONG_INCREMENT_S
+        # Where a moved job may go without a launch, fullest first (as the scheduler places):
+        # a node in use (an idle one goes at the end of its own increment).
+        homes = [
+            v.id
+            for v in sorted(running, key=lambda x: free.get(x.id, 0))
+            if v.instance.status == "active" and free.get(v.id, 0) and not _idle(v, cfg)
+        ]
+        leaving: set[str] = set()  # moved out this scan: no home
+        taking: set[str] = set()  # a home this scan: it stays
         for v in running:
             busy = round(_busy_gpus(v))
             n = v.instance.gpus
@@ -273,10 +318,23 @@ class ProcurePolicy:
             since = self._frag_since.setdefault(v.id, signal.now)
             if (signal.now - since).total_seconds() < self.migrate_after_s:
                 continue
-            age = (signal.now - v.instance.first_seen_at).total_seconds()
-            paid_left = increment - age % increment if increment > 1 else 0.0
+            paid_left = self.paid_left_s(v, signal)
             started = self._replacing.get(v.id)
             elsewhere = max((f for i, f in free.items() if i != v.id), default=0)
+            home = next(
+                (i for i in homes if i not in leaving | {v.id} and free.get(i, 0) >= busy), None
+            )
+            if v.id in taking:
+                continue  # it takes another's jobs: fuller now
+            if long and started is None and home is not None:
+                # Another node in use, billed anyway, holds its work: nothing to launch.
+                if paid_left <= step:
+                    free[home] -= busy
+                    leaving.add(v.id)
+                    taking.add(home)
+                    self._frag_since.pop(v.id, None)
+                    out.append(_terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
+                continue
             if started is not None and elsewhere >= busy and paid_left <= step:
                 if (signal.now - started).total_seconds() >= signal.boot_s:
                     self._replacing.pop(v.id, None)
@@ -420,7 +478,7 @@ class ProcurePolicy:
             age = (signal.now - v.instance.first_seen_at).total_seconds()
             if moving and age < 2 * signal.boot_s + step:
                 continue  # booted to take a moved job: it waits for it
-            paid_left = increment - age % increment if increment > 1 else 0.0
+            paid_left = self.paid_left_s(v, signal)
             if paid_left > step:
                 continue  # paid for already: kept, free, for whatever comes
             count -= 1

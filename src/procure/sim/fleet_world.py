@@ -247,6 +247,7 @@ class Sim:
             largest_queued_gpus=max((j.spec.gpus for j in queued), default=0),
             offers=offers,
             billing_increment_s=self.world.billing_s,
+            bills_boot=self.world.bill_boot,
             queued=tuple((j.spec.gpus, c.now - j.queued_at) for j in queued),
             arrived_gpus=self.arrived_gpus,
             free_gpus=tuple(

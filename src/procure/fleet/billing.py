@@ -1,0 +1,76 @@
+"""What procure's fleet policy knows of the provider's billing: when each instance's billing
+began, so when its paid increment ends, and which boots no queued job needs any more."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from procure.fleet.monitor import InstanceView
+
+if TYPE_CHECKING:
+    from procure.fleet.policies import FleetSignal
+
+# Increments this long make a booted instance that nothing needs cost more than a new boot's
+# wait is worth: a boot nobody needs any more is called off (per-second or -minute: let be).
+LONG_INCREMENT_S = 600.0
+
+
+@dataclass
+class BillingClock:
+    """When each instance's billing began: at launch where the cloud bills the boot, else when
+    it became active, which happened after the last scan that saw it booting (that scan is the
+    anchor: its increments end no later than the real ones, so a release timed on them is never
+    billed a new one). Never seen booting: its launch, as early."""
+
+    booting_seen: dict[str, datetime] = field(default_factory=dict)
+    billed_from: dict[str, datetime] = field(default_factory=dict)
+
+    def track(self, running: Sequence[InstanceView], signal: FleetSignal) -> None:
+        live = {v.id for v in running}
+        for v in running:
+            if v.instance.status == "booting":
+                self.booting_seen[v.id] = signal.now
+            elif v.id in self.booting_seen:
+                seen = self.booting_seen.pop(v.id)
+                start = v.instance.first_seen_at
+                self.billed_from[v.id] = start if signal.bills_boot else seen
+        for gone in (set(self.booting_seen) | set(self.billed_from)) - live:
+            self.booting_seen.pop(gone, None)
+            self.billed_from.pop(gone, None)
+
+    def paid_left_s(self, v: InstanceView, signal: FleetSignal) -> float:
+        """Seconds left of the increment the instance is being billed for (0: per second)."""
+        increment = max(1.0, signal.billing_increment_s)
+        if increment <= 1:
+            return 0.0
+        start = self.billed_from.get(v.id, v.instance.first_seen_at)
+        age = max(0.0, (signal.now - start).total_seconds())
+        return increment - age % increment
+
+
+def unneeded_boots(
+    running: Sequence[InstanceView], signal: FleetSignal, step_s: float
+) -> list[InstanceView]:
+    """Where billing starts once booted and comes in long increments, the booting instances
+    that no queued job will take any more (a place freed elsewhere took the job each was
+    launched for), at the last scan before their boot ends: each would be billed a whole
+    increment for nothing, and booting is free."""
+    if signal.bills_boot or signal.billing_increment_s < LONG_INCREMENT_S:
+        return []
+    booting = [v for v in running if v.instance.status == "booting"]
+    room = [v.instance.gpus for v in booting]
+    taken = [False] * len(booting)
+    for gpus, _ in signal.queued:  # the same first fit as the launches count on
+        slot = next((k for k, f in enumerate(room) if f >= gpus), None)
+        if slot is not None:
+            room[slot] -= gpus
+            taken[slot] = True
+    return [
+        v
+        for v, wanted in zip(booting, taken, strict=True)
+        if not wanted
+        and (signal.now - v.instance.first_seen_at).total_seconds() >= signal.boot_s - step_s
+    ]
