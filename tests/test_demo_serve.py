@@ -52,17 +52,20 @@ def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
             found = re.match(r"dashboard (http://127\.0\.0\.1:\d+)/ \(Ctrl\+C to stop\)", line)
             url = found.group(1) if found else None
         assert url == f"http://127.0.0.1:{port}", "".join(output)
-        runs = httpx.get(url + "/", timeout=10)
+        runs = httpx.get(url + "/", timeout=60)
         assert runs.status_code == 200
         assert "Fine-tune tiny-llm on dataset A" in runs.text
         (run_id,) = re.findall(r'data-run="([0-9a-f]+)"', runs.text)
         assert re.search(rf'data-run="{run_id}".*?status-completed', runs.text, re.S)
-        run = httpx.get(f"{url}/runs/{run_id}", timeout=10).text
-        assert run.count('class="hash tx"') == 2  # both payments, with their hashes
-        vendors = httpx.get(url + "/vendors", timeout=10)
+        run = httpx.get(f"{url}/runs/{run_id}", timeout=60).text
+        # Every payment (each vendor's short first slice, then the rest) with its hash.
+        payments = run.split("<th>Transaction</th>", 1)[1].split("</tbody>", 1)[0]
+        paid = payments.count("status-completed")
+        assert paid >= 2 and payments.count('class="hash tx"') == paid, payments
+        vendors = httpx.get(url + "/vendors", timeout=60)
         assert 'id="wallet-balance">$' in vendors.text  # the facilitator is still up
         # The Fleet page lists the demo cloud's instances with the controller's figures ...
-        fleet = httpx.get(url + "/fleet", timeout=10).text
+        fleet = httpx.get(url + "/fleet", timeout=60).text
         rows = re.findall(r'<tr data-instance="([0-9a-f]+)">(.*?)</tr>', fleet, re.S)
         assert len(rows) == 2, fleet
         cells = " ".join(row for _, row in rows)
@@ -72,16 +75,17 @@ def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
         assert sorted(latest) == ["0", "98"], cells
         assert "Instances (2 running of at most 4)" in fleet
         # ... and the Nodes page each node, reachable, with its figures.
-        nodes = httpx.get(url + "/nodes", timeout=10).text
+        nodes = httpx.get(url + "/nodes", timeout=60).text
         assert sorted(
             re.findall(r'<section class="card node" data-instance="([0-9a-f]+)"', nodes)
         ) == sorted(instance for instance, _ in rows)
         assert nodes.count(">reachable</span>") == 2
         assert nodes.count('class="util">98%') == 1 and nodes.count('class="util">0%') == 1
-        instances = httpx.get(url + "/api/fleet/instances", timeout=10).json()
+        instances = httpx.get(url + "/api/fleet/instances", timeout=60).json()
         assert {i["name"] for i in instances} == {"demo-gpu-1", "demo-gpu-2"}
         child.send_signal(signal.SIGINT)
-        assert child.wait(timeout=30) == 0
+        # Generous: on a busy machine the services' shutdown may take long; a hang would not end.
+        assert child.wait(timeout=120) == 0
     finally:
         if child.poll() is None:
             child.kill()

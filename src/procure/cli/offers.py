@@ -130,38 +130,31 @@ def add_cloud(
     (LAMBDA_API_KEY, RUNPOD_API_KEY or VAST_API_KEY) and goes to that provider alone."""
     from pydantic import ValidationError
 
+    from procure.agent.cloud_vendors import CloudVendorRequest, NotACloudVendor, save_cloud_vendor
     from procure.clouds.registry import KEY_VARS, has_key
-    from procure.models import CloudTerms, Vendor, usd_to_micros
-    from procure.store import repo
 
     provider = provider.lower()
     if provider not in PROVIDERS:
         fail(f"unknown cloud {safe(provider)}: choose lambda, runpod or vast", code=2)
-    gpu_model = gpu.upper().replace(" ", "")
     try:
-        terms = CloudTerms(
+        body = CloudVendorRequest(
             provider=provider,  # type: ignore[arg-type]
-            gpu=gpu_model,
+            gpu=gpu,
             count=count,
-            max_price_per_hour=usd_to_micros(max_price),
+            max_price_per_hour=float(max_price),
             spot=spot,
             regions=list(region or []),
             image=image,
-        )
-        vendor = Vendor(
-            vendor_id=vendor_id or f"{provider}-{gpu_model.lower()}",
-            name=f"{provider} {gpu_model}" + (" (spot)" if spot else ""),
-            endpoint=f"cloud:{provider}",
-            base_price_per_hour=usd_to_micros(max_price),
-            reliability_score=reliability,
-            supported_gpu_types=[gpu_model],
-            kind="cloud",
-            cloud=terms,
+            vendor_id=vendor_id,
+            reliability=float(reliability),
         )
     except ValidationError as exc:
         fail(f"not a valid cloud vendor: {safe(exc.errors()[0].get('msg', exc), 200)}", code=2)
-    with store_for(load_settings()).session() as s:
-        repo.save_vendor(s, vendor)
+    try:
+        vendor, _new = save_cloud_vendor(store_for(load_settings()), body)
+    except NotACloudVendor as exc:
+        fail(f"vendor {safe(str(exc))} is an x402 vendor: choose another --id", code=2)
+    gpu_model = vendor.cloud.gpu if vendor.cloud else gpu
     console.print(
         f"vendor {safe(vendor.vendor_id)}: {safe(provider)} {gpu_model} ×{count} "
         f"at most ${max_price:,.2f}/h{' (spot allowed)' if spot else ''}"

@@ -7,11 +7,6 @@ Faults are described in `mockfaults.Faults`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -40,10 +35,9 @@ from procure.clouds.lambda_cloud.mockstate import (
     MockInstance,
     Refusal,
 )
-from procure.clouds.lambda_cloud.nodes import Nodes, env_from_user_data
+from procure.clouds.lambda_cloud.nodes import env_from_user_data, node_keeper
+from procure.clouds.mockworld import server as mockserver
 
-log = logging.getLogger(__name__)
-STEP_EVERY_S = 0.05  # wall seconds between background steps of the simulation
 LAUNCH_PATH = "/api/v1/instance-operations/launch"
 TERMINATE_PATH = "/api/v1/instance-operations/terminate"
 
@@ -129,35 +123,16 @@ def instance_json(inst: MockInstance, faults: Faults | None = None) -> dict[str,
 
 def create_mock_cloud_app(state: MockCloudState) -> FastAPI:
     config = state.config
-    nodes = Nodes(state)
+    nodes = node_keeper(state)
     faults = Faults()
-
-    async def stepper() -> None:
-        while True:
-            try:
-                await asyncio.to_thread(state.step)
-                if config.nodes:
-                    await nodes.reconcile()
-            except Exception:  # the simulation must keep running whatever one step did
-                log.exception("mock cloud step failed")
-            await asyncio.sleep(STEP_EVERY_S)
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(stepper(), name="mock-cloud-step")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await nodes.stop_all()
 
     app = FastAPI(
         title="procure mock Lambda Cloud",
         version="1.10.0",
         description="Lambda Cloud API v1 on a simulated clock, with simulated GPU nodes.",
-        lifespan=lifespan,
+        lifespan=mockserver.stepping(
+            "mock Lambda Cloud", nodes, with_nodes=config.nodes, world_step=state.step
+        ),
     )
     app.add_middleware(BoundedRequests, max_bytes=2 << 20)  # a launch carries up to 1 MB
     app.add_middleware(LambdaEnvelope)  # outermost: the bounds' refusals in Lambda's envelope
@@ -312,33 +287,21 @@ def create_mock_cloud_app(state: MockCloudState) -> FastAPI:
 create_app = create_mock_cloud_app  # the name the three mocks share
 
 
-@dataclass
-class MockCloud:
-    """A mock cloud served on loopback (in-process: tests, demos, the benchmark)."""
-
-    url: str
-    state: MockCloudState
-    server: Any  # procure.local.LocalServer
-
-    @property
-    def api_key(self) -> str:
-        return self.state.config.api_key
+class MockCloud(mockserver.MockCloud[MockCloudState]):
+    """A mock Lambda Cloud served on loopback (in-process: tests, demos, the benchmark)."""
 
     def figures(self) -> dict[str, Any]:
         return self.state.figures()
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 def start_mock_cloud(config: MockCloudConfig | None = None, port: int | None = None) -> MockCloud:
     """Serve a mock cloud on 127.0.0.1 (a free port unless given) in a background thread; its
     nodes' dead-man switches call back to it."""
-    from procure.local import free_port, serve
+    from procure.local import free_port
 
     config = config or MockCloudConfig()
     port = port or free_port()
     config.api_url = config.api_url or f"http://127.0.0.1:{port}"
     state = MockCloudState(config)
-    server = serve(create_mock_cloud_app(state), port)
+    server = mockserver.start_app(create_mock_cloud_app(state), port)
     return MockCloud(server.url, state, server)

@@ -1,6 +1,6 @@
-"""The mock Lambda Cloud's admin API (not Lambda's; Bearer or Basic with the mock's key), the
-same on the three mock clouds: state, billing by Lambda's rule, the clock, faults, capacity,
-preemption, plus the fleet's workload and queue."""
+"""The mock Lambda Cloud's admin API (not Lambda's; Bearer or Basic with the mock's key): the
+routes the three mocks share (`mockworld.server`: billing by Lambda's rule, the clock,
+preemption) and its own: state, faults, capacity, plus the fleet's workload and queue."""
 
 from __future__ import annotations
 
@@ -13,14 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from procure.clouds.lambda_cloud.mockfaults import Faults
 from procure.clouds.lambda_cloud.mockstate import MockCloudState, MockInstance, Refusal
-from procure.clouds.lambda_cloud.nodes import Nodes
+from procure.clouds.mockworld.nodes import Nodes
+from procure.clouds.mockworld.server import admin_router as common_admin_router
 from procure.clouds.mockworld.workload import JobSpec, WorkloadError, parse_csv, synthetic
-
-
-class ClockBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    advance_s: float = Field(0.0, ge=0, le=365 * 86400)
-    speed: float | None = Field(None, ge=0, le=1e6)
 
 
 class SyntheticBody(BaseModel):
@@ -48,23 +43,19 @@ class CapacityBody(BaseModel):
 
 def admin_router(
     state: MockCloudState,
-    nodes: Nodes,
+    nodes: Nodes[str],
     faults: Faults,
     instance_json: Callable[[MockInstance], dict[str, Any]],
 ) -> APIRouter:
     """The admin routes; the caller adds the auth dependency."""
     config = state.config
-    router = APIRouter(prefix="/admin")
+    router = APIRouter()
 
-    @router.get("/queue")
+    @router.get("/admin/queue")
     async def queue() -> dict[str, Any]:
         return await asyncio.to_thread(state.figures)
 
-    @router.get("/billing")
-    async def billing() -> dict[str, Any]:
-        return await asyncio.to_thread(state.billing)
-
-    @router.get("/state")
+    @router.get("/admin/state")
     async def admin_state() -> dict[str, Any]:
         with state.lock:
             now = state.step()
@@ -90,24 +81,14 @@ def admin_router(
                 ],
             }
 
-    @router.post("/faults")
+    @router.post("/admin/faults")
     async def set_faults(body: Faults) -> dict[str, Any]:
-        for key, value in body.model_dump().items():
-            setattr(faults, key, value)
+        faults.replace(body)
         with state.lock:
             state.never_boot = body.never_boot
         return faults.model_dump()
 
-    @router.post("/clock")
-    async def set_clock(body: ClockBody) -> dict[str, Any]:
-        if body.speed is not None:
-            state.clock.set_speed(body.speed)
-        if body.advance_s:
-            state.clock.advance(body.advance_s)
-        now = await asyncio.to_thread(state.step)
-        return {"now_s": round(now, 3), "speed": state.clock.speed}
-
-    @router.post("/workload")
+    @router.post("/admin/workload")
     async def add_workload(body: WorkloadBody) -> dict[str, Any]:
         try:
             jobs = _jobs(body)
@@ -123,25 +104,40 @@ def admin_router(
             ) from None
         return {"jobs": added, "offset_s": round(now, 3)}
 
-    @router.post("/capacity")
+    @router.post("/admin/capacity")
     async def set_capacity(body: CapacityBody) -> dict[str, Any]:
         with state.lock:
             config.capacity.setdefault(body.instance_type, {})[body.region] = body.count
             return {"capacity": config.capacity}
 
-    @router.post("/instances/{instance_id}/{fault}")
-    async def instance_fault(instance_id: str, fault: str) -> dict[str, Any]:
-        """`preempt` (a host that dies: the instance ends as `preempted`, its node stops, its
-        billing stops) or `unhealthy` (a lost GPU)."""
-        if fault not in ("preempt", "unhealthy"):
-            raise Refusal(404, "global/not-found", "No such fault.", "preempt or unhealthy")
-        act = state.preempt if fault == "preempt" else state.make_unhealthy
-        inst = await asyncio.to_thread(act, instance_id)
-        if config.nodes and fault == "preempt":
+    async def settle() -> float:
+        return await asyncio.to_thread(state.step)
+
+    async def preempt(instance_id: str) -> dict[str, Any]:
+        """A host that dies: the instance ends as `preempted`, its node and billing stop."""
+        inst = await asyncio.to_thread(state.preempt, instance_id)
+        if config.nodes:
             await nodes.reconcile()
         with state.lock:
             return instance_json(inst)
 
+    async def unhealthy(instance_id: str) -> dict[str, Any]:
+        """A lost GPU."""
+        inst = await asyncio.to_thread(state.make_unhealthy, instance_id)
+        with state.lock:
+            return instance_json(inst)
+
+    router.include_router(
+        common_admin_router(
+            clock=state.clock,
+            settle=settle,
+            billing=state.billing,
+            instance_faults={"preempt": preempt, "unhealthy": unhealthy},
+            no_such_fault=lambda: Refusal(
+                404, "global/not-found", "No such fault.", "preempt or unhealthy"
+            ),
+        )
+    )
     return router
 
 

@@ -12,15 +12,17 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from procure.bounds import UnsafeInput, loads
 from procure.clouds.lambda_cloud.mockstate import Refusal
+from procure.clouds.mockworld import faults as mockfaults
+from procure.clouds.mockworld.faults import AnswerFaults
 from procure.clouds.specs import SpecError, validate_request
 
 HUGE_BYTES = 12 * 1024 * 1024  # past every client's answer cap
@@ -49,60 +51,34 @@ T = TypeVar("T", bound=BaseModel)
 _PROVIDER = ("provider/internal-unavailable", "Provider unavailable", "Try again shortly")
 
 
-class Faults(BaseModel):
+class Faults(AnswerFaults):
     """What `POST /admin/faults` sets (the whole set at once; `{}` clears it). `endpoints` limits
     the answer faults to some of `instance-types`, `instances`, `instance`, `launch`,
     `terminate` (empty: all). `count`: the answer faults are served that many times, then
-    cleared (None: until changed). `status` 429 is `rate_limited`."""
+    cleared (None: until changed). `status` is answered in Lambda's envelope; 429 is
+    `rate_limited`; `huge` is HUGE_BYTES; a wrong ip is WRONG_IP."""
 
-    model_config = ConfigDict(extra="forbid")
+    ANSWERS: ClassVar[tuple[str, ...]] = (
+        "hang_s",
+        "account_inactive",
+        "error500",
+        "provider_error",
+        "status",
+        "rate_limited",
+        "garbage",
+        "wrong_shape",
+        "huge",
+    )
+    CLEARED_TOO: ClassVar[tuple[str, ...]] = ("retry_after_s",)
+
     refuse_capacity: bool = False
     refuse_quota: bool = False
     account_inactive: bool = False
     error500: bool = False
     provider_error: bool = False
-    status: int | None = Field(None, ge=400, le=599)  # this status, in Lambda's envelope
     rate_limited: bool = False  # 429 in the envelope
     retry_after_s: int | None = Field(None, ge=0, le=3600)  # with Retry-After, when set
-    garbage: bool = False
     wrong_shape: bool = False
-    huge: bool = False  # a 200 of HUGE_BYTES
-    hang_s: float = Field(0.0, ge=0, le=600)
-    unknown_status: bool = False  # instances report a status Lambda never sends
-    wrong_ip: bool = False  # active instances report an address that is not theirs
-    never_boot: bool = False  # instances launched from now on stay booting
-    count: int | None = Field(None, ge=1, le=10_000)
-    endpoints: list[str] = Field(default_factory=list, max_length=10)
-
-    def applies(self, endpoint: str) -> bool:
-        return not self.endpoints or endpoint in self.endpoints
-
-    def answering(self) -> bool:
-        """Whether a fault replaces or delays the endpoint's own answer."""
-        return bool(
-            self.hang_s
-            or self.account_inactive
-            or self.error500
-            or self.provider_error
-            or self.status
-            or self.rate_limited
-            or self.garbage
-            or self.wrong_shape
-            or self.huge
-        )
-
-    def consume(self) -> None:
-        """One answer fault served: after `count` of them, the answer faults end."""
-        if self.count is None:
-            return
-        self.count -= 1
-        if self.count <= 0:
-            self.count = None
-            for key in ("account_inactive", "error500", "provider_error", "rate_limited"):
-                setattr(self, key, False)
-            for key in ("garbage", "wrong_shape", "huge"):
-                setattr(self, key, False)
-            self.status, self.retry_after_s, self.hang_s = None, None, 0.0
 
 
 class Bucket:
@@ -138,8 +114,7 @@ def refusal_for(status: int) -> Refusal:
 async def faulted(faults: Faults, endpoint: str, answer: Callable[[], Awaitable[Any]]) -> Response:
     """The endpoint's answer `{"data": ...}`, or the fault injected for it."""
     if faults.applies(endpoint) and faults.answering():
-        f = faults.model_copy()  # what this answer serves, whatever consume() clears
-        faults.consume()
+        f = faults.serve()
         if f.hang_s:
             await asyncio.sleep(f.hang_s)
         if f.account_inactive:
@@ -154,11 +129,11 @@ async def faulted(faults: Faults, endpoint: str, answer: Callable[[], Awaitable[
             headers = {} if f.retry_after_s is None else {"Retry-After": str(f.retry_after_s)}
             return JSONResponse(refusal.to_json(), status_code=status, headers=headers)
         if f.garbage:
-            return PlainTextResponse("<html><body>502 Bad Gateway</body></html>", 200)
+            return mockfaults.garbage()
         if f.wrong_shape:
             return JSONResponse({"data": "not what you asked for"})
         if f.huge:
-            return PlainTextResponse('{"data": "' + "x" * HUGE_BYTES + '"}', 200)
+            return mockfaults.huge("data", HUGE_BYTES)
     return JSONResponse({"data": await answer()})
 
 

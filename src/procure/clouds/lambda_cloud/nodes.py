@@ -5,17 +5,13 @@ switch terminates its own instance through the cloud's API, as on a real instanc
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import shlex
 import sys
 
-from procure.clouds import mocknodes
 from procure.clouds.lambda_cloud.mockstate import MockCloudState, MockInstance
-from procure.clouds.mocknodes import Node
+from procure.clouds.mockworld import nodes as mocknodes
+from procure.clouds.mockworld.nodes import Node, Nodes
 from procure.gpu.settings import GpuWorkerSettings
-
-log = logging.getLogger(__name__)
 
 
 def env_from_user_data(user_data: str | None) -> dict[str, str]:
@@ -79,34 +75,10 @@ async def start_node(state: MockCloudState, inst: MockInstance, used: set[str]) 
     )
 
 
-class Nodes:
-    """Keeps one node per live instance: started at launch, stopped when the instance ends."""
+def node_keeper(state: MockCloudState) -> Nodes[str]:
+    """One node per live instance: started at launch, stopped when the instance ends."""
 
-    def __init__(self, state: MockCloudState) -> None:
-        self.state = state
-        self.nodes: dict[str, Node] = {}
-        self._lock = asyncio.Lock()
+    def live() -> dict[str, MockInstance]:
+        return {i.id: i for i in state.instances.values() if i.ended_at is None}
 
-    async def reconcile(self) -> None:
-        async with self._lock:
-            with self.state.lock:
-                wanted = {i.id: i for i in self.state.instances.values() if i.ended_at is None}
-            for instance_id in [i for i in self.nodes if i not in wanted]:
-                node = self.nodes.pop(instance_id)
-                await asyncio.to_thread(node.stop)
-            for instance_id, inst in wanted.items():
-                if instance_id in self.nodes:
-                    continue
-                try:
-                    node = await start_node(self.state, inst, {n.ip for n in self.nodes.values()})
-                except OSError as exc:
-                    log.warning("instance %s has no node: %s", instance_id, exc)
-                    continue
-                self.nodes[instance_id] = node
-                with self.state.lock:
-                    inst.ip = node.ip
-
-    async def stop_all(self) -> None:
-        async with self._lock:
-            nodes, self.nodes = list(self.nodes.values()), {}
-            await asyncio.gather(*(asyncio.to_thread(n.stop) for n in nodes))
+    return Nodes(state.lock, live, lambda inst, used: start_node(state, inst, used))

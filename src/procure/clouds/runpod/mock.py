@@ -10,12 +10,8 @@ refused with 422, as the spec's `unevaluatedProperties: false` says."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -29,45 +25,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
+from procure.clouds.mockworld import faults as mockfaults
+from procure.clouds.mockworld import server as mockserver
+from procure.clouds.mockworld.faults import AnswerFaults
 from procure.clouds.runpod.catalogue import CUDA, DATA_CENTERS, gpu_type_json, level
 from procure.clouds.runpod.mockbilling import pod_billing
 from procure.clouds.runpod.mockstate import MockPod, MockRunPodState, Problem, RunPodMockConfig
-from procure.clouds.runpod.nodes import Nodes
+from procure.clouds.runpod.nodes import node_keeper
 from procure.clouds.runpod.wire import node_port_of
 from procure.clouds.specs import request_schema, spec
 
-log = logging.getLogger(__name__)
-STEP_EVERY_S = 0.05
 PROBLEM = "application/problem+json"
 ENDPOINTS = ("catalog", "pods", "pod", "create", "delete", "billing")
 
 
-class Faults(BaseModel):
-    """What the next answers of the provider's paths do instead of the right thing."""
+class Faults(AnswerFaults):
+    """What the next answers of the provider's paths (ENDPOINTS) do instead of the right thing:
+    `status` in problem+json; `huge` is 3 MB; never-booting pods stay PROVISIONING."""
 
-    model_config = ConfigDict(extra="forbid")
-    endpoints: list[str] = Field(default_factory=list, max_length=10)  # empty: all of ENDPOINTS
-    status: int | None = Field(None, ge=400, le=599)  # answer this problem+json status
     retry_after_s: int | None = Field(2, ge=0, le=86_400)  # with status 429; None: no header
-    count: int | None = Field(None, ge=1, le=10_000)  # answers left to fault; None: until reset
-    hang_s: float = Field(0.0, ge=0, le=600)
-    garbage: bool = False  # 200 with an HTML page
-    huge: bool = False  # 200 with a 3 MB body
-    unknown_status: bool = False  # pods read with a status RunPod never documented
-    never_boot: bool = False  # pods created from now on stay PROVISIONING
-    wrong_ip: bool = False  # running pods' runtime ip is not where their node is
-
-    def applies(self, endpoint: str) -> bool:
-        return not self.endpoints or endpoint in self.endpoints
-
-    def answer_faulted(self) -> bool:
-        return bool(self.status or self.hang_s or self.garbage or self.huge)
-
-
-class ClockBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    advance_s: float = Field(0.0, ge=0, le=365 * 86400)
-    speed: float | None = Field(None, ge=0, le=1e6)
 
 
 class CapacityBody(BaseModel):
@@ -169,30 +145,12 @@ def _problem(exc: Problem) -> JSONResponse:
 
 def create_app(state: MockRunPodState) -> FastAPI:
     config = state.config
-    nodes = Nodes(state)
+    nodes = node_keeper(state)
     faults = Faults()
 
-    async def stepper() -> None:
-        while True:
-            try:
-                await asyncio.to_thread(state.step)
-                if config.nodes:
-                    await nodes.reconcile()
-            except Exception:  # the simulation must keep running whatever one step did
-                log.exception("mock RunPod step failed")
-            await asyncio.sleep(STEP_EVERY_S)
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(stepper(), name="mock-runpod-step")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await nodes.stop_all()
-
+    lifespan = mockserver.stepping(
+        "mock RunPod", nodes, with_nodes=config.nodes, world_step=state.step
+    )
     app = FastAPI(title="procure mock RunPod", version="2", lifespan=lifespan)
     app.add_middleware(BoundedRequests)
     app.state.cloud, app.state.nodes, app.state.faults = state, nodes, faults
@@ -217,29 +175,20 @@ def create_app(state: MockRunPodState) -> FastAPI:
         """Count the request against the rate limits, then play any fault injected for it.
         Returns the RateLimit headers every authenticated answer carries."""
         headers = state.admit()
-        if not faults.applies(endpoint) or not faults.answer_faulted():
+        if not faults.applies(endpoint) or not faults.answering():
             return headers
-        if faults.count is not None:
-            faults.count -= 1
-            spent = faults.count <= 0
-        else:
-            spent = False
-        hang, status, garbage, huge = faults.hang_s, faults.status, faults.garbage, faults.huge
-        retry_after = faults.retry_after_s
-        if spent:
-            faults.status, faults.hang_s, faults.garbage, faults.huge = None, 0.0, False, False
-            faults.count = None
-        if hang:
-            await asyncio.sleep(hang)
-        if status:
+        f = faults.serve()
+        if f.hang_s:
+            await asyncio.sleep(f.hang_s)
+        if f.status:
             extra = dict(headers)
-            if status == 429 and retry_after is not None:
-                extra["Retry-After"] = str(retry_after)
-            raise Problem(status, _fault_detail(status), headers=extra)
-        if garbage:
-            raise _Raw(Response("<html><body>502 Bad Gateway</body></html>", 200))
-        if huge:
-            raise _Raw(Response(b'{"pods": "' + b"x" * (3 << 20) + b'"}', 200))
+            if f.status == 429 and f.retry_after_s is not None:
+                extra["Retry-After"] = str(f.retry_after_s)
+            raise Problem(f.status, _fault_detail(f.status), headers=extra)
+        if f.garbage:
+            raise _Raw(mockfaults.garbage())
+        if f.huge:
+            raise _Raw(mockfaults.huge("pods", 3 << 20))
         return headers
 
     @app.exception_handler(_Raw)
@@ -371,24 +320,10 @@ def create_app(state: MockRunPodState) -> FastAPI:
                 ],
             }
 
-    @app.get("/admin/billing", dependencies=authed)
-    async def admin_billing() -> dict[str, Any]:
-        return await asyncio.to_thread(state.billing)
-
     @app.post("/admin/faults", dependencies=authed)
     async def set_faults(body: Faults) -> dict[str, Any]:
-        for key, value in body.model_dump().items():
-            setattr(faults, key, value)
+        faults.replace(body)
         return faults.model_dump()
-
-    @app.post("/admin/clock", dependencies=authed)
-    async def set_clock(body: ClockBody) -> dict[str, Any]:
-        if body.speed is not None:
-            state.clock.set_speed(body.speed)
-        if body.advance_s:
-            state.clock.advance(body.advance_s)
-        now = await asyncio.to_thread(state.step)
-        return {"now_s": round(now, 3), "speed": state.clock.speed}
 
     @app.post("/admin/capacity", dependencies=authed)
     async def set_capacity(body: CapacityBody) -> dict[str, Any]:
@@ -396,17 +331,30 @@ def create_app(state: MockRunPodState) -> FastAPI:
             config.capacity.setdefault(body.gpu, {})[body.data_center] = body.count
             return {"capacity": config.capacity}
 
-    @app.post("/admin/instances/{pod_id}/{fault}", dependencies=authed)
-    async def instance_fault(pod_id: str, fault: str) -> dict[str, Any]:
-        if fault not in ("preempt", "unhealthy"):
-            raise Problem(404, "no such fault: preempt or unhealthy")
-        act = state.preempt if fault == "preempt" else state.make_error
-        pod = await asyncio.to_thread(act, pod_id)
-        if config.nodes:
-            await nodes.reconcile()
-        with state.lock:
-            return pod_json(state, pod, Faults())
+    async def settle() -> float:
+        return await asyncio.to_thread(state.step)
 
+    def instance_fault(act: Callable[[str], MockPod]) -> mockserver.InstanceFault:
+        async def apply(pod_id: str) -> dict[str, Any]:
+            pod = await asyncio.to_thread(act, pod_id)
+            if config.nodes:
+                await nodes.reconcile()
+            with state.lock:
+                return pod_json(state, pod, Faults())
+
+        return apply
+
+    admin = mockserver.admin_router(
+        clock=state.clock,
+        settle=settle,
+        billing=state.billing,
+        instance_faults={
+            "preempt": instance_fault(state.preempt),
+            "unhealthy": instance_fault(state.make_error),
+        },
+        no_such_fault=lambda: Problem(404, "no such fault: preempt or unhealthy"),
+    )
+    app.include_router(admin, dependencies=authed)
     return app
 
 
@@ -431,34 +379,17 @@ def _fault_detail(status: int) -> str:
     }.get(status, "upstream service unavailable")
 
 
-@dataclass
-class MockCloud:
+class MockCloud(mockserver.MockCloud[MockRunPodState]):
     """The mock RunPod served on loopback (in-process: tests, demos, the benchmark)."""
-
-    url: str
-    state: MockRunPodState
-    server: Any  # procure.local.LocalServer
-
-    @property
-    def api_key(self) -> str:
-        return self.state.config.api_key
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 def start_mock_cloud(config: RunPodMockConfig | None = None, port: int | None = None) -> MockCloud:
     """Serve the mock RunPod on 127.0.0.1 (a free port unless given) in a background thread."""
-    from procure.local import serve
-
     state = MockRunPodState(config or RunPodMockConfig())
-    server = serve(create_app(state), port)
+    server = mockserver.start_app(create_app(state), port)
     return MockCloud(server.url, state, server)
 
 
 def serve_mock_cloud(config: RunPodMockConfig, port: int = 4200) -> None:
     """Serve the mock RunPod on 127.0.0.1:`port` in the foreground (the CLI's command)."""
-    import uvicorn
-
-    app = create_app(MockRunPodState(config))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    mockserver.serve_foreground(create_app(MockRunPodState(config)), port)

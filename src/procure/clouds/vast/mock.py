@@ -11,27 +11,24 @@ Faults (`POST /admin/faults`), each for one endpoint (`search`, `create`, `show`
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
+from procure.clouds.mockworld import faults as mockfaults
+from procure.clouds.mockworld import server as mockserver
 from procure.clouds.specs import SpecError, validate_request
 from procure.clouds.vast import mockio
 from procure.clouds.vast.mockjson import charge_json, instance_json, offer_json
 from procure.clouds.vast.mockstate import MockVastConfig, MockVastState, Refusal, refusal
-from procure.clouds.vast.nodes import Nodes
+from procure.clouds.vast.nodes import node_keeper
 
-log = logging.getLogger(__name__)
-STEP_EVERY_S = 0.05
 PAGE_MAX = 25
 HUGE_BYTES = 3 << 20  # past what procure's clients read
 
@@ -51,12 +48,6 @@ class FaultBody(BaseModel):
     clear: bool = False
 
 
-class ClockBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    advance_s: float = Field(0.0, ge=0, le=365 * 86400)
-    speed: float | None = Field(None, ge=0, le=1e6)
-
-
 class CapacityBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     count: int = Field(ge=0, le=10_000)
@@ -73,29 +64,12 @@ def _error(r: Refusal) -> Response:
 
 def create_app(state: MockVastState) -> FastAPI:
     config = state.config
-    nodes = Nodes(state)
+    nodes = node_keeper(state)
     rules: list[FaultBody] = []
 
-    async def stepper() -> None:
-        while True:
-            try:
-                if config.nodes:
-                    await nodes.reconcile()  # outbids and dead hosts take their node down
-            except Exception:  # the simulation must keep running whatever one step did
-                log.exception("mock Vast.ai step failed")
-            await asyncio.sleep(STEP_EVERY_S)
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(stepper(), name="mock-vast-step")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await nodes.stop_all()
-
+    # Vast's state moves on as it is read: the step only takes the nodes of outbid instances
+    # and dead hosts down.
+    lifespan = mockserver.stepping("mock Vast.ai", nodes, with_nodes=config.nodes)
     app = FastAPI(
         title="procure mock Vast.ai",
         description="Vast.ai's API on a simulated clock, with simulated GPU nodes.",
@@ -138,11 +112,9 @@ def create_app(state: MockVastState) -> FastAPI:
                 code = "server_error" if rule.status >= 500 else "invalid_args"
                 raise refusal(rule.status, code, f"injected {rule.status}")
             if rule.garbage:
-                return PlainTextResponse("<html><body>502 Bad Gateway</body></html>", 200)
+                return mockfaults.garbage()
             if rule.huge:
-                return PlainTextResponse(
-                    '{"pad": "' + "x" * HUGE_BYTES + '"}', 200, media_type="application/json"
-                )
+                return mockfaults.huge("pad", HUGE_BYTES, media_type="application/json")
         threshold = state.too_soon(endpoint, identity)
         if threshold is not None:
             raise mockio.too_frequent(endpoint, threshold)
@@ -356,21 +328,6 @@ def create_app(state: MockVastState) -> FastAPI:
                 ],
             }
 
-    @app.get("/admin/billing")
-    async def admin_billing(request: Request) -> dict[str, Any]:
-        authorised(request)
-        return state.billing()
-
-    @app.post("/admin/clock")
-    async def admin_clock(request: Request, body: ClockBody) -> dict[str, Any]:
-        authorised(request)
-        if body.speed is not None:
-            state.clock.set_speed(body.speed)
-        now = state.clock.advance(body.advance_s) if body.advance_s else state.now()
-        if config.nodes:
-            await nodes.reconcile()
-        return {"now_s": round(now, 3), "speed": state.clock.speed}
-
     @app.post("/admin/faults")
     async def admin_faults(request: Request, body: FaultBody) -> dict[str, Any]:
         authorised(request)
@@ -390,42 +347,41 @@ def create_app(state: MockVastState) -> FastAPI:
         hit = state.set_capacity(body.count, body.offer_id, body.gpu, body.region)
         return {"offers": hit, "count": body.count}
 
-    @app.post("/admin/instances/{instance_id}/preempt")
-    async def admin_preempt(request: Request, instance_id: str) -> dict[str, Any]:
-        authorised(request)
+    async def settle() -> float:
+        if config.nodes:
+            await nodes.reconcile()
+        return state.now()
+
+    async def preempt(instance_id: str) -> dict[str, Any]:
         inst = await asyncio.to_thread(state.preempt, mockio.int_id(instance_id))
         if config.nodes:
             await nodes.reconcile()
         with state.lock:
             return instance_json(state, inst, state.now(), listing=False)
 
+    admin = mockserver.admin_router(
+        clock=state.clock,
+        settle=settle,
+        billing=state.billing,
+        instance_faults={"preempt": preempt},
+        no_such_fault=lambda: StarletteHTTPException(404, "Not Found"),
+    )
+    app.include_router(admin, dependencies=[Depends(authorised)])
     return app
 
 
-@dataclass
-class MockCloud:
+class MockCloud(mockserver.MockCloud[MockVastState]):
     """A mock Vast.ai served on loopback (in process: tests, demos)."""
-
-    url: str
-    state: MockVastState
-    server: Any  # procure.local.LocalServer
-
-    @property
-    def api_key(self) -> str:
-        return self.state.config.api_key
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 def start_mock_cloud(config: MockVastConfig | None = None, port: int | None = None) -> MockCloud:
     """Serve a mock Vast.ai on 127.0.0.1 (a free port unless given) in a background thread."""
-    from procure.local import free_port, serve
+    from procure.local import free_port
 
     config = config or MockVastConfig()
     config.host_port = config.host_port or free_port()
     state = MockVastState(config)
-    server = serve(create_app(state), port or free_port())
+    server = mockserver.start_app(create_app(state), port or free_port())
     return MockCloud(server.url, state, server)
 
 
@@ -446,8 +402,6 @@ def serve_mock_cloud(
     --provider vast`). The key: `api_key`, else VAST_API_KEY, else mock-vast-key."""
     import os
 
-    import uvicorn
-
     from procure.local import free_port
 
     config = MockVastConfig(
@@ -461,5 +415,4 @@ def serve_mock_cloud(
         host_port=host_port or free_port(),
         nodes=nodes,
     )
-    app = create_app(MockVastState(config))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    mockserver.serve_foreground(create_app(MockVastState(config)), port)

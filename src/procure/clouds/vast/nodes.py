@@ -4,16 +4,11 @@ is outbid, its host dies or it is destroyed. Its token is the launch's GPU_WORKE
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-from procure.clouds import mocknodes
 from procure.clouds.lambda_cloud.simnvml import SimGpu
-from procure.clouds.mocknodes import Node
+from procure.clouds.mockworld import nodes as mocknodes
+from procure.clouds.mockworld.nodes import Node, Nodes
 from procure.clouds.vast.mockstate import MockInstance, MockVastState
 from procure.gpu.settings import GpuWorkerSettings
-
-log = logging.getLogger(__name__)
 
 
 def node_settings(state: MockVastState, inst: MockInstance) -> GpuWorkerSettings:
@@ -45,46 +40,21 @@ def gpus(state: MockVastState, inst: MockInstance) -> list[SimGpu]:
     ]
 
 
-class Nodes:
+def node_keeper(state: MockVastState) -> Nodes[int]:
     """One node per live instance that maps a port: started at create, stopped at its end."""
 
-    def __init__(self, state: MockVastState) -> None:
-        self.state = state
-        self.nodes: dict[int, Node] = {}
-        self._lock = asyncio.Lock()
+    def live() -> dict[int, MockInstance]:
+        now = state.now()
+        return {i.id: i for i in state.instances.values() if not i.ended(now) and i.container_ports}
 
-    async def reconcile(self) -> None:
-        async with self._lock:
-            with self.state.lock:
-                now = self.state.now()
-                wanted = {
-                    i.id: i
-                    for i in self.state.instances.values()
-                    if not i.ended(now) and i.container_ports
-                }
-            for instance_id in [i for i in self.nodes if i not in wanted]:
-                node = self.nodes.pop(instance_id)
-                await asyncio.to_thread(node.stop)
-            for instance_id, inst in wanted.items():
-                if instance_id in self.nodes:
-                    continue
-                try:
-                    node = await mocknodes.start_node(
-                        instance_id=str(inst.id),
-                        settings=node_settings(self.state, inst),
-                        gpus=lambda inst=inst: gpus(self.state, inst),  # type: ignore[misc]
-                        port=self.state.config.host_port,
-                        used={n.ip for n in self.nodes.values()},
-                        first_ip=self.state.config.first_ip,
-                    )
-                except OSError as exc:
-                    log.warning("instance %s has no node: %s", instance_id, exc)
-                    continue
-                self.nodes[instance_id] = node
-                with self.state.lock:
-                    inst.ip = node.ip
+    async def start(inst: MockInstance, used: set[str]) -> Node:
+        return await mocknodes.start_node(
+            instance_id=str(inst.id),
+            settings=node_settings(state, inst),
+            gpus=lambda: gpus(state, inst),
+            port=state.config.host_port,
+            used=used,
+            first_ip=state.config.first_ip,
+        )
 
-    async def stop_all(self) -> None:
-        async with self._lock:
-            nodes, self.nodes = list(self.nodes.values()), {}
-            await asyncio.gather(*(asyncio.to_thread(n.stop) for n in nodes))
+    return Nodes(state.lock, live, start)

@@ -1,16 +1,19 @@
 """The mock clouds' instances' GPU nodes: the real GPU node service (`gpu.service`) over a
 simulated NVML, each on its own loopback address (127.0.0.N; all of 127/8 is loopback on Linux)
-and one port, so an instance's address is where its node really answers. Shared by the three
-mock clouds; each builds the node's settings (token, dead-man action) itself."""
+and one port, so an instance's address is where its node really answers; and `Nodes`, the loop
+that keeps one node per live instance. Each mock says which instances are live and how their
+node is built (token, GPUs, dead-man action)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import uvicorn
 
@@ -19,7 +22,9 @@ from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
 
+log = logging.getLogger(__name__)
 LAST_IP = 254
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
@@ -86,3 +91,49 @@ async def start_node(
             with contextlib.suppress(OSError):
                 sock.close()
     return Node(instance_id, ip, port, server, thread)
+
+
+class Nodes(Generic[K]):
+    """Keeps one node per live instance: started once it is live, stopped once it is not.
+    `live()` (called under `lock`) gives the live instances by id; `start(instance, used)`
+    starts one's node on an address not in `used`; `gone(id)` (under `lock`) tidies the
+    instance after its node stops. A started node's address becomes the instance's `ip`."""
+
+    def __init__(
+        self,
+        lock: Any,  # the mock state's lock (a threading lock)
+        live: Callable[[], dict[K, Any]],
+        start: Callable[[Any, set[str]], Awaitable[Node]],
+        *,
+        gone: Callable[[K], None] | None = None,
+        what: str = "instance",
+    ) -> None:
+        self.lock, self.live, self.start, self.gone, self.what = lock, live, start, gone, what
+        self.nodes: dict[K, Node] = {}
+        self._lock = asyncio.Lock()
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            with self.lock:
+                wanted = self.live()
+            for key in [k for k in self.nodes if k not in wanted]:
+                await asyncio.to_thread(self.nodes.pop(key).stop)
+                if self.gone is not None:
+                    with self.lock:
+                        self.gone(key)
+            for key, inst in wanted.items():
+                if key in self.nodes:
+                    continue
+                try:
+                    node = await self.start(inst, {n.ip for n in self.nodes.values()})
+                except OSError as exc:
+                    log.warning("%s %s has no node: %s", self.what, key, exc)
+                    continue
+                self.nodes[key] = node
+                with self.lock:
+                    inst.ip = node.ip
+
+    async def stop_all(self) -> None:
+        async with self._lock:
+            nodes, self.nodes = list(self.nodes.values()), {}
+            await asyncio.gather(*(asyncio.to_thread(n.stop) for n in nodes))

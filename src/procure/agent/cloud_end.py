@@ -1,0 +1,156 @@
+"""How a job on a cloud instance ends: why it ends recorded (`mark_ending`), the instance
+terminated until the provider confirms, its bill read (or computed) and booked with the job's end;
+and the small shared steps of `cloud_run`'s other parts (trouble noted, an offer kind cooled)."""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from datetime import timedelta
+from typing import Any
+
+from procure.agent.cloud_money import book_end, computed_bill
+from procure.agent.context import PlanContext
+from procure.agent.deps import OBS, AgentDeps, TickResult
+from procure.clouds.base import CloudError, Instance, RentalCloud
+from procure.models import Job, OfferTerms, utcnow
+from procure.store import cloud_repo, repo
+from procure.store.cloud_repo import CloudInstance
+from procure.vendors.credentials import CredentialError, Keyring
+
+GONE = ("preempted", "exited", "terminated")  # the instance (and the job on it) is lost
+BUDGET = "the budget cannot take the next billing increment"
+
+
+def crash(name: str) -> None:
+    """Crash point `name`, reached through `cloud_run.crash_point`: the one name the crash tests
+    replace, for every point of the cloud path whichever module holds it."""
+    from procure.agent import cloud_run
+
+    cloud_run.crash_point(name)
+
+
+def keyring(deps: AgentDeps) -> Keyring:
+    ring = deps.keyring or getattr(deps.vendors, "_keyring", None)
+    if ring is None:
+        raise CredentialError("no keyring to encrypt the node token with")
+    return ring  # type: ignore[no-any-return]
+
+
+def trouble(deps: AgentDeps, job: Job, message: str) -> TickResult:
+    with deps.store.session() as s:
+        repo.add_observation(s, job.run_id, OBS.error, message, vendor_id=job.vendor_id)
+    return TickResult("Vendor error")
+
+
+def mark_ending(
+    deps: AgentDeps, inst: CloudInstance, outcome: str, reason: str, *, fault: bool, terminate: bool
+) -> CloudInstance:
+    """Record why the instance ends; `terminate`: it exists, so terminate it next."""
+    values: dict[str, object] = {
+        "outcome": outcome,
+        "end_reason": reason[:2000],
+        "fault": int(fault),
+    }
+    if terminate:
+        values |= {"status": "terminating", "ended_at": utcnow()}
+    with deps.store.session() as s:
+        cloud_repo.update_instance(s, inst.name, **values)
+        repo.add_observation(
+            s,
+            inst.run_id,
+            OBS.error if fault else OBS.job_event,
+            f"Ending instance {inst.name} ({inst.provider} {inst.instance_id or 'not launched'}): "
+            f"{reason}",
+            vendor_id=inst.vendor_id,
+        )
+        found = cloud_repo.get_instance(s, inst.name)
+    assert found is not None
+    return found
+
+
+def cool(deps: AgentDeps, terms: OfferTerms, **learned: object) -> None:
+    with deps.store.session() as s:
+        cloud_repo.learn(
+            s,
+            terms.provider,
+            terms.region,
+            terms.gpu,
+            cooldown_until=utcnow() + timedelta(seconds=deps.cooldown_s),
+            **learned,  # type: ignore[arg-type]
+        )
+
+
+def lost(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    inst: CloudInstance,
+    instance: Instance | None,
+    terms: OfferTerms,
+) -> Coroutine[Any, Any, TickResult] | None:
+    """A terminate-and-book coroutine when the instance is gone (preempted, exited, terminated
+    by someone else, unknown to the provider); None while it lives."""
+    if instance is not None and instance.status not in GONE:
+        return None
+    status = instance.status if instance is not None else "gone (the provider no longer knows it)"
+    with deps.store.session() as s:
+        cloud_repo.learn(
+            s,
+            terms.provider,
+            terms.region,
+            terms.gpu,
+            success=None if status == "preempted" else False,
+            preempted=status == "preempted",
+            cooldown_until=utcnow() + timedelta(seconds=deps.cooldown_s),
+        )
+    ending = mark_ending(
+        deps, inst, "failed", f"instance {status} at {job.progress:.0%}", fault=True, terminate=True
+    )
+    client = deps.clouds[inst.provider]
+    return terminate(deps, ctx, job, ending, client, terms)
+
+
+def end(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    inst: CloudInstance | None,
+    billed: int,
+    outcome: str,
+    reason: str,
+    *,
+    fault: bool | None = None,
+) -> TickResult:
+    result = book_end(deps, ctx, job, inst, billed, outcome, reason, fault=fault)
+    crash("reconciled")
+    return result
+
+
+async def terminate(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    inst: CloudInstance,
+    client: RentalCloud,
+    terms: OfferTerms,
+) -> TickResult:
+    """Terminate (idempotent), confirm, read the bill, book it: retried tick after tick until
+    the provider confirms."""
+    assert inst.instance_id is not None
+    try:
+        await client.terminate([inst.instance_id])
+        after = await client.get(inst.instance_id)
+    except CloudError as exc:
+        return trouble(
+            deps, job, f"{inst.provider} terminate {inst.instance_id}: {exc}; will retry"
+        )
+    crash("cancel_sent")
+    if after is not None and after.status not in GONE:
+        return TickResult("Terminating")
+    try:
+        billed = await client.billed(inst.instance_id)
+    except CloudError as exc:
+        return trouble(deps, job, f"{inst.provider} billing of {inst.instance_id}: {exc}")
+    if billed is None:  # no billing endpoint (Lambda): its rule, from when it became active
+        billed = computed_bill(inst, terms)
+    return end(deps, ctx, job, inst, billed, inst.outcome or "failed", inst.end_reason or "ended")

@@ -1,0 +1,168 @@
+"""A cloud instance launched and booted: found by name first (a launch before a crash is never
+repeated), launched only if there is none, then watched until its node answers (checked before
+the token goes there) or its boot deadline passes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from procure.agent.cloud_end import (
+    BUDGET,
+    cool,
+    crash,
+    end,
+    keyring,
+    lost,
+    mark_ending,
+    terminate,
+    trouble,
+)
+from procure.agent.cloud_money import reserve
+from procure.agent.cloud_node import NodeError, checked_node_url
+from procure.agent.cloud_offers import as_offer, describe_offer
+from procure.agent.cloud_watch import poll
+from procure.agent.context import PlanContext
+from procure.agent.deps import OBS, AgentDeps, TickResult
+from procure.clouds.base import (
+    AuthError,
+    CapacityError,
+    CloudError,
+    LaunchSpec,
+    QuotaError,
+    RentalCloud,
+)
+from procure.models import Job, JobStatus, OfferTerms, Vendor, utcnow
+from procure.store import cloud_repo, repo
+from procure.store.cloud_repo import CloudInstance
+from procure.vendors.credentials import CredentialError
+
+
+async def launch(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    vendor: Vendor,
+    inst: CloudInstance,
+    client: RentalCloud,
+    terms: OfferTerms,
+) -> TickResult:
+    """Find the instance by name (a launch before a crash); launch it only if there is none."""
+    try:
+        found = await client.find(inst.name)
+    except CloudError as exc:
+        return trouble(deps, job, f"{inst.provider} find {inst.name}: {exc}")
+    found = [i for i in found if i.status != "terminated"]
+    if len(found) > 1:  # cannot happen through procure; if it does, keep one
+        try:
+            await client.terminate([i.id for i in found[1:]])
+        except CloudError as exc:
+            return trouble(deps, job, f"{inst.provider} terminate of a duplicate: {exc}")
+    if found:
+        instance, how = found[0], "found after an interrupted launch"
+    elif inst.outcome is not None:  # ending before anything was launched: no money moved
+        return end(deps, ctx, job, inst, 0, inst.outcome, inst.end_reason or "")
+    else:
+        try:
+            token = keyring(deps).decrypt(inst.node_token)
+        except CredentialError as exc:
+            return end(deps, ctx, job, inst, 0, "failed", str(exc))
+        spec = LaunchSpec(
+            name=inst.name,
+            offer=as_offer(terms),
+            image=(vendor.cloud.image if vendor.cloud else None) or deps.cloud.image,
+            env={"GPU_WORKER_TOKEN": token},
+            bid_per_hour=terms.min_bid_per_hour if terms.interruptible else None,
+        )
+        try:
+            instance = await client.launch_spec(spec)
+        except (CapacityError, QuotaError, AuthError) as exc:
+            # Nothing was launched: no money moved. Cool the offer kind (or the whole account,
+            # for a key refused) and choose again.
+            cool(deps, terms)
+            if isinstance(exc, AuthError):
+                with deps.store.session() as s:
+                    repo.cool_down(
+                        s, vendor.vendor_id, utcnow() + timedelta(seconds=deps.cooldown_s)
+                    )
+            why = f"{inst.provider} refused the launch: {type(exc).__name__}: {exc}"
+            return end(deps, ctx, job, inst, 0, "failed", why, fault=False)
+        except CloudError as exc:  # no answer: it may have launched; `find` tells next tick
+            return trouble(deps, job, f"{inst.provider} launch {inst.name}: {exc}; will look it up")
+        how = "launched"
+    crash("paid")
+    now = utcnow()
+    with deps.store.session() as s:
+        cloud_repo.update_instance(
+            s,
+            inst.name,
+            instance_id=instance.id[:100],
+            status="booting" if inst.outcome is None else "terminating",
+            launched_at=inst.launched_at or now,
+            boot_deadline=now + timedelta(seconds=deps.cloud.boot_timeout_s),
+            **({"ended_at": now} if inst.outcome is not None else {}),
+        )
+        repo.update_job(s, job.id, status=JobStatus.running, vendor_job_id=instance.id[:100])
+        repo.add_observation(
+            s,
+            job.run_id,
+            OBS.job_event,
+            f"Instance {inst.name} {how} on {inst.provider} (id {instance.id}, {instance.status}, "
+            f"{describe_offer(terms)})",
+            vendor_id=job.vendor_id,
+        )
+        inst = cloud_repo.get_instance(s, inst.name)  # type: ignore[assignment]
+    crash("recorded")
+    if inst.status == "terminating":
+        return await terminate(deps, ctx, job, inst, client, terms)
+    return TickResult("Instance launched")
+
+
+async def boot(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    inst: CloudInstance,
+    client: RentalCloud,
+    terms: OfferTerms,
+) -> TickResult:
+    assert inst.instance_id is not None
+    try:
+        instance = await client.get(inst.instance_id)
+    except CloudError as exc:
+        return trouble(deps, job, f"{inst.provider} get {inst.instance_id}: {exc}")
+    now = utcnow()
+    gone = lost(deps, ctx, job, inst, instance, terms)
+    if gone is not None:
+        return await gone
+    assert instance is not None
+    if instance.status == "active" and instance.node_url:
+        try:
+            node_url = checked_node_url(instance.node_url, instance.ip)
+        except NodeError as exc:  # never send the token there: a vendor failure
+            cool(deps, terms, success=False)
+            inst = mark_ending(deps, inst, "failed", str(exc), fault=True, terminate=True)
+            return await terminate(deps, ctx, job, inst, client, terms)
+        boot_s = (now - (inst.launched_at or now)).total_seconds()
+        with deps.store.session() as s:
+            cloud_repo.learn(s, terms.provider, terms.region, terms.gpu, boot_s=boot_s)
+            cloud_repo.update_instance(
+                s, inst.name, status="running", node_url=node_url, active_at=now
+            )
+            repo.add_observation(
+                s,
+                job.run_id,
+                OBS.job_event,
+                f"Instance {inst.name} booted in {boot_s:.0f}s; its node answers at {node_url}",
+                vendor_id=job.vendor_id,
+            )
+            inst = cloud_repo.get_instance(s, inst.name)  # type: ignore[assignment]
+        return await poll(deps, ctx, job, inst, client, terms, instance=instance)
+    if inst.boot_deadline is not None and now > inst.boot_deadline:
+        cool(deps, terms, success=False)
+        why = f"boot did not finish within {deps.cloud.boot_timeout_s:.0f}s ({instance.status})"
+        inst = mark_ending(deps, inst, "failed", why, fault=True, terminate=True)
+        return await terminate(deps, ctx, job, inst, client, terms)
+    if not reserve(deps, ctx, job, inst, terms):
+        inst = mark_ending(deps, inst, "stopped", BUDGET, fault=False, terminate=True)
+        return await terminate(deps, ctx, job, inst, client, terms)
+    return TickResult("Instance booting")

@@ -1,0 +1,161 @@
+"""A job on a running cloud instance, watched one tick at a time: the instance polled (a
+preemption is noticed within one poll), money reserved ahead, the job submitted to the node's
+runner once, then its status, logs and checkpoints read and written in one transaction."""
+
+from __future__ import annotations
+
+import json
+
+from procure.agent import joblogs
+from procure.agent.cloud_end import (
+    BUDGET,
+    crash,
+    keyring,
+    lost,
+    mark_ending,
+    terminate,
+    trouble,
+)
+from procure.agent.cloud_money import reserve
+from procure.agent.cloud_node import NodeError, NodeJob, http_node
+from procure.agent.context import PlanContext
+from procure.agent.deps import EPS, OBS, AgentDeps, TickResult
+from procure.clouds.base import CloudError, Instance, RentalCloud
+from procure.models import Job, OfferTerms, utcnow
+from procure.store import cloud_repo, hotpath, repo
+from procure.store.cloud_repo import CloudInstance
+from procure.store.hotpath import PollWrite
+from procure.vendors.credentials import CredentialError
+
+
+async def poll(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    inst: CloudInstance,
+    client: RentalCloud,
+    terms: OfferTerms,
+    *,
+    instance: Instance | None = None,
+) -> TickResult:
+    """Poll the instance (a preemption is noticed here, within one poll) and its job."""
+    assert inst.instance_id is not None and inst.node_url is not None
+    if instance is None:
+        try:
+            instance = await client.get(inst.instance_id)
+        except CloudError as exc:
+            return trouble(deps, job, f"{inst.provider} get {inst.instance_id}: {exc}")
+        gone = lost(deps, ctx, job, inst, instance, terms)
+        if gone is not None:
+            return await gone
+    if not reserve(deps, ctx, job, inst, terms):
+        inst = mark_ending(deps, inst, "stopped", BUDGET, fault=False, terminate=True)
+        return await terminate(deps, ctx, job, inst, client, terms)
+    try:
+        token = keyring(deps).decrypt(inst.node_token)
+    except CredentialError as exc:
+        inst = mark_ending(deps, inst, "failed", str(exc), fault=False, terminate=True)
+        return await terminate(deps, ctx, job, inst, client, terms)
+    node = (deps.node_client or http_node)(inst.node_url, token)
+    try:
+        node_job_id = inst.node_job_id
+        if node_job_id is None:
+            submitted = await node.submit(
+                command=list(deps.cloud.command),
+                image=None,
+                env={"PROCURE_JOB_SPEC": json.dumps(job.job_params, sort_keys=True)[:8000]},
+                resume_from=job.job_params.get("resumeFrom"),
+                checkpoint_dir=deps.cloud.checkpoint_dir,
+                idempotency_key=job.idempotency_key,
+            )
+            crash("signed")
+            node_job_id = submitted.id
+            with deps.store.session() as s:
+                cloud_repo.update_instance(s, inst.name, node_job_id=node_job_id)
+                resume = job.job_params.get("resumeFrom")
+                repo.add_observation(
+                    s,
+                    job.run_id,
+                    OBS.job_event,
+                    f"Job {node_job_id} started on {inst.name}"
+                    + (f", resuming from {resume}" if resume else ""),
+                    vendor_id=job.vendor_id,
+                )
+        njob = await node.status(node_job_id)
+        lines, cursor = await node.logs(node_job_id, job.log_cursor) if njob else ([], 0)
+    except NodeError as exc:
+        return trouble(deps, job, f"node of {inst.name}: {exc}")
+    finally:
+        await node.aclose()
+    crash("polled")
+    if njob is None:  # the node restarted and forgot it: what it saved stands
+        inst = mark_ending(
+            deps, inst, "failed", "the node lost the job", fault=True, terminate=True
+        )
+        return await terminate(deps, ctx, job, inst, client, terms)
+    advanced = njob.progress > job.progress + EPS
+    since = job.progressed_at or inst.active_at or job.created_at
+    write_poll(deps, ctx, job, njob, lines, cursor)
+    if njob.status == "completed" and njob.progress >= 1 - 1e-6:
+        inst = mark_ending(
+            deps, inst, "completed", "the job completed", fault=False, terminate=True
+        )
+        return await terminate(deps, ctx, job, inst, client, terms)
+    if njob.status in ("completed", "failed", "cancelled"):
+        why = njob.error or f"job {njob.status} on the node (exit code {njob.exit_code})"
+        inst = mark_ending(deps, inst, "failed", why, fault=False, terminate=True)
+        return await terminate(deps, ctx, job, inst, client, terms)
+    stalled_s = (utcnow() - since).total_seconds()
+    if not advanced and stalled_s > deps.stall_s:
+        why = f"no progress for {stalled_s:,.0f}s (stuck at {njob.progress:.0%})"
+        inst = mark_ending(deps, inst, "failed", why, fault=True, terminate=True)
+        return await terminate(deps, ctx, job, inst, client, terms)
+    return TickResult(f"Job running ({njob.progress:.0%})")
+
+
+def checkpoint_progress(lines: list[str], url: str) -> float | None:
+    """The progress the job printed last before it printed checkpoint `url`, if in `lines`."""
+    progress: float | None = None
+    for line in lines:
+        word, _, rest = line.strip().partition(" ")
+        if word == "PROCURE_PROGRESS":
+            try:
+                progress = float(rest.strip())
+            except ValueError:
+                continue
+        elif word == "PROCURE_CHECKPOINT" and rest.strip() == url:
+            return progress
+    return None
+
+
+def write_poll(
+    deps: AgentDeps, ctx: PlanContext, job: Job, njob: NodeJob, lines: list[str], cursor: int
+) -> None:
+    now = utcnow()
+    kept = joblogs.keep(lines, ctx.state.run.log_lines)
+    saved_url, saved = job.checkpoint_url, job.checkpoint_progress
+    if njob.checkpoint and njob.checkpoint != job.checkpoint_url:
+        at = checkpoint_progress(lines, njob.checkpoint)
+        at = min(at if at is not None else job.progress, njob.progress)
+        if at >= saved - EPS:
+            saved_url, saved = njob.checkpoint, at
+    advanced = njob.progress > job.progress + EPS
+    write = PollWrite(
+        run_id=job.run_id,
+        job_id=job.id,
+        log_cursor=cursor,
+        progress=max(njob.progress, job.progress),
+        checkpoint_url=saved_url,
+        checkpoint_progress=saved,
+        progressed_at=now if advanced else job.progressed_at,
+        log_lines=kept.counted,
+        observations=[(OBS.job_log, line, job.vendor_id) for line in kept.lines]
+        + [(OBS.job_event, note, job.vendor_id) for note in kept.notes],
+    )
+    if saved_url != job.checkpoint_url:
+        write.observations.append(
+            (OBS.job_event, f"Checkpoint at {saved:.0%} saved: {saved_url}", job.vendor_id)
+        )
+    with deps.store.session() as s:
+        hotpath.apply_polls(s, [write])
+    job.progress, job.checkpoint_url, job.checkpoint_progress = write.progress, saved_url, saved
