@@ -178,6 +178,8 @@ async def _scan_and_say(ctx: Any) -> str | None:
             f"scanned {result.instances} instance(s); decided: {safe(decided, 500)}{safe(done)}",
             highlight=False,
         )
+    if result.queue_error:
+        console.print(f"warning: {safe(result.queue_error)}", highlight=False)
     return result.error
 
 

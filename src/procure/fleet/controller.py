@@ -14,6 +14,7 @@ from typing import Any
 from procure.bounds import clip
 from procure.clouds.base import CloudError, Instance
 from procure.fleet import actions, costs, monitor, nodes, policy, prometheus
+from procure.fleet import signal as procure_signal
 from procure.fleet.context import FleetContext
 from procure.models import utcnow
 from procure.safetext import redact
@@ -33,6 +34,7 @@ class ScanResult:
     carried_out: list[str] = field(default_factory=list)
     views: list[monitor.InstanceView] = field(default_factory=list)
     recommendations: list[dict[str, Any]] = field(default_factory=list)
+    queue_error: str | None = None  # the procure policy's queue source failed: empty queue
 
 
 def sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -> None:
@@ -185,8 +187,13 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
     result.recommendations = costs.recommendations(result.views, ctx.cfg)
 
     default = ctx.types.get(ctx.cfg.default_instance_type)
+    price = default.price_per_hour if default else None
+    if ctx.cfg.policy == "procure":
+        proposed, result.queue_error = await procure_signal.decide(ctx, result.views, now, price)
+    else:
+        proposed = policy.decide(result.views, ctx.cfg, price)
     dedupe = timedelta(minutes=max(ctx.cfg.action_cooldown_mins, ctx.cfg.confirmation_timeout_mins))
-    for p in policy.decide(result.views, ctx.cfg, default.price_per_hour if default else None):
+    for p in proposed:
         with ctx.store.session() as s:
             last = fleet_repo.recent_same(s, p.action_type, p.target, now - dedupe)
         rehearsed = last is not None and last.block_reason == "dry_run" and not ctx.dry_run
@@ -197,7 +204,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         if status == "approved":
             status = await actions.carry_out(ctx, action_id, None)
             result.carried_out.append(f"{action_id} {status}")
-    _note(ctx, now, result.error)
+    _note(ctx, now, result.error or result.queue_error)
     return result
 
 

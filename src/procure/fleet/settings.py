@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -107,6 +107,29 @@ class FleetSettings(BaseSettings):
     audit_git: str | None = Field(None, validation_alias="LAMBDA_LABS_AUDIT_GIT")
     lease_s: float = Field(120.0, gt=1, le=DAY_S, validation_alias="LAMBDA_LABS_CONTROLLER_LEASE_S")
     fleet_name: str = Field("default", max_length=100, validation_alias="LAMBDA_LABS_FLEET_NAME")
+    policy: Literal["seed", "procure"] = Field(
+        "seed",
+        validation_alias="FLEET_POLICY",
+        description="seed: scale on sustained GPU utilisation; procure: on the job queue "
+        "(FLEET_QUEUE_URL) and the provider's billing increment",
+    )
+    queue_wait_target_min: float = Field(
+        30.0,
+        ge=0,
+        le=WEEK_MINS,
+        validation_alias="FLEET_QUEUE_WAIT_TARGET_MIN",
+        description="procure policy: how long a queued job may wait before a launch for it",
+    )
+    queue_url: SecretStr | None = Field(
+        None,
+        validation_alias="FLEET_QUEUE_URL",
+        description='procure policy: GET answers {"jobs": [{"gpus": 2, "waitingS": 130}, ...]}, '
+        "the scheduler's pending jobs; unset: an empty queue",
+    )
+    queue_token: SecretStr | None = Field(
+        None, validation_alias="FLEET_QUEUE_TOKEN", description="Bearer token for FLEET_QUEUE_URL"
+    )
+    queue_timeout_s: float = Field(5.0, gt=0, le=60, validation_alias="FLEET_QUEUE_TIMEOUT_S")
 
     @field_validator("ssh_key_names", mode="before")
     @classmethod
@@ -118,18 +141,29 @@ class FleetSettings(BaseSettings):
     _finite = field_validator("*", mode="before")(classmethod(finite_numbers))
 
     @field_validator(
-        "slack_webhook_url", "node_token", "audit_git", "prometheus_url", mode="before"
+        "slack_webhook_url",
+        "node_token",
+        "audit_git",
+        "prometheus_url",
+        "queue_url",
+        "queue_token",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return blank_is_unset(value)
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("prometheus_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else http_url(value)
 
-    @field_validator("slack_webhook_url")
+    @field_validator("slack_webhook_url", "queue_url")
     @classmethod
     def _webhook(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
