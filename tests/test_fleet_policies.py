@@ -14,6 +14,7 @@ from procure.fleet import monitor
 from procure.fleet.policies import FleetSignal, ProcurePolicy, fitting_type
 from procure.fleet.policy import PROVISION, TERMINATE
 from procure.fleet.settings import FleetSettings
+from procure.fleet.signal import build
 from procure.sim.fleet_engine import run_policy, work_floor_usd
 from procure.store.fleet_tables import FleetInstanceRow, FleetSampleRow
 
@@ -68,6 +69,8 @@ def instance(
 
 
 def signal(now: datetime, offers: tuple[InstanceType, ...] = OFFERS, **kw: object) -> FleetSignal:
+    """As the simulators give it: `free_gpus` is the scheduler's exact placement."""
+    kw = {"placement_known": True} | kw
     return FleetSignal(now=now, boot_s=BOOT, offers=offers, **kw)  # type: ignore[arg-type]
 
 
@@ -220,3 +223,57 @@ def test_billed_by_the_hour_a_half_used_node_moves_into_room_already_paid_for() 
     # The 8-GPU node's one job moves to the 4-GPU node's free GPUs: nothing launched, and the
     # node that takes it stays.
     assert [(x.action_type, x.target) for x in out] == [(TERMINATE, "i-1")]
+
+
+def test_a_move_and_a_called_off_boot_in_one_scan_never_go_below_the_minimum() -> None:
+    p = ProcurePolicy(migrate_after_s=600)
+    hourly = {"billing_increment_s": 3600.0, "free_gpus": (("i-1", 7), ("i-2", 2))}
+
+    def views(at: datetime, age_s: float, boot: bool = True) -> list[monitor.InstanceView]:
+        nodes = [instance(1, 1, at, gpus=8, age_s=age_s), instance(2, 2, at, gpus=4, age_s=age_s)]
+        return nodes + [instance(3, 0, at, status="booting", age_s=540)] * boot  # no job's
+
+    two = cfg(min_instances=2)
+    assert p(views(T0, 6000, boot=False), two, PRICE, signal(T0, **hourly)) == []
+    later = T0 + timedelta(seconds=1170)
+    out = p(views(later, 7170), two, PRICE, signal(later, **hourly))
+    # i-1's job may move to i-2, or the boot may be called off: not both, 2 stay.
+    assert len([x for x in out if x.action_type == TERMINATE]) == 1
+    # With room above the minimum both go.
+    p = ProcurePolicy(migrate_after_s=600)
+    p(views(T0, 6000, boot=False), cfg(min_instances=1), PRICE, signal(T0, **hourly))
+    out = p(views(later, 7170), cfg(min_instances=1), PRICE, signal(later, **hourly))
+    assert sorted(x.target or "" for x in out if x.action_type == TERMINATE) == ["i-1", "i-3"]
+
+
+def test_a_node_running_jobs_is_never_moved_on_a_utilisation_estimate() -> None:
+    def views(at: datetime) -> list[monitor.InstanceView]:
+        age_s = 6000 + (at - T0).total_seconds()  # at `later`, 30 s of its hour left
+        two_jobs = instance(1, 1, at, gpus=8, age_s=age_s)
+        assert two_jobs.latest is not None
+        two_jobs.latest.gpu_util = 10.0  # 2 of 8 GPUs at 40 %: it reads as 1 busy GPU
+        return [two_jobs, instance(2, 3, at, gpus=4, age_s=age_s)]  # 1 GPU free
+
+    later = T0 + timedelta(seconds=1170)
+    # The real controller's signal: free GPUs estimated from utilisation, so nothing moves.
+    p = ProcurePolicy(migrate_after_s=600)
+    for at in (T0, later):
+        real = build(
+            now=at,
+            views=views(at),
+            types=OFFERS,
+            default_type="gpu_1x_a100",
+            billing_increment_s=3600.0,
+            bills_boot=False,
+            boot_s=BOOT,
+            last_provision_at=None,
+            queue_known=True,
+        )
+        assert real.placement_known is False
+        assert [x for x in p(views(at), cfg(), PRICE, real) if x.action_type == TERMINATE] == []
+    # The simulator's exact placement: 2 busy GPUs, which 1 free GPU does not hold.
+    p = ProcurePolicy(migrate_after_s=600)
+    exact = {"billing_increment_s": 3600.0, "free_gpus": (("i-1", 6), ("i-2", 1))}
+    for at in (T0, later):
+        out = p(views(at), cfg(), PRICE, signal(at, **exact))
+        assert [x for x in out if x.action_type == TERMINATE] == []

@@ -192,6 +192,38 @@ def test_a_broken_queue_source_launches_nothing_and_is_recorded(
     asyncio.run(body())
 
 
+def test_a_failed_queue_read_never_calls_off_a_boot_its_job_waits_for(
+    sqlite_url: str, queue: Queue
+) -> None:
+    """Billed by the hour, a boot no queued job needs is called off before it ends; a queue
+    read that fails says nothing about the job it was launched for: it is left to boot."""
+    queue.jobs = [{"gpus": 1, "waitingS": 600}]
+
+    async def body() -> None:
+        cloud = MultiGpuCloud(billing_increment_s=3600, boot_scans=100)
+        booting = cloud.add(util=0)
+        cfg = _procure(queue, queue_wait_target_min=30, action_cooldown_mins=0)
+        async with fleet(sqlite_url, cloud, **cfg) as ctx:
+            await scan_once(ctx)  # its job waits for it: nothing to do
+            assert all_actions(ctx) == [] and cloud.launches == []
+            queue.mode = "error"
+            for _ in range(5):  # its boot nears its end while the queue cannot be read
+                ctx.clock.advance(minutes=1)  # type: ignore[attr-defined]
+                result = await scan_once(ctx)
+                assert result.queue_error == "queue: HTTP 503"
+            assert all_actions(ctx) == [] and cloud.terminations == []
+            queue.mode, queue.jobs = "ok", []  # read again: its job went elsewhere
+            ctx.clock.advance(minutes=1)  # type: ignore[attr-defined]
+            assert (await scan_once(ctx)).queue_error is None
+            acts = all_actions(ctx)
+            assert [(a.action_type, a.target_instance) for a in acts] == [
+                ("terminate_instance", booting)
+            ]
+            assert "found a place elsewhere" in acts[0].reason
+
+    asyncio.run(body())
+
+
 def test_an_idle_instance_is_kept_while_paid_and_let_go_at_the_increment_end(
     sqlite_url: str,
 ) -> None:

@@ -45,6 +45,12 @@ class FleetSignal:
     free_gpus: tuple[tuple[str, int], ...] = ()  # per active instance: (id, GPUs free now)
     arrived_gpus: int = 0  # GPUs asked by the jobs submitted so far (a counter)
     bills_boot: bool = False  # billing starts at launch (else once booted, as on Lambda)
+    # False: the queue could not be read (or there is no queue source), so `queued` says
+    # nothing; no boot is called off and no node moved on the queue's account.
+    queue_known: bool = True
+    # True: `free_gpus` is the scheduler's exact placement (the simulated cluster's), not an
+    # estimate from utilisation; jobs are moved between nodes only then.
+    placement_known: bool = False
 
 
 Policy = Callable[[Sequence[InstanceView], FleetSettings, int | None, FleetSignal], list[Proposal]]
@@ -255,11 +261,20 @@ class ProcurePolicy:
         self._billing.track(running, signal)
         moving = bool(self._replacing)
         out = self._provision(running, cfg, price, signal)
-        out += self._right_size(running, cfg, signal, len(out))
+        # One count of the instances left, across every way one goes this scan: none of them
+        # may take the pool below the minimum, whatever the others did.
+        left = len(running)
+        if signal.queue_known and signal.placement_known:
+            moved = self._right_size(running, cfg, signal, len(out), left)
+            out += moved
+            left -= sum(p.action_type == TERMINATE for p in moved)
+        gone = {p.target for p in out if p.action_type == TERMINATE}
         # An idle instance with jobs queued holds none of them (the scheduler would have placed
-        # it there): it may go all the same.
-        released = self._release(running, cfg, signal, moving)
-        left = len(running) - len(released)
+        # it there): it may go all the same, whether the queue could be read or not.
+        released = self._release(running, cfg, signal, moving, left, gone)
+        left -= len(released)
+        if not signal.queue_known:
+            return out + released
         return out + released + self._cancel_boots(running, cfg, signal, moving, left)
 
     def _cancel_boots(
@@ -284,17 +299,24 @@ class ProcurePolicy:
         return out
 
     def _right_size(
-        self, running: list[InstanceView], cfg: FleetSettings, signal: FleetSignal, launching: int
+        self,
+        running: list[InstanceView],
+        cfg: FleetSettings,
+        signal: FleetSignal,
+        launching: int,
+        left: int,
     ) -> list[Proposal]:
         """A node at most half used for `migrate_after_s` (a long job left alone on a big node:
         durations are heavy-tailed, one that has run long will likely run longer) is replaced
         by the cheapest type that holds its work: the new one is launched, and once booted the
         old one goes near the end of its paid increment; its jobs restart there from their last
         checkpoint. Billed by long increments, where another node in use has the room, the jobs
-        move there at the end of the increment and nothing is launched."""
+        move there at the end of the increment and nothing is launched. Only on the scheduler's
+        exact placement (`placement_known`): a utilisation estimate may hide a job."""
         out: list[Proposal] = []
         offers = [t for t in self._offers(cfg, signal) if t.regions_with_capacity]
-        free = dict(signal.free_gpus)
+        placed = dict(signal.free_gpus)
+        free = dict(placed)
         step = 1.5 * cfg.scan_interval_s
         room = cfg.max_instances - len(running) - launching
         seen = set()
@@ -309,8 +331,9 @@ class ProcurePolicy:
         leaving: set[str] = set()  # moved out this scan: no home
         taking: set[str] = set()  # a home this scan: it stays
         for v in running:
-            busy = round(_busy_gpus(v))
             n = v.instance.gpus
+            # Its jobs now, as placed at the start of the scan (not counting those moving in).
+            busy = n - placed[v.id] if v.id in placed else 0  # not placed: nothing to move
             smaller = [t for t in offers if busy <= t.gpus < n]
             if v.instance.status != "active" or busy == 0 or 2 * busy > n or not smaller:
                 continue
@@ -328,7 +351,8 @@ class ProcurePolicy:
                 continue  # it takes another's jobs: fuller now
             if long and started is None and home is not None:
                 # Another node in use, billed anyway, holds its work: nothing to launch.
-                if paid_left <= step:
+                if paid_left <= step and left > cfg.min_instances:
+                    left -= 1
                     free[home] -= busy
                     leaving.add(v.id)
                     taking.add(home)
@@ -336,7 +360,10 @@ class ProcurePolicy:
                     out.append(_terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
                 continue
             if started is not None and elsewhere >= busy and paid_left <= step:
-                if (signal.now - started).total_seconds() >= signal.boot_s:
+                if (signal.now - started).total_seconds() >= signal.boot_s and (
+                    left > cfg.min_instances
+                ):
+                    left -= 1
                     self._replacing.pop(v.id, None)
                     self._frag_since.pop(v.id, None)
                     out.append(_terminate(v, f"{busy} of {n} GPUs used: moved to a smaller type"))
@@ -460,10 +487,15 @@ class ProcurePolicy:
         return [t for t in signal.offers if same_gpu(t, default)]
 
     def _release(
-        self, running: list[InstanceView], cfg: FleetSettings, signal: FleetSignal, moving: bool
+        self,
+        running: list[InstanceView],
+        cfg: FleetSettings,
+        signal: FleetSignal,
+        moving: bool,
+        count: int,
+        gone: set[str | None],
     ) -> list[Proposal]:
         out: list[Proposal] = []
-        count = len(running)
         step = 1.5 * cfg.scan_interval_s  # the next scan may come a little late
         keep = self.spare_gpus(signal)
         spare = sum(f for _, f in signal.free_gpus) - keep
@@ -471,7 +503,7 @@ class ProcurePolicy:
         for v in sorted(running, key=lambda x: -x.low_streak_min):
             if count <= cfg.min_instances:
                 break
-            if not _idle(v, cfg) or v.low_streak_min * 60 < self._hold(signal):
+            if v.id in gone or not _idle(v, cfg) or v.low_streak_min * 60 < self._hold(signal):
                 continue
             if keep and spare - v.instance.gpus < 0:
                 continue  # kept as headroom
@@ -499,12 +531,6 @@ def _launch_cost(t: InstanceType, gpus: int, behind: int) -> tuple[float, int, s
     left alone on a big node wastes the rest: durations are heavy-tailed)."""
     used = min(t.gpus, gpus + behind)
     return (t.price_per_hour / used, t.gpus, t.name)
-
-
-def _busy_gpus(v: InstanceView) -> float:
-    """GPUs busy on the node, from its utilisation (98 % per busy GPU, as NVML reports)."""
-    util = v.latest.gpu_util if v.latest and v.latest.gpu_util is not None else 0.0
-    return util / 98.0 * v.instance.gpus
 
 
 def usd_micros(usd: float) -> int:

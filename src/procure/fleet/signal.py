@@ -1,6 +1,6 @@
 """What procure's fleet policy reads in the real controller: a `FleetSignal` built from the live
 views, the cloud's catalogue and billing increment, observed boots, and the operator's job queue
-(an optional URL, read bounded: any failure is an empty queue and a recorded error)."""
+(an optional URL, read bounded: any failure is an unknown queue and a recorded error)."""
 
 from __future__ import annotations
 
@@ -102,9 +102,12 @@ def build(
     boot_s: float,
     last_provision_at: datetime | None,
     queued: Sequence[tuple[int, float]] = (),
+    queue_known: bool = False,
 ) -> FleetSignal:
-    """The signal from what a controller knows. Without a queue it is empty, and the policy
-    only lets idle instances go at the end of their paid increment (and keeps the minimum)."""
+    """The signal from what a controller knows. Without a queue read (none configured, or the
+    read failed: `queue_known` False) the policy only lets idle instances go at the end of their
+    paid increment (and keeps the minimum). Free GPUs are estimated from utilisation, never
+    the scheduler's placement (`placement_known` False): no job is moved on them."""
     kind = next((t for t in types if t.name == default_type), None)
     active = [v for v in views if v.instance.status == "active" and v.latest is not None]
     return FleetSignal(
@@ -123,6 +126,8 @@ def build(
         queued=tuple(queued),
         free_gpus=tuple((v.id, v.instance.gpus - busy_gpus(v)) for v in active),
         bills_boot=bills_boot,
+        queue_known=queue_known,
+        placement_known=False,
     )
 
 
@@ -186,7 +191,7 @@ async def decide(
     ctx: FleetContext, views: Sequence[InstanceView], now: datetime, price: int | None
 ) -> tuple[list[Proposal], str | None]:
     """procure's policy's proposals for this scan, and what went wrong reading the queue or
-    the catalogue (the policy then decides on an empty queue, or the catalogue last read)."""
+    the catalogue (the policy then decides on an unknown queue, or the catalogue last read)."""
     state = state_for(ctx)
     state.observe(views, now)
     cfg, error = ctx.cfg, None
@@ -196,6 +201,8 @@ async def decide(
         queued, error = await read_queue(
             cfg.queue_url.get_secret_value(), token, cfg.queue_timeout_s
         )
+    # A failed read is not an empty queue: a boot is never called off for lack of its job.
+    queue_known = cfg.queue_url is not None and error is None
     if queued:  # a launch may follow: which types have capacity now, not when first listed
         try:
             ctx.types = {t.name: t for t in await ctx.cloud.instance_types()}
@@ -214,6 +221,7 @@ async def decide(
         boot_s=state.boot_s,
         last_provision_at=last_up,
         queued=queued,
+        queue_known=queue_known,
     )
     if error:
         log.warning("procure policy: %s (deciding without it)", error)
@@ -224,6 +232,7 @@ async def decide(
         "queued_gpus": signal.queued_gpus,
         "oldest_wait_s": round(signal.oldest_wait_s),
         "billing_increment_s": signal.billing_increment_s,
+        "queue_known": signal.queue_known,
     }
     proposals = []
     for p in state.policy(views, cfg, price, signal):

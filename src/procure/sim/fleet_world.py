@@ -255,6 +255,7 @@ class Sim:
                 for n in self.live()
                 if n.id in self.cluster.nodes
             ),
+            placement_known=True,  # the simulated cluster's own placement
         )
 
     def act(self, p: Proposal) -> None:
