@@ -17,10 +17,12 @@ from procure.agent.context import PlanContext
 from procure.agent.decide import decide
 from procure.agent.planner import stub_planner
 from procure.models import (
+    Action,
     Job,
     JobSpec,
     JobStatus,
     ObservationType,
+    Payment,
     Run,
     RunState,
     RunStatus,
@@ -28,6 +30,9 @@ from procure.models import (
 )
 from procure.vendors.client import PaymentRefused, VendorClient
 from procure.vendors.registry import default_vendors
+from procure.web import views
+from procure.web.events import _version
+from procure.web.templating import templates
 from web_browser import chromium, console_errors, dashboard, screenshot_dir
 from world import World, drive, start_world, state_of
 
@@ -77,6 +82,54 @@ def test_the_planner_says_why_it_returns_to_a_vendor_that_crashed() -> None:
     # A vendor that never failed in this run needs no such word.
     fresh = PlanContext(state=state.model_copy(update={"jobs": []}), vendors=[v1, v2], now=now)
     assert "Returns to" not in asyncio.run(decide(stub_planner, fresh)).action.reason
+
+    # Dearer than the other: a deterministic planner's reason has the figures it compared ...
+    dear = v1.model_copy(update={"base_price_per_hour": 2_500_000})
+    ctx = PlanContext(state=state, vendors=[dear, v2], now=now)
+
+    async def choose_v1(_: PlanContext) -> Action:  # an LLM's choice: no figures
+        return Action(action="start_job", vendor_id="gpu_vendor_1", reason="I like it")
+
+    said = asyncio.run(decide(choose_v1, ctx)).action.reason
+    assert "it is not the cheapest (gpu_vendor_2 is $0.40/h less)" in said
+    assert "figures below" not in said  # ... an LLM planner's has none to point at
+
+
+def test_the_live_summary_changes_once_the_next_check_is_due() -> None:
+    now = utcnow()
+    run = Run(
+        _id="r1",
+        user_id="u",
+        goal="g",
+        status=RunStatus.running,
+        budget_total=5_000_000,
+        budget_remaining=5_000_000,
+        job_spec=JobSpec(),
+        created_at=now,
+        updated_at=now,
+    )
+    pay = Payment.model_validate(
+        {
+            "_id": "p1",
+            "runId": "r1",
+            "jobId": "j1",
+            "vendorId": "v1",
+            "amount": 5,
+            "status": "pending",
+            "nonce": "0xab",
+            "errorMessage": "refused: settlement failed",
+            "createdAt": now,
+            "updatedAt": now,
+        }
+    )
+    state = RunState(run=run, jobs=[], payments=[pay], observations=[])
+    check = now + timedelta(seconds=30)
+    # Nothing written meanwhile: still the page must re-render once the check is overdue.
+    assert _version(state, check, now=now) != _version(state, check, now=check)
+    d = views.doubts(state, next_check=now - timedelta(seconds=5), auth_window_s=300)
+    module = templates.get_template("_run_live.html").module  # type: ignore[attr-defined]
+    html = str(module.summary_block({"run": run, "doubts": d, "spent": 0}))
+    assert "&lt; $0.01 to v1" in html and "$0.00" not in html.split("<dl")[0]
 
 
 class _RefusesAfterSigning:

@@ -13,10 +13,20 @@ import pytest
 
 from procure.agent import slices
 from procure.agent.cancel import request_cancel
+from procure.agent.start_request import first_payment
 from procure.agent.tick import tick
 from procure.api.app import create_app
 from procure.local import serve
-from procure.models import Job, JobStatus, ObservationType, PaymentStatus, Vendor, utcnow
+from procure.models import (
+    CloudTerms,
+    Job,
+    JobSpec,
+    JobStatus,
+    ObservationType,
+    PaymentStatus,
+    Vendor,
+    utcnow,
+)
 from procure.store import repo
 from world import World, drive, start_world, state_of
 
@@ -139,12 +149,13 @@ def test_the_start_says_what_the_first_payment_may_be(world: World) -> None:
         assert (first["atMost"], first["hours"], first["vendorId"]) == (0.525, 0.25, "gpu_vendor_2")
         assert first["refundable"] is False
         assert "does not refund a paid slice" in first["note"]
-        assert "first paid for 25% of the job" in first["note"]
+        assert "first paid for 25% of its normal first payment" in first["note"]
+        assert "at its listed price" in first["note"] and "(0.25 GPU-hours at" in first["note"]
 
         form = api.get("/runs/new")
         assert form.status_code == 200
         assert 'id="first-payment-amount"' in form.text
-        assert "at most $0.52" in form.text and "does not refund a paid slice" in form.text
+        assert "an estimated $0.52" in form.text and "does not refund a paid slice" in form.text
 
         with world.store.session() as s:  # vendor 2 completed a job: it may be paid at once
             repo.record_vendor_outcome(s, "gpu_vendor_2", success=True, gpu_hours=1.0)
@@ -160,3 +171,33 @@ def test_the_start_says_what_the_first_payment_may_be(world: World) -> None:
         assert started.json()["firstPayment"]["atMost"] == 1.0
     finally:
         server.stop()
+
+
+def test_the_first_payment_counts_a_clouds_first_increment() -> None:
+    x402 = Vendor(
+        vendor_id="v1",
+        name="V1",
+        endpoint="http://127.0.0.1:1",
+        base_price_per_hour=2_000_000,
+        reliability_score=0.9,
+        supported_gpu_types=["A100"],
+    )
+    cloud = Vendor(
+        vendor_id="lambda-a100",
+        name="Lambda",
+        endpoint="cloud:lambda",
+        base_price_per_hour=3_000_000,
+        reliability_score=0.9,
+        supported_gpu_types=["A100"],
+        kind="cloud",
+        cloud=CloudTerms(provider="lambda", gpu="A100", max_price_per_hour=3_000_000),
+    )
+    alone = first_payment(JobSpec(gpu_type="A100", hours=4), 100_000_000, [cloud], 0.25)
+    assert (alone["atMost"], alone["vendorId"]) == (12.0, "lambda-a100")  # no probe on a cloud
+    assert "No registered vendor" not in alone["note"] and "4 GPU-hours at" in alone["note"]
+    # 36 s of work: Lambda bills a whole minute, more than the x402 vendor's 36 s.
+    short = JobSpec(gpu_type="A100", hours=0.01)
+    mixed = first_payment(short, 100_000_000, [x402, cloud], 0.25)
+    assert (mixed["atMost"], mixed["vendorId"]) == (0.05, "lambda-a100")
+    one = first_payment(JobSpec(gpu_type="A100", hours=4), 100_000_000, [x402], 0.25)
+    assert "(1 GPU-hour at v1" in one["note"]  # not "1 GPU-hours"

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +85,31 @@ class GatewayWorld:
         self.world.stop()
 
 
-def start_gateway_world(tmp: Path, db_url: str, **options: Any) -> GatewayWorld:
+class _BilledBy:
+    """The mock RunPod, its offers billed by `increment_s` (as an hourly cloud's are)."""
+
+    def __init__(self, inner: RunPodCloud, increment_s: int) -> None:
+        self.inner, self.increment_s = inner, increment_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def offers(self, **kwargs: Any) -> list[Any]:
+        found = await self.inner.offers(**kwargs)
+        return [replace(o, billing_increment_s=self.increment_s) for o in found]
+
+
+def start_gateway_world(
+    tmp: Path, db_url: str, *, increment_s: int | None = None, **options: Any
+) -> GatewayWorld:
     world = start_world(tmp, db_url)
     mock = start_mock_cloud(RunPodMockConfig(provision_s=0.3, start_s=0.3))
-    cloud = RunPodCloud(
+    cloud: Any = RunPodCloud(
         RunPodSettings(_env_file=None, api_key=mock.api_key, api_url=mock.url),  # type: ignore[call-arg]
         pacer=Pacer(),
     )
+    if increment_s is not None:
+        cloud = _BilledBy(cloud, increment_s)
     settings: dict[str, Any] = {
         "command": (
             sys.executable,
@@ -402,6 +420,33 @@ def test_no_capacity_is_a_clean_refusal_before_payment(gw: GatewayWorld) -> None
     )
     assert refused.status_code == 409 and "capacity" in refused.text
     assert gw.pods() == [] and gw.income() == 0
+
+
+def test_a_quote_sells_at_least_the_clouds_billing_increment(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    g = start_gateway_world(tmp_path, sqlite_url, increment_s=3600)  # an hourly cloud
+    try:
+        short = httpx.post(
+            f"{g.url}/quote", json={"gpuType": "A100", "hours": 0.25}, headers=g.headers()
+        )
+        assert short.status_code == 200, short.text
+        q = short.json()
+        # A buyer stopping after 15 minutes leaves the gateway billed a whole hour: it sells one.
+        assert q["hours"] == 1.0 and q["amount"] == q["pricePerHour"]
+        long = httpx.post(
+            f"{g.url}/quote", json={"gpuType": "A100", "hours": 2.5}, headers=g.headers()
+        ).json()
+        assert long["hours"] == 2.5 and long["amount"] == round(2.5 * long["pricePerHour"], 6)
+    finally:
+        g.stop()
+
+
+def test_a_per_second_cloud_sells_the_hours_asked_for(gw: GatewayWorld) -> None:
+    q = httpx.post(
+        f"{gw.url}/quote", json={"gpuType": "A100", "hours": 0.25}, headers=gw.headers()
+    ).json()
+    assert q["hours"] == 0.25 and q["amount"] == round(0.25 * q["pricePerHour"], 6)
 
 
 # --- capacity after payment ------------------------------------------------------------------

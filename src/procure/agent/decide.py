@@ -30,26 +30,28 @@ async def decide(planner: Planner, ctx: PlanContext) -> Decision:
     action = await planner(ctx)
     rejection = check_action(ctx, action)
     if rejection is None:
-        return Decision(_explained(ctx, action))
+        # Only the deterministic planners' reasons carry the figures they compared.
+        return Decision(_explained(ctx, action, figures=planner in DETERMINISTIC.values()))
     fallback = await DETERMINISTIC["heuristic"](ctx)
     if check_action(ctx, fallback) is not None:  # cannot happen for the heuristic; be safe
         fallback = Action(action="wait", reason=f"No safe action: {rejection}")
-    return Decision(_explained(ctx, fallback), rejected=action, rejection=rejection)
+    return Decision(_explained(ctx, fallback, figures=True), rejected=action, rejection=rejection)
 
 
-def _explained(ctx: PlanContext, action: Action) -> Action:
+def _explained(ctx: PlanContext, action: Action, *, figures: bool = False) -> Action:
     """`action`, its reason led by why it returns to a vendor that failed earlier in this run
     (whichever planner chose it): a return must never look like an oversight."""
-    why = returning(ctx, action)
+    why = returning(ctx, action, figures=figures)
     if why is None:
         return action
     return action.model_copy(update={"reason": f"{why}. {action.reason}"})
 
 
-def returning(ctx: PlanContext, action: Action) -> str | None:
+def returning(ctx: PlanContext, action: Action, *, figures: bool = False) -> str | None:
     """Why a `start_job` goes back to a vendor whose job failed earlier in this run: which job
     failed, how and when, that its cool-down is over, and how its price compares; None when
-    the vendor has not failed a job in this run."""
+    the vendor has not failed a job in this run. `figures`: the action's reason, which
+    follows, names the figures the planner compared."""
     vendor = ctx.vendor(action.vendor_id) if action.action == "start_job" else None
     if vendor is None:
         return None
@@ -69,7 +71,7 @@ def returning(ctx: PlanContext, action: Action) -> str | None:
         parts.append(f"its cool-down ended at {vendor.cooldown_until:%H:%M:%S} UTC")
     elif vendor.cooldown_until is None:
         parts.append("it is not cooling down")
-    parts.append(_price_note(ctx, vendor))
+    parts.append(_price_note(ctx, vendor, figures))
     return "; ".join(parts)
 
 
@@ -83,8 +85,9 @@ def _minutes(span: timedelta) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def _price_note(ctx: PlanContext, vendor: Vendor) -> str:
-    """How the vendor's price compares with the others that could take the job now."""
+def _price_note(ctx: PlanContext, vendor: Vendor, figures: bool) -> str:
+    """How the vendor's price compares with the others that could take the job now (and, when
+    `figures` follow in the reason, that it scores best on them)."""
     gpu = ctx.state.run.job_spec.gpu_type
     others = [
         v
@@ -104,12 +107,11 @@ def _price_note(ctx: PlanContext, vendor: Vendor) -> str:
             f"({format_usd(round(gap * hours))} on the {hours:g}h left; next: "
             f"{rival.vendor_id} at {format_usd(rival.base_price_per_hour)}/h)"
         )
+    best = " scores best on the figures below" if figures else ""
     if gap == 0:
-        return f"it costs what {rival.vendor_id} costs and scores best on the figures below"
-    return (
-        f"it is not the cheapest ({rival.vendor_id} is {format_usd(-gap)}/h less) but scores "
-        "best on the figures below"
-    )
+        return f"it costs what {rival.vendor_id} costs" + (f" and{best}" if best else "")
+    less = f"it is not the cheapest ({rival.vendor_id} is {format_usd(-gap)}/h less)"
+    return less + (f" but{best}" if best else "")
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

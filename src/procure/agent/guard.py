@@ -5,6 +5,8 @@ from __future__ import annotations
 from procure.agent.context import PlanContext
 from procure.models import Action, Job, Quote, format_usd
 
+EPS = 1e-9
+
 
 def estimated_cost(ctx: PlanContext, action: Action) -> int:
     vendor = ctx.vendor(action.vendor_id)
@@ -49,6 +51,36 @@ def check_quote(ctx: PlanContext, action: Action, quote: Quote) -> str | None:
             f"the {format_usd(ctx.available)} left"
         )
     return None
+
+
+def check_quote_hours(quote: Quote, asked: float, job_hours: float, sliced: bool) -> str | None:
+    """Why a job's first payment must not buy `quote.hours` (asked for `asked` of a job of
+    `job_hours`), or None. A vendor may sell more than asked (its minimum), never more than the
+    whole job needs: those hours would be paid for and never run. A job paid at once (not
+    `sliced`) must get all it asked for: nothing would buy the rest."""
+    if quote.hours > job_hours + EPS:
+        return (
+            f"{quote.vendor_id} sells {quote.hours:g}h, more than the {job_hours:g}h the job needs"
+        )
+    if not sliced and quote.hours < asked - EPS:
+        return f"{quote.vendor_id} sells only {quote.hours:g}h of the {asked:g}h asked for"
+    return None
+
+
+def check_renewal_hours(quote: Quote, left: float, sold_before: float | None) -> str | None:
+    """Why the next slice must not buy `quote.hours` when the job still needs `left` hours,
+    or None. Hours beyond the job are paid for and never run: allowed only up to the least this
+    vendor already sold this job (`sold_before`), which is then a minimum it forces on
+    every payment; a vendor selling more than that is refused (the job runs out its paid time,
+    and the run moves on)."""
+    if quote.hours <= left + EPS:
+        return None
+    if sold_before is not None and quote.hours <= sold_before + EPS:
+        return None
+    return (
+        f"{quote.vendor_id} sells {quote.hours:g}h, more than the {left:g}h the job still "
+        "needs" + (f" and more than its {sold_before:g}h minimum so far" if sold_before else "")
+    )
 
 
 def check_renewal(ctx: PlanContext, job: Job, quote: Quote) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from procure.agent import slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
-from procure.agent.guard import check_renewal
+from procure.agent.guard import check_renewal, check_renewal_hours
 from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import (
     authorization_expired,
@@ -56,10 +56,30 @@ async def renew(
     except VendorError as exc:
         vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
         return TickResult("Vendor error")
-    rejection = check_renewal(ctx, job, quote)
+    left = slices.job_hours(job) - paid
+    sold = [
+        p.hours
+        for p in ctx.state.payments
+        if p.job_id == job.id and p.status == PaymentStatus.completed and p.hours is not None
+    ]
+    rejection = check_renewal(ctx, job, quote) or check_renewal_hours(
+        quote, left, min(sold) if sold else None
+    )
     if rejection is not None:  # the job runs out its paid time; then the run moves on
         return TickResult(f"Slice not bought: {rejection}")
-    payment = new_payment(job.run_id, job.id, vendor, quote.amount, hours)
+    # What is paid for is what the vendor sold (its quote's hours, maybe its minimum, more
+    # than asked): recorded so, the next renewal comes when these hours are used up.
+    payment = new_payment(job.run_id, job.id, vendor, quote.amount, quote.hours)
+    sold_more = (
+        f"; asked for {hours:g}h, {vendor.vendor_id} sells at least {quote.hours:g}h"
+        + (
+            f" ({quote.hours - left:g}h more than the job needs, paid and not run)"
+            if quote.hours > left + slices.EPS
+            else ""
+        )
+        if quote.hours > hours + slices.EPS
+        else ""
+    )
     first = slices.first_slice_of(job)
     proved = (
         f"; it has run half of its short first slice of {first:g}h, so it is paid in full "
@@ -81,8 +101,10 @@ async def renew(
             s,
             job.run_id,
             OBS.agent_reasoning,
-            f"Renewing {vendor.vendor_id}: {format_usd(quote.amount)} for the next {hours:g}h "
-            f"({paid:g}h of {slices.job_hours(job):g}h paid so far)" + proved,
+            f"Renewing {vendor.vendor_id}: {format_usd(quote.amount)} for the next "
+            f"{quote.hours:g}h ({paid:g}h of {slices.job_hours(job):g}h paid so far)"
+            + sold_more
+            + proved,
             vendor_id=vendor.vendor_id,
         )
     crash_point("intent")

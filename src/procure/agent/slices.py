@@ -89,10 +89,11 @@ def proven(vendor: Vendor, jobs: list[Job]) -> bool:
 def first_slice(hours: float, slice_hours: float | None, fraction: float) -> float | None:
     """Hours the first payment to an unproven vendor buys: `fraction` of the normal first
     payment (a slice, or the whole job when paid at once), at least `MIN_SLICE_HOURS`; None
-    when that would not be shorter than the normal one."""
+    when that would not be shorter than the normal one, or would leave less than
+    `MIN_SLICE_HOURS` of it to buy next (no payment buys less than a minute)."""
     normal = slice_hours or hours
     short = max(normal * fraction, MIN_SLICE_HOURS)
-    return short if short < normal - EPS else None
+    return short if normal - short >= MIN_SLICE_HOURS - EPS else None
 
 
 def job_shape(

@@ -19,6 +19,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from procure.agent import slices
+from procure.clouds.lambda_cloud.wire import BILLING_INCREMENT_S as LAMBDA_INCREMENT_S
+from procure.clouds.runpod.wire import BILLING_INCREMENT_S as RUNPOD_INCREMENT_S
+from procure.clouds.vast.wire import BILLING_INCREMENT_S as VAST_INCREMENT_S
 from procure.models import (
     JobSpec,
     Model,
@@ -160,7 +163,25 @@ def problems(errors: list[Any]) -> list[str]:
     ]
 
 
+CLOUD_INCREMENT_S = {
+    "lambda": LAMBDA_INCREMENT_S,
+    "runpod": RUNPOD_INCREMENT_S,
+    "vast": VAST_INCREMENT_S,
+}
+"""Each cloud's billing increment: a cloud run reserves at least one as its instance launches."""
+
 NO_REFUND = "A cancel stops the job but does not refund a paid slice."
+
+
+def _increment_hours(vendor: Vendor) -> float:
+    """The billing increment of a cloud vendor's provider, in hours (0 for an x402 vendor)."""
+    if vendor.cloud is None:
+        return 0.0
+    return CLOUD_INCREMENT_S.get(vendor.cloud.provider, 1) / 3600
+
+
+def _gpu_hours(hours: float) -> str:
+    return f"{hours:g} GPU-hour{'' if hours == 1 else 's'}"
 
 
 def first_payment(
@@ -169,14 +190,20 @@ def first_payment(
     """What a run's first payment may be, said before it starts (the start answer's
     `firstPayment`, the dashboard's form): it is made as the job starts, before any work, and
     a cancel does not refund it. A vendor that has not yet completed a job for procure is
-    first paid for `fraction` of it (`slices.first_slice`); a proven one may be paid for the
-    whole job at once. Cloud instances are paid by their billing increment, not here."""
+    first paid for `fraction` of a normal first payment (`slices.first_slice`); a proven one
+    may be paid for the whole job at once. A cloud instance is billed by its provider's
+    increment: at least one is reserved as it launches. Figures are at the listed prices: the
+    live quote may differ, bounded by the run's budget."""
     worst: tuple[int, float, str] | None = None
     for v in vendors:
-        if v.kind != "x402" or spec.gpu_type not in v.supported_gpu_types:
+        cloud_gpu = v.cloud is not None and v.cloud.gpu == spec.gpu_type
+        if spec.gpu_type not in v.supported_gpu_types and not cloud_gpu:
             continue
-        probe = None if v.successes > 0 else slices.first_slice(spec.hours, None, fraction)
-        hours = probe or spec.hours
+        # A cloud gets no short first slice: it rents for the rest of the run, billed by its
+        # increment (at least one whatever the run's length).
+        short = v.kind == "x402" and v.successes == 0
+        probe = slices.first_slice(spec.hours, None, fraction) if short else None
+        hours = max(probe or spec.hours, _increment_hours(v))
         amount = min(round(v.base_price_per_hour * hours), budget)
         worst = max(worst or (amount, hours, v.vendor_id), (amount, hours, v.vendor_id))
     if worst is None:
@@ -190,7 +217,7 @@ def first_payment(
     amount, hours, vendor_id = worst
     short = (
         f"A vendor that has not yet completed a job for procure is first paid for "
-        f"{fraction:.0%} of the job, then in full slices once it runs."
+        f"{fraction:.0%} of its normal first payment, then in full slices once it runs."
         if fraction < 1
         else ""
     )
@@ -200,9 +227,10 @@ def first_payment(
         "vendorId": vendor_id,
         "refundable": False,
         "note": (
-            f"For {spec.hours:g} GPU-hour{'' if spec.hours == 1 else 's'} of {spec.gpu_type}, "
-            "the first payment is made as the "
-            f"job starts, before any work: at most {format_usd(amount)} ({hours:g} GPU-hours "
-            f"at {vendor_id}). {short}{' ' if short else ''}{NO_REFUND}"
+            f"For {_gpu_hours(spec.hours)} of {spec.gpu_type}, the first payment is made as the "
+            f"job starts, before any work: an estimated {format_usd(amount)} "
+            f"({_gpu_hours(hours)} at {vendor_id}, at its listed price; the live quote may "
+            "differ, and no payment may take more than the run's budget). "
+            f"{short}{' ' if short else ''}{NO_REFUND}"
         ),
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from procure.agent import slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
-from procure.agent.guard import check_quote
+from procure.agent.guard import check_quote, check_quote_hours
 from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import (
     authorization_expired,
@@ -62,7 +62,10 @@ async def start_job(
     except VendorError as exc:  # no answer, or no capacity: try elsewhere for a while
         vendor_trouble(deps, run.id, vendor, f"{vendor.vendor_id} {exc}", penalize=False, cool=True)
         return TickResult("Vendor error", action)
-    rejection = check_quote(ctx, action, quote)
+    asked = spec.hours
+    rejection = check_quote(ctx, action, quote) or check_quote_hours(
+        quote, asked, hours, sliced=slice_hours is not None or probe is not None
+    )
     if rejection is not None:
         vendor_trouble(
             deps, run.id, vendor, f"Quote rejected: {rejection}", penalize=False, cool=True
@@ -72,6 +75,8 @@ async def start_job(
     normal = "at once" if slice_hours is None else f"in slices of {slice_hours:g}h"
     params = run.job_spec.model_copy(update={"hours": hours}).model_dump(by_alias=True)
     params["totalHours"] = run.job_spec.hours
+    if probe is not None and quote.hours >= (slice_hours or hours) - slices.EPS:
+        probe = None  # the vendor sells at least a normal first payment: no short slice
     if probe is not None:
         params["firstSliceHours"] = quote.hours  # what was bought (a vendor may sell more)
         slice_hours = slice_hours or hours  # renewals: the planner's slice, or all the rest
@@ -115,6 +120,11 @@ async def start_job(
             OBS.agent_reasoning,
             f"Budget remaining: {format_usd(run.budget_remaining)}\n"
             f"Quote: {format_usd(quote.amount)} USD for {quote.hours:g}h {quote.gpu_type}"
+            + (
+                f" (asked for {asked:g}h: {vendor.vendor_id} sells at least {quote.hours:g}h)"
+                if quote.hours > asked + slices.EPS
+                else ""
+            )
             + (
                 f" (a short first slice of the {hours:g}h job: {vendor.vendor_id} has not yet "
                 "completed a job for procure; once half of it has run, the rest is bought "

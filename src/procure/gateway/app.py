@@ -41,7 +41,7 @@ from procure.crashpoints import crash_point
 from procure.gateway import book
 from procure.gateway.instances import Runtime
 from procure.gateway.loop import run_loop
-from procure.gateway.pricing import amount_for, best_offer, sell_per_hour
+from procure.gateway.pricing import amount_for, best_offer, sell_per_hour, sold_hours
 from procure.models import micros_to_usd, utcnow
 from procure.scrape import ScrapeSettings, scrape_allowed
 from procure.store.gateway_tables import GatewayJobRow, GatewayQuoteRow
@@ -339,12 +339,16 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         if offer is None:
             return _error(409, "no capacity available")
         per_hour = sell_per_hour(offer.price_per_hour, cfg.margin)
-        amount = amount_for(per_hour, body.hours)
+        # The instance this sells is billed by the cloud's increment however little of it is
+        # used: sell at least one increment (a buyer stopping early would leave the gateway
+        # paying for the rest), and say so in the quote's hours.
+        hours = sold_hours(body.hours, offer.billing_increment_s)
+        amount = amount_for(per_hour, hours)
         expires = now + timedelta(seconds=cfg.quote_valid_s)
         row = GatewayQuoteRow(
             quote_id=f"q_{uuid.uuid4().hex[:16]}",
             gpu=gpu,
-            hours=body.hours,
+            hours=hours,
             price_per_hour=per_hour,
             amount=amount,
             cost_per_hour=offer.price_per_hour,
@@ -359,7 +363,7 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 "quoteId": row.quote_id,
                 "vendorId": cfg.vendor_id,
                 "gpuType": body.gpu_type,
-                "hours": body.hours,
+                "hours": hours,
                 "pricePerHour": micros_to_usd(per_hour),
                 "amount": micros_to_usd(amount),
                 "currency": "USD",

@@ -19,6 +19,12 @@ def amount_for(price_per_hour: int, hours: float) -> int:
     return max(1, math.floor(price_per_hour * hours + 0.5))
 
 
+def sold_hours(hours: float, increment_s: int) -> float:
+    """Hours a quote for `hours` sells on an offer billed by `increment_s`: at least one
+    increment, since the instance it launches costs that much however soon it stops."""
+    return max(hours, max(1, increment_s) / 3600)
+
+
 def best_offer(offers: list[Offer], gpu: str, skip_regions: set[str] | None = None) -> Offer | None:
     """The cheapest on-demand single-GPU offer of `gpu` that can be launched now, outside
     `skip_regions` (a paid job never lands on an interruptible offer: it would be lost)."""

@@ -296,12 +296,13 @@ def create_mock_vendor_app(
             return JSONResponse({"error": f"GPU type {body.gpu_type} not offered"}, 400)
         if cfg.faults.refuse_capacity and faulty("quote"):
             return JSONResponse({"error": "no capacity available"}, 409)
-        amount = usd_to_micros(micros_to_usd(cfg.price_per_hour) * body.hours)
+        hours = max(body.hours, cfg.min_hours)  # a vendor with a minimum sells at least that
+        amount = usd_to_micros(micros_to_usd(cfg.price_per_hour) * hours)
         q = {
             "quoteId": f"q_{uuid.uuid4().hex[:12]}",
             "vendorId": cfg.vendor_id,
             "gpuType": body.gpu_type,
-            "hours": body.hours,
+            "hours": hours,
             "pricePerHour": micros_to_usd(cfg.price_per_hour),
             "amount": amount,
             "currency": "USD",

@@ -56,3 +56,4 @@ class MockVendorConfig:
     faults: Faults = field(default_factory=Faults)
     grace_seconds: float | None = None  # a job out of paid time waits this long for a renewal
     x402_versions: tuple[int, ...] = (1, 2)  # the x402 versions its 402s offer and it accepts
+    min_hours: float = 0.0  # it sells at least this many hours: a quote for less is rounded up

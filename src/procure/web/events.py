@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from procure.models import TERMINAL_RUN_STATUSES, Observation, PaymentStatus, RunState
+from procure.models import TERMINAL_RUN_STATUSES, Observation, PaymentStatus, RunState, utcnow
 from procure.store import Store, repo
 from procure.web import queries, views
 from procure.web.templating import templates
@@ -70,14 +70,16 @@ def poll(
     return observations, state, next_check
 
 
-def _version(state: RunState, next_check: datetime | None) -> str:
+def _version(state: RunState, next_check: datetime | None, *, now: datetime | None = None) -> str:
     """Changes whenever anything the summary shows changes (every write bumps updated_at); while
-    a payment is in doubt, also when its next check moves."""
+    a payment is in doubt, also when its next check moves, and once it is due with no tick yet
+    (the banner then says so: nothing is written meanwhile)."""
     stamps = [state.run.updated_at, *(j.updated_at for j in state.jobs)]
     stamps += [p.updated_at for p in state.payments]
     version = f"{len(state.jobs)}/{len(state.payments)}/{max(stamps).isoformat()}"
     if next_check is not None and any(p.status == PaymentStatus.pending for p in state.payments):
-        version += f"/{next_check.isoformat()}"
+        due = next_check <= (now or utcnow())
+        version += f"/{next_check.isoformat()}/{'due' if due else 'ahead'}"
     return version
 
 
