@@ -3,6 +3,8 @@
 
     .venv/bin/python benchmarks/spot.py --traces ../shared/traces/spot/aws-10-26-2022
     .venv/bin/python benchmarks/spot.py --traces a.json --deadlines 52 --starts 10 --json o.jsonl
+    .venv/bin/python benchmarks/spot.py --traces ../shared/traces/spot/aws-10-26-2022 \
+        --split us-west-2a,us-west-2b      # also the verdicts per group of traces (held out)
 
 Per (deadline, overhead) it prints each policy's mean cost, score and deadline misses, and
 whether procure scores at least Uniform Progress's with no miss; --json writes one line per
@@ -69,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, default=STARTS, help="start ticks per trace")
     parser.add_argument("--json", type=Path, help="write the JSON lines here")
     parser.add_argument("--workers", type=int, default=2, help="processes (one trace each)")
+    parser.add_argument(
+        "--split",
+        type=lambda text: [x for x in text.split(",") if x],
+        default=[],
+        help="comma-separated parts of trace names: the verdicts again for each group",
+    )
     args = parser.parse_args(argv)
     began = time.monotonic()
     tasks = [
@@ -90,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(summaries))
     print("\nprocure >= Uniform Progress's score with no deadline miss:")
     print("\n".join(verdicts(summaries)))
+    for part in args.split:
+        group = [row for row in rows if part in str(row["trace"])]
+        if group:
+            print(f"\ntraces named *{part}* only:")
+            print("\n".join(verdicts(summarize(group))))
     print(f"\n{time.monotonic() - began:.0f}s")
     return 0
 

@@ -170,3 +170,44 @@ def test_the_real_planner_drives_the_job_and_meets_the_deadline(
     assert played.account.finished is not None and played.account.finished <= 14.0 + 1e-9
     od = play(ticks, 1 / 6, setting, on_demand_only())
     assert played.cost < od.cost
+
+
+TEN_MINUTES = 1 / 6
+
+
+def test_the_planner_waits_out_short_outages_instead_of_paying_on_demand_start_ups() -> None:
+    # 12 h of work in 15 h; spot drops for one 10-minute step every 100 minutes. Waiting each
+    # drop out costs 10 minutes of slack; going on-demand would cost two start-ups at $3.06/h.
+    setting = Setting(deadline_hours=15.0, overhead_hours=0.1, task_hours=12.0)
+    ticks = ([True] * 9 + [False]) * 10
+    played = play_planner(ticks, TEN_MINUTES, setting)
+    waited = play(ticks, TEN_MINUTES, setting, greedy())  # spot or wait, never on-demand here
+    assert played.account.finished is not None and played.account.finished <= 15.0 + 1e-9
+    assert played.cost == pytest.approx(waited.cost, abs=0.01)
+    assert played.cost < 12.0 * 3.06 / 2
+
+
+def test_a_long_outage_goes_on_demand_and_the_run_returns_to_spot_with_slack_to_spare() -> None:
+    # 12 h of work in 14 h; spot is gone for the first 5 hours, then steady. Greedy waits out
+    # its whole slack and is then stuck on on-demand; the planner keeps slack for later outages
+    # (the registry's failure rate says there will be some), so it goes on-demand early and
+    # moves back to spot when it returns.
+    setting = Setting(deadline_hours=14.0, overhead_hours=0.05, task_hours=12.0)
+    ticks = [False] * 30 + [True] * 60
+    played = play_planner(ticks, TEN_MINUTES, setting)
+    stuck = play(ticks, TEN_MINUTES, setting, greedy())
+    assert played.account.finished is not None and played.account.finished <= 14.0 + 1e-9
+    assert played.account.launches == 2  # on-demand, then spot
+    assert played.cost < stuck.cost - 5.0
+
+
+def test_off_on_demand_only_once_spot_has_stayed_up_when_slack_is_short() -> None:
+    # A tight deadline (slack cannot pay every expected outage's restarts) and spot that comes
+    # back for single 10-minute blips: each would cost two start-ups for a few minutes of work,
+    # so the planner stays on on-demand through them and takes spot once it stays up.
+    setting = Setting(deadline_hours=24.4, overhead_hours=0.1, task_hours=24.0)
+    ticks = ([False] * 5 + [True]) * 6 + [True] * 150
+    played = play_planner(ticks, TEN_MINUTES, setting)
+    assert played.account.finished is not None and played.account.finished <= 24.4 + 1e-9
+    assert played.account.launches == 2  # on-demand through the blips, then spot for good
+    assert played.cost < 24 * 3.06 / 2

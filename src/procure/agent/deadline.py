@@ -2,16 +2,24 @@
 between a cheap interruptible vendor and a steady one ("Can't Be Late", NSDI '24, done lazily).
 
 With continuous checkpoints a failure loses no work, only time: the restart overhead, and the
-wait for capacity to come back. Slack (hours to the deadline beyond the work left) is what pays
-for both. The rule: run on the cheapest vendor whenever it has capacity and a failure there
-would still leave time to restart on the steady one; while it has none, wait for it as long as
-the slack stays above a reserve; otherwise run on the steady vendor, and leave it for the cheap
-one again as soon as that is safe. The reserve keeps slack for the restarts that the cheap
-vendor's learned failure rate says the rest of the work will need: waiting out one long outage
-early must not leave the run stuck on the steady vendor for good (greedy's weakness).
+wait for capacity to come back. Slack (hours to the deadline beyond the work left) pays for
+both. The rule: run on the cheapest vendor whenever it has capacity and a failure there would
+still leave time to restart on the steady one. Slack is budgeted over the outages the rest of
+the work expects (the cheap vendor's learned failure rate times the work left): each is owed
+the restarts around it (a start-up back on the cheap vendor, and one on the steady vendor if it
+runs long), and what is left over pays for waiting. While the cheap vendor has no capacity, the
+run waits as long as those outages, each waited out up to the length this one has reached
+(lengths learned from the outages seen in this run), still fit in what is left over: short
+outages are waited out, a long one goes to the steady vendor, whose start-up costs paid time.
+Off the steady vendor the run goes back to the cheap one as soon as that is safe, or, when the
+slack can no longer pay every outage's restarts, once the cheap vendor has stayed up a while
+(a blip of capacity would cost two start-ups for little work).
 """
 
 from __future__ import annotations
+
+from datetime import datetime
+from itertools import pairwise
 
 from procure.agent.context import PlanContext, hazard
 from procure.models import Action, Job, Vendor, format_usd
@@ -19,9 +27,19 @@ from procure.models import Action, Job, Vendor, format_usd
 # Checkpoints at most this far apart (hours of work) count as continuous: a failure loses only
 # time, and this rule plans the run.
 CONTINUOUS_CHECKPOINT_HOURS = 1 / 60
-# Slack held back from waiting, in restarts (a move away and back: two start-ups each) per
-# failure expected in the rest of the work at the cheap vendor's learned rate.
-RESERVE_RESTARTS = 3.0
+# Start-ups owed to each outage the rest of the work expects: one back on the cheap vendor,
+# and one on the steady vendor in case the outage runs long.
+RESTARTS_PER_OUTAGE = 2.0
+# The weight of the waiting tally against the spare slack, per hour of work left per hour of
+# slack: with little slack per hour of work it must be kept for restarts; with plenty, waiting
+# is cheap (the tally assumes every outage is waited out as far as this one, which short ones
+# never are). Chosen on the us-west-2a spot traces among a few; us-west-2b was held out.
+WAIT_WEIGHT = 1 / 24
+# What the run expects of outages before it has seen any (hours): minutes to hours.
+PRIOR_OUTAGE_HOURS = (0.2, 0.5, 1.0, 3.0)
+# When slack cannot pay every outage's restarts, the cheap vendor must have stayed up this many
+# start-ups before the run leaves the steady vendor for it.
+CONFIRM_STARTUPS = 1.5
 # Paid at a time on either vendor: a preemption loses at most what is left of it.
 SLICE_HOURS = 0.25
 EPS = 1e-9
@@ -39,10 +57,15 @@ def slack(ctx: PlanContext) -> float:
     return ctx.hours_left - ctx.remaining_hours
 
 
-def reserve(ctx: PlanContext, cheap: Vendor) -> float:
-    """Slack not to spend on waiting: restarts for the failures the rest of the work expects."""
-    restarts = hazard(cheap) * ctx.remaining_hours * RESERVE_RESTARTS
-    return restarts * 2 * ctx.startup_hours
+def outages_ahead(ctx: PlanContext, cheap: Vendor) -> float:
+    """Outages the rest of the work expects on the cheap vendor, at its learned failure rate."""
+    return hazard(cheap) * ctx.remaining_hours
+
+
+def spare(ctx: PlanContext, cheap: Vendor) -> float:
+    """Slack beyond a last start-up and the restarts every expected outage is owed."""
+    owed = outages_ahead(ctx, cheap) * RESTARTS_PER_OUTAGE * ctx.startup_hours
+    return slack(ctx) - ctx.startup_hours - owed
 
 
 def cheap_and_steady(ctx: PlanContext, offered: list[Vendor]) -> tuple[Vendor, Vendor]:
@@ -52,9 +75,63 @@ def cheap_and_steady(ctx: PlanContext, offered: list[Vendor]) -> tuple[Vendor, V
     return cheap, steady
 
 
+def _hours(later: datetime, earlier: datetime) -> float:
+    return max((later - earlier).total_seconds() / 3600, 0.0)
+
+
 def _wait_hours(ctx: PlanContext, vendor: Vendor) -> float:
     assert vendor.cooldown_until is not None
-    return max((vendor.cooldown_until - ctx.now).total_seconds() / 3600, 0.0)
+    return _hours(vendor.cooldown_until, ctx.now)
+
+
+def _ended(job: Job) -> datetime:
+    return job.completed_at or job.updated_at
+
+
+def outages_seen(ctx: PlanContext, cheap: Vendor) -> tuple[list[float], datetime]:
+    """Lengths (hours) of the cheap vendor's outages seen in this run, each from a job's failure
+    there to the next job started there, and when the current one began (its last failure, or
+    the run's start if no job has failed there)."""
+    jobs = sorted(
+        (j for j in ctx.state.jobs if j.vendor_id == cheap.vendor_id), key=lambda j: j.created_at
+    )
+    lengths = [
+        _hours(after.created_at, _ended(before))
+        for before, after in pairwise(jobs)
+        if before.status == "failed"
+    ]
+    failed = [j for j in jobs if j.status == "failed"]
+    began = _ended(failed[-1]) if failed else ctx.state.run.created_at
+    return lengths, began
+
+
+def worth_waiting(ctx: PlanContext, cheap: Vendor) -> tuple[bool, str]:
+    """Whether to wait out the cheap vendor's outage until its next check, and the figures:
+    the expected outages, each waited out up to one check beyond the length this one will
+    have reached by then (the outages seen, this one included, tell how long they run), must
+    fit in the spare slack."""
+    wait = _wait_hours(ctx, cheap)
+    lengths, began = outages_seen(ctx, cheap)
+    reached = _hours(ctx.now, began) + wait
+    sample = [*PRIOR_OUTAGE_HOURS, *lengths, reached]
+    mean = sum(min(length, reached + wait) for length in sample) / len(sample)
+    ahead = outages_ahead(ctx, cheap)
+    left = spare(ctx, cheap)
+    weight = WAIT_WEIGHT * ctx.remaining_hours / max(slack(ctx), ctx.startup_hours)
+    fits = left > 0 and weight * ahead * mean <= left
+    safe = slack(ctx) - wait >= ctx.startup_hours - EPS
+    figures = (
+        f"outage {reached:.2f}h long by then ({len(lengths)} seen this run); "
+        f"{ahead:.1f} outages expected, waited out up to that length {mean:.2f}h each on "
+        f"average, weighted {weight:.2f}, against {max(left, 0.0):.2f}h of spare slack"
+    )
+    return fits and safe, figures
+
+
+def up_for(ctx: PlanContext, vendor: Vendor) -> float:
+    """Hours the vendor has had capacity: since its last cool-down ended, or the run began."""
+    since = vendor.cooldown_until or ctx.state.run.created_at
+    return _hours(ctx.now, max(since, ctx.state.run.created_at))
 
 
 def safe_to_start(ctx: PlanContext) -> bool:
@@ -78,8 +155,9 @@ def _start(ctx: PlanContext, vendor: Vendor, why: str) -> Action:
 def _figures(ctx: PlanContext, cheap: Vendor) -> str:
     return (
         f"{ctx.remaining_hours:.2f}h of work left, deadline in {ctx.hours_left:.2f}h: "
-        f"slack {slack(ctx):.2f}h, reserve {reserve(ctx, cheap):.2f}h "
-        f"({cheap.vendor_id}: {hazard(cheap):.3f} failures/h); budget left "
+        f"slack {slack(ctx):.2f}h, {max(spare(ctx, cheap), 0.0):.2f}h of it spare after "
+        f"{RESTARTS_PER_OUTAGE:g} start-ups for each of {outages_ahead(ctx, cheap):.1f} expected "
+        f"outages ({cheap.vendor_id}: {hazard(cheap):.3f} failures/h); budget left "
         f"{format_usd(ctx.available)}"
     )
 
@@ -91,12 +169,13 @@ def plan(ctx: PlanContext, offered: list[Vendor]) -> Action:
     if not ctx.cooling_down(cheap) and (cheap is steady or safe_to_start(ctx)):
         return _start(ctx, cheap, f"{cheap.vendor_id} is the cheapest and has capacity; {figures}")
     if ctx.cooling_down(cheap):
-        wait = _wait_hours(ctx, cheap)
-        if slack(ctx) - wait >= ctx.startup_hours + reserve(ctx, cheap) - EPS:
+        wait, why = worth_waiting(ctx, cheap)
+        if wait:
             return Action(
                 action="wait",
-                reason=f"waiting {wait:.2f}h for {cheap.vendor_id} to have capacity; {figures}",
+                reason=f"waiting for {cheap.vendor_id} to have capacity: {why}; {figures}",
             )
+        figures = f"{why}; {figures}"
     if ctx.cooling_down(steady):
         return Action(action="wait", reason=f"{steady.vendor_id} is cooling down too; {figures}")
     return _start(ctx, steady, f"no slack to wait for {cheap.vendor_id}: {figures}")
@@ -104,11 +183,15 @@ def plan(ctx: PlanContext, offered: list[Vendor]) -> Action:
 
 def reconsider(ctx: PlanContext, job: Job, offered: list[Vendor]) -> str | None:
     """At a renewal: leave the steady vendor for the cheap one once that has capacity again and
-    a failure there would still leave time to come back."""
+    a failure there would still leave time to come back; when the slack cannot pay every
+    expected outage's restarts, only once the cheap vendor has stayed up a while."""
     cheap, _ = cheap_and_steady(ctx, offered)
     if job.vendor_id == cheap.vendor_id or ctx.cooling_down(cheap) or not safe_to_start(ctx):
         return None
+    up = up_for(ctx, cheap)
+    if spare(ctx, cheap) < 0 and up < CONFIRM_STARTUPS * ctx.startup_hours - EPS:
+        return None
     return (
-        f"stopping {job.vendor_id} to move to {cheap.vendor_id}, which has capacity again; "
-        + _figures(ctx, cheap)
+        f"stopping {job.vendor_id} to move to {cheap.vendor_id}, which has had capacity again "
+        f"for {up:.2f}h; " + _figures(ctx, cheap)
     )

@@ -110,16 +110,21 @@ class _Agent:
         self.payments.append(completed_payment(f"p{next(self.ids)}", job, quote, at))
 
     def set_capacity(self, available: bool, now: float, gap: float) -> None:
-        """The spot vendor as the agent sees it at this tick: no capacity cools it down."""
-        until = None if available else _at(now + gap)
-        self.vendors[SPOT] = self.vendors[SPOT].model_copy(update={"cooldown_until": until})
+        """The spot vendor as the agent sees it at this tick: no capacity cools it down; with
+        capacity, its last cool-down stays on record (as a store keeps it), in the past."""
+        if not available:
+            until = _at(now + gap)
+            self.vendors[SPOT] = self.vendors[SPOT].model_copy(update={"cooldown_until": until})
 
-    def end_job(self, status: JobStatus, done: float, held: float, *, failed: bool) -> None:
-        """The current job ends with its progress saved; a preemption counts as a failure."""
+    def end_job(
+        self, status: JobStatus, done: float, held: float, at: float, *, failed: bool
+    ) -> None:
+        """The current job ends at `at` with its progress saved; a preemption is a failure."""
         job = self.jobs[-1]
         self.jobs[-1] = job.model_copy(
             update={
                 "status": status,
+                "updated_at": _at(at),
                 "checkpoint_url": f"sim://{job.id}/ckpt",
                 "checkpoint_progress": done / self.setting.task_hours,
             }
@@ -189,7 +194,7 @@ def play_planner(
         here = tick < len(available) and available[tick]
         agent.set_capacity(here, now, gap)
         if preempt_if_gone(acct, here):
-            agent.end_job(JobStatus.failed, acct.done, held, failed=True)
+            agent.end_job(JobStatus.failed, acct.done, held, now, failed=True)
         running = acct.mode != Mode.NONE
         if running:
             agent.checkpoint(acct.done)
@@ -200,7 +205,7 @@ def play_planner(
             if reconsider(ctx, job, acct.done / setting.task_hours) is not None or (
                 check_renewal(ctx, job, more) is not None
             ):
-                agent.end_job(JobStatus.failed, acct.done, held, failed=False)
+                agent.end_job(JobStatus.failed, acct.done, held, now, failed=False)
                 acct.mode, acct.overhead_left, running = Mode.NONE, 0.0, False
             else:
                 agent.pay(job, more, now)
@@ -245,7 +250,7 @@ def play_planner(
         hold(acct, mode, setting, gap)
         held += acct.hours - before if mode != Mode.NONE else 0.0
         if acct.finished is not None:
-            agent.end_job(JobStatus.completed, acct.done, held, failed=False)
+            agent.end_job(JobStatus.completed, acct.done, held, acct.hours, failed=False)
         tick += 1
         if tick * gap > 10 * setting.deadline_hours + EPS:  # a planner that never finishes
             break
