@@ -33,3 +33,5 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache procure.db .procure
+
+include mk/llm.mk

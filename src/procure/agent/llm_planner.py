@@ -18,8 +18,10 @@ its own, see `endpoint`):
   key in `OPENAI_API_KEY`.
 
 The request asks for structured output (`response_format` of type `json_schema`); an endpoint
-that rejects that with HTTP 400 is asked again with `{"type": "json_object"}`, and the planner
-instance remembers which format works.
+that rejects that (HTTP 400 or 422, or any error naming `response_format`: llama-cpp-python's
+server answers its validation error with HTTP 500) is asked again with `{"type": "json_object",
+"schema": ...}` (the form llama-cpp-python constrains its output by; others ignore the schema),
+and the planner instance remembers which format works.
 
 The planner never raises into the tick. Invalid JSON, a schema-invalid answer, an action the guard
 rejects (unknown vendor, over budget, ...), a timeout or an HTTP error: the heuristic planner
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from openai import AsyncOpenAI, BadRequestError
+from openai import APIStatusError, AsyncOpenAI, BadRequestError, UnprocessableEntityError
 from pydantic import ValidationError
 
 from procure.agent.context import PlanContext, reliability
@@ -92,7 +94,7 @@ def action_schema() -> dict[str, Any]:
 
 def _response_format(kind: ResponseFormatKind) -> dict[str, Any]:
     if kind == "json_object":
-        return {"type": "json_object"}
+        return {"type": "json_object", "schema": action_schema()}
     return {
         "type": "json_schema",
         "json_schema": {"name": "procure_action", "schema": action_schema()},
@@ -160,6 +162,13 @@ def _parse_answer(content: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _Rejected(f"answer is JSON but not an object ({type(data).__name__})")
     return data
+
+
+def _format_refused(exc: APIStatusError) -> bool:
+    """Whether the endpoint turned the request down, most likely for its response format."""
+    if isinstance(exc, BadRequestError | UnprocessableEntityError):
+        return True
+    return "response_format" in str(exc)  # llama-cpp-python: its 422 comes back as a 500
 
 
 class _Rejected(Exception):
@@ -254,8 +263,8 @@ class LLMPlanner:
         kind = self.response_format
         try:
             return await self._request(messages, kind)
-        except BadRequestError:
-            if kind != "json_schema":
+        except APIStatusError as exc:
+            if kind != "json_schema" or not _format_refused(exc):
                 raise
         # The endpoint turned down the request: most likely it does not do json_schema.
         content = await self._request(messages, "json_object")
