@@ -6,9 +6,11 @@ loopback and are never killed. Workers run in child processes forked from a *zyg
 process that imported procure once, so that a restart costs milliseconds rather than the
 seconds of a cold Python start. Each worker dies one of two ways: at a named crash point
 (`procure.crashpoints`: between signing and sending, between the vendor's answer and the
-store's write, ...), or by SIGKILL from the zygote after a random lifetime. After every death
-the dead worker's leases are released (a supervisor that saw it die may do so) and the
-invariants are checked; then the next worker starts. At the end a last worker, without crash
+store's write, ...), or by SIGKILL from the zygote after a random lifetime. The tests kill by
+schedule (`CrashConfig.rounds`: every point of the worker's path in turn, so that each is
+covered whatever the machine's speed); the benchmark at random, with probabilities. After
+every death the dead worker's leases are released (a supervisor that saw it die may do so) and
+the invariants are checked; then the next worker starts. At the end a last worker, without crash
 points, drains every run, and the final invariants are checked:
 
 * every run is terminal, and no payment is left pending;
@@ -24,6 +26,7 @@ points, drains every run, and the final invariants are checked:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -31,15 +34,38 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 ZERO = "0x" + "0" * 40
 SECRET = "crash-test-secret"
+
+WORKER_POINTS = (
+    "intent",
+    "signed",
+    "paid",
+    "reconciled",
+    "recorded",
+    "cancel_sent",
+    "polled",
+    "refused",
+)
+"""The crash points (`procure.crashpoints.POINTS`) on the x402 worker's path, in the order a
+round of the schedule kills at them."""
+ELSEWHERE = {
+    "fleet_intent": "tests/test_fleet_crash.py",
+    "fleet_launched": "tests/test_fleet_crash.py, tests/test_gateway_crash.py",
+    "fleet_terminated": "tests/test_fleet_crash.py",
+}
+"""The crash points the worker never passes, and the tests that kill at them instead."""
+SET_UP_BY = {"reconciled": "paid", "cancel_sent": "recorded"}
+"""Points reached only in a state that a death at another point leaves (see `_prepare`)."""
 
 
 @dataclass
@@ -60,8 +86,15 @@ class CrashConfig:
     max_life_s: float = 1.2
     """Each worker is SIGKILLed after a lifetime drawn uniformly from [0, max_life_s]."""
     job_seconds: float = 0.4
+    grace_s: float = 60.0
+    """How long a vendor's job paused at the end of its paid time waits for the next slice.
+    Generous: the mock's default (a second) is shorter than a renewal takes on a busy machine,
+    and a job that expires for it leaves its slice payment in doubt for the payment window."""
     fail_rate: float = 0.3
     """Vendor 1 fails part-way in this share of its jobs (vendor 2 never does)."""
+    payment_overhead_usd: float = 0.05
+    """What the planner counts per payment: next to nothing, so it often pays in slices and
+    workers are killed while slices are bought (renewals) too."""
     cancel_every: int = 10
     """After every n-th death, a user asks to cancel a random running run."""
     concurrency: int = 16
@@ -70,6 +103,15 @@ class CrashConfig:
     drain_timeout_s: float = 120.0
     seed: int | None = None
     verbose: bool = False
+    rounds: int = 0
+    """Scheduled deaths (the tests): `rounds` times over, a worker dies at each point of
+    `WORKER_POINTS` in turn (at its 1st, 2nd or 3rd hit, by round), each followed by one
+    SIGKILLed after a random lifetime; `kills`, `crash_at` and `cancel_every` are then unused.
+    Each point is died at `rounds` times at least, whatever the machine's speed (`_scheduled`)."""
+    point_life_s: float = 90.0
+    """The backstop of a scheduled death: a worker that has not reached its point by then is
+    SIGKILLed and the point counted in `CrashReport.missed` (a point the path no longer
+    passes, not a slow machine: reaching one takes well under a second)."""
 
 
 @dataclass
@@ -91,6 +133,12 @@ class CrashReport:
     reconciled_jobs: int = 0
     checks: int = 0
     seconds: float = 0.0
+    setup_s: float = 0.0
+    """Until the first worker was forked (the world, the zygote's imports)."""
+    drain_s: float = 0.0
+    check_s: float = 0.0
+    missed: Counter[str] = field(default_factory=Counter)
+    """Scheduled crash points whose worker was killed by the backstop, not at the point."""
     violations: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -99,10 +147,14 @@ class CrashReport:
         data.pop("lifetimes_s")
         data["median_life_s"] = round(lifetimes[len(lifetimes) // 2], 3) if lifetimes else 0
         data["by_crash_point"] = dict(sorted(self.by_crash_point.items()))
+        data["missed"] = dict(self.missed)
         data["runs"] = dict(self.runs)
         data["payments"] = dict(self.payments)
         data["paid_usd"] = round(self.paid_usd, 6)
         data["seconds"] = round(self.seconds, 1)
+        data["setup_s"] = round(self.setup_s, 1)
+        data["drain_s"] = round(self.drain_s, 1)
+        data["check_s"] = round(self.check_s, 1)
         data["kills_per_s"] = round(self.kills / self.seconds, 2) if self.seconds else 0
         return data
 
@@ -127,6 +179,7 @@ def _worker(cmd: dict[str, Any], transports: tuple[Any, Any]) -> None:
     from procure.store import open_store
 
     crashpoints.configure(cmd.get("crash"), cmd.get("log"))
+    os.environ.update(cmd.get("env") or {})
     settings = Settings()
 
     async def work() -> None:
@@ -202,6 +255,7 @@ def _zygote() -> None:
 
 class Zygote:
     def __init__(self, env: dict[str, str], log: IO[str]) -> None:
+        self.live: int | None = None  # the worker alive now
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--zygote"],
             stdin=subprocess.PIPE,
@@ -226,12 +280,18 @@ class Zygote:
 
     def spawn(self, **cmd: Any) -> int:
         self._send({"cmd": "spawn", **cmd})
-        return int(self._read()["pid"])
+        self.live = int(self._read()["pid"])
+        return self.live
 
     def result(self) -> dict[str, Any]:
-        return self._read()
+        answer = self._read()
+        self.live = None
+        return answer
 
     def close(self) -> None:
+        if self.live is not None:  # the campaign failed (or timed out) while a worker lived
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.live, signal.SIGKILL)
         try:
             self._send({"cmd": "exit"})
             self.proc.wait(timeout=10)
@@ -261,13 +321,17 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
     report = CrashReport()
     started = time.monotonic()
 
-    facilitator = start_facilitator(work / "chain-journal.jsonl")
-    servers = [facilitator]
-    zygote: Zygote | None = None
-    world: _World | None = None
     log = (work / "workers.log").open("a")
-    store = open_store(db_url)
+    # The zygote first: its imports (seconds on a busy machine) overlap the world's start. Its
+    # workers get the world's settings with each command.
+    zygote = Zygote({k: v for k, v in os.environ.items() if k != "PROCURE_CRASH_AT"}, log)
+    world: _World | None = None
+    servers: list[Any] = []
+    store = None
     try:
+        facilitator = start_facilitator(work / "chain-journal.jsonl")
+        servers.append(facilitator)
+        store = open_store(db_url)
         chain = facilitator.app.state.chain
         home = work / "home"
         # The workers (PROCURE_HOME=home) open the vendors' credential with home's secret.key.
@@ -279,7 +343,12 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
         for vendor in vendors:
             fail_rate = cfg.fail_rate if vendor.vendor_id == "gpu_vendor_1" else 0.0
             vcfg = mock_vendor_config(
-                vendor, facilitator.url, SECRET, job_seconds=cfg.job_seconds, fail_rate=fail_rate
+                vendor,
+                facilitator.url,
+                SECRET,
+                job_seconds=cfg.job_seconds,
+                fail_rate=fail_rate,
+                grace_seconds=cfg.grace_s,
             )
             server = start_mock_vendor(vcfg, facilitator.url)
             servers.append(server)
@@ -291,33 +360,28 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
         chain.mint(wallet, usd_to_micros(1_000_000))
 
         env = {
-            **os.environ,
             "PROCURE_DATABASE_URL": db_url,
             "PROCURE_HOME": str(home),
             "GPU_VENDOR_SECRET": SECRET,
             "X402_FACILITATOR_URL": facilitator.url,
-            "VENDOR_TIMEOUT_S": "5",
+            "VENDOR_TIMEOUT_S": "20",  # a busy machine's slow answer is not a vendor's fault
             "VENDOR_COOLDOWN_S": "0.5",
             "PLANNER_MODE": "heuristic",
             # Short-lived authorisations, so that a payment left in doubt by a crash (a retry
             # the vendor turned down) is settled within the campaign, not five minutes later.
             "PROCURE_PAYMENT_WINDOW_S": "30",
             "PROCURE_PAYMENT_MARGIN_S": "1",
-            # Extra payments cost the planner next to nothing, so it often pays in slices:
-            # the campaign then kills workers while slices are bought (renewals) too.
-            "PAYMENT_OVERHEAD_USD": "0.01",
+            "PAYMENT_OVERHEAD_USD": str(cfg.payment_overhead_usd),
         }
-        env.pop("PROCURE_CRASH_AT", None)
-        zygote = Zygote(env, log)
         world = _World(store, chain, wallet, {v.vendor_id: v for v in vendors}, servers[1:])
         budget = usd_to_micros(cfg.budget_usd)
         created = 0
 
-        def top_up() -> None:
+        def top_up(extra: int = 0) -> None:
             nonlocal created
             with store.session() as s:
                 running = repo.count_runs_by_status(s).get("running", 0)
-                for _ in range(cfg.active_runs - running):
+                for _ in range(cfg.active_runs - running + extra):
                     repo.create_run(
                         s,
                         user_id="crash",
@@ -327,16 +391,18 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
                     )
                     created += 1
 
-        while report.kills < cfg.kills:
-            top_up()
+        def life(crash: str | None, life_s: float) -> str:
+            """One worker's life and death, and what follows a death; returns how it died."""
             owner = f"crash-{report.kills}"
             zygote.spawn(
                 owner=owner,
-                crash=cfg.crash_at,
+                crash=crash,
                 log=str(crash_log),
-                life_s=rng.uniform(0, cfg.max_life_s),
+                life_s=life_s,
                 concurrency=cfg.concurrency,
+                env=env,
             )
+            report.setup_s = report.setup_s or time.monotonic() - started
             result = zygote.result()
             if result["how"] == "exit":
                 raise RuntimeError(f"worker exited by itself ({result}); see {work}/workers.log")
@@ -345,19 +411,30 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
             if result["how"] == "signal":
                 report.by_signal += 1
             _release_leases(store, owner)
-            if report.kills % cfg.cancel_every == 0:
-                _cancel_one(store, rng, report)
             if report.kills % cfg.check_every == 0:
                 report.checks += 1
+                checked = time.monotonic()
                 _check(world, budget, final=False)
+                report.check_s += time.monotonic() - checked
             if cfg.verbose and report.kills % 50 == 0:
                 print(f"{report.kills} kills, {created} runs", file=sys.stderr)
+            return str(result["how"])
+
+        if cfg.rounds:
+            _scheduled(cfg, rng, report, world, life, top_up, lambda: top_up(extra=1))
+        else:
+            while report.kills < cfg.kills:
+                top_up()
+                life(cfg.crash_at, rng.uniform(0, cfg.max_life_s))
+                if report.kills % cfg.cancel_every == 0:
+                    _cancel_one(store, rng, report)
 
         # The drain: one last worker without crash points finishes every run.
         pid = zygote.spawn(
-            owner="drain", crash=None, log=None, life_s=None, concurrency=cfg.concurrency
+            owner="drain", crash=None, log=None, life_s=None, concurrency=cfg.concurrency, env=env
         )
-        deadline = time.monotonic() + cfg.drain_timeout_s
+        drain_started = time.monotonic()
+        deadline = drain_started + cfg.drain_timeout_s
         while True:
             with store.session() as s:
                 running = repo.count_runs_by_status(s).get("running", 0)
@@ -368,26 +445,169 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
                 os.kill(pid, signal.SIGKILL)
                 zygote.result()
                 raise InvariantViolation(
-                    f"{running} runs running, {pending} payments pending after the drain"
+                    f"{running} runs running, {pending} payments pending after the drain: "
+                    + _stuck(store)
                 )
             time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
         zygote.result()
+        report.drain_s = time.monotonic() - drain_started
         _check(world, budget, final=True)
 
         report.by_crash_point = Counter(crash_log.read_text().split())
         _tally(world, report)
     finally:
-        if zygote is not None:
-            zygote.close()
+        zygote.close()
         if world is not None and world.http is not None:
             world.http.close()
         log.close()
         for server in reversed(servers):
             server.stop()
-        store.dispose()
+        if store is not None:
+            store.dispose()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _scheduled(
+    cfg: CrashConfig,
+    rng: random.Random,
+    report: CrashReport,
+    world: _World,
+    life: Callable[[str | None, float], str],
+    top_up: Callable[[], None],
+    new_run: Callable[[], None],
+) -> None:
+    """The deaths by schedule: `cfg.rounds` times, a worker dies at each of `WORKER_POINTS`
+    (``point@k``: at its k-th hit in that worker), each death followed by one at a random
+    moment. Which points are killed is fixed by construction; only where on a run's way the
+    k-th hit falls depends on timing. Runs are topped up all along, so that every point has
+    work to reach while a worker lives."""
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(0.1):
+            top_up()
+
+    top_up()
+    keeper = threading.Thread(target=keep, name="top-up", daemon=True)
+    keeper.start()
+    try:
+        for r in range(cfg.rounds):
+            for i, point in enumerate(WORKER_POINTS):
+                # A point that needs a state set up for it dies at its first hit.
+                k = 1 if point in SET_UP_BY or point == "refused" else r % 3 + 1
+                _prepare(
+                    world, point, report, lambda at: _die_at(at, 1, cfg, report, life), new_run
+                )
+                try:
+                    _die_at(point, k, cfg, report, life)
+                finally:
+                    if point == "refused":
+                        world.set_faults({})
+                upcoming = WORKER_POINTS[(i + 1) % len(WORKER_POINTS)]
+                if SET_UP_BY.get(upcoming) != point:  # keep the state set up for the next one
+                    life(None, rng.uniform(0, cfg.max_life_s))
+    finally:
+        stop.set()
+        keeper.join()
+
+
+def _die_at(
+    point: str, k: int, cfg: CrashConfig, report: CrashReport, life: Callable[..., str]
+) -> None:
+    if life(f"{point}@{k}", cfg.point_life_s) != "crash":
+        report.missed[point] += 1
+
+
+def _prepare(
+    world: _World,
+    point: str,
+    report: CrashReport,
+    die_at: Callable[[str], None],
+    new_run: Callable[[], None],
+) -> None:
+    """Bring about the state in which the next worker reaches `point`: a payment settled but
+    not recorded (a death at `paid`), a cancel requested on a run whose job runs (one whose
+    start a death at `recorded` left recorded), a new run and vendors that ask more in their
+    402 than they quoted (our guardrail refuses its payment; a slice refused meanwhile fails
+    without passing `refused`)."""
+    for _ in range(3):
+        if _ready(world, point, report, new_run):
+            return
+        if point != "reconciled":
+            die_at(SET_UP_BY[point])
+            continue
+        # The scheduled death at `paid` fell on a slice (its retry is a replay, not a
+        # reconciliation): one more, at a fresh run's first payment, every other run parked
+        # meanwhile so that no slice is paid first.
+        _park(world.store)
+        try:
+            new_run()
+            die_at("paid")
+        finally:
+            _release_leases(world.store, PARKED)
+
+
+def _ready(world: _World, point: str, report: CrashReport, new_run: Callable[[], None]) -> bool:
+    from sqlalchemy import select
+
+    from procure.agent.cancel import request_cancel
+    from procure.store.tables import JobRow, PaymentRow, RunRow
+
+    with world.store.session() as s:
+        if point == "reconciled":
+            nonces = s.scalars(
+                select(PaymentRow.nonce)
+                .join(JobRow, JobRow.id == PaymentRow.job_id)
+                .join(RunRow, RunRow.id == JobRow.run_id)
+                .where(
+                    RunRow.status == "running",
+                    JobRow.status == "submitted",
+                    PaymentRow.status == "pending",
+                )
+            ).all()
+            return any(world.chain.authorization_state(world.wallet, n) for n in nonces)
+        if point == "cancel_sent":
+            run_id = s.scalar(
+                select(RunRow.id)
+                .join(JobRow, JobRow.run_id == RunRow.id)
+                .where(
+                    RunRow.status == "running",
+                    RunRow.cancel_requested_at.is_(None),
+                    JobRow.status == "running",
+                )
+                .limit(1)
+            )
+            if run_id is None:
+                return False
+            request_cancel(world.store, run_id, by="crash test", reason="scheduled")
+            report.cancels_requested += 1
+            return True
+    if point == "refused":
+        world.set_faults({"overcharge_factor": 3.0})
+        new_run()
+    return True
+
+
+PARKED = "crash-test-parked"
+
+
+def _park(store: Any) -> None:
+    """Lease every free running run to nobody, for an hour (`_release_leases` frees them)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from procure.models import utcnow
+    from procure.store.tables import RunRow
+
+    with store.session() as s:
+        s.execute(
+            update(RunRow)
+            .where(RunRow.status == "running", RunRow.lease_owner.is_(None))
+            .values(lease_owner=PARKED, lease_expires_at=utcnow() + timedelta(hours=1))
+        )
 
 
 def _cancel_one(store: Any, rng: random.Random, report: CrashReport) -> None:
@@ -423,17 +643,38 @@ class _World:
         after = self.transfers[-1]["block_number"] + 1 if self.transfers else 0
         self.transfers += self.chain.transfers(from_block=after)
 
-    def vendor_stats(self) -> dict[str, dict[str, Any]]:
+    def client(self) -> Any:
         import httpx
 
         if self.http is None:  # one client: a new one per call costs a TLS context (30 ms)
             self.http = httpx.Client(headers={"Authorization": f"Bearer {SECRET}"}, timeout=30)
+        return self.http
+
+    def set_faults(self, faults: dict[str, Any]) -> None:
+        """The same faults on every vendor (`{}`: none)."""
+        for server in self.vendor_servers:
+            self.client().post(f"{server.url}/admin/faults", json=faults).raise_for_status()
+
+    def vendor_stats(self) -> dict[str, dict[str, Any]]:
         stats = {}
         for vendor_id, server in zip(self.vendors, self.vendor_servers, strict=True):
-            response = self.http.get(f"{server.url}/admin/stats")
+            response = self.client().get(f"{server.url}/admin/stats")
             response.raise_for_status()
             stats[vendor_id] = response.json()
         return stats
+
+
+def _stuck(store: Any) -> str:
+    """The last words of the runs still running, to say why they are."""
+    from procure.store import repo
+
+    lines = []
+    with store.session() as s:
+        for run in repo.list_runs(s, limit=5, status="running"):
+            state = repo.load_state(s, run.id)
+            if state is not None:
+                lines.append(f"{run.id}: {[o.content[:160] for o in state.observations[-2:]]}")
+    return "; ".join(lines)
 
 
 def _release_leases(store: Any, owner: str) -> None:

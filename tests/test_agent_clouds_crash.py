@@ -80,7 +80,10 @@ def test_a_crash_at_each_point_leaves_one_instance_per_job_and_none_running(
         raise AssertionError("the run did not end")
 
     assert asyncio.run(campaign()) == "completed"
-    assert crashes >= 1, seen
+    # Every point is reached at least twice on the way of this run, whatever the machine's
+    # speed (only how often `polled` is passed depends on it): it died there at the first
+    # hit and at the second.
+    assert crashes >= 2, seen
     assert max(launched_names.values()) == 1, launched_names  # never two for one job
     assert vast.running() == [] and runpod.running() == []
     with store.session() as s:

@@ -1,10 +1,13 @@
 """Exactly once under kill -9: a controller killed after the action is durable but before the
 cloud is called, or after the cloud launched but before anything was recorded, is restarted;
-the restarted one launches nothing twice and leaves no instance unknown to it (invariant 9)."""
+the restarted one launches nothing twice and leaves no instance unknown to it (invariant 9).
+Killed after the cloud terminated an idle instance but before the record, the restarted one
+records it and terminates nothing else."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,7 +17,8 @@ import pytest
 
 from fleet_crash_child import OWNER
 from fleet_fakes import FakeCloud, cloud_app
-from fleet_world import all_actions, fleet
+from fleet_world import all_actions, fleet, scan_for
+from procure.fleet import actions
 from procure.fleet.controller import scan_once
 from procure.local import serve
 from procure.store import fleet_repo, open_store
@@ -69,3 +73,41 @@ def test_killed_controller_launches_exactly_once(db_url: str, point: str) -> Non
     finally:
         server.stop()
         cloud.close()
+
+
+class Crash(BaseException):
+    """A kill: not an Exception, so nothing on the way up catches it."""
+
+
+def test_killed_after_a_termination_it_is_recorded_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hits: list[str] = []
+
+    def crash_point(name: str) -> None:
+        hits.append(name)
+        if name == "fleet_terminated" and hits.count(name) == 1:
+            raise Crash(name)
+
+    monkeypatch.setattr(actions, "crash_point", crash_point)
+
+    async def body() -> None:
+        cloud = FakeCloud()
+        idle = {cloud.add(util=5), cloud.add(util=3)}
+        async with fleet(db_url, cloud, min_instances=1, action_cooldown_mins=0) as ctx:
+            with pytest.raises(Crash):  # idle long enough: one is terminated, then the death
+                await scan_for(ctx, 60)
+            (gone,) = cloud.terminations
+            # The restarted controller knows only the store (and the cloud).
+            again = dataclasses.replace(ctx, types={}, cloud_failures=0, backoff_until=None)
+            await scan_for(again, 5)
+            (action,) = all_actions(again)
+            assert (action.action_type, action.status) == ("terminate_instance", "executed")
+            assert action.target_instance == gone and gone in idle
+            assert cloud.terminations == [gone]  # nothing else terminated: the minimum stays
+            assert len(cloud.live()) == 1
+            with again.store.session() as s:
+                ended = fleet_repo.get_instance(s, gone)
+                assert ended is not None and ended.ended_at is not None
+
+    asyncio.run(body())

@@ -4,6 +4,7 @@ stops at once instead of ticking on beside the new holder (invariant 4)."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from sqlalchemy import update
 from procure.agent import worker
 from procure.agent.deps import TickResult
 from procure.agent.worker import LeaseHeld, tick_under_lease
-from procure.models import JobSpec
+from procure.models import JobSpec, utcnow
 from procure.store import open_store, repo
 from procure.store.tables import RunRow
 
@@ -27,8 +28,11 @@ def test_a_lost_lease_stops_the_tick(tmp_path: Path, monkeypatch: pytest.MonkeyP
     stopped = asyncio.Event()
 
     async def slow_tick(_deps: object, _run_id: str) -> TickResult:
-        with store.session() as s:  # meanwhile a worker takes the run over
-            s.execute(update(RunRow).values(lease_owner="worker-b"))
+        with store.session() as s:  # meanwhile a worker takes the run over, for a minute
+            # (its own TTL: were it left at ours, a busy machine could see it lapse before the
+            # test looks, and the run would look free rather than held by worker-b)
+            until = utcnow() + timedelta(seconds=60)
+            s.execute(update(RunRow).values(lease_owner="worker-b", lease_expires_at=until))
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
