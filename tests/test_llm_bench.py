@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from procure.agent.llm_planner import action_schema
 from procure.local import LocalServer, serve
 from test_llm_planner import FakeLLM, Reply, answer
 
@@ -93,6 +92,8 @@ def test_a_model_that_is_always_overruled_costs_what_the_heuristic_does(
     assert body["model"] == bench.DEFAULT_MODEL
     assert body["response_format"]["type"] == "json_schema"
     assert "vendors" in body["messages"][1]["content"]
+    # However many payments the runs made, what the model reads stays short.
+    assert max(len(r["body"]["messages"][1]["content"]) for r in fake.requests) < 4000
 
 
 def test_a_model_that_aborts_is_reported_as_missing_the_goal(
@@ -164,9 +165,15 @@ def test_a_server_that_refuses_json_schema_gets_the_schema_in_json_object(
 
     formats = [r["body"]["response_format"] for r in fake.requests]
     assert formats[0]["type"] == "json_schema"
-    assert formats[1:] == [{"type": "json_object", "schema": action_schema()}] * (
-        len(formats) - 1
-    )  # refused once, then remembered
+    assert [f["type"] for f in formats[1:]] == ["json_object"] * (len(formats) - 1)
+    for request in fake.requests[1:]:  # refused once, then remembered; each decision's schema
+        schema = request["body"]["response_format"]["schema"]
+        offered = {
+            v["vendorId"] for v in json.loads(request["body"]["messages"][1]["content"])["vendors"]
+        }
+        vendor = schema["properties"]["vendorId"]
+        assert vendor == {"type": "null"} or set(vendor["enum"]) <= offered
+        assert "vendorId" in schema["required"]
     assert result["decisions"] == len(formats) - 1
     assert result["overrule_reasons"] == {"empty answer": result["decisions"]}
     assert result["all_within_budget"] is True

@@ -13,23 +13,34 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from procure.agent.context import PlanContext
-from procure.agent.llm_planner import LLMPlanner, action_schema, make_llm_planner
+from procure.agent.llm_planner import (
+    LLMPlanner,
+    action_schema,
+    make_llm_planner,
+    response_schema,
+)
 from procure.agent.planner import heuristic_planner
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.tick import tick
 from procure.local import LocalServer, serve
 from procure.models import (
     Action,
+    Job,
     JobSpec,
+    JobStatus,
     ObservationType,
+    Payment,
+    PaymentStatus,
     Run,
     RunState,
     RunStatus,
@@ -230,8 +241,15 @@ def test_good_answer_is_the_action_and_the_request_carries_state_and_schema(
     assert body["model"] == MODEL
     assert body["response_format"] == {
         "type": "json_schema",
-        "json_schema": {"name": "procure_action", "schema": action_schema()},
+        "json_schema": {"name": "procure_action", "schema": response_schema(ctx)},
     }
+    # The model may name only a vendor it could rent from now, and must name one.
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["vendorId"] == {
+        "type": "string",
+        "enum": ["gpu_vendor_1", "gpu_vendor_2"],
+    }
+    assert "vendorId" in schema["required"]
     state = json.loads(body["messages"][-1]["content"])
     assert state["goal"] == "Fine-tune tiny-llm on dataset A"
     assert state["jobSpec"]["gpuType"] == "A100"
@@ -241,7 +259,7 @@ def test_good_answer_is_the_action_and_the_request_carries_state_and_schema(
         ("gpu_vendor_2", 2.1),
     ]
     assert {"reliability", "coolingDown", "failuresThisRun"} <= set(state["vendors"][0])
-    assert state["jobs"] == [] and state["payments"] == []
+    assert state["jobs"] == [] and state["payments"]["count"] == 0
     # The key travels only as the bearer credential, never in what the model reads.
     assert request["authorization"] == f"Bearer {API_KEY}"
     assert API_KEY not in json.dumps(body)
@@ -261,6 +279,149 @@ def test_schema_matches_the_action_model() -> None:
     assert schema["properties"]["action"]["enum"] == ["start_job", "wait", "abort"]
     assert set(schema["required"]) == {"action", "reason"}
     assert schema["additionalProperties"] is False
+
+
+STRICT_KEYWORDS = {"type", "enum", "properties", "required", "additionalProperties", "anyOf"}
+STRICT_KEYWORDS |= {"description"}
+
+
+def assert_strict_compatible(schema: dict[str, Any], root: bool = True) -> None:
+    """What OpenAI's strict mode (and so Fireworks and vLLM) accepts: a root object, every
+    object closed with all its properties required, no keyword beyond the common subset."""
+    assert set(schema) <= STRICT_KEYWORDS, set(schema) - STRICT_KEYWORDS
+    if root:
+        assert schema["type"] == "object" and "anyOf" not in schema
+    if schema.get("type") == "object":
+        assert schema["additionalProperties"] is False
+        assert set(schema["required"]) == set(schema["properties"])
+        for sub in schema["properties"].values():
+            assert_strict_compatible(sub, root=False)
+    for sub in schema.get("anyOf", []):
+        assert_strict_compatible(sub, root=False)
+
+
+def test_response_schema_names_only_eligible_vendors_and_requires_one() -> None:
+    ctx = make_ctx()
+    schema = response_schema(ctx)
+    assert_strict_compatible(schema)
+    assert set(schema["properties"]) == set(action_schema()["properties"])
+    assert schema["properties"]["hours"]["anyOf"][0]["enum"] == [ctx.remaining_hours]
+    # Abort only when no vendor can be rented, as the prompt says; slices are procure's.
+    assert schema["properties"]["action"]["enum"] == ["start_job", "wait"]
+    assert schema["properties"]["sliceHours"]["type"] == "null"
+    good = json.loads(GOOD.content) | {"sliceHours": None}
+    jsonschema.validate(good, schema)
+    for bad in ({**good, "vendorId": None}, {**good, "vendorId": "vendor_x"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    with pytest.raises(jsonschema.ValidationError):  # vendorId may not be left out
+        jsonschema.validate({k: v for k, v in good.items() if k != "vendorId"}, schema)
+
+    # A vendor cooling down, or one without the job's GPU type, is not offered.
+    vendor_1, vendor_2 = ctx.vendors
+    vendor_1.cooldown_until = ctx.now + timedelta(hours=1)
+    assert response_schema(ctx)["properties"]["vendorId"]["enum"] == ["gpu_vendor_2"]
+    vendor_2.supported_gpu_types = ["A10"]
+    schema = response_schema(ctx)
+    assert_strict_compatible(schema)
+    assert schema["properties"]["action"]["enum"] == ["wait", "abort"]
+    assert schema["properties"]["vendorId"] == {"type": "null"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(good, schema)
+    jsonschema.validate({**good, "action": "wait", "vendorId": None}, schema)
+
+
+def test_a_vendor_the_budget_cannot_pay_for_is_not_offered() -> None:
+    schema = response_schema(make_ctx(budget=2.0))  # gpu_vendor_2 costs $2.10 for the hour
+    assert schema["properties"]["vendorId"]["enum"] == ["gpu_vendor_1"]
+    schema = response_schema(make_ctx(budget=1.0))
+    assert schema["properties"]["action"]["enum"] == ["wait", "abort"]
+
+
+def test_start_job_leaving_hours_and_slices_to_procure_gets_the_heuristics(
+    llm: FakeLLM, settings: Settings
+) -> None:
+    llm.script.append(answer(action="start_job", vendorId="gpu_vendor_1", reason="cheapest"))
+    ctx = make_ctx(budget=100.0)
+    ctx.state.run.job_spec = JobSpec(hours=8)  # long enough to be paid as it goes
+    action = plan(settings, ctx)
+    expected = heuristic(ctx)
+    assert expected.vendor_id == "gpu_vendor_1" and expected.slice_hours is not None
+    assert (action.vendor_id, action.hours, action.slice_hours) == (
+        "gpu_vendor_1",
+        expected.hours,
+        expected.slice_hours,
+    )
+    assert action.reason == "cheapest"
+
+
+def test_a_wait_naming_a_vendor_as_the_schema_demands_is_a_plain_wait(
+    llm: FakeLLM, settings: Settings
+) -> None:
+    llm.script.append(answer(action="wait", vendorId="gpu_vendor_1", reason="all cooling down"))
+    action = plan(settings, make_ctx())
+    assert (action.action, action.vendor_id) == ("wait", None)
+
+
+def long_run_ctx(payments: int) -> PlanContext:
+    """`make_ctx` after a long pay-as-you-go run: many jobs, one payment per slice."""
+    ctx = make_ctx(budget=1000.0)
+    now = utcnow()
+    for i in range(payments // 10):
+        ctx.state.jobs.append(
+            Job(
+                _id=f"job-{i}",
+                run_id="run-1",
+                vendor_id=f"gpu_vendor_{1 + i % 2}",
+                status=JobStatus.failed,
+                expected_cost=usd_to_micros(1.4),
+                idempotency_key=f"k-{i}",
+                error_message="the node went away " * 20,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    for i in range(payments):
+        ctx.state.payments.append(
+            Payment(
+                _id=f"pay-{i}",
+                run_id="run-1",
+                job_id=f"job-{i // 10}",
+                vendor_id=f"gpu_vendor_{1 + i % 2}",
+                amount=usd_to_micros(0.35),
+                status=PaymentStatus.failed if i % 7 == 0 else PaymentStatus.completed,
+                nonce=f"n-{i}",
+                hours=0.25,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return ctx
+
+
+PROMPT_BOUND = 4000
+"""Characters of state the model may be sent, however long the run."""
+
+
+@pytest.mark.parametrize("payments", [0, 40, 400])
+def test_the_prompt_stays_bounded_however_many_payments(
+    llm: FakeLLM, settings: Settings, payments: int
+) -> None:
+    llm.script.append(GOOD)
+    ctx = long_run_ctx(payments)
+    plan(settings, ctx)
+
+    [request] = llm.requests
+    content = request["body"]["messages"][-1]["content"]
+    assert len(content) < PROMPT_BOUND
+    state = json.loads(content)
+    summary = state["payments"]
+    assert summary["count"] == payments
+    completed = [p for p in ctx.state.payments if p.status == PaymentStatus.completed]
+    assert summary["completedUsd"] == pytest.approx(0.35 * len(completed))
+    assert sum(v["count"] for v in summary["byVendor"].values()) == payments
+    assert len(summary["last"]) == min(payments, 3)
+    assert state["jobCount"] == payments // 10 and len(state["jobs"]) <= 5
 
 
 def test_answer_that_is_not_json_falls_back(llm: FakeLLM, settings: Settings) -> None:
