@@ -77,6 +77,9 @@ def test_start_returns_the_run_in_the_seeds_shape(api: httpx.Client) -> None:
     assert run["status"] == "running"
     assert run["budgetTotal"] == 5.25 and run["budgetRemaining"] == 5.25
     assert run["userId"] == "u1" and len(run["_id"]) == 24
+    # The start answer says what the first payment may be, and that a cancel does not refund it.
+    first = run.pop("firstPayment")
+    assert first["refundable"] is False and "does not refund" in first["note"]
     status = api.get("/api/agent-status", params={"runId": run["_id"]}).json()
     assert status == {
         "run": run,

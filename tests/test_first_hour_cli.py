@@ -98,8 +98,8 @@ def test_run_list_at_80_columns_shows_the_whole_run_id(env: dict[str, str]) -> N
     goal = "Fine-tune a tiny LLM on dataset-a for three epochs, then evaluate it on dataset-b"
     started = procure("run", "start", "--goal", goal, "--budget", "5", env=env)
     assert started.returncode == 0, started.stderr
-    run_id = json.loads(started.stdout)["_id"]  # stdout: the run alone; the note on stderr
-    assert "first payment is made as the job starts" in started.stderr
+    run_id = json.loads(started.stdout)["_id"]  # stdout: the run as JSON; the note on stderr
+    assert "does not refund a paid slice" in started.stderr
     listed = procure("run", "list", env=env, columns=80)
     assert listed.returncode == 0, listed.stderr
     assert run_id in listed.stdout  # whole, on one line: the next command needs it
