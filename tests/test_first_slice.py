@@ -38,7 +38,7 @@ def world(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
         tmp_path,
         sqlite_url,
         job_seconds=6.0,
-        settings_overrides={"PROCURE_FIRST_SLICE_FRACTION": 0.25},
+        settings_overrides={"PROCURE_FIRST_SLICE_FRACTION": 0.25, "VENDOR_TIMEOUT_S": 20.0},
     )
     yield w
     w.stop()

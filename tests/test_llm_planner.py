@@ -524,6 +524,10 @@ def test_http_500_falls_back_without_leaking_the_key(
     llm: FakeLLM, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # the SDK's and HTTP stack's debug logs too
+    # Whatever logging set-up an earlier test in this process left (a level, a disabled
+    # logger), the planner's own warning is what this test reads.
+    caplog.set_level(logging.DEBUG, logger="procure.agent.llm_planner")
+    logging.getLogger("procure.agent.llm_planner").disabled = False
     llm.script.append(Reply(status=500))
     ctx = make_ctx()
     action = plan(settings, ctx)
