@@ -15,9 +15,13 @@ from datetime import datetime, timedelta
 
 from procure.clouds.base import InstanceType
 from procure.fleet import policy
-from procure.fleet.billing import LONG_INCREMENT_S, BillingClock, unneeded_boots
+from procure.fleet.billing import BillingClock, unneeded_boots
+from procure.fleet.consolidate import idle as _idle
+from procure.fleet.consolidate import launch as _launch
+from procure.fleet.consolidate import right_size
+from procure.fleet.consolidate import terminate as _terminate
 from procure.fleet.monitor import InstanceView
-from procure.fleet.policy import PROVISION, TERMINATE, Proposal
+from procure.fleet.policy import TERMINATE, Proposal
 from procure.fleet.settings import FleetSettings
 from procure.store.fleet_repo import RUNNING_STATUSES
 
@@ -60,17 +64,6 @@ def _running(views: Sequence[InstanceView]) -> list[InstanceView]:
     return [v for v in views if v.instance.status in RUNNING_STATUSES]
 
 
-def _launch(
-    cfg: FleetSettings,
-    price: int,
-    reason: str,
-    region: str | None = None,
-    instance_type: str | None = None,
-) -> Proposal:
-    kind = instance_type or cfg.default_instance_type
-    return Proposal(PROVISION, None, reason, kind, region or cfg.region, price)
-
-
 _GPU = re.compile(r"^\s*\d+\s*x\s+(.+?)\s*\(\s*(\d+)\s*GB", re.IGNORECASE)
 
 
@@ -98,11 +91,6 @@ def fitting_type(signal: FleetSignal, cfg: FleetSettings) -> InstanceType | None
         if t.gpus >= need and t.regions_with_capacity and same_gpu(t, default)
     ]
     return min(fits, key=lambda t: (t.price_per_hour, t.gpus, t.name), default=default)
-
-
-def _terminate(v: InstanceView, reason: str) -> Proposal:
-    i = v.instance
-    return Proposal(TERMINATE, v.id, reason, i.instance_type, i.region, i.price_per_hour)
 
 
 def seed_rule(
@@ -306,89 +294,18 @@ class ProcurePolicy:
         launching: int,
         left: int,
     ) -> list[Proposal]:
-        """A node at most half used for `migrate_after_s` (a long job left alone on a big node:
-        durations are heavy-tailed, one that has run long will likely run longer) is replaced
-        by the cheapest type that holds its work: the new one is launched, and once booted the
-        old one goes near the end of its paid increment; its jobs restart there from their last
-        checkpoint. Billed by long increments, where another node in use has the room, the jobs
-        move there at the end of the increment and nothing is launched. Only on the scheduler's
-        exact placement (`placement_known`): a utilisation estimate may hide a job."""
-        out: list[Proposal] = []
-        offers = [t for t in self._offers(cfg, signal) if t.regions_with_capacity]
-        placed = dict(signal.free_gpus)
-        free = dict(placed)
-        step = 1.5 * cfg.scan_interval_s
-        room = cfg.max_instances - len(running) - launching
-        seen = set()
-        long = signal.billing_increment_s >= LONG_INCREMENT_S
-        # Where a moved job may go without a launch, fullest first (as the scheduler places):
-        # a node in use (an idle one goes at the end of its own increment).
-        homes = [
-            v.id
-            for v in sorted(running, key=lambda x: free.get(x.id, 0))
-            if v.instance.status == "active" and free.get(v.id, 0) and not _idle(v, cfg)
-        ]
-        leaving: set[str] = set()  # moved out this scan: no home
-        taking: set[str] = set()  # a home this scan: it stays
-        for v in running:
-            n = v.instance.gpus
-            # Its jobs now, as placed at the start of the scan (not counting those moving in).
-            busy = n - placed[v.id] if v.id in placed else 0  # not placed: nothing to move
-            smaller = [t for t in offers if busy <= t.gpus < n]
-            if v.instance.status != "active" or busy == 0 or 2 * busy > n or not smaller:
-                continue
-            seen.add(v.id)
-            since = self._frag_since.setdefault(v.id, signal.now)
-            if (signal.now - since).total_seconds() < self.migrate_after_s:
-                continue
-            paid_left = self.paid_left_s(v, signal)
-            started = self._replacing.get(v.id)
-            elsewhere = max((f for i, f in free.items() if i != v.id), default=0)
-            home = next(
-                (i for i in homes if i not in leaving | {v.id} and free.get(i, 0) >= busy), None
-            )
-            if v.id in taking:
-                continue  # it takes another's jobs: fuller now
-            if long and started is None and home is not None:
-                # Another node in use, billed anyway, holds its work: nothing to launch.
-                if paid_left <= step and left > cfg.min_instances:
-                    left -= 1
-                    free[home] -= busy
-                    leaving.add(v.id)
-                    taking.add(home)
-                    self._frag_since.pop(v.id, None)
-                    out.append(_terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
-                continue
-            if started is not None and elsewhere >= busy and paid_left <= step:
-                if (signal.now - started).total_seconds() >= signal.boot_s and (
-                    left > cfg.min_instances
-                ):
-                    left -= 1
-                    self._replacing.pop(v.id, None)
-                    self._frag_since.pop(v.id, None)
-                    out.append(_terminate(v, f"{busy} of {n} GPUs used: moved to a smaller type"))
-                continue
-            stale = started is not None and (
-                (signal.now - started).total_seconds() > 2 * signal.boot_s + step
-            )
-            if (started is None or stale) and paid_left <= signal.boot_s + step and room > 0:
-                kind = min(smaller, key=lambda t: (t.price_per_hour, t.gpus, t.name))
-                self._replacing[v.id] = signal.now
-                room -= 1
-                out.append(
-                    _launch(
-                        cfg,
-                        kind.price_per_hour,
-                        f"{busy} of {n} GPUs used for {self.migrate_after_s / 60:.0f} min: "
-                        f"{kind.name} replaces it",
-                        kind.regions_with_capacity[0],
-                        kind.name,
-                    )
-                )
-        for gone in set(self._frag_since) - seen:
-            self._frag_since.pop(gone, None)
-            self._replacing.pop(gone, None)
-        return out
+        return right_size(
+            running,
+            cfg,
+            signal,
+            offers=[t for t in self._offers(cfg, signal) if t.regions_with_capacity],
+            launching=launching,
+            left=left,
+            frag_since=self._frag_since,
+            replacing=self._replacing,
+            migrate_after_s=self.migrate_after_s,
+            paid_left=lambda v: self.paid_left_s(v, signal),
+        )
 
     def _provision(
         self,
@@ -535,12 +452,3 @@ def _launch_cost(t: InstanceType, gpus: int, behind: int) -> tuple[float, int, s
 
 def usd_micros(usd: float) -> int:
     return round(usd * 1e6)
-
-
-def _idle(v: InstanceView, cfg: FleetSettings) -> bool:
-    """Active and running nothing now: below the low threshold, and below half of one GPU's
-    share (a node of 8 with one busy GPU is not idle)."""
-    last = v.latest
-    if v.instance.status != "active" or last is None or last.gpu_util is None:
-        return False
-    return last.gpu_util < min(cfg.low_gpu_threshold, 50.0 / max(1, v.instance.gpus))
