@@ -12,6 +12,7 @@ import pytest
 from procure.agent import planner as planner_module
 from procure.sim.spot_bench import POLICIES, case_rows, summarize
 from procure.sim.spot_engine import play_planner
+from procure.sim.spot_mdp import fit, solve
 from procure.sim.spot_optimum import optimum
 from procure.sim.spot_policies import StepPolicy, greedy, on_demand_only, play, uniform_progress
 from procure.sim.traces import (
@@ -131,7 +132,7 @@ def test_the_optimum_bounds_every_policy() -> None:
 
 def test_json_lines_follow_the_readme() -> None:
     trace = Trace("zone/t.json", 1800, tuple([True, False, True] * 8))
-    rows = case_rows(trace, 0, SMALL)
+    rows = case_rows(trace, 0, SMALL, solve(fit(trace.available), trace.gap_hours, SMALL))
     assert [r["policy"] for r in rows] == list(POLICIES)
     line = json.loads(json.dumps(rows[3]))
     assert set(line) == {

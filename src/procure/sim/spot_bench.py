@@ -8,12 +8,14 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from procure.sim.spot_bound import STATS_OPTIMAL, ModelRow, model_rows, stats_optimal
 from procure.sim.spot_engine import play_planner
+from procure.sim.spot_mdp import Programme, fit, solvable, solve
 from procure.sim.spot_optimum import optimum
 from procure.sim.spot_policies import StepPolicy, greedy, on_demand_only, play, uniform_progress
 from procure.sim.traces import EPS, Setting, Trace, on_demand_cost, score, start_ticks, window
 
-POLICIES = ("on-demand", "greedy", "uniform-progress", "procure", "optimum")
+POLICIES = ("on-demand", "greedy", "uniform-progress", "procure", STATS_OPTIMAL, "optimum")
 STEP_POLICIES: dict[str, Callable[[], StepPolicy]] = {
     "on-demand": on_demand_only,
     "greedy": greedy,
@@ -21,8 +23,11 @@ STEP_POLICIES: dict[str, Callable[[], StepPolicy]] = {
 }
 
 
-def case_rows(trace: Trace, start: int, setting: Setting) -> list[dict[str, object]]:
-    """One JSON-lines row per policy for a job started at `start` under `setting`."""
+def case_rows(
+    trace: Trace, start: int, setting: Setting, programme: Programme | None = None
+) -> list[dict[str, object]]:
+    """One JSON-lines row per policy for a job started at `start` under `setting` (the
+    stats-optimal row where the trace's chain's `programme` is given)."""
     ticks = window(trace, start, setting)
     gap = trace.gap_hours
     results: dict[str, tuple[float, float | None]] = {}
@@ -31,6 +36,8 @@ def case_rows(trace: Trace, start: int, setting: Setting) -> list[dict[str, obje
         results[name] = (job.cost, job.finished)
     played = play_planner(ticks, gap, setting)
     results["procure"] = (played.cost, played.account.finished)
+    if programme is not None:
+        results[STATS_OPTIMAL] = stats_optimal(ticks, gap, setting, programme)
     results["optimum"] = optimum(ticks, gap, setting)
     return [
         {
@@ -48,15 +55,34 @@ def case_rows(trace: Trace, start: int, setting: Setting) -> list[dict[str, obje
 
 
 def trace_rows(
-    trace: Trace, deadlines: Sequence[float], overheads: Sequence[float], starts: int
-) -> list[dict[str, object]]:
-    return [
-        row
-        for start in start_ticks(trace, starts)
-        for d in deadlines
-        for r in overheads
-        for row in case_rows(trace, start, Setting(d, r))
-    ]
+    trace: Trace,
+    deadlines: Sequence[float],
+    overheads: Sequence[float],
+    starts: int,
+    model_windows: int = 0,
+) -> tuple[list[dict[str, object]], list[ModelRow]]:
+    """Every policy on every start and setting of the trace, and (with `model_windows`) the
+    same in the world of the trace's fitted chain. One setting's programme at a time: the
+    longest deadline's is a few hundred MB."""
+    chain = fit(trace.available)
+    rows: list[dict[str, object]] = []
+    model: list[ModelRow] = []
+    for d in deadlines:
+        for r in overheads:
+            setting = Setting(d, r)
+            prog = (
+                solve(chain, trace.gap_hours, setting)
+                if solvable(setting, trace.gap_hours)
+                else None
+            )
+            rows += [
+                row
+                for start in start_ticks(trace, starts)
+                for row in case_rows(trace, start, setting, prog)
+            ]
+            if prog is not None and model_windows > 0:
+                model += model_rows(trace, chain, {setting: prog}, model_windows)
+    return rows, model
 
 
 @dataclass(frozen=True)

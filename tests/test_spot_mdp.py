@@ -1,0 +1,166 @@
+"""The exact non-clairvoyant optimum on a spot trace's fitted chain: the fit, the programme's
+value against a brute-force search over every policy that does not see the future, and the
+benchmark's rows and verdicts built on it."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import pytest
+
+from procure.sim.spot_bench import POLICIES, case_rows, summarize
+from procure.sim.spot_bound import STATS_OPTIMAL, model_rows, summarize_model
+from procure.sim.spot_mdp import Chain, fit, mdp_policy, runs, solvable, solve
+from procure.sim.spot_optimum import optimum
+from procure.sim.spot_policies import greedy, play, uniform_progress
+from procure.sim.traces import Job, Mode, Setting, Trace, hold, preempt_if_gone
+
+# Hour steps, three hours of work in five: six ticks, small enough to enumerate every trace.
+GAP = 1.0
+TINY = Setting(deadline_hours=5.0, overhead_hours=0.25, task_hours=3.0)
+TICKS = 6
+CHAIN = Chain(((0.6, 0.3, 0.2), (0.2, 0.4, 0.5)))  # (down, up) hazards by age 0, 1, 2+
+
+
+def _stationary(chain: Chain) -> dict[tuple[bool, int], float]:
+    """(spot up, age) -> stationary probability, by plain iteration of the chain."""
+    cap = chain.cap
+    p = {(s, a): 1 / (2 * (cap + 1)) for s in (False, True) for a in range(cap + 1)}
+    for _ in range(5000):
+        q = dict.fromkeys(p, 0.0)
+        for (s, a), w in p.items():
+            h = chain.hazard[int(s)][a]
+            q[(s, min(a + 1, cap))] += w * (1 - h)
+            q[(not s, 0)] += w * h
+        p = {k: (p[k] + q[k]) / 2 for k in p}
+    return p
+
+
+def _sequences(chain: Chain) -> list[tuple[tuple[bool, ...], float]]:
+    """Every availability window of TICKS ticks and its probability from a stationary start."""
+    pi = _stationary(chain)
+    out = []
+    for seq in itertools.product((False, True), repeat=TICKS):
+        belief = {k: w for k, w in pi.items() if k[0] == seq[0]}
+        for here in seq[1:]:
+            nxt: dict[tuple[bool, int], float] = {}
+            for (s, a), w in belief.items():
+                h = chain.hazard[int(s)][a]
+                key, chance = ((s, min(a + 1, chain.cap)), 1 - h) if here == s else ((here, 0), h)
+                nxt[key] = nxt.get(key, 0.0) + w * chance
+            belief = nxt
+        out.append((seq, sum(belief.values())))
+    return out
+
+
+def _brute_force(sequences: Sequence[tuple[tuple[bool, ...], float]]) -> float:
+    """The least expected cost over every policy whose choice at a tick depends only on the
+    ticks seen so far: expectimax over the tree of histories, with the market's own accounting
+    (`hold`, `preempt_if_gone`)."""
+
+    def value(history: tuple[bool, ...], job: Job) -> float:
+        consistent = [(s, p) for s, p in sequences if s[: len(history)] == history]
+        mass = sum(p for _, p in consistent)
+        if mass == 0:
+            return 0.0
+        t = len(history) - 1
+        here = history[-1]
+        best = math.inf
+        for mode in (Mode.NONE, Mode.SPOT, Mode.ON_DEMAND):
+            if mode == Mode.SPOT and not here:
+                continue
+            after = replace(job)
+            hold(after, mode, TINY, GAP)
+            if after.finished is not None:
+                cost = after.cost if after.finished <= TINY.deadline_hours + 1e-9 else math.inf
+            elif t + 1 >= TICKS:
+                cost = math.inf  # the deadline has come and the work is not done
+            else:
+                cost = 0.0
+                for nxt in (False, True):
+                    share = sum(p for s, p in consistent if s[t + 1] == nxt) / mass
+                    if share == 0:
+                        continue
+                    moved = replace(after)
+                    preempt_if_gone(moved, nxt)
+                    cost += share * (value((*history, nxt), moved) - after.cost)
+                cost += after.cost
+            best = min(best, cost)
+        return best
+
+    return sum(
+        sum(q for s, q in sequences if s[0] == first) * value((first,), Job())
+        for first in (False, True)
+    )
+
+
+def _expected(
+    sequences: Sequence[tuple[tuple[bool, ...], float]],
+    cost_of: Callable[[tuple[bool, ...]], float],
+) -> float:
+    return sum(p * cost_of(seq) for seq, p in sequences)
+
+
+def test_the_programme_is_the_exact_non_clairvoyant_optimum() -> None:
+    sequences = _sequences(CHAIN)
+    assert sum(p for _, p in sequences) == pytest.approx(1.0)
+    prog = solve(CHAIN, GAP, TINY)
+    bound = prog.expected_cost()
+    # An independent search over every non-anticipating policy finds the same least cost.
+    assert bound == pytest.approx(_brute_force(sequences), rel=1e-9)
+    # Its own policy, played with the market's accounting, costs exactly that in expectation,
+    # and never misses the deadline.
+    played = {seq: play(seq, GAP, TINY, mdp_policy(prog, TINY)) for seq, _ in sequences}
+    assert all(j.finished is not None and j.finished <= 5.0 + 1e-9 for j in played.values())
+    assert _expected(sequences, lambda s: played[s].cost) == pytest.approx(bound, rel=1e-9)
+    # It is a bound: Uniform Progress and greedy cost more, hindsight (which sees the future)
+    # less.
+    for make in (uniform_progress, greedy):
+        assert _expected(sequences, lambda s, make=make: play(s, GAP, TINY, make()).cost) > bound
+    assert _expected(sequences, lambda s: optimum(s, GAP, TINY)[0]) < bound
+
+
+def test_the_fit_reads_run_lengths_with_censored_ends() -> None:
+    trace = [True, True, False, True, True, True, False, False, True]
+    assert runs(trace) == [
+        (True, 2, True),
+        (False, 1, False),
+        (True, 3, False),
+        (False, 2, False),
+        (True, 1, True),
+    ]
+    chain = fit(trace, cap=2)
+    # Up runs of 2 (censored), 3 and 1 (censored): none ends at ages 0 or 1 (the least rate the
+    # trace could show, 1 / (2 x 9 ticks)); the one seen at age 2 ends there.
+    assert chain.hazard[1] == pytest.approx((1 / 18, 1 / 18, 1.0))
+    # Down runs of 1 and 2, both seen to end: half end at age 0, the other at age 1; none
+    # reached age 2, which takes the pooled rate (2 ends in 3 ticks at risk).
+    assert chain.hazard[0] == pytest.approx((0.5, 1.0, 2 / 3))
+
+
+def test_the_stats_optimal_row_and_the_fitted_world() -> None:
+    trace = Trace("zone/t.json", 1800, tuple([True, True, False, True, False, False] * 30))
+    small = Setting(deadline_hours=6.0, overhead_hours=0.1, task_hours=4.0)
+    prog = solve(fit(trace.available), trace.gap_hours, small)
+    rows = case_rows(trace, 0, small, prog)
+    assert [r["policy"] for r in rows] == list(POLICIES)
+    by = {r["policy"]: r for r in rows}
+    assert by[STATS_OPTIMAL]["finished_h"] <= 6.0  # type: ignore[operator]
+    assert by["optimum"]["cost"] <= by[STATS_OPTIMAL]["cost"]  # type: ignore[operator]
+    assert {s.policy for s in summarize(rows)} == set(POLICIES)
+    world = summarize_model(model_rows(trace, fit(trace.available), {small: prog}, windows=12))
+    [m] = world
+    assert m.windows == 12 and m.procure_misses == 0
+    assert m.hindsight <= m.bound <= m.uniform_progress + 1e-9
+    assert 0.0 <= m.closable <= 1.0 and m.closable_se >= 0.0
+
+
+def test_an_overhead_longer_than_a_step_is_refused() -> None:
+    with pytest.raises(ValueError, match="one step"):
+        solve(CHAIN, 0.1, TINY)
+    # Nor is a trace so fine that the policy's table would not fit in memory.
+    assert not solvable(Setting(70.0, 0.02), 24 / 3600)
+    assert solvable(Setting(70.0, 0.02), 600 / 3600)
