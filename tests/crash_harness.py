@@ -11,16 +11,9 @@ schedule (`CrashConfig.rounds`: every point of the worker's path in turn, so tha
 covered whatever the machine's speed); the benchmark at random, with probabilities. After
 every death the dead worker's leases are released (a supervisor that saw it die may do so) and
 the invariants are checked; then the next worker starts. At the end a last worker, without crash
-points, drains every run, and the final invariants are checked:
-
-* every run is terminal, and no payment is left pending;
-* no EIP-3009 nonce is used twice, and every nonce the wallet used on the chain belongs to a
-  payment the store holds as completed (never failed);
-* the chain's transfers to each vendor equal the store's completed payments to it, in count,
-  sum and transaction hashes;
-* no vendor started a job twice for one idempotency key, and every started job is a job the
-  store paid for;
-* no run's completed and pending payments ever exceed its budget.
+points, drains every run, and the final invariants are checked. The invariants (never over
+budget, never paid twice, the chain's and the store's ledgers agreeing, no job started twice)
+are in `tests/crash_checks.py`; this module starts the world and kills and restarts workers.
 """
 
 from __future__ import annotations
@@ -39,12 +32,19 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-ZERO = "0x" + "0" * 40
-SECRET = "crash-test-secret"
+from crash_checks import (
+    SECRET,
+    CrashReport,
+    CrashWorld,
+    InvariantViolation,
+    check_invariants,
+    stuck_runs,
+    tally,
+)
 
 WORKER_POINTS = (
     "intent",
@@ -112,55 +112,6 @@ class CrashConfig:
     """The backstop of a scheduled death: a worker that has not reached its point by then is
     SIGKILLed and the point counted in `CrashReport.missed` (a point the path no longer
     passes, not a slow machine: reaching one takes well under a second)."""
-
-
-@dataclass
-class CrashReport:
-    kills: int = 0
-    by_signal: int = 0
-    by_crash_point: Counter[str] = field(default_factory=Counter)
-    lifetimes_s: list[float] = field(default_factory=list)
-    runs: Counter[str] = field(default_factory=Counter)
-    payments: Counter[str] = field(default_factory=Counter)
-    transfers: int = 0
-    paid_usd: float = 0.0
-    vendor_submissions: int = 0
-    vendor_starts: int = 0
-    vendor_replays: int = 0
-    vendor_renewals: int = 0
-    """Slices bought as jobs ran (each its own payment): the campaign covers renewals."""
-    cancels_requested: int = 0
-    reconciled_jobs: int = 0
-    checks: int = 0
-    seconds: float = 0.0
-    setup_s: float = 0.0
-    """Until the first worker was forked (the world, the zygote's imports)."""
-    drain_s: float = 0.0
-    check_s: float = 0.0
-    missed: Counter[str] = field(default_factory=Counter)
-    """Scheduled crash points whose worker was killed by the backstop, not at the point."""
-    violations: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        data = asdict(self)
-        lifetimes = sorted(self.lifetimes_s)
-        data.pop("lifetimes_s")
-        data["median_life_s"] = round(lifetimes[len(lifetimes) // 2], 3) if lifetimes else 0
-        data["by_crash_point"] = dict(sorted(self.by_crash_point.items()))
-        data["missed"] = dict(self.missed)
-        data["runs"] = dict(self.runs)
-        data["payments"] = dict(self.payments)
-        data["paid_usd"] = round(self.paid_usd, 6)
-        data["seconds"] = round(self.seconds, 1)
-        data["setup_s"] = round(self.setup_s, 1)
-        data["drain_s"] = round(self.drain_s, 1)
-        data["check_s"] = round(self.check_s, 1)
-        data["kills_per_s"] = round(self.kills / self.seconds, 2) if self.seconds else 0
-        return data
-
-
-class InvariantViolation(AssertionError):
-    pass
 
 
 # --- the zygote and its workers (child processes) ------------------------------------------
@@ -325,7 +276,7 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
     # The zygote first: its imports (seconds on a busy machine) overlap the world's start. Its
     # workers get the world's settings with each command.
     zygote = Zygote({k: v for k, v in os.environ.items() if k != "PROCURE_CRASH_AT"}, log)
-    world: _World | None = None
+    world: CrashWorld | None = None
     servers: list[Any] = []
     store = None
     try:
@@ -373,7 +324,7 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
             "PROCURE_PAYMENT_MARGIN_S": "1",
             "PAYMENT_OVERHEAD_USD": str(cfg.payment_overhead_usd),
         }
-        world = _World(store, chain, wallet, {v.vendor_id: v for v in vendors}, servers[1:])
+        world = CrashWorld(store, chain, wallet, {v.vendor_id: v for v in vendors}, servers[1:])
         budget = usd_to_micros(cfg.budget_usd)
         created = 0
 
@@ -414,7 +365,7 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
             if report.kills % cfg.check_every == 0:
                 report.checks += 1
                 checked = time.monotonic()
-                _check(world, budget, final=False)
+                check_invariants(world, budget, final=False)
                 report.check_s += time.monotonic() - checked
             if cfg.verbose and report.kills % 50 == 0:
                 print(f"{report.kills} kills, {created} runs", file=sys.stderr)
@@ -446,16 +397,16 @@ def run_campaign(cfg: CrashConfig) -> CrashReport:
                 zygote.result()
                 raise InvariantViolation(
                     f"{running} runs running, {pending} payments pending after the drain: "
-                    + _stuck(store)
+                    + stuck_runs(store)
                 )
             time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
         zygote.result()
         report.drain_s = time.monotonic() - drain_started
-        _check(world, budget, final=True)
+        check_invariants(world, budget, final=True)
 
         report.by_crash_point = Counter(crash_log.read_text().split())
-        _tally(world, report)
+        tally(world, report)
     finally:
         zygote.close()
         if world is not None and world.http is not None:
@@ -473,7 +424,7 @@ def _scheduled(
     cfg: CrashConfig,
     rng: random.Random,
     report: CrashReport,
-    world: _World,
+    world: CrashWorld,
     life: Callable[[str | None, float], str],
     top_up: Callable[[], None],
     new_run: Callable[[], None],
@@ -504,7 +455,7 @@ def _scheduled(
                     _die_at(point, k, cfg, report, life)
                 finally:
                     if point == "refused":
-                        world.set_faults({})
+                        _set_faults(world, {})
                 upcoming = WORKER_POINTS[(i + 1) % len(WORKER_POINTS)]
                 if SET_UP_BY.get(upcoming) != point:  # keep the state set up for the next one
                     life(None, rng.uniform(0, cfg.max_life_s))
@@ -521,7 +472,7 @@ def _die_at(
 
 
 def _prepare(
-    world: _World,
+    world: CrashWorld,
     point: str,
     report: CrashReport,
     die_at: Callable[[str], None],
@@ -549,7 +500,7 @@ def _prepare(
             _release_leases(world.store, PARKED)
 
 
-def _ready(world: _World, point: str, report: CrashReport, new_run: Callable[[], None]) -> bool:
+def _ready(world: CrashWorld, point: str, report: CrashReport, new_run: Callable[[], None]) -> bool:
     from sqlalchemy import select
 
     from procure.agent.cancel import request_cancel
@@ -585,7 +536,7 @@ def _ready(world: _World, point: str, report: CrashReport, new_run: Callable[[],
             report.cancels_requested += 1
             return True
     if point == "refused":
-        world.set_faults({"overcharge_factor": 3.0})
+        _set_faults(world, {"overcharge_factor": 3.0})
         new_run()
     return True
 
@@ -625,56 +576,10 @@ def _cancel_one(store: Any, rng: random.Random, report: CrashReport) -> None:
             pass
 
 
-@dataclass
-class _World:
-    store: Any
-    chain: Any
-    wallet: str
-    vendors: dict[str, Any]
-    vendor_servers: list[Any]
-    used: list[dict[str, Any]] = field(default_factory=list)
-    transfers: list[dict[str, Any]] = field(default_factory=list)
-    http: Any = None
-
-    def refresh_chain(self) -> None:
-        """Read the chain's new events only (a full scan per check grows with the chain)."""
-        after = self.used[-1]["block_number"] + 1 if self.used else 0
-        self.used += self.chain.used_authorizations(self.wallet, from_block=after)
-        after = self.transfers[-1]["block_number"] + 1 if self.transfers else 0
-        self.transfers += self.chain.transfers(from_block=after)
-
-    def client(self) -> Any:
-        import httpx
-
-        if self.http is None:  # one client: a new one per call costs a TLS context (30 ms)
-            self.http = httpx.Client(headers={"Authorization": f"Bearer {SECRET}"}, timeout=30)
-        return self.http
-
-    def set_faults(self, faults: dict[str, Any]) -> None:
-        """The same faults on every vendor (`{}`: none)."""
-        for server in self.vendor_servers:
-            self.client().post(f"{server.url}/admin/faults", json=faults).raise_for_status()
-
-    def vendor_stats(self) -> dict[str, dict[str, Any]]:
-        stats = {}
-        for vendor_id, server in zip(self.vendors, self.vendor_servers, strict=True):
-            response = self.client().get(f"{server.url}/admin/stats")
-            response.raise_for_status()
-            stats[vendor_id] = response.json()
-        return stats
-
-
-def _stuck(store: Any) -> str:
-    """The last words of the runs still running, to say why they are."""
-    from procure.store import repo
-
-    lines = []
-    with store.session() as s:
-        for run in repo.list_runs(s, limit=5, status="running"):
-            state = repo.load_state(s, run.id)
-            if state is not None:
-                lines.append(f"{run.id}: {[o.content[:160] for o in state.observations[-2:]]}")
-    return "; ".join(lines)
+def _set_faults(world: CrashWorld, faults: dict[str, Any]) -> None:
+    """The same faults on every vendor (`{}`: none)."""
+    for server in world.vendor_servers:
+        world.client().post(f"{server.url}/admin/faults", json=faults).raise_for_status()
 
 
 def _release_leases(store: Any, owner: str) -> None:
@@ -688,139 +593,6 @@ def _release_leases(store: Any, owner: str) -> None:
             update(RunRow)
             .where(RunRow.lease_owner == owner)
             .values(lease_owner=None, lease_expires_at=None)
-        )
-
-
-def _check(world: _World, budget: int, *, final: bool) -> None:
-    """Every invariant that must hold at any moment (and, if `final`, at the end)."""
-    from sqlalchemy import select
-
-    from procure.store.tables import JobRow, PaymentRow, RunRow
-
-    problems: list[str] = []
-    with world.store.session() as s:
-        runs = list(s.scalars(select(RunRow)))
-        jobs = list(s.scalars(select(JobRow)))
-        payments = list(s.scalars(select(PaymentRow)))
-    by_nonce = {p.nonce.lower(): p for p in payments}
-    jobs_by_key = {j.idempotency_key: j for j in jobs}
-
-    # Money: completed + pending never above the budget; budgetRemaining agrees with the store.
-    committed: Counter[str] = Counter()
-    completed: Counter[str] = Counter()
-    for p in payments:
-        if p.status in ("completed", "pending"):
-            committed[p.run_id] += p.amount
-        if p.status == "completed":
-            completed[p.run_id] += p.amount
-    active: Counter[str] = Counter(j.run_id for j in jobs if j.status in ("submitted", "running"))
-    for run in runs:
-        if committed[run.id] > run.budget_total:
-            problems.append(f"run {run.id}: {committed[run.id]} committed > {run.budget_total}")
-        if active[run.id] > 1:
-            problems.append(f"run {run.id}: {active[run.id]} active jobs")
-        if final and run.budget_remaining != run.budget_total - completed[run.id]:
-            problems.append(f"run {run.id}: budgetRemaining {run.budget_remaining} is stale")
-        if final and run.status == "running":
-            problems.append(f"run {run.id} is still running")
-
-    # The chain: each nonce used once, each used nonce a payment the store does not call failed.
-    world.refresh_chain()
-    used_nonces = [(u["nonce"], u["tx_hash"]) for u in world.used]
-    if len({n for n, _ in used_nonces}) != len(used_nonces):
-        problems.append("a nonce was used twice on the chain")
-    tx_of_nonce = dict(used_nonces)
-    for nonce, tx in used_nonces:
-        payment = by_nonce.get(nonce)
-        if payment is None:
-            problems.append(f"nonce {nonce} settled (tx {tx}) but no payment holds it")
-        elif payment.status == "failed":
-            problems.append(f"payment {payment.id} is failed but settled on chain (tx {tx})")
-        elif final and payment.status != "completed":
-            problems.append(f"payment {payment.id} settled on chain but left {payment.status}")
-    for p in payments:
-        if p.status == "completed" and p.nonce.lower() not in tx_of_nonce:
-            problems.append(f"payment {p.id} completed in the store, never settled on chain")
-        if p.status == "completed" and p.x402_tx_id not in (None, tx_of_nonce.get(p.nonce.lower())):
-            problems.append(f"payment {p.id} records tx {p.x402_tx_id}, the chain another")
-        if final and p.status == "pending":
-            problems.append(f"payment {p.id} left pending")
-
-    # Transfers to each vendor equal the store's completed payments to it.
-    # (The chain moves on while we look: a dead worker's request may still settle. Events are
-    # read after the store, and transfers after authorisations, so newer transfers are left out.)
-    settled_txs = set(tx_of_nonce.values())
-    transfers = [t for t in world.transfers if t["from"].lower() == world.wallet.lower()]
-    if final and len(transfers) != len(used_nonces):
-        problems.append(f"{len(transfers)} transfers from the wallet, {len(used_nonces)} nonces")
-    transfers = [t for t in transfers if t["tx_hash"] in settled_txs]
-    for vendor_id, vendor in world.vendors.items():
-        on_chain = sorted(t["value"] for t in transfers if t["to"] == vendor.pay_to)
-        in_store = sorted(
-            p.amount
-            for p in payments
-            if p.vendor_id == vendor_id
-            and p.status in (("completed",) if final else ("completed", "pending"))
-        )
-        if final and on_chain != in_store:
-            problems.append(f"{vendor_id}: chain paid {on_chain}, store completed {in_store}")
-        if not final and len(on_chain) > len(in_store):
-            problems.append(f"{vendor_id}: {len(on_chain)} transfers > {len(in_store)} payments")
-
-    # Vendors: one start (or slice) per key at most, only for what the store paid for.
-    by_id = {p.id: p for p in payments}
-    for vendor_id, stats in world.vendor_stats().items():
-        for key, figures in stats["keys"].items():
-            if figures["started"] > 1:
-                problems.append(f"{vendor_id} started key {key} {figures['started']} times")
-            if not figures["started"]:
-                continue
-            if key.startswith("slice-"):  # a renewal: one payment of its own
-                slice_payment = by_id.get(key.removeprefix("slice-"))
-                paid = [slice_payment] if slice_payment is not None else []
-            else:
-                job = jobs_by_key.get(key)
-                paid = [p for p in payments if job is not None and p.job_id == job.id]
-            if not paid:
-                problems.append(f"{vendor_id} started key {key}, unknown to the store")
-            elif final and not any(p.status == "completed" for p in paid):
-                problems.append(f"{vendor_id} started key {key}, its payment not completed")
-    if problems:
-        raise InvariantViolation("; ".join(problems[:20]))
-
-
-def _tally(world: _World, report: CrashReport) -> None:
-    from sqlalchemy import func, select
-
-    from procure.store.tables import ObservationRow, PaymentRow, RunRow
-
-    with world.store.session() as s:
-        report.runs = Counter(
-            dict(s.execute(select(RunRow.status, func.count()).group_by(RunRow.status)).all())
-        )  # type: ignore[arg-type]
-        report.payments = Counter(
-            dict(
-                s.execute(select(PaymentRow.status, func.count()).group_by(PaymentRow.status)).all()
-            )
-        )  # type: ignore[arg-type]
-        report.reconciled_jobs = int(
-            s.scalar(
-                select(func.count())
-                .select_from(ObservationRow)
-                .where(ObservationRow.content.like("%reconciled%"))
-            )
-            or 0
-        )
-    world.refresh_chain()
-    transfers = [t for t in world.transfers if t["from"].lower() == world.wallet.lower()]
-    report.transfers = len(transfers)
-    report.paid_usd = sum(t["value"] for t in transfers) / 1e6
-    for stats in world.vendor_stats().values():
-        report.vendor_submissions += stats["submissions"]
-        report.vendor_starts += stats["started"]
-        report.vendor_replays += stats["replays"]
-        report.vendor_renewals += sum(
-            1 for key, k in stats["keys"].items() if key.startswith("slice-") and k["started"]
         )
 
 

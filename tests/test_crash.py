@@ -2,7 +2,7 @@
 at every named crash point of its path by schedule (between signing and sending, between the
 vendor's answer and the store's write, ...) and by SIGKILL at random moments, while the
 facilitator and the vendors, which are never killed, run here. After every death and at the end
-the invariants are checked (see `tests/crash_harness.py`); any violation fails the campaign.
+the invariants are checked (see `tests/crash_checks.py`); any violation fails the campaign.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from crash_checks import CrashReport
 from crash_harness import (
     ELSEWHERE,
     SET_UP_BY,
     WORKER_POINTS,
     CrashConfig,
-    CrashReport,
     run_campaign,
 )
 from procure import crashpoints

@@ -34,7 +34,7 @@ from procure.web import views
 from procure.web.events import _version
 from procure.web.templating import templates
 from web_browser import chromium, console_errors, dashboard, screenshot_dir
-from world import World, drive, start_world, state_of
+from world import World, drive, running_world, state_of
 
 
 def test_the_planner_says_why_it_returns_to_a_vendor_that_crashed() -> None:
@@ -155,7 +155,7 @@ class _RefusesAfterSigning:
 def world(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
     """Vendor 1 crashes its first job at 47% and cools down 2 s; an authorisation is valid
     15 s (the least allowed); no short first slices, to keep the story short."""
-    w = start_world(
+    with running_world(
         tmp_path,
         sqlite_url,
         job_seconds=2.0,
@@ -166,9 +166,8 @@ def world(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
             "PROCURE_PAYMENT_MARGIN_S": 0,
             "PROCURE_FIRST_SLICE_FRACTION": 1.0,
         },
-    )
-    yield w
-    w.stop()
+    ) as w:
+        yield w
 
 
 def test_the_wait_is_visible_and_the_return_explained(world: World, tmp_path: Path) -> None:

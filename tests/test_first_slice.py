@@ -15,8 +15,6 @@ from procure.agent import slices
 from procure.agent.cancel import request_cancel
 from procure.agent.start_request import first_payment
 from procure.agent.tick import tick
-from procure.api.app import create_app
-from procure.local import serve
 from procure.models import (
     CloudTerms,
     Job,
@@ -28,20 +26,20 @@ from procure.models import (
     utcnow,
 )
 from procure.store import repo
-from world import World, drive, start_world, state_of
+from web_browser import dashboard
+from world import World, drive, running_world, state_of
 
 
 @pytest.fixture
 def world(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
     """No vendor fails; a 1 h job takes 6 s, so the ticks see its short first slice run."""
-    w = start_world(
+    with running_world(
         tmp_path,
         sqlite_url,
         job_seconds=6.0,
         settings_overrides={"PROCURE_FIRST_SLICE_FRACTION": 0.25, "VENDOR_TIMEOUT_S": 20.0},
-    )
-    yield w
-    w.stop()
+    ) as w:
+        yield w
 
 
 def _job(vendor_id: str, status: JobStatus, start: float, progress: float) -> Job:
@@ -137,8 +135,7 @@ def test_a_run_cancelled_moments_after_its_start_spent_only_the_short_slice(worl
 
 
 def test_the_start_says_what_the_first_payment_may_be(world: World) -> None:
-    server = serve(create_app(world.settings, world.store))
-    try:
+    with dashboard(world) as server:
         api = httpx.Client(base_url=server.url, timeout=30)
         started = api.post(
             "/api/agent-start", json={"userId": "u1", "goal": "Fine-tune", "budgetTotal": 5}
@@ -169,8 +166,6 @@ def test_the_start_says_what_the_first_payment_may_be(world: World) -> None:
             "/api/agent-start", json={"userId": "u1", "goal": "Small", "budgetTotal": 1}
         )
         assert started.json()["firstPayment"]["atMost"] == 1.0
-    finally:
-        server.stop()
 
 
 def test_the_first_payment_counts_a_clouds_first_increment() -> None:

@@ -153,6 +153,17 @@ def start_world(
         raise
 
 
+@contextmanager
+def running_world(tmp: Path, db_url: str, **kwargs: Any) -> Iterator[World]:
+    """`start_world(tmp, db_url, **kwargs)` for the length of a `with` block (a test module's own
+    `world` fixture), stopped after it whatever happened in it."""
+    world = start_world(tmp, db_url, **kwargs)
+    try:
+        yield world
+    finally:
+        world.stop()
+
+
 TERMINAL = {"completed", "failed", "aborted", "cancelled"}
 
 
