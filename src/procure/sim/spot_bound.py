@@ -5,11 +5,12 @@ Per trace, availability is fitted as a semi-Markov chain (`spot_mdp.fit`) and it
 policy solved. Two figures follow:
 
 - on the real windows, that policy's cost (the "stats-optimal" row): it knows each trace's own
-  statistics, which no policy knows before the trace is over, so it is the best a policy that
-  learns them well could hope for there;
+  statistics, the windows' futures included (in sample), so it is no bound there, only a sign
+  of what a policy that learns them well might reach;
 - in the chain's own world (windows drawn from it), the optimum's exact expected cost, a lower
   bound on every non-clairvoyant policy's there, beside Uniform Progress, the hindsight optimum
-  and procure's planner on the same drawn windows: how much of the gap is closable at all.
+  and procure's planner on the same drawn windows: how much of the gap is closable at all in
+  that model (the others' expected costs are estimates: a standard error is printed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from procure.sim.spot_engine import play_planner
-from procure.sim.spot_mdp import Chain, Programme, fit, mdp_policy, sample, solvable, solve
+from procure.sim.spot_mdp import Chain, Programme, fit, mdp_policy, sampler, solvable, solve
 from procure.sim.spot_optimum import optimum
 from procure.sim.spot_policies import play, uniform_progress
 from procure.sim.traces import EPS, Setting, Trace
@@ -67,13 +68,14 @@ def model_rows(
     """The chain's world for every setting, on `windows` windows drawn from it (the same
     windows for every policy; seeded by trace name, so runs repeat)."""
     out = []
+    draw = sampler(chain)
     for setting, prog in progs.items():
         rng = random.Random(f"{seed}:{trace.name}:{setting.deadline_hours}")
         ticks = math.ceil(setting.deadline_hours / trace.gap_hours - EPS) + 1
         up, hind, ours = [], [], []
         misses = 0
         for _ in range(windows):
-            w = sample(chain, ticks, rng)
+            w = draw(ticks, rng)
             best = stats_optimal(w, trace.gap_hours, setting, prog)[0]
             up.append(play(w, trace.gap_hours, setting, uniform_progress()).cost - best)
             hind.append(optimum(w, trace.gap_hours, setting)[0] - best)
