@@ -56,7 +56,7 @@ def test_failed_vendor_cools_down_then_budget_runs_out(tmp_path: Path, sqlite_ur
     [
         {"error500": True},
         {"garbage": True},
-        {"hang_seconds": 5.0},
+        {"hang_seconds": 9.0},  # past the world's 6 s vendor timeout, whatever the load
         {"refuse_capacity": True},
     ],
     ids=["http-500", "garbage-json", "hang", "no-capacity"],

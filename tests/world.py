@@ -116,7 +116,8 @@ def start_world(
             "PROCURE_HOME": tmp / "home",
             "GPU_VENDOR_SECRET": SECRET,
             "X402_FACILITATOR_URL": facilitator.url,
-            "VENDOR_TIMEOUT_S": 2.0,
+            # Long enough for a loopback vendor on a loaded 2-core machine (2 s was not).
+            "VENDOR_TIMEOUT_S": 6.0,
             # The seeds' stories with their exact payments; tests/test_first_slice.py has the probe.
             "PROCURE_FIRST_SLICE_FRACTION": 1.0,
             **(settings_overrides or {}),
