@@ -41,7 +41,8 @@ from sqlalchemy import create_engine, insert, text
 sys.path.insert(0, str(Path(__file__).parent))
 import throughput
 
-from procure.agent.worker import WorkerConfig, prune
+from procure.agent.upkeep import prune
+from procure.agent.worker import WorkerConfig
 from procure.local import free_port
 from procure.models import JobStatus, ObservationType, PaymentStatus, RunStatus
 from procure.store import open_store, totals

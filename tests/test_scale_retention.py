@@ -12,7 +12,8 @@ from typing import Any
 from alembic import command
 from sqlalchemy import MetaData, func, insert, inspect, select
 
-from procure.agent.worker import WorkerConfig, prune
+from procure.agent.upkeep import prune
+from procure.agent.worker import WorkerConfig
 from procure.models import JobSpec, ObservationType, utcnow
 from procure.store import open_store, repo, totals
 from procure.store.db import alembic_config, make_engine, migrate

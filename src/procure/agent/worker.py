@@ -12,7 +12,7 @@ hot path a tick costs the store a few rows in batched statements, not statements
 One heartbeat task renews all the worker's leases in one UPDATE; a tick whose lease was lost
 (the worker stalled past the TTL and another took the run) is cancelled, which the tick
 survives as it survives a crash. The tick log keeps `tick_log_days` of history and at most
-`tick_log_per_run` rows per run, pruned in batches until the pass catches up (`_prune`).
+`tick_log_per_run` rows per run, pruned in batches until the pass catches up (`upkeep.prune`).
 
 `stop()` (SIGTERM/SIGINT in `procure worker`, shutdown in `procure serve`) stops leasing, lets
 the ticks in flight finish (up to `drain_timeout_s`, then cancels them), and releases every lease.
@@ -35,10 +35,10 @@ from sqlalchemy.orm import Session
 
 from procure.agent import runlog
 from procure.agent.deps import AgentDeps, RunNotFound, TickResult
-from procure.agent.reconcile import settle_ended_runs
 from procure.agent.tick import polling, tick
+from procure.agent.upkeep import prune, settle_and_prune, sweep_clouds
 from procure.models import RunState, Vendor, utcnow
-from procure.store import Store, hotpath, leases, repo, totals
+from procure.store import Store, hotpath, leases, repo
 
 log = logging.getLogger(__name__)
 # Called with (outcome, seconds) after each tick the worker makes: the API's metrics count them.
@@ -89,43 +89,6 @@ class WorkerStats:
     ticks: int = 0
     errors: int = 0
     lost_leases: int = 0
-
-
-TRIM_LOOKBACK = 100_000
-"""On its first pass a worker trims the runs of the newest this many tick log rows (older
-rows go by age)."""
-
-
-def prune(store: Store, cfg: WorkerConfig, mark: int | None = None) -> tuple[int, int]:
-    """Retention of operational logs: the tick log's rows past `cfg.tick_log_days`, then each
-    recently ticked run's rows beyond its newest `cfg.tick_log_per_run`, in transactions of at
-    most `cfg.prune_batch` rows, repeated until a batch comes back short (caught up) or
-    `cfg.prune_budget_s` passes; the store's running totals are folded too. Returns (rows
-    deleted, the trim mark for next time; None starts near the newest rows)."""
-    deadline = time.monotonic() + cfg.prune_budget_s
-    deleted = 0
-    with store.session() as s:
-        totals.fold(s)
-        if mark is None:
-            mark = max(0, leases.tick_log_mark(s) - TRIM_LOOKBACK)
-    while time.monotonic() < deadline:
-        with store.session() as s:
-            n = leases.prune_tick_log(
-                s, older_than_s=cfg.tick_log_days * 86400, limit=cfg.prune_batch
-            )
-        deleted += n
-        if n < cfg.prune_batch:
-            break
-    while time.monotonic() < deadline:
-        with store.session() as s:
-            n, next_mark = leases.trim_tick_log_runs(
-                s, keep=max(1, cfg.tick_log_per_run), since_id=mark
-            )
-        deleted += n
-        if next_mark == mark:
-            break
-        mark = next_mark
-    return deleted, mark
 
 
 class LeaseHeld(Exception):
@@ -296,32 +259,6 @@ class Worker:
         with self.store.session() as s:
             return leases.renew_many(s, run_ids, self.cfg.owner, self.cfg.lease_s)
 
-    async def _settle_ended_runs(self) -> None:
-        """Payments in doubt on runs that have ended: nobody ticks those runs, so settle them
-        here once the ledger knows (see `tick.settle_ended_runs`). The tick log is pruned here
-        too, a bounded chunk at a time."""
-        while True:
-            await asyncio.sleep(self.cfg.settle_every_s)
-            try:
-                await settle_ended_runs(self.deps)
-            except Exception:
-                log.exception("settling payments of ended runs failed")
-            try:
-                await asyncio.to_thread(self._prune)
-            except Exception:
-                log.exception("pruning the tick log failed")
-
-    async def _sweep_clouds(self) -> None:
-        """The agent's cloud instances that no live run owns are terminated (`cloud_sweeper`)."""
-        from procure.agent.cloud_sweeper import sweep
-
-        while self.deps.clouds:
-            await asyncio.sleep(self.deps.cloud.sweep_every_s)
-            try:
-                await sweep(self.deps)
-            except Exception:
-                log.exception("sweeping cloud instances failed")
-
     def _prune(self) -> int:
         """One retention pass (see `prune`); the trim's mark is kept between passes."""
         deleted, self._trim_mark = prune(self.store, self.cfg, self._trim_mark)
@@ -349,8 +286,10 @@ class Worker:
         next_poll = 0.0  # monotonic time before which a dry queue is not asked again
         log.info("worker %s started (concurrency %d)", cfg.owner, cfg.concurrency)
         heartbeat = asyncio.create_task(self._heartbeat())
-        settler = asyncio.create_task(self._settle_ended_runs())
-        sweeper = asyncio.create_task(self._sweep_clouds())
+        # Upkeep beside the ticks (`upkeep`): payments in doubt on ended runs, the tick log's
+        # retention, and cloud instances no live run owns.
+        settler = asyncio.create_task(settle_and_prune(self.deps, cfg.settle_every_s, self._prune))
+        sweeper = asyncio.create_task(sweep_clouds(self.deps))
         try:
             while not self._stopping.is_set():
                 if self._flush_due(batch_min):

@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from procure.agent.deps import TickResult
 from procure.agent.reconcile import settle_ended_runs
 from procure.agent.runtime import close_deps, make_deps
-from procure.agent.worker import LeaseHeld, WorkerConfig, prune, tick_under_lease
+from procure.agent.upkeep import prune
+from procure.agent.worker import LeaseHeld, WorkerConfig, tick_under_lease
 from procure.api.ops import ops_router
 from procure.api.runs import runs_router
 from procure.api.schemas import problems

@@ -9,6 +9,7 @@ the buyer's cap, capacity and that the payment's nonce was never seen, and write
 `unpaid` with its payment `pending`; the payment is settled after it and booked at once (the job
 becomes `paid`, and only then can an instance be launched). A crash between settlement and the
 booking is reconciled with the facilitator. A submission with a paid key answers its job again.
+This module is the app and its thin routes; what they sell and book is `sales.py`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
@@ -29,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from x402 import x402ResourceServer
 from x402.http import PaymentOption, RouteConfig
 from x402.http.middleware.fastapi import payment_middleware
-from x402.http.utils import decode_payment_response_header, decode_payment_signature_header
+from x402.http.utils import decode_payment_signature_header
 from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.schemas import AssetAmount
 
@@ -37,14 +36,14 @@ from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
 from procure.bounds import UnsafeInput, loads
 from procure.clouds.base import CloudError
-from procure.crashpoints import crash_point
-from procure.gateway import book
+from procure.gateway import book, sales
 from procure.gateway.instances import Runtime
 from procure.gateway.loop import run_loop
-from procure.gateway.pricing import amount_for, best_offer, sell_per_hour, sold_hours
+from procure.gateway.pricing import best_offer
+from procure.gateway.sales import view
 from procure.models import micros_to_usd, utcnow
 from procure.scrape import ScrapeSettings, scrape_allowed
-from procure.store.gateway_tables import GatewayJobRow, GatewayQuoteRow
+from procure.store.gateway_tables import GatewayQuoteRow
 from procure.vendors.mock_asgi import PaidChain as _PaidChain
 from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
@@ -52,12 +51,10 @@ from procure.vendors.protocol import (
     QuoteRequest,
     RenewRequest,
     SubmitRequest,
-    VendorJob,
 )
 
 log = logging.getLogger(__name__)
 MAX_KEY = 200
-OFFERS_TTL_S = 5.0
 NEXT = Callable[[Request], Awaitable[Response]]
 
 
@@ -67,32 +64,6 @@ class GatewayQuoteRequest(QuoteRequest):
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-def view(row: GatewayJobRow) -> dict[str, Any]:
-    """The job as `GET /job-status` answers it (the protocol's VendorJob)."""
-    status = row.status
-    if status in ("unpaid", "paid", "launching", "booting"):
-        shown = "cancelled" if row.cancel_requested else "queued"
-    elif status in ("running", "ending"):
-        shown = row.outcome if status == "ending" and row.outcome else "running"
-        shown = "cancelled" if row.cancel_requested else shown
-    else:
-        shown = status
-    done = shown == "completed"
-    return VendorJob(
-        job_id=row.job_id,
-        status=shown,  # type: ignore[arg-type]
-        progress=1.0 if done else min(1.0, max(0.0, row.progress)),
-        logs=list(row.logs),
-        metrics={"gpu": row.gpu, "paidHours": row.paid_hours} if done else None,
-        artifact_url=row.checkpoint_url if done else None,
-        error=row.error if shown == "failed" else None,
-        checkpoint_url=row.checkpoint_url,
-        checkpoint_progress=row.checkpoint_progress if row.checkpoint_url else None,
-        paid_hours=row.paid_hours,
-        amount=row.amount,
-    ).to_json()
 
 
 def _authorization(request: Request) -> dict[str, Any] | None:
@@ -110,15 +81,6 @@ def _authorization(request: Request) -> dict[str, Any] | None:
         }
     except Exception:
         return None
-
-
-def _own_checkpoint(rt: Runtime, url: str | None) -> str | None:
-    """A checkpoint to resume from, only if this gateway wrote it (under its checkpoint
-    directory): a buyer cannot point the node at any other file or host."""
-    if not url or len(url) > 500 or ".." in url or "\x00" in url:
-        return None
-    root = rt.cfg.checkpoint_dir.rstrip("/") + "/"
-    return url if url.startswith(root) else None
 
 
 _SCRAPE = ScrapeSettings()
@@ -151,17 +113,7 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 del locks[k]
         return locks.setdefault(name, asyncio.Lock())
 
-    cache: dict[str, tuple[float, list[Any]]] = {}
-
-    async def offers(gpu: str) -> list[Any]:
-        """The cloud's offers of `gpu`, at most OFFERS_TTL_S old: a buyer asking for quotes
-        in a loop cannot drive the gateway into the cloud's rate limits."""
-        now = asyncio.get_running_loop().time()
-        hit = cache.get(gpu)
-        if hit is None or now - hit[0] > OFFERS_TTL_S:
-            hit = (now, await rt.cloud.offers(gpu=gpu))
-            cache[gpu] = hit
-        return hit[1]
+    offers = sales.offer_cache(rt)
 
     async def authorize(authorization: str | None = Header(None)) -> None:
         if not bearer_matches(authorization, cfg.secret):
@@ -191,35 +143,6 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
     }
     paying = payment_middleware(routes, server)
 
-    async def recheck(nonce: str, payer: str) -> bool:
-        """A payment left pending by a crash: settled (booked now) or not (dropped)?"""
-        if rt.ledger is None:
-            return False
-        try:
-            found = await rt.ledger.lookup(payer, nonce)
-        except Exception:
-            return False
-        with rt.store.session() as s:
-            if found.used:
-                book.settled(s, nonce, found.transaction, cfg.hour_s, found.amount)
-            else:
-                book.unsettled(s, nonce)
-        return found.used
-
-    def quote_refusal(request: Request, body: dict[str, Any], gpu: str | None) -> str | None:
-        quote_id = body.get("quoteId")
-        if not isinstance(quote_id, str) or request.headers.get(QUOTE_HEADER) != quote_id:
-            return f"the {QUOTE_HEADER} header must name the body's quoteId"
-        with rt.store.session() as s:
-            quote = book.get_quote(s, quote_id)
-        if quote is None:
-            return f"unknown quote {quote_id[:40]}"
-        if quote.expires_at <= utcnow():
-            return f"quote {quote_id} expired; ask for a new one"
-        if gpu is not None and quote.gpu != gpu:
-            return f"quote {quote_id} is for {quote.gpu}, the job runs on {gpu}"
-        return None
-
     async def paid_route(request: Request, call_next: NEXT) -> Response:
         # Outermost of the paid chain: idempotency, the quote checked before any 402, and the
         # settlement booked the moment the SDK reports it.
@@ -244,40 +167,27 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
 
         async def process() -> Response:
             async with lock(f"{kind}:{key}"):
-                replay = await replayed(kind, key)
+                replay = await sales.replayed(rt, kind, key)
                 if replay is not None:
-                    return replay
+                    return JSONResponse(replay, headers={"X-Idempotent-Replay": "true"})
                 gpu = None
                 if kind == "renew":
                     with rt.store.session() as s:
                         row = book.job(s, str(body.get("jobId") or ""))
                         gpu = row.gpu if row is not None else None
-                refusal = quote_refusal(request, body, gpu)
+                named = request.headers.get(QUOTE_HEADER)
+                refusal = sales.quote_refusal(rt, body.get("quoteId"), named, gpu)
                 if refusal:
                     return _error(400, refusal)
                 response = await call_next(request)
                 auth = _authorization(request)
                 if auth is None:
                     return response
-                with rt.store.session() as s:
-                    ours = book.pending_payment(s, kind, key)
-                    if ours is None or ours.nonce != auth["nonce"]:
-                        return response  # refused before a payment was taken
-                    if response.status_code == 200 and "PAYMENT-RESPONSE" in response.headers:
-                        crash_point("paid")  # settled, not yet booked: reconciled later
-                        try:
-                            settle = decode_payment_response_header(
-                                response.headers["PAYMENT-RESPONSE"]
-                            )
-                            tx = settle.transaction
-                        except Exception:
-                            tx = None
-                        row = book.settled(s, auth["nonce"], tx, cfg.hour_s)
-                    else:
-                        book.unsettled(s, auth["nonce"])
-                        return response
-                crash_point("recorded")
-                rt.wake.set()
+                settled = response.status_code == 200 and "PAYMENT-RESPONSE" in response.headers
+                answer = response.headers["PAYMENT-RESPONSE"] if settled else None
+                booked, row = sales.book_settlement(rt, kind, key, auth["nonce"], answer)
+                if not booked:
+                    return response
                 if kind == "renew" and row is not None:
                     return JSONResponse(
                         view(row),
@@ -287,31 +197,6 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
 
         # Runs to its end even if the buyer goes away: money taken is always booked.
         return await asyncio.shield(asyncio.ensure_future(process()))
-
-    async def replayed(kind: str, key: str) -> Response | None:
-        with rt.store.session() as s:
-            pending = book.pending_payment(s, kind, key)
-        if pending is not None:  # a crash between settlement and booking, or a lost answer
-            await recheck(pending.nonce, pending.payer)
-        with rt.store.session() as s:
-            if kind == "submit":
-                row = book.job_by_key(s, key)
-            else:
-                from sqlalchemy import select
-
-                from procure.store.gateway_tables import GatewayPaymentRow
-
-                paid = s.scalar(
-                    select(GatewayPaymentRow).where(
-                        GatewayPaymentRow.kind == "renew",
-                        GatewayPaymentRow.key == key,
-                        GatewayPaymentRow.status == "completed",
-                    )
-                )
-                row = book.job(s, paid.job_id) if paid is not None else None
-            if row is None or row.status == "unpaid":
-                return None
-            return JSONResponse(view(row), headers={"X-Idempotent-Replay": "true"})
 
     app.add_middleware(_PaidChain, chain=[paying, paid_route])
     app.add_middleware(BoundedRequests)
@@ -328,61 +213,19 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         if body.hours > cfg.max_hours:
             return _error(400, f"at most {cfg.max_hours:g} hours per quote")
         now = utcnow()
-        with rt.store.session() as s:
-            book.purge_quotes(s, now)
-            if book.open_quotes(s, now) >= cfg.max_open_quotes:
-                return _error(429, "too many open quotes; try again later")
+        if sales.quotes_full(rt, now):
+            return _error(429, "too many open quotes; try again later")
         try:
             offer = best_offer(await offers(gpu), gpu)
         except CloudError as exc:
             return _error(503, f"the cloud is not answering: {exc}"[:500])
         if offer is None:
             return _error(409, "no capacity available")
-        per_hour = sell_per_hour(offer.price_per_hour, cfg.margin)
-        # The instance this sells is billed by the cloud's increment however little of it is
-        # used: sell at least one increment (a buyer stopping early would leave the gateway
-        # paying for the rest), and say so in the quote's hours.
-        hours = sold_hours(body.hours, offer.billing_increment_s)
-        amount = amount_for(per_hour, hours)
-        expires = now + timedelta(seconds=cfg.quote_valid_s)
-        row = GatewayQuoteRow(
-            quote_id=f"q_{uuid.uuid4().hex[:16]}",
-            gpu=gpu,
-            hours=hours,
-            price_per_hour=per_hour,
-            amount=amount,
-            cost_per_hour=offer.price_per_hour,
-            offer={"region": offer.region, "offerId": offer.offer_id},
-            expires_at=expires,
-            created_at=now,
-        )
-        with rt.store.session() as s:
-            s.add(row)
-        return JSONResponse(
-            {
-                "quoteId": row.quote_id,
-                "vendorId": cfg.vendor_id,
-                "gpuType": body.gpu_type,
-                "hours": hours,
-                "pricePerHour": micros_to_usd(per_hour),
-                "amount": micros_to_usd(amount),
-                "currency": "USD",
-                "expiresAt": expires.isoformat(),
-                "validForSeconds": cfg.quote_valid_s,
-            }
-        )
+        return JSONResponse(sales.new_quote(rt, gpu, body.gpu_type, body.hours, offer, now))
 
     def payment_refusal(auth: dict[str, Any] | None, quote: GatewayQuoteRow) -> JSONResponse | None:
-        if auth is None:
-            return _error(402, "no payment")
-        if auth["value"] != quote.amount:
-            return _error(400, "the payment is not for the quoted amount")
-        if quote.expires_at <= utcnow():
-            return _error(409, f"quote {quote.quote_id} expired; ask for a new one")
-        with rt.store.session() as s:
-            if book.nonce_seen(s, auth["nonce"]):
-                return _error(409, "this payment was already used")
-        return None
+        refusal = sales.payment_refusal(rt, auth, quote)
+        return _error(*refusal) if refusal is not None else None
 
     @app.post("/submit-job", dependencies=[Depends(authorize)])
     async def submit_job(
@@ -407,53 +250,11 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 return _error(409, "no capacity available")
         except CloudError as exc:
             return _error(503, f"the cloud is not answering: {exc}"[:500])
-        now = utcnow()
-        with rt.store.session() as s:  # no await from the caps' count to the insert
-            if book.nonce_seen(s, auth["nonce"]):
-                return _error(409, "this payment was already used")
-            held = book.live_jobs_of(s, auth["from"])
-            if held >= cfg.max_instances:
-                return _error(
-                    429, f"this buyer already holds {held} jobs (max {cfg.max_instances})"
-                )
-            if book.live_jobs(s) >= cfg.max_live_jobs:
-                return _error(503, "the gateway is full; try again later")
-            resume = _own_checkpoint(rt, body.checkpoint_url)
-            row = GatewayJobRow(
-                job_id=f"gw-{uuid.uuid4().hex[:16]}",
-                key=idempotency_key,
-                quote_id=quote.quote_id,
-                gpu=quote.gpu,
-                payer=auth["from"].lower(),
-                nonce=auth["nonce"],
-                params=body.job_params,
-                resume_from=resume,
-                status="unpaid",
-                paid_hours=0.0,
-                amount=0,
-                attempt=0,
-                tried_regions=[],
-                progress=0.0,
-                logs=[f"[gateway] job accepted for {quote.gpu}, {quote.hours:g} h"],
-                log_cursor=0,
-                cancel_requested=0,
-                created_at=now,
-                updated_at=now,
-            )
-            if body.checkpoint_url and resume is None:
-                book.note(row, "[gateway] checkpoint not from this gateway; starting afresh", 200)
-            s.add(row)
-            book.add_payment(
-                s,
-                nonce=auth["nonce"],
-                job_id=row.job_id,
-                kind="submit",
-                key=idempotency_key,
-                payer=auth["from"],
-                amount=auth["value"],
-                hours=quote.hours,
-            )
-            answer = view(row)
+        answer = sales.new_job(
+            rt, quote, auth, idempotency_key, body.job_params, body.checkpoint_url
+        )
+        if isinstance(answer, tuple):
+            return _error(*answer)
         # The SDK settles after this answer (and turns it into a 402 if settling fails), so the
         # answer already says what this payment buys, as a replay of it will.
         paid = {"paidHours": quote.hours, "amount": micros_to_usd(auth["value"])}
@@ -479,19 +280,9 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         if refused is not None:
             return refused
         assert auth is not None
-        with rt.store.session() as s:
-            if book.nonce_seen(s, auth["nonce"]):
-                return _error(409, "this payment was already used")
-            book.add_payment(
-                s,
-                nonce=auth["nonce"],
-                job_id=row.job_id,
-                kind="renew",
-                key=idempotency_key,
-                payer=auth["from"],
-                amount=auth["value"],
-                hours=quote.hours,
-            )
+        refused_now = sales.new_renewal(rt, row.job_id, quote, auth, idempotency_key)
+        if refused_now is not None:
+            return _error(*refused_now)
         return JSONResponse(view(row))
 
     @app.get("/job-status", dependencies=[Depends(authorize)])
@@ -512,15 +303,9 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
 
     @app.post("/cancel-job", dependencies=[Depends(authorize)])
     async def cancel_job(body: dict[str, Any]) -> JSONResponse:
-        job_id = body.get("jobId")
-        with rt.store.session() as s:
-            row = book.job(s, job_id) if isinstance(job_id, str) else None
-            if row is None or row.status == "unpaid":
-                return _error(404, "no such job")
-            if row.status in book.STARTED and not row.cancel_requested:
-                row.cancel_requested = 1
-                row.updated_at = utcnow()
-            answer = view(row)
+        answer = sales.request_cancel(rt, body.get("jobId"))
+        if answer is None:
+            return _error(404, "no such job")
         rt.wake.set()
         return JSONResponse(answer)
 

@@ -109,6 +109,18 @@ def pending_payment(s: Session, kind: str, key: str) -> GatewayPaymentRow | None
     return s.scalar(query)
 
 
+def renewed_job(s: Session, key: str) -> GatewayJobRow | None:
+    """The job that the completed renewal with idempotency key `key` paid for, or None."""
+    paid = s.scalar(
+        select(GatewayPaymentRow).where(
+            GatewayPaymentRow.kind == "renew",
+            GatewayPaymentRow.key == key,
+            GatewayPaymentRow.status == "completed",
+        )
+    )
+    return job(s, paid.job_id) if paid is not None else None
+
+
 def settled(
     s: Session, nonce: str, transaction: str | None, hour_s: float, amount: int | None = None
 ) -> GatewayJobRow | None:

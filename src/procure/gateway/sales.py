@@ -1,0 +1,308 @@
+"""What the gateway's routes sell, apart from HTTP: quotes priced from the cloud's (cached)
+offers, jobs and renewals written with their pending payment, the booking of a settlement, and
+the buyer's view of a job. A refusal is `(status, message)`; `app.py` turns it into an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from x402.http.utils import decode_payment_response_header
+
+from procure.clouds.base import Offer
+from procure.crashpoints import crash_point
+from procure.gateway import book
+from procure.gateway.instances import Runtime
+from procure.gateway.pricing import amount_for, sell_per_hour, sold_hours
+from procure.models import micros_to_usd, utcnow
+from procure.store.gateway_tables import GatewayJobRow, GatewayQuoteRow
+from procure.vendors.protocol import QUOTE_HEADER, VendorJob
+
+OFFERS_TTL_S = 5.0
+Refusal = tuple[int, str]
+
+
+def view(row: GatewayJobRow) -> dict[str, Any]:
+    """The job as `GET /job-status` answers it (the protocol's VendorJob)."""
+    status = row.status
+    if status in ("unpaid", "paid", "launching", "booting"):
+        shown = "cancelled" if row.cancel_requested else "queued"
+    elif status in ("running", "ending"):
+        shown = row.outcome if status == "ending" and row.outcome else "running"
+        shown = "cancelled" if row.cancel_requested else shown
+    else:
+        shown = status
+    done = shown == "completed"
+    return VendorJob(
+        job_id=row.job_id,
+        status=shown,  # type: ignore[arg-type]
+        progress=1.0 if done else min(1.0, max(0.0, row.progress)),
+        logs=list(row.logs),
+        metrics={"gpu": row.gpu, "paidHours": row.paid_hours} if done else None,
+        artifact_url=row.checkpoint_url if done else None,
+        error=row.error if shown == "failed" else None,
+        checkpoint_url=row.checkpoint_url,
+        checkpoint_progress=row.checkpoint_progress if row.checkpoint_url else None,
+        paid_hours=row.paid_hours,
+        amount=row.amount,
+    ).to_json()
+
+
+def offer_cache(rt: Runtime) -> Callable[[str], Awaitable[list[Any]]]:
+    """`offers(gpu)`: the cloud's offers of `gpu`, at most OFFERS_TTL_S old: a buyer asking for
+    quotes in a loop cannot drive the gateway into the cloud's rate limits."""
+    cache: dict[str, tuple[float, list[Any]]] = {}
+
+    async def offers(gpu: str) -> list[Any]:
+        now = asyncio.get_running_loop().time()
+        hit = cache.get(gpu)
+        if hit is None or now - hit[0] > OFFERS_TTL_S:
+            hit = (now, await rt.cloud.offers(gpu=gpu))
+            cache[gpu] = hit
+        return hit[1]
+
+    return offers
+
+
+def own_checkpoint(rt: Runtime, url: str | None) -> str | None:
+    """A checkpoint to resume from, only if this gateway wrote it (under its checkpoint
+    directory): a buyer cannot point the node at any other file or host."""
+    if not url or len(url) > 500 or ".." in url or "\x00" in url:
+        return None
+    root = rt.cfg.checkpoint_dir.rstrip("/") + "/"
+    return url if url.startswith(root) else None
+
+
+# --- quotes ----------------------------------------------------------------------------------
+
+
+def quotes_full(rt: Runtime, now: datetime) -> bool:
+    """Expired quotes purged, are as many quotes open as the gateway allows?"""
+    with rt.store.session() as s:
+        book.purge_quotes(s, now)
+        return book.open_quotes(s, now) >= rt.cfg.max_open_quotes
+
+
+def new_quote(
+    rt: Runtime, gpu: str, gpu_type: str, hours_asked: float, offer: Offer, now: datetime
+) -> dict[str, Any]:
+    """Quote `offer` plus the margin for `hours_asked` of `gpu` (asked for as `gpu_type`): the
+    quote is written and its answer returned."""
+    cfg = rt.cfg
+    per_hour = sell_per_hour(offer.price_per_hour, cfg.margin)
+    # The instance this sells is billed by the cloud's increment however little of it is
+    # used: sell at least one increment (a buyer stopping early would leave the gateway
+    # paying for the rest), and say so in the quote's hours.
+    hours = sold_hours(hours_asked, offer.billing_increment_s)
+    amount = amount_for(per_hour, hours)
+    expires = now + timedelta(seconds=cfg.quote_valid_s)
+    row = GatewayQuoteRow(
+        quote_id=f"q_{uuid.uuid4().hex[:16]}",
+        gpu=gpu,
+        hours=hours,
+        price_per_hour=per_hour,
+        amount=amount,
+        cost_per_hour=offer.price_per_hour,
+        offer={"region": offer.region, "offerId": offer.offer_id},
+        expires_at=expires,
+        created_at=now,
+    )
+    with rt.store.session() as s:
+        s.add(row)
+    return {
+        "quoteId": row.quote_id,
+        "vendorId": cfg.vendor_id,
+        "gpuType": gpu_type,
+        "hours": hours,
+        "pricePerHour": micros_to_usd(per_hour),
+        "amount": micros_to_usd(amount),
+        "currency": "USD",
+        "expiresAt": expires.isoformat(),
+        "validForSeconds": cfg.quote_valid_s,
+    }
+
+
+def quote_refusal(rt: Runtime, quote_id: Any, named: str | None, gpu: str | None) -> str | None:
+    """Why a paid request's quote (`quote_id` in its body, `named` in its quote header) cannot
+    be paid for a job on `gpu` (None: any), or None."""
+    if not isinstance(quote_id, str) or named != quote_id:
+        return f"the {QUOTE_HEADER} header must name the body's quoteId"
+    with rt.store.session() as s:
+        quote = book.get_quote(s, quote_id)
+    if quote is None:
+        return f"unknown quote {quote_id[:40]}"
+    if quote.expires_at <= utcnow():
+        return f"quote {quote_id} expired; ask for a new one"
+    if gpu is not None and quote.gpu != gpu:
+        return f"quote {quote_id} is for {quote.gpu}, the job runs on {gpu}"
+    return None
+
+
+def payment_refusal(
+    rt: Runtime, auth: dict[str, Any] | None, quote: GatewayQuoteRow
+) -> Refusal | None:
+    if auth is None:
+        return 402, "no payment"
+    if auth["value"] != quote.amount:
+        return 400, "the payment is not for the quoted amount"
+    if quote.expires_at <= utcnow():
+        return 409, f"quote {quote.quote_id} expired; ask for a new one"
+    with rt.store.session() as s:
+        if book.nonce_seen(s, auth["nonce"]):
+            return 409, "this payment was already used"
+    return None
+
+
+# --- jobs and renewals, written before the payment settles -----------------------------------
+
+
+def new_job(
+    rt: Runtime,
+    quote: GatewayQuoteRow,
+    auth: dict[str, Any],
+    key: str,
+    params: dict[str, Any],
+    checkpoint_url: str | None,
+) -> Refusal | dict[str, Any]:
+    """The job `quote` sells, written `unpaid` with its payment `pending` unless the payment
+    was used or a cap is reached; its view, or the refusal."""
+    cfg = rt.cfg
+    now = utcnow()
+    with rt.store.session() as s:  # no await from the caps' count to the insert
+        if book.nonce_seen(s, auth["nonce"]):
+            return 409, "this payment was already used"
+        held = book.live_jobs_of(s, auth["from"])
+        if held >= cfg.max_instances:
+            return 429, f"this buyer already holds {held} jobs (max {cfg.max_instances})"
+        if book.live_jobs(s) >= cfg.max_live_jobs:
+            return 503, "the gateway is full; try again later"
+        resume = own_checkpoint(rt, checkpoint_url)
+        row = GatewayJobRow(
+            job_id=f"gw-{uuid.uuid4().hex[:16]}",
+            key=key,
+            quote_id=quote.quote_id,
+            gpu=quote.gpu,
+            payer=auth["from"].lower(),
+            nonce=auth["nonce"],
+            params=params,
+            resume_from=resume,
+            status="unpaid",
+            paid_hours=0.0,
+            amount=0,
+            attempt=0,
+            tried_regions=[],
+            progress=0.0,
+            logs=[f"[gateway] job accepted for {quote.gpu}, {quote.hours:g} h"],
+            log_cursor=0,
+            cancel_requested=0,
+            created_at=now,
+            updated_at=now,
+        )
+        if checkpoint_url and resume is None:
+            book.note(row, "[gateway] checkpoint not from this gateway; starting afresh", 200)
+        s.add(row)
+        book.add_payment(
+            s,
+            nonce=auth["nonce"],
+            job_id=row.job_id,
+            kind="submit",
+            key=key,
+            payer=auth["from"],
+            amount=auth["value"],
+            hours=quote.hours,
+        )
+        return view(row)
+
+
+def new_renewal(
+    rt: Runtime, job_id: str, quote: GatewayQuoteRow, auth: dict[str, Any], key: str
+) -> Refusal | None:
+    """The renewal of `job_id` that `quote` sells, its payment written `pending`, unless the
+    payment was already used."""
+    with rt.store.session() as s:
+        if book.nonce_seen(s, auth["nonce"]):
+            return 409, "this payment was already used"
+        book.add_payment(
+            s,
+            nonce=auth["nonce"],
+            job_id=job_id,
+            kind="renew",
+            key=key,
+            payer=auth["from"],
+            amount=auth["value"],
+            hours=quote.hours,
+        )
+    return None
+
+
+def request_cancel(rt: Runtime, job_id: Any) -> dict[str, Any] | None:
+    """Mark a started job's cancel as asked (the loop ends it); its view, or None if unknown."""
+    with rt.store.session() as s:
+        row = book.job(s, job_id) if isinstance(job_id, str) else None
+        if row is None or row.status == "unpaid":
+            return None
+        if row.status in book.STARTED and not row.cancel_requested:
+            row.cancel_requested = 1
+            row.updated_at = utcnow()
+        return view(row)
+
+
+# --- settlement ------------------------------------------------------------------------------
+
+
+def book_settlement(
+    rt: Runtime, kind: str, key: str, nonce: str, payment_response: str | None
+) -> tuple[bool, GatewayJobRow | None]:
+    """After the SDK's answer to a paid request: the pending payment `nonce` of (`kind`, `key`)
+    is booked settled if the answer carried a settlement (`payment_response`, the header),
+    else dropped. Returns (booked, the job the settlement paid for)."""
+    with rt.store.session() as s:
+        ours = book.pending_payment(s, kind, key)
+        if ours is None or ours.nonce != nonce:
+            return False, None  # refused before a payment was taken
+        if payment_response is None:
+            book.unsettled(s, nonce)
+            return False, None
+        crash_point("paid")  # settled, not yet booked: reconciled later
+        try:
+            tx = decode_payment_response_header(payment_response).transaction
+        except Exception:
+            tx = None
+        row = book.settled(s, nonce, tx, rt.cfg.hour_s)
+    crash_point("recorded")
+    rt.wake.set()
+    return True, row
+
+
+async def recheck(rt: Runtime, nonce: str, payer: str) -> bool:
+    """A payment left pending by a crash: settled (booked now) or not (dropped)?"""
+    if rt.ledger is None:
+        return False
+    try:
+        found = await rt.ledger.lookup(payer, nonce)
+    except Exception:
+        return False
+    with rt.store.session() as s:
+        if found.used:
+            book.settled(s, nonce, found.transaction, rt.cfg.hour_s, found.amount)
+        else:
+            book.unsettled(s, nonce)
+    return found.used
+
+
+async def replayed(rt: Runtime, kind: str, key: str) -> dict[str, Any] | None:
+    """The view of the job an earlier paid request (`kind`, `key`) bought, or None if none
+    did; a payment of it a crash left pending is reconciled first."""
+    with rt.store.session() as s:
+        pending = book.pending_payment(s, kind, key)
+    if pending is not None:  # a crash between settlement and booking, or a lost answer
+        await recheck(rt, pending.nonce, pending.payer)
+    with rt.store.session() as s:
+        row = book.job_by_key(s, key) if kind == "submit" else book.renewed_job(s, key)
+        if row is None or row.status == "unpaid":
+            return None
+        return view(row)
