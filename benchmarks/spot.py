@@ -102,7 +102,8 @@ def verdicts(summaries: list[Summary], model: list[ModelSummary] | None = None) 
             notes.append(
                 f"fitted worlds: the exact non-clairvoyant optimum closes {world.closable:.1%} "
                 f"(± {world.closable_se:.1%} Monte Carlo), procure {world.procure_closed:.1%} "
-                f"({world.closable - world.procure_closed:+.1%} short) at {ratio:.3f}x the "
+                f"({(world.closable - world.procure_closed) * 100:.1f} points short) at "
+                f"{ratio:.3f}x the "
                 f"optimum's cost"
             )
         else:
