@@ -546,6 +546,14 @@ def test_a_renewal_extends_the_paid_time_and_its_end_stops_the_job(
             timeout=30,
         )
         assert replay.headers.get("X-Idempotent-Replay") == "true"
+        # The same key on another job's renewal is refused, not answered with this job's.
+        other = httpx.post(
+            f"{g.url}/renew-job",
+            json={**body, "jobId": "some-other-job"},
+            headers={**headers, "PAYMENT-SIGNATURE": payment},
+            timeout=30,
+        )
+        assert other.status_code == 409 and "another job" in other.json()["error"]
         ended = wait_for(lambda: (s := job_status(g, job_id))["status"] == "expired" and s, 60)
         assert 0 < ended["progress"] < 1 and ended["checkpointUrl"]
         assert ended["paidHours"] == pytest.approx(0.2)

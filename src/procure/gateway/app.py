@@ -168,6 +168,10 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         async def process() -> Response:
             async with lock(f"{kind}:{key}"):
                 replay = await sales.replayed(rt, kind, key)
+                if replay is not None and kind == "renew" and replay["jobId"] != body.get("jobId"):
+                    # One key, one request: replaying another job's renewal would tell the buyer
+                    # this job was renewed when nothing was paid for it.
+                    return _error(409, f"{IDEMPOTENCY_HEADER} already renewed another job")
                 if replay is not None:
                     return JSONResponse(replay, headers={"X-Idempotent-Replay": "true"})
                 gpu = None

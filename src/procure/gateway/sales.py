@@ -145,6 +145,8 @@ def quote_refusal(rt: Runtime, quote_id: Any, named: str | None, gpu: str | None
 def payment_refusal(
     rt: Runtime, auth: dict[str, Any] | None, quote: GatewayQuoteRow
 ) -> Refusal | None:
+    """Why a payment cannot buy `quote` (none, another amount, an expired quote, a nonce
+    already used), or None; checked before the job is written, as the money is taken after."""
     if auth is None:
         return 402, "no payment"
     if auth["value"] != quote.amount:
