@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,9 @@ from web_browser import chromium, console_errors, dashboard, screenshot_dir
 from world import World, drive, running_world, state_of
 
 
-def test_the_planner_says_why_it_returns_to_a_vendor_that_crashed() -> None:
-    now = utcnow()
-    crashed_at = now - timedelta(minutes=10)
-    run = Run(
+def _run(created_at: datetime) -> Run:
+    """A running run with $5 of budget, created at `created_at`."""
+    return Run(
         _id="r1",
         user_id="u",
         goal="g",
@@ -48,9 +47,15 @@ def test_the_planner_says_why_it_returns_to_a_vendor_that_crashed() -> None:
         budget_total=5_000_000,
         budget_remaining=5_000_000,
         job_spec=JobSpec(),
-        created_at=crashed_at,
-        updated_at=crashed_at,
+        created_at=created_at,
+        updated_at=created_at,
     )
+
+
+def test_the_planner_says_why_it_returns_to_a_vendor_that_crashed() -> None:
+    now = utcnow()
+    crashed_at = now - timedelta(minutes=10)
+    run = _run(crashed_at)
     job = Job(
         _id="j1",
         run_id="r1",
@@ -97,17 +102,7 @@ def test_the_planner_says_why_it_returns_to_a_vendor_that_crashed() -> None:
 
 def test_the_live_summary_changes_once_the_next_check_is_due() -> None:
     now = utcnow()
-    run = Run(
-        _id="r1",
-        user_id="u",
-        goal="g",
-        status=RunStatus.running,
-        budget_total=5_000_000,
-        budget_remaining=5_000_000,
-        job_spec=JobSpec(),
-        created_at=now,
-        updated_at=now,
-    )
+    run = _run(now)
     pay = Payment.model_validate(
         {
             "_id": "p1",
