@@ -18,7 +18,13 @@ from sqlalchemy.engine import make_url
 
 from procure.agent.runtime import make_deps
 from procure.agent.tick import AgentDeps
-from procure.local import LocalServer, mock_vendor_config, start_facilitator, start_mock_vendor
+from procure.local import (
+    LocalServer,
+    mock_vendor_config,
+    start_facilitator,
+    start_mock_vendor,
+    stop_all,
+)
 from procure.models import RunState, Vendor, usd_to_micros
 from procure.payments.chain import LocalChain
 from procure.payments.wallet import load_or_create_account
@@ -92,8 +98,7 @@ class World:
             ).id
 
     def stop(self) -> None:
-        for server in reversed(self.servers):
-            server.stop()
+        stop_all(list(reversed(self.servers)))
         self.store.dispose()
 
 

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 
 from procure.bounds import UnsafeInput, loads
-from procure.httpbounds import bounded_client
+from procure.httpbounds import bounded_client, tls_context
 from procure.models import Vendor
 from procure.payments.chain import LocalChain
 from procure.payments.facilitator import create_facilitator_app
@@ -43,8 +43,15 @@ class LocalServer:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        stop_all([self])
+
+
+def stop_all(servers: list[LocalServer]) -> None:
+    """Stop every server, all at once: each takes a tick of its loop (0.1 s) to notice."""
+    for s in servers:
+        s.server.should_exit = True
+    for s in servers:
+        s.thread.join(timeout=10)
 
 
 def serve(app: FastAPI, port: int | None = None) -> LocalServer:
@@ -83,7 +90,7 @@ def asset_info(facilitator_url: str, tries: int = 50) -> dict[str, object]:
     last: Exception | None = None
     for _ in range(tries):
         try:
-            response = httpx.get(f"{facilitator_url}/asset", timeout=5)
+            response = httpx.get(f"{facilitator_url}/asset", timeout=5, verify=tls_context())
             response.raise_for_status()
             return dict(loads(response.content))
         except (httpx.HTTPError, UnsafeInput, TypeError, ValueError) as exc:

@@ -8,15 +8,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from procure.agent.context import PRIOR_HOURS, PlanContext
-from procure.agent.deps import OBS, AgentDeps
 from procure.agent.planner import choices
 from procure.clouds.base import CloudError, Offer, RentalCloud
+from procure.models import ObservationType as OBS
 from procure.models import OfferTerms, Vendor, format_usd, micros_to_usd, utcnow
 from procure.store import cloud_repo, repo
 from procure.store.cloud_repo import OfferStats
+
+if TYPE_CHECKING:
+    # Not at run time: the agent's dependencies pull in the wallet's libraries, which the API's
+    # schemas (and so every CLI command) would then load.
+    from procure.agent.deps import AgentDeps
 
 RETRY_OFFERS_S = 60.0  # a cloud whose offers cannot be read now is asked again after this
 KEY_ENV = {"lambda": "LAMBDA_API_KEY", "runpod": "RUNPOD_API_KEY", "vast": "VAST_API_KEY"}
@@ -224,7 +229,7 @@ async def all_offers(
     """Every offer over the configured clouds and the x402 vendors, cheapest first. `max_price`
     in micro-USD per hour; `spot`: True only interruptible, False only on-demand, None both.
     A cloud that cannot be asked is left out and its trouble appended to `errors`."""
-    mapping = clients.clouds if isinstance(clients, AgentDeps) else clients
+    mapping = clients if isinstance(clients, Mapping) else clients.clouds
     rows: list[OfferRow] = []
     cloud_vendors = [v for v in vendors if v.kind == "cloud"]
     for provider, client in sorted(mapping.items()):

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from eth_account.signers.local import LocalAccount
-
 from procure.agent.context import DEFAULT_PAYMENT_OVERHEAD
 from procure.agent.planner import Planner, Reconsider, heuristic_planner, reconsider
 from procure.clouds.base import RentalCloud
@@ -21,6 +19,8 @@ from procure.vendors.client import VendorClient
 from procure.vendors.credentials import Keyring
 
 if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
     from procure.agent.cloud_node import NodeClientFactory
 
 OBS = ObservationType

@@ -18,7 +18,7 @@ import httpx
 
 from procure.bounds import clip
 from procure.gpu.settings import GpuWorkerSettings
-from procure.httpbounds import bounded_client
+from procure.httpbounds import bounded_client, tls_context
 from procure.safetext import redact, show_url
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def orchestrator_client(
     settings: GpuWorkerSettings, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
     """Bounded client for the orchestrator; self-signed TLS only when explicitly allowed."""
-    inner = transport or httpx.AsyncHTTPTransport(verify=not settings.orchestrator_insecure_tls)
+    verify = False if settings.orchestrator_insecure_tls else tls_context()
+    inner = transport or httpx.AsyncHTTPTransport(verify=verify)
     return bounded_client(deadline_s=settings.orchestrator_timeout_s, transport=inner)
 
 
