@@ -40,3 +40,14 @@ def world(tmp_path: Path, db_url: str) -> Iterator[World]:
     )
     yield w
     w.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests allowed minutes (a `timeout` mark of 120 s or more) run first, so that none of them
+    starts last and runs alone while the other processes have nothing left to do."""
+
+    def allowed_s(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("timeout")
+        return float(mark.args[0]) if mark and mark.args else 0.0
+
+    items.sort(key=lambda item: allowed_s(item) < 120)
