@@ -14,6 +14,8 @@ miss; where it does not, whether that goal is out of reach (the stats-optimal po
 less on the real traces, and the exact optimum less in the fitted worlds) and how close procure
 comes to each. --json writes one line per (trace, start, deadline, overhead, policy), in the
 format of the traces' README. --model-windows 0 skips the fitted worlds (a third of the time).
+--learned adds the policy an agent could learn: the optimal policy of the chain fitted on each
+window's own past (out of sample), procure's planner where that past is under two days.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from procure.sim.spot_bench import Summary, json_lines, summarize, trace_rows
-from procure.sim.spot_bound import STATS_OPTIMAL, ModelRow, ModelSummary, summarize_model
+from procure.sim.spot_bound import (
+    LEARN_AFTER_HOURS,
+    LEARNED,
+    STATS_OPTIMAL,
+    ModelRow,
+    ModelSummary,
+    summarize_model,
+)
 from procure.sim.traces import STARTS, load_trace, trace_paths
 
 GOAL = 0.90  # share of Uniform Progress's gap to the hindsight optimum procure must close
@@ -36,12 +45,12 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-Task = tuple[Path, Path | None, list[float], list[float], int, int]
+Task = tuple[Path, Path | None, list[float], list[float], int, int, bool]
 
 
 def _rows(args: Task) -> tuple[list[dict[str, object]], list[ModelRow]]:
-    path, root, deadlines, overheads, starts, windows = args
-    return trace_rows(load_trace(path, root), deadlines, overheads, starts, windows)
+    path, root, deadlines, overheads, starts, windows, learn = args
+    return trace_rows(load_trace(path, root), deadlines, overheads, starts, windows, learn)
 
 
 def table(summaries: list[Summary]) -> str:
@@ -94,6 +103,15 @@ def verdicts(summaries: list[Summary], model: list[ModelSummary] | None = None) 
             )
         elif stats is not None:
             notes.append(f"stats-optimal not solved on {ours.jobs - stats.jobs} of the jobs")
+        taught = by.get((d, r, LEARNED))
+        if taught is not None:
+            limit = _closed(taught, up, best)
+            reachable |= limit >= GOAL and taught.misses == 0
+            notes.append(
+                f"learned (procure until {LEARN_AFTER_HOURS:g} h of the offer's past, then the "
+                f"optimal policy of the chain fitted on that past; out of sample) closes "
+                f"{limit:.1%}, {taught.misses} missed"
+            )
         near = False
         if world is not None:
             ratio = world.procure / world.bound
@@ -146,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         help="windows drawn from each trace's fitted chain per setting (0: skip those worlds)",
     )
     parser.add_argument(
+        "--learned",
+        action="store_true",
+        help="also the learned row: the optimal policy of a chain fitted on each window's past "
+        "(one programme per window: several times as long)",
+    )
+    parser.add_argument(
         "--split",
         type=lambda text: [x for x in text.split(",") if x],
         default=[],
@@ -154,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     began = time.monotonic()
     tasks = [
-        (path, root, args.deadlines, args.overheads, args.starts, args.model_windows)
+        (path, root, args.deadlines, args.overheads, args.starts, args.model_windows, args.learned)
         for path, root in trace_paths(args.traces)
     ]
     if not tasks:

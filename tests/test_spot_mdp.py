@@ -17,7 +17,16 @@ from types import ModuleType
 import pytest
 
 from procure.sim.spot_bench import POLICIES, Summary, case_rows, summarize
-from procure.sim.spot_bound import STATS_OPTIMAL, ModelSummary, model_rows, summarize_model
+from procure.sim.spot_bound import (
+    LEARNED,
+    STATS_OPTIMAL,
+    ModelSummary,
+    learned,
+    model_rows,
+    stats_optimal,
+    summarize_model,
+)
+from procure.sim.spot_engine import play_planner
 from procure.sim.spot_mdp import Chain, fit, mdp_policy, runs, sampler, solvable, solve
 from procure.sim.spot_optimum import optimum
 from procure.sim.spot_policies import greedy, play, uniform_progress
@@ -174,16 +183,44 @@ def test_the_stats_optimal_row_and_the_fitted_world() -> None:
     small = Setting(deadline_hours=6.0, overhead_hours=0.1, task_hours=4.0)
     prog = solve(fit(trace.available), trace.gap_hours, small)
     rows = case_rows(trace, 0, small, prog)
-    assert [r["policy"] for r in rows] == list(POLICIES)
+    assert [r["policy"] for r in rows] == [p for p in POLICIES if p != LEARNED]
     by = {r["policy"]: r for r in rows}
     assert by[STATS_OPTIMAL]["finished_h"] <= 6.0  # type: ignore[operator]
     assert by["optimum"]["cost"] <= by[STATS_OPTIMAL]["cost"]  # type: ignore[operator]
-    assert {s.policy for s in summarize(rows)} == set(POLICIES)
+    assert {s.policy for s in summarize(rows)} == set(POLICIES) - {LEARNED}
     world = summarize_model(model_rows(trace, fit(trace.available), {small: prog}, windows=12))
     [m] = world
     assert m.windows == 12 and m.procure_misses == 0
     assert m.hindsight <= m.bound <= m.uniform_progress + 1e-9
     assert 0.0 <= m.closable <= 1.0 and m.closable_se >= 0.0
+
+
+def test_the_learned_row_learns_from_the_past_only() -> None:
+    # Half-hour ticks: spot often up in the first 60 hours, rarely after.
+    early = [True, True, True, False] * 30
+    late = [True, False, False, False, False, False] * 30
+    trace = Trace("zone/t.json", 1800, tuple(early + late))
+    small = Setting(deadline_hours=6.0, overhead_hours=0.1, task_hours=4.0)
+    # Spot up for an hour, then down for an hour and a half, then up again.
+    window = (True, True, False, False, False, *[True] * 7)
+    # With 60 hours of past it plays the optimal policy of the chain fitted on them alone ...
+    cost, finished = learned(trace, 120, window, small)
+    past = solve(fit(trace.available[:120]), trace.gap_hours, small)
+    assert (cost, finished) == stats_optimal(window, trace.gap_hours, small, past)
+    assert finished is not None and finished <= 6.0
+    # ... which waits the outage out (spot came back quickly in the past), where the policy
+    # fitted on the whole trace, the later scarcity included, pays for on-demand.
+    whole = solve(fit(trace.available), trace.gap_hours, small)
+    assert cost != stats_optimal(window, trace.gap_hours, small, whole)[0]
+    # Nothing after the window's start changes what it learned.
+    changed = Trace(trace.name, 1800, tuple(early + [not x for x in late]))
+    assert learned(changed, 120, window, small) == (cost, finished)
+    # Under two days of past it is procure's planner.
+    short = learned(trace, 60, trace.available[60:72], small)
+    played = play_planner(trace.available[60:72], trace.gap_hours, small)
+    assert short == (played.cost, played.account.finished)
+    rows = case_rows(trace, 120, small, whole, learn=True)
+    assert [r["policy"] for r in rows] == list(POLICIES)
 
 
 def test_an_overhead_longer_than_a_step_is_refused() -> None:
@@ -226,5 +263,9 @@ def test_the_verdict_says_out_of_reach_only_on_a_computed_bound() -> None:
     assert "[MISSED]" in verdicts(summaries, [_world(0.70, 103.5)])[0]
     # Nor when the in-sample stats-optimal policy closes 90 % on the real traces.
     assert "[MISSED]" in verdicts(_summaries(104.0, 100.9), [_world(0.70, 102.5)])[0]
+    # Nor when the learned policy (out of sample) closes 90 % on the real traces.
+    taught = [*_summaries(104.0, 103.0), Summary(52.0, 0.1, LEARNED, 30, 100.9, 0, 0.0)]
+    lines = verdicts(taught, [_world(0.70, 102.5)])
+    assert "[MISSED]" in lines[0] and any("learned" in line for line in lines)
     # And closing 90 % is met.
     assert "[met]" in verdicts(_summaries(100.9, 100.5))[0]

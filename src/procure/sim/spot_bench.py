@@ -8,14 +8,29 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from procure.sim.spot_bound import STATS_OPTIMAL, ModelRow, model_rows, stats_optimal
+from procure.sim.spot_bound import (
+    LEARNED,
+    STATS_OPTIMAL,
+    ModelRow,
+    learned,
+    model_rows,
+    stats_optimal,
+)
 from procure.sim.spot_engine import play_planner
 from procure.sim.spot_mdp import Programme, fit, solvable, solve
 from procure.sim.spot_optimum import optimum
 from procure.sim.spot_policies import StepPolicy, greedy, on_demand_only, play, uniform_progress
 from procure.sim.traces import EPS, Setting, Trace, on_demand_cost, score, start_ticks, window
 
-POLICIES = ("on-demand", "greedy", "uniform-progress", "procure", STATS_OPTIMAL, "optimum")
+POLICIES = (
+    "on-demand",
+    "greedy",
+    "uniform-progress",
+    "procure",
+    STATS_OPTIMAL,
+    LEARNED,
+    "optimum",
+)
 STEP_POLICIES: dict[str, Callable[[], StepPolicy]] = {
     "on-demand": on_demand_only,
     "greedy": greedy,
@@ -24,10 +39,15 @@ STEP_POLICIES: dict[str, Callable[[], StepPolicy]] = {
 
 
 def case_rows(
-    trace: Trace, start: int, setting: Setting, programme: Programme | None = None
+    trace: Trace,
+    start: int,
+    setting: Setting,
+    programme: Programme | None = None,
+    learn: bool = False,
 ) -> list[dict[str, object]]:
     """One JSON-lines row per policy for a job started at `start` under `setting` (the
-    stats-optimal row where the trace's chain's `programme` is given)."""
+    stats-optimal row where the trace's chain's `programme` is given; the learned row with
+    `learn`)."""
     ticks = window(trace, start, setting)
     gap = trace.gap_hours
     results: dict[str, tuple[float, float | None]] = {}
@@ -38,6 +58,8 @@ def case_rows(
     results["procure"] = (played.cost, played.account.finished)
     if programme is not None:
         results[STATS_OPTIMAL] = stats_optimal(ticks, gap, setting, programme)
+    if learn:
+        results[LEARNED] = learned(trace, start, ticks, setting)
     results["optimum"] = optimum(ticks, gap, setting)
     return [
         {
@@ -60,6 +82,7 @@ def trace_rows(
     overheads: Sequence[float],
     starts: int,
     model_windows: int = 0,
+    learn: bool = False,
 ) -> tuple[list[dict[str, object]], list[ModelRow]]:
     """Every policy on every start and setting of the trace, and (with `model_windows`) the
     same in the world of the trace's fitted chain. One setting's programme at a time: the
@@ -78,7 +101,7 @@ def trace_rows(
             rows += [
                 row
                 for start in start_ticks(trace, starts)
-                for row in case_rows(trace, start, setting, prog)
+                for row in case_rows(trace, start, setting, prog, learn)
             ]
             if prog is not None and model_windows > 0:
                 model += model_rows(trace, chain, {setting: prog}, model_windows)

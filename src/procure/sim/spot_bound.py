@@ -27,6 +27,10 @@ from procure.sim.spot_policies import play, uniform_progress
 from procure.sim.traces import EPS, Setting, Trace
 
 STATS_OPTIMAL = "stats-optimal"
+LEARNED = "learned"
+# Hours of an offer's recorded availability before a job's start after which the learned policy
+# trusts a chain fitted on them (before that it is procure's planner).
+LEARN_AFTER_HOURS = 48.0
 
 
 def programmes(trace: Trace, settings: Sequence[Setting]) -> tuple[Chain, dict[Setting, Programme]]:
@@ -43,6 +47,21 @@ def stats_optimal(
     """(cost, finish hour) of the optimal policy of the trace's chain on a real window."""
     job = play(available, gap, setting, mdp_policy(programme, setting))
     return job.cost, job.finished
+
+
+def learned(
+    trace: Trace, start: int, ticks: Sequence[bool], setting: Setting
+) -> tuple[float, float | None]:
+    """(cost, finish hour) on the window `ticks` starting at `start` of the policy an agent
+    could run that learns the offer's statistics from its own past: procure's planner until the
+    trace holds `LEARN_AFTER_HOURS` before the start, then the optimal policy of the chain fitted
+    on that past alone (out of sample: nothing of the window's future)."""
+    gap = trace.gap_hours
+    past = trace.available[:start]
+    if len(past) * gap < LEARN_AFTER_HOURS or not solvable(setting, gap):
+        played = play_planner(ticks, gap, setting)
+        return played.cost, played.account.finished
+    return stats_optimal(ticks, gap, setting, solve(fit(past), gap, setting))
 
 
 @dataclass(frozen=True)
