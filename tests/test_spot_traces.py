@@ -132,7 +132,8 @@ def test_the_optimum_bounds_every_policy() -> None:
 
 def test_json_lines_follow_the_readme() -> None:
     trace = Trace("zone/t.json", 1800, tuple([True, False, True] * 8))
-    rows = case_rows(trace, 0, SMALL, solve(fit(trace.available), trace.gap_hours, SMALL))
+    prog = solve(fit(trace.available), trace.gap_hours, SMALL)
+    rows = case_rows(trace, 0, SMALL, prog, learn=True)
     assert [r["policy"] for r in rows] == list(POLICIES)
     line = json.loads(json.dumps(rows[3]))
     assert set(line) == {
