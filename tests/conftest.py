@@ -48,6 +48,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     def allowed_s(item: pytest.Item) -> float:
         mark = item.get_closest_marker("timeout")
-        return float(mark.args[0]) if mark and mark.args else 0.0
+        if mark is None:
+            return 0.0
+        allowed = mark.kwargs.get("timeout", mark.args[0] if mark.args else None)
+        return float(allowed or 0.0)
 
     items.sort(key=lambda item: allowed_s(item) < 120)

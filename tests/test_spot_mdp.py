@@ -215,10 +215,18 @@ def test_the_learned_row_learns_from_the_past_only() -> None:
     # Nothing after the window's start changes what it learned.
     changed = Trace(trace.name, 1800, tuple(early + [not x for x in late]))
     assert learned(changed, 120, window, small) == (cost, finished)
-    # Under two days of past it is procure's planner.
-    short = learned(trace, 60, trace.available[60:72], small)
-    played = play_planner(trace.available[60:72], trace.gap_hours, small)
-    assert short == (played.cost, played.account.finished)
+    # Under two days of past (96 half-hour ticks) it is procure's planner; from two days on, not.
+    played = play_planner(window, trace.gap_hours, small)
+    assert learned(trace, 95, window, small) == (played.cost, played.account.finished)
+    at_two_days = solve(fit(trace.available[:96]), trace.gap_hours, small)
+    assert learned(trace, 96, window, small) == stats_optimal(
+        window, trace.gap_hours, small, at_two_days
+    )
+    assert learned(trace, 96, window, small) != (played.cost, played.account.finished)
+    # So it is where the programme cannot be solved (an overhead longer than a step).
+    slow = replace(small, overhead_hours=0.75)
+    played = play_planner(window, trace.gap_hours, slow)
+    assert learned(trace, 120, window, slow) == (played.cost, played.account.finished)
     rows = case_rows(trace, 120, small, whole, learn=True)
     assert [r["policy"] for r in rows] == list(POLICIES)
 
@@ -267,5 +275,8 @@ def test_the_verdict_says_out_of_reach_only_on_a_computed_bound() -> None:
     taught = [*_summaries(104.0, 103.0), Summary(52.0, 0.1, LEARNED, 30, 100.9, 0, 0.0)]
     lines = verdicts(taught, [_world(0.70, 102.5)])
     assert "[MISSED]" in lines[0] and any("learned" in line for line in lines)
+    # Unless it missed a deadline doing so.
+    missing = [*_summaries(104.0, 103.0), Summary(52.0, 0.1, LEARNED, 30, 100.9, 1, 0.0)]
+    assert "[out of reach in the fitted model]" in verdicts(missing, [_world(0.70, 102.5)])[0]
     # And closing 90 % is met.
     assert "[met]" in verdicts(_summaries(100.9, 100.5))[0]

@@ -28,7 +28,8 @@ _JSON_HEADERS = ("payment-required", "payment-response", "payment-signature", "x
 @functools.cache
 def tls_context() -> ssl.SSLContext:
     """One verifying TLS context for every client we open: building one reads the whole CA
-    bundle (about 50 ms of CPU), and the agent opens clients per tick and per vendor."""
+    bundle (about 50 ms of CPU), and the agent opens clients per tick and per vendor. Shared:
+    never load a client certificate into it (a client that needs one gets its own context)."""
     return httpx.create_ssl_context()
 
 
