@@ -8,28 +8,42 @@ from pathlib import Path
 
 import pytest
 
-from world import POSTGRES_ENV, World, postgres_database, start_world
+from stores import POSTGRES_ENV, migrated_sqlite, postgres_database
+from world import World, start_world
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh database URL per test, on each backend. PostgreSQL must run under CI=true."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'procure.db'}"
+    """A fresh, migrated store's URL per test, on each backend. PostgreSQL must run under
+    CI=true."""
+    yield from _store_url(request.param, tmp_path, migrated=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database with no schema at all, on each backend (for the migrations' tests)."""
+    yield from _store_url(request.param, tmp_path, migrated=False)
+
+
+def _store_url(backend: str, tmp_path: Path, *, migrated: bool) -> Iterator[str]:
+    if backend == "sqlite":
+        path = tmp_path / "procure.db"
+        yield migrated_sqlite(path) if migrated else f"sqlite:///{path}"
         return
     if not os.environ.get(POSTGRES_ENV):
         if os.environ.get("CI") == "true":
             pytest.fail(f"{POSTGRES_ENV} must be set under CI=true: PostgreSQL tests cannot skip")
         pytest.skip(f"set {POSTGRES_ENV} to run PostgreSQL tests")
-    with postgres_database() as url:
+    with postgres_database(migrated=migrated) as url:
         yield url
 
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'procure.db'}"
+    """A fresh, migrated SQLite store's URL."""
+    return migrated_sqlite(tmp_path / "procure.db")
 
 
 @pytest.fixture

@@ -84,8 +84,8 @@ def test_the_tick_log_is_bounded_per_run_and_by_age(db_url: str) -> None:
         store.dispose()
 
 
-def test_migration_0008_upgrades_a_store_holding_data(db_url: str, tmp_path: Path) -> None:
-    engine = make_engine(db_url)
+def test_migration_0008_upgrades_a_store_holding_data(empty_db_url: str, tmp_path: Path) -> None:
+    engine = make_engine(empty_db_url)
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
@@ -150,7 +150,7 @@ def test_migration_0008_upgrades_a_store_holding_data(db_url: str, tmp_path: Pat
         for ix in inspect(engine).get_indexes(t)
     }
     assert {"ix_runs_created", "ix_observations_run_id_id", "ix_tick_log_finished"} <= indexes
-    store = open_store(db_url)
+    store = open_store(empty_db_url)
     try:
         with store.session() as s:
             assert totals.runs_by_status(s) == {"running": 1, "completed": 2, "failed": 1}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from procure.agent.runtime import make_deps
 from procure.agent.tick import AgentDeps
@@ -32,25 +29,9 @@ from procure.settings import Settings
 from procure.store import Store, open_store, repo
 from procure.vendors.credentials import Keyring
 from procure.vendors.registry import default_vendors
+from stores import POSTGRES_ENV, postgres_database  # noqa: F401 (tests import them from here)
 
 SECRET = "test-vendor-secret"
-POSTGRES_ENV = "PROCURE_TEST_POSTGRES_URL"
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
-    admin_url = os.environ[POSTGRES_ENV]
-    name = f"procure_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @dataclass
