@@ -31,6 +31,7 @@ from procure.gpu.probe import nvml_reader
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
 from procure.local import LocalServer, free_port
+from procure.uvserver import Server
 
 NODE_TOKEN = "node-token"
 PRICE = 1_290_000  # gpu_1x_a100, micro-USD per hour
@@ -44,7 +45,7 @@ ERRORS: dict[str, type[CloudError]] = {
 
 def serve_on(app: FastAPI, host: str, port: int) -> LocalServer:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    server = Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15

@@ -21,6 +21,7 @@ from procure.clouds.lambda_cloud.simnvml import SimGpu, sim_nvml
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
+from procure.uvserver import Server
 
 log = logging.getLogger(__name__)
 LAST_IP = 254
@@ -32,11 +33,12 @@ class Node:
     instance_id: str
     ip: str
     port: int
-    server: uvicorn.Server
+    server: Server
     thread: threading.Thread
 
     def stop(self) -> None:
         self.server.should_exit = True
+        self.server.wake()
         self.thread.join(timeout=10)
 
 
@@ -74,7 +76,7 @@ async def start_node(
         settings, read=lambda: read_nvml(module), port=port, hostname=ip.replace(".", "-")
     )
     config = uvicorn.Config(app, host=ip, port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    server = Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name=f"node-{ip}", daemon=True
     )

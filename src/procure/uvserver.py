@@ -1,0 +1,29 @@
+"""A uvicorn server that stops at once when asked (uvicorn's own notices at its loop's next
+0.1 s tick): the local services, mock nodes and tests start and stop many."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import uvicorn
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server; after `should_exit`, `wake()` ends its main loop at once."""
+
+    _wake: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    async def main_loop(self) -> None:
+        self._wake, self._loop = asyncio.Event(), asyncio.get_running_loop()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864_000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+
+    def wake(self) -> None:
+        if self._loop is not None and self._wake is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has already closed
+                self._loop.call_soon_threadsafe(self._wake.set)
