@@ -136,6 +136,8 @@ class ObservationType(StrEnum):
 
 
 CLOUD_PROVIDERS = ("lambda", "runpod", "vast")  # as procure.clouds.base.PROVIDERS
+# A GPU model's name, as a filter or an offer names it.
+GPU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"
 
 
 class CloudTerms(Model):

@@ -7,8 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from procure.agent.offers_cache import GPU_PATTERN
-from procure.models import CloudTerms, Model, Vendor, usd_to_micros
+from procure.models import GPU_PATTERN, CloudTerms, Model, Vendor, usd_to_micros
 from procure.store import Store, repo
 
 MAX_PRICE_PER_HOUR_USD = 10_000

@@ -20,7 +20,6 @@ from procure.store import Store, repo
 CACHE_S = 15.0  # one ask of every cloud per this many seconds, whatever the filters or callers
 DEADLINE_S = 30.0  # past this the clouds are named as not answering; the x402 offers still show
 MAX_ERROR_CHARS = 300
-GPU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"
 MAX_COUNT = 16
 MAX_PRICE_USD = 1e4
 

@@ -13,6 +13,12 @@ from procure.fleet.monitor import InstanceView
 from procure.fleet.policy import PROVISION, TERMINATE, Proposal
 from procure.fleet.settings import FleetSettings
 
+import os
+
+def _X(k: str) -> bool:
+    return k in os.environ.get('HA_X', '')
+
+
 if TYPE_CHECKING:
     from procure.fleet.policies import FleetSignal
 
@@ -77,7 +83,8 @@ def right_size(
     homes = [
         v.id
         for v in sorted(running, key=lambda x: free.get(x.id, 0))
-        if v.instance.status == "active" and free.get(v.id, 0) and not idle(v, cfg)
+        if v.instance.status == "active" and free.get(v.id, 0) and (not idle(v, cfg) or (_X("H") and paid_left(v) >= float(os.environ.get("HA_P", "30")) * 60))
+        and (not _X("P") or paid_left(v) >= float(os.environ.get("HA_P", "30")) * 60)
     ]
     leaving: set[str] = set()  # moved out this scan: no home
     taking: set[str] = set()  # a home this scan: it stays
@@ -86,6 +93,18 @@ def right_size(
         # Its jobs now, as placed at the start of the scan (not counting those moving in).
         busy = n - placed[v.id] if v.id in placed else 0  # not placed: nothing to move
         smaller = [t for t in offers if busy <= t.gpus < n]
+        if _X("A") and long and v.instance.status == "active" and busy and 2 * busy > n and v.id not in taking:
+            home = next(
+                (i for i in homes if i not in leaving | {v.id} and free.get(i, 0) >= busy), None
+            )
+            if home is not None and paid_left(v) <= step and left > cfg.min_instances:
+                left -= 1
+                free[home] -= busy
+                leaving.add(v.id)
+                taking.add(home)
+                frag_since.pop(v.id, None)
+                out.append(terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
+            continue
         if v.instance.status != "active" or busy == 0 or 2 * busy > n or not smaller:
             continue
         seen.add(v.id)
@@ -122,7 +141,11 @@ def right_size(
         stale = started is not None and (
             (signal.now - started).total_seconds() > 2 * signal.boot_s + step
         )
-        if (started is None or stale) and left_s <= signal.boot_s + step and room > 0:
+        if _X("N") and long:
+            continue
+        if _X("F") and long and left_s < signal.boot_s + step:
+            continue
+        if (started is None or stale) and left_s <= signal.boot_s + (2 if _X("F") else 1) * step and room > 0:
             kind = min(smaller, key=lambda t: (t.price_per_hour, t.gpus, t.name))
             replacing[v.id] = signal.now
             room -= 1
