@@ -9,14 +9,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from procure.agent.offers_cache import (
-    GPU_PATTERN,
     MAX_COUNT,
     MAX_PRICE_USD,
     offers_now,
     select,
 )
 from procure.loopthread import LoopNotRunning
-from procure.models import usd_to_micros
+from procure.models import GPU_PATTERN, usd_to_micros
 from procure.store import Store
 
 __all__ = ["GPU_PATTERN", "MAX_COUNT", "MAX_PRICE_USD", "offers_now", "offers_router", "select"]

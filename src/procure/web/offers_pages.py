@@ -11,9 +11,9 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from procure.agent.offers_cache import GPU_PATTERN, MAX_COUNT, MAX_PRICE_USD, offers_now, select
+from procure.agent.offers_cache import MAX_COUNT, MAX_PRICE_USD, offers_now, select
 from procure.loopthread import LoopNotRunning
-from procure.models import usd_to_micros
+from procure.models import GPU_PATTERN, usd_to_micros
 from procure.settings import Settings
 from procure.store import Store
 from procure.web.auth import Auth, make_auth, may_act, may_read, session_of
