@@ -277,3 +277,49 @@ def test_a_node_running_jobs_is_never_moved_on_a_utilisation_estimate() -> None:
     for at in (T0, later):
         out = p(views(at), cfg(), PRICE, signal(at, **exact))
         assert [x for x in out if x.action_type == TERMINATE] == []
+
+
+def test_billed_by_the_hour_an_idle_big_node_goes_in_its_increment_s_last_quarter() -> None:
+    now = T0 + timedelta(hours=5)
+    seen = {"arrived": 10, "arrived_gpus": 22}  # 2.2 GPUs a job on average
+
+    def goes(left_s: float, gpus: int = 8, **kw: object) -> bool:
+        views = [instance(1, 0, now, gpus=gpus, age_s=7200 - left_s, idle_min=5)]
+        hourly = {"billing_increment_s": 3600.0, "free_gpus": (("i-1", gpus),)}
+        s = signal(now, **(hourly | seen | kw))
+        out = ProcurePolicy()(views, cfg(), PRICE, s)
+        return [(x.action_type, x.target) for x in out] == [(TERMINATE, "i-1")]
+
+    # 10 min of its hour left: a 1-GPU job landing now would renew all 8 GPUs for an hour.
+    assert goes(600)
+    assert goes(600, gpus=4)
+    assert not goes(1200)  # 20 min left: kept, paid, for whatever comes
+    assert not goes(600, gpus=2)  # no more GPUs than a job asks on average: kept to its end
+    assert not goes(600, largest_queued_gpus=8)  # a queued 8-GPU job is about to take it
+    assert not goes(600, arrived=0, arrived_gpus=0)  # no job seen yet: nothing to go by
+    # Billed by the minute the rule has nothing to add: an idle node goes within its minute.
+    views = [instance(1, 0, now, gpus=8, age_s=7200 - 30, idle_min=5)]
+    s = signal(now, billing_increment_s=60.0, free_gpus=(("i-1", 8),), **seen)
+    (out,) = ProcurePolicy()(views, cfg(), PRICE, s)
+    assert "no job queued" in out.reason
+
+
+def test_billed_by_the_hour_a_replacement_is_launched_only_if_it_boots_before_the_hour_ends() -> (
+    None
+):
+    hourly = {"billing_increment_s": 3600.0, "free_gpus": (("i-1", 7),)}
+
+    def launches(left_s: float) -> list[str]:
+        p = ProcurePolicy(migrate_after_s=600)
+        # First seen 1 GPU of 8 used 15 min earlier, then again with `left_s` of its hour left.
+        p([instance(1, 1, T0, gpus=8, age_s=6300 - left_s)], cfg(), PRICE, signal(T0, **hourly))
+        at = T0 + timedelta(seconds=900)
+        out = p(
+            [instance(1, 1, at, gpus=8, age_s=7200 - left_s)], cfg(), PRICE, signal(at, **hourly)
+        )
+        return [x.instance_type for x in out if x.action_type == PROVISION]
+
+    assert launches(BOOT + 120) == ["gpu_1x_a100"]  # it boots 2 min before the hour ends
+    # It would boot after the node's next hour began: both paid an hour. It waits for the next.
+    assert launches(BOOT - 120) == []
+    assert launches(1800) == []  # half an hour left: not yet

@@ -1,5 +1,6 @@
 """What procure's fleet policy knows of the provider's billing: when each instance's billing
-began, so when its paid increment ends, and which boots no queued job needs any more."""
+began, so when its paid increment ends, which boots no queued job needs any more, and which
+idle instances a late job would renew for little."""
 
 from __future__ import annotations
 
@@ -74,3 +75,17 @@ def unneeded_boots(
         if not wanted
         and (signal.now - v.instance.first_seen_at).total_seconds() >= signal.boot_s - step_s
     ]
+
+
+def renews_for_little(v: InstanceView, signal: FleetSignal, paid_left_s: float) -> bool:
+    """Billed by long increments, an idle instance with more GPUs than the jobs ask for on
+    average, in the last quarter of its increment, with no queued job that needs its size: a job
+    the scheduler lands on it now likely runs past the increment's end and renews every GPU for a
+    whole increment, mostly idle. It goes now: the rest of the increment is paid anyway, and
+    a job that needs its size is launched for as any other (the same increment, a boot later)."""
+    increment = signal.billing_increment_s
+    if increment < LONG_INCREMENT_S or signal.arrived <= 0 or paid_left_s > increment / 4:
+        return False
+    gpus = v.instance.gpus
+    mean_job = signal.arrived_gpus / signal.arrived
+    return gpus > mean_job and signal.largest_queued_gpus < gpus

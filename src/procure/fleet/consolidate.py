@@ -13,12 +13,6 @@ from procure.fleet.monitor import InstanceView
 from procure.fleet.policy import PROVISION, TERMINATE, Proposal
 from procure.fleet.settings import FleetSettings
 
-import os
-
-def _X(k: str) -> bool:
-    return k in os.environ.get('HA_X', '')
-
-
 if TYPE_CHECKING:
     from procure.fleet.policies import FleetSignal
 
@@ -83,8 +77,7 @@ def right_size(
     homes = [
         v.id
         for v in sorted(running, key=lambda x: free.get(x.id, 0))
-        if v.instance.status == "active" and free.get(v.id, 0) and (not idle(v, cfg) or (_X("H") and paid_left(v) >= float(os.environ.get("HA_P", "30")) * 60))
-        and (not _X("P") or paid_left(v) >= float(os.environ.get("HA_P", "30")) * 60)
+        if v.instance.status == "active" and free.get(v.id, 0) and not idle(v, cfg)
     ]
     leaving: set[str] = set()  # moved out this scan: no home
     taking: set[str] = set()  # a home this scan: it stays
@@ -93,18 +86,6 @@ def right_size(
         # Its jobs now, as placed at the start of the scan (not counting those moving in).
         busy = n - placed[v.id] if v.id in placed else 0  # not placed: nothing to move
         smaller = [t for t in offers if busy <= t.gpus < n]
-        if _X("A") and long and v.instance.status == "active" and busy and 2 * busy > n and v.id not in taking:
-            home = next(
-                (i for i in homes if i not in leaving | {v.id} and free.get(i, 0) >= busy), None
-            )
-            if home is not None and paid_left(v) <= step and left > cfg.min_instances:
-                left -= 1
-                free[home] -= busy
-                leaving.add(v.id)
-                taking.add(home)
-                frag_since.pop(v.id, None)
-                out.append(terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
-            continue
         if v.instance.status != "active" or busy == 0 or 2 * busy > n or not smaller:
             continue
         seen.add(v.id)
@@ -141,11 +122,12 @@ def right_size(
         stale = started is not None and (
             (signal.now - started).total_seconds() > 2 * signal.boot_s + step
         )
-        if _X("N") and long:
-            continue
-        if _X("F") and long and left_s < signal.boot_s + step:
-            continue
-        if (started is None or stale) and left_s <= signal.boot_s + (2 if _X("F") else 1) * step and room > 0:
+        # Billed by long increments, a replacement that could not boot before the old node's
+        # increment ends would find it renewed: both paid a whole increment. It is launched at
+        # the last scans that leave it a boot (and a scan) before that end, or in the next one.
+        latest = signal.boot_s + step + (step if long else 0.0)
+        soonest = signal.boot_s + step if long else 0.0
+        if (started is None or stale) and soonest <= left_s <= latest and room > 0:
             kind = min(smaller, key=lambda t: (t.price_per_hour, t.gpus, t.name))
             replacing[v.id] = signal.now
             room -= 1

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from procure.clouds.base import InstanceType
 from procure.fleet import policy
-from procure.fleet.billing import BillingClock, unneeded_boots
+from procure.fleet.billing import BillingClock, renews_for_little, unneeded_boots
 from procure.fleet.consolidate import idle as _idle
 from procure.fleet.consolidate import launch as _launch
 from procure.fleet.consolidate import right_size
@@ -191,7 +191,10 @@ class ProcurePolicy:
       counted from when billing began (the end of its boot, where the cloud bills from there).
       Billed by long increments, a boot that no queued job needs any more is called off before
       it ends (booting is free; its first hour is not), and a half-used node whose jobs fit on
-      another node in use goes at the end of its increment (they move there, nothing bought).
+      another node in use goes at the end of its increment (they move there, nothing bought);
+      an idle node with more GPUs than the average job goes in its increment's last quarter (a
+      small job landing then would renew all of it), and a half-used node's replacement is
+      launched only where it boots before that node's increment ends.
 
     - Headroom: a target shorter than a boot cannot be met by launching when a job comes; it
       then keeps free GPUs for the jobs that arrive within a boot less the target (the GPU
@@ -333,20 +336,13 @@ class ProcurePolicy:
         capacity = {t.name: PER_REGION * len(t.regions_with_capacity) for t in offers}
         used: dict[str, int] = {}
         opened: list[int] = []  # room left on each instance launched now
-        import os
-        early_f = float(os.environ.get("HA_F", "0")) if signal.billing_increment_s >= 600 else 0.0
-        early_w = float(os.environ.get("HA_EW", "0")) * due_after
-        early = early_f * sum(g for g, _ in signal.queued) - sum(
-            v.instance.gpus for v in running if v.instance.status == "booting"
-        )
         for index, (gpus, waited) in enumerate(waiting):
             slot = next((k for k, f in enumerate(opened) if f >= gpus), None)
             if slot is not None:
                 opened[slot] -= gpus
                 continue
-            if (waited < due_after and not (early > 0 and waited >= early_w)) or room <= 0:
+            if waited < due_after or room <= 0:
                 continue
-            early -= gpus
             near_cap = room <= 1
             fits = [
                 t
@@ -435,46 +431,20 @@ class ProcurePolicy:
             if moving and age < 2 * signal.boot_s + step:
                 continue  # booted to take a moved job: it waits for it
             paid_left = self.paid_left_s(v, signal)
-            if paid_left > step and not self._redundant(v, running, cfg, signal, gone, out, paid_left):
+            early = paid_left > step and renews_for_little(v, signal, paid_left)
+            if paid_left > step and not early:
                 continue  # paid for already: kept, free, for whatever comes
             count -= 1
             spare -= v.instance.gpus
+            why = "no job queued" if not early else "more GPUs than a job asks on average"
             out.append(
                 _terminate(
                     v,
-                    f"idle {v.low_streak_min:.0f} min, no job queued, its paid "
+                    f"idle {v.low_streak_min:.0f} min, {why}, its paid "
                     f"{increment / 60:g}-min increment ends in {paid_left / 60:.0f} min",
                 )
             )
         return out
-
-
-def _X(k: str) -> bool:
-    import os
-    return k in os.environ.get("HA_X", "")
-
-
-def _redundant(self, v, running, cfg, signal, gone, out, paid_left) -> bool:
-    import os
-    if not _X("B") or signal.billing_increment_s < 600:
-        return False
-    W = float(os.environ.get("HA_W", "30")) * 60
-    if paid_left > W:
-        return False
-    leaving = {p.target for p in out} | set(gone)
-    if _X("I"):
-        return v.instance.gpus >= float(os.environ.get("HA_G", "4")) and signal.largest_queued_gpus < v.instance.gpus
-    same = _X("S")
-    for o in running:
-        if o.id == v.id or o.id in leaving or not _idle(o, cfg):
-            continue
-        ok = o.instance.gpus == v.instance.gpus if same else o.instance.gpus >= v.instance.gpus
-        if ok and self.paid_left_s(o, signal) > paid_left + 60:
-            return True
-    return False
-
-
-ProcurePolicy._redundant = _redundant  # type: ignore
 
 
 def _launch_cost(t: InstanceType, gpus: int, behind: int) -> tuple[float, int, str]:
