@@ -323,3 +323,55 @@ def test_billed_by_the_hour_a_replacement_is_launched_only_if_it_boots_before_th
     # It would boot after the node's next hour began: both paid an hour. It waits for the next.
     assert launches(BOOT - 120) == []
     assert launches(1800) == []  # half an hour left: not yet
+
+
+def test_a_big_node_more_than_half_used_for_long_is_split_onto_smaller_types() -> None:
+    """An 8-GPU node running a 4- and a 1-GPU job moves them onto a 4 and a 1 (5 GPUs paid of
+    8); once those boot, the node goes. Seven GPUs' worth of jobs (4 + 2 + 1) would save an
+    eighth only, and jobs whose sizes the scheduler does not give are never split."""
+
+    def scans(jobs: tuple[int, ...] | None) -> tuple[list[str], list[str]]:
+        p = ProcurePolicy(migrate_after_s=600)
+        busy = sum(jobs) if jobs else 5
+        on = {"jobs_on": (("i-1", jobs),)} if jobs else {}
+        free = {"free_gpus": (("i-1", 8 - busy),)}
+        p([instance(1, busy, T0, gpus=8, age_s=7200)], cfg(), PRICE, signal(T0, **free, **on))
+        later = T0 + timedelta(minutes=11)
+        big = [instance(1, busy, later, gpus=8, age_s=7860)]
+        out = p(big, cfg(), PRICE, signal(later, **free, **on))
+        launched = sorted(x.instance_type for x in out if x.action_type == PROVISION)
+        booted = later + timedelta(seconds=BOOT + 60)
+        views = [
+            instance(1, busy, booted, gpus=8, age_s=8520),
+            instance(2, 0, booted, gpus=4),
+            instance(3, 0, booted),
+        ]
+        now_free = {"free_gpus": (("i-1", 8 - busy), ("i-2", 4), ("i-3", 1))}
+        out = p(views, cfg(), PRICE, signal(booted, **now_free, **on))
+        return launched, [x.target for x in out if x.action_type == TERMINATE]
+
+    launched, gone = scans((4, 1))
+    assert launched == ["gpu_1x_a100", "gpu_4x_a100"]
+    assert gone == ["i-1"]
+    assert scans((4, 2, 1))[0] == []
+    assert scans(None)[0] == []  # five GPUs busy, in jobs of unknown sizes
+
+
+def test_replacement_types_hold_the_jobs_and_cost_at_most_three_quarters() -> None:
+    from procure.fleet.consolidate import replacement
+
+    types = (A100, A100_2, A100_4, A100_8)
+
+    def names(sizes: tuple[int, ...], n: int = 8) -> list[str]:
+        price = next(t.price_per_hour for t in types if t.gpus == n)
+        return [t.name for t in replacement(sizes, n, price, types)]
+
+    assert names((1,)) == ["gpu_1x_a100"]
+    assert names((2, 1)) == ["gpu_4x_a100"]  # at most half: one type that holds them all
+    assert names((1, 1, 1, 1, 1)) == ["gpu_4x_a100", "gpu_1x_a100"]
+    assert names((2, 2, 2)) == ["gpu_4x_a100", "gpu_2x_a100"]
+    assert names((4, 2)) == ["gpu_4x_a100", "gpu_2x_a100"]
+    assert names((4, 2, 1)) == []  # 7 of 8: an eighth saved is not worth the restarts
+    assert names((8,)) == []
+    assert names((2, 1), n=4) == ["gpu_2x_a100", "gpu_1x_a100"]  # a quarter saved
+    assert names(()) == []

@@ -16,6 +16,8 @@ from procure.fleet.settings import FleetSettings
 if TYPE_CHECKING:
     from procure.fleet.policies import FleetSignal
 
+MAX_SPLIT = 4  # nodes at most that replace one
+
 
 def launch(
     cfg: FleetSettings,
@@ -40,6 +42,53 @@ def idle(v: InstanceView, cfg: FleetSettings) -> bool:
     if v.instance.status != "active" or last is None or last.gpu_util is None:
         return False
     return last.gpu_util < min(cfg.low_gpu_threshold, 50.0 / max(1, v.instance.gpus))
+
+
+def fits(sizes: Sequence[int], free: Sequence[int]) -> bool:
+    """Whether jobs of `sizes` GPUs each (one node per job) fit in the `free` GPUs of nodes,
+    largest job first, each on the first node with room."""
+    room = list(free)
+    for g in sorted(sizes, reverse=True):
+        slot = next((k for k, f in enumerate(room) if f >= g), None)
+        if slot is None:
+            return False
+        room[slot] -= g
+    return True
+
+
+def replacement(
+    sizes: Sequence[int], n: int, price: int, offers: Sequence[InstanceType]
+) -> list[InstanceType]:
+    """Smaller types to move a node's jobs (`sizes`, GPUs each) onto, or none. At most half of
+    its `n` GPUs busy: the cheapest single type that holds them. More: several, each the
+    largest type no bigger than the GPUs still to place (jobs of 1, 2, 4, 8 GPUs then fill
+    them exactly), and only where they cost at most 3/4 of the node (a node of 8 running a 4-
+    and a 1-GPU job for days becomes a 4 and a 1: its jobs restart from their checkpoints)."""
+    busy = sum(sizes)
+    if busy == 0 or not sizes:
+        return []
+    smaller = [t for t in offers if t.gpus < n]
+    if 2 * busy <= n:
+        fit = [t for t in smaller if t.gpus >= busy]
+        return [min(fit, key=lambda t: (t.price_per_hour, t.gpus, t.name))] if fit else []
+    by_size = sorted(smaller, key=lambda t: (-t.gpus, t.price_per_hour, t.name))
+    left, plan = sorted(sizes, reverse=True), []
+    while left and len(plan) < MAX_SPLIT:
+        total = sum(left)
+        kind = next((t for t in by_size if left[0] <= t.gpus <= total), None)
+        if kind is None:
+            return []
+        room, rest = kind.gpus, []
+        for g in left:
+            if g <= room:
+                room -= g
+            else:
+                rest.append(g)
+        plan.append(kind)
+        left = rest
+    if left or 4 * sum(t.price_per_hour for t in plan) > 3 * price:
+        return []
+    return plan
 
 
 def right_size(
@@ -81,12 +130,16 @@ def right_size(
     ]
     leaving: set[str] = set()  # moved out this scan: no home
     taking: set[str] = set()  # a home this scan: it stays
+    jobs_on = dict(signal.jobs_on)
     for v in running:
         n = v.instance.gpus
         # Its jobs now, as placed at the start of the scan (not counting those moving in).
         busy = n - placed[v.id] if v.id in placed else 0  # not placed: nothing to move
-        smaller = [t for t in offers if busy <= t.gpus < n]
-        if v.instance.status != "active" or busy == 0 or 2 * busy > n or not smaller:
+        sizes = jobs_on.get(v.id, ())
+        if sum(sizes) != busy:
+            sizes = (busy,)
+        plan = replacement(sizes, n, v.instance.price_per_hour, offers)
+        if v.instance.status != "active" or busy == 0 or not plan:
             continue
         seen.add(v.id)
         since = frag_since.setdefault(v.id, signal.now)
@@ -94,7 +147,7 @@ def right_size(
             continue
         left_s = paid_left(v)
         started = replacing.get(v.id)
-        elsewhere = max((f for i, f in free.items() if i != v.id), default=0)
+        others = [f for i, f in free.items() if i != v.id]
         home = next(
             (i for i in homes if i not in leaving | {v.id} and free.get(i, 0) >= busy), None
         )
@@ -110,7 +163,7 @@ def right_size(
                 frag_since.pop(v.id, None)
                 out.append(terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
             continue
-        if started is not None and elsewhere >= busy and left_s <= step:
+        if started is not None and fits(sizes, others) and left_s <= step:
             if (signal.now - started).total_seconds() >= signal.boot_s and (
                 left > cfg.min_instances
             ):
@@ -127,20 +180,16 @@ def right_size(
         # the last scans that leave it a boot (and a scan) before that end, or in the next one.
         latest = signal.boot_s + step + (step if long else 0.0)
         soonest = signal.boot_s + step if long else 0.0
-        if (started is None or stale) and soonest <= left_s <= latest and room > 0:
-            kind = min(smaller, key=lambda t: (t.price_per_hour, t.gpus, t.name))
+        if (started is None or stale) and soonest <= left_s <= latest and room >= len(plan):
             replacing[v.id] = signal.now
-            room -= 1
-            out.append(
-                launch(
-                    cfg,
-                    kind.price_per_hour,
-                    f"{busy} of {n} GPUs used for {migrate_after_s / 60:.0f} min: "
-                    f"{kind.name} replaces it",
-                    kind.regions_with_capacity[0],
-                    kind.name,
-                )
-            )
+            room -= len(plan)
+            names = " + ".join(t.name for t in plan)
+            reason = f"{busy} of {n} GPUs used for {migrate_after_s / 60:.0f} min: {names} "
+            reason += "replace it" if len(plan) > 1 else "replaces it"
+            out += [
+                launch(cfg, t.price_per_hour, reason, t.regions_with_capacity[0], t.name)
+                for t in plan
+            ]
     for gone in set(frag_since) - seen:
         frag_since.pop(gone, None)
         replacing.pop(gone, None)

@@ -55,6 +55,8 @@ class FleetSignal:
     # True: `free_gpus` is the scheduler's exact placement (the simulated cluster's), not an
     # estimate from utilisation; jobs are moved between nodes only then.
     placement_known: bool = False
+    # With the placement known: per active instance, the GPUs each job on it uses.
+    jobs_on: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 Policy = Callable[[Sequence[InstanceView], FleetSettings, int | None, FleetSignal], list[Proposal]]

@@ -145,6 +145,7 @@ def _signal(
         queued=tuple((j.spec.gpus, c.now - j.queued_at) for j in queued),
         free_gpus=tuple((n.id, n.gpus.count(None)) for n in c.nodes.values() if not n.stalled),
         placement_known=True,  # the simulated cluster's own placement
+        jobs_on=tuple((n.id, c.job_sizes(n.id)) for n in c.nodes.values() if not n.stalled),
     )
 
 

@@ -256,6 +256,9 @@ class Sim:
                 if n.id in self.cluster.nodes
             ),
             placement_known=True,  # the simulated cluster's own placement
+            jobs_on=tuple(
+                (n.id, self.cluster.job_sizes(n.id)) for n in self.live() if n.id in c.nodes
+            ),
         )
 
     def act(self, p: Proposal) -> None:

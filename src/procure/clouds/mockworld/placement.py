@@ -99,6 +99,14 @@ class Cluster:
         if node is not None:
             node.stalled = True
 
+    def job_sizes(self, node_id: str) -> tuple[int, ...]:
+        """The GPUs each job placed on the node uses."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return ()
+        placed = dict.fromkeys(j for j in node.gpus if j is not None)
+        return tuple(self.jobs[j].spec.gpus for j in placed if j in self.jobs)
+
     def busy(self, node_id: str) -> list[bool]:
         """Per GPU of the node: does a job run on it now (a stalled job counts as placed but
         not running)."""
