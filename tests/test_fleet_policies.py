@@ -375,3 +375,57 @@ def test_replacement_types_hold_the_jobs_and_cost_at_most_three_quarters() -> No
     assert names((8,)) == []
     assert names((2, 1), n=4) == ["gpu_2x_a100", "gpu_1x_a100"]  # a quarter saved
     assert names(()) == []
+
+
+def test_a_node_whose_replacements_are_up_is_never_launched_for_again() -> None:
+    """Billed by the hour, a 4 and a 1 replace an 8 running a 4- and a 1-GPU job. If the old
+    node outlives its hour, the next hour's launch window buys nothing more: its jobs fit on the
+    replacements already up."""
+    p = ProcurePolicy(migrate_after_s=600)
+    hourly = {"billing_increment_s": 3600.0, "jobs_on": (("i-1", (4, 1)),)}
+    old = {"free_gpus": (("i-1", 3),)}
+    p([instance(1, 5, T0, gpus=8, age_s=5580)], cfg(), PRICE, signal(T0, **hourly, **old))
+    at = T0 + timedelta(seconds=900)  # 12 min of its hour left: a boot and a scan
+    out = p([instance(1, 5, at, gpus=8, age_s=6480)], cfg(), PRICE, signal(at, **hourly, **old))
+    assert sorted(x.instance_type for x in out if x.action_type == PROVISION) == [
+        "gpu_1x_a100",
+        "gpu_4x_a100",
+    ]
+    later = at + timedelta(hours=1)  # the same point of its next hour
+    views = [
+        instance(1, 5, later, gpus=8, age_s=10080),
+        instance(2, 0, later, gpus=4, age_s=3000),
+        instance(3, 0, later, age_s=3000),
+    ]
+    up = {"free_gpus": (("i-1", 3), ("i-2", 4), ("i-3", 1))}
+    out = p(views, cfg(), PRICE, signal(later, **hourly, **up))
+    assert [x for x in out if x.action_type == PROVISION] == []
+
+
+def test_the_room_a_moved_node_counts_on_is_not_let_go_in_the_same_scan() -> None:
+    """Billed by the minute, an 8 running a 4- and a 1-GPU job goes once an idle node has room
+    for both; that idle node, which would go too otherwise, stays to take them."""
+    p = ProcurePolicy(migrate_after_s=600)
+    jobs = {"jobs_on": (("i-1", (4, 1)),), "billing_increment_s": 60.0}
+    p(
+        [instance(1, 5, T0, gpus=8, age_s=7200)],
+        cfg(),
+        PRICE,
+        signal(T0, free_gpus=(("i-1", 3),), **jobs),
+    )
+    at = T0 + timedelta(minutes=11)
+    out = p(
+        [instance(1, 5, at, gpus=8, age_s=7860)],
+        cfg(),
+        PRICE,
+        signal(at, free_gpus=(("i-1", 3),), **jobs),
+    )
+    assert any(x.action_type == PROVISION for x in out)
+    booted = at + timedelta(seconds=BOOT + 60)
+    views = [
+        instance(1, 5, booted, gpus=8, age_s=8520),
+        instance(4, 0, booted, gpus=8, age_s=9000, idle_min=30),
+    ]
+    free = {"free_gpus": (("i-1", 3), ("i-4", 8))}
+    out = p(views, cfg(), PRICE, signal(booted, **free, **jobs))
+    assert [x.target for x in out if x.action_type == TERMINATE] == ["i-1"]

@@ -44,16 +44,18 @@ def idle(v: InstanceView, cfg: FleetSettings) -> bool:
     return last.gpu_util < min(cfg.low_gpu_threshold, 50.0 / max(1, v.instance.gpus))
 
 
-def fits(sizes: Sequence[int], free: Sequence[int]) -> bool:
-    """Whether jobs of `sizes` GPUs each (one node per job) fit in the `free` GPUs of nodes,
-    largest job first, each on the first node with room."""
-    room = list(free)
+def place(sizes: Sequence[int], free: dict[str, int]) -> dict[str, int] | None:
+    """Where jobs of `sizes` GPUs each (one node per job) go in the `free` GPUs of nodes,
+    largest job first, each on the first node with room: GPUs taken per node (None: not all
+    fit)."""
+    room, taken = dict(free), {}
     for g in sorted(sizes, reverse=True):
-        slot = next((k for k, f in enumerate(room) if f >= g), None)
-        if slot is None:
-            return False
-        room[slot] -= g
-    return True
+        node = next((i for i, f in room.items() if f >= g), None)
+        if node is None:
+            return None
+        room[node] -= g
+        taken[node] = taken.get(node, 0) + g
+    return taken
 
 
 def replacement(
@@ -103,17 +105,19 @@ def right_size(
     replacing: dict[str, datetime],
     migrate_after_s: float,
     paid_left: Callable[[InstanceView], float],
+    keep: set[str],
 ) -> list[Proposal]:
-    """A node at most half used for `migrate_after_s` (a long job left alone on a big node:
+    """A node with GPUs to spare for `migrate_after_s` (a long job left alone on a big node:
     durations are heavy-tailed, one that has run long will likely run longer) is replaced by
-    the cheapest of `offers` (types it may launch, with capacity) that holds its work: the new
-    one is launched, and once booted the old one goes near the end of its paid increment; its
-    jobs restart there from their last checkpoint. Billed by long increments, where another node
-    in use has the room, the jobs move there at the end of the increment and nothing is
-    launched. `frag_since` (when each node was first seen half used) and `replacing` (when its
-    replacement was launched) are the caller's state, kept across scans; `left` counts the
-    instances left after this scan's other terminations (none goes below the minimum). Only on
-    the scheduler's exact placement (`placement_known`): a utilisation estimate may hide a job."""
+    the types of `offers` (with capacity) that `replacement` picks for its jobs: they are
+    launched, and once booted the old node goes near the end of its paid increment; its jobs
+    restart there from their last checkpoint. Billed by long increments, where another node in
+    use has the room, the jobs move there at the end of the increment and nothing is launched.
+    `frag_since` (when each node was first seen so) and `replacing` (when its replacements were
+    launched) are the caller's state, kept across scans; `keep` gets the nodes this scan's moves
+    count on (the caller lets none of them go); `left` counts the instances left after this
+    scan's other terminations (none goes below the minimum). Only on the scheduler's exact
+    placement (`placement_known`): a utilisation estimate may hide a job."""
     out: list[Proposal] = []
     placed = dict(signal.free_gpus)
     free = dict(placed)
@@ -139,6 +143,8 @@ def right_size(
         if sum(sizes) != busy:
             sizes = (busy,)
         plan = replacement(sizes, n, v.instance.price_per_hour, offers)
+        if len(plan) > 1 and cfg.action_cooldown_mins > 0:
+            plan = []  # the rails' cooldown would let one of its launches through per scan
         if v.instance.status != "active" or busy == 0 or not plan:
             continue
         seen.add(v.id)
@@ -147,7 +153,7 @@ def right_size(
             continue
         left_s = paid_left(v)
         started = replacing.get(v.id)
-        others = [f for i, f in free.items() if i != v.id]
+        others = {i: f for i, f in free.items() if i != v.id and i not in leaving}
         home = next(
             (i for i in homes if i not in leaving | {v.id} and free.get(i, 0) >= busy), None
         )
@@ -163,13 +169,18 @@ def right_size(
                 frag_since.pop(v.id, None)
                 out.append(terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
             continue
-        if started is not None and fits(sizes, others) and left_s <= step:
-            if (signal.now - started).total_seconds() >= signal.boot_s and (
-                left > cfg.min_instances
-            ):
+        if started is not None and (target := place(sizes, others)) is not None:
+            # Its replacements are up (or other room is): it goes at its increment's end, and
+            # is never launched for again meanwhile.
+            booted = (signal.now - started).total_seconds() >= signal.boot_s
+            if left_s <= step and booted and left > cfg.min_instances:
                 left -= 1
                 replacing.pop(v.id, None)
                 frag_since.pop(v.id, None)
+                leaving.add(v.id)
+                for i, g in target.items():
+                    free[i] -= g
+                taking.update(target)
                 out.append(terminate(v, f"{busy} of {n} GPUs used: moved to a smaller type"))
             continue
         stale = started is not None and (
@@ -193,4 +204,5 @@ def right_size(
     for gone in set(frag_since) - seen:
         frag_since.pop(gone, None)
         replacing.pop(gone, None)
+    keep.update(taking)
     return out

@@ -195,8 +195,12 @@ class ProcurePolicy:
       it ends (booting is free; its first hour is not), and a half-used node whose jobs fit on
       another node in use goes at the end of its increment (they move there, nothing bought);
       an idle node with more GPUs than the average job goes in its increment's last quarter (a
-      small job landing then would renew all of it), and a half-used node's replacement is
-      launched only where it boots before that node's increment ends.
+      small job landing then would renew all of it; only where arrivals are counted, as the
+      simulators do), and a moved node's replacement is launched only where it boots before
+      that node's increment ends.
+    - Moves (only where the scheduler's placement is known, as in the simulators): a node with
+      GPUs to spare for `migrate_after_s` is replaced by smaller types that hold its jobs
+      (`consolidate.right_size`).
 
     - Headroom: a target shorter than a boot cannot be met by launching when a job comes; it
       then keeps free GPUs for the jobs that arrive within a boot less the target (the GPU
@@ -207,7 +211,7 @@ class ProcurePolicy:
 
     target_wait_s: float = 1800.0  # how long a queued job may wait for a place before a launch
     hold_s: float | None = 0.0  # idle time before letting go (None: one boot)
-    migrate_after_s: float = 600.0  # a node at most half used this long is replaced
+    migrate_after_s: float = 600.0  # a node with GPUs to spare this long is replaced
     _frag_since: dict[str, datetime] = field(default_factory=dict, repr=False)
     _replacing: dict[str, datetime] = field(default_factory=dict, repr=False)
     half_life_min: float = 60.0  # how fast the learned GPU arrival rate forgets
@@ -257,11 +261,12 @@ class ProcurePolicy:
         # One count of the instances left, across every way one goes this scan: none of them
         # may take the pool below the minimum, whatever the others did.
         left = len(running)
+        homes: set[str] = set()  # where this scan's moved jobs go: none of them is let go
         if signal.queue_known and signal.placement_known:
-            moved = self._right_size(running, cfg, signal, len(out), left)
+            moved = self._right_size(running, cfg, signal, len(out), left, homes)
             out += moved
             left -= sum(p.action_type == TERMINATE for p in moved)
-        gone = {p.target for p in out if p.action_type == TERMINATE}
+        gone = {p.target for p in out if p.action_type == TERMINATE} | homes
         # An idle instance with jobs queued holds none of them (the scheduler would have placed
         # it there): it may go all the same, whether the queue could be read or not.
         released = self._release(running, cfg, signal, moving, left, gone)
@@ -298,6 +303,7 @@ class ProcurePolicy:
         signal: FleetSignal,
         launching: int,
         left: int,
+        homes: set[str],
     ) -> list[Proposal]:
         return right_size(
             running,
@@ -310,6 +316,7 @@ class ProcurePolicy:
             replacing=self._replacing,
             migrate_after_s=self.migrate_after_s,
             paid_left=lambda v: self.paid_left_s(v, signal),
+            keep=homes,
         )
 
     def _provision(
