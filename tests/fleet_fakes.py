@@ -44,7 +44,9 @@ ERRORS: dict[str, type[CloudError]] = {
 
 
 def serve_on(app: FastAPI, host: str, port: int) -> LocalServer:
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+    )
     server = Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -21,7 +21,7 @@ from procure.models import Vendor
 from procure.payments.chain import LocalChain
 from procure.payments.facilitator import create_facilitator_app
 from procure.settings import Settings
-from procure.uvserver import Server
+from procure.uvserver import GRACE_S, Server
 from procure.vendors.mock import MockVendorConfig, create_mock_vendor_app
 from procure.vendors.registry import vendor_payee
 
@@ -50,8 +50,7 @@ class LocalServer:
 def stop_all(servers: list[LocalServer]) -> None:
     """Stop every server, all at once (uvicorn's shutdown still gives connections 0.1 s)."""
     for s in servers:
-        s.server.should_exit = True
-        s.server.wake()
+        s.server.exit()
     for s in servers:
         s.thread.join(timeout=10)
 
@@ -59,7 +58,14 @@ def stop_all(servers: list[LocalServer]) -> None:
 def serve(app: FastAPI, port: int | None = None) -> LocalServer:
     """Start `app` on 127.0.0.1 in a daemon thread; return once it accepts connections."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=GRACE_S,
+    )
     server = Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

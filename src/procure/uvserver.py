@@ -8,9 +8,11 @@ import contextlib
 
 import uvicorn
 
+GRACE_S = 5  # a connection still open (a dashboard's event stream) holds a stop no longer
+
 
 class Server(uvicorn.Server):
-    """uvicorn's server; after `should_exit`, `wake()` ends its main loop at once."""
+    """uvicorn's server; `exit()` ends its main loop at once (from any thread)."""
 
     _wake: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -23,7 +25,8 @@ class Server(uvicorn.Server):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.1)
 
-    def wake(self) -> None:
+    def exit(self) -> None:
+        self.should_exit = True
         if self._loop is not None and self._wake is not None:
             with contextlib.suppress(RuntimeError):  # its loop has already closed
                 self._loop.call_soon_threadsafe(self._wake.set)

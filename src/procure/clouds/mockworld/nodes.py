@@ -21,7 +21,7 @@ from procure.clouds.lambda_cloud.simnvml import SimGpu, sim_nvml
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
-from procure.uvserver import Server
+from procure.uvserver import GRACE_S, Server
 
 log = logging.getLogger(__name__)
 LAST_IP = 254
@@ -37,8 +37,7 @@ class Node:
     thread: threading.Thread
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.server.wake()
+        self.server.exit()
         self.thread.join(timeout=10)
 
 
@@ -75,7 +74,14 @@ async def start_node(
     app = create_gpu_worker_app(
         settings, read=lambda: read_nvml(module), port=port, hostname=ip.replace(".", "-")
     )
-    config = uvicorn.Config(app, host=ip, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host=ip,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=GRACE_S,
+    )
     server = Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name=f"node-{ip}", daemon=True
