@@ -5,6 +5,7 @@ running every migration again for each test."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from procure.store import open_store
 from procure.store.db import MIGRATIONS
@@ -72,7 +74,9 @@ def _postgres_template(admin: Engine) -> str:
                 open_store(url).dispose()
                 conn.execute(text(f'ALTER DATABASE "{building}" RENAME TO "{name}"'))
         finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+            # A connection that died has released its lock already (and raised what matters).
+            with contextlib.suppress(DBAPIError):
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
     _made["postgres"] = name
     return name
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from queue import Empty, Queue
 
 import httpx
+import pytest
 
 from procure.local import free_port
 
@@ -25,19 +26,22 @@ def _lines(stream: object, into: Queue[str]) -> None:
         into.put(line)
 
 
+@pytest.mark.timeout(300)  # a start and a stop of a dozen services, each waited on for 120 s
 def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     command = ["demo", "--serve", "--port", str(port), "--job-seconds", "0.5"]
     child = subprocess.Popen(
         [sys.executable, "-m", "procure.cli", *command],
         cwd=tmp_path,  # no .env of the checkout
-        env={**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"},
+        # SIGABRT dumps every thread's stack (faulthandler) should it not stop.
+        env={**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     seen: Queue[str] = Queue()
-    threading.Thread(target=_lines, args=(child.stdout, seen), daemon=True).start()
+    reader = threading.Thread(target=_lines, args=(child.stdout, seen), daemon=True)
+    reader.start()
     output: list[str] = []
     try:
         url = None
@@ -84,8 +88,18 @@ def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
         instances = httpx.get(url + "/api/fleet/instances", timeout=60).json()
         assert {i["name"] for i in instances} == {"demo-gpu-1", "demo-gpu-2"}
         child.send_signal(signal.SIGINT)
+        stopping = time.monotonic()
         # Generous: on a busy machine the services' shutdown may take long; a hang would not end.
-        assert child.wait(timeout=120) == 0
+        try:
+            code = child.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGABRT)
+            child.wait(timeout=30)
+            reader.join(timeout=30)  # it reads to the end: the stacks are there
+            while not seen.empty():
+                output.append(seen.get())
+            raise AssertionError("no exit 120 s after Ctrl+C:\n" + "".join(output)) from None
+        assert code == 0, f"exit {code} after {time.monotonic() - stopping:.0f} s"
     finally:
         if child.poll() is None:
             child.kill()

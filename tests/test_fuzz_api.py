@@ -15,6 +15,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.transport.requests import ManagedCookiesSession
 
 from procure.api.app import create_app
 from procure.local import LocalServer, serve
@@ -77,8 +78,9 @@ def server(fuzz_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
 @pytest.fixture(scope="module")
 def session() -> Iterator[requests.Session]:
     """One client for every call (kept-alive connections, no proxy lookup per request): the
-    fuzzing's cost is then the server's, not the client's."""
-    with requests.Session() as s:
+    fuzzing's cost is then the server's, not the client's. schemathesis' own kind: no cookie
+    kept from one call to the next, no redirect to another host followed."""
+    with ManagedCookiesSession() as s:
         s.trust_env = False
         yield s
 
