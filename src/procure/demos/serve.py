@@ -11,6 +11,8 @@ to launch or terminate anything. None of this runs in the plain `procure demo`.
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -133,6 +135,10 @@ def serve_until_interrupted(
     settings: Settings, store: Store, *, port: int, console: Console
 ) -> None:
     """Serve on 127.0.0.1:`port`; return on Ctrl+C (SIGINT) once the server has stopped."""
+    if threading.current_thread() is threading.main_thread():
+        # A shell starting it in the background (`&`, no job control) hands it SIGINT ignored,
+        # which Python keeps: `kill -INT` must stop it all the same.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         mock = demo_cloud()
     except KeyboardInterrupt:
