@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
-import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -30,8 +27,7 @@ from procure.clouds.base import (
 from procure.gpu.probe import nvml_reader
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
-from procure.local import LocalServer, free_port
-from procure.uvserver import Server
+from procure.local import LocalServer, free_port, serve
 
 NODE_TOKEN = "node-token"
 PRICE = 1_290_000  # gpu_1x_a100, micro-USD per hour
@@ -44,18 +40,7 @@ ERRORS: dict[str, type[CloudError]] = {
 
 
 def serve_on(app: FastAPI, host: str, port: int) -> LocalServer:
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
-    )
-    server = Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"node on {host}:{port} did not start")
-        time.sleep(0.01)
-    return LocalServer(app, port, server, thread)
+    return serve(app, port, host=host)
 
 
 @dataclass

@@ -38,10 +38,11 @@ class LocalServer:
     port: int
     server: Server
     thread: threading.Thread
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def stop(self) -> None:
         stop_all([self])
@@ -55,12 +56,13 @@ def stop_all(servers: list[LocalServer]) -> None:
         s.thread.join(timeout=10)
 
 
-def serve(app: FastAPI, port: int | None = None) -> LocalServer:
-    """Start `app` on 127.0.0.1 in a daemon thread; return once it accepts connections."""
+def serve(app: FastAPI, port: int | None = None, host: str = "127.0.0.1") -> LocalServer:
+    """Start `app` on `host` (loopback) in a daemon thread; return once it accepts
+    connections."""
     port = port or free_port()
     config = uvicorn.Config(
         app,
-        host="127.0.0.1",
+        host=host,
         port=port,
         log_level="warning",
         lifespan="on",
@@ -72,9 +74,9 @@ def serve(app: FastAPI, port: int | None = None) -> LocalServer:
     deadline = time.monotonic() + 15
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"server on port {port} did not start")
+            raise RuntimeError(f"server on {host}:{port} did not start")
         time.sleep(0.01)
-    return LocalServer(app, port, server, thread)
+    return LocalServer(app, port, server, thread, host)
 
 
 def start_facilitator(journal: Path, port: int | None = None) -> LocalServer:
