@@ -1,5 +1,5 @@
 """Right-sizing for procure's fleet policy: a long job left alone on a big node moves to the
-cheapest type that holds it or, billed by long increments, onto another node in use."""
+cheapest type that holds it or, billed by long increments, onto other nodes already paid for."""
 
 from __future__ import annotations
 
@@ -93,6 +93,47 @@ def replacement(
     return plan
 
 
+def into_paid(
+    v: InstanceView,
+    sizes: Sequence[int],
+    running: Sequence[InstanceView],
+    cfg: FleetSettings,
+    free: dict[str, int],
+    homes: Sequence[str],
+    gone: set[str],
+    paid_left: Callable[[InstanceView], float],
+    increment: float,
+) -> dict[str, int] | None:
+    """Where the jobs of `v` (`sizes`, GPUs each), a node about to renew, go with nothing
+    launched: the free GPUs of `homes` (nodes in use) and of idle nodes, whose increment is paid
+    already (GPUs taken per node; None: not all fit, or it is not worth it). An idle node that
+    takes a job is likely renewed at its own increment's end instead of let go: the idle nodes
+    woken, each counted by the share of its increment still to pay, must come to at most half of
+    `v`'s GPUs, which are not renewed (the jobs restart there from their last checkpoint)."""
+    idle_nodes = {
+        w.id: w
+        for w in running
+        if w.id != v.id
+        and w.id not in gone
+        and idle(w, cfg)
+        and free.get(w.id, 0) == w.instance.gpus
+    }
+    pool = {
+        i: f
+        for i, f in free.items()
+        if i != v.id and i not in gone and (i in homes or i in idle_nodes)
+    }
+    target = place(sizes, pool)
+    if target is None:
+        return None
+    woken = sum(
+        w.instance.gpus * (1 - paid_left(w) / increment)
+        for w in (idle_nodes.get(i) for i in target)
+        if w is not None
+    )
+    return target if 2 * woken <= v.instance.gpus else None
+
+
 def right_size(
     running: Sequence[InstanceView],
     cfg: FleetSettings,
@@ -111,8 +152,9 @@ def right_size(
     durations are heavy-tailed, one that has run long will likely run longer) is replaced by
     the types of `offers` (with capacity) that `replacement` picks for its jobs: they are
     launched, and once booted the old node goes near the end of its paid increment; its jobs
-    restart there from their last checkpoint. Billed by long increments, where another node in
-    use has the room, the jobs move there at the end of the increment and nothing is launched.
+    restart there from their last checkpoint. Billed by long increments, where other nodes in
+    use, or idle ones still paid for, have the room (`into_paid`), the jobs move there at the end
+    of the increment and nothing is launched.
     `frag_since` (when each node was first seen so) and `replacing` (when its replacements were
     launched) are the caller's state, kept across scans; `keep` gets the nodes this scan's moves
     count on (the caller lets none of them go); `left` counts the instances left after this
@@ -143,6 +185,27 @@ def right_size(
         if sum(sizes) != busy:
             sizes = (busy,)
         plan = replacement(sizes, n, v.instance.price_per_hour, offers)
+        if (
+            long
+            and v.instance.status == "active"
+            and 0 < busy < n
+            and v.id not in replacing
+            and v.id not in taking
+            and left > cfg.min_instances
+            and paid_left(v) <= step
+        ):
+            # It is about to renew: its jobs go where GPUs are paid for already, if they fit.
+            args = (running, cfg, free, homes, leaving, paid_left, signal.billing_increment_s)
+            target = into_paid(v, sizes, *args)
+            if target is not None:
+                left -= 1
+                for i, g in target.items():
+                    free[i] -= g
+                leaving.add(v.id)
+                taking.update(target)
+                frag_since.pop(v.id, None)
+                out.append(terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
+                continue
         if len(plan) > 1 and cfg.action_cooldown_mins > 0:
             plan = []  # the rails' cooldown would let one of its launches through per scan
         if v.instance.status != "active" or busy == 0 or not plan:
