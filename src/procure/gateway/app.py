@@ -8,7 +8,10 @@ exactly the quote. The route runs only after the SDK verified the payment: it ch
 the buyer's cap, capacity and that the payment's nonce was never seen, and writes the job
 `unpaid` with its payment `pending`; the payment is settled after it and booked at once (the job
 becomes `paid`, and only then can an instance be launched). A crash between settlement and the
-booking is reconciled with the facilitator. A submission with a paid key answers its job again.
+booking, or a settle answer lost (a timeout), is reconciled with the facilitator's ledger: the
+payment stays `pending` (its key answered 503/409 with Retry-After) until the ledger shows it
+settled (booked) or its authorisation window has passed unused (dropped). A submission with a
+paid key answers its job again.
 This module is the app and its thin routes; what they sell and book is `sales.py`.
 """
 
@@ -64,6 +67,15 @@ class GatewayQuoteRequest(QuoteRequest):
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _retry_later(rt: Runtime, status: int, message: str) -> JSONResponse:
+    retry = sales.retry_after_s(rt)
+    return JSONResponse(
+        {"error": message, "retryAfterSeconds": retry},
+        status_code=status,
+        headers={"Retry-After": str(retry)},
+    )
 
 
 def _authorization(request: Request) -> dict[str, Any] | None:
@@ -174,6 +186,9 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                     return _error(409, f"{IDEMPOTENCY_HEADER} already renewed another job")
                 if replay is not None:
                     return JSONResponse(replay, headers={"X-Idempotent-Replay": "true"})
+                unsure = await sales.pending_retry(rt, kind, key)
+                if unsure is not None:  # never a second payment while the first may settle
+                    return _retry_later(rt, *unsure)
                 gpu = None
                 if kind == "renew":
                     with rt.store.session() as s:
@@ -187,16 +202,24 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 auth = _authorization(request)
                 if auth is None:
                     return response
-                settled = response.status_code == 200 and "PAYMENT-RESPONSE" in response.headers
-                answer = response.headers["PAYMENT-RESPONSE"] if settled else None
-                booked, row = sales.book_settlement(rt, kind, key, auth["nonce"], answer)
-                if not booked:
-                    return response
-                if kind == "renew" and row is not None:
-                    return JSONResponse(
-                        view(row),
-                        headers={"PAYMENT-RESPONSE": response.headers["PAYMENT-RESPONSE"]},
+                header = response.headers.get("PAYMENT-RESPONSE")
+                outcome, row = await sales.book_settlement(
+                    rt, kind, key, auth["nonce"], header, response.status_code
+                )
+                if outcome == "unknown":  # the money may have moved: kept pending, asked later
+                    return _retry_later(
+                        rt,
+                        503,
+                        "the payment's settlement could not be confirmed; it is being checked "
+                        f"with the facilitator: retry with the same {IDEMPOTENCY_HEADER} and "
+                        f"payment in {sales.retry_after_s(rt)} s (it is never charged twice)",
                     )
+                if outcome != "settled" or row is None:
+                    return response
+                if response.status_code != 200:  # settled, its answer lost: the paid job
+                    return JSONResponse(view(row))
+                if kind == "renew":
+                    return JSONResponse(view(row), headers={"PAYMENT-RESPONSE": header or ""})
                 return response
 
         # Runs to its end even if the buyer goes away: money taken is always booked.
@@ -299,8 +322,9 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 row = book.job(s, job_id)
         else:  # never mid-submission: wait for one in flight with this key to finish
             async with lock(f"submit:{idempotency_key or ''}"):
-                with rt.store.session() as s:
-                    row = book.job_by_key(s, idempotency_key or "")
+                # A payment of it still pending (a lost settle answer) is asked about first.
+                answer = await sales.replayed(rt, "submit", idempotency_key or "")
+            return JSONResponse(answer) if answer else _error(404, "no such job")
         if row is None or row.status == "unpaid":
             return _error(404, "no such job")
         return JSONResponse(view(row))

@@ -9,18 +9,21 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from x402.http.utils import decode_payment_response_header
 
 from procure.clouds.base import Offer
 from procure.crashpoints import crash_point
 from procure.gateway import book
+from procure.gateway import loop as gateway_loop
 from procure.gateway.instances import Runtime
 from procure.gateway.pricing import amount_for, sell_per_hour, sold_hours
 from procure.models import micros_to_usd, utcnow
-from procure.store.gateway_tables import GatewayJobRow, GatewayQuoteRow
-from procure.vendors.protocol import QUOTE_HEADER, VendorJob
+from procure.payments.settlements import Settlement
+from procure.store.gateway_tables import GatewayJobRow, GatewayPaymentRow, GatewayQuoteRow
+from procure.vendors.doubt import settle_refused
+from procure.vendors.protocol import IDEMPOTENCY_HEADER, QUOTE_HEADER, VendorJob
 
 OFFERS_TTL_S = 5.0
 Refusal = tuple[int, str]
@@ -255,45 +258,108 @@ def request_cancel(rt: Runtime, job_id: Any) -> dict[str, Any] | None:
 
 # --- settlement ------------------------------------------------------------------------------
 
+Outcome = Literal["settled", "refused", "unknown", "none"]
 
-def book_settlement(
-    rt: Runtime, kind: str, key: str, nonce: str, payment_response: str | None
-) -> tuple[bool, GatewayJobRow | None]:
-    """After the SDK's answer to a paid request: the pending payment `nonce` of (`kind`, `key`)
-    is booked settled if the answer carried a settlement (`payment_response`, the header),
-    else dropped. Returns (booked, the job the settlement paid for)."""
+
+async def book_settlement(
+    rt: Runtime, kind: str, key: str, nonce: str, payment_response: str | None, status: int
+) -> tuple[Outcome, GatewayJobRow | None]:
+    """After the SDK's answer (`status`, its PAYMENT-RESPONSE header) to a paid request: what
+    became of the pending payment `nonce` of (`kind`, `key`). `settled`: booked (the answer
+    carried a settlement, or the facilitator's ledger shows the nonce used); `refused`: the
+    facilitator said no and nothing moved, so it is dropped; `unknown`: the settle call failed
+    or timed out and the ledger cannot confirm it, so it stays `pending` for `recover_payments`
+    (money taken is always booked); `none`: no payment of this request was pending."""
     with rt.store.session() as s:
         ours = book.pending_payment(s, kind, key)
         if ours is None or ours.nonce != nonce:
-            return False, None  # refused before a payment was taken
-        if payment_response is None:
-            book.unsettled(s, nonce)
-            return False, None
+            return "none", None  # refused before a payment was taken
+        payer = ours.payer
+    answer = _decoded(payment_response)
+    if status < 400 and answer is not None and answer.success:
         crash_point("paid")  # settled, not yet booked: reconciled later
-        try:
-            tx = decode_payment_response_header(payment_response).transaction
-        except Exception:
-            tx = None
-        row = book.settled(s, nonce, tx, rt.cfg.hour_s)
-    crash_point("recorded")
-    rt.wake.set()
-    return True, row
+        with rt.store.session() as s:
+            row = book.settled(s, nonce, answer.transaction, rt.cfg.hour_s)
+        crash_point("recorded")
+        rt.wake.set()
+        return "settled", row
+    found = await _lookup(rt, payer, nonce)
+    if found is not None and found.used:  # the answer was lost, not the money
+        with rt.store.session() as s:
+            row = book.settled(s, nonce, found.transaction, rt.cfg.hour_s, found.amount)
+        rt.wake.set()
+        return "settled", row
+    refused = answer is not None and settle_refused(answer.error_reason)
+    known_unused = found is not None or rt.ledger is None  # no ledger: the facilitator's word
+    if known_unused and (refused or (answer is None and status in ROUTE_REFUSALS)):
+        with rt.store.session() as s:
+            book.unsettled(s, nonce)
+        return "refused", None
+    return "unknown", None
+
+
+# What the route itself answers when it turns a request down: the SDK settles nothing then.
+ROUTE_REFUSALS = frozenset({400, 401, 403, 404, 409, 413, 422, 429})
+
+
+def _decoded(header: str | None) -> Any:
+    if not header:
+        return None
+    try:
+        return decode_payment_response_header(header)
+    except Exception:
+        return None
+
+
+async def _lookup(rt: Runtime, payer: str, nonce: str) -> Settlement | None:
+    """The facilitator's record of `nonce`, or None when there is no ledger or it cannot say."""
+    if rt.ledger is None:
+        return None
+    try:
+        return await rt.ledger.lookup(payer, nonce)
+    except Exception:  # SettlementLookupError, or a ledger that broke: it cannot say
+        return None
+
+
+def retry_after_s(rt: Runtime) -> int:
+    """When a buyer should ask again about a payment still being settled: the loop's next
+    reconciliation."""
+    return max(1, min(30, round(rt.cfg.sweep_every_s) + 1))
 
 
 async def recheck(rt: Runtime, nonce: str, payer: str) -> bool:
-    """A payment left pending by a crash: settled (booked now) or not (dropped)?"""
-    if rt.ledger is None:
-        return False
-    try:
-        found = await rt.ledger.lookup(payer, nonce)
-    except Exception:
+    """A payment left pending (a crash, a lost settle answer): settled → booked now; unused
+    past the authorisation window → dropped; else it stays pending. Whether it settled."""
+    found = await _lookup(rt, payer, nonce)
+    if found is None:
         return False
     with rt.store.session() as s:
         if found.used:
             book.settled(s, nonce, found.transaction, rt.cfg.hour_s, found.amount)
         else:
-            book.unsettled(s, nonce)
+            payment = s.get(GatewayPaymentRow, nonce)
+            age = (utcnow() - payment.created_at).total_seconds() if payment else 0.0
+            # The settle may still be on its way: only an authorisation that can no longer
+            # be used is safe to forget.
+            if age > gateway_loop.AUTH_WINDOW_S:
+                book.unsettled(s, nonce)
+    if found.used:
+        rt.wake.set()
     return found.used
+
+
+async def pending_retry(rt: Runtime, kind: str, key: str) -> Refusal | None:
+    """A request with key `key` while an earlier payment of it is still being settled: refused
+    (409, with when to ask again) so the buyer never pays twice; None when none is pending."""
+    with rt.store.session() as s:
+        pending = book.pending_payment(s, kind, key)
+    if pending is None:
+        return None
+    return 409, (
+        f"the payment for this {IDEMPOTENCY_HEADER} is still being settled; retry with the "
+        f"same key in {retry_after_s(rt)} s (an unused authorisation is released after "
+        f"{gateway_loop.AUTH_WINDOW_S:g} s)"
+    )
 
 
 async def replayed(rt: Runtime, kind: str, key: str) -> dict[str, Any] | None:

@@ -16,8 +16,11 @@ and the v1 JSON body, and a v1 client's `X-PAYMENT` is verified and settled like
 Idempotency: submissions with one `Idempotency-Key` run one at a time (a second waits for the
 first), and so do status lookups by that key; a paid key answers its job again, unpaid. So a
 job is started, and paid for, at most once per key, and a key's status is never read while a
-submission with it is half-way. `GET /admin/stats` counts submissions, paid starts and replays
-per key, for the tests to prove it.
+submission with it is half-way. A payment whose settle answer was lost (a timeout) is not
+forgotten: it is looked up on the facilitator's ledger (`doubt.py`) until its job starts or its
+authorisation can no longer settle; meanwhile the key is answered 503/409 with Retry-After.
+`GET /admin/stats` counts submissions, paid starts and replays per key, for the tests to prove
+it.
 
 This module holds the routes; the jobs' clock is `mock_jobs`, the config and faults
 `mock_config`, the ASGI plumbing `mock_asgi` (their public names are re-exported here).
@@ -48,8 +51,10 @@ from x402.schemas import AssetAmount
 from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
 from procure.models import format_usd, micros_to_usd, usd_to_micros
+from procure.payments.settlements import FacilitatorLedger
 from procure.payments.x402v1 import PAYMENT_RESPONSE, X_PAYMENT_RESPONSE, x402_edge
 from procure.vendors import mock_jobs
+from procure.vendors.doubt import UNSURE_MESSAGE, Doubt, Doubts, doubt_of, retry_later
 from procure.vendors.mock_asgi import Innermost, PaidChain
 from procure.vendors.mock_config import (
     FOREIGN_ASSET,
@@ -82,8 +87,14 @@ def create_mock_vendor_app(
     facilitator: Any,
     *,
     clock: Callable[[], float] = time.monotonic,
+    ledger: FacilitatorLedger | None = None,
 ) -> FastAPI:
-    """The vendor service; `facilitator` is an x402 facilitator client (HTTP or in-process)."""
+    """The vendor service; `facilitator` is an x402 facilitator client (HTTP or in-process).
+    `ledger` reads the facilitator's settlement records (by default that of an HTTP
+    facilitator client's URL): a payment whose settle answer was lost is looked up there
+    instead of being forgotten with its job."""
+    if ledger is None and isinstance(getattr(facilitator, "url", None), str):
+        ledger = FacilitatorLedger(facilitator.url)
     app = FastAPI(title=f"mock GPU vendor {cfg.vendor_id}")
     quotes: dict[str, dict[str, Any]] = {}
     jobs: dict[str, mock_jobs.MockJob] = {}
@@ -94,6 +105,36 @@ def create_mock_vendor_app(
     def count(key: str, what: str) -> None:
         per_key = stats.setdefault(key, {"submissions": 0, "started": 0, "replays": 0})
         per_key[what] += 1
+
+    def lock_of(d: Doubt) -> asyncio.Lock:
+        return key_locks.setdefault(d.key if d.kind == "submit" else d.name, asyncio.Lock())
+
+    def settled(d: Doubt) -> None:
+        """A payment in doubt moved the money after all: its job starts (its slice is added)."""
+        if d.kind == "submit":
+            job = by_key.get(d.key)
+            if job is not None and not job.paid:
+                mock_jobs.start_paid(job, clock())
+                count(d.key, "started")
+            return
+        pending = renewals.get(d.key)
+        if pending is not None and not pending[2]:
+            renewals[d.key] = (pending[0], pending[1], True)
+            count(d.key, "started")
+            mock_jobs.renew(cfg, jobs[pending[0]], pending[1], clock())
+
+    def forget(d: Doubt) -> None:
+        """It can no longer settle: nothing was paid, nothing is left behind."""
+        if d.kind == "renew":
+            renewals.pop(d.key, None)
+            return
+        job = by_key.get(d.key)
+        if job is not None and not job.paid:
+            del by_key[d.key]
+            jobs.pop(job.job_id, None)
+
+    # Payments whose settle answer was lost: asked of the ledger, never forgotten paid.
+    doubts = Doubts(ledger, lock_of, settled, forget)
 
     def faulty(endpoint: str) -> bool:
         return not cfg.faults.endpoints or endpoint in cfg.faults.endpoints
@@ -199,6 +240,9 @@ def create_mock_vendor_app(
         async def process() -> Response:
             async with key_locks.setdefault(key, asyncio.Lock()):
                 count(key, "submissions")
+                waiting = await doubts.resolve("submit", key)
+                if waiting is not None:
+                    return waiting
                 existing = by_key.get(key)
                 if existing is not None and existing.paid:
                     count(key, "replays")
@@ -221,7 +265,16 @@ def create_mock_vendor_app(
                             },
                         )
                     else:
-                        del by_key[key], jobs[job.job_id]
+                        doubt = doubt_of("submit", key, request.headers)
+                        outcome = await doubts.after_failed_settle(doubt, response)
+                        if outcome == "used":
+                            mock_jobs.start_paid(job, clock())
+                            count(key, "started")
+                            response = JSONResponse(mock_jobs.view(cfg, job, clock()).to_json())
+                        elif outcome == "open":
+                            response = retry_later(UNSURE_MESSAGE)
+                        else:
+                            del by_key[key], jobs[job.job_id]
             if cfg.faults.answer_delay_s:  # settled and recorded; the answer comes late
                 await asyncio.sleep(cfg.faults.answer_delay_s)
             return response
@@ -249,6 +302,9 @@ def create_mock_vendor_app(
         async def process() -> Response:
             async with key_locks.setdefault(f"renew:{key}", asyncio.Lock()):
                 count(key, "submissions")
+                waiting = await doubts.resolve("renew", key)
+                if waiting is not None:
+                    return waiting
                 done = renewals.get(key)
                 if done is not None and done[2]:
                     count(key, "replays")
@@ -259,8 +315,13 @@ def create_mock_vendor_app(
                 if pending is None or pending[2]:
                     return response
                 if response.status_code != 200 or PAYMENT_RESPONSE not in response.headers:
-                    del renewals[key]
-                    return response
+                    doubt = doubt_of("renew", key, request.headers)
+                    outcome = await doubts.after_failed_settle(doubt, response)
+                    if outcome == "open":
+                        return retry_later(UNSURE_MESSAGE)
+                    if outcome == "refused":
+                        del renewals[key]
+                        return response
                 job_id, hours, _ = pending
                 renewals[key] = (job_id, hours, True)
                 count(key, "started")
@@ -270,7 +331,7 @@ def create_mock_vendor_app(
                     headers={
                         name: response.headers[name]
                         for name in (PAYMENT_RESPONSE, X_PAYMENT_RESPONSE)
-                        if name in response.headers
+                        if name in response.headers and response.status_code == 200
                     },
                 )
 
@@ -354,6 +415,7 @@ def create_mock_vendor_app(
             job = jobs.get(job_id)
         else:  # never mid-submission: wait for one in flight with this key to finish
             async with key_locks.setdefault(idempotency_key or "", asyncio.Lock()):
+                await doubts.resolve("submit", idempotency_key or "")  # settled since? started
                 job = by_key.get(idempotency_key or "")
         if job is None or not job.paid:
             return JSONResponse({"error": "no such job"}, 404)
