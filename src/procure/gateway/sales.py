@@ -20,9 +20,8 @@ from procure.gateway import loop as gateway_loop
 from procure.gateway.instances import Runtime
 from procure.gateway.pricing import amount_for, sell_per_hour, sold_hours
 from procure.models import micros_to_usd, utcnow
-from procure.payments.settlements import Settlement
+from procure.payments.settlements import Settlement, settle_refused
 from procure.store.gateway_tables import GatewayJobRow, GatewayPaymentRow, GatewayQuoteRow
-from procure.vendors.doubt import settle_refused
 from procure.vendors.protocol import IDEMPOTENCY_HEADER, QUOTE_HEADER, VendorJob
 
 OFFERS_TTL_S = 5.0

@@ -1,8 +1,10 @@
 """Asking the facilitator whether a payment's nonce was already settled (crash reconciliation),
-and what the agent's wallet holds (so an unfunded wallet is told, not signed for)."""
+what the agent's wallet holds (so an unfunded wallet is told, not signed for), and whether a
+failed settlement was the facilitator's refusal or an outcome still unknown."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import httpx
@@ -71,3 +73,19 @@ class FacilitatorLedger:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+# The facilitator's own refusals are reason codes (`invalid_exact_evm_insufficient_balance`,
+# procure's `invalid_request: ...`); a settle call that failed (timeout, transport, 5xx) is
+# reported by the SDK as its exception's text. These codes leave the outcome open.
+_UNSURE = frozenset(
+    {"unexpected_settle_error", "settlement_pending", "invalid_exact_evm_nonce_already_used"}
+)
+_CODE = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def settle_refused(reason: str | None) -> bool:
+    """Whether a failed settlement's `error_reason` is the facilitator's definite refusal
+    (nothing moved), not a call that failed with its outcome unknown."""
+    code = (reason or "").split(": ", 1)[0]
+    return bool(_CODE.fullmatch(code)) and code not in _UNSURE

@@ -5,7 +5,6 @@ background, until they are found settled or can no longer settle. Never forgotte
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,17 +13,10 @@ from typing import Any, Literal
 from starlette.responses import JSONResponse, Response
 from x402.http.utils import decode_payment_response_header, decode_payment_signature_header
 
-from procure.payments.settlements import FacilitatorLedger, SettlementLookupError
+from procure.payments.settlements import FacilitatorLedger, SettlementLookupError, settle_refused
 from procure.payments.x402v1 import PAYMENT_RESPONSE, PAYMENT_SIGNATURE, X_PAYMENT
 from procure.vendors.protocol import IDEMPOTENCY_HEADER
 
-# The facilitator's own refusals are reason codes (`invalid_exact_evm_insufficient_balance`,
-# procure's `invalid_request: ...`); a settle call that failed (timeout, transport, 5xx) is
-# reported by the SDK as its exception's text. These codes leave the outcome open.
-_UNSURE = frozenset(
-    {"unexpected_settle_error", "settlement_pending", "invalid_exact_evm_nonce_already_used"}
-)
-_CODE = re.compile(r"[a-z][a-z0-9_]*")
 DOUBT_MAX_S = 300.0  # watched at most this long (the 402's max_timeout_seconds)
 RETRY_AFTER_S = 2
 UNSURE_MESSAGE = (
@@ -33,13 +25,6 @@ UNSURE_MESSAGE = (
     "(it is never charged twice)"
 )
 Outcome = Literal["used", "refused", "open"]
-
-
-def settle_refused(reason: str | None) -> bool:
-    """Whether a failed settlement's `error_reason` is the facilitator's definite refusal
-    (nothing moved), not a call that failed with its outcome unknown."""
-    code = (reason or "").split(": ", 1)[0]
-    return bool(_CODE.fullmatch(code)) and code not in _UNSURE
 
 
 def retry_later(message: str, status: int = 503) -> JSONResponse:
