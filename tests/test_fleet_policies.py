@@ -454,5 +454,6 @@ def test_billed_by_the_hour_a_node_about_to_renew_moves_its_jobs_onto_an_idle_pa
         return [x.target for x in out if x.action_type == TERMINATE]
 
     assert gone(2, 2400) == ["i-1"]  # the idle 2 that takes its job stays
+    assert gone(1, 60) == ["i-1"]  # even at its own hour's end: it has a job coming
     assert gone(8, 300) == []
     assert "i-1" not in gone(2, 2400, increment=60.0)  # (the idle 2 goes in its minute)

@@ -118,9 +118,10 @@ def into_paid(
         and idle(w, cfg)
         and free.get(w.id, 0) == w.instance.gpus
     }
+    # Fullest first, as the scheduler places a job: the plan is the placement it will get.
     pool = {
         i: f
-        for i, f in free.items()
+        for i, f in sorted(free.items(), key=lambda kv: kv[1])
         if i != v.id and i not in gone and (i in homes or i in idle_nodes)
     }
     target = place(sizes, pool)
@@ -195,7 +196,9 @@ def right_size(
             and paid_left(v) <= step
         ):
             # It is about to renew: its jobs go where GPUs are paid for already, if they fit.
-            args = (running, cfg, free, homes, leaving, paid_left, signal.billing_increment_s)
+            # Not onto a node being replaced: taking a job would keep it from going.
+            barred = leaving | set(replacing)
+            args = (running, cfg, free, homes, barred, paid_left, signal.billing_increment_s)
             target = into_paid(v, sizes, *args)
             if target is not None:
                 left -= 1
