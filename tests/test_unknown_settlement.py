@@ -123,15 +123,26 @@ def completed(gw: GatewayWorld, job_id: str) -> bool:
     return answer.json().get("status") == "completed"
 
 
+def payment_for(gw: GatewayWorld, key: str, q: dict[str, Any], account: Any) -> str:
+    """`account`'s signed payment for the 402 that a submission with `key` answers."""
+    return signed_payment(gw, submit(gw, key, q).headers["PAYMENT-REQUIRED"], account, nonce())
+
+
+def assert_income_once(gw: GatewayWorld, q: dict[str, Any]) -> None:
+    """One transfer of the quote's amount, booked once as income."""
+    [moved] = paid_out(gw)
+    figures = book.figures(gw.store)
+    assert figures["paymentsReceived"] == 1
+    assert usd_to_micros(figures["incomeUsd"]) == moved["value"] == usd_to_micros(q["amount"])
+
+
 def test_gateway_books_a_settlement_whose_answer_was_lost(
     flaky_gw: tuple[GatewayWorld, FlakySettle],
 ) -> None:
     gw, facilitator = flaky_gw
     facilitator.mode = "lost"
     q = quote(gw)
-    payment = signed_payment(
-        gw, submit(gw, "lost-1", q).headers["PAYMENT-REQUIRED"], buyer(gw, "a"), nonce()
-    )
+    payment = payment_for(gw, "lost-1", q, buyer(gw, "a"))
     paid = submit(gw, "lost-1", q, payment)
     # The money moved: the buyer gets the paid job (the ledger says so), not a 402.
     assert paid.status_code == 200, paid.text
@@ -139,11 +150,7 @@ def test_gateway_books_a_settlement_whose_answer_was_lost(
     again = submit(gw, "lost-1", q, payment)
     assert again.status_code == 200 and again.json()["jobId"] == job_id
     assert again.headers.get("X-Idempotent-Replay") == "true"
-    [moved] = paid_out(gw)
-    assert moved["value"] == usd_to_micros(q["amount"])
-    figures = book.figures(gw.store)
-    assert figures["paymentsReceived"] == 1
-    assert usd_to_micros(figures["incomeUsd"]) == moved["value"]
+    assert_income_once(gw, q)
     wait_for(lambda: completed(gw, job_id))
 
 
@@ -153,9 +160,7 @@ def test_gateway_keeps_an_unknown_payment_until_it_settles_and_never_charges_twi
     gw, facilitator = flaky_gw
     facilitator.mode = "held"
     q = quote(gw)
-    payment = signed_payment(
-        gw, submit(gw, "late-1", q).headers["PAYMENT-REQUIRED"], buyer(gw, "b"), nonce()
-    )
+    payment = payment_for(gw, "late-1", q, buyer(gw, "b"))
     first = submit(gw, "late-1", q, payment)
     # Nobody knows yet whether the money moved: the buyer is told to come back, not to pay.
     assert first.status_code == 503, first.text
@@ -176,10 +181,7 @@ def test_gateway_keeps_an_unknown_payment_until_it_settles_and_never_charges_twi
     job_id = replay.json()["jobId"]
     assert replay.headers.get("X-Idempotent-Replay") == "true"
     assert pending(gw) == []
-    [moved] = paid_out(gw)
-    figures = book.figures(gw.store)
-    assert figures["paymentsReceived"] == 1
-    assert usd_to_micros(figures["incomeUsd"]) == moved["value"] == usd_to_micros(q["amount"])
+    assert_income_once(gw, q)
     wait_for(lambda: completed(gw, job_id))
 
 
@@ -190,9 +192,7 @@ def test_gateway_releases_an_unknown_payment_that_never_settles_after_its_window
     facilitator.mode = "dropped"
     q = quote(gw)
     account = buyer(gw, "c")
-    payment = signed_payment(
-        gw, submit(gw, "gone-1", q).headers["PAYMENT-REQUIRED"], account, nonce()
-    )
+    payment = payment_for(gw, "gone-1", q, account)
     assert submit(gw, "gone-1", q, payment).status_code == 503
     assert len(pending(gw)) == 1
     # The loop asks the facilitator, finds it unused, and lets it go only past the window.
@@ -201,9 +201,7 @@ def test_gateway_releases_an_unknown_payment_that_never_settles_after_its_window
     assert book.figures(gw.store)["jobs"] == {} and paid_out(gw) == []
     # The key is free again: a new payment buys the job, charged once.
     facilitator.mode = "ok"
-    fresh = signed_payment(
-        gw, submit(gw, "gone-1", q).headers["PAYMENT-REQUIRED"], account, nonce()
-    )
+    fresh = payment_for(gw, "gone-1", q, account)
     paid = submit(gw, "gone-1", q, fresh)
     assert paid.status_code == 200, paid.text
     assert [t["value"] for t in paid_out(gw)] == [usd_to_micros(q["amount"])]
@@ -215,9 +213,7 @@ def test_gateway_drops_a_payment_the_facilitator_refused(
     gw, facilitator = flaky_gw
     facilitator.mode = "refused"
     q = quote(gw)
-    payment = signed_payment(
-        gw, submit(gw, "no-1", q).headers["PAYMENT-REQUIRED"], buyer(gw, "d"), nonce()
-    )
+    payment = payment_for(gw, "no-1", q, buyer(gw, "d"))
     refused = submit(gw, "no-1", q, payment)
     assert refused.status_code == 402, refused.text
     assert pending(gw) == [] and book.figures(gw.store)["jobs"] == {}
@@ -234,9 +230,7 @@ def test_gateway_books_a_renewal_whose_answer_was_lost(
     try:
         q1 = quote(gw)
         account = buyer(gw, "e")
-        pay1 = signed_payment(
-            gw, submit(gw, "job-e", q1).headers["PAYMENT-REQUIRED"], account, nonce()
-        )
+        pay1 = payment_for(gw, "job-e", q1, account)
         job_id = submit(gw, "job-e", q1, pay1).json()["jobId"]
         clients[0].mode = "lost"
         q2 = quote(gw)

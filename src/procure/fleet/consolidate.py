@@ -135,6 +135,23 @@ def into_paid(
     return target if 2 * woken <= v.instance.gpus else None
 
 
+def _move_out(
+    node: str,
+    target: dict[str, int],
+    free: dict[str, int],
+    leaving: set[str],
+    taking: set[str],
+    frag_since: dict[str, datetime],
+) -> None:
+    """A right-sizing scan's books once `node`'s jobs go to `target` (GPUs per node): that room
+    is taken, the node leaves, the targets stay."""
+    for i, g in target.items():
+        free[i] -= g
+    leaving.add(node)
+    taking.update(target)
+    frag_since.pop(node, None)
+
+
 def right_size(
     running: Sequence[InstanceView],
     cfg: FleetSettings,
@@ -202,11 +219,7 @@ def right_size(
             target = into_paid(v, sizes, *args)
             if target is not None:
                 left -= 1
-                for i, g in target.items():
-                    free[i] -= g
-                leaving.add(v.id)
-                taking.update(target)
-                frag_since.pop(v.id, None)
+                _move_out(v.id, target, free, leaving, taking, frag_since)
                 out.append(terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
                 continue
         if len(plan) > 1 and cfg.action_cooldown_mins > 0:
@@ -229,10 +242,7 @@ def right_size(
             # Another node in use, billed anyway, holds its work: nothing to launch.
             if left_s <= step and left > cfg.min_instances:
                 left -= 1
-                free[home] -= busy
-                leaving.add(v.id)
-                taking.add(home)
-                frag_since.pop(v.id, None)
+                _move_out(v.id, {home: busy}, free, leaving, taking, frag_since)
                 out.append(terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
             continue
         if started is not None and (target := place(sizes, others)) is not None:
@@ -242,11 +252,7 @@ def right_size(
             if left_s <= step and booted and left > cfg.min_instances:
                 left -= 1
                 replacing.pop(v.id, None)
-                frag_since.pop(v.id, None)
-                leaving.add(v.id)
-                for i, g in target.items():
-                    free[i] -= g
-                taking.update(target)
+                _move_out(v.id, target, free, leaving, taking, frag_since)
                 out.append(terminate(v, f"{busy} of {n} GPUs used: moved to a smaller type"))
             continue
         stale = started is not None and (
