@@ -221,11 +221,17 @@ def quote(gw: GatewayWorld, gpu: str = "RTX4090", hours: float = 1.0) -> dict[st
     return dict(answer.json())
 
 
-def signed_payment(gw: GatewayWorld, required_header: str, account: Any, nonce: str) -> str:
+def signed_payment(
+    gw: GatewayWorld,
+    required_header: str,
+    account: Any,
+    nonce: str,
+    valid_before: int | None = None,
+) -> str:
     required = decode_payment_required_header(required_header)
     [option] = required.accepts
     limits = PaymentLimits(int(option.amount), gw.cfg.pay_to, gw.cfg.asset, gw.cfg.network)
-    client = build_payer(account, nonce, limits)
+    client = build_payer(account, nonce, limits, valid_before=valid_before)
     payload = asyncio.run(client.create_payment_payload(required))
     return encode_payment_signature_header(payload)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ import procure.local as local
 from procure.gateway import book
 from procure.gateway import loop as gateway_loop
 from procure.models import usd_to_micros
+from procure.payments.settlements import Settlement, SettlementLookupError
 from procure.store.gateway_tables import GatewayPaymentRow
+from procure.vendors.doubt import Doubt, Doubts
 from test_gateway import (
     TRAIN,
     GatewayWorld,
@@ -338,3 +341,66 @@ def test_mock_vendor_applies_every_paid_slice(
         assert sorted(p.x402_tx_id or "" for p in completed) == sorted(t["tx_hash"] for t in paid)
     finally:
         world.stop()
+
+
+def test_gateway_refuses_an_authorisation_that_outlives_its_window(
+    flaky_gw: tuple[GatewayWorld, FlakySettle],
+) -> None:
+    """A payment is dropped unsettled 330 s after it was written: one signed valid for an hour
+    could settle after that with nobody left to book it, so it is refused before any money
+    moves, and the key stays free for a payment of the usual 300 s."""
+    gw, facilitator = flaky_gw
+    facilitator.mode = "ok"
+    q = quote(gw)
+    account = buyer(gw, "f")
+    required = submit(gw, "long-1", q).headers["PAYMENT-REQUIRED"]
+    hour_long = signed_payment(gw, required, account, nonce(), int(time.time()) + 3600)
+    refused = submit(gw, "long-1", q, hour_long)
+    assert refused.status_code == 400 and "maxTimeoutSeconds" in refused.text, refused.text
+    assert paid_out(gw) == [] and pending(gw) == []
+    paid = submit(gw, "long-1", q, payment_for(gw, "long-1", q, account))
+    assert paid.status_code == 200, paid.text
+    assert_income_once(gw, q)
+
+
+class _DownLedger:
+    """A facilitator's ledger that cannot be reached, until it answers `used`."""
+
+    def __init__(self) -> None:
+        self.used: bool | None = None
+
+    async def lookup(self, payer: str, nonce: str) -> Settlement:
+        if self.used is None:
+            raise SettlementLookupError("facilitator unreachable")
+        return Settlement(used=self.used, transaction="0xtx" if self.used else None, amount=1)
+
+
+def test_a_doubt_the_ledger_cannot_answer_is_kept_past_its_authorisation() -> None:
+    """The mock vendor's doubt: past the authorisation's end but with the ledger unreachable,
+    the money may have moved: the job is kept (its key answers 409), and it starts once the
+    ledger says the payment was used; only a ledger that says unused lets it go."""
+
+    async def scenario() -> None:
+        ledger = _DownLedger()
+        started: list[str] = []
+        forgotten: list[str] = []
+        locks: dict[str, asyncio.Lock] = {}
+        doubts = Doubts(
+            ledger,  # type: ignore[arg-type]
+            lambda d: locks.setdefault(d.name, asyncio.Lock()),
+            lambda d: started.append(d.key),
+            lambda d: forgotten.append(d.key),
+        )
+        for key in ("a", "b"):
+            doubts.open[f"submit:{key}"] = Doubt("submit", key, ZERO, "0x01", time.time() - 1)
+        held = await doubts.resolve("submit", "a")
+        assert held is not None and held.status_code == 409
+        assert started == forgotten == []
+        ledger.used = True
+        assert await doubts.resolve("submit", "a") is None
+        assert started == ["a"] and forgotten == []
+        ledger.used = False
+        assert await doubts.resolve("submit", "b") is None
+        assert forgotten == ["b"] and started == ["a"]
+
+    asyncio.run(scenario())

@@ -90,6 +90,7 @@ def _authorization(request: Request) -> dict[str, Any] | None:
             "from": str(auth["from"]),
             "nonce": str(auth["nonce"])[:80],
             "value": int(auth["value"]),
+            "validBefore": int(auth["validBefore"]),
         }
     except Exception:
         return None

@@ -149,7 +149,8 @@ def settled(
 
 def unsettled(s: Session, nonce: str) -> None:
     """The payment `nonce` did not settle: it and (a submit's) unpaid job leave no trace."""
-    payment = s.get(GatewayPaymentRow, nonce)
+    # Locked as `settled` locks it: a settlement booked meanwhile is never deleted.
+    payment = s.get(GatewayPaymentRow, nonce, with_for_update=True)
     if payment is None or payment.status != "pending":
         return
     if payment.kind == "submit":

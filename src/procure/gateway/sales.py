@@ -144,6 +144,12 @@ def quote_refusal(rt: Runtime, quote_id: Any, named: str | None, gpu: str | None
     return None
 
 
+# The 402's maxTimeoutSeconds (300) and a little clock skew. A payment still unsettled is
+# dropped `gateway_loop.AUTH_WINDOW_S` (330) after it was written: one whose authorisation
+# outlived that could settle after, with nobody left to book it.
+MAX_VALID_S = 305.0
+
+
 def payment_refusal(
     rt: Runtime, auth: dict[str, Any] | None, quote: GatewayQuoteRow
 ) -> Refusal | None:
@@ -153,6 +159,11 @@ def payment_refusal(
         return 402, "no payment"
     if auth["value"] != quote.amount:
         return 400, "the payment is not for the quoted amount"
+    if float(auth.get("validBefore") or 0) > utcnow().timestamp() + MAX_VALID_S:
+        return 400, (
+            f"the payment's authorisation stays valid more than {MAX_VALID_S:g} s "
+            "(the 402's maxTimeoutSeconds is 300): sign it for at most that"
+        )
     if quote.expires_at <= utcnow():
         return 409, f"quote {quote.quote_id} expired; ask for a new one"
     with rt.store.session() as s:

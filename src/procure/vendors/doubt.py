@@ -122,7 +122,11 @@ class Doubts:
         if self.open.get(d.name) is not d:
             return False
         found = await self._used(d)
-        if not found and time.time() <= d.until:
+        now = time.time()
+        # Forgotten only once the ledger said unused past the authorisation's end: while it
+        # cannot be asked, the money may have moved (given up a window later, to stay bounded).
+        unanswered = found is None and now <= d.until + DOUBT_MAX_S
+        if unanswered or (found is False and now <= d.until):
             return True
         del self.open[d.name]
         if found:
@@ -135,7 +139,8 @@ class Doubts:
         # Its own task: other keys never wait for it, and it ends with the authorisation.
         pause = 0.2
         while True:
-            await asyncio.sleep(min(pause, max(0.0, d.until - time.time()) + 0.5))
+            left = d.until - time.time()
+            await asyncio.sleep(min(pause, left + 0.5) if left > 0 else pause)
             pause = min(pause * 2, 2.0)
             async with self.lock_of(d):
                 if not await self._settle(d):
