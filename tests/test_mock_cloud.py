@@ -14,6 +14,7 @@ import pytest
 
 from procure.clouds.lambda_cloud.mock import MockCloud, start_mock_cloud
 from procure.clouds.lambda_cloud.mockstate import MockCloudConfig
+from procure.clouds.mockworld.nodes import bind_loopback
 from procure.clouds.mockworld.workload import JobSpec, WorkloadError, parse_csv, synthetic
 from procure.clouds.specs import validate_answer
 from procure.local import free_port
@@ -265,3 +266,17 @@ def test_workloads_parse_strictly_and_generate_reproducibly() -> None:
     afternoon = sum(1 for j in synthetic(7, bursts=0) if 12 <= j.submit_s / 3600 < 16)
     night = sum(1 for j in synthetic(7, bursts=0) if 0 <= j.submit_s / 3600 < 4)
     assert afternoon > night
+
+
+def test_two_nodes_starting_at_once_never_share_an_address() -> None:
+    """Two mock clouds (two tests side by side) starting a node on the same port at once: the
+    second must get the next loopback address, not a socket whose listen then fails (it did:
+    with SO_REUSEADDR both could bind 127.0.0.2 until one listened)."""
+    first_ip, first = bind_loopback(set(), 2, free_port())
+    try:
+        port = first.getsockname()[1]
+        second_ip, second = bind_loopback(set(), 2, port)
+        second.close()
+    finally:
+        first.close()
+    assert first_ip != second_ip

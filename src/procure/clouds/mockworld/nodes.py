@@ -51,6 +51,10 @@ def bind_loopback(used: set[str], first: int, port: int) -> tuple[str, socket.so
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((ip, port))
+            # Listening at once: with SO_REUSEADDR another socket may bind the same address
+            # until one listens, and its listen would then fail (uvicorn's listen again is
+            # harmless).
+            sock.listen(128)
         except OSError:  # taken by someone else (another mock, another test): the next one
             sock.close()
             continue
