@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 
@@ -21,7 +20,7 @@ from procure.models import Vendor
 from procure.payments.chain import LocalChain
 from procure.payments.facilitator import create_facilitator_app
 from procure.settings import Settings
-from procure.uvserver import GRACE_S, Server
+from procure.uvserver import Server, local_server
 from procure.vendors.mock import MockVendorConfig, create_mock_vendor_app
 from procure.vendors.registry import vendor_payee
 
@@ -60,15 +59,7 @@ def serve(app: FastAPI, port: int | None = None, host: str = "127.0.0.1") -> Loc
     """Start `app` on `host` (loopback) in a daemon thread; return once it accepts
     connections."""
     port = port or free_port()
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=GRACE_S,
-    )
-    server = Server(config)
+    server = local_server(app, host, port)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 15

@@ -15,13 +15,11 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import uvicorn
-
 from procure.clouds.lambda_cloud.simnvml import SimGpu, sim_nvml
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
-from procure.uvserver import GRACE_S, Server
+from procure.uvserver import Server, local_server
 
 log = logging.getLogger(__name__)
 LAST_IP = 254
@@ -78,15 +76,7 @@ async def start_node(
     app = create_gpu_worker_app(
         settings, read=lambda: read_nvml(module), port=port, hostname=ip.replace(".", "-")
     )
-    config = uvicorn.Config(
-        app,
-        host=ip,
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=GRACE_S,
-    )
-    server = Server(config)
+    server = local_server(app, ip, port)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name=f"node-{ip}", daemon=True
     )
