@@ -282,6 +282,9 @@ class Payment(Model):
     pay_to: str | None = None
     hours: float | None = Field(None, description="GPU hours this payment buys")
     error_message: str | None = None
+    ask_again_at: datetime | None = Field(
+        None, description="when the vendor still settling it may be asked again (Retry-After)"
+    )
     created_at: datetime
     updated_at: datetime
 

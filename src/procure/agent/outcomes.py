@@ -1,5 +1,5 @@
-"""Recording what happened: payments and their authorisation windows, failed and stopped jobs,
-vendor trouble and penalties. Shared by every step of the tick."""
+"""Recording what happened: payments and their authorisation windows (and a vendor still settling
+one), failed and stopped jobs, vendor trouble and penalties. Shared by every step of the tick."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from procure.models import (
     Payment,
     PaymentStatus,
     Vendor,
+    format_usd,
     utcnow,
 )
 from procure.payments.payer import (
@@ -28,6 +29,7 @@ from procure.payments.payer import (
 )
 from procure.payments.settlements import SettlementLookupError
 from procure.store import repo
+from procure.vendors.client import PaymentInDoubt
 from procure.vendors.protocol import VendorJob
 
 
@@ -48,6 +50,71 @@ def authorization_expired(deps: AgentDeps, payment: Payment) -> bool:
 
 def valid_until(deps: AgentDeps, payment: Payment) -> str:
     return datetime.fromtimestamp(valid_before(deps, payment), UTC).strftime("%H:%M:%S UTC")
+
+
+VERIFY_LEFT_S = 6.0
+"""x402's 'exact' EVM facilitators refuse an authorisation with less than this left before its
+`validBefore`: past that, sending it again can only be turned down."""
+
+
+def worth_sending(deps: AgentDeps, payment: Payment) -> bool:
+    """Whether `payment`'s authorisation, sent again, could still be accepted and settled."""
+    return time.time() + VERIFY_LEFT_S < valid_before(deps, payment)
+
+
+def settling_until(payment: Payment) -> datetime | None:
+    """When the vendor that said it is still settling `payment` may be asked again; None when
+    no vendor said so (or a later word on the payment superseded it)."""
+    return payment.ask_again_at
+
+
+def settling_wait(deps: AgentDeps, payment: Payment) -> TickResult | None:
+    """The wait while a vendor's `Retry-After` for `payment` runs (and the authorisation has not
+    expired: then the ledger decides at once); None when nothing is to be waited for."""
+    until = settling_until(payment)
+    if until is None or utcnow() >= until or authorization_expired(deps, payment):
+        return None
+    return TickResult(
+        f"Payment in doubt: {payment.vendor_id} is still settling it; "
+        f"asking again after {until:%H:%M:%S} UTC"
+    )
+
+
+def seller_settling(
+    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, exc: PaymentInDoubt, what: str
+) -> TickResult:
+    """The vendor holds our signed payment and cannot confirm yet whether it settled: not its
+    failure (no penalty, no cool-down, no other vendor) and no reason to pay again. The payment
+    stays pending with its nonce and the job's key; the vendor is asked again, with that key,
+    only after its `Retry-After` (`settling_wait`), and past the authorisation the ledger
+    decides. Said once per episode, not on every answer."""
+    wait = timedelta(seconds=exc.retry_after_s)
+    not_before = (utcnow() + wait + timedelta(microseconds=999_999)).replace(microsecond=0)
+    told = settling_until(payment) is not None
+    with deps.store.session() as s:
+        repo.update_payment(
+            s,
+            payment.id,
+            error_message=f"being settled by {vendor.vendor_id}: {exc}",
+            ask_again_at=not_before,
+        )
+        if not told:
+            repo.add_observation(
+                s,
+                job.run_id,
+                OBS.payment_event,
+                f"{vendor.vendor_id} has the payment of {format_usd(payment.amount)} for "
+                f"{what} but cannot confirm yet that it settled ({exc}). It stays pending "
+                "(counted against the budget) and is not paid again: asking again with the "
+                f"same key after {not_before:%H:%M:%S} UTC (its Retry-After of "
+                f"{exc.retry_after_s:g} s); its authorisation can settle until "
+                f"{valid_until(deps, payment)}",
+                vendor_id=vendor.vendor_id,
+            )
+    return TickResult(
+        f"Payment in doubt: {vendor.vendor_id} is still settling it; "
+        f"asking again after {not_before:%H:%M:%S} UTC"
+    )
 
 
 def payer_for(deps: AgentDeps, payment: Payment, limits: PaymentLimits) -> x402Client:

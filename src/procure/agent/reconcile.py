@@ -10,8 +10,11 @@ from procure.agent.outcomes import (
     fail_job,
     paid_values,
     settlement_of,
+    settling_until,
+    settling_wait,
     valid_until,
     vendor_trouble,
+    worth_sending,
 )
 from procure.agent.submit import confirm_started, record_started, submit
 from procure.crashpoints import crash_point
@@ -40,6 +43,9 @@ async def reconcile(
         return fail_job(deps, job, vendor, "job has no payment", penalize=False)
     if payment.status == PaymentStatus.completed:
         return await confirm_started(deps, job, vendor, payment.x402_tx_id)
+    waiting = settling_wait(deps, payment)  # the vendor asked for time: nobody is asked before
+    if waiting is not None:
+        return waiting
     # The ledger first: it alone says whether money moved, and it answers when the vendor is down.
     try:
         settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
@@ -99,11 +105,16 @@ async def reconcile(
         crash_point("reconciled")
         record_started(deps, job, payment, vendor, vjob, tx, amount, reconciled=True)
         return TickResult("Job started (reconciled)")
-    if payment.error_message:  # refused after signing: wait until it settles or expires
+    settling = settling_until(payment) is not None
+    if settling and not worth_sending(deps, payment):
+        # Too late to be accepted if sent again: the ledger decides, at its expiry at the latest.
+        return TickResult(f"Payment in doubt until {valid_until(deps, payment)} (expiring)")
+    if payment.error_message and not settling:  # refused after signing: wait for its fate
         return TickResult(f"Payment in doubt until {valid_until(deps, payment)}")
     if not resubmit:
         return TickResult(f"Payment in doubt until {valid_until(deps, payment)} (cancelling)")
-    # Neither paid nor started: submit again, with the same key and the same authorisation.
+    # Neither paid nor started (or its vendor's Retry-After is over): submit again, with the
+    # same key and the same authorisation.
     return await submit(deps, job, payment, vendor, first_attempt=False)
 
 

@@ -15,9 +15,12 @@ from procure.agent.outcomes import (
     paid_values,
     payer_for,
     payment_limits,
+    seller_settling,
     settlement_of,
+    settling_until,
     valid_until,
     vendor_trouble,
+    worth_sending,
 )
 from procure.crashpoints import crash_point
 from procure.models import (
@@ -32,13 +35,14 @@ from procure.models import (
     RunStatus,
     Vendor,
     format_usd,
+    utcnow,
 )
 from procure.payments.payer import (
     check_requirements,
 )
 from procure.payments.settlements import SettlementLookupError
 from procure.store import repo
-from procure.vendors.client import PaymentRefused, VendorError
+from procure.vendors.client import PaymentInDoubt, PaymentRefused, VendorError
 
 
 def _slice_key(payment: Payment) -> str:
@@ -166,6 +170,10 @@ async def _pay_slice(
         )
     except VendorError as exc:
         signed = exc.payment_sent or not first_attempt
+        if isinstance(exc, PaymentInDoubt) and signed:
+            # It holds our signature and is settling it: wait as it asks, with the same key.
+            what = f"{payment.hours:g}h more of job {job.vendor_job_id}"
+            return seller_settling(deps, job, payment, vendor, exc, what)
         if exc.retryable and not isinstance(exc, PaymentRefused):
             with deps.store.session() as s:  # it may have settled: retry with the same nonce
                 repo.add_observation(
@@ -246,6 +254,11 @@ async def settle_in_doubt(
     if settled is not None and settled.used:
         _record_slice(deps, job, payment, vendor, settled.transaction, settled.amount)
         return None
+    if reason is None and settled is not None and _ask_again(deps, job, payment):
+        # Its vendor's Retry-After is over and the authorisation can still settle: the same
+        # request again, with the same key (it replays the slice, or has released the key).
+        retried = await retry_slice(deps, job, payment, vendor)
+        return None if retried.message in _FATE_RECORDED else retried
     if settled is not None and authorization_expired(deps, payment):
         with deps.store.session() as s:
             repo.update_payment(
@@ -268,6 +281,21 @@ async def settle_in_doubt(
                 vendor_id=vendor.vendor_id,
             )
     return TickResult(f"Payment in doubt until {valid_until(deps, payment)}")
+
+
+_FATE_RECORDED = ("Slice renewed", "Slice payment settled or expired", "Slice refused")
+
+
+def _ask_again(deps: AgentDeps, job: Job, payment: Payment) -> bool:
+    """Whether a slice payment its vendor said it was settling is due to be asked about again:
+    its `Retry-After` is over, the authorisation could still be accepted and the job runs."""
+    until = settling_until(payment)
+    return (
+        until is not None
+        and job.status == JobStatus.running
+        and utcnow() >= until
+        and worth_sending(deps, payment)
+    )
 
 
 async def settle_stray_slices(deps: AgentDeps, ctx: PlanContext) -> bool:

@@ -17,6 +17,7 @@ from procure.agent.outcomes import (
     payer_for,
     payment_limits,
     penalize_vendor,
+    seller_settling,
     settlement_of,
     valid_until,
     vendor_trouble,
@@ -40,7 +41,7 @@ from procure.payments.payer import (
 )
 from procure.payments.settlements import SettlementLookupError
 from procure.store import repo
-from procure.vendors.client import PaymentRefused, VendorError
+from procure.vendors.client import PaymentInDoubt, PaymentRefused, VendorError
 from procure.vendors.protocol import VendorJob
 
 
@@ -192,6 +193,9 @@ async def submit(
         signed = exc.payment_sent or not first_attempt
         return await payment_refused(deps, job, payment, vendor, reason, signed=signed)
     except VendorError as exc:
+        if isinstance(exc, PaymentInDoubt) and (exc.payment_sent or not first_attempt):
+            # It holds our signature and is settling it: wait as it asks, with the same key.
+            return seller_settling(deps, job, payment, vendor, exc, "the job")
         if not exc.retryable:  # turned down for good: settle the payment's fate, then move on
             signed = exc.payment_sent or not first_attempt
             reason = f"{vendor.vendor_id} {exc}"

@@ -3,7 +3,8 @@ the store, decides, acts, and writes back; it holds nothing between calls.
 
 The states, and the module that handles each:
 - a user asked to cancel → `cancel`: cancel the job at its vendor, end the run `cancelled`;
-- a job `submitted` (an intent left by a crash or a lost answer) → `reconcile`;
+- a job `submitted` (an intent left by a crash or a lost answer) → `reconcile` (a payment its
+  vendor said it is still settling: nobody is asked before the vendor's Retry-After);
 - a job `running` → `poll` (and `renewals`, which buys the next slice of a job paid as it runs);
 - no active job, a slice payment still in doubt → `renewals.settle_stray_slices`;
 - no active job → the planner decides, and `submit` starts the job it chose.

@@ -215,6 +215,8 @@ def insert_payment(s: Session, payment: Payment) -> None:
 
 
 def update_payment(s: Session, payment_id: str, **values: Any) -> None:
+    if "error_message" in values:  # a new word on the payment ends any vendor's asked-for wait
+        values.setdefault("ask_again_at", None)
     values["updated_at"] = utcnow()
     s.execute(update(PaymentRow).where(PaymentRow.id == payment_id).values(**values))
 

@@ -148,6 +148,9 @@ class PaymentRow(Base):
     pay_to: Mapped[str | None] = mapped_column(String(64))
     hours: Mapped[float | None] = mapped_column(Float)
     error_message: Mapped[str | None] = mapped_column(Text)
+    # When the vendor holding this payment asked to be asked again (its Retry-After while it
+    # settles); None when no vendor asked.
+    ask_again_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 

@@ -2,12 +2,13 @@
 cancel.
 
 Every failure to get a well-formed answer is raised as `VendorError`, so the tick can record it
-and retry later instead of crashing.
+and retry later instead of crashing; a seller still settling a payment says so (`PaymentInDoubt`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,48 @@ class PaymentRefused(VendorError):
     ) -> None:
         super().__init__(message, retryable=False, payment_sent=payment_sent)
         self.offered = offered or []
+
+
+class PaymentInDoubt(VendorError):
+    """A paid call (submit, renew) answered 503 or 409 with `Retry-After`: the seller holds a
+    payment for this idempotency key whose settlement it cannot confirm yet, and asks to be
+    asked again with the same key after `retry_after_s` (then it replays the job, or has
+    released the key). Not the vendor failing: paying again would risk paying twice.
+
+    `payment_sent`: a signed payment left in this very call (a 409 on a retry answers before
+    any is asked for, so only an earlier attempt may have sent one)."""
+
+    def __init__(
+        self, message: str, *, status: int, retry_after_s: float, payment_sent: bool
+    ) -> None:
+        # 503: the plain "try again later"; 409 without a payment of ours: a plain conflict.
+        super().__init__(message, retryable=status >= 500, payment_sent=payment_sent)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+DEFAULT_RETRY_AFTER_S = 30.0
+MAX_RETRY_AFTER_S = 600.0
+IN_DOUBT_STATUSES = frozenset({409, 503})
+
+
+def parse_retry_after(value: str | None) -> float:
+    """A `Retry-After` header's wait in seconds, bounded to 1..600: integer seconds (clamped);
+    anything else (an HTTP-date, garbage, nothing) is `DEFAULT_RETRY_AFTER_S`."""
+    text = (value or "").strip()
+    if re.fullmatch(r"[+-]?[0-9]{1,20}", text) is None:
+        return DEFAULT_RETRY_AFTER_S
+    return float(min(MAX_RETRY_AFTER_S, max(1, int(text))))
+
+
+def _detail(response: httpx.Response) -> str:
+    """A short, readable account of an error answer: its `error` (or `detail`), else nothing."""
+    try:
+        body = loads(response.content)
+    except UnsafeInput:
+        return ""
+    detail = body.get("error") or body.get("detail") if isinstance(body, dict) else None
+    return clip(str(detail), 300) if detail else ""
 
 
 class _Recording402(httpx.AsyncBaseTransport):
@@ -306,6 +349,15 @@ class VendorClient:
             settled = decode_payment_response_header(settlement) if settlement else None
         except Exception:
             settled = None
+        retry_after = response.headers.get("Retry-After")
+        if response.status_code in IN_DOUBT_STATUSES and retry_after is not None:
+            detail = _detail(response)
+            raise PaymentInDoubt(
+                f"{what}: HTTP {response.status_code}" + (f": {detail}" if detail else ""),
+                status=response.status_code,
+                retry_after_s=parse_retry_after(retry_after),
+                payment_sent=recorder.payment_sent,
+            )
         if response.status_code == 402:
             reason = (settled.error_reason if settled else None) or recorder.error()
             raise PaymentRefused(

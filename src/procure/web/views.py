@@ -73,7 +73,9 @@ def doubts(
             {
                 "payment": p,
                 "since": p.created_at,  # when it was signed
-                "refused": bool(p.error_message),
+                # a vendor still settling it asked for time: not a refusal
+                "refused": bool(p.error_message) and p.ask_again_at is None,
+                "settling_until": p.ask_again_at,
                 "why": (p.error_message or "").removeprefix("refused: "),
                 "expires": expires,
                 "next_check": next_check,
