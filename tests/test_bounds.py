@@ -210,6 +210,33 @@ def test_a_server_that_never_answers_fails_within_the_deadline() -> None:
     asyncio.run(go())
 
 
+def test_a_connection_closed_while_idle_is_retried_for_reads_only() -> None:
+    """A server that closes a kept-alive connection when the next request comes (its idle
+    timeout ran out as we reused it): a GET is sent again on a new connection and answered; a
+    POST, which the server may have acted on, is not resent and fails."""
+    requests: list[bytes] = []
+
+    async def once_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        requests.append(b"head")
+        writer.write(_head(content_length=2, content_type="application/json") + b"{}")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request on this connection...
+        requests.append(b"dropped")  # ... is read, then the connection closed unanswered
+
+    async def go() -> None:
+        async with loopback(once_per_connection) as url, bounded_client(deadline_s=5) as http:
+            assert (await http.get(url)).status_code == 200
+            assert (await http.get(url)).status_code == 200  # dropped once, then resent
+            assert requests == [b"head", b"dropped", b"head"]
+            with pytest.raises(httpx.HTTPError):
+                await http.post(url, content=b"")  # its connection drops it: not resent
+            assert requests == [b"head", b"dropped", b"head", b"dropped"]
+
+    asyncio.run(go())
+
+
 def test_an_answer_over_max_bytes_is_refused() -> None:
     big = b'{"log": "' + b"x" * 200_000 + b'"}'
 

@@ -23,6 +23,11 @@ from procure.bounds import MAX_ANSWER_BYTES, MAX_JSON_DEPTH, UnsafeInput, check_
 
 # x402 carries base64 JSON in these headers; they are parsed by the SDK, so they are checked too.
 _JSON_HEADERS = ("payment-required", "payment-response", "payment-signature", "x-payment")
+# Methods that may be sent twice (RFC 9110 9.2.2), and the failures that happen before any
+# answer when a pooled connection was closed by the server while idle (its keep-alive ran out
+# just as we reused it): such a request is sent once more, on a new connection, as urllib3 does.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+_STALE_CONNECTION = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
 @functools.cache
@@ -63,7 +68,7 @@ class BoundedTransport(httpx.AsyncBaseTransport):
         request.headers["Accept-Encoding"] = "identity"
         try:
             async with asyncio.timeout(self.deadline_s):
-                response = await self.inner.handle_async_request(request)
+                response = await self._send(request)
                 try:
                     raw = await _read_capped(response, request, self.max_bytes)
                 finally:
@@ -84,6 +89,14 @@ class BoundedTransport(httpx.AsyncBaseTransport):
             request=request,
             extensions={k: v for k, v in response.extensions.items() if k != "network_stream"},
         )
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self.inner.handle_async_request(request)
+        except _STALE_CONNECTION:
+            if request.method not in _IDEMPOTENT:
+                raise  # it may have been acted on: only its caller knows whether to resend
+            return await self.inner.handle_async_request(request)
 
     def _check(self, body: bytes, headers: httpx.Headers, request: httpx.Request) -> None:
         try:
