@@ -103,8 +103,10 @@ def seller_settling(
                 s,
                 job.run_id,
                 OBS.payment_event,
-                f"{vendor.vendor_id} has the payment of {format_usd(payment.amount)} for "
-                f"{what} but cannot confirm yet that it settled ({exc}). It stays pending "
+                f"{vendor.vendor_id} {'has' if exc.payment_sent else 'may hold'} the payment "
+                f"of {format_usd(payment.amount)} for {what} (sent "
+                f"{'now' if exc.payment_sent else 'in an earlier attempt'}) but cannot confirm "
+                f"yet that it settled ({exc}). It stays pending "
                 "(counted against the budget) and is not paid again: asking again with the "
                 f"same key after {not_before:%H:%M:%S} UTC (its Retry-After of "
                 f"{exc.retry_after_s:g} s); its authorisation can settle until "
@@ -163,6 +165,8 @@ def paid_values(payment: Payment, tx: str | None, amount: int | None) -> dict[st
     may be less than quoted (so the store's sums match the chain's, and the budget shows what
     was spent). Never more: the guardrails sign nothing above the quote."""
     paid: dict[str, object] = {"status": PaymentStatus.completed, "x402_tx_id": tx}
+    if payment.ask_again_at is not None:  # "being settled" is over: it was
+        paid["error_message"] = None
     if amount is not None and 0 <= amount <= payment.amount:
         paid["amount"] = amount
     return paid

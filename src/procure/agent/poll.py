@@ -66,7 +66,9 @@ async def poll(
     if pending is not None and not pending.error_message:  # a slice bought before a crash
         return await retry_slice(deps, job, pending, vendor)
     if pending is not None and await settle_in_doubt(deps, job, pending, vendor) is None:
-        pending = None  # settled or expired: from now on it is just history
+        # Settled or expired just now: this tick's payments are stale (a renewal judged on them
+        # would buy the same hours again); the next tick polls with its fate known.
+        return TickResult("Slice payment settled or expired")
     try:
         vjob = await deps.vendors.status(vendor, vendor_job_id=job.vendor_job_id)
     except VendorError as exc:
@@ -160,10 +162,14 @@ async def poll(
     if vjob.status in ("failed", "cancelled"):
         reason = vjob.error or f"job {vjob.status} by the vendor"
         return fail_job(deps, job, vendor, reason, progress=vjob.progress, ctx=ctx)
+    if pending is not None and (vjob.status != "expired" or pending.ask_again_at is not None):
+        # A slice in doubt: buy no other until its fate is known; one its vendor is settling
+        # keeps the job past its paid time too (settled, the vendor runs the job on).
+        return _running(vjob, pending)
+    if vjob.status == "expired" and _owes_time(job, vjob, paid, ctx.state.payments):
+        return _running(vjob, pending)
     if vjob.status == "expired":  # its paid time ran out before another slice was bought
         return stop_job(deps, ctx, job, vendor, vjob, "its paid time ran out")
-    if pending is not None:  # a slice in doubt: buy no other until its fate is known
-        return _running(vjob, pending)
     if slices.renewal_due(job, paid, vjob.progress):
         limit = slices.paid_until(job, paid)
         if partial:
@@ -174,6 +180,23 @@ async def poll(
         if vjob.progress >= limit - EPS:  # it has reached its paid checkpoint: let it go
             return stop_job(deps, ctx, job, vendor, vjob, move)
     return _running(vjob, pending)
+
+
+BOOKING_GRACE_S = 30.0
+"""How long a vendor may take to book a slice whose settlement it learnt of late (from the
+ledger, as we did) before its word that the job's paid time ran out is believed."""
+
+
+def _owes_time(job: Job, vjob: VendorJob, paid: float, payments: list[Payment]) -> bool:
+    """The vendor says the job's paid time ran out, yet it was paid for more than the job ran
+    and the last slice settled just now: it may not have booked that slice yet."""
+    if slices.paid_until(job, paid) <= vjob.progress + EPS:
+        return False
+    last = max(
+        (p.updated_at for p in payments if p.job_id == job.id and p.status == "completed"),
+        default=None,
+    )
+    return last is not None and (utcnow() - last).total_seconds() < BOOKING_GRACE_S
 
 
 def _running(vjob: VendorJob, pending: Payment | None) -> TickResult:

@@ -43,9 +43,6 @@ async def reconcile(
         return fail_job(deps, job, vendor, "job has no payment", penalize=False)
     if payment.status == PaymentStatus.completed:
         return await confirm_started(deps, job, vendor, payment.x402_tx_id)
-    waiting = settling_wait(deps, payment)  # the vendor asked for time: nobody is asked before
-    if waiting is not None:
-        return waiting
     # The ledger first: it alone says whether money moved, and it answers when the vendor is down.
     try:
         settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
@@ -84,6 +81,9 @@ async def reconcile(
             )
             return TickResult("Payment settled; job state unknown")
         return fail_job(deps, job, vendor, "vendor was paid but has no record of the job")
+    waiting = settling_wait(deps, payment)  # unsettled, and its vendor asked for time
+    if waiting is not None:
+        return waiting
     if authorization_expired(deps, payment):
         # Unused and expired: nothing can ever settle it, and unpaid, no vendor runs the job.
         crash_point("reconciled")

@@ -93,7 +93,8 @@ async def renew(
     )
     with deps.store.session() as s:  # phase one: the intent
         repo.update_run(s, job.run_id)  # write-lock the run, then check what is committed
-        conflict = _slice_conflict(repo.load_state(s, job.run_id, observations=False), job, quote)
+        state = repo.load_state(s, job.run_id, observations=False)
+        conflict = _slice_conflict(state, job, quote, paid)
         if conflict is None and spend_cap_blocks(deps, s, job.run_id, quote.amount, "a slice"):
             # The job runs out its paid time and stops at its checkpoint; the run then waits.
             return TickResult("Slice not bought: the global spend cap would be exceeded")
@@ -115,7 +116,9 @@ async def renew(
     return await _pay_slice(deps, job, payment, vendor, quote.quote_id, first_attempt=True)
 
 
-def _slice_conflict(state: RunState | None, job: Job, quote: Quote) -> str | None:
+def _slice_conflict(state: RunState | None, job: Job, quote: Quote, paid: float) -> str | None:
+    """Why the slice judged due on `paid` hours must not be bought now, from what is committed
+    (read under the run's write lock); None when nothing stands in its way."""
     if state is None or state.run.status != RunStatus.running:
         return "the run is no longer running"
     current = next((j for j in state.jobs if j.id == job.id), None)
@@ -123,6 +126,8 @@ def _slice_conflict(state: RunState | None, job: Job, quote: Quote) -> str | Non
         return "the job is no longer running"
     if any(p.job_id == job.id and p.status == PaymentStatus.pending for p in state.payments):
         return "another slice of this job is being paid"
+    if slices.paid_hours(current, state.payments) > paid + slices.EPS:
+        return "another slice of this job was paid meanwhile"
     committed = sum(
         p.amount
         for p in state.payments

@@ -3,6 +3,8 @@ money moves, then pay and submit in one x402 request, and record what came of it
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from procure.agent import slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
@@ -200,8 +202,12 @@ async def submit(
             signed = exc.payment_sent or not first_attempt
             reason = f"{vendor.vendor_id} {exc}"
             return await payment_refused(deps, job, payment, vendor, reason, signed=signed)
-        # The payment may or may not have settled: keep the intent, reconcile next tick.
+        # The payment may or may not have settled: keep the intent, reconcile next tick (not
+        # before a busy vendor's Retry-After).
         with deps.store.session() as s:
+            if isinstance(exc, PaymentInDoubt):
+                later = utcnow() + timedelta(seconds=exc.retry_after_s)
+                repo.update_payment(s, payment.id, ask_again_at=later)
             repo.add_observation(
                 s,
                 job.run_id,

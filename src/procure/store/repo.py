@@ -214,9 +214,15 @@ def insert_payment(s: Session, payment: Payment) -> None:
     s.add(PaymentRow(**payment.model_dump()))
 
 
-def update_payment(s: Session, payment_id: str, **values: Any) -> None:
-    if "error_message" in values:  # a new word on the payment ends any vendor's asked-for wait
+def _ends_wait(values: dict[str, Any]) -> dict[str, Any]:
+    """A new word on a payment, or its fate, ends any wait its vendor asked for."""
+    if "error_message" in values or values.get("status") in ("completed", "failed"):
         values.setdefault("ask_again_at", None)
+    return values
+
+
+def update_payment(s: Session, payment_id: str, **values: Any) -> None:
+    _ends_wait(values)
     values["updated_at"] = utcnow()
     s.execute(update(PaymentRow).where(PaymentRow.id == payment_id).values(**values))
 
@@ -420,6 +426,7 @@ def pending_payments_of_ended_runs(s: Session, *, limit: int = 50) -> list[Payme
 
 def settle_pending_payment(s: Session, payment_id: str, **values: Any) -> bool:
     """Record a pending payment's fate, unless someone already did; True if this call did."""
+    _ends_wait(values)
     values["updated_at"] = utcnow()
     result = s.execute(
         update(PaymentRow)
