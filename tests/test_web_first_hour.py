@@ -93,3 +93,33 @@ def test_a_long_run_has_time_ticks_between_start_and_end() -> None:
     start = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
     svg = str(charts.progress([], start, start + timedelta(hours=2)))
     assert [t in svg for t in ("10:30:00", "11:00:00", "11:30:00")] == [True] * 3
+
+
+def test_a_jobs_label_near_the_axis_stays_inside_its_chart(page: Any) -> None:
+    """A job that got nowhere early in the run has its point at the left axis: its label is
+    drawn to the point's right, never cut off at the chart's edge (in a real browser)."""
+    from datetime import UTC, datetime, timedelta
+
+    from procure.models import Job
+    from procure.web import charts
+
+    start = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
+    early = Job.model_validate(
+        {
+            "_id": "j1",
+            "runId": "r1",
+            "vendorId": "gpu_vendor_with_a_long_name",
+            "status": "failed",
+            "progress": 0.02,
+            "expectedCost": 1,
+            "idempotencyKey": "job-j1",
+            "createdAt": start,
+            "updatedAt": start + timedelta(seconds=5),
+            "completedAt": start + timedelta(seconds=5),
+        }
+    )
+    chart = charts.progress([early], start, start + timedelta(hours=1))
+    page.set_content(f"<body style='margin:0'>{chart}</body>")
+    svg = page.locator("svg").bounding_box()
+    label = page.locator("svg g.job text").bounding_box()
+    assert label["x"] >= svg["x"] and label["x"] + label["width"] <= svg["x"] + svg["width"]

@@ -123,6 +123,14 @@ def budget_burn(budget: int, payments: list[Payment], start: datetime, end: date
     )
 
 
+def _label(x: float, y: float) -> str:
+    """A label's opening tag beside a point at `x`: to its left, unless the point is in the
+    plot's left half (then to its right, so that it is never cut at the axis)."""
+    if x < (LEFT + W - RIGHT) / 2:
+        return f'<text class="tick" x="{x + 6:.1f}" y="{y:.1f}" text-anchor="start">'
+    return f'<text class="tick" x="{x - 6:.1f}" y="{y:.1f}" text-anchor="end">'
+
+
 def progress(jobs: list[Job], start: datetime, end: datetime) -> Markup:
     """Each job as a segment from where it started (time, progress) to where it got."""
     t0, span = _frame(start, end)
@@ -137,7 +145,6 @@ def progress(jobs: list[Job], start: datetime, end: datetime) -> Markup:
             f'<g class="job {kind}"><title>{escape(tip)}</title>'
             f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}"/>'
             f'<circle cx="{x2:.1f}" cy="{y2:.1f}" r="4"/>'
-            f'<text class="tick" x="{x2 - 6:.1f}" y="{max(y2 - 8, 12):.1f}" text-anchor="end">'
-            f"{escape(job.vendor_id)} {job.progress:.0%}</text></g>"
+            f"{_label(x2, max(y2 - 8, 12))}{escape(job.vendor_id)} {job.progress:.0%}</text></g>"
         )
     return _svg("Progress over time, per job", body, start, end, "100%")
