@@ -68,6 +68,19 @@ def settling_until(payment: Payment) -> datetime | None:
     return payment.ask_again_at
 
 
+BOOKING_GRACE_S = 30.0
+"""How long a seller may take to book a payment after the ledger shows it settled (it learns of
+it from the ledger too), counted from when it asked to be asked again or, if later, from when
+we saw it settle; before then its word that it has no record of the job, or that the job's
+paid time ran out, may predate its booking."""
+
+
+def may_be_unbooked(payment: Payment) -> bool:
+    """Whether `payment`, settled, may not be booked yet by its seller (`BOOKING_GRACE_S`)."""
+    since = max(payment.updated_at, payment.ask_again_at or payment.updated_at)
+    return utcnow() < since + timedelta(seconds=BOOKING_GRACE_S)
+
+
 def settling_wait(deps: AgentDeps, payment: Payment) -> TickResult | None:
     """The wait while a vendor's `Retry-After` for `payment` runs (and the authorisation has not
     expired: then the ledger decides at once); None when nothing is to be waited for."""
@@ -165,8 +178,9 @@ def paid_values(payment: Payment, tx: str | None, amount: int | None) -> dict[st
     may be less than quoted (so the store's sums match the chain's, and the budget shows what
     was spent). Never more: the guardrails sign nothing above the quote."""
     paid: dict[str, object] = {"status": PaymentStatus.completed, "x402_tx_id": tx}
-    if payment.ask_again_at is not None:  # "being settled" is over: it was
-        paid["error_message"] = None
+    if payment.ask_again_at is not None:  # "being settled" is over: it was (the time it asked
+        paid["error_message"] = None  # for stays: until then it may not have booked it)
+        paid["ask_again_at"] = payment.ask_again_at
     if amount is not None and 0 <= amount <= payment.amount:
         paid["amount"] = amount
     return paid

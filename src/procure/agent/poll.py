@@ -8,7 +8,14 @@ from dataclasses import replace
 from procure.agent import joblogs, runlog, slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import EPS, OBS, AgentDeps, TickResult
-from procure.agent.outcomes import fail_job, gpu_hours_run, paid_for, stop_job, vendor_trouble
+from procure.agent.outcomes import (
+    fail_job,
+    gpu_hours_run,
+    may_be_unbooked,
+    paid_for,
+    stop_job,
+    vendor_trouble,
+)
 from procure.agent.renewals import renew, retry_slice, settle_in_doubt
 from procure.crashpoints import crash_point
 from procure.models import (
@@ -63,8 +70,8 @@ async def poll(
         (p for p in ctx.state.payments if p.job_id == job.id and p.status == PaymentStatus.pending),
         None,
     )
-    if pending is not None and not pending.error_message:  # a slice bought before a crash
-        return await retry_slice(deps, job, pending, vendor)
+    if pending is not None and not pending.error_message and pending.ask_again_at is None:
+        return await retry_slice(deps, job, pending, vendor)  # a slice bought before a crash
     if pending is not None and await settle_in_doubt(deps, job, pending, vendor) is None:
         # Settled or expired just now: this tick's payments are stale (a renewal judged on them
         # would buy the same hours again); the next tick polls with its fate known.
@@ -182,21 +189,14 @@ async def poll(
     return _running(vjob, pending)
 
 
-BOOKING_GRACE_S = 30.0
-"""How long a vendor may take to book a slice whose settlement it learnt of late (from the
-ledger, as we did) before its word that the job's paid time ran out is believed."""
-
-
 def _owes_time(job: Job, vjob: VendorJob, paid: float, payments: list[Payment]) -> bool:
     """The vendor says the job's paid time ran out, yet it was paid for more than the job ran
     and the last slice settled just now: it may not have booked that slice yet."""
     if slices.paid_until(job, paid) <= vjob.progress + EPS:
         return False
-    last = max(
-        (p.updated_at for p in payments if p.job_id == job.id and p.status == "completed"),
-        default=None,
-    )
-    return last is not None and (utcnow() - last).total_seconds() < BOOKING_GRACE_S
+    done = [p for p in payments if p.job_id == job.id and p.status == PaymentStatus.completed]
+    last = max(done, key=lambda p: p.updated_at, default=None)
+    return last is not None and may_be_unbooked(last)
 
 
 def _running(vjob: VendorJob, pending: Payment | None) -> TickResult:

@@ -8,6 +8,7 @@ from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.outcomes import (
     authorization_expired,
     fail_job,
+    may_be_unbooked,
     paid_values,
     settlement_of,
     settling_until,
@@ -57,6 +58,12 @@ async def reconcile(
             vjob, trouble = None, exc
         else:
             trouble = None
+        if vjob is None and payment.ask_again_at is not None and may_be_unbooked(payment):
+            # It asked for time to settle it and may not have booked it yet: not "no record".
+            return TickResult(
+                f"Payment settled; waiting for {vendor.vendor_id} to book it "
+                f"(it asked for time until {payment.ask_again_at:%H:%M:%S} UTC)"
+            )
         crash_point("reconciled")
         if vjob is not None:
             record_started(

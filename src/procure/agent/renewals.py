@@ -3,6 +3,8 @@ left pending by a crash, and settle slice payments in doubt."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from procure.agent import slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
@@ -181,6 +183,9 @@ async def _pay_slice(
             return seller_settling(deps, job, payment, vendor, exc, what)
         if exc.retryable and not isinstance(exc, PaymentRefused):
             with deps.store.session() as s:  # it may have settled: retry with the same nonce
+                if isinstance(exc, PaymentInDoubt):  # not before a busy vendor's Retry-After
+                    later = utcnow() + timedelta(seconds=exc.retry_after_s)
+                    repo.update_payment(s, payment.id, ask_again_at=later)
                 repo.add_observation(
                     s,
                     job.run_id,

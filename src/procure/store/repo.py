@@ -215,8 +215,9 @@ def insert_payment(s: Session, payment: Payment) -> None:
 
 
 def _ends_wait(values: dict[str, Any]) -> dict[str, Any]:
-    """A new word on a payment, or its fate, ends any wait its vendor asked for."""
-    if "error_message" in values or values.get("status") in ("completed", "failed"):
+    """A new word on a payment, or its failure, ends any wait its vendor asked for (a completed
+    payment keeps it: until then its seller may not have booked it)."""
+    if "error_message" in values or values.get("status") == "failed":
         values.setdefault("ask_again_at", None)
     return values
 
