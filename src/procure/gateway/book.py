@@ -109,6 +109,18 @@ def pending_payment(s: Session, kind: str, key: str) -> GatewayPaymentRow | None
     return s.scalar(query)
 
 
+def renewal_in_doubt(s: Session, job_id: str, since: datetime) -> GatewayPaymentRow | None:
+    """A renewal of `job_id` written after `since` whose settlement is still unknown (pending),
+    or None."""
+    query = select(GatewayPaymentRow).where(
+        GatewayPaymentRow.job_id == job_id,
+        GatewayPaymentRow.kind == "renew",
+        GatewayPaymentRow.status == "pending",
+        GatewayPaymentRow.created_at > since,
+    )
+    return s.scalar(query.order_by(GatewayPaymentRow.created_at).limit(1))
+
+
 def renewed_job(s: Session, key: str) -> GatewayJobRow | None:
     """The job that the completed renewal with idempotency key `key` paid for, or None."""
     paid = s.scalar(

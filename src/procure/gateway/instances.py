@@ -37,6 +37,7 @@ from procure.store.gateway_tables import GatewayInstanceRow, GatewayJobRow
 
 log = logging.getLogger(__name__)
 GONE = ("terminated", "preempted", "exited")
+KEPT = "kept while a renewal's payment is being settled"
 
 
 NodeFactory = Callable[[str, str, str], NodeJobClient]
@@ -98,6 +99,36 @@ def _deadline(rt: Runtime, row: GatewayJobRow) -> datetime:
     return row.created_at + timedelta(seconds=row.paid_hours * rt.cfg.hour_s)
 
 
+def _kept(rt: Runtime, row: GatewayJobRow) -> GatewayJobRow | None:
+    """The job past its paid time, kept (fresh from the book, its log saying so) while a
+    renewal of it is still being settled (a lost settle answer): the buyer may have paid for
+    more, so it is not ended until that payment is booked (the time is added) or dropped. At
+    most the payment's window (the loop books or drops it by then); None: it ends as before."""
+    from procure.gateway import loop  # loop.py imports this module
+
+    since = utcnow() - timedelta(seconds=loop.AUTH_WINDOW_S)
+    with rt.store.session() as s:
+        job = s.get(GatewayJobRow, row.job_id)
+        if job is not None and utcnow() <= _deadline(rt, job):
+            return job  # a renewal was booked since `row` was read: its time is added
+        doubt = book.renewal_in_doubt(s, row.job_id, since)
+        if doubt is None or job is None:
+            return None
+        line = (
+            f"[gateway] paid time ran out; {KEPT} (payment {doubt.nonce[:10]}: until it is "
+            f"booked, or released {loop.AUTH_WINDOW_S:g} s after it was made)"
+        )
+        if line not in job.logs:  # once per payment, not every poll
+            book.note(job, line, rt.cfg.log_lines)
+            job.updated_at = utcnow()
+        return job
+
+
+def _out_of_time(rt: Runtime, row: GatewayJobRow) -> bool:
+    """The paid time ran out and no renewal of it may still be paid: the job ends."""
+    return utcnow() > _deadline(rt, row) and _kept(rt, row) is None
+
+
 async def advance(rt: Runtime, job_id: str) -> None:
     """One step of a paid job: launch, boot, poll or end."""
     row = _job(rt, job_id)
@@ -133,7 +164,7 @@ async def _launch(rt: Runtime, row: GatewayJobRow) -> None:
                 await rt.cloud.terminate([extra.id])
             _launched(rt, row, inst, found[0])
             return
-        if utcnow() > _deadline(rt, row):
+        if _out_of_time(rt, row):
             _update_instance(rt, inst.name, status="failed", ended_at=utcnow(), cost=0)
             why = f"no instance could be launched within the paid time: {row.error or 'no answer'}"
             _update(rt, row.job_id, why, status="ending", outcome="failed", error=why[:2000])
@@ -141,7 +172,7 @@ async def _launch(rt: Runtime, row: GatewayJobRow) -> None:
         await _call_launch(rt, row, inst)
         return
     now = utcnow()
-    if now > _deadline(rt, row):
+    if _out_of_time(rt, row):
         why = row.error or "no capacity"
         _update(
             rt,
@@ -248,7 +279,7 @@ async def _boot(rt: Runtime, row: GatewayJobRow) -> None:
         return
     now = utcnow()
     booted_for = (now - (inst.launched_at or now)).total_seconds()
-    if now > _deadline(rt, row):  # never hold an instance past the paid time
+    if _out_of_time(rt, row):  # never hold an instance past the paid time (or its doubt)
         why = "the paid time ran out before an instance was ready"
         _update(rt, row.job_id, why, status="ending", outcome="failed", error=why)
         return
@@ -305,14 +336,17 @@ async def _poll(rt: Runtime, row: GatewayJobRow) -> None:
         _update(rt, row.job_id, status="booting")
         return
     if utcnow() > _deadline(rt, row):
-        _update(
-            rt,
-            row.job_id,
-            f"paid time ran out at {row.progress:.0%}; job stopped",
-            status="ending",
-            outcome="expired",
-        )
-        return
+        kept = _kept(rt, row)
+        if kept is None:
+            _update(
+                rt,
+                row.job_id,
+                f"paid time ran out at {row.progress:.0%}; job stopped",
+                status="ending",
+                outcome="expired",
+            )
+            return
+        row = kept  # relayed on from the book as it is now, the note kept
     host = inst.node_url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
     try:
         async with rt.node(inst.node_url, rt.cfg.node_token(inst.name), host) as node:
