@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,13 @@ from procure.vendors.client import (
 from procure.vendors.protocol import IDEMPOTENCY_HEADER
 from procure.web import views
 from procure.web.templating import templates
-from test_unknown_settlement import FlakySettle, agent_transfers, flaky_client, started
+from test_unknown_settlement import (  # noqa: F401  (flaky_world: a fixture)
+    FlakySettle,
+    agent_transfers,
+    flaky_client,
+    flaky_world,
+    started,
+)
 from world import World, drive, start_world, state_of
 
 
@@ -89,17 +95,6 @@ class Wire(httpx.AsyncBaseTransport):
                     assert later.sent >= told.answered + wait - 1e-3, (told, later)
 
 
-@pytest.fixture
-def doubt_world(
-    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[World, list[FlakySettle]]]:
-    clients: list[FlakySettle] = []
-    monkeypatch.setattr(local, "facilitator_client", flaky_client(clients))
-    w = start_world(tmp_path, sqlite_url)
-    yield w, clients
-    w.stop()
-
-
 def set_mode(clients: list[FlakySettle], mode: str) -> None:
     for client in clients:
         client.mode = mode
@@ -141,6 +136,17 @@ async def tick_until(
     return messages
 
 
+def sliced_run(world: World, wire: Wire) -> tuple[str, AgentDeps, str]:
+    """A new run paid in quarter-hour slices to gpu_vendor_2, the agent's vendor traffic going
+    through `wire`: its id, the agent's deps and wallet address."""
+    from test_slices import sliced
+
+    run_id = world.new_run(budget=5.0, gpu_type="H100")
+    deps = world.deps(vendor_transport=wire)
+    deps.planner = sliced("gpu_vendor_2")
+    return run_id, deps, deps.account.address
+
+
 def doubt_banner(state: RunState) -> str:
     """The run page's banner about its payments in doubt, as a user reads it."""
     d = views.doubts(state, next_check=None, auth_window_s=300)
@@ -157,9 +163,9 @@ def told_once(state: RunState) -> None:
 
 
 def test_settle_answer_held_then_found_used_starts_the_job_once(
-    doubt_world: tuple[World, list[FlakySettle]],
+    flaky_world: tuple[World, list[FlakySettle]],  # noqa: F811
 ) -> None:
-    world, clients = doubt_world
+    world, clients = flaky_world
     set_mode(clients, "held")
     wire = Wire()
     run_id = world.new_run()
@@ -206,9 +212,9 @@ def test_settle_answer_held_then_found_used_starts_the_job_once(
 
 
 def test_seller_answering_409_while_settling_is_waited_out_then_replays(
-    doubt_world: tuple[World, list[FlakySettle]],
+    flaky_world: tuple[World, list[FlakySettle]],  # noqa: F811
 ) -> None:
-    world, clients = doubt_world
+    world, clients = flaky_world
     set_mode(clients, "held")
     wire = Wire()
 
@@ -241,9 +247,9 @@ def test_seller_answering_409_while_settling_is_waited_out_then_replays(
 
 
 def test_payment_never_settled_is_left_to_the_ledger_after_its_window(
-    doubt_world: tuple[World, list[FlakySettle]],
+    flaky_world: tuple[World, list[FlakySettle]],  # noqa: F811
 ) -> None:
-    world, clients = doubt_world
+    world, clients = flaky_world
     set_mode(clients, "dropped")
     wire = Wire()
     run_id = world.new_run()
@@ -288,7 +294,6 @@ def test_payment_never_settled_is_left_to_the_ledger_after_its_window(
 def test_renewal_being_settled_is_waited_out_and_paid_once(
     tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_slices import sliced
 
     clients: list[FlakySettle] = []
     monkeypatch.setattr(local, "facilitator_client", flaky_client(clients))
@@ -308,10 +313,7 @@ def test_renewal_being_settled_is_waited_out_and_paid_once(
 
     wire.before = hold_first_renewal
     try:
-        run_id = world.new_run(budget=5.0, gpu_type="H100")
-        deps = world.deps(vendor_transport=wire)
-        deps.planner = sliced("gpu_vendor_2")
-        address = deps.account.address
+        run_id, deps, address = sliced_run(world, wire)
         asyncio.run(drive(deps, run_id))
         state = state_of(world, run_id)
         assert state.run.status == "completed", state.run.status_reason

@@ -18,7 +18,7 @@ import pytest
 import procure.local as local
 from procure.agent.runtime import close_deps
 from procure.agent.tick import tick
-from test_agent_payment_in_doubt import Wire, release, set_mode
+from test_agent_payment_in_doubt import Wire, release, set_mode, sliced_run
 from test_unknown_settlement import FlakySettle, agent_transfers, flaky_client, started
 from world import drive, start_world, state_of
 
@@ -58,7 +58,6 @@ def test_last_renewal_settled_on_ask_again_is_not_bought_twice(
     """The job's LAST slice is answered 503 (settling); asked again after Retry-After it
     replays. The poll that got the replay must not buy that slice again: the job needs 1 h,
     four payments of 0.25 h, each paid once."""
-    from test_slices import sliced
 
     clients: list[FlakySettle] = []
     monkeypatch.setattr(local, "facilitator_client", flaky_client(clients))
@@ -80,10 +79,7 @@ def test_last_renewal_settled_on_ask_again_is_not_bought_twice(
 
     wire.before = hold_last_renewal
     try:
-        run_id = world.new_run(budget=5.0, gpu_type="H100")
-        deps = world.deps(vendor_transport=wire)
-        deps.planner = sliced("gpu_vendor_2")
-        address = deps.account.address
+        run_id, deps, address = sliced_run(world, wire)
         asyncio.run(drive(deps, run_id))
         state = state_of(world, run_id)
         answers = [(e.key, e.status, e.replay) for e in wire.log if e.path == "/renew-job"]
@@ -244,7 +240,6 @@ def test_renewal_in_doubt_when_paid_time_runs_out_is_not_paid_for_twice(
     in a new job: 1.25 h paid for a 1 h job. Now the job is kept while its vendor settles the
     slice, which then runs it on: the hours are paid once."""
     from test_agent_payment_in_doubt import tick_until
-    from test_slices import sliced
 
     clients: list[FlakySettle] = []
     monkeypatch.setattr(local, "facilitator_client", flaky_client(clients))
@@ -266,10 +261,7 @@ def test_renewal_in_doubt_when_paid_time_runs_out_is_not_paid_for_twice(
 
     wire.before = hold_last_renewal
     try:
-        run_id = world.new_run(budget=5.0, gpu_type="H100")
-        deps = world.deps(vendor_transport=wire)
-        deps.planner = sliced("gpu_vendor_2")
-        address = deps.account.address
+        run_id, deps, address = sliced_run(world, wire)
 
         async def scenario() -> list[str]:
             try:
