@@ -87,11 +87,14 @@ def renew_in_doubt(
 
 
 def run_out_of_paid_time(gw: GatewayWorld, job_id: str) -> None:
-    """The job's paid time ends now (rather than waiting out a paid hour)."""
+    """The job's paid time ended just as its renewal was made (rather than waiting out a paid
+    hour): a renewal made within the paid time is the one that holds a job past it."""
     with gw.store.session() as s:
         row = s.get(GatewayJobRow, job_id)
         assert row is not None and row.paid_until is not None
-        row.paid_until = utcnow() - timedelta(seconds=1)
+        renewal = book.renewal_in_doubt(s, job_id, utcnow() - timedelta(hours=1), utcnow())
+        assert renewal is not None
+        row.paid_until = renewal.created_at
 
 
 def kept_or_ended(gw: GatewayWorld, job_id: str) -> dict[str, Any] | None:

@@ -48,6 +48,17 @@ def authorization_expired(deps: AgentDeps, payment: Payment) -> bool:
     return time.time() > valid_before(deps, payment) + deps.auth_margin_s
 
 
+def ask_again_at(deps: AgentDeps, payment: Payment, retry_after_s: float) -> datetime:
+    """When a seller that asked for `retry_after_s` is asked about `payment` again: then, in
+    whole seconds, but never past the end of its authorisation (the ledger alone decides after
+    it, and a seller's long Retry-After must not hold a run longer)."""
+    asked = (utcnow() + timedelta(seconds=retry_after_s, microseconds=999_999)).replace(
+        microsecond=0
+    )
+    last = datetime.fromtimestamp(valid_before(deps, payment) + deps.auth_margin_s, UTC)
+    return min(asked, last)
+
+
 def valid_until(deps: AgentDeps, payment: Payment) -> str:
     return datetime.fromtimestamp(valid_before(deps, payment), UTC).strftime("%H:%M:%S UTC")
 
@@ -75,9 +86,11 @@ we saw it settle; before then its word that it has no record of the job, or that
 paid time ran out, may predate its booking."""
 
 
-def may_be_unbooked(payment: Payment) -> bool:
+def may_be_unbooked(deps: AgentDeps, payment: Payment) -> bool:
     """Whether `payment`, settled, may not be booked yet by its seller (`BOOKING_GRACE_S`)."""
-    since = max(payment.updated_at, payment.ask_again_at or payment.updated_at)
+    asked = payment.ask_again_at or payment.updated_at
+    last = datetime.fromtimestamp(valid_before(deps, payment) + deps.auth_margin_s, UTC)
+    since = max(payment.updated_at, min(asked, last))
     return utcnow() < since + timedelta(seconds=BOOKING_GRACE_S)
 
 
@@ -101,8 +114,7 @@ def seller_settling(
     stays pending with its nonce and the job's key; the vendor is asked again, with that key,
     only after its `Retry-After` (`settling_wait`), and past the authorisation the ledger
     decides. Said once per episode, not on every answer."""
-    wait = timedelta(seconds=exc.retry_after_s)
-    not_before = (utcnow() + wait + timedelta(microseconds=999_999)).replace(microsecond=0)
+    not_before = ask_again_at(deps, payment, exc.retry_after_s)
     told = settling_until(payment) is not None
     with deps.store.session() as s:
         repo.update_payment(

@@ -173,7 +173,7 @@ async def poll(
         # A slice in doubt: buy no other until its fate is known; one its vendor is settling
         # keeps the job past its paid time too (settled, the vendor runs the job on).
         return _running(vjob, pending)
-    if vjob.status == "expired" and _owes_time(job, vjob, paid, ctx.state.payments):
+    if vjob.status == "expired" and _owes_time(deps, job, vjob, paid, ctx.state.payments):
         return _running(vjob, pending)
     if vjob.status == "expired":  # its paid time ran out before another slice was bought
         return stop_job(deps, ctx, job, vendor, vjob, "its paid time ran out")
@@ -189,14 +189,16 @@ async def poll(
     return _running(vjob, pending)
 
 
-def _owes_time(job: Job, vjob: VendorJob, paid: float, payments: list[Payment]) -> bool:
+def _owes_time(
+    deps: AgentDeps, job: Job, vjob: VendorJob, paid: float, payments: list[Payment]
+) -> bool:
     """The vendor says the job's paid time ran out, yet it was paid for more than the job ran
     and the last slice settled just now: it may not have booked that slice yet."""
     if slices.paid_until(job, paid) <= vjob.progress + EPS:
         return False
     done = [p for p in payments if p.job_id == job.id and p.status == PaymentStatus.completed]
     last = max(done, key=lambda p: p.updated_at, default=None)
-    return last is not None and may_be_unbooked(last)
+    return last is not None and may_be_unbooked(deps, last)
 
 
 def _running(vjob: VendorJob, pending: Payment | None) -> TickResult:

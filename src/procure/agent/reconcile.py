@@ -58,7 +58,7 @@ async def reconcile(
             vjob, trouble = None, exc
         else:
             trouble = None
-        if vjob is None and payment.ask_again_at is not None and may_be_unbooked(payment):
+        if vjob is None and payment.ask_again_at is not None and may_be_unbooked(deps, payment):
             # It asked for time to settle it and may not have booked it yet: not "no record".
             return TickResult(
                 f"Payment settled; waiting for {vendor.vendor_id} to book it "

@@ -3,14 +3,13 @@ left pending by a crash, and settle slice payments in doubt."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from procure.agent import slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_renewal, check_renewal_hours
 from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import (
+    ask_again_at,
     authorization_expired,
     booked,
     new_payment,
@@ -184,7 +183,7 @@ async def _pay_slice(
         if exc.retryable and not isinstance(exc, PaymentRefused):
             with deps.store.session() as s:  # it may have settled: retry with the same nonce
                 if isinstance(exc, PaymentInDoubt):  # not before a busy vendor's Retry-After
-                    later = utcnow() + timedelta(seconds=exc.retry_after_s)
+                    later = ask_again_at(deps, payment, exc.retry_after_s)
                     repo.update_payment(s, payment.id, ask_again_at=later)
                 repo.add_observation(
                     s,

@@ -3,14 +3,13 @@ money moves, then pay and submit in one x402 request, and record what came of it
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from procure.agent import slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_quote, check_quote_hours
 from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import (
+    ask_again_at,
     authorization_expired,
     booked,
     fail_job,
@@ -206,7 +205,7 @@ async def submit(
         # before a busy vendor's Retry-After).
         with deps.store.session() as s:
             if isinstance(exc, PaymentInDoubt):
-                later = utcnow() + timedelta(seconds=exc.retry_after_s)
+                later = ask_again_at(deps, payment, exc.retry_after_s)
                 repo.update_payment(s, payment.id, ask_again_at=later)
             repo.add_observation(
                 s,

@@ -109,14 +109,17 @@ def pending_payment(s: Session, kind: str, key: str) -> GatewayPaymentRow | None
     return s.scalar(query)
 
 
-def renewal_in_doubt(s: Session, job_id: str, since: datetime) -> GatewayPaymentRow | None:
-    """A renewal of `job_id` written after `since` whose settlement is still unknown (pending),
-    or None."""
+def renewal_in_doubt(
+    s: Session, job_id: str, since: datetime, until: datetime
+) -> GatewayPaymentRow | None:
+    """A renewal of `job_id` written between `since` and `until` whose settlement is still
+    unknown (pending), or None."""
     query = select(GatewayPaymentRow).where(
         GatewayPaymentRow.job_id == job_id,
         GatewayPaymentRow.kind == "renew",
         GatewayPaymentRow.status == "pending",
         GatewayPaymentRow.created_at > since,
+        GatewayPaymentRow.created_at <= until,
     )
     return s.scalar(query.order_by(GatewayPaymentRow.created_at).limit(1))
 
@@ -154,7 +157,9 @@ def settled(
     if payment.kind == "submit":
         row.status = "paid"
     elif row.paid_until is not None:
-        row.paid_until = max(row.paid_until, now) + timedelta(seconds=payment.hours * hour_s)
+        # From where the paid time ran out, not from now: a job kept while this renewal was
+        # being settled ran on it meanwhile (a job that ended has no use for it either way).
+        row.paid_until = row.paid_until + timedelta(seconds=payment.hours * hour_s)
     row.updated_at = now
     return row
 

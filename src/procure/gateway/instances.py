@@ -103,20 +103,27 @@ def _kept(rt: Runtime, row: GatewayJobRow) -> GatewayJobRow | None:
     """The job past its paid time, kept (fresh from the book, its log saying so) while a
     renewal of it is still being settled (a lost settle answer): the buyer may have paid for
     more, so it is not ended until that payment is booked (the time is added) or dropped. At
-    most the payment's window (the loop books or drops it by then); None: it ends as before."""
+    most the payment's window and two sweeps (the loop books or drops it by then); None: it
+    ends as before."""
     from procure.gateway import loop  # loop.py imports this module
 
-    since = utcnow() - timedelta(seconds=loop.AUTH_WINDOW_S)
+    # The loop books or drops a pending payment once the ledger says (at the latest its first
+    # sweep past the window); the hold lasts that long, and no longer if the ledger is down.
+    since = utcnow() - timedelta(seconds=loop.AUTH_WINDOW_S + 2 * rt.cfg.sweep_every_s)
     with rt.store.session() as s:
         job = s.get(GatewayJobRow, row.job_id)
         if job is not None and utcnow() <= _deadline(rt, job):
             return job  # a renewal was booked since `row` was read: its time is added
-        doubt = book.renewal_in_doubt(s, row.job_id, since)
-        if doubt is None or job is None:
+        if job is None:
+            return None
+        # Only a renewal made while the job was paid for holds it (one made during the hold
+        # would let a buyer whose payments never settle chain holds for ever).
+        doubt = book.renewal_in_doubt(s, row.job_id, since, _deadline(rt, job))
+        if doubt is None:
             return None
         line = (
             f"[gateway] paid time ran out; {KEPT} (payment {doubt.nonce[:10]}: until it is "
-            f"booked, or released {loop.AUTH_WINDOW_S:g} s after it was made)"
+            "booked or dropped)"
         )
         if line not in job.logs:  # once per payment, not every poll
             book.note(job, line, rt.cfg.log_lines)

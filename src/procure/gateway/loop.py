@@ -15,7 +15,7 @@ from procure.gateway import book
 from procure.gateway.instances import Runtime, advance
 from procure.gateway.pricing import instance_cost
 from procure.models import utcnow
-from procure.payments.settlements import SettlementLookupError
+from procure.payments.settlements import Settlement, SettlementLookupError, paid_to
 from procure.store.gateway_tables import GatewayInstanceRow, GatewayPaymentRow
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,20 @@ async def sweep(rt: Runtime) -> list[str]:
     return done
 
 
+def spent_elsewhere(rt: Runtime, nonce: str, found: Settlement) -> None:
+    """The buyer's nonce moved money, but not this payment's to us: it can never settle to us
+    now, so the payment is dropped (its job never runs, nothing is booked)."""
+    log.warning(
+        "payment %s: its nonce was used by another transfer (%s to %s, tx %s); dropped",
+        nonce[:12],
+        found.amount,
+        found.pay_to,
+        found.transaction,
+    )
+    with rt.store.session() as s:
+        book.unsettled(s, nonce)
+
+
 async def recover_payments(rt: Runtime) -> None:
     """Payments a crash left between settlement and its record: asked of the facilitator;
     settled → booked (the job runs), unused past the authorisation window → dropped."""
@@ -103,6 +117,9 @@ async def recover_payments(rt: Runtime) -> None:
         try:
             found = await rt.ledger.lookup(payment.payer, payment.nonce)
         except SettlementLookupError:
+            continue
+        if found.used and not paid_to(found, rt.cfg.pay_to, payment.amount):
+            spent_elsewhere(rt, payment.nonce, found)
             continue
         with rt.store.session() as s:
             if found.used:

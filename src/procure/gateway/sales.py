@@ -20,7 +20,7 @@ from procure.gateway import loop as gateway_loop
 from procure.gateway.instances import Runtime
 from procure.gateway.pricing import amount_for, sell_per_hour, sold_hours
 from procure.models import micros_to_usd, utcnow
-from procure.payments.settlements import Settlement, settle_refused
+from procure.payments.settlements import Settlement, paid_to, settle_refused
 from procure.store.gateway_tables import GatewayJobRow, GatewayPaymentRow, GatewayQuoteRow
 from procure.vendors.protocol import IDEMPOTENCY_HEADER, QUOTE_HEADER, VendorJob
 
@@ -284,7 +284,7 @@ async def book_settlement(
         ours = book.pending_payment(s, kind, key)
         if ours is None or ours.nonce != nonce:
             return "none", None  # refused before a payment was taken
-        payer = ours.payer
+        payer, amount = ours.payer, ours.amount
     answer = _decoded(payment_response)
     if status < 400 and answer is not None and answer.success:
         crash_point("paid")  # settled, not yet booked: reconciled later
@@ -294,6 +294,9 @@ async def book_settlement(
         rt.wake.set()
         return "settled", row
     found = await _lookup(rt, payer, nonce)
+    if found is not None and found.used and not paid_to(found, rt.cfg.pay_to, amount):
+        gateway_loop.spent_elsewhere(rt, nonce, found)
+        return "refused", None
     if found is not None and found.used:  # the answer was lost, not the money
         with rt.store.session() as s:
             row = book.settled(s, nonce, found.transaction, rt.cfg.hour_s, found.amount)
@@ -341,7 +344,13 @@ async def recheck(rt: Runtime, nonce: str, payer: str) -> bool:
     """A payment left pending (a crash, a lost settle answer): settled → booked now; unused
     past the authorisation window → dropped; else it stays pending. Whether it settled."""
     found = await _lookup(rt, payer, nonce)
-    if found is None:
+    with rt.store.session() as s:
+        payment = s.get(GatewayPaymentRow, nonce)
+        amount = payment.amount if payment is not None else None
+    if found is None or amount is None:
+        return False
+    if found.used and not paid_to(found, rt.cfg.pay_to, amount):
+        gateway_loop.spent_elsewhere(rt, nonce, found)
         return False
     with rt.store.session() as s:
         if found.used:

@@ -18,6 +18,19 @@ class Settlement:
     used: bool
     transaction: str | None
     amount: int | None = None  # what moved, in atomic units (micro-USD), when known
+    pay_to: str | None = None  # to whom it moved, when known
+
+
+def paid_to(found: Settlement, pay_to: str, amount: int) -> bool:
+    """Whether the used nonce in `found` paid `amount` to `pay_to`: a buyer chooses the nonce,
+    so it can spend the one it signed for a seller on another transfer (to itself, for less),
+    and a seller must not book that as its payment."""
+    return (
+        found.used
+        and found.pay_to is not None
+        and found.pay_to.lower() == pay_to.lower()
+        and found.amount == amount
+    )
 
 
 class SettlementLookupError(Exception):
@@ -47,10 +60,14 @@ class FacilitatorLedger:
             transaction = data.get("transaction")
             if transaction is not None and not isinstance(transaction, str):
                 raise ValueError("transaction is not a string")
+            pay_to = data.get("payTo")
+            if pay_to is not None and not isinstance(pay_to, str):
+                raise ValueError("payTo is not a string")
             return Settlement(
                 used=bool(data["used"]),
                 transaction=transaction[:200] if transaction else transaction,
                 amount=int(amount) if amount is not None else None,
+                pay_to=pay_to[:100] if pay_to else None,
             )
         except (
             httpx.HTTPError,
