@@ -363,16 +363,21 @@ def test_gateway_refuses_an_authorisation_that_outlives_its_window(
     assert_income_once(gw, q)
 
 
+SELLER = "0x" + "5e" * 20
+
+
 class _DownLedger:
     """A facilitator's ledger that cannot be reached, until it answers `used`."""
 
     def __init__(self) -> None:
         self.used: bool | None = None
+        self.pay_to = SELLER
 
     async def lookup(self, payer: str, nonce: str) -> Settlement:
         if self.used is None:
             raise SettlementLookupError("facilitator unreachable")
-        return Settlement(used=self.used, transaction="0xtx" if self.used else None, amount=1)
+        tx = "0xtx" if self.used else None
+        return Settlement(used=self.used, transaction=tx, amount=1, pay_to=self.pay_to)
 
 
 def test_a_doubt_the_ledger_cannot_answer_is_kept_past_its_authorisation() -> None:
@@ -391,8 +396,10 @@ def test_a_doubt_the_ledger_cannot_answer_is_kept_past_its_authorisation() -> No
             lambda d: started.append(d.key),
             lambda d: forgotten.append(d.key),
         )
-        for key in ("a", "b"):
-            doubts.open[f"submit:{key}"] = Doubt("submit", key, ZERO, "0x01", time.time() - 1)
+        for key in ("a", "b", "c"):
+            doubts.open[f"submit:{key}"] = Doubt(
+                "submit", key, ZERO, "0x01", time.time() - 1, SELLER, 1
+            )
         held = await doubts.resolve("submit", "a")
         assert held is not None and held.status_code == 409
         assert started == forgotten == []
@@ -402,5 +409,9 @@ def test_a_doubt_the_ledger_cannot_answer_is_kept_past_its_authorisation() -> No
         ledger.used = False
         assert await doubts.resolve("submit", "b") is None
         assert forgotten == ["b"] and started == ["a"]
+        # The nonce moved money, but to someone else (the buyer chose it): never started.
+        ledger.used, ledger.pay_to = True, ZERO
+        assert await doubts.resolve("submit", "c") is None
+        assert forgotten == ["b", "c"] and started == ["a"]
 
     asyncio.run(scenario())

@@ -13,7 +13,12 @@ from typing import Any, Literal
 from starlette.responses import JSONResponse, Response
 from x402.http.utils import decode_payment_response_header, decode_payment_signature_header
 
-from procure.payments.settlements import FacilitatorLedger, SettlementLookupError, settle_refused
+from procure.payments.settlements import (
+    FacilitatorLedger,
+    SettlementLookupError,
+    paid_to,
+    settle_refused,
+)
 from procure.payments.x402v1 import PAYMENT_RESPONSE, PAYMENT_SIGNATURE, X_PAYMENT
 from procure.vendors.protocol import IDEMPOTENCY_HEADER
 
@@ -41,6 +46,8 @@ class Doubt:
     payer: str
     nonce: str
     until: float  # unix time after which it can no longer settle (validBefore, bounded)
+    pay_to: str = ""  # to whom and how much it pays: a nonce used by another transfer is not it
+    amount: int = 0
 
     @property
     def name(self) -> str:
@@ -53,7 +60,15 @@ def doubt_of(kind: str, key: str, headers: Any) -> Doubt | None:
     try:
         auth = decode_payment_signature_header(header).payload["authorization"]
         until = min(float(auth["validBefore"]), time.time() + DOUBT_MAX_S)
-        return Doubt(kind, key, str(auth["from"]), str(auth["nonce"]), until)
+        return Doubt(
+            kind,
+            key,
+            str(auth["from"]),
+            str(auth["nonce"]),
+            until,
+            str(auth["to"]),
+            int(auth["value"]),
+        )
     except Exception:
         return None
 
@@ -78,9 +93,11 @@ class Doubts:
         if self.ledger is None:
             return None
         try:
-            return (await self.ledger.lookup(d.payer, d.nonce)).used
+            found = await self.ledger.lookup(d.payer, d.nonce)
         except SettlementLookupError:
             return None
+        # Used by another transfer (the buyer chose the nonce): it can never pay us now.
+        return paid_to(found, d.pay_to, d.amount)
 
     async def after_failed_settle(self, d: Doubt | None, response: Response) -> Outcome:
         """The route answered 200 and no settlement came back: `used` (the ledger shows the
