@@ -91,7 +91,21 @@ def _update_instance(rt: Runtime, name: str, **fields: Any) -> None:
                 setattr(row, key, value)
 
 
-def _deadline(rt: Runtime, row: GatewayJobRow) -> datetime:
+def _running(rt: Runtime, job_id: str, say: str, now: datetime) -> None:
+    """The job runs: its paid time, if it had not started yet, counts from `now`, from the
+    row as it is now (locked: a renewal booked while the node was being asked is kept)."""
+    with rt.store.session() as s:
+        row = s.get(GatewayJobRow, job_id, with_for_update=True)
+        if row is None:
+            return
+        if row.paid_until is None:
+            row.paid_until = now + timedelta(seconds=row.paid_hours * rt.cfg.hour_s)
+        row.status, row.log_cursor = "running", 0
+        book.note(row, f"[gateway] {say}", rt.cfg.log_lines)
+        row.updated_at = utcnow()
+
+
+def paid_end(rt: Runtime, row: GatewayJobRow) -> datetime:
     """When the paid time ends: set once the job first runs; before that, the paid hours from
     payment bound the attempts to launch."""
     if row.paid_until is not None:
@@ -112,13 +126,13 @@ def _kept(rt: Runtime, row: GatewayJobRow) -> GatewayJobRow | None:
     since = utcnow() - timedelta(seconds=loop.AUTH_WINDOW_S + 2 * rt.cfg.sweep_every_s)
     with rt.store.session() as s:
         job = s.get(GatewayJobRow, row.job_id)
-        if job is not None and utcnow() <= _deadline(rt, job):
+        if job is not None and utcnow() <= paid_end(rt, job):
             return job  # a renewal was booked since `row` was read: its time is added
         if job is None:
             return None
         # Only a renewal made while the job was paid for holds it (one made during the hold
         # would let a buyer whose payments never settle chain holds for ever).
-        doubt = book.renewal_in_doubt(s, row.job_id, since, _deadline(rt, job))
+        doubt = book.renewal_in_doubt(s, row.job_id, since, paid_end(rt, job))
         if doubt is None:
             return None
         line = (
@@ -133,7 +147,7 @@ def _kept(rt: Runtime, row: GatewayJobRow) -> GatewayJobRow | None:
 
 def _out_of_time(rt: Runtime, row: GatewayJobRow) -> bool:
     """The paid time ran out and no renewal of it may still be paid: the job ends."""
-    return utcnow() > _deadline(rt, row) and _kept(rt, row) is None
+    return utcnow() > paid_end(rt, row) and _kept(rt, row) is None
 
 
 async def advance(rt: Runtime, job_id: str) -> None:
@@ -312,11 +326,10 @@ async def _boot(rt: Runtime, row: GatewayJobRow) -> None:
         _update_instance(
             rt, inst.name, status="running", node_url=got.node_url, node_job_id=submitted["id"]
         )
-        paid_until = row.paid_until or now + timedelta(seconds=row.paid_hours * rt.cfg.hour_s)
         said = f"job started on {inst.instance_id}" + (
             f", resuming from {resume}" if resume else ""
         )
-        _update(rt, row.job_id, said, status="running", paid_until=paid_until, log_cursor=0)
+        _running(rt, row.job_id, said, now)
         return
     if booted_for > rt.cfg.boot_timeout_s:
         await _lost(rt, row, inst, f"instance {inst.instance_id} did not boot in time")
@@ -342,7 +355,7 @@ async def _poll(rt: Runtime, row: GatewayJobRow) -> None:
     if inst is None or inst.node_url is None or inst.node_job_id is None:
         _update(rt, row.job_id, status="booting")
         return
-    if utcnow() > _deadline(rt, row):
+    if utcnow() > paid_end(rt, row):
         kept = _kept(rt, row)
         if kept is None:
             _update(
