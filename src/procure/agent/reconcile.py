@@ -60,8 +60,8 @@ async def reconcile(
             trouble = None
         if vjob is None and payment.ask_again_at is not None and may_be_unbooked(deps, payment):
             # It asked for time to settle it and may not have booked it yet: not "no record".
-            return TickResult(
-                f"Payment settled; waiting for {vendor.vendor_id} to book it "
+            return TickResult(  # bounded by the grace: neither progress nor trouble
+                f"Waiting for {vendor.vendor_id} to book a settled payment "
                 f"(it asked for time until {payment.ask_again_at:%H:%M:%S} UTC)"
             )
         crash_point("reconciled")
