@@ -48,7 +48,7 @@ def authorization_expired(deps: AgentDeps, payment: Payment) -> bool:
     return time.time() > valid_before(deps, payment) + deps.auth_margin_s
 
 
-def ask_again_at(deps: AgentDeps, payment: Payment, retry_after_s: float) -> datetime:
+def retry_time(deps: AgentDeps, payment: Payment, retry_after_s: float) -> datetime:
     """When a seller that asked for `retry_after_s` is asked about `payment` again: then, in
     whole seconds, but never past the end of its authorisation (the ledger alone decides after
     it, and a seller's long Retry-After must not hold a run longer)."""
@@ -73,12 +73,6 @@ def worth_sending(deps: AgentDeps, payment: Payment) -> bool:
     return time.time() + VERIFY_LEFT_S < valid_before(deps, payment)
 
 
-def settling_until(payment: Payment) -> datetime | None:
-    """When the vendor that said it is still settling `payment` may be asked again; None when
-    no vendor said so (or a later word on the payment superseded it)."""
-    return payment.ask_again_at
-
-
 BOOKING_GRACE_S = 30.0
 """How long a seller may take to book a payment after the ledger shows it settled (it learns of
 it from the ledger too), counted from when it asked to be asked again or, if later, from when
@@ -97,7 +91,7 @@ def may_be_unbooked(deps: AgentDeps, payment: Payment) -> bool:
 def settling_wait(deps: AgentDeps, payment: Payment) -> TickResult | None:
     """The wait while a vendor's `Retry-After` for `payment` runs (and the authorisation has not
     expired: then the ledger decides at once); None when nothing is to be waited for."""
-    until = settling_until(payment)
+    until = payment.ask_again_at
     if until is None or utcnow() >= until or authorization_expired(deps, payment):
         return None
     return TickResult(
@@ -114,8 +108,8 @@ def seller_settling(
     stays pending with its nonce and the job's key; the vendor is asked again, with that key,
     only after its `Retry-After` (`settling_wait`), and past the authorisation the ledger
     decides. Said once per episode, not on every answer."""
-    not_before = ask_again_at(deps, payment, exc.retry_after_s)
-    told = settling_until(payment) is not None
+    not_before = retry_time(deps, payment, exc.retry_after_s)
+    told = payment.ask_again_at is not None
     with deps.store.session() as s:
         repo.update_payment(
             s,

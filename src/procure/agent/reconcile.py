@@ -11,7 +11,6 @@ from procure.agent.outcomes import (
     may_be_unbooked,
     paid_values,
     settlement_of,
-    settling_until,
     settling_wait,
     valid_until,
     vendor_trouble,
@@ -112,7 +111,7 @@ async def reconcile(
         crash_point("reconciled")
         record_started(deps, job, payment, vendor, vjob, tx, amount, reconciled=True)
         return TickResult("Job started (reconciled)")
-    settling = settling_until(payment) is not None
+    settling = payment.ask_again_at is not None
     if settling and not worth_sending(deps, payment):
         # Too late to be accepted if sent again: the ledger decides, at its expiry at the latest.
         return TickResult(f"Payment in doubt until {valid_until(deps, payment)} (expiring)")

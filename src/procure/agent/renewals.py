@@ -9,16 +9,15 @@ from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_renewal, check_renewal_hours
 from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import (
-    ask_again_at,
     authorization_expired,
     booked,
     new_payment,
     paid_values,
     payer_for,
     payment_limits,
+    retry_time,
     seller_settling,
     settlement_of,
-    settling_until,
     valid_until,
     vendor_trouble,
     worth_sending,
@@ -183,7 +182,7 @@ async def _pay_slice(
         if exc.retryable and not isinstance(exc, PaymentRefused):
             with deps.store.session() as s:  # it may have settled: retry with the same nonce
                 if isinstance(exc, PaymentInDoubt):  # not before a busy vendor's Retry-After
-                    later = ask_again_at(deps, payment, exc.retry_after_s)
+                    later = retry_time(deps, payment, exc.retry_after_s)
                     repo.update_payment(s, payment.id, ask_again_at=later)
                 repo.add_observation(
                     s,
@@ -298,7 +297,7 @@ _FATE_RECORDED = ("Slice renewed", "Slice payment settled or expired", "Slice re
 def _ask_again(deps: AgentDeps, job: Job, payment: Payment) -> bool:
     """Whether a slice payment its vendor said it was settling is due to be asked about again:
     its `Retry-After` is over, the authorisation could still be accepted and the job runs."""
-    until = settling_until(payment)
+    until = payment.ask_again_at
     return (
         until is not None
         and job.status == JobStatus.running

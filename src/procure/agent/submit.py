@@ -9,7 +9,6 @@ from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_quote, check_quote_hours
 from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import (
-    ask_again_at,
     authorization_expired,
     booked,
     fail_job,
@@ -18,6 +17,7 @@ from procure.agent.outcomes import (
     payer_for,
     payment_limits,
     penalize_vendor,
+    retry_time,
     seller_settling,
     settlement_of,
     valid_until,
@@ -205,7 +205,7 @@ async def submit(
         # before a busy vendor's Retry-After).
         with deps.store.session() as s:
             if isinstance(exc, PaymentInDoubt):
-                later = ask_again_at(deps, payment, exc.retry_after_s)
+                later = retry_time(deps, payment, exc.retry_after_s)
                 repo.update_payment(s, payment.id, ask_again_at=later)
             repo.add_observation(
                 s,
