@@ -5,6 +5,7 @@ terminations are idempotent. Also approval, rejection, expiry and rollback."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import datetime, timedelta
@@ -13,15 +14,18 @@ from decimal import Decimal
 from sqlalchemy.orm import Session
 
 from procure.bounds import clip
-from procure.clouds.base import CloudError, Instance
+from procure.clouds.base import CloudError, Instance, ProviderError
 from procure.crashpoints import crash_point
 from procure.fleet import notify, rails
 from procure.fleet.context import FleetContext
 from procure.fleet.policy import PROVISION, TERMINATE, Proposal
+from procure.models import utcnow
 from procure.store import Store, fleet_repo
 from procure.store.fleet_tables import ActionRow
 
 log = logging.getLogger(__name__)
+# A cloud call ends within this share of the fleet's lease, which is renewed just before it.
+LEASE_SHARE = 0.8
 
 
 class ActionRefused(Exception):
@@ -125,15 +129,29 @@ async def carry_out(ctx: FleetContext, action_id: str, listing: list[Instance] |
             return row.status if row else "missing"
         if row.next_attempt_at is not None and row.next_attempt_at > now:
             return row.status  # backing off after a retryable cloud error
-        if row.status == "executing" and row.action_type == PROVISION and listing is not None:
+        if row.status == "executing" and ctx.dry_run:
+            return row.status  # a live controller's action: a dry run sends nothing
+        retry = row.status == "executing" and row.action_type == PROVISION
+        if retry and listing is not None:
             mine = [i for i in listing if i.name == action_id]
             if mine:  # launched before a crash (or a lost answer): record it, launch nothing
                 log.info("action %s: found its instance %s by name", action_id, mine[0].id)
                 _finish_launch(ctx, s, row, [i.id for i in mine], mine)
                 return "executed"
-        if row.status == "approved":
+            if row.attempts >= ctx.cfg.max_launch_attempts:  # its last answer was lost
+                error = f"{row.error_message or 'no answer'}; no instance by its name appeared"
+                _fail(ctx, s, row, error, now)
+                return "failed"
+        if row.status == "approved" or retry:  # a launch sent again passes the caps again
             verdict = rails.check(
-                s, proposal_of(row), ctx.cfg, ctx.caps, now, dry_run=ctx.dry_run, approved=True
+                s,
+                proposal_of(row),
+                ctx.cfg,
+                ctx.caps,
+                now,
+                dry_run=ctx.dry_run,
+                approved=True,
+                action_id=action_id,
             )
             if verdict.outcome == "blocked":
                 fleet_repo.set_status(
@@ -146,25 +164,33 @@ async def carry_out(ctx: FleetContext, action_id: str, listing: list[Instance] |
                 )
                 notify.announce(s, row, now, slack=ctx.slack, detail=verdict.detail)
                 return "blocked"
+        # The call below must end while this controller still holds the fleet: another one
+        # taking over would see the action in flight, not yet listed, and send it again.
+        if not fleet_repo.take_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow()):
+            return row.status  # another controller holds the fleet now: it carries this out
         fleet_repo.set_status(s, row, "executing", now, attempts=row.attempts + 1)
         attempts, p = row.attempts, proposal_of(row)
     crash_point("fleet_intent")
     try:
-        if p.action_type == PROVISION:
-            ids = await ctx.cloud.launch(
-                instance_type=p.instance_type,
-                region=p.region,
-                name=action_id,
-                ssh_key_names=ctx.cfg.ssh_key_names,
-            )
-            crash_point("fleet_launched")
-            gone: list[Instance] = []
-        else:
-            gone = await ctx.cloud.terminate([p.target] if p.target else [])
-            ids = [p.target] if p.target else []
-            crash_point("fleet_terminated")
+        async with asyncio.timeout(ctx.cfg.lease_s * LEASE_SHARE):
+            if p.action_type == PROVISION:
+                ids = await ctx.cloud.launch(
+                    instance_type=p.instance_type,
+                    region=p.region,
+                    name=action_id,
+                    ssh_key_names=ctx.cfg.ssh_key_names,
+                )
+                crash_point("fleet_launched")
+                gone: list[Instance] = []
+            else:
+                gone = await ctx.cloud.terminate([p.target] if p.target else [])
+                ids = [p.target] if p.target else []
+                crash_point("fleet_terminated")
     except CloudError as exc:
         return _cloud_error(ctx, action_id, exc, attempts)
+    except TimeoutError:  # it may have landed: looked for by name, like any lost answer
+        lost = ProviderError(f"no answer within {ctx.cfg.lease_s * LEASE_SHARE:g}s")
+        return _cloud_error(ctx, action_id, lost, attempts)
     now = ctx.clock()
     with ctx.store.session() as s:
         row = fleet_repo.get_action(s, action_id, lock=True)
@@ -193,13 +219,15 @@ async def carry_out(ctx: FleetContext, action_id: str, listing: list[Instance] |
 
 def _cloud_error(ctx: FleetContext, action_id: str, exc: CloudError, attempts: int) -> str:
     """A retryable error leaves the action `executing`, to be looked for by name and retried
-    after a back-off; any other (capacity, quota, bad key) fails it."""
+    after a back-off; any other (capacity, quota, bad key) fails it. A launch's last retryable
+    error may still have launched it: it is looked for by name once more before it fails."""
     now = ctx.clock()
     error = clip(f"{type(exc).__name__}: {exc}", 500)
     with ctx.store.session() as s:
         row = fleet_repo.get_action(s, action_id, lock=True)
         assert row is not None
-        if exc.retryable and attempts < ctx.cfg.max_launch_attempts:
+        last = attempts >= ctx.cfg.max_launch_attempts
+        if exc.retryable and (not last or row.action_type == PROVISION):
             wait = timedelta(seconds=min(3600.0, ctx.cfg.scan_interval_s * 2**attempts))
             fleet_repo.set_status(
                 s, row, "executing", now, next_attempt_at=now + wait, error_message=error

@@ -192,6 +192,10 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         proposed, result.queue_error = await procure_signal.decide(ctx, result.views, now, price)
     else:
         proposed = policy.decide(result.views, ctx.cfg, price)
+    with ctx.store.session() as s:  # a long scan may have lost the fleet: then it decides nothing
+        if not fleet_repo.take_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow()):
+            result.leased = False
+            return result
     dedupe = timedelta(minutes=max(ctx.cfg.action_cooldown_mins, ctx.cfg.confirmation_timeout_mins))
     for p in proposed:
         with ctx.store.session() as s:

@@ -31,6 +31,7 @@ MAX_PERMANENT_TRIES = 3
 # 5xx is retried (with Retry-After when given) but not for ever: a message the webhook always
 # fails on must not hold the queue behind it for good (at the backoff cap, about 7 hours).
 MAX_SERVER_ERROR_TRIES = 50
+CLAIM_S = 300.0  # longer than any delivery (the webhook's client has a deadline of seconds)
 
 
 def backoff(attempts: int) -> float:
@@ -50,6 +51,13 @@ def retry_after(response: httpx.Response, attempts: int) -> float:
     if not math.isfinite(seconds):
         return backoff(attempts)
     return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
+
+
+def _claim(store: Store, message_id: int, now: datetime) -> bool:
+    """Take the message for this pass, so that two controllers on one store (a standby
+    beside the active one) never both send it; one that dies holding it frees it at CLAIM_S."""
+    with store.session() as s:
+        return fleet_repo.claim_message(s, message_id, now, utcnow() + timedelta(seconds=CLAIM_S))
 
 
 def drop(store: Store, message_id: int, error: str) -> None:
@@ -80,6 +88,8 @@ async def deliver_slack(
         due = [(m.id, m.payload, m.attempts) for m in fleet_repo.due_messages(s, "slack", now)]
     delivered = 0
     for message_id, payload, attempts in due:
+        if not _claim(store, message_id, now):
+            break  # another controller's deliverer is sending it: the rest wait behind it
         try:
             response = await client.post(url, json=payload)
         except httpx.HTTPError as exc:
@@ -132,8 +142,14 @@ async def write_audit(store: Store, path: Path, git_dir: Path | None) -> int:
     """Append the due audit entries to `path` (JSON lines) and, with `git_dir`, commit each to
     the repository there (`audit/actions.jsonl`). At least once: a crash between the write and
     the mark repeats an entry, never drops one (entries carry the action id and status)."""
+    now = utcnow()
     with store.session() as s:
-        due = [(m.id, m.payload) for m in fleet_repo.due_messages(s, "audit", utcnow(), 100)]
+        queued = [(m.id, m.payload) for m in fleet_repo.due_messages(s, "audit", now, 100)]
+    due = []
+    for message_id, entry in queued:  # in order, up to one another writer has taken
+        if not _claim(store, message_id, now):
+            break
+        due.append((message_id, entry))
     if not due:
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)

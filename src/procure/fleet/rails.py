@@ -14,6 +14,7 @@ from procure.fleet.policy import PROVISION, Proposal
 from procure.fleet.settings import FleetSettings
 from procure.models import format_usd, usd_to_micros
 from procure.store import fleet_repo, ledger
+from procure.store.fleet_tables import ActionRow, FleetInstanceRow
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,16 @@ class Verdict:
 GO = Verdict("go")
 
 
+def _launching(s: Session, live: list[FleetInstanceRow], action_id: str | None) -> list[ActionRow]:
+    """Launches in flight, other than `action_id`, whose instance is not yet among `live`."""
+    landed = {r.launched_by for r in live}
+    return [
+        a
+        for a in fleet_repo.list_actions(s, status="executing", limit=1000)
+        if a.action_type == PROVISION and a.action_id != action_id and a.action_id not in landed
+    ]
+
+
 def check(
     s: Session,
     p: Proposal,
@@ -35,9 +46,11 @@ def check(
     *,
     dry_run: bool,
     approved: bool = False,
+    action_id: str | None = None,
 ) -> Verdict:
-    """Run the rails. `approved`: a person has approved it (or asked for a rollback), so the
-    cooldown and the confirmation threshold no longer apply; the caps always do."""
+    """Run the rails. `approved`: a person has approved it (or asked for a rollback), or it
+    is a launch being retried, so the cooldown and the confirmation threshold no longer apply;
+    the caps always do. `action_id`: the recorded action checked again (not counted twice)."""
     if dry_run:
         return Verdict("blocked", "dry_run", "dry run: nothing was sent to the cloud")
     if not approved and cfg.action_cooldown_mins > 0:
@@ -53,7 +66,8 @@ def check(
             )
     if p.action_type == PROVISION:
         live = [r for r in fleet_repo.live_instances(s) if r.status in fleet_repo.RUNNING_STATUSES]
-        in_flight = len(fleet_repo.list_actions(s, status="executing", limit=1000))
+        flying = _launching(s, live, action_id)
+        in_flight = len(flying)
         if len(live) + in_flight + 1 > cfg.max_instances:
             return Verdict(
                 "blocked",
@@ -61,7 +75,9 @@ def check(
                 f"would exceed the {cfg.max_instances} instance limit "
                 f"({len(live)} running, {in_flight} launching)",
             )
-        hourly = sum(r.price_per_hour for r in live)
+        # A launch in flight (waiting out a cloud error, or answered but not yet listed) will
+        # bill like a running instance: it counts against the caps as one.
+        hourly = sum(r.price_per_hour for r in live) + sum(a.price_per_hour for a in flying)
         cap = usd_to_micros(cfg.max_hourly_spend)
         if hourly + p.price_per_hour > cap:
             return Verdict(
@@ -70,7 +86,8 @@ def check(
                 f"would exceed {format_usd(cap)}/hour limit "
                 f"({format_usd(hourly)}/h now + {format_usd(p.price_per_hour)}/h)",
             )
-        conflict = ledger.global_cap_conflict(s, caps, p.price_per_hour, now=now)
+        reserved = p.price_per_hour + sum(a.price_per_hour for a in flying)
+        conflict = ledger.global_cap_conflict(s, caps, reserved, now=now)
         if conflict:
             return Verdict("blocked", "global_spend_cap", conflict)
     if not approved and p.cost_impact > cfg.confirmation_threshold:

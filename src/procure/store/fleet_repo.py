@@ -93,12 +93,19 @@ def count_status(s: Session, status: str) -> int:
 
 
 def last_acted(s: Session, action_type: str) -> datetime | None:
-    """When an action of this type last went to the cloud (or would have, in a dry run)."""
-    return s.scalar(
+    """When an action of this type last went to the cloud (or would have, in a dry run); one
+    still in flight (being sent, or waiting to be sent again) counts as acting now."""
+    executed = s.scalar(
         select(func.max(ActionRow.executed_at)).where(
             ActionRow.action_type == action_type, ActionRow.executed_at.is_not(None)
         )
     )
+    flying = s.scalar(
+        select(func.max(ActionRow.updated_at)).where(
+            ActionRow.action_type == action_type, ActionRow.status == "executing"
+        )
+    )
+    return max((t for t in (executed, flying) if t is not None), default=None)
 
 
 def recent_same(
@@ -255,6 +262,22 @@ def due_messages(s: Session, channel: str, now: datetime, limit: int = 20) -> li
             break
         due.append(message)
     return due
+
+
+def claim_message(s: Session, message_id: int, now: datetime, until: datetime) -> bool:
+    """Take a due message for delivery until `until` (one conditional UPDATE): of two
+    deliverers exactly one gets it; a deliverer that dies with it leaves it due again then."""
+    result = s.execute(
+        update(OutboxRow)
+        .where(
+            OutboxRow.id == message_id,
+            OutboxRow.delivered_at.is_(None),
+            OutboxRow.next_attempt_at <= now,
+        )
+        .values(next_attempt_at=until)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def mark_delivered(s: Session, message_id: int, now: datetime) -> None:
