@@ -257,6 +257,8 @@ class LambdaCloud:
             response.status_code, parsed, what, response.headers.get("retry-after")
         )
         error = _without(found, [self._key])
+        if isinstance(error, RateLimited):  # the account is limited: this client waits too
+            self.pacer.pause(error.retry_after_s or 1.0)
         log.warning("%s", error)
         raise error
 

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 REQUEST_INTERVAL_S = 1.0
 LAUNCH_INTERVAL_S = 12.0
+MAX_PAUSE_S = 600.0  # the longest a 429's Retry-After may hold this client's calls
 
 
 class Pacer:
@@ -31,6 +32,11 @@ class Pacer:
         self._next_request: float | None = None
         self._next_launch: float | None = None
         self.waited_s = 0.0
+
+    def pause(self, seconds: float) -> None:
+        """No call before `seconds` from now (what a 429's Retry-After asks)."""
+        until = self._clock() + min(max(seconds, 0.0), MAX_PAUSE_S)
+        self._next_request = until if self._next_request is None else max(self._next_request, until)
 
     async def wait(self, *, launch: bool = False) -> None:
         async with self._lock:

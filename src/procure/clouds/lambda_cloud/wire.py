@@ -166,7 +166,8 @@ def one_instance(body: Any, node_port: int | None = None) -> Instance:
 def launched_ids(body: Any) -> list[str]:
     data = _data(body, "launch")
     ids = data.get("instance_ids") if isinstance(data, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= 200 for i in ids):
+    valid = isinstance(ids, list) and all(isinstance(i, str) and 0 < len(i) <= 200 for i in ids)
+    if not valid or not ids:  # ambiguous: the caller looks for the instance by name
         raise ProviderError("Lambda's launch answer has no instance_ids")
     return ids
 

@@ -118,7 +118,9 @@ class RunPodCloud:
         return [i for i in await self.instances() if (i.name or "").startswith(LABEL_PREFIX)]
 
     async def billed(self, instance_id: str) -> int | None:
-        params = {"podId": instance_id, "bucketSize": "month", "lastN": "2"}
+        # Yearly buckets from two New Years ago: the whole life of any pod procure could run
+        # (months would cut a long-running pod's first ones off), in three records at most.
+        params = {"podId": instance_id, "bucketSize": "year", "lastN": "3"}
         return wire.billed(await self._call("GET", "/v2/billing/pods", params=params), instance_id)
 
     # --- Cloud (the fleet controller) ------------------------------------------------------

@@ -264,12 +264,14 @@ def exhausted_for(rate_limit: str | None) -> float | None:
 
 def error_for(status: int, body: Any, what: str, *, create: bool, after: str | None) -> CloudError:
     """The exception for a failed call, by RunPod's createPod policy: 422 never retry, 400 try
-    the next candidate (rule or capacity), 402 stop (balance), 401/403 the key, 429 wait, 5xx
-    retry."""
+    the next candidate (rule or capacity), 403 too (the account cannot use that pool), 402 stop
+    (balance), 401 (and 403 elsewhere) the key, 429 wait, 5xx retry."""
     detail, errors = problem(body)
     text = f"{what}: RunPod answered {status}" + (f": {detail}" if detail else "")
     if errors:
         text += " (" + "; ".join(errors) + ")"
+    if status == 403 and create:
+        return CapacityError(text)
     if status in (401, 403):
         return AuthError(f"{what}: RunPod refused the API key ({status} {detail or 'denied'})")
     if status == 429:

@@ -171,9 +171,12 @@ class VastCloud:
         for instance_id in instance_ids:
             path = f"/api/v0/instances/{_segment(instance_id)}/"
             try:
-                await self._call("DELETE", path, "destroy")
+                body = await self._call("DELETE", path, "destroy")
             except _NotFound:
                 continue
+            if isinstance(body, dict) and body.get("success") is False:  # still runs and bills
+                _, message = wire.error_text(body, b"")
+                raise ProviderError(f"destroy: Vast.ai did not destroy {instance_id}: {message}")
             gone.append(Instance(instance_id, None, "terminating", "", "", None, 0, gpus=0))
         return gone
 
@@ -296,7 +299,9 @@ class VastCloud:
                 raise ProviderError(f"{what}: Vast.ai answered {response.status_code} with no JSON")
             return parsed
         found = wire.error_for(response.status_code, parsed, response.content, what)
-        if response.status_code == 404 and endpoint in ("show", "destroy"):
+        # Only Vast's own "not found" means gone: a proxy's or a retired path's 404 does not.
+        gone = wire.error_text(parsed, response.content)[0] == "not_found"
+        if response.status_code == 404 and endpoint in ("show", "destroy") and gone:
             raise _NotFound(what)
         if isinstance(found, RateLimited):
             backoff = self.pacer.limited(endpoint, wire.threshold_s(str(found)))
