@@ -28,7 +28,9 @@ class UnsafeInput(ValueError):
     """Input from outside that is too large, too deep or not JSON at all."""
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string, or an unclosed one to the end of the input (possessive: without it an unclosed
+# string of escaped quotes is tried again from each quote, quadratic in the input's size).
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 _STEP = [0] * 256
 _STEP[ord("[")] = _STEP[ord("{")] = 1

@@ -12,15 +12,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import DataError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI, Header, HTTPException
 
 from procure.agent.runtime import make_deps
 from procure.agent.tick import AgentDeps
 from procure.agent.worker import WorkerConfig
+from procure.api import errors
 from procure.api.cloud_vendors import cloud_vendors_router
 from procure.api.docs import mount_docs
 from procure.api.fleet import fleet_router
@@ -28,12 +25,9 @@ from procure.api.nodes import nodes_router
 from procure.api.offers import offers_router
 from procure.api.ops import ops_router
 from procure.api.runs import runs_router
-from procure.api.schemas import problems
 from procure.api.spend import spend_router
 from procure.api.vendors import vendors_router
-from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
-from procure.bounds import clip
 from procure.fleet.inprocess import FleetRun, fleet_in_server
 from procure.loopthread import AgentLoop, LoopThread
 from procure.settings import Settings
@@ -44,10 +38,6 @@ from procure.web.offers_pages import offers_pages
 from procure.web.settings import WebSettings
 
 log = logging.getLogger(__name__)
-
-
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
 
 
 def create_app(
@@ -125,7 +115,7 @@ def create_app(
         docs_url=None,  # mount_docs: Swagger UI from the package, not a CDN
     )
 
-    app.add_middleware(BoundedRequests)  # outermost: before any parser or authentication
+    errors.install(app)  # bounds outermost: before any parser or authentication
     background: dict[str, str] = {}  # background tasks' states, for /healthz
     app.state.background = background
 
@@ -141,25 +131,6 @@ def create_app(
         """Reads need the token too, when one is set, unless PROCURE_PUBLIC_READ=true."""
         if not public_read:
             require_token(authorization)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        found = problems(list(exc.errors()))
-        return _error(422, "invalid request: " + "; ".join(found), details=found)
-
-    # Starlette's own answers (404 unknown route, 405 wrong method, ...) and every
-    # HTTPException raised by a route: all in the `{"error": ...}` envelope.
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code in (204, 304):
-            return Response(status_code=exc.status_code, headers=exc.headers)
-        message = str(exc.detail)
-        path = clip(request.url.path, 200)
-        if exc.status_code == 404 and message == "Not Found":
-            message = f"no such route: {path}"
-        elif exc.status_code == 405 and message == "Method Not Allowed":
-            message = f"method {request.method} not allowed on {path}"
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     default_openapi = app.openapi
 
@@ -179,24 +150,6 @@ def create_app(
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-    @app.exception_handler(DataError)
-    async def refused_by_the_store(request: Request, exc: DataError) -> JSONResponse:
-        # A value the database cannot keep or compare (e.g. a NUL character on PostgreSQL) that
-        # validation let through: the client's input, so a 422, never a 500.
-        reason = (str(exc.orig or exc).splitlines() or [""])[0]
-        log.warning(
-            "the store refused a value on %s %s: %s",
-            request.method,
-            clip(request.url.path, 200),
-            clip(reason, 200),
-        )
-        return _error(422, "invalid request: a value the store cannot keep (e.g. a NUL character)")
-
-    @app.exception_handler(Exception)
-    async def crashed(_request: Request, _exc: Exception) -> JSONResponse:
-        # A bug, never bad input: the server logs the traceback; the client gets the envelope.
-        return _error(500, "internal error")
 
     app.include_router(runs_router(settings, store, require_token, require_read))
     app.include_router(vendors_router(settings, store, require_token, require_read))

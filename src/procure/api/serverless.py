@@ -12,22 +12,19 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Header, HTTPException
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from procure.agent.deps import TickResult
 from procure.agent.reconcile import settle_ended_runs
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.upkeep import prune
 from procure.agent.worker import LeaseHeld, WorkerConfig, tick_under_lease
+from procure.api import errors
 from procure.api.ops import ops_router
 from procure.api.runs import runs_router
-from procure.api.schemas import problems
 from procure.api.vendors import vendors_router
 from procure.bearer import bearer_matches
 from procure.models import RunStatus, utcnow
@@ -143,6 +140,7 @@ def create_serverless_app(settings: Settings | None = None, store: Store | None 
     budget_s = float(os.environ.get("PROCURE_CRON_BUDGET_S") or CRON_BUDGET_S)
     app = FastAPI(title="procure (serverless)", version="0.1.0")
     app.state.agent = ColdAgent(settings, store)
+    errors.install(app)  # bounds outermost: before any parser or authentication
 
     def require_token(authorization: str | None = Header(None)) -> None:
         if settings.api_token is None:
@@ -155,19 +153,6 @@ def create_serverless_app(settings: Settings | None = None, store: Store | None 
     def require_read(authorization: str | None = Header(None)) -> None:
         if not public_read:
             require_token(authorization)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        found = problems(list(exc.errors()))
-        return JSONResponse(
-            {"error": "invalid request: " + "; ".join(found), "details": found}, status_code=422
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        return JSONResponse(
-            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
-        )
 
     @app.get("/api/cron/tick", tags=["ops"])
     async def cron_tick(authorization: str | None = Header(None)) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from procure.bounds import UnsafeInput, loads
+from procure.bounds import UnsafeInput, clip, loads
 from procure.httpbounds import bounded_client
 
 
@@ -31,6 +31,16 @@ def paid_to(found: Settlement, pay_to: str, amount: int) -> bool:
         and found.pay_to.lower() == pay_to.lower()
         and found.amount == amount
     )
+
+
+def _what(exc: Exception) -> str:
+    """What went wrong, without the facilitator's URL: httpx's messages carry it, and its
+    `user:password@` with it (the text reaches pages and observations)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, httpx.HTTPError):
+        return type(exc).__name__
+    return clip(f"{type(exc).__name__}: {exc}", 200)
 
 
 class SettlementLookupError(Exception):
@@ -77,7 +87,7 @@ class FacilitatorLedger:
             TypeError,
             AttributeError,
         ) as exc:
-            raise SettlementLookupError(f"facilitator lookup failed: {exc}") from exc
+            raise SettlementLookupError(f"facilitator lookup failed: {_what(exc)}") from exc
 
     async def balance(self, address: str) -> int:
         """The wallet's token balance in atomic units (micro-USD)."""
@@ -86,7 +96,7 @@ class FacilitatorLedger:
             response.raise_for_status()
             return int(loads(response.content)["atomic"])
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            raise SettlementLookupError(f"facilitator balance lookup failed: {exc}") from exc
+            raise SettlementLookupError(f"facilitator balance lookup failed: {_what(exc)}") from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()
