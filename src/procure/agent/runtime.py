@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
 
+from procure.agent.deps import CloudTuning
 from procure.agent.planner import DETERMINISTIC, Planner
 from procure.agent.tick import AgentDeps
+from procure.clouds.job import CloudJobSettings
 from procure.models import usd_to_micros
 from procure.payments.settlements import FacilitatorLedger
 from procure.payments.wallet import load_or_create_account
 from procure.settings import Settings
 from procure.store import Store
 from procure.store.ledger import load_caps
+
+log = logging.getLogger(__name__)
 
 
 def choose_planner(settings: Settings) -> Planner:
@@ -38,6 +43,13 @@ def make_deps(
     from procure.vendors.client import VendorClient
     from procure.vendors.credentials import Keyring
 
+    job = CloudJobSettings()
+    rental = clouds_from_env() if clouds is None else clouds
+    if clouds is None and rental and not job.shared:
+        log.warning(
+            "PROCURE_CLOUD_CHECKPOINT_DIR is not a store every instance can reach (s3://, gs://, "
+            "...): a cloud job moved to another instance starts over"
+        )
     return AgentDeps(
         store=store,
         vendors=VendorClient(
@@ -59,7 +71,8 @@ def make_deps(
         stall_s=settings.stall_s,
         first_slice_fraction=settings.first_slice_fraction,
         spend_caps=load_caps(),
-        clouds=clouds_from_env() if clouds is None else clouds,
+        clouds=rental,
+        cloud=CloudTuning(command=job.argv, checkpoint_dir=job.checkpoint_dir),
         keyring=Keyring.load(settings.home),  # also seals each instance's node token
     )
 

@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from procure.clouds.base import Provider, RentalCloud
+from procure.clouds.job import CloudJobSettings
 from procure.gateway import book
 from procure.gateway.app import create_gateway_app
 from procure.gateway.instances import Runtime
@@ -102,6 +103,12 @@ def run_gateway(
     """`procure gateway --cloud C --port P --vendor-id ID [--margin] [--max-instances] [--gpu]`:
     the buyers' bearer is GPU_VENDOR_SECRET, the facilitator X402_FACILITATOR_URL, the book the
     configured store, the cloud's key its provider's own variable."""
+    job = CloudJobSettings()
+    if not job.shared:
+        log.warning(
+            "PROCURE_CLOUD_CHECKPOINT_DIR is not a store every instance can reach (s3://, gs://, "
+            "...): a buyer's job moved to another instance starts over"
+        )
     cfg = gateway_config(
         vendor_id=vendor_id,
         provider=cloud,
@@ -111,6 +118,8 @@ def run_gateway(
         margin=margin,
         max_instances=max_instances,
         gpus=tuple(g.upper() for g in gpus),
+        command=job.argv,
+        **({"checkpoint_dir": job.checkpoint_dir} if job.checkpoint_dir else {}),
     )
     log.info("gateway %s selling %s, paid to %s", vendor_id, cloud, cfg.pay_to)
     serve_gateway(
