@@ -33,9 +33,9 @@ from dataclasses import asdict
 from typing import Any
 
 from procure.clouds.mockworld.workload import JobSpec, synthetic
-from procure.fleet.policies import ProcurePolicy, navarch, seed_rule, static
+from procure.fleet.policies import ProcurePolicy, seed_rule, static
 from procure.fleet.settings import FleetSettings
-from procure.sim.fleet_peers import ClusterAutoscaler, navarch_queue
+from procure.sim.fleet_peers import ClusterAutoscaler, navarch_queue, navarch_reactive
 from procure.sim.fleet_world import BILLING, CATALOGUE, Result, World, run, work_floor_usd
 
 MAX_INSTANCES = 32
@@ -152,7 +152,7 @@ def one(task: tuple[str, str, str, list[JobSpec], float, int]) -> Result:
             "static-peak": static(static_size(jobs, world)),
             "seed-rule": seed_rule,
             "cluster-autoscaler": ClusterAutoscaler(seed=seed),
-            "navarch": navarch,
+            "navarch": navarch_reactive,
             "navarch-queue": navarch_queue,
         }[policy]
         cfg = settings(policy)
@@ -186,7 +186,7 @@ def verdicts(rows: list[Result], floors: dict[str, float]) -> list[str]:
     workloads = list(dict.fromkeys(r.workload for r in rows))
     for billing in dict.fromkeys(r.billing for r in rows):
         savings_vs_best: list[float] = []
-        beaten = compared = 0
+        beaten = compared = best_missed = 0
         defaults: list[float] = []
         out.append(f"billing per {billing}:")
         for w in workloads:
@@ -202,6 +202,7 @@ def verdicts(rows: list[Result], floors: dict[str, float]) -> list[str]:
                 ours = at_p95(sweep, peer.wait_p95_s)
                 compared += 1
                 if ours is None:
+                    best_missed += peer is best
                     out.append(
                         f"  [MISSED] {w}: {peer.policy} p95 {peer.wait_p95_s / 60:.1f} min: no "
                         f"procure target reaches that p95"
@@ -220,10 +221,15 @@ def verdicts(rows: list[Result], floors: dict[str, float]) -> list[str]:
         mean = sum(savings_vs_best) / len(savings_vs_best) if savings_vs_best else 0.0
         worst = max(defaults, default=0.0)
         limit = 1.15 if billing == "hour" else 1.10
+        # A workload where no procure row reaches the best peer's p95 fails the goal: it is not
+        # left out of the average.
+        vs_best = mean >= 0.10 and best_missed == 0
         out.append(
             f"  goal: cheaper than each peer at its p95: {beaten} of {compared}; "
-            f"vs the best peer at its p95, averaged over workloads: {mean:.1%} cheaper "
-            f"({'met' if mean >= 0.10 else 'MISSED'} ≥ 10 %); default at most {worst:.3f} × floor "
+            f"vs the best peer at its p95, averaged over {len(savings_vs_best)} workload(s): "
+            f"{mean:.1%} cheaper"
+            + (f", {best_missed} not reached" if best_missed else "")
+            + f" ({'met' if vs_best else 'MISSED'} ≥ 10 %); default at most {worst:.3f} × floor "
             f"({'met' if worst <= limit else 'MISSED'} ≤ {limit:.2f})"
         )
     return out

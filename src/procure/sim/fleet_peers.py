@@ -143,3 +143,25 @@ def navarch_queue(
         idle = [v for v in running if v.instance.status == "active" and _busy(v) < 0.5]
         return [_terminate(v, f"queue wants {want} node(s)") for v in idle[: len(running) - want]]
     return []
+
+
+def navarch_reactive(
+    views: Sequence[InstanceView], cfg: FleetSettings, price: int | None, signal: FleetSignal
+) -> list[Proposal]:
+    """Navarch's reactive autoscaler as documented: the mean utilisation of the nodes that report
+    metrics above 80 % adds a node, below 20 % removes the idlest, never under the minimum. Only
+    its cooldown (5 min: the rails) spaces its actions; it does not wait for a node still
+    booting (procure's `policies.navarch`, the rule it ships, does)."""
+    running = [v for v in views if v.instance.status in RUNNING_STATUSES]
+    active = [v for v in running if v.instance.status == "active" and v.latest is not None]
+    kind = next((t for t in signal.offers if t.name == cfg.default_instance_type), None)
+    if kind is not None and price is not None and len(running) < cfg.min_instances:
+        return [_launch(kind, "below the minimum")]
+    if not active:
+        return []
+    mean = sum(v.latest.gpu_util or 0 for v in active if v.latest) / len(active)
+    if kind is not None and price is not None and mean > cfg.high_gpu_threshold:
+        return [_launch(kind, f"pool at {mean:.0f}% GPU")]
+    if mean < cfg.low_gpu_threshold and len(running) > cfg.min_instances:
+        return [_terminate(min(active, key=_busy), f"pool at {mean:.0f}% GPU")]
+    return []

@@ -261,11 +261,13 @@ class Sim:
             ),
         )
 
-    def act(self, p: Proposal) -> None:
+    def act(self, p: Proposal, acted: dict[str, float] | None = None) -> None:
         """The rails (cooldown, instance cap, $/h cap), then the cloud with its fallbacks: the
-        same type in another region with capacity, for every policy alike."""
+        same type in another region with capacity, for every policy alike. `acted`: when each
+        action type last went out before this scan: a cooldown is between decisions, so one
+        scan's launches (Navarch's scale to its target, say) are one decision."""
         cfg, now = self.cfg, self.now
-        last = self.last_acted.get(p.action_type)
+        last = (self.last_acted if acted is None else acted).get(p.action_type)
         if last is not None and now - last < cfg.action_cooldown_mins * 60:
             self.blocked += 1
             return
@@ -329,8 +331,9 @@ def run(
         views = sim.views(now)
         kind = sim.offers.get(cfg.default_instance_type)
         price = round(kind.usd_per_hour * 1e6) if kind else None
+        acted = dict(sim.last_acted)
         for p in decide(views, cfg, price, sim.signal(now, cfg)):
-            sim.act(p)
+            sim.act(p, acted)
         live = sim.live()
         if len(live) > cfg.max_instances or sum(n.offer.usd_per_hour for n in live) > (
             cfg.max_hourly_spend + 1e-9
@@ -340,12 +343,16 @@ def run(
         sim.end(n, sim.now)
     f = c.figures()
     cost = sum(billed_usd(n, sim.now, world.billing_s, world.bill_boot) for n in sim.nodes.values())
+    # GPU-hours paid for, increments begun counted whole (as the cost is): idle is what was paid
+    # and not used, the rest of an hour let go early included.
     billed_gpu_h = sum(
-        max(0.0, (n.ended_at or sim.now) - (n.launched_at if world.bill_boot else n.active_at))
+        billed_usd(n, sim.now, world.billing_s, world.bill_boot)
+        / n.offer.usd_per_hour
+        * 3600
         * n.offer.gpus
         for n in sim.nodes.values()
     )
-    waits = sorted(c.waits + [c.now - c.jobs[j].queued_at for j in c.queue])
+    waits = c.wait_times()
     return Result(
         policy=name,
         workload=workload,
