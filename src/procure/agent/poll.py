@@ -175,6 +175,12 @@ async def poll(
         return _running(vjob, pending)
     if vjob.status == "expired" and _owes_time(deps, job, vjob, paid, ctx.state.payments):
         return _running(vjob, pending)
+    if vjob.status == "expired" and _ran_little(job, vjob, paid):
+        why = (
+            f"it says the job's paid time ran out at {vjob.progress:.0%}, though it was paid "
+            f"to {slices.paid_until(job, paid):.0%}"
+        )
+        return fail_job(deps, job, vendor, why, progress=vjob.progress, ctx=ctx)
     if vjob.status == "expired":  # its paid time ran out before another slice was bought
         return stop_job(deps, ctx, job, vendor, vjob, "its paid time ran out")
     if slices.renewal_due(job, paid, vjob.progress):
@@ -199,6 +205,15 @@ def _owes_time(
     done = [p for p in payments if p.job_id == job.id and p.status == PaymentStatus.completed]
     last = max(done, key=lambda p: p.updated_at, default=None)
     return last is not None and may_be_unbooked(deps, last)
+
+
+def _ran_little(job: Job, vjob: VendorJob, paid: float) -> bool:
+    """Whether the job ran under half of what it was paid for at this vendor: a seller that
+    sells wall time may honestly end a job that ran slower than planned (a boot, a slow node),
+    but not one that hardly ran; that one is the vendor's failure (cool-down, resume elsewhere),
+    or the planner would pay it again and again."""
+    bought = slices.paid_until(job, paid) - job.start_progress
+    return vjob.progress - job.start_progress < bought / 2 - EPS
 
 
 def _running(vjob: VendorJob, pending: Payment | None) -> TickResult:

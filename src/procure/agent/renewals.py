@@ -121,6 +121,8 @@ def _slice_conflict(state: RunState | None, job: Job, quote: Quote, paid: float)
     (read under the run's write lock); None when nothing stands in its way."""
     if state is None or state.run.status != RunStatus.running:
         return "the run is no longer running"
+    if state.run.cancel_requested_at is not None:  # asked while this tick quoted: no new money
+        return "the run is being cancelled"
     current = next((j for j in state.jobs if j.id == job.id), None)
     if current is None or current.status != JobStatus.running:
         return "the job is no longer running"

@@ -153,6 +153,8 @@ def _intent_conflict(state: RunState | None, amount: int) -> str | None:
     """Why a new job and payment of `amount` must not be written now, or None."""
     if state is None or state.run.status != RunStatus.running:
         return "the run is no longer running"
+    if state.run.cancel_requested_at is not None:  # asked while this tick quoted: no new money
+        return "the run is being cancelled"
     if any(j.status in ACTIVE_JOB_STATUSES for j in state.jobs):
         return "the run already has an active job"
     committed = sum(

@@ -386,12 +386,14 @@ class VendorClient:
         return Submitted(
             job=job,
             tx_hash=settled.transaction if settled and settled.success else None,
-            # The 'exact' scheme moves exactly what was signed; the answer may not say it.
+            # The 'exact' scheme moves exactly what was signed: that is what is booked, whatever
+            # the vendor's answer says it settled (a vendor could claim less, and the budget
+            # would count less than left the wallet). Its figure serves only without a signature.
             settled_amount=(
-                int(settled.amount)
-                if settled and settled.amount
-                else recorder.signed_amount
-                if settled and settled.success
+                recorder.signed_amount
+                if settled and settled.success and recorder.signed_amount is not None
+                else int(settled.amount)
+                if settled and settled.success and settled.amount
                 else None
             ),
             replayed=response.headers.get("X-Idempotent-Replay") == "true",
