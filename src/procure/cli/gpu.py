@@ -35,6 +35,7 @@ def gpu_worker(
 
     from procure.gpu.service import create_gpu_worker_app
     from procure.gpu.settings import GpuWorkerSettings
+    from procure.uvserver import GRACE_S
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -43,7 +44,15 @@ def gpu_worker(
     with settings_errors():
         worker_settings = GpuWorkerSettings()
     app_ = create_gpu_worker_app(worker_settings, port=port)
-    uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
+    # The grace bounds SIGTERM's wait for open requests: one stalled client must not keep the
+    # lifespan (which stops the jobs and unregisters) from running.
+    uvicorn.run(
+        app_,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=GRACE_S,
+    )
 
 
 def _wei(text: str) -> int:

@@ -47,13 +47,18 @@ def local_path(url: str) -> Path:
     return Path(os.path.expanduser(path))
 
 
+def local_dir(url: str) -> str:
+    """The local directory `url` names as an absolute path (what docker can mount), created."""
+    path = local_path(url).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
 def job_dir(root: str, job_id: str) -> str:
     """The folder under `root` where job `job_id` writes its checkpoints (created when local,
     as object stores have no folders)."""
     if is_local(root):
-        path = local_path(root) / job_id
-        path.mkdir(parents=True, exist_ok=True)
-        return str(path.resolve())
+        return local_dir(str(local_path(root) / job_id))
     return f"{root.rstrip('/')}/{job_id}"
 
 

@@ -1,16 +1,21 @@
 """The node's dead-man switch: its controller holds a lease (`POST /lease {"ttl_s", "holder"}`)
 and renews it; when a lease lapses without renewal the node runs its stop action
 (`GPU_WORKER_ON_ORPHAN`, e.g. `shutdown -h now`), so an instance whose controller died is not
-left running (and billing) forever. Off unless the action is configured; can be disarmed."""
+left running (and billing) forever. Off unless the action is configured; can be disarmed. The
+lease is kept on disk too, so a node that crashed and was restarted still stops on time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
+
+from procure.gpu import nodestate
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,10 @@ class DeadMan:
         timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         run: Callable[[str, float], Awaitable[int]] = run_shell,
+        path: Path | None = None,
     ) -> None:
         self._action = action
+        self._path = path  # where the lease is kept (None: in memory only)
         self._timeout_s = timeout_s
         self._clock = clock
         self._run = run
@@ -63,6 +70,7 @@ class DeadMan:
         self.holder, self.ttl_s = holder, ttl_s
         self.expires_at = self._clock() + ttl_s
         self.state, self.fired_reason, self.exit_status = "armed", None, None
+        self._save()
         self._changed.set()
         return self.to_json()
 
@@ -71,8 +79,60 @@ class DeadMan:
             log.info("dead-man switch disarmed (lease of %s dropped)", self.holder)
         self.state = "disarmed" if self.enabled else "off"
         self.expires_at = None
+        self._save()
         self._changed.set()
         return self.to_json()
+
+    def restore(self) -> None:
+        """At start: take up the lease a previous run of the node held (crashed, or restarted
+        while its controller was gone, nobody renews it); already lapsed, it fires at once."""
+        saved = nodestate.read_json(self._path) if self._path and self.enabled else None
+        if saved is None or nodestate.alive(saved.get("node")):
+            return  # none, or a node that still runs holds it
+        try:
+            holder = str(saved["holder"])
+            ttl_s, expires = float(saved["ttl_s"]), float(saved["expires_at"])
+        except (KeyError, TypeError, ValueError):
+            return
+        if not (math.isfinite(ttl_s) and math.isfinite(expires)):
+            return
+        # Kept as wall-clock time: the monotonic clock of the run that wrote it is gone.
+        left = expires - time.time()
+        self.holder, self.ttl_s = holder, ttl_s
+        self.expires_at = self._clock() + left
+        self.state, self.fired_reason, self.exit_status = "armed", None, None
+        log.warning(
+            "took up the lease of %s from before the node restarted (%.0fs left)", holder, left
+        )
+        self._save()  # this run holds it now
+        self._changed.set()
+
+    def release(self) -> None:
+        """At a clean stop: drop the lease from disk. Whoever stopped the node took over (an
+        operator, the machine going down); only a node that died keeps it for its next start."""
+        if self._path is None:
+            return
+        saved = nodestate.read_json(self._path)
+        owner = saved.get("node") if saved else None
+        if owner == nodestate.me() or not nodestate.alive(owner):  # not another node's
+            nodestate.remove(self._path)
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        if self.state != "armed" or self.expires_at is None:
+            nodestate.remove(self._path)  # nothing for a restart to take up
+            return
+        lease = {
+            "holder": self.holder,
+            "ttl_s": self.ttl_s,
+            "expires_at": time.time() + (self.expires_at - self._clock()),
+            "node": nodestate.me(),
+        }
+        try:
+            nodestate.write_json(self._path, lease)
+        except OSError as exc:  # the lease holds in memory; only a crash would lose it
+            log.warning("cannot keep the lease on disk at %s: %s", self._path, exc)
 
     def to_json(self) -> dict[str, Any]:
         left = None if self.expires_at is None else round(self.expires_at - self._clock(), 3)
@@ -101,6 +161,9 @@ class DeadMan:
     async def _fire(self) -> None:
         assert self._action is not None and self.ttl_s is not None
         self.state = "fired"
+        # Dropped before the action runs: a `shutdown` ends the node mid-action, and the machine
+        # started again later must not stop itself again for the same lapse.
+        self._save()
         self.fired_reason = (
             f"the lease of {self.holder} lapsed: not renewed within its {self.ttl_s:g}s"
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -13,13 +15,15 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from procure.bounds import clip
-from procure.gpu import checkpoints
+from procure.gpu import checkpoints, nodestate
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ class Limits:
     checkpoint_root: str = "~/.cache/procure/checkpoints"
     docker: str = "docker"
     docker_gpus: str | None = "all"
+    state_dir: Path | None = None  # where running jobs are recorded (None: not recorded)
 
 
 @dataclass
@@ -215,7 +220,14 @@ class JobRunner:
         self._make_room()
         job_id = "job_" + secrets.token_hex(8)
         try:
-            folder = checkpoints.job_dir(root, job_id) if checkpoint_dir is None else root
+            if checkpoint_dir is None:
+                folder = checkpoints.job_dir(root, job_id)
+            elif checkpoints.is_local(root):
+                # docker mounts only an absolute path (`file://x` or `~/x` would fail the run),
+                # and the job must see the folder by the name that is mounted.
+                folder = checkpoints.local_dir(root)
+            else:
+                folder = root
         except OSError as exc:
             raise JobRefused(500, f"cannot create the checkpoint folder: {exc}") from None
         job_env = dict(env)
@@ -279,6 +291,7 @@ class JobRunner:
 
     async def _execute(self, job: Job) -> None:
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ} | job.env
+        tie = functools.partial(_die_with_node, os.getpid()) if _DIE_WITH_NODE else None
         try:
             process = await asyncio.create_subprocess_exec(
                 *job.argv,
@@ -287,12 +300,24 @@ class JobRunner:
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # its own process group: cancel reaches its children
+                preexec_fn=tie,  # it dies with the node
             )
         except OSError as exc:
             self._finish(job, "failed", None, f"could not start {job.argv[0]!r}: {exc}")
             return
         job.process = process
         job.started_at = time.time()
+        if self.limits.state_dir is not None:
+            # Should the node die hard, its next start ends what this job left running.
+            docker = job.argv[0] if job.image is not None else None
+            nodestate.record_job(self.limits.state_dir, job.id, process.pid, docker)
+        try:
+            await self._watch(job, process)
+        finally:
+            if self.limits.state_dir is not None:
+                nodestate.remove(nodestate.job_record(self.limits.state_dir, job.id))
+
+    async def _watch(self, job: Job, process: asyncio.subprocess.Process) -> None:
         if job.cancel_requested:  # cancelled while it was starting
             _signal_group(process.pid, signal.SIGKILL)
         elif job.status == "queued":
@@ -389,7 +414,7 @@ def _docker_argv(
         argv += ["-v", f"{folder}:{folder}"]  # the same path inside, so the env var holds
     resume = env.get("PROCURE_RESUME_FROM")
     if resume and checkpoints.is_local(resume):
-        parent = str(checkpoints.local_path(resume).parent)
+        parent = str(checkpoints.local_path(resume).resolve().parent)
         if parent != folder:
             argv += ["-v", f"{parent}:{parent}:ro"]
     return [*argv, image, *command]
@@ -407,6 +432,23 @@ def _cut(raw: bytes | bytearray, limit: int) -> bytes:
 
 def _text(raw: bytes | bytearray) -> str:
     return clip(bytes(raw).decode("utf-8", "replace").rstrip("\r"), 1 << 20)
+
+
+PR_SET_PDEATHSIG = 1
+# The C library's prctl, looked up here in the node: between fork and exec (another thread may
+# hold the loader's lock) the child only calls it. Linux only.
+_DIE_WITH_NODE = sys.platform == "linux"
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if _DIE_WITH_NODE else None
+
+
+def _die_with_node(node_pid: int) -> None:
+    """In the job's process before exec: SIGKILL it when the node dies, even killed with SIGKILL
+    (nothing else then stops it, and a job left running holds the GPU while it runs elsewhere).
+    Its own children and containers are ended at the node's next start (nodestate)."""
+    assert _PRCTL is not None
+    _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != node_pid:  # the node died before prctl took hold
+        os._exit(1)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

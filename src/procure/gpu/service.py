@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
-from procure.gpu import registration
+from procure.gpu import nodestate, registration
 from procure.gpu.deadman import DeadMan
 from procure.gpu.job_routes import job_router
 from procure.gpu.jobs import JobRunner, Limits
@@ -69,9 +69,11 @@ def create_gpu_worker_app(
     (default: real sockets)."""
     host = hostname or socket.gethostname()
     probe = CachedProbe(read or nvml_reader(), settings.nvml_cache_s)
+    folder = nodestate.state_dir(settings.checkpoint_dir)  # what outlives a crash of the node
     deadman = DeadMan(
         settings.on_orphan.get_secret_value() if settings.on_orphan else None,
         timeout_s=settings.orphan_action_timeout_s,
+        path=folder / "lease.json",
     )
     runner = JobRunner(
         Limits(
@@ -83,6 +85,7 @@ def create_gpu_worker_app(
             checkpoint_root=settings.checkpoint_dir,
             docker=settings.docker_binary,
             docker_gpus=settings.docker_gpus,
+            state_dir=folder,
         )
     )
     state: registration.Registration | None = None
@@ -93,6 +96,9 @@ def create_gpu_worker_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         found = await probe.get()  # the start-up line says plainly what the node has
         (log.warning if found.gpu_count == 0 else log.info)("GPU node: %s", plainly(found))
+        # A previous run that died hard left its jobs running and its lease unwatched.
+        await nodestate.end_leftovers(folder)
+        deadman.restore()
         async with contextlib.AsyncExitStack() as stack:
             app.state.ollama = None
             if settings.ollama_url:
@@ -114,7 +120,10 @@ def create_gpu_worker_app(
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                if state is not None and state.state == "registered":
+                deadman.release()
+                # Once accepted, the orchestrator holds the entry even while a refresh is being
+                # retried: only a node it never accepted (or that it refused) has none to drop.
+                if state is not None and state.accepted > 0 and state.state != "refused":
                     await _unregister(client)
 
     async def _register(client: httpx.AsyncClient) -> None:

@@ -1,0 +1,165 @@
+"""What the GPU node keeps on disk so that a hard stop (SIGKILL, OOM, crash) leaves nothing behind:
+a record of each running job (its process group, its container), ended at the next start."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from procure.gpu import checkpoints
+
+log = logging.getLogger(__name__)
+
+FALLBACK_DIR = "~/.cache/procure/gpu-node"
+MAX_RECORD_BYTES = 65_536
+DOCKER_RM_S = 30.0
+
+
+def state_dir(checkpoint_root: str) -> Path:
+    """Where the node keeps its state: beside its checkpoints when they are local (each node, and
+    each test, has its own root), else in the user's cache."""
+    if checkpoints.is_local(checkpoint_root):
+        return checkpoints.local_path(checkpoint_root) / ".procure-node"
+    return Path(os.path.expanduser(FALLBACK_DIR))
+
+
+def start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22); None when
+    there is no such process (or no /proc). With the pid, it names one process: pids recycle."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def me() -> dict[str, Any]:
+    """This node process, as a record names its owner."""
+    return {"pid": os.getpid(), "start": start_time(os.getpid()), "boot": _boot_id()}
+
+
+def alive(owner: Any) -> bool:
+    """Whether the node process a record names still runs (then the record is its own, not a
+    leftover: two nodes may share a folder, as tests do)."""
+    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+        return False
+    if owner.get("boot") != _boot_id():
+        return False
+    start = start_time(owner["pid"])
+    return start is not None and start == owner.get("start")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` whole: a temporary file renamed into place, so a crash mid-write never leaves
+    half a record for the next start to misread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data))
+    os.replace(temporary, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The record at `path`; None when absent or unreadable (a broken record is no record)."""
+    try:
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_RECORD_BYTES + 1)
+        data = json.loads(raw) if len(raw) <= MAX_RECORD_BYTES else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def job_record(folder: Path, job_id: str) -> Path:
+    return folder / "jobs" / f"{job_id}.json"
+
+
+def record_job(folder: Path, job_id: str, pid: int, docker: str | None) -> None:
+    """Note a started job: its process group (led by `pid`) and, run by `docker`, its container."""
+    data = {
+        "job": job_id,
+        "pid": pid,
+        "start": start_time(pid),
+        "node": me(),
+        "docker": docker,
+        "container": f"procure-{job_id}" if docker else None,
+    }
+    try:
+        write_json(job_record(folder, job_id), data)
+    except OSError as exc:  # the job runs regardless; only a crash of the node would leak it
+        log.warning("job %s: cannot record it under %s: %s", job_id, folder, exc)
+
+
+async def end_leftovers(folder: Path) -> int:
+    """At start: end the jobs that a node which died without stopping them left running (their
+    process groups, their containers); the number of records handled."""
+    ended = 0
+    removals: list[asyncio.Task[None]] = []
+    for path in sorted((folder / "jobs").glob("*.json")):
+        data = read_json(path)
+        if data is not None and alive(data.get("node")):
+            continue  # a node that still runs owns it
+        if data is not None:
+            ended += 1
+            _kill_group(data)
+            docker, container = data.get("docker"), data.get("container")
+            if isinstance(docker, str) and isinstance(container, str):
+                # SIGKILL to the docker client leaves its container running: ask the daemon.
+                removals.append(asyncio.create_task(_docker_rm(docker, container)))
+        remove(path)
+    if removals:
+        await asyncio.gather(*removals)
+    return ended
+
+
+def _kill_group(data: dict[str, Any]) -> None:
+    pid, start = data.get("pid"), data.get("start")
+    node = data.get("node")
+    if not isinstance(pid, int) or pid <= 1 or start is None or not isinstance(node, dict):
+        return  # without the start time (no /proc) the pid cannot be told from a recycled one
+    if node.get("boot") != _boot_id():
+        return  # recorded before a reboot: that process group is long gone
+    now = start_time(pid)
+    # The leader still runs as recorded, or it died (as the node's death kills it) and its
+    # children may hold the group: Linux hands out no pid still used as a group id, so the group
+    # is still the job's. A live process with that pid but another start time is someone else.
+    if now is not None and now != start:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+        log.warning("ended job %s, left running by a node that died", data.get("job"))
+
+
+async def _docker_rm(docker: str, container: str) -> None:
+    with contextlib.suppress(OSError):
+        process = await asyncio.create_subprocess_exec(
+            docker,
+            "rm",
+            "-f",
+            container,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.wait_for(process.wait(), DOCKER_RM_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
