@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 
 from procure.agent.context import hazard, reliability
 from procure.api.schemas import READ_ONLY_VENDOR_FIELDS, VendorRegistration
@@ -84,6 +85,16 @@ def vendors_router(
         return keyrings[0].encrypt(credential)
 
     def save(body: VendorRegistration, credential: str | None, given: set[str]) -> Vendor | None:
+        try:
+            return save_once(body, credential, given)
+        except IntegrityError:
+            # Another registration of this new id committed between our read and our insert
+            # (a second operator, a client retrying): read again, now it is a replacement.
+            return save_once(body, credential, given)
+
+    def save_once(
+        body: VendorRegistration, credential: str | None, given: set[str]
+    ) -> Vendor | None:
         """Write `body` over the stored vendor: fields left out keep their stored value (a
         PUT that omits network and asset must not make the vendor unpayable), read-only ones
         are ignored. `given`: the fields the request named. A PATCH (`given` smaller than the

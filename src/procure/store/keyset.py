@@ -9,7 +9,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, Select, select, tuple_
@@ -43,9 +43,14 @@ def decode(cursor: str) -> Key:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         at, id_ = json.loads(raw)
         when = datetime.fromisoformat(at)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        if when.tzinfo is None:  # astimezone would take it as the server's local time
+            raise ValueError("a naive time")
+        # Turned to UTC here, as the store's bind would: a time valid in its own zone may
+        # leave the datetime range in UTC (year 9999 west of it), a 400 and not a 500 later.
+        when = when.astimezone(UTC)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError) as exc:
         raise BadCursor("not a cursor this server handed out") from exc
-    if not isinstance(id_, str) or when.tzinfo is None or len(id_) > 255:
+    if not isinstance(id_, str) or len(id_) > 255:
         raise BadCursor("not a cursor this server handed out")
     return Key(when, id_)
 

@@ -246,6 +246,14 @@ def add_observation(
     *,
     vendor_id: str | None = None,
 ) -> None:
+    if s.get_bind().dialect.name == "postgresql":
+        # An id is taken at INSERT, not at commit: a writer outside the run's lease (a budget
+        # warning, the sweeper, a cancel request) could commit a higher id while a tick's lower
+        # one is still open, and a reader resuming after the last id it saw (the live timeline,
+        # observationsAfter) would skip the lower one for good. Locked by the run's row, as its
+        # UPDATEs lock it (the worker's batch of log lines holds it already): one run's ids are
+        # handed out in commit order, and runs never wait on each other.
+        s.execute(select(RunRow.id).where(RunRow.id == run_id).with_for_update(key_share=True))
     # Much of what is observed comes from outside (vendors' logs and errors, LLM answers):
     # no observation grows the store by more than a bounded text.
     s.add(
