@@ -4,6 +4,7 @@ and the small shared steps of `cloud_run`'s other parts (trouble noted, an offer
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
@@ -12,7 +13,7 @@ from procure.agent.cloud_money import book_end, computed_bill
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.clouds.base import CloudError, Instance, RentalCloud
-from procure.models import Job, OfferTerms, utcnow
+from procure.models import Job, OfferTerms, format_usd, utcnow
 from procure.store import cloud_repo, repo
 from procure.store.cloud_repo import CloudInstance
 from procure.vendors.credentials import CredentialError, Keyring
@@ -38,21 +39,25 @@ def keyring(deps: AgentDeps) -> Keyring:
 
 def trouble(deps: AgentDeps, job: Job, message: str) -> TickResult:
     with deps.store.session() as s:
-        repo.add_observation(s, job.run_id, OBS.error, message, vendor_id=job.vendor_id)
+        # Said once while it repeats: trouble that lasts (a provider down, an ending instance
+        # whose terminate is refused) must not grow the store by a row every tick.
+        if message not in repo.recent_contents(s, job.run_id):
+            repo.add_observation(s, job.run_id, OBS.error, message, vendor_id=job.vendor_id)
     return TickResult("Vendor error")
 
 
 def mark_ending(
     deps: AgentDeps, inst: CloudInstance, outcome: str, reason: str, *, fault: bool, terminate: bool
 ) -> CloudInstance:
-    """Record why the instance ends; `terminate`: it exists, so terminate it next."""
+    """Record why the instance ends; `terminate`: it exists, so terminate it next. Its bill runs
+    on until the provider accepts the terminate: `terminate` sets `ended_at` then."""
     values: dict[str, object] = {
         "outcome": outcome,
         "end_reason": reason[:2000],
         "fault": int(fault),
     }
     if terminate:
-        values |= {"status": "terminating", "ended_at": utcnow()}
+        values |= {"status": "terminating"}
     with deps.store.session() as s:
         cloud_repo.update_instance(s, inst.name, **values)
         repo.add_observation(
@@ -139,6 +144,19 @@ async def terminate(
     assert inst.instance_id is not None
     try:
         await client.terminate([inst.instance_id])
+    except CloudError as exc:
+        return trouble(
+            deps, job, f"{inst.provider} terminate {inst.instance_id}: {exc}; will retry"
+        )
+    if inst.ended_at is None:
+        # Billed until the provider accepts the terminate (not from when procure decided to
+        # end: a terminate refused for a while is billed all that while); read after its answer,
+        # so a computed bill errs high, never low.
+        now = utcnow()
+        with deps.store.session() as s:
+            cloud_repo.update_instance(s, inst.name, ended_at=now)
+        inst = dataclasses.replace(inst, ended_at=now)
+    try:
         after = await client.get(inst.instance_id)
     except CloudError as exc:
         return trouble(
@@ -150,7 +168,23 @@ async def terminate(
     try:
         billed = await client.billed(inst.instance_id)
     except CloudError as exc:
-        return trouble(deps, job, f"{inst.provider} billing of {inst.instance_id}: {exc}")
-    if billed is None:  # no billing endpoint (Lambda): its rule, from when it became active
+        # A bill refused for good (a key without billing access) or for `max_troubles` ticks
+        # would keep a finished run open forever: book the computed bill (it errs high).
+        last = ctx.state.run.troubles + 1 >= deps.max_troubles
+        if exc.retryable and not last:
+            return trouble(deps, job, f"{inst.provider} billing of {inst.instance_id}: {exc}")
         billed = computed_bill(inst, terms)
+        with deps.store.session() as s:
+            repo.add_observation(
+                s,
+                job.run_id,
+                OBS.error,
+                f"{inst.provider} billing of {inst.instance_id} cannot be read ({exc}): booking "
+                f"{format_usd(billed)}, computed from its price and time (rounded up, as the "
+                "provider's bill may be a little less)",
+                vendor_id=job.vendor_id,
+            )
+    else:
+        if billed is None:  # no billing endpoint (Lambda): its rule, from its launch
+            billed = computed_bill(inst, terms)
     return end(deps, ctx, job, inst, billed, inst.outcome or "failed", inst.end_reason or "ended")

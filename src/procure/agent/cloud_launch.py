@@ -20,18 +20,19 @@ from procure.agent.cloud_end import (
 from procure.agent.cloud_money import reserve
 from procure.agent.cloud_node import NodeError, checked_node_url
 from procure.agent.cloud_offers import as_offer, describe_offer
-from procure.agent.cloud_watch import poll
+from procure.agent.cloud_watch import poll, unseen
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.clouds.base import (
     AuthError,
     CapacityError,
     CloudError,
+    Instance,
     LaunchSpec,
     QuotaError,
     RentalCloud,
 )
-from procure.models import Job, JobStatus, OfferTerms, Vendor, utcnow
+from procure.models import Job, JobStatus, OfferTerms, Vendor, format_usd, utcnow
 from procure.store import cloud_repo, repo
 from procure.store.cloud_repo import CloudInstance
 from procure.vendors.credentials import CredentialError
@@ -58,7 +59,8 @@ async def launch(
         except CloudError as exc:
             return trouble(deps, job, f"{inst.provider} terminate of a duplicate: {exc}")
     if found:
-        instance, how = found[0], "found after an interrupted launch"
+        # Launched after the intent was written, at some moment unknown: from then, erring high.
+        instance, how, before = found[0], "found after an interrupted launch", inst.created_at
     elif inst.outcome is not None:  # ending before anything was launched: no money moved
         return end(deps, ctx, job, inst, 0, inst.outcome, inst.end_reason or "")
     else:
@@ -73,6 +75,7 @@ async def launch(
             env={"GPU_WORKER_TOKEN": token},
             bid_per_hour=terms.min_bid_per_hour if terms.interruptible else None,
         )
+        before = utcnow()  # its bill cannot start earlier (a computed bill starts here)
         try:
             instance = await client.launch_spec(spec)
         except (CapacityError, QuotaError, AuthError) as exc:
@@ -97,9 +100,8 @@ async def launch(
             inst.name,
             instance_id=instance.id[:100],
             status="booting" if inst.outcome is None else "terminating",
-            launched_at=inst.launched_at or now,
+            launched_at=inst.launched_at or before,
             boot_deadline=now + timedelta(seconds=deps.cloud.boot_timeout_s),
-            **({"ended_at": now} if inst.outcome is not None else {}),
         )
         repo.update_job(s, job.id, status=JobStatus.running, vendor_job_id=instance.id[:100])
         repo.add_observation(
@@ -112,29 +114,106 @@ async def launch(
         )
         inst = cloud_repo.get_instance(s, inst.name)  # type: ignore[assignment]
     crash("recorded")
+    checked = priced(deps, ctx, job, vendor, inst, instance, terms)
+    if isinstance(checked, str):
+        return await refuse(deps, ctx, job, inst, client, terms, checked)
+    inst, terms = checked
     if inst.status == "terminating":
         return await terminate(deps, ctx, job, inst, client, terms)
     return TickResult("Instance launched")
 
 
-async def boot(
+def priced(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    vendor: Vendor,
+    inst: CloudInstance,
+    instance: Instance,
+    terms: OfferTerms,
+) -> tuple[CloudInstance, OfferTerms] | str:
+    """The instance at the price the provider says it bills, where that is above its offer's
+    (a Vast.ai host's new ask, a RunPod pod placed on a dearer machine): recorded, so the
+    reservation and a computed bill use it (a price of 0 is not said; a cheaper one is held at
+    its offer's price, erring high). Why it is refused (str) instead, when its price is above
+    the vendor's max price or the budget cannot reserve a billing increment at it."""
+    price = instance.price_per_hour
+    dearer = price > terms.price_per_hour
+    if dearer:
+        real = terms.model_copy(update={"price_per_hour": price})
+        # What is reserved now holds the instance for fewer seconds at its real price.
+        held_s = ((inst.reserved_until or inst.created_at) - inst.created_at).total_seconds()
+        until = inst.created_at + timedelta(seconds=held_s * terms.price_per_hour / price)
+        with deps.store.session() as s:
+            cloud_repo.update_instance(s, inst.name, offer=real.model_dump(), reserved_until=until)
+            repo.add_observation(
+                s,
+                job.run_id,
+                OBS.error,
+                f"Instance {inst.name} is billed at {format_usd(price)}/h, not its offer's "
+                f"{format_usd(terms.price_per_hour)}/h",
+                vendor_id=job.vendor_id,
+            )
+            inst = cloud_repo.get_instance(s, inst.name)  # type: ignore[assignment]
+        assert inst is not None
+        terms = real
+    # Checked on the recorded price too: a crash after recording it must not let it run on.
+    cap = vendor.cloud.max_price_per_hour if vendor.cloud is not None else None
+    if cap is not None and terms.price_per_hour > cap:
+        return (
+            f"priced at {format_usd(terms.price_per_hour)}/h, above the {format_usd(cap)}/h "
+            f"{vendor.vendor_id} allows"
+        )
+    if dearer and inst.status != "terminating" and not reserve(deps, ctx, job, inst, terms):
+        return f"priced at {format_usd(price)}/h, {BUDGET}"
+    return inst, terms
+
+
+async def refuse(
     deps: AgentDeps,
     ctx: PlanContext,
     job: Job,
     inst: CloudInstance,
     client: RentalCloud,
     terms: OfferTerms,
+    why: str,
+) -> TickResult:
+    """An instance not as offered: terminated at once and its offer kind cooled, as a launch
+    refused (not the run's fault): the run chooses again elsewhere."""
+    cool(deps, terms)
+    with deps.store.session() as s:
+        inst = cloud_repo.get_instance(s, inst.name)  # type: ignore[assignment]
+    assert inst is not None
+    terms = OfferTerms.model_validate(inst.offer)  # its real price, for a computed bill
+    if inst.outcome is None:  # one already ending (cancelled) keeps why it ends
+        inst = mark_ending(deps, inst, "failed", why, fault=False, terminate=True)
+    return await terminate(deps, ctx, job, inst, client, terms)
+
+
+async def boot(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    vendor: Vendor,
+    inst: CloudInstance,
+    client: RentalCloud,
+    terms: OfferTerms,
 ) -> TickResult:
     assert inst.instance_id is not None
+    asked = utcnow()
     try:
         instance = await client.get(inst.instance_id)
     except CloudError as exc:
-        return trouble(deps, job, f"{inst.provider} get {inst.instance_id}: {exc}")
+        return await unseen(deps, ctx, job, inst, client, terms, exc)
     now = utcnow()
     gone = lost(deps, ctx, job, inst, instance, terms)
     if gone is not None:
         return await gone
     assert instance is not None
+    checked = priced(deps, ctx, job, vendor, inst, instance, terms)
+    if isinstance(checked, str):
+        return await refuse(deps, ctx, job, inst, client, terms, checked)
+    inst, terms = checked
     if instance.status == "active" and instance.node_url:
         try:
             node_url = checked_node_url(instance.node_url, instance.ip)
@@ -145,8 +224,14 @@ async def boot(
         boot_s = (now - (inst.launched_at or now)).total_seconds()
         with deps.store.session() as s:
             cloud_repo.learn(s, terms.provider, terms.region, terms.gpu, boot_s=boot_s)
+            # Billed from when it became active, after the last poll that saw it booting (or
+            # its launch): counted from there, a computed bill errs high by at most one poll.
             cloud_repo.update_instance(
-                s, inst.name, status="running", node_url=node_url, active_at=now
+                s,
+                inst.name,
+                status="running",
+                node_url=node_url,
+                active_at=inst.active_at or inst.launched_at or asked,
             )
             repo.add_observation(
                 s,
@@ -165,4 +250,7 @@ async def boot(
     if not reserve(deps, ctx, job, inst, terms):
         inst = mark_ending(deps, inst, "stopped", BUDGET, fault=False, terminate=True)
         return await terminate(deps, ctx, job, inst, client, terms)
+    if instance.status == "booting":  # still booting then: its bill starts later (see above)
+        with deps.store.session() as s:
+            cloud_repo.update_instance(s, inst.name, active_at=asked)
     return TickResult("Instance booting")

@@ -8,20 +8,33 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
+from sqlalchemy.orm import Session
+
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import gpu_hours_run
-from procure.models import Job, JobStatus, OfferTerms, PaymentStatus, RunStatus, format_usd, utcnow
+from procure.models import (
+    Job,
+    JobStatus,
+    OfferTerms,
+    PaymentStatus,
+    RunState,
+    RunStatus,
+    format_usd,
+    utcnow,
+)
 from procure.store import cloud_repo, repo
 from procure.store.cloud_repo import CloudInstance
 
 JOB_TO_STATUS = {
     "completed": JobStatus.completed,
     "failed": JobStatus.failed,
+    "job_failed": JobStatus.failed,  # the user's job failed on its node (its script's exit)
     "cancelled": JobStatus.cancelled,
     "stopped": JobStatus.cancelled,
 }
+NODE_FAILURES = 2  # the user's job failing on its node this often ends the run `failed`
 
 
 def cost(terms: OfferTerms, seconds: float) -> int:
@@ -96,13 +109,35 @@ def seconds_within(terms: OfferTerms, micros: int) -> float:
 
 def computed_bill(inst: CloudInstance, terms: OfferTerms) -> int:
     """What a provider without a billing endpoint bills: whole increments begun, from when the
-    instance was seen active to when it was first asked to terminate."""
-    if inst.active_at is None:
+    instance may have become active to when the provider accepted its terminate. Both ends err
+    high, never low: the start is the last poll that still saw it booting (else the moment
+    before its launch), so the user may be booked up to one poll interval (and one increment)
+    more than billed, but is never told they spent less than the provider bills."""
+    start = inst.active_at or inst.launched_at
+    if start is None:  # never launched: nothing to bill
         return 0
     end: datetime = inst.ended_at or utcnow()
-    seconds = round(max((end - inst.active_at).total_seconds(), 0.0), 3)
+    seconds = round(max((end - start).total_seconds(), 0.0), 3)
     step = max(terms.billing_increment_s, 1)
     return round(math.ceil(seconds / step) * step * terms.price_per_hour / 3600)
+
+
+def failing_job(s: Session, state: RunState, job: Job, reason: str) -> str | None:
+    """The user's job failed on its node (its script exited with an error): the run ends
+    `failed` (why, returned) once that happened NODE_FAILURES times, or again from the same
+    checkpoint. Not the cloud's fault, so no other offer would do better: renting on would only
+    spend the budget an instance at a time."""
+    tries = [i for i in cloud_repo.instances_of_run(s, job.run_id) if i.outcome == "job_failed"]
+    start = {j.id: j.job_params.get("resumeFrom") for j in state.jobs}
+    again = sum(start.get(i.job_id) == start.get(job.id) for i in tries) > 1
+    if len(tries) < NODE_FAILURES and not again:
+        return None
+    why = (
+        f"the job failed on its instance {len(tries)} times (last: {reason}); the job itself "
+        "fails, not the cloud: fix it and start a new run"
+    )
+    repo.update_run(s, job.run_id, status=RunStatus.failed, status_reason=f"Failed: {why}")
+    return why
 
 
 def book_end(
@@ -120,6 +155,7 @@ def book_end(
     the instance terminated, the job ended, what was learned counted, the run moved on."""
     now = utcnow()
     fault = bool(inst.fault) if fault is None and inst is not None else bool(fault)
+    failed_run: str | None = None
     status = JOB_TO_STATUS.get(outcome, JobStatus.failed)
     with deps.store.session() as s:
         repo.update_run(s, job.run_id)
@@ -172,6 +208,8 @@ def book_end(
                 repo.record_vendor_outcome(s, job.vendor_id, success=False, gpu_hours=hours)
             elif terms is not None:
                 cloud_repo.learn(s, terms.provider, terms.region, terms.gpu, gpu_hours=hours)
+            if outcome == "job_failed":
+                failed_run = failing_job(s, state, job, reason)
             if outcome == "cancelled":
                 why = state.run.cancel_reason or "cancelled"
                 repo.update_run(
@@ -194,6 +232,8 @@ def book_end(
             f"by {job.vendor_id}; budget remaining {format_usd(remaining)}{kept}",
             vendor_id=job.vendor_id,
         )
+        if failed_run is not None:
+            repo.add_observation(s, job.run_id, OBS.error, f"Run failed: {failed_run}")
     return TickResult(
         {
             JobStatus.completed: "Job completed",

@@ -6,7 +6,8 @@ to the part that moves it on: launch and boot (`cloud_launch`), the job watched 
 as the job's payment in the transaction that ends the job.
 
 The instance record's states: launching → booting → running → terminating → terminated. Why it
-ends (`outcome`: completed | failed | cancelled | stopped) is set with `terminating`."""
+ends (`outcome`: completed | failed | job_failed (the user's job failed on its node) | cancelled |
+stopped) is set with `terminating`."""
 
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ async def step(
     if inst.status == "launching":
         return await launch(deps, ctx, job, vendor, inst, client, terms)
     if inst.status == "booting":
-        return await boot(deps, ctx, job, inst, client, terms)
+        return await boot(deps, ctx, job, vendor, inst, client, terms)
     if inst.status == "running":
         return await poll(deps, ctx, job, inst, client, terms)
     if inst.status == "terminating":

@@ -44,7 +44,7 @@ async def poll(
         try:
             instance = await client.get(inst.instance_id)
         except CloudError as exc:
-            return trouble(deps, job, f"{inst.provider} get {inst.instance_id}: {exc}")
+            return await unseen(deps, ctx, job, inst, client, terms, exc)
         gone = lost(deps, ctx, job, inst, instance, terms)
         if gone is not None:
             return await gone
@@ -103,7 +103,10 @@ async def poll(
         return await terminate(deps, ctx, job, inst, client, terms)
     if njob.status in ("completed", "failed", "cancelled"):
         why = njob.error or f"job {njob.status} on the node (exit code {njob.exit_code})"
-        inst = mark_ending(deps, inst, "failed", why, fault=False, terminate=True)
+        # Failed, or done short of 100%: the user's script did it, and would on any instance
+        # (`book_end` ends the run after a few). Cancelled: the node stopped it, not the job.
+        outcome = "failed" if njob.status == "cancelled" else "job_failed"
+        inst = mark_ending(deps, inst, outcome, why, fault=False, terminate=True)
         return await terminate(deps, ctx, job, inst, client, terms)
     stalled_s = (utcnow() - since).total_seconds()
     if not advanced and stalled_s > deps.stall_s:
@@ -111,6 +114,23 @@ async def poll(
         inst = mark_ending(deps, inst, "failed", why, fault=True, terminate=True)
         return await terminate(deps, ctx, job, inst, client, terms)
     return TickResult(f"Job running ({njob.progress:.0%})")
+
+
+async def unseen(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    inst: CloudInstance,
+    client: RentalCloud,
+    terms: OfferTerms,
+    exc: CloudError,
+) -> TickResult:
+    """The instance's status cannot be read now: it runs on, billed, so its reservation still
+    holds it: extended while the budget allows, else it is terminated (which may well work)."""
+    if not reserve(deps, ctx, job, inst, terms):
+        inst = mark_ending(deps, inst, "stopped", BUDGET, fault=False, terminate=True)
+        return await terminate(deps, ctx, job, inst, client, terms)
+    return trouble(deps, job, f"{inst.provider} get {inst.instance_id}: {exc}")
 
 
 def checkpoint_progress(lines: list[str], url: str) -> float | None:

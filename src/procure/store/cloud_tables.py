@@ -33,14 +33,16 @@ class CloudInstanceRow(Base):
     node_token: Mapped[str] = mapped_column(Text)  # encrypted (vendors.credentials.Keyring)
     node_job_id: Mapped[str | None] = mapped_column(String(100))
     boot_deadline: Mapped[datetime | None]
-    launched_at: Mapped[datetime | None]
+    launched_at: Mapped[datetime | None]  # just before the launch call
+    # While it boots, the last poll that saw it booting; then kept: when its bill may start.
     active_at: Mapped[datetime | None]
-    ended_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]  # when the provider accepted its terminate
     # Money: reserved (the job's pending payment) through `reserved_until`; billed at the end.
     reserved_until: Mapped[datetime | None]
     billed: Mapped[int | None] = mapped_column(BigInteger)
     # Why it ends (set with `terminating`), and the job's fate once it has: completed | failed |
-    # cancelled | stopped; `fault`: the provider's fault (counted against its offer kind).
+    # job_failed (the user's job failed on its node) | cancelled | stopped; `fault`: the
+    # provider's fault (counted against its offer kind).
     outcome: Mapped[str | None] = mapped_column(String(16))
     end_reason: Mapped[str | None] = mapped_column(Text)
     fault: Mapped[int] = mapped_column(Integer, default=0)
