@@ -222,7 +222,8 @@ def mock_ollama(behaviour: OllamaBehaviour) -> FastAPI:
 @dataclass
 class Orchestrator:
     secret: str = "orch-secret"
-    fail_first: int = 0  # answer 503 to this many registrations first
+    fail_first: int = 0  # answer `fail_status` to this many registrations first
+    fail_status: int = 503
     registered: dict[str, dict[str, Any]] = field(default_factory=dict)
     registrations: int = 0
     attempts: int = 0
@@ -250,7 +251,7 @@ def mock_orchestrator(orch: Orchestrator) -> FastAPI:
         if not authorised(request):
             return PlainTextResponse("invalid_authorization", 400)
         if orch.attempts <= orch.fail_first:
-            return PlainTextResponse("orchestrator starting", 503)
+            return PlainTextResponse("orchestrator starting", orch.fail_status)
         body = await request.json()
         orch.registered[body["name"]] = body  # re-registering replaces the entry
         orch.registrations += 1

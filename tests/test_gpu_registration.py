@@ -104,6 +104,18 @@ def test_retries_with_backoff_until_accepted(orch: tuple[Orchestrator, str]) -> 
         assert state.attempts == 4 and registration(client)["attempts"] == 4
 
 
+@pytest.mark.parametrize("status", [429, 408])
+def test_too_many_requests_is_retried_not_a_refusal(
+    orch: tuple[Orchestrator, str], status: int
+) -> None:
+    state, url = orch
+    state.fail_first, state.fail_status = 2, status
+    with worker(url) as (_, client):
+        eventually(lambda: NAME in state.registered, f"registration after {status}s")
+        eventually(lambda: registration(client)["state"] == "registered", "state")
+        assert state.attempts == 3
+
+
 def test_an_orchestrator_that_starts_late_is_registered_with() -> None:
     port = free_port()
     state = Orchestrator(secret=SECRET)

@@ -2,7 +2,8 @@
 secret in `Authorization` and the node's own token in the body's `token` (go-livepeer sends it as
 `Bearer` when it forwards jobs), retried with backoff until accepted, repeated periodically so an
 orchestrator that restarted (and forgot us) learns us again, and `unregister` on a clean stop.
-A refusal (400 `invalid authorization`, any 4xx) is reported and not retried."""
+A refusal (400 `invalid authorization`, any other 4xx but 408, 425 and 429, which ask to try
+again later) is reported and not retried."""
 
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ async def register_once(
         )
     if response.status_code == 400 and said.startswith(REGISTER_ERROR):
         raise Refused(f"the orchestrator could not read our capability: {said}")
+    if response.status_code in (408, 425, 429):  # too early, too often, too slow: not a no
+        raise NotAccepted(f"HTTP {response.status_code} from {url}: {said}")
     if 400 <= response.status_code < 500:
         raise Refused(
             f"the orchestrator refused the registration: HTTP {response.status_code} {said}"
