@@ -150,7 +150,7 @@ def lambda_instance(instance_id: str, name: str, status: str = "active") -> dict
 
 
 def test_vast_terminate_fails_when_vast_answers_success_false(scripted: Any) -> None:
-    """Before the fix: vast's destroyInstance answers 200 with `success` saying whether the instance
+    """Before the fix: Vast's destroyInstance answers 200 with `success` saying whether the instance
     was destroyed (spec; the official vastai SDK prints `msg` and does not destroy on `success:
     false`). The client ignores it and reports the instance terminating, so the fleet and the
     gateway book it ended while it still runs and bills."""
@@ -178,7 +178,7 @@ def test_vast_terminate_fails_when_vast_answers_success_false(scripted: Any) -> 
 def test_lambda_launch_answer_with_no_instance_ids_is_a_cloud_error(
     scripted: Any,
 ) -> None:
-    """Before the fix: lambda answering a launch with `instance_ids: []` makes `launch_spec` raise
+    """Before the fix: Lambda answering a launch with `instance_ids: []` makes `launch_spec` raise
     IndexError: the `RentalCloud` contract (and invariant 8) says every failure is a `CloudError`,
     so the agent's tick crashes instead of treating it as an ambiguous launch to look up by name."""
     empty = {"data": {"instance_ids": []}}
@@ -246,7 +246,7 @@ def test_lambda_honours_retry_after_of_a_429_before_its_next_call(scripted: Any)
 
 
 def test_runpod_403_on_create_is_a_skipped_candidate_not_a_refused_key(scripted: Any) -> None:
-    """Before the fix: runPod's createPod documents 403 as "your account cannot access the requested
+    """Before the fix: RunPod's createPod documents 403 as "your account cannot access the requested
     pool: skip this candidate, keep going". The client raises AuthError ("RunPod refused the API
     key"), so the agent cools down the whole RunPod account and tells the user their key is bad."""
     forbidden = {"title": "Forbidden", "status": 403, "detail": "access denied"}
@@ -309,7 +309,7 @@ def test_runpod_billed_counts_every_month_of_a_long_running_pod() -> None:
 
 
 def test_vast_only_its_own_404_means_an_instance_is_gone(scripted: Any) -> None:
-    """Before the fix: vast's own "gone" is `{"instances": null}` on show and 404 `{"error":
+    """Before the fix: Vast's own "gone" is `{"instances": null}` on show and 404 `{"error":
     "not_found"}` on destroy (spec). The client takes any 404 (a router's or CDN's plain page, a
     retired path) as "gone": terminate reports nothing to do and get returns None, so the agent
     books the instance ended while it runs and bills. Lambda's and RunPod's clients require their
@@ -342,3 +342,45 @@ def test_vast_only_its_own_404_means_an_instance_is_gone(scripted: Any) -> None:
         return wrong
 
     assert asyncio.run(scenario()) == []
+
+
+# --- every client: a launch refused with its request echoed keeps the node token out ------------
+
+TOKEN = "node-token-0123456789abcdef"
+
+
+@pytest.mark.parametrize("provider", ["runpod", "vast"])
+def test_a_refused_launch_that_echoes_the_request_keeps_the_node_token_out(
+    scripted: Any, provider: str
+) -> None:
+    """A provider (or its proxy) that echoes the request body in its error must not put the
+    node's token, sent in the launch's env, into procure's error (shown and stored)."""
+    echo = f"bad request: env={{'GPU_WORKER_TOKEN': '{TOKEN}'}}"
+    if provider == "runpod":
+        url, _ = scripted(
+            {("POST", "/v2/pods"): [Reply(400, {"title": "Bad Request", "detail": echo})]}
+        )
+        settings: Any = RunPodSettings(RUNPOD_API_KEY=KEY, RUNPOD_API_URL=url)
+        client: Any = RunPodCloud(settings, pacer=RunPodPacer(0.0))
+        offer = Offer(
+            "runpod", "SECURE:NVIDIA A100 80GB PCIe", "A100", 1, "US-TX-3", 1_190_000, False, 1, 1
+        )
+    else:
+        url, _ = scripted(
+            {("PUT", "/api/v0/asks/4242/"): [Reply(400, {"error": "invalid_args", "msg": echo})]}
+        )
+        settings = VastSettings(VAST_API_KEY=KEY, VAST_API_URL=url, VAST_PACE_SCALE=0)
+        client = VastCloud(settings)
+        offer = Offer("vast", "4242", "A100", 1, "US", 1_000_000, False, 1, 1)
+
+    async def scenario() -> str:
+        spec = LaunchSpec(name="procure-job-1", offer=offer, env={"GPU_WORKER_TOKEN": TOKEN})
+        try:
+            with pytest.raises(CloudError) as caught:
+                await client.launch_spec(spec)
+        finally:
+            await client.aclose()
+        return str(caught.value)
+
+    said = asyncio.run(scenario())
+    assert "bad request" in said and TOKEN not in said, said

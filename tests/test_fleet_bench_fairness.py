@@ -37,7 +37,7 @@ def bench() -> ModuleType:
 
 
 def test_navarch_queue_scales_to_its_target_in_one_decision() -> None:
-    """Before the fix: navarch's queue-based autoscaler scales the pool to its target node count in
+    """Before the fix: Navarch's queue-based autoscaler scales the pool to its target node count in
     one scaling action (`PoolManager.actOnRecommendation` calls `ScaleUp(count)`), and its 5-minute
     cooldown is between scaling actions. The sim applies the cooldown to every single launch, so
     four 8-GPU jobs arriving together get their nodes 5 minutes apart and the peer's p95 is inflated
@@ -53,7 +53,7 @@ def test_navarch_queue_scales_to_its_target_in_one_decision() -> None:
 
 
 def test_navarch_reactive_waits_only_its_cooldown_not_every_boot() -> None:
-    """Before the fix: navarch's reactive autoscaler adds a node whenever the pool's utilisation
+    """Before the fix: Navarch's reactive autoscaler adds a node whenever the pool's utilisation
     (averaged over the nodes that report metrics, so not the booting ones) is above 80 % and the
     5-minute cooldown is over. The sim's `navarch` also refuses to launch while any node boots, so
     with 10-minute boots it grows one node per boot (11 min) instead of one per cooldown (5 min)."""

@@ -6,6 +6,7 @@ this module's names."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -107,6 +108,18 @@ class RateLimited(ProviderError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+def without_secrets(error: CloudError, secrets: Iterable[str]) -> CloudError:
+    """`error` again, with no secret (an API key, a launch's env values such as the node token)
+    in its message: a provider or proxy that echoes the request must not put one in ours."""
+    text = str(error)
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "***")
+    if isinstance(error, RateLimited):
+        return RateLimited(text, error.retry_after_s)
+    return type(error)(text)
 
 
 class Cloud(Protocol):

@@ -24,6 +24,7 @@ from procure.clouds.base import (
     Provider,
     ProviderError,
     RateLimited,
+    without_secrets,
 )
 from procure.clouds.lambda_cloud import wire
 from procure.clouds.lambda_cloud.pacing import Pacer
@@ -178,7 +179,7 @@ class LambdaCloud:
         try:
             answer = await self._call("POST", path, body, launch=True)
         except CloudError as exc:
-            raise _without(exc, spec.env.values()) from None
+            raise without_secrets(exc, spec.env.values()) from None
         ids = wire.launched_ids(answer)
         log.info(
             "launched %s (%s in %s) as %s",
@@ -256,7 +257,7 @@ class LambdaCloud:
         found = wire.error_for(
             response.status_code, parsed, what, response.headers.get("retry-after")
         )
-        error = _without(found, [self._key])
+        error = without_secrets(found, [self._key])
         if isinstance(error, RateLimited):  # the account is limited: this client waits too
             self.pacer.pause(error.retry_after_s or 1.0)
         log.warning("%s", error)
@@ -284,17 +285,6 @@ def user_data(spec: LaunchSpec) -> str | None:
     if len(script.encode()) > MAX_USER_DATA:
         raise CloudError("the start-up script is over Lambda's 1 MB user_data limit")
     return script
-
-
-def _without(error: CloudError, secrets: Any) -> CloudError:
-    """`error` again, with no secret (the key, the launch's env values) in its message."""
-    text = str(error)
-    for secret in secrets:
-        if secret and len(secret) >= 6:
-            text = text.replace(secret, "***")
-    if isinstance(error, RateLimited):
-        return RateLimited(text, error.retry_after_s)
-    return type(error)(text)
 
 
 class _NotFound(CloudError):

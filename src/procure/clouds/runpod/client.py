@@ -22,6 +22,7 @@ from procure.clouds.base import (
     Provider,
     ProviderError,
     RateLimited,
+    without_secrets,
 )
 from procure.clouds.runpod import wire
 from procure.clouds.runpod.pacing import Pacer
@@ -97,7 +98,10 @@ class RunPodCloud:
             body["dataCenterIds"] = [spec.offer.region]
         # Never retried here: createPod takes no idempotency key. After an error the caller
         # looks for the name (`find`) before it launches again.
-        answer = await self._call("POST", PODS, json=body, create=True)
+        try:
+            answer = await self._call("POST", PODS, json=body, create=True)
+        except CloudError as exc:
+            raise without_secrets(exc, spec.env.values()) from None
         launched = wire.instance(answer, spec.node_port)
         log.info("launched %s (%s in %s) as %s", spec.name, gpu_id, launched.region, launched.id)
         return launched

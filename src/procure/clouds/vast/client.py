@@ -25,6 +25,7 @@ from procure.clouds.base import (
     Provider,
     ProviderError,
     RateLimited,
+    without_secrets,
 )
 from procure.clouds.vast import wire
 from procure.clouds.vast.pacing import Pacer
@@ -131,7 +132,10 @@ class VastCloud:
         path = f"/api/v0/asks/{_segment(offer.offer_id)}/"
         # Never retried here: Vast's create takes no idempotency key. After an error the caller
         # looks for the label (find) before launching again.
-        answer = await self._call("PUT", path, "create", json_body=body)
+        try:
+            answer = await self._call("PUT", path, "create", json_body=body)
+        except CloudError as exc:
+            raise without_secrets(exc, spec.env.values()) from None
         instance_id = wire.new_contract(answer)
         log.info("launched %s on Vast.ai ask %s as %s", spec.name, offer.offer_id, instance_id)
         return Instance(
