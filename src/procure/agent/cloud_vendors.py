@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from sqlalchemy.exc import IntegrityError
 
 from procure.models import GPU_PATTERN, CloudTerms, Model, Vendor, usd_to_micros
 from procure.store import Store, repo
@@ -84,8 +85,17 @@ class NotACloudVendor(Exception):
 
 def save_cloud_vendor(store: Store, body: CloudVendorRequest) -> tuple[Vendor, bool]:
     """Save the cloud vendor (replacing a cloud vendor of the same id, keeping its learned
-    outcomes); True if it is new. Synchronous: call it in a thread."""
+    outcomes); True if it is new. Synchronous: call it in a thread. (API, page and CLI alike.)"""
     vendor = cloud_vendor(body)
+    try:
+        return _save_once(store, vendor)
+    except IntegrityError:
+        # Another registration of this new id committed between the read and the insert: read
+        # again, now it is a replacement (or refused when that one is not a cloud vendor).
+        return _save_once(store, vendor)
+
+
+def _save_once(store: Store, vendor: Vendor) -> tuple[Vendor, bool]:
     with store.session() as s:
         stored = repo.get_vendor(s, vendor.vendor_id)
         if stored is not None and stored.kind != "cloud":

@@ -9,7 +9,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
 
 from procure.agent.cloud_vendors import (
     MAX_COUNT,
@@ -46,15 +45,6 @@ def as_listed(vendor: Vendor) -> dict[str, Any]:
     }
 
 
-def _save(store: Store, body: CloudVendorRequest) -> tuple[Vendor, bool]:
-    try:
-        return save_cloud_vendor(store, body)
-    except IntegrityError:
-        # Another registration of this new id committed between the read and the insert: read
-        # again, now it is a replacement (or a 409 when that one is not a cloud vendor).
-        return save_cloud_vendor(store, body)
-
-
 def cloud_vendors_router(store: Store, require_token: Callable[..., None]) -> APIRouter:
     router = APIRouter(tags=["vendors"])
 
@@ -73,7 +63,7 @@ def cloud_vendors_router(store: Store, require_token: Callable[..., None]) -> AP
         the job ends. 201 when new; 200 when it replaces a cloud vendor of the same id (its
         learned outcomes kept); 409 when the id is an x402 vendor's."""
         try:
-            vendor, new = await asyncio.to_thread(_save, store, body)
+            vendor, new = await asyncio.to_thread(save_cloud_vendor, store, body)
         except NotACloudVendor as exc:
             return JSONResponse(
                 {"error": f"vendor {exc} exists and is not a cloud vendor"}, status_code=409
