@@ -153,14 +153,15 @@ def test_escaped_quotes_cannot_freeze_the_api_before_authentication(tmp_path: Pa
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 def test_the_live_timeline_keeps_an_observation_committed_out_of_id_order(db_url: str) -> None:
     """Before the fix: on PostgreSQL an observation's id is taken at INSERT, not at commit. Writers
     outside the run's lease add observations to a run (budget warnings, the cloud sweeper, a cancel
     request): when one commits while a tick's transaction holding a lower id is still open, the live
     timeline (SSE, resuming after the last id it sent) moves past the lower id, and the tick's
     observation never reaches the page."""
-    if db_url.startswith("sqlite"):
-        pytest.skip("SQLite has one writer at a time: ids are assigned in commit order")
     store = open_store(db_url)
     with store.session() as s:
         run_id = repo.create_run(
@@ -286,6 +287,9 @@ def test_spend_counts_payments_after_a_rollback_and_upgrade(db_url: str, tmp_pat
     assert spend["paid"] == pytest.approx(3.75), spend
 
 
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 def test_registering_a_vendor_beside_another_registration_succeeds(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -293,8 +297,6 @@ def test_registering_a_vendor_beside_another_registration_succeeds(
     there: when another registration of the same new id (a second operator, a client retrying after
     a timeout) commits in between, the insert meets the primary key and the caller gets 500
     "internal error" instead of the vendor (replaced, 200) or a 409."""
-    if db_url.startswith("sqlite"):
-        pytest.skip("needs PostgreSQL's lock view to know the request is waiting")
     store = open_store(db_url)
     settings = Settings(
         PROCURE_DATABASE_URL=db_url, PROCURE_HOME=tmp_path / "home", PROCURE_API_TOKEN=TOKEN

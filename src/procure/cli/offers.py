@@ -196,6 +196,13 @@ def gateway(
     gpu: Annotated[
         list[str] | None, typer.Option(help="GPU models offered (repeat; default: all)")
     ] = None,
+    min_sale_minutes: Annotated[
+        float,
+        typer.Option(
+            help="The shortest sale: a cloud that bills the boot is paid for it from the margin",
+            parser=number(0, 1440, "--min-sale-minutes"),
+        ),
+    ] = 10.0,
 ) -> None:
     """Serve /quote, /submit-job (402 until paid over x402), /renew-job, /job-status and
     /cancel-job in front of a cloud account (its key: LAMBDA_API_KEY, RUNPOD_API_KEY or
@@ -216,6 +223,7 @@ def gateway(
         margin=margin,
         max_instances=max_instances,
         gpus=tuple(g.upper() for g in gpu or ()),
+        min_sale_s=min_sale_minutes * 60,
     )
 
 

@@ -44,7 +44,7 @@ from procure.gateway.instances import Runtime
 from procure.gateway.loop import run_loop
 from procure.gateway.pricing import best_offer
 from procure.gateway.sales import view
-from procure.models import micros_to_usd, utcnow
+from procure.models import format_usd, micros_to_usd, utcnow
 from procure.scrape import ScrapeSettings, scrape_allowed
 from procure.store.gateway_tables import GatewayQuoteRow
 from procure.vendors.mock_asgi import PaidChain as _PaidChain
@@ -273,11 +273,18 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         if refused is not None:
             return refused
         assert auth is not None
-        try:  # capacity now, before the money moves: a clean refusal
-            if best_offer(await offers(quote.gpu), quote.gpu) is None:
-                return _error(409, "no capacity available")
+        try:  # capacity now, at the quote's cost, before the money moves: a clean refusal
+            offer = best_offer(await offers(quote.gpu, fresh=True), quote.gpu)
         except CloudError as exc:
             return _error(503, f"the cloud is not answering: {exc}"[:500])
+        if offer is None:
+            return _error(409, "no capacity available")
+        if offer.price_per_hour > quote.cost_per_hour:  # it would run at a loss: quote again
+            return _error(
+                409,
+                f"the cloud's price rose since the quote ({format_usd(offer.price_per_hour)}/h "
+                "now): ask for a new quote",
+            )
         answer = sales.new_job(
             rt, quote, auth, idempotency_key, body.job_params, body.checkpoint_url
         )

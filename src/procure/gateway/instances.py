@@ -174,6 +174,10 @@ async def advance(rt: Runtime, job_id: str) -> None:
 
 async def _launch(rt: Runtime, row: GatewayJobRow) -> None:
     inst = _instance(rt, row.job_id)
+    if row.status == "launching" and inst is not None and inst.status == "booting":
+        # Its instance was recorded but not the job (an older gateway wrote them apart): on.
+        _update(rt, row.job_id, status="booting")
+        return
     if row.status == "launching" and inst is not None and inst.status == "launching":
         try:
             found = await rt.cloud.find(inst.name)
@@ -278,11 +282,18 @@ async def _call_launch(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow
 
 
 def _launched(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow, got: Instance) -> None:
+    """The instance and its job `booting`, in one transaction: written apart, a failure between
+    them left the job `launching` beside a booting instance, and another was launched."""
     now = utcnow()
-    _update_instance(
-        rt, inst.name, instance_id=got.id, status="booting", launched_at=inst.launched_at or now
-    )
-    _update(rt, row.job_id, f"instance {got.id} launched in {inst.region}", status="booting")
+    with rt.store.session() as s:
+        instance = s.get(GatewayInstanceRow, inst.name)
+        job = s.get(GatewayJobRow, row.job_id)
+        if instance is None or job is None:
+            return
+        instance.instance_id, instance.status = got.id, "booting"
+        instance.launched_at = instance.launched_at or now
+        job.status, job.updated_at = "booting", now
+        book.note(job, f"[gateway] instance {got.id} launched in {inst.region}", rt.cfg.log_lines)
 
 
 # --- boot and run -----------------------------------------------------------------------------
@@ -468,7 +479,12 @@ async def _terminate(rt: Runtime, inst: GatewayInstanceRow) -> bool:
 
 
 async def _end(rt: Runtime, row: GatewayJobRow) -> None:
-    inst = _instance(rt, row.job_id)
+    with rt.store.session() as s:
+        rows = book.instances_of(s, row.job_id)
+    for older in rows[:-1]:  # a replaced instance still held goes too: the job owns them all
+        if older.status in book.HOLDING and not await _terminate(rt, older):
+            return
+    inst = rows[-1] if rows else None
     if inst is not None and inst.status in book.HOLDING:
         if inst.node_job_id and inst.node_url and row.outcome in ("cancelled", "expired"):
             host = inst.node_url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")

@@ -19,10 +19,11 @@ def amount_for(price_per_hour: int, hours: float) -> int:
     return max(1, math.floor(price_per_hour * hours + 0.5))
 
 
-def sold_hours(hours: float, increment_s: int) -> float:
+def sold_hours(hours: float, increment_s: int, min_sale_s: float = 0.0) -> float:
     """Hours a quote for `hours` sells on an offer billed by `increment_s`: at least one
-    increment, since the instance it launches costs that much however soon it stops."""
-    return max(hours, max(1, increment_s) / 3600)
+    increment, since the instance it launches costs that much however soon it stops, and at
+    least `min_sale_s` (the boot, billed by some clouds but not sold, is paid from the margin)."""
+    return max(hours, max(1, increment_s, min_sale_s) / 3600)
 
 
 def best_offer(offers: list[Offer], gpu: str, skip_regions: set[str] | None = None) -> Offer | None:

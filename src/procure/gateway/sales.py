@@ -54,15 +54,16 @@ def view(row: GatewayJobRow) -> dict[str, Any]:
     ).to_json()
 
 
-def offer_cache(rt: Runtime) -> Callable[[str], Awaitable[list[Any]]]:
+def offer_cache(rt: Runtime) -> Callable[..., Awaitable[list[Any]]]:
     """`offers(gpu)`: the cloud's offers of `gpu`, at most OFFERS_TTL_S old: a buyer asking for
-    quotes in a loop cannot drive the gateway into the cloud's rate limits."""
+    quotes in a loop cannot drive the gateway into the cloud's rate limits. `fresh`: asked now
+    (a paid submit, checked against its quote's cost: only a verified payment reaches it)."""
     cache: dict[str, tuple[float, list[Any]]] = {}
 
-    async def offers(gpu: str) -> list[Any]:
+    async def offers(gpu: str, *, fresh: bool = False) -> list[Any]:
         now = asyncio.get_running_loop().time()
         hit = cache.get(gpu)
-        if hit is None or now - hit[0] > OFFERS_TTL_S:
+        if fresh or hit is None or now - hit[0] > OFFERS_TTL_S:
             hit = (now, await rt.cloud.offers(gpu=gpu))
             cache[gpu] = hit
         return hit[1]
@@ -99,7 +100,7 @@ def new_quote(
     # The instance this sells is billed by the cloud's increment however little of it is
     # used: sell at least one increment (a buyer stopping early would leave the gateway
     # paying for the rest), and say so in the quote's hours.
-    hours = sold_hours(hours_asked, offer.billing_increment_s)
+    hours = sold_hours(hours_asked, offer.billing_increment_s, cfg.min_sale_s)
     amount = amount_for(per_hour, hours)
     expires = now + timedelta(seconds=cfg.quote_valid_s)
     row = GatewayQuoteRow(

@@ -99,6 +99,7 @@ def run_gateway(
     max_instances: int = 2,
     gpus: tuple[str, ...] = (),
     host: str = "127.0.0.1",
+    min_sale_s: float = 600.0,
 ) -> None:
     """`procure gateway --cloud C --port P --vendor-id ID [--margin] [--max-instances] [--gpu]`:
     the buyers' bearer is GPU_VENDOR_SECRET, the facilitator X402_FACILITATOR_URL, the book the
@@ -118,6 +119,7 @@ def run_gateway(
         margin=margin,
         max_instances=max_instances,
         gpus=tuple(g.upper() for g in gpus),
+        min_sale_s=min_sale_s,
         command=job.argv,
         **({"checkpoint_dir": job.checkpoint_dir} if job.checkpoint_dir else {}),
     )

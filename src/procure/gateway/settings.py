@@ -29,6 +29,10 @@ class GatewayConfig:
     gpus: tuple[str, ...] = ()  # the GPU models sold (empty: whatever the cloud offers)
     quote_valid_s: float = 300.0
     max_hours: float = 24.0  # one quote or renewal at most
+    # The shortest sale, in seconds: a cloud that bills the boot (RunPod, Vast.ai) is paid for
+    # it from the margin, so a sale shorter than boot / margin loses money (`procure gateway`:
+    # 10 minutes).
+    min_sale_s: float = 0.0
     hour_s: float = 3600.0  # wall seconds in a paid hour (tests and demos shrink it)
     command: tuple[str, ...] = ("python", "examples/train.py")  # what the node runs
     image: str | None = None  # container image of a launch (RunPod, Vast.ai)
