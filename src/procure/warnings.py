@@ -288,6 +288,8 @@ async def deliver(
         return 0
     delivered = 0
     for message_id, payload, attempts in due:
+        if not outbox.claim(store, message_id, utcnow()):
+            break  # another process (serve beside fleet run, a standby) is sending it
         try:
             response = await client.post(url, json=payload)
         except httpx.HTTPError as exc:

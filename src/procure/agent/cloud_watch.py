@@ -65,7 +65,13 @@ async def poll(
                 image=None,
                 env={"PROCURE_JOB_SPEC": json.dumps(job.job_params, sort_keys=True)[:8000]},
                 resume_from=job.job_params.get("resumeFrom"),
-                checkpoint_dir=deps.cloud.checkpoint_dir,
+                # One folder per run: runs (and users) never read each other's checkpoints;
+                # a run's jobs resume by the full URL of the last one.
+                checkpoint_dir=(
+                    f"{deps.cloud.checkpoint_dir.rstrip('/')}/{job.run_id}"
+                    if deps.cloud.checkpoint_dir
+                    else None
+                ),
                 idempotency_key=job.idempotency_key,
             )
             crash("signed")
@@ -133,6 +139,16 @@ async def unseen(
     return trouble(deps, job, f"{inst.provider} get {inst.instance_id}: {exc}")
 
 
+def reachable(deps: AgentDeps, url: str) -> bool:
+    """Whether another instance could resume from checkpoint `url`: one on a store (s3://,
+    gs://, ...), or anywhere once the operator named where checkpoints go. Unnamed, a path is on
+    the node's own disk and goes with it: a job moved elsewhere starts over, as documented,
+    rather than failing to open a file it does not have."""
+    protocol, sep, _ = url.partition("://")
+    on_a_store = bool(sep) and protocol not in ("file", "local")
+    return deps.cloud.checkpoint_dir is not None or on_a_store
+
+
 def checkpoint_progress(lines: list[str], url: str) -> float | None:
     """The progress the job printed last before it printed checkpoint `url`, if in `lines`."""
     progress: float | None = None
@@ -154,7 +170,11 @@ def write_poll(
     now = utcnow()
     kept = joblogs.keep(lines, ctx.state.run.log_lines)
     saved_url, saved = job.checkpoint_url, job.checkpoint_progress
-    if njob.checkpoint and njob.checkpoint != job.checkpoint_url:
+    if (
+        njob.checkpoint
+        and njob.checkpoint != job.checkpoint_url
+        and reachable(deps, njob.checkpoint)
+    ):
         at = checkpoint_progress(lines, njob.checkpoint)
         at = min(at if at is not None else job.progress, njob.progress)
         if at >= saved - EPS:

@@ -53,7 +53,7 @@ def retry_after(response: httpx.Response, attempts: int) -> float:
     return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
-def _claim(store: Store, message_id: int, now: datetime) -> bool:
+def claim(store: Store, message_id: int, now: datetime) -> bool:
     """Take the message for this pass, so that two controllers on one store (a standby
     beside the active one) never both send it; one that dies holding it frees it at CLAIM_S."""
     with store.session() as s:
@@ -88,7 +88,7 @@ async def deliver_slack(
         due = [(m.id, m.payload, m.attempts) for m in fleet_repo.due_messages(s, "slack", now)]
     delivered = 0
     for message_id, payload, attempts in due:
-        if not _claim(store, message_id, now):
+        if not claim(store, message_id, now):
             break  # another controller's deliverer is sending it: the rest wait behind it
         try:
             response = await client.post(url, json=payload)
@@ -147,7 +147,7 @@ async def write_audit(store: Store, path: Path, git_dir: Path | None) -> int:
         queued = [(m.id, m.payload) for m in fleet_repo.due_messages(s, "audit", now, 100)]
     due = []
     for message_id, entry in queued:  # in order, up to one another writer has taken
-        if not _claim(store, message_id, now):
+        if not claim(store, message_id, now):
             break
         due.append((message_id, entry))
     if not due:
