@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from procure.gateway import book, instances
 from procure.models import usd_to_micros
+from procure.store.gateway_tables import GatewayJobRow
 from test_gateway import (
     GatewayWorld,
     buyer,
@@ -130,3 +131,33 @@ def test_a_store_error_recording_the_launch_launches_no_second_instance(
     wait_for(lambda: job_status(gw, job_id)["status"] in ("completed", "failed"))
     assert failed == [job_id]
     assert len(gw.pods()) == 1, f"one paid job, {len(gw.pods())} instances: {gw.pods()}"
+
+
+def _pay_resuming(g: GatewayWorld, key: str, who: str, checkpoint: str) -> httpx.Response:
+    q = quote(g)
+    first = submit(g, key, q, checkpointUrl=checkpoint)
+    assert first.status_code == 402, first.text
+    payment = signed_payment(g, first.headers["PAYMENT-REQUIRED"], buyer(g, who), nonce())
+    return submit(g, key, q, payment, checkpointUrl=checkpoint)
+
+
+def test_a_buyer_resumes_from_its_own_checkpoints_only(gw: GatewayWorld) -> None:
+    """A checkpoint under the gateway's folder is another buyer's work when the job it belongs
+    to was another buyer's: resuming from it is refused (the job starts over), while the buyer
+    whose job wrote it resumes from it."""
+    first = _pay(gw, "alice-1", quote(gw), "alice")
+    assert first.status_code == 200, first.text
+    job_id = first.json()["jobId"]
+    done = wait_for(lambda: (s := job_status(gw, job_id))["status"] == "completed" and s)
+    checkpoint = done["checkpointUrl"]
+    assert checkpoint and job_id in checkpoint
+
+    stranger = _pay_resuming(gw, "mallory-1", "mallory", checkpoint)
+    owner = _pay_resuming(gw, "alice-2", "alice", checkpoint)
+    assert stranger.status_code == owner.status_code == 200, (stranger.text, owner.text)
+    with gw.store.session() as s:
+        theirs = s.get(GatewayJobRow, stranger.json()["jobId"])
+        mine = s.get(GatewayJobRow, owner.json()["jobId"])
+        assert theirs is not None and mine is not None
+        assert theirs.resume_from is None
+        assert mine.resume_from == checkpoint

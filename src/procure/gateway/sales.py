@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from sqlalchemy.orm import Session
 from x402.http.utils import decode_payment_response_header
 
 from procure.clouds.base import Offer
@@ -71,13 +72,17 @@ def offer_cache(rt: Runtime) -> Callable[..., Awaitable[list[Any]]]:
     return offers
 
 
-def own_checkpoint(rt: Runtime, url: str | None) -> str | None:
+def own_checkpoint(rt: Runtime, s: Session, url: str | None, payer: str) -> str | None:
     """A checkpoint to resume from, only if this gateway wrote it (under its checkpoint
-    directory): a buyer cannot point the node at any other file or host."""
+    directory) for a job of this buyer (its folder is the job's id): a buyer can point the node
+    neither at any other file or host nor at another buyer's work."""
     if not url or len(url) > 500 or ".." in url or "\x00" in url:
         return None
     root = rt.cfg.checkpoint_dir.rstrip("/") + "/"
-    return url if url.startswith(root) else None
+    if not url.startswith(root):
+        return None
+    owner = s.get(GatewayJobRow, url[len(root) :].split("/", 1)[0])
+    return url if owner is not None and owner.payer == payer.lower() else None
 
 
 # --- quotes ----------------------------------------------------------------------------------
@@ -196,7 +201,7 @@ def new_job(
             return 429, f"this buyer already holds {held} jobs (max {cfg.max_instances})"
         if book.live_jobs(s) >= cfg.max_live_jobs:
             return 503, "the gateway is full; try again later"
-        resume = own_checkpoint(rt, checkpoint_url)
+        resume = own_checkpoint(rt, s, checkpoint_url, auth["from"])
         row = GatewayJobRow(
             job_id=f"gw-{uuid.uuid4().hex[:16]}",
             key=key,

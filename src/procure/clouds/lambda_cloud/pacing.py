@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 REQUEST_INTERVAL_S = 1.0
 LAUNCH_INTERVAL_S = 12.0
-MAX_PAUSE_S = 600.0  # the longest a 429's Retry-After may hold this client's calls
+MAX_PAUSE_S = 60.0  # a 429 holds this client's calls, a terminate among them, a minute at most
 
 
 class Pacer:
