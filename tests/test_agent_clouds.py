@@ -19,10 +19,11 @@ from cloud_fakes import (
     tmp_url,
 )
 from procure.agent.cloud_offers import all_offers
+from procure.agent.cloud_run import own_prefix
 from procure.agent.cloud_sweeper import sweep
 from procure.clouds.base import LaunchSpec
 from procure.models import PaymentStatus, Vendor
-from procure.store import cloud_repo, repo
+from procure.store import Store, cloud_repo, repo
 
 
 def _state(deps, run_id):  # type: ignore[no-untyped-def]
@@ -133,6 +134,12 @@ def test_capacity_refused_chooses_the_next_offer(tmp_path: Path) -> None:
     assert instances[0].instance_id is None and runpod.launches == 1
 
 
+def _own_name(store: Store, suffix: str) -> str:
+    """An instance name this install's agent would give (its install tag in it)."""
+    with store.session() as s:
+        return own_prefix(cloud_repo.install_tag(s)) + suffix
+
+
 def test_the_sweeper_terminates_an_orphan_and_spares_the_owned(tmp_path: Path) -> None:
     runpod = FakeCloud("runpod", [offer("runpod", "A100-dc1", 3.6)], job_s=30.0)
     store = new_store(tmp_url(tmp_path), [cloud_vendor("rp", "runpod", 10.0)])
@@ -140,12 +147,11 @@ def test_the_sweeper_terminates_an_orphan_and_spares_the_owned(tmp_path: Path) -
     run_id = new_run(store, 100.0)
     asyncio.run(drive(deps, run_id, until=lambda: bool(runpod.instances)))
 
+    orphaned = _own_name(store, "deadbeef")  # this install's label, no record: an orphan
     orphan = asyncio.run(
-        runpod.launch_spec(
-            LaunchSpec("procure-job-deadbeef", runpod._offers[0], env={"GPU_WORKER_TOKEN": "x"})
-        )
+        runpod.launch_spec(LaunchSpec(orphaned, runpod._offers[0], env={"GPU_WORKER_TOKEN": "x"}))
     )
-    assert asyncio.run(sweep(deps)) == ["procure-job-deadbeef"]
+    assert asyncio.run(sweep(deps)) == [orphaned]
     assert [i.id for i in runpod.running()] != [] and orphan.id not in [
         i.id for i in runpod.running()
     ]
@@ -198,7 +204,7 @@ def test_a_worker_runs_a_cloud_job_to_completion_and_sweeps(tmp_path: Path) -> N
     run_id = new_run(store, 100.0)
     orphan = asyncio.run(
         runpod.launch_spec(
-            LaunchSpec("procure-job-0rphan", runpod._offers[0], env={"GPU_WORKER_TOKEN": "x"})
+            LaunchSpec(_own_name(store, "0rphan"), runpod._offers[0], env={"GPU_WORKER_TOKEN": "x"})
         )
     )
 

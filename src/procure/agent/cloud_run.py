@@ -41,9 +41,15 @@ from procure.warnings import check_run
 __all__ = ["GONE", "crash_point", "give_up", "instance_name", "start_cloud_job", "step"]
 
 
-def instance_name(job: Job) -> str:
-    """The instance's name (its label on Vast.ai): procure's label and the job's key."""
-    return (LABEL_PREFIX + job.idempotency_key)[:64]
+def instance_name(job: Job, tag: str) -> str:
+    """The instance's name (its label on Vast.ai): the agent's label, this store's install tag
+    (another install's sweeper leaves it alone) and the job's id."""
+    return f"{own_prefix(tag)}{job.id}"[:64]
+
+
+def own_prefix(tag: str) -> str:
+    """The start of every instance name this install's agent gives (`procure-job-<tag>-`)."""
+    return f"{LABEL_PREFIX}job-{tag}-"
 
 
 # --- the intent ----------------------------------------------------------------------------
@@ -81,7 +87,6 @@ async def start_cloud_job(
         updated_at=now,
     )
     job.idempotency_key = f"job-{job.id}"
-    name = instance_name(job)
     # Booting may be billed: reserve through the boot deadline and one stretch beyond it.
     window_s = deps.cloud.boot_timeout_s + ahead_s(deps, terms)
     amount = cost(terms, window_s)
@@ -109,6 +114,7 @@ async def start_cloud_job(
             return TickResult("State changed", action)
         repo.insert_job(s, job)
         repo.insert_payment(s, payment)
+        name = instance_name(job, cloud_repo.install_tag(s))
         cloud_repo.insert_instance(
             s,
             name=name,

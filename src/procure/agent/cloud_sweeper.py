@@ -1,16 +1,19 @@
-"""The sweeper: instances carrying the agent's label (`procure-job-...`) that no live run owns (a
-crash between launch and record on a run that then ended, a terminate lost) are terminated, each
-one recorded on its run (or logged when no run knows it) and its bill booked. Run by the worker
-every `CloudTuning.sweep_every_s`; a terminate that fails is tried again at the next sweep."""
+"""The sweeper: instances carrying this install's label (`procure-job-<install tag>-...`, or an
+older untagged name its store records) that no live run owns (a crash between launch and record
+on a run that then ended, a terminate lost, a launch that landed after its job ended) are
+terminated, each one recorded on its run (or logged when no run knows it) and its bill booked.
+Another install's instances on the same account are left alone. Run by the worker every
+`CloudTuning.sweep_every_s`; a terminate that fails is tried again at the next sweep."""
 
 from __future__ import annotations
 
 import logging
 
 from procure.agent.cloud_money import computed_bill
+from procure.agent.cloud_run import own_prefix
 from procure.agent.deps import OBS, AgentDeps
 from procure.clouds.base import LABEL_PREFIX, CloudError
-from procure.models import OfferTerms, PaymentStatus, format_usd
+from procure.models import OfferTerms, Payment, PaymentStatus, format_usd, utcnow
 from procure.store import cloud_repo, repo
 
 log = logging.getLogger(__name__)
@@ -20,6 +23,8 @@ AGENT_PREFIX = LABEL_PREFIX + "job-"  # the agent's instances; the fleet's and g
 async def sweep(deps: AgentDeps) -> list[str]:
     """Terminate the agent's orphaned instances on every configured cloud; their names."""
     swept: list[str] = []
+    with deps.store.session() as s:
+        mine = own_prefix(cloud_repo.install_tag(s))
     for provider, client in sorted(deps.clouds.items()):
         try:
             instances = await client.labelled()
@@ -34,28 +39,63 @@ async def sweep(deps: AgentDeps) -> list[str]:
                 if cloud_repo.live_owner(s, name):
                     continue
                 record = cloud_repo.get_instance(s, name)
+            if record is None and not name.startswith(mine):
+                continue  # another install's (or one from before install tags): not ours
             try:
                 await client.terminate([instance.id])
-                billed = await client.billed(instance.id)
             except CloudError as exc:
                 log.warning("sweeper: terminate of %s on %s failed: %s", name, provider, exc)
                 continue
             swept.append(name)
+            try:
+                billed, unread = await client.billed(instance.id), None
+            except CloudError as exc:  # terminated: it will not be listed again, so book now
+                billed, unread = None, str(exc)
             if record is None:
                 log.warning(
                     "sweeper: terminated %s (%s %s): no run knows it", name, provider, instance.id
                 )
                 continue
-            _book(deps, record, instance.id, billed)
+            _book(deps, record, instance.id, billed, unread)
     return swept
 
 
 def _book(
-    deps: AgentDeps, record: cloud_repo.CloudInstance, instance_id: str, billed: int | None
+    deps: AgentDeps,
+    record: cloud_repo.CloudInstance,
+    instance_id: str,
+    billed: int | None,
+    unread: str | None = None,
 ) -> None:
-    """Record the sweep on the run; book the bill if the run never did (its payment pending)."""
+    """Record the sweep on the run; book the bill if the run never did (its payment pending),
+    or as a payment of its own for a launch that landed after its job had ended. `unread`: why
+    the provider's bill could not be read (the computed one is booked, erring high)."""
+    terms = OfferTerms.model_validate(record.offer)
     with deps.store.session() as s:
-        note = ""
+        note = f" (its bill could not be read: {unread}; computed)" if unread else ""
+        if record.status == "terminated" and record.instance_id != instance_id:
+            # A launch whose answer was lost, landed after its job ended with nothing booked.
+            late = billed if billed is not None else computed_bill(record, terms)
+            if late:
+                now = utcnow()
+                payment_id = repo.new_id()
+                repo.insert_payment(
+                    s,
+                    Payment(
+                        _id=payment_id,
+                        run_id=record.run_id,
+                        job_id=record.job_id,
+                        vendor_id=record.vendor_id,
+                        amount=late,
+                        status=PaymentStatus.completed,
+                        nonce=f"cloud-{payment_id}",
+                        hours=0.0,
+                        created_at=now,
+                        updated_at=now,
+                    ),
+                )
+                repo.refresh_budget(s, record.run_id)
+                note += f"; booked {format_usd(late)} as billed for a launch that landed late"
         if record.status != "terminated":
             state = repo.load_state(s, record.run_id, observations=False)
             ours = [p for p in (state.payments if state else []) if p.job_id == record.job_id]
@@ -66,7 +106,7 @@ def _book(
             if any(p.status == PaymentStatus.completed for p in ours):
                 pending = []
             if billed is None:  # no billing endpoint (Lambda): its rule, as the tick books it
-                billed = computed_bill(record, OfferTerms.model_validate(record.offer))
+                billed = computed_bill(record, terms)
             for p in pending:
                 status = PaymentStatus.completed if billed else PaymentStatus.failed
                 repo.update_payment(s, p.id, amount=billed, status=status, error_message=None)

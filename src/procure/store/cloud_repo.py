@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from procure.models import ACTIVE_JOB_STATUSES, RunStatus, utcnow
-from procure.store.cloud_tables import CloudInstanceRow, CloudStatsRow
+from procure.store.cloud_tables import CloudInstanceRow, CloudStatsRow, MetaRow
 from procure.store.tables import JobRow, RunRow
 
 LIVE = ("launching", "booting", "running", "terminating")
@@ -86,6 +87,16 @@ def instances_of_run(s: Session, run_id: str) -> list[CloudInstance]:
         .order_by(CloudInstanceRow.created_at)
     )
     return [_record(r) for r in rows]
+
+
+def install_tag(s: Session) -> str:
+    """This store's install id (8 hex characters), made by migration 0011."""
+    row = s.get(MetaRow, "install_id")
+    if row is None:  # a store migrated by hand without it: made now, once
+        row = MetaRow(key="install_id", value=secrets.token_hex(4))
+        s.add(row)
+        s.flush()
+    return row.value
 
 
 def live_owner(s: Session, name: str) -> bool:

@@ -66,3 +66,13 @@ class CloudStatsRow(Base):
     boot_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     cooldown_until: Mapped[datetime | None]
     updated_at: Mapped[datetime]
+
+
+class MetaRow(Base):
+    """Facts about this store itself: `install_id`, a random tag made when the store was created
+    (migration 0011), in the names of the agent's cloud instances."""
+
+    __tablename__ = "procure_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
