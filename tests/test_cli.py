@@ -51,7 +51,7 @@ def test_run_start_tick_status_list(env: dict[str, str], world: World) -> None:
 def test_unknown_run_is_a_clear_error(env: dict[str, str]) -> None:
     result = procure("run", "status", "nope", env=env)
     assert result.returncode == 1
-    assert "not found" in result.stdout
+    assert "not found" in result.stderr and result.stdout == ""
 
 
 def test_bad_budget_is_refused(tmp_path: Path) -> None:

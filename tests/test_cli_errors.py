@@ -70,7 +70,7 @@ def test_unknown_runs_are_one_clear_line(env: dict[str, str]) -> None:
         assert result.returncode == 1
         out = result.stdout + result.stderr
         assert "Traceback" not in out
-        assert out.strip() == "run no-such-run not found"
+        assert out.strip() == "error: run no-such-run not found"
 
 
 def test_a_store_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def test_wallet_says_how_to_start_a_facilitator_that_does_not_answer(tmp_path: P
     }
     result = procure("wallet", env=env)
     assert result.returncode == 1
-    assert "did not answer" in result.stdout and "procure facilitator" in result.stdout
+    assert "did not answer" in result.stderr and "procure facilitator" in result.stderr
 
 
 def test_fund_wallet_once_is_once_per_chain_even_across_restarts(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from procure.cli.common import (
     load_settings,
     print_json,
     settings_errors,
+    store_errors,
     store_for,
     table,
 )
@@ -52,7 +53,7 @@ def offers(
     settings = load_settings()
     with settings_errors():
         clients = configured_clouds()
-    with store_for(settings).session() as s:
+    with store_errors(settings), store_for(settings).session() as s:
         vendors = repo.list_vendors(s)
     errors: list[str] = []
 
@@ -150,8 +151,10 @@ def add_cloud(
         )
     except ValidationError as exc:
         fail(f"not a valid cloud vendor: {safe(exc.errors()[0].get('msg', exc), 200)}", code=2)
+    settings = load_settings()
     try:
-        vendor, _new = save_cloud_vendor(store_for(load_settings()), body)
+        with store_errors(settings):
+            vendor, _new = save_cloud_vendor(store_for(settings), body)
     except NotACloudVendor as exc:
         fail(f"vendor {safe(str(exc))} is an x402 vendor: choose another --id", code=2)
     gpu_model = vendor.cloud.gpu if vendor.cloud else gpu

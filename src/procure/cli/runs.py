@@ -138,11 +138,9 @@ def run_tick(run_id: str) -> None:
         try:
             print_json(asyncio.run(go()))
         except RunNotFound:
-            console.print(f"[red]run {safe(run_id)} not found")
-            raise typer.Exit(1) from None
+            fail(f"run {safe(run_id)} not found")
         except LeaseHeld as exc:
-            console.print(f"[red]{safe(exc)}")
-            raise typer.Exit(1) from None
+            fail(safe(exc))
 
 
 @run_app.command("cancel")
@@ -182,11 +180,9 @@ def run_cancel(
         try:
             run = request_cancel(store, run_id, by=f"cli:{getpass.getuser()}", reason=reason)
         except RunNotFound:
-            console.print(f"[red]run {safe(run_id)} not found")
-            raise typer.Exit(1) from None
+            fail(f"run {safe(run_id)} not found")
         except CannotCancel as exc:
-            console.print(f"[red]{safe(exc)}")
-            raise typer.Exit(1) from None
+            fail(safe(exc))
         if run.status == "running":
             asyncio.run(carry_out())
             with store.session() as s:
@@ -206,8 +202,7 @@ def run_status(run_id: str) -> None:
     with store_errors(settings), store_for(settings).session() as s:
         state = repo.load_state(s, run_id)
     if state is None:
-        console.print(f"[red]run {safe(run_id)} not found")
-        raise typer.Exit(1)
+        fail(f"run {safe(run_id)} not found")
     print_json(state.to_json())
 
 
@@ -218,6 +213,7 @@ def run_list(
     ] = 20,
 ) -> None:
     """The latest runs."""
+    from procure.models import format_usd
     from procure.store import repo
 
     settings = load_settings()
@@ -229,8 +225,8 @@ def run_list(
             safe(r.id, 100),
             safe(r.status, 50),
             safe(r.goal, 40),
-            f"{r.budget_total / 1e6:.2f}",
-            f"{r.budget_remaining / 1e6:.2f}",
+            format_usd(r.budget_total)[1:],  # rounded as the pages round
+            format_usd(r.budget_remaining)[1:],
             f"{r.progress:.0%}",
         )
     console.print(out)

@@ -13,6 +13,7 @@ from procure.cli.common import (
     console,
     load_settings,
     settings_errors,
+    store_errors,
     store_for,
 )
 from procure.numbers import number, whole
@@ -58,7 +59,7 @@ def serve(
     guard_logging()
     cfg = WorkerConfig(concurrency=concurrency, poll_interval_s=poll_interval) if worker else None
     fleet_run = _fleet_run() if fleet else None
-    with settings_errors():  # the dashboard's and the fleet's settings are read here
+    with settings_errors(), store_errors(settings):  # the dashboard's and fleet's settings too
         app_ = create_app(settings, store_for(settings), worker=cfg, fleet=fleet_run)
     uvicorn.run(app_, host=host, port=port)
 
@@ -116,7 +117,8 @@ def worker_command(
     from procure.store import open_store
 
     settings = load_settings()
-    store = open_store(settings.database_url, pre_ping=False)
+    with store_errors(settings):
+        store = open_store(settings.database_url, pre_ping=False)
     cfg = WorkerConfig(
         concurrency=concurrency,
         poll_interval_s=poll_interval,
@@ -146,7 +148,7 @@ def worker_command(
             await close_deps(deps)
 
     try:
-        with sqlite_worker_lock(store):
+        with store_errors(settings), sqlite_worker_lock(store):
             stats = asyncio.run(go())
     except WorkerLockHeld as exc:
         console.print(f"[red]{safe(exc)}")

@@ -12,7 +12,7 @@ from procure.cli.common import console, load_settings, print_json, store_errors,
 def spend(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The total spent across every run and the fleet: paid, pending, the fleet's
     instance-hours, and the last hour, day and 30 days (as the global caps count them)."""
-    from procure.models import utcnow
+    from procure.models import format_usd, usd_to_micros, utcnow
     from procure.store.spend import spend_summary
 
     settings = load_settings()
@@ -22,10 +22,14 @@ def spend(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         print_json(summary)
         return
     w = summary["windows"]
+
+    def usd(dollars: float) -> str:  # rounded as every page and answer rounds micro-USD
+        return format_usd(usd_to_micros(dollars))
+
     console.print(
-        f"total ${summary['total']:,.2f} over {summary['runs']} run(s): "
-        f"paid ${summary['paid']:,.2f}, pending ${summary['pending']:,.2f}, "
-        f"fleet ${summary['fleet']:,.2f}\n"
-        f"last hour ${w['hour']:,.2f}, day ${w['day']:,.2f}, 30 days ${w['month']:,.2f}",
+        f"total {usd(summary['total'])} over {summary['runs']} run(s): "
+        f"paid {usd(summary['paid'])}, pending {usd(summary['pending'])}, "
+        f"fleet {usd(summary['fleet'])}\n"
+        f"last hour {usd(w['hour'])}, day {usd(w['day'])}, 30 days {usd(w['month'])}",
         highlight=False,
     )

@@ -82,7 +82,7 @@ def vendors_seed(
     except RuntimeError as exc:
         fail(f"{exc}; start it with `procure facilitator` or set X402_FACILITATOR_URL")
     credential = Keyring.load(settings.home).encrypt(settings.gpu_vendor_secret.get_secret_value())
-    with store_for(settings).session() as s:
+    with store_errors(settings), store_for(settings).session() as s:
         for vendor in default_vendors(
             host=base,
             ports=ports,
@@ -145,7 +145,8 @@ def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
     from procure.agent.context import hazard, reliability
     from procure.store import repo
 
-    with store_for(load_settings()).session() as s:
+    settings = load_settings()
+    with store_errors(settings), store_for(settings).session() as s:
         vendors = repo.list_vendors(s)
     if as_json:
         print_json(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from procure.cli.common import PORT, console, load_settings, print_json
+from procure.cli.common import PORT, console, fail, load_settings, print_json
 from procure.numbers import number
 from procure.settings import Settings
 
@@ -73,11 +73,10 @@ def wallet(
             balance = loads(answer.content)
             float(balance["balance"])
     except (httpx.HTTPError, UnsafeInput, KeyError, TypeError, ValueError) as exc:
-        console.print(
-            f"[red]the facilitator at {url} did not answer ({type(exc).__name__}: {exc}); "
+        fail(
+            f"the facilitator at {url} did not answer ({type(exc).__name__}: {exc}); "
             "start it with `procure facilitator` or set X402_FACILITATOR_URL"
         )
-        raise typer.Exit(1) from None
     if as_json:
         print_json({"address": address, "balance": balance["balance"], "facilitator": url})
         return
