@@ -11,9 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
-
 from cloud_fakes import FakeCloud, FakeNodeClient, cloud_vendor, drive, new_run, new_store, offer
 from cloud_fakes import make_deps as cloud_deps
 from procure import warnings
@@ -23,6 +20,7 @@ from procure.httpbounds import bounded_client
 from procure.local import serve
 from procure.models import utcnow
 from procure.store import fleet_repo, open_store, repo
+from test_fleet_outbox import receiver
 
 
 def test_two_processes_post_each_budget_warning_once(sqlite_url: str) -> None:
@@ -30,14 +28,7 @@ def test_two_processes_post_each_budget_warning_once(sqlite_url: str) -> None:
     deliverer (warnings.deliver, run by both `procure serve` and `procure fleet run` on one store,
     and by a standby controller) still posts what it read as due without a claim: each warning
     twice."""
-    got: list[str] = []
-    app = FastAPI()
-
-    @app.post("/hook")
-    async def hook(request: Request) -> PlainTextResponse:
-        got.append((await request.json())["text"])
-        return PlainTextResponse("ok")
-
+    app, received = receiver([])  # a Slack-like webhook that answers 200 `ok`
     server = serve(app)
 
     async def body() -> None:
@@ -53,6 +44,7 @@ def test_two_processes_post_each_budget_warning_once(sqlite_url: str) -> None:
                 warnings.deliver(store, first, warnings.WEBHOOK, url),
                 warnings.deliver(store, second, warnings.WEBHOOK, url),
             )
+            got = [m["text"] for m in received]
             assert got == ["run r1 spent 80% of its budget"], f"the webhook received {got}"
         finally:
             await first.aclose()

@@ -35,6 +35,7 @@ from procure.clouds.specs import validate_answer
 from procure.clouds.vast.client import VastCloud
 from procure.clouds.vast.settings import VastSettings
 from procure.local import free_port
+from test_cloud_runpod import FakeTime
 
 KEY = "review9-TEST-key-0123456789abcdef"
 
@@ -105,21 +106,6 @@ def scripted() -> Iterator[Any]:
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-class FakeTime:
-    """A pacer's clock and sleep: sleeping moves the clock, nothing waits."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 def lambda_offer() -> Offer:

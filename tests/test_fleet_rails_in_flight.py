@@ -11,8 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi import FastAPI
 
 from procure.clouds.base import CloudError, Instance, InstanceType, ProviderError
 from procure.fleet import actions, outbox
@@ -24,6 +23,7 @@ from procure.httpbounds import bounded_client
 from procure.local import serve
 from procure.models import utcnow
 from procure.store import fleet_repo, open_store
+from test_fleet_outbox import receiver
 
 PRICE = 1_290_000  # micro-USD per hour
 
@@ -283,14 +283,7 @@ def test_two_controllers_deliver_each_slack_message_once(sqlite_url: str) -> Non
     """Before the fix: `procure fleet run` starts its outbox deliverer whether or not it holds the
     fleet lease, and a deliverer posts what it read as due without claiming it first: two
     controllers on one store (the documented standby set-up) post every Slack message twice."""
-    got: list[str] = []
-    app = FastAPI()
-
-    @app.post("/hook")
-    async def hook(request: Request) -> PlainTextResponse:
-        got.append((await request.json())["text"])
-        return PlainTextResponse("ok")
-
+    app, received = receiver([])  # a Slack-like webhook that answers 200 `ok`
     server = serve(app)
 
     async def body() -> None:
@@ -304,6 +297,7 @@ def test_two_controllers_deliver_each_slack_message_once(sqlite_url: str) -> Non
             await asyncio.gather(
                 outbox.deliver_slack(store, first, url), outbox.deliver_slack(store, second, url)
             )
+            got = [m["text"] for m in received]
             assert got == ["✅ Executed: provision_instance"], f"Slack received {got}"
         finally:
             await first.aclose()
