@@ -7,6 +7,7 @@ Another install's instances on the same account are left alone. Run by the worke
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from procure.agent.cloud_money import computed_bill
@@ -75,9 +76,15 @@ def _book(
         note = f" (its bill could not be read: {unread}; computed)" if unread else ""
         if record.status == "terminated" and record.instance_id != instance_id:
             # A launch whose answer was lost, landed after its job ended with nothing booked.
-            late = billed if billed is not None else computed_bill(record, terms)
+            # Claimed by one conditional UPDATE: of two workers sweeping it, one books it.
+            if not cloud_repo.claim_late(s, record.name, instance_id):
+                return
+            now = utcnow()
+            # Without the provider's bill: from the intent (before any launch) to now, erring high.
+            whole = dataclasses.replace(record, launched_at=record.created_at, ended_at=now)
+            late = billed if billed is not None else computed_bill(whole, terms)
+            cloud_repo.update_instance(s, record.name, billed=late)
             if late:
-                now = utcnow()
                 payment_id = repo.new_id()
                 repo.insert_payment(
                     s,
@@ -88,7 +95,7 @@ def _book(
                         vendor_id=record.vendor_id,
                         amount=late,
                         status=PaymentStatus.completed,
-                        nonce=f"cloud-{payment_id}",
+                        nonce=f"cloud-late-{record.provider}-{instance_id}"[:66],
                         hours=0.0,
                         created_at=now,
                         updated_at=now,

@@ -75,6 +75,23 @@ def get_instance(s: Session, name: str) -> CloudInstance | None:
     return _record(row) if row is not None else None
 
 
+def claim_late(s: Session, name: str, instance_id: str) -> bool:
+    """Take instance `instance_id`, swept under the ended record `name`, for booking: one
+    conditional UPDATE, so of two sweepers exactly one books it (the other waits, then sees the
+    record already names it)."""
+    result = s.execute(
+        update(CloudInstanceRow)
+        .where(
+            CloudInstanceRow.name == name,
+            (CloudInstanceRow.instance_id.is_(None))
+            | (CloudInstanceRow.instance_id != instance_id),
+        )
+        .values(instance_id=instance_id, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
 def update_instance(s: Session, name: str, **values: Any) -> None:
     values["updated_at"] = utcnow()
     s.execute(update(CloudInstanceRow).where(CloudInstanceRow.name == name).values(**values))
