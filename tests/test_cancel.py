@@ -249,5 +249,5 @@ def test_cancel_from_the_cli(held_world: World) -> None:
     again = procure_cli("run", "cancel", run_id, env=env)
     assert again.returncode == 0
     missing = procure_cli("run", "cancel", "nope", env=env)
-    assert missing.returncode == 1 and "run nope not found" in missing.stdout
+    assert missing.returncode == 1 and "run nope not found" in missing.stderr
     assert "Traceback" not in missing.stdout + missing.stderr
