@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 MIN_HAZARD = 1e-9  # keeps the geometric sums finite for a vendor that never fails
+MAX_EXPONENT = 700.0  # math.exp overflows a float a little above 709
 EPS = 1e-9
 
 
@@ -133,8 +134,12 @@ def long_run_rate(
     # Checkpoints reached: sum over j >= 1 of P(alive at j*k) = start * q / (1 - q).
     q = math.exp(-lam * k)
     kept = k * start * q / -math.expm1(-lam * k)
-    # Slices paid: the first always, slice i >= 2 if alive when it is renewed.
-    later = start * math.exp(lam * renew_fraction * s) * math.exp(-lam * s) / -math.expm1(-lam * s)
+    if kept <= 0:  # a vendor that dies before its first checkpoint keeps nothing: never worth it
+        return math.inf
+    # Slices paid: the first always, slice i >= 2 if alive when it is renewed (the exponent is
+    # capped: a learned hazard of thousands an hour must not overflow a plan for every run).
+    grow = math.exp(min(lam * renew_fraction * s - lam * s, MAX_EXPONENT))
+    later = start * grow / -math.expm1(-lam * s)
     paid = (terms.price_per_hour * s + terms.payment_overhead) * (1 + later)
     return paid / kept
 

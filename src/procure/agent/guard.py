@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from procure.agent.context import PlanContext
+from procure.agent.slices import MIN_SLICE_HOURS
 from procure.models import Action, Job, Quote, format_usd
 
 EPS = 1e-9
+MAX_HOURS = 1e6  # no job is longer; a larger figure (or inf) is not a plan
 
 
 def estimated_cost(ctx: PlanContext, action: Action) -> int:
@@ -24,10 +26,17 @@ def check_action(ctx: PlanContext, action: Action) -> str | None:
     gpu = action.gpu_type or ctx.state.run.job_spec.gpu_type
     if gpu not in vendor.supported_gpu_types:
         return f"{vendor.vendor_id} does not offer GPU type {gpu}"
-    if action.hours is not None and action.hours <= 0:
-        return f"hours must be positive, got {action.hours}"
-    if action.slice_hours is not None and action.slice_hours <= 0:
-        return f"slice hours must be positive, got {action.slice_hours}"
+    # A planner's numbers come from outside too (an LLM): finite and bounded (a cost must be
+    # computable), and no slice under a minute (a payment per millisecond would be carried out).
+    if action.hours is not None and not 0 < action.hours <= MAX_HOURS:
+        return f"hours must be above 0 and at most {MAX_HOURS:g}, got {action.hours}"
+    if action.slice_hours is not None and not (
+        MIN_SLICE_HOURS - EPS <= action.slice_hours <= MAX_HOURS
+    ):
+        return (
+            f"slice hours must be from {MIN_SLICE_HOURS * 60:g} min to {MAX_HOURS:g} h, "
+            f"got {action.slice_hours}"
+        )
     if ctx.cooling_down(vendor):
         return f"{vendor.vendor_id} is cooling down after a failure until {vendor.cooldown_until}"
     cost = estimated_cost(ctx, action)
