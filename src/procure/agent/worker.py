@@ -105,6 +105,8 @@ class Worker:
         self.cfg = cfg or WorkerConfig()
         self.stats = WorkerStats()
         self._inflight: dict[asyncio.Task[None], str] = {}
+        # When each tick's lease was last known held (monotonic): taken or renewed since then.
+        self._held_at: dict[asyncio.Task[None], float] = {}
         self._done: list[tuple[leases.TickRecord, list[hotpath.PollWrite]]] = []
         self._done_since = 0.0  # when the oldest unreleased finished tick finished
         self._flushing: asyncio.Task[None] | None = None  # the batch being released
@@ -174,6 +176,7 @@ class Worker:
 
     async def _acquire(self, limit: int) -> int:
         # In a thread: the ticks in flight go on while the statement and its commit wait.
+        asked = time.monotonic()  # the leases run from no earlier than this
         try:
             run_ids, loaded = await asyncio.to_thread(self._lease, limit)
         except Exception:
@@ -184,6 +187,7 @@ class Worker:
                 self._tick(run_id, loaded.get(run_id)), name=f"tick-{run_id}"
             )
             self._inflight[task] = run_id
+            self._held_at[task] = asked
         self._started += len(run_ids)
         return len(run_ids)
 
@@ -241,16 +245,27 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
+            for task in [t for t in self._held_at if t not in self._inflight]:
+                del self._held_at[task]
             running = dict(self._inflight)
             if not running:
                 continue
+            asked = time.monotonic()
             try:
-                held = await asyncio.to_thread(self._renew, list(running.values()))
+                held: set[str] | None = await asyncio.to_thread(self._renew, list(running.values()))
             except Exception:
                 log.exception("heartbeat failed")
-                continue
+                held = None
             for task, run_id in running.items():
-                if run_id not in held and not task.done():
+                if task.done():
+                    continue
+                if held is not None and run_id in held:
+                    self._held_at[task] = asked
+                    continue
+                # Lost, or not renewed for so long that it may lapse before the next beat
+                # (the store unreachable): another worker may tick the run, so this one stops.
+                since = self._held_at.get(task, asked)
+                if held is not None or asked - since + self.cfg.heartbeat_s >= self.cfg.lease_s:
                     log.error("lost the lease on run %s; cancelling its tick", run_id)
                     self.stats.lost_leases += 1
                     task.cancel()
@@ -381,12 +396,23 @@ async def tick_under_lease(
 
     async def heartbeat() -> None:
         # Renew while the tick runs; if the lease was lost (this loop stalled past its TTL and
-        # someone else took the run), stop the tick: it survives that as it survives a crash.
+        # someone else took the run), or could not be renewed for so long that it may lapse
+        # before the next try (the store unreachable), stop the tick: it survives that as it
+        # survives a crash.
+        renewed = time.monotonic()
         while True:
             await asyncio.sleep(lease_s / 3)
-            with deps.store.session() as s:
-                held = leases.renew(s, run_id, owner, lease_s)
-            if not held:
+            asked = time.monotonic()
+            try:
+                with deps.store.session() as s:
+                    held: bool | None = leases.renew(s, run_id, owner, lease_s)
+            except Exception:
+                log.exception("renewing the lease on run %s failed", run_id)
+                held = None
+            if held:
+                renewed = asked
+                continue
+            if held is False or asked - renewed + lease_s / 3 >= lease_s:
                 log.error("lost the lease on run %s; cancelling the tick", run_id)
                 work.cancel()
                 return

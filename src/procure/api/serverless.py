@@ -27,9 +27,9 @@ from procure.api.ops import ops_router
 from procure.api.runs import runs_router
 from procure.api.vendors import vendors_router
 from procure.bearer import bearer_matches
-from procure.models import RunStatus, utcnow
+from procure.models import RunStatus
 from procure.settings import Settings
-from procure.store import Store
+from procure.store import Store, leases
 from procure.store.db import make_engine, migrate
 from procure.store.tables import RunRow
 
@@ -72,8 +72,8 @@ def serverless_store(url: str, *, upgrade: bool = False) -> Store:
 
 
 def _due(store: Store, limit: int) -> list[str]:
-    now = utcnow()
     with store.session() as s:
+        now = leases.store_now(s)  # as the leases are stamped
         return list(
             s.scalars(
                 select(RunRow.id)

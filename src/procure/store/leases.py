@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -35,13 +35,22 @@ class TickRecord:
     next_tick_in_s: float | None = None  # when the run is due again (None: leave as is)
 
 
+def store_now(s: Session) -> datetime:
+    """Now, as leases are stamped and compared: the database's clock on PostgreSQL (every
+    process and host on one store agrees on it, whatever its own clock says), this process's
+    on SQLite (one host)."""
+    if s.get_bind().dialect.name == "postgresql":
+        return s.scalar(select(func.clock_timestamp())).astimezone(UTC)  # type: ignore[union-attr]
+    return utcnow()
+
+
 def _free(now: datetime):  # type: ignore[no-untyped-def]
     return or_(RunRow.lease_owner.is_(None), RunRow.lease_expires_at < now)
 
 
 def acquire(s: Session, run_id: str, owner: str, ttl_s: float) -> bool:
     """Take the lease on one run if nobody holds it (or theirs expired)."""
-    now = utcnow()
+    now = store_now(s)
     result = s.execute(
         update(RunRow)
         .where(RunRow.id == run_id, _free(now))
@@ -56,7 +65,7 @@ def acquire_due(s: Session, owner: str, ttl_s: float, limit: int) -> list[str]:
     statement; return their ids. On PostgreSQL rows locked by another worker are skipped."""
     if limit <= 0:
         return []
-    now = utcnow()
+    now = store_now(s)
     due = (
         select(RunRow.id)
         .where(RunRow.status == RunStatus.running, RunRow.next_tick_at <= now, _free(now))
@@ -76,7 +85,7 @@ def acquire_due(s: Session, owner: str, ttl_s: float, limit: int) -> list[str]:
 
 
 def renew(s: Session, run_id: str, owner: str, ttl_s: float) -> bool:
-    now = utcnow()
+    now = store_now(s)
     result = s.execute(
         update(RunRow)
         .where(RunRow.id == run_id, RunRow.lease_owner == owner)
@@ -91,7 +100,7 @@ def renew_many(s: Session, run_ids: Iterable[str], owner: str, ttl_s: float) -> 
     ids = list(run_ids)
     if not ids:
         return set()
-    now = utcnow()
+    now = store_now(s)
     statement = (
         update(RunRow)
         .where(RunRow.id.in_(ids), RunRow.lease_owner == owner)
@@ -105,7 +114,7 @@ def renew_many(s: Session, run_ids: Iterable[str], owner: str, ttl_s: float) -> 
 def release(s: Session, run_id: str, owner: str, next_tick_in_s: float | None = None) -> None:
     values: dict[str, object] = {"lease_owner": None, "lease_expires_at": None}
     if next_tick_in_s is not None:
-        values["next_tick_at"] = utcnow() + timedelta(seconds=next_tick_in_s)
+        values["next_tick_at"] = store_now(s) + timedelta(seconds=next_tick_in_s)
     s.execute(
         update(RunRow)
         .where(RunRow.id == run_id, RunRow.lease_owner == owner)
@@ -133,7 +142,7 @@ def finish(s: Session, ticks: Sequence[TickRecord]) -> None:
     but the tick is logged all the same: the log is the truth about who ticked when."""
     if not ticks:
         return
-    now = utcnow()
+    now = store_now(s)
     s.execute(
         insert(TickLogRow),
         [
@@ -177,7 +186,7 @@ def holder(s: Session, run_id: str) -> str | None:
     ).first()
     if row is None or row.lease_owner is None:
         return None
-    if row.lease_expires_at is not None and row.lease_expires_at < utcnow():
+    if row.lease_expires_at is not None and row.lease_expires_at < store_now(s):
         return None
     return row.lease_owner
 
