@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from procure.agent.context import PlanContext
 from procure.agent.slices import MIN_SLICE_HOURS
+from procure.agent.start_request import MIN_CHECKPOINT_EVERY
 from procure.models import Action, Job, Quote, format_usd
 
 EPS = 1e-9
@@ -30,13 +31,11 @@ def check_action(ctx: PlanContext, action: Action) -> str | None:
     # computable), and no slice under a minute (a payment per millisecond would be carried out).
     if action.hours is not None and not 0 < action.hours <= MAX_HOURS:
         return f"hours must be above 0 and at most {MAX_HOURS:g}, got {action.hours}"
-    if action.slice_hours is not None and not (
-        MIN_SLICE_HOURS - EPS <= action.slice_hours <= MAX_HOURS
-    ):
-        return (
-            f"slice hours must be from {MIN_SLICE_HOURS * 60:g} min to {MAX_HOURS:g} h, "
-            f"got {action.slice_hours}"
-        )
+    # The finest slice a planner may buy: a minute, or for a short job a quarter of its finest
+    # checkpoint interval (what the heuristic's cost model may choose), never less.
+    finest = min(MIN_SLICE_HOURS, ctx.state.run.job_spec.hours * MIN_CHECKPOINT_EVERY / 4)
+    if action.slice_hours is not None and not finest - EPS <= action.slice_hours <= MAX_HOURS:
+        return f"slice hours must be from {finest:g} to {MAX_HOURS:g}, got {action.slice_hours}"
     if ctx.cooling_down(vendor):
         return f"{vendor.vendor_id} is cooling down after a failure until {vendor.cooldown_until}"
     cost = estimated_cost(ctx, action)
