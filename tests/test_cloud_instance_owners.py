@@ -88,7 +88,7 @@ def test_a_bill_unreadable_when_the_sweeper_terminates_is_booked_computed(tmp_pa
     assert _booked(store, run_id) == cloud.total_billed()
 
 
-class _LateLaunch(FakeCloud):
+class LateLaunch(FakeCloud):
     """A launch whose answer is lost (a timeout) and that shows in the listing only later (the
     provider's list lags its launch queue): `land()` makes it appear."""
 
@@ -112,7 +112,7 @@ def test_a_launch_that_lands_after_its_run_ended_is_swept_and_booked(
     in the listing, is ended as 'nothing launched' (booked $0); when the instance appears the
     sweeper terminates it but books nothing, because its record already says terminated: what the
     provider billed for it never reaches the run's books or the global caps."""
-    cloud = _LateLaunch("runpod", [offer("runpod", "A100-dc1", 36.0)], job_s=30.0)
+    cloud = LateLaunch("runpod", [offer("runpod", "A100-dc1", 36.0)], job_s=30.0)
     store = new_store(f"sqlite:///{tmp_path / 'p.db'}", [cloud_vendor("rp", "runpod", 500.0)])
     deps = make_deps(store, {"runpod": cloud})
     run_id = new_run(store, 100.0)

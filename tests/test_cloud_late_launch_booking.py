@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from cloud_fakes import FakeCloud, cloud_vendor, drive, make_deps, new_run, new_store, offer
+from cloud_fakes import cloud_vendor, drive, make_deps, new_run, new_store, offer
 from procure.agent.cloud_sweeper import sweep
-from procure.clouds.base import Instance, ProviderError
+from procure.clouds.base import Instance
 from procure.models import PaymentStatus, utcnow
 from procure.store import repo
+from test_cloud_instance_owners import LateLaunch
 
 
 def _booked(store, run_id: str) -> int:  # type: ignore[no-untyped-def]
@@ -24,20 +25,9 @@ def _booked(store, run_id: str) -> int:  # type: ignore[no-untyped-def]
     return sum(p.amount for p in state.payments if p.status == PaymentStatus.completed)
 
 
-class _LateLaunchOverHttp(FakeCloud):
+class _LateLaunchOverHttp(LateLaunch):
     """A launch whose answer is lost and that shows in the listing only later; its listing is a
     network call (it yields to the event loop, as httpx does)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.held: list[object] = []
-
-    async def launch_spec(self, spec):  # type: ignore[no-untyped-def]
-        self.held.append(spec)
-        raise ProviderError("timed out")
-
-    async def land(self) -> None:
-        await FakeCloud.launch_spec(self, self.held.pop(0))  # type: ignore[arg-type]
 
     async def labelled(self) -> list[Instance]:
         found = await super().labelled()
