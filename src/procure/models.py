@@ -46,6 +46,11 @@ def format_usd(micros: int) -> str:
     return f"${Decimal(micros) / MICROS_PER_USD:,.2f}"
 
 
+def format_dollars(dollars: float) -> str:
+    """An amount given in dollars, rounded as `format_usd` rounds micro-USD."""
+    return format_usd(usd_to_micros(dollars))
+
+
 def _parse_usd(value: Any) -> Any:
     # Internal code passes ints (micros); JSON input in dollars arrives as float/str.
     if isinstance(value, bool):

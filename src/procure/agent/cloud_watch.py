@@ -21,6 +21,7 @@ from procure.agent.cloud_node import NodeError, NodeJob, http_node
 from procure.agent.context import PlanContext
 from procure.agent.deps import EPS, OBS, AgentDeps, TickResult
 from procure.clouds.base import CloudError, Instance, RentalCloud
+from procure.clouds.job import on_a_store
 from procure.models import Job, OfferTerms, utcnow
 from procure.store import cloud_repo, hotpath, repo
 from procure.store.cloud_repo import CloudInstance
@@ -144,9 +145,7 @@ def reachable(deps: AgentDeps, url: str) -> bool:
     gs://, ...), or anywhere once the operator named where checkpoints go. Unnamed, a path is on
     the node's own disk and goes with it: a job moved elsewhere starts over, as documented,
     rather than failing to open a file it does not have."""
-    protocol, sep, _ = url.partition("://")
-    on_a_store = bool(sep) and protocol not in ("file", "local")
-    return deps.cloud.checkpoint_dir is not None or on_a_store
+    return deps.cloud.checkpoint_dir is not None or on_a_store(url)
 
 
 def checkpoint_progress(lines: list[str], url: str) -> float | None:

@@ -12,7 +12,7 @@ from procure.cli.common import console, load_settings, print_json, store_errors,
 def spend(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The total spent across every run and the fleet: paid, pending, the fleet's
     instance-hours, and the last hour, day and 30 days (as the global caps count them)."""
-    from procure.models import format_usd, usd_to_micros, utcnow
+    from procure.models import format_dollars, utcnow
     from procure.store.spend import spend_summary
 
     settings = load_settings()
@@ -21,11 +21,7 @@ def spend(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         print_json(summary)
         return
-    w = summary["windows"]
-
-    def usd(dollars: float) -> str:  # rounded as every page and answer rounds micro-USD
-        return format_usd(usd_to_micros(dollars))
-
+    w, usd = summary["windows"], format_dollars  # rounded as every page rounds micro-USD
     console.print(
         f"total {usd(summary['total'])} over {summary['runs']} run(s): "
         f"paid {usd(summary['paid'])}, pending {usd(summary['pending'])}, "

@@ -67,7 +67,13 @@ class CloudJobSettings(BaseSettings):
 
     @property
     def shared(self) -> bool:
-        """Whether checkpoints outlive the instance that wrote them (a URL with a remote
-        protocol, not a path on the node's own disk)."""
-        protocol, sep, _ = (self.checkpoint_dir or "").partition("://")
-        return bool(sep) and protocol not in ("file", "local")
+        """Whether checkpoints outlive the instance that wrote them."""
+        return self.checkpoint_dir is not None and on_a_store(self.checkpoint_dir)
+
+
+def on_a_store(url: str) -> bool:
+    """Whether `url` names an object store (s3://, gs://, ...), not a path on a node's own
+    disk (a plain path, file://, local://). As the node reads it (fsspec's protocols), without
+    importing fsspec where only the answer is wanted."""
+    protocol, sep, _ = url.partition("://")
+    return bool(sep) and protocol not in ("file", "local")

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import DateTime, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from procure.models import RunStatus, utcnow
@@ -38,19 +39,27 @@ class TickRecord:
 def store_now(s: Session) -> datetime:
     """Now, as leases are stamped and compared: the database's clock on PostgreSQL (every
     process and host on one store agrees on it, whatever its own clock says), this process's
-    on SQLite (one host)."""
+    on SQLite (one host). A value, read with a round-trip: for the occasional caller."""
     if s.get_bind().dialect.name == "postgresql":
         return s.scalar(select(func.clock_timestamp())).astimezone(UTC)  # type: ignore[union-attr]
     return utcnow()
 
 
-def _free(now: datetime):  # type: ignore[no-untyped-def]
+def _clock(s: Session) -> Any:
+    """`store_now` inside the statement itself (no extra round-trip on the worker's polls and
+    heartbeats): the database's clock on PostgreSQL, this process's value on SQLite."""
+    if s.get_bind().dialect.name == "postgresql":
+        return func.clock_timestamp(type_=DateTime(timezone=True))
+    return utcnow()
+
+
+def _free(now: Any):  # type: ignore[no-untyped-def]
     return or_(RunRow.lease_owner.is_(None), RunRow.lease_expires_at < now)
 
 
 def acquire(s: Session, run_id: str, owner: str, ttl_s: float) -> bool:
     """Take the lease on one run if nobody holds it (or theirs expired)."""
-    now = store_now(s)
+    now = _clock(s)
     result = s.execute(
         update(RunRow)
         .where(RunRow.id == run_id, _free(now))
@@ -65,7 +74,7 @@ def acquire_due(s: Session, owner: str, ttl_s: float, limit: int) -> list[str]:
     statement; return their ids. On PostgreSQL rows locked by another worker are skipped."""
     if limit <= 0:
         return []
-    now = store_now(s)
+    now = _clock(s)
     due = (
         select(RunRow.id)
         .where(RunRow.status == RunStatus.running, RunRow.next_tick_at <= now, _free(now))
@@ -85,7 +94,7 @@ def acquire_due(s: Session, owner: str, ttl_s: float, limit: int) -> list[str]:
 
 
 def renew(s: Session, run_id: str, owner: str, ttl_s: float) -> bool:
-    now = store_now(s)
+    now = _clock(s)
     result = s.execute(
         update(RunRow)
         .where(RunRow.id == run_id, RunRow.lease_owner == owner)
@@ -100,7 +109,7 @@ def renew_many(s: Session, run_ids: Iterable[str], owner: str, ttl_s: float) -> 
     ids = list(run_ids)
     if not ids:
         return set()
-    now = store_now(s)
+    now = _clock(s)
     statement = (
         update(RunRow)
         .where(RunRow.id.in_(ids), RunRow.lease_owner == owner)

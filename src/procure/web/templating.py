@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi.templating import Jinja2Templates
 
-from procure.models import format_usd, usd_to_micros
+from procure.models import format_dollars, format_usd
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
@@ -44,11 +44,11 @@ def _iso_when(value: str | None) -> str:
 templates = Jinja2Templates(directory=HERE / "templates")
 
 
-def _dollars(value: float) -> str:
-    """An amount in dollars, rounded as `format_usd` rounds micro-USD (one rounding everywhere)."""
-    return format_usd(usd_to_micros(value))
-
-
 templates.env.filters.update(
-    usd=format_usd, dollars=_dollars, when=_when, pct=_pct, duration=_duration, iso_when=_iso_when
+    usd=format_usd,
+    dollars=format_dollars,
+    when=_when,
+    pct=_pct,
+    duration=_duration,
+    iso_when=_iso_when,
 )
