@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from procure.bounds import clip
-from procure.clouds.base import CloudError, Instance
+from procure.clouds.base import LABEL_PREFIX, CloudError, Instance
 from procure.fleet import actions, costs, monitor, nodes, policy, prometheus
 from procure.fleet import signal as procure_signal
 from procure.fleet.context import FleetContext
@@ -37,10 +37,22 @@ class ScanResult:
     queue_error: str | None = None  # the procure policy's queue source failed: empty queue
 
 
+# Instances procure's agent (`procure-job-…`) and gateway (`procure-gw-…`) rent on the same
+# account: their owners count, watch and end them; the fleet leaves them alone.
+OTHER_PARTS = (f"{LABEL_PREFIX}job-", f"{LABEL_PREFIX}gw-")
+
+
+def fleets(listing: list[Instance]) -> list[Instance]:
+    """The account's instances the fleet watches: all but those of procure's other parts."""
+    return [i for i in listing if not (i.name or "").startswith(OTHER_PARTS)]
+
+
 def sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -> None:
     """The instance ledger follows the cloud: new ones start billing, vanished ones stop. An
-    instance named after one of our launch actions is ours, whoever recorded it. Public: the
-    fleet benchmark's engine (`sim.fleet_engine`) keeps the ledger the same way."""
+    instance named after one of our launch actions is ours, whoever recorded it; one that
+    procure's agent or gateway rented is theirs (counted once, as their payments or costs).
+    Public: the fleet benchmark's engine (`sim.fleet_engine`) keeps the ledger the same way."""
+    listing = fleets(listing)
     seen = {i.id for i in listing}
     with ctx.store.session() as s:
         for i in listing:
@@ -142,7 +154,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         result.error = f"backing off after cloud errors until {ctx.backoff_until.isoformat()}"
         return result
     try:
-        listing = await _list(ctx)
+        listing = fleets(await _list(ctx))
     except CloudError as exc:
         ctx.cloud_failures += 1
         wait = min(3600.0, ctx.cfg.scan_interval_s * 2 ** min(ctx.cloud_failures - 1, 6))
@@ -170,7 +182,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         result.carried_out.append(f"{action_id} {status}")
     if todo:  # what they launched or terminated is in the next listing; keep this one
         try:
-            listing = await ctx.cloud.instances()
+            listing = fleets(await ctx.cloud.instances())
             sync_instances(ctx, listing, now)
         except CloudError as exc:
             result.error = clip(f"{type(exc).__name__}: {exc}", 500)

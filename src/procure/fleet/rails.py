@@ -86,8 +86,8 @@ def check(
                 f"would exceed {format_usd(cap)}/hour limit "
                 f"({format_usd(hourly)}/h now + {format_usd(p.price_per_hour)}/h)",
             )
-        reserved = p.price_per_hour + sum(a.price_per_hour for a in flying)
-        conflict = ledger.global_cap_conflict(s, caps, reserved, now=now)
+        # The ledger counts the other launches in flight (the agent's checks see them too).
+        conflict = ledger.global_cap_conflict(s, caps, p.price_per_hour, now=now, but=action_id)
         if conflict:
             return Verdict("blocked", "global_spend_cap", conflict)
     if not approved and p.cost_impact > cfg.confirmation_threshold:

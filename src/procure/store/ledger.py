@@ -2,14 +2,17 @@
 payments and fleet instance-hours (invariant 1: no combination of runs and instances overspends).
 
 Windows roll: the last 60 minutes, the last 24 hours, the last 30 days. Agent spend is the sum of
-completed and pending payments created in the window (a pending one may still move money); fleet
-spend is each instance's price times the hours it was billed inside the window, plus, for an
-instance still running, the rest of the hour it has started (Lambda bills by the minute, but an
-instance launched now will run at least until the next decision, so it is counted forward).
+completed and pending payments created in the window (a pending one may still move money), except
+a cloud instance's (nonce `cloud-…`): one payment grown as the instance runs, spread over the
+time it covers, so an instance that has run for hours still counts in the last hour. Fleet spend
+is each instance's price times the hours it was billed inside the window, plus, for an instance
+still running, the rest of the hour it has started (Lambda bills by the minute, but an instance
+launched now will run at least until the next decision, so it is counted forward), and an hour
+of each launch in flight (sent, or waiting to be sent again, and not yet listed).
 
-`global_cap_conflict` fences concurrent spenders on PostgreSQL with a transaction-scoped
-advisory lock: two spenders that check and then record in the same transaction are serialised.
-On SQLite there is one writer at a time, and the fleet and the worker each hold their own lease.
+`global_cap_conflict` fences concurrent spenders: on PostgreSQL with a transaction-scoped advisory
+lock, on SQLite by taking the one write lock before reading: two spenders that check and then
+record in the same transaction are serialised.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from sqlalchemy.orm import Session
 
 from procure.models import format_usd, usd_to_micros
 from procure.settings import CHECKED, finite_numbers
-from procure.store.fleet_tables import FleetInstanceRow
+from procure.store.fleet_tables import ActionRow, FleetInstanceRow
 from procure.store.tables import PaymentRow
 
 LEDGER_LOCK = 0x70726F63  # "proc": the advisory lock key every spender takes
+PROVISION = "provision_instance"  # the fleet's launch (fleet.policy.PROVISION)
 WINDOWS = {"hour": timedelta(hours=1), "day": timedelta(days=1), "month": timedelta(days=30)}
 
 
@@ -90,27 +94,83 @@ def load_caps() -> SpendCaps:
 
 
 def fence(s: Session) -> None:
-    """Serialise spenders until this transaction ends (PostgreSQL; a no-op on SQLite)."""
-    if s.get_bind().dialect.name == "postgresql":
+    """Serialise spenders until this transaction ends: PostgreSQL's advisory lock; on SQLite
+    the write lock, taken by a write that changes nothing (reads before any write run outside
+    the transaction, so a spender that read first would decide on a ledger another changes)."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
         s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEDGER_LOCK})
+    elif dialect == "sqlite":
+        s.execute(text("UPDATE store_totals SET value = value WHERE 0"))
+
+
+CLOUD = "cloud-%"  # the nonces of cloud instances' payments (the provider bills the account)
+# How far back a cloud payment's span may start and still reach into a window: an instance
+# that ran longer than this before its window is counted from where the scan starts.
+CLOUD_SPAN = timedelta(days=400)
+SPENT = ("completed", "pending")
 
 
 def payments_spent(s: Session, since: datetime) -> int:
     total = s.scalar(
         select(func.coalesce(func.sum(PaymentRow.amount), 0)).where(
-            PaymentRow.status.in_(("completed", "pending")), PaymentRow.created_at >= since
+            PaymentRow.status.in_(SPENT),
+            PaymentRow.created_at >= since,
+            ~PaymentRow.nonce.like(CLOUD),
         )
     )
-    return int(total or 0)
+    return int(total or 0) + cloud_spent(s, since)
+
+
+def cloud_spent(s: Session, since: datetime) -> int:
+    """Cloud instances' payments, each spread evenly over the hours it covers from its creation
+    (what is reserved ahead included, as a cap must count it): the share inside the window. A
+    payment covering no time (a late launch booked when found) counts where it was booked."""
+    rows = s.execute(
+        select(PaymentRow.amount, PaymentRow.created_at, PaymentRow.hours).where(
+            PaymentRow.status.in_(SPENT),
+            PaymentRow.nonce.like(CLOUD),
+            PaymentRow.created_at >= since - CLOUD_SPAN,
+        )
+    ).all()
+    total = 0.0
+    for amount, created, hours in rows:
+        span = max(0.0, hours or 0.0)
+        if span <= 0:
+            total += amount if created >= since else 0
+            continue
+        inside = _hours(max(created, since), created + timedelta(hours=span))
+        total += amount * min(1.0, inside / span)
+    return round(total)
 
 
 def _hours(start: datetime, end: datetime) -> float:
     return max(0.0, (end - start).total_seconds() / 3600)
 
 
-def fleet_spent(s: Session, since: datetime, now: datetime, *, forward: bool = True) -> int:
+def launches_in_flight(s: Session, but: str | None = None) -> int:
+    """Micro-USD per hour of the fleet's launches in flight, other than action `but`: sent (or
+    waiting to be sent again) and not yet listed as an instance. Each will bill like one."""
+    flying = s.execute(
+        select(ActionRow.action_id, ActionRow.price_per_hour)
+        .where(ActionRow.status == "executing", ActionRow.action_type == PROVISION)
+        .limit(1000)
+    ).all()
+    ids = [a for a, _ in flying if a != but]
+    if not ids:
+        return 0
+    landed = set(
+        s.scalars(select(FleetInstanceRow.launched_by).where(FleetInstanceRow.launched_by.in_(ids)))
+    )
+    return sum(price for a, price in flying if a in ids and a not in landed)
+
+
+def fleet_spent(
+    s: Session, since: datetime, now: datetime, *, forward: bool = True, but: str | None = None
+) -> int:
     """Instance-hours times price inside [since, now], plus (`forward`) the started hour of the
-    running ones (what a cap must count; a cost report counts only what has accrued)."""
+    running ones and an hour of each launch in flight other than action `but` (what a cap must
+    count; a cost report counts only what has accrued)."""
     rows = s.execute(
         select(
             FleetInstanceRow.price_per_hour,
@@ -130,24 +190,27 @@ def fleet_spent(s: Session, since: datetime, now: datetime, *, forward: bool = T
             total += price * (_hours(start, now) + rest)
         else:
             total += price * _hours(start, min(ended, now))
-    return round(total)
+    return round(total) + (launches_in_flight(s, but) if forward else 0)
 
 
-def spent(s: Session, window: str, *, now: datetime) -> int:
+def spent(s: Session, window: str, *, now: datetime, but: str | None = None) -> int:
+    """What the window holds, as the caps count it (`but`: a launch being checked again, which
+    its own amount already counts)."""
     since = now - WINDOWS[window]
-    return payments_spent(s, since) + fleet_spent(s, since, now)
+    return payments_spent(s, since) + fleet_spent(s, since, now, but=but)
 
 
 def global_cap_conflict(
-    s: Session, caps: SpendCaps, amount_micros: int, *, now: datetime
+    s: Session, caps: SpendCaps, amount_micros: int, *, now: datetime, but: str | None = None
 ) -> str | None:
     """Why spending `amount_micros` more now would break a global cap, or None if it would not.
-    Fences the transaction first, so the caller records its spend before anyone else checks."""
+    Fences the transaction first, so the caller records its spend before anyone else checks.
+    `but`: the fleet's launch whose hour `amount_micros` is, if it is already in flight."""
     if not caps.any:
         return None
     fence(s)
     for window, cap in caps.items():
-        already = spent(s, window, now=now)
+        already = spent(s, window, now=now, but=but)
         if already + amount_micros > cap:
             return (
                 f"global spend cap per {window} ({format_usd(cap)}) would be exceeded: "
