@@ -43,8 +43,13 @@ MAX_HOURLY_USD = 100.0
 BIG = "gpu_8x_a100"  # the one pool type of the single-pool rules
 PEERS = ("static-peak", "seed-rule", "cluster-autoscaler", "navarch", "navarch-queue")
 DEFAULT_TARGET_MIN = ProcurePolicy.target_wait_s / 60
-TARGETS_MIN = (0.0, 2.0, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0)
-QUICK_TARGETS_MIN = (0.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 240.0)
+# Below a boot the knob sets the headroom kept for bursts, and a little of it goes a long way:
+# hence the finer steps there.
+TARGETS_MIN = (
+    *(0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 5.0, 8.0, 10.0),
+    *(15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0),
+)
+QUICK_TARGETS_MIN = (0.0, 0.5, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 240.0)
 
 # Every profile's jobs: GPUs asked 1/2/4/8 (most jobs one GPU, as in every published trace)
 # and log-normal durations with a heavy tail, a minute to three days.

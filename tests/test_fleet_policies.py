@@ -178,6 +178,25 @@ def test_a_target_shorter_than_a_boot_keeps_free_gpus_for_the_arrivals() -> None
     assert "headroom" in out[0].reason
 
 
+def test_a_target_near_zero_keeps_room_for_a_sweep_and_lets_it_go_once_arrivals_stop() -> None:
+    """A target of seconds asks that a sweep of jobs arriving at once find places at once: the
+    headroom is many boots' worth of the arrival rate (eight, before: a 20-job sweep queued for
+    a boot). A day after the last arrival none is kept: the last idle GPU goes (before, the
+    learned rate never reached zero and one GPU was kept idle for ever)."""
+    p = ProcurePolicy(target_wait_s=6)
+    for minute in range(0, 181, 1):  # 60 GPUs an hour arriving, for three hours
+        now = T0 + timedelta(minutes=minute)
+        p([], cfg(max_instances=0), None, signal(now, arrived_gpus=minute))
+    assert p.spare_gpus(signal(now)) > 200  # 9.9 GPUs arrive in a boot less the target
+    for hour in range(1, 25):  # then nothing, for a day
+        now = T0 + timedelta(minutes=180 + 60 * hour)
+        p([], cfg(max_instances=0), None, signal(now, arrived_gpus=180))
+    assert p.spare_gpus(signal(now, arrived_gpus=180)) == 0
+    idle = [instance(1, 0, now, gpus=1, age_s=86_400, idle_min=600)]
+    out = p(idle, cfg(), PRICE, signal(now, arrived_gpus=180, free_gpus=(("i-1", 1),)))
+    assert [(x.action_type, x.target) for x in out] == [(TERMINATE, "i-1")]
+
+
 def test_billed_by_the_hour_from_its_boot_s_end_an_idle_instance_goes_at_that_hour_s_end() -> None:
     p = ProcurePolicy()
     hourly = {"billing_increment_s": 3600.0}

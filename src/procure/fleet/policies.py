@@ -172,6 +172,10 @@ def navarch(
 
 
 PER_REGION = 4  # launches of one type per region listed with capacity, in one scan
+# The largest burst, in boots' worth of the arrival rate, that a target near zero keeps free GPUs
+# for (a sweep of 20 jobs at once is ~50 boots' worth of a quiet day's rate): the rails' caps,
+# not this, bound the fleet there; it lets the headroom fall to nothing once arrivals stop.
+MAX_BURST = 100.0
 
 
 @dataclass
@@ -204,7 +208,9 @@ class ProcurePolicy:
 
     - Headroom: a target shorter than a boot cannot be met by launching when a job comes; it
       then keeps free GPUs for the jobs that arrive within a boot less the target (the GPU
-      arrival rate it has seen times that span), launching for them and letting none go below.
+      arrival rate it has seen times that span, times the boot over the target: the bursts a
+      shorter target must absorb), launching for them and letting none go below; once
+      arrivals stop, the headroom goes.
 
     The one knob is `target_wait_s`: lower buys shorter queues, higher buys a cheaper fleet.
     """
@@ -235,13 +241,17 @@ class ProcurePolicy:
 
     def spare_gpus(self, signal: FleetSignal) -> int:
         """Free GPUs to keep: those the jobs arriving within a boot less the target ask for,
-        times the boot over the target (up to 8: arrivals come in bursts, and near zero the
-        target asks that nearly every job find a place at once)."""
+        times the boot over the target (arrivals come in bursts: the shorter the target, the
+        larger the burst it must absorb; up to `MAX_BURST`, where nearly every job must find a
+        place at once and only the caps bound the fleet)."""
         span = max(0.0, signal.boot_s - self.target_wait_s)
         if span <= 0:
             return 0
-        burst = min(8.0, signal.boot_s / max(self.target_wait_s, 1.0))
-        return math.ceil(self._gpu_rate * span * burst - 1e-9)
+        burst = min(MAX_BURST, signal.boot_s / max(self.target_wait_s, 1.0))
+        expected = self._gpu_rate * span * burst
+        # The learned rate only decays, never to zero: below a twentieth of a GPU the arrivals
+        # have stopped, and the last GPU kept for them goes too.
+        return 0 if expected < 0.05 else math.ceil(expected - 1e-9)
 
     def _hold(self, signal: FleetSignal) -> float:
         return signal.boot_s if self.hold_s is None else self.hold_s
