@@ -71,7 +71,7 @@ def parse_nth(spec: str) -> dict[str, int]:
             continue
         if name not in POINTS:
             raise ValueError(f"{ENV}: unknown crash point {name!r} (known: {sorted(POINTS)})")
-        if not k.isdigit() or int(k) < 1:
+        if not k.isdecimal() or int(k) < 1:
             raise ValueError(f"{ENV}: {item!r}: the hit to die at must be a whole number >= 1")
         nth[name] = int(k)
     return nth

@@ -116,7 +116,7 @@ class BoundedTransport(httpx.AsyncBaseTransport):
 
 async def _read_capped(response: httpx.Response, request: httpx.Request, max_bytes: int) -> bytes:
     length = response.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
+    if length.isdecimal() and int(length) > max_bytes:
         raise AnswerRejected(
             f"answer refused: {int(length):,} bytes, more than the {max_bytes:,} allowed",
             request=request,

@@ -29,6 +29,7 @@ from procure.agent.start_request import (
     Text,
     problems,
 )
+from procure.clouds.base import PROVIDERS
 from procure.models import Model, Vendor, usd_to_micros
 
 __all__ = [
@@ -72,6 +73,10 @@ READ_ONLY_VENDOR_FIELDS = frozenset(
     }
 )
 """Fields of a vendor that its answers carry and a write ignores."""
+
+
+# A cloud vendor's endpoint (`POST /api/vendors/cloud` writes it): read back and written again.
+CLOUD_ENDPOINTS = frozenset(f"cloud:{p}" for p in PROVIDERS)
 
 
 class VendorRegistration(Model):
@@ -136,6 +141,8 @@ class VendorRegistration(Model):
     @classmethod
     def _http_url(cls, value: str) -> str:
         example = "e.g. https://vendor.example:4001"
+        if value in CLOUD_ENDPOINTS:  # a cloud vendor's, as stored: kept only for one (vendors)
+            return value
         if not value.isascii() or any(c.isspace() or not c.isprintable() for c in value):
             raise ValueError(f"must be an http(s) URL without spaces, {example}")
         try:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from procure.agent.context import hazard, reliability
-from procure.api.schemas import READ_ONLY_VENDOR_FIELDS, VendorRegistration
+from procure.api.schemas import CLOUD_ENDPOINTS, READ_ONLY_VENDOR_FIELDS, VendorRegistration
 from procure.bounds import UnsafeInput, loads
 from procure.models import Vendor
 from procure.settings import Settings
@@ -119,6 +119,14 @@ def vendors_router(
     ) -> JSONResponse:
         if body.vendor_id != vendor_id:
             return _error(400, "vendorId in the body differs from the path")
+        stored = await asyncio.to_thread(_get, vendor_id)
+        cloud = stored is not None and stored.kind == "cloud"
+        if cloud and stored is not None and body.endpoint != stored.endpoint:
+            return _error(
+                422, f"{vendor_id} is a cloud vendor: its endpoint stays {stored.endpoint}"
+            )
+        if not cloud and body.endpoint in CLOUD_ENDPOINTS:
+            return _error(422, "endpoint: cloud vendors are added with POST /api/vendors/cloud")
         credential = None
         if body.credential is not None:
             try:  # the key file is read (or created) on disk: off the loop too

@@ -20,6 +20,11 @@ PROVIDERS: tuple[Provider, ...] = ("lambda", "runpod", "vast")
 LABEL_PREFIX = "procure-"  # every instance procure launches is named (labelled) with this prefix
 
 
+def http_url(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address bracketed (clouds give either kind)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 @dataclass(frozen=True)
 class InstanceType:
     name: str  # e.g. gpu_1x_a100

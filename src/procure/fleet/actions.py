@@ -280,13 +280,17 @@ def expire(ctx: FleetContext) -> int:
 _CLOCK_SKEW = timedelta(hours=1)
 
 
-def _judged_at(s: Session, fleet_name: str, now: datetime) -> datetime:
-    """When, for expiry, it is now: the wall clock, unless the controller's own clock is
-    clearly another (ahead of ours, or far behind)."""
+def judged_at(s: Session, fleet_name: str, now: datetime) -> datetime:
+    """When, for expiry, it is now: on the controller's clock, the wall clock moved by the
+    offset its last scan recorded (a stopped controller's old scan is not a clock far behind:
+    an approval hours late is refused). A store from before offsets were recorded: the wall
+    clock, unless the last scan says the controller's clock is clearly another."""
     lease = fleet_repo.lease_row(s, f"fleet:{fleet_name}")
     last = lease.last_scan_at if lease is not None else None
     if last is None:
         return now
+    if lease is not None and lease.clock_offset_s is not None:
+        return now + timedelta(seconds=lease.clock_offset_s)
     if last > now or now - last > _CLOCK_SKEW:
         return last
     return now
@@ -313,7 +317,7 @@ def decide(
         if row.status != "pending":
             raise ActionRefused(f"action {action_id} is {row.status}, not pending")
         expires_at = row.expires_at
-        if expires_at is not None and expires_at <= _judged_at(s, fleet_name, now):
+        if expires_at is not None and expires_at <= judged_at(s, fleet_name, now):
             done = fleet_repo.transition(
                 s,
                 action_id,

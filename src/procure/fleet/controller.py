@@ -139,7 +139,7 @@ async def _read_nodes(
 
 def _note(ctx: FleetContext, now: datetime, error: str | None) -> None:
     with ctx.store.session() as s:
-        fleet_repo.note_scan(s, ctx.lease_name, now, error, ctx.backoff_until)
+        fleet_repo.note_scan(s, ctx.lease_name, now, error, ctx.backoff_until, wall=utcnow())
 
 
 async def scan_once(ctx: FleetContext) -> ScanResult:

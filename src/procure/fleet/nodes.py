@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from procure.bounds import UnsafeInput, clip, loads
-from procure.clouds.base import Instance
+from procure.clouds.base import Instance, http_url
 from procure.gpu.jobclient import check_node_url
 
 AGENT_ID = "procure-fleet"
@@ -28,7 +28,7 @@ def node_url(instance: Instance, port: int) -> str | None:
             return check_node_url(instance.node_url, expected_host=instance.ip)
         except ValueError:
             return None
-    return f"http://{instance.ip}:{port}" if instance.ip else None
+    return http_url(instance.ip, port) if instance.ip else None
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -83,7 +83,7 @@ async def read_node(
         if response.status_code != 200:
             return sample | {"reachable": False, "error": f"HTTP {response.status_code}"}
         return sample | figures(loads(response.content))
-    except (httpx.HTTPError, UnsafeInput, ValueError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, UnsafeInput, ValueError) as exc:
         return sample | {"reachable": False, "error": clip(f"{type(exc).__name__}: {exc}", 300)}
 
 
@@ -103,7 +103,7 @@ async def renew_lease(
         response = await client.post(
             f"{url}/lease", json={"ttl_s": ttl_s, "holder": holder}, headers=_headers(token)
         )
-    except httpx.HTTPError:
+    except (httpx.HTTPError, httpx.InvalidURL):
         return "error"
     if response.status_code == 200:
         return "armed"

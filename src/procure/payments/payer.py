@@ -164,7 +164,7 @@ def check_requirements(req: Any, limits: PaymentLimits) -> str | None:
         return "the vendor registry has no network for this vendor: it cannot be paid"
     assert limits.pay_to and limits.asset
     raw_amount = req.amount if hasattr(req, "amount") else req.max_amount_required
-    if not (isinstance(raw_amount, str) and raw_amount.isdigit() and len(raw_amount) <= 78):
+    if not (isinstance(raw_amount, str) and raw_amount.isdecimal() and len(raw_amount) <= 78):
         return f"402 asks a malformed amount {str(raw_amount)[:80]!r}"
     amount = int(raw_amount)
     if amount > limits.max_amount:

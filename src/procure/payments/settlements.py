@@ -83,6 +83,7 @@ class FacilitatorLedger:
             httpx.HTTPError,
             UnsafeInput,
             ValueError,
+            OverflowError,  # an amount of 1e400
             KeyError,
             TypeError,
             AttributeError,
@@ -95,7 +96,14 @@ class FacilitatorLedger:
             response = await self._http.get(f"/balance/{address}")
             response.raise_for_status()
             return int(loads(response.content)["atomic"])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except (
+            httpx.HTTPError,
+            UnsafeInput,
+            ValueError,
+            OverflowError,
+            KeyError,
+            TypeError,
+        ) as exc:
             raise SettlementLookupError(f"facilitator balance lookup failed: {_what(exc)}") from exc
 
     async def aclose(self) -> None:

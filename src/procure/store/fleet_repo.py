@@ -358,13 +358,22 @@ def lease_row(s: Session, name: str) -> FleetLeaseRow | None:
 
 
 def note_scan(
-    s: Session, name: str, now: datetime, error: str | None, backoff_until: datetime | None
+    s: Session,
+    name: str,
+    now: datetime,
+    error: str | None,
+    backoff_until: datetime | None,
+    *,
+    wall: datetime | None = None,
 ) -> None:
+    """The scan's outcome; `now` is on the controller's clock, `wall` the wall clock then."""
+    offset = None if wall is None else (now - wall).total_seconds()
     s.execute(
         update(FleetLeaseRow)
         .where(FleetLeaseRow.name == name)
         .values(
             last_scan_at=now,
+            clock_offset_s=offset,
             last_error=clip(error, 500) if error else None,
             backoff_until=backoff_until,
         )

@@ -127,5 +127,8 @@ class FleetLeaseRow(Base):
     owner: Mapped[str | None] = mapped_column(String(200))
     expires_at: Mapped[datetime | None]
     last_scan_at: Mapped[datetime | None]
+    # The controller's clock less the wall clock at its last scan, seconds (0 for a real one; a
+    # simulated clock may run months behind): expiry is judged on its clock.
+    clock_offset_s: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(String(500))
     backoff_until: Mapped[datetime | None]

@@ -68,7 +68,7 @@ class Auth:
         sid, issued, flag, signature = parts
         if not _same(self.sign(f"{sid}.{issued}.{flag}"), signature):
             return None
-        if not issued.isdigit() or len(issued) > 12 or int(issued) + self.max_age_s < time.time():
+        if not issued.isdecimal() or len(issued) > 12 or int(issued) + self.max_age_s < time.time():
             return None
         if sid in self.revoked:
             return None

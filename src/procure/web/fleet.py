@@ -11,7 +11,7 @@ from typing import Any
 from markupsafe import Markup
 
 from procure.fleet import costs, monitor
-from procure.fleet.actions import ActionRefused, decide
+from procure.fleet.actions import ActionRefused, decide, judged_at
 from procure.fleet.settings import FleetSettings
 from procure.fleet.summary import action_json, as_of, instances, summary
 from procure.models import utcnow
@@ -63,6 +63,7 @@ def fleet_view(store: Store, cfg: FleetSettings) -> dict[str, Any]:
     now = utcnow()
     with store.session() as s:
         seen = as_of(s, cfg, now)
+        judged = judged_at(s, cfg.fleet_name, now)  # what approving will judge expiry by
         live = fleet_repo.live_instances(s)
         recent = fleet_repo.samples_since(
             s, [r.instance_id for r in live], seen - monitor.lookback(cfg)
@@ -85,7 +86,7 @@ def fleet_view(store: Store, cfg: FleetSettings) -> dict[str, Any]:
     for row in listed:
         row["spark"] = sparkline(series.get(row["instance_id"], []))
     for action in pending:
-        action["seconds_left"] = _seconds_left(action["expires_at"], seen)
+        action["seconds_left"] = _seconds_left(action["expires_at"], judged)
     hourly = overview["current_hourly_spend"]
     return {
         "summary": overview,

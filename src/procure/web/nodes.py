@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from procure.bounds import UnsafeInput, clip, loads
+from procure.clouds.base import http_url
 from procure.fleet.settings import FleetSettings
 from procure.fleet.summary import instances
 from procure.httpbounds import bounded_client
@@ -69,7 +70,8 @@ def _model(entry: Any) -> dict[str, Any] | None:
         "name": clip(entry["name"], 200),
         "parameter_size": clip(str(entry.get("parameter_size") or ""), 40) or None,
         "quantization": clip(str(entry.get("quantization_level") or ""), 40) or None,
-        "size_gb": size / 1e9 if isinstance(size, int) and size >= 0 else None,
+        # Bytes; past an exabyte it is garbage (and a 400-digit int overflows a float).
+        "size_gb": size / 1e9 if isinstance(size, int) and 0 <= size <= 10**18 else None,
         "vram_mb": vram if isinstance(vram, int) and vram >= 0 else None,
     }
 
@@ -103,11 +105,12 @@ async def models_of(
     token = cfg.node_token.get_secret_value() if cfg.node_token else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = await client.get(f"http://{node['ip']}:{cfg.node_port}/models", headers=headers)
+        base = http_url(node["ip"], cfg.node_port)
+        response = await client.get(f"{base}/models", headers=headers)
         if response.status_code != 200:
             return {"state": "error", "error": f"HTTP {response.status_code} from the node"}
         return catalogue(loads(response.content))
-    except (httpx.HTTPError, UnsafeInput, ValueError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, UnsafeInput, ValueError) as exc:
         return {"state": "error", "error": clip(f"{type(exc).__name__}: {exc}", 300)}
 
 

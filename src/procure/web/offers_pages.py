@@ -36,7 +36,7 @@ def _filters(
         else:
             wrong.append("GPU: letters, digits, spaces, dots, dashes and underscores only")
     if count:
-        if count.isdigit() and 1 <= int(count) <= MAX_COUNT:
+        if count.isdecimal() and 1 <= int(count) <= MAX_COUNT:
             found["count"] = int(count)
         else:
             wrong.append(f"GPUs per instance: a whole number from 1 to {MAX_COUNT}")

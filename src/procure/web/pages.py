@@ -290,7 +290,7 @@ def web_router(
         if not may_read(request, auth):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
         last = request.headers.get("last-event-id", "")
-        if last.isdigit() and len(last) < 19:
+        if last.isdecimal() and len(last) < 19:
             after = max(after, int(last))
         return StreamingResponse(
             run_events(

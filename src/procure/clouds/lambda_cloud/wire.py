@@ -21,6 +21,7 @@ from procure.clouds.base import (
     ProviderError,
     QuotaError,
     RateLimited,
+    http_url,
 )
 
 CENTS = 10_000  # micro-USD per cent
@@ -116,8 +117,7 @@ def node_url(ip: str | None, port: int) -> str | None:
     checked = address(ip)
     if checked is None:
         return None
-    host = f"[{checked}]" if ":" in checked else checked
-    return f"http://{host}:{port}"
+    return http_url(checked, port)
 
 
 def cost_micros(price_per_hour: int, billed_s: float) -> int:

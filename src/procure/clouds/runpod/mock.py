@@ -87,7 +87,7 @@ def pod_json(state: MockRunPodState, pod: MockPod, faults: Faults) -> dict[str, 
         ports = []
         for entry in pod.ports:
             number, _, proto = entry.partition("/")
-            if not number.isdigit():
+            if not number.isdecimal():
                 continue
             if proto == "tcp" and int(number) == node_private:
                 ip = "127.0.0.1" if faults.wrong_ip else pod.ip
@@ -207,7 +207,7 @@ def create_app(state: MockRunPodState) -> FastAPI:
             raise Problem(400, "product is required with include=AVAILABILITY, and only with it")
         cloud = query.get("cloud", "SECURE")
         count = query.get("count", "1")
-        if cloud not in ("SECURE", "COMMUNITY") or not count.isdigit() or int(count) < 1:
+        if cloud not in ("SECURE", "COMMUNITY") or not count.isdecimal() or int(count) < 1:
             raise Problem(422, "invalid query parameters", errors=["cloud or count is invalid"])
         with state.lock:
             now = state.step()

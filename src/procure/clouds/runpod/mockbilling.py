@@ -51,7 +51,7 @@ def window(query: Mapping[str, str], now: datetime) -> tuple[str, datetime, date
     if last_n is not None:
         if "startTime" in query or "endTime" in query:
             raise Problem(400, "lastN is mutually exclusive with startTime/endTime")
-        if not last_n.isdigit() or not 1 <= int(last_n) <= 10_000:
+        if not last_n.isdecimal() or not 1 <= int(last_n) <= 10_000:
             raise Problem(422, "invalid lastN", errors=["lastN must be an integer ≥ 1"])
         current = floor(now, size)
         return size, step(current, size, 1 - int(last_n)), step(current, size)

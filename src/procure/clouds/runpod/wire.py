@@ -178,7 +178,7 @@ def node_port_of(ports: list[str] | None, default: int) -> int:
     """The pod's first `<n>/tcp` port: procure launches its node's port first."""
     for entry in ports or []:
         number, _, proto = entry.partition("/")
-        if proto == "tcp" and number.isdigit():
+        if proto == "tcp" and number.isdecimal():
             return int(number)
     return default
 
@@ -246,7 +246,7 @@ def problem(body: Any) -> tuple[str, list[str]]:
 
 def retry_after(value: str | None) -> float | None:
     """Retry-After in seconds (RunPod sends integer seconds); None when absent or unreadable."""
-    if value is None or not value.strip().isdigit():
+    if value is None or not value.strip().isdecimal():
         return None
     return float(min(int(value.strip()), 3600))
 
@@ -257,7 +257,7 @@ def exhausted_for(rate_limit: str | None) -> float | None:
     wait = None
     for member in (rate_limit or "")[:1000].split(","):
         params = dict(p.strip().partition("=")[::2] for p in member.split(";")[1:])
-        if params.get("r") == "0" and params.get("t", "").isdigit():
+        if params.get("r") == "0" and params.get("t", "").isdecimal():
             wait = max(wait or 0.0, float(min(int(params["t"]), 3600)))
     return wait
 

@@ -326,6 +326,6 @@ class _NotFound(CloudError):
 
 def _segment(value: str) -> str:
     # Vast's ids are integers; anything else must not be spliced into a path.
-    if not value.isascii() or not value.isdigit() or len(value) > 19:
+    if not value.isascii() or not value.isdecimal() or len(value) > 19:
         raise CloudError("not a Vast.ai id")
     return value

@@ -220,7 +220,7 @@ def create_app(state: MockVastState) -> FastAPI:
         async def answer() -> dict[str, Any]:
             q = request.query_params
             limit_raw = q.get("limit", str(PAGE_MAX))
-            if not limit_raw.isdigit() or not 0 < int(limit_raw) <= PAGE_MAX:
+            if not limit_raw.isdecimal() or not 0 < int(limit_raw) <= PAGE_MAX:
                 raise refusal(400, "invalid_request", f"limit must be 1 to {PAGE_MAX}")
             filters = mockio.filters(q.get("select_filters"), "select_filters")
             after = mockio.after(q.get("after_token"))
@@ -264,7 +264,7 @@ def create_app(state: MockVastState) -> FastAPI:
             if not isinstance(day, dict) or not {"gte", "lte"} & set(day):
                 raise refusal(400, "invalid_args", "select_filters needs a day range")
             limit_raw = q.get("limit", "100")
-            if not limit_raw.isdigit() or not 0 < int(limit_raw) <= 500:
+            if not limit_raw.isdecimal() or not 0 < int(limit_raw) <= 500:
                 raise refusal(400, "invalid_args", "limit must be 1 to 500")
             after = mockio.after(q.get("after_token"))
             with state.lock:

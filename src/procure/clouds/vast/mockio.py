@@ -105,7 +105,7 @@ def filters(raw: str | None, name: str, required: bool = False) -> dict[str, Any
 
 
 def int_id(raw: str) -> int:
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+    if not raw.isascii() or not raw.isdecimal() or len(raw) > 18:
         raise refusal(400, "invalid_args", "invalid id")
     return int(raw)
 

@@ -314,6 +314,6 @@ def _ports(env: dict[str, str]) -> list[int]:
         parts = key.split()
         if len(parts) == 2 and parts[0] == "-p":
             container = parts[1].split(":")[-1].split("/")[0]
-            if container.isdigit() and 0 < int(container) < 65536:
+            if container.isdecimal() and 0 < int(container) < 65536:
                 ports.append(int(container))
     return ports

@@ -167,7 +167,7 @@ def node_url(ip: str | None, ports: Any, node_port: int) -> str | None:
         return None
     first = mapped[0]
     host_port = first.get("HostPort") if isinstance(first, dict) else None
-    if not isinstance(host_port, str | int) or not str(host_port).isdigit():
+    if not isinstance(host_port, str | int) or not str(host_port).isdecimal():
         return None
     if not 0 < int(host_port) < 65536:
         return None
