@@ -65,6 +65,9 @@ def blank_is_unset(value: Any) -> Any:
 CHECKED = SettingsConfigDict(env_file=".env", extra="ignore", allow_inf_nan=False)
 
 
+_PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(**CHECKED, hide_input_in_errors=True)
 
@@ -236,6 +239,14 @@ class Settings(BaseSettings):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else http_url(value)
+
+    @field_validator("x402_private_key")
+    @classmethod
+    def _private_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Checked here, never echoed: a malformed key would fail deep in every paying command.
+        if value is not None and not _PRIVATE_KEY.fullmatch(value.get_secret_value().strip()):
+            raise ValueError("must be a private key: 64 hex digits, 0x optional")
+        return value
 
     @model_validator(mode="after")
     def _vllm_names_its_model(self) -> Settings:

@@ -3,13 +3,12 @@ real GPU node (simulated NVML) per instance, on a clock that can run faster than
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from procure.cli.common import console
+from procure.cli.common import console, settings_errors
 from procure.numbers import number, whole
 from procure.safetext import safe
 
@@ -102,18 +101,19 @@ def mock_cloud(
         console.print(f"[red]--provider: choose lambda, runpod or vast, not {safe(provider)}")
         raise typer.Exit(2)
     port = port or DEFAULT_PORTS[provider]
+    given = _provider_key(provider)  # as the clients read it: the environment, then `.env`
     if provider == "runpod":
         from procure.clouds.runpod.mock import serve_mock_cloud as serve_runpod
         from procure.clouds.runpod.mockstate import RunPodMockConfig
 
-        source = "RUNPOD_API_KEY" if os.environ.get("RUNPOD_API_KEY") else "mock-runpod-key"
+        source = "RUNPOD_API_KEY" if given else "mock-runpod-key"
         console.print(
             f"mock RunPod (REST v2) on http://127.0.0.1:{port} (key: {source}), speed ×{speed:g}, "
             f"pods' nodes on 127.0.0.N:{node_port}"
         )
         serve_runpod(
             RunPodMockConfig(
-                api_key=os.environ.get("RUNPOD_API_KEY") or "mock-runpod-key",
+                api_key=given or "mock-runpod-key",
                 speed=speed,
                 provision_s=boot_s / 3,
                 start_s=boot_s * 2 / 3,
@@ -129,13 +129,14 @@ def mock_cloud(
     if provider == "vast":
         from procure.clouds.vast.mock import serve_mock_cloud as serve_vast
 
-        source = "VAST_API_KEY" if os.environ.get("VAST_API_KEY") else "mock-vast-key"
+        source = "VAST_API_KEY" if given else "mock-vast-key"
         console.print(
             f"mock Vast.ai on http://127.0.0.1:{port} (key: {source}), speed ×{speed:g}, "
             f"bids outbid at {outbid_per_hour:g}/h"
         )
         serve_vast(
             port,
+            api_key=given or "mock-vast-key",
             speed=speed,
             boot_s=boot_s,
             seed=seed,
@@ -160,7 +161,7 @@ def mock_cloud(
     except (OSError, WorkloadError) as exc:
         console.print(f"[red]workload: {safe(exc)}")
         raise typer.Exit(2) from None
-    key = os.environ.get("LAMBDA_API_KEY") or "mock-lambda-key"
+    key = given or "mock-lambda-key"
     config = MockCloudConfig(
         api_key=key,
         speed=speed,
@@ -175,7 +176,7 @@ def mock_cloud(
         seed=seed,
         price_drift=price_drift,
     )
-    source = "LAMBDA_API_KEY" if os.environ.get("LAMBDA_API_KEY") else "the default mock-lambda-key"
+    source = "LAMBDA_API_KEY" if given else "the default mock-lambda-key"
     console.print(
         f"mock Lambda Cloud on http://127.0.0.1:{port} (key: {source}), speed ×{speed:g}, "
         f"{len(jobs)} jobs, nodes on 127.0.0.N:{node_port}"
@@ -186,3 +187,19 @@ def mock_cloud(
         port=port,
         log_level="warning",
     )
+
+
+def _provider_key(provider: str) -> str | None:
+    """The provider's API key as its client reads it (the environment, then `.env`): the mock
+    wants the key the clients will send."""
+    if provider == "runpod":
+        from procure.clouds.runpod.settings import RunPodSettings as Kind
+    elif provider == "vast":
+        from procure.clouds.vast.settings import VastSettings as Kind  # type: ignore[assignment]
+    else:
+        from procure.clouds.lambda_cloud.settings import (  # type: ignore[assignment]
+            LambdaSettings as Kind,
+        )
+    with settings_errors():
+        key = Kind().api_key
+    return key.get_secret_value() if key else None

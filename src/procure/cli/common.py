@@ -66,8 +66,12 @@ def settings_errors() -> Iterator[None]:
     and why, never the value (it may be a secret), and exit status 1."""
     from pydantic import ValidationError
 
+    from procure.vendors.credentials import CredentialError
+
     try:
         yield
+    except CredentialError as exc:  # the deployment's key (PROCURE_SECRET_KEY or its file)
+        fail(f"bad setting: {exc}")
     except ValidationError as exc:
         found = []
         for e in exc.errors():
@@ -75,6 +79,16 @@ def settings_errors() -> Iterator[None]:
             why = str(e["msg"]).removeprefix("Value error, ")
             found.append(f"{where}: {why}" if where else why)
         fail("bad setting: " + "; ".join(found))
+
+
+def level_named(name: str) -> str:
+    """A logging level by its name (any case), or one line saying which names there are."""
+    import logging
+
+    level = name.strip().upper()
+    if level not in logging.getLevelNamesMapping():
+        fail(f"--log-level: one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {name[:40]!r}", 2)
+    return level
 
 
 def cloud_settings(**overrides: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from procure.cli.common import PORT, console, fail, print_json
+from procure.cli.common import PORT, console, fail, print_json, settings_errors
 from procure.numbers import number
 from procure.safetext import safe
 
@@ -59,7 +59,8 @@ def demo(
         from procure.demos.clouds import run_cloud_demo
 
         quiet = Console(file=io.StringIO()) if as_json else console
-        summary = run_cloud_demo(console=quiet, budget=budget)
+        with settings_errors():
+            summary = run_cloud_demo(console=quiet, budget=budget)
         if as_json:
             print_json(summary)
         if summary["status"] != "completed" or summary["instances_left_running"]:
@@ -75,7 +76,8 @@ def demo(
         if not port_is_free(port):  # before the demo runs: say it in one line, not later
             fail(f"port {port} is busy; choose another with --port")
         then = functools.partial(serve_until_interrupted, port=port, console=console)
-    state = run_demo(job_seconds=job_seconds, budget=budget, console=console, then=then)
+    with settings_errors():  # the story's settings read the environment and `.env` too
+        state = run_demo(job_seconds=job_seconds, budget=budget, console=console, then=then)
     if state.run.status != RunStatus.completed:
         console.print(
             f"[bold red]run ended {safe(state.run.status)}: {safe(state.run.status_reason)}"

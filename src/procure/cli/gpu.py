@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from procure.cli.common import console, fail, print_json, settings_errors
+from procure.cli.common import console, fail, level_named, print_json, settings_errors
 from procure.numbers import number, whole
 from procure.safetext import guard_logging, safe
 
@@ -38,7 +38,7 @@ def gpu_worker(
     from procure.uvserver import GRACE_S
 
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level_named(log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     guard_logging(log_level)
     with settings_errors():

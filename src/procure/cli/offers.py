@@ -235,7 +235,9 @@ def gateway_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
     """The gateway's book: income, instance costs and margin, payments, jobs and instances."""
     from procure.gateway.serve import gateway_status as figures
 
-    data = figures(load_settings().database_url)
+    settings = load_settings()
+    with store_errors(settings):
+        data = figures(settings.database_url)
     if as_json:
         print_json(data)
         return

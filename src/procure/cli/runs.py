@@ -12,6 +12,7 @@ from procure.cli.common import (
     fail,
     load_settings,
     print_json,
+    settings_errors,
     store_errors,
     store_for,
     table,
@@ -127,7 +128,8 @@ def run_tick(run_id: str) -> None:
     owner = f"cli-{uuid.uuid4().hex[:8]}"
 
     async def go() -> dict[str, Any]:
-        deps = make_deps(settings, store)
+        with settings_errors():  # the deployment's key, read here
+            deps = make_deps(settings, store)
         try:
             return (await tick_under_lease(deps, run_id, owner, settings.api_lease_s)).to_json()
         finally:
@@ -150,7 +152,6 @@ def run_cancel(
 ) -> None:
     """Stop a run: cancel its job at the vendor, start no new payment, end it `cancelled`.
     Cancelling a cancelled run is fine; a run that already ended otherwise is an error."""
-    import getpass
     import uuid
 
     from procure.agent.cancel import CannotCancel, request_cancel
@@ -165,7 +166,8 @@ def run_cancel(
         raise typer.Exit(2)
 
     async def carry_out() -> None:
-        deps = make_deps(settings, store)
+        with settings_errors():  # the deployment's key, read here
+            deps = make_deps(settings, store)
         try:
             await tick_under_lease(
                 deps, run_id, f"cli-{uuid.uuid4().hex[:8]}", settings.api_lease_s
@@ -178,7 +180,7 @@ def run_cancel(
     with store_errors(settings):
         store = store_for(settings)
         try:
-            run = request_cancel(store, run_id, by=f"cli:{getpass.getuser()}", reason=reason)
+            run = request_cancel(store, run_id, by=f"cli:{_who()}", reason=reason)
         except RunNotFound:
             fail(f"run {safe(run_id)} not found")
         except CannotCancel as exc:
@@ -230,3 +232,15 @@ def run_list(
             f"{r.progress:.0%}",
         )
     console.print(out)
+
+
+def _who() -> str:
+    """Who asks, for the run's record: the login name, else the uid (a container's arbitrary
+    uid has no passwd entry, and getuser raises then)."""
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +12,8 @@ from procure.cli.common import (
     PORT,
     cloud_settings,
     console,
+    fail,
+    level_named,
     load_settings,
     settings_errors,
     store_errors,
@@ -59,9 +62,16 @@ def serve(
     guard_logging()
     cfg = WorkerConfig(concurrency=concurrency, poll_interval_s=poll_interval) if worker else None
     fleet_run = _fleet_run() if fleet else None
+    # The port first: the app's start runs the worker, which pays vendors; a server that cannot
+    # listen must not have paid anyone before it says so.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listening = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     with settings_errors(), store_errors(settings):  # the dashboard's and fleet's settings too
         app_ = create_app(settings, store_for(settings), worker=cfg, fleet=fleet_run)
-    uvicorn.run(app_, host=host, port=port)
+    uvicorn.Server(uvicorn.Config(app_, host=host, port=port)).run(sockets=[listening])
 
 
 def _fleet_run() -> Any:
@@ -111,7 +121,7 @@ def worker_command(
     from procure.agent.worker import Worker, WorkerConfig, WorkerLockHeld, sqlite_worker_lock
 
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level_named(log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     guard_logging(log_level)
     from procure.store import open_store
@@ -130,7 +140,8 @@ def worker_command(
     )
 
     async def go() -> Any:
-        deps = make_deps(settings, store)
+        with settings_errors():  # the deployment's key, read here
+            deps = make_deps(settings, store)
         worker = Worker(deps, cfg)
         loop = asyncio.get_running_loop()
         signals = 0

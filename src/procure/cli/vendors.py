@@ -12,6 +12,7 @@ from procure.cli.common import (
     fail,
     load_settings,
     print_json,
+    settings_errors,
     store_errors,
     store_for,
     table,
@@ -81,7 +82,9 @@ def vendors_seed(
         info = asset_info(settings.facilitator_url, tries=10)
     except RuntimeError as exc:
         fail(f"{exc}; start it with `procure facilitator` or set X402_FACILITATOR_URL")
-    credential = Keyring.load(settings.home).encrypt(settings.gpu_vendor_secret.get_secret_value())
+    with settings_errors():  # the deployment's key
+        keyring = Keyring.load(settings.home)
+    credential = keyring.encrypt(settings.gpu_vendor_secret.get_secret_value())
     with store_errors(settings), store_for(settings).session() as s:
         for vendor in default_vendors(
             host=base,

@@ -41,7 +41,10 @@ def _wallet(settings: Settings):  # type: ignore[no-untyped-def]
     from procure.payments.wallet import load_or_create_account
 
     key = settings.x402_private_key.get_secret_value() if settings.x402_private_key else None
-    return load_or_create_account(key, settings.home)
+    try:
+        return load_or_create_account(key, settings.home)
+    except OSError as exc:  # PROCURE_HOME a file, read-only, ...
+        fail(f"bad setting: PROCURE_HOME {settings.home}: {exc.strerror or exc}")
 
 
 def wallet(
@@ -82,4 +85,5 @@ def wallet(
         return
     if fund:
         console.print(f"funded with ${fund:,.2f}")
-    console.print(f"address  {address}\nbalance  ${balance['balance']:,.2f}\nfacilitator {url}")
+    shown = float(balance["balance"])  # a number, or its text (checked above)
+    console.print(f"address  {address}\nbalance  ${shown:,.2f}\nfacilitator {url}")

@@ -55,9 +55,14 @@ class Keyring:
     def load(cls, home: Path | str, *, key: str | None = None) -> Keyring:
         """The deployment's keyring: `key`, else `PROCURE_SECRET_KEY`, else the key file in
         `home` (created, mode 0600, if missing; a key another process wrote first wins)."""
-        key = key or _env_key()
         if key:
             return cls(key.strip())
+        key = _env_key()
+        if key:
+            try:
+                return cls(key.strip())
+            except CredentialError as exc:
+                raise CredentialError(f"{KEY_ENV}: {exc}") from None
         home = Path(home)
         path = home / KEY_FILE
         if path.exists():
