@@ -152,7 +152,7 @@ def test_the_start_says_what_the_first_payment_may_be(world: World) -> None:
         form = api.get("/runs/new")
         assert form.status_code == 200
         assert 'id="first-payment-amount"' in form.text
-        assert "an estimated $0.52" in form.text and "does not refund a paid slice" in form.text
+        assert "at most about $0.52" in form.text and "does not refund a paid slice" in form.text
 
         with world.store.session() as s:  # vendor 2 completed a job: it may be paid at once
             repo.record_vendor_outcome(s, "gpu_vendor_2", success=True, gpu_hours=1.0)

@@ -228,8 +228,9 @@ def first_payment(
         "refundable": False,
         "note": (
             f"For {_gpu_hours(spec.hours)} of {spec.gpu_type}, the first payment is made as the "
-            f"job starts, before any work: an estimated {format_usd(amount)} "
-            f"({_gpu_hours(hours)} at {vendor_id}, at its listed price; the live quote may "
+            f"job starts, before any work: at most about {format_usd(amount)} "
+            f"({_gpu_hours(hours)} at {vendor_id}, the dearest first payment among the vendors "
+            "it may choose, at its listed price; the live quote may "
             "differ, and no payment may take more than the run's budget). "
             f"{short}{' ' if short else ''}{NO_REFUND}"
         ),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dotenv import dotenv_values
 from sqlalchemy.orm import Session
 
 from procure.agent import runlog
@@ -45,13 +47,18 @@ log = logging.getLogger(__name__)
 TICK_OBSERVERS: list[Callable[[str, float], None]] = []
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name, "")
+def _env_float(name: str, default: float, lo: float, hi: float) -> float:
+    """A number setting from the environment or `.env`; anything but a finite number in
+    [lo, hi] is refused with a warning (a negative retention would prune the whole log)."""
+    value = os.environ.get(name) or dotenv_values(".env").get(name) or ""
     try:
-        return float(value) if value.strip() else default
+        number = float(value) if value.strip() else default
     except ValueError:
-        log.warning("%s=%r is not a number; using %s", name, value, default)
+        number = math.nan
+    if not (math.isfinite(number) and lo <= number <= hi):
+        log.warning("%s=%r is not a number from %g to %g; using %s", name, value, lo, hi, default)
         return default
+    return number
 
 
 def _default_owner() -> str:
@@ -73,9 +80,11 @@ class WorkerConfig:
     # Retention of the tick log (runs, jobs, payments, observations are never pruned): rows
     # older than `tick_log_days`, and beyond the newest `tick_log_per_run` of a run, go, in
     # batches of `prune_batch` rows, repeated each pass until caught up or `prune_budget_s`.
-    tick_log_days: float = field(default_factory=lambda: _env_float("PROCURE_TICK_LOG_DAYS", 7.0))
+    tick_log_days: float = field(
+        default_factory=lambda: _env_float("PROCURE_TICK_LOG_DAYS", 7.0, 0.01, 3650.0)
+    )
     tick_log_per_run: int = field(
-        default_factory=lambda: int(_env_float("PROCURE_TICK_LOG_PER_RUN", 1000))
+        default_factory=lambda: int(_env_float("PROCURE_TICK_LOG_PER_RUN", 1000, 1, 10_000_000))
     )
     prune_batch: int = 5000
     prune_budget_s: float = 10.0

@@ -28,6 +28,7 @@ from procure.api.runs import runs_router
 from procure.api.vendors import vendors_router
 from procure.bearer import bearer_matches
 from procure.models import RunStatus
+from procure.numbers import NumberError, parse_number
 from procure.settings import Settings
 from procure.store import Store, leases
 from procure.store.db import make_engine, migrate
@@ -137,7 +138,13 @@ def create_serverless_app(settings: Settings | None = None, store: Store | None 
     settings = settings or Settings()
     store = store or serverless_store(settings.database_url)
     cron_secret = os.environ.get("CRON_SECRET") or None
-    budget_s = float(os.environ.get("PROCURE_CRON_BUDGET_S") or CRON_BUDGET_S)
+    raw_budget = os.environ.get("PROCURE_CRON_BUDGET_S", "").strip()
+    # A finite number of seconds a platform could give a function: nan or a negative budget
+    # would end every cron call at once, or never.
+    try:
+        budget_s = parse_number(raw_budget, lo=1, hi=3600) if raw_budget else CRON_BUDGET_S
+    except NumberError as exc:
+        raise NumberError(f"PROCURE_CRON_BUDGET_S: {exc}") from None
     app = FastAPI(title="procure (serverless)", version="0.1.0")
     app.state.agent = ColdAgent(settings, store)
     errors.install(app)  # bounds outermost: before any parser or authentication

@@ -8,9 +8,8 @@ from typing import Annotated
 
 import typer
 
-from procure.cli.common import console, settings_errors
+from procure.cli.common import console, fail, settings_errors
 from procure.numbers import number, whole
-from procure.safetext import safe
 
 DEFAULT_PORTS = {"lambda": 4100, "runpod": 4200, "vast": 4300}
 
@@ -98,8 +97,7 @@ def mock_cloud(
 
     provider = provider.lower()
     if provider not in DEFAULT_PORTS:
-        console.print(f"[red]--provider: choose lambda, runpod or vast, not {safe(provider)}")
-        raise typer.Exit(2)
+        fail(f"--provider: choose lambda, runpod or vast, not {provider}", 2)
     port = port or DEFAULT_PORTS[provider]
     given = _provider_key(provider)  # as the clients read it: the environment, then `.env`
     if provider == "runpod":
@@ -159,8 +157,7 @@ def mock_cloud(
         elif synthetic_seed is not None:
             jobs = synthetic(synthetic_seed)
     except (OSError, WorkloadError) as exc:
-        console.print(f"[red]workload: {safe(exc)}")
-        raise typer.Exit(2) from None
+        fail(f"workload: {exc}", 2)
     key = given or "mock-lambda-key"
     config = MockCloudConfig(
         api_key=key,

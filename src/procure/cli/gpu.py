@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from procure.cli.common import console, fail, level_named, print_json, settings_errors
+from procure.cli.common import fail, level_named, print_json, settings_errors
 from procure.numbers import number, whole
-from procure.safetext import guard_logging, safe
+from procure.safetext import guard_logging
 
 tickets_app = typer.Typer(
     help="Livepeer probabilistic tickets: winProb, payout spread, the winning check, and the "
@@ -90,8 +90,7 @@ def tickets_winprob(
     try:
         fixed = tickets.win_prob(ev, face)
     except ValueError as exc:
-        console.print(f"[red]{safe(exc)}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     spread = tickets.payout(face, fixed, jobs)
     result = {
         "ticketEV": str(ev),

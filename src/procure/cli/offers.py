@@ -183,6 +183,9 @@ def gateway(
     port: Annotated[
         int, typer.Option(help="Port to listen on", parser=whole(1, 65535, "--port"))
     ] = 4010,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every interface, for buyers)")
+    ] = "127.0.0.1",
     vendor_id: Annotated[str, typer.Option(help="The vendor id buyers know it by")] = "gateway",
     margin: Annotated[
         float,
@@ -222,6 +225,7 @@ def gateway(
         load_settings(),
         cloud=cloud.lower(),  # type: ignore[arg-type]
         port=port,
+        host=host,
         vendor_id=vendor_id,
         margin=margin,
         max_instances=max_instances,

@@ -162,8 +162,7 @@ def run_cancel(
 
     settings = load_settings()
     if reason is not None and not 1 <= len(reason) <= 500:
-        console.print("[red]--reason must be 1 to 500 characters")
-        raise typer.Exit(2)
+        fail("--reason must be 1 to 500 characters", 2)
 
     async def carry_out() -> None:
         with settings_errors():  # the deployment's key, read here

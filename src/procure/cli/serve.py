@@ -20,7 +20,7 @@ from procure.cli.common import (
     store_for,
 )
 from procure.numbers import number, whole
-from procure.safetext import guard_logging, safe
+from procure.safetext import guard_logging
 
 CONCURRENCY = whole(1, 1000, "--concurrency")
 POLL = number(0, 3600, "--poll-interval")
@@ -62,6 +62,12 @@ def serve(
     guard_logging()
     cfg = WorkerConfig(concurrency=concurrency, poll_interval_s=poll_interval) if worker else None
     fleet_run = _fleet_run() if fleet else None
+    if host not in ("127.0.0.1", "localhost", "::1") and settings.api_token is None:
+        typer.echo(
+            f"warning: serving on {host} without PROCURE_API_TOKEN: anyone who can reach it can "
+            "start runs, cancel them and change vendors",
+            err=True,
+        )
     # The port first: the app's start runs the worker, which pays vendors; a server that cannot
     # listen must not have paid anyone before it says so.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -162,8 +168,7 @@ def worker_command(
         with store_errors(settings), sqlite_worker_lock(store):
             stats = asyncio.run(go())
     except WorkerLockHeld as exc:
-        console.print(f"[red]{safe(exc)}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     finally:
         store.dispose()
     console.print(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import sys
 import tempfile
 import time
@@ -183,6 +184,7 @@ def run_cloud_demo(
     started = time.monotonic()
     if not TRAIN.exists():
         raise RuntimeError(f"{TRAIN} is missing: run the demo from a checkout of procure")
+    own = workdir is None  # a folder of our own (it holds a wallet key): removed at the end
     workdir = workdir or Path(tempfile.mkdtemp(prefix="procure-clouds-"))
     secret = "demo-secret"
     facilitator = start_facilitator(workdir / "chain-journal.jsonl")
@@ -233,6 +235,8 @@ def run_cloud_demo(
         clouds.stop()
         for srv in reversed(servers):
             srv.stop()
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _drive(

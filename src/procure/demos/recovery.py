@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -85,6 +86,7 @@ def run_demo(
     """The story; then `then(settings, store)`, if given, while the services still run (e.g.
     the dashboard until Ctrl+C), before they stop."""
     console = console or Console()
+    own = workdir is None  # a folder of our own (it holds a wallet key): removed at the end
     workdir = workdir or Path(tempfile.mkdtemp(prefix="procure-demo-"))
     secret = "demo-secret"
     facilitator = start_facilitator(workdir / "chain-journal.jsonl")
@@ -160,3 +162,5 @@ def run_demo(
     finally:
         for server in reversed(servers):
             server.stop()
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write `data` whole: a temporary file renamed into place, so a crash mid-write never leaves
     half a record for the next start to misread."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data))
-    os.replace(temporary, path)
+    # Its own temporary name: several nodes in one process (the simulators) write at once.
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
