@@ -30,11 +30,19 @@ def _lines(stream: object, into: Queue[str]) -> None:
 def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     command = ["demo", "--serve", "--port", str(port), "--job-seconds", "0.5"]
+    scratch = tmp_path / "tmp"  # the demo's own temporary folder (its store, its wallet key)
+    scratch.mkdir()
     child = subprocess.Popen(
         [sys.executable, "-m", "procure.cli", *command],
         cwd=tmp_path,  # no .env of the checkout
         # SIGABRT dumps every thread's stack (faulthandler) should it not stop.
-        env={**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+        env={
+            **os.environ,
+            "COLUMNS": "200",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1",
+            "TMPDIR": str(scratch),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -108,4 +116,6 @@ def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
         output.append(seen.get())
     text = "".join(output)
     assert "Traceback" not in text, text
+    # Its folder went with it: it held the demo wallet's key (it was left behind, one per run).
+    assert not list(scratch.glob("procure-demo-*")), list(scratch.iterdir())
     assert "stopping" in text
