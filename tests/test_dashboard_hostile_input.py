@@ -77,6 +77,29 @@ def _node_answering(body: bytes) -> tuple[LocalServer, int]:
     return serve(node, port), port
 
 
+def _node_row(store: Store, instance_id: str, name: str, ip: str) -> None:
+    """A running instance of the fleet's, as a scan records it, whose node is at `ip`."""
+    with store.session() as s:
+        fleet_repo.upsert_instance(
+            s,
+            utcnow(),
+            instance_id=instance_id,
+            name=name,
+            instance_type="gpu_1x_a100",
+            region="us-east-1",
+            ip=ip,
+            status="active",
+            price_per_hour=1_290_000,
+            launched_by=None,
+        )
+
+
+def _nodes_pages(server: LocalServer) -> tuple[tuple[int, str], tuple[int, str]]:
+    """`GET /api/nodes` and the Nodes page: (status, body) each."""
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        return _status(http, "/api/nodes"), _status(http, "/nodes")
+
+
 def test_a_node_answering_a_huge_model_size_leaves_the_nodes_page_up(
     store: Store, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -86,24 +109,10 @@ def test_a_node_answering_a_huge_model_size_leaves_the_nodes_page_up(
     huge = b'{"status":"ok","models":[{"name":"llama3","size":1' + b"0" * 400 + b"}]}"
     node, port = _node_answering(huge)
     monkeypatch.setenv("LAMBDA_LABS_NODE_PORT", str(port))
-    with store.session() as s:
-        fleet_repo.upsert_instance(
-            s,
-            utcnow(),
-            instance_id="i-huge",
-            name="hostile-node",
-            instance_type="gpu_1x_a100",
-            region="us-east-1",
-            ip="127.0.0.1",
-            status="active",
-            price_per_hour=1_290_000,
-            launched_by=None,
-        )
+    _node_row(store, "i-huge", "hostile-node", "127.0.0.1")
     server = _app(store, db_url, tmp_path)
     try:
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            api = _status(http, "/api/nodes")
-            page = _status(http, "/nodes")
+        api, page = _nodes_pages(server)
         assert api[0] == 200, api[1]
         (listed,) = json.loads(api[1])
         assert listed["instance_id"] == "i-huge"  # the node is listed, its models said
@@ -120,24 +129,10 @@ def test_a_node_with_an_ipv6_address_leaves_the_nodes_page_up(
     them), but the Nodes page asks `http://{ip}:{port}/models` unbracketed: httpx raises InvalidURL
     (not an `httpx.HTTPError`, so not caught) and the Nodes page and `GET /api/nodes` answer 500."""
     monkeypatch.setenv("LAMBDA_LABS_NODE_PORT", str(free_port()))
-    with store.session() as s:
-        fleet_repo.upsert_instance(
-            s,
-            utcnow(),
-            instance_id="i-v6",
-            name="v6-node",
-            instance_type="gpu_1x_a100",
-            region="us-east-1",
-            ip="::1",
-            status="active",
-            price_per_hour=1_290_000,
-            launched_by=None,
-        )
+    _node_row(store, "i-v6", "v6-node", "::1")
     server = _app(store, db_url, tmp_path)
     try:
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            api = _status(http, "/api/nodes")
-            page = _status(http, "/nodes")
+        api, page = _nodes_pages(server)
         assert api[0] == 200, api[1]
         (listed,) = json.loads(api[1])
         assert listed["models"]["state"] in ("error", "skipped")  # nothing listens there

@@ -48,6 +48,25 @@ def _job(s: Session, now: datetime, run_id: str, job_id: str, *, started: dateti
     )
 
 
+def _cloud_payment(
+    run_id: str, job_id: str, usd: float, status: str, hours: float, at: datetime, now: datetime
+) -> PaymentRow:
+    """A cloud job's one payment (nonce `cloud-…`), as the agent writes and grows it."""
+    return PaymentRow(
+        id=f"p{job_id}",
+        run_id=run_id,
+        job_id=job_id,
+        vendor_id="lambda",
+        amount=usd_to_micros(usd),
+        currency="USDC",
+        status=status,
+        nonce=f"cloud-p{job_id}",
+        hours=hours,
+        created_at=at,
+        updated_at=now,
+    )
+
+
 def _run_with_job(s: Session, now: datetime, job_id: str, *, started: datetime) -> str:
     run = repo.create_run(
         s, user_id="u", goal="g", budget_total=usd_to_micros(1000), job_spec=JobSpec()
@@ -69,21 +88,7 @@ def test_a_cloud_instance_running_for_hours_still_counts_in_the_hourly_cap(db_ur
         with store.session() as s:
             run_id = _run_with_job(s, now, "cj1", started=started)
             # 3 h run at $8/h, reserved 15 min ahead: what reserve() leaves on the payment.
-            s.add(
-                PaymentRow(
-                    id="cp1",
-                    run_id=run_id,
-                    job_id="cj1",
-                    vendor_id="lambda",
-                    amount=usd_to_micros(26),
-                    currency="USDC",
-                    status="pending",
-                    nonce="cloud-cp1",
-                    hours=3.25,
-                    created_at=started,
-                    updated_at=now,
-                )
-            )
+            s.add(_cloud_payment(run_id, "cj1", 26, "pending", 3.25, started, now))
             s.add(
                 CloudInstanceRow(
                     name="procure-job-t-cj1",
@@ -278,21 +283,8 @@ def test_an_agent_cloud_instance_is_counted_once_when_the_fleet_shares_the_accou
             run_id = _run_with_job(s, now, "cj2", started=started)
             job = repo.load_state(s, run_id, observations=False).jobs[0]  # type: ignore[union-attr]
             name = instance_name(job, cloud_repo.install_tag(s))
-            s.add(  # the 2 h the job ran at $8/h, booked as billed (cloud_money.book_end)
-                PaymentRow(
-                    id="cp2",
-                    run_id=run_id,
-                    job_id="cj2",
-                    vendor_id="lambda",
-                    amount=usd_to_micros(16),
-                    currency="USDC",
-                    status="completed",
-                    nonce="cloud-cp2",
-                    hours=2.0,
-                    created_at=started,
-                    updated_at=now,
-                )
-            )
+            # the 2 h the job ran at $8/h, booked as billed (cloud_money.book_end)
+            s.add(_cloud_payment(run_id, "cj2", 16, "completed", 2.0, started, now))
         agents = Instance(
             "i-agent", name, "active", "gpu_1x_h100_pcie", "us-east-1", None, FLEET_PRICE
         )
