@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -206,15 +207,20 @@ def test_ledger_windows_and_fleet_caps_warn_once_per_period(plain_world: World) 
     )
 
 
-def test_messages_without_a_destination_are_not_kept_waiting(plain_world: World) -> None:
+def test_messages_without_a_destination_wait_a_day_for_one_then_go(plain_world: World) -> None:
+    """A process without the webhook's URL leaves a warning for one that has it (they share
+    the store), but nothing waits for good: a day later it is dropped, saying why."""
     world = plain_world
+    day_ago = utcnow() - timedelta(seconds=warnings.UNSENT_S + 60)
     with world.store.session() as s:
         warnings.record(s, warnings.Crossing("ledger", "day", "2026-01-01", 9, 10, 0.8), utcnow())
+        warnings.record(s, warnings.Crossing("ledger", "day", "2025-12-31", 9, 10, 0.8), day_ago)
     delivered = asyncio.run(cap_warnings.deliver_all(world.store, warnings.WarningSettings()))
     assert delivered == 0
     for channel in (warnings.SLACK, warnings.WEBHOOK):
-        (message,) = queued(world, channel)
-        assert message.delivered_at is not None and "no destination" in (message.last_error or "")
+        new, old = sorted(queued(world, channel), key=lambda m: m.created_at, reverse=True)
+        assert new.delivered_at is None  # kept for a process that has the URL
+        assert old.delivered_at is not None and "no destination" in (old.last_error or "")
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "nan", "inf", "-0.2", "abc"])

@@ -66,6 +66,8 @@ CHECKED = SettingsConfigDict(env_file=".env", extra="ignore", allow_inf_nan=Fals
 
 
 _PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
+# secp256k1's group order: a private key is a number in [1, order).
+_CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 class Settings(BaseSettings):
@@ -244,9 +246,13 @@ class Settings(BaseSettings):
     @classmethod
     def _private_key(cls, value: SecretStr | None) -> SecretStr | None:
         # Checked here, never echoed: a malformed key would fail deep in every paying command.
-        if value is not None and not _PRIVATE_KEY.fullmatch(value.get_secret_value().strip()):
+        # Stripped: a key from a secret file often ends in a newline.
+        if value is None:
+            return None
+        key = value.get_secret_value().strip()
+        if not _PRIVATE_KEY.fullmatch(key) or not 0 < int(key, 16) < _CURVE_ORDER:
             raise ValueError("must be a private key: 64 hex digits, 0x optional")
-        return value
+        return SecretStr(key)
 
     @model_validator(mode="after")
     def _vllm_names_its_model(self) -> Settings:

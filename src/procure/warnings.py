@@ -19,7 +19,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from procure.bounds import clip
 from procure.models import ObservationType, RunStatus, format_usd, utcnow
 from procure.numbers import finite_before
 from procure.settings import CHECKED, blank_is_unset, http_url
@@ -272,48 +271,28 @@ class WarningSettings(BaseSettings):
         return value
 
 
+# A warning no process could send (none has its webhook's URL) is dropped after this long.
+UNSENT_S = 86_400.0
+
+
 async def deliver(
     store: Store, client: httpx.AsyncClient | None, channel: str, url: str | None
 ) -> int:
-    """POST the due messages of `channel` to `url`, in order (outbox.deliver_slack's rules:
-    429/5xx wait and hold the queue, a refusal is retried then dropped). Without a `url` the
-    messages are marked delivered with the reason, so nothing waits for good."""
+    """POST the due messages of `channel` to `url`, in order, by the fleet outbox's rules
+    (`outbox.deliver`). Without a `url` they are kept for a process that has one (`procure
+    serve` and `procure fleet run` share the store; one may be configured, the other not) and
+    dropped, with the reason, only after UNSENT_S, so nothing waits for good."""
     from procure.fleet import outbox  # the fleet's delivery rules, shared
 
-    with store.session() as s:
-        due = [(m.id, m.payload, m.attempts) for m in fleet_repo.due_messages(s, channel, utcnow())]
     if client is None or not url:
-        for message_id, _, _ in due:
+        now = utcnow()
+        with store.session() as s:
+            stale = [
+                m.id
+                for m in fleet_repo.due_messages(s, channel, now)
+                if m.created_at < now - timedelta(seconds=UNSENT_S)
+            ]
+        for message_id in stale:
             outbox.drop(store, message_id, "no destination configured")
         return 0
-    delivered = 0
-    for message_id, payload, attempts in due:
-        if not outbox.claim(store, message_id, utcnow()):
-            break  # another process (serve beside fleet run, a standby) is sending it
-        try:
-            response = await client.post(url, json=payload)
-        except httpx.HTTPError as exc:
-            wait, error = outbox.backoff(attempts), f"{type(exc).__name__}"
-        else:
-            if response.is_success:
-                with store.session() as s:
-                    fleet_repo.mark_delivered(s, message_id, utcnow())
-                delivered += 1
-                continue
-            status = response.status_code
-            error = f"HTTP {status}: {clip(response.text, 100)}"
-            if status != 429 and status < 500:
-                if attempts + 1 >= outbox.MAX_PERMANENT_TRIES:
-                    outbox.drop(store, message_id, error)
-                else:
-                    with store.session() as s:
-                        fleet_repo.mark_retry(s, message_id, utcnow(), error)
-                continue
-            wait = outbox.retry_after(response, attempts)
-        log.warning(
-            "the %s webhook refused a warning (%s); retrying in %.0fs", channel, error, wait
-        )
-        with store.session() as s:
-            fleet_repo.mark_retry(s, message_id, utcnow() + timedelta(seconds=wait), error)
-        break
-    return delivered
+    return await outbox.deliver(store, client, url, channel)

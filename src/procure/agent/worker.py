@@ -432,6 +432,7 @@ async def tick_under_lease(
     try:
         result = await work
         outcome = result.message
+        runlog.ticked(run_id, result)  # one line per run event, as the worker's ticks log
         return result
     except RunNotFound:
         outcome = "Run not found"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Annotated, Any
 
@@ -77,7 +78,8 @@ def serve(
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     with settings_errors(), store_errors(settings):  # the dashboard's and fleet's settings too
         app_ = create_app(settings, store_for(settings), worker=cfg, fleet=fleet_run)
-    uvicorn.Server(uvicorn.Config(app_, host=host, port=port)).run(sockets=[listening])
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C ends it cleanly, as uvicorn.run does
+        uvicorn.Server(uvicorn.Config(app_, host=host, port=port)).run(sockets=[listening])
 
 
 def _fleet_run() -> Any:

@@ -138,8 +138,11 @@ async def _read_nodes(
 
 
 def _note(ctx: FleetContext, now: datetime, error: str | None) -> None:
+    # The wall clock at the scan's start, as `now` is on the controller's: a slow scan must
+    # not pass for a clock behind (approvals would be judged that much late).
+    wall = utcnow() - (ctx.clock() - now)
     with ctx.store.session() as s:
-        fleet_repo.note_scan(s, ctx.lease_name, now, error, ctx.backoff_until, wall=utcnow())
+        fleet_repo.note_scan(s, ctx.lease_name, now, error, ctx.backoff_until, wall=wall)
 
 
 async def scan_once(ctx: FleetContext) -> ScanResult:

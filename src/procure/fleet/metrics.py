@@ -82,6 +82,7 @@ class FleetCollector(Collector):
         )
         with store.session() as s:
             counts = fleet_repo.count_actions(s)
+            entered = fleet_repo.actions_entered(s)  # a counter: never back, whatever moves on
             live = [
                 r for r in fleet_repo.live_instances(s) if r.status in fleet_repo.RUNNING_STATUSES
             ]
@@ -94,7 +95,7 @@ class FleetCollector(Collector):
                 x.instance_id: x
                 for x in s.scalars(select(FleetSampleRow).where(FleetSampleRow.id.in_(latest_ids)))
             }
-        for (action_type, status), n in sorted(counts.by_type_status.items()):
+        for (action_type, status), n in sorted(entered.items()):
             actions.add_metric([action_type, status], n)
         for action_type, dollars in sorted(counts.cost_by_type.items()):
             impact.add_metric([action_type], dollars)

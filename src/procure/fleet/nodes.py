@@ -35,7 +35,7 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _number(value: Any, most: float = 1e6) -> float | None:
+def bounded(value: Any, most: float = 1e6) -> float | None:
     """A figure from the node, or None; clamped to [0, most] (an NVML figure is never
     negative, and an absurd one must not overflow the store's columns)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -49,12 +49,12 @@ def figures(answer: Any) -> dict[str, Any]:
     if not isinstance(answer, dict) or not isinstance(answer.get("gpus"), list):
         return {"reachable": False, "error": "the node's answer has no gpus list"}
     gpus = [g for g in answer["gpus"][:64] if isinstance(g, dict)]
-    utils = [u for g in gpus if (u := _number(g.get("utilization_gpu_pct"))) is not None]
-    temps = [t for g in gpus if (t := _number(g.get("temperature_c"), 500)) is not None]
-    power = [p for g in gpus if (p := _number(g.get("power_w"), 1e5)) is not None]
+    utils = [u for g in gpus if (u := bounded(g.get("utilization_gpu_pct"))) is not None]
+    temps = [t for g in gpus if (t := bounded(g.get("temperature_c"), 500)) is not None]
+    power = [p for g in gpus if (p := bounded(g.get("power_w"), 1e5)) is not None]
     # At most 64 GPUs: their sum stays far inside the columns (XID errors: a 32-bit integer).
-    memory = [m for g in gpus if (m := _number(g.get("memory_used_mb"), 1e7)) is not None]
-    xids = [x for g in gpus if (x := _number(g.get("xid_errors"), 1e7)) is not None]
+    memory = [m for g in gpus if (m := bounded(g.get("memory_used_mb"), 1e7)) is not None]
+    xids = [x for g in gpus if (x := bounded(g.get("xid_errors"), 1e7)) is not None]
     reason = answer.get("reason")
     return {
         "reachable": True,

@@ -9,9 +9,11 @@ import asyncio
 import json
 import logging
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import update
@@ -78,25 +80,39 @@ def drop(store: Store, message_id: int, error: str) -> None:
 async def deliver_slack(
     store: Store, client: httpx.AsyncClient, url: str, now: datetime | None = None
 ) -> int:
-    """Post the due Slack messages in order. 429 and 5xx (and no answer) concern the webhook
-    as a whole: the message waits (Retry-After, else backoff) and so do the ones behind it,
-    keeping their order. Any other refusal concerns this message: it is tried again on the
-    next pass without holding the others back, and dropped (recorded) after
-    MAX_PERMANENT_TRIES. How many were delivered."""
+    """Post the due Slack messages in order (`deliver`; Slack answers 200 to a message it
+    took). How many were delivered."""
+    return await deliver(store, client, url, "slack", now=now, taken=lambda r: r.status_code == 200)
+
+
+async def deliver(
+    store: Store,
+    client: httpx.AsyncClient,
+    url: str,
+    channel: str,
+    *,
+    now: datetime | None = None,
+    taken: Callable[[httpx.Response], bool] = lambda r: r.is_success,
+) -> int:
+    """Post the due messages of `channel` to `url` in order. 429 and 5xx (and no answer)
+    concern the webhook as a whole: the message waits (Retry-After, else backoff) and so do the
+    ones behind it, keeping their order, but a 5xx only MAX_SERVER_ERROR_TRIES times. Any other
+    refusal concerns this message: it is tried again on the next pass without holding the others
+    back, and dropped (recorded) after MAX_PERMANENT_TRIES. How many were delivered."""
     now = now or utcnow()
     with store.session() as s:
-        due = [(m.id, m.payload, m.attempts) for m in fleet_repo.due_messages(s, "slack", now)]
+        due = [(m.id, m.payload, m.attempts) for m in fleet_repo.due_messages(s, channel, now)]
     delivered = 0
     for message_id, payload, attempts in due:
         if not claim(store, message_id, now):
-            break  # another controller's deliverer is sending it: the rest wait behind it
+            break  # another process's deliverer is sending it: the rest wait behind it
         try:
             response = await client.post(url, json=payload)
         except httpx.HTTPError as exc:
             wait, error = backoff(attempts), f"{type(exc).__name__}: {clip(str(exc), 100)}"
         else:
             status = response.status_code
-            if status == 200:
+            if taken(response):
                 with store.session() as s:
                     fleet_repo.mark_delivered(s, message_id, utcnow())
                 delivered += 1
@@ -106,15 +122,15 @@ async def deliver_slack(
             tries = attempts + 1
             if not transient or (status >= 500 and tries >= MAX_SERVER_ERROR_TRIES):
                 if transient or tries >= MAX_PERMANENT_TRIES:
-                    log.error("Slack refused a message for good (%s); dropped it", error)
+                    log.error("the %s webhook refused a message for good (%s)", channel, error)
                     drop(store, message_id, error)
                 else:
-                    log.warning("Slack refused a message (%s); trying it again later", error)
+                    log.warning("the %s webhook refused a message (%s)", channel, error)
                     with store.session() as s:  # due again at once: it holds nothing back
                         fleet_repo.mark_retry(s, message_id, utcnow(), error)
                 continue
             wait = retry_after(response, attempts)
-        log.warning("Slack webhook refused a message (%s); retrying in %.0fs", error, wait)
+        log.warning("the %s webhook failed (%s); retrying in %.0fs", channel, error, wait)
         with store.session() as s:
             fleet_repo.mark_retry(s, message_id, utcnow() + timedelta(seconds=wait), error)
         break
@@ -138,10 +154,53 @@ async def ensure_git(directory: Path) -> None:
         await _run(_git(directory, "init", "-q"))
 
 
+def _subject(entry: dict[str, Any]) -> str:
+    """A commit's subject: the action's status, type and id, or the warning's budget."""
+    if isinstance(entry.get("warning"), dict):
+        w = entry["warning"]
+        return f"warning: {w.get('scope')} {w.get('budget')} {w.get('period')}"
+    action = entry.get("action") or {}
+    return f"{action.get('status')}: {action.get('type')} {action.get('id')}"
+
+
+async def _commit(git_dir: Path, due: list[tuple[int, dict[str, Any]]]) -> None:
+    """Each entry committed to the repository at `git_dir`: a mirror of the JSON-lines log,
+    kept best effort (a broken repository or a missing git is logged, never retried: the log
+    file, written first, is the trail)."""
+    try:
+        await ensure_git(git_dir)
+        log_file = git_dir / "audit" / "actions.jsonl"
+        log_file.parent.mkdir(exist_ok=True)
+        for _, entry in due:
+            with log_file.open("a") as f:
+                f.write(json.dumps(entry, sort_keys=True) + "\n")
+            codes = [
+                await _run(_git(git_dir, "add", "audit/actions.jsonl")),
+                await _run(
+                    _git(
+                        git_dir,
+                        "-c",
+                        "user.name=procure fleet",
+                        "-c",
+                        "user.email=fleet@procure.invalid",
+                        "commit",
+                        "-q",
+                        "-m",
+                        clip(_subject(entry), 200),
+                    )
+                ),
+            ]
+            if any(codes):
+                log.warning("the audit repository %s: git exited %s", git_dir, codes)
+    except OSError as exc:
+        log.warning("the audit repository %s cannot be written: %s", git_dir, exc)
+
+
 async def write_audit(store: Store, path: Path, git_dir: Path | None) -> int:
     """Append the due audit entries to `path` (JSON lines) and, with `git_dir`, commit each to
-    the repository there (`audit/actions.jsonl`). At least once: a crash between the write and
-    the mark repeats an entry, never drops one (entries carry the action id and status)."""
+    the repository there (`audit/actions.jsonl`, best effort). At least once: a crash between
+    the write and the mark repeats an entry, never drops one (entries carry the action id and
+    status); a broken repository never repeats them."""
     now = utcnow()
     with store.session() as s:
         queued = [(m.id, m.payload) for m in fleet_repo.due_messages(s, "audit", now, 100)]
@@ -156,32 +215,11 @@ async def write_audit(store: Store, path: Path, git_dir: Path | None) -> int:
     with path.open("a") as f:
         for _, entry in due:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
-    if git_dir is not None:
-        await ensure_git(git_dir)
-        log_file = git_dir / "audit" / "actions.jsonl"
-        log_file.parent.mkdir(exist_ok=True)
-        for _, entry in due:
-            with log_file.open("a") as f:
-                f.write(json.dumps(entry, sort_keys=True) + "\n")
-            action = entry.get("action", {})
-            message = f"{action.get('status')}: {action.get('type')} {action.get('id')}"
-            await _run(_git(git_dir, "add", "audit/actions.jsonl"))
-            await _run(
-                _git(
-                    git_dir,
-                    "-c",
-                    "user.name=procure fleet",
-                    "-c",
-                    "user.email=fleet@procure.invalid",
-                    "commit",
-                    "-q",
-                    "-m",
-                    clip(message, 200),
-                )
-            )
     with store.session() as s:
         for message_id, _ in due:
             fleet_repo.mark_delivered(s, message_id, utcnow())
+    if git_dir is not None:
+        await _commit(git_dir, due)
     return len(due)
 
 

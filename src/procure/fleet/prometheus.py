@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import Counter
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from procure.bounds import clip, loads
 from procure.clouds.base import Instance
+from procure.fleet.nodes import bounded
 
 # Sample figure -> dcgm-exporter series. Raw per-GPU series (not PromQL aggregates), so the
 # per-instance figures are computed exactly as `nodes.figures` computes them from /gpu-check.
@@ -23,6 +26,7 @@ SERIES = {
     "last_xid": "DCGM_FI_DEV_XID_ERRORS",
 }
 MAX_SERIES = 10_000  # per query: a fleet's GPUs, with room; a runaway answer stops here
+MAX_GPUS = 64  # per host, as a node's /gpu-check is read
 
 
 class PrometheusError(Exception):
@@ -66,10 +70,18 @@ def host_of(instance_label: str) -> str:
     return instance_label.rsplit(":", 1)[0] if instance_label.count(":") == 1 else instance_label
 
 
+def _kept(values: list[float], most: float) -> list[float]:
+    """A host's series of one figure, bounded as `/gpu-check`'s are (64 GPUs, each figure
+    clamped): one absurd exporter must not overflow the store's columns and stop every scan."""
+    return [v for x in values[:MAX_GPUS] if (v := bounded(x, most)) is not None]
+
+
 def _figures(found: dict[str, list[float]]) -> dict[str, Any]:
-    utils, temps = found.get("gpu_util", []), found.get("temperature_c", [])
-    power, memory = found.get("power_w", []), found.get("memory_used_mb", [])
-    xids = found.get("last_xid")
+    utils = _kept(found.get("gpu_util", []), 100)
+    temps = _kept(found.get("temperature_c", []), 500)
+    power = _kept(found.get("power_w", []), 1e5)
+    memory = _kept(found.get("memory_used_mb", []), 1e7)
+    xids = _kept(found["last_xid"], 1e7) if "last_xid" in found else None
     return {
         "reachable": True,
         "gpu_util": min(100.0, max(0.0, sum(utils) / len(utils))) if utils else None,
@@ -100,16 +112,29 @@ async def read_instances(
         if isinstance(answer, BaseException):
             raise answer  # cancelled: not ours to swallow
     by_host: dict[str, dict[str, list[float]]] = {}
+    by_target: dict[str, dict[str, list[float]]] = {}
     vectors = [answer for answer in answers if isinstance(answer, list)]  # all of them, now
     for figure, vector in zip(SERIES, vectors, strict=True):
         for label, value in vector:
             by_host.setdefault(host_of(label), {}).setdefault(figure, []).append(value)
+            by_target.setdefault(label, {}).setdefault(figure, []).append(value)
+    # RunPod and Vast.ai put several instances behind one IP (each with its own mapped port):
+    # their series are told apart by the scrape target, never merged by the IP.
+    shared = Counter(i.ip for i in listing if i.ip)
     samples = []
     for sample, instance in zip(base, listing, strict=True):
-        found = by_host.get(instance.ip or "")
+        target = urlsplit(instance.node_url).netloc if instance.node_url else ""
+        found = by_target.get(target) if target else None
+        if found is None and shared[instance.ip] == 1:
+            found = by_host.get(instance.ip or "")
         if found:
             samples.append(sample | _figures(found))
+            continue
+        if instance.ip and shared[instance.ip] > 1:
+            error = (
+                f"{shared[instance.ip]} instances share {instance.ip}: its series are not its own"
+            )
         else:
             error = f"Prometheus has no series for {instance.ip or 'an instance without IP'}"
-            samples.append(sample | {"reachable": False, "error": error})
+        samples.append(sample | {"reachable": False, "error": error})
     return samples

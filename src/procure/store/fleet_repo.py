@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from procure.bounds import clip
+from procure.store import totals
 from procure.store.fleet_tables import (
     ActionRow,
     FleetInstanceRow,
@@ -21,6 +22,7 @@ from procure.store.fleet_tables import (
     FleetSampleRow,
     OutboxRow,
 )
+from procure.store.tables import StoreTotalRow
 
 # Statuses an action goes through; `blocked`, `executed`, `failed`, `rejected` and
 # `rolled_back` end it.
@@ -31,10 +33,30 @@ RUNNING_STATUSES = ("booting", "active", "unhealthy")  # billed and counted agai
 # --- actions -------------------------------------------------------------------------------
 
 
+# Every status an action enters, counted in the store's running totals (`fleet_actions:<type>:
+# <status>`) in the writer's transaction: a counter that never goes back, whoever moves it.
+COUNTED = "fleet_actions:"
+
+
+def _entered(s: Session, action_type: str, status: str) -> None:
+    s.add(StoreTotalRow(name=f"{COUNTED}{action_type}:{status}"[:64], value=1))
+
+
+def actions_entered(s: Session) -> dict[tuple[str, str], int]:
+    """How many times actions entered each (type, status), since counting began."""
+    out: dict[tuple[str, str], int] = {}
+    for name, n in totals.read(s).items():
+        if name.startswith(COUNTED):
+            action_type, _, status = name.removeprefix(COUNTED).rpartition(":")
+            out[(action_type, status)] = n
+    return out
+
+
 def add_action(s: Session, **values: Any) -> ActionRow:
     row = ActionRow(**values)
     row.updated_at = values.get("created_at")
     s.add(row)
+    _entered(s, row.action_type, row.status)
     s.flush()
     return row
 
@@ -58,6 +80,8 @@ def list_actions(
 
 
 def set_status(s: Session, row: ActionRow, status: str, now: datetime, **values: Any) -> None:
+    if row.status != status:
+        _entered(s, row.action_type, status)
     row.status = status
     row.updated_at = now
     for key, value in values.items():
@@ -79,11 +103,14 @@ def transition(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    return s.scalars(
+    row = s.scalars(
         select(ActionRow)
         .where(ActionRow.action_id == action_id)
         .execution_options(populate_existing=True)
     ).first()
+    if row is not None and from_status != to_status:
+        _entered(s, row.action_type, to_status)
+    return row
 
 
 def count_status(s: Session, status: str) -> int:
