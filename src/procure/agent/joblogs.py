@@ -29,6 +29,8 @@ def keep(new_lines: list[str], kept_so_far: int) -> KeptLines:
     notes that say what was dropped."""
     notes: list[str] = []
     lines = new_lines
+    if kept_so_far > LINES_PER_RUN:  # past the run's limit (noted once): nothing kept or said
+        return KeptLines([], [], 0)
     if len(lines) > LINES_PER_POLL:
         dropped = len(lines) - LINES_PER_POLL
         notes.append(

@@ -47,8 +47,10 @@ async def reconcile(
     try:
         settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
     except SettlementLookupError as exc:
-        with deps.store.session() as s:
-            repo.add_observation(s, job.run_id, OBS.error, f"Cannot reconcile yet: {exc}")
+        note = f"Cannot reconcile yet: {exc}"
+        with deps.store.session() as s:  # said once while the outage lasts, not every tick
+            if note not in repo.recent_contents(s, job.run_id, 20):
+                repo.add_observation(s, job.run_id, OBS.error, note)
         return TickResult("Payment outcome unknown")
     if settled.used:
         try:

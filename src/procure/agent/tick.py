@@ -196,6 +196,10 @@ async def _count_troubles(
     return TickResult("Run failed", result.action)
 
 
+# How far back a run's observations are read to say a repeated thing once.
+RECENT = 20
+
+
 async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
     run_id = ctx.state.run.id
     if any(v.kind == "cloud" for v in ctx.vendors):  # (imported only where clouds are used)
@@ -203,24 +207,25 @@ async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
 
         ctx = await price_clouds(deps, ctx)  # each cloud vendor at its best offer now
     decision = await decide(deps.planner, ctx)  # the planner, the guard, the fallback
-    if ctx.notes:  # what the planner asked to keep, e.g. the LLM's raw answer and rejections
-        with deps.store.session() as s:
-            for note_type, content in ctx.notes:
-                repo.add_observation(s, run_id, note_type, content)
+    action = decision.action
+    # What the planner asked to keep (the LLM's raw answer, its rejections), the guard's verdict
+    # and the reason: a run that waits tick after tick for the same reasons says each once.
+    said = list(ctx.notes)
     if decision.rejected is not None:
-        with deps.store.session() as s:
-            repo.add_observation(
-                s,
-                run_id,
+        said.append(
+            (
                 OBS.error,
                 f"Guard rejected {decision.rejected.action} on {decision.rejected.vendor_id}: "
                 f"{decision.rejection}; the deterministic planner decides instead",
             )
-    action = decision.action
+        )
+    said.append((OBS.agent_reasoning, action.reason))
     with deps.store.session() as s:
-        # A run that waits tick after tick for the same reason says it once.
-        if action.reason not in repo.recent_contents(s, run_id):
-            repo.add_observation(s, run_id, OBS.agent_reasoning, action.reason)
+        recent = set(repo.recent_contents(s, run_id, RECENT))
+        for note_type, content in said:
+            if content not in recent:
+                repo.add_observation(s, run_id, note_type, content)
+                recent.add(content)
         if action.action == "abort":
             repo.update_run(s, run_id, status=RunStatus.aborted, status_reason=action.reason)
             return TickResult("Run aborted", action)

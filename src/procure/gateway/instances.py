@@ -236,7 +236,7 @@ async def _launch(rt: Runtime, row: GatewayJobRow) -> None:
             name=name,
             job_id=row.job_id,
             provider=rt.cfg.provider,
-            region=offer.region,
+            region=offer.region[:100],  # its column; an offer may name a long location
             offer=dataclasses.asdict(offer),
             price_per_hour=offer.price_per_hour,
             instance_id=None,

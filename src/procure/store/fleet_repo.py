@@ -210,8 +210,20 @@ def instance_named(s: Session, name: str) -> FleetInstanceRow | None:
     return s.scalars(select(FleetInstanceRow).where(FleetInstanceRow.name == name)).first()
 
 
+def _fitted(values: dict[str, Any]) -> dict[str, Any]:
+    """Texts from a cloud's listing cut to their columns (a Vast.ai label may have 1,024
+    characters, the name column 255: one such instance on the account failed every scan)."""
+    columns = FleetInstanceRow.__table__.c
+    out = {}
+    for key, value in values.items():
+        length = getattr(columns[key].type, "length", None) if key in columns else None
+        out[key] = value[:length] if isinstance(value, str) and length else value
+    return out
+
+
 def upsert_instance(s: Session, now: datetime, **values: Any) -> FleetInstanceRow:
     """Record that the cloud shows this instance now (billing runs while it is not ended)."""
+    values = _fitted(values)
     row = s.get(FleetInstanceRow, values["instance_id"])
     if row is None:
         row = FleetInstanceRow(first_seen_at=now, last_seen_at=now, **values)
