@@ -14,10 +14,12 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from procure import warnings
 from procure.agent import joblogs
 from procure.agent.outcomes import new_payment
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.tick import tick
+from procure.fleet import cap_warnings
 from procure.local import LocalServer, serve
 from procure.models import (
     Job,
@@ -29,7 +31,8 @@ from procure.models import (
     utcnow,
 )
 from procure.settings import Settings
-from procure.store import open_store, repo
+from procure.store import fleet_repo, open_store, repo
+from procure.store.fleet_tables import OutboxRow
 from procure.vendors.registry import default_vendors
 
 # --- a facilitator whose ledger is down ------------------------------------------------------
@@ -332,5 +335,37 @@ def test_a_flooding_vendor_adds_no_note_past_the_runs_log_limit(
                 if "log lines dropped" in o.content
             ]
         assert notes == [], f"{len(notes)} notes for 20 polls of a run keeping no lines: {notes[0]}"
+    finally:
+        store.dispose()
+
+
+def test_procure_serve_alone_prunes_delivered_warnings(db_url: str) -> None:
+    """Before the fix: only the fleet's outbox loop pruned delivered messages; under `procure
+    serve` without the fleet, every warning's Slack and webhook rows stayed for good."""
+    store = open_store(db_url)
+    old = utcnow() - timedelta(days=8)
+    try:
+        with store.session() as s:
+            fleet_repo.enqueue(s, warnings.WEBHOOK, {"text": "old warning"}, old)
+            (message,) = s.query(OutboxRow).all()
+            fleet_repo.mark_delivered(s, message.id, old)
+
+        async def one_pass() -> int:
+            task = asyncio.create_task(
+                cap_warnings.run_warnings(store, warnings.WarningSettings(), every_s=3600)
+            )
+            deadline = time.monotonic() + 30
+            try:
+                while time.monotonic() < deadline:
+                    with store.session() as s:
+                        left = s.query(OutboxRow).count()
+                    if left == 0:
+                        return 0
+                    await asyncio.sleep(0.05)
+                return left
+            finally:
+                task.cancel()
+
+        assert asyncio.run(one_pass()) == 0, "a delivered warning from a week ago was kept"
     finally:
         store.dispose()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
@@ -81,6 +81,10 @@ async def run_warnings(
         try:
             await asyncio.to_thread(sweep, store, cfg.threshold, caps, fleet)
             await deliver_all(store, cfg)
+            # Delivered messages go after a week here too: without the fleet's outbox loop
+            # (`procure serve` alone) nothing else would prune them.
+            with store.session() as s:
+                fleet_repo.prune_outbox(s, utcnow() - timedelta(days=7))
         except Exception:
             log.exception("checking or delivering budget warnings failed; retrying")
         await asyncio.sleep(every_s)
