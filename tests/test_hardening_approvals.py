@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from fleet_fakes import PRICE, FakeCloud
 from fleet_world import all_actions, fleet, scan_for
@@ -23,6 +24,7 @@ from procure.local import serve
 from procure.models import utcnow
 from procure.settings import Settings
 from procure.store import Store, fleet_repo, open_store
+from procure.store.fleet_tables import FleetLeaseRow
 
 TOKEN = "api-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -112,6 +114,8 @@ def test_an_expired_approval_is_not_approvable(api: tuple[str, str]) -> None:
             # controller has not yet scanned again to expire it itself.
             ctx.clock.now = utcnow() - timedelta(minutes=40)  # type: ignore[attr-defined]
             await scan_for(ctx, 17)
+            with ctx.store.session() as s:  # those scans were on the wall clock of their time
+                s.execute(update(FleetLeaseRow).values(clock_offset_s=0.0))
             (action,) = all_actions(ctx)
             assert action.status == "pending"
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
