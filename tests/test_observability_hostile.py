@@ -186,7 +186,7 @@ def test_a_warning_the_webhook_always_fails_on_is_dropped_in_the_end(
             update(OutboxRow)
             .where(OutboxRow.channel == warnings.WEBHOOK)
             .where(OutboxRow.payload["budget"].as_string() == "hour")
-            .values(attempts=outbox.MAX_SERVER_ERROR_TRIES - 1)
+            .values(attempts=outbox.MAX_SERVER_ERROR_TRIES - 1, last_error="HTTP 500: boom")
         )
     hook = PickyHook(crashes_on="hour")
 

@@ -290,7 +290,9 @@ async def deliver(
             stale = [
                 m.id
                 for m in fleet_repo.due_messages(s, channel, now)
-                if m.created_at < now - timedelta(seconds=UNSENT_S)
+                # Nobody tried it for a day (one being retried by a process with the URL is
+                # due later than that: it is that process's to send or drop)
+                if m.next_attempt_at < now - timedelta(seconds=UNSENT_S)
             ]
         for message_id in stale:
             outbox.drop(store, message_id, "no destination configured")

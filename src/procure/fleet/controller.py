@@ -111,8 +111,10 @@ async def _list(ctx: FleetContext) -> list[Instance]:
 
 
 async def _read_nodes(
-    ctx: FleetContext, listing: list[Instance], now: datetime
+    ctx: FleetContext, listing: list[Instance], now: datetime, account: list[Instance]
 ) -> list[dict[str, Any]]:
+    """Each readable instance's figures; `account`: every instance on the account (procure's
+    other parts' and booting ones too), to know which IPs several instances share."""
     limit = asyncio.Semaphore(NODE_CONCURRENCY)
     port, token = (0 if ctx.mapped_ports else ctx.cfg.node_port), ctx.node_token
 
@@ -132,7 +134,9 @@ async def _read_nodes(
     readable = [i for i in listing if i.status in ("active", "unhealthy")]
     if not ctx.cfg.prometheus_url:
         return list(await asyncio.gather(*(one(i) for i in readable)))
-    found = await prometheus.read_instances(ctx.nodes, ctx.cfg.prometheus_url, readable, now)
+    found = await prometheus.read_instances(
+        ctx.nodes, ctx.cfg.prometheus_url, readable, now, sharing=account
+    )
     # The figures come from Prometheus, but the dead-man lease lives on the node: renew it.
     return list(await asyncio.gather(*(renew(i, s) for i, s in zip(readable, found, strict=True))))
 
@@ -157,7 +161,8 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         result.error = f"backing off after cloud errors until {ctx.backoff_until.isoformat()}"
         return result
     try:
-        listing = fleets(await _list(ctx))
+        account = await _list(ctx)  # every instance: some share an IP with the fleet's
+        listing = fleets(account)
     except CloudError as exc:
         ctx.cloud_failures += 1
         wait = min(3600.0, ctx.cfg.scan_interval_s * 2 ** min(ctx.cloud_failures - 1, 6))
@@ -185,12 +190,13 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         result.carried_out.append(f"{action_id} {status}")
     if todo:  # what they launched or terminated is in the next listing; keep this one
         try:
-            listing = fleets(await ctx.cloud.instances())
+            account = await ctx.cloud.instances()
+            listing = fleets(account)
             sync_instances(ctx, listing, now)
         except CloudError as exc:
             result.error = clip(f"{type(exc).__name__}: {exc}", 500)
 
-    samples = await _read_nodes(ctx, listing, now)
+    samples = await _read_nodes(ctx, listing, now, account)
     with ctx.store.session() as s:
         fleet_repo.add_samples(s, samples)
         fleet_repo.prune_samples(s, now - timedelta(hours=ctx.cfg.sample_retention_h))

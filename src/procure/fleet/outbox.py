@@ -6,9 +6,12 @@ controller, never inside it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import os
+import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -33,6 +36,7 @@ MAX_PERMANENT_TRIES = 3
 # 5xx is retried (with Retry-After when given) but not for ever: a message the webhook always
 # fails on must not hold the queue behind it for good (at the backoff cap, about 7 hours).
 MAX_SERVER_ERROR_TRIES = 50
+GIT_S = 10.0  # one git command of the audit's mirror, at most
 CLAIM_S = 300.0  # longer than any delivery (the webhook's client has a deadline of seconds)
 
 
@@ -101,15 +105,19 @@ async def deliver(
     back, and dropped (recorded) after MAX_PERMANENT_TRIES. How many were delivered."""
     now = now or utcnow()
     with store.session() as s:
-        due = [(m.id, m.payload, m.attempts) for m in fleet_repo.due_messages(s, channel, now)]
+        due = [
+            (m.id, m.payload, m.attempts, m.last_error)
+            for m in fleet_repo.due_messages(s, channel, now)
+        ]
     delivered = 0
-    for message_id, payload, attempts in due:
+    for message_id, payload, attempts, last_error in due:
         if not claim(store, message_id, now):
             break  # another process's deliverer is sending it: the rest wait behind it
         try:
             response = await client.post(url, json=payload)
         except httpx.HTTPError as exc:
-            wait, error = backoff(attempts), f"{type(exc).__name__}: {clip(str(exc), 100)}"
+            error = f"{type(exc).__name__}: {clip(str(exc), 100)}"
+            status = None
         else:
             status = response.status_code
             if taken(response):
@@ -118,23 +126,38 @@ async def deliver(
                 delivered += 1
                 continue
             error = f"HTTP {status}: {clip(response.text, 100)}"
-            transient = status == 429 or status >= 500
-            tries = attempts + 1
-            if not transient or (status >= 500 and tries >= MAX_SERVER_ERROR_TRIES):
-                if transient or tries >= MAX_PERMANENT_TRIES:
-                    log.error("the %s webhook refused a message for good (%s)", channel, error)
-                    drop(store, message_id, error)
-                else:
-                    log.warning("the %s webhook refused a message (%s)", channel, error)
-                    with store.session() as s:  # due again at once: it holds nothing back
-                        fleet_repo.mark_retry(s, message_id, utcnow(), error)
-                continue
-            wait = retry_after(response, attempts)
+        # The counts are of failures of one kind in a row: one 502 after hours of no answer
+        # (a receiver starting behind its proxy) is its first 5xx, not its fiftieth.
+        restart = _kind(error) != _kind(last_error)
+        tries = 1 if restart else attempts + 1
+        if status is not None and status != 429 and status < 500:  # this message's refusal
+            if tries >= MAX_PERMANENT_TRIES:
+                log.error("the %s webhook refused a message for good (%s)", channel, error)
+                drop(store, message_id, error)
+            else:
+                log.warning("the %s webhook refused a message (%s)", channel, error)
+                with store.session() as s:  # due again at once: it holds nothing back
+                    fleet_repo.mark_retry(s, message_id, utcnow(), error, restart=restart)
+            continue
+        if status is not None and status >= 500 and tries >= MAX_SERVER_ERROR_TRIES:
+            log.error("the %s webhook failed on a message for good (%s)", channel, error)
+            drop(store, message_id, error)
+            continue
+        wait = retry_after(response, tries - 1) if status is not None else backoff(tries - 1)
         log.warning("the %s webhook failed (%s); retrying in %.0fs", channel, error, wait)
         with store.session() as s:
-            fleet_repo.mark_retry(s, message_id, utcnow() + timedelta(seconds=wait), error)
+            at = utcnow() + timedelta(seconds=wait)
+            fleet_repo.mark_retry(s, message_id, at, error, restart=restart)
         break
     return delivered
+
+
+def _kind(error: str | None) -> str:
+    """A failure's kind: the webhook's 5xx, its 429, a refusal of the message, or no answer."""
+    if error is None or not error.startswith("HTTP "):
+        return "no answer"
+    code = error[5:8]
+    return "5xx" if code.startswith("5") else "429" if code == "429" else "refused"
 
 
 def _git(directory: Path, *args: str) -> list[str]:
@@ -142,10 +165,23 @@ def _git(directory: Path, *args: str) -> list[str]:
 
 
 async def _run(command: list[str]) -> int:
+    """Git's exit status; a git that hangs (a hook, a passphrase prompt) is killed, with what it
+    started, after GIT_S: the mirror is best effort, the Slack messages behind it are not."""
     process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,  # its own group: the hook's children go with it
     )
-    return await process.wait()
+    try:
+        async with asyncio.timeout(GIT_S):
+            return await process.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        return -int(signal.SIGKILL)
 
 
 async def ensure_git(directory: Path) -> None:
@@ -190,8 +226,9 @@ async def _commit(git_dir: Path, due: list[tuple[int, dict[str, Any]]]) -> None:
                     )
                 ),
             ]
-            if any(codes):
+            if any(codes):  # the rest would fail (or hang) the same way: the mirror misses them
                 log.warning("the audit repository %s: git exited %s", git_dir, codes)
+                return
     except OSError as exc:
         log.warning("the audit repository %s cannot be written: %s", git_dir, exc)
 

@@ -96,7 +96,12 @@ def _figures(found: dict[str, list[float]]) -> dict[str, Any]:
 
 
 async def read_instances(
-    client: httpx.AsyncClient, base_url: str, listing: list[Instance], now: datetime
+    client: httpx.AsyncClient,
+    base_url: str,
+    listing: list[Instance],
+    now: datetime,
+    *,
+    sharing: list[Instance] | None = None,
 ) -> list[dict[str, Any]]:
     """One sample per instance of `listing`, matched by the `instance` label's host (the scrape
     target, `<ip>:<port>`) against the instance's IP: the cloud's listing knows the IP, not the
@@ -120,7 +125,7 @@ async def read_instances(
             by_target.setdefault(label, {}).setdefault(figure, []).append(value)
     # RunPod and Vast.ai put several instances behind one IP (each with its own mapped port):
     # their series are told apart by the scrape target, never merged by the IP.
-    shared = Counter(i.ip for i in listing if i.ip)
+    shared = Counter(i.ip for i in {i.id: i for i in [*listing, *(sharing or [])]}.values() if i.ip)
     samples = []
     for sample, instance in zip(base, listing, strict=True):
         target = urlsplit(instance.node_url).netloc if instance.node_url else ""

@@ -328,11 +328,16 @@ def mark_delivered(s: Session, message_id: int, now: datetime) -> None:
     )
 
 
-def mark_retry(s: Session, message_id: int, at: datetime, error: str) -> None:
+def mark_retry(
+    s: Session, message_id: int, at: datetime, error: str, *, restart: bool = False
+) -> None:
+    """Due again at `at` after `error`; `restart`: a failure of another kind than the last
+    one, so the count (of failures of one kind in a row) starts again."""
+    attempts = 1 if restart else OutboxRow.attempts + 1
     s.execute(
         update(OutboxRow)
         .where(OutboxRow.id == message_id)
-        .values(next_attempt_at=at, attempts=OutboxRow.attempts + 1, last_error=clip(error, 300))
+        .values(next_attempt_at=at, attempts=attempts, last_error=clip(error, 300))
         .execution_options(synchronize_session=False)
     )
 
