@@ -137,7 +137,13 @@ class FakeCloud:
         return self.live()
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
         self._maybe_fail("launch")
         self.launches.append(name)
@@ -223,7 +229,13 @@ class HttpCloud:
         return [Instance(**i) for i in (await self.http.get("/instances")).json()]
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
         body = {"type": instance_type, "region": region, "name": name}
         return list((await self.http.post("/launch", json=body)).json()["ids"])

@@ -296,10 +296,17 @@ def test_fleet_protocol_types_launch_and_instances(cloud: MockCloud, recorder: R
         assert (inst.id, inst.name, inst.instance_type, inst.region) == (
             instance_id, "procure-act-1", "vast_1x_RTX4090", "California, US",
         )  # fmt: skip
-        with pytest.raises(CapacityError):
+        # Another region's ask at or under the price checked: Vast.ai's regions are locations.
+        [elsewhere] = await c.launch(
+            instance_type="vast_1x_RTX4090", region="Atlantis", name="x", ssh_key_names=[],
+            max_price_per_hour=rtx.price_per_hour,
+        )  # fmt: skip
+        assert elsewhere != instance_id
+        with pytest.raises(CapacityError):  # none as cheap as the caps were checked against
             await c.launch(
-                instance_type="vast_1x_RTX4090", region="Atlantis", name="x", ssh_key_names=[]
-            )
+                instance_type="vast_1x_RTX4090", region="California, US", name="y",
+                ssh_key_names=[], max_price_per_hour=rtx.price_per_hour - 1,
+            )  # fmt: skip
         await c.terminate([instance_id])
         await c.aclose()
 

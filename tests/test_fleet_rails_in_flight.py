@@ -67,7 +67,13 @@ class QuietCloud:
         return self.live()
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
         if self.launch_errors:
             raise self.launch_errors.pop(0)
@@ -210,7 +216,13 @@ class LostAnswerCloud(QuietCloud):
     """Every launch lands, but its answer is lost (a timeout): ambiguous, not a refusal."""
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
         self.launches.append(name)
         self.add(name)
@@ -318,7 +330,13 @@ class SlowLaunchCloud(QuietCloud):
     entered: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
         self.launches.append(name)
         if len(self.launches) == 1:

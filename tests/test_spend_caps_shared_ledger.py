@@ -165,7 +165,13 @@ class LaunchingCloud:
         return list(self.listed)
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
         self.during_launch()
         instance_id = f"i-{len(self.listed) + 1}"

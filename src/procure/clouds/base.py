@@ -133,9 +133,17 @@ class Cloud(Protocol):
     async def instances(self) -> list[Instance]: ...
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
-        """Launch one instance named `name`; its id(s)."""
+        """Launch one instance named `name`; its id(s). `max_price_per_hour` (micro-USD): what
+        the rails checked; a cloud whose price for it is above that launches nothing and raises
+        CapacityError (prices move; a cap is checked against what is launched)."""
         ...
 
     async def terminate(self, instance_ids: list[str]) -> list[Instance]:

@@ -179,6 +179,7 @@ async def carry_out(ctx: FleetContext, action_id: str, listing: list[Instance] |
                     region=p.region,
                     name=action_id,
                     ssh_key_names=ctx.cfg.ssh_key_names,
+                    max_price_per_hour=p.price_per_hour or None,
                 )
                 crash_point("fleet_launched")
                 gone: list[Instance] = []

@@ -37,6 +37,8 @@ class FleetContext:
     mapped_ports: bool = False  # nodes answer where the cloud maps their port (RunPod, Vast.ai)
     # Learnt while running (not state: the store is the truth).
     types: dict[str, InstanceType] = field(default_factory=dict)
+    types_at: datetime | None = None  # when `types` was read (on the controller's clock)
+    unhealthy_since: dict[str, datetime] = field(default_factory=dict)  # per instance id
     cloud_failures: int = 0
     backoff_until: datetime | None = None
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from procure.bounds import clip
 from procure.clouds.base import LABEL_PREFIX, CloudError, Instance
-from procure.fleet import actions, costs, monitor, nodes, policy, prometheus
+from procure.fleet import actions, costs, monitor, nodes, policy, prometheus, stuck
 from procure.fleet import signal as procure_signal
 from procure.fleet.context import FleetContext
 from procure.models import utcnow
@@ -45,6 +45,9 @@ OTHER_PARTS = (f"{LABEL_PREFIX}job-", f"{LABEL_PREFIX}gw-")
 def fleets(listing: list[Instance]) -> list[Instance]:
     """The account's instances the fleet watches: all but those of procure's other parts."""
     return [i for i in listing if not (i.name or "").startswith(OTHER_PARTS)]
+
+
+TYPES_TTL = timedelta(minutes=10)  # how long the types' prices and stock are trusted
 
 
 def sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -> None:
@@ -105,8 +108,13 @@ async def _terminate_duplicates(ctx: FleetContext, listing: list[Instance]) -> l
 
 async def _list(ctx: FleetContext) -> list[Instance]:
     listing = await ctx.cloud.instances()
-    if not ctx.types:  # prices change rarely: learn them once per process (and after errors)
+    now = ctx.clock()
+    stale = ctx.types_at is None or now - ctx.types_at >= TYPES_TTL
+    if stale or ctx.cfg.default_instance_type not in ctx.types:
+        # RunPod's and Vast.ai's prices move and their catalogues list what is in stock now:
+        # read again now and then, and while the type to launch is missing.
         ctx.types = {t.name: t for t in await ctx.cloud.instance_types()}
+        ctx.types_at = now
     return listing
 
 
@@ -213,6 +221,12 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         proposed, result.queue_error = await procure_signal.decide(ctx, result.views, now, price)
     else:
         proposed = policy.decide(result.views, ctx.cfg, price)
+    ending = {p.target for p in proposed if p.action_type == policy.TERMINATE}
+    proposed += [
+        p
+        for p in stuck.proposals(result.views, ctx.cfg, now, ctx.unhealthy_since)
+        if p.target not in ending
+    ]
     with ctx.store.session() as s:  # a long scan may have lost the fleet: then it decides nothing
         if not fleet_repo.take_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow()):
             result.leased = False

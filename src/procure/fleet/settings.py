@@ -43,6 +43,14 @@ class FleetSettings(BaseSettings):
     confirmation_timeout_mins: float = Field(
         5.0, gt=0, le=WEEK_MINS, validation_alias="LAMBDA_LABS_CONFIRMATION_TIMEOUT_MINS"
     )
+    boot_timeout_mins: float = Field(
+        30.0,
+        ge=1,
+        le=WEEK_MINS,
+        validation_alias="LAMBDA_LABS_BOOT_TIMEOUT_MINS",
+        description="A launch still booting this long, or unhealthy half as long, is terminated "
+        "(RunPod and Vast.ai bill a pod that never boots, or one in ERROR)",
+    )
     default_instance_type: str = Field(
         "gpu_1x_a100", validation_alias="LAMBDA_LABS_DEFAULT_INSTANCE_TYPE"
     )

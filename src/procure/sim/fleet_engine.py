@@ -68,7 +68,13 @@ class SimCloud:
             ]
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
         try:
             return [self.state.launch(instance_type, region, name, ssh_key_names or ["sim"])]

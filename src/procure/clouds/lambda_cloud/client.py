@@ -93,7 +93,13 @@ class LambdaCloud:
         return [i for i in await self.instances() if i.name == name]
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,  # Lambda's list prices hold: nothing to check
     ) -> list[str]:
         if len(name) > MAX_NAME:
             raise CloudError(f"instance name longer than Lambda's {MAX_NAME} characters")

@@ -14,6 +14,7 @@ from procure.bounds import UnsafeInput, loads
 from procure.clouds.base import (
     LABEL_PREFIX,
     AuthError,
+    CapacityError,
     CloudError,
     Instance,
     InstanceType,
@@ -149,11 +150,27 @@ class RunPodCloud:
         return [i for i in found if i.status != "terminated"]
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
-        """A fleet launch: one pod of `instance_type` (an offer id) in data centre `region`.
-        RunPod puts the account's registered SSH keys on a pod itself; `ssh_key_names` is unused."""
+        """A fleet launch: one pod of `instance_type` (an offer id) in data centre `region`, if
+        its price now is at most `max_price_per_hour` (RunPod's create takes no price: it is
+        read first). RunPod puts the account's registered SSH keys on a pod itself;
+        `ssh_key_names` is unused."""
         _cloud, gpu_id = wire.parse_offer_id(instance_type)
+        if max_price_per_hour is not None:
+            now = [o for o in await self.offers() if o.offer_id == instance_type]
+            if not now or min(o.price_per_hour for o in now) > max_price_per_hour:
+                price = f"{min(o.price_per_hour for o in now) / 1e6:.4f}/h" if now else "none"
+                raise CapacityError(
+                    f"RunPod's {instance_type} costs {price} now, above the "
+                    f"{max_price_per_hour / 1e6:.4f}/h the caps were checked against"
+                )
         offer = Offer(
             provider="runpod",
             offer_id=instance_type,

@@ -35,6 +35,7 @@ from procure.httpbounds import bounded_client
 log = logging.getLogger(__name__)
 PAGE = 25  # Vast's most instances a page
 MAX_PAGES = 200
+ASKS_TRIED = 3  # a fleet launch's asks of one type and region, cheapest first
 MAX_LABEL = 1024
 MAX_ONSTART = 4048  # Vast's limit (longer scripts must be gzipped and base64-encoded)
 DISK_GB = 20.0
@@ -222,19 +223,36 @@ class VastCloud:
         return await self._list({})
 
     async def launch(
-        self, *, instance_type: str, region: str, name: str, ssh_key_names: list[str]
+        self,
+        *,
+        instance_type: str,
+        region: str,
+        name: str,
+        ssh_key_names: list[str],
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
-        """Rent the cheapest on-demand offer of this type in this region (Vast has no SSH key
-        names at launch: the account's keys apply)."""
-        candidates = [
+        """Rent the cheapest on-demand offer of this type at or under the price checked, in this
+        region, else in another (the type's price is its cheapest ask anywhere; Vast.ai's
+        regions are its hosts' locations), cheapest first (Vast has no SSH key names at launch:
+        the account's keys apply); an ask another renter took in between is followed by the
+        next (the create never happened)."""
+        fits = [
             o
             for o in await self.offers(spot=False)
-            if wire.type_name(o.gpu, o.gpu_count) == instance_type and o.region == region
+            if wire.type_name(o.gpu, o.gpu_count) == instance_type
+            and (max_price_per_hour is None or o.price_per_hour <= max_price_per_hour)
         ]
+        candidates = sorted(fits, key=lambda o: (o.region != region, o.price_per_hour))
         if not candidates:
-            raise CapacityError(f"Vast.ai has no {instance_type} offer in {region} now")
-        spec = LaunchSpec(name=name, offer=candidates[0], node_port=self.node_port)
-        return [(await self.launch_spec(spec)).id]
+            under = f" at or under {max_price_per_hour / 1e6:.4f}/h" if max_price_per_hour else ""
+            raise CapacityError(f"Vast.ai has no {instance_type} offer{under} now")
+        for offer in candidates[:ASKS_TRIED]:
+            spec = LaunchSpec(name=name, offer=offer, node_port=self.node_port)
+            try:
+                return [(await self.launch_spec(spec)).id]
+            except CapacityError as exc:  # that ask is gone: nothing was created
+                taken = exc
+        raise taken
 
     async def aclose(self) -> None:
         await self._http.aclose()
