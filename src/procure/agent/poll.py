@@ -86,7 +86,10 @@ async def poll(
         return fail_job(deps, job, vendor, f"{vendor.vendor_id} has no record of the job")
     now = utcnow()
     advanced = vjob.progress > job.progress + EPS
-    kept = joblogs.keep(vjob.logs[job.log_cursor :], ctx.state.run.log_lines)
+    # The cursor counts the job's lines at the vendor; one that shows only its last lines says
+    # where they start (`logs_offset`), so none is read twice or skipped for good.
+    start = vjob.logs_offset or 0
+    kept = joblogs.keep(vjob.logs[max(0, job.log_cursor - start) :], ctx.state.run.log_lines)
     saved_url, saved = job.checkpoint_url, job.checkpoint_progress
     # A checkpoint past the progress the vendor reports is not believed.
     offered = min(vjob.checkpoint_progress or 0.0, vjob.progress)
@@ -96,11 +99,13 @@ async def poll(
     write = PollWrite(
         run_id=job.run_id,
         job_id=job.id,
-        log_cursor=len(vjob.logs),
+        log_cursor=start + len(vjob.logs),
         progress=max(vjob.progress, job.progress),
         checkpoint_url=saved_url,
         checkpoint_progress=saved,
-        progressed_at=now if advanced else job.progressed_at,
+        # A job the vendor has queued again (an instance lost, another booting) is not
+        # stalling: the stall clock starts again once it runs.
+        progressed_at=now if advanced or vjob.status == "queued" else job.progressed_at,
         log_lines=kept.counted,
         observations=[(OBS.job_log, line, vendor.vendor_id) for line in kept.lines]
         + [(OBS.job_event, note, vendor.vendor_id) for note in kept.notes],
@@ -119,11 +124,12 @@ async def poll(
         if vjob.status == "running" and not advanced
         else 0.0
     )
+    due = slices.renewal_due(job, paid, vjob.progress, vjob.paid_until, now)
     plain = (
         vjob.status == "running"
         and lie is None
         and stalled_s <= deps.stall_s
-        and (pending is not None or not slices.renewal_due(job, paid, vjob.progress))
+        and (pending is not None or not due)
     )
     if plain and sink is not None:
         sink.append(write)
@@ -183,7 +189,7 @@ async def poll(
         return fail_job(deps, job, vendor, why, progress=vjob.progress, ctx=ctx)
     if vjob.status == "expired":  # its paid time ran out before another slice was bought
         return stop_job(deps, ctx, job, vendor, vjob, "its paid time ran out")
-    if slices.renewal_due(job, paid, vjob.progress):
+    if due:
         limit = slices.paid_until(job, paid)
         if partial:
             ctx = full_context(deps, ctx)

@@ -12,6 +12,8 @@ slice. Once half of it has run, the normal slices follow (`renewal_due`).
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from procure.models import Job, JobStatus, Payment, PaymentStatus, Vendor
 
 RENEW_FRACTION = 0.1
@@ -61,10 +63,22 @@ def first_slice_of(job: Job) -> float | None:
     return float(first) if isinstance(first, int | float) and first > 0 else None
 
 
-def renewal_due(job: Job, paid: float, progress: float) -> bool:
-    """Whether a sliced job at `progress` should buy its next slice now."""
+def renewal_due(
+    job: Job,
+    paid: float,
+    progress: float,
+    ends_at: datetime | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Whether a sliced job at `progress` should buy its next slice now: its paid share of the
+    work nearly done, or, for a vendor that ends jobs by the clock (`ends_at`), its paid time
+    nearly up (a job slower than planned would otherwise be stopped mid-slice)."""
     if job.slice_hours is None or next_slice_hours(job, paid) <= EPS:
         return False
+    if ends_at is not None and now is not None:
+        left_s = (ends_at - now).total_seconds()
+        if left_s <= RENEW_FRACTION * job.slice_hours * 3600 + EPS:
+            return True
     paid_left = (paid_until(job, paid) - progress) * total_hours(job)
     first = first_slice_of(job)
     if first is not None and paid <= first + EPS:  # still on its short first slice

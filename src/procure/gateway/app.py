@@ -38,7 +38,7 @@ from x402.schemas import AssetAmount
 from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
 from procure.bounds import UnsafeInput, loads
-from procure.clouds.base import CloudError
+from procure.clouds.base import CloudError, Offer
 from procure.gateway import book, sales
 from procure.gateway.instances import Runtime
 from procure.gateway.loop import run_loop
@@ -127,6 +127,7 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         return locks.setdefault(name, asyncio.Lock())
 
     offers = sales.offer_cache(rt)
+    seen: dict[str, Offer] = {}  # the last offer quoted per GPU
 
     async def authorize(authorization: str | None = Header(None)) -> None:
         if not bearer_matches(authorization, cfg.secret):
@@ -247,6 +248,10 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
             offer = best_offer(await offers(gpu), gpu)
         except CloudError as exc:
             return _error(503, f"the cloud is not answering: {exc}"[:500])
+        if offer is not None:
+            seen[gpu] = offer
+        else:  # none free now: a renewal needs none (its job holds one); a submit checks again
+            offer = seen.get(gpu)
         if offer is None:
             return _error(409, "no capacity available")
         return JSONResponse(sales.new_quote(rt, gpu, body.gpu_type, body.hours, offer, now))

@@ -181,6 +181,7 @@ def unsettled(s: Session, nonce: str) -> None:
 def note(row: GatewayJobRow, line: str, keep: int) -> None:
     """Append a log line the buyer will see (the gateway's own, beside the job's)."""
     row.logs = [*row.logs, line[:2_000]][-keep:]
+    row.logs_total = (row.logs_total or 0) + 1
 
 
 # --- instances -------------------------------------------------------------------------------

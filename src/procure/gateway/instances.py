@@ -400,6 +400,7 @@ def _relay(rt: Runtime, row: GatewayJobRow, status: dict[str, Any], page: dict[s
     last = row.last_progress
     url, at = row.checkpoint_url, row.checkpoint_progress
     lines = list(row.logs)
+    before = len(lines)
     for line in page["lines"]:
         word, _, rest = line["text"].strip().partition(" ")
         if word == "PROCURE_PROGRESS":
@@ -423,6 +424,7 @@ def _relay(rt: Runtime, row: GatewayJobRow, status: dict[str, Any], page: dict[s
         checkpoint_progress=at,
         progress=max(row.progress, status["progress"]),
         logs=lines[-rt.cfg.log_lines :],
+        logs_total=(row.logs_total or 0) + len(lines) - before,
     )
     node_status = status["status"]
     if node_status in ("completed", "failed", "cancelled"):

@@ -45,12 +45,15 @@ def view(row: GatewayJobRow) -> dict[str, Any]:
         status=shown,  # type: ignore[arg-type]
         progress=1.0 if done else min(1.0, max(0.0, row.progress)),
         logs=list(row.logs),
+        # Where those lines start among all the job's: only the last ones are shown.
+        logs_offset=max(0, (row.logs_total or 0) - len(row.logs)),
         metrics={"gpu": row.gpu, "paidHours": row.paid_hours} if done else None,
         artifact_url=row.checkpoint_url if done else None,
         error=row.error if shown == "failed" else None,
         checkpoint_url=row.checkpoint_url,
         checkpoint_progress=row.checkpoint_progress if row.checkpoint_url else None,
         paid_hours=row.paid_hours,
+        paid_until=row.paid_until,
         amount=row.amount,
     ).to_json()
 
@@ -218,6 +221,7 @@ def new_job(
             tried_regions=[],
             progress=0.0,
             logs=[f"[gateway] job accepted for {quote.gpu}, {quote.hours:g} h"],
+            logs_total=1,
             log_cursor=0,
             cancel_requested=0,
             created_at=now,

@@ -58,6 +58,7 @@ class GatewayJobRow(Base):
     last_progress: Mapped[float | None] = mapped_column(Float)  # last PROCURE_PROGRESS line read
     log_cursor: Mapped[int] = mapped_column(Integer, default=0)
     logs: Mapped[list[str]] = mapped_column(JSON, default=list)  # the last lines, bounded
+    logs_total: Mapped[int] = mapped_column(Integer, default=0)  # lines ever: where `logs` ends
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime]

@@ -7,6 +7,7 @@ with status `expired`, its last checkpoint intact.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
@@ -63,10 +64,16 @@ class VendorJob(Model):
     status: Literal["queued", "running", "completed", "failed", "cancelled", "expired"]
     progress: float = Field(ge=0, le=1)
     logs: list[str] = Field(default_factory=list)
+    # Where `logs` starts among all the job's lines, for a vendor that shows only the last ones
+    # (procure's gateway); absent: `logs` holds them all.
+    logs_offset: int | None = Field(None, ge=0, le=10**12)
     metrics: Annotated[dict[str, Any] | None, AfterValidator(_bounded_metrics)] = None
     artifact_url: Url = None
     error: ErrorText = None
     checkpoint_url: Url = None
     checkpoint_progress: float | None = Field(None, ge=0, le=1)
     paid_hours: float | None = Field(None, ge=0, allow_inf_nan=False)
+    # When the job's paid time ends, for a vendor that ends jobs by the clock rather than by
+    # progress (procure's gateway): a buyer renews before it.
+    paid_until: datetime | None = None
     amount: Usd | None = None
