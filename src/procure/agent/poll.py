@@ -124,7 +124,8 @@ async def poll(
         if vjob.status == "running" and not advanced
         else 0.0
     )
-    due = slices.renewal_due(job, paid, vjob.progress, vjob.paid_until, now)
+    ends_at = vjob.paid_until if vjob.status == "running" else None  # a queued job: no clock
+    due = slices.renewal_due(job, paid, vjob.progress, ends_at, now)
     plain = (
         vjob.status == "running"
         and lie is None

@@ -71,13 +71,16 @@ def renewal_due(
     now: datetime | None = None,
 ) -> bool:
     """Whether a sliced job at `progress` should buy its next slice now: its paid share of the
-    work nearly done, or, for a vendor that ends jobs by the clock (`ends_at`), its paid time
-    nearly up (a job slower than planned would otherwise be stopped mid-slice)."""
+    work nearly done, or, for a vendor that ends a running job by the clock (`ends_at`: pass it
+    only for a job running now), its paid time nearly up (a job slower than planned would
+    otherwise be stopped mid-slice) once the job has reached its current slice's work: a clock
+    never buys more than one slice ahead of the work, whatever the vendor says."""
     if job.slice_hours is None or next_slice_hours(job, paid) <= EPS:
         return False
     if ends_at is not None and now is not None:
         left_s = (ends_at - now).total_seconds()
-        if left_s <= RENEW_FRACTION * job.slice_hours * 3600 + EPS:
+        reached = progress + EPS >= paid_until(job, max(0.0, paid - job.slice_hours))
+        if reached and left_s <= RENEW_FRACTION * job.slice_hours * 3600 + EPS:
             return True
     paid_left = (paid_until(job, paid) - progress) * total_hours(job)
     first = first_slice_of(job)

@@ -38,7 +38,8 @@ class FleetContext:
     # Learnt while running (not state: the store is the truth).
     types: dict[str, InstanceType] = field(default_factory=dict)
     types_at: datetime | None = None  # when `types` was read (on the controller's clock)
-    unhealthy_since: dict[str, datetime] = field(default_factory=dict)  # per instance id
+    # Per instance id: its status and since when (fleet.stuck: launches that never work).
+    status_since: dict[str, tuple[str, datetime]] = field(default_factory=dict)
     cloud_failures: int = 0
     backoff_until: datetime | None = None
 

@@ -48,6 +48,7 @@ def fleets(listing: list[Instance]) -> list[Instance]:
 
 
 TYPES_TTL = timedelta(minutes=10)  # how long the types' prices and stock are trusted
+MISSING_TTL = timedelta(minutes=2)  # while the type to launch is out of stock
 
 
 def sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -> None:
@@ -109,11 +110,19 @@ async def _terminate_duplicates(ctx: FleetContext, listing: list[Instance]) -> l
 async def _list(ctx: FleetContext) -> list[Instance]:
     listing = await ctx.cloud.instances()
     now = ctx.clock()
-    stale = ctx.types_at is None or now - ctx.types_at >= TYPES_TTL
-    if stale or ctx.cfg.default_instance_type not in ctx.types:
-        # RunPod's and Vast.ai's prices move and their catalogues list what is in stock now:
-        # read again now and then, and while the type to launch is missing.
-        ctx.types = {t.name: t for t in await ctx.cloud.instance_types()}
+    age = None if ctx.types_at is None else now - ctx.types_at
+    missing = ctx.cfg.default_instance_type not in ctx.types
+    # RunPod's and Vast.ai's prices move and their catalogues list what is in stock now: read
+    # again now and then, and more often while the type to launch is missing.
+    if age is None or age >= TYPES_TTL or (missing and age >= MISSING_TTL):
+        try:
+            ctx.types = {t.name: t for t in await ctx.cloud.instance_types()}
+        except CloudError as exc:
+            if not ctx.types:
+                raise  # nothing known to price a launch with: the scan fails, backing off
+            # The listing answered: the scan goes on with the types known (no node unread, no
+            # idle instance kept for a catalogue's hiccup), and asks again at the next TTL.
+            log.warning("reading the instance types failed (%s); keeping the last ones", exc)
         ctx.types_at = now
     return listing
 
@@ -224,7 +233,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
     ending = {p.target for p in proposed if p.action_type == policy.TERMINATE}
     proposed += [
         p
-        for p in stuck.proposals(result.views, ctx.cfg, now, ctx.unhealthy_since)
+        for p in stuck.proposals(result.views, ctx.cfg, now, ctx.status_since)
         if p.target not in ending
     ]
     with ctx.store.session() as s:  # a long scan may have lost the fleet: then it decides nothing

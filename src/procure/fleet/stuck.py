@@ -16,40 +16,46 @@ def proposals(
     views: Sequence[InstanceView],
     cfg: FleetSettings,
     now: datetime,
-    unhealthy_since: dict[str, datetime],
+    since: dict[str, tuple[str, datetime]],
 ) -> list[Proposal]:
     """Terminations of the fleet's own launches booting for `cfg.boot_timeout_mins`, or
-    unhealthy for half of it (an instance that booted and broke: not slow, broken).
-    `unhealthy_since` (kept by the caller across scans): when each was first seen unhealthy."""
+    unhealthy for half of it (an instance that booted and broke: not slow, broken), each timed
+    from when it entered that state (a node that reboots after an hour of work has its own
+    deadline, not its launch's). `since` (kept by the caller across scans): each instance's
+    status and since when."""
     deadline = timedelta(minutes=cfg.boot_timeout_mins)
-    sick = deadline / 2
     live = {v.id for v in views}
-    for gone in set(unhealthy_since) - live:
-        unhealthy_since.pop(gone)
+    for gone in set(since) - live:
+        since.pop(gone)
     before = snapshot(views)
     out: list[Proposal] = []
     for v in views:
         row = v.instance
-        if row.status != "unhealthy":
-            unhealthy_since.pop(v.id, None)
+        seen = since.get(v.id)
+        if seen is None or seen[0] != row.status:
+            # First seen (a controller started) booting within a deadline of its launch: timed
+            # from the launch; else from now (an old node rebooting gets a deadline of its own).
+            launch = seen is None and row.status == "booting"
+            recent = now - row.first_seen_at < deadline
+            since[v.id] = (row.status, row.first_seen_at if launch and recent else now)
         if row.launched_by is None:  # not launched by the fleet: the operator's to judge
             continue
-        if row.status == "booting" and now - row.first_seen_at >= deadline:
-            minutes = (now - row.first_seen_at).total_seconds() / 60
-            why = f"still booting after {minutes:.0f} minutes (deadline {cfg.boot_timeout_mins:g})"
-        elif row.status == "unhealthy":
-            since = unhealthy_since.setdefault(v.id, now)
-            if now - since < sick:
-                continue
-            minutes = (now - since).total_seconds() / 60
-            why = f"unhealthy for {minutes:.0f} minutes (at most {sick.total_seconds() / 60:g})"
-        else:
+        entered = since[v.id][1]
+        limit = deadline if row.status == "booting" else deadline / 2
+        if row.status not in ("booting", "unhealthy") or now - entered < limit:
             continue
+        minutes = (now - entered).total_seconds() / 60
+        why = (
+            f"still booting after {minutes:.0f} minutes"
+            if row.status == "booting"
+            else f"unhealthy for {minutes:.0f} minutes"
+        )
         out.append(
             Proposal(
                 TERMINATE,
                 v.id,
-                f"Launched and {why}: it bills and does no work",
+                f"Launched and {why} (at most {limit.total_seconds() / 60:g}): it bills and does "
+                "no work",
                 row.instance_type,
                 row.region,
                 row.price_per_hour,

@@ -16,6 +16,8 @@ from procure.bounds import clip
 from procure.models import Model, Usd
 
 METRICS_BYTES = 16 << 10
+# A job's log cursor is a 32-bit column: an offset past it (less a page of lines) is refused.
+MAX_LOGS_OFFSET = 2**31 - 1 - 10**6
 """A job's metrics as the vendor reports them, at most (they are stored with the job)."""
 
 
@@ -66,7 +68,7 @@ class VendorJob(Model):
     logs: list[str] = Field(default_factory=list)
     # Where `logs` starts among all the job's lines, for a vendor that shows only the last ones
     # (procure's gateway); absent: `logs` holds them all.
-    logs_offset: int | None = Field(None, ge=0, le=10**12)
+    logs_offset: int | None = Field(None, ge=0, le=MAX_LOGS_OFFSET)
     metrics: Annotated[dict[str, Any] | None, AfterValidator(_bounded_metrics)] = None
     artifact_url: Url = None
     error: ErrorText = None

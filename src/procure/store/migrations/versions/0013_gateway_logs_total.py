@@ -23,6 +23,11 @@ def upgrade() -> None:
         "gateway_jobs",
         sa.Column("logs_total", sa.Integer(), nullable=False, server_default="0"),
     )
+    # Jobs already under way count the lines they show: a buyer's cursor is already past them.
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("UPDATE gateway_jobs SET logs_total = json_array_length(logs::json)")
+    else:
+        op.execute("UPDATE gateway_jobs SET logs_total = json_array_length(logs)")
 
 
 def downgrade() -> None:
