@@ -31,7 +31,7 @@ from procure.models import (
     utcnow,
 )
 from procure.settings import Settings
-from procure.store import fleet_repo, open_store, repo
+from procure.store import Store, fleet_repo, open_store, repo
 from procure.store.fleet_tables import OutboxRow
 from procure.vendors.registry import default_vendors
 
@@ -50,6 +50,15 @@ def broken_ledger() -> Iterator[LocalServer]:
     server = serve(app)
     yield server
     server.stop()
+
+
+async def _ticks(settings: Settings, store: Store, run_id: str, n: int) -> list[str]:
+    """`n` ticks of the run, as a worker makes them; what each said."""
+    deps = make_deps(settings, store, clouds={})
+    try:
+        return [(await tick(deps, run_id)).message for _ in range(n)]
+    finally:
+        await close_deps(deps)
 
 
 def test_a_ledger_outage_is_said_once_not_every_tick(
@@ -91,15 +100,8 @@ def test_a_ledger_outage_is_said_once_not_every_tick(
         repo.insert_job(s, job)
         repo.insert_payment(s, new_payment(run.id, job.id, vendor, usd_to_micros(1), 1.0))
 
-    async def ticks(n: int) -> list[str]:
-        deps = make_deps(settings, store, clouds={})
-        try:
-            return [(await tick(deps, run.id)).message for _ in range(n)]
-        finally:
-            await close_deps(deps)
-
     try:
-        messages = asyncio.run(ticks(20))
+        messages = asyncio.run(_ticks(settings, store, run.id, 20))
         assert set(messages) == {"Payment outcome unknown"}, messages  # waiting, as it should
         with store.session() as s:
             said = [
@@ -233,15 +235,8 @@ def test_llm_planner_s_same_answer_is_kept_once_while_a_run_waits(
             s, user_id="u1", goal="Fine-tune", budget_total=usd_to_micros(5), job_spec=JobSpec()
         )
 
-    async def ticks(n: int) -> list[str]:
-        deps = make_deps(settings, store, clouds={})
-        try:
-            return [(await tick(deps, run.id)).message for _ in range(n)]
-        finally:
-            await close_deps(deps)
-
     try:
-        messages = asyncio.run(ticks(20))
+        messages = asyncio.run(_ticks(settings, store, run.id, 20))
         assert set(messages) == {"Waiting"}, messages
         with store.session() as s:
             observed = repo.list_observations(s, run.id, limit=1000)
@@ -318,15 +313,8 @@ def test_a_flooding_vendor_adds_no_note_past_the_runs_log_limit(
         # The run already kept its 5,000 lines and said that later ones are not kept.
         repo.update_run(s, run.id, log_lines=joblogs.LINES_PER_RUN + 1)
 
-    async def ticks(n: int) -> list[str]:
-        deps = make_deps(settings, store, clouds={})
-        try:
-            return [(await tick(deps, run.id)).message for _ in range(n)]
-        finally:
-            await close_deps(deps)
-
     try:
-        messages = asyncio.run(ticks(20))
+        messages = asyncio.run(_ticks(settings, store, run.id, 20))
         assert all(m.startswith("Job running") for m in messages), messages
         with store.session() as s:
             notes = [

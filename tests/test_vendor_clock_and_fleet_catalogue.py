@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -17,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet_fakes import FakeCloud
 from fleet_world import all_actions, fleet, scan_for
@@ -29,38 +27,7 @@ from procure.store import repo
 from procure.vendors.mock import create_mock_vendor_app
 from test_agent_buys_from_gateway import LONG_JOB, _only_gpu, sliced_planner
 from test_gateway import job_status, start_gateway_world
-from world import TERMINAL, World, start_world, state_of
-
-Rewrite = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def rewriting(inner: ASGIApp, rewrite: Rewrite) -> ASGIApp:
-    """`inner` with every successful `GET /job-status` answer passed through `rewrite`."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/job-status":
-            return await inner(scope, receive, send)
-        start: dict[str, Any] = {}
-        body = bytearray()
-
-        async def capture(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-                return
-            body.extend(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            out = bytes(body)
-            if start["status"] == 200:
-                out = json.dumps(rewrite(json.loads(out))).encode()
-            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-            headers.append((b"content-length", str(len(out)).encode()))
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": out})
-
-        await inner(scope, receive, capture)
-
-    return app
+from world import TERMINAL, Rewrite, World, rewriting, start_world, state_of
 
 
 def hostile_vendor(world: World, vendor_id: str, rewrite: Rewrite, **config: Any) -> None:

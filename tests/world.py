@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from procure.agent.runtime import make_deps
 from procure.agent.tick import AgentDeps
@@ -197,3 +199,35 @@ def procure_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[
         text=True,
         timeout=120,
     )
+
+
+Rewrite = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def rewriting(inner: ASGIApp, rewrite: Rewrite) -> ASGIApp:
+    """`inner` with every successful `GET /job-status` answer passed through `rewrite`."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/job-status":
+            return await inner(scope, receive, send)
+        start: dict[str, Any] = {}
+        body = bytearray()
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            out = bytes(body)
+            if start["status"] == 200:
+                out = json.dumps(rewrite(json.loads(out))).encode()
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(out)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": out})
+
+        await inner(scope, receive, capture)
+
+    return app
