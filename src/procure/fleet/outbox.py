@@ -100,9 +100,10 @@ async def deliver(
 ) -> int:
     """Post the due messages of `channel` to `url` in order. 429 and 5xx (and no answer)
     concern the webhook as a whole: the message waits (Retry-After, else backoff) and so do the
-    ones behind it, keeping their order, but a 5xx only MAX_SERVER_ERROR_TRIES times. Any other
-    refusal concerns this message: it is tried again on the next pass without holding the others
-    back, and dropped (recorded) after MAX_PERMANENT_TRIES. How many were delivered."""
+    ones behind it, keeping their order, but a 5xx only MAX_SERVER_ERROR_TRIES times in a row.
+    Any other refusal concerns this message: it is tried again on the next pass without holding
+    the others back, and dropped (recorded) after MAX_PERMANENT_TRIES in a row. How many were
+    delivered."""
     now = now or utcnow()
     with store.session() as s:
         due = [
