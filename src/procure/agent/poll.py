@@ -99,7 +99,7 @@ async def poll(
     write = PollWrite(
         run_id=job.run_id,
         job_id=job.id,
-        log_cursor=start + len(vjob.logs),
+        log_cursor=max(job.log_cursor, start + len(vjob.logs)),  # never back: no line twice
         progress=max(vjob.progress, job.progress),
         checkpoint_url=saved_url,
         checkpoint_progress=saved,

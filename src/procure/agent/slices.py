@@ -19,6 +19,8 @@ from procure.models import Job, JobStatus, Payment, PaymentStatus, Vendor
 RENEW_FRACTION = 0.1
 """Renew when this much of a slice is left: enough for a poll and a payment to happen."""
 PROBE_RENEW_FRACTION = 0.5
+# A renewal by the vendor's clock needs this share of the work the earlier slices paid for.
+CLOCK_WORK_SHARE = 0.5
 """A short first slice is renewed once this much of it is left: half of it run is the proof."""
 MIN_SLICE_HOURS = 1 / 60
 """No payment buys less than a minute of work (as `start_request.MIN_HOURS`)."""
@@ -73,13 +75,15 @@ def renewal_due(
     """Whether a sliced job at `progress` should buy its next slice now: its paid share of the
     work nearly done, or, for a vendor that ends a running job by the clock (`ends_at`: pass it
     only for a job running now), its paid time nearly up (a job slower than planned would
-    otherwise be stopped mid-slice) once the job has reached its current slice's work: a clock
-    never buys more than one slice ahead of the work, whatever the vendor says."""
+    otherwise be stopped mid-slice) once the job has done half the work of the slices before
+    its current one (as `_ran_little` judges a vendor): a job at half its planned speed or more
+    is never cut off, and a vendor's clock never buys slices far ahead of the work it shows."""
     if job.slice_hours is None or next_slice_hours(job, paid) <= EPS:
         return False
     if ends_at is not None and now is not None:
         left_s = (ends_at - now).total_seconds()
-        reached = progress + EPS >= paid_until(job, max(0.0, paid - job.slice_hours))
+        before = paid_until(job, max(0.0, paid - job.slice_hours)) - job.start_progress
+        reached = progress - job.start_progress + EPS >= CLOCK_WORK_SHARE * before
         if reached and left_s <= RENEW_FRACTION * job.slice_hours * 3600 + EPS:
             return True
     paid_left = (paid_until(job, paid) - progress) * total_hours(job)

@@ -1,6 +1,6 @@
-"""Instances the fleet launched that will not work: one still booting past its boot deadline, or
-one unhealthy (RunPod's ERROR) for half that, is terminated through the rails like any other
-action; RunPod and Vast.ai bill both, and both fill the pool's minimum while doing nothing."""
+"""Instances the fleet launched that will not work: one not working (booting, or unhealthy as a
+RunPod pod in ERROR) past its boot deadline, or unhealthy after half of it, is terminated through
+the rails like any other action; RunPod and Vast.ai bill it, and it fills the pool's minimum."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from procure.fleet.monitor import InstanceView
 from procure.fleet.policy import TERMINATE, Proposal, snapshot
 from procure.fleet.settings import FleetSettings
 
+NOT_WORKING = ("booting", "unhealthy")  # billed (RunPod, Vast.ai) and doing no work
+
 
 def proposals(
     views: Sequence[InstanceView],
@@ -18,11 +20,11 @@ def proposals(
     now: datetime,
     since: dict[str, tuple[str, datetime]],
 ) -> list[Proposal]:
-    """Terminations of the fleet's own launches booting for `cfg.boot_timeout_mins`, or
-    unhealthy for half of it (an instance that booted and broke: not slow, broken), each timed
-    from when it entered that state (a node that reboots after an hour of work has its own
-    deadline, not its launch's). `since` (kept by the caller across scans): each instance's
-    status and since when."""
+    """Terminations of the fleet's own launches not working (booting or unhealthy, flapping
+    between them included) for `cfg.boot_timeout_mins`, or unhealthy now after half of it (one
+    that booted and broke: not slow, broken). Timed from when it last stopped working (a node
+    that reboots after an hour of work has a deadline of its own, not its launch's). `since`
+    (kept by the caller across scans): per instance, working or not, and since when."""
     deadline = timedelta(minutes=cfg.boot_timeout_mins)
     live = {v.id for v in views}
     for gone in set(since) - live:
@@ -31,25 +33,22 @@ def proposals(
     out: list[Proposal] = []
     for v in views:
         row = v.instance
+        state = "idle" if row.status in NOT_WORKING else "working"
         seen = since.get(v.id)
-        if seen is None or seen[0] != row.status:
-            # First seen (a controller started) booting within a deadline of its launch: timed
-            # from the launch; else from now (an old node rebooting gets a deadline of its own).
-            launch = seen is None and row.status == "booting"
+        if seen is None or seen[0] != state:
+            # First seen (a controller started) not working within a deadline of its launch:
+            # timed from the launch; else from now (an old node rebooting gets its own).
+            launch = seen is None and state == "idle"
             recent = now - row.first_seen_at < deadline
-            since[v.id] = (row.status, row.first_seen_at if launch and recent else now)
+            since[v.id] = (state, row.first_seen_at if launch and recent else now)
         if row.launched_by is None:  # not launched by the fleet: the operator's to judge
             continue
         entered = since[v.id][1]
         limit = deadline if row.status == "booting" else deadline / 2
-        if row.status not in ("booting", "unhealthy") or now - entered < limit:
+        if state == "working" or now - entered < limit:
             continue
         minutes = (now - entered).total_seconds() / 60
-        why = (
-            f"still booting after {minutes:.0f} minutes"
-            if row.status == "booting"
-            else f"unhealthy for {minutes:.0f} minutes"
-        )
+        why = f"not working ({row.status} now) for {minutes:.0f} minutes"
         out.append(
             Proposal(
                 TERMINATE,
