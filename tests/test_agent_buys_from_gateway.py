@@ -74,6 +74,17 @@ def _only_gpu(gw: GatewayWorld, free: dict[str, int]) -> None:
         assert answer.status_code == 200, answer.text
 
 
+def preempt_the_only_gpu(gw: GatewayWorld) -> None:
+    """No RTX 4090 left free anywhere, then the gateway's one pod lost (its host died)."""
+    _only_gpu(gw, {"US-TX-3": 0, "EU-RO-1": 0, "CA-MTL-1": 0})
+    [pod] = gw.live_pods()
+    preempted = httpx.post(
+        f"{gw.mock.url}/admin/instances/{pod['id']}/preempt",
+        headers={"Authorization": f"Bearer {gw.mock.api_key}"},
+    )
+    assert preempted.status_code == 200, preempted.text
+
+
 def sliced_planner(slice_hours: float) -> Any:
     """A planner that buys the run's one job from the gateway in slices of `slice_hours`."""
 
@@ -177,13 +188,7 @@ def test_agent_keeps_a_gateway_job_that_runs_again_after_a_preemption(
     async def events() -> None:
         # The agent's job runs at the gateway and has made progress.
         await tick_until(lambda: state_of(g.world, run_id).jobs and job().progress > 0.02)
-        _only_gpu(g, {"US-TX-3": 0, "EU-RO-1": 0, "CA-MTL-1": 0})  # no second GPU for now
-        [pod] = g.live_pods()
-        preempted = httpx.post(
-            f"{g.mock.url}/admin/instances/{pod['id']}/preempt",
-            headers={"Authorization": f"Bearer {g.mock.api_key}"},
-        )
-        assert preempted.status_code == 200, preempted.text
+        preempt_the_only_gpu(g)  # and no second GPU for now
         # The gateway waits for capacity to relaunch it; the agent polls a `queued` job.
         vendor_job = job().vendor_job_id
         await tick_until(lambda: job_status(g, vendor_job)["status"] == "queued")

@@ -9,8 +9,7 @@ import asyncio
 import contextlib
 import logging
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from procure.models import utcnow
 from procure.settings import Settings
 from procure.store import Store, fleet_repo, open_store
 from procure.store.fleet_tables import OutboxRow
+from prometheus_harness import eventually
 from world import start_world
 
 TOKEN = "review-api-token"
@@ -57,15 +57,6 @@ def store(sqlite_url: str) -> Iterator[Store]:
     opened = open_store(sqlite_url)
     yield opened
     opened.dispose()
-
-
-def eventually(condition: Callable[[], Any], what: str, within_s: float = 20) -> Any:
-    deadline = time.monotonic() + within_s
-    while not (found := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
-    return found
 
 
 def counters(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

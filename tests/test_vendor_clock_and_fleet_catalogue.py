@@ -14,7 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from fleet_fakes import FakeCloud
@@ -25,7 +24,7 @@ from procure.local import facilitator_client, serve
 from procure.models import Action, utcnow
 from procure.store import repo
 from procure.vendors.mock import create_mock_vendor_app
-from test_agent_buys_from_gateway import LONG_JOB, _only_gpu, sliced_planner
+from test_agent_buys_from_gateway import LONG_JOB, preempt_the_only_gpu, sliced_planner
 from test_gateway import job_status, start_gateway_world
 from world import TERMINAL, Rewrite, World, rewriting, start_world, state_of
 
@@ -194,13 +193,7 @@ def test_the_agent_buys_no_slice_for_a_job_queued_without_capacity(
         try:
             assert await tick_until(lambda: bool(state_of(g.world, run_id).jobs), 30)
             assert await tick_until(lambda: job().progress > 0.02, 60), job()
-            _only_gpu(g, {"US-TX-3": 0, "EU-RO-1": 0, "CA-MTL-1": 0})  # no GPU comes back
-            [pod] = g.live_pods()
-            preempted = httpx.post(
-                f"{g.mock.url}/admin/instances/{pod['id']}/preempt",
-                headers={"Authorization": f"Bearer {g.mock.api_key}"},
-            )
-            assert preempted.status_code == 200, preempted.text
+            preempt_the_only_gpu(g)  # and no GPU comes back
             vendor_job = job().vendor_job_id
             queued = lambda: job_status(g, vendor_job)["status"] == "queued"  # noqa: E731
             assert await tick_until(queued, 30)

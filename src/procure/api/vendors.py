@@ -115,11 +115,16 @@ def vendors_router(
             return repo.save_vendor(s, vendor, clear_credential=clear)
 
     async def write(
-        vendor_id: str, body: VendorRegistration, given: set[str] | None = None
+        vendor_id: str,
+        body: VendorRegistration,
+        given: set[str] | None = None,
+        stored: Vendor | None = None,
     ) -> JSONResponse:
+        """Save `body` as `vendor_id`; `stored`: the vendor as the caller already read it."""
         if body.vendor_id != vendor_id:
             return _error(400, "vendorId in the body differs from the path")
-        stored = await asyncio.to_thread(_get, vendor_id)
+        if stored is None:
+            stored = await asyncio.to_thread(_get, vendor_id)
         cloud = stored is not None and stored.kind == "cloud"
         if cloud and stored is not None and body.endpoint != stored.endpoint:
             return _error(
@@ -182,7 +187,7 @@ def vendors_router(
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
         # only what the patch named counts as given: the rest is kept as stored
-        return await write(vendor_id, body, _named(changes))
+        return await write(vendor_id, body, _named(changes), stored)
 
     def _get(vendor_id: str) -> Vendor | None:
         with store.session() as s:
