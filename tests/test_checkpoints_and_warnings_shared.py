@@ -58,7 +58,7 @@ def test_two_processes_post_each_budget_warning_once(sqlite_url: str) -> None:
 
 
 def test_two_cloud_runs_never_share_one_checkpoint_folder(tmp_path: Path) -> None:
-    """Before the fix: pROCURE_CLOUD_CHECKPOINT_DIR is handed to every node as the job's checkpoint
+    """Before the fix: PROCURE_CLOUD_CHECKPOINT_DIR is handed to every node as the job's checkpoint
     folder as is (the gateway adds its job's id; the agent adds nothing), and a node given a folder
     has the job write there: every run's job writes `step-000020.json` into the same prefix, so one
     run's checkpoints overwrite another's and a resumed run may load another user's state."""

@@ -77,16 +77,17 @@ def test_a_malformed_wallet_key_is_one_line_naming_it(tmp_path: Path) -> None:
 
 
 def test_a_malformed_secret_key_is_one_line_naming_it(tmp_path: Path) -> None:
-    """Before the fix: pROCURE_SECRET_KEY that is not a Fernet key makes `run tick` and `worker` end
+    """Before the fix: PROCURE_SECRET_KEY that is not a Fernet key makes `run tick` and `worker` end
     in a CredentialError traceback, whose message never says which variable is wrong."""
-    # `worker` and `vendors seed` die the same way
-    result = procure(tmp_path, "run", "tick", "no-such-run", PROCURE_SECRET_KEY="not-a-fernet-key")
-    _one_line(result, naming="PROCURE_SECRET_KEY")
-    assert "not-a-fernet-key" not in result.stdout + result.stderr
+    # `worker` and `vendors seed` die the same way; `serve` died in its app's start
+    for command in (("run", "tick", "no-such-run"), ("serve", "--port", str(free_port()))):
+        result = procure(tmp_path, *command, PROCURE_SECRET_KEY="not-a-fernet-key")
+        _one_line(result, naming="PROCURE_SECRET_KEY")
+        assert "not-a-fernet-key" not in result.stdout + result.stderr
 
 
 def test_a_procure_home_that_is_a_file_is_one_line(tmp_path: Path) -> None:
-    """Before the fix: pROCURE_HOME pointing at a file (or anywhere that cannot hold the wallet key)
+    """Before the fix: PROCURE_HOME pointing at a file (or anywhere that cannot hold the wallet key)
     makes `procure wallet` end in a FileExistsError traceback instead of a line naming
     PROCURE_HOME."""
     home = tmp_path / "home-is-a-file"

@@ -66,12 +66,8 @@ def settings_errors() -> Iterator[None]:
     and why, never the value (it may be a secret), and exit status 1."""
     from pydantic import ValidationError
 
-    from procure.vendors.credentials import CredentialError
-
     try:
         yield
-    except CredentialError as exc:  # the deployment's key (PROCURE_SECRET_KEY or its file)
-        fail(f"bad setting: {exc}")
     except ValidationError as exc:
         found = []
         for e in exc.errors():
@@ -79,6 +75,19 @@ def settings_errors() -> Iterator[None]:
             why = str(e["msg"]).removeprefix("Value error, ")
             found.append(f"{where}: {why}" if where else why)
         fail("bad setting: " + "; ".join(found))
+
+
+@contextlib.contextmanager
+def key_errors() -> Iterator[None]:
+    """The deployment's key (PROCURE_SECRET_KEY or its file) refused while this runs: one line
+    naming it. Apart from `settings_errors`, whose every command would import the cryptography
+    it needs only where a keyring is made."""
+    from procure.vendors.credentials import CredentialError
+
+    try:
+        yield
+    except CredentialError as exc:
+        fail(f"bad setting: {exc}")
 
 
 def level_named(name: str) -> str:

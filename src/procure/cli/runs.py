@@ -10,9 +10,9 @@ import typer
 from procure.cli.common import (
     console,
     fail,
+    key_errors,
     load_settings,
     print_json,
-    settings_errors,
     store_errors,
     store_for,
     table,
@@ -128,7 +128,7 @@ def run_tick(run_id: str) -> None:
     owner = f"cli-{uuid.uuid4().hex[:8]}"
 
     async def go() -> dict[str, Any]:
-        with settings_errors():  # the deployment's key, read here
+        with key_errors():  # the deployment's key, read here
             deps = make_deps(settings, store)
         try:
             return (await tick_under_lease(deps, run_id, owner, settings.api_lease_s)).to_json()
@@ -165,7 +165,7 @@ def run_cancel(
         fail("--reason must be 1 to 500 characters", 2)
 
     async def carry_out() -> None:
-        with settings_errors():  # the deployment's key, read here
+        with key_errors():  # the deployment's key, read here
             deps = make_deps(settings, store)
         try:
             await tick_under_lease(

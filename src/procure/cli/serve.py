@@ -14,6 +14,7 @@ from procure.cli.common import (
     cloud_settings,
     console,
     fail,
+    key_errors,
     level_named,
     load_settings,
     settings_errors,
@@ -56,6 +57,7 @@ def serve(
 
     from procure.agent.worker import WorkerConfig
     from procure.api.app import create_app
+    from procure.vendors.credentials import Keyring
 
     settings = load_settings()
     # one line per run event (procure.agent.runlog) beside uvicorn's own; migrations stay quiet
@@ -78,6 +80,8 @@ def serve(
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     with settings_errors(), store_errors(settings):  # the dashboard's and fleet's settings too
         app_ = create_app(settings, store_for(settings), worker=cfg, fleet=fleet_run)
+    with key_errors():  # read by the app's start (the worker, vendors' credentials): said here
+        Keyring.load(settings.home)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C ends it cleanly, as uvicorn.run does
         uvicorn.Server(uvicorn.Config(app_, host=host, port=port)).run(sockets=[listening])
 
@@ -148,7 +152,7 @@ def worker_command(
     )
 
     async def go() -> Any:
-        with settings_errors():  # the deployment's key, read here
+        with key_errors():  # the deployment's key, read here
             deps = make_deps(settings, store)
         worker = Worker(deps, cfg)
         loop = asyncio.get_running_loop()

@@ -10,9 +10,9 @@ from procure.cli.common import (
     PORT,
     console,
     fail,
+    key_errors,
     load_settings,
     print_json,
-    settings_errors,
     store_errors,
     store_for,
     table,
@@ -82,7 +82,7 @@ def vendors_seed(
         info = asset_info(settings.facilitator_url, tries=10)
     except RuntimeError as exc:
         fail(f"{exc}; start it with `procure facilitator` or set X402_FACILITATOR_URL")
-    with settings_errors():  # the deployment's key
+    with key_errors():  # the deployment's key
         keyring = Keyring.load(settings.home)
     credential = keyring.encrypt(settings.gpu_vendor_secret.get_secret_value())
     with store_errors(settings), store_for(settings).session() as s:
