@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 
 from procure.agent.context import PlanContext
 from procure.agent.llm_planner import (
+    REASK_WAIT_S,
     LLMPlanner,
     action_schema,
     make_llm_planner,
@@ -361,6 +362,59 @@ def test_a_wait_naming_a_vendor_as_the_schema_demands_is_a_plain_wait(
     llm.script.append(answer(action="wait", vendorId="gpu_vendor_1", reason="all cooling down"))
     action = plan(settings, make_ctx())
     assert (action.action, action.vendor_id) == ("wait", None)
+
+
+def test_a_waiting_run_asks_the_model_again_only_once_its_state_changes(
+    llm: FakeLLM, settings: Settings
+) -> None:
+    """Before the fix: a run waiting for its cooling vendors asked (and paid for) a completion at
+    every tick, though the model saw the same state each time and answered the same wait."""
+    ctx = make_ctx()
+    start = ctx.now
+    for vendor in ctx.vendors:
+        vendor.cooldown_until = start + timedelta(minutes=3)
+    wait = answer(action="wait", vendorId="gpu_vendor_1", reason="every vendor is cooling down")
+    llm.script += [wait, GOOD]
+
+    async def go() -> list[Action]:
+        planner = make_llm_planner(settings)
+        actions = []
+        # A tick every 5 s for two minutes, then one after the cool-downs end.
+        for at in [*range(0, 120, 5), 200]:
+            actions.append(await planner(replace(ctx, now=start + timedelta(seconds=at))))
+        return actions
+
+    actions = asyncio.run(go())
+
+    assert [a.action for a in actions[:24]] == ["wait"] * 24
+    assert len(llm.requests) == 2  # once while waiting, once when the vendors came back
+    assert (actions[24].action, actions[24].vendor_id) == ("start_job", "gpu_vendor_2")
+
+
+def test_a_wait_is_asked_again_after_a_while_and_a_fallback_is_never_kept(
+    llm: FakeLLM, settings: Settings
+) -> None:
+    """The model's wait stands for a few minutes at most, and a wait the heuristic chose because
+    the model failed is not kept: the next tick asks the model again."""
+    ctx = make_ctx()
+    start = ctx.now
+    for vendor in ctx.vendors:
+        vendor.cooldown_until = start + timedelta(hours=2)
+    wait = answer(action="wait", vendorId="gpu_vendor_1", reason="every vendor is cooling down")
+    llm.script += [Reply(status=500), wait, wait]
+
+    async def go() -> list[Action]:
+        planner = make_llm_planner(settings)
+        return [
+            await planner(replace(ctx, now=start + timedelta(seconds=at), notes=[]))
+            for at in (0, 5, 10, REASK_WAIT_S + 5, REASK_WAIT_S + 10)
+        ]
+
+    actions = asyncio.run(go())
+
+    assert [a.action for a in actions] == ["wait"] * 5
+    # The 500's fallback at 0 s, the model at 5 s (kept at 10 s), again after REASK_WAIT_S.
+    assert len(llm.requests) == 3
 
 
 def long_run_ctx(payments: int) -> PlanContext:

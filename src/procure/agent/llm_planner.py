@@ -41,6 +41,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -75,6 +76,11 @@ JOBS_SHOWN = 5
 """The latest jobs listed in the state the model sees (`jobCount` says how many there are)."""
 PAYMENTS_SHOWN = 3
 """The latest payments listed; the rest are summarised per vendor."""
+# A run that waits (its vendors cooling down, a cap reached) shows the model the same state
+# tick after tick: its last wait stands until that state changes, asked again at most this often,
+# so a waiting run does not pay for a completion every tick. Kept for this many runs at most.
+REASK_WAIT_S = 300.0
+WAITS_KEPT = 256
 PLACEHOLDER_KEY = "not-needed"  # Ollama and vLLM ignore the key, but the SDK wants one
 REDACTED = "[redacted]"
 
@@ -302,6 +308,8 @@ class LLMPlanner:
         self.fallback = fallback
         self.response_format: ResponseFormatKind = "json_schema"
         self._secrets = tuple(s for s in secrets if s)
+        # Per run: the state the model last answered `wait` to, when, and that answer.
+        self._waits: dict[str, tuple[str, datetime, Action]] = {}
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -309,8 +317,26 @@ class LLMPlanner:
         return text
 
     async def __call__(self, ctx: PlanContext) -> Action:
+        run_id = ctx.state.run.id
+        state = json.dumps(state_for_llm(ctx), separators=(",", ":"))
+        waited = self._waits.pop(run_id, None)
+        if waited is not None and waited[0] == state:
+            age = (ctx.now - waited[1]).total_seconds()
+            if 0 <= age < REASK_WAIT_S:
+                self._waits[run_id] = waited
+                return waited[2].model_copy()
+        noted = len(ctx.notes)
+        action = await self._ask(ctx, state)
+        fell_back = any(t == ObservationType.error for t, _ in ctx.notes[noted:])
+        if action.action == "wait" and not fell_back:  # the model's own wait, not the fallback's
+            self._waits[run_id] = (state, ctx.now, action.model_copy())
+            while len(self._waits) > WAITS_KEPT:
+                del self._waits[next(iter(self._waits))]
+        return action
+
+    async def _ask(self, ctx: PlanContext, state: str) -> Action:
         try:
-            content = await asyncio.wait_for(self._complete(ctx), self.timeout_s)
+            content = await asyncio.wait_for(self._complete(state, ctx), self.timeout_s)
         except TimeoutError:
             return await self._fall_back(ctx, f"no answer within {self.timeout_s:g}s")
         except Exception as exc:  # the SDK's HTTP and connection errors, and anything else
@@ -365,13 +391,10 @@ class LLMPlanner:
         log.warning("LLM planner fell back to the heuristic: %s", why)
         return await self.fallback(ctx)
 
-    async def _complete(self, ctx: PlanContext) -> str | None:
+    async def _complete(self, state: str, ctx: PlanContext) -> str | None:
         messages = [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {
-                "role": "user",
-                "content": json.dumps(state_for_llm(ctx), separators=(",", ":")),
-            },
+            {"role": "user", "content": state},
         ]
         kind = self.response_format
         schema = response_schema(ctx)
