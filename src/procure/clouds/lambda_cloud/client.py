@@ -16,6 +16,7 @@ from procure.bounds import UnsafeInput, loads
 from procure.clouds.base import (
     LABEL_PREFIX,
     AuthError,
+    CapacityError,
     CloudError,
     Instance,
     InstanceType,
@@ -99,10 +100,21 @@ class LambdaCloud:
         region: str,
         name: str,
         ssh_key_names: list[str],
-        max_price_per_hour: int | None = None,  # Lambda's list prices hold: nothing to check
+        max_price_per_hour: int | None = None,
     ) -> list[str]:
+        """Launch one instance named `name`; nothing when `instance_type` costs more now than
+        `max_price_per_hour`, the price the caps were checked against (CapacityError): Lambda's
+        list prices move too, and its launch takes no price to hold."""
         if len(name) > MAX_NAME:
             raise CloudError(f"instance name longer than Lambda's {MAX_NAME} characters")
+        if max_price_per_hour is not None:
+            now = {t.name: t.price_per_hour for t in await self.instance_types()}
+            price = now.get(instance_type)
+            if price is not None and price > max_price_per_hour:
+                raise CapacityError(
+                    f"Lambda's {instance_type} costs {price / 1e6:.4f}/h now, above the "
+                    f"{max_price_per_hour / 1e6:.4f}/h the caps were checked against"
+                )
         body = {
             "region_name": region,
             "instance_type_name": instance_type,
@@ -258,7 +270,10 @@ class LambdaCloud:
                 raise ProviderError(f"{what}: Lambda answered {response.status_code} with no JSON")
             return parsed
         code = wire.error_code(parsed)
-        if response.status_code == 404 and code and code[0] == "global/object-does-not-exist":
+        # On a launch the same code names a resource the launch needs (an SSH key, a region, a
+        # type): a refusal whose message says which, never an instance "gone".
+        gone = code is not None and code[0] == "global/object-does-not-exist"
+        if response.status_code == 404 and gone and not launch:
             raise _NotFound(what)
         found = wire.error_for(
             response.status_code, parsed, what, response.headers.get("retry-after")

@@ -53,6 +53,9 @@ class MockCloudConfig:
     request_burst: int = 2
     launch_interval_s: float = 12.0
     launch_burst: int = 5
+    # The account's SSH key names at start (`mockkeys`). None: none known, and a launch may
+    # name any key (tests, demos); once keys are known, a launch naming another is refused.
+    ssh_keys: list[str] | None = None
 
 
 class Refusal(Exception):
@@ -110,6 +113,13 @@ class MockCloudState:
         self.lock = threading.RLock()
         self.forgotten_billed = 0  # micro-USD billed for instances no longer listed
         self.never_boot = False  # a fault: instances launched now stay booting forever
+        # The account's SSH keys by id ({"id", "name", "public_key"}), as `mockkeys` lists them.
+        self.ssh_keys: dict[str, dict[str, str]] = {}
+        self.keys_known = config.ssh_keys is not None
+        for key_name in config.ssh_keys or []:
+            key_id = secrets.token_hex(16)
+            public = f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{secrets.token_hex(16)} {key_name}"
+            self.ssh_keys[key_id] = {"id": key_id, "name": key_name, "public_key": public}
         if config.workload:
             self.cluster.submit(config.workload, 0.0)
 
@@ -184,6 +194,16 @@ class MockCloudState:
                         "global/invalid-parameters",
                         "Exactly one SSH key must be specified.",
                         "Pass one name in ssh_key_names.",
+                    )
+                )
+            known = {k["name"] for k in self.ssh_keys.values()}
+            if self.keys_known and ssh_key_names[0] not in known:
+                raise self._refuse(
+                    Refusal(
+                        404,
+                        "global/object-does-not-exist",
+                        f"Specified SSH key {ssh_key_names[0][:64]!r} does not exist.",
+                        "List SSH keys with GET /api/v1/ssh-keys, or add one.",
                     )
                 )
             if len(self.live()) >= self.config.quota:

@@ -240,7 +240,10 @@ class RunPodCloud:
             if parsed is None:
                 raise ProviderError(f"{what}: RunPod answered {response.status_code} with no JSON")
             return parsed
-        if response.status_code == 404 and wire.problem(parsed)[0]:
+        # Only a pod's own path answering 404 means the pod is gone; createPod's 404 (a
+        # template or volume it names) is a refusal whose detail says what is missing.
+        one_pod = path.startswith(f"{PODS}/")
+        if response.status_code == 404 and one_pod and wire.problem(parsed)[0]:
             raise _NotFound(what)
         after = response.headers.get("retry-after")
         found = wire.error_for(response.status_code, parsed, what, create=create, after=after)

@@ -36,7 +36,8 @@ from procure.clouds.runpod.wire import node_port_of
 from procure.clouds.specs import request_schema, spec
 
 PROBLEM = "application/problem+json"
-ENDPOINTS = ("catalog", "pods", "pod", "create", "delete", "billing")
+ENDPOINTS = ("catalog", "pods", "pod", "create", "delete", "billing", "keys")
+KEYS_PATH = "/v2/account/ssh-keys"  # dstack registers its key here before it creates a pod
 
 
 class Faults(AnswerFaults):
@@ -56,15 +57,16 @@ class CapacityBody(BaseModel):
 
 
 @cache
-def _create_validator() -> Draft202012Validator:
+def _request_validator(method: str, path: str) -> Draft202012Validator:
     registry = Registry().with_resource("urn:runpod", DRAFT202012.create_resource(spec("runpod")))
-    return Draft202012Validator(request_schema("runpod", "POST", "/v2/pods"), registry=registry)
+    return Draft202012Validator(request_schema("runpod", method, path), registry=registry)
 
 
-def spec_errors(body: Any) -> list[str]:
-    """createPod's contract violations, as RunPod lists them in a 422's `errors`."""
+def spec_errors(body: Any, method: str = "POST", path: str = "/v2/pods") -> list[str]:
+    """A request body's contract violations (createPod's by default), as RunPod lists them in
+    a 422's `errors`."""
     found = []
-    for error in _create_validator().iter_errors(body):
+    for error in _request_validator(method, path).iter_errors(body):
         where = "$" + "".join(f".{p}" for p in error.absolute_path)
         found.append(f"{where}: {error.message[:200]}")
     return found[:20]
@@ -283,6 +285,27 @@ def create_app(state: MockRunPodState) -> FastAPI:
         if config.nodes:
             await nodes.reconcile()
         return Response(status_code=204, headers=headers)
+
+    @app.get(KEYS_PATH, dependencies=authed)
+    async def ssh_keys() -> JSONResponse:
+        headers = await guard("keys")
+        with state.lock:
+            return JSONResponse({"keys": list(state.ssh_keys)}, headers=headers)
+
+    @app.put(KEYS_PATH, dependencies=authed)
+    async def replace_ssh_keys(request: Request) -> JSONResponse:
+        """The account's whole key set, replaced (RunPod merges nothing)."""
+        headers = await guard("keys")
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise Problem(400, "request body is not valid JSON", headers=headers) from None
+        errors = spec_errors(body, "PUT", KEYS_PATH)
+        if errors:
+            raise Problem(422, "Request validation failed.", errors=errors, headers=headers)
+        with state.lock:
+            state.ssh_keys = list(body["keys"])
+            return JSONResponse({"keys": list(state.ssh_keys)}, headers=headers)
 
     @app.get("/v2/billing/pods", dependencies=authed)
     async def billing_pods(request: Request) -> JSONResponse:

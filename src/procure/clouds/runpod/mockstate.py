@@ -128,6 +128,7 @@ class MockRunPodState:
         self.lock = threading.RLock()
         self.launches = 0
         self.windows: dict[str, tuple[float, int]] = {}
+        self.ssh_keys: list[str] = []  # the account's public keys (`PUT /v2/account/ssh-keys`)
 
     def now(self) -> float:
         return self.clock.now()

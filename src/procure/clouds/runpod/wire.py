@@ -48,13 +48,20 @@ def billed_micros(rate_usd_per_hour: float, seconds: float) -> int:
     return round(whole * round(rate_usd_per_hour * MICROS) / 3600)
 
 
+_GPU_VENDORS = ("NVIDIA", "GEFORCE", "AMD", "TESLA", "INSTINCT")
+
+
 def canonical_gpu(gpu_id: str) -> str:
-    """RunPod's GPU type id ("NVIDIA GeForce RTX 4090", "NVIDIA A100 80GB PCIe") as procure's
-    canonical model ("RTX4090", "A100")."""
-    words = [w for w in re.split(r"\s+", gpu_id.upper()) if w not in ("NVIDIA", "GEFORCE", "AMD")]
+    """RunPod's GPU type id ("NVIDIA GeForce RTX 4090", "NVIDIA A100 80GB PCIe",
+    "NVIDIA A100-SXM4-80GB", "Tesla V100-SXM2-16GB", "AMD Instinct MI300X OAM") as procure's
+    canonical model ("RTX4090", "A100", "A100", "V100", "MI300X"): some ids join the form factor
+    to the model with hyphens, some put a brand before it."""
+    words = [w for w in re.split(r"[\s\-]+", gpu_id.upper()) if w and w not in _GPU_VENDORS]
     if not words:
         return ""
     if words[0] == "RTX" and len(words) > 1:
+        if words[1] == "PRO" and len(words) > 2:  # "RTX PRO 6000 Blackwell ...": a model each
+            return "RTXPRO" + words[2]
         return words[1] if words[1].startswith("A") else "RTX" + words[1]
     return words[0]
 

@@ -193,6 +193,7 @@ class VastCloud:
         filters = {"day": {"gte": 0, "lte": int(time.time()) + 400 * 86400}}
         params: dict[str, str] = {"select_filters": json.dumps(filters), "limit": "500"}
         total: int | None = None
+        tokens: set[str] = set()
         for _ in range(MAX_PAGES):
             body = await self._call("GET", "/api/v0/charges", "charges", params=params)
             amount, token = wire.charges_page(body, instance_id)
@@ -200,7 +201,7 @@ class VastCloud:
                 total = (total or 0) + amount
             if not token:
                 return total
-            params["after_token"] = token
+            params["after_token"] = _next_page(token, tokens, "charges")
         raise ProviderError("Vast.ai's charges did not end within the pages allowed")
 
     # --- Cloud (the fleet controller) ----------------------------------------------------
@@ -262,13 +263,14 @@ class VastCloud:
     async def _list(self, filters: dict[str, Any]) -> list[Instance]:
         params = {"limit": str(PAGE), "select_filters": json.dumps(filters)}
         found: list[Instance] = []
+        tokens: set[str] = set()
         for _ in range(MAX_PAGES):
             body = await self._call("GET", "/api/v1/instances/", "list", params=params)
             page, token = wire.instances_page(body, self.node_port)
             found += [i for i in page if i.status != "terminated"]
             if not token:
                 return found
-            params["after_token"] = token
+            params["after_token"] = _next_page(token, tokens, "instance list")
         raise ProviderError("Vast.ai's instance list did not end within the pages allowed")
 
     async def _call(
@@ -340,6 +342,15 @@ class VastCloud:
 
 class _NotFound(CloudError):
     """Vast's 404 for an instance (internal: callers see None or an idempotent no-op)."""
+
+
+def _next_page(token: str, seen: set[str], what: str) -> str:
+    """`token`, the next page's cursor, unless Vast handed it out before: a cursor that loops
+    would be followed page after paced page to the limit, stalling the caller for minutes."""
+    if token in seen:
+        raise ProviderError(f"Vast.ai's {what} pages loop (a next_token came back again)")
+    seen.add(token)
+    return token
 
 
 def _segment(value: str) -> str:

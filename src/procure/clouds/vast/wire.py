@@ -256,7 +256,8 @@ def error_for(status: int, body: Any, raw: bytes, what: str) -> CloudError:
     text += f": {message}" if message and (json_body or status == 429) else ""
     if status == 429:
         return RateLimited(text)
-    if status in (401, 403) or code in ("invalid_token", "unauthorized", "auth_error"):
+    # `invalid_token` with a 400 is a page token Vast no longer takes (its spec), not the key.
+    if status in (401, 403) or code in ("unauthorized", "auth_error"):
         return AuthError(f"{what}: Vast.ai refused the API key ({status} {code or 'denied'})")
     if code == "no_such_ask" or "no_such_ask" in message or status == 410:
         return CapacityError(text)
