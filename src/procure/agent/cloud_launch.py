@@ -30,12 +30,17 @@ from procure.clouds.base import (
     Instance,
     LaunchSpec,
     QuotaError,
+    RateLimited,
     RentalCloud,
 )
 from procure.models import Job, JobStatus, OfferTerms, Vendor, format_usd, utcnow
 from procure.store import cloud_repo, repo
 from procure.store.cloud_repo import CloudInstance
 from procure.vendors.credentials import CredentialError
+
+LAUNCH_LOOKUP_S = 120.0
+"""How long a launch left without an answer is looked up by name before its job is given up:
+a provider's listing may show a launch a little after it was made."""
 
 
 async def launch(
@@ -63,6 +68,8 @@ async def launch(
         instance, how, before = found[0], "found after an interrupted launch", inst.created_at
     elif inst.outcome is not None:  # ending before anything was launched: no money moved
         return end(deps, ctx, job, inst, 0, inst.outcome, inst.end_reason or "")
+    elif inst.launched_at is not None:
+        return lookup(deps, ctx, job, inst, terms)
     else:
         try:
             token = keyring(deps).decrypt(inst.node_token)
@@ -76,6 +83,8 @@ async def launch(
             bid_per_hour=terms.min_bid_per_hour if terms.interruptible else None,
         )
         before = utcnow()  # its bill cannot start earlier (a computed bill starts here)
+        with deps.store.session() as s:  # tried: a launch left without answer is not repeated
+            cloud_repo.update_instance(s, inst.name, launched_at=before)
         try:
             instance = await client.launch_spec(spec)
         except (CapacityError, QuotaError, AuthError) as exc:
@@ -89,6 +98,10 @@ async def launch(
                     )
             why = f"{inst.provider} refused the launch: {type(exc).__name__}: {exc}"
             return end(deps, ctx, job, inst, 0, "failed", why, fault=False)
+        except RateLimited as exc:  # refused before anything was launched: try again later
+            with deps.store.session() as s:
+                cloud_repo.update_instance(s, inst.name, launched_at=None)
+            return trouble(deps, job, f"{inst.provider} launch {inst.name}: {exc}")
         except CloudError as exc:  # no answer: it may have launched; `find` tells next tick
             return trouble(deps, job, f"{inst.provider} launch {inst.name}: {exc}; will look it up")
         how = "launched"
@@ -121,6 +134,23 @@ async def launch(
     if inst.status == "terminating":
         return await terminate(deps, ctx, job, inst, client, terms)
     return TickResult("Instance launched")
+
+
+def lookup(
+    deps: AgentDeps, ctx: PlanContext, job: Job, inst: CloudInstance, terms: OfferTerms
+) -> TickResult:
+    """A launch tried before got no answer and its instance is not listed (yet): a provider's
+    listing may lag its launches, so it is never launched again under its name (that would be a
+    second instance for one job). Looked up for a while (`LAUNCH_LOOKUP_S`, at most its boot
+    timeout); then the job ends with nothing booked and the run chooses again (a new job, a new
+    name); one that lands after all is the sweeper's (terminated, booked as a late launch)."""
+    assert inst.launched_at is not None
+    wait_s = min(LAUNCH_LOOKUP_S, deps.cloud.boot_timeout_s)
+    if utcnow() <= inst.launched_at + timedelta(seconds=wait_s):
+        return trouble(deps, job, f"{inst.provider} launch {inst.name}: not listed yet")
+    cool(deps, terms, success=False)
+    why = f"{inst.provider} launch {inst.name} got no answer and it never showed by its name"
+    return end(deps, ctx, job, inst, 0, "failed", why, fault=True)
 
 
 def priced(

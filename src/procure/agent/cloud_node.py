@@ -14,6 +14,7 @@ from procure.bounds import loads
 from procure.httpbounds import bounded_client
 
 NODE_TIMEOUT_S = 15.0
+MAX_CURSOR = 2**31 - 1  # the job's log cursor column (an INTEGER: 32 bits on PostgreSQL)
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 
@@ -158,6 +159,9 @@ class HttpNode:
             str(item.get("text", ""))[:2000] for item in data["lines"] if isinstance(item, dict)
         ]
         following = data.get("next")
+        if isinstance(following, int) and following > MAX_CURSOR:
+            # Stored as it came, it would fail the poll's write in every tick of the run.
+            raise NodeError(f"log cursor past {MAX_CURSOR}")
         cursor = following if isinstance(following, int) and following >= after else after
         return lines, cursor
 

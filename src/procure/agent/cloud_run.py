@@ -31,6 +31,7 @@ from procure.models import (
     OfferTerms,
     Payment,
     PaymentStatus,
+    RunStatus,
     Vendor,
     format_usd,
     utcnow,
@@ -64,6 +65,8 @@ async def start_cloud_job(
     run, terms = ctx.state.run, vendor.offer
     if terms is None:
         return TickResult("Vendor error", action)
+    if run.deadline is not None and utcnow() > run.deadline:
+        return past_deadline(deps, ctx, action)
     resume = ctx.resume_from
     hours = ctx.remaining_hours
     now = utcnow()
@@ -146,6 +149,22 @@ async def start_cloud_job(
     return await step(deps, ctx, job, vendor)
 
 
+def past_deadline(deps: AgentDeps, ctx: PlanContext, action: Action) -> TickResult:
+    """The run's deadline has passed: an instance is stopped there (`step`), so one rented now
+    would be stopped at once, and the next too, tick after tick. The run ends instead."""
+    run = ctx.state.run
+    why = f"The run's deadline passed at {run.deadline:%Y-%m-%d %H:%M:%S} UTC"
+    with deps.store.session() as s:
+        repo.update_run(s, run.id, status=RunStatus.aborted, status_reason=why)
+        repo.add_observation(
+            s,
+            run.id,
+            OBS.agent_reasoning,
+            f"Not renting an instance: {why}; the run ends at {run.progress:.0%}",
+        )
+    return TickResult("Run aborted", action)
+
+
 # --- one step of a job on an instance ------------------------------------------------------
 
 
@@ -173,10 +192,13 @@ async def step(
         deps.spend_caps.warn_at,
     )
     if inst.status not in ("terminating", "terminated") and inst.outcome is None:
+        # A job running on its node: `poll` stops it at the deadline, once it has read whether
+        # the job finished (in time) since the last poll.
+        watched = inst.status == "running" and inst.node_job_id is not None
         why = None
         if cancelling:
             why = ("cancelled", run.cancel_reason or "cancelled")
-        elif run.deadline is not None and utcnow() > run.deadline:
+        elif run.deadline is not None and utcnow() > run.deadline and not watched:
             why = ("stopped", "the run's deadline passed")
         if why is not None:
             inst = mark_ending(

@@ -49,9 +49,14 @@ async def poll(
         gone = lost(deps, ctx, job, inst, instance, terms)
         if gone is not None:
             return await gone
-    if not reserve(deps, ctx, job, inst, terms):
-        inst = mark_ending(deps, inst, "stopped", BUDGET, fault=False, terminate=True)
-        return await terminate(deps, ctx, job, inst, client, terms)
+    # Out of money or past the run's deadline, the job is stopped; but read first whether it
+    # finished since the last poll (one bounded status read): a job done is not booked stopped.
+    stop = None if reserve(deps, ctx, job, inst, terms) else BUDGET
+    deadline = ctx.state.run.deadline
+    if deadline is not None and utcnow() > deadline:
+        stop = stop or "the run's deadline passed"
+    if stop is not None and inst.node_job_id is None:
+        return await stopped(deps, ctx, job, inst, client, terms, stop)
     try:
         token = keyring(deps).decrypt(inst.node_token)
     except CredentialError as exc:
@@ -89,12 +94,20 @@ async def poll(
                     vendor_id=job.vendor_id,
                 )
         njob = await node.status(node_job_id)
-        lines, cursor = await node.logs(node_job_id, job.log_cursor) if njob else ([], 0)
+        # Stopping, only whether it finished counts: no time spent reading its logs.
+        reading = njob is not None and stop is None
+        lines, cursor = (
+            await node.logs(node_job_id, job.log_cursor) if reading else ([], job.log_cursor)
+        )
     except NodeError as exc:
+        if stop is not None:
+            return await stopped(deps, ctx, job, inst, client, terms, stop)
         return trouble(deps, job, f"node of {inst.name}: {exc}")
     finally:
         await node.aclose()
     crash("polled")
+    if njob is None and stop is not None:
+        return await stopped(deps, ctx, job, inst, client, terms, stop)
     if njob is None:  # the node restarted and forgot it: what it saved stands
         inst = mark_ending(
             deps, inst, "failed", "the node lost the job", fault=True, terminate=True
@@ -115,12 +128,27 @@ async def poll(
         outcome = "failed" if njob.status == "cancelled" else "job_failed"
         inst = mark_ending(deps, inst, outcome, why, fault=False, terminate=True)
         return await terminate(deps, ctx, job, inst, client, terms)
+    if stop is not None:
+        return await stopped(deps, ctx, job, inst, client, terms, stop)
     stalled_s = (utcnow() - since).total_seconds()
     if not advanced and stalled_s > deps.stall_s:
         why = f"no progress for {stalled_s:,.0f}s (stuck at {njob.progress:.0%})"
         inst = mark_ending(deps, inst, "failed", why, fault=True, terminate=True)
         return await terminate(deps, ctx, job, inst, client, terms)
     return TickResult(f"Job running ({njob.progress:.0%})")
+
+
+async def stopped(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    job: Job,
+    inst: CloudInstance,
+    client: RentalCloud,
+    terms: OfferTerms,
+    why: str,
+) -> TickResult:
+    inst = mark_ending(deps, inst, "stopped", why, fault=False, terminate=True)
+    return await terminate(deps, ctx, job, inst, client, terms)
 
 
 async def unseen(
