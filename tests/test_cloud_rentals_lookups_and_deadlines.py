@@ -28,7 +28,7 @@ from cloud_fakes import (
     offer,
     tmp_url,
 )
-from procure.clouds.base import Instance, LaunchSpec, ProviderError
+from procure.clouds.base import CloudError, Instance, LaunchSpec, ProviderError
 from procure.models import JobStatus, PaymentStatus
 from procure.store import cloud_repo, repo
 
@@ -113,6 +113,39 @@ def test_a_launch_without_an_answer_never_listed_moves_on_without_a_second_insta
     assert records[0].instance_id is None and records[0].billed == 0
     assert cloud.launches == 2  # one per job, each under its own name
     assert len({i.name for i in cloud.instances.values()}) == 2
+
+
+class RefusedLaunch(FakeCloud):
+    """Every launch is refused the way a provider refuses a request to fix, not to retry
+    (Lambda's 404 for an SSH key the account lacks, RunPod's 422): nothing is created."""
+
+    async def launch_spec(self, spec: LaunchSpec) -> Instance:
+        raise CloudError("POST /instance-operations/launch: Specified SSH key 'procure' not found")
+
+
+def test_a_launch_the_provider_refuses_to_fix_ends_at_once_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """Before the fix: a launch refused with a plain error (nothing launched, nothing to retry)
+    was taken for one without an answer: looked up by name for minutes, then ended as "got no
+    answer and it never showed", the provider's reason lost. Now it ends at once with that
+    reason, and the run goes on at the next provider."""
+    refusing = RefusedLaunch("lambda", [offer("lambda", "A100-l", 1.0)], bills=False)
+    fine = FakeCloud("runpod", [offer("runpod", "A100-dc1", 36.0)], job_s=0.3)
+    store = new_store(
+        tmp_url(tmp_path),
+        [cloud_vendor("la", "lambda", 50.0), cloud_vendor("rp", "runpod", 50.0)],
+    )
+    deps = make_deps(store, {"lambda": refusing, "runpod": fine}, boot_timeout_s=600.0)
+    run_id = new_run(store, 100.0)
+    assert asyncio.run(drive(deps, run_id)) == "completed"
+    with store.session() as s:
+        state = repo.load_state(s, run_id, observations=False)
+    assert state is not None
+    refused = [j for j in state.jobs if j.vendor_id == "la"]
+    assert refused and all(j.status == JobStatus.failed for j in refused)
+    assert all("SSH key 'procure' not found" in (j.error_message or "") for j in refused)
+    assert fine.launches == 1
 
 
 # --- a GPU node answering garbage --------------------------------------------------------

@@ -102,7 +102,14 @@ async def launch(
             with deps.store.session() as s:
                 cloud_repo.update_instance(s, inst.name, launched_at=None)
             return trouble(deps, job, f"{inst.provider} launch {inst.name}: {exc}")
-        except CloudError as exc:  # no answer: it may have launched; `find` tells next tick
+        except CloudError as exc:
+            if not exc.retryable:  # refused, to fix and not to retry: nothing was launched
+                cool(deps, terms)
+                with deps.store.session() as s:
+                    cloud_repo.update_instance(s, inst.name, launched_at=None)
+                why = f"{inst.provider} refused the launch: {exc}"
+                return end(deps, ctx, job, inst, 0, "failed", why, fault=False)
+            # No answer: it may have launched; `find` or `lookup` tells from the next tick.
             return trouble(deps, job, f"{inst.provider} launch {inst.name}: {exc}; will look it up")
         how = "launched"
     crash("paid")
