@@ -196,7 +196,8 @@ def gateway(
     max_instances: Annotated[
         int,
         typer.Option(
-            help="At most this many instances at once", parser=whole(1, 1000, "--max-instances")
+            help="At most this many live jobs (each one instance) per buyer",
+            parser=whole(1, 1000, "--max-instances"),
         ),
     ] = 2,
     gpu: Annotated[

@@ -88,12 +88,28 @@ def _authorization(request: Request) -> dict[str, Any] | None:
         auth = decode_payment_signature_header(header).payload["authorization"]
         return {
             "from": str(auth["from"]),
-            "nonce": str(auth["nonce"])[:80],
+            "nonce": _nonce(str(auth["nonce"])),
             "value": int(auth["value"]),
             "validBefore": int(auth["validBefore"]),
         }
     except Exception:
         return None
+
+
+def _nonce(signed: str) -> str:
+    """The nonce's 32 bytes in one spelling (0x, lower case): the SDK verifies any spelling of
+    them (upper case, no 0x), the chain and its ledger know only the bytes, so a nonce kept as
+    signed let one payment, spelled twice, pass "never seen" twice and be booked for two jobs."""
+    raw = bytes.fromhex(signed[:200].removeprefix("0x"))  # as the SDK reads it
+    if len(raw) != 32:
+        raise ValueError("an EIP-3009 nonce is 32 bytes")
+    return "0x" + raw.hex()
+
+
+def _field(body: dict[str, Any], alias: str, name: str) -> Any:
+    """A body's field as the routes' models read it: by its alias, else by its name (they
+    populate by name too, so a check reading only the alias could be passed by the name)."""
+    return body[alias] if alias in body else body.get(name)
 
 
 _SCRAPE = ScrapeSettings()
@@ -181,8 +197,9 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
 
         async def process() -> Response:
             async with lock(f"{kind}:{key}"):
+                job_id = _field(body, "jobId", "job_id")
                 replay = await sales.replayed(rt, kind, key)
-                if replay is not None and kind == "renew" and replay["jobId"] != body.get("jobId"):
+                if replay is not None and kind == "renew" and replay["jobId"] != job_id:
                     # One key, one request: replaying another job's renewal would tell the buyer
                     # this job was renewed when nothing was paid for it.
                     return _error(409, f"{IDEMPOTENCY_HEADER} already renewed another job")
@@ -194,10 +211,10 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 gpu = None
                 if kind == "renew":
                     with rt.store.session() as s:
-                        row = book.job(s, str(body.get("jobId") or ""))
+                        row = book.job(s, str(job_id or ""))
                         gpu = row.gpu if row is not None else None
                 named = request.headers.get(QUOTE_HEADER)
-                refusal = sales.quote_refusal(rt, body.get("quoteId"), named, gpu)
+                refusal = sales.quote_refusal(rt, _field(body, "quoteId", "quote_id"), named, gpu)
                 if refusal:
                     return _error(400, refusal)
                 response = await call_next(request)
@@ -279,7 +296,8 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
             return refused
         assert auth is not None
         try:  # capacity now, at the quote's cost, before the money moves: a clean refusal
-            offer = best_offer(await offers(quote.gpu, fresh=True), quote.gpu)
+            fresh = await offers(quote.gpu, fresh=True)
+            offer = best_offer(fresh, quote.gpu)
         except CloudError as exc:
             return _error(503, f"the cloud is not answering: {exc}"[:500])
         if offer is None:
@@ -291,7 +309,13 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 "now): ask for a new quote",
             )
         answer = sales.new_job(
-            rt, quote, auth, idempotency_key, body.job_params, body.checkpoint_url
+            rt,
+            quote,
+            auth,
+            idempotency_key,
+            body.job_params,
+            body.checkpoint_url,
+            free=sales.free_gpus(fresh, quote),
         )
         if isinstance(answer, tuple):
             return _error(*answer)
@@ -316,6 +340,10 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
             return _error(400, f"unknown quote {body.quote_id[:40]}")
         if row.status not in book.STARTED or row.status == "ending" or row.cancel_requested:
             return _error(409, f"job {row.job_id} is {view(row)['status']}")
+        if quote.gpu != row.gpu:  # the body as parsed here (`jobId` or `job_id`), not as read
+            return _error(
+                400, f"quote {quote.quote_id} is for {quote.gpu}, the job runs on {row.gpu}"
+            )
         refused = payment_refusal(auth, quote)
         if refused is not None:
             return refused

@@ -23,6 +23,8 @@ STARTED = ("paid", "launching", "booting", "running", "ending")  # paid, not yet
 LIVE = ("unpaid", *STARTED)  # count against the caps
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 HOLDING = ("launching", "booting", "running")  # instance rows that may hold a machine
+# Sold and not yet holding a machine the cloud counts: each will take one of its free GPUs.
+WAITING = ("unpaid", "paid", "launching")
 
 
 # --- quotes ----------------------------------------------------------------------------------
@@ -60,6 +62,11 @@ def live_jobs_of(s: Session, payer: str) -> int:
     query = select(func.count()).where(
         GatewayJobRow.payer == payer.lower(), GatewayJobRow.status.in_(LIVE)
     )
+    return int(s.scalar(query) or 0)
+
+
+def waiting_jobs(s: Session, gpu: str) -> int:
+    query = select(func.count()).where(GatewayJobRow.gpu == gpu, GatewayJobRow.status.in_(WAITING))
     return int(s.scalar(query) or 0)
 
 

@@ -27,7 +27,7 @@ from procure.clouds.base import (
 )
 from procure.crashpoints import crash_point
 from procure.gateway import book
-from procure.gateway.pricing import best_offer, instance_cost
+from procure.gateway.pricing import amount_for, best_offer, instance_cost
 from procure.gateway.settings import GatewayConfig
 from procure.gpu.jobclient import NodeJobClient, NodeJobError
 from procure.models import utcnow
@@ -213,11 +213,14 @@ async def _launch(rt: Runtime, row: GatewayJobRow) -> None:
     except CloudError as exc:
         _update(rt, row.job_id, error=f"offers: {exc}"[:2000])
         return
-    offer = best_offer(offers, row.gpu, set(row.tried_regions))
+    tried = set(row.tried_regions)
+    offer = best_offer(within_sale(offers, row), row.gpu, tried)
     if offer is None:
         # Every region tried (or none has capacity now): try them all again next poll.
         # The last refusal says most; with none, the catalogue had nothing to offer.
         why = row.error if row.tried_regions and row.error else None
+        if best_offer(offers, row.gpu, tried) is not None:
+            why = f"only {row.gpu} offers dearer than the job was sold for are free now"
         _update(
             rt,
             row.job_id,
@@ -248,6 +251,13 @@ async def _launch(rt: Runtime, row: GatewayJobRow) -> None:
     fresh = _job(rt, row.job_id)
     assert fresh is not None
     await _call_launch(rt, fresh, inst)
+
+
+def within_sale(offers: list[Offer], row: GatewayJobRow) -> list[Offer]:
+    """The offers on which the job's paid hours cost no more than it was sold for: the submit
+    checks the quote's price, but a launch after it (a capacity refusal, a lost instance, the
+    cheap tier sold out meanwhile) would otherwise take the cheapest offer left, at any price."""
+    return [o for o in offers if amount_for(o.price_per_hour, row.paid_hours) <= row.amount]
 
 
 async def _call_launch(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow) -> None:

@@ -61,16 +61,16 @@ def view(row: GatewayJobRow) -> dict[str, Any]:
 def offer_cache(rt: Runtime) -> Callable[..., Awaitable[list[Any]]]:
     """`offers(gpu)`: the cloud's offers of `gpu`, at most OFFERS_TTL_S old: a buyer asking for
     quotes in a loop cannot drive the gateway into the cloud's rate limits. `fresh`: asked now
-    (a paid submit, checked against its quote's cost: only a verified payment reaches it)."""
-    cache: dict[str, tuple[float, list[Any]]] = {}
+    (a paid submit, checked against its quote's cost: only a verified payment reaches it).
+    One catalogue is kept for every GPU: every cloud reads its whole catalogue for any GPU, and
+    keyed by the name a buyer sends, each made-up name was a new read and a new entry."""
+    cache: list[tuple[float, list[Any]]] = []
 
     async def offers(gpu: str, *, fresh: bool = False) -> list[Any]:
         now = asyncio.get_running_loop().time()
-        hit = cache.get(gpu)
-        if fresh or hit is None or now - hit[0] > OFFERS_TTL_S:
-            hit = (now, await rt.cloud.offers(gpu=gpu))
-            cache[gpu] = hit
-        return hit[1]
+        if fresh or not cache or now - cache[0][0] > OFFERS_TTL_S:
+            cache[:] = [(now, await rt.cloud.offers())]
+        return [o for o in cache[0][1] if o.gpu == gpu.upper()]  # as `best_offer` matches
 
     return offers
 
@@ -181,6 +181,19 @@ def payment_refusal(
     return None
 
 
+def free_gpus(offers: list[Offer], quote: GatewayQuoteRow) -> int:
+    """The GPUs the cloud shows free now for `quote`: one GPU, on demand, at no more than its
+    cost (so a dearer tier sharing a region's machines is not counted twice)."""
+    return sum(
+        o.available
+        for o in offers
+        if o.gpu == quote.gpu
+        and not o.interruptible
+        and o.gpu_count == 1
+        and o.price_per_hour <= quote.cost_per_hour
+    )
+
+
 # --- jobs and renewals, written before the payment settles -----------------------------------
 
 
@@ -191,9 +204,11 @@ def new_job(
     key: str,
     params: dict[str, Any],
     checkpoint_url: str | None,
+    free: int,
 ) -> Refusal | dict[str, Any]:
     """The job `quote` sells, written `unpaid` with its payment `pending` unless the payment
-    was used or a cap is reached; its view, or the refusal."""
+    was used, a cap is reached or the `free` GPUs the cloud shows are all sold already; its
+    view, or the refusal."""
     cfg = rt.cfg
     now = utcnow()
     with rt.store.session() as s:  # no await from the caps' count to the insert
@@ -204,6 +219,10 @@ def new_job(
             return 429, f"this buyer already holds {held} jobs (max {cfg.max_instances})"
         if book.live_jobs(s) >= cfg.max_live_jobs:
             return 503, "the gateway is full; try again later"
+        # A job sold a moment ago still shows its GPU free until its launch lands: the last
+        # one sold twice left the second buyer paid for a job no launch could place.
+        if book.waiting_jobs(s, quote.gpu) >= free:
+            return 409, "no capacity available (the free GPUs are sold, launching)"
         resume = own_checkpoint(rt, s, checkpoint_url, auth["from"])
         row = GatewayJobRow(
             job_id=f"gw-{uuid.uuid4().hex[:16]}",
