@@ -18,6 +18,8 @@ from typing import Any
 from procure.gpu import nodestate
 
 log = logging.getLogger(__name__)
+RETRY_MIN_S = 30.0  # a stop action that failed runs again after this, doubling each time
+RETRY_MAX_S = 600.0
 
 
 async def run_shell(command: str, timeout_s: float) -> int:
@@ -45,8 +47,12 @@ class DeadMan:
         clock: Callable[[], float] = time.monotonic,
         run: Callable[[str, float], Awaitable[int]] = run_shell,
         path: Path | None = None,
+        retry_s: float = RETRY_MIN_S,
     ) -> None:
         self._action = action
+        self._retry_min_s = retry_s
+        self._retry_s = retry_s
+        self._retry_at: float | None = None  # when a failed stop action runs again
         self._path = path  # where the lease is kept (None: in memory only)
         self._timeout_s = timeout_s
         self._clock = clock
@@ -70,6 +76,7 @@ class DeadMan:
         self.holder, self.ttl_s = holder, ttl_s
         self.expires_at = self._clock() + ttl_s
         self.state, self.fired_reason, self.exit_status = "armed", None, None
+        self._retry_at = None
         self._save()
         self._changed.set()
         return self.to_json()
@@ -79,6 +86,7 @@ class DeadMan:
             log.info("dead-man switch disarmed (lease of %s dropped)", self.holder)
         self.state = "disarmed" if self.enabled else "off"
         self.expires_at = None
+        self._retry_at = None
         self._save()
         self._changed.set()
         return self.to_json()
@@ -155,6 +163,11 @@ class DeadMan:
                 if wait == 0.0:
                     await self._fire()
                     continue
+            elif self.state == "fired" and self._retry_at is not None:
+                wait = max(0.0, self._retry_at - self._clock())
+                if wait == 0.0:
+                    await self._act()
+                    continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), wait)
 
@@ -168,10 +181,25 @@ class DeadMan:
             f"the lease of {self.holder} lapsed: not renewed within its {self.ttl_s:g}s"
         )
         log.warning("%s; running the stop action (GPU_WORKER_ON_ORPHAN)", self.fired_reason)
+        self._retry_s = self._retry_min_s
+        await self._act()
+
+    async def _act(self) -> None:
+        """Run the stop action; one that failed runs again later (backing off), until it works
+        or the lease is renewed or disarmed: a cloud API down for a minute at the lapse must
+        not leave the orphaned instance billing for good."""
+        assert self._action is not None
+        self._retry_at = None
         try:
-            self.exit_status = await self._run(self._action, self._timeout_s)
+            status = await self._run(self._action, self._timeout_s)
         except Exception as exc:  # a broken action must not kill the watcher
-            self.exit_status = -1
+            status = -1
             log.error("the stop action could not run: %s", type(exc).__name__)
-            return
-        log.warning("the stop action exited with status %s", self.exit_status)
+        if self.state != "fired":
+            return  # renewed or disarmed while it ran: its outcome no longer matters
+        self.exit_status = status
+        log.warning("the stop action exited with status %s", status)
+        if status != 0:
+            self._retry_at = self._clock() + self._retry_s
+            log.warning("running the stop action again in %.0fs", self._retry_s)
+            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)

@@ -4,6 +4,7 @@ status, logs, cancel, each bounded. A node's token goes only to that node's own 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import urllib.parse
 from types import TracebackType
@@ -153,8 +154,8 @@ class NodeJobClient:
         `after=next`."""
         params = {"after": max(0, int(after)), "limit": min(1_000, max(1, int(limit)))}
         page = await self._call("logs", "GET", f"/jobs/{_segment(job_id)}/logs", params=params)
-        lines = page.get("lines")
-        if not isinstance(lines, list) or not isinstance(page.get("next"), int):
+        lines, following = page.get("lines"), page.get("next")
+        if not isinstance(lines, list) or not _cursor(following, params["after"]):
             raise NodeJobError("logs: the node's answer is not a log page")
         clean = [
             {"seq": line["seq"], "text": clip(line["text"])}
@@ -201,13 +202,14 @@ def _job(body: dict[str, Any]) -> dict[str, Any]:
         raise NodeJobError("the node's answer is not a job")
     if isinstance(progress, bool) or not isinstance(progress, int | float):
         raise NodeJobError("the node's answer has no progress")
+    progress = _finite(progress, "progress")
     checkpoint = body.get("checkpoint")
     exit_code = body.get("exitCode")
     error = body.get("error")
     return {
         "id": job_id,
         "status": status,
-        "progress": min(1.0, max(0.0, float(progress))),
+        "progress": min(1.0, max(0.0, progress)),
         "checkpoint": clip(checkpoint, 2_048) if isinstance(checkpoint, str) else None,
         "exitCode": exit_code if isinstance(exit_code, int) else None,
         "error": clip(error) if isinstance(error, str) else None,
@@ -216,8 +218,35 @@ def _job(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# A node takes an `after` up to 2^53, but its caller keeps the cursor in a 32-bit INTEGER column
+# (the gateway's log_cursor): one past it would fail that write in every poll. No honest node
+# prints two billion lines.
+MAX_CURSOR = 2**31 - 1
+
+
+def _cursor(value: Any, after: int) -> bool:
+    """Whether `value` is a log cursor that moves forward: an integer (not a JSON `true`), not
+    before the one asked with (the caller would relay lines twice) and one its caller can store
+    and ask again with."""
+    return isinstance(value, int) and not isinstance(value, bool) and after <= value <= MAX_CURSOR
+
+
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    return _finite(value, "time")
+
+
+def _finite(value: int | float, what: str) -> float:
+    # JSON holds integers no float holds (float() raises OverflowError, which no caller
+    # catches) and 1e400 parses as infinity: either is a node answering nonsense.
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise NodeJobError(f"the node's answer has a {what} that is not a finite number")
+    return number
 
 
 def _segment(job_id: str) -> str:

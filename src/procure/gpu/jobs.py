@@ -292,6 +292,7 @@ class JobRunner:
     async def _execute(self, job: Job) -> None:
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ} | job.env
         tie = functools.partial(_die_with_node, os.getpid()) if _DIE_WITH_NODE else None
+        _hide_node_environment()
         try:
             process = await asyncio.create_subprocess_exec(
                 *job.argv,
@@ -333,6 +334,10 @@ class JobRunner:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
         _signal_group(process.pid, signal.SIGKILL)
+        if job.image is not None and code < 0:
+            # The docker client was killed, not its container (SIGKILL is not proxied): the
+            # slot stays taken until the daemon removed it, or the next job shares the GPU.
+            await _remove_container(job)
         if job.cancel_requested:
             self._finish(job, "cancelled", code, "cancelled")
         elif code == 0:
@@ -449,6 +454,18 @@ def _die_with_node(node_pid: int) -> None:
     _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != node_pid:  # the node died before prctl took hold
         os._exit(1)
+
+
+PR_SET_DUMPABLE = 4
+
+
+def _hide_node_environment() -> None:
+    """Make the node process non-dumpable before it runs a job: the job runs as the node's user,
+    and could otherwise read the node's token and GPU_WORKER_ON_ORPHAN (a cloud API key) from
+    /proc/<node>/environ, whatever env the runner hands it. A job's own exec makes it dumpable
+    again. (Also: no core dump of the node, and attaching a debugger to it needs root.)"""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from procure.bounds import loads
 from procure.gpu import checkpoints
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
     try:
         with path.open("rb") as stream:
             raw = stream.read(MAX_RECORD_BYTES + 1)
-        data = json.loads(raw) if len(raw) <= MAX_RECORD_BYTES else None
+        # Bounded in depth too (the folder is in the checkpoint root, which jobs write): a deep
+        # nest raised RecursionError here, which no caller expects, and the node never started.
+        data = loads(raw, max_bytes=MAX_RECORD_BYTES) if len(raw) <= MAX_RECORD_BYTES else None
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

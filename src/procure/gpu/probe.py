@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -444,26 +445,71 @@ def _text(value: Any) -> str | None:
 
 class CachedProbe:
     """Reads NVML at most once per `ttl_s`, however many requests ask at once: concurrent callers
-    wait for the one read in flight. The read runs in a thread (NVML calls block)."""
+    wait for the one read in flight. The read runs in a thread (NVML calls block), and is waited
+    for at most `timeout_s`: a GPU fallen off the bus can hang NVML for minutes, and the node
+    must still start and answer (saying so) meanwhile."""
 
     def __init__(
         self,
         read: Callable[[], Probe] = read_nvml,
         ttl_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = 10.0,
     ) -> None:
         self._read = read
         self._ttl_s = ttl_s
         self._clock = clock
-        self._lock = asyncio.Lock()
+        self._timeout_s = timeout_s
         self._last: Probe | None = None
         self._at = 0.0
+        self._inflight: asyncio.Future[Probe] | None = None
         self.reads = 0
 
     async def get(self) -> Probe:
-        async with self._lock:
-            if self._last is None or self._clock() - self._at >= self._ttl_s:
-                self._last = await asyncio.to_thread(self._read)
-                self._at = self._clock()
-                self.reads += 1
+        if self._last is not None and self._clock() - self._at < self._ttl_s:
             return self._last
+        if self._inflight is None:  # one read at a time, however long it hangs
+            self._inflight = self._start_read()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._inflight), self._timeout_s)
+        except TimeoutError:
+            return self._stalled()
+
+    def _start_read(self) -> asyncio.Future[Probe]:
+        # A daemon thread, not the loop's executor: a read hung in the driver must not hold
+        # the node's exit (the executor's threads are joined when the loop closes).
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Probe] = loop.create_future()
+
+        def done(probe: Probe | None, error: BaseException | None) -> None:
+            self._inflight = None
+            if error is not None:
+                future.set_exception(error)
+                return
+            assert probe is not None
+            self._last, self._at = probe, self._clock()
+            self.reads += 1
+            future.set_result(probe)
+
+        def run() -> None:
+            probe, error = None, None
+            try:
+                probe = self._read()
+            except BaseException as exc:  # handed to the callers, as before
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the node stopped while NVML hung
+                loop.call_soon_threadsafe(done, probe, error)
+
+        threading.Thread(target=run, name="nvml-read", daemon=True).start()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never unretrieved
+        return future
+
+    def _stalled(self) -> Probe:
+        reason = (
+            f"NVML did not answer within {self._timeout_s:g}s (a GPU may have fallen off the bus)"
+        )
+        last = self._last
+        if last is None:
+            return Probe(0, reason=reason, read_at=time.time())
+        # What was last read, each GPU marked failing: a health check must not pass on it.
+        return replace(last, gpus=[replace(g, error=reason) for g in last.gpus], reason=reason)

@@ -3,7 +3,7 @@ secret in `Authorization` and the node's own token in the body's `token` (go-liv
 `Bearer` when it forwards jobs), retried with backoff until accepted, repeated periodically so an
 orchestrator that restarted (and forgot us) learns us again, and `unregister` on a clean stop.
 A refusal (400 `invalid authorization`, any other 4xx but 408, 425 and 429, which ask to try
-again later) is reported and not retried."""
+again later) is reported and not retried, unless the orchestrator had accepted the node before."""
 
 from __future__ import annotations
 
@@ -95,7 +95,9 @@ async def register_once(
     except httpx.HTTPError as exc:
         reason = clip(str(exc) or type(exc).__name__, 200)
         raise NotAccepted(f"no answer from {url}: {reason}") from None
-    said = clip(response.text.strip(), 200)
+    # Decoded here, not by `response.text`: a charset it names but its bytes do not follow
+    # (utf-16 without a BOM, rot13) raises there, and would end the registration task.
+    said = clip(response.content.decode("utf-8", "replace").strip(), 200)
     if response.status_code == 200:
         return
     # Older mocks and proxies spell it with an underscore; go-livepeer with a space.
@@ -134,9 +136,19 @@ async def keep_registered(
         try:
             await register_once(client, state.orchestrator, secret, body)
         except Refused as exc:
-            state.state, state.last_error = "refused", str(exc)
-            log.error("capability %s not registered: %s; not retrying", state.name, exc)
-            return
+            if state.accepted == 0:
+                state.state, state.last_error = "refused", str(exc)
+                log.error("capability %s not registered: %s; not retrying", state.name, exc)
+                return
+            # It accepted this very request before: a refusal now is a change on its side (a
+            # proxy's 404 while it restarts, a secret being rotated), not ours. Keep trying.
+            state.state, state.last_error = "retrying", str(exc)
+            log.warning(
+                "capability %s refused on refresh (%s); again in %.1fs", state.name, exc, delay
+            )
+            await sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, settings.retry_max_s)
+            continue
         except NotAccepted as exc:
             state.state, state.last_error = "retrying", str(exc)
             log.warning(

@@ -68,7 +68,9 @@ def create_gpu_worker_app(
     XID events watched); the transports let tests route Ollama or the orchestrator in-process
     (default: real sockets)."""
     host = hostname or socket.gethostname()
-    probe = CachedProbe(read or nvml_reader(), settings.nvml_cache_s)
+    probe = CachedProbe(
+        read or nvml_reader(), settings.nvml_cache_s, timeout_s=settings.nvml_timeout_s
+    )
     folder = nodestate.state_dir(settings.checkpoint_dir)  # what outlives a crash of the node
     deadman = DeadMan(
         settings.on_orphan.get_secret_value() if settings.on_orphan else None,

@@ -35,6 +35,14 @@ class GpuWorkerSettings(BaseSettings):
         validation_alias="GPU_WORKER_NVML_CACHE_S",
         description="NVML is read at most once per this many seconds, however many requests",
     )
+    nvml_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        validation_alias="GPU_WORKER_NVML_TIMEOUT_S",
+        description="How long a request waits for NVML; past it, the node answers that NVML "
+        "does not (a GPU fallen off the bus can hang NVML for minutes)",
+    )
     ollama_url: str | None = Field(
         None, validation_alias="OLLAMA_URL", description="e.g. http://ollama:11434 (unset: none)"
     )

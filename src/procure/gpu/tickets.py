@@ -103,6 +103,8 @@ def wins(signature: bytes, recipient_rand: int, fixed: int) -> bool:
     """go-livepeer's check: uint256(keccak256(signature ‖ recipientRand as 32 bytes)) < winProb."""
     if not 0 <= recipient_rand < 2**256:
         raise ValueError("recipientRand must fit in 256 bits")
+    if not 0 <= fixed <= MAX_WIN_PROB:  # no ticket carries one: beyond it every ticket "wins"
+        raise ValueError("winProb must fit in 256 bits")
     digest = keccak(signature + recipient_rand.to_bytes(32, "big"))
     return int.from_bytes(digest, "big") < fixed
 
