@@ -354,13 +354,17 @@ def test_a_lease_left_by_a_crashed_api_tick_frees_the_run_after_the_api_lease(
         run_id = repo.create_run(
             s, user_id="u", goal="g", budget_total=5_000_000, job_spec=JobSpec()
         ).id
-    with store.session() as s:  # what an API tick killed mid-way leaves: its lease
-        assert leases.acquire(s, run_id, "api-crashed", 1.0)
-    with _client(tmp_path, db_url, store, PROCURE_API_LEASE_S="1") as api:
+    with _client(tmp_path, db_url, store, PROCURE_API_LEASE_S="5") as api:
+        # What an API tick killed mid-way leaves: its lease, taken once the API is up (a slow
+        # start on a busy machine must not outlast it before the first request).
+        with store.session() as s:
+            assert leases.acquire(s, run_id, "api-crashed", 5.0)
         held = api.post("/api/agent-tick", json={"runId": run_id})
         assert held.status_code == 409 and held.json()["holder"] == "api-crashed"
-        time.sleep(1.2)
-        freed = api.post("/api/agent-tick", json={"runId": run_id})
+        deadline = time.monotonic() + 60
+        while (freed := api.post("/api/agent-tick", json={"runId": run_id})).status_code == 409:
+            assert time.monotonic() < deadline, "the crashed tick's lease never lapsed"
+            time.sleep(0.5)
         assert freed.status_code == 200, freed.text
 
 
