@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,13 @@ from stores import POSTGRES_ENV, migrated_sqlite, postgres_database
 from world import World, start_world
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+# The fleet's audit log (and, under `procure serve` alone, the budget warnings' entries) goes to
+# the working directory by default: in tests, to a folder of their own, never into the checkout.
+os.environ.setdefault(
+    "LAMBDA_LABS_AUDIT_LOG",
+    str(Path(tempfile.mkdtemp(prefix="procure-test-audit-")) / "fleet-audit.jsonl"),
+)
 
 
 @pytest.fixture(params=BACKENDS)

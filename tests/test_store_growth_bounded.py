@@ -19,6 +19,7 @@ from procure.agent import joblogs
 from procure.agent.outcomes import new_payment
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.tick import tick
+from procure.api.app import create_app
 from procure.fleet import cap_warnings
 from procure.local import LocalServer, serve
 from procure.models import (
@@ -355,5 +356,37 @@ def test_procure_serve_alone_prunes_delivered_warnings(db_url: str) -> None:
                 task.cancel()
 
         assert asyncio.run(one_pass()) == 0, "a delivered warning from a week ago was kept"
+    finally:
+        store.dispose()
+
+
+def test_procure_serve_alone_writes_the_warnings_audit_entries(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix: a ledger cap's warning queues an entry for the fleet's audit trail, which
+    only the fleet's outbox loop wrote; under `procure serve` without the fleet it stayed queued
+    for good (and the audit log never had it)."""
+    audit = tmp_path / "audit" / "fleet-audit.jsonl"
+    monkeypatch.setenv("LAMBDA_LABS_AUDIT_LOG", str(audit))
+    store = open_store(db_url)
+    try:
+        with store.session() as s:
+            entry = {"timestamp": "2026-12-07T06:00:00Z", "warning": {"scope": "ledger"}}
+            fleet_repo.enqueue(s, "audit", entry, utcnow())
+        settings = Settings(PROCURE_DATABASE_URL=db_url, PROCURE_HOME=tmp_path)  # type: ignore[call-arg]
+        server = serve(create_app(settings, store))
+        try:
+            deadline = time.monotonic() + 60
+            while not (audit.exists() and audit.read_text().strip()):
+                assert time.monotonic() < deadline, "the warning's audit entry was never written"
+                time.sleep(0.1)
+        finally:
+            server.stop()
+        assert [json.loads(line)["warning"] for line in audit.read_text().splitlines()] == [
+            {"scope": "ledger"}
+        ]
+        with store.session() as s:
+            left = s.query(OutboxRow).filter(OutboxRow.delivered_at.is_(None)).count()
+        assert left == 0
     finally:
         store.dispose()

@@ -10,9 +10,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException
+from pydantic import ValidationError
 
 from procure.agent.runtime import make_deps
 from procure.agent.tick import AgentDeps
@@ -29,6 +31,7 @@ from procure.api.spend import spend_router
 from procure.api.vendors import vendors_router
 from procure.bearer import bearer_matches
 from procure.fleet.inprocess import FleetRun, fleet_in_server
+from procure.fleet.settings import FleetSettings
 from procure.loopthread import AgentLoop, LoopThread
 from procure.settings import Settings
 from procure.store import Store
@@ -93,8 +96,13 @@ def create_app(
             if not budget_warnings:  # a test that sweeps by hand with its own thresholds
                 yield
                 return
+            # Without the fleet, no outbox loop writes the warnings' audit entries: this one
+            # does, where the fleet would (LAMBDA_LABS_AUDIT_LOG).
+            audit = None if fleet is not None else _audit_log()
             warn = asyncio.create_task(
-                cap_warnings.run_warnings(store, fleet=fleet.cfg if fleet else None),
+                cap_warnings.run_warnings(
+                    store, fleet=fleet.cfg if fleet else None, audit_log=audit
+                ),
                 name="procure-warnings",
             )
             background["budget-warnings"] = "running"
@@ -165,3 +173,12 @@ def create_app(
     app.include_router(cloud_vendor_pages(settings, store))  # /vendors/cloud/new
     mount_docs(app)
     return app
+
+
+def _audit_log() -> Path:
+    """Where the fleet writes its audit log (LAMBDA_LABS_AUDIT_LOG); its default where the
+    fleet's settings do not validate (they are not this server's to refuse)."""
+    try:
+        return Path(FleetSettings().audit_log)
+    except ValidationError:
+        return Path(FleetSettings.model_fields["audit_log"].default)

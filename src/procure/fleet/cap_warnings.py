@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from procure import warnings
+from procure.fleet.outbox import write_audit
 from procure.fleet.settings import FleetSettings
 from procure.httpbounds import bounded_client
 from procure.models import usd_to_micros, utcnow
@@ -73,14 +75,19 @@ async def run_warnings(
     caps: ledger.SpendCaps | None = None,
     fleet: FleetSettings | None = None,
     every_s: float = 5.0,
+    audit_log: Path | None = None,
 ) -> None:
-    """Forever: sweep the budgets, deliver the warnings. Errors are logged; the loop carries on."""
+    """Forever: sweep the budgets, deliver the warnings. Errors are logged; the loop carries on.
+    `audit_log`: where the warnings' audit entries are written, where no fleet outbox does it
+    (`procure serve` without the fleet): never written, they stayed queued for good."""
     cfg = cfg or warnings.WarningSettings()
     caps = caps if caps is not None else ledger.load_caps()
     while True:
         try:
             await asyncio.to_thread(sweep, store, cfg.threshold, caps, fleet)
             await deliver_all(store, cfg)
+            if audit_log is not None:
+                await write_audit(store, audit_log, None)
             # Delivered messages go after a week here too: without the fleet's outbox loop
             # (`procure serve` alone) nothing else would prune them.
             with store.session() as s:
