@@ -47,6 +47,24 @@ def test_each_rail_blocks_a_launch_with_its_reason(sqlite_url: str, rail: str) -
     asyncio.run(body())
 
 
+def test_a_launch_whose_price_is_unknown_is_blocked(sqlite_url: str) -> None:
+    """Before the fix: a type the catalogue priced at 0 (unknown) was proposed at $0/h, counted
+    as free against every spend cap, and launched with no price ceiling."""
+
+    async def body() -> None:
+        cloud = FakeCloud(price=0)
+        cloud.add(util=95)
+        cloud.add(util=95)
+        async with fleet(sqlite_url, cloud, max_hourly_spend=3.0) as ctx:
+            await scan_for(ctx, 40)
+            acts = all_actions(ctx)
+            assert [(a.status, a.block_reason) for a in acts] == [("blocked", "spend_limit")]
+            assert "price is unknown" in (acts[0].error_message or "")
+            assert cloud.launches == []
+
+    asyncio.run(body())
+
+
 def test_cooldown_blocks_the_second_termination(db_url: str) -> None:
     async def body() -> None:
         cloud = FakeCloud()

@@ -65,6 +65,15 @@ def check(
                 f"(cooldown {cfg.action_cooldown_mins:g} min)",
             )
     if p.action_type == PROVISION:
+        if p.price_per_hour <= 0:
+            # A price the catalogue did not give: the caps below would count the launch as free,
+            # and the cloud would be asked for it with no ceiling.
+            return Verdict(
+                "blocked",
+                "spend_limit",
+                f"{p.instance_type or 'the type'}'s price is unknown: the spend caps cannot be "
+                "checked against it",
+            )
         live = [r for r in fleet_repo.live_instances(s) if r.status in fleet_repo.RUNNING_STATUSES]
         flying = _launching(s, live, action_id)
         in_flight = len(flying)
