@@ -76,6 +76,20 @@ def test_each_slice_is_paid_separately(world: World) -> None:
     assert state.run.budget_remaining == 5_000_000 - 2_100_000
 
 
+def test_a_job_paid_in_tenths_completes(world: World) -> None:
+    """Before the fix: ten slices of 0.1 h add up to 0.9999999999999999 h in floating point, so
+    the mock vendor's job stopped a hair short of done and reported "running (100%)" for ever
+    (the agent would have failed it as stalled and paid again elsewhere)."""
+    run_id = world.new_run(budget=5.0, gpu_type="H100")
+    deps = world.deps()
+    deps.planner = sliced("gpu_vendor_2", slice_hours=0.1)
+    asyncio.run(drive(deps, run_id))
+    state = state_of(world, run_id)
+
+    assert state.run.status == "completed"
+    assert [(p.status, p.hours) for p in state.payments] == [("completed", 0.1)] * 10
+
+
 def test_a_failure_loses_only_the_current_slice(world: World) -> None:
     run_id = world.new_run(budget=5.0)
     deps = world.deps()

@@ -37,8 +37,10 @@ def start_paid(job: MockJob, now: float) -> None:
 
 
 def paid_limit(job: MockJob) -> float:
-    """The progress at which the job's paid time runs out."""
-    return min(1.0, progressstart_paid(job.checkpoint_url) + job.paid_hours / job.total_hours)
+    """The progress at which the job's paid time runs out. Within a rounding error of the end is
+    the end: ten slices of 0.1 h add up to 0.9999999999999999 h, and the job must complete."""
+    limit = progressstart_paid(job.checkpoint_url) + job.paid_hours / job.total_hours
+    return 1.0 if limit >= 1.0 - 1e-9 else limit
 
 
 def progress_at(cfg: MockVendorConfig, job: MockJob, now: float) -> float:
