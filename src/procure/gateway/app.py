@@ -203,6 +203,15 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                     # One key, one request: replaying another job's renewal would tell the buyer
                     # this job was renewed when nothing was paid for it.
                     return _error(409, f"{IDEMPOTENCY_HEADER} already renewed another job")
+                if replay is not None and kind == "submit":
+                    # Keys are the buyers' own choice: one another buyer used is not its job.
+                    quotes = {
+                        request.headers.get(QUOTE_HEADER),
+                        _field(body, "quoteId", "quote_id"),
+                    }
+                    refusal = sales.not_its_job(rt, key, _authorization(request), quotes)
+                    if refusal is not None:
+                        return _error(*refusal)
                 if replay is not None:
                     return JSONResponse(replay, headers={"X-Idempotent-Replay": "true"})
                 unsure = await sales.pending_retry(rt, kind, key)
@@ -259,8 +268,6 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         if body.hours > cfg.max_hours:
             return _error(400, f"at most {cfg.max_hours:g} hours per quote")
         now = utcnow()
-        if sales.quotes_full(rt, now):
-            return _error(429, "too many open quotes; try again later")
         try:
             offer = best_offer(await offers(gpu), gpu)
         except CloudError as exc:
@@ -271,6 +278,7 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
             offer = seen.get(gpu)
         if offer is None:
             return _error(409, "no capacity available")
+        sales.make_room_for_a_quote(rt, now)
         return JSONResponse(sales.new_quote(rt, gpu, body.gpu_type, body.hours, offer, now))
 
     def payment_refusal(auth: dict[str, Any] | None, quote: GatewayQuoteRow) -> JSONResponse | None:

@@ -39,6 +39,14 @@ def purge_quotes(s: Session, now: datetime) -> None:
     s.execute(delete(GatewayQuoteRow).where(GatewayQuoteRow.expires_at < now - timedelta(hours=1)))
 
 
+def drop_oldest_quotes(s: Session, now: datetime, count: int) -> None:
+    """The `count` open quotes that expire first go (by the expiry index)."""
+    oldest = select(GatewayQuoteRow.quote_id).where(GatewayQuoteRow.expires_at > now)
+    ids = list(s.scalars(oldest.order_by(GatewayQuoteRow.expires_at).limit(count)))
+    if ids:
+        s.execute(delete(GatewayQuoteRow).where(GatewayQuoteRow.quote_id.in_(ids)))
+
+
 def get_quote(s: Session, quote_id: str) -> GatewayQuoteRow | None:
     return s.get(GatewayQuoteRow, quote_id[:32]) if quote_id else None
 
@@ -163,12 +171,24 @@ def settled(
     row.paid_hours += payment.hours
     if payment.kind == "submit":
         row.status = "paid"
+    elif row.status == "expired":
+        _revive(row, now + timedelta(seconds=payment.hours * hour_s))
     elif row.paid_until is not None:
         # From where the paid time ran out, not from now: a job kept while this renewal was
         # being settled ran on it meanwhile (a job that ended has no use for it either way).
         row.paid_until = row.paid_until + timedelta(seconds=payment.hours * hour_s)
     row.updated_at = now
     return row
+
+
+def _revive(row: GatewayJobRow, paid_until: datetime) -> None:
+    """A renewal booked once its job had ended for want of paid time (its hold past the paid
+    time ran out with the facilitator's ledger unreachable, and it had settled after all): the
+    money moved, so the time it bought is given, from now: the loop launches the job again from
+    its last checkpoint (booked on the ended job, it bought nothing, and nothing is refunded)."""
+    row.status, row.outcome, row.ended_at = "paid", None, None
+    row.paid_until, row.tried_regions, row.error = paid_until, [], None
+    note(row, "[gateway] a renewal was booked after the paid time ran out: relaunching", 200)
 
 
 def unsettled(s: Session, nonce: str) -> None:

@@ -10,19 +10,18 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from procure.clouds.base import (
-    AuthError,
-    CapacityError,
     CloudError,
     Instance,
     LaunchSpec,
     Offer,
-    QuotaError,
+    RateLimited,
     RentalCloud,
 )
 from procure.crashpoints import crash_point
@@ -38,6 +37,9 @@ from procure.store.gateway_tables import GatewayInstanceRow, GatewayJobRow
 log = logging.getLogger(__name__)
 GONE = ("terminated", "preempted", "exited")
 KEPT = "kept while a renewal's payment is being settled"
+LAUNCH_LOOKUP_S = 120.0
+"""How long a launch left without an answer is looked up by name before it is given up: a
+provider's listing may show a launch a little after it was made."""
 
 
 NodeFactory = Callable[[str, str, str], NodeJobClient]
@@ -190,11 +192,18 @@ async def _launch(rt: Runtime, row: GatewayJobRow) -> None:
             _launched(rt, row, inst, found[0])
             return
         if _out_of_time(rt, row):
-            _update_instance(rt, inst.name, status="failed", ended_at=utcnow(), cost=0)
+            # A launch tried without answer may land later: its cost is the sweeper's to book.
+            tried = inst.launched_at is not None
+            _update_instance(
+                rt, inst.name, status="failed", ended_at=utcnow(), cost=None if tried else 0
+            )
             why = f"no instance could be launched within the paid time: {row.error or 'no answer'}"
             _update(rt, row.job_id, why, status="ending", outcome="failed", error=why[:2000])
             return
-        await _call_launch(rt, row, inst)
+        if inst.launched_at is not None:  # tried, no answer, not listed (yet)
+            _lookup(rt, row, inst)
+            return
+        await _call_launch(rt, row, inst)  # the intent was written, the cloud never called
         return
     now = utcnow()
     if _out_of_time(rt, row):
@@ -253,6 +262,22 @@ async def _launch(rt: Runtime, row: GatewayJobRow) -> None:
     await _call_launch(rt, fresh, inst)
 
 
+def _lookup(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow) -> None:
+    """A launch tried before got no answer and its name is not listed: a provider's listing
+    may lag its launches, so it is never launched again under that name (a second instance for
+    one job, the first never terminated while the job lives: the sweeper spares its name). It
+    is looked up for a while; then given up, and the job launched again under its next
+    attempt's name: one that lands after all is the sweeper's (terminated, its cost booked)."""
+    assert inst.launched_at is not None
+    wait_s = min(LAUNCH_LOOKUP_S, rt.cfg.boot_timeout_s)
+    if utcnow() <= inst.launched_at + timedelta(seconds=wait_s):
+        _update(rt, row.job_id, error=f"launch {inst.name}: no answer, not listed yet")
+        return
+    _update_instance(rt, inst.name, status="failed", ended_at=utcnow())
+    why = f"launch {inst.name} got no answer and never showed by its name; launching another"
+    _update(rt, row.job_id, why, status="paid", error=why[:2000])
+
+
 def within_sale(offers: list[Offer], row: GatewayJobRow) -> list[Offer]:
     """The offers on which the job's paid hours cost no more than it was sold for: the submit
     checks the quote's price, but a launch after it (a capacity refusal, a lost instance, the
@@ -269,11 +294,23 @@ async def _call_launch(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow
         env={"GPU_WORKER_TOKEN": rt.cfg.node_token(inst.name)},
         node_port=rt.cfg.node_port,
     )
+    # Tried from now on: a launch left without answer is looked up, never made again by name.
+    _update_instance(rt, inst.name, launched_at=utcnow())
     try:
         launched = await rt.cloud.launch_spec(spec)
-    except (CapacityError, QuotaError, AuthError) as exc:
-        # Nothing launched: another region next poll (within the paid time).
-        _update_instance(rt, inst.name, status="failed", ended_at=utcnow(), cost=0)
+    except RateLimited as exc:  # refused before anything was launched: the same name later
+        _update_instance(rt, inst.name, launched_at=None)
+        _update(rt, row.job_id, error=f"launch {inst.name}: {exc}"[:2000])
+        return
+    except CloudError as exc:
+        if exc.retryable:  # unknown outcome: next poll looks for the name first
+            _update(rt, row.job_id, error=f"launch {inst.name}: {exc}"[:2000])
+            return
+        # Refused (capacity, quota, the key, a request to fix): nothing launched, so another
+        # region next poll (within the paid time).
+        _update_instance(
+            rt, inst.name, status="failed", ended_at=utcnow(), cost=0, launched_at=None
+        )
         why = f"{type(exc).__name__} in {inst.region}: {exc}"[:2000]
         _update(
             rt,
@@ -283,9 +320,6 @@ async def _call_launch(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow
             error=why,
             tried_regions=[*row.tried_regions, inst.region],
         )
-        return
-    except CloudError as exc:  # unknown outcome: next poll looks for the name first
-        _update(rt, row.job_id, error=f"launch {inst.name}: {exc}"[:2000])
         return
     crash_point("fleet_launched")
     _launched(rt, row, inst, launched)
@@ -415,9 +449,12 @@ def _relay(rt: Runtime, row: GatewayJobRow, status: dict[str, Any], page: dict[s
         word, _, rest = line["text"].strip().partition(" ")
         if word == "PROCURE_PROGRESS":
             try:
-                last = min(1.0, max(0.0, float(rest)))
+                said = float(rest)
             except ValueError:
                 continue
+            if not math.isfinite(said):  # inf (or 1e999) would read as done
+                continue
+            last = min(1.0, max(0.0, said))
         elif word == "PROCURE_CHECKPOINT" and rest.strip():
             url, at = rest.strip()[:500], last if last is not None else row.progress
         else:

@@ -91,11 +91,16 @@ def own_checkpoint(rt: Runtime, s: Session, url: str | None, payer: str) -> str 
 # --- quotes ----------------------------------------------------------------------------------
 
 
-def quotes_full(rt: Runtime, now: datetime) -> bool:
-    """Expired quotes purged, are as many quotes open as the gateway allows?"""
+def make_room_for_a_quote(rt: Runtime, now: datetime) -> None:
+    """Expired quotes purged, and with as many open as the gateway allows, the oldest go: the
+    cap bounds the book, but a quote needs no payment and the cap is every buyer's, so refusing
+    new quotes once it was full let one buyer asking in a loop lock every other out. A quote
+    dropped so is refused (unknown) before any money moves; its buyer asks again."""
     with rt.store.session() as s:
         book.purge_quotes(s, now)
-        return book.open_quotes(s, now) >= rt.cfg.max_open_quotes
+        over = book.open_quotes(s, now) - rt.cfg.max_open_quotes + 1
+        if over > 0:
+            book.drop_oldest_quotes(s, now, over)
 
 
 def new_quote(
@@ -412,6 +417,27 @@ async def pending_retry(rt: Runtime, kind: str, key: str) -> Refusal | None:
         f"same key in {retry_after_s(rt)} s (an unused authorisation is released after "
         f"{gateway_loop.AUTH_WINDOW_S:g} s)"
     )
+
+
+def not_its_job(
+    rt: Runtime, key: str, auth: dict[str, Any] | None, quote_ids: set[Any]
+) -> Refusal | None:
+    """Why a submit with `key`, whose job exists, is not that job's buyer asking again (so is not
+    answered it), or None. Keys are chosen by buyers and were shared by all of them: another's
+    key handed over its job (id, logs, checkpoint, cancellable with the shared bearer) as a
+    replay, nothing paid. Its buyer asks again with the job's own quote (quote ids go only to
+    whoever asked) or with the payment it was bought with; a payment signed by another payer is
+    never answered it. Refused before any money moves."""
+    with rt.store.session() as s:
+        row = book.job_by_key(s, key)
+        if row is None:
+            return None
+        payer, nonce, quote_id = row.payer, row.nonce, row.quote_id
+    if auth is not None and str(auth["from"]).lower() != payer:
+        return 409, f"this {IDEMPOTENCY_HEADER} was used by another buyer: choose your own key"
+    if quote_id in quote_ids or (auth is not None and auth["nonce"] == nonce):
+        return None
+    return 409, f"this {IDEMPOTENCY_HEADER} was used for another quote's job: choose a new key"
 
 
 async def replayed(rt: Runtime, kind: str, key: str) -> dict[str, Any] | None:
