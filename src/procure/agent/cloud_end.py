@@ -9,11 +9,19 @@ from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
-from procure.agent.cloud_money import book_end, computed_bill
+from procure.agent.cloud_money import JOB_TO_STATUS, book_end, computed_bill
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.clouds.base import CloudError, Instance, RentalCloud
-from procure.models import Job, OfferTerms, format_usd, utcnow
+from procure.models import (
+    Job,
+    JobStatus,
+    OfferTerms,
+    PaymentStatus,
+    RunStatus,
+    format_usd,
+    utcnow,
+)
 from procure.store import cloud_repo, repo
 from procure.store.cloud_repo import CloudInstance
 from procure.vendors.credentials import CredentialError, Keyring
@@ -37,11 +45,14 @@ def keyring(deps: AgentDeps) -> Keyring:
     return ring  # type: ignore[no-any-return]
 
 
-def trouble(deps: AgentDeps, job: Job, message: str) -> TickResult:
+def trouble(deps: AgentDeps, job: Job, message: str, *, same: str | None = None) -> TickResult:
+    """Note `message` and count the tick as trouble. `same`: the start of every message of this
+    trouble, whose rest may change each time (a provider's request id in its error)."""
     with deps.store.session() as s:
         # Said once while it repeats: trouble that lasts (a provider down, an ending instance
         # whose terminate is refused) must not grow the store by a row every tick.
-        if message not in repo.recent_contents(s, job.run_id):
+        recent = repo.recent_contents(s, job.run_id)
+        if message not in recent and not (same and any(c.startswith(same) for c in recent)):
             repo.add_observation(s, job.run_id, OBS.error, message, vendor_id=job.vendor_id)
     return TickResult("Vendor error")
 
@@ -115,6 +126,69 @@ def lost(
     return terminate(deps, ctx, job, ending, client, terms)
 
 
+def still_listed(deps: AgentDeps, job: Job, inst: CloudInstance, after: Instance) -> TickResult:
+    """The provider accepted the terminate but still lists the instance as live. A shutdown may
+    take a while (as long as a boot, at most); past that it is trouble, said once and counted,
+    so that `give_up` ends the job (`abandon`) instead of the run waiting here for ever."""
+    assert inst.ended_at is not None
+    waited_s = (utcnow() - inst.ended_at).total_seconds()
+    if waited_s <= deps.cloud.boot_timeout_s:
+        return TickResult("Terminating")
+    return trouble(
+        deps,
+        job,
+        f"{inst.provider} accepted the terminate of {inst.instance_id} but still lists it as "
+        f"{after.status} after {deps.cloud.boot_timeout_s:.0f}s; asking again",
+    )
+
+
+def abandon(deps: AgentDeps, job: Job, inst: CloudInstance, why: str) -> TickResult:
+    """The instance is ending but its end cannot be confirmed (a terminate refused, or accepted
+    while the instance stays listed) in many ticks: the job ends with the outcome it was ending
+    with, and the instance goes to the sweeper (no live run owns it now), which keeps
+    terminating it and books its bill. Its reservation stays pending, counted against the
+    budget, until then: the instance may still bill, so nothing is booked as final here."""
+    outcome = inst.outcome or "failed"
+    status = JOB_TO_STATUS.get(outcome, JobStatus.failed)
+    with deps.store.session() as s:
+        repo.update_run(s, job.run_id)  # the run's write lock, as `book_end` takes
+        state = repo.load_state(s, job.run_id, observations=False)
+        assert state is not None
+        reserved = sum(
+            p.amount
+            for p in state.payments
+            if p.job_id == job.id and p.status == PaymentStatus.pending
+        )
+        repo.update_job(
+            s,
+            job.id,
+            status=status,
+            completed_at=utcnow(),
+            **({} if status == JobStatus.completed else {"error_message": why[:2000]}),
+        )
+        if status == JobStatus.completed:
+            repo.update_run(s, job.run_id, status=RunStatus.completed, progress=1.0)
+        elif outcome == "cancelled":
+            reason = state.run.cancel_reason or "cancelled"
+            repo.update_run(
+                s,
+                job.run_id,
+                status=RunStatus.cancelled,
+                status_reason=reason[:1].upper() + reason[1:],
+            )
+        repo.add_observation(
+            s,
+            job.run_id,
+            OBS.error,
+            f"Instance {inst.name} ({inst.provider} {inst.instance_id}) is not confirmed "
+            f"terminated ({why}): it may still be billing. Terminate it in the {inst.provider} "
+            f"console if it is still there; procure's sweeper keeps terminating it and books its "
+            f"bill then. {format_usd(reserved)} stays reserved for it until then",
+            vendor_id=job.vendor_id,
+        )
+    return TickResult({JobStatus.completed: "Job completed"}.get(status, "Job failed"))
+
+
 def end(
     deps: AgentDeps,
     ctx: PlanContext,
@@ -142,12 +216,11 @@ async def terminate(
     """Terminate (idempotent), confirm, read the bill, book it: retried tick after tick until
     the provider confirms."""
     assert inst.instance_id is not None
+    said = f"{inst.provider} terminate {inst.instance_id}: "
     try:
         await client.terminate([inst.instance_id])
     except CloudError as exc:
-        return trouble(
-            deps, job, f"{inst.provider} terminate {inst.instance_id}: {exc}; will retry"
-        )
+        return trouble(deps, job, f"{said}{exc}; will retry", same=said)
     if inst.ended_at is None:
         # Billed until the provider accepts the terminate (not from when procure decided to
         # end: a terminate refused for a while is billed all that while); read after its answer,
@@ -159,12 +232,10 @@ async def terminate(
     try:
         after = await client.get(inst.instance_id)
     except CloudError as exc:
-        return trouble(
-            deps, job, f"{inst.provider} terminate {inst.instance_id}: {exc}; will retry"
-        )
+        return trouble(deps, job, f"{said}{exc}; will retry", same=said)
     crash("cancel_sent")
     if after is not None and after.status not in GONE:
-        return TickResult("Terminating")
+        return still_listed(deps, job, inst, after)
     try:
         billed = await client.billed(inst.instance_id)
     except CloudError as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-from procure.agent.cloud_end import GONE, end, keyring, mark_ending, terminate, trouble
+from procure.agent.cloud_end import GONE, abandon, end, keyring, mark_ending, terminate, trouble
 from procure.agent.cloud_launch import boot, launch
 from procure.agent.cloud_money import ahead_s, cost
 from procure.agent.cloud_offers import describe_offer
@@ -37,6 +37,7 @@ from procure.models import (
     utcnow,
 )
 from procure.store import cloud_repo, repo
+from procure.store.cloud_repo import CloudInstance
 from procure.warnings import check_run
 
 __all__ = ["GONE", "crash_point", "give_up", "instance_name", "start_cloud_job", "step"]
@@ -93,6 +94,8 @@ async def start_cloud_job(
     # Booting may be billed: reserve through the boot deadline and one stretch beyond it.
     window_s = deps.cloud.boot_timeout_s + ahead_s(deps, terms)
     amount = cost(terms, window_s)
+    if budget_short(ctx, amount):
+        return too_small(deps, ctx, action, terms, amount, window_s)
     payment_id = repo.new_id()
     payment = Payment(
         _id=payment_id,
@@ -147,6 +150,40 @@ async def start_cloud_job(
         )
     crash_point("intent")
     return await step(deps, ctx, job, vendor)
+
+
+def budget_short(ctx: PlanContext, amount: int) -> bool:
+    """Whether the run's budget can never take `amount` for the boot reservation: more than is
+    left once what is paid is counted, with nothing pending that could still come back. (The
+    intent's own check says no only for now: it was asked again every tick, to the same end.)"""
+    payments = ctx.state.payments
+    if any(p.status == PaymentStatus.pending for p in payments):
+        return False
+    paid = sum(p.amount for p in payments if p.status == PaymentStatus.completed)
+    return paid + amount > ctx.state.run.budget_total
+
+
+def too_small(
+    deps: AgentDeps,
+    ctx: PlanContext,
+    action: Action,
+    terms: OfferTerms,
+    amount: int,
+    window_s: float,
+) -> TickResult:
+    """The budget cannot take the boot reservation of the planner's best offer: the run ends
+    now, saying so, rather than asking again each tick until it fails with no way forward."""
+    run = ctx.state.run
+    why = (
+        f"the budget left, {format_usd(ctx.available)}, cannot take the {format_usd(amount)} "
+        f"that renting {describe_offer(terms)} reserves for its boot and first stretch "
+        f"({window_s:.0f}s: the boot timeout and {ahead_s(deps, terms):.0f}s ahead); "
+        "raise the budget to rent it"
+    )
+    with deps.store.session() as s:
+        repo.update_run(s, run.id, status=RunStatus.failed, status_reason=f"Failed: {why}")
+        repo.add_observation(s, run.id, OBS.error, f"Run failed: {why}")
+    return TickResult("Run failed", action)
 
 
 def past_deadline(deps: AgentDeps, ctx: PlanContext, action: Action) -> TickResult:
@@ -222,4 +259,15 @@ def give_up(deps: AgentDeps, job: Job, why: str) -> TickResult:
         inst = cloud_repo.instance_of_job(s, job.id)
     if inst is not None and inst.outcome is None:
         mark_ending(deps, inst, "failed", why, fault=True, terminate=inst.instance_id is not None)
+    elif inst is not None and inst.status == "terminating" and stuck_ending(deps, inst):
+        # Already ending, and its end not confirmed in all these ticks nor in a boot's time:
+        # marking it again would change nothing, and the run would wait here for ever.
+        return abandon(deps, job, inst, why)
     return TickResult("Vendor error")
+
+
+def stuck_ending(deps: AgentDeps, inst: CloudInstance) -> bool:
+    """Whether an ending instance's record has not moved (terminate refused, or accepted with
+    the instance listed on) for longer than a boot may take: a provider refusing for a while (a
+    rate limit, a short outage) is waited for, since the run books its bill itself then."""
+    return (utcnow() - inst.updated_at).total_seconds() > deps.cloud.boot_timeout_s

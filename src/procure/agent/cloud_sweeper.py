@@ -123,11 +123,9 @@ def _book(
             cloud_repo.update_instance(
                 s, record.name, status="terminated", billed=billed, instance_id=instance_id
             )
-        repo.add_observation(
-            s,
-            record.run_id,
-            OBS.error,
-            f"Sweeper terminated instance {record.name} ({record.provider} {instance_id}): "
-            f"no live run owns it{note}",
-            vendor_id=record.vendor_id,
-        )
+        head = f"Sweeper terminated instance {record.name} ({record.provider} {instance_id})"
+        # Said once while it repeats: a provider that accepts the terminate but lists the
+        # instance on has it terminated again at every sweep, and must not add a row each time.
+        if not any(c.startswith(head) for c in repo.recent_contents(s, record.run_id)):
+            said = f"{head}: no live run owns it{note}"
+            repo.add_observation(s, record.run_id, OBS.error, said, vendor_id=record.vendor_id)

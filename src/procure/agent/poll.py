@@ -190,6 +190,10 @@ async def poll(
         return fail_job(deps, job, vendor, why, progress=vjob.progress, ctx=ctx)
     if vjob.status == "expired":  # its paid time ran out before another slice was bought
         return stop_job(deps, ctx, job, vendor, vjob, "its paid time ran out")
+    if due and late(ctx):
+        if vjob.progress >= slices.paid_until(job, paid) - EPS:  # at its paid checkpoint
+            return stop_job(deps, ctx, job, vendor, vjob, "the run's deadline passed")
+        return _not_renewed_late(deps, ctx, job, vendor)
     if due:
         limit = slices.paid_until(job, paid)
         if partial:
@@ -200,6 +204,25 @@ async def poll(
         if vjob.progress >= limit - EPS:  # it has reached its paid checkpoint: let it go
             return stop_job(deps, ctx, job, vendor, vjob, move)
     return _running(vjob, pending)
+
+
+def late(ctx: PlanContext) -> bool:
+    """Whether the run's deadline has passed: it buys nothing more (as the cloud path rents
+    nothing more and stops its instance there); the run ends `aborted` at its next plan."""
+    deadline = ctx.state.run.deadline
+    return deadline is not None and utcnow() > deadline
+
+
+def _not_renewed_late(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> TickResult:
+    """The job runs out the time already paid for (it ends on its checkpoint); no slice more."""
+    why = (
+        f"Not buying the next slice at {vendor.vendor_id}: the run's deadline passed at "
+        f"{ctx.state.run.deadline:%Y-%m-%d %H:%M:%S} UTC; the job runs out its paid time"
+    )
+    with deps.store.session() as s:
+        if why not in repo.recent_contents(s, job.run_id):  # said once, not every tick
+            repo.add_observation(s, job.run_id, OBS.agent_reasoning, why, vendor_id=job.vendor_id)
+    return TickResult("Slice not bought: the run's deadline passed")
 
 
 def _owes_time(

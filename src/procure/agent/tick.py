@@ -29,13 +29,14 @@ from procure.agent.context import PlanContext
 from procure.agent.decide import decide
 from procure.agent.deps import OBS, TROUBLE, WAITING, AgentDeps, RunNotFound, TickResult
 from procure.agent.outcomes import fail_job
-from procure.agent.poll import poll
+from procure.agent.poll import late, poll
 from procure.agent.reconcile import reconcile
 from procure.agent.renewals import settle_stray_slices
 from procure.agent.submit import start_job
 from procure.models import (
     ACTIVE_JOB_STATUSES,
     TERMINAL_RUN_STATUSES,
+    Action,
     Job,
     JobStatus,
     PaymentStatus,
@@ -238,5 +239,23 @@ async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
 
         result = await cloud_run.start_cloud_job(deps, ctx, action, vendor)
         return TickResult(result.message, action)
+    if late(ctx):  # the cloud path's own check is in `start_cloud_job`
+        return _past_deadline(deps, ctx, action)
     result = await start_job(deps, ctx, action, vendor)
     return TickResult(result.message, action)
+
+
+def _past_deadline(deps: AgentDeps, ctx: PlanContext, action: Action) -> TickResult:
+    """The run's deadline has passed: no new job is paid for (as no instance is rented then);
+    the run ends `aborted` at its progress, its last checkpoint kept."""
+    run = ctx.state.run
+    why = f"The run's deadline passed at {run.deadline:%Y-%m-%d %H:%M:%S} UTC"
+    with deps.store.session() as s:
+        repo.update_run(s, run.id, status=RunStatus.aborted, status_reason=why)
+        repo.add_observation(
+            s,
+            run.id,
+            OBS.agent_reasoning,
+            f"Not starting a job: {why}; the run ends at {run.progress:.0%}",
+        )
+    return TickResult("Run aborted", action)

@@ -117,8 +117,13 @@ class _Runtime(_Loose):
     ports: list[_Port] | None = Field(None, max_length=1000)
 
 
+MAX_POD_ID = 100
+"""What the store keeps of an instance id: a longer one, cut, would name no pod (looked gone,
+$0 booked, never terminated), so it is refused here."""
+
+
 class _Pod(_Loose):
-    id: str = Field(min_length=1, max_length=200)
+    id: str = Field(min_length=1, max_length=MAX_POD_ID)
     name: str = Field("", max_length=1000)
     status: str = Field(max_length=40)
     cost: float = Field(0.0, ge=0, le=100_000)
