@@ -200,9 +200,14 @@ def verdicts(rows: list[Result], floors: dict[str, float]) -> list[str]:
                 continue
             sweep = [r for r in mine if r.policy.startswith("procure")]
             default = next(r for r in mine if r.policy == "procure")
-            defaults.append(default.cost_usd / floors[w])
+            # A run that left work undone was billed for less of it: it is not within the floor.
+            finished = default.completed == default.jobs
+            defaults.append(default.cost_usd / floors[w] if finished else math.inf)
             peers = [r for r in mine if r.policy in PEERS]
-            best = min(peers, key=lambda r: r.cost_usd)
+            # The best peer is the cheapest that did all the work (a run that left jobs queued
+            # is cheap because it did less); only where none did, the cheapest of them.
+            done = [r for r in peers if r.completed == r.jobs] or peers
+            best = min(done, key=lambda r: r.cost_usd)
             for peer in peers:
                 ours = at_p95(sweep, peer.wait_p95_s)
                 compared += 1
@@ -234,8 +239,9 @@ def verdicts(rows: list[Result], floors: dict[str, float]) -> list[str]:
             f"vs the best peer at its p95, averaged over {len(savings_vs_best)} workload(s): "
             f"{mean:.1%} cheaper"
             + (f", {best_missed} not reached" if best_missed else "")
-            + f" ({'met' if vs_best else 'MISSED'} ≥ 10 %); default at most {worst:.3f} × floor "
-            f"({'met' if worst <= limit else 'MISSED'} ≤ {limit:.2f})"
+            + f" ({'met' if vs_best else 'MISSED'} ≥ 10 %); default at most "
+            + (f"{worst:.3f} × floor" if math.isfinite(worst) else "unfinished work")
+            + f" ({'met' if worst <= limit else 'MISSED'} ≤ {limit:.2f})"
         )
     return out
 

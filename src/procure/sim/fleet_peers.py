@@ -89,7 +89,10 @@ class ClusterAutoscaler:
         while pending:
             fits = [t for t in groups if t.gpus >= pending[0]]
             if not fits:
-                break
+                # No group helps this pod (CA reports it as not triggering a scale-up); it
+                # does not hold back the pods behind it that another group fits.
+                pending = pending[1:]
+                continue
             kind = self._rng.choice(fits)
             n, rest = pack(pending, [], kind.gpus)
             out += [_launch(kind, f"{len(pending)} pod(s) unschedulable") for _ in range(n)]
