@@ -340,3 +340,26 @@ def test_the_mock_runpod_keeps_the_account_ssh_keys_as_dstack_registers_them() -
             assert http.get(mock.url + path).json() == {"keys": [PUBLIC]}
     finally:
         mock.stop()
+
+
+def test_a_lambda_instance_id_longer_than_the_store_holds_is_refused() -> None:
+    """Before the fix: Lambda's wire took instance ids up to 200 characters while the agent
+    stores the first 100: the stored id would name no instance (looked gone, $0 booked, billed
+    on). A launch answer with such an id is ambiguous (looked up by name); a listing refuses it."""
+    from procure.clouds.base import ProviderError
+    from procure.clouds.lambda_cloud import wire
+
+    long_id = "i" * 150
+    region = {"name": "us-east-1", "description": "Virginia"}
+    kind = {
+        "name": "gpu_1x_a100",
+        "description": "1x A100",
+        "price_cents_per_hour": 129,
+        "specs": {"vcpus": 30, "memory_gib": 200, "storage_gib": 512, "gpus": 1},
+    }
+    raw = {"id": long_id, "status": "active", "region": region, "instance_type": kind}
+    with pytest.raises(ProviderError):
+        wire.launched_ids({"data": {"instance_ids": [long_id]}})
+    with pytest.raises(ProviderError):
+        wire.one_instance({"data": raw})
+    assert wire.one_instance({"data": raw | {"id": "i" * 32}}).id == "i" * 32

@@ -54,8 +54,13 @@ class _TypeItem(_Loose):
     regions_with_capacity_available: list[_Region] = Field(max_length=1000)
 
 
+MAX_ID = 100
+"""What the store keeps of an instance id: a longer one, cut, would name no instance (looked
+gone, $0 booked, never terminated), so it is refused here."""
+
+
 class _Instance(_Loose):
-    id: str = Field(min_length=1, max_length=200)
+    id: str = Field(min_length=1, max_length=MAX_ID)
     name: str | None = Field(None, max_length=200)
     ip: str | None = Field(None, max_length=100)
     status: str
@@ -166,7 +171,7 @@ def one_instance(body: Any, node_port: int | None = None) -> Instance:
 def launched_ids(body: Any) -> list[str]:
     data = _data(body, "launch")
     ids = data.get("instance_ids") if isinstance(data, dict) else None
-    valid = isinstance(ids, list) and all(isinstance(i, str) and 0 < len(i) <= 200 for i in ids)
+    valid = isinstance(ids, list) and all(isinstance(i, str) and 0 < len(i) <= MAX_ID for i in ids)
     if not valid or not ids:  # ambiguous: the caller looks for the instance by name
         raise ProviderError("Lambda's launch answer has no instance_ids")
     return ids
