@@ -318,6 +318,18 @@ def test_bad_submissions_are_refused_plainly(tmp_path: Path) -> None:
         assert client.get("/jobs").json()["jobs"] == []
 
 
+def test_a_checkpoint_folder_that_loops_is_refused_plainly(tmp_path: Path) -> None:
+    """Before the fix: a `checkpointDir` that is a loop of symlinks made resolving it raise
+    RuntimeError, and the node answered a bare 500."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with node(tmp_path) as client:
+        answer = client.post("/jobs", json={"command": ["x"], "checkpointDir": str(tmp_path / "a")})
+        assert answer.status_code == 422, answer.text
+        assert "checkpoint folder" in answer.json()["error"]
+        assert client.get("/jobs").json()["jobs"] == []
+
+
 def test_a_command_that_does_not_exist_fails_the_job(tmp_path: Path) -> None:
     with node(tmp_path) as client:
         job = submit(client, command=[str(tmp_path / "no-such-program")])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -228,7 +229,10 @@ class JobRunner:
                 folder = checkpoints.local_dir(root)
             else:
                 folder = root
-        except OSError as exc:
+        except (RuntimeError, OSError) as exc:
+            # A loop of symlinks: RuntimeError from Path.resolve on 3.11, ELOOP from 3.13 on.
+            if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+                raise JobRefused(422, "the checkpoint folder is a loop of symbolic links") from None
             raise JobRefused(500, f"cannot create the checkpoint folder: {exc}") from None
         job_env = dict(env)
         job_env["PROCURE_JOB_ID"] = job_id
