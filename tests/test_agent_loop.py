@@ -25,8 +25,9 @@ import pytest
 from sqlalchemy import select
 
 from procure.agent.deps import AgentDeps, RunNotFound
+from procure.agent.leased_tick import LeaseHeld
 from procure.agent.planner import Planner
-from procure.agent.worker import LeaseHeld, Worker, WorkerConfig
+from procure.agent.worker import Worker, WorkerConfig
 from procure.api.app import create_app
 from procure.local import free_port, serve
 from procure.loopthread import AgentLoop

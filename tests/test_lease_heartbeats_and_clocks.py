@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from procure.agent import worker
+from procure.agent import leased_tick, worker
 from procure.agent.deps import TickResult
-from procure.agent.worker import LeaseHeld, Worker, WorkerConfig, tick_under_lease
+from procure.agent.leased_tick import LeaseHeld, tick_under_lease
+from procure.agent.worker import Worker, WorkerConfig
 from procure.models import JobSpec, utcnow
 from procure.store import Store, leases, open_store, repo
 
@@ -72,7 +73,7 @@ def test_one_failed_heartbeat_does_not_end_an_api_ticks_renewals(
     it."""
     store, run_id = _store_with_run(tmp_path)
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(worker, "tick", _rival_tick(store, run_id, seen, limit_s=5.0))
+    monkeypatch.setattr(leased_tick, "tick", _rival_tick(store, run_id, seen, limit_s=5.0))
     monkeypatch.setattr(leases, "renew", _failing_once(leases.renew))
     deps = SimpleNamespace(store=store)
     try:

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import update
 
-from procure.agent import worker
+from procure.agent import leased_tick
 from procure.agent.deps import TickResult
-from procure.agent.worker import LeaseHeld, tick_under_lease
+from procure.agent.leased_tick import LeaseHeld, tick_under_lease
 from procure.models import JobSpec, utcnow
 from procure.store import open_store, repo
 from procure.store.tables import RunRow
@@ -40,7 +40,7 @@ def test_a_lost_lease_stops_the_tick(tmp_path: Path, monkeypatch: pytest.MonkeyP
             raise
         return TickResult("ticked on beside the new holder")
 
-    monkeypatch.setattr(worker, "tick", slow_tick)
+    monkeypatch.setattr(leased_tick, "tick", slow_tick)
     deps = SimpleNamespace(store=store)
     with pytest.raises(LeaseHeld) as held:
         asyncio.run(tick_under_lease(deps, run_id, "api-a", lease_s=0.3))  # type: ignore[arg-type]

@@ -36,14 +36,9 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar
 
 from procure.agent.deps import AgentDeps, TickResult
+from procure.agent.leased_tick import tick_under_lease
 from procure.agent.runtime import close_deps
-from procure.agent.worker import (
-    Worker,
-    WorkerConfig,
-    WorkerLockHeld,
-    sqlite_worker_lock,
-    tick_under_lease,
-)
+from procure.agent.worker import Worker, WorkerConfig, WorkerLockHeld, sqlite_worker_lock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -36,11 +36,12 @@ from dotenv import dotenv_values
 from sqlalchemy.orm import Session
 
 from procure.agent import runlog
-from procure.agent.deps import AgentDeps, RunNotFound, TickResult
+from procure.agent.deps import AgentDeps, RunNotFound
+from procure.agent.leased_tick import retrieved
 from procure.agent.tick import polling, tick
 from procure.agent.upkeep import prune, settle_and_prune, sweep_clouds
 from procure.models import RunState, Vendor, utcnow
-from procure.store import Store, hotpath, leases, repo
+from procure.store import Store, hotpath, leases
 
 log = logging.getLogger(__name__)
 # Called with (outcome, seconds) after each tick the worker makes: the API's metrics count them.
@@ -100,14 +101,6 @@ class WorkerStats:
     lost_leases: int = 0
 
 
-class LeaseHeld(Exception):
-    """Someone else is ticking the run."""
-
-    def __init__(self, run_id: str, holder: str | None) -> None:
-        super().__init__(f"run {run_id} is being ticked by {holder or 'another ticker'}")
-        self.holder = holder
-
-
 class Worker:
     def __init__(self, deps: AgentDeps, cfg: WorkerConfig | None = None) -> None:
         self.deps = deps
@@ -119,6 +112,7 @@ class Worker:
         self._done: list[tuple[leases.TickRecord, list[hotpath.PollWrite]]] = []
         self._done_since = 0.0  # when the oldest unreleased finished tick finished
         self._flushing: asyncio.Task[None] | None = None  # the batch being released
+        self._releasing: list[tuple[leases.TickRecord, list[hotpath.PollWrite]]] = []  # its ticks
         self._stopping = asyncio.Event()
         self._started = 0
         self._trim_mark: int | None = None  # tick log id up to which runs were trimmed
@@ -178,16 +172,27 @@ class Worker:
             record = leases.TickRecord(run_id, self.cfg.owner, started, utcnow(), outcome, next_in)
             self._done.append((record, writes))
 
-    def _lease(self, limit: int) -> tuple[list[str], dict[str, tuple[RunState, Vendor]]]:
+    def _lease(
+        self, limit: int, mine: set[str]
+    ) -> tuple[list[str], dict[str, tuple[RunState, Vendor]]]:
         with self.store.session() as s:
-            run_ids = leases.acquire_due(s, self.cfg.owner, self.cfg.lease_s, limit)
+            run_ids = leases.acquire_due(s, self.cfg.owner, self.cfg.lease_s, limit, mine)
             return run_ids, _load_polling(s, run_ids)
+
+    def _unreleased(self) -> set[str]:
+        """The runs this worker ticks or has not yet released: never leased again before their
+        release (whose fence is the owner, the same for a new lease of ours)."""
+        return (
+            set(self._inflight.values())
+            | {r.run_id for r, _ in self._done}
+            | {r.run_id for r, _ in self._releasing}
+        )
 
     async def _acquire(self, limit: int) -> int:
         # In a thread: the ticks in flight go on while the statement and its commit wait.
         asked = time.monotonic()  # the leases run from no earlier than this
         try:
-            run_ids, loaded = await asyncio.to_thread(self._lease, limit)
+            run_ids, loaded = await asyncio.to_thread(self._lease, limit, self._unreleased())
         except Exception:
             log.exception("leasing due runs failed; backing off")
             return 0
@@ -233,6 +238,7 @@ class Worker:
         if not self._done or (self._flushing is not None and not self._flushing.done()):
             return
         done, self._done = self._done, []
+        self._releasing = done
 
         async def release() -> None:
             try:
@@ -242,6 +248,8 @@ class Worker:
                 if not self._done:
                     self._done_since = time.monotonic()
                 self._done[:0] = done
+            finally:
+                self._releasing = []
 
         self._flushing = asyncio.create_task(release(), name="release-batch")
 
@@ -252,6 +260,7 @@ class Worker:
         self._flush()
 
     async def _heartbeat(self) -> None:
+        renewing: asyncio.Future[set[str]] | None = None  # a renewal the store has not answered
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
             for task in [t for t in self._held_at if t not in self._inflight]:
@@ -260,11 +269,23 @@ class Worker:
             if not running:
                 continue
             asked = time.monotonic()
-            try:
-                held: set[str] | None = await asyncio.to_thread(self._renew, list(running.values()))
-            except Exception:
-                log.exception("heartbeat failed")
-                held = None
+            held: set[str] | None = None
+            if renewing is not None and not renewing.done():
+                log.error("heartbeat: the store has not answered the last renewal yet")
+            else:
+                renewing = asyncio.ensure_future(
+                    asyncio.to_thread(self._renew, list(running.values()))
+                )
+                renewing.add_done_callback(retrieved)
+                try:
+                    # No longer than a beat: a connection that hangs (a partition, a server
+                    # gone without a word) gives no error for minutes, and the ticks must stop
+                    # before their leases lapse, as when renewals fail.
+                    held = await asyncio.wait_for(asyncio.shield(renewing), self.cfg.heartbeat_s)
+                except TimeoutError:
+                    log.error("heartbeat: the store did not answer in %.1f s", self.cfg.heartbeat_s)
+                except Exception:
+                    log.exception("heartbeat failed")
             for task, run_id in running.items():
                 if task.done():
                     continue
@@ -375,9 +396,15 @@ class Worker:
 def _load_polling(s: Session, run_ids: list[str]) -> dict[str, tuple[RunState, Vendor]]:
     """The leased runs whose tick is a poll, with their job's vendor (read in the lease's
     transaction); the others are read by their own tick."""
-    states = hotpath.load_tick_states(s, run_ids)
+    try:
+        states = hotpath.load_tick_states(s, run_ids)
+    except ValueError:  # a row the model refuses: read the runs one by one (below)
+        states = _readable_states(s, run_ids)
     jobs = {run_id: job for run_id, state in states.items() if (job := polling(state))}
-    vendors = hotpath.load_vendors(s, {job.vendor_id for job in jobs.values()})
+    try:
+        vendors = hotpath.load_vendors(s, {job.vendor_id for job in jobs.values()})
+    except ValueError:  # an unreadable vendor: its runs' own ticks read (and fail on) it
+        vendors = {}
     return {
         run_id: (states[run_id], vendors[job.vendor_id])
         for run_id, job in jobs.items()
@@ -385,72 +412,22 @@ def _load_polling(s: Session, run_ids: list[str]) -> dict[str, tuple[RunState, V
     }
 
 
+def _readable_states(s: Session, run_ids: list[str]) -> dict[str, RunState]:
+    """`load_tick_states` run by run, leaving out the runs whose rows the model refuses: one
+    such run must not fail the batch's read, which would roll its leases back and lease the
+    same batch again for ever (no run ticked). Left out, it is ticked unloaded, reads its own
+    state, fails alone and backs off."""
+    states: dict[str, RunState] = {}
+    for run_id in run_ids:
+        try:
+            states.update(hotpath.load_tick_states(s, [run_id]))
+        except ValueError:
+            log.warning("run %s: its stored state cannot be read; ticked on its own", run_id)
+    return states
+
+
 async def run_worker(deps: AgentDeps, cfg: WorkerConfig | None = None) -> WorkerStats:
     return await Worker(deps, cfg).run()
-
-
-async def tick_under_lease(
-    deps: AgentDeps, run_id: str, owner: str, lease_s: float = 120.0
-) -> TickResult:
-    """One tick of one run outside the worker (API, CLI): take the run's lease or raise
-    `LeaseHeld`, tick with a heartbeat, log the tick and release. `RunNotFound` if unknown."""
-    with deps.store.session() as s:
-        if not leases.acquire(s, run_id, owner, lease_s):
-            held_by = leases.holder(s, run_id)
-            if held_by is None and repo.get_run(s, run_id) is None:
-                raise RunNotFound(run_id)
-            raise LeaseHeld(run_id, held_by)
-
-    work = asyncio.ensure_future(tick(deps, run_id))
-
-    async def heartbeat() -> None:
-        # Renew while the tick runs; if the lease was lost (this loop stalled past its TTL and
-        # someone else took the run), or could not be renewed for so long that it may lapse
-        # before the next try (the store unreachable), stop the tick: it survives that as it
-        # survives a crash.
-        renewed = time.monotonic()
-        while True:
-            await asyncio.sleep(lease_s / 3)
-            asked = time.monotonic()
-            try:
-                with deps.store.session() as s:
-                    held: bool | None = leases.renew(s, run_id, owner, lease_s)
-            except Exception:
-                log.exception("renewing the lease on run %s failed", run_id)
-                held = None
-            if held:
-                renewed = asked
-                continue
-            if held is False or asked - renewed + lease_s / 3 >= lease_s:
-                log.error("lost the lease on run %s; cancelling the tick", run_id)
-                work.cancel()
-                return
-
-    beat = asyncio.create_task(heartbeat())
-    started = utcnow()
-    outcome = "Tick error"
-    try:
-        result = await work
-        outcome = result.message
-        runlog.ticked(run_id, result)  # one line per run event, as the worker's ticks log
-        return result
-    except RunNotFound:
-        outcome = "Run not found"
-        raise
-    except asyncio.CancelledError:
-        if beat.done() and not beat.cancelled():  # the heartbeat lost the lease: stopped
-            outcome = "Lease lost"
-            with deps.store.session() as s:
-                holder = leases.holder(s, run_id)
-            raise LeaseHeld(run_id, holder) from None
-        work.cancel()  # we were cancelled ourselves: so is the tick
-        outcome = "Cancelled"
-        raise
-    finally:
-        beat.cancel()
-        record = leases.TickRecord(run_id, owner, started, utcnow(), outcome)
-        with deps.store.session() as s:
-            leases.finish(s, [record])
 
 
 # --- one worker per SQLite file ------------------------------------------------------------

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 
 from procure.agent import metrics, runlog
 from procure.agent.cancel import CannotCancel, request_cancel
+from procure.agent.leased_tick import LeaseHeld
 from procure.agent.start_request import first_payment
 from procure.agent.tick import RunNotFound
-from procure.agent.worker import LeaseHeld
 from procure.api.schemas import NO_NUL, CancelRequest, StartRequest, TickRequest
 from procure.models import Payment, Run, RunStatus, utcnow
 from procure.settings import Settings

@@ -18,10 +18,11 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
 from procure.agent.deps import TickResult
+from procure.agent.leased_tick import LeaseHeld, tick_under_lease
 from procure.agent.reconcile import settle_ended_runs
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.upkeep import prune
-from procure.agent.worker import LeaseHeld, WorkerConfig, tick_under_lease
+from procure.agent.worker import WorkerConfig
 from procure.api import errors
 from procure.api.ops import ops_router
 from procure.api.runs import runs_router
@@ -106,8 +107,13 @@ async def tick_due(
             due = await asyncio.to_thread(_due, store, batch)
             if not due:
                 break
+            # Each ticked run is due again after the pause, behind those not yet ticked
+            # (oldest due first): the rounds go through every due run, not the same batch.
             outcomes = await asyncio.gather(
-                *(tick_under_lease(deps, run_id, owner, settings.api_lease_s) for run_id in due),
+                *(
+                    tick_under_lease(deps, run_id, owner, settings.api_lease_s, pause_s)
+                    for run_id in due
+                ),
                 return_exceptions=True,
             )
             for outcome in outcomes:

@@ -120,9 +120,9 @@ def run_tick(run_id: str) -> None:
     """Advance a run by one step (holding its lease)."""
     import uuid
 
+    from procure.agent.leased_tick import LeaseHeld, tick_under_lease
     from procure.agent.runtime import close_deps, make_deps
     from procure.agent.tick import RunNotFound
-    from procure.agent.worker import LeaseHeld, tick_under_lease
 
     settings = load_settings()
     owner = f"cli-{uuid.uuid4().hex[:8]}"
@@ -155,9 +155,9 @@ def run_cancel(
     import uuid
 
     from procure.agent.cancel import CannotCancel, request_cancel
+    from procure.agent.leased_tick import LeaseHeld, tick_under_lease
     from procure.agent.runtime import close_deps, make_deps
     from procure.agent.tick import RunNotFound
-    from procure.agent.worker import LeaseHeld, tick_under_lease
     from procure.store import repo
 
     settings = load_settings()

@@ -10,7 +10,7 @@ whose [started_at, finished_at] lies inside the lease, so the intervals of one r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,12 +66,37 @@ def acquire(s: Session, run_id: str, owner: str, ttl_s: float) -> bool:
         .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=ttl_s))
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    taken = result.rowcount == 1  # type: ignore[attr-defined]
+    if taken:
+        _restamp(s, [run_id], owner, ttl_s)
+    return taken
 
 
-def acquire_due(s: Session, owner: str, ttl_s: float, limit: int) -> list[str]:
+def _restamp(s: Session, run_ids: list[str], owner: str, ttl_s: float) -> None:
+    """On SQLite, run the leases just taken from now: their expiry was computed before the
+    statement waited for the write lock (up to the busy timeout, longer than an API lease), so a
+    lease could be taken already lapsed, free for anyone. The lock is held now, until commit:
+    nobody can take them in between. (On PostgreSQL the statement reads the database's clock.)"""
+    if not run_ids or s.get_bind().dialect.name == "postgresql":
+        return
+    s.execute(
+        update(RunRow)
+        .where(RunRow.id.in_(run_ids), RunRow.lease_owner == owner)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=ttl_s))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def acquire_due(
+    s: Session, owner: str, ttl_s: float, limit: int, exclude: Collection[str] = ()
+) -> list[str]:
     """Lease up to `limit` running runs that are due for a tick, oldest due first, in one
-    statement; return their ids. On PostgreSQL rows locked by another worker are skipped."""
+    statement; return their ids. On PostgreSQL rows locked by another worker are skipped.
+
+    `exclude`: runs the caller still ticks or has not yet released. Their leases may have
+    lapsed (a release held up, a stalled loop), but leased again under the same owner, the
+    earlier tick's late release (or renewal) would count for the new one: the run would be
+    freed, or ticked twice at once, under a lease that looks held."""
     if limit <= 0:
         return []
     now = _clock(s)
@@ -81,6 +106,8 @@ def acquire_due(s: Session, owner: str, ttl_s: float, limit: int) -> list[str]:
         .order_by(RunRow.next_tick_at)
         .limit(limit)
     )
+    if exclude:
+        due = due.where(RunRow.id.not_in(list(exclude)))
     if s.get_bind().dialect.name == "postgresql":
         due = due.with_for_update(skip_locked=True)
     statement = (
@@ -90,7 +117,9 @@ def acquire_due(s: Session, owner: str, ttl_s: float, limit: int) -> list[str]:
         .returning(RunRow.id)
         .execution_options(synchronize_session=False)
     )
-    return list(s.scalars(statement))
+    taken = list(s.scalars(statement))
+    _restamp(s, taken, owner, ttl_s)
+    return taken
 
 
 def renew(s: Session, run_id: str, owner: str, ttl_s: float) -> bool:

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from procure.agent import metrics, runlog
 from procure.agent.cancel import request_cancel
+from procure.agent.leased_tick import LeaseHeld
 from procure.agent.start_request import StartRequest, problems
-from procure.agent.worker import LeaseHeld
 from procure.loopthread import AgentLoop
 from procure.models import Run, RunStatus, utcnow
 from procure.store import Store, repo
