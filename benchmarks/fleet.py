@@ -46,7 +46,7 @@ DEFAULT_TARGET_MIN = ProcurePolicy.target_wait_s / 60
 # Below a boot the knob sets the headroom kept for bursts, and a little of it goes a long way:
 # hence the finer steps there.
 TARGETS_MIN = (
-    *(0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 5.0, 8.0, 10.0),
+    *(0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 8.0, 10.0),
     *(15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0),
 )
 QUICK_TARGETS_MIN = (0.0, 0.5, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 240.0)
