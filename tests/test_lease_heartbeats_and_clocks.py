@@ -138,3 +138,33 @@ def test_a_ticker_whose_clock_runs_ahead_cannot_take_a_live_lease(
     finally:
         store.dispose()
     assert not stolen, "worker-b (clock 2 min ahead) took the run while worker-a held it"
+
+
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_run_started_or_cancelled_on_a_host_whose_clock_runs_ahead_is_due_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix: a new run, and a cancel, were made due at the API host's own clock while
+    leases are compared with the database's: on a host ten minutes ahead, no worker would tick
+    the new run, or carry out the cancel, for ten minutes."""
+    from procure.agent import cancel
+
+    ahead = lambda: utcnow() + timedelta(minutes=10)  # noqa: E731
+    store = open_store(db_url)
+    try:
+        monkeypatch.setattr(repo, "utcnow", ahead)
+        monkeypatch.setattr(cancel, "utcnow", ahead)
+        with store.session() as s:
+            run_id = repo.create_run(
+                s, user_id="u", goal="g", budget_total=1_000_000, job_spec=JobSpec()
+            ).id
+        with store.session() as s:
+            assert leases.acquire_due(s, "worker-a", 60, 10) == [run_id], "the new run was not due"
+            leases.release(s, run_id, "worker-a", next_tick_in_s=3600)
+        cancel.request_cancel(store, run_id, by="u")
+        with store.session() as s:
+            assert leases.acquire_due(s, "worker-a", 60, 10) == [run_id], "the cancel was not due"
+    finally:
+        store.dispose()

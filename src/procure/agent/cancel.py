@@ -25,7 +25,7 @@ from procure.models import (
     format_usd,
     utcnow,
 )
-from procure.store import Store, repo
+from procure.store import Store, leases, repo
 from procure.store.tables import RunRow
 from procure.vendors.client import VendorError
 
@@ -50,7 +50,12 @@ def request_cancel(store: Store, run_id: str, *, by: str, reason: str | None = N
                 RunRow.status == RunStatus.running,
                 RunRow.cancel_requested_at.is_(None),
             )
-            .values(cancel_requested_at=now, cancel_reason=why, next_tick_at=now, updated_at=now)
+            .values(
+                cancel_requested_at=now,
+                cancel_reason=why,
+                next_tick_at=leases.store_now(s),  # due by the store's clock, as leases compare
+                updated_at=now,
+            )
             .execution_options(synchronize_session=False)
         ).rowcount  # type: ignore[attr-defined]
         if recorded:

@@ -24,7 +24,7 @@ from procure.models import (
     Vendor,
     utcnow,
 )
-from procure.store import totals
+from procure.store import leases, totals
 from procure.store.tables import Base, JobRow, ObservationRow, PaymentRow, RunRow, VendorRow
 
 M = TypeVar("M", bound=BaseModel)
@@ -167,7 +167,9 @@ def create_run(
         job_spec=job_spec.model_dump(),
         progress=0.0,
         deadline=deadline,
-        next_tick_at=now,
+        # Due by the store's clock, as leases compare it: an API host whose clock runs ahead
+        # would otherwise make a new run wait that long for its first tick.
+        next_tick_at=leases.store_now(s),
         created_at=now,
         updated_at=now,
     )
