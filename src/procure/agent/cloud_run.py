@@ -66,8 +66,6 @@ async def start_cloud_job(
     run, terms = ctx.state.run, vendor.offer
     if terms is None:
         return TickResult("Vendor error", action)
-    if run.deadline is not None and utcnow() > run.deadline:
-        return past_deadline(deps, ctx, action)
     resume = ctx.resume_from
     hours = ctx.remaining_hours
     now = utcnow()
@@ -184,22 +182,6 @@ def too_small(
         repo.update_run(s, run.id, status=RunStatus.failed, status_reason=f"Failed: {why}")
         repo.add_observation(s, run.id, OBS.error, f"Run failed: {why}")
     return TickResult("Run failed", action)
-
-
-def past_deadline(deps: AgentDeps, ctx: PlanContext, action: Action) -> TickResult:
-    """The run's deadline has passed: an instance is stopped there (`step`), so one rented now
-    would be stopped at once, and the next too, tick after tick. The run ends instead."""
-    run = ctx.state.run
-    why = f"The run's deadline passed at {run.deadline:%Y-%m-%d %H:%M:%S} UTC"
-    with deps.store.session() as s:
-        repo.update_run(s, run.id, status=RunStatus.aborted, status_reason=why)
-        repo.add_observation(
-            s,
-            run.id,
-            OBS.agent_reasoning,
-            f"Not renting an instance: {why}; the run ends at {run.progress:.0%}",
-        )
-    return TickResult("Run aborted", action)
 
 
 # --- one step of a job on an instance ------------------------------------------------------

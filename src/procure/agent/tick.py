@@ -230,6 +230,8 @@ async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
         if action.action == "abort":
             repo.update_run(s, run_id, status=RunStatus.aborted, status_reason=action.reason)
             return TickResult("Run aborted", action)
+    if late(ctx):  # past its deadline a run buys nothing more, on a cloud or an x402 vendor
+        return _past_deadline(deps, ctx, action)
     if action.action == "wait":
         return TickResult("Waiting", action)
     vendor = ctx.vendor(action.vendor_id)
@@ -239,15 +241,14 @@ async def _plan_and_act(deps: AgentDeps, ctx: PlanContext) -> TickResult:
 
         result = await cloud_run.start_cloud_job(deps, ctx, action, vendor)
         return TickResult(result.message, action)
-    if late(ctx):  # the cloud path's own check is in `start_cloud_job`
-        return _past_deadline(deps, ctx, action)
     result = await start_job(deps, ctx, action, vendor)
     return TickResult(result.message, action)
 
 
 def _past_deadline(deps: AgentDeps, ctx: PlanContext, action: Action) -> TickResult:
-    """The run's deadline has passed: no new job is paid for (as no instance is rented then);
-    the run ends `aborted` at its progress, its last checkpoint kept."""
+    """The run's deadline has passed: no new job is paid for and no instance rented (one would be
+    stopped at once, and the next too, tick after tick); the run ends `aborted` at its progress,
+    its last checkpoint kept."""
     run = ctx.state.run
     why = f"The run's deadline passed at {run.deadline:%Y-%m-%d %H:%M:%S} UTC"
     with deps.store.session() as s:
