@@ -135,25 +135,15 @@ async def keep_registered(
         state.state = "registering" if state.accepted == 0 else state.state
         try:
             await register_once(client, state.orchestrator, secret, body)
-        except Refused as exc:
-            if state.accepted == 0:
+        except (Refused, NotAccepted) as exc:
+            if isinstance(exc, Refused) and state.accepted == 0:
                 state.state, state.last_error = "refused", str(exc)
                 log.error("capability %s not registered: %s; not retrying", state.name, exc)
                 return
-            # It accepted this very request before: a refusal now is a change on its side (a
-            # proxy's 404 while it restarts, a secret being rotated), not ours. Keep trying.
+            # A refusal after it accepted this very request before is a change on its side (a
+            # proxy's 404 while it restarts, a secret being rotated), not ours: tried again too.
             state.state, state.last_error = "retrying", str(exc)
-            log.warning(
-                "capability %s refused on refresh (%s); again in %.1fs", state.name, exc, delay
-            )
-            await sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, settings.retry_max_s)
-            continue
-        except NotAccepted as exc:
-            state.state, state.last_error = "retrying", str(exc)
-            log.warning(
-                "capability %s not registered yet (%s); again in %.1fs", state.name, exc, delay
-            )
+            log.warning("capability %s not registered (%s); again in %.1fs", state.name, exc, delay)
             await sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, settings.retry_max_s)
             continue
