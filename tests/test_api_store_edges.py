@@ -384,3 +384,33 @@ def test_the_vendors_page_never_shows_the_facilitator_password(
     assert page.status_code == 200
     assert "unavailable" in page.text  # the balance could not be read: the page says so
     assert password not in page.text
+
+
+def test_a_postgresql_server_that_never_answers_fails_the_connection_instead_of_hanging() -> None:
+    """Before the fix: libpq waits for ever by default for a server that accepts the connection
+    and never answers (a frozen host, a half-open proxy): opening the store hung `procure serve`
+    or a worker with no error at all. Now a connection gives up after PROCURE_DB_CONNECT_TIMEOUT_S
+    (10 s), saying why."""
+    import socket
+
+    from sqlalchemy.exc import OperationalError
+
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody ever answers
+    port = silent.getsockname()[1]
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:  # opening the store reads its schema's revision: the first connection
+            store = open_store(f"postgresql+psycopg://u:p@127.0.0.1:{port}/db")
+            store.dispose()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(120)
+    silent.close()
+    assert outcome, "opening a store on a server that never answers still waits after 120 s"
+    assert isinstance(outcome[0], OperationalError), outcome
+    assert "timeout" in str(outcome[0]).lower()

@@ -32,7 +32,7 @@ from procure.models import RunStatus
 from procure.numbers import NumberError, parse_number
 from procure.settings import Settings
 from procure.store import Store, leases
-from procure.store.db import make_engine, migrate
+from procure.store.db import make_engine, migrate, postgres_connect_args
 from procure.store.tables import RunRow
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,10 @@ class ColdAgent:
 def serverless_store(url: str, *, upgrade: bool = False) -> Store:
     """A store without a connection pool: a frozen or recycled function instance holds no
     connection; each transaction opens its own (front it with PgBouncer or Neon's pooler)."""
-    engine = (
-        make_engine(url) if url.startswith("sqlite") else create_engine(url, poolclass=NullPool)
-    )
+    if url.startswith("sqlite"):
+        engine = make_engine(url)
+    else:
+        engine = create_engine(url, poolclass=NullPool, connect_args=postgres_connect_args(url))
     if upgrade:
         migrate(engine)
     return Store(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))

@@ -57,7 +57,34 @@ def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=pre_ping)
+    return create_engine(
+        url,
+        pool_size=10,
+        max_overflow=20,
+        pool_pre_ping=pre_ping,
+        connect_args=postgres_connect_args(url),
+    )
+
+
+CONNECT_TIMEOUT_S = 10
+"""How long a PostgreSQL connection may take: libpq waits for ever by default on a server that
+accepts and never answers (a frozen host, a half-open proxy), and the process hung silently."""
+
+
+def postgres_connect_args(url: str) -> dict[str, int]:
+    """libpq's connect timeout and TCP keepalives (a connection whose peer vanished is found
+    dead in about a minute, not the kernel's two hours), where the URL does not set them."""
+    from sqlalchemy.engine import make_url
+
+    given = make_url(url).query
+    wanted = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
+    return {k: v for k, v in wanted.items() if k not in given}
 
 
 def alembic_config(url: str) -> Config:
