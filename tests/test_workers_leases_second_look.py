@@ -160,6 +160,37 @@ def test_a_scheduled_tick_reaches_every_due_run_not_only_the_oldest_batch(
     assert runs[2] in ticked, "the scheduled call ticked the two oldest runs, round after round"
 
 
+def test_a_scheduled_call_cuts_a_round_that_outruns_its_budget_and_frees_the_run(
+    db_url: str, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix: a scheduled call waited for the slowest tick of its last round, however
+    far past its budget (45 s, under the platform's 60 s limit): the platform then killed it
+    mid-tick, leaving the run's lease to lapse. Now a round still running at the budget's end
+    is cancelled (a tick survives that as a crash), its lease released and the call answers."""
+    run_id = _new_run(store)
+    started = threading.Event()
+
+    async def endless_tick(_deps: object, run_id: str, **_kw: object) -> TickResult:
+        started.set()
+        await asyncio.sleep(3600)  # a vendor that never answers, say
+        return TickResult("never")
+
+    monkeypatch.setattr(leased_tick, "tick", endless_tick)
+    settings = Settings(PROCURE_DATABASE_URL=db_url, PROCURE_HOME=tmp_path)
+    answer: list[dict[str, Any]] = []
+    caller = threading.Thread(
+        target=lambda: answer.append(asyncio.run(tick_due(settings, store, budget_s=1.0))),
+        daemon=True,
+    )
+    caller.start()
+    caller.join(120)
+    assert started.is_set()
+    assert answer, "the scheduled call was still waiting for its tick 2 minutes on"
+    assert answer[0]["cut"] == 1 and answer[0]["ticked"] == 0
+    with store.session() as s:
+        assert leases.holder(s, run_id) is None, "the cut tick's lease was left to lapse"
+
+
 class FreezingProxy:
     """A TCP relay on loopback to the PostgreSQL server that can freeze: it then holds what
     either side sends, connections open, as a network partition or a half-open connection to a

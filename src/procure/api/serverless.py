@@ -101,7 +101,7 @@ async def tick_due(
     ended runs and prune the operational logs (bounded, like the worker's pass)."""
     owner = f"cron-{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + budget_s
-    ticked, busy, failed = 0, 0, 0
+    ticked, busy, failed, cut = 0, 0, 0, 0
     deps = make_deps(settings, store)
     try:
         while time.monotonic() < deadline:
@@ -110,13 +110,20 @@ async def tick_due(
                 break
             # Each ticked run is due again after the pause, behind those not yet ticked
             # (oldest due first): the rounds go through every due run, not the same batch.
-            outcomes = await asyncio.gather(
-                *(
+            ticks = [
+                asyncio.ensure_future(
                     tick_under_lease(deps, run_id, owner, settings.api_lease_s, pause_s)
-                    for run_id in due
-                ),
-                return_exceptions=True,
-            )
+                )
+                for run_id in due
+            ]
+            # No further than the budget: the platform would kill the call mid-tick, its leases
+            # left to lapse. A tick cut here survives it as a crash; its lease is released.
+            _, late = await asyncio.wait(ticks, timeout=max(0.0, deadline - time.monotonic()))
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            cut += len(late)
+            outcomes = [t.exception() or t.result() for t in ticks if t not in late]
             for outcome in outcomes:
                 if isinstance(outcome, LeaseHeld):
                     busy += 1
@@ -134,7 +141,14 @@ async def tick_due(
     cfg = WorkerConfig(prune_budget_s=max(0.0, min(5.0, deadline - time.monotonic())))
     # No mark survives between calls: each call trims the runs of the newest rows.
     pruned, _mark = await asyncio.to_thread(prune, store, cfg)
-    return {"ticked": ticked, "busy": busy, "failed": failed, "settled": settled, "pruned": pruned}
+    return {
+        "ticked": ticked,
+        "busy": busy,
+        "failed": failed,
+        "cut": cut,
+        "settled": settled,
+        "pruned": pruned,
+    }
 
 
 def create_serverless_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
