@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from fastapi.templating import Jinja2Templates
+from starlette.templating import _TemplateResponse
 
 from procure.models import format_dollars, format_usd
 
@@ -41,7 +43,33 @@ def _iso_when(value: str | None) -> str:
     return "—" if not value else _when(datetime.fromisoformat(value))
 
 
-templates = Jinja2Templates(directory=HERE / "templates")
+# Every page: never framed (a foreign page on another port of this machine is same-site, so
+# the SameSite cookie goes with it: it could frame Cancel run or Approve under a decoy), no
+# script or style but the app's own files (the templates have no inline ones), and not kept by
+# the browser or a proxy (they show spend and the wallet: gone from the Back button at Log out).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+class Templates(Jinja2Templates):
+    """Jinja2Templates whose every page carries SECURITY_HEADERS: the dashboard's pages are
+    built in several modules (pages, offers, cloud accounts), all through this one."""
+
+    def TemplateResponse(self, *args: Any, **kwargs: Any) -> _TemplateResponse:
+        response = super().TemplateResponse(*args, **kwargs)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+
+templates = Templates(directory=HERE / "templates")
 
 
 templates.env.filters.update(
