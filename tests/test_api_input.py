@@ -162,3 +162,39 @@ def test_a_non_ascii_bearer_token_is_refused_not_a_500(tmp_path: Path, sqlite_ur
             assert client.get("/api/runs", headers=odd).status_code == 401
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("host", ["rebind.attacker.example", "rebind.attacker.example:3000"])
+def test_an_open_api_does_not_answer_a_host_name_a_page_could_rebind(
+    api: httpx.Client, host: str
+) -> None:
+    """Before the fix: with no PROCURE_API_TOKEN the API answered whatever the Host header said,
+    so a web page pointing a name of its own at 127.0.0.1 (DNS rebinding) could read the runs
+    and start one spending the wallet's money."""
+    started = api.post("/api/agent-start", json=GOOD, headers={"Host": host})
+    assert started.status_code == 421, started.text
+    assert "PROCURE_API_TOKEN" in started.json()["error"]
+    assert api.get("/api/runs", headers={"Host": host}).status_code == 421
+    # Loopback names and IP addresses are served as before.
+    for direct in ("127.0.0.1:3000", "localhost", "[::1]:3000", "procure.localhost"):
+        assert api.get("/api/runs", headers={"Host": direct}).status_code == 200, direct
+    assert api.get("/api/runs").json() == []  # nothing was started
+
+
+def test_an_api_with_a_token_serves_any_host_name(tmp_path: Path, sqlite_url: str) -> None:
+    token = "t0ken-long-enough"
+    settings = Settings(
+        PROCURE_DATABASE_URL=sqlite_url, PROCURE_HOME=tmp_path, PROCURE_API_TOKEN=token
+    )
+    store = open_store(sqlite_url)
+    server = serve(create_app(settings, store))
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            answer = client.get(
+                "/api/runs",
+                headers={"Host": "procure.example.com", "Authorization": f"Bearer {token}"},
+            )
+        assert answer.status_code == 200, answer.text
+    finally:
+        server.stop()
+        store.dispose()

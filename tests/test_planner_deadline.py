@@ -19,7 +19,7 @@ from procure.vendors.registry import default_vendors
 
 def api(tmp_path: Path, url: str) -> TestClient:
     settings = Settings(PROCURE_DATABASE_URL=url, PROCURE_HOME=tmp_path)  # type: ignore[call-arg]
-    return TestClient(create_app(settings, open_store(url)))
+    return TestClient(create_app(settings, open_store(url)), base_url="http://127.0.0.1")
 
 
 def start(client: TestClient, **extra: object) -> dict[str, object]:

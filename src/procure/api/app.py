@@ -23,6 +23,7 @@ from procure.api import errors
 from procure.api.cloud_vendors import cloud_vendors_router
 from procure.api.docs import mount_docs
 from procure.api.fleet import fleet_router
+from procure.api.hosts import DirectHostsOnly
 from procure.api.nodes import nodes_router
 from procure.api.offers import offers_router
 from procure.api.ops import ops_router
@@ -124,6 +125,8 @@ def create_app(
     )
 
     errors.install(app)  # bounds outermost: before any parser or authentication
+    if settings.api_token is None:  # open: only to loopback and IP addresses (DNS rebinding)
+        app.add_middleware(DirectHostsOnly)
     background: dict[str, str] = {}  # background tasks' states, for /healthz
     app.state.background = background
 
