@@ -167,16 +167,16 @@ def new_payment(run_id: str, job_id: str, vendor: Vendor, amount: int, hours: fl
 async def settlement_of(
     deps: AgentDeps, payment: Payment, tx: str | None = None, amount: int | None = None
 ) -> tuple[str | None, int | None]:
-    """The transaction and the amount that moved for a settled payment: as the vendor's answer
-    gave them, completed from the ledger where it did not (an idempotent replay answers without
-    a settlement). (None, None) parts when the ledger cannot say now."""
-    if tx is not None and amount is not None:
-        return tx, amount
+    """The transaction and the amount that moved for a settled payment: the ledger's
+    transaction where it knows one (a vendor's answer may name any hash), else the answer's;
+    the amount as given (the signed one), else the ledger's (an idempotent replay answers
+    without a settlement). (None, None) parts when neither can say now."""
     try:
         settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
     except SettlementLookupError:
         return tx, amount
-    return tx or settled.transaction, amount if amount is not None else settled.amount
+    ledger_tx = settled.transaction if settled.used else None
+    return ledger_tx or tx, amount if amount is not None else settled.amount
 
 
 def paid_values(payment: Payment, tx: str | None, amount: int | None) -> dict[str, object]:

@@ -67,7 +67,7 @@ async def reconcile(
             )
         crash_point("reconciled")
         if vjob is not None:
-            record_started(
+            started = record_started(
                 deps,
                 job,
                 payment,
@@ -77,7 +77,7 @@ async def reconcile(
                 settled.amount,
                 reconciled=True,
             )
-            return TickResult("Job started (reconciled)")
+            return TickResult("Job started (reconciled)" if started else "Job failed")
         with deps.store.session() as s:
             repo.update_payment(
                 s, payment.id, **paid_values(payment, settled.transaction, settled.amount)
@@ -111,8 +111,8 @@ async def reconcile(
     if vjob is not None:  # the vendor took it (it records only paid jobs): it settled just now
         tx, amount = await settlement_of(deps, payment)
         crash_point("reconciled")
-        record_started(deps, job, payment, vendor, vjob, tx, amount, reconciled=True)
-        return TickResult("Job started (reconciled)")
+        started = record_started(deps, job, payment, vendor, vjob, tx, amount, reconciled=True)
+        return TickResult("Job started (reconciled)" if started else "Job failed")
     settling = payment.ask_again_at is not None
     if settling and not worth_sending(deps, payment):
         # Too late to be accepted if sent again: the ledger decides, at its expiry at the latest.

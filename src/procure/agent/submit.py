@@ -3,6 +3,9 @@ money moves, then pay and submit in one x402 request, and record what came of it
 
 from __future__ import annotations
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from procure.agent import slices
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
@@ -42,6 +45,7 @@ from procure.payments.payer import (
 )
 from procure.payments.settlements import SettlementLookupError
 from procure.store import repo
+from procure.store.tables import JobRow
 from procure.vendors.client import PaymentInDoubt, PaymentRefused, VendorError
 from procure.vendors.protocol import VendorJob
 
@@ -220,11 +224,11 @@ async def submit(
     crash_point("paid")
     # An idempotent replay answers without a settlement: the ledger says what moved.
     tx, amount = await settlement_of(deps, payment, submitted.tx_hash, submitted.settled_amount)
-    record_started(
+    started = record_started(
         deps, job, payment, vendor, submitted.job, tx, amount, reconciled=not first_attempt
     )
     crash_point("recorded")
-    return TickResult("Job started")
+    return TickResult("Job started" if started else "Job failed")
 
 
 async def _balance_short(deps: AgentDeps, payment: Payment) -> int | None:
@@ -318,6 +322,20 @@ async def payment_refused(
     return TickResult("Payment refused")
 
 
+def held_by_another_job(s: Session, job: Job, vendor_job_id: str) -> bool:
+    """Whether another live job of ours (any run) runs as `vendor_job_id` at this vendor: a
+    vendor answering a submission with it is mixing jobs up, and adopting it would have this
+    job poll, renew, cancel and report another run's job. (An ended job's id is not held: a
+    vendor may reuse its ids.)"""
+    query = select(JobRow.id).where(
+        JobRow.vendor_id == job.vendor_id,
+        JobRow.vendor_job_id == vendor_job_id,
+        JobRow.id != job.id,
+        JobRow.status.in_([str(status) for status in ACTIVE_JOB_STATUSES]),
+    )
+    return s.scalars(query.limit(1)).first() is not None
+
+
 def record_started(
     deps: AgentDeps,
     job: Job,
@@ -328,12 +346,17 @@ def record_started(
     settled_amount: int | None = None,
     *,
     reconciled: bool = False,
-) -> None:
+) -> bool:
+    """Book the payment and the started job; False (the payment booked, the job failed) when
+    the vendor answered with another job of ours."""
     paid = paid_values(payment, tx, settled_amount)
     amount = booked(payment, paid)
     with deps.store.session() as s:  # phase two: the outcome
         repo.update_payment(s, payment.id, **paid)
         remaining = repo.refresh_budget(s, job.run_id)
+        if held_by_another_job(s, job, vjob.job_id):
+            _another_job(deps, s, job, vendor, vjob, amount, remaining)
+            return False
         repo.update_job(
             s, job.id, status=JobStatus.running, vendor_job_id=vjob.job_id, progress=vjob.progress
         )
@@ -353,6 +376,30 @@ def record_started(
             + (" (reconciled after an interrupted submission)" if reconciled else ""),
             vendor_id=vendor.vendor_id,
         )
+    return True
+
+
+def _another_job(
+    deps: AgentDeps,
+    s: Session,
+    job: Job,
+    vendor: Vendor,
+    vjob: VendorJob,
+    amount: int,
+    remaining: int,
+) -> None:
+    """The vendor was paid (booked) but answered with another job of ours: not adopted."""
+    reason = f"paid, but {vendor.vendor_id} answered with job {vjob.job_id}, another job of ours"
+    repo.update_job(s, job.id, status=JobStatus.failed, error_message=reason, completed_at=utcnow())
+    penalize_vendor(deps, s, vendor)
+    repo.add_observation(
+        s,
+        job.run_id,
+        OBS.error,
+        f"Paid {format_usd(amount)} to {vendor.vendor_id} via x402; budget remaining "
+        f"{format_usd(remaining)}. Job failed: {reason}",
+        vendor_id=vendor.vendor_id,
+    )
 
 
 async def confirm_started(deps: AgentDeps, job: Job, vendor: Vendor, tx: str | None) -> TickResult:
@@ -364,6 +411,11 @@ async def confirm_started(deps: AgentDeps, job: Job, vendor: Vendor, tx: str | N
     crash_point("reconciled")
     if vjob is None:
         return fail_job(deps, job, vendor, "vendor was paid but has no record of the job")
+    with deps.store.session() as s:
+        taken = held_by_another_job(s, job, vjob.job_id)
+    if taken:
+        why = f"vendor was paid but answered with job {vjob.job_id}, another job of ours"
+        return fail_job(deps, job, vendor, why)
     with deps.store.session() as s:
         repo.update_job(
             s, job.id, status=JobStatus.running, vendor_job_id=vjob.job_id, progress=vjob.progress

@@ -90,6 +90,7 @@ class PaymentInDoubt(VendorError):
         self.retry_after_s = retry_after_s
 
 
+_TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 DEFAULT_RETRY_AFTER_S = 30.0
 MAX_RETRY_AFTER_S = 600.0
 IN_DOUBT_STATUSES = frozenset({409, 503})
@@ -337,7 +338,8 @@ class VendorClient:
                 raise VendorError(
                     f"{what}: payment sent, no answer: {_describe(cause)}", payment_sent=True
                 ) from exc
-            raise PaymentRefused(str(cause), offered=recorder.offered()) from exc
+            # The SDK's words may quote the vendor's 402: bounded, as any vendor text is.
+            raise PaymentRefused(clip(str(cause), 500), offered=recorder.offered()) from exc
         except httpx.HTTPError as exc:
             raise VendorError(
                 f"{what}: {_describe(exc)}", payment_sent=recorder.payment_sent
@@ -360,8 +362,10 @@ class VendorClient:
             )
         if response.status_code == 402:
             reason = (settled.error_reason if settled else None) or recorder.error()
+            # The vendor's own words: bounded and NUL-free before they reach the store.
+            said = clip(str(reason), 300) if reason else "HTTP 402"
             raise PaymentRefused(
-                f"payment not accepted by vendor: {reason or 'HTTP 402'}",
+                f"payment not accepted by vendor: {said}",
                 offered=recorder.offered(),
                 payment_sent=recorder.payment_sent,
             )
@@ -383,19 +387,22 @@ class VendorClient:
                 f"{what}: malformed answer: {exc.error_count()} errors",
                 payment_sent=recorder.payment_sent,
             ) from exc
+        # The 'exact' scheme moves exactly what was signed: that is what is booked, whatever
+        # the vendor's answer says it settled (a vendor could claim less, and the budget would
+        # count less than left the wallet). An answer to a call that signed nothing (a replay
+        # of a key paid in an earlier attempt) settled nothing here: its claims are not taken,
+        # and the ledger says what moved.
+        trusted = settled is not None and settled.success and recorder.signed_amount is not None
         return Submitted(
             job=job,
-            tx_hash=settled.transaction if settled and settled.success else None,
-            # The 'exact' scheme moves exactly what was signed: that is what is booked, whatever
-            # the vendor's answer says it settled (a vendor could claim less, and the budget
-            # would count less than left the wallet). Its figure serves only without a signature.
-            settled_amount=(
-                recorder.signed_amount
-                if settled and settled.success and recorder.signed_amount is not None
-                else int(settled.amount)
-                if settled and settled.success and settled.amount
+            # Only what has the shape of a transaction hash: else the ledger names it (a
+            # vendor's text booked as one could overflow the column once the money moved).
+            tx_hash=(
+                settled.transaction
+                if trusted and settled and _TX_HASH.fullmatch(settled.transaction or "")
                 else None
             ),
+            settled_amount=recorder.signed_amount if trusted else None,
             replayed=response.headers.get("X-Idempotent-Replay") == "true",
         )
 
