@@ -5,6 +5,7 @@ its checkpoint, and the next job resumes there."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 
 from procure.agent.context import PlanContext
 from procure.agent.planner import heuristic_planner
+from procure.agent.runtime import close_deps
+from procure.agent.tick import tick
 from procure.models import Action, Job
 from procure.payments.payer import payment_nonce
 from procure.vendors.client import PaymentRefused, VendorClient, VendorError
@@ -88,6 +91,38 @@ def test_a_job_paid_in_tenths_completes(world: World) -> None:
 
     assert state.run.status == "completed"
     assert [(p.status, p.hours) for p in state.payments] == [("completed", 0.1)] * 10
+
+
+def test_a_vendor_raising_its_price_mid_job_is_not_renewed_at_the_new_price(
+    world: World,
+) -> None:
+    """Before the fix: a renewal was checked only against the money left, so a vendor that
+    tripled its price after the first slice was paid the new price, slice after slice, without
+    the planner ever comparing it with anyone (helper-91's finding)."""
+    run_id = world.new_run(budget=5.0, gpu_type="H100")
+    deps = world.deps()
+    deps.planner = sliced("gpu_vendor_2")
+
+    async def reprice_after_the_first_slice() -> list[str]:
+        deadline = time.monotonic() + 60
+        while not any(p.status == "completed" for p in state_of(world, run_id).payments):
+            assert time.monotonic() < deadline, "the first slice was never paid"
+            await tick(deps, run_id)
+        world.faults("gpu_vendor_2", reprice_factor=3.0)
+        messages: list[str] = []
+        while state_of(world, run_id).jobs[0].status in ("submitted", "running"):
+            assert time.monotonic() < deadline + 60, f"the first job never ended: {messages}"
+            messages.append((await tick(deps, run_id)).message)
+        await close_deps(deps)
+        return messages
+
+    messages = asyncio.run(reprice_after_the_first_slice())
+    state = state_of(world, run_id)
+
+    first = state.jobs[0]
+    rates = [p.amount / p.hours for p in state.payments if p.job_id == first.id and p.hours]
+    assert rates and max(rates) == 2_100_000, rates  # $2.10/h, never the tripled price
+    assert any("raised its price from $2.10/h to $6.30/h" in m for m in messages), messages
 
 
 def test_a_failure_loses_only_the_current_slice(world: World) -> None:

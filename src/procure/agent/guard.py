@@ -5,7 +5,7 @@ from __future__ import annotations
 from procure.agent.context import PlanContext
 from procure.agent.slices import MIN_SLICE_HOURS
 from procure.agent.start_request import MIN_CHECKPOINT_EVERY
-from procure.models import Action, Job, Quote, format_usd
+from procure.models import Action, Job, PaymentStatus, Quote, format_usd
 
 EPS = 1e-9
 MAX_HOURS = 1e6  # no job is longer; a larger figure (or inf) is not a plan
@@ -102,4 +102,27 @@ def check_renewal(ctx: PlanContext, job: Job, quote: Quote) -> str | None:
             f"the next slice, {format_usd(quote.amount)} from {quote.vendor_id}, is over "
             f"the {format_usd(ctx.available)} left"
         )
-    return None
+    return _repriced(ctx, job, quote)
+
+
+RENEWAL_PRICE_RISE = 0.10
+"""How much dearer per hour than the job's earlier slices a renewal may be and still be paid
+without the planner: a renewal is bought on its own, so a vendor raising its price mid-job would
+otherwise be paid at any price the budget holds."""
+
+
+def _repriced(ctx: PlanContext, job: Job, quote: Quote) -> str | None:
+    paid = [
+        p.amount / p.hours
+        for p in ctx.state.payments
+        if p.job_id == job.id and p.status == PaymentStatus.completed and p.hours
+    ]
+    if not paid or quote.hours <= 0:
+        return None
+    before, now = min(paid), quote.amount / quote.hours
+    if now <= before * (1 + RENEWAL_PRICE_RISE) + 1:
+        return None
+    return (
+        f"{quote.vendor_id} raised its price from {format_usd(round(before))}/h to "
+        f"{format_usd(round(now))}/h: the job runs out its paid time and the run chooses again"
+    )

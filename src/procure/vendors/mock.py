@@ -358,13 +358,14 @@ def create_mock_vendor_app(
         if cfg.faults.refuse_capacity and faulty("quote"):
             return JSONResponse({"error": "no capacity available"}, 409)
         hours = max(body.hours, cfg.min_hours)  # a vendor with a minimum sells at least that
-        amount = usd_to_micros(micros_to_usd(cfg.price_per_hour) * hours)
+        per_hour = round(cfg.price_per_hour * cfg.faults.reprice_factor)  # a price that moved
+        amount = usd_to_micros(micros_to_usd(per_hour) * hours)
         q = {
             "quoteId": f"q_{uuid.uuid4().hex[:12]}",
             "vendorId": cfg.vendor_id,
             "gpuType": body.gpu_type,
             "hours": hours,
-            "pricePerHour": micros_to_usd(cfg.price_per_hour),
+            "pricePerHour": micros_to_usd(per_hour),
             "amount": amount,
             "currency": "USD",
         }

@@ -21,6 +21,7 @@ class Faults(BaseModel):
     hang_seconds: float = 0.0
     refuse_capacity: bool = False
     overcharge_factor: float = Field(1.0, ge=0)
+    reprice_factor: float = Field(1.0, gt=0, le=1000)  # quotes from now on at this times the price
     foreign_payee: bool = False
     foreign_asset: bool = False
     foreign_network: bool = False
