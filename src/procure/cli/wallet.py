@@ -8,6 +8,7 @@ import typer
 
 from procure.cli.common import PORT, console, fail, load_settings, print_json
 from procure.numbers import number
+from procure.safetext import redact, show_url
 from procure.settings import Settings
 
 
@@ -66,6 +67,7 @@ def wallet(
     settings = load_settings()
     address = _wallet(settings).address
     url = settings.facilitator_url
+    shown_url = show_url(url)  # the URL may carry a password (a facilitator behind basic auth)
     try:
         with httpx.Client(base_url=url, timeout=10) as http:
             if fund:
@@ -76,14 +78,15 @@ def wallet(
             balance = loads(answer.content)
             float(balance["balance"])
     except (httpx.HTTPError, UnsafeInput, KeyError, TypeError, ValueError) as exc:
+        detail = redact(str(exc).replace(url, shown_url))  # httpx names the URL it was asked
         fail(
-            f"the facilitator at {url} did not answer ({type(exc).__name__}: {exc}); "
+            f"the facilitator at {shown_url} did not answer ({type(exc).__name__}: {detail}); "
             "start it with `procure facilitator` or set X402_FACILITATOR_URL"
         )
     if as_json:
-        print_json({"address": address, "balance": balance["balance"], "facilitator": url})
+        print_json({"address": address, "balance": balance["balance"], "facilitator": shown_url})
         return
     if fund:
         console.print(f"funded with ${fund:,.2f}")
     shown = float(balance["balance"])  # a number, or its text (checked above)
-    console.print(f"address  {address}\nbalance  ${shown:,.2f}\nfacilitator {url}")
+    console.print(f"address  {address}\nbalance  ${shown:,.2f}\nfacilitator {shown_url}")
