@@ -3,7 +3,6 @@ money moves, then pay and submit in one x402 request, and record what came of it
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from procure.agent import slices
@@ -45,7 +44,6 @@ from procure.payments.payer import (
 )
 from procure.payments.settlements import SettlementLookupError
 from procure.store import repo
-from procure.store.tables import JobRow
 from procure.vendors.client import PaymentInDoubt, PaymentRefused, VendorError
 from procure.vendors.protocol import VendorJob
 
@@ -327,13 +325,7 @@ def held_by_another_job(s: Session, job: Job, vendor_job_id: str) -> bool:
     vendor answering a submission with it is mixing jobs up, and adopting it would have this
     job poll, renew, cancel and report another run's job. (An ended job's id is not held: a
     vendor may reuse its ids.)"""
-    query = select(JobRow.id).where(
-        JobRow.vendor_id == job.vendor_id,
-        JobRow.vendor_job_id == vendor_job_id,
-        JobRow.id != job.id,
-        JobRow.status.in_([str(status) for status in ACTIVE_JOB_STATUSES]),
-    )
-    return s.scalars(query.limit(1)).first() is not None
+    return repo.vendor_job_held(s, job.vendor_id, vendor_job_id, but=job.id)
 
 
 def record_started(

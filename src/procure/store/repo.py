@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from procure.bounds import clip
 from procure.models import (
+    ACTIVE_JOB_STATUSES,
     TERMINAL_RUN_STATUSES,
     Job,
     JobSpec,
@@ -468,3 +469,15 @@ def recent_contents(s: Session, run_id: str, limit: int = 4) -> list[str]:
             .limit(limit)
         )
     )
+
+
+def vendor_job_held(s: Session, vendor_id: str, vendor_job_id: str, *, but: str) -> bool:
+    """Whether a live job of ours other than `but` (any run) runs as `vendor_job_id` at
+    `vendor_id`."""
+    query = select(JobRow.id).where(
+        JobRow.vendor_id == vendor_id,
+        JobRow.vendor_job_id == vendor_job_id,
+        JobRow.id != but,
+        JobRow.status.in_([str(status) for status in ACTIVE_JOB_STATUSES]),
+    )
+    return s.scalars(query.limit(1)).first() is not None
