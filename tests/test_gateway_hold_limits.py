@@ -16,7 +16,8 @@ from sqlalchemy import update
 from procure.agent.tick import tick
 from procure.gateway import book
 from procure.gateway import loop as gateway_loop
-from procure.gateway.instances import Runtime, advance
+from procure.gateway.instances import advance
+from procure.gateway.runtime import Runtime
 from procure.gateway.settings import GatewayConfig
 from procure.models import JobStatus, PaymentStatus, utcnow
 from procure.payments.settlements import Settlement

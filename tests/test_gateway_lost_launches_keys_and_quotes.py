@@ -16,7 +16,7 @@ import pytest
 
 import procure.gateway.serve as gateway_serve
 from procure.clouds.base import CloudError, ProviderError
-from procure.gateway import book, instances
+from procure.gateway import book, launches
 from procure.gateway import loop as gateway_loop
 from procure.models import usd_to_micros
 from procure.payments.settlements import SettlementLookupError
@@ -180,7 +180,7 @@ def test_a_launch_never_listed_is_given_up_and_made_again_under_a_new_name(
     a while, and the job launched again under a new name (its own attempt), so a pod that lands
     after all is the sweeper's, not the job's."""
     g, cloud = lagging_gw
-    monkeypatch.setattr(instances, "LAUNCH_LOOKUP_S", 0.5)
+    monkeypatch.setattr(launches, "LAUNCH_LOOKUP_S", 0.5)
     job_id = buy(g, "never-listed")
     wait_for(lambda: job_status(g, job_id)["status"] == "completed", 60)
     assert len(cloud.launches) == 2 and len(set(cloud.launches)) == 2, cloud.launches

@@ -16,7 +16,8 @@ from eth_account import Account
 
 from procure.clouds.base import Instance
 from procure.gateway import book, sales
-from procure.gateway.instances import Runtime, advance
+from procure.gateway.instances import advance
+from procure.gateway.runtime import Runtime
 from procure.local import LocalServer, start_facilitator
 from procure.models import utcnow
 from procure.payments.payer import payment_nonce

@@ -40,9 +40,9 @@ from procure.bearer import bearer_matches
 from procure.bounds import UnsafeInput, loads
 from procure.clouds.base import CloudError, Offer
 from procure.gateway import book, sales
-from procure.gateway.instances import Runtime
 from procure.gateway.loop import run_loop
 from procure.gateway.pricing import best_offer
+from procure.gateway.runtime import Runtime
 from procure.gateway.sales import view
 from procure.models import format_usd, micros_to_usd, utcnow
 from procure.scrape import ScrapeSettings, scrape_allowed

@@ -12,8 +12,9 @@ from sqlalchemy import select
 
 from procure.clouds.base import CloudError
 from procure.gateway import book
-from procure.gateway.instances import Runtime, advance
+from procure.gateway.instances import advance
 from procure.gateway.pricing import instance_cost
+from procure.gateway.runtime import Runtime
 from procure.models import utcnow
 from procure.payments.settlements import Settlement, SettlementLookupError, paid_to
 from procure.store.gateway_tables import GatewayInstanceRow, GatewayPaymentRow

@@ -16,10 +16,10 @@ from x402.http.utils import decode_payment_response_header
 
 from procure.clouds.base import Offer
 from procure.crashpoints import crash_point
-from procure.gateway import book, instances
+from procure.gateway import book
 from procure.gateway import loop as gateway_loop
-from procure.gateway.instances import Runtime
 from procure.gateway.pricing import amount_for, sell_per_hour, sold_hours
+from procure.gateway.runtime import Runtime, paid_end
 from procure.models import micros_to_usd, utcnow
 from procure.payments.settlements import Settlement, paid_to, settle_refused
 from procure.store.gateway_tables import GatewayJobRow, GatewayPaymentRow, GatewayQuoteRow
@@ -276,7 +276,7 @@ def new_renewal(
         if book.nonce_seen(s, auth["nonce"]):
             return 409, "this payment was already used"
         row = book.job(s, job_id)
-        if row is not None and utcnow() > instances.paid_end(rt, row):
+        if row is not None and utcnow() > paid_end(rt, row):
             # The loop ends it at its next look (nothing a renewal made now could hold).
             return 409, f"job {job_id}'s paid time ran out; it is ending"
         book.add_payment(

@@ -18,7 +18,7 @@ from procure.clouds.base import Provider, RentalCloud
 from procure.clouds.job import CloudJobSettings
 from procure.gateway import book
 from procure.gateway.app import create_gateway_app
-from procure.gateway.instances import Runtime
+from procure.gateway.runtime import Runtime
 from procure.gateway.settings import GatewayConfig, cloud_from_env, load_node_key
 from procure.local import LocalServer, asset_info, facilitator_client, serve
 from procure.payments.settlements import FacilitatorLedger

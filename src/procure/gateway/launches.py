@@ -1,0 +1,191 @@
+"""Launching a paid job's instance: the intent in the book before the cloud is called, the name
+looked up before any launch (and never launched twice under it), refusals tried elsewhere,
+offers no dearer than the sale."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+from procure.clouds.base import CloudError, Instance, LaunchSpec, Offer, RateLimited
+from procure.crashpoints import crash_point
+from procure.gateway import book
+from procure.gateway.pricing import amount_for, best_offer
+from procure.gateway.runtime import (
+    Runtime,
+    instance_row,
+    job_row,
+    out_of_time,
+    update_instance,
+    update_job,
+)
+from procure.models import utcnow
+from procure.store.gateway_tables import GatewayInstanceRow, GatewayJobRow
+
+LAUNCH_LOOKUP_S = 120.0
+"""How long a launch left without an answer is looked up by name before it is given up: a
+provider's listing may show a launch a little after it was made."""
+
+
+async def launch(rt: Runtime, row: GatewayJobRow) -> None:
+    inst = instance_row(rt, row.job_id)
+    if row.status == "launching" and inst is not None and inst.status == "booting":
+        # Its instance was recorded but not the job (an older gateway wrote them apart): on.
+        update_job(rt, row.job_id, status="booting")
+        return
+    if row.status == "launching" and inst is not None and inst.status == "launching":
+        try:
+            found = await rt.cloud.find(inst.name)
+        except CloudError as exc:
+            update_job(rt, row.job_id, error=f"find {inst.name}: {exc}"[:2000])
+            return
+        if found:  # launched before a crash or a lost answer: adopt it, never launch again
+            for extra in found[1:]:
+                await rt.cloud.terminate([extra.id])
+            _launched(rt, row, inst, found[0])
+            return
+        if out_of_time(rt, row):
+            # A launch tried without answer may land later: its cost is the sweeper's to book.
+            tried = inst.launched_at is not None
+            update_instance(
+                rt, inst.name, status="failed", ended_at=utcnow(), cost=None if tried else 0
+            )
+            why = f"no instance could be launched within the paid time: {row.error or 'no answer'}"
+            update_job(rt, row.job_id, why, status="ending", outcome="failed", error=why[:2000])
+            return
+        if inst.launched_at is not None:  # tried, no answer, not listed (yet)
+            _lookup(rt, row, inst)
+            return
+        await _call_launch(rt, row, inst)  # the intent was written, the cloud never called
+        return
+    now = utcnow()
+    if out_of_time(rt, row):
+        why = row.error or "no capacity"
+        update_job(
+            rt,
+            row.job_id,
+            f"no instance within the paid time: {why}",
+            status="ending",
+            outcome="failed",
+            error=f"no instance could be launched within the paid time: {why}",
+        )
+        return
+    try:
+        offers = await rt.cloud.offers(gpu=row.gpu)
+    except CloudError as exc:
+        update_job(rt, row.job_id, error=f"offers: {exc}"[:2000])
+        return
+    tried = set(row.tried_regions)
+    offer = best_offer(within_sale(offers, row), row.gpu, tried)
+    if offer is None:
+        # Every region tried (or none has capacity now): try them all again next poll.
+        # The last refusal says most; with none, the catalogue had nothing to offer.
+        why = row.error if row.tried_regions and row.error else None
+        if best_offer(offers, row.gpu, tried) is not None:
+            why = f"only {row.gpu} offers dearer than the job was sold for are free now"
+        update_job(
+            rt,
+            row.job_id,
+            tried_regions=[],
+            error=why or f"no {row.gpu} capacity on {rt.cfg.provider}",
+        )
+        return
+    name = rt.cfg.instance_name(row.key, row.attempt + 1)
+    with rt.store.session() as s:  # the intent, durable before the cloud is called
+        job = s.get(GatewayJobRow, row.job_id)
+        assert job is not None
+        job.attempt += 1
+        job.status = "launching"
+        job.updated_at = now
+        inst = GatewayInstanceRow(
+            name=name,
+            job_id=row.job_id,
+            provider=rt.cfg.provider,
+            region=offer.region[:100],  # its column; an offer may name a long location
+            offer=dataclasses.asdict(offer),
+            price_per_hour=offer.price_per_hour,
+            instance_id=None,
+            status="launching",
+            created_at=now,
+        )
+        s.add(inst)
+    crash_point("intent")
+    fresh = job_row(rt, row.job_id)
+    assert fresh is not None
+    await _call_launch(rt, fresh, inst)
+
+
+def _lookup(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow) -> None:
+    """A launch tried before got no answer and its name is not listed: a provider's listing
+    may lag its launches, so it is never launched again under that name (a second instance for
+    one job, the first never terminated while the job lives: the sweeper spares its name). It
+    is looked up for a while; then given up, and the job launched again under its next
+    attempt's name: one that lands after all is the sweeper's (terminated, its cost booked)."""
+    assert inst.launched_at is not None
+    wait_s = min(LAUNCH_LOOKUP_S, rt.cfg.boot_timeout_s)
+    if utcnow() <= inst.launched_at + timedelta(seconds=wait_s):
+        update_job(rt, row.job_id, error=f"launch {inst.name}: no answer, not listed yet")
+        return
+    update_instance(rt, inst.name, status="failed", ended_at=utcnow())
+    why = f"launch {inst.name} got no answer and never showed by its name; launching another"
+    update_job(rt, row.job_id, why, status="paid", error=why[:2000])
+
+
+def within_sale(offers: list[Offer], row: GatewayJobRow) -> list[Offer]:
+    """The offers on which the job's paid hours cost no more than it was sold for: the submit
+    checks the quote's price, but a launch after it (a capacity refusal, a lost instance, the
+    cheap tier sold out meanwhile) would otherwise take the cheapest offer left, at any price."""
+    return [o for o in offers if amount_for(o.price_per_hour, row.paid_hours) <= row.amount]
+
+
+async def _call_launch(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow) -> None:
+    offer = Offer(**inst.offer)
+    spec = LaunchSpec(
+        name=inst.name,
+        offer=offer,
+        image=rt.cfg.image,
+        env={"GPU_WORKER_TOKEN": rt.cfg.node_token(inst.name)},
+        node_port=rt.cfg.node_port,
+    )
+    # Tried from now on: a launch left without answer is looked up, never made again by name.
+    update_instance(rt, inst.name, launched_at=utcnow())
+    try:
+        launched = await rt.cloud.launch_spec(spec)
+    except RateLimited as exc:  # refused before anything was launched: the same name later
+        update_instance(rt, inst.name, launched_at=None)
+        update_job(rt, row.job_id, error=f"launch {inst.name}: {exc}"[:2000])
+        return
+    except CloudError as exc:
+        if exc.retryable:  # unknown outcome: next poll looks for the name first
+            update_job(rt, row.job_id, error=f"launch {inst.name}: {exc}"[:2000])
+            return
+        # Refused (capacity, quota, the key, a request to fix): nothing launched, so another
+        # region next poll (within the paid time).
+        update_instance(rt, inst.name, status="failed", ended_at=utcnow(), cost=0, launched_at=None)
+        why = f"{type(exc).__name__} in {inst.region}: {exc}"[:2000]
+        update_job(
+            rt,
+            row.job_id,
+            f"launch refused: {why}",
+            status="paid",
+            error=why,
+            tried_regions=[*row.tried_regions, inst.region],
+        )
+        return
+    crash_point("fleet_launched")
+    _launched(rt, row, inst, launched)
+
+
+def _launched(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow, got: Instance) -> None:
+    """The instance and its job `booting`, in one transaction: written apart, a failure between
+    them left the job `launching` beside a booting instance, and another was launched."""
+    now = utcnow()
+    with rt.store.session() as s:
+        instance = s.get(GatewayInstanceRow, inst.name)
+        job = s.get(GatewayJobRow, row.job_id)
+        if instance is None or job is None:
+            return
+        instance.instance_id, instance.status = got.id, "booting"
+        instance.launched_at = instance.launched_at or now
+        job.status, job.updated_at = "booting", now
+        book.note(job, f"[gateway] instance {got.id} launched in {inst.region}", rt.cfg.log_lines)
