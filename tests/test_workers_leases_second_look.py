@@ -71,6 +71,35 @@ def test_a_run_the_store_cannot_read_does_not_stop_the_others_being_ticked(
     assert good in ticked, "the worker never ticked the healthy run beside the unreadable one"
 
 
+def test_a_store_slow_to_renew_does_not_cost_the_worker_its_ticks(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix: a renewal answered after its heartbeat's wait (a store slow, not gone:
+    SQLite's write lock on a loaded machine) was thrown away, so every renewal counted as
+    failed and the worker cancelled its own ticks, though their leases were held all along."""
+    run_id = _new_run(store)
+    real = leases.renew_many
+
+    def slow_renew(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.45)  # one and a half beats, every time
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(leases, "renew_many", slow_renew)
+    finished: list[str] = []
+
+    async def long_tick(_deps: object, run_id: str, **_kw: object) -> TickResult:
+        await asyncio.sleep(4.0)  # several leases long
+        finished.append(run_id)
+        return TickResult("ticked")
+
+    monkeypatch.setattr(worker, "tick", long_tick)
+    deps = SimpleNamespace(store=store, clouds={})
+    cfg = WorkerConfig(concurrency=1, once=True, lease_s=1.5, heartbeat_s=0.3)
+    stats = asyncio.run(Worker(deps, cfg).run())  # type: ignore[arg-type]
+    assert finished == [run_id], "the worker cancelled its own tick while it held the lease"
+    assert stats.lost_leases == 0
+
+
 def _lock_tick_log(db_url: str) -> tuple[Any, Any]:
     """Hold a lock that holds up writes to the tick log (a long report, a backup, vacuum) but
     not the leasing of runs; returns (engine, transaction) to commit when done."""

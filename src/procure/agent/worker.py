@@ -261,11 +261,20 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         renewing: asyncio.Future[set[str]] | None = None  # a renewal the store has not answered
+        renewing_at, counted = 0.0, True  # when it was asked; whether its answer was used
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
             for task in [t for t in self._held_at if t not in self._inflight]:
                 del self._held_at[task]
             running = dict(self._inflight)
+            if renewing is not None and renewing.done() and not counted:
+                # Answered after its beat (a store slow, not gone: SQLite's write lock under
+                # load): the leases it renewed run from when it was asked.
+                counted = True
+                late = _outcome(renewing)
+                for task, run_id in running.items():
+                    if late is not None and run_id in late:
+                        self._held_at[task] = max(self._held_at.get(task, 0.0), renewing_at)
             if not running:
                 continue
             asked = time.monotonic()
@@ -277,14 +286,17 @@ class Worker:
                     asyncio.to_thread(self._renew, list(running.values()))
                 )
                 renewing.add_done_callback(retrieved)
+                renewing_at, counted = asked, False
                 try:
                     # No longer than a beat: a connection that hangs (a partition, a server
                     # gone without a word) gives no error for minutes, and the ticks must stop
                     # before their leases lapse, as when renewals fail.
                     held = await asyncio.wait_for(asyncio.shield(renewing), self.cfg.heartbeat_s)
+                    counted = True
                 except TimeoutError:
                     log.error("heartbeat: the store did not answer in %.1f s", self.cfg.heartbeat_s)
                 except Exception:
+                    counted = True
                     log.exception("heartbeat failed")
             for task, run_id in running.items():
                 if task.done():
@@ -463,3 +475,10 @@ def sqlite_worker_lock(store: Store) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _outcome(future: asyncio.Future[set[str]]) -> set[str] | None:
+    """A finished renewal's leases still held, or None where it failed or was cancelled."""
+    if future.cancelled() or future.exception() is not None:
+        return None
+    return future.result()
