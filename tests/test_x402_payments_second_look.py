@@ -23,9 +23,40 @@ from procure.models import Action
 from procure.payments.wallet import load_or_create_account
 from procure.store import repo
 from procure.vendors.mock import create_mock_vendor_app
-from world import SECRET, World, drive, start_world, state_of
+from world import SECRET, World, drive, rewriting, start_world, state_of
 
 VENDOR = "gpu_vendor_1"
+
+
+def _vendor_behind(world: World, wrap: Any, job_seconds: float) -> Any:
+    """The mock vendor `VENDOR`, served behind `wrap` (a hostile layer) and registered at its
+    address; the wrapped app, for the test to steer."""
+    vendor = world.vendors[VENDOR]
+    cfg = mock_vendor_config(vendor, world.facilitator.url, SECRET, job_seconds=job_seconds)
+    wrapped = wrap(create_mock_vendor_app(cfg, facilitator_client(world.facilitator.url)))
+    server = serve(wrapped)
+    world.servers.append(server)
+    with world.store.session() as s:
+        repo.save_vendor(s, vendor.model_copy(update={"endpoint": server.url}))
+    return wrapped
+
+
+async def _start_at_the_vendor(ctx: PlanContext) -> Action:
+    return Action(action="start_job", vendor_id=VENDOR, hours=ctx.remaining_hours, reason="only")
+
+
+def _one_tick(world: World, run_id: str) -> str:
+    """One tick of `run_id`, its planner starting a job at `VENDOR`; its message."""
+
+    async def go() -> str:
+        deps = world.deps()
+        deps.planner = _start_at_the_vendor  # type: ignore[assignment]
+        try:
+            return (await tick(deps, run_id)).message
+        finally:
+            await close_deps(deps)
+
+    return asyncio.run(go())
 
 
 @pytest.fixture
@@ -109,15 +140,7 @@ def test_a_replayed_slice_is_booked_at_what_moved_not_what_the_vendor_claims(
     micro-unit settled, and vendors/client.py believes that figure: the store books $0.000001
     while the whole slice left the wallet, so the run's budget shows money it no longer has."""
     world = slow_world
-    vendor = world.vendors[VENDOR]
-    cfg = mock_vendor_config(vendor, world.facilitator.url, SECRET, job_seconds=8.0)
-    app = create_mock_vendor_app(cfg, facilitator_client(world.facilitator.url))
-    hostile = _LosesPaidRenewalThenLiesOnReplay(app)
-    server = serve(hostile)  # type: ignore[arg-type]
-    world.servers.append(server)
-    with world.store.session() as s:
-        repo.save_vendor(s, vendor.model_copy(update={"endpoint": server.url}))
-
+    hostile = _vendor_behind(world, _LosesPaidRenewalThenLiesOnReplay, job_seconds=8.0)
     run_id = world.new_run(budget=5.0)
     deps = world.deps()
 
@@ -168,32 +191,9 @@ def test_a_vendors_hostile_refusal_reason_neither_crashes_the_tick_nor_grows_the
     `error`) went unbounded into the payment's error message: on PostgreSQL a NUL in it made the
     tick crash (the payment's fate never recorded, the same crash on every tick), and any store
     kept 200 KB of the vendor's text per payment."""
-    vendor = world.vendors[VENDOR]
-    cfg = mock_vendor_config(vendor, world.facilitator.url, SECRET, job_seconds=0.6)
-    app = create_mock_vendor_app(cfg, facilitator_client(world.facilitator.url))
-    hostile = _RefusesPaymentWithHostileReason(app)
-    server = serve(hostile)  # type: ignore[arg-type]
-    world.servers.append(server)
-    with world.store.session() as s:
-        repo.save_vendor(s, vendor.model_copy(update={"endpoint": server.url}))
-
+    hostile = _vendor_behind(world, _RefusesPaymentWithHostileReason, job_seconds=0.6)
     run_id = world.new_run(budget=5.0)
-    deps = world.deps()
-
-    async def plan(ctx: PlanContext) -> Action:
-        return Action(
-            action="start_job", vendor_id=VENDOR, hours=ctx.remaining_hours, reason="only"
-        )
-
-    deps.planner = plan  # type: ignore[assignment]
-
-    async def one_tick() -> str:
-        try:
-            return (await tick(deps, run_id)).message
-        finally:
-            await close_deps(deps)
-
-    message = asyncio.run(one_tick())
+    message = _one_tick(world, run_id)
     assert hostile.refused == 1, message
     [payment] = state_of(world, run_id).payments
     assert payment.status == "pending", message  # signed: in doubt until it expires unused
@@ -242,68 +242,13 @@ def test_a_vendors_made_up_transaction_hash_is_not_booked(world: World) -> None:
 
 
 def _booked_tx_is_the_chains(world: World, claim: str) -> None:
-    vendor = world.vendors[VENDOR]
-    cfg = mock_vendor_config(vendor, world.facilitator.url, SECRET, job_seconds=0.6)
-    app = create_mock_vendor_app(cfg, facilitator_client(world.facilitator.url))
-    app.add_middleware(_TransactionClaim, claim=claim)
-    server = serve(app)
-    world.servers.append(server)
-    with world.store.session() as s:
-        repo.save_vendor(s, vendor.model_copy(update={"endpoint": server.url}))
-
+    _vendor_behind(world, lambda app: _TransactionClaim(app, claim=claim), job_seconds=0.6)
     run_id = world.new_run(budget=5.0)
-    deps = world.deps()
-
-    async def plan(ctx: PlanContext) -> Action:
-        return Action(
-            action="start_job", vendor_id=VENDOR, hours=ctx.remaining_hours, reason="only"
-        )
-
-    deps.planner = plan  # type: ignore[assignment]
-
-    async def first_tick() -> str:
-        try:
-            return (await tick(deps, run_id)).message
-        finally:
-            await close_deps(deps)
-
-    assert asyncio.run(first_tick()) == "Job started"
+    assert _one_tick(world, run_id) == "Job started"
     [payment] = state_of(world, run_id).payments
     wallet = load_or_create_account(None, world.settings.home).address
     on_chain = [t["tx_hash"] for t in world.chain.transfers() if t["from"] == wallet]
     assert payment.status == "completed" and [payment.x402_tx_id] == on_chain
-
-
-class _AnswersWithAnotherJob:
-    """A vendor that runs a paid submission but answers it with `other`'s job id (another
-    run's job at the same vendor), once `other` is set."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.other: str | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/submit-job" or self.other is None:
-            return await self.app(scope, receive, send)
-        start: dict[str, Any] = {}
-        body = bytearray()
-
-        async def rewrite(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-                return
-            body.extend(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            out = bytes(body)
-            if start["status"] == 200:
-                out = json.dumps({**json.loads(out), "jobId": self.other}).encode()
-            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-            headers.append((b"content-length", str(len(out)).encode()))
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": out})
-
-        await self.app(scope, receive, rewrite)
 
 
 def test_a_job_answered_with_another_runs_job_id_is_not_adopted(world: World) -> None:
@@ -311,33 +256,19 @@ def test_a_job_answered_with_another_runs_job_id_is_not_adopted(world: World) ->
     (a mix-up of its own) is believed: the second run polls, renews and reports the first
     run's job as its own (its artifact, another run's model), and cancelling it cancels the
     first run's job."""
-    vendor = world.vendors[VENDOR]
-    cfg = mock_vendor_config(vendor, world.facilitator.url, SECRET, job_seconds=30.0)
-    app = create_mock_vendor_app(cfg, facilitator_client(world.facilitator.url))
-    hostile = _AnswersWithAnotherJob(app)
-    server = serve(hostile)  # type: ignore[arg-type]
-    world.servers.append(server)
-    with world.store.session() as s:
-        repo.save_vendor(s, vendor.model_copy(update={"endpoint": server.url}))
+    other: list[str] = []  # the first run's job id, once it has one
 
-    async def plan(ctx: PlanContext) -> Action:
-        return Action(
-            action="start_job", vendor_id=VENDOR, hours=ctx.remaining_hours, reason="only"
-        )
+    def answer_with_the_other(body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "jobId": other[0]} if other else body
 
-    async def first_tick(run_id: str) -> str:
-        deps = world.deps()
-        deps.planner = plan  # type: ignore[assignment]
-        try:
-            return (await tick(deps, run_id)).message
-        finally:
-            await close_deps(deps)
-
+    _vendor_behind(
+        world, lambda app: rewriting(app, answer_with_the_other, "/submit-job"), job_seconds=30.0
+    )
     first, second = world.new_run(budget=5.0), world.new_run(budget=5.0)
-    assert asyncio.run(first_tick(first)) == "Job started"
+    assert _one_tick(world, first) == "Job started"
     [theirs] = state_of(world, first).jobs
-    hostile.other = theirs.vendor_job_id
-    message = asyncio.run(first_tick(second))
+    other.append(theirs.vendor_job_id or "")
+    message = _one_tick(world, second)
     [ours] = state_of(world, second).jobs
     assert ours.vendor_job_id != theirs.vendor_job_id, message
     assert ours.status != "running", message

@@ -204,11 +204,11 @@ def procure_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[
 Rewrite = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def rewriting(inner: ASGIApp, rewrite: Rewrite) -> ASGIApp:
-    """`inner` with every successful `GET /job-status` answer passed through `rewrite`."""
+def rewriting(inner: ASGIApp, rewrite: Rewrite, path: str = "/job-status") -> ASGIApp:
+    """`inner` with every successful answer on `path` passed through `rewrite`."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/job-status":
+        if scope["type"] != "http" or scope["path"] != path:
             return await inner(scope, receive, send)
         start: dict[str, Any] = {}
         body = bytearray()
