@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,6 @@ def test_failed_vendor_cools_down_then_budget_runs_out(tmp_path: Path, sqlite_ur
         state = state_of(w, run_id)
     finally:
         w.stop()
-    assert "Waiting" in messages  # the cool-down was respected
     assert messages[-1] == "Run aborted"
     assert state.run.status == "aborted"
     assert [(p.vendor_id, p.amount, p.status) for p in state.payments] == [
@@ -48,7 +48,13 @@ def test_failed_vendor_cools_down_then_budget_runs_out(tmp_path: Path, sqlite_ur
     ]
     assert [j.start_progress for j in state.jobs] == [0.0, 0.25]
     assert state.run.budget_remaining == 50_000
-    assert any("cooling down" in o.content for o in state.observations)
+    # The cool-down was respected, however slowly the ticks came (on a busy machine the next
+    # tick may come after the cool-down, with no "Waiting" between): paid again only after it,
+    # and the return says so.
+    failed_at = next(o.timestamp for o in state.observations if o.type == "error")
+    assert state.payments[1].created_at >= failed_at + timedelta(seconds=1.0)
+    back = next(o.content for o in state.observations if o.content.startswith("Returns to"))
+    assert "cool-down ended at" in back
 
 
 @pytest.mark.parametrize(
