@@ -209,3 +209,15 @@ class StoreTotalRow(Base):
     )
     name: Mapped[str] = mapped_column(String(64), index=True)
     value: Mapped[int] = mapped_column(BigInteger)
+
+
+class RevokedSessionRow(Base):
+    """A dashboard session logged out before its cookie expired: refused from then on, by every
+    server over this store and after a restart. Only a valid signed, logged-in session is ever
+    written (one row per logout), and a row is purged once its session would have expired
+    anyway (issued more than the session's max age ago), so the table stays small."""
+
+    __tablename__ = "revoked_sessions"
+
+    sid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    issued_at: Mapped[datetime] = mapped_column(index=True)

@@ -41,6 +41,8 @@ def mount_dashboard(
     controller's settings; default: the environment's)."""
     auth = make_auth(settings, web or WebSettings())
     app.state.dashboard_auth = auth  # one session store: /offers logs out too
+    if not auth.open:  # logouts outlive a restart, and count on every server over the store
+        auth.keep_logouts_in(store)
     app.include_router(
         web_router(settings, store, auth, fleet=_fleet_available(), fleet_cfg=fleet_cfg)
     )

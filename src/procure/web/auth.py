@@ -1,23 +1,34 @@
 """Dashboard sessions and CSRF: an HMAC-signed session cookie (never the raw token) issued after
 the login form, and a per-session CSRF token that every mutating form carries. A cookie that is
-malformed (or not ASCII) is no session, never an error; a logged-out session is revoked here."""
+malformed (or not ASCII) is no session, never an error. A logged-out session is revoked: in
+memory for every read, and in the store (`Auth.keep_logouts_in`) so that neither a restart nor
+another server over the same store accepts a copy of its cookie again. Failed logins are slowed
+down per client address (procure.web.login_limit)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from fastapi import Request
+from sqlalchemy.exc import SQLAlchemyError
 
 from procure.settings import Settings
+from procure.store import Store, revoked_sessions
+from procure.web.login_limit import LoginLimiter
 from procure.web.settings import WebSettings
 
 COOKIE = "procure_session"
 MAX_REVOKED = 100_000  # logged-out sessions remembered until they would have expired anyway
+REFRESH_S = 3.0  # how often a read looks for logouts made on other servers over the store
+
+log = logging.getLogger(__name__)
 
 
 def _same(a: str, b: str) -> bool:
@@ -33,6 +44,82 @@ class Session:
     authenticated: bool  # False: the anonymous session of an open (token-less) dashboard
 
 
+class Revocations:
+    """The logged-out sessions (sid -> when it would have expired). Reads only look in memory;
+    with a store attached, logouts are written there too, every live one is loaded when the
+    store is attached (a restart), and reads fetch the others' logouts on a thread now and then
+    (never on the event loop)."""
+
+    def __init__(self) -> None:
+        self.memory: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.store: Store | None = None
+        self.max_age_s = 0
+        self.loaded_at = float("-inf")  # monotonic
+        self.loading = False
+
+    def __contains__(self, sid: str) -> bool:
+        self._refresh_soon()
+        return sid in self.memory
+
+    def attach(self, store: Store, max_age_s: int) -> None:
+        """Keep logouts in `store` from now on, and refuse those it holds already."""
+        self.store, self.max_age_s = store, max_age_s
+        self.loading = True
+        self._load()
+
+    def add(self, sid: str, issued: int, until: float, *, durable: bool) -> None:
+        """Revoke `sid` until `until` (epoch seconds); `durable`: in the store as well. Blocks
+        on the store: call it off the event loop."""
+        self._remember({sid: until})
+        if durable and self.store is not None:
+            with self.store.session() as s:
+                kept = revoked_sessions.revoke(
+                    s, sid, datetime.fromtimestamp(issued, UTC), issued_after=self._oldest()
+                )
+            if not kept:  # only the token logs in: a full table is the operators' own doing
+                log.warning("revoked_sessions is full: a logout is kept on this server only")
+
+    def _oldest(self) -> datetime:
+        """Sessions issued before this have expired: their revocations are of no more use."""
+        return datetime.fromtimestamp(time.time() - self.max_age_s, UTC)
+
+    def _remember(self, found: dict[str, float]) -> None:
+        now = time.time()
+        with self.lock:
+            if len(self.memory) + len(found) > MAX_REVOKED:  # forget those expired by now
+                for sid, until in list(self.memory.items()):
+                    if until < now:
+                        del self.memory[sid]
+            for sid, until in found.items():
+                if sid in self.memory or len(self.memory) < MAX_REVOKED:
+                    self.memory[sid] = until
+
+    def _refresh_soon(self) -> None:
+        if self.store is None or time.monotonic() - self.loaded_at < REFRESH_S:
+            return
+        with self.lock:
+            if self.loading:
+                return
+            self.loading = True
+        threading.Thread(target=self._load, name="dashboard-logouts", daemon=True).start()
+
+    def _load(self) -> None:
+        """Every live revocation in the store, into memory (`loading` is set by the caller)."""
+        store = self.store
+        try:
+            if store is None:
+                return
+            with store.session() as s:
+                rows = revoked_sessions.revoked(s, issued_after=self._oldest())
+            self._remember({sid: at.timestamp() + self.max_age_s for sid, at in rows.items()})
+        except SQLAlchemyError as exc:  # the store is down: asked again at the next refresh
+            log.warning("could not read the dashboard's logouts from the store: %s", exc)
+        finally:
+            self.loaded_at = time.monotonic()
+            self.loading = False
+
+
 @dataclass(frozen=True)
 class Auth:
     """What the dashboard checks a request against, built once per app."""
@@ -41,8 +128,8 @@ class Auth:
     public_read: bool
     max_age_s: int
     key: bytes
-    revoked: dict[str, float] = field(default_factory=dict, compare=False)  # sid -> expiry
-    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+    revoked: Revocations = field(default_factory=Revocations, compare=False)
+    logins: LoginLimiter = field(default_factory=LoginLimiter, compare=False)
 
     @property
     def open(self) -> bool:
@@ -74,16 +161,18 @@ class Auth:
             return None
         return Session(sid, int(issued), flag == "1")
 
+    def keep_logouts_in(self, store: Store) -> None:
+        """Logouts are written to `store` and those it holds are refused: they outlive a
+        restart and count on every server over the store. Blocks on the store (once)."""
+        self.revoked.attach(store, self.max_age_s)
+
     def revoke(self, session: Session) -> None:
-        """Log a session out on the server: its cookie is refused from now on, even if kept."""
-        now = time.time()
-        with self.lock:
-            if len(self.revoked) >= MAX_REVOKED:  # forget those that have expired by now
-                for sid, until in list(self.revoked.items()):
-                    if until < now:
-                        del self.revoked[sid]
-            if len(self.revoked) < MAX_REVOKED:
-                self.revoked[session.sid] = session.issued + self.max_age_s
+        """Log a session out on the server: its cookie is refused from now on, even if kept.
+        Only a logged-in session is written to the store: an anonymous one (anyone may get
+        one) is signed with a key of this process alone, so a restart ends it anyway. Blocks
+        on the store: call it off the event loop."""
+        until = session.issued + self.max_age_s
+        self.revoked.add(session.sid, session.issued, until, durable=session.authenticated)
 
     def check_token(self, given: str) -> bool:
         return self.token is not None and _same(given, self.token)

@@ -29,6 +29,7 @@ from procure.web import actions, views
 from procure.web.auth import COOKIE, Auth, Session, may_act, may_read, session_of
 from procure.web.events import run_events
 from procure.web.forms import form_of
+from procure.web.login_limit import retry_after
 from procure.web.spend import spend_total
 from procure.web.templating import templates
 
@@ -259,13 +260,27 @@ def web_router(
         target = _safe_next(form.get("next", "/"))
         if auth.open:
             return RedirectResponse("/", status_code=303)
+        # No await from here on: the check and the count of a failure are one step, so that
+        # parallel guesses from one address cannot all pass the check before one is counted.
+        address = request.client.host if request.client else None
+        wait_s = auth.logins.wait_s(address)
+        if wait_s > 0:
+            return _locked_out(request, target, retry_after(wait_s))
         if not auth.check_token(form.get("token", "")):
+            auth.logins.failed(address)
             return page(
                 request, "login.html", {"next": target, "error": "Wrong token."}, status=401
             )
+        auth.logins.succeeded(address)
         _session, cookie = auth.new_session(authenticated=True)
         response = RedirectResponse(target, status_code=303)
         set_session(request, response, auth, cookie)
+        return response
+
+    def _locked_out(request: Request, target: str, after_s: str) -> Response:
+        text = f"Too many wrong tokens from your address: try again in {after_s} s."
+        response = page(request, "login.html", {"next": target, "error": text}, status=429)
+        response.headers["Retry-After"] = after_s
         return response
 
     @router.post("/logout")
@@ -274,7 +289,8 @@ def web_router(
         if refused:
             return refused
         if session is not None:
-            auth.revoke(session)  # the cookie alone is not enough: a copy of it must die too
+            # The cookie alone is not enough: a copy of it must die too (kept in the store).
+            await asyncio.to_thread(auth.revoke, session)
         response = RedirectResponse("/login" if not auth.open else "/", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response
