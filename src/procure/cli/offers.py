@@ -210,12 +210,34 @@ def gateway(
             parser=number(0, 1440, "--min-sale-minutes"),
         ),
     ] = 10.0,
+    max_hourly_usd: Annotated[
+        float,
+        typer.Option(
+            help=(
+                "At most this many dollars per hour of the cloud account's instances over all "
+                "buyers (live, launching and being ended); a sale past it is refused before "
+                "payment, renewals are not. 0: no new sales"
+            ),
+            parser=number(0, 1_000_000, "--max-hourly-usd"),
+        ),
+    ] = 50.0,
+    max_total_instances: Annotated[
+        int,
+        typer.Option(
+            help=(
+                "At most this many instances over all buyers (live, launching and being ended); "
+                "a sale past it is refused before payment. 0: no new sales"
+            ),
+            parser=whole(0, 1000, "--max-total-instances"),
+        ),
+    ] = 8,
 ) -> None:
     """Serve /quote, /submit-job (402 until paid over x402), /renew-job, /job-status and
     /cancel-job in front of a cloud account (its key: LAMBDA_API_KEY, RUNPOD_API_KEY or
     VAST_API_KEY). Buyers' bearer: GPU_VENDOR_SECRET; facilitator: X402_FACILITATOR_URL. A paid
-    job runs on an instance launched for it and terminated when it ends. `procure gateway status`
-    shows its book."""
+    job runs on an instance launched for it and terminated when it ends. Over all buyers it
+    holds at most --max-total-instances instances costing at most --max-hourly-usd an hour
+    together. `procure gateway status` shows its book."""
     if ctx.invoked_subcommand is not None:
         return
     if cloud is None or cloud.lower() not in PROVIDERS:
@@ -232,6 +254,8 @@ def gateway(
         max_instances=max_instances,
         gpus=tuple(g.upper() for g in gpu or ()),
         min_sale_s=min_sale_minutes * 60,
+        max_hourly_usd=max_hourly_usd,
+        max_total_instances=max_total_instances,
     )
 
 

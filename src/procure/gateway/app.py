@@ -226,6 +226,10 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 refusal = sales.quote_refusal(rt, _field(body, "quoteId", "quote_id"), named, gpu)
                 if refusal:
                     return _error(400, refusal)
+                if kind == "submit":  # at a cap: said before the 402, nothing to sign in vain
+                    full = sales.sale_refusal(rt, _field(body, "quoteId", "quote_id"))
+                    if full is not None:
+                        return _error(*full)
                 response = await call_next(request)
                 auth = _authorization(request)
                 if auth is None:
@@ -278,6 +282,8 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
             offer = seen.get(gpu)
         if offer is None:
             return _error(409, "no capacity available")
+        # Never refused for the caps: a quote also prices a renewal, which adds no instance; a
+        # submit at a cap is refused before its 402 (`paid_route`) and again where it is sold.
         sales.make_room_for_a_quote(rt, now)
         return JSONResponse(sales.new_quote(rt, gpu, body.gpu_type, body.hours, offer, now))
 
@@ -388,7 +394,12 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
 
     @app.get("/gateway/status", dependencies=[Depends(authorize)])
     async def status() -> dict[str, Any]:
-        return await asyncio.to_thread(book.figures, rt.store)
+        figures = await asyncio.to_thread(book.figures, rt.store)
+        return {
+            **figures,
+            "maxHourlyUsd": cfg.max_hourly_usd,
+            "maxTotalInstances": cfg.max_total_instances,
+        }
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

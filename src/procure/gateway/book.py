@@ -4,6 +4,7 @@ costs, margin). Plain functions over one session each; the caller owns the trans
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,8 @@ TERMINAL = ("completed", "failed", "cancelled", "expired")
 HOLDING = ("launching", "booting", "running")  # instance rows that may hold a machine
 # Sold and not yet holding a machine the cloud counts: each will take one of its free GPUs.
 WAITING = ("unpaid", "paid", "launching")
+# Jobs that hold an instance or will launch one (an `ending` job launches nothing more).
+RESERVING = ("unpaid", "paid", "launching", "booting", "running")
 
 
 # --- quotes ----------------------------------------------------------------------------------
@@ -229,6 +232,53 @@ def holding_names(s: Session) -> set[str]:
     return set(s.scalars(query))
 
 
+# --- what the gateway has committed on the cloud account --------------------------------------
+
+
+def committed(s: Session) -> tuple[int, int]:
+    """(micro-USD per hour, instances): the most the instances the gateway holds or has sold
+    on the cloud account may cost per hour together, and how many they are, for its caps.
+    A sold job that may still launch (being paid, paid, launching, booting, running: a lost
+    instance is replaced) counts at its sale price per hour, the most any launch of it may cost
+    (`launches.within_sale`), or at its instances' prices if they cost more; an instance whose
+    job launches nothing more (ending, or no live job: still billed until terminated) at its
+    price. Instance rows count while they may hold a machine: `launching` (a launch in flight),
+    `booting`, `running`."""
+    held: dict[str, tuple[int, int]] = {}  # job id: (price per hour, instances)
+    rows = s.execute(
+        select(GatewayInstanceRow.job_id, GatewayInstanceRow.price_per_hour).where(
+            GatewayInstanceRow.status.in_(HOLDING)
+        )
+    ).all()
+    for job_id, price in rows:
+        price_sum, n = held.get(job_id, (0, 0))
+        held[job_id] = (price_sum + int(price), n + 1)
+    # An unpaid job's figures are still on its payment (the job's are booked at settlement).
+    sold = s.execute(
+        select(
+            GatewayJobRow.job_id,
+            GatewayJobRow.amount,
+            GatewayJobRow.paid_hours,
+            GatewayPaymentRow.amount,
+            GatewayPaymentRow.hours,
+        )
+        .outerjoin(GatewayPaymentRow, GatewayPaymentRow.nonce == GatewayJobRow.nonce)
+        .where(GatewayJobRow.status.in_(RESERVING))
+    ).all()
+    per_hour = count = 0
+    for job_id, amount, hours, paying, paying_hours in sold:
+        if not hours:
+            amount, hours = paying or 0, paying_hours or 0.0
+        bound = math.ceil(amount / hours) if hours else 0
+        price_sum, n = held.pop(job_id, (0, 0))
+        per_hour += max(bound, price_sum)
+        count += max(1, n)
+    for price_sum, n in held.values():
+        per_hour += price_sum
+        count += n
+    return per_hour, count
+
+
 # --- figures ---------------------------------------------------------------------------------
 
 
@@ -267,6 +317,7 @@ def figures(store: Store) -> dict[str, Any]:
             ).all()
         )
         quotes = open_quotes(s, now)
+        per_hour, instances = committed(s)
     cost, live = int(ended_cost or 0), len(holding)
     for price_per_hour, launched_at in holding:
         hours = max(0.0, (now - launched_at).total_seconds()) / 3600
@@ -281,6 +332,9 @@ def figures(store: Store) -> dict[str, Any]:
         "liveInstances": live,
         "instancesLaunched": int(launched or 0),
         "openQuotes": quotes,
+        # What the caps (`max_hourly_usd`, `max_total_instances`) are checked against.
+        "committedUsdPerHour": micros_to_usd(per_hour),
+        "committedInstances": instances,
     }
 
 
@@ -301,6 +355,10 @@ def prometheus_lines(store: Store, vendor_id: str) -> list[str]:
         "# HELP procure_gateway_live_instances Instances the gateway holds now.",
         "# TYPE procure_gateway_live_instances gauge",
         f"procure_gateway_live_instances{label} {f['liveInstances']}",
+        "# HELP procure_gateway_committed_usd_per_hour What the gateway's instances, live and"
+        " sold, cost per hour together (checked against its max_hourly_usd), USD.",
+        "# TYPE procure_gateway_committed_usd_per_hour gauge",
+        f"procure_gateway_committed_usd_per_hour{label} {f['committedUsdPerHour']}",
         "# HELP procure_gateway_jobs Jobs sold, by status.",
         "# TYPE procure_gateway_jobs gauge",
     ]

@@ -20,9 +20,10 @@ from procure.gateway import book
 from procure.gateway import loop as gateway_loop
 from procure.gateway.pricing import amount_for, sell_per_hour, sold_hours
 from procure.gateway.runtime import Runtime, paid_end
-from procure.models import micros_to_usd, utcnow
+from procure.models import format_usd, micros_to_usd, usd_to_micros, utcnow
 from procure.payments.settlements import Settlement, paid_to, settle_refused
 from procure.store.gateway_tables import GatewayJobRow, GatewayPaymentRow, GatewayQuoteRow
+from procure.store.ledger import fence
 from procure.vendors.protocol import IDEMPOTENCY_HEADER, QUOTE_HEADER, VendorJob
 
 OFFERS_TTL_S = 5.0
@@ -186,6 +187,36 @@ def payment_refusal(
     return None
 
 
+def over_caps(rt: Runtime, s: Session, per_hour: int) -> Refusal | None:
+    """Why one more sold job, at `per_hour` (micro-USD: its sale price, the most a launch of
+    it may cost), would take the gateway past its caps over all buyers (`max_total_instances`,
+    `max_hourly_usd`), or None. Answered as the gateway being full (503, no Retry-After: no
+    payment of the buyer is in doubt)."""
+    cfg = rt.cfg
+    spend, instances = book.committed(s)
+    if instances + 1 > cfg.max_total_instances:
+        return 503, (
+            f"the gateway is full: {instances} instances held or sold over all buyers (its cap "
+            f"is {cfg.max_total_instances}); try again later"
+        )
+    cap = usd_to_micros(cfg.max_hourly_usd)
+    if spend + per_hour > cap:
+        return 503, (
+            f"the gateway is at its spend cap: {format_usd(spend)}/h committed of its "
+            f"{format_usd(cap)}/h, and this job adds {format_usd(per_hour)}/h; try again later"
+        )
+    return None
+
+
+def sale_refusal(rt: Runtime, quote_id: Any) -> Refusal | None:
+    """`over_caps` now for a submit of `quote_id`, before its 402: a clean refusal before the
+    buyer signs anything (the paid submit is checked again where its job is written). None for
+    a quote no longer known: the route refuses that itself."""
+    with rt.store.session() as s:
+        quote = book.get_quote(s, quote_id) if isinstance(quote_id, str) else None
+        return over_caps(rt, s, quote.price_per_hour) if quote is not None else None
+
+
 def free_gpus(offers: list[Offer], quote: GatewayQuoteRow) -> int:
     """The GPUs the cloud shows free now for `quote`: one GPU, on demand, at no more than its
     cost (so a dearer tier sharing a region's machines is not counted twice)."""
@@ -217,6 +248,8 @@ def new_job(
     cfg = rt.cfg
     now = utcnow()
     with rt.store.session() as s:  # no await from the caps' count to the insert
+        # Another gateway process on this store counts after this insert, not beside it.
+        fence(s)
         if book.nonce_seen(s, auth["nonce"]):
             return 409, "this payment was already used"
         held = book.live_jobs_of(s, auth["from"])
@@ -224,6 +257,11 @@ def new_job(
             return 429, f"this buyer already holds {held} jobs (max {cfg.max_instances})"
         if book.live_jobs(s) >= cfg.max_live_jobs:
             return 503, "the gateway is full; try again later"
+        # The operator's caps over all buyers, counting every job sold and not yet launched as
+        # the last GPU is reserved: buyers paying together cannot pass them together.
+        refusal = over_caps(rt, s, quote.price_per_hour)
+        if refusal is not None:
+            return refusal
         # A job sold a moment ago still shows its GPU free until its launch lands: the last
         # one sold twice left the second buyer paid for a job no launch could place.
         if book.waiting_jobs(s, quote.gpu) >= free:

@@ -100,10 +100,13 @@ def run_gateway(
     gpus: tuple[str, ...] = (),
     host: str = "127.0.0.1",
     min_sale_s: float = 600.0,
+    max_hourly_usd: float = 50.0,
+    max_total_instances: int = 8,
 ) -> None:
-    """`procure gateway --cloud C --port P --vendor-id ID [--margin] [--max-instances] [--gpu]`:
-    the buyers' bearer is GPU_VENDOR_SECRET, the facilitator X402_FACILITATOR_URL, the book the
-    configured store, the cloud's key its provider's own variable."""
+    """`procure gateway --cloud C --port P --vendor-id ID [--margin] [--max-instances] [--gpu]
+    [--max-hourly-usd] [--max-total-instances]`: the buyers' bearer is GPU_VENDOR_SECRET, the
+    facilitator X402_FACILITATOR_URL, the book the configured store, the cloud's key its
+    provider's own variable."""
     job = CloudJobSettings()
     if not job.shared:
         log.warning(
@@ -120,10 +123,19 @@ def run_gateway(
         max_instances=max_instances,
         gpus=tuple(g.upper() for g in gpus),
         min_sale_s=min_sale_s,
+        max_hourly_usd=max_hourly_usd,
+        max_total_instances=max_total_instances,
         command=job.argv,
         **({"checkpoint_dir": job.checkpoint_dir} if job.checkpoint_dir else {}),
     )
-    log.info("gateway %s selling %s, paid to %s", vendor_id, cloud, cfg.pay_to)
+    log.info(
+        "gateway %s selling %s, paid to %s, at most %d instances and $%.2f/h on the account",
+        vendor_id,
+        cloud,
+        cfg.pay_to,
+        cfg.max_total_instances,
+        cfg.max_hourly_usd,
+    )
     serve_gateway(
         cfg,
         database_url=settings.database_url,

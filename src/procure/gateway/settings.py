@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -45,8 +46,31 @@ class GatewayConfig:
     max_params_bytes: int = 8_000
     max_open_quotes: int = 10_000  # unexpired quotes at once (a hostile buyer's spam)
     max_live_jobs: int = 1_000  # all buyers together, paid or being paid
+    # The operator's exposure on the cloud account, over all buyers (however many addresses one
+    # buyer uses): what the gateway's instances may cost per hour together (a sold job counted
+    # at its sale price, the most any launch of it may cost), and how many it may hold, sold
+    # jobs not yet launched, launches in flight and instances still being ended included
+    # (`book.committed`). A sale that would pass either is refused before any money moves;
+    # renewals add no instance and stay allowed. 0 sells nothing new (a pause); there is no
+    # "unbounded": set a bigger number.
+    max_hourly_usd: float = 50.0
+    max_total_instances: int = 8
     name: str = "procure gateway"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A cap left out, null or garbled in a config file must never read as "no cap".
+        usd = self.max_hourly_usd
+        if isinstance(usd, bool) or not isinstance(usd, int | float) or not math.isfinite(usd):
+            raise ValueError(f"max_hourly_usd must be a finite number of dollars, not {usd!r}")
+        if usd < 0:
+            raise ValueError(f"max_hourly_usd must be 0 (no new sales) or more, not {usd!r}")
+        count = self.max_total_instances
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(
+                f"max_total_instances must be a whole number, 0 (no new sales) or more, "
+                f"not {count!r}"
+            )
 
     @property
     def label(self) -> str:
