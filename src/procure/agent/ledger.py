@@ -19,6 +19,9 @@ def spend_cap_blocks(deps: AgentDeps, s: Session, run_id: str, amount: int, what
     if conflict is None:
         return False
     note = f"Waiting to pay for {what}: {conflict}"
-    if note not in repo.recent_contents(s, run_id):
+    # Said once per cap: the figures after the last ": " (the window's spend to the cent) move
+    # every few seconds while an instance runs, and a run ticked every second would say it anew.
+    said = note.rsplit(": ", 1)[0]
+    if not any(c.startswith(said) for c in repo.recent_contents(s, run_id)):
         repo.add_observation(s, run_id, OBS.agent_reasoning, note)
     return True

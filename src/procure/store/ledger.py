@@ -124,18 +124,31 @@ def payments_spent(s: Session, since: datetime) -> int:
 
 def cloud_spent(s: Session, since: datetime) -> int:
     """Cloud instances' payments, each spread evenly over the hours it covers from its creation
-    (what is reserved ahead included, as a cap must count it): the share inside the window. A
-    payment covering no time (a late launch booked when found) counts where it was booked."""
+    (what is reserved ahead included, as a cap must count it; a booked bill, up to its booking
+    at least): the share inside the window. A payment covering no time (a late launch booked
+    when found) counts where it was booked."""
     rows = s.execute(
-        select(PaymentRow.amount, PaymentRow.created_at, PaymentRow.hours).where(
+        select(
+            PaymentRow.amount,
+            PaymentRow.created_at,
+            PaymentRow.hours,
+            PaymentRow.status,
+            PaymentRow.updated_at,
+        ).where(
             PaymentRow.status.in_(SPENT),
             PaymentRow.nonce.like(CLOUD),
             PaymentRow.created_at >= since - CLOUD_SPAN,
         )
     ).all()
     total = 0.0
-    for amount, created, hours in rows:
+    for amount, created, hours, status, booked in rows:
         span = max(0.0, hours or 0.0)
+        if status == "completed":
+            # A bill is booked once the instance has stopped billing, maybe long after its
+            # reservation ran out (a terminate refused for a while, an instance abandoned to
+            # the sweeper): spread to its booking, else the time billed past the reservation
+            # would count in no window (an error high, never low).
+            span = max(span, _hours(created, booked))
         if span <= 0:
             total += amount if created >= since else 0
             continue
@@ -176,13 +189,13 @@ def fleet_spent(
             FleetInstanceRow.price_per_hour,
             FleetInstanceRow.first_seen_at,
             FleetInstanceRow.ended_at,
-        ).where(
-            FleetInstanceRow.first_seen_at <= now,
-            or_(FleetInstanceRow.ended_at.is_(None), FleetInstanceRow.ended_at >= since),
-        )
+        ).where(or_(FleetInstanceRow.ended_at.is_(None), FleetInstanceRow.ended_at >= since))
     ).all()
     total = 0.0
-    for price, first_seen, ended in rows:
+    for price, seen, ended in rows:
+        # First seen after `now`: stamped by a clock ahead of this one (the controller's host),
+        # not a future instance: it bills now, so it counts from now (skipped, it counted $0).
+        first_seen = min(seen, now)
         start = max(first_seen, since)
         if ended is None:
             billed = _hours(first_seen, now)
