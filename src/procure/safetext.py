@@ -1,14 +1,19 @@
 """Text from outside (cloud instance names and types, vendor names, job logs, error messages)
 made safe to print: terminal escape sequences, control and bidi characters removed, Rich markup
-escaped; and secrets (URL passwords, webhook paths, bearer tokens) redacted from log lines."""
+escaped; and secrets (URL passwords, webhook paths, bearer tokens, and every credential this
+process has sent) redacted from log lines and from outside text before it is stored or shown."""
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from rich.markup import escape
+
+from procure.bounds import clip
 
 # ESC sequences (CSI, OSC ... up to BEL or ST, and two-character ones), 8-bit CSI/OSC, then
 # any remaining C0/C1 control character, and the bidi controls that reorder what is shown.
@@ -58,10 +63,60 @@ _SECRET_QUERY = re.compile(
 REDACTED = "***"
 
 
-def redact(text: str) -> str:
-    """`text` with URL passwords, Slack webhook paths, bearer tokens and secret-looking query
-    parameters replaced by ***."""
-    text = _USERINFO.sub(rf"\1{REDACTED}@", text)
+# Every secret this process sends somewhere (a vendor's credential, a cloud's API key, a node's
+# token): a vendor, cloud or node that echoes our request back in its error text or logs (a
+# hostile one, or a buggy proxy) must not have it stored, logged or shown. Bounded (each is
+# looked for in every text scrubbed): the least recently sent are forgotten first, as a
+# long-lived worker meets new node tokens all the time.
+MIN_SECRET_CHARS = 8  # shorter values would replace ordinary words
+MAX_KNOWN_SECRETS = 1024
+_known: dict[str, None] = {}  # in the order they were last sent
+_known_lock = threading.Lock()
+_known_sorted: tuple[str, ...] = ()
+
+
+def remember_secret(*values: str | None) -> None:
+    """Note `values` as secrets this process holds (call it each time one is sent): `scrub`
+    and `redact` replace them from now on, wherever they appear. Values shorter than
+    MIN_SECRET_CHARS are ignored."""
+    global _known_sorted
+    kept = [v for v in values if v and len(v) >= MIN_SECRET_CHARS]
+    if not kept:
+        return
+    with _known_lock:
+        fresh = any(value not in _known for value in kept)
+        for value in kept:
+            _known.pop(value, None)
+            _known[value] = None  # the most recently sent: the last to be forgotten
+        if not fresh:
+            return
+        while len(_known) > MAX_KNOWN_SECRETS:
+            del _known[next(iter(_known))]
+        # Longest first: a secret that holds another is replaced whole, not leaving its rest.
+        _known_sorted = tuple(sorted(_known, key=len, reverse=True))
+
+
+def scrub(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """`text` with every remembered secret, each of `secrets`, and URL passwords replaced by
+    ***: exact, so fit for text that is otherwise kept as it is (a job's log lines)."""
+    extra = [s for s in secrets if s and len(s) >= MIN_SECRET_CHARS]
+    for secret in (*sorted(extra, key=len, reverse=True), *_known_sorted):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _USERINFO.sub(rf"\1{REDACTED}@", text)
+
+
+def outside(text: object, limit: int, secrets: Iterable[str | None] = ()) -> str:
+    """Text from outside (a vendor's or cloud's error, a job's error) made part of our message:
+    `redact`ed, then clipped to `limit` (in that order: a secret cut in two would leave a part
+    of itself)."""
+    return clip(redact(text if isinstance(text, str) else str(text), secrets), limit)
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """`text` with remembered secrets (and `secrets`), URL passwords, Slack webhook paths,
+    bearer tokens and secret-looking query parameters replaced by ***."""
+    text = scrub(text, secrets)
     text = _SLACK_HOOK.sub(rf"\1{REDACTED}", text)
     text = _BEARER.sub(rf"\1\2{REDACTED}", text)
     return _SECRET_QUERY.sub(rf"\1{REDACTED}", text)

@@ -12,6 +12,7 @@ import httpx
 
 from procure.bounds import loads
 from procure.httpbounds import bounded_client
+from procure.safetext import outside, redact, remember_secret
 
 NODE_TIMEOUT_S = 15.0
 MAX_CURSOR = 2**31 - 1  # the job's log cursor column (an INTEGER: 32 bits on PostgreSQL)
@@ -20,6 +21,9 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 class NodeError(Exception):
     """The node did not answer, or answered something that cannot be true."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))  # stored and shown: no token a node echoed
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def _job(data: Any) -> NodeJob:
         progress=float(progress),
         checkpoint=checkpoint[:500] if isinstance(checkpoint, str) else None,
         exit_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
-        error=error[:1000] if isinstance(error, str) else None,
+        error=outside(error, 1000) if isinstance(error, str) else None,
     )
 
 
@@ -103,6 +107,7 @@ class HttpNode:
     def __init__(
         self, node_url: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
+        remember_secret(token)  # a node that echoes it must not have it stored or shown
         self._http = bounded_client(
             deadline_s=NODE_TIMEOUT_S,
             transport=transport,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from procure.bounds import clip
+from procure.safetext import scrub
 
 LINE_CHARS = 2_000
 """One log line kept, at most (the rest is cut, and the line says so)."""
@@ -48,4 +49,6 @@ def keep(new_lines: list[str], kept_so_far: int) -> KeptLines:
             )
             noted = 1
         lines = lines[:room]
-    return KeptLines([clip(line, LINE_CHARS) for line in lines], notes, len(lines) + noted)
+    # Exact replacement only (no bearer-like patterns): a log line is otherwise kept as it is.
+    kept = [clip(scrub(line), LINE_CHARS) for line in lines]
+    return KeptLines(kept, notes, len(lines) + noted)

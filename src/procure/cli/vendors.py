@@ -18,7 +18,7 @@ from procure.cli.common import (
     table,
 )
 from procure.numbers import number
-from procure.safetext import safe
+from procure.safetext import redact, safe
 
 vendors_app = typer.Typer(help="The vendor registry.", no_args_is_help=True)
 
@@ -126,6 +126,13 @@ def seed_endpoints(host: str, ports: list[int]) -> tuple[str, tuple[int, int]]:
         given_port = parts.port
     except ValueError:
         fail(f"--host {host!r} is not a host name or an http(s) URL")
+    # The API's own check of a vendor endpoint (no user or password in it, among others): what
+    # `vendors seed` stores, `PUT /api/vendors` would have refused, and a password kept in an
+    # endpoint is shown wherever the endpoint is (lists, pages, logs). First, so that no
+    # message below repeats the password.
+    problem = endpoint_problem(base)
+    if problem:
+        fail(f"--host {redact(base)!r}: {problem}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         fail(f"--host {host!r} is not a host name or an http(s) URL")
     if given_port is not None:
@@ -139,6 +146,17 @@ def seed_endpoints(host: str, ports: list[int]) -> tuple[str, tuple[int, int]]:
     if second > 65535 or second == first:
         fail("--port: the two vendors need two different ports")
     return f"{parts.scheme}://{parts.netloc}", (first, second)
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why the API would refuse `url` as a vendor's endpoint, or None when it takes it."""
+    from procure.api.schemas import VendorRegistration
+
+    try:
+        VendorRegistration._http_url(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 @vendors_app.command("list")

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from procure.safetext import redact
+
 # "active" is running. "preempted": the provider stopped it (a lost host, an outbid Vast.ai bid, a
 # RunPod pod EXITED by the platform): the job on it is lost. "exited": its container ended.
 InstanceStatus = Literal[
@@ -87,6 +89,11 @@ class CloudError(Exception):
     rate limit, no answer); not for capacity, quota or a bad key."""
 
     retryable: bool = False
+
+    def __init__(self, *args: object) -> None:
+        # Its message is stored, logged and shown (to a gateway's buyers too): no secret a
+        # provider or proxy echoed (any credential this process sent) may be in it.
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class CapacityError(CloudError):

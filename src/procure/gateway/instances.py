@@ -28,6 +28,7 @@ from procure.gateway.runtime import (
 )
 from procure.gpu.jobclient import NodeJobError
 from procure.models import utcnow
+from procure.safetext import scrub
 from procure.store.gateway_tables import GatewayInstanceRow, GatewayJobRow
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def _relay(rt: Runtime, row: GatewayJobRow, status: dict[str, Any], page: dict[s
         elif word == "PROCURE_CHECKPOINT" and rest.strip():
             url, at = rest.strip()[:500], last if last is not None else row.progress
         else:
-            lines.append(line["text"][:2_000])
+            lines.append(scrub(line["text"])[:2_000])  # a buyer reads them: no secret of ours
     if (
         status.get("checkpoint")
         and status["checkpoint"] != url

@@ -15,6 +15,7 @@ from procure.gateway.settings import GatewayConfig
 from procure.gpu.jobclient import NodeJobClient
 from procure.models import utcnow
 from procure.payments.settlements import FacilitatorLedger
+from procure.safetext import redact, remember_secret
 from procure.store import Store
 from procure.store.gateway_tables import GatewayInstanceRow, GatewayJobRow
 
@@ -25,6 +26,7 @@ NodeFactory = Callable[[str, str, str], NodeJobClient]
 
 
 def http_node(url: str, token: str, host: str) -> NodeJobClient:
+    remember_secret(token)  # a node (or cloud) that echoes it must not have it shown to buyers
     return NodeJobClient(url, token, expected_host=host, deadline_s=10.0)
 
 
@@ -58,9 +60,10 @@ def update_job(rt: Runtime, job_id: str, say: str | None = None, **fields: Any) 
         if row is None:
             return
         for name, value in fields.items():
-            setattr(row, name, value)
+            # A job's error and notes quote clouds and nodes, and a buyer reads them.
+            setattr(row, name, redact(value) if name == "error" and value else value)
         if say:
-            book.note(row, f"[gateway] {say}", rt.cfg.log_lines)
+            book.note(row, f"[gateway] {redact(say)}", rt.cfg.log_lines)
         row.updated_at = utcnow()
 
 

@@ -24,9 +24,10 @@ from x402.http.utils import (
 from x402.schemas import PaymentRequirements
 from x402.schemas.v1 import PaymentRequiredV1, PaymentRequirementsV1
 
-from procure.bounds import UnsafeInput, clip, loads
+from procure.bounds import UnsafeInput, loads
 from procure.httpbounds import BoundedTransport
 from procure.models import JobSpec, Quote, Vendor
+from procure.safetext import outside, redact, remember_secret
 from procure.vendors.credentials import CredentialError, Keyring
 from procure.vendors.protocol import (
     IDEMPOTENCY_HEADER,
@@ -48,7 +49,8 @@ class VendorError(Exception):
     """
 
     def __init__(self, message: str, *, retryable: bool = True, payment_sent: bool = False) -> None:
-        super().__init__(message)
+        # Its message is stored, logged and shown: no credential a vendor echoed may be in it.
+        super().__init__(redact(message))
         self.retryable = retryable
         self.payment_sent = payment_sent
 
@@ -112,7 +114,7 @@ def _detail(response: httpx.Response) -> str:
     except UnsafeInput:
         return ""
     detail = body.get("error") or body.get("detail") if isinstance(body, dict) else None
-    return clip(str(detail), 300) if detail else ""
+    return outside(detail, 300) if detail else ""
 
 
 class _Recording402(httpx.AsyncBaseTransport):
@@ -182,7 +184,7 @@ def _describe(exc: Exception) -> str:
         return f"timed out ({exc})" if str(exc) else "timed out"
     if isinstance(exc, httpx.ConnectError):
         return "connection refused"
-    return clip(f"{type(exc).__name__}: {exc}", 500)
+    return outside(f"{type(exc).__name__}: {exc}", 500)
 
 
 def _json(response: httpx.Response, what: str) -> Any:
@@ -192,12 +194,12 @@ def _json(response: httpx.Response, what: str) -> Any:
         body = loads(response.content)
     except UnsafeInput as exc:
         raise VendorError(
-            f"{what}: malformed JSON (HTTP {response.status_code}): {clip(str(exc), 200)}"
+            f"{what}: malformed JSON (HTTP {response.status_code}): {outside(exc, 200)}"
         ) from exc
     if response.status_code >= 400:
         detail = body.get("error") or body.get("detail") if isinstance(body, dict) else body
         raise VendorError(
-            f"{what}: HTTP {response.status_code}: {clip(str(detail), 500)}", retryable=False
+            f"{what}: HTTP {response.status_code}: {outside(detail, 500)}", retryable=False
         )
     return body
 
@@ -238,6 +240,8 @@ class VendorClient:
     def _auth(self, vendor: Vendor) -> dict[str, str]:
         """The Authorization header for `vendor` alone: its own credential, or none."""
         credential = self._credential(vendor)
+        # What a vendor is sent, no vendor's answer may show back in our messages and logs.
+        remember_secret(credential)
         return {"Authorization": f"Bearer {credential}"} if credential else {}
 
     def _credential(self, vendor: Vendor) -> str | None:
@@ -339,7 +343,7 @@ class VendorClient:
                     f"{what}: payment sent, no answer: {_describe(cause)}", payment_sent=True
                 ) from exc
             # The SDK's words may quote the vendor's 402: bounded, as any vendor text is.
-            raise PaymentRefused(clip(str(cause), 500), offered=recorder.offered()) from exc
+            raise PaymentRefused(outside(cause, 500), offered=recorder.offered()) from exc
         except httpx.HTTPError as exc:
             raise VendorError(
                 f"{what}: {_describe(exc)}", payment_sent=recorder.payment_sent
@@ -363,7 +367,7 @@ class VendorClient:
         if response.status_code == 402:
             reason = (settled.error_reason if settled else None) or recorder.error()
             # The vendor's own words: bounded and NUL-free before they reach the store.
-            said = clip(str(reason), 300) if reason else "HTTP 402"
+            said = outside(reason, 300) if reason else "HTTP 402"
             raise PaymentRefused(
                 f"payment not accepted by vendor: {said}",
                 offered=recorder.offered(),

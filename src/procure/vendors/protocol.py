@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from procure.bounds import clip
 from procure.models import Model, Usd
+from procure.safetext import outside
 
 METRICS_BYTES = 16 << 10
 # A job's log cursor is a 32-bit column: an offset past it (less a page of lines) is refused.
@@ -32,7 +32,8 @@ def _bounded_metrics(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _clipped(value: Any) -> Any:
-    return clip(value, 2_000) if isinstance(value, str) else value
+    # A vendor's error text is stored with the job and shown: no credential it echoes.
+    return outside(value, 2_000) if isinstance(value, str) else value
 
 
 ErrorText = Annotated[str | None, BeforeValidator(_clipped)]

@@ -31,6 +31,7 @@ from procure.clouds.lambda_cloud import wire
 from procure.clouds.lambda_cloud.pacing import Pacer
 from procure.clouds.lambda_cloud.settings import LambdaSettings
 from procure.httpbounds import bounded_client
+from procure.safetext import remember_secret
 
 log = logging.getLogger(__name__)
 MAX_NAME = 64  # Lambda's limit on an instance name
@@ -57,6 +58,7 @@ class LambdaCloud:
     ) -> None:
         settings = settings or LambdaSettings()
         self._key = settings.api_key.get_secret_value() if settings.api_key else ""
+        remember_secret(self._key)  # never shown back, whoever echoes it
         self.base_url = settings.api_url.rstrip("/")
         self.pacer = pacer or Pacer()
         self.ssh_key_name = settings.ssh_key_name

@@ -29,6 +29,7 @@ from procure.clouds.runpod import wire
 from procure.clouds.runpod.pacing import Pacer
 from procure.clouds.runpod.settings import RunPodSettings
 from procure.httpbounds import bounded_client
+from procure.safetext import remember_secret
 
 log = logging.getLogger(__name__)
 MAX_NAME = 191  # v1's limit on a pod name; v2 documents none
@@ -51,6 +52,7 @@ class RunPodCloud:
     ) -> None:
         self.settings = settings or RunPodSettings()
         self._key = self.settings.api_key.get_secret_value() if self.settings.api_key else ""
+        remember_secret(self._key)  # never shown back, whoever echoes it
         self.base_url = self.settings.api_url.rstrip("/")
         self.pacer = pacer or Pacer()
         headers = {"Accept": "application/json", "User-Agent": "procure"}

@@ -31,6 +31,7 @@ from procure.clouds.vast import wire
 from procure.clouds.vast.pacing import Pacer
 from procure.clouds.vast.settings import VastSettings
 from procure.httpbounds import bounded_client
+from procure.safetext import remember_secret
 
 log = logging.getLogger(__name__)
 PAGE = 25  # Vast's most instances a page
@@ -59,6 +60,7 @@ class VastCloud:
     ) -> None:
         settings = settings or VastSettings()
         self._key = settings.api_key.get_secret_value() if settings.api_key else ""
+        remember_secret(self._key)  # never shown back, whoever echoes it
         self.base_url = settings.api_url.rstrip("/")
         self.node_port = settings.node_port
         self.rate_limit_retries = settings.rate_limit_retries
