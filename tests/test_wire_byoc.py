@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse, Response
 from gpu_fakes import FakeNvml, two_gpus
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
-from procure.gpu.settings import GpuWorkerSettings
+from procure.gpu.settings import GpuWorkerSettings, capability_token
 from procure.local import LocalServer, free_port, serve
 
 SECRET = "orch-secret"
@@ -114,7 +114,8 @@ def test_a_forwarded_job_is_authorised_by_the_registered_token() -> None:
     orch = GoOrchestrator()
     with world(orch, GPU_WORKER_TOKEN="node-token-1") as (url, node):
         eventually(lambda: NAME in orch.capabilities, "registration")
-        assert orch.capabilities[NAME]["token"] == "node-token-1"
+        # The orchestrator gets a token of the capability's routes, not the node's own.
+        assert orch.capabilities[NAME]["token"] == capability_token("node-token-1")
         job = httpx.post(
             f"{url}/process/request/gpu-check",
             json={"agent_id": "gateway-job"},

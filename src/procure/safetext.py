@@ -97,9 +97,10 @@ def remember_secret(*values: str | None) -> None:
 
 
 def scrub(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """`text` with every remembered secret, each of `secrets`, and URL passwords replaced by
-    ***: exact, so fit for text that is otherwise kept as it is (a job's log lines)."""
-    extra = [s for s in secrets if s and len(s) >= MIN_SECRET_CHARS]
+    """`text` with every remembered secret, each of `secrets` (however short: the caller knows
+    it was sent), and URL passwords replaced by ***: exact, so fit for text that is otherwise
+    kept as it is (a job's log lines)."""
+    extra = [s for s in secrets if s]
     for secret in (*sorted(extra, key=len, reverse=True), *_known_sorted):
         if secret in text:
             text = text.replace(secret, REDACTED)

@@ -100,7 +100,7 @@ class DeadMan:
         try:
             holder = str(saved["holder"])
             ttl_s, expires = float(saved["ttl_s"]), float(saved["expires_at"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # an int beyond a float too
             return
         if not (math.isfinite(ttl_s) and math.isfinite(expires)):
             return

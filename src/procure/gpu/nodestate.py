@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 FALLBACK_DIR = "~/.cache/procure/gpu-node"
 MAX_RECORD_BYTES = 65_536
 DOCKER_RM_S = 30.0
+PID_MAX = 4 * 1024 * 1024  # Linux's PID_MAX_LIMIT: beyond it no process (os.killpg overflows)
 
 
 def state_dir(checkpoint_root: str) -> Path:
@@ -83,7 +85,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def read_json(path: Path) -> dict[str, Any] | None:
     """The record at `path`; None when absent or unreadable (a broken record is no record)."""
     try:
-        with path.open("rb") as stream:
+        # Non-blocking, and only a regular file: a named pipe in its place (the folder is in the
+        # checkpoint root, which jobs write) blocked the node's start for good, awaiting a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                return None
             raw = stream.read(MAX_RECORD_BYTES + 1)
         # Bounded in depth too (the folder is in the checkpoint root, which jobs write): a deep
         # nest raised RecursionError here, which no caller expects, and the node never started.
@@ -143,7 +150,9 @@ async def end_leftovers(folder: Path) -> int:
 def _kill_group(data: dict[str, Any]) -> None:
     pid, start = data.get("pid"), data.get("start")
     node = data.get("node")
-    if not isinstance(pid, int) or pid <= 1 or start is None or not isinstance(node, dict):
+    if not isinstance(pid, int) or not 1 < pid <= PID_MAX or not isinstance(node, dict):
+        return
+    if start is None:
         return  # without the start time (no /proc) the pid cannot be told from a recycled one
     if node.get("boot") != _boot_id():
         return  # recorded before a reboot: that process group is long gone
@@ -159,7 +168,9 @@ def _kill_group(data: dict[str, Any]) -> None:
 
 
 async def _docker_rm(docker: str, container: str) -> None:
-    with contextlib.suppress(OSError):
+    # ValueError: a NUL byte in a record's path or name (exec refuses it); no record may stop
+    # the node from starting.
+    with contextlib.suppress(OSError, ValueError):
         process = await asyncio.create_subprocess_exec(
             docker,
             "rm",

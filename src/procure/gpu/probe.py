@@ -378,8 +378,15 @@ class GpmWatch:
             if not self._supported[index]:
                 return {}
             sample = nvml.nvmlGpmSampleAlloc()
+        except Exception:
+            return {}
+        try:
             nvml.nvmlGpmSampleGet(handle, sample)
         except Exception:
+            # Freed here, or every read of a GPU that cannot be sampled (MIG mode) would leak
+            # one NVML allocation: a node scraped for weeks grows without bound.
+            with contextlib.suppress(Exception):
+                nvml.nvmlGpmSampleFree(sample)
             return {}
         previous, self._samples[index] = self._samples.get(index), sample
         if previous is None:

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 
 from procure.bounds import clip
-from procure.gpu.settings import GpuWorkerSettings
+from procure.gpu.settings import GpuWorkerSettings, capability_token
 from procure.httpbounds import bounded_client, tls_context
-from procure.safetext import redact, show_url
+from procure.safetext import outside, redact, show_url
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ REGISTER_ERROR = "Error registering capability"  # 400: the body was not a capab
 def capability(settings: GpuWorkerSettings, url: str) -> dict[str, Any]:
     """The body go-livepeer's `/capability/register` expects (core.ExternalCapability). `token`
     is what the orchestrator puts in `Authorization: Bearer` when it forwards a job to `url`:
-    the node's own token, left out when the node has none (go-livepeer then sends none)."""
+    one derived from the node's own, which opens the capability's routes only (a pool the
+    owner registers with must not run commands on the instance), left out when the node has
+    no token (go-livepeer then sends none)."""
     body: dict[str, Any] = {
         "name": settings.capability_name,
         "description": settings.capability_description,
@@ -73,7 +75,7 @@ def capability(settings: GpuWorkerSettings, url: str) -> dict[str, Any]:
         "requirements": {"video_ingress": False, "video_egress": False, "data_output": True},
     }
     if settings.token is not None:
-        body["token"] = settings.token.get_secret_value()
+        body["token"] = capability_token(settings.token.get_secret_value())
     return body
 
 
@@ -86,27 +88,38 @@ def orchestrator_client(
     return bounded_client(deadline_s=settings.orchestrator_timeout_s, transport=inner)
 
 
+def _authorization(secret: str) -> dict[str, bytes]:
+    """The raw secret as its UTF-8 bytes, which go-livepeer compares with its -orchSecret: as a
+    str, httpx encodes header values as ASCII and raises UnicodeEncodeError (not an HTTPError)
+    on any other character, which ended the registration task without a word."""
+    return {"Authorization": secret.encode("utf-8")}
+
+
 async def register_once(
     client: httpx.AsyncClient, orchestrator: str, secret: str, body: dict[str, Any]
 ) -> None:
     url = f"{orchestrator.rstrip('/')}/capability/register"
     try:
-        response = await client.post(url, json=body, headers={"Authorization": secret})
+        response = await client.post(url, json=body, headers=_authorization(secret))
     except httpx.HTTPError as exc:
         reason = clip(str(exc) or type(exc).__name__, 200)
         raise NotAccepted(f"no answer from {url}: {reason}") from None
     # Decoded here, not by `response.text`: a charset it names but its bytes do not follow
     # (utf-16 without a BOM, rot13) raises there, and would end the registration task.
-    said = clip(response.content.decode("utf-8", "replace").strip(), 200)
+    text = response.content.decode("utf-8", "replace").strip()
     if response.status_code == 200:
         return
+    # What it said becomes the error shown on the open /healthz and logged: an answer that
+    # echoes the request (a proxy's error page) must not show the credentials we sent.
+    said = outside(text, 200, (secret, body.get("token")))
+    text = clip(text, 200)  # what the answer is judged by, as said before the credentials go
     # Older mocks and proxies spell it with an underscore; go-livepeer with a space.
-    if response.status_code == 400 and INVALID_AUTHORIZATION in said.replace("_", " "):
+    if response.status_code == 400 and INVALID_AUTHORIZATION in text.replace("_", " "):
         raise Refused(
             f"the orchestrator refused our secret (HTTP 400 {said}): check "
             "ORCHESTRATOR_SECRET against the orchestrator's -orchSecret"
         )
-    if response.status_code == 400 and said.startswith(REGISTER_ERROR):
+    if response.status_code == 400 and text.startswith(REGISTER_ERROR):
         raise Refused(f"the orchestrator could not read our capability: {said}")
     if response.status_code in (408, 425, 429):  # too early, too often, too slow: not a no
         raise NotAccepted(f"HTTP {response.status_code} from {url}: {said}")
@@ -160,7 +173,7 @@ async def unregister(client: httpx.AsyncClient, orchestrator: str, secret: str, 
     """`POST /capability/unregister` with the name as the body; False when it did not work."""
     url = f"{orchestrator.rstrip('/')}/capability/unregister"
     try:
-        response = await client.post(url, content=name.encode(), headers={"Authorization": secret})
+        response = await client.post(url, content=name.encode(), headers=_authorization(secret))
     except httpx.HTTPError as exc:
         log.warning("could not unregister %s: %s", name, clip(str(exc), 200))
         return False

@@ -30,7 +30,7 @@ from procure.gpu.jobs import JobRunner, Limits
 from procure.gpu.metrics import exposition
 from procure.gpu.ollama import Catalogue, ollama_client, read_catalogue
 from procure.gpu.probe import CachedProbe, Probe, nvml_reader, plainly
-from procure.gpu.settings import GpuWorkerSettings
+from procure.gpu.settings import GpuWorkerSettings, capability_token
 from procure.scrape import ScrapeSettings, scrape_allowed
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,16 @@ def create_gpu_worker_app(
         if not bearer_matches(authorization, settings.token.get_secret_value()):
             raise HTTPException(401, "missing or wrong bearer token")
 
+    def require_capability(authorization: str | None = Header(None)) -> None:
+        """The node's token, or the capability's (what the orchestrator forwards with)."""
+        if settings.token is None:
+            return
+        node = settings.token.get_secret_value()
+        if not bearer_matches(authorization, node) and not bearer_matches(
+            authorization, capability_token(node)
+        ):
+            raise HTTPException(401, "missing or wrong bearer token")
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
@@ -211,10 +221,11 @@ def create_gpu_worker_app(
         return answer
 
     authed = [Depends(require_token)]
-    app.post("/gpu-check", dependencies=authed)(gpu_check)
-    app.post("/agent-net", dependencies=authed)(gpu_check)  # the seed's alias
+    forwarded = [Depends(require_capability)]
+    app.post("/gpu-check", dependencies=forwarded)(gpu_check)
+    app.post("/agent-net", dependencies=forwarded)(gpu_check)  # the seed's alias
 
-    @app.get("/models", dependencies=authed)
+    @app.get("/models", dependencies=forwarded)
     async def models(request: Request) -> dict[str, Any]:
         found = await catalogue(request)
         if found is None:

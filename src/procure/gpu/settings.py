@@ -3,6 +3,8 @@ them): its token, the Ollama server, the orchestrator to register with and the d
 
 from __future__ import annotations
 
+import hmac
+
 import re
 import socket
 from typing import Any
@@ -19,6 +21,13 @@ def default_capability_name() -> str:
     return f"agent-net-{host[:40]}"
 
 
+def capability_token(node_token: str) -> str:
+    """The token registered with the orchestrator for the capability: derived from the node's
+    own, it opens only what the orchestrator forwards (/gpu-check, /agent-net, /models), never
+    jobs or the dead-man lease, so a pool the owner registers with cannot run commands."""
+    return hmac.new(node_token.encode(), b"procure livepeer capability", "sha256").hexdigest()
+
+
 class GpuWorkerSettings(BaseSettings):
     # A refused value is never echoed: the token and the orphan command are secrets.
     model_config = SettingsConfigDict(**CHECKED, populate_by_name=True, hide_input_in_errors=True)
@@ -26,7 +35,8 @@ class GpuWorkerSettings(BaseSettings):
     token: SecretStr | None = Field(
         None,
         validation_alias="GPU_WORKER_TOKEN",
-        description="Bearer token for every route but /healthz (unset: open)",
+        description="Bearer token for every route but /healthz (unset: open); the "
+        "orchestrator is given one derived from it that opens the capability's routes only",
     )
     nvml_cache_s: float = Field(
         2.0,
