@@ -4,7 +4,6 @@ them): its token, the Ollama server, the orchestrator to register with and the d
 from __future__ import annotations
 
 import hmac
-
 import re
 import socket
 from typing import Any
