@@ -80,6 +80,32 @@ def record(ctx: FleetContext, p: Proposal) -> tuple[str, str]:
         return row.action_id, status
 
 
+def record_done(ctx: FleetContext, s: Session, p: Proposal, now: datetime) -> ActionRow:
+    """Record an action the controller has already carried out on its own (the termination of
+    a duplicate launch), announced like any executed one."""
+    row = fleet_repo.add_action(
+        s,
+        action_id=new_action_id(p.action_type, now),
+        action_type=p.action_type,
+        target_instance=p.target,
+        reason=clip(p.reason, 1000),
+        cost_impact=Decimal(str(p.cost_impact)),
+        status="executed",
+        metrics_before=p.metrics_before,
+        created_at=now,
+        executed_at=now,
+        dry_run=False,
+        instance_type=p.instance_type,
+        region=p.region,
+        price_per_hour=p.price_per_hour,
+        decided_by="controller",
+        decided_at=now,
+        metrics_after={"terminated": [p.target]} if p.action_type == TERMINATE else None,
+    )
+    notify.announce(s, row, now, slack=ctx.slack)
+    return row
+
+
 def _fail(ctx: FleetContext, s: Session, row: ActionRow, error: str, now: datetime) -> None:
     fleet_repo.set_status(s, row, "failed", now, error_message=clip(error, 1000))
     notify.announce(s, row, now, slack=ctx.slack)
@@ -101,7 +127,10 @@ def _finish_launch(
             region=row.region or "",
             ip=known.ip if known else None,
             status=known.status if known else "booting",
-            price_per_hour=known.price_per_hour if known else row.price_per_hour,
+            # A listed price of 0 is none (RunPod's EXITED pod): the price the launch was for.
+            price_per_hour=known.price_per_hour
+            if known and known.price_per_hour
+            else row.price_per_hour,
             gpus=known.gpus if known else 1,
             launched_by=row.action_id,
         )

@@ -1,7 +1,8 @@
 """One scan of the fleet and the loop around it: take the fleet's lease, list the instances,
 finish interrupted actions, expire and carry out decided ones, read every node (or Prometheus,
-when set), renewing each node's dead-man lease, keep the samples, analyse, decide, pass the
-rails, act. A cloud error is recorded and backed off; nothing in a scan may crash the loop."""
+when set), renewing each node's dead-man lease (a dry run takes none), keep the samples,
+analyse, decide, pass the rails, act. A cloud error is recorded and backed off; nothing in a
+scan may crash the loop."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from procure.bounds import clip
 from procure.clouds.base import LABEL_PREFIX, CloudError, Instance
@@ -73,12 +76,26 @@ def sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) ->
                 region=i.region,
                 ip=i.ip,
                 status=i.status,
-                price_per_hour=i.price_per_hour,
+                price_per_hour=_price(ctx, s, i),
                 gpus=i.gpus,
                 launched_by=mine,
             )
         gone = [r.instance_id for r in fleet_repo.live_instances(s) if r.instance_id not in seen]
         fleet_repo.end_instances(s, gone, now)
+
+
+def _price(ctx: FleetContext, s: Session, i: Instance) -> int:
+    """What the instance is billed per hour. A listing's price of 0 is not one: RunPod lists an
+    EXITED pod at `cost` 0.0, and a price left out reads as 0. Its hours so far were billed at
+    the price known (its row's, else its type's in the catalogue): a 0 copied onto its row
+    would erase them from the spend and the caps, and count it free while it runs."""
+    if i.price_per_hour > 0:
+        return i.price_per_hour
+    row = fleet_repo.get_instance(s, i.id)
+    if row is not None and row.price_per_hour > 0:
+        return row.price_per_hour
+    known = ctx.types.get(i.instance_type)
+    return known.price_per_hour if known is not None else 0
 
 
 LIVE = ("booting", "active", "unhealthy")
@@ -92,19 +109,38 @@ async def _terminate_duplicates(ctx: FleetContext, listing: list[Instance]) -> l
     for i in listing:
         if i.name and i.status in LIVE:
             by_action.setdefault(i.name, []).append(i)
-    extras: list[str] = []
+    extras: dict[str, Instance] = {}  # id -> the duplicate
     with ctx.store.session() as s:
         for name, twins in by_action.items():
             action = fleet_repo.get_action(s, name) if len(twins) > 1 else None
             if action is None or action.action_type != policy.PROVISION:
                 continue
             keep = next((i for i in twins if i.id == action.target_instance), twins[0])
-            extras += [i.id for i in twins if i.id != keep.id]
+            extras |= {i.id: i for i in twins if i.id != keep.id}
     if not extras or ctx.dry_run:
         return []
-    await ctx.cloud.terminate(extras)  # idempotent; a failure is retried next scan
+    await ctx.cloud.terminate(list(extras))  # idempotent; a failure is retried next scan
     log.warning("terminated duplicate launches %s (kept the one its action recorded)", extras)
-    return extras
+    # What the controller did to the cloud is an action like any other: audited, announced,
+    # and no longer billed in the ledger.
+    now = ctx.clock()
+    with ctx.store.session() as s:
+        fleet_repo.end_instances(s, list(extras), now)
+        for i in extras.values():
+            actions.record_done(ctx, s, _duplicate(i), now)
+    return list(extras)
+
+
+def _duplicate(i: Instance) -> policy.Proposal:
+    return policy.Proposal(
+        policy.TERMINATE,
+        i.id,
+        f"Duplicate launch of {i.name}: a launch whose answer was lost landed twice (the "
+        "instance its action recorded is kept)",
+        i.instance_type,
+        i.region,
+        i.price_per_hour,
+    )
 
 
 async def _list(ctx: FleetContext) -> list[Instance]:
@@ -138,9 +174,15 @@ async def _read_nodes(
     async def renew(i: Instance, sample: dict[str, Any]) -> dict[str, Any]:
         if sample.get("reachable"):
             async with limit:
-                await nodes.renew_lease(
-                    ctx.nodes, i, port, token, ctx.node_holder, ctx.cfg.node_lease_s
-                )
+                # A dry run keeps up what the live fleet holds, but takes no lease of its own:
+                # one it took would, once it ends, fire the node's stop action
+                # (GPU_WORKER_ON_ORPHAN) on an instance no live controller ever held.
+                if not ctx.dry_run or await nodes.holds_lease(
+                    ctx.nodes, i, port, token, ctx.node_holder
+                ):
+                    await nodes.renew_lease(
+                        ctx.nodes, i, port, token, ctx.node_holder, ctx.cfg.node_lease_s
+                    )
         return sample
 
     async def one(i: Instance) -> dict[str, Any]:

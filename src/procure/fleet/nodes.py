@@ -108,3 +108,21 @@ async def renew_lease(
     if response.status_code == 200:
         return "armed"
     return "off" if response.status_code in (403, 409) else "error"
+
+
+async def holds_lease(
+    client: httpx.AsyncClient, instance: Instance, port: int, token: str | None, holder: str
+) -> bool:
+    """Whether the node's dead-man lease is armed and held by `holder` (`GET /lease`); False
+    when it is not, or the node does not say."""
+    url = node_url(instance, port)
+    if url is None:
+        return False
+    try:
+        response = await client.get(f"{url}/lease", headers=_headers(token))
+        lease = loads(response.content) if response.status_code == 200 else None
+    except (httpx.HTTPError, httpx.InvalidURL, UnsafeInput, ValueError):
+        return False
+    return (
+        isinstance(lease, dict) and lease.get("state") == "armed" and lease.get("holder") == holder
+    )
