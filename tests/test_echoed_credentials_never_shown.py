@@ -40,6 +40,7 @@ from procure.local import (
     start_facilitator,
 )
 from procure.models import Action
+from procure.safetext import RedactingFilter
 from procure.settings import Settings
 from procure.store import Store, open_store, repo
 from procure.vendors.mock import create_mock_vendor_app
@@ -346,3 +347,32 @@ def test_vendors_seed_refuses_a_host_with_a_password_as_the_api_does(
     finally:
         store.dispose()
     assert not any(password in e for e in endpoints), endpoints
+
+
+def test_the_settings_secrets_are_never_logged_whoever_echoes_them() -> None:
+    """Before the fix: only the credentials a client sent were remembered; the API token, the
+    metrics token, an LLM's key and the facilitator URL's password, echoed in a proxy's error
+    page or a library's message, were logged as they came."""
+    Settings(
+        _env_file=None,
+        PROCURE_API_TOKEN="api-token-echoed-1",
+        PROCURE_METRICS_TOKEN="metrics-token-echoed-2",
+        OPENAI_API_KEY="sk-llm-key-echoed-3",
+        X402_FACILITATOR_URL="http://agent:facilitator-pw-4@127.0.0.1:4020",
+    )
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    handler.addFilter(RedactingFilter())
+    log = logging.getLogger("procure.test.echo")
+    log.addHandler(handler)
+    try:
+        log.warning(
+            "upstream said: bad token api-token-echoed-1 / metrics-token-echoed-2 / "
+            "sk-llm-key-echoed-3 / password facilitator-pw-4"
+        )
+    finally:
+        log.removeHandler(handler)
+    assert lines and "upstream said" in lines[0]
+    for secret in ("api-token-echoed-1", "metrics-token-echoed-2", "sk-llm-key", "facilitator-pw"):
+        assert secret not in lines[0]

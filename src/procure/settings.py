@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from procure.numbers import finite_before
+from procure.safetext import remember_secret
 
 _NUMERIC = (int, float, int | None, float | None)
 _UNSAFE = re.compile(r"[\x00-\x20\x7f\\]")  # whitespace, control characters, backslashes
@@ -258,6 +259,17 @@ class Settings(BaseSettings):
     def _vllm_names_its_model(self) -> Settings:
         if self.llm_provider == "vllm" and not self.vllm_model:
             raise ValueError("VLLM_MODEL: LLM_PROVIDER=vllm needs the model vLLM serves")
+        return self
+
+    @model_validator(mode="after")
+    def _secrets_never_shown(self) -> Settings:
+        # Tokens and keys this process holds (the API's, the vendors' bearer, the wallet's key,
+        # the LLMs' keys, the metrics token, the facilitator's password): whatever outside text
+        # echoes one (a hostile vendor, a proxy's error page), it is not stored, shown or logged.
+        remember_secret(
+            *(v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)),
+            urlsplit(self.facilitator_url).password,
+        )
         return self
 
 
