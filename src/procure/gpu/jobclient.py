@@ -12,8 +12,9 @@ from typing import Any
 
 import httpx
 
-from procure.bounds import UnsafeInput, clip, loads
+from procure.bounds import MAX_TEXT_CHARS, UnsafeInput, clip, loads
 from procure.httpbounds import bounded_client
+from procure.safetext import outside
 
 _HOST_CHARS = re.compile(r"^[A-Za-z0-9.\-]+$")
 _JOB_ID = re.compile(r"^job_[0-9a-f]{16}$")
@@ -181,14 +182,14 @@ class NodeJobClient:
             body = loads(response.content)
         except UnsafeInput as exc:
             raise NodeJobError(
-                f"{what}: malformed answer (HTTP {status}): {clip(str(exc), 200)}",
+                f"{what}: malformed answer (HTTP {status}): {outside(exc, 200)}",
                 status=status,
                 retryable=status >= 500 or status == 429 or status < 300,
             ) from None
         if status >= 300 or not isinstance(body, dict):
             detail = body.get("error") if isinstance(body, dict) else body
             raise NodeJobError(
-                f"{what}: HTTP {status}: {clip(str(detail), 500)}",
+                f"{what}: HTTP {status}: {outside(detail, 500)}",
                 status=status,
                 retryable=status >= 500 or status == 429,
             )
@@ -212,7 +213,7 @@ def _job(body: dict[str, Any]) -> dict[str, Any]:
         "progress": min(1.0, max(0.0, progress)),
         "checkpoint": clip(checkpoint, 2_048) if isinstance(checkpoint, str) else None,
         "exitCode": exit_code if isinstance(exit_code, int) else None,
-        "error": clip(error) if isinstance(error, str) else None,
+        "error": outside(error, MAX_TEXT_CHARS) if isinstance(error, str) else None,
         "startedAt": _number(body.get("startedAt")),
         "endedAt": _number(body.get("endedAt")),
     }
@@ -260,4 +261,4 @@ def _describe(exc: Exception) -> str:
         return f"timed out ({exc})" if str(exc) else "timed out"
     if isinstance(exc, httpx.ConnectError):
         return "connection refused"
-    return clip(f"{type(exc).__name__}: {exc}", 500)
+    return outside(f"{type(exc).__name__}: {exc}", 500)

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from procure.bounds import UnsafeInput, clip, loads
+from procure.bounds import UnsafeInput, loads
 from procure.httpbounds import bounded_client
+from procure.safetext import outside
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def _what(exc: Exception) -> str:
         return f"HTTP {exc.response.status_code}"
     if isinstance(exc, httpx.HTTPError):
         return type(exc).__name__
-    return clip(f"{type(exc).__name__}: {exc}", 200)
+    return outside(f"{type(exc).__name__}: {exc}", 200)
 
 
 class SettlementLookupError(Exception):

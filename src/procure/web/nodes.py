@@ -20,6 +20,7 @@ from procure.fleet.settings import FleetSettings
 from procure.fleet.summary import instances
 from procure.httpbounds import bounded_client
 from procure.models import utcnow
+from procure.safetext import outside
 from procure.store import Store
 from procure.store.fleet_repo import RUNNING_STATUSES
 from procure.store.fleet_tables import FleetSampleRow
@@ -86,7 +87,7 @@ def catalogue(answer: Any) -> dict[str, Any]:
     error = answer.get("error")
     return {
         "state": status if status in ("ok", "degraded", "not_configured") else "error",
-        "error": clip(str(error), 300) if error else None,
+        "error": outside(error, 300) if error else None,
         "models": [m for m in map(_model, pulled[:MAX_MODELS]) if m],
         "loaded": [m for m in map(_model, loaded[:MAX_MODELS]) if m],
     }
@@ -111,7 +112,7 @@ async def models_of(
             return {"state": "error", "error": f"HTTP {response.status_code} from the node"}
         return catalogue(loads(response.content))
     except (httpx.HTTPError, httpx.InvalidURL, UnsafeInput, ValueError) as exc:
-        return {"state": "error", "error": clip(f"{type(exc).__name__}: {exc}", 300)}
+        return {"state": "error", "error": outside(f"{type(exc).__name__}: {exc}", 300)}
 
 
 async def nodes_view(
