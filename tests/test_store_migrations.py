@@ -40,3 +40,22 @@ def test_a_store_at_the_newest_revision_opens_without_alembic(db_url: str) -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_processes_opening_a_new_store_at_once_all_start(empty_db_url: str) -> None:
+    """Before the fix: the README's PostgreSQL recipe (`serve --no-worker &`, two `worker &`) on
+    a new database raced its migrations: two of three processes died with a duplicate key in
+    pg_type, and the first thing a newcomer saw was a worker gone."""
+    opens = "import sys; from procure.store import open_store; open_store(sys.argv[1])"
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", opens, empty_db_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    said = [p.communicate(timeout=120)[0] for p in starts]
+    assert [p.returncode for p in starts] == [0] * 4, said
+    assert revision(make_engine(empty_db_url)) == HEAD

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,16 +107,40 @@ def revision(engine: Engine) -> str | None:
         return versions[0] if len(versions) == 1 else None
 
 
+MIGRATION_LOCK = 0x70726F63  # PostgreSQL advisory lock key of procure's migrations ("proc")
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the latest Alembic revision (idempotent)."""
+    """Bring the schema to the latest Alembic revision (idempotent). Processes that start
+    together on a new store (`serve` and two workers) migrate one after the other: they raced,
+    and all but one died on a table another had just made."""
     if revision(engine) == HEAD:
         return
     from alembic import command
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
+    with _sqlite_migration_lock(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Held to the commit; the next one then finds the schema done and does nothing.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+@contextmanager
+def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive lock on a file beside a SQLite store while it migrates (SQLite's DDL is not
+    transactional under Python's sqlite3, so its own lock cannot order two migrations)."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.migrating", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def open_store(url: str, *, upgrade: bool = True, pre_ping: bool = True) -> Store:
