@@ -25,7 +25,7 @@ from procure.clouds.base import Instance
 from procure.fleet.context import FleetContext
 from procure.fleet.controller import scan_once
 from procure.httpbounds import bounded_client
-from procure.local import serve
+from procure.local import free_port, serve
 from procure.models import utcnow
 from procure.settings import Settings
 from procure.store import fleet_repo, open_store
@@ -77,7 +77,11 @@ def test_a_wallet_key_with_a_trailing_newline_is_taken_stripped(
     tick`) dies in a binascii traceback deep in eth-account, which the check was added to
     prevent."""
     key = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
-    result = _procure(tmp_path, "wallet", "--json", X402_PRIVATE_KEY=key + "\n")
+    # A facilitator nobody runs (the default port may hold one a user started).
+    nobody = f"http://127.0.0.1:{free_port()}"
+    result = _procure(
+        tmp_path, "wallet", "--json", X402_PRIVATE_KEY=key + "\n", X402_FACILITATOR_URL=nobody
+    )
     full = result.stdout + result.stderr
     assert "Traceback" not in full, full[-1500:]
     assert key[2:] not in full  # never echoed
