@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from procure.bounds import clip
@@ -22,6 +23,7 @@ from procure.fleet.context import FleetContext
 from procure.models import utcnow
 from procure.safetext import redact
 from procure.store import fleet_repo
+from procure.store.fleet_tables import FleetSampleRow
 
 log = logging.getLogger(__name__)
 NODE_CONCURRENCY = 16
@@ -54,11 +56,16 @@ TYPES_TTL = timedelta(minutes=10)  # how long the types' prices and stock are tr
 MISSING_TTL = timedelta(minutes=2)  # while the type to launch is out of stock
 
 
-def sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) -> None:
+def sync_instances(
+    ctx: FleetContext, listing: list[Instance], now: datetime, *, grace: bool = False
+) -> None:
     """The instance ledger follows the cloud: new ones start billing, vanished ones stop. An
     instance named after one of our launch actions is ours, whoever recorded it; one that
     procure's agent or gateway rented is theirs (counted once, as their payments or costs).
-    Public: the fleet benchmark's engine (`sim.fleet_engine`) keeps the ledger the same way."""
+    `grace` (the controller's scans): a listing can leave out a live instance (a cloud that
+    lags, a short page); one missing is ended only once the previous scan missed it too, as of
+    that scan, and the caps count it meanwhile. Without it, it is ended at once. Public: the
+    fleet benchmark's engine (`sim.fleet_engine`) keeps the ledger the same way."""
     listing = fleets(listing)
     seen = {i.id for i in listing}
     with ctx.store.session() as s:
@@ -80,8 +87,18 @@ def sync_instances(ctx: FleetContext, listing: list[Instance], now: datetime) ->
                 gpus=i.gpus,
                 launched_by=mine,
             )
-        gone = [r.instance_id for r in fleet_repo.live_instances(s) if r.instance_id not in seen]
-        fleet_repo.end_instances(s, gone, now)
+        gone = [r for r in fleet_repo.live_instances(s) if r.instance_id not in seen]
+        if not grace:
+            fleet_repo.end_instances(s, [r.instance_id for r in gone], now)
+            return
+        # The previous scan is kept in the store, not in this process: `fleet run --once` from a
+        # scheduler is a new process each scan, and must end what went all the same.
+        lease = fleet_repo.lease_row(s, ctx.lease_name)
+        before = lease.last_scan_at if lease is not None else None
+        if before is None or before >= now:
+            return
+        missed = [r.instance_id for r in gone if r.last_seen_at < before]
+        fleet_repo.end_instances(s, missed, before)
 
 
 def _price(ctx: FleetContext, s: Session, i: Instance) -> int:
@@ -200,6 +217,22 @@ async def _read_nodes(
     return list(await asyncio.gather(*(renew(i, s) for i, s in zip(readable, found, strict=True))))
 
 
+def _last_answered(ctx: FleetContext, ids: list[str]) -> dict[str, datetime]:
+    """When each instance this process has not judged yet last answered, from the store's
+    samples: what a new process knows of how long one has not worked."""
+    fresh = [i for i in ids if i not in ctx.status_since]
+    if not fresh:
+        return {}
+    last = func.max(FleetSampleRow.taken_at, type_=FleetSampleRow.taken_at.type)
+    with ctx.store.session() as s:
+        rows = s.execute(
+            select(FleetSampleRow.instance_id, last)
+            .where(FleetSampleRow.instance_id.in_(fresh), FleetSampleRow.reachable.is_(True))
+            .group_by(FleetSampleRow.instance_id)
+        )
+        return {instance_id: at for instance_id, at in rows if at is not None}
+
+
 def _note(ctx: FleetContext, now: datetime, error: str | None) -> None:
     # The wall clock at the scan's start, as `now` is on the controller's: a slow scan must
     # not pass for a clock behind (approvals would be judged that much late).
@@ -233,7 +266,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         return result
     ctx.cloud_failures, ctx.backoff_until = 0, None
     result.instances = len(listing)
-    sync_instances(ctx, listing, now)
+    sync_instances(ctx, listing, now, grace=True)
     try:
         duplicates = await _terminate_duplicates(ctx, listing)
     except CloudError as exc:
@@ -251,7 +284,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         try:
             account = await ctx.cloud.instances()
             listing = fleets(account)
-            sync_instances(ctx, listing, now)
+            sync_instances(ctx, listing, now, grace=True)
         except CloudError as exc:
             result.error = clip(f"{type(exc).__name__}: {exc}", 500)
 
@@ -275,7 +308,16 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
     ending = {p.target for p in proposed if p.action_type == policy.TERMINATE}
     proposed += [
         p
-        for p in stuck.proposals(result.views, ctx.cfg, now, ctx.status_since)
+        for p in stuck.proposals(
+            result.views,
+            ctx.cfg,
+            now,
+            ctx.status_since,
+            # No series in Prometheus says nothing of the node (a scrape set up wrong would end
+            # the whole fleet); a node read directly that does not answer is silent.
+            judge_silence=not ctx.cfg.prometheus_url,
+            answered=_last_answered(ctx, [v.id for v in result.views]),
+        )
         if p.target not in ending
     ]
     with ctx.store.session() as s:  # a long scan may have lost the fleet: then it decides nothing

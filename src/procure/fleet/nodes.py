@@ -15,6 +15,13 @@ from procure.clouds.base import Instance, http_url
 from procure.gpu.jobclient import check_node_url
 
 AGENT_ID = "procure-fleet"
+REFUSED = ("HTTP 401", "HTTP 403")  # a sample's error when the node refused the fleet's token
+
+
+def refused(error: str | None) -> bool:
+    """Whether an unreachable sample's node answered, refusing the token: the node runs, and the
+    fault is the controller's configuration (its LAMBDA_LABS_NODE_TOKEN), not the instance's."""
+    return error in REFUSED
 
 
 def node_url(instance: Instance, port: int) -> str | None:

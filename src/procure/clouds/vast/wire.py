@@ -129,7 +129,7 @@ def status(actual: str | None, intended: str | None, is_bid: bool) -> InstanceSt
     if actual in ("stopped", "frozen", "paused", "inactive"):
         # Paused by Vast (outbid, host trouble, balance) or stopped on purpose.
         return "preempted" if is_bid or intended == "running" else "exited"
-    return "unhealthy"  # a status we do not know: never guessed to be alive or gone
+    return "unhealthy"  # a status we do not know: never guessed gone (see `instance`)
 
 
 def instance(raw: Any, node_port: int) -> Instance:
@@ -138,10 +138,15 @@ def instance(raw: Any, node_port: int) -> Instance:
     except ValidationError as exc:
         raise ProviderError(f"Vast.ai's instance is malformed: {_first(exc)}") from None
     state = status(i.actual_status, i.intended_status, i.is_bid)
+    url = node_url(i.public_ipaddr, i.ports, node_port) if state == "active" else None
     if state == "unhealthy":
         log.warning(
             "Vast.ai instance %s has an unknown status %r", i.id, clip(i.actual_status or "", 40)
         )
+        # Vast.ai adds statuses: one it maps a port for is judged by its node (whoever reads it:
+        # a node that answers works; one that never answers is stuck), never killed for a word.
+        url = node_url(i.public_ipaddr, i.ports, node_port)
+        state = "active" if url else state
     gpu = canonical_gpu(i.gpu_name)
     return Instance(
         id=str(i.id),
@@ -152,7 +157,7 @@ def instance(raw: Any, node_port: int) -> Instance:
         ip=_ip(i.public_ipaddr),
         price_per_hour=micros(i.dph_total),
         gpus=i.num_gpus,
-        node_url=node_url(i.public_ipaddr, i.ports, node_port) if state == "active" else None,
+        node_url=url,
         interruptible=i.is_bid,
         gpu=gpu,
     )
