@@ -241,3 +241,42 @@ def test_a_job_slower_than_planned_is_renewed_before_its_paid_time_ends(
         )
     finally:
         g.stop()
+
+
+def test_a_gateway_job_is_renewed_after_the_clouds_price_falls_below_its_instance(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix: the gateway refuses a renewal priced below what the job's instance costs
+    (409) and quotes such a renewal only when asked with the job's id; procure's agent quoted its
+    renewals as new jobs, so once the cloud's price fell below the price its instance was
+    launched at, its next slice was refused and the job stopped when its paid time ran out."""
+    from test_gateway_renewal_floor_revivals_and_given_up_launches import _Repriced
+
+    fast = (sys.executable, TRAIN, "--steps", "120", "--step-time", "0.05")
+    g = start_gateway_world(tmp_path, sqlite_url, command=fast)
+    monkeypatch.setattr(sales, "OFFERS_TTL_S", 0.0)  # each quote sees the price of its moment
+    rt = g.server.app.state.runtime
+    rt.cloud = cloud = _Repriced(rt.cloud)
+    cloud.factor = 2.0  # the instance is launched while the price is doubled
+    try:
+        run_id = g.world.new_run(budget=5.0, gpu_type="RTX4090", hours=0.2)
+        deps = dataclasses.replace(g.world.deps(), planner=sliced_planner(0.05), reconsider=None)
+
+        def running(state: Any) -> bool:
+            return bool(state.jobs) and state.jobs[0].status == "running"
+
+        def renewed(state: Any) -> bool:
+            if running(state):
+                cloud.factor = 1.0  # then the price falls back, below the instance's
+            return len([p for p in state.payments if p.status == "completed"]) >= 2
+
+        tick_first_job(g, run_id, deps, renewed)
+        state = state_of(g.world, run_id)
+        [job] = state.jobs
+        refused = [o.content for o in state.observations if "below" in o.content]
+        assert renewed(state), f"{job.status}: {job.error_message}; renewals: {refused[:2]}"
+        first, second = [p for p in state.payments if p.status == "completed"][:2]
+        # Both slices at the instance's price per hour: the renewal was not sold below it.
+        assert second.amount / second.hours == pytest.approx(first.amount / first.hours, rel=0.01)
+    finally:
+        g.stop()

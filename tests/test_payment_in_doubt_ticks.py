@@ -49,7 +49,7 @@ class FakeVendor:
         self.calls.append("status")
         return self.answer
 
-    async def quote(self, vendor: Any, spec: Any) -> Quote:
+    async def quote(self, vendor: Any, spec: Any, *, job_id: str | None = None) -> Quote:
         self.calls.append("quote")
         return Quote(
             quote_id="q1",

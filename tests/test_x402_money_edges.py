@@ -133,8 +133,8 @@ def test_a_cancel_requested_while_a_job_is_quoted_pays_nothing(world: World) -> 
     deps.planner = _only(VENDOR)  # type: ignore[assignment]
     quote = deps.vendors.quote
 
-    async def quote_then_user_cancels(vendor: Any, spec: JobSpec) -> Quote:
-        answer = await quote(vendor, spec)
+    async def quote_then_user_cancels(vendor: Any, spec: JobSpec, **how: Any) -> Quote:
+        answer = await quote(vendor, spec, **how)
         # The user presses Cancel (API, CLI, dashboard) while the quote is in flight.
         request_cancel(world.store, run_id, by="alice", reason="wrong dataset")
         return answer
@@ -180,8 +180,8 @@ def test_a_cancel_requested_while_a_slice_is_quoted_buys_no_slice(
     quote = deps.vendors.quote
     cancelled: list[bool] = []
 
-    async def quote_then_user_cancels(vendor: Any, spec: JobSpec) -> Quote:
-        answer = await quote(vendor, spec)
+    async def quote_then_user_cancels(vendor: Any, spec: JobSpec, **how: Any) -> Quote:
+        answer = await quote(vendor, spec, **how)
         if state_of(world, run_id).jobs:  # a renewal's quote, not the first one
             request_cancel(world.store, run_id, by="alice", reason="wrong dataset")
             cancelled.append(True)

@@ -56,7 +56,7 @@ async def renew(
     hours = slices.next_slice_hours(job, paid)
     spec = JobSpec.model_validate(job.job_params).model_copy(update={"hours": hours})
     try:
-        quote = await deps.vendors.quote(vendor, spec)
+        quote = await deps.vendors.quote(vendor, spec, job_id=job.vendor_job_id)
     except VendorError as exc:
         vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
         return TickResult("Vendor error")
@@ -149,7 +149,7 @@ async def retry_slice(deps: AgentDeps, job: Job, payment: Payment, vendor: Vendo
         )
     spec = JobSpec.model_validate(job.job_params).model_copy(update={"hours": payment.hours})
     try:
-        quote = await deps.vendors.quote(vendor, spec)
+        quote = await deps.vendors.quote(vendor, spec, job_id=job.vendor_job_id)
     except VendorError as exc:
         vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
         return TickResult("Vendor error")

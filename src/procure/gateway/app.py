@@ -63,6 +63,8 @@ NEXT = Callable[[Request], Awaitable[Response]]
 
 class GatewayQuoteRequest(QuoteRequest):
     gpu_type: str = Field(min_length=1, max_length=32)
+    # A quote to renew this job: never below what its instance costs (`sales.below_cost`).
+    job_id: str | None = Field(None, min_length=1, max_length=100)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -230,6 +232,10 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                     full = sales.sale_refusal(rt, _field(body, "quoteId", "quote_id"))
                     if full is not None:
                         return _error(*full)
+                else:  # below the job's instance cost: said before the 402 too
+                    cheap = sales.renewal_refusal(rt, job_id, _field(body, "quoteId", "quote_id"))
+                    if cheap is not None:
+                        return _error(*cheap)
                 response = await call_next(request)
                 auth = _authorization(request)
                 if auth is None:
@@ -279,7 +285,10 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         if offer is not None:
             seen[gpu] = offer
         else:  # none free now: a renewal needs none (its job holds one); a submit checks again
-            offer = seen.get(gpu)
+            # After a restart nothing quoted is remembered: the offers of the instances held.
+            offer = seen.get(gpu) or sales.held_offer(rt, gpu)
+        if body.job_id is not None:  # to renew it: at least what its instance costs
+            offer = sales.job_offer(rt, body.job_id, gpu, offer)
         if offer is None:
             return _error(409, "no capacity available")
         # Never refused for the caps: a quote also prices a renewal, which adds no instance; a

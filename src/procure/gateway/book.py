@@ -24,6 +24,11 @@ STARTED = ("paid", "launching", "booting", "running", "ending")  # paid, not yet
 LIVE = ("unpaid", *STARTED)  # count against the caps
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 HOLDING = ("launching", "booting", "running")  # instance rows that may hold a machine
+# A launch given up without an answer (`launches`): it may still land and bill, so it counts
+# against the caps until the sweeper terminates it or finds it never came (`loop.sweep`);
+# no job holds it any more (the sweeper's to end).
+ABANDONED = "abandoned"
+COUNTED = (*HOLDING, ABANDONED)
 # Sold and not yet holding a machine the cloud counts: each will take one of its free GPUs.
 WAITING = ("unpaid", "paid", "launching")
 # Jobs that hold an instance or will launch one (an `ending` job launches nothing more).
@@ -188,8 +193,11 @@ def _revive(row: GatewayJobRow, paid_until: datetime) -> None:
     """A renewal booked once its job had ended for want of paid time (its hold past the paid
     time ran out with the facilitator's ledger unreachable, and it had settled after all): the
     money moved, so the time it bought is given, from now: the loop launches the job again from
-    its last checkpoint (booked on the ended job, it bought nothing, and nothing is refunded)."""
-    row.status, row.outcome, row.ended_at = "paid", None, None
+    its last checkpoint (booked on the ended job, it bought nothing, and nothing is refunded).
+    Its `ended_at` stays until an instance is launched for it: it marks a job relaunched
+    without a sale's check of the caps, so its launch waits for room under them
+    (`launches.launch`); it counts against them from now (no new sale takes its place)."""
+    row.status, row.outcome = "paid", None
     row.paid_until, row.tried_regions, row.error = paid_until, [], None
     note(row, "[gateway] a renewal was booked after the paid time ran out: relaunching", 200)
 
@@ -222,6 +230,12 @@ def instances_of(s: Session, job_id: str) -> list[GatewayInstanceRow]:
     return list(s.scalars(query.order_by(GatewayInstanceRow.created_at)))
 
 
+def held_offers(s: Session) -> list[dict[str, Any]]:
+    """The offers the instances the gateway holds were launched on."""
+    query = select(GatewayInstanceRow.offer).where(GatewayInstanceRow.status.in_(HOLDING))
+    return [o for o in s.scalars(query) if o]
+
+
 def holding_names(s: Session) -> set[str]:
     """Names of instances whose job is still live (what the sweeper must leave alone)."""
     query = (
@@ -235,7 +249,7 @@ def holding_names(s: Session) -> set[str]:
 # --- what the gateway has committed on the cloud account --------------------------------------
 
 
-def committed(s: Session) -> tuple[int, int]:
+def committed(s: Session, without: str | None = None) -> tuple[int, int]:
     """(micro-USD per hour, instances): the most the instances the gateway holds or has sold
     on the cloud account may cost per hour together, and how many they are, for its caps.
     A sold job that may still launch (being paid, paid, launching, booting, running: a lost
@@ -243,14 +257,17 @@ def committed(s: Session) -> tuple[int, int]:
     (`launches.within_sale`), or at its instances' prices if they cost more; an instance whose
     job launches nothing more (ending, or no live job: still billed until terminated) at its
     price. Instance rows count while they may hold a machine: `launching` (a launch in flight),
-    `booting`, `running`."""
+    `booting`, `running`, `abandoned` (given up without an answer, not yet swept). `without`:
+    the job left out (to ask whether it fits beside the others)."""
     held: dict[str, tuple[int, int]] = {}  # job id: (price per hour, instances)
     rows = s.execute(
         select(GatewayInstanceRow.job_id, GatewayInstanceRow.price_per_hour).where(
-            GatewayInstanceRow.status.in_(HOLDING)
+            GatewayInstanceRow.status.in_(COUNTED)
         )
     ).all()
     for job_id, price in rows:
+        if job_id == without:
+            continue
         price_sum, n = held.get(job_id, (0, 0))
         held[job_id] = (price_sum + int(price), n + 1)
     # An unpaid job's figures are still on its payment (the job's are booked at settlement).
@@ -267,6 +284,8 @@ def committed(s: Session) -> tuple[int, int]:
     ).all()
     per_hour = count = 0
     for job_id, amount, hours, paying, paying_hours in sold:
+        if job_id == without:
+            continue
         if not hours:
             amount, hours = paying or 0, paying_hours or 0.0
         bound = math.ceil(amount / hours) if hours else 0

@@ -5,6 +5,7 @@ offers no dearer than the sale."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from datetime import timedelta
 
 from procure.clouds.base import CloudError, Instance, LaunchSpec, Offer, RateLimited
@@ -19,7 +20,7 @@ from procure.gateway.runtime import (
     update_instance,
     update_job,
 )
-from procure.models import utcnow
+from procure.models import format_usd, usd_to_micros, utcnow
 from procure.store.gateway_tables import GatewayInstanceRow, GatewayJobRow
 
 LAUNCH_LOOKUP_S = 120.0
@@ -45,10 +46,15 @@ async def launch(rt: Runtime, row: GatewayJobRow) -> None:
             _launched(rt, row, inst, found[0])
             return
         if out_of_time(rt, row):
-            # A launch tried without answer may land later: its cost is the sweeper's to book.
+            # A launch tried without answer may land later: its cost is the sweeper's to book,
+            # and it counts against the caps until then.
             tried = inst.launched_at is not None
             update_instance(
-                rt, inst.name, status="failed", ended_at=utcnow(), cost=None if tried else 0
+                rt,
+                inst.name,
+                status=book.ABANDONED if tried else "failed",
+                ended_at=utcnow(),
+                cost=None if tried else 0,
             )
             why = f"no instance could be launched within the paid time: {row.error or 'no answer'}"
             update_job(rt, row.job_id, why, status="ending", outcome="failed", error=why[:2000])
@@ -69,6 +75,8 @@ async def launch(rt: Runtime, row: GatewayJobRow) -> None:
             outcome="failed",
             error=f"no instance could be launched within the paid time: {why}",
         )
+        return
+    if row.ended_at is not None and _waits_for_caps(rt, row):
         return
     try:
         offers = await rt.cloud.offers(gpu=row.gpu)
@@ -115,6 +123,41 @@ async def launch(rt: Runtime, row: GatewayJobRow) -> None:
     await _call_launch(rt, fresh, inst)
 
 
+WAITING_FOR_CAPS = "waiting for room under the gateway's caps"
+
+
+def _waits_for_caps(rt: Runtime, row: GatewayJobRow) -> bool:
+    """Whether a job revived by a renewal booked after it had ended (`book._revive`) must wait
+    before it is launched: its relaunch was never checked against the caps over all buyers, as
+    a sale is, and another buyer may have been sold its place meanwhile. The money has moved
+    and cannot be refunded, so it waits, within the paid time the renewal bought, for room
+    (first in line: it counts against the caps, so no new sale takes the room it waits for);
+    its log and error say why, and if none comes the job fails with that reason."""
+    cfg = rt.cfg
+    with rt.store.session() as s:
+        spend, count = book.committed(s, without=row.job_id)
+    per_hour = math.ceil(row.amount / row.paid_hours) if row.paid_hours else 0
+    cap = usd_to_micros(cfg.max_hourly_usd)
+    if count + 1 > cfg.max_total_instances:
+        why = f"{count} instances held over all buyers (the cap is {cfg.max_total_instances})"
+    elif spend + per_hour > cap:
+        why = (
+            f"{format_usd(spend)}/h committed of {format_usd(cap)}/h, and this job adds "
+            f"{format_usd(per_hour)}/h"
+        )
+    else:
+        return False
+    with rt.store.session() as s:
+        job = s.get(GatewayJobRow, row.job_id)
+        if job is None:
+            return True
+        job.error = f"{WAITING_FOR_CAPS}: {why}"[:2000]
+        if not any(WAITING_FOR_CAPS in line for line in job.logs):  # once, not every poll
+            book.note(job, f"[gateway] {WAITING_FOR_CAPS} to relaunch", cfg.log_lines)
+        job.updated_at = utcnow()
+    return True
+
+
 def _lookup(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow) -> None:
     """A launch tried before got no answer and its name is not listed: a provider's listing
     may lag its launches, so it is never launched again under that name (a second instance for
@@ -126,7 +169,8 @@ def _lookup(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow) -> None:
     if utcnow() <= inst.launched_at + timedelta(seconds=wait_s):
         update_job(rt, row.job_id, error=f"launch {inst.name}: no answer, not listed yet")
         return
-    update_instance(rt, inst.name, status="failed", ended_at=utcnow())
+    # Not `failed`: it may still land and bill until the sweeper ends it, so it still counts.
+    update_instance(rt, inst.name, status=book.ABANDONED, ended_at=utcnow())
     why = f"launch {inst.name} got no answer and never showed by its name; launching another"
     update_job(rt, row.job_id, why, status="paid", error=why[:2000])
 
@@ -188,4 +232,5 @@ def _launched(rt: Runtime, row: GatewayJobRow, inst: GatewayInstanceRow, got: In
         instance.instance_id, instance.status = got.id, "booting"
         instance.launched_at = instance.launched_at or now
         job.status, job.updated_at = "booting", now
+        job.ended_at = None  # a revived job is launched: it waits for the caps no more
         book.note(job, f"[gateway] instance {got.id} launched in {inst.region}", rt.cfg.log_lines)

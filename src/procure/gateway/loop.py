@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -88,7 +89,22 @@ async def sweep(rt: Runtime) -> list[str]:
                         row.price_per_hour, rt.cloud.billing_increment_s, row.launched_at, utcnow()
                     )
         done.append(name)
+    _never_came(rt, {i.name for i in labelled if i.status != "terminated"})
     return done
+
+
+def _never_came(rt: Runtime, listed: set[str | None]) -> None:
+    """Launches given up without an answer (`book.ABANDONED`) that the cloud still does not
+    list `boot_timeout_s` after they were tried never came: they stop counting against the
+    caps. (One that shows is terminated above, its cost booked.)"""
+    horizon = utcnow() - timedelta(seconds=rt.cfg.boot_timeout_s)
+    with rt.store.session() as s:
+        rows = s.scalars(
+            select(GatewayInstanceRow).where(GatewayInstanceRow.status == book.ABANDONED)
+        )
+        for row in rows:
+            if row.name not in listed and (row.launched_at is None or row.launched_at < horizon):
+                row.status = "failed"
 
 
 def spent_elsewhere(rt: Runtime, nonce: str, found: Settlement) -> None:

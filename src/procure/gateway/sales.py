@@ -217,6 +217,73 @@ def sale_refusal(rt: Runtime, quote_id: Any) -> Refusal | None:
         return over_caps(rt, s, quote.price_per_hour) if quote is not None else None
 
 
+def renewal_floor(rt: Runtime, s: Session, job_id: str) -> tuple[int, int]:
+    """(cost, price) per hour, micro-USD: what the instance `job_id` holds costs (the dearest,
+    if a replaced one is still held) and the least a renewal of it sells for (that plus the
+    margin); (0, 0) while it holds none (its next launch is bounded by its sale)."""
+    held = [i.price_per_hour for i in book.instances_of(s, job_id) if i.status in book.HOLDING]
+    cost = max(held, default=0)
+    return cost, sell_per_hour(cost, rt.cfg.margin) if cost else 0
+
+
+def renewal_refusal(rt: Runtime, job_id: Any, quote_id: Any) -> Refusal | None:
+    """`below_cost` now for a renewal of `job_id` on `quote_id`, before its 402 (nothing to
+    sign in vain); None for a job or quote not known: the route refuses those itself."""
+    if not isinstance(job_id, str) or not isinstance(quote_id, str):
+        return None
+    with rt.store.session() as s:
+        quote = book.get_quote(s, quote_id)
+        if quote is None or book.job(s, job_id) is None:
+            return None
+        return below_cost(rt, s, job_id, quote)
+
+
+def below_cost(rt: Runtime, s: Session, job_id: str, quote: GatewayQuoteRow) -> Refusal | None:
+    """Why `quote` cannot renew `job_id` at its price, or None. A quote is priced on the
+    cheapest offer of its moment, but the job runs on the instance it holds: a quote taken
+    before the cloud's price rose (or priced on a cheaper offer than the job's) sold its hours
+    below what they cost the gateway. The buyer asks for a quote naming the job instead."""
+    cost, floor = renewal_floor(rt, s, job_id)
+    if quote.price_per_hour >= floor:
+        return None
+    return 409, (
+        f"job {job_id}'s instance costs ${micros_to_usd(cost):g}/h: a renewal of it sells at "
+        f"${micros_to_usd(floor):g}/h, quote {quote.quote_id} at "
+        f"${micros_to_usd(quote.price_per_hour):g}/h; ask for a quote with "
+        f'"jobId": "{job_id}" and renew with it'
+    )
+
+
+def job_offer(rt: Runtime, job_id: str, gpu: str, cheapest: Offer | None) -> Offer | None:
+    """The offer a quote for renewing `job_id` is priced on: the cheapest free one, unless the
+    instance the job holds costs more (then its own offer: a renewal is never sold below it)."""
+    with rt.store.session() as s:
+        held = [
+            i
+            for i in book.instances_of(s, job_id[:32])
+            if i.status in book.HOLDING and i.offer and Offer(**i.offer).gpu == gpu
+        ]
+    dearest = max(held, key=lambda i: i.price_per_hour, default=None)
+    if dearest is None or (
+        cheapest is not None and cheapest.price_per_hour >= dearest.price_per_hour
+    ):
+        return cheapest
+    return Offer(**dearest.offer)
+
+
+def held_offer(rt: Runtime, gpu: str) -> Offer | None:
+    """The cheapest offer an instance the gateway holds on `gpu` was launched on, or None: with
+    no GPU free (its own jobs may hold them all), a renewal is still priced after a restart,
+    when nothing quoted before is remembered."""
+    with rt.store.session() as s:
+        offers = [Offer(**o) for o in book.held_offers(s)]
+    return min(
+        (o for o in offers if o.gpu == gpu),
+        key=lambda o: (o.price_per_hour, o.region, o.offer_id),
+        default=None,
+    )
+
+
 def free_gpus(offers: list[Offer], quote: GatewayQuoteRow) -> int:
     """The GPUs the cloud shows free now for `quote`: one GPU, on demand, at no more than its
     cost (so a dearer tier sharing a region's machines is not counted twice)."""
@@ -309,7 +376,7 @@ def new_renewal(
     rt: Runtime, job_id: str, quote: GatewayQuoteRow, auth: dict[str, Any], key: str
 ) -> Refusal | None:
     """The renewal of `job_id` that `quote` sells, its payment written `pending`, unless the
-    payment was already used."""
+    payment was already used or the quote sells below what the job's instance costs."""
     with rt.store.session() as s:
         if book.nonce_seen(s, auth["nonce"]):
             return 409, "this payment was already used"
@@ -317,6 +384,11 @@ def new_renewal(
         if row is not None and utcnow() > paid_end(rt, row):
             # The loop ends it at its next look (nothing a renewal made now could hold).
             return 409, f"job {job_id}'s paid time ran out; it is ending"
+        # Checked before its 402 too; again here, where the payment is written (an instance
+        # replaced meanwhile may cost more).
+        refusal = below_cost(rt, s, job_id, quote)
+        if refusal is not None:
+            return refusal
         book.add_payment(
             s,
             nonce=auth["nonce"],

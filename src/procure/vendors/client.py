@@ -271,8 +271,12 @@ class VendorClient:
         except httpx.HTTPError as exc:
             raise VendorError(f"{what}: {_describe(exc)}") from exc
 
-    async def quote(self, vendor: Vendor, spec: JobSpec) -> Quote:
+    async def quote(self, vendor: Vendor, spec: JobSpec, *, job_id: str | None = None) -> Quote:
+        """A quote for `spec`; `job_id`: to renew that job (a gateway prices it at no less than
+        the job's instance costs; other vendors ignore the field)."""
         body = QuoteRequest(gpu_type=spec.gpu_type, hours=spec.hours).to_json()
+        if job_id is not None:
+            body["jobId"] = job_id
         response = await self._call("quote", vendor, "POST", f"{vendor.endpoint}/quote", json=body)
         data = _json(response, "quote")
         try:
