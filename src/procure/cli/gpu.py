@@ -43,7 +43,7 @@ def gpu_worker(
     guard_logging(log_level)
     with settings_errors():
         worker_settings = GpuWorkerSettings()
-    app_ = create_gpu_worker_app(worker_settings, port=port)
+    app_ = create_gpu_worker_app(worker_settings, port=port, bind_host=host)
     # The grace bounds SIGTERM's wait for open requests: one stalled client must not keep the
     # lifespan (which stops the jobs and unregisters) from running.
     uvicorn.run(
@@ -80,7 +80,7 @@ def tickets_winprob(
             parser=whole(1, 10**9, "--jobs"),
         ),
     ] = 100,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
 ) -> None:
     """winProb = ticketEV / faceValue as go-livepeer's 256-bit fixed point, and what a worker
     sees over N jobs: mean, standard deviation, chance of no win at all."""
@@ -159,7 +159,7 @@ def tickets_check(
     capability_price_per_unit: Annotated[
         str | None, typer.Option(help="CAPABILITY_PRICE_PER_UNIT (optional row)")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
 ) -> None:
     """Orchestrator flags against gateway flags, as seed 003's table (defaults: the seed's
     numbers). Exit status 1 on any mismatch."""

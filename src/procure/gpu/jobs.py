@@ -337,7 +337,7 @@ class JobRunner:
             _signal_group(process.pid, signal.SIGKILL)
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-        _signal_group(process.pid, signal.SIGKILL)
+        _end_strays(job)  # what it started in a session of its own (a daemon) ends with it
         if job.image is not None and code < 0:
             # The docker client was killed, not its container (SIGKILL is not proxied): the
             # slot stays taken until the daemon removed it, or the next job shares the GPU.
@@ -392,7 +392,7 @@ class JobRunner:
             self._finish(job, "cancelled", None, "cancelled before it started")
         elif job.process.returncode is None:  # once it has exited, its own ending stands
             job.cancel_requested = True
-            _signal_group(job.process.pid, signal.SIGTERM)
+            _signal_job(job, signal.SIGTERM)
             asyncio.get_running_loop().call_later(self.limits.cancel_grace_s, _kill_if_running, job)
         return job
 
@@ -477,9 +477,38 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+def _signal_job(job: Job, sig: signal.Signals) -> None:
+    """`sig` to the job's process group and to every process of the job outside it."""
+    if job.process is not None:
+        _signal_group(job.process.pid, sig)
+    for pid in nodestate.job_processes(job.id, job.process.pid if job.process else None):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+STRAY_ROUNDS = 20  # a daemon that forks as fast as it is killed: a bounded number of sweeps
+
+
+def _end_strays(job: Job) -> None:
+    """SIGKILL the job's process group and, sweep after sweep until none is left, every process
+    of the job that left it (setsid, a daemon's double fork: no group signal reaches those)."""
+    if job.process is not None:
+        _signal_group(job.process.pid, signal.SIGKILL)
+    for _ in range(STRAY_ROUNDS):
+        # By its id only: the leader has exited, so its children went to init, and its pid may
+        # already name another process, whose children are none of this job's.
+        strays = nodestate.job_processes(job.id, None)
+        if not strays:
+            return
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    log.warning("job %s: processes it started still appear after %d sweeps", job.id, STRAY_ROUNDS)
+
+
 def _kill_if_running(job: Job) -> None:
     if job.process is not None and job.process.returncode is None:
-        _signal_group(job.process.pid, signal.SIGKILL)
+        _signal_job(job, signal.SIGKILL)
         if job.image is not None:
             # SIGKILL cannot be proxied into the container: ask the daemon to remove it.
             task = asyncio.get_running_loop().create_task(_remove_container(job))

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import stat
 import tempfile
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 FALLBACK_DIR = "~/.cache/procure/gpu-node"
 MAX_RECORD_BYTES = 65_536
 DOCKER_RM_S = 30.0
+JOB_ID = re.compile(r"job_[0-9a-f]{16}")
 PID_MAX = 4 * 1024 * 1024  # Linux's PID_MAX_LIMIT: beyond it no process (os.killpg overflows)
 
 
@@ -137,6 +139,7 @@ async def end_leftovers(folder: Path) -> int:
         if data is not None:
             ended += 1
             _kill_group(data)
+            _kill_strays(data)
             docker, container = data.get("docker"), data.get("container")
             if isinstance(docker, str) and isinstance(container, str):
                 # SIGKILL to the docker client leaves its container running: ask the daemon.
@@ -167,6 +170,18 @@ def _kill_group(data: dict[str, Any]) -> None:
         log.warning("ended job %s, left running by a node that died", data.get("job"))
 
 
+def _kill_strays(data: dict[str, Any]) -> None:
+    """What the job started in a session of its own (a daemon) is in no process group: found by
+    the job's id in its environment (which no recycled pid carries)."""
+    job = data.get("job")
+    if not isinstance(job, str) or not JOB_ID.fullmatch(job):
+        return
+    for stray in job_processes(job, None):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(stray, signal.SIGKILL)
+            log.warning("ended a process of job %s, left running by a node that died", job)
+
+
 async def _docker_rm(docker: str, container: str) -> None:
     # ValueError: a NUL byte in a record's path or name (exec refuses it); no record may stop
     # the node from starting.
@@ -185,3 +200,57 @@ async def _docker_rm(docker: str, container: str) -> None:
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+def job_processes(job_id: str, leader: int | None) -> set[int]:
+    """The live processes of job `job_id` (Linux /proc), its leader excepted: the descendants of
+    `leader`, and every process whose environment still carries `PROCURE_JOB_ID=<job_id>` (the
+    runner sets it; children inherit it, and a daemon re-parented to init keeps it, whatever
+    session or group it made for itself). Empty without /proc."""
+    marker = f"\0PROCURE_JOB_ID={job_id}\0".encode()
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) in (me, leader):
+                continue
+            pid = int(entry.name)
+            info = _stat(pid)
+            if info is None or info[0] in ("Z", "X"):  # gone, or only its exit status left
+                continue
+            parents[pid] = info[1]
+            if marker in b"\0" + _environ(pid):
+                found.add(pid)
+    if leader is not None:  # descendants that cleared their environment, by parentage
+        tree = {leader}
+        grew = True
+        while grew:
+            children = {p for p, parent in parents.items() if parent in tree} - tree
+            tree |= children
+            grew = bool(children)
+        found |= tree - {leader}
+    return found
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent pid (/proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+MAX_ENVIRON_BYTES = 1 << 20
+
+
+def _environ(pid: int) -> bytes:
+    """A process's environment as NUL-terminated entries; empty when it cannot be read (another
+    user's process, one gone meanwhile)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read(MAX_ENVIRON_BYTES)
+    except OSError:
+        return b""

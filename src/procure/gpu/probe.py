@@ -470,15 +470,21 @@ class CachedProbe:
         self._last: Probe | None = None
         self._at = 0.0
         self._inflight: asyncio.Future[Probe] | None = None
+        self._since = 0.0  # when the read in flight started
         self.reads = 0
 
     async def get(self) -> Probe:
         if self._last is not None and self._clock() - self._at < self._ttl_s:
             return self._last
         if self._inflight is None:  # one read at a time, however long it hangs
-            self._inflight = self._start_read()
+            self._inflight, self._since = self._start_read(), self._clock()
+        # The timeout counts from the read's start, not each caller's: once the read is known
+        # hung, every caller hears so at once, within its own deadline (the fleet's, a scrape's).
+        left = self._timeout_s - (self._clock() - self._since)
+        if left <= 0:
+            return self._stalled()
         try:
-            return await asyncio.wait_for(asyncio.shield(self._inflight), self._timeout_s)
+            return await asyncio.wait_for(asyncio.shield(self._inflight), left)
         except TimeoutError:
             return self._stalled()
 
@@ -518,5 +524,33 @@ class CachedProbe:
         last = self._last
         if last is None:
             return Probe(0, reason=reason, read_at=time.time())
-        # What was last read, each GPU marked failing: a health check must not pass on it.
-        return replace(last, gpus=[replace(g, error=reason) for g in last.gpus], reason=reason)
+        # Each GPU as last read, marked failing (a health check must not pass on it), without
+        # its readings of the moment: an old utilisation served as current would keep driving
+        # the fleet's scaling and dashboards while the GPU may be gone. Counters stay.
+        stale = dict.fromkeys(MOMENTARY)
+        return replace(
+            last, gpus=[replace(g, error=reason, **stale) for g in last.gpus], reason=reason
+        )
+
+
+# What a Gpu reads at one moment (gauges, rates over the last window), as opposed to what
+# identifies it or counts since boot: none of it holds once NVML stopped answering.
+MOMENTARY = (
+    "memory_used_mb",
+    "memory_free_mb",
+    "memory_reserved_mb",
+    "utilization_gpu_pct",
+    "utilization_memory_pct",
+    "temperature_c",
+    "memory_temp_c",
+    "power_w",
+    "sm_clock_mhz",
+    "mem_clock_mhz",
+    "enc_util_pct",
+    "dec_util_pct",
+    "pcie_tx_bytes_s",
+    "pcie_rx_bytes_s",
+    "gr_engine_active",
+    "tensor_active",
+    "dram_active",
+)

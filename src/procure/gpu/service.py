@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -31,6 +33,7 @@ from procure.gpu.metrics import exposition
 from procure.gpu.ollama import Catalogue, ollama_client, read_catalogue
 from procure.gpu.probe import CachedProbe, Probe, nvml_reader, plainly
 from procure.gpu.settings import GpuWorkerSettings, capability_token
+from procure.safetext import show_url
 from procure.scrape import ScrapeSettings, scrape_allowed
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,44 @@ class LeaseRequest(BaseModel):
     holder: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
+def _loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _unreachable(settings: GpuWorkerSettings, bind_host: str | None, default: str) -> str | None:
+    """Why the orchestrator could never reach the capability's default URL, or None: the node
+    listens on loopback only (`procure gpu-worker`'s default) and the orchestrator is on another
+    machine, so every job it forwarded to `default` would fail while /healthz said "registered"."""
+    if settings.capability_url or not _loopback(bind_host) or not settings.orchestrator_url:
+        return None
+    if _loopback(urlsplit(settings.orchestrator_url).hostname):
+        return None  # an orchestrator on this machine may well reach it
+    return (
+        f"this node listens on {bind_host} only, so the orchestrator at "
+        f"{show_url(settings.orchestrator_url)} cannot reach it at {default}: start it with "
+        "--host 0.0.0.0 (or an address the orchestrator reaches), or set CAPABILITY_URL to "
+        "where the orchestrator reaches this node"
+    )
+
+
+def _default_url(settings: GpuWorkerSettings, bind_host: str | None, host: str, port: int) -> str:
+    """Where the orchestrator reaches this node when CAPABILITY_URL is unset: the hostname, but
+    for a node on loopback with its orchestrator beside it, the address it listens on (the
+    hostname may name another address of this machine: Debian's 127.0.1.1, a private IP)."""
+    orchestrator = urlsplit(settings.orchestrator_url or "").hostname
+    if bind_host and _loopback(bind_host) and _loopback(orchestrator):
+        address = bind_host.strip("[]")
+        return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+    return f"http://{host}:{port}"
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -61,12 +102,14 @@ def create_gpu_worker_app(
     read: Callable[[], Probe] | None = None,
     port: int = 9876,
     hostname: str | None = None,
+    bind_host: str | None = None,
     ollama_transport: httpx.AsyncBaseTransport | None = None,
     orchestrator_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """The worker. `read` is the NVML boundary (tests pass a fake; default: the real NVML, its
     XID events watched); the transports let tests route Ollama or the orchestrator in-process
-    (default: real sockets)."""
+    (default: real sockets). `bind_host`, the address the server listens on (None: unknown),
+    decides whether the default capability URL can be reached at all."""
     host = hostname or socket.gethostname()
     probe = CachedProbe(
         read or nvml_reader(), settings.nvml_cache_s, timeout_s=settings.nvml_timeout_s
@@ -91,8 +134,12 @@ def create_gpu_worker_app(
         )
     )
     state: registration.Registration | None = None
+    unreachable: str | None = None
     if settings.orchestrator_url:
         state = registration.Registration(settings.orchestrator_url, settings.capability_name)
+        unreachable = _unreachable(settings, bind_host, f"http://{host}:{port}")
+        if unreachable is not None:
+            state.state, state.last_error = "refused", unreachable
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,7 +157,9 @@ def create_gpu_worker_app(
             tasks: list[asyncio.Task[None]] = []
             if deadman.enabled:
                 tasks.append(asyncio.create_task(deadman.watch(), name="gpu-deadman"))
-            if state is not None:
+            if state is not None and unreachable is not None:
+                log.error("capability %s not registered: %s", state.name, unreachable)
+            elif state is not None:
                 client = await stack.enter_async_context(
                     registration.orchestrator_client(settings, orchestrator_transport)
                 )
@@ -123,14 +172,17 @@ def create_gpu_worker_app(
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 deadman.release()
-                # Once accepted, the orchestrator holds the entry even while a refresh is being
-                # retried: only a node it never accepted (or that it refused) has none to drop.
-                if state is not None and state.accepted > 0 and state.state != "refused":
+                # Once sent, a registration may be held by the orchestrator though no answer said
+                # so (still in flight at the stop, or its answer timed out), and once accepted it
+                # is held even while a refresh is retried: only a node never heard (or refused)
+                # has none to drop. Unregistering an unknown name is harmless; the client's
+                # deadline bounds it.
+                if state is not None and state.attempts > 0 and state.state != "refused":
                     await _unregister(client)
 
     async def _register(client: httpx.AsyncClient) -> None:
         assert state is not None
-        url = settings.capability_url or f"http://{host}:{port}"
+        url = settings.capability_url or _default_url(settings, bind_host, host, port)
         await registration.keep_registered(
             client, settings, registration.capability(settings, url), state
         )
