@@ -13,6 +13,7 @@ from procure.safetext import safe
 
 
 def demo(
+    ctx: typer.Context,
     story: Annotated[
         str,
         typer.Argument(
@@ -51,6 +52,7 @@ def demo(
     from procure.demos.recovery import run_demo
     from procure.models import RunStatus
 
+    _refuse_the_other_storys_options(ctx, story)
     if story == "clouds":
         import io
 
@@ -83,3 +85,18 @@ def demo(
             f"[bold red]run ended {safe(state.run.status)}: {safe(state.run.status_reason)}"
         )
         raise typer.Exit(1)
+
+
+# Each story's own options: given to the other story, they would be ignored without a word
+_ONLY = {"clouds": ("as_json",), "recovery": ("serve_", "port", "job_seconds")}
+_FLAG = {"as_json": "--json", "serve_": "--serve", "port": "--port", "job_seconds": "--job-seconds"}
+
+
+def _refuse_the_other_storys_options(ctx: typer.Context, story: str) -> None:
+    for owner, names in _ONLY.items():
+        if owner == story or story not in _ONLY:
+            continue
+        for name in names:
+            source = ctx.get_parameter_source(name)  # by name: typer bundles its own click
+            if source is not None and source.name == "COMMANDLINE":
+                fail(f"{_FLAG[name]} is the {owner} story's: `procure demo {story}` has none", 2)

@@ -37,6 +37,23 @@ def _fleet_settings():  # type: ignore[no-untyped-def]
         return FleetSettings()
 
 
+def _require_key(provider: str) -> None:
+    """Every scan would fail without the account's key: say so once and exit, never start a
+    controller that warns at each scan. A blank key (as `.env.example` leaves it) is unset."""
+    from procure.clouds.registry import KEY_VARS, has_key
+
+    with settings_errors():
+        keyed = has_key(provider)  # type: ignore[arg-type]
+    if keyed:
+        return
+    var = KEY_VARS[provider]  # type: ignore[index]
+    fail(
+        f"{var} is not set: the fleet controller reads and scales that {provider} account "
+        f"(to try it locally: `procure mock-cloud --provider {provider}`, then "
+        f"--cloud-url and {var} as it prints)"
+    )
+
+
 @fleet_app.command("run")
 def run(
     live: Annotated[
@@ -86,12 +103,7 @@ def run(
     if provider not in ("lambda", "runpod", "vast"):
         fail(f"--cloud: choose lambda, runpod or vast, not {safe(provider)}")
     lambda_settings = cloud_settings(**({"api_url": cloud_url} if cloud_url else {}))
-    if provider == "lambda" and lambda_settings.api_key is None:  # every scan would fail
-        fail(
-            "LAMBDA_API_KEY is not set: the fleet controller reads and scales a Lambda Cloud "
-            "account (to try it locally: `procure mock-cloud`, then LAMBDA_API_URL and "
-            "LAMBDA_API_KEY as it prints)"
-        )
+    _require_key(provider)
     webhook = cfg.slack_webhook_url.get_secret_value() if cfg.slack_webhook_url else None
     git_dir = audit_git or (Path(cfg.audit_git) if cfg.audit_git else None)
 
@@ -184,7 +196,9 @@ async def _scan_and_say(ctx: Any) -> str | None:
 
 
 @fleet_app.command("status")
-def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object: the summary")] = False,
+) -> None:
     """The seed's action summary, the instances with their latest figures and anomalies."""
     from procure.fleet.summary import instances, summary
     from procure.models import utcnow
@@ -217,9 +231,19 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 @fleet_app.command("actions")
 def list_actions(
-    status_filter: Annotated[str | None, typer.Option("--status")] = None,
-    limit: Annotated[int, typer.Option(parser=whole(1, 1000, "--limit"))] = 50,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    status_filter: Annotated[
+        str | None,
+        typer.Option(
+            "--status",
+            help="Only actions in this status: pending, approved, executing, executed, "
+            "blocked, rejected, failed or rolled_back",
+        ),
+    ] = None,
+    limit: Annotated[
+        int,
+        typer.Option(help="The newest this many actions", parser=whole(1, 1000, "--limit")),
+    ] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list of the actions")] = False,
 ) -> None:
     """The action history, newest first."""
     from procure.fleet.summary import action_json
@@ -251,6 +275,9 @@ def list_actions(
             safe(r["reason"], 300),
         )
     console.print(out)
+
+
+ACTION_ID = typer.Argument(help="The action's id, as `procure fleet actions` lists it")
 
 
 def _decide(action_id: str, what: str) -> None:
@@ -286,19 +313,19 @@ def _decide(action_id: str, what: str) -> None:
 
 
 @fleet_app.command("approve")
-def approve(action_id: str) -> None:
+def approve(action_id: Annotated[str, ACTION_ID]) -> None:
     """Approve a pending action: the controller carries it out on its next scan."""
     _decide(action_id, "approve")
 
 
 @fleet_app.command("reject")
-def reject(action_id: str) -> None:
+def reject(action_id: Annotated[str, ACTION_ID]) -> None:
     """Reject a pending action."""
     _decide(action_id, "reject")
 
 
 @fleet_app.command("rollback")
-def rollback(action_id: str) -> None:
+def rollback(action_id: Annotated[str, ACTION_ID]) -> None:
     """Roll back an executed provision (terminate what it launched). Terminations cannot be."""
     _decide(action_id, "rollback")
 

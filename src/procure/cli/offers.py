@@ -19,7 +19,7 @@ from procure.cli.common import (
     table,
 )
 from procure.numbers import number, whole
-from procure.safetext import safe
+from procure.safetext import guard_logging, safe
 
 PROVIDERS = ("lambda", "runpod", "vast")
 
@@ -242,6 +242,7 @@ def gateway(
         return
     if cloud is None or cloud.lower() not in PROVIDERS:
         fail("--cloud: choose lambda, runpod or vast", code=2)
+    _check_gateway_start(cloud.lower(), host, port)
     from procure.gateway.serve import run_gateway
 
     run_gateway(
@@ -259,8 +260,29 @@ def gateway(
     )
 
 
+def _check_gateway_start(provider: str, host: str, port: int) -> None:
+    """Before the gateway serves: its cloud's key is set (else it would quote buyers an account
+    it cannot rent from), its logging shows its start line (the wallet sales are paid to), and
+    it says where buyers reach it (uvicorn itself is kept at warning level)."""
+    import logging
+
+    from procure.clouds.registry import KEY_VARS, has_key
+
+    with settings_errors():
+        keyed = has_key(provider)  # type: ignore[arg-type]
+    if not keyed:
+        var = KEY_VARS[provider]  # type: ignore[index]
+        fail(f"{var} is not set: the gateway sells that {provider} account's GPUs")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    guard_logging()
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"gateway on http://{shown}:{port} (Ctrl+C to stop)", soft_wrap=True)
+
+
 @gateway_app.command("status")
-def gateway_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def gateway_status(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+) -> None:
     """The gateway's book: income, instance costs and margin, payments, jobs and instances."""
     from procure.gateway.serve import gateway_status as figures
 

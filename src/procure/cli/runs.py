@@ -35,6 +35,7 @@ _START_OPTIONS = {
 run_app = typer.Typer(
     help="Start, tick, cancel and inspect runs (directly on the store).", no_args_is_help=True
 )
+RUN_ID = typer.Argument(help="The run's id, as `procure run start` prints and `run list` shows")
 
 
 @run_app.command("start")
@@ -116,7 +117,7 @@ def run_start(
 
 
 @run_app.command("tick")
-def run_tick(run_id: str) -> None:
+def run_tick(run_id: Annotated[str, RUN_ID]) -> None:
     """Advance a run by one step (holding its lease)."""
     import uuid
 
@@ -147,7 +148,7 @@ def run_tick(run_id: str) -> None:
 
 @run_app.command("cancel")
 def run_cancel(
-    run_id: str,
+    run_id: Annotated[str, RUN_ID],
     reason: Annotated[str | None, typer.Option(help="Why (kept in the run's history)")] = None,
 ) -> None:
     """Stop a run: cancel its job at the vendor, start no new payment, end it `cancelled`.
@@ -195,7 +196,7 @@ def run_cancel(
 
 
 @run_app.command("status")
-def run_status(run_id: str) -> None:
+def run_status(run_id: Annotated[str, RUN_ID]) -> None:
     """The run with its jobs, payments and observations, as the seeds' JSON."""
     from procure.store import repo
 

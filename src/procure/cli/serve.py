@@ -82,6 +82,10 @@ def serve(
         app_ = create_app(settings, store_for(settings), worker=cfg, fleet=fleet_run)
     with key_errors():  # read by the app's start (the worker, vendors' credentials): said here
         Keyring.load(settings.home)
+    # uvicorn says where it runs only when it binds the socket itself, and here it does not
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"API and dashboard on http://{shown}:{port}/ (Ctrl+C to stop)", soft_wrap=True)
+    console.file.flush()
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C ends it cleanly, as uvicorn.run does
         uvicorn.Server(uvicorn.Config(app_, host=host, port=port)).run(sockets=[listening])
 

@@ -9,7 +9,9 @@ import typer
 from procure.cli.common import console, load_settings, print_json, store_errors, store_for
 
 
-def spend(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def spend(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object, in dollars")] = False,
+) -> None:
     """The total spent across every run and the fleet: paid, pending, the fleet's
     instance-hours, and the last hour, day and 30 days (as the global caps count them)."""
     from procure.models import format_dollars, utcnow

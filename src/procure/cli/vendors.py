@@ -24,7 +24,9 @@ vendors_app = typer.Typer(help="The vendor registry.", no_args_is_help=True)
 
 
 def mock_vendor(
-    vendor_id: Annotated[str, typer.Option(help="gpu_vendor_1 or gpu_vendor_2 (or any seeded id)")],
+    vendor_id: Annotated[
+        str, typer.Option(help="Which of the seeds' two vendors: gpu_vendor_1 or gpu_vendor_2")
+    ],
     port: Annotated[int, typer.Option(help="Port to listen on", parser=PORT)] = 4001,
     job_seconds: Annotated[
         float | None,
@@ -40,8 +42,8 @@ def mock_vendor(
 
     settings = load_settings()
     known = {v.vendor_id: v for v in default_vendors()}
-    if vendor_id not in known:
-        raise typer.BadParameter(f"unknown vendor {vendor_id}; known: {', '.join(known)}")
+    if vendor_id not in known:  # the mock serves the seeds' terms: another id has none
+        fail(f"--vendor-id: {safe(vendor_id, 100)} is not one of {', '.join(known)}", code=2)
     cfg = mock_vendor_config(
         known[vendor_id],
         settings.facilitator_url,
@@ -160,7 +162,11 @@ def endpoint_problem(url: str) -> str | None:
 
 
 @vendors_app.command("list")
-def vendors_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def vendors_list(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON list, with every field the table leaves out")
+    ] = False,
+) -> None:
     """Show the registry with what procure learned of each vendor: its reliability and its
     failure hazard (failures per GPU-hour)."""
     from procure.agent.context import hazard, reliability

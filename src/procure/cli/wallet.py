@@ -56,7 +56,9 @@ def wallet(
             parser=number(0, 1e6, "--fund"),
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object: address, balance, facilitator")
+    ] = False,
 ) -> None:
     """The agent's wallet: its address and on-chain balance, from the facilitator (never its
     key). --fund AMOUNT mints test dollars to it first (local facilitator only)."""

@@ -194,6 +194,9 @@ def run_cloud_demo(
         PROCURE_HOME=workdir,
         GPU_VENDOR_SECRET=secret,
         X402_FACILITATOR_URL=facilitator.url,
+        # The demo pays from the wallet it funds (under its workdir), never from a key the
+        # environment or `.env` holds: that one has nothing on the demo's fresh chain
+        X402_PRIVATE_KEY=None,
         PLANNER_MODE="heuristic",
     )  # type: ignore[call-arg]
     servers: list[Any] = [facilitator]
