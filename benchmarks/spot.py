@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     began = time.monotonic()
+    missing = [str(p) for p in args.traces if not p.exists()]
+    if missing:  # a fresh clone has no ../shared: one line, not a traceback
+        parser.error(f"no such trace file or folder: {', '.join(missing)}")
     tasks = [
         (path, root, args.deadlines, args.overheads, args.starts, args.model_windows, args.learned)
         for path, root in trace_paths(args.traces)

@@ -116,3 +116,19 @@ def test_status_garbage_mid_job_is_retried_not_lost(tmp_path: Path, sqlite_url: 
         assert sum(1 for o in state.observations if "malformed JSON" in o.content) == 2
     finally:
         w.stop()
+
+
+def test_a_run_with_no_vendor_registered_says_how_to_register_one(world: World) -> None:
+    """Before the fix: with no vendor registered the run aborted with "No vendor offers what the
+    job needs: " and nothing after the colon."""
+    from sqlalchemy import delete
+
+    from procure.store.tables import VendorRow
+
+    with world.store.session() as s:
+        s.execute(delete(VendorRow))
+    run_id = world.new_run()
+    messages = asyncio.run(drive(world.deps(), run_id))
+    state = state_of(world, run_id)
+    assert messages == ["Run aborted"] and state.payments == []
+    assert "procure vendors seed" in (state.run.status_reason or ""), state.run.status_reason

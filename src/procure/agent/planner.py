@@ -71,7 +71,9 @@ def _options(ctx: PlanContext) -> tuple[list[Option], list[str]]:
 
 
 def _no_vendor(notes: list[str]) -> Action:
-    return Action(action="abort", reason="No vendor offers what the job needs: " + "; ".join(notes))
+    # With no vendor registered at all there is nothing to list: say what to do instead.
+    why = "; ".join(notes) or "no vendor is registered (`procure vendors seed`, PUT /api/vendors)"
+    return Action(action="abort", reason="No vendor offers what the job needs: " + why)
 
 
 def _unaffordable(ctx: PlanContext, cheapest: Vendor, cost: int) -> Action:
