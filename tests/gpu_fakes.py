@@ -4,7 +4,9 @@ Ollama speaking its wire format, and a mock go-livepeer orchestrator speaking it
 from __future__ import annotations
 
 import asyncio
+import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,3 +269,16 @@ def mock_orchestrator(orch: Orchestrator) -> FastAPI:
         return PlainTextResponse("ok")
 
     return app
+
+
+def eventually(condition: Callable[[], Any], what: str, within_s: float = 30) -> Any:
+    """What `condition` returns once it is truthy, waiting up to `within_s` (generous: a busy
+    machine), else AssertionError naming `what`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = condition()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.02)

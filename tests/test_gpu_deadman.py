@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gpu_fakes import FakeNvml, two_gpus
+from gpu_fakes import FakeNvml, eventually, two_gpus
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
@@ -22,14 +22,6 @@ from procure.local import serve
 
 TOKEN = "lease-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def eventually(condition: Callable[[], Any], what: str, within_s: float = 15) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.02)
 
 
 @contextmanager

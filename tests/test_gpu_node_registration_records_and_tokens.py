@@ -13,9 +13,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from gpu_fakes import ERRORS, FakeNvml, two_gpus
+from gpu_fakes import ERRORS, FakeNvml, eventually, two_gpus
 from procure.gpu.probe import GpmWatch, read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
@@ -33,14 +32,6 @@ from procure.local import LocalServer, free_port, serve
 
 NAME = "agent-net-h95"
 NODE_TOKEN = "node-token-h95-0123456789"
-
-
-def eventually(condition: Callable[[], Any], what: str, within_s: float = 20) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.02)
 
 
 def byte_comparing_orchestrator(

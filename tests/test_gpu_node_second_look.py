@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from gpu_fakes import FakeNvml, two_gpus
+from gpu_fakes import FakeNvml, eventually, two_gpus
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
@@ -31,17 +31,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PY = sys.executable
 SECRET = "orch-secret"
 NAME = "agent-net-review11"
-
-
-def eventually(condition: Callable[[], Any], what: str, within_s: float = 30) -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
 
 
 def ended(client: httpx.Client, job_id: str) -> dict[str, Any]:

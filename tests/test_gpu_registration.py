@@ -9,7 +9,7 @@ import datetime
 import ipaddress
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gpu_fakes import FakeNvml, Orchestrator, mock_orchestrator, two_gpus
+from gpu_fakes import FakeNvml, Orchestrator, eventually, mock_orchestrator, two_gpus
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
@@ -30,14 +30,6 @@ from procure.local import LocalServer, free_port, serve
 
 SECRET = "orch-secret"
 NAME = "agent-net-test"
-
-
-def eventually(condition: Callable[[], Any], what: str, within_s: float = 15) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.02)
 
 
 @contextmanager

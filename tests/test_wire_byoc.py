@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +17,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from gpu_fakes import FakeNvml, two_gpus
+from gpu_fakes import FakeNvml, eventually, two_gpus
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings, capability_token
@@ -78,14 +78,6 @@ def go_orchestrator(orch: GoOrchestrator) -> FastAPI:
         return Response(worker.content, worker.status_code, media_type="application/json")
 
     return app
-
-
-def eventually(condition: Callable[[], Any], what: str, within_s: float = 20) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.02)
 
 
 @contextmanager
