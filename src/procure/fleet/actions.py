@@ -10,6 +10,7 @@ import logging
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -48,26 +49,36 @@ def proposal_of(row: ActionRow) -> Proposal:
     )
 
 
+def _add(s: Session, p: Proposal, now: datetime, **fields: Any) -> ActionRow:
+    """The action row of proposal `p`, with what its path adds (status, decision, ...)."""
+    return fleet_repo.add_action(
+        s,
+        action_id=new_action_id(p.action_type, now),
+        action_type=p.action_type,
+        target_instance=p.target,
+        reason=clip(p.reason, 1000),
+        cost_impact=Decimal(str(p.cost_impact)),
+        metrics_before=p.metrics_before,
+        created_at=now,
+        instance_type=p.instance_type,
+        region=p.region,
+        price_per_hour=p.price_per_hour,
+        **fields,
+    )
+
+
 def record(ctx: FleetContext, p: Proposal) -> tuple[str, str]:
     """Pass the proposal through the rails and record it: (action id, status)."""
     now = ctx.clock()
     with ctx.store.session() as s:
         verdict = rails.check(s, p, ctx.cfg, ctx.caps, now, dry_run=ctx.dry_run)
         status = {"go": "approved", "blocked": "blocked", "pending": "pending"}[verdict.outcome]
-        row = fleet_repo.add_action(
+        row = _add(
             s,
-            action_id=new_action_id(p.action_type, now),
-            action_type=p.action_type,
-            target_instance=p.target,
-            reason=clip(p.reason, 1000),
-            cost_impact=Decimal(str(p.cost_impact)),
+            p,
+            now,
             status=status,
-            metrics_before=p.metrics_before,
-            created_at=now,
             dry_run=ctx.dry_run,
-            instance_type=p.instance_type,
-            region=p.region,
-            price_per_hour=p.price_per_hour,
             block_reason=verdict.reason,
             error_message=verdict.detail or None,
             needed_approval=verdict.outcome == "pending",
@@ -83,21 +94,13 @@ def record(ctx: FleetContext, p: Proposal) -> tuple[str, str]:
 def record_done(ctx: FleetContext, s: Session, p: Proposal, now: datetime) -> ActionRow:
     """Record an action the controller has already carried out on its own (the termination of
     a duplicate launch), announced like any executed one."""
-    row = fleet_repo.add_action(
+    row = _add(
         s,
-        action_id=new_action_id(p.action_type, now),
-        action_type=p.action_type,
-        target_instance=p.target,
-        reason=clip(p.reason, 1000),
-        cost_impact=Decimal(str(p.cost_impact)),
+        p,
+        now,
         status="executed",
-        metrics_before=p.metrics_before,
-        created_at=now,
         executed_at=now,
         dry_run=False,
-        instance_type=p.instance_type,
-        region=p.region,
-        price_per_hour=p.price_per_hour,
         decided_by="controller",
         decided_at=now,
         metrics_after={"terminated": [p.target]} if p.action_type == TERMINATE else None,
