@@ -125,6 +125,23 @@ def test_a_vendor_raising_its_price_mid_job_is_not_renewed_at_the_new_price(
     assert any("raised its price from $2.10/h to $6.30/h" in m for m in messages), messages
 
 
+def test_a_vendor_charging_less_than_it_quoted_is_renewed_at_its_quote(world: World) -> None:
+    """Before the fix: a renewal was compared with what the earlier slices cost, so a vendor that
+    signed for half its quote looked, at its next quote, like one that doubled its price: no
+    renewal was ever bought, and each slice's job ran out its paid time and started again."""
+    world.faults("gpu_vendor_2", overcharge_factor=0.5)  # signs for half of what it quotes
+    run_id = world.new_run(budget=5.0, gpu_type="H100")
+    deps = world.deps()
+    deps.planner = sliced("gpu_vendor_2")
+    asyncio.run(drive(deps, run_id))
+    state = state_of(world, run_id)
+
+    assert state.run.status == "completed"
+    assert len(state.jobs) == 1, [j.status for j in state.jobs]  # renewed, never restarted
+    assert len([p for p in state.payments if p.status == "completed"]) >= 2
+    assert not any("raised its price" in o.content for o in state.observations)
+
+
 def test_a_failure_loses_only_the_current_slice(world: World) -> None:
     run_id = world.new_run(budget=5.0)
     deps = world.deps()

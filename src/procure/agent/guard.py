@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from procure.agent.context import PlanContext
-from procure.agent.slices import MIN_SLICE_HOURS
+from procure.agent.slices import MIN_SLICE_HOURS, job_hours
 from procure.agent.start_request import MIN_CHECKPOINT_EVERY
 from procure.models import Action, Job, PaymentStatus, Quote, format_usd
 
@@ -119,7 +119,12 @@ def _repriced(ctx: PlanContext, job: Job, quote: Quote) -> str | None:
     ]
     if not paid or quote.hours <= 0:
         return None
-    before, now = min(paid), quote.amount / quote.hours
+    # Against what the job was bought at per hour as well as what its slices cost: a vendor that
+    # signs for less than it quotes would otherwise look, at its next quote, like one that
+    # raised its price, and no renewal would ever be bought.
+    hours = job_hours(job)
+    quoted = job.expected_cost / hours if job.expected_cost and hours > 0 else 0.0
+    before, now = max(min(paid), quoted), quote.amount / quote.hours
     if now <= before * (1 + RENEWAL_PRICE_RISE) + 1:
         return None
     return (
