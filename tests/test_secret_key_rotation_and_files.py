@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,3 +214,52 @@ def test_procure_wallet_never_prints_the_facilitator_urls_password(
     for text in (shown, error):
         assert PASSWORD not in text
         assert "***@127.0.0.1" in text  # which facilitator is still said
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        "from procure.payments.wallet import load_or_create_account as f; "
+        "at_once(); print(f(None, home).address)",
+        "from procure.gateway.settings import load_node_key as f; at_once(); print(f(home))",
+    ],
+    ids=["wallet", "gateway-node-key"],
+)
+def test_processes_starting_on_a_new_home_at_once_share_one_key(tmp_path: Path, make: str) -> None:
+    """Before the fix: the wallet's key and the gateway's node key were created, then written;
+    a second process starting at that moment (two `procure serve`, or serve and a worker, on a
+    new home) read the file empty and died ("private key must be exactly 32 bytes")."""
+    # Each process imports first, says it is ready, and waits for the go: they ask together.
+    script = (
+        textwrap.dedent(
+            """
+        import os, sys, time
+        from pathlib import Path
+        home, gate = Path(sys.argv[1]), Path(sys.argv[2])
+        def at_once():
+            (gate / f"ready-{os.getpid()}").touch()
+            while not (gate / "go").exists():
+                time.sleep(0.0005)
+        """
+        )
+        + make
+    )
+    for attempt in range(10):
+        home, gate = tmp_path / f"home-{attempt}", tmp_path / f"gate-{attempt}"
+        gate.mkdir()
+        starts = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(home), str(gate)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        deadline = time.monotonic() + 120
+        while len(list(gate.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (gate / "go").touch()
+        said = [p.communicate(timeout=120) for p in starts]
+        assert [p.returncode for p in starts] == [0] * 4, [err[-300:] for _, err in said]
+        assert len({out.strip() for out, _ in said}) == 1  # one key, whoever made it

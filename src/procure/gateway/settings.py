@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from procure.clouds.base import LABEL_PREFIX, PROVIDERS, Provider, RentalCloud
+from procure.keyfiles import create_once
 
 
 @dataclass
@@ -93,15 +93,7 @@ def load_node_key(home: Path) -> str:
     path = home / "gateway-node.key"
     if path.exists():
         return path.read_text().strip()
-    home.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as out:
-        out.write(key)
-    return key
+    return create_once(path, secrets.token_hex(32).encode()).decode().strip()
 
 
 def cloud_from_env(provider: str) -> RentalCloud:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+
+from procure.keyfiles import create_once
 
 
 def load_or_create_account(private_key: str | None, home: Path) -> LocalAccount:
@@ -16,12 +17,6 @@ def load_or_create_account(private_key: str | None, home: Path) -> LocalAccount:
     path = home / "wallet.key"
     if path.exists():
         return Account.from_key(path.read_text().strip())
-    home.mkdir(parents=True, exist_ok=True)
-    account = Account.create()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it first: use theirs
-        return Account.from_key(path.read_text().strip())
-    with os.fdopen(fd, "w") as f:
-        f.write(account.key.hex())
-    return account
+    # Whole or not at all: a second process starting on a new home read it empty and died.
+    made = create_once(path, Account.create().key.hex().encode())
+    return Account.from_key(made.decode().strip())

@@ -15,15 +15,15 @@ Neither the key nor a credential is ever logged; errors name the vendor, not the
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from procure.keyfiles import create_once
 
 KEY_ENV = "PROCURE_SECRET_KEY"
 KEY_FILE = "secret.key"
@@ -117,20 +117,9 @@ def _old_file_key(path: Path) -> list[bytes]:
 
 
 def _create_key_file(home: Path, path: Path) -> None:
-    """Write a new key to `path` whole or not at all: it is written to a private temporary
-    file and linked into place, so no process (nor a crash) ever sees it empty or half
-    written; when another process links its key first, theirs stays."""
-    home.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=home, prefix=f".{KEY_FILE}.")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(Fernet.generate_key())
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):  # another process's came first: theirs
-            os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
+    """A new key at `path`, whole or not at all; when another process made one first, theirs
+    stays."""
+    create_once(path, Fernet.generate_key())
 
 
 def _env_key() -> str | None:
