@@ -378,6 +378,7 @@ def _silent_vendor() -> socket.socket:
 
 
 def _serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`procure serve` started (not yet up: see `_up`), and its URL."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "procure.cli", "serve", "--no-worker", "--port", str(port)],
@@ -385,13 +386,17 @@ def _serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _up(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    """Wait until the server answers /healthz (Python's start: seconds on a busy machine)."""
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
@@ -401,9 +406,11 @@ def _serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str
 def test_a_killed_api_tick_holds_its_run_for_the_short_lease_only(
     tmp_path: Path, sqlite_url: str
 ) -> None:
-    """Two `procure serve` processes on one store. A's tick hangs on a silent vendor, its
-    heartbeat keeping the lease past its TTL (B gets 409s: invariant 4); A is killed -9 in the
-    middle of the tick; B can tick the run within about one lease, not 120 s."""
+    """Two API servers on one store: A a `procure serve` process, B one in this process (the
+    same app; it is never killed, and so pays no second Python start). A's tick hangs on a
+    silent vendor, its heartbeat keeping the lease past its TTL (B gets 409s: invariant 4); A
+    is killed -9 in the middle of the tick; B can tick the run within about one lease, not
+    120 s."""
     lease_s = 2.0
     vendor = _silent_vendor()
     store = open_store(sqlite_url)
@@ -423,57 +430,70 @@ def test_a_killed_api_tick_holds_its_run_for_the_short_lease_only(
             s, user_id="u", goal="g", budget_total=5_000_000, job_spec=JobSpec()
         ).id
     env = {
-        "PROCURE_DATABASE_URL": sqlite_url,
-        "PROCURE_HOME": str(tmp_path / "home"),
         "PROCURE_API_LEASE_S": str(lease_s),
         "VENDOR_TIMEOUT_S": "120",
         "X402_FACILITATOR_URL": f"http://127.0.0.1:{free_port()}",
     }
-    a, a_url = _serve(env, tmp_path / "a.log")
-    b, b_url = _serve(env, tmp_path / "b.log")
+    a_home = {"PROCURE_DATABASE_URL": sqlite_url, "PROCURE_HOME": str(tmp_path / "a")}
+    a, a_url = _serve({**env, **a_home}, tmp_path / "a.log")
     try:
-        hung = threading.Thread(
-            target=lambda: _ignore(
-                lambda: httpx.post(f"{a_url}/api/agent-tick", json={"runId": run_id}, timeout=60)
-            ),
-            daemon=True,
-        )
-        hung.start()
-        deadline = time.monotonic() + 20
-        while True:
-            with store.session() as s:
-                holder = leases.holder(s, run_id)
-            if holder and holder.startswith("api-"):
-                break
-            assert time.monotonic() < deadline, "A never took the lease"
-            time.sleep(0.05)
-        # Held past its TTL by A's heartbeat while A's tick is alive.
-        until = time.monotonic() + 2.5 * lease_s
-        while time.monotonic() < until:
-            answer = httpx.post(f"{b_url}/api/agent-tick", json={"runId": run_id}, timeout=10)
-            assert answer.status_code == 409, answer.text
-            assert answer.json()["holder"] == holder
-            time.sleep(0.3)
-
-        a.send_signal(signal.SIGKILL)
-        a.wait(timeout=10)
-        killed = time.monotonic()
-        vendor.close()  # the next tick's quote is refused at once instead of hanging
-        while True:
-            answer = httpx.post(f"{b_url}/api/agent-tick", json={"runId": run_id}, timeout=30)
-            if answer.status_code != 409:
-                break
-            assert time.monotonic() - killed < lease_s + 5, "the run stayed held too long"
-            time.sleep(0.1)
-        assert answer.status_code == 200, answer.text
-        assert time.monotonic() - killed < lease_s + 5
+        # B's home is its own: two processes making one fresh home's wallet at once race.
+        with _client(tmp_path / "b", sqlite_url, store, **env) as b:
+            _up(a, a_url, tmp_path / "a.log")
+            _hold_then_kill(a, a_url, b, store, run_id, vendor, lease_s)
     finally:
-        for proc in (a, b):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+        if a.poll() is None:
+            a.kill()
+            a.wait(timeout=10)
         vendor.close()
         store.dispose()
+
+
+def _hold_then_kill(
+    a: subprocess.Popen[bytes],
+    a_url: str,
+    b: httpx.Client,
+    store: Store,
+    run_id: str,
+    vendor: socket.socket,
+    lease_s: float,
+) -> None:
+    """A ticks (and hangs), B is refused while A lives, A is killed, B ticks within a lease."""
+    hung = threading.Thread(
+        target=lambda: _ignore(
+            lambda: httpx.post(f"{a_url}/api/agent-tick", json={"runId": run_id}, timeout=60)
+        ),
+        daemon=True,
+    )
+    hung.start()
+    deadline = time.monotonic() + 20
+    while True:
+        with store.session() as s:
+            holder = leases.holder(s, run_id)
+        if holder and holder.startswith("api-"):
+            break
+        assert time.monotonic() < deadline, "A never took the lease"
+        time.sleep(0.05)
+    # Held past its TTL by A's heartbeat while A's tick is alive.
+    until = time.monotonic() + 2.5 * lease_s
+    while time.monotonic() < until:
+        answer = b.post("/api/agent-tick", json={"runId": run_id}, timeout=10)
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["holder"] == holder
+        time.sleep(0.3)
+
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=10)
+    killed = time.monotonic()
+    vendor.close()  # the next tick's quote is refused at once instead of hanging
+    while True:
+        answer = b.post("/api/agent-tick", json={"runId": run_id}, timeout=30)
+        if answer.status_code != 409:
+            break
+        assert time.monotonic() - killed < lease_s + 5, "the run stayed held too long"
+        time.sleep(0.1)
+    assert answer.status_code == 200, answer.text
+    assert time.monotonic() - killed < lease_s + 5
 
 
 def _ignore(call: Any) -> None:

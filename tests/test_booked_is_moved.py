@@ -51,13 +51,18 @@ def _check_runs(w: World) -> None:
         ("gpu_vendor_2", None),  # over-charging: refused, then vendor 1 takes it
         ("gpu_vendor_2", 0.25),
     ]
-    run_ids = []
-    for vendor_id, slice_hours in plans:
-        run_id = w.new_run(budget=5.0)
-        deps = w.deps()
-        deps.planner = whole_or_sliced(vendor_id, slice_hours)  # type: ignore[assignment]
-        asyncio.run(drive(deps, run_id))
-        run_ids.append(run_id)
+    run_ids = [w.new_run(budget=5.0) for _ in plans]
+
+    async def drive_all() -> None:
+        """The runs side by side (one after another, each would wait out its jobs alone)."""
+        drives = []
+        for run_id, (vendor_id, slice_hours) in zip(run_ids, plans, strict=True):
+            deps = w.deps()
+            deps.planner = whole_or_sliced(vendor_id, slice_hours)  # type: ignore[assignment]
+            drives.append(drive(deps, run_id))
+        await asyncio.gather(*drives)
+
+    asyncio.run(drive_all())
 
     states = [state_of(w, r) for r in run_ids]
     assert all(s.run.status == "completed" for s in states)

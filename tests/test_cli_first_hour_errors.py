@@ -174,9 +174,7 @@ def test_serve_on_a_busy_port_fails_before_it_pays_anyone(tmp_path: Path) -> Non
             "GPU_VENDOR_SECRET": w.settings.gpu_vendor_secret.get_secret_value(),
             "X402_FACILITATOR_URL": w.settings.facilitator_url,
         }
-        started = procure(tmp_path, "run", "start", "--goal", "x", "--budget", "5", **env)
-        assert started.returncode == 0, started.stderr
-        run_id = json.loads(started.stdout)["_id"]
+        run_id = w.new_run(budget=5.0)  # due now (a `procure run start` costs a Python start)
         with socket.socket() as busy:  # something else already listens on the port
             busy.bind(("127.0.0.1", 0))
             busy.listen()

@@ -153,7 +153,7 @@ def world(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
     with running_world(
         tmp_path,
         sqlite_url,
-        job_seconds=2.0,
+        job_seconds=1.0,  # the story's time is the doubt's 15 s; the jobs need only run
         vendor_overrides={"gpu_vendor_1": {"fail_rate": 1.0, "fail_at": 0.47}},
         settings_overrides={
             "VENDOR_COOLDOWN_S": 2,

@@ -58,10 +58,14 @@ def _env(world: World) -> dict[str, str]:
         # The local facilitator settles one payment at a time: a burst of starts queues there.
         "VENDOR_TIMEOUT_S": "30",
         "VENDOR_COOLDOWN_S": "0",
-        # A payment left in doubt (refused under load after it was signed) waits out its
-        # authorisation: a minute here (a burst of starts queues at the facilitator for
-        # seconds), not the default five.
-        "PROCURE_PAYMENT_WINDOW_S": "60",
+        # The local chain mines one block per settlement and each block's timestamp is at
+        # least its parent's + 1 s: a burst of ~80 settlements in ~10 s runs the chain's clock
+        # ~60 s ahead of the wall clock. An authorisation valid for only a minute then expired
+        # on the chain before it was settled, and its run waited the minute out (most of this
+        # test's time). Valid for longer than the whole test's settlements can push the
+        # chain's clock ahead; still half the default, so a payment in doubt for another
+        # reason still ends well inside the test's limit.
+        "PROCURE_PAYMENT_WINDOW_S": "150",
         "PROCURE_PAYMENT_MARGIN_S": "1",
         # Whole-job payments: this test is about leases and money under concurrency, and
         # pay-as-you-go slices (tested in test_slices.py) would multiply the settlements that
