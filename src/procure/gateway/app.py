@@ -39,7 +39,7 @@ from procure.asgibounds import BoundedRequests
 from procure.bearer import bearer_matches
 from procure.bounds import UnsafeInput, loads
 from procure.clouds.base import CloudError, Offer
-from procure.gateway import book, sales
+from procure.gateway import book, refusals, sales
 from procure.gateway.loop import run_loop
 from procure.gateway.pricing import best_offer
 from procure.gateway.runtime import Runtime
@@ -63,7 +63,7 @@ NEXT = Callable[[Request], Awaitable[Response]]
 
 class GatewayQuoteRequest(QuoteRequest):
     gpu_type: str = Field(min_length=1, max_length=32)
-    # A quote to renew this job: never below what its instance costs (`sales.below_cost`).
+    # A quote to renew this job: never below what its instance costs (`refusals.below_cost`).
     job_id: str | None = Field(None, min_length=1, max_length=100)
 
 
@@ -225,15 +225,16 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                         row = book.job(s, str(job_id or ""))
                         gpu = row.gpu if row is not None else None
                 named = request.headers.get(QUOTE_HEADER)
-                refusal = sales.quote_refusal(rt, _field(body, "quoteId", "quote_id"), named, gpu)
+                quote_id = _field(body, "quoteId", "quote_id")
+                refusal = refusals.quote_refusal(rt, quote_id, named, gpu)
                 if refusal:
                     return _error(400, refusal)
                 if kind == "submit":  # at a cap: said before the 402, nothing to sign in vain
-                    full = sales.sale_refusal(rt, _field(body, "quoteId", "quote_id"))
+                    full = refusals.sale_refusal(rt, quote_id)
                     if full is not None:
                         return _error(*full)
                 else:  # below the job's instance cost: said before the 402 too
-                    cheap = sales.renewal_refusal(rt, job_id, _field(body, "quoteId", "quote_id"))
+                    cheap = refusals.renewal_refusal(rt, job_id, quote_id)
                     if cheap is not None:
                         return _error(*cheap)
                 response = await call_next(request)
@@ -286,9 +287,9 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
             seen[gpu] = offer
         else:  # none free now: a renewal needs none (its job holds one); a submit checks again
             # After a restart nothing quoted is remembered: the offers of the instances held.
-            offer = seen.get(gpu) or sales.held_offer(rt, gpu)
+            offer = seen.get(gpu) or refusals.held_offer(rt, gpu)
         if body.job_id is not None:  # to renew it: at least what its instance costs
-            offer = sales.job_offer(rt, body.job_id, gpu, offer)
+            offer = refusals.job_offer(rt, body.job_id, gpu, offer)
         if offer is None:
             return _error(409, "no capacity available")
         # Never refused for the caps: a quote also prices a renewal, which adds no instance; a
@@ -297,7 +298,7 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         return JSONResponse(sales.new_quote(rt, gpu, body.gpu_type, body.hours, offer, now))
 
     def payment_refusal(auth: dict[str, Any] | None, quote: GatewayQuoteRow) -> JSONResponse | None:
-        refusal = sales.payment_refusal(rt, auth, quote)
+        refusal = refusals.payment_refusal(rt, auth, quote)
         return _error(*refusal) if refusal is not None else None
 
     @app.post("/submit-job", dependencies=[Depends(authorize)])
@@ -338,7 +339,7 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
             idempotency_key,
             body.job_params,
             body.checkpoint_url,
-            free=sales.free_gpus(fresh, quote),
+            free=refusals.free_gpus(fresh, quote),
         )
         if isinstance(answer, tuple):
             return _error(*answer)
