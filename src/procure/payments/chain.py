@@ -20,11 +20,13 @@ seed, and makes the chain durable across restarts with an append-only JSONL jour
   tx hashes all come back identical; a divergence raises `JournalReplayError`. A torn last
   line (crash mid-write) is dropped and truncated away.
 
-Every transaction is mined at once in its own block, stamped with the wall clock; block
-timestamps must strictly increase, so a sustained burst of more than one transaction per
-second runs block time ahead of the wall clock by about one second per extra transaction
-(it catches up when idle). EIP-3009 authorizations from our 402s stay valid for
-``max_timeout_seconds`` (300 s), so only hundreds of back-to-back transactions would matter.
+Every transaction is mined at once in its own block, stamped with the wall clock. Blocks
+mined within the same second share its timestamp (py-evm's "strictly later than the parent"
+header rule is relaxed to "not earlier", see `_SameSecondPragueVM`), so a burst of
+settlements leaves block time with the wall clock, as on a real chain where one block holds
+many transactions, instead of running it one second ahead per transaction: an EIP-3009
+authorization with a short ``validBefore`` (a small PROCURE_PAYMENT_WINDOW_S) would otherwise
+expire on chain before it settles. Block timestamps never go backwards.
 
 The journal's file format lives in `chain_journal`; `ChainFacilitatorSigner` and
 `make_facilitator` (the x402 SDK's facilitator over a `LocalChain`) in `chain_facilitator`, both
@@ -42,6 +44,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from eth.abc import BlockHeaderAPI
+from eth.vm.forks.prague import PragueVM
 from eth_account import Account
 from eth_tester import EthereumTester, PyEVMBackend
 from eth_tester.backends.pyevm.main import get_default_account_state
@@ -85,13 +89,30 @@ _TX_GAS = 500_000
 # starts at 1 gwei and only falls on this nearly empty chain, so these always suffice.
 _MAX_FEE_PER_GAS = 5_000_000_000
 _MAX_PRIORITY_FEE_PER_GAS = 1_000_000_000
-# Start the genesis block a little in the past, so that rapid transactions (one block each,
-# strictly increasing timestamps) do not push block time far ahead of the wall clock.
+# The genesis block starts a little in the past: the deploy is stamped genesis + 1 (replay
+# needs a fixed stamp for it), and that must not be ahead of the wall clock.
 _GENESIS_LAG_SECONDS = 10
 
 _AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
 _TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
 _ZERO_TOPIC = b"\x00" * 32
+
+
+class _SameSecondPragueVM(PragueVM):
+    """eth-tester's default VM (Prague), except that a block may share its parent's timestamp.
+
+    py-evm requires each block to be strictly later than its parent; with one block per
+    transaction that pushes block time one second ahead per transaction in a burst. Equal
+    timestamps are what a real chain shows for transactions of one block, and nothing in
+    this chain (fees, forks, the EIP-3009 token) depends on them differing.
+    """
+
+    @classmethod
+    def validate_header(cls, header: BlockHeaderAPI, parent_header: BlockHeaderAPI) -> None:
+        if parent_header is not None and header.timestamp == parent_header.timestamp:
+            # Every other rule still applies: check them against a parent one second older.
+            parent_header = parent_header.copy(timestamp=parent_header.timestamp - 1)
+        super().validate_header(header, parent_header)
 
 
 def _load_token_artifact() -> dict[str, Any]:
@@ -139,6 +160,7 @@ class LocalChain:
             genesis_parameters=PyEVMBackend.generate_genesis_params(
                 overrides={"timestamp": genesis_ts}
             ),
+            vm_configuration=((0, _SameSecondPragueVM),),
             genesis_state={
                 # eth-tester's default sender (key 0x..01) must afford gas for plain eth_calls.
                 to_canonical_address(Account.from_key(b"\x00" * 31 + b"\x01").address): (
@@ -413,10 +435,11 @@ class LocalChain:
         """
         latest = int(self._w3.eth.get_block("latest")["timestamp"])
         if timestamp is None:
-            timestamp = max(int(time.time()), latest + 1)
-        elif timestamp <= latest:
+            # Same second as the latest block is fine (see `_SameSecondPragueVM`); earlier is not.
+            timestamp = max(int(time.time()), latest)
+        elif timestamp < latest:
             raise JournalReplayError(
-                f"journal timestamp {timestamp} is not after the latest block ({latest})"
+                f"journal timestamp {timestamp} is before the latest block ({latest})"
             )
         self._backend.chain.set_header_timestamp(timestamp)
 
