@@ -27,6 +27,11 @@ def check_action(ctx: PlanContext, action: Action) -> str | None:
     gpu = action.gpu_type or ctx.state.run.job_spec.gpu_type
     if gpu not in vendor.supported_gpu_types:
         return f"{vendor.vendor_id} does not offer GPU type {gpu}"
+    # The job is quoted and run on its spec's GPU type whatever the action names: a planner (an
+    # LLM) naming another must not get a vendor hired that lacks the job's.
+    wanted = ctx.state.run.job_spec.gpu_type
+    if gpu != wanted:
+        return f"the job runs on {wanted}, not {gpu}"
     # A planner's numbers come from outside too (an LLM): finite and bounded (a cost must be
     # computable), and no slice under a minute (a payment per millisecond would be carried out).
     if action.hours is not None and not 0 < action.hours <= MAX_HOURS:

@@ -49,7 +49,7 @@ from openai import APIStatusError, AsyncOpenAI, BadRequestError, UnprocessableEn
 from pydantic import ValidationError
 
 from procure.agent.context import PlanContext, reliability
-from procure.agent.guard import check_action
+from procure.agent.guard import EPS, check_action
 from procure.agent.planner import Planner, heuristic_planner, plan_cost_aware
 from procure.bounds import UnsafeInput, loads
 from procure.httpbounds import bounded_client
@@ -77,8 +77,12 @@ JOBS_SHOWN = 5
 PAYMENTS_SHOWN = 3
 """The latest payments listed; the rest are summarised per vendor."""
 # A run that waits (its vendors cooling down, a cap reached) shows the model the same state
-# tick after tick: its last wait stands until that state changes, asked again at most this often,
-# so a waiting run does not pay for a completion every tick. Kept for this many runs at most.
+# tick after tick: its last answer stands until that state changes, asked again at most this
+# often, so a waiting run does not pay for a completion every tick. Not only a `wait`: a run held
+# by the global spend cap gets a start_job from the model (the cap is not in its state) that the
+# cap refuses tick after tick; such an answer stands once the model has given it twice for the
+# same state. An answer refused (not JSON, not an Action, or the guard's no) stands too: the
+# heuristic decides without asking again. Kept for this many runs at most.
 REASK_WAIT_S = 300.0
 WAITS_KEPT = 256
 PLACEHOLDER_KEY = "not-needed"  # Ollama and vLLM ignore the key, but the SDK wants one
@@ -286,6 +290,46 @@ def _format_refused(exc: APIStatusError) -> bool:
     return "response_format" in str(exc)  # llama-cpp-python: its 422 comes back as a 500
 
 
+def _same_choice(before: Action, now: Action) -> bool:
+    """Whether two answers choose the same (their reasons may be worded differently)."""
+    keep = {"reason"}
+    return before.model_dump(exclude=keep) == now.model_dump(exclude=keep)
+
+
+def _too_short(ctx: PlanContext, action: Action) -> str | None:
+    """Why a start_job's hours keep no progress, or None. A job that ends before its next
+    checkpoint loses all it ran: paid, stopped at the progress it resumed from, and decided again
+    (the schema's `hours` is remainingHours, but not every server enforces a schema)."""
+    if action.action != "start_job" or action.hours is None:
+        return None
+    spec = ctx.state.run.job_spec
+    least = min(ctx.remaining_hours, spec.hours * spec.checkpoint_every)
+    if action.hours >= least - EPS:
+        return None
+    return (
+        f"{action.hours:g}h ends before the job's next checkpoint ({least:g}h away): "
+        "no progress would be kept"
+    )
+
+
+def _abort_too_soon(ctx: PlanContext, action: Action) -> str | None:
+    """Why an abort must not end the run, or None. The schema offers abort whenever no vendor
+    is eligible this instant, which includes every affordable vendor merely cooling down: the
+    prompt's rule (and the heuristic) then say wait, and an abort would end a funded run for
+    good."""
+    if action.action != "abort":
+        return None
+    gpu = ctx.state.run.job_spec.gpu_type
+    cooling = [
+        v.vendor_id
+        for v in ctx.vendors
+        if gpu in v.supported_gpu_types and ctx.cooling_down(v) and _cost(ctx, v) <= ctx.available
+    ]
+    if not cooling:
+        return None
+    return f"{', '.join(cooling[:3])} can take the job once cooled down: wait, not abort"
+
+
 class _Rejected(Exception):
     """Why the model's answer cannot be used; its message is stored as an error observation."""
 
@@ -308,8 +352,9 @@ class LLMPlanner:
         self.fallback = fallback
         self.response_format: ResponseFormatKind = "json_schema"
         self._secrets = tuple(s for s in secrets if s)
-        # Per run: the state the model last answered `wait` to, when, and that answer.
-        self._waits: dict[str, tuple[str, datetime, Action]] = {}
+        # Per run: the state the model last answered, when, that answer (None: refused), and
+        # whether it stands (is given again without asking) while the state stays the same.
+        self._waits: dict[str, tuple[str, datetime, Action | None, bool]] = {}
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -319,20 +364,36 @@ class LLMPlanner:
     async def __call__(self, ctx: PlanContext) -> Action:
         run_id = ctx.state.run.id
         state = json.dumps(state_for_llm(ctx), separators=(",", ":"))
-        waited = self._waits.pop(run_id, None)
-        if waited is not None and waited[0] == state:
-            age = (ctx.now - waited[1]).total_seconds()
+        kept = self._waits.pop(run_id, None)
+        same = kept is not None and kept[0] == state
+        if kept is not None and same and kept[3]:
+            age = (ctx.now - kept[1]).total_seconds()
             if 0 <= age < REASK_WAIT_S:
-                self._waits[run_id] = waited
-                return waited[2].model_copy()
+                self._waits[run_id] = kept
+                # None: the model's answer to this state was refused; the fallback decides.
+                return kept[2].model_copy() if kept[2] else await self.fallback(ctx)
         noted = len(ctx.notes)
         action = await self._ask(ctx, state)
-        fell_back = any(t == ObservationType.error for t, _ in ctx.notes[noted:])
-        if action.action == "wait" and not fell_back:  # the model's own wait, not the fallback's
-            self._waits[run_id] = (state, ctx.now, action.model_copy())
-            while len(self._waits) > WAITS_KEPT:
-                del self._waits[next(iter(self._waits))]
+        said = [t for t, _ in ctx.notes[noted:]]
+        if ObservationType.error in said:
+            # The model answered and its answer was refused (not a failed request, asked again
+            # next tick): asking again for the same state buys the same refusal.
+            if ObservationType.llm_response in said:
+                self._keep(run_id, (state, ctx.now, None, True))
+        elif action.action != "abort":  # the model's own answer
+            # A wait stands at once; any other answer once the model gave it twice for this
+            # state (the first time it may simply not have been carried out yet).
+            before = kept[2] if kept is not None and same else None
+            stands = action.action == "wait" or (
+                before is not None and _same_choice(before, action)
+            )
+            self._keep(run_id, (state, ctx.now, action.model_copy(), stands))
         return action
+
+    def _keep(self, run_id: str, entry: tuple[str, datetime, Action | None, bool]) -> None:
+        self._waits[run_id] = entry
+        while len(self._waits) > WAITS_KEPT:
+            del self._waits[next(iter(self._waits))]
 
     async def _ask(self, ctx: PlanContext, state: str) -> Action:
         try:
@@ -372,7 +433,9 @@ class LLMPlanner:
             action.gpu_type = action.gpu_type or spec.gpu_type
             if action.slice_hours is None:
                 action.slice_hours = _slices_for(ctx, action.vendor_id)
-        rejection = check_action(ctx, action)
+        rejection = (
+            check_action(ctx, action) or _too_short(ctx, action) or _abort_too_soon(ctx, action)
+        )
         if rejection is not None:
             raise _Rejected(
                 "the guard rejected "
