@@ -23,13 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from procure.agent.context import PlanContext
-from procure.agent.llm_planner import (
-    REASK_WAIT_S,
-    LLMPlanner,
-    action_schema,
-    make_llm_planner,
-    response_schema,
-)
+from procure.agent.llm_planner import REASK_WAIT_S, LLMPlanner, make_llm_planner
+from procure.agent.llm_prompt import action_schema, response_schema
 from procure.agent.planner import heuristic_planner
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.tick import tick
