@@ -122,6 +122,8 @@ def create_app(
         description="Rents GPU compute for a goal within a hard budget, paying over x402.",
         lifespan=lifespan,
         docs_url=None,  # mount_docs: Swagger UI from the package, not a CDN
+        # No ReDoc: its page runs a script from a CDN on this origin (the dashboard's cookie)
+        redoc_url=None,
     )
 
     errors.install(app)  # bounds outermost: before any parser or authentication

@@ -24,6 +24,7 @@ from procure.agent.runtime import close_deps, make_deps
 from procure.agent.upkeep import prune
 from procure.agent.worker import WorkerConfig
 from procure.api import errors
+from procure.api.docs import mount_docs
 from procure.api.ops import ops_router
 from procure.api.runs import runs_router
 from procure.api.vendors import vendors_router
@@ -166,7 +167,8 @@ def create_serverless_app(settings: Settings | None = None, store: Store | None 
         budget_s = parse_number(raw_budget, lo=1, hi=3600) if raw_budget else CRON_BUDGET_S
     except NumberError as exc:
         raise NumberError(f"PROCURE_CRON_BUDGET_S: {exc}") from None
-    app = FastAPI(title="procure (serverless)", version="0.1.0")
+    # Swagger UI from the package (mount_docs), no ReDoc: no script from a CDN on this origin.
+    app = FastAPI(title="procure (serverless)", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.agent = ColdAgent(settings, store)
     errors.install(app)  # bounds outermost: before any parser or authentication
 
@@ -196,4 +198,5 @@ def create_serverless_app(settings: Settings | None = None, store: Store | None 
     app.include_router(runs_router(settings, store, require_token, require_read))
     app.include_router(vendors_router(settings, store, require_token, require_read))
     app.include_router(ops_router(store, settings=settings))
+    mount_docs(app)
     return app

@@ -55,6 +55,10 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+class _CloudEndpoint(Exception):
+    """The vendor is a cloud account (as its write found it): its endpoint stays this one."""
+
+
 def vendors_router(
     settings: Settings,
     store: Store,
@@ -104,7 +108,21 @@ def vendors_router(
             stored = repo.get_vendor(s, body.vendor_id)
             if stored is None and partial:
                 return None
+            # Checked again here, in the write's transaction: a cloud account registered under
+            # this id since the request's first read must not take this x402 endpoint.
+            if stored is not None and stored.kind == "cloud" and body.endpoint != stored.endpoint:
+                raise _CloudEndpoint(stored.endpoint)
             vendor = body.to_vendor(credential)
+            if stored is not None and partial:
+                # Only what the PATCH named, over the vendor as it is now: the rest of `body`
+                # was read before this transaction, and writing it back would undo a change
+                # committed meanwhile (another PATCH, a PUT that moved the endpoint).
+                named = {k: getattr(vendor, k) for k in given if k in Vendor.model_fields}
+                return repo.save_vendor(
+                    s,
+                    stored.model_copy(update={**named, "credential": credential}),
+                    clear_credential="credential" in given and body.credential is None,
+                )
             if stored is not None:
                 kept = {k: getattr(stored, k) for k in _KEPT if k not in given}
                 # kind and cloud terms are the registry's own, never changed by this route
@@ -140,7 +158,10 @@ def vendors_router(
                 log.error("cannot keep vendor credentials: %s", type(exc).__name__)
                 return _error(503, f"cannot keep vendor credentials: {exc}")
         named = body.model_fields_set - READ_ONLY_VENDOR_FIELDS if given is None else given
-        saved = await asyncio.to_thread(save, body, credential, named)
+        try:
+            saved = await asyncio.to_thread(save, body, credential, named)
+        except _CloudEndpoint as exc:
+            return _error(422, f"{vendor_id} is a cloud vendor: its endpoint stays {exc}")
         if saved is None:
             return _error(404, f"vendor {vendor_id} not found")
         return JSONResponse(saved.to_json())

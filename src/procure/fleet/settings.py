@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from procure.safetext import remember_secret
 from procure.settings import CHECKED, blank_is_unset, finite_numbers, http_url
 
 WEEK_MINS = 7 * 24 * 60
@@ -186,4 +187,13 @@ class FleetSettings(BaseSettings):
             raise ValueError(
                 "LAMBDA_LABS_LOW_GPU_THRESHOLD must not exceed LAMBDA_LABS_HIGH_GPU_THRESHOLD"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _secrets_never_shown(self) -> FleetSettings:
+        # The node token goes to every node, the webhook and queue URLs carry their own keys:
+        # whatever outside text echoes one (a node's error on /api/nodes), it is not shown.
+        remember_secret(
+            *(v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr))
+        )
         return self
