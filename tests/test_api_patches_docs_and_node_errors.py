@@ -219,3 +219,26 @@ def test_a_node_echoing_the_node_token_does_not_show_it_to_api_readers(
         server.stop()
         node_server.stop()
         store.dispose()
+
+
+def test_a_token_from_a_secret_file_and_a_lowercase_scheme_are_let_in(tmp_path: Path) -> None:
+    """Before the fix: PROCURE_API_TOKEN read from a secret file kept its trailing newline, which
+    no client can send (the API was locked to everyone), and `bearer` in lower case was refused
+    although HTTP's scheme names are case-insensitive."""
+    url = migrated_sqlite(tmp_path / "procure.db")
+    settings = Settings(
+        PROCURE_DATABASE_URL=url, PROCURE_HOME=tmp_path, PROCURE_API_TOKEN=TOKEN + "\n"
+    )
+    store = open_store(url)
+    server = serve(create_app(settings, store))
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for header in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER {TOKEN}"):
+                answer = client.get("/api/runs", headers={"Authorization": header})
+                assert answer.status_code == 200, (header, answer.status_code)
+            for wrong in (f"Basic {TOKEN}", f"Bearer {TOKEN[:-1]}", f"Bearer  {TOKEN}", "Bearer"):
+                answer = client.get("/api/runs", headers={"Authorization": wrong})
+                assert answer.status_code == 401, (wrong, answer.status_code)
+    finally:
+        server.stop()
+        store.dispose()

@@ -8,5 +8,13 @@ import secrets
 
 
 def bearer_matches(authorization: str | None, token: str) -> bool:
-    given = (authorization or "").encode("utf-8", "surrogateescape")
-    return secrets.compare_digest(given, f"Bearer {token}".encode("utf-8", "surrogateescape"))
+    # The scheme is case-insensitive (RFC 9110): "bearer x" is "Bearer x"; the token is not.
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = ""  # still compared, so a wrong scheme takes as long as a wrong token
+    return (
+        secrets.compare_digest(
+            given.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
+        )
+        and scheme.lower() == "bearer"
+    )

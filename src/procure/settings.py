@@ -238,6 +238,13 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: Any) -> Any:
         return blank_is_unset(value)
 
+    @field_validator("api_token", "metrics_token")
+    @classmethod
+    def _token_stripped(cls, value: SecretStr | None) -> SecretStr | None:
+        # A token read from a secret file ends in a newline no client can send: the API was
+        # locked to everyone.
+        return None if value is None else SecretStr(value.get_secret_value().strip())
+
     @field_validator("facilitator_url", "llm_base_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
