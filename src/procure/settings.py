@@ -71,6 +71,11 @@ _PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 _CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
+def secret_values(settings: BaseSettings) -> list[str]:
+    """The values of a settings object's secret fields (for `safetext.remember_secret`)."""
+    return [v.get_secret_value() for v in settings.__dict__.values() if isinstance(v, SecretStr)]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(**CHECKED, hide_input_in_errors=True)
 
@@ -273,10 +278,7 @@ class Settings(BaseSettings):
         # Tokens and keys this process holds (the API's, the vendors' bearer, the wallet's key,
         # the LLMs' keys, the metrics token, the facilitator's password): whatever outside text
         # echoes one (a hostile vendor, a proxy's error page), it is not stored, shown or logged.
-        remember_secret(
-            *(v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)),
-            urlsplit(self.facilitator_url).password,
-        )
+        remember_secret(*secret_values(self), urlsplit(self.facilitator_url).password)
         return self
 
 

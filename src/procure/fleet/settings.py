@@ -8,7 +8,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from procure.safetext import remember_secret
-from procure.settings import CHECKED, blank_is_unset, finite_numbers, http_url
+from procure.settings import CHECKED, blank_is_unset, finite_numbers, http_url, secret_values
 
 WEEK_MINS = 7 * 24 * 60
 DAY_S = 24 * 3600
@@ -193,7 +193,5 @@ class FleetSettings(BaseSettings):
     def _secrets_never_shown(self) -> FleetSettings:
         # The node token goes to every node, the webhook and queue URLs carry their own keys:
         # whatever outside text echoes one (a node's error on /api/nodes), it is not shown.
-        remember_secret(
-            *(v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr))
-        )
+        remember_secret(*secret_values(self))
         return self
