@@ -395,7 +395,8 @@ def rollback(store: Store, action_id: str, by: str, now: datetime) -> ActionRow:
     """Roll back an executed provision: an approved termination of what it launched (the
     controller carries it out). A termination cannot be rolled back, by design."""
     with store.session() as s:
-        row = fleet_repo.get_action(s, action_id, lock=True)
+        # Held from the check for an earlier rollback to the insert: two callers add one.
+        row = fleet_repo.lock_action(s, action_id)
         if row is None:
             raise KeyError(action_id)
         if row.action_type == TERMINATE:
@@ -408,10 +409,9 @@ def rollback(store: Store, action_id: str, by: str, now: datetime) -> ActionRow:
         ids = (row.rollback_data or {}).get("terminate_instance_ids") or []
         if not ids:
             raise ActionRefused(f"action {action_id} launched nothing to roll back")
-        started = fleet_repo.list_actions(s, limit=1000)
-        for other in started:
-            if other.rollback_of == action_id and other.status not in ("failed", "blocked"):
-                return other  # already asked: asking twice is fine
+        earlier = fleet_repo.rollback_for(s, action_id, TERMINATE)
+        if earlier is not None:
+            return earlier  # already asked: asking twice is fine
         instance = fleet_repo.get_instance(s, ids[0])
         return fleet_repo.add_action(
             s,

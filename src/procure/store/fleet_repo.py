@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -66,6 +66,26 @@ def get_action(s: Session, action_id: str, *, lock: bool = False) -> ActionRow |
     if lock and s.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()
     return s.scalars(query).first()
+
+
+def lock_action(s: Session, action_id: str) -> ActionRow | None:
+    """The action, held until this transaction ends so that a check-then-insert on it runs
+    alone: PostgreSQL locks its row; SQLite takes the write lock now (reads before a first
+    write run outside the transaction there, so two callers would both pass the check)."""
+    if s.get_bind().dialect.name == "sqlite":
+        s.execute(text("UPDATE autonomous_actions SET status = status WHERE 0"))
+    return get_action(s, action_id, lock=True)
+
+
+def rollback_for(s: Session, action_id: str, action_type: str) -> ActionRow | None:
+    """The action (of `action_type`) that rolls back `action_id` and has not ended in failure
+    or a block, found however old (by the type index, not within a page of the newest ones)."""
+    query = select(ActionRow).where(
+        ActionRow.action_type == action_type,
+        ActionRow.rollback_of == action_id,
+        ActionRow.status.not_in(("failed", "blocked")),
+    )
+    return s.scalars(query.order_by(ActionRow.created_at, ActionRow.action_id).limit(1)).first()
 
 
 def list_actions(
