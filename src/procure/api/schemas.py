@@ -56,7 +56,7 @@ class TickRequest(Model):
 MAX_VENDOR_COUNT = 1_000_000_000
 _VENDOR_ID = r"^[A-Za-z0-9_.-]+$"
 _CREDENTIAL = r"^[\x21-\x7e]+$"  # visible ASCII: a valid bearer header value, nothing else
-_GpuType = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+_GpuType = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=NO_NUL)]
 
 
 _READ_ONLY: dict[str, Any] = {"readOnly": True}
@@ -91,7 +91,8 @@ class VendorRegistration(Model):
     model_config = ConfigDict(extra="forbid")
 
     vendor_id: StrictStr = Field(min_length=1, max_length=64, pattern=_VENDOR_ID)
-    name: StrictStr = Field(min_length=1, max_length=200)
+    # NO_NUL: PostgreSQL cannot keep a NUL where SQLite would, so both stores refuse it alike
+    name: StrictStr = Field(min_length=1, max_length=200, pattern=NO_NUL)
     endpoint: StrictStr = Field(
         min_length=1, max_length=500, description="http(s) URL of the vendor's API"
     )
@@ -106,10 +107,18 @@ class VendorRegistration(Model):
         None, max_length=42, description="Only payee address the agent will pay (0x + 40 hex)"
     )
     network: StrictStr | None = Field(
-        None, min_length=1, max_length=64, description="CAIP-2 network the vendor is paid on"
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=NO_NUL,
+        description="CAIP-2 network the vendor is paid on",
     )
     asset: StrictStr | None = Field(
-        None, min_length=1, max_length=64, description="Token contract the vendor is paid in"
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=NO_NUL,
+        description="Token contract the vendor is paid in",
     )
     successes: StrictInt = Field(0, ge=0, le=MAX_VENDOR_COUNT)
     failures: StrictInt = Field(0, ge=0, le=MAX_VENDOR_COUNT)

@@ -17,8 +17,8 @@ from sqlalchemy.exc import IntegrityError
 
 from procure.agent.context import hazard, reliability
 from procure.api.schemas import CLOUD_ENDPOINTS, READ_ONLY_VENDOR_FIELDS, VendorRegistration
-from procure.bounds import UnsafeInput, loads
-from procure.models import Vendor
+from procure.bounds import UnsafeInput, clip, loads
+from procure.models import Vendor, usd_to_micros
 from procure.settings import Settings
 from procure.store import Store, repo
 from procure.vendors.credentials import CredentialError, Keyring
@@ -53,6 +53,39 @@ def _patch_schema() -> dict[str, Any]:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _storable(vendor_id: str) -> bool:
+    """False for a path id no vendor can have that PostgreSQL would refuse to even look up (a
+    NUL character): such an id is unknown on both stores alike, a 404."""
+    return "\x00" not in vendor_id
+
+
+def _not_found(vendor_id: str) -> JSONResponse:
+    # the id comes from the path, unchecked: an error repeats only a bounded part of it
+    return _error(404, f"vendor {clip(vendor_id, 100)} not found")
+
+
+def _off_terms(body: VendorRegistration, stored: Vendor) -> str | None:
+    """Why `body` cannot be written over cloud vendor `stored`: its price and GPU types are
+    those of its cloud terms (the agent rents by the terms), so they change only with them."""
+    changed = [
+        name
+        for name, same in (
+            (
+                "basePricePerHour",
+                usd_to_micros(body.base_price_per_hour) == stored.base_price_per_hour,
+            ),
+            ("supportedGpuTypes", list(body.supported_gpu_types) == stored.supported_gpu_types),
+        )
+        if not same
+    ]
+    if not changed:
+        return None
+    return (
+        f"{stored.vendor_id} is a cloud vendor: {' and '.join(changed)} come from its cloud "
+        "terms; change them with POST /api/vendors/cloud"
+    )
 
 
 class _CloudEndpoint(Exception):
@@ -148,6 +181,9 @@ def vendors_router(
             return _error(
                 422, f"{vendor_id} is a cloud vendor: its endpoint stays {stored.endpoint}"
             )
+        off_terms = _off_terms(body, stored) if cloud and stored is not None else None
+        if off_terms is not None:
+            return _error(422, off_terms)
         if not cloud and body.endpoint in CLOUD_ENDPOINTS:
             return _error(422, "endpoint: cloud vendors are added with POST /api/vendors/cloud")
         credential = None
@@ -163,7 +199,7 @@ def vendors_router(
         except _CloudEndpoint as exc:
             return _error(422, f"{vendor_id} is a cloud vendor: its endpoint stays {exc}")
         if saved is None:
-            return _error(404, f"vendor {vendor_id} not found")
+            return _not_found(vendor_id)
         return JSONResponse(saved.to_json())
 
     @router.put("/api/vendors/{vendor_id}", dependencies=[Depends(require_token)])
@@ -173,7 +209,8 @@ def vendors_router(
         are ignored, so a vendor read can be written back as it is. `credential` is
         write-only: stored encrypted, sent to this vendor alone, never shown
         (`hasCredential`). Left out, the stored one is kept unless the endpoint changes;
-        `null` drops it."""
+        `null` drops it. A cloud vendor's endpoint, price and GPU types are those of its cloud
+        terms: 422 if they differ (`POST /api/vendors/cloud` changes them)."""
         return await write(vendor_id, body)
 
     @router.patch(
@@ -196,7 +233,7 @@ def vendors_router(
             return _error(422, "invalid request: the body must be a JSON object")
         stored = await asyncio.to_thread(_get, vendor_id)
         if stored is None:
-            return _error(404, f"vendor {vendor_id} not found")
+            return _not_found(vendor_id)
         base = {
             k: v
             for k, v in stored.to_json().items()
@@ -211,10 +248,14 @@ def vendors_router(
         return await write(vendor_id, body, _named(changes), stored)
 
     def _get(vendor_id: str) -> Vendor | None:
+        if not _storable(vendor_id):
+            return None
         with store.session() as s:
             return repo.get_vendor(s, vendor_id)
 
     def clear(vendor_id: str) -> Vendor | None:
+        if not _storable(vendor_id):
+            return None
         with store.session() as s:
             return repo.clear_cooldown(s, vendor_id)
 
@@ -224,7 +265,7 @@ def vendors_router(
         VENDOR_COOLDOWN_S): for when an operator knows it is fixed."""
         vendor = await asyncio.to_thread(clear, vendor_id)
         if vendor is None:
-            return _error(404, f"vendor {vendor_id} not found")
+            return _not_found(vendor_id)
         log.info("vendor %s: cooldown cleared", vendor_id)
         return JSONResponse(vendor.to_json())
 
