@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, timedelta
+
 from procure.agent.context import PlanContext
 from procure.agent.slices import MIN_SLICE_HOURS, job_hours
 from procure.agent.start_request import MIN_CHECKPOINT_EVERY
-from procure.models import Action, Job, PaymentStatus, Quote, format_usd
+from procure.models import Action, Job, PaymentStatus, Quote, format_usd, utcnow
 
 EPS = 1e-9
 MAX_HOURS = 1e6  # no job is longer; a larger figure (or inf) is not a plan
@@ -58,11 +60,49 @@ def check_quote(ctx: PlanContext, action: Action, quote: Quote) -> str | None:
         return f"quote is from {quote.vendor_id}, not {action.vendor_id}"
     if quote.amount <= 0:
         return f"quote amount {format_usd(quote.amount)} is not positive"
+    terms = check_quote_terms(quote, ctx.state.run.job_spec.gpu_type, ctx.payment_overhead)
+    if terms is not None:
+        return terms
     if quote.amount > ctx.available:
         return (
             f"quote {format_usd(quote.amount)} from {quote.vendor_id} is over "
             f"the {format_usd(ctx.available)} left"
         )
+    return None
+
+
+QUOTE_CURRENCY = "USD"
+QUOTE_CLOCK_SKEW_S = 900.0
+"""How far behind ours a vendor's clock may be before a quote it says has expired is refused."""
+"""The only currency a quote's figures may be in: amounts are paid in the registered USD asset."""
+
+
+def check_quote_terms(quote: Quote, gpu_type: str, fee: int) -> str | None:
+    """Why a quote's own terms do not sell what is asked for: another GPU type than the job's,
+    another currency, an amount over its own hours at its own price per hour plus `fee` (what
+    the planner counts per payment; fewer hours at the full price), or already expired. None
+    when they do."""
+    # A vendor may spell the type in another case (the gateway matches it so); no other type.
+    if quote.gpu_type.upper() != gpu_type.upper():
+        return f"{quote.vendor_id} quotes GPU type {quote.gpu_type}, not the job's {gpu_type}"
+    if quote.currency.upper() != QUOTE_CURRENCY:
+        return f"{quote.vendor_id} quotes in {quote.currency}, not {QUOTE_CURRENCY}"
+    # Rounding to the micro-dollar (half up, at least one) and a payment's fee aside, the amount
+    # is hours x price: more pays beyond the vendor's own price (later slices measured by it).
+    priced = quote.price_per_hour * quote.hours
+    if quote.amount > priced * (1 + 1e-6) + 1 + fee:
+        return (
+            f"{quote.vendor_id} asks {format_usd(quote.amount)} for {quote.hours:g}h at "
+            f"{format_usd(quote.price_per_hour)}/h, more than the {format_usd(round(priced))} "
+            "those hours cost at its own price"
+        )
+    expires = quote.expires_at
+    if expires is not None:
+        # A naive time is read as UTC (comparing it with an aware one would raise).
+        expires = (expires if expires.tzinfo else expires.replace(tzinfo=UTC)).astimezone(UTC)
+        # Stamped by the vendor's clock: one a few minutes behind ours must not lose every sale.
+        if expires + timedelta(seconds=QUOTE_CLOCK_SKEW_S) <= utcnow():
+            return f"{quote.vendor_id}'s quote expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
     return None
 
 
@@ -102,6 +142,9 @@ def check_renewal(ctx: PlanContext, job: Job, quote: Quote) -> str | None:
         return f"quote is from {quote.vendor_id}, not {job.vendor_id}"
     if quote.amount <= 0:
         return f"quote amount {format_usd(quote.amount)} is not positive"
+    terms = check_quote_terms(quote, ctx.state.run.job_spec.gpu_type, ctx.payment_overhead)
+    if terms is not None:
+        return terms
     if quote.amount > ctx.available:
         return (
             f"the next slice, {format_usd(quote.amount)} from {quote.vendor_id}, is over "
