@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +20,9 @@ from procure.models import utcnow
 from procure.settings import Settings
 from procure.store import Store, fleet_repo, open_store, repo
 from stores import migrated_sqlite
+from test_vendor_writes import AUTH, TOKEN, VENDOR, api  # noqa: F401  (api: a fixture)
 
-TOKEN = "h104-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-VENDOR = {
-    "vendorId": "v9",
-    "name": "Nine",
-    "endpoint": "http://127.0.0.1:9",
-    "basePricePerHour": 1.5,
-    "reliabilityScore": 0.9,
-    "supportedGpuTypes": ["A100"],
-    "credential": "s3cret",
-}
 DEADLINE_S = 30.0
-
-
-@pytest.fixture
-def api(tmp_path: Path, db_url: str) -> Iterator[tuple[httpx.Client, Store]]:
-    settings = Settings(PROCURE_DATABASE_URL=db_url, PROCURE_HOME=tmp_path, PROCURE_API_TOKEN=TOKEN)
-    store = open_store(db_url)
-    server = serve(create_app(settings, store))
-    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client:
-        assert client.put("/api/vendors/v9", json=VENDOR).status_code == 200
-        yield client, store
-    server.stop()
-    store.dispose()
 
 
 class HeldRead:
@@ -75,7 +52,8 @@ class HeldRead:
 
 
 def test_a_patch_does_not_undo_a_change_made_while_it_ran(
-    api: tuple[httpx.Client, Store], monkeypatch: pytest.MonkeyPatch
+    api: tuple[httpx.Client, Store],
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     """Before the fix: a PATCH wrote back every field as it had read them at its start, so a
     change committed meanwhile (another PATCH of the price, a move of the endpoint) was silently
@@ -136,7 +114,8 @@ def test_no_page_of_the_api_runs_a_script_from_another_site(tmp_path: Path, whic
 
 
 def test_a_vendor_registered_as_a_cloud_account_meanwhile_is_not_turned_into_an_x402_one(
-    api: tuple[httpx.Client, Store], monkeypatch: pytest.MonkeyPatch
+    api: tuple[httpx.Client, Store],
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     """Before the fix: a PUT of a new x402 vendor checked the id against the registry before its
     write; a cloud account registered under that id in between was then overwritten with the

@@ -9,8 +9,10 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -308,22 +310,13 @@ def test_a_loopback_bound_node_does_not_register_an_address_nobody_can_reach(
 # --- NVML hung: the figures last read are not the GPUs' figures now ----------------------------
 
 
-def test_figures_from_before_nvml_hung_do_not_reach_the_fleet_as_current(tmp_path: Path) -> None:
-    """Before the fix: while NVML hangs (a GPU fallen off the bus) the node keeps answering the
-    figures it read before, each GPU marked failing (probe.py `CachedProbe._stalled`); the fleet's
-    reading of the node (fleet/nodes.py `figures`) averages that old utilisation as the pool's
-    current load, and /metrics exports it as current, so a dead node's last busy minute keeps
-    driving scaling."""
-    import threading
-    from datetime import UTC, datetime
-
-    from procure.clouds.base import Instance
-    from procure.fleet.nodes import read_node
-    from procure.httpbounds import bounded_client
-
-    hung = threading.Event()
-    released = threading.Event()
-    module = FakeNvml(two_gpus()).module()  # utilisation 37 % and 90 % when last read
+def _hanging_nvml(
+    tmp_path: Path, timeout_s: float
+) -> tuple[threading.Event, threading.Event, GpuWorkerSettings, Callable[[], Any]]:
+    """A node's settings and an NVML read that blocks (as in the driver) once `hung` is set,
+    until `released`: utilisation 37 % and 90 % when last read."""
+    hung, released = threading.Event(), threading.Event()
+    module = FakeNvml(two_gpus()).module()
 
     def read() -> Any:
         if hung.is_set():
@@ -335,20 +328,42 @@ def test_figures_from_before_nvml_hung_do_not_reach_the_fleet_as_current(tmp_pat
         GPU_WORKER_TOKEN=TOKEN,
         GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
         GPU_WORKER_NVML_CACHE_S=0,
-        GPU_WORKER_NVML_TIMEOUT_S=0.5,
+        GPU_WORKER_NVML_TIMEOUT_S=timeout_s,
     )
+    return hung, released, settings, read
 
-    async def sample(port: int) -> dict[str, Any]:
+
+def _fleet_reads(port: int, *, deadline_s: float) -> dict[str, Any]:
+    """The node on `port` as the fleet's controller reads it (fleet/nodes.py `read_node`)."""
+    from procure.clouds.base import Instance
+    from procure.fleet.nodes import read_node
+    from procure.httpbounds import bounded_client
+
+    async def read() -> dict[str, Any]:
         instance = Instance("i-1", "n", "active", "gpu_2x_h100", "r", "127.0.0.1", 1, gpus=2)
-        async with bounded_client(deadline_s=10) as client:
+        async with bounded_client(deadline_s=deadline_s) as client:
             return await read_node(client, instance, port, TOKEN, datetime.now(UTC))
+
+    return asyncio.run(read())
+
+
+def test_figures_from_before_nvml_hung_do_not_reach_the_fleet_as_current(tmp_path: Path) -> None:
+    """Before the fix: while NVML hangs (a GPU fallen off the bus) the node keeps answering the
+    figures it read before, each GPU marked failing (probe.py `CachedProbe._stalled`); the fleet's
+    reading of the node (fleet/nodes.py `figures`) averages that old utilisation as the pool's
+    current load, and /metrics exports it as current, so a dead node's last busy minute keeps
+    driving scaling."""
+    hung, released, settings, read = _hanging_nvml(tmp_path, timeout_s=0.5)
+
+    def sample(port: int) -> dict[str, Any]:
+        return _fleet_reads(port, deadline_s=10)
 
     try:
         server = serve(create_gpu_worker_app(settings, read=read))
         try:
-            before = asyncio.run(sample(server.port))
+            before = sample(server.port)
             hung.set()
-            after = asyncio.run(sample(server.port))
+            after = sample(server.port)
             with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client:
                 metrics = client.get("/metrics").text
         finally:
@@ -476,34 +491,10 @@ def test_once_nvml_is_known_hung_the_fleet_hears_so_within_its_deadline(tmp_path
     defaults (10 s on the node, 5 s for the fleet, 10 s for a Prometheus scrape) no reader ever
     gets the answer "NVML does not answer": the fleet records a network timeout ("unreachable")
     for a GPU fallen off the bus, and the scrape that would export the read error fails."""
-    import threading
-    from datetime import UTC, datetime
+    hung, released, settings, read = _hanging_nvml(tmp_path, timeout_s=4)
 
-    from procure.clouds.base import Instance
-    from procure.fleet.nodes import read_node
-    from procure.httpbounds import bounded_client
-
-    hung = threading.Event()
-    released = threading.Event()
-    module = FakeNvml(two_gpus()).module()
-
-    def read() -> Any:
-        if hung.is_set():
-            released.wait(120)  # NVML blocked in the driver
-        return read_nvml(module)
-
-    settings = GpuWorkerSettings(  # type: ignore[call-arg]
-        _env_file=None,
-        GPU_WORKER_TOKEN=TOKEN,
-        GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
-        GPU_WORKER_NVML_CACHE_S=0,
-        GPU_WORKER_NVML_TIMEOUT_S=4,  # the node's; the fleet below allows half of it
-    )
-
-    async def sample(port: int) -> dict[str, Any]:
-        instance = Instance("i-1", "n", "active", "gpu_2x_h100", "r", "127.0.0.1", 1, gpus=2)
-        async with bounded_client(deadline_s=2) as client:
-            return await read_node(client, instance, port, TOKEN, datetime.now(UTC))
+    def sample(port: int) -> dict[str, Any]:
+        return _fleet_reads(port, deadline_s=2)
 
     try:
         server = serve(create_gpu_worker_app(settings, read=read))
@@ -511,7 +502,7 @@ def test_once_nvml_is_known_hung_the_fleet_hears_so_within_its_deadline(tmp_path
             with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
                 hung.set()
                 first = client.get("/healthz").json()  # this one waits, and learns it is hung
-                after = asyncio.run(sample(server.port))
+                after = sample(server.port)
         finally:
             server.stop()
     finally:

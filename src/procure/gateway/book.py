@@ -32,7 +32,7 @@ COUNTED = (*HOLDING, ABANDONED)
 # Sold and not yet holding a machine the cloud counts: each will take one of its free GPUs.
 WAITING = ("unpaid", "paid", "launching")
 # Jobs that hold an instance or will launch one (an `ending` job launches nothing more).
-RESERVING = ("unpaid", "paid", "launching", "booting", "running")
+RESERVING = (*WAITING, "booting", "running")
 
 
 # --- quotes ----------------------------------------------------------------------------------
