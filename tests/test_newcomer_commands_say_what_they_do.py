@@ -21,23 +21,8 @@ from procure.cli.main import app
 from procure.clouds.runpod.mock import start_mock_cloud
 from procure.clouds.runpod.mockstate import RunPodMockConfig
 from procure.local import LocalServer, free_port, start_facilitator
+from test_cli_first_hour_errors import _OURS, _env
 
-# Settings a developer's shell may hold: none may leak into these runs
-_OURS = (
-    "PROCURE_",
-    "LAMBDA_",
-    "RUNPOD_",
-    "VAST_",
-    "X402_",
-    "GPU_",
-    "FAIL_",
-    "FLEET_",
-    "LLM_",
-    "PLANNER_",
-    "MOCK_",
-    "VENDOR_",
-    "SLACK_",
-)
 # A valid secp256k1 key that is not the demo's own wallet: its address holds nothing on the
 # demo's fresh chain
 _USERS_KEY = "0x" + "4c" * 32
@@ -69,17 +54,6 @@ def test_the_demo_pays_from_the_wallet_it_funded_whatever_the_env_key(tmp_path: 
     assert "Training complete" in out
 
 
-def _user_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
-    return {
-        **clean,
-        "COLUMNS": "200",
-        "PROCURE_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}",
-        "PROCURE_HOME": str(tmp_path / "home"),
-        **extra,
-    }
-
-
 @pytest.fixture
 def facilitator(tmp_path: Path) -> Iterator[LocalServer]:
     server = start_facilitator(tmp_path / "chain.json")
@@ -93,7 +67,7 @@ def test_a_gateway_without_its_cloud_key_is_one_line_and_fails(
     """Before the fix: `procure gateway --cloud runpod` without RUNPOD_API_KEY started anyway,
     quoted buyers an account it could not rent from, and printed a traceback at its first sweep
     ("AuthError: GET /v2/pods: RUNPOD_API_KEY is not set") instead of saying so and exiting."""
-    env = _user_env(tmp_path, X402_FACILITATOR_URL=facilitator.url)
+    env = _env(tmp_path, {"X402_FACILITATOR_URL": facilitator.url})
     try:
         result = subprocess.run(
             [*_GATEWAY, "--cloud", "runpod", "--port", str(free_port())],
@@ -133,11 +107,13 @@ def test_a_gateway_says_where_it_listens_and_whom_it_is_paid_to(
     no address to give buyers and not the wallet the sales are paid to."""
     cloud = start_mock_cloud(RunPodMockConfig(nodes=False))
     port = free_port()
-    env = _user_env(
+    env = _env(
         tmp_path,
-        X402_FACILITATOR_URL=facilitator.url,
-        RUNPOD_API_KEY="mock-runpod-key",
-        RUNPOD_API_URL=cloud.url,
+        {
+            "X402_FACILITATOR_URL": facilitator.url,
+            "RUNPOD_API_KEY": "mock-runpod-key",
+            "RUNPOD_API_URL": cloud.url,
+        },
     )
     proc = subprocess.Popen(
         [*_GATEWAY, "--cloud", "runpod", "--port", str(port), "--vendor-id", "my_gpus"],
@@ -187,7 +163,7 @@ def test_a_fleet_without_its_cloud_key_says_so_and_exits(
         result = subprocess.run(
             [sys.executable, "-m", "procure.cli", "fleet", "run", "--cloud", cloud],
             cwd=tmp_path,
-            env=_user_env(tmp_path),
+            env=_env(tmp_path, {}),
             capture_output=True,
             text=True,
             timeout=60,
@@ -207,7 +183,7 @@ def test_serve_says_where_the_api_and_dashboard_are(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "procure.cli", "serve", "--no-worker", "--port", str(port)],
         cwd=tmp_path,
-        env=_user_env(tmp_path),
+        env=_env(tmp_path, {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
