@@ -52,8 +52,8 @@ class HeldRead:
 
 
 def test_a_patch_does_not_undo_a_change_made_while_it_ran(
-    api: tuple[httpx.Client, Store],
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    api: tuple[httpx.Client, Store],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Before the fix: a PATCH wrote back every field as it had read them at its start, so a
     change committed meanwhile (another PATCH of the price, a move of the endpoint) was silently
@@ -114,8 +114,8 @@ def test_no_page_of_the_api_runs_a_script_from_another_site(tmp_path: Path, whic
 
 
 def test_a_vendor_registered_as_a_cloud_account_meanwhile_is_not_turned_into_an_x402_one(
-    api: tuple[httpx.Client, Store],
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    api: tuple[httpx.Client, Store],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Before the fix: a PUT of a new x402 vendor checked the id against the registry before its
     write; a cloud account registered under that id in between was then overwritten with the
