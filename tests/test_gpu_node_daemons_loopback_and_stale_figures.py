@@ -442,6 +442,37 @@ def test_a_node_restarted_after_a_hard_kill_ends_the_daemon_its_job_left(tmp_pat
         _kill(daemon)
 
 
+def test_a_job_is_on_record_before_its_first_instruction_runs(tmp_path: Path) -> None:
+    """Before the fix: the node wrote a job's record (what its next start ends, should it die
+    hard) only once the spawn had returned to its event loop; the job, running at once, could
+    have started a daemon by then, and a node killed in between left a job nobody would end
+    (seen in the suite: the restart above found no record and the daemon ran on)."""
+    from procure.gpu import nodestate
+
+    records = nodestate.state_dir(str(tmp_path / "ckpt")) / "jobs"
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    # The job's very first act: does the node's record of it exist yet?
+    look = (
+        'if [ -e "$1/$PROCURE_JOB_ID.json" ]; then echo on-record; else echo unrecorded; fi'
+        ' > "$2/$PROCURE_JOB_ID"'
+    )
+    with in_process_node(
+        GPU_WORKER_TOKEN=TOKEN,
+        GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+        GPU_WORKER_JOBS_MAX_RUNNING=8,
+    ) as (_server, client):
+        ids = []
+        for _ in range(8):
+            body = {"command": ["/bin/sh", "-c", look, "sh", str(records), str(seen)]}
+            answer = client.post("/jobs", json=body)
+            assert answer.status_code == 201, answer.text
+            ids.append(answer.json()["id"])
+        for job_id in ids:
+            eventually(lambda j=job_id: _job_status(client, j) == "completed", "the job ended")
+    assert {(seen / job_id).read_text().strip() for job_id in ids} == {"on-record"}
+
+
 def test_a_loopback_bound_node_registers_with_an_orchestrator_beside_it_where_it_listens(
     tmp_path: Path,
 ) -> None:

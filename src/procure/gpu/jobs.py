@@ -297,6 +297,11 @@ class JobRunner:
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ} | job.env
         tie = functools.partial(_die_with_node, os.getpid()) if _DIE_WITH_NODE else None
         _hide_node_environment()
+        docker = job.argv[0] if job.image is not None else None
+        if self.limits.state_dir is not None:
+            # Recorded before it starts: the node may die before the spawn returns (the job, run at
+            # once, may already have started a daemon); its next start ends the job by its id.
+            nodestate.record_job(self.limits.state_dir, job.id, None, docker)
         try:
             process = await asyncio.create_subprocess_exec(
                 *job.argv,
@@ -308,13 +313,14 @@ class JobRunner:
                 preexec_fn=tie,  # it dies with the node
             )
         except OSError as exc:
+            if self.limits.state_dir is not None:
+                nodestate.remove(nodestate.job_record(self.limits.state_dir, job.id))
             self._finish(job, "failed", None, f"could not start {job.argv[0]!r}: {exc}")
             return
         job.process = process
         job.started_at = time.time()
         if self.limits.state_dir is not None:
-            # Should the node die hard, its next start ends what this job left running.
-            docker = job.argv[0] if job.image is not None else None
+            # Should the node die hard, its next start ends this job's process group too.
             nodestate.record_job(self.limits.state_dir, job.id, process.pid, docker)
         try:
             await self._watch(job, process)

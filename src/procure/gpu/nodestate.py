@@ -111,12 +111,14 @@ def job_record(folder: Path, job_id: str) -> Path:
     return folder / "jobs" / f"{job_id}.json"
 
 
-def record_job(folder: Path, job_id: str, pid: int, docker: str | None) -> None:
-    """Note a started job: its process group (led by `pid`) and, run by `docker`, its container."""
+def record_job(folder: Path, job_id: str, pid: int | None, docker: str | None) -> None:
+    """Note a job: its process group (led by `pid`; None before it is started, when only its id,
+    in the environment of all it starts, can find its processes) and, run by `docker`, its
+    container."""
     data = {
         "job": job_id,
         "pid": pid,
-        "start": start_time(pid),
+        "start": start_time(pid) if pid is not None else None,
         "node": me(),
         "docker": docker,
         "container": f"procure-{job_id}" if docker else None,
