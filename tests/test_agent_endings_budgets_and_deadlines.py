@@ -319,3 +319,48 @@ def test_an_x402_run_buys_nothing_after_its_deadline(x402_world: Any) -> None:
     )
     assert state.run.status == "aborted"
     assert "deadline" in (state.run.status_reason or "")
+
+
+def test_a_deadline_that_passes_while_a_slice_is_quoted_stops_its_payment(x402_world: Any) -> None:
+    """Before the fix: the deadline was checked once per tick, before the next slice was quoted;
+    one that passed while the vendor answered the quote (seen in the suite: 0.8 s) let the slice
+    be paid anyway. It is checked again where the payment is written, under the run's lock."""
+    from procure.agent.context import PlanContext
+    from procure.models import Action, utcnow
+    from world import drive as drive_x402
+
+    async def in_slices(ctx: PlanContext) -> Action:
+        return Action(
+            action="start_job",
+            vendor_id="gpu_vendor_2",
+            hours=ctx.remaining_hours,
+            slice_hours=0.25,
+            reason="gpu_vendor_2 in slices of 0.25h",
+        )
+
+    run_id = x402_world.new_run(budget=5.0, gpu_type="H100")
+    with x402_world.store.session() as s:  # far off: the first slice is bought in time
+        repo.update_run(s, run_id, deadline=datetime.now(UTC) + timedelta(hours=1))
+    deps = x402_world.deps()
+    deps.planner = in_slices
+    real_quote = deps.vendors.quote
+    passed: list[datetime] = []
+
+    async def deadline_passes_during_renewal_quotes(vendor, spec, *, job_id=None):  # type: ignore[no-untyped-def]
+        quote = await real_quote(vendor, spec, job_id=job_id)
+        if job_id is not None and not passed:  # the vendor takes its time over a renewal
+            passed.append(utcnow())
+            with x402_world.store.session() as s:
+                repo.update_run(s, run_id, deadline=passed[0])
+            await asyncio.sleep(0.05)
+        return quote
+
+    deps.vendors.quote = deadline_passes_during_renewal_quotes  # type: ignore[method-assign]
+    asyncio.run(drive_x402(deps, run_id))
+    with x402_world.store.session() as s:
+        state = repo.load_state(s, run_id, observations=False)
+    assert state is not None and passed, "no renewal was ever quoted"
+    late = [p for p in state.payments if p.created_at > passed[0]]
+    assert late == [], f"{len(late)} of {len(state.payments)} payments made after the deadline"
+    assert state.run.status == "aborted"
+    assert "deadline" in (state.run.status_reason or "")

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from procure.models import Job, ObservationType, PaymentStatus, RunState, Vendor, utcnow
+from procure.models import Job, ObservationType, PaymentStatus, Run, RunState, Vendor, utcnow
 
 # Beta-prior strength given to a vendor's registered reliability score, in pseudo-jobs.
 PRIOR_STRENGTH = 10.0
@@ -21,6 +21,11 @@ REFERENCE_JOB_HOURS = 1.0
 PRIOR_HOURS = 10.0
 DEFAULT_PAYMENT_OVERHEAD = 50_000  # micro-USD: what one more x402 payment is worth avoiding
 DEFAULT_STARTUP_HOURS = 0.1  # a vendor's usual time from payment to a running job
+
+
+def deadline_passed(run: Run) -> bool:
+    """Whether the run's deadline has passed: from then on it buys nothing more."""
+    return run.deadline is not None and utcnow() > run.deadline
 
 
 def reliability(vendor: Vendor) -> float:

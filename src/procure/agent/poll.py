@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from procure.agent import joblogs, runlog, slices
-from procure.agent.context import PlanContext
+from procure.agent.context import PlanContext, deadline_passed
 from procure.agent.deps import EPS, OBS, AgentDeps, TickResult
 from procure.agent.outcomes import (
     fail_job,
@@ -209,8 +209,7 @@ async def poll(
 def late(ctx: PlanContext) -> bool:
     """Whether the run's deadline has passed: it buys nothing more (as the cloud path rents
     nothing more and stops its instance there); the run ends `aborted` at its next plan."""
-    deadline = ctx.state.run.deadline
-    return deadline is not None and utcnow() > deadline
+    return deadline_passed(ctx.state.run)
 
 
 def _not_renewed_late(deps: AgentDeps, ctx: PlanContext, job: Job, vendor: Vendor) -> TickResult:

@@ -4,7 +4,7 @@ left pending by a crash, and settle slice payments in doubt."""
 from __future__ import annotations
 
 from procure.agent import slices
-from procure.agent.context import PlanContext
+from procure.agent.context import PlanContext, deadline_passed
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_renewal, check_renewal_hours
 from procure.agent.ledger import spend_cap_blocks
@@ -123,6 +123,8 @@ def _slice_conflict(state: RunState | None, job: Job, quote: Quote, paid: float)
         return "the run is no longer running"
     if state.run.cancel_requested_at is not None:  # asked while this tick quoted: no new money
         return "the run is being cancelled"
+    if deadline_passed(state.run):  # it passed while this tick quoted: not one cent more
+        return "the run's deadline passed"
     current = next((j for j in state.jobs if j.id == job.id), None)
     if current is None or current.status != JobStatus.running:
         return "the job is no longer running"

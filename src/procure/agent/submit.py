@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from procure.agent import slices
-from procure.agent.context import PlanContext
+from procure.agent.context import PlanContext, deadline_passed
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.agent.guard import check_quote, check_quote_hours
 from procure.agent.ledger import spend_cap_blocks
@@ -157,6 +157,8 @@ def _intent_conflict(state: RunState | None, amount: int) -> str | None:
         return "the run is no longer running"
     if state.run.cancel_requested_at is not None:  # asked while this tick quoted: no new money
         return "the run is being cancelled"
+    if deadline_passed(state.run):  # it passed while this tick quoted: not one cent more
+        return "the run's deadline passed"
     if any(j.status in ACTIVE_JOB_STATUSES for j in state.jobs):
         return "the run already has an active job"
     committed = sum(
