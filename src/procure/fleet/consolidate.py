@@ -152,6 +152,24 @@ def _move_out(
     frag_since.pop(node, None)
 
 
+def restarts(
+    node: str,
+    known: bool,
+    plan: Sequence[InstanceType],
+    room: int,
+    frag_since: dict[str, datetime],
+    cfg: FleetSettings,
+) -> bool:
+    """Do the jobs of `node`, about to renew with GPUs to spare and nowhere paid to go, restart
+    on the `plan`'s types rather than renew it? Only where the scheduler names its jobs
+    (`known`: a plan for a guessed split may not hold them), where it was seen so at an earlier
+    scan (one reading may catch a job between placements), and where the plan can be launched
+    (the instance cap's `room`; the rails' cooldown would let one launch through per scan)."""
+    if not plan or not known or node not in frag_since or room < len(plan):
+        return False
+    return len(plan) == 1 or cfg.action_cooldown_mins <= 0
+
+
 def right_size(
     running: Sequence[InstanceView],
     cfg: FleetSettings,
@@ -172,7 +190,9 @@ def right_size(
     launched, and once booted the old node goes near the end of its paid increment; its jobs
     restart there from their last checkpoint. Billed by long increments, where other nodes in
     use, or idle ones still paid for, have the room (`into_paid`), the jobs move there at the end
-    of the increment and nothing is launched.
+    of the increment and nothing is launched; where they do not and no replacement could boot
+    in time, the node goes at that end anyway and its replacements are launched then
+    (`restarts`).
     `frag_since` (when each node was first seen so) and `replacing` (when its replacements were
     launched) are the caller's state, kept across scans; `keep` gets the nodes this scan's moves
     count on (the caller lets none of them go); `left` counts the instances left after this
@@ -200,7 +220,8 @@ def right_size(
         # Its jobs now, as placed at the start of the scan (not counting those moving in).
         busy = n - placed[v.id] if v.id in placed else 0  # not placed: nothing to move
         sizes = jobs_on.get(v.id, ())
-        if sum(sizes) != busy:
+        known = sum(sizes) == busy  # the scheduler says which jobs run there
+        if not known:
             sizes = (busy,)
         plan = replacement(sizes, n, v.instance.price_per_hour, offers)
         if (
@@ -221,6 +242,27 @@ def right_size(
                 left -= 1
                 _move_out(v.id, target, free, leaving, taking, frag_since)
                 out.append(terminate(v, f"{busy} of {n} GPUs used: its jobs fit elsewhere"))
+                continue
+            if restarts(v.id, known, plan, room, frag_since, cfg):
+                # Seen half-used before, with no replacement booted in time (its jobs came too
+                # late for one): renewing would buy every free GPU for a whole increment; its
+                # jobs restart on the smaller types instead, launched now (they wait one boot,
+                # from their last checkpoint).
+                left -= 1
+                room -= len(plan)
+                _move_out(v.id, {}, free, leaving, taking, frag_since)
+                names = " + ".join(t.name for t in plan)
+                out.append(terminate(v, f"{busy} of {n} GPUs used at renewal: {names} take them"))
+                out += [
+                    launch(
+                        cfg,
+                        t.price_per_hour,
+                        f"{busy} of {n} GPUs used at renewal: {names} replace it",
+                        t.regions_with_capacity[0],
+                        t.name,
+                    )
+                    for t in plan
+                ]
                 continue
         if len(plan) > 1 and cfg.action_cooldown_mins > 0:
             plan = []  # the rails' cooldown would let one of its launches through per scan

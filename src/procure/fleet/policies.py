@@ -197,11 +197,13 @@ class ProcurePolicy:
       counted from when billing began (the end of its boot, where the cloud bills from there).
       Billed by long increments, a boot that no queued job needs any more is called off before
       it ends (booting is free; its first hour is not), and a half-used node whose jobs fit on
-      another node in use goes at the end of its increment (they move there, nothing bought);
-      an idle node with more GPUs than the average job goes in its increment's last quarter (a
-      small job landing then would renew all of it; only where arrivals are counted, as the
-      simulators do), and a moved node's replacement is launched only where it boots before
-      that node's increment ends.
+      another node in use goes at the end of its increment (they move there, nothing bought),
+      as does one whose jobs came too late for a replacement to boot before that end: they
+      restart on the smaller types launched for them then (`consolidate.restarts`; renewing
+      would buy its free GPUs for a whole increment); an idle node with more GPUs than the
+      average job goes in its increment's last quarter (a small job landing then would renew
+      all of it; only where arrivals are counted, as the simulators do), and a moved node's
+      replacement is launched only where it boots before that node's increment ends.
     - Moves (only where the scheduler's placement is known, as in the simulators): a node with
       GPUs to spare for `migrate_after_s` is replaced by smaller types that hold its jobs
       (`consolidate.right_size`).
