@@ -53,6 +53,11 @@ async def launch(
     terms: OfferTerms,
 ) -> TickResult:
     """Find the instance by name (a launch before a crash); launch it only if there is none."""
+    if inst.outcome is not None and inst.launched_at is None:
+        # Ending before any launch was tried (`launched_at` is written before the call): none
+        # can be listed under its name, so no provider need answer first. One refusing every
+        # call (a key revoked, an account suspended) kept the job, and its run, here for ever.
+        return end(deps, ctx, job, inst, 0, inst.outcome, inst.end_reason or "")
     try:
         found = await client.find(inst.name)
     except CloudError as exc:

@@ -87,20 +87,34 @@ def describe_offer(terms: OfferTerms) -> str:
 
 
 async def _fetch(
-    clients: Mapping[str, RentalCloud], provider: str, gpu: str | None, cache: dict[Any, Any]
+    clients: Mapping[str, RentalCloud],
+    provider: str,
+    gpu: str | None,
+    count: int,
+    cache: dict[Any, Any],
 ) -> list[Offer] | str:
-    """The provider's offers of `gpu`, once per call site's `cache`; an error's text on failure."""
-    key = (provider, gpu)
+    """The provider's offers of `gpu` x `count`, once per call site's `cache`; an error's text
+    on failure."""
+    key = (provider, gpu, count)
     if key not in cache:
         client = clients.get(provider)
         if client is None:
             cache[key] = f"no {provider} account configured ({KEY_ENV.get(provider, 'its key')})"
         else:
             try:
-                cache[key] = list(await client.offers(gpu=gpu))
+                cache[key] = list(await _offers(client, gpu, count))
             except CloudError as exc:
                 cache[key] = f"{provider} offers: {exc}"
     return cache[key]  # type: ignore[no-any-return]
+
+
+async def _offers(client: RentalCloud, gpu: str | None, count: int | None) -> list[Offer]:
+    """The client's offers of `count` GPUs an instance: RunPod's catalogue answers for one
+    count at a time (one GPU unless asked), so a vendor of more never matched any pod. One is
+    every client's default, so it is not passed."""
+    if count is None or count == 1:
+        return await client.offers(gpu=gpu)
+    return await client.offers(gpu=gpu, gpu_count=count)
 
 
 async def price_clouds(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
@@ -120,7 +134,7 @@ async def price_clouds(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
         if vendor.kind != "cloud" or terms is None:
             vendors.append(vendor)
             continue
-        fetched = await _fetch(deps.clouds, terms.provider, terms.gpu, cache)
+        fetched = await _fetch(deps.clouds, terms.provider, terms.gpu, terms.count, cache)
         if isinstance(fetched, str):
             said.append((OBS.agent_reasoning, f"{vendor.vendor_id}: {fetched}"))
             if terms.provider in deps.clouds:
@@ -234,7 +248,7 @@ async def all_offers(
     cloud_vendors = [v for v in vendors if v.kind == "cloud"]
     for provider, client in sorted(mapping.items()):
         try:
-            offers = await client.offers(gpu=gpu)
+            offers = await _offers(client, gpu, count)
         except CloudError as exc:
             if errors is not None:
                 errors.append(f"{provider}: {exc}")

@@ -14,7 +14,16 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-from procure.agent.cloud_end import GONE, abandon, end, keyring, mark_ending, terminate, trouble
+from procure.agent.cloud_end import (
+    GONE,
+    abandon,
+    cool,
+    end,
+    keyring,
+    mark_ending,
+    terminate,
+    trouble,
+)
 from procure.agent.cloud_launch import boot, launch
 from procure.agent.cloud_money import ahead_s, cost
 from procure.agent.cloud_offers import describe_offer
@@ -240,6 +249,9 @@ def give_up(deps: AgentDeps, job: Job, why: str) -> TickResult:
     with deps.store.session() as s:
         inst = cloud_repo.instance_of_job(s, job.id)
     if inst is not None and inst.outcome is None:
+        # Its offer kind cooled, as for any failure of the cloud's: the run chooses again
+        # elsewhere, not the same cheapest offer that found no way forward all these ticks.
+        cool(deps, OfferTerms.model_validate(inst.offer))
         mark_ending(deps, inst, "failed", why, fault=True, terminate=inst.instance_id is not None)
     elif inst is not None and inst.status == "terminating" and stuck_ending(deps, inst):
         # Already ending, and its end not confirmed in all these ticks nor in a boot's time:

@@ -112,8 +112,11 @@ def _book(
             ][-1:]
             if any(p.status == PaymentStatus.completed for p in ours):
                 pending = []
-            if billed is None:  # no billing endpoint (Lambda): its rule, as the tick books it
-                billed = computed_bill(record, terms)
+            if billed is None:  # no billing endpoint (Lambda): its rule, as the tick books it,
+                # to this sweep's terminate: an instance still listed live after an accepted
+                # terminate (abandoned to the sweeper) billed on until now, and booked up to
+                # that first acceptance it was booked short. (No end: `computed_bill` ends now.)
+                billed = computed_bill(dataclasses.replace(record, ended_at=None), terms)
             for p in pending:
                 status = PaymentStatus.completed if billed else PaymentStatus.failed
                 repo.update_payment(s, p.id, amount=billed, status=status, error_message=None)

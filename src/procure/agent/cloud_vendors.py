@@ -18,7 +18,9 @@ MAX_COUNT = 16
 MAX_REGIONS = 32
 MIN_PRICE_PER_HOUR_USD = 0.001  # as `procure vendors add-cloud --max-price`
 _VENDOR_ID = r"^[A-Za-z0-9_.-]+$"
-_REGION = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# A region as its provider names it: Lambda's and RunPod's ids ("us-east-1", "US-TX-3"), or
+# Vast.ai's geolocations, a place and its country code ("Oregon, US", letters of any script).
+_REGION = r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*|\w[\w .'-]*, [A-Z]{2})$"
 _IMAGE = r"^[\x21-\x7e]+$"  # an image reference: visible ASCII, no spaces
 _Region = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=_REGION)]
 

@@ -167,8 +167,9 @@ class RentalCloud(Protocol):
     provider: Provider
     billing_increment_s: int
 
-    async def offers(self, *, gpu: str | None = None) -> list[Offer]:
-        """Every offer (cheapest first), optionally of one GPU model."""
+    async def offers(self, *, gpu: str | None = None, gpu_count: int | None = None) -> list[Offer]:
+        """Every offer (cheapest first), optionally of one GPU model and of `gpu_count` GPUs
+        per instance (RunPod prices and stocks pods of that many: without it, of one)."""
         ...
 
     async def launch_spec(self, spec: LaunchSpec) -> Instance:

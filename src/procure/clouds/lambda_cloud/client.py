@@ -152,7 +152,7 @@ class LambdaCloud:
 
     # --- RentalCloud: the agent's view ---------------------------------------------------
 
-    async def offers(self, *, gpu: str | None = None) -> list[Offer]:
+    async def offers(self, *, gpu: str | None = None, gpu_count: int | None = None) -> list[Offer]:
         """One offer per GPU instance type and region with capacity now, cheapest first. Lambda
         says only whether a region has capacity, so `available` is 1."""
         found = [
@@ -173,6 +173,8 @@ class LambdaCloud:
         ]
         if gpu:
             found = [o for o in found if o.gpu == gpu.strip().upper()]
+        if gpu_count is not None:
+            found = [o for o in found if o.gpu_count == gpu_count]
         return sorted(found, key=lambda o: (o.price_per_hour, o.gpu_count, o.offer_id, o.region))
 
     async def launch_spec(self, spec: LaunchSpec) -> Instance:
@@ -196,6 +198,8 @@ class LambdaCloud:
         if script is not None:
             body["user_data"] = script
         path = "/api/v1/instance-operations/launch"
+        # Its values (the node's token) are secrets sent: one a refusal quotes is never logged.
+        remember_secret(*spec.env.values())
         try:
             answer = await self._call("POST", path, body, launch=True)
         except CloudError as exc:

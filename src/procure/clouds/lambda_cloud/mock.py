@@ -30,6 +30,7 @@ from procure.clouds.lambda_cloud.mockfaults import (
     spec_body,
 )
 from procure.clouds.lambda_cloud.mockkeys import keys_router
+from procure.clouds.lambda_cloud.mocknet import net_router
 from procure.clouds.lambda_cloud.mockstate import (
     MockCloudConfig,
     MockCloudState,
@@ -282,6 +283,7 @@ def create_mock_cloud_app(state: MockCloudState) -> FastAPI:
         return await faulted(faults, "terminate", answer)
 
     app.include_router(keys_router(state, faults, api))
+    app.include_router(net_router(state, faults, api))  # firewall rules, images
     app.include_router(admin_router(state, nodes, faults, instance_json), dependencies=authed)
     return app
 

@@ -54,9 +54,10 @@ _PROVIDER = ("provider/internal-unavailable", "Provider unavailable", "Try again
 class Faults(AnswerFaults):
     """What `POST /admin/faults` sets (the whole set at once; `{}` clears it). `endpoints` limits
     the answer faults to some of `instance-types`, `instances`, `instance`, `launch`,
-    `terminate`, `ssh-keys` (empty: all). `count`: the answer faults are served that many
-    times, then cleared (None: until changed). `status` is answered in Lambda's envelope; 429 is
-    `rate_limited`; `huge` is HUGE_BYTES; a wrong ip is WRONG_IP."""
+    `terminate`, `ssh-keys`, `firewall-rules`, `images` (empty: all). `count`: the answer
+    faults are served that many times, then cleared (None: until changed). `status` is
+    answered in Lambda's envelope; 429 is `rate_limited`; `huge` is HUGE_BYTES; a wrong ip is
+    WRONG_IP."""
 
     ANSWERS: ClassVar[tuple[str, ...]] = (
         "hang_s",

@@ -116,6 +116,8 @@ class MockCloudState:
         # The account's SSH keys by id ({"id", "name", "public_key"}), as `mockkeys` lists them.
         self.ssh_keys: dict[str, dict[str, str]] = {}
         self.keys_known = config.ssh_keys is not None
+        # The account's inbound firewall rules (`mocknet`), replaced whole by each PUT.
+        self.firewall_rules: list[dict[str, Any]] = []
         for key_name in config.ssh_keys or []:
             key_id = secrets.token_hex(16)
             public = f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{secrets.token_hex(16)} {key_name}"

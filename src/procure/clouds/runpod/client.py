@@ -71,7 +71,10 @@ class RunPodCloud:
 
     # --- RentalCloud -----------------------------------------------------------------------
 
-    async def offers(self, *, gpu: str | None = None, gpu_count: int = 1) -> list[Offer]:
+    async def offers(self, *, gpu: str | None = None, gpu_count: int | None = None) -> list[Offer]:
+        """Offers of pods of `gpu_count` GPUs (RunPod's catalogue prices and stocks one count
+        at a time: one GPU when not given)."""
+        gpu_count = gpu_count or 1
         found: list[Offer] = []
         for cloud in wire.CLOUDS:
             params = {"include": "AVAILABILITY", "product": "POD", "cloud": cloud}
@@ -101,6 +104,8 @@ class RunPodCloud:
             body["dataCenterIds"] = [spec.offer.region]
         # Never retried here: createPod takes no idempotency key. After an error the caller
         # looks for the name (`find`) before it launches again.
+        # Its env values (the node's token) are secrets sent: one a refusal quotes is never logged.
+        remember_secret(*spec.env.values())
         try:
             answer = await self._call("POST", PODS, json=body, create=True)
         except CloudError as exc:

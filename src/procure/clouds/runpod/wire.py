@@ -21,6 +21,7 @@ from procure.clouds.base import (
     ProviderError,
     QuotaError,
     RateLimited,
+    http_url,
 )
 
 MICROS = 1_000_000
@@ -209,7 +210,8 @@ def instance(raw: Any, node_port: int) -> Instance:
         private = node_port_of(pod.ports, node_port)
         for port in pod.runtime.ports:
             if port.private == private and port.ip and port.public:
-                ip, node_url = port.ip, f"http://{port.ip}:{port.public}"
+                # An IPv6 address bracketed: unbracketed, it was no URL at all.
+                ip, node_url = port.ip, http_url(port.ip, port.public)
                 break
     gpu_id = pod.gpu.id if pod.gpu else ""
     cloud = pod.cloud if pod.cloud in CLOUDS else "SECURE"

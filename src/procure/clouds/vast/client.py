@@ -41,6 +41,7 @@ MAX_LABEL = 1024
 MAX_ONSTART = 4048  # Vast's limit (longer scripts must be gzipped and base64-encoded)
 DISK_GB = 20.0
 SEARCH_LIMIT = 500
+SEARCH_PAGES = 6  # answers one search reads at most, cheapest first (3,000 asks, ~6 s paced)
 MIN_BID, MAX_BID = 0.001, 128.0  # $/h, the spec's bounds on a bid at create
 
 
@@ -82,26 +83,57 @@ class VastCloud:
 
     # --- RentalCloud ---------------------------------------------------------------------
 
-    async def offers(self, *, gpu: str | None = None, spot: bool | None = None) -> list[Offer]:
+    async def offers(
+        self, *, gpu: str | None = None, gpu_count: int | None = None, spot: bool | None = None
+    ) -> list[Offer]:
         """On-demand and interruptible (bid) offers, cheapest first; `spot` picks one kind."""
         found: list[Offer] = []
         for interruptible in (False, True):
             if spot is not None and spot != interruptible:
                 continue
-            body = {
-                "limit": SEARCH_LIMIT,
-                # The spec's enum says "ondemand"; the SDK sends "on-demand". Vast takes both.
-                "type": "bid" if interruptible else "ondemand",
-                "verified": {"eq": True},
-                "rentable": {"eq": True},
-                "rented": {"eq": False},
-                "direct_port_count": {"gte": 1},
-            }
-            answer = await self._call("POST", "/api/v0/bundles/", "search", json_body=body)
-            found += wire.offers(answer, interruptible=interruptible)
+            found += await self._search(interruptible, wire.canonical_gpu(gpu) if gpu else None)
         if gpu:
             found = [o for o in found if o.gpu == wire.canonical_gpu(gpu)]
+        if gpu_count is not None:
+            found = [o for o in found if o.gpu_count == gpu_count]
         return sorted(found, key=lambda o: (o.price_per_hour, o.interruptible, o.offer_id))
+
+    async def _search(
+        self, interruptible: bool, gpu: str | None, *, every: bool = False
+    ) -> list[Offer]:
+        """The market's cheapest offers of one kind. Vast answers at most SEARCH_LIMIT offers,
+        cut in the order asked (by price here: cut in Vast's own order, the cheapest were lost).
+        A search for one GPU model whose answer is full of other models goes on from that
+        answer's highest price, as does one for `every` model (the fleet's catalogue): Vast's
+        search has no page token, and its names for a model are not ours to guess (the model
+        is matched here, on canonical names)."""
+        body: dict[str, Any] = {
+            "limit": SEARCH_LIMIT,
+            # The spec's enum says "ondemand"; the SDK sends "on-demand". Vast takes both.
+            "type": "bid" if interruptible else "ondemand",
+            "verified": {"eq": True},
+            "rentable": {"eq": True},
+            "rented": {"eq": False},
+            "direct_port_count": {"gte": 1},
+            # Two [field, direction] pairs, as the spec's schema counts them; the id breaks ties.
+            "order": [["dph_total", "asc"], ["id", "asc"]],
+        }
+        found: dict[str, Offer] = {}
+        seen: set[str] = set()
+        for _ in range(SEARCH_PAGES):
+            answer = await self._call("POST", "/api/v0/bundles/", "search", json_body=body)
+            found |= {o.offer_id: o for o in wire.offers(answer, interruptible=interruptible)}
+            ids, highest = wire.search_page(answer)
+            new = set(ids) - seen
+            seen |= new
+            full = len(ids) >= SEARCH_LIMIT and highest is not None
+            wanted = every or (gpu is not None and not any(o.gpu == gpu for o in found.values()))
+            if not full or not wanted:
+                break
+            # Asks priced at the cut come again (`gte`; known ones skipped), unless no ask in
+            # the answer was new (a whole answer at one price): then past that price.
+            body["dph_total"] = {"gte" if new else "gt": highest}
+        return list(found.values())
 
     async def launch_spec(self, spec: LaunchSpec) -> Instance:
         if not spec.name or len(spec.name) > MAX_LABEL:
@@ -135,6 +167,8 @@ class VastCloud:
         path = f"/api/v0/asks/{_segment(offer.offer_id)}/"
         # Never retried here: Vast's create takes no idempotency key. After an error the caller
         # looks for the label (find) before launching again.
+        # Its env values (the node's token) are secrets sent: one a refusal quotes is never logged.
+        remember_secret(*spec.env.values())
         try:
             answer = await self._call("PUT", path, "create", json_body=body)
         except CloudError as exc:
@@ -212,7 +246,8 @@ class VastCloud:
         """One type per GPU model and count, at its cheapest on-demand offer, with the regions
         where one can be rented now."""
         types: dict[str, InstanceType] = {}
-        for o in await self.offers(spot=False):
+        # The whole market: its cheapest answer may hold none of a model the fleet runs.
+        for o in await self._search(False, None, every=True):
             name = wire.type_name(o.gpu, o.gpu_count)
             seen = types.get(name)
             regions = sorted({*(seen.regions_with_capacity if seen else []), o.region})
@@ -241,7 +276,8 @@ class VastCloud:
         next (the create never happened)."""
         fits = [
             o
-            for o in await self.offers(spot=False)
+            # Searched by its model: the market's cheapest answer may hold none of this type.
+            for o in await self.offers(gpu=wire.gpu_of_type(instance_type), spot=False)
             if wire.type_name(o.gpu, o.gpu_count) == instance_type
             and (max_price_per_hour is None or o.price_per_hour <= max_price_per_hour)
         ]

@@ -87,7 +87,8 @@ def create_app(state: MockVastState) -> FastAPI:
     def authorised(request: Request) -> str:
         given = request.headers.get("authorization")
         if not bearer_matches(given, config.api_key):
-            raise refusal(401, "invalid_token", "Invalid user key")
+            # Vast's word for a refused key (its spec); `invalid_token` is a stale page cursor.
+            raise refusal(401, "auth_error", "Invalid user key")
         return f"{config.api_key}@{request.client.host if request.client else ''}"
 
     async def provider(
@@ -220,8 +221,10 @@ def create_app(state: MockVastState) -> FastAPI:
         async def answer() -> dict[str, Any]:
             q = request.query_params
             limit_raw = q.get("limit", str(PAGE_MAX))
+            if _integer(limit_raw) and int(limit_raw) <= 0:
+                limit_raw = "5"  # as Vast's spec says: "Values ≤ 0 are treated as 5"
             if not limit_raw.isdecimal() or not 0 < int(limit_raw) <= PAGE_MAX:
-                raise refusal(400, "invalid_request", f"limit must be 1 to {PAGE_MAX}")
+                raise refusal(400, "invalid_request", f"limit must be at most {PAGE_MAX}")
             filters = mockio.filters(q.get("select_filters"), "select_filters")
             after = mockio.after(q.get("after_token"))
             with state.lock:
@@ -261,8 +264,10 @@ def create_app(state: MockVastState) -> FastAPI:
             q = request.query_params
             filters = mockio.filters(q.get("select_filters"), "select_filters", required=True)
             day = filters.get("day")
-            if not isinstance(day, dict) or not {"gte", "lte"} & set(day):
-                raise refusal(400, "invalid_args", "select_filters needs a day range")
+            if not isinstance(day, dict) or not {"gte", "lte"} <= set(day):
+                # Vast's own words (its spec): both ends, or a 400 without an error code.
+                msg = "Must provide both 'day' gte and lte filters for instance charges"
+                raise Refusal(400, {"success": False, "msg": msg})
             limit_raw = q.get("limit", "100")
             if not limit_raw.isdecimal() or not 0 < int(limit_raw) <= 500:
                 raise refusal(400, "invalid_args", "limit must be 1 to 500")
@@ -368,6 +373,10 @@ def create_app(state: MockVastState) -> FastAPI:
     )
     app.include_router(admin, dependencies=[Depends(authorised)])
     return app
+
+
+def _integer(raw: str) -> bool:
+    return raw.removeprefix("-").isdecimal() and len(raw) <= 20
 
 
 class MockCloud(mockserver.MockCloud[MockVastState]):

@@ -78,6 +78,12 @@ def type_name(gpu: str, count: int) -> str:
     return f"vast_{count}x_{gpu}"
 
 
+def gpu_of_type(name: str) -> str | None:
+    """The GPU model of a `type_name` ("vast_2x_RTX4090" → "RTX4090"); None for another name."""
+    prefix, sep, gpu = name.partition("x_")
+    return gpu if sep and prefix.startswith("vast_") and prefix[5:].isdecimal() and gpu else None
+
+
 def micros(usd_per_hour: float) -> int:
     return round(usd_per_hour * MICROS)
 
@@ -113,6 +119,20 @@ def offers(body: Any, *, interruptible: bool) -> list[Offer]:
             )
         )
     return found
+
+
+def search_page(body: Any) -> tuple[list[str], float | None]:
+    """The ids of every ask in a search answer (usable or not) and its highest `dph_total`
+    (None when it has none): where a search ordered by price goes on."""
+    raw = body.get("offers") if isinstance(body, dict) else None
+    items = [o for o in raw if isinstance(o, dict)] if isinstance(raw, list) else []
+    ids = [str(o.get("id")) for o in items]
+    prices = [
+        float(p)
+        for p in (o.get("dph_total") for o in items)
+        if isinstance(p, int | float) and not isinstance(p, bool) and 0 <= p <= 100_000
+    ]
+    return ids, max(prices, default=None)
 
 
 def status(actual: str | None, intended: str | None, is_bid: bool) -> InstanceStatus:
@@ -262,7 +282,12 @@ def error_for(status: int, body: Any, raw: bytes, what: str) -> CloudError:
     if status == 429:
         return RateLimited(text)
     # `invalid_token` with a 400 is a page token Vast no longer takes (its spec), not the key.
-    if status in (401, 403) or code in ("unauthorized", "auth_error"):
+    key_refused = code in ("unauthorized", "auth_error")
+    if status == 403 and "/asks/" in what and not key_refused:
+        # createInstance's 403 (`invalid_args`: "Offer ... is not your own. Hosts can only
+        # rent their own machines.") refuses that ask, not the key: the next ask is tried.
+        return CapacityError(text)
+    if status in (401, 403) or key_refused:
         return AuthError(f"{what}: Vast.ai refused the API key ({status} {code or 'denied'})")
     if code == "no_such_ask" or "no_such_ask" in message or status == 410:
         return CapacityError(text)
