@@ -42,6 +42,8 @@ MAX_INSTANCES = 32
 MAX_HOURLY_USD = 100.0
 BIG = "gpu_8x_a100"  # the one pool type of the single-pool rules
 PEERS = ("static-peak", "seed-rule", "cluster-autoscaler", "navarch", "navarch-queue")
+# Navarch's pool keeps one time of its last scaling, up or down, and its cooldown runs from it.
+ONE_COOLDOWN = ("navarch", "navarch-queue")
 DEFAULT_TARGET_MIN = ProcurePolicy.target_wait_s / 60
 # Below a boot the knob sets the headroom kept for bursts, and a little of it goes a long way:
 # hence the finer steps there.
@@ -161,7 +163,9 @@ def one(task: tuple[str, str, str, list[JobSpec], float, int]) -> Result:
             "navarch-queue": navarch_queue,
         }[policy]
         cfg = settings(policy)
-    return run(policy, decide, cfg, jobs, workload, world, hours=hours)
+    return run(
+        policy, decide, cfg, jobs, workload, world, hours=hours, one_cooldown=policy in ONE_COOLDOWN
+    )
 
 
 def fmt_row(r: Result, floor: float) -> str:

@@ -65,11 +65,18 @@ def table(rows: list[Summary]) -> str:
     return "\n".join(lines)
 
 
+def procure_misses(rows: list[Summary]) -> int:
+    """procure's deadline misses over every scenario played: the headline market sets no
+    deadline, so its own count is 0 whatever procure does where deadlines are set."""
+    return sum(r.deadline_misses for r in rows if r.policy == "procure")
+
+
 def goals(rows: list[Summary]) -> list[tuple[str, bool, str]]:
     heavy = {r.policy: r for r in rows if r.scenario == HEADLINE}
     if not {"oracle", "seeds", "procure"} <= set(heavy):
         return []
     ours, seeds = heavy["procure"], heavy["seeds"]
+    misses = procure_misses(rows)
     ratio = ours.charged / ours.bound
     saving = 1 - ours.cost_per_completed / seeds.cost_per_completed
     return [
@@ -80,7 +87,7 @@ def goals(rows: list[Summary]) -> list[tuple[str, bool, str]]:
             ours.completion_rate >= GOAL_COMPLETION,
             f"{ours.completion_rate:.1%}",
         ),
-        ("no deadline missed", ours.deadline_misses == 0, str(ours.deadline_misses)),
+        ("no deadline missed (every scenario)", misses == 0, str(misses)),
     ]
 
 
@@ -118,7 +125,7 @@ def report(rows: list[Summary], jobs: int, seed: int, seconds: float) -> dict[st
         "optimum_played_usd": _usd(played.charged_per_job) if played else None,
         "procure_x_bound": round(ours.charged / ours.bound, 4),
         "procure_x_oracle": round(ours.charged / oracle.charged, 4),
-        "misses": ours.deadline_misses,
+        "misses": procure_misses(rows),
         "completion": round(ours.completion_rate, 4),
         "goals": [{"goal": t, "met": m, "figure": f} for t, m, f in goals(rows)],
         "rows": [_row(r) for r in rows],

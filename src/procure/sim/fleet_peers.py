@@ -100,10 +100,6 @@ class ClusterAutoscaler:
             groups = [t for t in groups if t is not kind]
         if out:
             return out
-        if signal.last_provision_at and signal.now - signal.last_provision_at < timedelta(
-            seconds=self.delay_after_add_s
-        ):
-            return []
         free = dict(signal.free_gpus)
         active = [v for v in running if v.instance.status == "active"]
         for v in active:
@@ -113,6 +109,13 @@ class ClusterAutoscaler:
                 self._unneeded.setdefault(v.id, signal.now)
             else:
                 self._unneeded.pop(v.id, None)
+        # The delay after a scale-up holds back deletions only: CA goes on tracking unneeded
+        # nodes through it (UpdateClusterState runs before isScaleDownInCooldown), so a node
+        # idle for 10 min by the delay's end goes then.
+        if signal.last_provision_at and signal.now - signal.last_provision_at < timedelta(
+            seconds=self.delay_after_add_s
+        ):
+            return []
         due = [
             v
             for v in active

@@ -123,8 +123,13 @@ def work_floor_usd(jobs: Sequence[JobSpec], world: World) -> float:
 class Sim:
     """One policy's run: the cloud, the queue, the rails."""
 
-    def __init__(self, world: World, cfg: FleetSettings, jobs: list[JobSpec]) -> None:
+    def __init__(
+        self, world: World, cfg: FleetSettings, jobs: list[JobSpec], one_cooldown: bool = False
+    ) -> None:
         self.world, self.cfg = world, cfg
+        # One cooldown for launches and terminations together (Navarch's pool keeps one
+        # `lastScale`); else one per action type, as procure's rails keep it.
+        self.one_cooldown = one_cooldown
         self.cluster = Cluster(checkpoint_s=world.checkpoint_s, backfill=True)
         self.cluster.submit(jobs, 0.0)
         self._submits = sorted((j.submit_s, j.gpus) for j in jobs)
@@ -267,7 +272,11 @@ class Sim:
         action type last went out before this scan: a cooldown is between decisions, so one
         scan's launches (Navarch's scale to its target, say) are one decision."""
         cfg, now = self.cfg, self.now
-        last = (self.last_acted if acted is None else acted).get(p.action_type)
+        before = self.last_acted if acted is None else acted
+        if self.one_cooldown:
+            last = max(before.values(), default=None)
+        else:
+            last = before.get(p.action_type)
         if last is not None and now - last < cfg.action_cooldown_mins * 60:
             self.blocked += 1
             return
@@ -317,10 +326,12 @@ def run(
     *,
     hours: float,
     drain_hours: float = 96.0,
+    one_cooldown: bool = False,
 ) -> Result:
     """Play `hours` of arrivals, one scan per `cfg.scan_interval_s`, then on until the work is
-    done (at most `drain_hours` more), so a policy that leaves jobs queued pays to finish them."""
-    sim = Sim(world, cfg, jobs)
+    done (at most `drain_hours` more), so a policy that leaves jobs queued pays to finish them.
+    `one_cooldown`: the cooldown runs from the last action of either type (see `Sim`)."""
+    sim = Sim(world, cfg, jobs, one_cooldown)
     c = sim.cluster
     scan = cfg.scan_interval_s
     while sim.now < hours * 3600 or (

@@ -2,7 +2,9 @@
 job for a policy that knows every vendor's true hazard but not when its failures come.
 
 The model is the simulator's. A job on vendor v is paid in slices of `s` hours (the first at
-once, each next one when `RENEW_FRACTION` of a slice is left, only if the vendor is still alive),
+once, each next one as the paid time runs out, only if the vendor is still alive: the simulator's
+tick may renew that late, and a renewal bought later is never dearer, as a vendor that dies
+first is not paid; `optimal_policy` renews then),
 each slice costing its hours at v's price plus the payment fee; v fails at rate `hazard` from the
 moment it is paid (start-up included); a failure, or a job that ends, leaves the run at its last
 checkpoint. Refusals and cool-downs only cost time, and without a deadline time is free: waiting
@@ -29,15 +31,21 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 
 from procure.agent.context import PlanContext
 from procure.agent.costmodel import intervals
-from procure.agent.slices import RENEW_FRACTION
-from procure.models import Action
+from procure.agent.planner import Reconsider
+from procure.agent.slices import paid_hours
+from procure.models import Action, Job
 from procure.sim.market import Market, VendorSpec
 from procure.sim.policies import Policy
 
 EPS = 1e-12
+# The share of a slice left when the next one is bought. The agent's tick renews at
+# `RENEW_FRACTION`, but a renewal it lets pass is asked again as the paid time runs out
+# (`engine._renew(stopping=True)`), and buying then is never dearer: the least is at 0.
+LAST_RENEWAL = 0.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class Plan:
     positions: tuple[float, ...]  # hours of work done at each checkpoint
 
 
-def money(v: VendorSpec, fee: float, s: float, h: float, rho: float = RENEW_FRACTION) -> float:
+def money(v: VendorSpec, fee: float, s: float, h: float, rho: float = LAST_RENEWAL) -> float:
     """Expected payments for a job of `h` hours on `v` paid in slices of `s` hours."""
     lam, p = v.hazard, v.price_per_hour
     j = math.ceil(h / s - 1e-9)
@@ -184,9 +192,25 @@ def expected_cost(market: Market, hours: float, checkpoint_every: float, progres
     return p.values[checkpoint_index(p, progress, hours)]
 
 
+def renew_last(market: Market) -> Reconsider:
+    """A reconsider that lets each renewal point pass and renews as the paid time runs out
+    (`LAST_RENEWAL`): the slice after a vendor's failure in between is never paid."""
+    startup = {v.vendor_id: v.startup_hours for v in market.vendors}
+
+    def reconsider(ctx: PlanContext, job: Job, paid_until: float) -> str | None:
+        paid = paid_hours(job, ctx.state.payments)
+        ends = job.created_at + timedelta(hours=startup.get(job.vendor_id, 0.0) + paid)
+        if ctx.now < ends - timedelta(seconds=1):
+            return "renewed as the paid time runs out"
+        return None
+
+    return reconsider
+
+
 def optimal_policy(market: Market) -> Policy:
     """The optimum as a policy the simulator can play (it is told the true hazards): from each
-    checkpoint, the optimal job; a vendor cooling down or refusing is waited for."""
+    checkpoint, the optimal job, renewed as its paid time runs out; a vendor cooling down or
+    refusing is waited for."""
 
     async def planner(ctx: PlanContext) -> Action:
         spec = ctx.state.run.job_spec
@@ -210,4 +234,4 @@ def optimal_policy(market: Market) -> Policy:
             reason=f"optimal: {step.intervals} intervals on {vendor.vendor_id}",
         )
 
-    return Policy("optimum", planner, resume=True, reconsider=None)
+    return Policy("optimum", planner, resume=True, reconsider=renew_last(market))
