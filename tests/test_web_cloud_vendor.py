@@ -181,3 +181,25 @@ def test_each_wrong_field_is_named_by_its_label() -> None:
         "GPUs per instance",
         "Max price (US dollars per hour)",
     ]
+
+
+def test_a_vast_region_typed_in_the_form_is_one_region_not_two() -> None:
+    """Before the fix: the form split its regions on every comma, so Vast.ai's "Oregon, US"
+    (a place and its country code, as Vast names regions and the API takes them) was saved as
+    the regions "Oregon" and "US", which match no Vast offer: its runs waited for ever."""
+    from procure.web.cloud_vendor_pages import parse
+
+    body, wrong = parse(
+        {
+            "provider": "vast",
+            "gpu": "RTX4090",
+            "maxPricePerHour": "0.6",
+            "regions": "Oregon, US, Quebec, CA",
+        }
+    )
+    assert wrong == [] and body is not None
+    assert body.regions == ["Oregon, US", "Quebec, CA"]
+    body, wrong = parse(
+        {"provider": "runpod", "gpu": "A100", "maxPricePerHour": "2", "regions": "US-TX-3,EU-RO-1"}
+    )
+    assert body is not None and body.regions == ["US-TX-3", "EU-RO-1"]

@@ -40,7 +40,10 @@ LABELS = {
         f"a number from {MIN_PRICE_PER_HOUR_USD} to {MAX_PRICE_PER_HOUR_USD:,}",
     ),
     "spot": ("Interruptible offers", "yes or no"),
-    "regions": ("Regions", "names of letters, digits, dots, dashes and underscores, by commas"),
+    "regions": (
+        "Regions",
+        "by commas: ids as the cloud names them (us-east-1), or Vast.ai's places (Oregon, US)",
+    ),
     "image": ("Container image", "an image reference without spaces, at most 300 characters"),
     "vendorId": ("Vendor id", "letters, digits, dots, dashes and underscores, at most 64"),
     "reliability": ("Prior reliability", "a number from 0 to 1"),
@@ -77,7 +80,7 @@ def parse(form: dict[str, str]) -> tuple[CloudVendorRequest | None, list[str]]:
     if given["spot"] not in ("", "yes", "no"):
         wrong.append(_wrong("spot"))
     data["spot"] = given["spot"] == "yes"
-    data["regions"] = [r.strip() for r in given["regions"].split(",") if r.strip()]
+    data["regions"] = regions(given["regions"])
     data["image"] = given["image"] or None
     data["vendorId"] = given["vendorId"] or None
     try:
@@ -176,3 +179,17 @@ def _fleet() -> bool:
     from procure.web import _fleet_available
 
     return _fleet_available()
+
+
+def regions(text: str) -> list[str]:
+    """The regions a form lists by commas. A Vast.ai region is a place and its country code
+    ("Oregon, US"): a bare two-letter code is the end of the place before it, not a region."""
+    found: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if found and len(piece) == 2 and piece.isalpha() and piece.isupper():
+            found[-1] = f"{found[-1]}, {piece}"
+        else:
+            found.append(piece)
+    return found
