@@ -54,7 +54,9 @@ async def reconcile(
         return TickResult("Payment outcome unknown")
     if settled.used:
         try:
-            vjob = await deps.vendors.status(vendor, idempotency_key=job.idempotency_key)
+            vjob = await deps.vendors.status(
+                vendor, idempotency_key=job.idempotency_key, quote_id=job.quote_id
+            )
         except VendorError as exc:
             vjob, trouble = None, exc
         else:
@@ -104,7 +106,9 @@ async def reconcile(
             repo.update_payment(s, payment.id, status=PaymentStatus.failed, error_message=reason)
         return fail_job(deps, job, vendor, reason, penalize=False)
     try:
-        vjob = await deps.vendors.status(vendor, idempotency_key=job.idempotency_key)
+        vjob = await deps.vendors.status(
+            vendor, idempotency_key=job.idempotency_key, quote_id=job.quote_id
+        )
     except VendorError as exc:
         vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
         return TickResult("Vendor error")

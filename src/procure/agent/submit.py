@@ -398,7 +398,9 @@ def _another_job(
 
 async def confirm_started(deps: AgentDeps, job: Job, vendor: Vendor, tx: str | None) -> TickResult:
     try:
-        vjob = await deps.vendors.status(vendor, idempotency_key=job.idempotency_key)
+        vjob = await deps.vendors.status(
+            vendor, idempotency_key=job.idempotency_key, quote_id=job.quote_id
+        )
     except VendorError as exc:
         vendor_trouble(deps, job.run_id, vendor, f"{vendor.vendor_id} {exc}", penalize=False)
         return TickResult("Payment settled; job state unknown")

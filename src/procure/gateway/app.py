@@ -381,12 +381,16 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
     async def job_status(
         job_id: str | None = Query(None, alias="jobId", max_length=100),
         idempotency_key: str | None = Query(None, alias="idempotencyKey", max_length=MAX_KEY),
+        quote_id: str | None = Query(None, alias="quoteId", max_length=100),
     ) -> JSONResponse:
         if job_id:
             with rt.store.session() as s:
                 row = book.job(s, job_id)
         else:  # never mid-submission: wait for one in flight with this key to finish
             async with lock(f"submit:{idempotency_key or ''}"):
+                # By key, only to the holder of the job's quote: an unknown key's 404 otherwise.
+                if not sales.key_shows_job(rt, idempotency_key or "", quote_id):
+                    return _error(404, "no such job")
                 # A payment of it still pending (a lost settle answer) is asked about first.
                 answer = await sales.replayed(rt, "submit", idempotency_key or "")
             return JSONResponse(answer) if answer else _error(404, "no such job")

@@ -55,19 +55,28 @@ def drop_oldest_quotes(s: Session, now: datetime, count: int) -> None:
         s.execute(delete(GatewayQuoteRow).where(GatewayQuoteRow.quote_id.in_(ids)))
 
 
+def known(value: str) -> bool:
+    """Whether `value` (an id or key from a request) can name a row: a NUL never does, and
+    PostgreSQL cannot even compare one (where SQLite answers "unknown"), so a buyer sending
+    one got a 500 and a database traceback in the log."""
+    return bool(value) and "\x00" not in value
+
+
 def get_quote(s: Session, quote_id: str) -> GatewayQuoteRow | None:
-    return s.get(GatewayQuoteRow, quote_id[:32]) if quote_id else None
+    return s.get(GatewayQuoteRow, quote_id[:32]) if known(quote_id) else None
 
 
 # --- jobs and payments -----------------------------------------------------------------------
 
 
 def job(s: Session, job_id: str) -> GatewayJobRow | None:
-    return s.get(GatewayJobRow, job_id[:32]) if job_id else None
+    return s.get(GatewayJobRow, job_id[:32]) if known(job_id) else None
 
 
 def job_by_key(s: Session, key: str) -> GatewayJobRow | None:
-    return s.scalar(select(GatewayJobRow).where(GatewayJobRow.key == key[:200])) if key else None
+    if not known(key):
+        return None
+    return s.scalar(select(GatewayJobRow).where(GatewayJobRow.key == key[:200]))
 
 
 def nonce_seen(s: Session, nonce: str) -> bool:
@@ -124,6 +133,8 @@ def add_payment(
 
 
 def pending_payment(s: Session, kind: str, key: str) -> GatewayPaymentRow | None:
+    if not known(key):
+        return None
     query = select(GatewayPaymentRow).where(
         GatewayPaymentRow.kind == kind,
         GatewayPaymentRow.key == key,
@@ -149,6 +160,8 @@ def renewal_in_doubt(
 
 def renewed_job(s: Session, key: str) -> GatewayJobRow | None:
     """The job that the completed renewal with idempotency key `key` paid for, or None."""
+    if not known(key):
+        return None
     paid = s.scalar(
         select(GatewayPaymentRow).where(
             GatewayPaymentRow.kind == "renew",
@@ -226,6 +239,8 @@ def note(row: GatewayJobRow, line: str, keep: int) -> None:
 
 
 def instances_of(s: Session, job_id: str) -> list[GatewayInstanceRow]:
+    if not known(job_id):
+        return []
     query = select(GatewayInstanceRow).where(GatewayInstanceRow.job_id == job_id)
     return list(s.scalars(query.order_by(GatewayInstanceRow.created_at)))
 

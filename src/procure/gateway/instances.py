@@ -21,7 +21,6 @@ from procure.gateway.runtime import (
     job_row,
     kept_for_renewal,
     mark_running,
-    out_of_time,
     paid_end,
     update_instance,
     update_job,
@@ -69,10 +68,10 @@ async def _boot(rt: Runtime, row: GatewayJobRow) -> None:
         return
     now = utcnow()
     booted_for = (now - (inst.launched_at or now)).total_seconds()
-    if out_of_time(rt, row):  # never hold an instance past the paid time (or its doubt)
-        why = "the paid time ran out before an instance was ready"
-        update_job(rt, row.job_id, why, status="ending", outcome="failed", error=why)
-        return
+    # No paid time is checked here: a boot is the gateway's, bounded by the boot timeout below
+    # (the paid time starts, or goes on, once the node runs the job: `mark_running`). Counted
+    # from the sale, a boot longer than the time sold failed a job its buyer had paid for in
+    # full; counted on, a replacement's boot took the lost instance's time from the buyer.
     if got is None or got.status in GONE:
         await _lost(rt, row, inst, f"instance {inst.instance_id} was lost while booting")
         return
@@ -92,13 +91,10 @@ async def _boot(rt: Runtime, row: GatewayJobRow) -> None:
             if booted_for > rt.cfg.boot_timeout_s:
                 await _lost(rt, row, inst, f"the node never took the job: {exc}")
             return
-        update_instance(
-            rt, inst.name, status="running", node_url=got.node_url, node_job_id=submitted["id"]
-        )
         said = f"job started on {inst.instance_id}" + (
             f", resuming from {resume}" if resume else ""
         )
-        mark_running(rt, row.job_id, said, now)
+        mark_running(rt, row.job_id, said, now, inst.name, got.node_url, submitted["id"])
         return
     if booted_for > rt.cfg.boot_timeout_s:
         await _lost(rt, row, inst, f"instance {inst.instance_id} did not boot in time")
@@ -220,6 +216,12 @@ async def _terminate(rt: Runtime, inst: GatewayInstanceRow) -> bool:
         log.warning("terminate %s: %s", inst.name, exc)
         return False
     now = utcnow()
+    if not ids and inst.launched_at is not None:
+        # A launch tried without an answer, not listed by its name (yet): it may still land and
+        # bill, so it counts against the caps until the sweeper ends it or finds it never came
+        # (`loop.sweep`); marked terminated, a buyer was sold its place while it billed.
+        update_instance(rt, inst.name, status=book.ABANDONED, ended_at=now)
+        return True
     cost: int | None = None
     if inst.instance_id:
         try:

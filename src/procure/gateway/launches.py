@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from procure.clouds.base import CloudError, Instance, LaunchSpec, Offer, RateLimited
 from procure.crashpoints import crash_point
@@ -78,6 +78,8 @@ async def launch(rt: Runtime, row: GatewayJobRow) -> None:
         return
     if row.ended_at is not None and _waits_for_caps(rt, row):
         return
+    if _refused_lately(rt, row, now):
+        return
     try:
         offers = await rt.cloud.offers(gpu=row.gpu)
     except CloudError as exc:
@@ -91,9 +93,16 @@ async def launch(rt: Runtime, row: GatewayJobRow) -> None:
         why = row.error if row.tried_regions and row.error else None
         if best_offer(offers, row.gpu, tried) is not None:
             why = f"only {row.gpu} offers dearer than the job was sold for are free now"
+        # Every region it could launch in refused: asked again after a while (`_refused_lately`).
+        say = (
+            f"every region refused a launch; asking them all again in {rt.cfg.launch_retry_s:g} s"
+            if row.tried_regions
+            else None
+        )
         update_job(
             rt,
             row.job_id,
+            say,
             tried_regions=[],
             error=why or f"no {row.gpu} capacity on {rt.cfg.provider}",
         )
@@ -121,6 +130,23 @@ async def launch(rt: Runtime, row: GatewayJobRow) -> None:
     fresh = job_row(rt, row.job_id)
     assert fresh is not None
     await _call_launch(rt, fresh, inst)
+
+
+def _refused_lately(rt: Runtime, row: GatewayJobRow, now: datetime) -> bool:
+    """Whether the job waits before it asks every region again: a round of them all has just
+    ended with a refusal (its last instance refused, nothing made, its regions cleared), less
+    than `launch_retry_s` ago. Capacity refused in every region does not come back by the poll,
+    and each try is a launch call on the account and an instance row in the book."""
+    if row.tried_regions:
+        return False
+    last = instance_row(rt, row.job_id)
+    return (
+        last is not None
+        and last.status == "failed"
+        and last.launched_at is None
+        and last.ended_at is not None
+        and now < last.ended_at + timedelta(seconds=rt.cfg.launch_retry_s)
+    )
 
 
 WAITING_FOR_CAPS = "waiting for room under the gateway's caps"

@@ -75,15 +75,25 @@ def update_instance(rt: Runtime, name: str, **fields: Any) -> None:
                 setattr(row, key, value)
 
 
-def mark_running(rt: Runtime, job_id: str, say: str, now: datetime) -> None:
-    """The job runs: its paid time, if it had not started yet, counts from `now`, from the
-    row as it is now (locked: a renewal booked while the node was being asked is kept)."""
+def mark_running(
+    rt: Runtime, job_id: str, say: str, now: datetime, inst: str, node_url: str, node_job: str
+) -> None:
+    """The job runs on the instance named `inst` (its node's job `node_job`): its paid time, if
+    it had not started yet, counts from `now`; if it had (a lost instance replaced, a job
+    revived), it is moved on by this instance's boot, which is the gateway's, as a first boot
+    is. From the rows as they are now (locked: a renewal booked while the node was being asked
+    is kept), the instance's own `booting` → `running` in the same transaction (so a boot is
+    given back once)."""
     with rt.store.session() as s:
         row = s.get(GatewayJobRow, job_id, with_for_update=True)
-        if row is None:
+        instance = s.get(GatewayInstanceRow, inst, with_for_update=True)
+        if row is None or instance is None:
             return
         if row.paid_until is None:
             row.paid_until = now + timedelta(seconds=row.paid_hours * rt.cfg.hour_s)
+        elif instance.status == "booting" and instance.launched_at is not None:
+            row.paid_until = row.paid_until + max(timedelta(0), now - instance.launched_at)
+        instance.status, instance.node_url, instance.node_job_id = "running", node_url, node_job
         row.status, row.log_cursor = "running", 0
         book.note(row, f"[gateway] {say}", rt.cfg.log_lines)
         row.updated_at = utcnow()

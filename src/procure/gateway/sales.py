@@ -6,6 +6,7 @@ the buyer's view of a job. What is refused before money moves is `refusals.py`'s
 from __future__ import annotations
 
 import asyncio
+import hmac
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -227,7 +228,10 @@ def new_renewal(
         if book.nonce_seen(s, auth["nonce"]):
             return 409, "this payment was already used"
         row = book.job(s, job_id)
-        if row is not None and utcnow() > paid_end(rt, row):
+        # A boot is not the buyer's time (`runtime.mark_running`): its paid time starts, or goes
+        # on, once the job runs.
+        booting = row is not None and row.status == "booting"
+        if row is not None and not booting and utcnow() > paid_end(rt, row):
             # The loop ends it at its next look (nothing a renewal made now could hold).
             return 409, f"job {job_id}'s paid time ran out; it is ending"
         # Checked before its 402 too; again here, where the payment is written (an instance
@@ -394,6 +398,21 @@ def not_its_job(
     if quote_id in quote_ids or (auth is not None and auth["nonce"] == nonce):
         return None
     return 409, f"this {IDEMPOTENCY_HEADER} was used for another quote's job: choose a new key"
+
+
+def key_shows_job(rt: Runtime, key: str, quote_id: str | None) -> bool:
+    """Whether a status asked by idempotency key `key` may answer its job: only with the job's
+    own quote (`quoteId`), as a submit replay is (`not_its_job`). Keys are the buyers' choice
+    and guessable (procure's agent names them `job-<id>`), and the buyers' bearer is shared: by
+    key alone anyone saw another buyer's job (its id, logs, checkpoint) and with the id could
+    cancel it. Quote ids go only to the buyer that asked; a wrong one is told nothing more than
+    an unknown key."""
+    if not quote_id:
+        return False
+    with rt.store.session() as s:
+        row = book.job_by_key(s, key)
+        owned = row.quote_id if row is not None else ""
+    return bool(owned) and hmac.compare_digest(owned.encode(), quote_id.encode())
 
 
 async def replayed(rt: Runtime, kind: str, key: str) -> dict[str, Any] | None:

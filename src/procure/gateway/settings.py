@@ -41,6 +41,10 @@ class GatewayConfig:
     node_port: int = 9876
     poll_s: float = 2.0
     boot_timeout_s: float = 900.0
+    # How long a job waits, once every region's launch was refused (clouds list capacity they
+    # will not give), before it asks them all again: asked every poll, each try was a launch
+    # call on the account and a failed instance row, ~1,350 an hour per job on three regions.
+    launch_retry_s: float = 60.0
     sweep_every_s: float = 30.0
     log_lines: int = 200  # a job's last log lines kept and relayed
     max_params_bytes: int = 8_000

@@ -420,9 +420,19 @@ class VendorClient:
         *,
         vendor_job_id: str | None = None,
         idempotency_key: str | None = None,
+        quote_id: str | None = None,
     ) -> VendorJob | None:
-        """The vendor's view of a job, by its id or by our idempotency key; None if unknown."""
-        params = {"jobId": vendor_job_id} if vendor_job_id else {"idempotencyKey": idempotency_key}
+        """The vendor's view of a job, by its id or by our idempotency key; None if unknown.
+        `quote_id`: the job's quote, sent with a key: keys are guessable and a gateway answers
+        a job by key only to whoever holds its quote (quote ids go only to the buyer that asked);
+        a vendor that does not check it ignores the unknown parameter."""
+        params: dict[str, str | None]
+        if vendor_job_id:
+            params = {"jobId": vendor_job_id}
+        else:
+            params = {"idempotencyKey": idempotency_key}
+            if quote_id:
+                params["quoteId"] = quote_id
         response = await self._call(
             "job-status", vendor, "GET", f"{vendor.endpoint}/job-status", params=params
         )

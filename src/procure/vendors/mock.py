@@ -411,6 +411,7 @@ def create_mock_vendor_app(
     async def job_status(
         job_id: str | None = Query(None, alias="jobId"),
         idempotency_key: str | None = Query(None, alias="idempotencyKey"),
+        quote_id: str | None = Query(None, alias="quoteId"),
     ) -> JSONResponse:
         if job_id:
             job = jobs.get(job_id)
@@ -418,6 +419,9 @@ def create_mock_vendor_app(
             async with key_locks.setdefault(idempotency_key or "", asyncio.Lock()):
                 await doubts.resolve("submit", idempotency_key or "")  # settled since? started
                 job = by_key.get(idempotency_key or "")
+            # By key only to the holder of its quote, as the gateway answers: keys are guessable.
+            if job is not None and job.quote["quoteId"] != quote_id:
+                job = None
         if job is None or not job.paid:
             return JSONResponse({"error": "no such job"}, 404)
         answer = mock_jobs.view(cfg, job, clock()).to_json()
