@@ -5,13 +5,11 @@ own numbers say (deadline misses counted where deadlines are set)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 
+from benchmark_scripts import benchmark
 from procure.agent.context import PlanContext
 from procure.agent.planner import Reconsider
 from procure.agent.slices import paid_hours
@@ -94,19 +92,6 @@ def test_no_policy_beats_the_exact_optimum_by_renewing_as_its_paid_time_runs_out
         assert bound <= played * (1 + 1e-9), (case.index, bound, played)
 
 
-def _fleet_bench() -> ModuleType:
-    """benchmarks/fleet.py as a module: its settings and verdicts are what the report prints."""
-    name = "review_h113_fleet_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "fleet.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _launch(sim: Sim, type_name: str) -> None:
     sim.act(Proposal(PROVISION, None, "test", type_name, REGIONS[0], 1_290_000))
 
@@ -118,7 +103,7 @@ def test_cluster_autoscaler_counts_a_node_unneeded_through_its_delay_after_a_sca
     unneeded for 10 min; the real autoscaler keeps updating its unneeded nodes in that delay
     and only holds back the deletion (static_autoscaler.go: UpdateClusterState, then
     isScaleDownInCooldown)."""
-    fb = _fleet_bench()
+    fb = benchmark("fleet")
     cfg = fb.settings("cluster-autoscaler")
     world = World(billing_s=60.0, failures_per_gpu_hour=0.0)
     # One 1-GPU job for 10 min: the first node boots at 10 min and runs it until 20 min.
@@ -138,18 +123,6 @@ def test_cluster_autoscaler_counts_a_node_unneeded_through_its_delay_after_a_sca
             gone_at = minute
     # Idle from 20 min; the delay after the add ends at 26 min; unneeded for 10 min at 30.
     assert gone_at is not None and gone_at <= 31, gone_at
-
-
-def _planner_bench() -> ModuleType:
-    name = "review_h113_planner_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "planner.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _summary(scenario: str, policy: str, misses: int, deadlines: int) -> PlannerSummary:
@@ -173,7 +146,7 @@ def test_the_planner_report_counts_the_deadline_misses_of_the_market_that_has_de
     """Before the fix: `misses` and the goal "no deadline missed" were read on the failure-heavy
     market alone, which sets no deadline, so they said 0 and met whatever procure did on the
     deadline-tight market printed in the same table."""
-    pb = _planner_bench()
+    pb = benchmark("planner")
     rows = [
         _summary(scenario, policy, misses, deadlines)
         for scenario, deadlines in (("failure-heavy", 0), ("deadline-tight", 100))
@@ -190,7 +163,7 @@ def test_navarch_waits_its_cooldown_after_a_scale_down_before_it_scales_up() -> 
     autoscaler launched a node a minute after it had removed one; Navarch's pool keeps one
     `lastScale` for both directions (pkg/pool/pool.go: ScaleUp and ScaleDown refuse within
     `CooldownPeriod` of it; README: "All autoscalers respect the cooldown period")."""
-    fb = _fleet_bench()
+    fb = benchmark("fleet")
     # A 10-min job: a node launched at the first scan, idle (and removed) at about 21 min; a
     # second job two minutes later must wait for the cooldown (5 min) after that removal.
     jobs = [JobSpec(0.0, 1, 600.0), JobSpec(23 * 60.0, 1, 600.0)]

@@ -3,12 +3,11 @@ what they claim to be, procure resumes from checkpoints and never overspends its
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import benchmark
 from procure.sim.cloud_bench import (
     Config,
     JobCase,
@@ -75,11 +74,7 @@ def test_procure_stops_before_it_overspends_a_budget_too_small() -> None:
 
 
 def test_the_benchmark_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
-    path = Path(__file__).parents[1] / "benchmarks" / "clouds.py"
-    spec = importlib.util.spec_from_file_location("clouds_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark("clouds")
     assert module.main(["--seeds", "1", "--jobs", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["policies"]) == {"procure", "on-demand", "spot-restart"}

@@ -5,12 +5,10 @@ fails the goal vs the best peer. Tiny workloads of a few simulated hours."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
+from benchmark_scripts import benchmark
 from procure.clouds.mockworld.workload import JobSpec
 from procure.fleet.monitor import InstanceView
 from procure.fleet.policies import FleetSignal, Policy
@@ -23,26 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCAN_S = 60.0
 
 
-def bench() -> ModuleType:
-    """benchmarks/fleet.py as a module (its settings and verdicts are what the report prints)."""
-    name = "review9_fleet_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "fleet.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_navarch_queue_scales_to_its_target_in_one_decision() -> None:
     """Before the fix: Navarch's queue-based autoscaler scales the pool to its target node count in
     one scaling action (`PoolManager.actOnRecommendation` calls `ScaleUp(count)`), and its 5-minute
     cooldown is between scaling actions. The sim applies the cooldown to every single launch, so
     four 8-GPU jobs arriving together get their nodes 5 minutes apart and the peer's p95 is inflated
     by 15 minutes (the benchmark then compares procure at that inflated p95)."""
-    fb = bench()
+    fb = benchmark("fleet")
     jobs = [JobSpec(0.0, 8, 7200.0) for _ in range(4)]
     world = World(billing_s=60.0, failures_per_gpu_hour=0.0)
     r = run("navarch-queue", navarch_queue, fb.settings("navarch-queue"), jobs, "t", world, hours=1)
@@ -57,7 +42,7 @@ def test_navarch_reactive_waits_only_its_cooldown_not_every_boot() -> None:
     (averaged over the nodes that report metrics, so not the booting ones) is above 80 % and the
     5-minute cooldown is over. The sim's `navarch` also refuses to launch while any node boots, so
     with 10-minute boots it grows one node per boot (11 min) instead of one per cooldown (5 min)."""
-    fb = bench()
+    fb = benchmark("fleet")
     jobs = [JobSpec(0.0, 1, 3 * 3600.0) for _ in range(24)]
     world = World(billing_s=60.0, failures_per_gpu_hour=0.0)
     r = run("navarch", navarch_reactive, fb.settings("navarch"), jobs, "t", world, hours=1)
@@ -99,7 +84,7 @@ def test_a_restarted_job_counts_once_with_all_its_waits() -> None:
     placements, not jobs. Here the only job waited one boot before it first ran, yet the reported
     p50 and p95 waits are 0."""
     world = World(billing_s=60.0, boot_s=120.0, failures_per_gpu_hour=0.0)
-    cfg = bench().settings("procure")
+    cfg = benchmark("fleet").settings("procure")
     r = run("mover", _mover(19), cfg, [JobSpec(0.0, 1, 600.0)], "t", world, hours=1)
     assert r.completed == 1 and r.terminations == 19
     waited = world.boot_s + SCAN_S  # launched at the first scan, placed when it booted
@@ -112,7 +97,7 @@ def test_idle_gpu_hours_count_the_paid_rest_of_an_hourly_increment() -> None:
     but `idle_gpu_hours` counts only the seconds it ran (`run` sums raw seconds, not increments): a
     policy that lets nodes go early (cluster-autoscaler) shows a fraction of the idle GPU-hours it
     paid for, while procure, which keeps them to the hour's end, shows all."""
-    fb = bench()
+    fb = benchmark("fleet")
     world = World(billing_s=3600.0, failures_per_gpu_hour=0.0)
     jobs = [JobSpec(0.0, 1, 600.0)]
     ca = ClusterAutoscaler(seed=1)
@@ -150,7 +135,7 @@ def test_the_goal_vs_the_best_peer_fails_when_one_workload_is_missed() -> None:
     workloads where some procure target reaches that peer's p95: a workload it cannot match is
     dropped from the average instead of failing it, so the goal line reads "met" while on workload
     `a` no procure setting comes near the best peer's queue wait."""
-    fb = bench()
+    fb = benchmark("fleet")
     rows = [
         _row("a", "cluster-autoscaler", 100.0, 10.0),
         _row("a", "procure", 50.0, 30.0),

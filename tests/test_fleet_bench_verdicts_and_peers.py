@@ -4,11 +4,9 @@ workloads of a few simulated hours, the benchmark's own functions."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
+from benchmark_scripts import benchmark
 from procure.clouds.mockworld.workload import JobSpec
 from procure.sim.fleet_peers import ClusterAutoscaler
 from procure.sim.fleet_world import REGIONS, Result, World, default_capacity, run
@@ -17,25 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCAN_S = 60.0
 
 
-def bench() -> ModuleType:
-    """benchmarks/fleet.py as a module (its settings and verdicts are what the report prints)."""
-    name = "review11_fleet_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "fleet.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cluster_autoscaler_scales_up_for_pods_behind_one_no_node_group_fits() -> None:
     """Before the fix: the cluster-autoscaler peer stops its scale-up at the first pending pod
     that no node group with capacity fits (`break`), so once the 8-GPU nodes are out of stock an
     8-GPU job at the head of the queue keeps every 1-GPU job behind it waiting for hours, where
     the real autoscaler skips that pod and launches for the others (as procure's policy does)."""
-    fb = bench()
+    fb = benchmark("fleet")
     capacity = default_capacity()
     capacity["gpu_8x_a100"] = {r: (1 if r == REGIONS[0] else 0) for r in REGIONS}
     world = World(billing_s=60.0, failures_per_gpu_hour=0.0, capacity=capacity)
@@ -73,7 +58,7 @@ def test_the_default_is_not_within_the_floor_goal_when_it_left_jobs_unfinished()
     """Before the fix: `verdicts` reads the default procure row's cost over the floor whether or
     not it finished its jobs; a run that left half the work undone is billed for half of it and
     reads "default at most 1.000 x floor (met <= 1.10)"."""
-    fb = bench()
+    fb = benchmark("fleet")
     rows = [
         _row("a", "cluster-autoscaler", 100.0, 30.0),
         _row("a", "procure", 40.0, 30.0, completed=5),
@@ -88,7 +73,7 @@ def test_the_best_peer_is_one_that_finished_its_jobs() -> None:
     """Before the fix: `verdicts` takes the cheapest peer row as the best peer even when it left
     jobs unfinished (a one-node rule that never drains its queue is cheap because it did less),
     and measures procure's goal against that run instead of the cheapest peer that did the work."""
-    fb = bench()
+    fb = benchmark("fleet")
     rows = [
         _row("a", "seed-rule", 50.0, 300.0, completed=6),
         _row("a", "cluster-autoscaler", 100.0, 30.0),

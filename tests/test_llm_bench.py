@@ -4,32 +4,21 @@ endpoint on loopback: its plumbing is checked without building llama.cpp or load
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from benchmark_scripts import benchmark
 from procure.local import LocalServer, serve
 from test_llm_planner import FakeLLM, Reply, answer
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_planner.py"
 
 
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llm_planner_bench", BENCH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = benchmark("llm_planner")
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,16 @@ benchmark's rows and verdicts built on it."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from benchmark_scripts import benchmark
 from procure.sim.spot_bench import POLICIES, Summary, case_rows, summarize
 from procure.sim.spot_bound import (
     LEARNED,
@@ -239,15 +237,6 @@ def test_an_overhead_longer_than_a_step_is_refused() -> None:
     assert not solvable(Setting(70.0, 0.02), 120 / 3600)  # 2,101 ticks x 3,301 deficits
 
 
-def _benchmark() -> ModuleType:
-    path = Path(__file__).parents[1] / "benchmarks" / "spot.py"
-    spec = importlib.util.spec_from_file_location("spot_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _summaries(procure: float, stats: float) -> list[Summary]:
     costs = {"uniform-progress": 110.0, "procure": procure, STATS_OPTIMAL: stats, "optimum": 100.0}
     return [Summary(52.0, 0.1, p, 30, c, 0, 0.0) for p, c in costs.items()]
@@ -258,7 +247,7 @@ def _world(closable: float, procure: float) -> ModelSummary:
 
 
 def test_the_verdict_says_out_of_reach_only_on_a_computed_bound() -> None:
-    verdicts = _benchmark().verdicts
+    verdicts = benchmark("spot").verdicts
     # procure closes 60 %; the in-sample stats-optimal 70 % at 1.04x procure's cost.
     summaries = _summaries(procure=104.0, stats=103.0)
     # Without a fitted world there is no bound: MISSED, whatever stats-optimal closes.
