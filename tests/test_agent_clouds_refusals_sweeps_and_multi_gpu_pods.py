@@ -55,6 +55,21 @@ async def _tick_until(deps, run_id: str, done, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"not reached in {timeout_s}s: {said}")
 
 
+async def _launched(deps, run_id: str) -> str:  # type: ignore[no-untyped-def]
+    """Tick `run_id` until its instance is launched; that instance's id."""
+    store = deps.store
+
+    def launched() -> bool:
+        with store.session() as s:
+            return any(i.instance_id for i in cloud_repo.instances_of_run(s, run_id))
+
+    await _tick_until(deps, run_id, launched)
+    with store.session() as s:
+        (inst,) = cloud_repo.instances_of_run(s, run_id)
+    assert inst.instance_id is not None
+    return inst.instance_id
+
+
 # --- 1. a RunPod account renting more than one GPU per pod -----------------------------------
 
 
@@ -81,19 +96,10 @@ async def _two_gpus(mock, tmp_path: Path) -> None:  # type: ignore[no-untyped-de
     try:
         listed = await all_offers({"runpod": client}, [vendor], gpu="A100", count=2)
         assert listed and all(r.gpu_count == 2 and r.vendor_id == "rp2" for r in listed)
-        run_id = new_run(store, 100.0)
-
-        def launched() -> bool:
-            with store.session() as s:
-                return any(i.instance_id for i in cloud_repo.instances_of_run(s, run_id))
-
-        await _tick_until(deps, run_id, launched)
-        with store.session() as s:
-            (inst,) = cloud_repo.instances_of_run(s, run_id)
-        assert inst.instance_id is not None
-        pod = await client.get(inst.instance_id)
+        instance_id = await _launched(deps, new_run(store, 100.0))
+        pod = await client.get(instance_id)
         assert pod is not None and pod.gpus == 2
-        await client.terminate([inst.instance_id])
+        await client.terminate([instance_id])
     finally:
         await client.aclose()
 
@@ -279,17 +285,9 @@ async def _rented_region(mock, body: CloudVendorRequest, tmp_path: Path) -> str 
         # Hesse's A100 is cheaper; the account may rent only in Oregon.
         listed = await all_offers({"vast": client}, [vendor], gpu="A100")
         assert {r.region for r in listed if r.vendor_id == vendor.vendor_id} == {"Oregon, US"}
-
-        def launched() -> bool:
-            with store.session() as s:
-                return any(i.instance_id for i in cloud_repo.instances_of_run(s, run_id))
-
-        await _tick_until(deps, run_id, launched)
-        with store.session() as s:
-            (inst,) = cloud_repo.instances_of_run(s, run_id)
-        assert inst.instance_id is not None
-        found = await client.get(inst.instance_id)
-        await client.terminate([inst.instance_id])
+        instance_id = await _launched(deps, run_id)
+        found = await client.get(instance_id)
+        await client.terminate([instance_id])
         return found.region if found else None
     finally:
         await client.aclose()
