@@ -257,3 +257,33 @@ def test_a_silent_instance_is_terminated_when_each_scan_is_a_new_process(db_url:
             assert first.id in cloud.terminations, f"silent 40 min (deadline 10): {acts}"
 
     asyncio.run(body())
+
+
+class NodelessCloud(FakeCloud):
+    """Instances without procure's GPU node: the operator runs its own image, nothing answers
+    on the node's port."""
+
+    def _start(self, name: str | None, util: int) -> str:
+        instance_id = super()._start(name, util)
+        silence(self, instance_id)
+        return instance_id
+
+
+def test_a_fleet_whose_nodes_never_answered_does_not_end_its_instances_for_silence(
+    sqlite_url: str,
+) -> None:
+    """Before the fix: silence was judged on every fleet instance, so an operator running no
+    GPU node (its own image; figures read neither from nodes nor Prometheus) had each instance
+    terminated as "active, its node silent" one boot timeout after launch, and, with a minimum,
+    replaced by another that met the same end: a new instance's boot billed every ten minutes,
+    for ever. Silence says something only in a fleet where some node has answered."""
+
+    async def body() -> None:
+        cloud = NodelessCloud()
+        async with fleet(sqlite_url, cloud, min_instances=1, boot_timeout_mins=10,
+                         high_gpu_threshold=100) as ctx:  # fmt: skip
+            await scan_for(ctx, 60)
+            acts = [(a.action_type, a.status, a.reason) for a in all_actions(ctx)]
+            assert cloud.terminations == [] and len(cloud.launches) == 1, acts
+
+    asyncio.run(body())

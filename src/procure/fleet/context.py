@@ -41,6 +41,7 @@ class FleetContext:
     # Per instance id: its status and since when (fleet.stuck: launches that never work).
     status_since: dict[str, tuple[str, datetime]] = field(default_factory=dict)
     cloud_failures: int = 0
+    nodes_answered: bool = False  # some node of the fleet has answered (fleet.controller)
     backoff_until: datetime | None = None
 
     @property

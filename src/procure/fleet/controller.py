@@ -217,6 +217,21 @@ async def _read_nodes(
     return list(await asyncio.gather(*(renew(i, s) for i, s in zip(readable, found, strict=True))))
 
 
+def _nodes_answer(ctx: FleetContext) -> bool:
+    """Whether some fleet node has ever answered (the store's samples; once true, remembered).
+    Without one, a silent node is no sign of a broken instance but of a fleet run without
+    procure's node: ending each instance for it would replace them one boot timeout apart."""
+    if not ctx.nodes_answered:
+        with ctx.store.session() as s:
+            found = s.scalar(
+                select(FleetSampleRow.instance_id)
+                .where(FleetSampleRow.reachable.is_(True))
+                .limit(1)
+            )
+        ctx.nodes_answered = found is not None
+    return ctx.nodes_answered
+
+
 def _last_answered(ctx: FleetContext, ids: list[str]) -> dict[str, datetime]:
     """When each instance this process has not judged yet last answered, from the store's
     samples: what a new process knows of how long one has not worked."""
@@ -314,8 +329,9 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
             now,
             ctx.status_since,
             # No series in Prometheus says nothing of the node (a scrape set up wrong would end
-            # the whole fleet); a node read directly that does not answer is silent.
-            judge_silence=not ctx.cfg.prometheus_url,
+            # the whole fleet); a node read directly that does not answer is silent, once some
+            # node has ever answered (else the operator runs none: its own image).
+            judge_silence=not ctx.cfg.prometheus_url and _nodes_answer(ctx),
             answered=_last_answered(ctx, [v.id for v in result.views]),
         )
         if p.target not in ending
