@@ -107,3 +107,37 @@ def test_over_the_threshold_waits_and_expires_as_rejected(db_url: str) -> None:
             assert cloud.launches == []
 
     asyncio.run(body())
+
+
+def test_an_old_approval_expires_however_many_newer_ones_are_pending(db_url: str) -> None:
+    """Before the fix: expiry read the newest 1,000 pending actions only; with more pending (a
+    controller whose approvals nobody answers, each past its window), the oldest one, first to
+    expire, was never reached and stayed approvable long after its window ended."""
+    from datetime import timedelta
+
+    from procure.fleet import actions
+    from procure.store import fleet_repo
+
+    async def body() -> None:
+        cloud = FakeCloud()
+        async with fleet(db_url, cloud) as ctx:
+            now = ctx.clock()
+            with ctx.store.session() as s:
+                for k in range(1001):  # the oldest first, its window ended first
+                    at = now - timedelta(hours=3) + timedelta(seconds=k)
+                    fleet_repo.add_action(
+                        s,
+                        action_id=f"provision_{k:05d}",
+                        action_type="provision_instance",
+                        reason="waiting for an approval",
+                        status="pending",
+                        needed_approval=True,
+                        created_at=at,
+                        expires_at=at + timedelta(minutes=5),
+                    )
+            assert actions.expire(ctx) >= 1
+            with ctx.store.session() as s:
+                oldest = fleet_repo.get_action(s, "provision_00000")
+                assert oldest is not None and oldest.status == "rejected", oldest.status
+
+    asyncio.run(body())

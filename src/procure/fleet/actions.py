@@ -289,9 +289,7 @@ def expire(ctx: FleetContext) -> int:
     now = ctx.clock()
     n = 0
     with ctx.store.session() as s:
-        for row in fleet_repo.list_actions(s, status="pending", limit=1000):
-            if row.expires_at is None or row.expires_at > now:
-                continue
+        for row in fleet_repo.expired_pending(s, now):
             done = fleet_repo.transition(
                 s,
                 row.action_id,

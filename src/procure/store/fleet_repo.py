@@ -99,6 +99,21 @@ def list_actions(
     return list(s.scalars(query.limit(limit)))
 
 
+def expired_pending(s: Session, now: datetime, limit: int = 1000) -> list[ActionRow]:
+    """Pending actions whose confirmation window ended by `now`, the longest expired first
+    (however many newer ones are pending: a page of the newest never reached the old)."""
+    query = (
+        select(ActionRow)
+        .where(
+            ActionRow.status == "pending",
+            ActionRow.expires_at.is_not(None),
+            ActionRow.expires_at <= now,
+        )
+        .order_by(ActionRow.expires_at, ActionRow.action_id)
+    )
+    return list(s.scalars(query.limit(limit)))
+
+
 def set_status(s: Session, row: ActionRow, status: str, now: datetime, **values: Any) -> None:
     if row.status != status:
         _entered(s, row.action_type, status)
