@@ -4,6 +4,7 @@ envelopes become its exceptions. Anything unexpected is the provider's trouble, 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import re
 from typing import Any, get_args
@@ -24,6 +25,7 @@ from procure.clouds.base import (
     http_url,
 )
 
+log = logging.getLogger(__name__)
 CENTS = 10_000  # micro-USD per cent
 STATUSES = set(get_args(InstanceStatus))
 BILLING_INCREMENT_S = 60
@@ -138,15 +140,19 @@ def instance(raw: Any, node_port: int | None = None) -> Instance:
         i = _Instance.model_validate(raw)
     except ValidationError as exc:
         raise ProviderError(f"Lambda's instance is malformed: {_first(exc)}") from None
-    if i.status not in STATUSES:
-        # A status we do not know could be anything; guessing could terminate a live instance.
-        raise ProviderError(f"Lambda reported an unknown instance status {clip(i.status, 40)!r}")
+    status = i.status
     ip = address(i.ip)
-    up = i.status == "active" and node_port is not None
+    if status not in STATUSES:
+        # A status Lambda added: never guessed gone (nor does one instance stop the whole
+        # listing, and with it every find and sweep of the account); with an address its node
+        # tells whether it works (`active`), as for Vast.ai; without one it is `unhealthy`.
+        log.warning("Lambda instance %s has an unknown status %r", i.id, clip(status, 40))
+        status = "active" if ip is not None and node_port is not None else "unhealthy"
+    up = status == "active" and node_port is not None
     return Instance(
         id=i.id,
         name=i.name,
-        status=i.status,  # type: ignore[arg-type]
+        status=status,  # type: ignore[arg-type]
         instance_type=i.instance_type.name,
         region=i.region.name,
         ip=ip,

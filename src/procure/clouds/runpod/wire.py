@@ -4,6 +4,7 @@ Anything unexpected is the provider's trouble (`ProviderError`), never a crash."
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any
@@ -24,6 +25,7 @@ from procure.clouds.base import (
     http_url,
 )
 
+log = logging.getLogger(__name__)
 MICROS = 1_000_000
 BILLING_INCREMENT_S = 1  # RunPod bills pods per second (docs.runpod.io/pods/pricing)
 CLOUDS = ("SECURE", "COMMUNITY")
@@ -203,16 +205,20 @@ def instance(raw: Any, node_port: int) -> Instance:
         raise ProviderError(f"RunPod's pod is malformed: {_first(exc)}") from None
     status = STATUS.get(pod.status)
     if status is None:
-        # A status we do not know could be anything; guessing could terminate a live pod.
-        raise ProviderError(f"RunPod reported an unknown pod status {clip(pod.status, 40)!r}")
+        # A status RunPod added: never guessed gone (nor does one pod stop the whole listing, and
+        # with it every find and sweep of the account); with a port mapped, its node tells
+        # whether it works (`active`), as for Vast.ai; without one it is `unhealthy`.
+        log.warning("RunPod pod %s has an unknown status %r", pod.id, clip(pod.status, 40))
     ip = node_url = None
-    if status == "active" and pod.runtime and pod.runtime.ports:
+    if status in ("active", None) and pod.runtime and pod.runtime.ports:
         private = node_port_of(pod.ports, node_port)
         for port in pod.runtime.ports:
             if port.private == private and port.ip and port.public:
                 # An IPv6 address bracketed: unbracketed, it was no URL at all.
                 ip, node_url = port.ip, http_url(port.ip, port.public)
                 break
+    if status is None:
+        status = "active" if node_url else "unhealthy"
     gpu_id = pod.gpu.id if pod.gpu else ""
     cloud = pod.cloud if pod.cloud in CLOUDS else "SECURE"
     return Instance(
