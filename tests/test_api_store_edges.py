@@ -389,8 +389,8 @@ def test_the_vendors_page_never_shows_the_facilitator_password(
 def test_a_postgresql_server_that_never_answers_fails_the_connection_instead_of_hanging() -> None:
     """Before the fix: libpq waits for ever by default for a server that accepts the connection
     and never answers (a frozen host, a half-open proxy): opening the store hung `procure serve`
-    or a worker with no error at all. Now a connection gives up after PROCURE_DB_CONNECT_TIMEOUT_S
-    (10 s), saying why."""
+    or a worker with no error at all. Now a connection gives up after `store.db.CONNECT_TIMEOUT_S`
+    (10 s, unless the URL sets its own `connect_timeout`), saying why."""
     import socket
 
     from sqlalchemy.exc import OperationalError

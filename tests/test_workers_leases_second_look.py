@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text, update
+from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.engine import make_url
 
 from procure.agent import leased_tick, worker
@@ -28,7 +28,7 @@ from procure.api.serverless import tick_due
 from procure.models import JobSpec
 from procure.settings import Settings
 from procure.store import Store, leases, open_store, repo
-from procure.store.tables import RunRow
+from procure.store.tables import RunRow, TickLogRow
 
 OUTAGE_S = 3.0  # how long a store stops answering (the scenario, not a wait for a condition)
 
@@ -124,13 +124,26 @@ def test_a_worker_does_not_lease_a_run_again_before_its_last_tick_is_released(
     ticks = 0
     second = threading.Event()
 
+    real_acquire_due = leases.acquire_due
+    asks = [0]  # the worker's asks for due runs, counted as each begins
+
+    def counted_acquire_due(*args: Any, **kwargs: Any) -> Any:
+        asks[0] += 1
+        return real_acquire_due(*args, **kwargs)
+
+    monkeypatch.setattr(leases, "acquire_due", counted_acquire_due)
+
     def unlock_later(lock: tuple[Any, Any]) -> None:
-        # Until the first tick's lease has lapsed (its release held up), and then a while more
-        # for the worker to tick the run again (as it did before the fix), or not.
+        # Until the first tick's lease has lapsed (its release held up), and then until the
+        # worker has asked for due runs three times since: before the fix, its first ask
+        # leased the run again and ticked it at once (the wait ends then too).
         deadline = time.monotonic() + 30
         while not second.is_set() and _held(store, run_id) and time.monotonic() < deadline:
             time.sleep(0.05)
-        second.wait(5)
+        lapsed = asks[0]
+        deadline = time.monotonic() + 5
+        while not second.is_set() and asks[0] < lapsed + 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
         engine, held = lock
         held.commit()
         engine.dispose()
@@ -143,12 +156,17 @@ def test_a_worker_does_not_lease_a_run_again_before_its_last_tick_is_released(
             threading.Thread(target=unlock_later, args=(lock,), daemon=True).start()
             return TickResult("ticked")
         second.set()
-        deadline = time.monotonic() + 3  # meanwhile worker-b keeps trying to lease the run
+        # Meanwhile worker-b tries to lease the run until the first tick's release is written
+        # (before the fix it came now, late, and cleared this tick's lease), and once after.
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            released = _logged(store, run_id)
             with store.session() as s:
                 if leases.acquire(s, run_id, "worker-b", 60):
                     seen["overlap"] = True
                     break
+            if released:
+                break
             await asyncio.sleep(0.05)
         return TickResult("ticked")
 
@@ -165,6 +183,14 @@ def test_a_worker_does_not_lease_a_run_again_before_its_last_tick_is_released(
 def _held(store: Store, *run_ids: str) -> bool:
     with store.session() as s:
         return any(leases.holder(s, run_id) is not None for run_id in run_ids)
+
+
+def _logged(store: Store, run_id: str) -> bool:
+    """Whether a tick of the run is in the tick log: its release, written in one transaction
+    with the log's row, is done."""
+    with store.session() as s:
+        logged = select(func.count()).select_from(TickLogRow).where(TickLogRow.run_id == run_id)
+        return bool(s.scalar(logged))
 
 
 def test_a_scheduled_tick_reaches_every_due_run_not_only_the_oldest_batch(
