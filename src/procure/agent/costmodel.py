@@ -159,6 +159,7 @@ def miss_probability(
     *,
     interval_hours: float,
     restart_hours: float,
+    max_tolerated: int | None = None,
 ) -> float:
     """Chance of missing the deadline when starting this vendor now (0 without a deadline).
 
@@ -166,6 +167,8 @@ def miss_probability(
     work since the last checkpoint plus a restart, so the slack absorbs `n` failures; the
     deadline is missed when the vendor fails more often than that (Poisson, at its hazard).
     This is the "Can't Be Late" rule: cheap and risky while slack lasts, reliable once it is gone.
+    `max_tolerated` caps the failures absorbed (0: a failure misses, e.g. when the budget could
+    not pay for the restart).
     """
     if hours_left is None:
         return 0.0
@@ -173,6 +176,8 @@ def miss_probability(
     if slack < -EPS:
         return 1.0
     tolerated = math.floor(max(slack, 0.0) / max(interval_hours + restart_hours, EPS))
+    if max_tolerated is not None:
+        tolerated = min(tolerated, max_tolerated)
     mean = max(hazard, 0.0) * (startup_hours + work_hours)
     term = math.exp(-mean)
     within = 0.0

@@ -172,7 +172,11 @@ def _repriced(ctx: PlanContext, job: Job, quote: Quote) -> str | None:
     # raised its price, and no renewal would ever be bought.
     hours = job_hours(job)
     quoted = job.expected_cost / hours if job.expected_cost and hours > 0 else 0.0
-    before, now = max(min(paid), quoted), quote.amount / quote.hours
+    # Its price per hour, not its amount per hour: a short slice (a run's last checkpoint
+    # interval is often a few minutes) carries its payment's fee on those minutes, which read as
+    # a price rise and stopped the job for a restart a sliver from its end. The amount is held
+    # to hours x price plus that fee by `check_quote_terms`.
+    before, now = max(min(paid), quoted), float(quote.price_per_hour)
     if now <= before * (1 + RENEWAL_PRICE_RISE) + 1:
         return None
     return (
