@@ -285,29 +285,31 @@ def x402_world(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
     w.stop()
 
 
+async def _in_slices(ctx: Any) -> Any:
+    """A planner that buys gpu_vendor_2 in slices of 0.25 h, whatever the run."""
+    from procure.models import Action
+
+    return Action(
+        action="start_job",
+        vendor_id="gpu_vendor_2",
+        hours=ctx.remaining_hours,
+        slice_hours=0.25,
+        reason="gpu_vendor_2 in slices of 0.25h",
+    )
+
+
 def test_an_x402_run_buys_nothing_after_its_deadline(x402_world: Any) -> None:
     """Before the fix: the cloud path stops at the run's deadline and ends the run `aborted`,
     but a run buying from x402 vendors went on paying slice after slice after its deadline had
     passed, to the end of the job: money spent on a run already late."""
-    from procure.agent.context import PlanContext
-    from procure.models import Action
     from world import drive as drive_x402
-
-    async def in_slices(ctx: PlanContext) -> Action:
-        return Action(
-            action="start_job",
-            vendor_id="gpu_vendor_2",
-            hours=ctx.remaining_hours,
-            slice_hours=0.25,
-            reason="gpu_vendor_2 in slices of 0.25h",
-        )
 
     run_id = x402_world.new_run(budget=5.0, gpu_type="H100")
     deadline = datetime.now(UTC) + timedelta(seconds=1.0)  # a quarter of the job's 4 seconds
     with x402_world.store.session() as s:
         repo.update_run(s, run_id, deadline=deadline)
     deps = x402_world.deps()
-    deps.planner = in_slices
+    deps.planner = _in_slices
     asyncio.run(drive_x402(deps, run_id))
     with x402_world.store.session() as s:
         state = repo.load_state(s, run_id, observations=False)
@@ -325,24 +327,14 @@ def test_a_deadline_that_passes_while_a_slice_is_quoted_stops_its_payment(x402_w
     """Before the fix: the deadline was checked once per tick, before the next slice was quoted;
     one that passed while the vendor answered the quote (seen in the suite: 0.8 s) let the slice
     be paid anyway. It is checked again where the payment is written, under the run's lock."""
-    from procure.agent.context import PlanContext
-    from procure.models import Action, utcnow
+    from procure.models import utcnow
     from world import drive as drive_x402
-
-    async def in_slices(ctx: PlanContext) -> Action:
-        return Action(
-            action="start_job",
-            vendor_id="gpu_vendor_2",
-            hours=ctx.remaining_hours,
-            slice_hours=0.25,
-            reason="gpu_vendor_2 in slices of 0.25h",
-        )
 
     run_id = x402_world.new_run(budget=5.0, gpu_type="H100")
     with x402_world.store.session() as s:  # far off: the first slice is bought in time
         repo.update_run(s, run_id, deadline=datetime.now(UTC) + timedelta(hours=1))
     deps = x402_world.deps()
-    deps.planner = in_slices
+    deps.planner = _in_slices
     real_quote = deps.vendors.quote
     passed: list[datetime] = []
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from procure.agent.context import PlanContext
 from procure.agent.guard import check_renewal
@@ -26,21 +25,10 @@ from procure.models import (
     usd_to_micros,
 )
 from procure.sim.market import charge
+from test_planner_cost import vendor
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 FEE = "0.005"
-
-
-def vendor(vid: str, price: str, score: float, **learned: Any) -> Vendor:
-    return Vendor(
-        vendor_id=vid,
-        name=vid.title(),
-        endpoint=f"http://{vid}",
-        base_price_per_hour=usd_to_micros(price),
-        reliability_score=score,
-        supported_gpu_types=["A100"],
-        **learned,
-    )
 
 
 def context(
