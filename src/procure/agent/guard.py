@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, timedelta
 
 from procure.agent.context import PlanContext
-from procure.agent.slices import MIN_SLICE_HOURS, job_hours
+from procure.agent.slices import MIN_SLICE_HOURS, job_hours, next_slice_hours, paid_hours
 from procure.agent.start_request import MIN_CHECKPOINT_EVERY
 from procure.models import Action, Job, PaymentStatus, Quote, format_usd, utcnow
 
@@ -176,7 +176,13 @@ def _repriced(ctx: PlanContext, job: Job, quote: Quote) -> str | None:
     # interval is often a few minutes) carries its payment's fee on those minutes, which read as
     # a price rise and stopped the job for a restart a sliver from its end. The amount is held
     # to hours x price plus that fee by `check_quote_terms`.
-    before, now = max(min(paid), quoted), float(quote.price_per_hour)
+    # But the fee is allowed on the hours asked for, not on fewer: a vendor selling a sliver of
+    # the slice asked for (seconds) at its price plus a whole fee costs many times its price per
+    # hour, renewal after renewal, and its quoted price would not show it.
+    asked = next_slice_hours(job, paid_hours(job, ctx.state.payments))
+    fee_per_hour = ctx.payment_overhead / max(quote.hours, asked)
+    cost = quote.amount / quote.hours - fee_per_hour
+    before, now = max(min(paid), quoted), max(float(quote.price_per_hour), cost)
     if now <= before * (1 + RENEWAL_PRICE_RISE) + 1:
         return None
     return (
