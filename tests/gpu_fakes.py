@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -282,3 +284,23 @@ def eventually(condition: Callable[[], Any], what: str, within_s: float = 30) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         time.sleep(0.02)
+
+
+@contextmanager
+def in_process_node(token: str, **env: Any) -> Iterator[tuple[Any, httpx.Client]]:
+    """A GPU node (`create_gpu_worker_app`, two fake GPUs) served on loopback, with a client
+    sending `token` as its bearer; `env`: its settings by their environment names."""
+    from procure.gpu.probe import read_nvml
+    from procure.gpu.service import create_gpu_worker_app
+    from procure.gpu.settings import GpuWorkerSettings
+    from procure.local import serve
+
+    settings = GpuWorkerSettings(_env_file=None, **env)  # type: ignore[call-arg]
+    module = FakeNvml(two_gpus()).module()
+    server = serve(create_gpu_worker_app(settings, read=lambda: read_nvml(module)))
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=15) as client:
+            yield server, client
+    finally:
+        server.stop()

@@ -287,15 +287,9 @@ def x402_world(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
 
 async def _in_slices(ctx: Any) -> Any:
     """A planner that buys gpu_vendor_2 in slices of 0.25 h, whatever the run."""
-    from procure.models import Action
+    from world import in_slices
 
-    return Action(
-        action="start_job",
-        vendor_id="gpu_vendor_2",
-        hours=ctx.remaining_hours,
-        slice_hours=0.25,
-        reason="gpu_vendor_2 in slices of 0.25h",
-    )
+    return in_slices(ctx, "gpu_vendor_2")
 
 
 def test_an_x402_run_buys_nothing_after_its_deadline(x402_world: Any) -> None:

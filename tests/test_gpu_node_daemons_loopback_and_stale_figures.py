@@ -20,7 +20,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from gpu_fakes import FakeNvml, eventually, two_gpus
+from gpu_fakes import FakeNvml, eventually, in_process_node, two_gpus
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
@@ -31,18 +31,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PY = sys.executable
 SECRET = "orch-secret"
 NAME = "agent-net-h102"
-
-
-@contextmanager
-def in_process_node(**env: Any) -> Iterator[tuple[LocalServer, httpx.Client]]:
-    settings = GpuWorkerSettings(_env_file=None, **env)  # type: ignore[call-arg]
-    module = FakeNvml(two_gpus()).module()
-    server = serve(create_gpu_worker_app(settings, read=lambda: read_nvml(module)))
-    try:
-        with httpx.Client(base_url=server.url, headers=AUTH, timeout=15) as client:
-            yield server, client
-    finally:
-        server.stop()
 
 
 # --- a job whose child leaves its process group (setsid, a daemon's double fork) --------------
@@ -105,6 +93,7 @@ def test_cancelling_a_job_ends_the_daemon_it_started_in_its_own_session(tmp_path
     daemon = 0
     try:
         with in_process_node(
+            TOKEN,
             GPU_WORKER_TOKEN=TOKEN,
             GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
             GPU_WORKER_JOB_CANCEL_GRACE_S=1,
@@ -128,7 +117,7 @@ def test_a_stopping_node_ends_the_daemons_its_jobs_started(tmp_path: Path) -> No
     daemon = 0
     try:
         with in_process_node(
-            GPU_WORKER_TOKEN=TOKEN, GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt")
+            TOKEN, GPU_WORKER_TOKEN=TOKEN, GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt")
         ) as (_server, client):
             body = {"command": [PY, "-c", DAEMONIZE, str(pidfile), "work"]}
             assert client.post("/jobs", json=body).status_code == 201
@@ -146,7 +135,7 @@ def test_a_job_that_ends_takes_the_daemon_it_left_behind_with_it(tmp_path: Path)
     daemon = 0
     try:
         with in_process_node(
-            GPU_WORKER_TOKEN=TOKEN, GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt")
+            TOKEN, GPU_WORKER_TOKEN=TOKEN, GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt")
         ) as (_server, client):
             body = {"command": [PY, "-c", DAEMONIZE, str(pidfile), "exit"]}
             job = client.post("/jobs", json=body).json()
@@ -458,6 +447,7 @@ def test_a_job_is_on_record_before_its_first_instruction_runs(tmp_path: Path) ->
         ' > "$2/$PROCURE_JOB_ID"'
     )
     with in_process_node(
+        TOKEN,
         GPU_WORKER_TOKEN=TOKEN,
         GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
         GPU_WORKER_JOBS_MAX_RUNNING=8,

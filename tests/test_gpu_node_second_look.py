@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from gpu_fakes import FakeNvml, eventually, two_gpus
+from gpu_fakes import FakeNvml, eventually, in_process_node, two_gpus
 from procure.gpu.probe import read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
@@ -41,18 +41,6 @@ def ended(client: httpx.Client, job_id: str) -> dict[str, Any]:
         return found if found["status"] in ("completed", "failed", "cancelled") else None
 
     return eventually(job, f"job {job_id} ended")
-
-
-@contextmanager
-def in_process_node(**env: Any) -> Iterator[tuple[LocalServer, httpx.Client]]:
-    settings = GpuWorkerSettings(_env_file=None, **env)  # type: ignore[call-arg]
-    module = FakeNvml(two_gpus()).module()
-    server = serve(create_gpu_worker_app(settings, read=lambda: read_nvml(module)))
-    try:
-        with httpx.Client(base_url=server.url, headers=AUTH, timeout=15) as client:
-            yield server, client
-    finally:
-        server.stop()
 
 
 # --- registration with an orchestrator that answers in a hostile charset ----------------------
@@ -84,6 +72,7 @@ def test_registration_survives_an_answer_in_an_undecodable_charset() -> None:
     orchestrator = serve(app)
     try:
         with in_process_node(
+            TOKEN,
             ORCHESTRATOR_URL=orchestrator.url,
             ORCHESTRATOR_SECRET=SECRET,
             CAPABILITY_NAME=NAME,
@@ -209,6 +198,7 @@ def test_a_cancelled_image_job_frees_its_slot_only_once_its_container_is_gone(
     fake.chmod(0o755)
     container = 0
     with in_process_node(
+        TOKEN,
         GPU_WORKER_TOKEN=TOKEN,
         GPU_WORKER_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
         GPU_WORKER_DOCKER=str(fake),
@@ -437,6 +427,7 @@ def test_a_refresh_refused_after_acceptance_is_retried_not_given_up() -> None:
     orchestrator = serve(app)
     try:
         with in_process_node(
+            TOKEN,
             ORCHESTRATOR_URL=orchestrator.url,
             ORCHESTRATOR_SECRET=SECRET,
             CAPABILITY_NAME=NAME,

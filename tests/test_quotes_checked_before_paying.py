@@ -21,7 +21,7 @@ from procure.local import facilitator_client, mock_vendor_config, serve
 from procure.models import Action, RunState
 from procure.store import repo
 from procure.vendors.mock import create_mock_vendor_app
-from world import SECRET, World, drive, rewriting, start_world, state_of
+from world import SECRET, World, drive, in_slices, rewriting, start_world, state_of
 
 VENDOR = "gpu_vendor_1"  # the cheaper one, chosen first; gpu_vendor_2 is the honest fallback
 
@@ -92,13 +92,7 @@ def test_a_quote_for_fewer_hours_at_the_full_price_is_refused_in_slices(world: W
     async def sliced(ctx: PlanContext) -> Action:
         if ctx.cooling_down(ctx.vendor(VENDOR)) or ctx.failures_in_run(VENDOR):  # type: ignore[arg-type]
             return await heuristic_planner(ctx)
-        return Action(
-            action="start_job",
-            vendor_id=VENDOR,
-            hours=ctx.remaining_hours,
-            slice_hours=0.25,
-            reason="slices",
-        )
+        return in_slices(ctx, VENDOR)
 
     deps.planner = sliced  # type: ignore[assignment]
     asyncio.run(drive(deps, run_id))
@@ -137,13 +131,7 @@ def test_a_renewal_quoted_for_another_gpu_type_is_not_bought(world: World) -> No
     deps = world.deps()
 
     async def sliced(ctx: PlanContext) -> Action:
-        return Action(
-            action="start_job",
-            vendor_id=VENDOR,
-            hours=ctx.remaining_hours,
-            slice_hours=0.25,
-            reason="slices",
-        )
+        return in_slices(ctx, VENDOR)
 
     deps.planner = sliced  # type: ignore[assignment]
 

@@ -23,7 +23,7 @@ from procure.models import Action, JobSpec, Quote
 from procure.payments.wallet import load_or_create_account
 from procure.store import repo
 from procure.vendors.mock import create_mock_vendor_app
-from world import SECRET, TERMINAL, World, drive, rewriting, start_world, state_of
+from world import SECRET, TERMINAL, World, drive, in_slices, rewriting, start_world, state_of
 
 VENDOR = "gpu_vendor_1"
 
@@ -168,13 +168,7 @@ def test_a_cancel_requested_while_a_slice_is_quoted_buys_no_slice(
     deps = world.deps()
 
     async def sliced(ctx: PlanContext) -> Action:
-        return Action(
-            action="start_job",
-            vendor_id=VENDOR,
-            hours=ctx.remaining_hours,
-            slice_hours=0.25,
-            reason=f"{VENDOR} in slices",
-        )
+        return in_slices(ctx, VENDOR)
 
     deps.planner = sliced  # type: ignore[assignment]
     quote = deps.vendors.quote

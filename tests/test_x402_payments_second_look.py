@@ -23,7 +23,7 @@ from procure.models import Action
 from procure.payments.wallet import load_or_create_account
 from procure.store import repo
 from procure.vendors.mock import create_mock_vendor_app
-from world import SECRET, World, drive, rewriting, start_world, state_of
+from world import SECRET, World, drive, in_slices, rewriting, start_world, state_of
 
 VENDOR = "gpu_vendor_1"
 
@@ -74,13 +74,7 @@ def _wallet_paid(world: World) -> int:
 
 
 def _sliced(ctx: PlanContext) -> Action:
-    return Action(
-        action="start_job",
-        vendor_id=VENDOR,
-        hours=ctx.remaining_hours,
-        slice_hours=0.25,
-        reason=f"{VENDOR} in slices",
-    )
+    return in_slices(ctx, VENDOR)
 
 
 class _LosesPaidRenewalThenLiesOnReplay:

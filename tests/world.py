@@ -24,7 +24,7 @@ from procure.local import (
     start_mock_vendor,
     stop_all,
 )
-from procure.models import RunState, Vendor, usd_to_micros
+from procure.models import Action, RunState, Vendor, usd_to_micros
 from procure.payments.chain import LocalChain
 from procure.payments.wallet import load_or_create_account
 from procure.settings import Settings
@@ -180,6 +180,17 @@ async def drive(deps: AgentDeps, run_id: str, limit_s: float = 60) -> list[str]:
     finally:
         await close_deps(deps)
     raise AssertionError(f"run did not finish: {messages[-5:]}")
+
+
+def in_slices(ctx: Any, vendor_id: str, slice_hours: float = 0.25) -> Action:
+    """What a test's planner does to buy the run's remaining hours at `vendor_id` in slices."""
+    return Action(
+        action="start_job",
+        vendor_id=vendor_id,
+        hours=ctx.remaining_hours,
+        slice_hours=slice_hours,
+        reason=f"{vendor_id} in slices of {slice_hours:g}h",
+    )
 
 
 def state_of(world: World, run_id: str) -> RunState:
