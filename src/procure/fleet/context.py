@@ -42,6 +42,7 @@ class FleetContext:
     status_since: dict[str, tuple[str, datetime]] = field(default_factory=dict)
     cloud_failures: int = 0
     nodes_answered: bool = False  # some node of the fleet has answered (fleet.controller)
+    samples_read: bool = False  # the store's samples were asked that once
     backoff_until: datetime | None = None
 
     @property

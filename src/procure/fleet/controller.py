@@ -217,11 +217,15 @@ async def _read_nodes(
     return list(await asyncio.gather(*(renew(i, s) for i, s in zip(readable, found, strict=True))))
 
 
-def _nodes_answer(ctx: FleetContext) -> bool:
-    """Whether some fleet node has ever answered (the store's samples; once true, remembered).
-    Without one, a silent node is no sign of a broken instance but of a fleet run without
-    procure's node: ending each instance for it would replace them one boot timeout apart."""
+def _nodes_answer(ctx: FleetContext, views: list[monitor.InstanceView]) -> bool:
+    """Whether some fleet node has ever answered: in this scan's readings, or (asked once per
+    process) the store's samples; once true, remembered. Without one, a silent node is no sign of
+    a broken instance but of a fleet run without procure's node: ending each instance for it
+    would replace them one boot timeout apart."""
     if not ctx.nodes_answered:
+        ctx.nodes_answered = any(v.latest is not None and v.latest.reachable for v in views)
+    if not ctx.nodes_answered and not ctx.samples_read:
+        ctx.samples_read = True
         with ctx.store.session() as s:
             found = s.scalar(
                 select(FleetSampleRow.instance_id)
@@ -331,7 +335,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
             # No series in Prometheus says nothing of the node (a scrape set up wrong would end
             # the whole fleet); a node read directly that does not answer is silent, once some
             # node has ever answered (else the operator runs none: its own image).
-            judge_silence=not ctx.cfg.prometheus_url and _nodes_answer(ctx),
+            judge_silence=not ctx.cfg.prometheus_url and _nodes_answer(ctx, result.views),
             answered=_last_answered(ctx, [v.id for v in result.views]),
         )
         if p.target not in ending
