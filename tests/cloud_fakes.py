@@ -188,8 +188,12 @@ class FakeCloud:
         self.clock = time.monotonic
 
     # --- RentalCloud ---
-    async def offers(self, *, gpu: str | None = None) -> list[Offer]:
-        return [o for o in self._offers if gpu is None or o.gpu == gpu]
+    async def offers(self, *, gpu: str | None = None, gpu_count: int | None = None) -> list[Offer]:
+        return [
+            o
+            for o in self._offers
+            if (gpu is None or o.gpu == gpu) and (gpu_count is None or o.gpu_count == gpu_count)
+        ]
 
     async def launch_spec(self, spec: LaunchSpec) -> Instance:
         assert spec.name.startswith(LABEL_PREFIX)

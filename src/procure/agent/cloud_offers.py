@@ -102,19 +102,10 @@ async def _fetch(
             cache[key] = f"no {provider} account configured ({KEY_ENV.get(provider, 'its key')})"
         else:
             try:
-                cache[key] = list(await _offers(client, gpu, count))
+                cache[key] = list(await client.offers(gpu=gpu, gpu_count=count))
             except CloudError as exc:
                 cache[key] = f"{provider} offers: {exc}"
     return cache[key]  # type: ignore[no-any-return]
-
-
-async def _offers(client: RentalCloud, gpu: str | None, count: int | None) -> list[Offer]:
-    """The client's offers of `count` GPUs an instance: RunPod's catalogue answers for one
-    count at a time (one GPU unless asked), so a vendor of more never matched any pod. One is
-    every client's default, so it is not passed."""
-    if count is None or count == 1:
-        return await client.offers(gpu=gpu)
-    return await client.offers(gpu=gpu, gpu_count=count)
 
 
 async def price_clouds(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
@@ -248,7 +239,7 @@ async def all_offers(
     cloud_vendors = [v for v in vendors if v.kind == "cloud"]
     for provider, client in sorted(mapping.items()):
         try:
-            offers = await _offers(client, gpu, count)
+            offers = await client.offers(gpu=gpu, gpu_count=count)
         except CloudError as exc:
             if errors is not None:
                 errors.append(f"{provider}: {exc}")
