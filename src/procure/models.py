@@ -141,6 +141,7 @@ class ObservationType(StrEnum):
 
 
 CLOUD_PROVIDERS = ("lambda", "runpod", "vast")  # as procure.clouds.base.PROVIDERS
+CLOUD_NONCE_PREFIX = "cloud-"  # the nonces of cloud instances' payments (the provider bills)
 # A GPU model's name, as a filter or an offer names it.
 GPU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"
 
@@ -292,6 +293,12 @@ class Payment(Model):
     )
     created_at: datetime
     updated_at: datetime
+
+    @property
+    def reserves_cloud(self) -> bool:
+        """A cloud instance's reservation (booked from the provider's bill), not an x402
+        authorisation: no facilitator knows its nonce."""
+        return self.nonce.startswith(CLOUD_NONCE_PREFIX)
 
 
 class Observation(Model):

@@ -34,6 +34,7 @@ from procure.agent.ledger import spend_cap_blocks
 from procure.clouds.base import LABEL_PREFIX
 from procure.crashpoints import crash_point  # the name crash tests patch (see cloud_end.crash)
 from procure.models import (
+    CLOUD_NONCE_PREFIX,
     Action,
     Job,
     JobStatus,
@@ -111,7 +112,7 @@ async def start_cloud_job(
         vendor_id=vendor.vendor_id,
         amount=amount,
         status=PaymentStatus.pending,
-        nonce=f"cloud-{payment_id}",  # no x402 authorisation: the provider bills the account
+        nonce=f"{CLOUD_NONCE_PREFIX}{payment_id}",  # no x402 authorisation: the provider bills
         hours=window_s / 3600,
         created_at=now,
         updated_at=now,

@@ -14,7 +14,14 @@ from procure.agent.cloud_money import computed_bill
 from procure.agent.cloud_run import own_prefix
 from procure.agent.deps import OBS, AgentDeps
 from procure.clouds.base import LABEL_PREFIX, CloudError
-from procure.models import OfferTerms, Payment, PaymentStatus, format_usd, utcnow
+from procure.models import (
+    CLOUD_NONCE_PREFIX,
+    OfferTerms,
+    Payment,
+    PaymentStatus,
+    format_usd,
+    utcnow,
+)
 from procure.store import cloud_repo, repo
 
 log = logging.getLogger(__name__)
@@ -95,7 +102,7 @@ def _book(
                         vendor_id=record.vendor_id,
                         amount=late,
                         status=PaymentStatus.completed,
-                        nonce=f"cloud-late-{record.provider}-{instance_id}"[:66],
+                        nonce=f"{CLOUD_NONCE_PREFIX}late-{record.provider}-{instance_id}"[:66],
                         hours=0.0,
                         created_at=now,
                         updated_at=now,

@@ -138,11 +138,7 @@ async def settle_ended_runs(deps: AgentDeps, *, limit: int = 50) -> int:
     with deps.store.session() as s:
         payments = repo.pending_payments_of_ended_runs(s, limit=limit)
     settled_count = 0
-    for payment in payments:
-        if payment.nonce.startswith("cloud-"):
-            # A cloud instance's reservation, not an x402 authorisation: the cloud path books
-            # it from the provider's bill (its sweeper finishes one a crash left).
-            continue
+    for payment in payments:  # cloud reservations left out: the cloud path books them
         try:
             settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
         except SettlementLookupError:

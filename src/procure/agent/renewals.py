@@ -318,7 +318,7 @@ async def settle_stray_slices(deps: AgentDeps, ctx: PlanContext) -> bool:
     for payment in ctx.state.payments:
         job = ended.get(payment.job_id)
         vendor = ctx.vendor(payment.vendor_id)
-        if payment.nonce.startswith("cloud-"):
+        if payment.reserves_cloud:
             # A cloud instance's reservation (its job handed to the sweeper), not an x402
             # authorisation: booked from the provider's bill, it does not hold the run up.
             continue

@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
-from procure.models import format_usd, usd_to_micros
+from procure.models import CLOUD_NONCE_PREFIX, format_usd, usd_to_micros
 from procure.settings import CHECKED, finite_numbers
 from procure.store.fleet_tables import ActionRow, FleetInstanceRow
 from procure.store.tables import PaymentRow
@@ -104,7 +104,7 @@ def fence(s: Session) -> None:
         s.execute(text("UPDATE store_totals SET value = value WHERE 0"))
 
 
-CLOUD = "cloud-%"  # the nonces of cloud instances' payments (the provider bills the account)
+CLOUD = f"{CLOUD_NONCE_PREFIX}%"  # cloud instances' payments' nonces (`Payment.reserves_cloud`)
 # How far back a cloud payment's span may start and still reach into a window: an instance
 # that ran longer than this before its window is counted from where the scan starts.
 CLOUD_SPAN = timedelta(days=400)

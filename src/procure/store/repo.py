@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from procure.bounds import clip
 from procure.models import (
     ACTIVE_JOB_STATUSES,
+    CLOUD_NONCE_PREFIX,
     TERMINAL_RUN_STATUSES,
     Job,
     JobSpec,
@@ -428,7 +429,7 @@ def pending_payments_of_ended_runs(s: Session, *, limit: int = 50) -> list[Payme
             PaymentRow.status == "pending",
             RunRow.status.in_([str(status) for status in TERMINAL_RUN_STATUSES]),
             # cloud reservations are booked from the provider's bill, not the x402 ledger
-            ~PaymentRow.nonce.startswith("cloud-"),
+            ~PaymentRow.nonce.startswith(CLOUD_NONCE_PREFIX),
         )
         .order_by(PaymentRow.created_at)
         .limit(limit)

@@ -63,7 +63,7 @@ def doubts(
     run; `auth_window_s`: how long an authorisation stays valid (None: not said)."""
     found = []
     for p in state.payments:
-        if p.status != PaymentStatus.pending or p.nonce.startswith("cloud-"):
+        if p.status != PaymentStatus.pending or p.reserves_cloud:
             continue  # a cloud reservation is booked from the provider's bill, not reconciled
         expires = None
         if auth_window_s is not None:
