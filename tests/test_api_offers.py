@@ -169,7 +169,9 @@ def test_every_offer_cheapest_first_with_a_broken_cloud_named(
             "billingIncrementS": None,
         }
     ]
-    a100 = [o for o in offers if o["source"] == "runpod" and o["gpu"] == "A100"]
+    a100 = [
+        o for o in offers if o["source"] == "runpod" and o["gpu"] == "A100" and o["gpuCount"] == 1
+    ]
     assert a100 and all(o["vendorId"] == "runpod-a100" for o in a100)  # within its $2/h
     assert all(
         o["vendorId"] is None for o in offers if o["source"] == "runpod" and o["gpu"] != "A100"

@@ -43,9 +43,10 @@ def offers_router(store: Store, require_read: Callable[..., None]) -> APIRouter:
         cheapest first: provider (`source`), region, GPU, count, $/h for the instance,
         interruptible or not, availability, and the vendor it would be bought through. A cloud
         that cannot be asked is named in `errors`, never fatal. Answers may be up to 15 s old
-        (`askedAt`)."""
+        (`askedAt`). RunPod, which prices one GPU count per ask, is listed for pods of 1, 2, 4
+        and 8 GPUs, and of `count` when another is asked for."""
         try:
-            found = await offers_now(request.app, store)
+            found = await offers_now(request.app, store, count)
         except LoopNotRunning:
             return JSONResponse({"error": "the agent is not running"}, status_code=503)
         rows = select(

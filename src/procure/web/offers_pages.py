@@ -97,7 +97,7 @@ def offers_pages(settings: Settings, store: Store) -> APIRouter:
         status = 422 if wrong else 200
         if not wrong:
             try:
-                found = await offers_now(request.app, store)
+                found = await offers_now(request.app, store, filters["count"])
             except LoopNotRunning:
                 context["unavailable"] = "The agent is not running: no cloud can be asked now."
                 status = 503

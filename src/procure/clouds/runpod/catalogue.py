@@ -21,6 +21,11 @@ class GpuKind:
     def price(self, cloud: str) -> float:
         return self.secure_usd if cloud == "SECURE" else self.community_usd
 
+    def most(self, cloud: str) -> int:
+        """RunPod's `maxCount` in that tier: the GPUs of its largest machine of this type (the
+        community's machines are smaller)."""
+        return self.max_count if cloud == "SECURE" else max(1, self.max_count // 2)
+
 
 GPUS: dict[str, GpuKind] = {
     g.id: g
@@ -68,5 +73,5 @@ def gpu_type_json(kind: GpuKind, prices: dict[str, float]) -> dict[str, Any]:
         "secure": True,
         "community": True,
         "price": {"secure": prices["SECURE"], "community": prices["COMMUNITY"]},
-        "maxCount": {"secure": kind.max_count, "community": kind.max_count // 2 or 1},
+        "maxCount": {"secure": kind.most("SECURE"), "community": kind.most("COMMUNITY")},
     }

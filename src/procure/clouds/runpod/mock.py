@@ -218,20 +218,24 @@ def create_app(state: MockRunPodState) -> FastAPI:
                 prices = {c: state.price(kind, c, now) for c in ("SECURE", "COMMUNITY")}
                 item = gpu_type_json(kind, prices)
                 if include:
+                    # No machine holds more than maxCount GPUs: no data centre offers pods of
+                    # more, and RunPod then omits dataCenters altogether.
+                    fits = int(count) <= kind.most(cloud)
                     dcs = [
                         {
                             "id": dc,
                             "name": DATA_CENTERS.get(dc, dc),
                             "availability": level(state.free(kind.id, dc) // int(count)),
                         }
-                        for dc in config.capacity.get(kind.id, {})
+                        for dc in (config.capacity.get(kind.id, {}) if fits else {})
                     ]
                     best = max((d["availability"] for d in dcs), key=_rank, default="NONE")
                     item |= {
                         "availability": best,
-                        "dataCenters": dcs,
                         "cudaVersions": [{"version": CUDA, "available": best != "NONE"}],
                     }
+                    if dcs:
+                        item["dataCenters"] = dcs
                 answer.append(item)
         return JSONResponse({"gpus": answer}, headers=headers)
 

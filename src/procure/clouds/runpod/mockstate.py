@@ -184,8 +184,8 @@ class MockRunPodState:
             cloud = body.get("cloud", "SECURE")
             if kind is None:
                 raise Problem(400, f"GPU type {body['gpu']['id'][:100]!r} is not available")
-            if count > kind.max_count:
-                raise Problem(400, f"at most {kind.max_count} GPUs of this type per pod")
+            if count > kind.most(cloud):
+                raise Problem(400, f"at most {kind.most(cloud)} GPUs of this type per pod")
             wanted = body.get("dataCenterIds") or list(self.config.capacity.get(kind.id, {}))
             unknown = [d for d in wanted if d not in DATA_CENTERS]
             if unknown:
