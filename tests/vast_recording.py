@@ -19,7 +19,7 @@ TEMPLATES = [
     (re.compile(r"^/api/v0/asks/\d+/$"), "/api/v0/asks/{id}"),
     (re.compile(r"^/api/v0/instances/\d+/$"), "/api/v0/instances/{id}"),
     (re.compile(r"^/api/v1/instances/$"), "/api/v1/instances"),
-    (re.compile(r"^/api/v0/charges$"), "/api/v0/charges"),
+    (re.compile(r"^/api/v0/charges/$"), "/api/v0/charges"),
 ]
 
 

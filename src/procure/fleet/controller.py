@@ -160,6 +160,54 @@ def _duplicate(i: Instance) -> policy.Proposal:
     )
 
 
+LOST = ("preempted", "exited")  # stopped by the cloud (a dead host, an ended container)
+
+
+async def _terminate_lost(ctx: FleetContext, listing: list[Instance], now: datetime) -> list[str]:
+    """The fleet's own launches the cloud has shown lost for a boot timeout (Vast.ai's host
+    offline or container exited, a RunPod pod EXITED): the ledger ended them and the pool
+    replaced them, but on the account they bill their disk until destroyed (and their GPU again
+    should the host come back). Terminate them, saying so; the ids terminated. The boot timeout
+    lets one that comes back at once be kept."""
+    lost = {i.id: i for i in listing if i.status in LOST}
+    # Lambda's preempted instance is gone with its disk (listed a while, billed no more).
+    if not lost or ctx.dry_run or getattr(ctx.cloud, "provider", None) == "lambda":
+        return []
+    since = now - timedelta(minutes=ctx.cfg.boot_timeout_mins)
+    with ctx.store.session() as s:
+        rows = [fleet_repo.get_instance(s, instance_id) for instance_id in lost]
+        ours = [
+            r.instance_id
+            for r in rows
+            if r is not None
+            and r.launched_by
+            and r.ended_at is not None
+            and r.ended_at <= since
+            # Terminated once already (a cloud may list it a while longer): not again.
+            and fleet_repo.recent_same(s, policy.TERMINATE, r.instance_id, r.ended_at) is None
+        ]
+    if not ours:
+        return []
+    await ctx.cloud.terminate(ours)  # idempotent; a failure is retried next scan
+    log.warning("terminated fleet launches the cloud shows lost: %s", ours)
+    with ctx.store.session() as s:
+        for instance_id in ours:
+            actions.record_done(ctx, s, _lost(lost[instance_id]), now)
+    return ours
+
+
+def _lost(i: Instance) -> policy.Proposal:
+    return policy.Proposal(
+        policy.TERMINATE,
+        i.id,
+        f"Launched and lost ({i.status} now, replaced): on the account it still bills its disk "
+        "until destroyed",
+        i.instance_type,
+        i.region,
+        0,  # the ledger ended it when it was lost: no running price is saved now
+    )
+
+
 async def _list(ctx: FleetContext) -> list[Instance]:
     listing = await ctx.cloud.instances()
     now = ctx.clock()
@@ -170,6 +218,7 @@ async def _list(ctx: FleetContext) -> list[Instance]:
     if age is None or age >= TYPES_TTL or (missing and age >= MISSING_TTL):
         try:
             ctx.types = {t.name: t for t in await ctx.cloud.instance_types()}
+            await _type_to_launch(ctx)
         except CloudError as exc:
             if not ctx.types:
                 raise  # nothing known to price a launch with: the scan fails, backing off
@@ -178,6 +227,19 @@ async def _list(ctx: FleetContext) -> list[Instance]:
             log.warning("reading the instance types failed (%s); keeping the last ones", exc)
         ctx.types_at = now
     return listing
+
+
+async def _type_to_launch(ctx: FleetContext) -> None:
+    """The type the fleet launches, asked of the cloud by name when its catalogue lacks it and
+    the cloud can (Vast.ai's catalogue is read from its cheapest asks: a type priced past them
+    would have no price, and no launch would ever pass the caps)."""
+    name = ctx.cfg.default_instance_type
+    one = getattr(ctx.cloud, "instance_type", None)
+    if name in ctx.types or one is None:
+        return
+    found = await one(name)
+    if found is not None:
+        ctx.types[found.name] = found
 
 
 async def _read_nodes(
@@ -217,19 +279,23 @@ async def _read_nodes(
     return list(await asyncio.gather(*(renew(i, s) for i, s in zip(readable, found, strict=True))))
 
 
-def _nodes_answer(ctx: FleetContext, views: list[monitor.InstanceView]) -> bool:
-    """Whether some fleet node has ever answered: in this scan's readings, or (asked once per
-    process) the store's samples; once true, remembered. Without one, a silent node is no sign of
-    a broken instance but of a fleet run without procure's node: ending each instance for it
-    would replace them one boot timeout apart."""
+def _nodes_answer(ctx: FleetContext, samples: list[dict[str, Any]]) -> bool:
+    """Whether some node of this fleet has ever answered: in this scan's readings (its own
+    listing's nodes), or (asked once per process) the store's samples of this fleet; once true,
+    remembered. Without one, a silent node is no sign of a broken instance but of a fleet run
+    without procure's node: ending each instance for it would replace them one boot timeout
+    apart. Another fleet's nodes on the same store say nothing of this one's."""
     if not ctx.nodes_answered:
-        ctx.nodes_answered = any(v.latest is not None and v.latest.reachable for v in views)
+        ctx.nodes_answered = any(sample.get("reachable") for sample in samples)
     if not ctx.nodes_answered and not ctx.samples_read:
         ctx.samples_read = True
         with ctx.store.session() as s:
             found = s.scalar(
                 select(FleetSampleRow.instance_id)
-                .where(FleetSampleRow.reachable.is_(True))
+                .where(
+                    FleetSampleRow.fleet == ctx.cfg.fleet_name,
+                    FleetSampleRow.reachable.is_(True),
+                )
                 .limit(1)
             )
         ctx.nodes_answered = found is not None
@@ -291,6 +357,11 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
     except CloudError as exc:
         duplicates, result.error = [], clip(f"{type(exc).__name__}: {exc}", 500)
     result.carried_out += [f"{i} terminated (a duplicate launch)" for i in duplicates]
+    try:
+        lost = await _terminate_lost(ctx, listing, now)
+    except CloudError as exc:
+        lost, result.error = [], clip(f"{type(exc).__name__}: {exc}", 500)
+    result.carried_out += [f"{i} terminated (lost by the cloud)" for i in lost]
 
     # Decided and interrupted actions first: they were promised before this scan's ideas.
     actions.expire(ctx)
@@ -307,7 +378,10 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         except CloudError as exc:
             result.error = clip(f"{type(exc).__name__}: {exc}", 500)
 
-    samples = await _read_nodes(ctx, listing, now, account)
+    # Each sample names its fleet: what this fleet's nodes said is asked of its own samples.
+    samples = [
+        x | {"fleet": ctx.cfg.fleet_name} for x in await _read_nodes(ctx, listing, now, account)
+    ]
     with ctx.store.session() as s:
         fleet_repo.add_samples(s, samples)
         fleet_repo.prune_samples(s, now - timedelta(hours=ctx.cfg.sample_retention_h))
@@ -335,7 +409,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
             # No series in Prometheus says nothing of the node (a scrape set up wrong would end
             # the whole fleet); a node read directly that does not answer is silent, once some
             # node has ever answered (else the operator runs none: its own image).
-            judge_silence=not ctx.cfg.prometheus_url and _nodes_answer(ctx, result.views),
+            judge_silence=not ctx.cfg.prometheus_url and _nodes_answer(ctx, samples),
             answered=_last_answered(ctx, [v.id for v in result.views]),
         )
         if p.target not in ending

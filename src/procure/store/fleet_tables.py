@@ -91,10 +91,14 @@ class FleetSampleRow(Base):
     xid_errors: Mapped[int | None] = mapped_column(Integer)
     gpus_failing: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(String(300))
+    # The fleet (its name) whose controller read it: whether any node of a fleet has answered
+    # is asked of its own samples, never of another fleet's on the same store.
+    fleet: Mapped[str | None] = mapped_column(String(100))
 
     __table_args__ = (
         Index("ix_fleet_samples_instance", "instance_id", "taken_at"),
         Index("ix_fleet_samples_taken", "taken_at"),
+        Index("ix_fleet_samples_fleet", "fleet", "reachable"),
     )
 
 

@@ -88,10 +88,16 @@ class VastCloud:
     ) -> list[Offer]:
         """On-demand and interruptible (bid) offers, cheapest first; `spot` picks one kind."""
         found: list[Offer] = []
+        model = wire.canonical_gpu(gpu) if gpu else None
         for interruptible in (False, True):
             if spot is not None and spot != interruptible:
                 continue
-            found += await self._search(interruptible, wire.canonical_gpu(gpu) if gpu else None)
+            got, whole = await self._search(interruptible, model, gpu_count)
+            found += got
+            if model and whole and not any(_fits(o, model, gpu_count) for o in got):
+                # The whole market read, none of this model: its bids are the same hosts'
+                # (reading them through again would only double the caller's wait).
+                break
         if gpu:
             found = [o for o in found if o.gpu == wire.canonical_gpu(gpu)]
         if gpu_count is not None:
@@ -99,14 +105,23 @@ class VastCloud:
         return sorted(found, key=lambda o: (o.price_per_hour, o.interruptible, o.offer_id))
 
     async def _search(
-        self, interruptible: bool, gpu: str | None, *, every: bool = False
-    ) -> list[Offer]:
+        self,
+        interruptible: bool,
+        gpu: str | None,
+        count: int | None = None,
+        *,
+        every: bool = False,
+    ) -> tuple[list[Offer], bool]:
         """The market's cheapest offers of one kind. Vast answers at most SEARCH_LIMIT offers,
         cut in the order asked (by price here: cut in Vast's own order, the cheapest were lost).
         A search for one GPU model whose answer is full of other models goes on from that
         answer's highest price, as does one for `every` model (the fleet's catalogue): Vast's
         search has no page token, and its names for a model are not ours to guess (the model
-        is matched here, on canonical names)."""
+        is matched here, on canonical names), with `count` GPUs when given (asked of Vast too:
+        a one-GPU bundle of the model is not the eight-GPU one looked for). Also whether the
+        whole market was read (the last answer was not full). An answer past a price that brings
+        nothing new ends the search: Vast did not move past it, and asking again would only make
+        the caller wait."""
         body: dict[str, Any] = {
             "limit": SEARCH_LIMIT,
             # The spec's enum says "ondemand"; the SDK sends "on-demand". Vast takes both.
@@ -115,25 +130,35 @@ class VastCloud:
             "rentable": {"eq": True},
             "rented": {"eq": False},
             "direct_port_count": {"gte": 1},
+            # Vast prices each ask (`dph_total`) with the disk asked for here, 8 GB unless said:
+            # the disk every launch asks for, so the price shown and compared is the one billed.
+            "allocated_storage": DISK_GB,
             # Two [field, direction] pairs, as the spec's schema counts them; the id breaks ties.
             "order": [["dph_total", "asc"], ["id", "asc"]],
         }
+        if count is not None:
+            body["num_gpus"] = {"in": [count]}
         found: dict[str, Offer] = {}
         seen: set[str] = set()
         for _ in range(SEARCH_PAGES):
             answer = await self._call("POST", "/api/v0/bundles/", "search", json_body=body)
-            found |= {o.offer_id: o for o in wire.offers(answer, interruptible=interruptible)}
+            priced = wire.offers(answer, interruptible=interruptible, disk_gb=DISK_GB)
+            found |= {o.offer_id: o for o in priced}
             ids, highest = wire.search_page(answer)
             new = set(ids) - seen
             seen |= new
             full = len(ids) >= SEARCH_LIMIT and highest is not None
-            wanted = every or (gpu is not None and not any(o.gpu == gpu for o in found.values()))
-            if not full or not wanted:
+            if not full:
+                return list(found.values()), True
+            wanted = every or (
+                gpu is not None and not any(_fits(o, gpu, count) for o in found.values())
+            )
+            if not wanted or (not new and "gt" in body.get("dph_total", {})):
                 break
             # Asks priced at the cut come again (`gte`; known ones skipped), unless no ask in
             # the answer was new (a whole answer at one price): then past that price.
             body["dph_total"] = {"gte" if new else "gt": highest}
-        return list(found.values())
+        return list(found.values()), False
 
     async def launch_spec(self, spec: LaunchSpec) -> Instance:
         if not spec.name or len(spec.name) > MAX_LABEL:
@@ -158,12 +183,15 @@ class VastCloud:
             body["onstart"] = spec.startup_script
         price = offer.price_per_hour
         if offer.interruptible:
-            price = spec.bid_per_hour or offer.min_bid_per_hour or offer.price_per_hour
-            dollars = round(price / wire.MICROS, 6)
+            bid = spec.bid_per_hour or offer.min_bid_per_hour or offer.price_per_hour
+            dollars = round(bid / wire.MICROS, 6)
             if not MIN_BID <= dollars <= MAX_BID:
                 raise CloudError(f"a Vast.ai bid is ${MIN_BID} to ${MAX_BID:g} an hour")
             body["price"] = dollars
             body["cancel_unavail"] = False  # a losing bid waits rather than failing
+            # Vast bills the disk beside the bid: the instance's price is both, as its offer's.
+            disk = offer.price_per_hour - (offer.min_bid_per_hour or offer.price_per_hour)
+            price = bid + max(0, disk)
         path = f"/api/v0/asks/{_segment(offer.offer_id)}/"
         # Never retried here: Vast's create takes no idempotency key. After an error the caller
         # looks for the label (find) before launching again.
@@ -231,7 +259,8 @@ class VastCloud:
         total: int | None = None
         tokens: set[str] = set()
         for _ in range(MAX_PAGES):
-            body = await self._call("GET", "/api/v0/charges", "charges", params=params)
+            # Vast's SDK's path keeps its trailing slash, as every other call here does.
+            body = await self._call("GET", "/api/v0/charges/", "charges", params=params)
             amount, token = wire.charges_page(body, instance_id)
             if amount is not None:
                 total = (total or 0) + amount
@@ -245,17 +274,16 @@ class VastCloud:
     async def instance_types(self) -> list[InstanceType]:
         """One type per GPU model and count, at its cheapest on-demand offer, with the regions
         where one can be rented now."""
-        types: dict[str, InstanceType] = {}
         # The whole market: its cheapest answer may hold none of a model the fleet runs.
-        for o in await self._search(False, None, every=True):
-            name = wire.type_name(o.gpu, o.gpu_count)
-            seen = types.get(name)
-            regions = sorted({*(seen.regions_with_capacity if seen else []), o.region})
-            price = min(o.price_per_hour, seen.price_per_hour) if seen else o.price_per_hour
-            types[name] = InstanceType(
-                name, f"{o.gpu_count}x {o.gpu} on Vast.ai", o.gpu_count, price, regions
-            )
-        return list(types.values())
+        return list(_types((await self._search(False, None, every=True))[0]).values())
+
+    async def instance_type(self, name: str) -> InstanceType | None:
+        """One type, read by its GPU model and count: the catalogue, read by price from the
+        cheapest ask for SEARCH_PAGES answers, misses a type priced past them (eight H100s)."""
+        gpu, count = wire.gpu_of_type(name), wire.count_of_type(name)
+        if gpu is None or count is None:
+            return None
+        return _types(await self.offers(gpu=gpu, gpu_count=count, spot=False)).get(name)
 
     async def instances(self) -> list[Instance]:
         return await self._list({})
@@ -277,7 +305,11 @@ class VastCloud:
         fits = [
             o
             # Searched by its model: the market's cheapest answer may hold none of this type.
-            for o in await self.offers(gpu=wire.gpu_of_type(instance_type), spot=False)
+            for o in await self.offers(
+                gpu=wire.gpu_of_type(instance_type),
+                gpu_count=wire.count_of_type(instance_type),
+                spot=False,
+            )
             if wire.type_name(o.gpu, o.gpu_count) == instance_type
             and (max_price_per_hour is None or o.price_per_hour <= max_price_per_hour)
         ]
@@ -380,6 +412,26 @@ class VastCloud:
 
 class _NotFound(CloudError):
     """Vast's 404 for an instance (internal: callers see None or an idempotent no-op)."""
+
+
+def _types(offers: list[Offer]) -> dict[str, InstanceType]:
+    """One type per GPU model and count, at its cheapest on-demand offer, with its regions."""
+    types: dict[str, InstanceType] = {}
+    for o in offers:
+        if o.interruptible:
+            continue
+        name = wire.type_name(o.gpu, o.gpu_count)
+        seen = types.get(name)
+        regions = sorted({*(seen.regions_with_capacity if seen else []), o.region})
+        price = min(o.price_per_hour, seen.price_per_hour) if seen else o.price_per_hour
+        types[name] = InstanceType(
+            name, f"{o.gpu_count}x {o.gpu} on Vast.ai", o.gpu_count, price, regions
+        )
+    return types
+
+
+def _fits(offer: Offer, gpu: str, count: int | None) -> bool:
+    return offer.gpu == gpu and (count is None or offer.gpu_count == count)
 
 
 def _next_page(token: str, seen: set[str], what: str) -> str:

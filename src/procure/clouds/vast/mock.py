@@ -26,7 +26,13 @@ from procure.clouds.mockworld import server as mockserver
 from procure.clouds.specs import SpecError, validate_request
 from procure.clouds.vast import mockio
 from procure.clouds.vast.mockjson import charge_json, instance_json, offer_json
-from procure.clouds.vast.mockstate import MockVastConfig, MockVastState, Refusal, refusal
+from procure.clouds.vast.mockstate import (
+    DEFAULT_DISK_GB,
+    MockVastConfig,
+    MockVastState,
+    Refusal,
+    refusal,
+)
 from procure.clouds.vast.nodes import node_keeper
 
 PAGE_MAX = 25
@@ -139,10 +145,12 @@ def create_app(state: MockVastState) -> FastAPI:
             except SpecError as exc:
                 raise refusal(400, "invalid_args", str(exc)[:300]) from None
             bid = kind == "bid"
+            # Vast prices each ask with the disk asked for: 8 GB unless the search says.
+            disk = _disk(body.get("allocated_storage"))
             with state.lock:
                 now = state.now()
                 offers = [
-                    offer_json(state, m, now, bid=bid)
+                    offer_json(state, m, now, bid=bid, disk_gb=disk)
                     for m in config.machines
                     if state.free(m, now) > 0
                 ]
@@ -197,6 +205,7 @@ def create_app(state: MockVastState) -> FastAPI:
                 runtype=str(body.get("runtype") or "ssh"),
                 price=body.get("price"),
                 cancel_unavail=body.get("cancel_unavail", None if "price" in body else True),
+                disk_gb=_disk(body.get("disk")),
             )
             if config.nodes:
                 await nodes.reconcile()  # its node is bound now; it answers once running
@@ -373,6 +382,13 @@ def create_app(state: MockVastState) -> FastAPI:
     )
     app.include_router(admin, dependencies=[Depends(authorised)])
     return app
+
+
+def _disk(value: Any) -> float:
+    """GB of disk a search or launch asks for (the spec has checked it is a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1e6:
+        return DEFAULT_DISK_GB
+    return float(value)
 
 
 def _integer(raw: str) -> bool:

@@ -6,14 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from procure.clouds.vast.mockstate import Machine, MockInstance, MockVastState
+from procure.clouds.vast.mockstate import DEFAULT_DISK_GB, Machine, MockInstance, MockVastState
 
 WRONG_IP = "127.255.255.254"  # nothing listens there (the wrong-ip fault)
 
 
-def offer_json(state: MockVastState, m: Machine, now: float, *, bid: bool) -> dict[str, Any]:
+def offer_json(
+    state: MockVastState, m: Machine, now: float, *, bid: bool, disk_gb: float = DEFAULT_DISK_GB
+) -> dict[str, Any]:
+    """One ask, priced (`dph_total`) with the disk the search asked for (`allocated_storage`)."""
     price, min_bid = state.price(m, now), state.min_bid(m, now)
-    dph = min_bid if bid else price  # a bid search prices offers at their minimum bid
+    disk = round(m.storage_per_hour(disk_gb), 6)
+    gpu = min_bid if bid else price  # a bid search prices offers at their minimum bid
+    dph = round(gpu + disk, 6)
     return {
         "id": m.ask_id,
         "ask_contract_id": m.ask_id,
@@ -44,12 +49,13 @@ def offer_json(state: MockVastState, m: Machine, now: float, *, bid: bool) -> di
         "reliability2": 0.995,
         "static_ip": True,
         "public_ipaddr": f"203.0.113.{m.ask_id % 250 + 1}",
-        "storage_cost": 0.15,
+        "storage_cost": m.storage_cost,
+        "storage_total_cost": disk,
         "inet_up_cost": 0.002,
         "inet_down_cost": 0.002,
         "search": {
-            "gpuCostPerHour": dph,
-            "diskHour": 0.0,
+            "gpuCostPerHour": gpu,
+            "diskHour": disk,
             "totalHour": dph,
             "discountTotalHour": 0.0,
             "discountedTotalPerHour": dph,
@@ -111,7 +117,7 @@ def instance_json(
         "gpu_totalram": m.gpu_ram_mb * m.num_gpus,
         "gpu_util": 0.0 if running else None,
         "gpu_frac": 1.0,
-        "disk_space": 20.0,
+        "disk_space": inst.disk_gb,
         "direct_port_count": m.direct_port_count,
         "direct_port_start": state.config.host_port,
         "direct_port_end": state.config.host_port + m.direct_port_count - 1,
@@ -124,9 +130,9 @@ def instance_json(
         "min_bid": inst.min_bid,
         "is_bid": inst.is_bid,
         "dph_base": round(inst.price * 0.95, 6),
-        "dph_total": inst.price,
+        "dph_total": round(state.hourly(inst), 6),
         "num_gpus": m.num_gpus,
-        "storage_cost": 0.15,
+        "storage_cost": m.storage_cost,
         "client_run_time": round(state.running_s(inst, now), 3),
         "host_run_time": round(state.running_s(inst, now), 3),
         "time_remaining": "",
@@ -135,7 +141,7 @@ def instance_json(
 
 
 def charge_json(state: MockVastState, inst: MockInstance, now: float) -> dict[str, Any]:
-    """The instance's contract row of `GET /api/v0/charges` (amount rounded to 3 decimals)."""
+    """The instance's contract row of `GET /api/v0/charges/` (amount rounded to 3 decimals)."""
     usd = state.billed_micros(inst, now) / 1_000_000
     end = min(t for t in (now, inst.destroyed_at) if t is not None)
     hours = state.running_s(inst, now) / 3600

@@ -16,6 +16,7 @@ from procure.clouds.mockworld.clock import SimClock
 from procure.clouds.vast.pacing import INTERVALS_S
 
 MICROS = 1_000_000
+DEFAULT_DISK_GB = 8.0  # Vast's search and create, when no disk is given (its spec)
 
 
 @dataclass
@@ -33,6 +34,14 @@ class Machine:
     gpu_ram_mb: int = 24_564
     nvml_name: str = ""
     power_limit_w: int = 450
+    # $/GB a month for the disk an instance is given (Vast's `storage_cost`): a search prices
+    # the disk it asks for (`allocated_storage`, 8 GB unless said), a launch bills the disk it
+    # asks for. 0 by default: the mock's other figures are the GPU's alone.
+    storage_cost: float = 0.0
+
+    def storage_per_hour(self, disk_gb: float) -> float:
+        """$/h of `disk_gb` on this host (a month is 720 hours in Vast's prices)."""
+        return self.storage_cost * disk_gb / 720
 
     @property
     def machine_id(self) -> int:
@@ -103,6 +112,7 @@ class MockInstance:
     created_at: float
     running_at: float
     never_boot: bool = False
+    disk_gb: float = DEFAULT_DISK_GB  # billed beside the GPU at the host's storage_cost
     preempted_at: float | None = None  # outbid (scheduled or admin) or the host died
     destroyed_at: float | None = None
     ip: str | None = None  # its node's loopback address, once bound
@@ -195,6 +205,7 @@ class MockVastState:
         runtype: str,
         price: float | None,
         cancel_unavail: bool | None,
+        disk_gb: float = DEFAULT_DISK_GB,
     ) -> MockInstance:
         with self.lock:
             now = self.now()
@@ -229,6 +240,7 @@ class MockVastState:
                 created_at=now,
                 running_at=now + self.config.boot_s,
                 never_boot=self.never_boot,
+                disk_gb=disk_gb,
                 container_ports=_ports(env),
             )
             self._next_id += 1
@@ -285,12 +297,21 @@ class MockVastState:
         end = min(t for t in (now, inst.preempted_at, inst.destroyed_at) if t is not None)
         return max(0.0, end - inst.running_at)
 
+    def hourly(self, inst: MockInstance) -> float:
+        """$/h the instance bills while running: its GPU's price and its disk's."""
+        return inst.price + inst.machine.storage_per_hour(inst.disk_gb)
+
     def billed_micros(self, inst: MockInstance, now: float | None = None) -> int:
-        """GPU per second while running (each started second), nothing while loading, paused
-        or destroyed; storage and bandwidth are not modelled (0 here)."""
+        """The GPU per second while running (each started second), nothing while loading, paused
+        or destroyed; the disk per second from its creation until it is destroyed, whatever its
+        state (a stopped or offline instance keeps its disk); bandwidth is not modelled."""
         now = self.now() if now is None else now
         seconds = math.ceil(self.running_s(inst, now) - 1e-9)
-        return round(round(inst.price * MICROS) * seconds / 3600)
+        gpu = round(round(inst.price * MICROS) * seconds / 3600)
+        end = min(t for t in (now, inst.destroyed_at) if t is not None)
+        kept = math.ceil(max(0.0, end - inst.created_at) - 1e-9)
+        disk = round(inst.machine.storage_per_hour(inst.disk_gb) * MICROS * kept / 3600)
+        return gpu + disk
 
     def billing(self) -> dict[str, Any]:
         with self.lock:

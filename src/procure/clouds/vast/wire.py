@@ -27,6 +27,7 @@ from procure.clouds.base import (
 log = logging.getLogger(__name__)
 MICROS = 1_000_000
 BILLING_INCREMENT_S = 1  # GPU billed per second while running (docs: billing.mdx)
+HOURS_A_MONTH = 720  # Vast's storage prices are $/GB a month
 BOOTING = {None, "", "created", "loading", "rebooting", "restarting", "scheduling"}
 # Never come back to running (the spec's "poll trap"): the instance is lost to us.
 LOST = {"exited", "unknown", "offline"}
@@ -44,6 +45,7 @@ class _Offer(_Loose):
     num_gpus: int = Field(ge=0, le=1024)
     dph_total: float = Field(ge=0, le=100_000)
     min_bid: float | None = Field(None, ge=0, le=100_000)
+    storage_cost: float | None = Field(None, ge=0, le=100_000)  # $/GB a month
     geolocation: str | None = Field(None, max_length=200)
     direct_port_count: int = Field(0, ge=0, le=1_000_000)
     rentable: bool = True
@@ -84,13 +86,24 @@ def gpu_of_type(name: str) -> str | None:
     return gpu if sep and prefix.startswith("vast_") and prefix[5:].isdecimal() and gpu else None
 
 
+def count_of_type(name: str) -> int | None:
+    """The GPU count of a `type_name` ("vast_8x_H100" → 8); None for another name."""
+    prefix, sep, _ = name.partition("x_")
+    count = prefix[5:]
+    if not sep or not prefix.startswith("vast_") or not count.isdecimal() or len(count) > 4:
+        return None
+    return int(count)
+
+
 def micros(usd_per_hour: float) -> int:
     return round(usd_per_hour * MICROS)
 
 
-def offers(body: Any, *, interruptible: bool) -> list[Offer]:
+def offers(body: Any, *, interruptible: bool, disk_gb: float = 0.0) -> list[Offer]:
     """The offers of a search answer that procure can use (one direct port at least, for the
-    node); malformed entries are skipped, a malformed answer is the provider's trouble."""
+    node); malformed entries are skipped, a malformed answer is the provider's trouble. An
+    on-demand offer's `dph_total` has the disk asked for in it; a bid (`min_bid`) is the GPU's
+    alone, and Vast bills `disk_gb` of disk beside it: its price is both, as it will be billed."""
     raw = body.get("offers") if isinstance(body, dict) else None
     if not isinstance(raw, list) or len(raw) > 10_000:
         raise ProviderError("Vast.ai's search answer has no list of offers")
@@ -103,7 +116,9 @@ def offers(body: Any, *, interruptible: bool) -> list[Offer]:
             continue
         if o.direct_port_count < 1 or not o.rentable or o.num_gpus < 1:
             continue
-        price = micros(o.min_bid if interruptible and o.min_bid is not None else o.dph_total)
+        price = micros(o.dph_total)
+        if interruptible and o.min_bid is not None:
+            price = micros(o.min_bid + (o.storage_cost or 0.0) * disk_gb / HOURS_A_MONTH)
         found.append(
             Offer(
                 provider="vast",
@@ -234,7 +249,7 @@ def new_contract(body: Any) -> str:
 
 
 def charges_page(body: Any, instance_id: str) -> tuple[int | None, str | None]:
-    """Micro-USD charged to `instance-<id>` on this page of `GET /api/v0/charges` (None if it
+    """Micro-USD charged to `instance-<id>` on this page of `GET /api/v0/charges/` (None if it
     is not there), and the next page's token."""
     results = body.get("results") if isinstance(body, dict) else None
     if not isinstance(results, list) or len(results) > 10_000:
