@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import Field, SecretStr
 from starlette.requests import ClientDisconnect
@@ -114,7 +116,9 @@ def _field(body: dict[str, Any], alias: str, name: str) -> Any:
     return body[alias] if alias in body else body.get(name)
 
 
-_SCRAPE = ScrapeSettings()
+# The book's figures that are the operator's money: `GET /gateway/status` shows them only to
+# the operator's token (PROCURE_METRICS_TOKEN), never to the buyers' shared bearer.
+OPERATORS_FIGURES = frozenset({"incomeUsd", "instanceCostUsd", "marginUsd", "paymentsReceived"})
 
 
 def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> FastAPI:
@@ -267,6 +271,14 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
     app.add_middleware(_PaidChain, chain=[paying, paid_route])
     app.add_middleware(BoundedRequests)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own answer, written as ASCII: it quotes the input, and half a surrogate
+        # pair there (JSON's "\ud800", which pydantic refuses) is not UTF-8: it was a 500.
+        detail = {"detail": jsonable_encoder(exc.errors())}
+        body = json.dumps(detail, ensure_ascii=True, default=str)
+        return Response(body, status_code=422, media_type="application/json")
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "vendorId": cfg.vendor_id, "cloud": cfg.provider}
@@ -406,21 +418,33 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         rt.wake.set()
         return JSONResponse(answer)
 
-    @app.get("/gateway/status", dependencies=[Depends(authorize)])
-    async def status() -> dict[str, Any]:
+    # The operator's own token (PROCURE_METRICS_TOKEN, read as the app is made). The buyers'
+    # bearer is every buyer's: it must not open the operator's money.
+    operator = ScrapeSettings().metrics_token
+
+    @app.get("/gateway/status")
+    async def status(authorization: str | None = Header(None)) -> JSONResponse:
+        owner = operator is not None and bearer_matches(authorization, operator.get_secret_value())
+        if not owner and not bearer_matches(authorization, cfg.secret):
+            return _error(401, "missing or wrong vendor secret")
         figures = await asyncio.to_thread(book.figures, rt.store)
-        return {
-            **figures,
-            "maxHourlyUsd": cfg.max_hourly_usd,
-            "maxTotalInstances": cfg.max_total_instances,
-        }
+        if not owner:  # a buyer: whether the gateway has room, not what it earns
+            figures = {k: v for k, v in figures.items() if k not in OPERATORS_FIGURES}
+        return JSONResponse(
+            {
+                **figures,
+                "maxHourlyUsd": cfg.max_hourly_usd,
+                "maxTotalInstances": cfg.max_total_instances,
+            }
+        )
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        # procure's one rule for /metrics: the scrape token, or this process's own (the buyers'
-        # bearer); open only when neither is set.
-        own = SecretStr(cfg.secret) if cfg.secret else None
-        if not scrape_allowed(request.headers.get("authorization"), _SCRAPE.metrics_token, own):
+        # procure's one rule for /metrics: the scrape token, or this process's own; open only
+        # when neither is set. This process's own is the buyers' bearer, so once the operator
+        # has set a scrape token only that opens it (the figures are the operator's money).
+        own = SecretStr(cfg.secret) if cfg.secret and operator is None else None
+        if not scrape_allowed(request.headers.get("authorization"), operator, own):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
         lines = await asyncio.to_thread(book.prometheus_lines, rt.store, cfg.vendor_id)
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

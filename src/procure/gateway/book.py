@@ -58,8 +58,15 @@ def drop_oldest_quotes(s: Session, now: datetime, count: int) -> None:
 def known(value: str) -> bool:
     """Whether `value` (an id or key from a request) can name a row: a NUL never does, and
     PostgreSQL cannot even compare one (where SQLite answers "unknown"), so a buyer sending
-    one got a 500 and a database traceback in the log."""
-    return bool(value) and "\x00" not in value
+    one got a 500 and a database traceback in the log; nor does half a surrogate pair (JSON's
+    `"\\ud800"`), which is not UTF-8: neither store can be sent it."""
+    if not value or "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def get_quote(s: Session, quote_id: str) -> GatewayQuoteRow | None:
@@ -192,8 +199,13 @@ def settled(
     row.paid_hours += payment.hours
     if payment.kind == "submit":
         row.status = "paid"
-    elif row.status == "expired":
-        _revive(row, now + timedelta(seconds=payment.hours * hour_s))
+    elif ran_out(row) and row.status != "ending":
+        revive(row, now + timedelta(seconds=payment.hours * hour_s))
+    elif ran_out(row):
+        # Being ended for want of paid time, its instance not yet gone: the time is given from
+        # now, and the job is relaunched once that instance is (`instances._ended`); added to
+        # the paid time that ran out, the job ended all the same, the money taken.
+        row.paid_until = max(row.paid_until or now, now) + timedelta(seconds=payment.hours * hour_s)
     elif row.paid_until is not None:
         # From where the paid time ran out, not from now: a job kept while this renewal was
         # being settled ran on it meanwhile (a job that ended has no use for it either way).
@@ -202,7 +214,20 @@ def settled(
     return row
 
 
-def _revive(row: GatewayJobRow, paid_until: datetime) -> None:
+# How a job that no instance could be launched for within its paid time ends (`launches`).
+NO_LAUNCH = "no instance could be launched within the paid time"
+
+
+def ran_out(row: GatewayJobRow) -> bool:
+    """Whether the job ended, or is being ended, for want of paid time: it ran out while the
+    job ran (`expired`), or before any instance could be launched for it (`failed`, NO_LAUNCH).
+    A renewal booked on such a job (its settlement in doubt through its hold) buys that time
+    back (`settled`); one that completed, failed on its own or was cancelled has no use for it."""
+    ended = row.outcome if row.status == "ending" else row.status
+    return ended == "expired" or (ended == "failed" and (row.error or "").startswith(NO_LAUNCH))
+
+
+def revive(row: GatewayJobRow, paid_until: datetime) -> None:
     """A renewal booked once its job had ended for want of paid time (its hold past the paid
     time ran out with the facilitator's ledger unreachable, and it had settled after all): the
     money moved, so the time it bought is given, from now: the loop launches the job again from

@@ -9,7 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 from typing import Any
+
+from fsspec.core import split_protocol
+from fsspec.registry import known_implementations
 
 from procure.clouds.base import CloudError
 from procure.gateway import book
@@ -148,6 +153,43 @@ async def _poll(rt: Runtime, row: GatewayJobRow) -> None:
     _relay(rt, row, status, page)
 
 
+IGNORED = "checkpoint not taken (not one the node can resume from, or another job's)"
+MAX_CHECKPOINT_URL = 500  # the book's column: a longer one is not cut (a path that is not there)
+_NOT_IN_URL = re.compile(r"[\x00-\x1f\x7f\s]")  # what the node refuses in one (`checkpoints`)
+
+
+def its_checkpoint(rt: Runtime, row: GatewayJobRow, url: str) -> bool:
+    """Whether `url`, named by the job's output or its node, may be kept as the job's
+    checkpoint: what a replacement resumes from and what its buyer is shown (its artifact once
+    done). A job's lines are its buyer's to write: one naming another job's folder of the
+    checkpoint store resumed from another buyer's work, and one the node refuses (a space, an
+    unknown protocol; or one cut to the book's column) left every replacement refused, or
+    failing, until the paid time ran out. Only a URL the node can take, and in the store's
+    folder only the job's own (`<checkpoint dir>/<job id>/`) or the one it started from."""
+    if len(url) > MAX_CHECKPOINT_URL or _NOT_IN_URL.search(url) or ".." in url:
+        return False
+    if (split_protocol(url)[0] or "file") not in known_implementations:
+        return False
+    if url == row.resume_from:
+        return True
+    store, path = _where(url)
+    root_store, root = _where(rt.cfg.checkpoint_dir)
+    root = root.rstrip("/")
+    if store == root_store and path.startswith(f"{root}/"):
+        return path.startswith(f"{root}/{row.job_id}/")
+    return True  # outside the shared store (the instance's own disk): the job's own business
+
+
+def _where(url: str) -> tuple[str, str]:
+    """(the store's implementation, the path in it): one spelling of a URL, so that `file://`,
+    `~` or a doubled slash does not make another job's folder look like none of the store's."""
+    protocol, path = split_protocol(url)
+    store = known_implementations.get(protocol or "file", {}).get("class", protocol or "")
+    if store == known_implementations["file"]["class"]:
+        path = os.path.expanduser(path)
+    return store, re.sub("/+", "/", path)
+
+
 def _relay(rt: Runtime, row: GatewayJobRow, status: dict[str, Any], page: dict[str, Any]) -> None:
     """Progress, checkpoints and log lines from the node into the book (what buyers read)."""
     fields: dict[str, Any] = {"log_cursor": page["next"]}
@@ -166,13 +208,16 @@ def _relay(rt: Runtime, row: GatewayJobRow, status: dict[str, Any], page: dict[s
                 continue
             last = min(1.0, max(0.0, said))
         elif word == "PROCURE_CHECKPOINT" and rest.strip():
-            url, at = rest.strip()[:500], last if last is not None else row.progress
+            if its_checkpoint(rt, row, rest.strip()):
+                url, at = rest.strip(), last if last is not None else row.progress
+            else:  # kept as a line, so its buyer sees what was not taken, and why
+                lines.append(f"[gateway] {IGNORED}: {scrub(rest.strip())[:200]}")
         else:
             lines.append(scrub(line["text"])[:2_000])  # a buyer reads them: no secret of ours
     if (
         status.get("checkpoint")
         and status["checkpoint"] != url
-        and len(status["checkpoint"]) <= 500
+        and its_checkpoint(rt, row, status["checkpoint"])
     ):
         url, at = status["checkpoint"], min(status["progress"], last or status["progress"])
     fields.update(
@@ -260,7 +305,22 @@ async def _end(rt: Runtime, row: GatewayJobRow) -> None:
                 pass
         if not await _terminate(rt, inst):
             return
-    outcome = row.outcome or "failed"
-    update_job(
-        rt, row.job_id, f"job {outcome}; instance terminated", status=outcome, ended_at=utcnow()
-    )
+    _ended(rt, row.job_id, row.outcome or "failed")
+
+
+def _ended(rt: Runtime, job_id: str, outcome: str) -> None:
+    """The job's instances are gone: it ends as `outcome`; unless, ended for want of paid time,
+    a renewal booked meanwhile (its settlement in doubt until now) gave it time again
+    (`book.settled`): then it is launched again from its last checkpoint, as a job revived
+    once `expired` is, and waits for room under the caps as that one does."""
+    now = utcnow()
+    with rt.store.session() as s:
+        row = s.get(GatewayJobRow, job_id, with_for_update=True)
+        if row is None or row.status != "ending":
+            return
+        if book.ran_out(row) and row.paid_until is not None and now < row.paid_until:
+            book.revive(row, row.paid_until)
+            row.ended_at = row.updated_at = now  # relaunched without a sale's check of the caps
+            return
+        row.status, row.ended_at, row.updated_at = outcome, now, now
+        book.note(row, f"[gateway] job {outcome}; instance terminated", rt.cfg.log_lines)

@@ -56,7 +56,7 @@ async def launch(rt: Runtime, row: GatewayJobRow) -> None:
                 ended_at=utcnow(),
                 cost=None if tried else 0,
             )
-            why = f"no instance could be launched within the paid time: {row.error or 'no answer'}"
+            why = f"{book.NO_LAUNCH}: {row.error or 'no answer'}"
             update_job(rt, row.job_id, why, status="ending", outcome="failed", error=why[:2000])
             return
         if inst.launched_at is not None:  # tried, no answer, not listed (yet)
@@ -73,7 +73,7 @@ async def launch(rt: Runtime, row: GatewayJobRow) -> None:
             f"no instance within the paid time: {why}",
             status="ending",
             outcome="failed",
-            error=f"no instance could be launched within the paid time: {why}",
+            error=f"{book.NO_LAUNCH}: {why}",
         )
         return
     if row.ended_at is not None and _waits_for_caps(rt, row):
@@ -153,7 +153,7 @@ WAITING_FOR_CAPS = "waiting for room under the gateway's caps"
 
 
 def _waits_for_caps(rt: Runtime, row: GatewayJobRow) -> bool:
-    """Whether a job revived by a renewal booked after it had ended (`book._revive`) must wait
+    """Whether a job revived by a renewal booked after it had ended (`book.revive`) must wait
     before it is launched: its relaunch was never checked against the caps over all buyers, as
     a sale is, and another buyer may have been sold its place meanwhile. The money has moved
     and cannot be refunded, so it waits, within the paid time the renewal bought, for room

@@ -65,14 +65,22 @@ def offer_cache(rt: Runtime) -> Callable[..., Awaitable[list[Any]]]:
     quotes in a loop cannot drive the gateway into the cloud's rate limits. `fresh`: asked now
     (a paid submit, checked against its quote's cost: only a verified payment reaches it).
     One catalogue is kept for every GPU: every cloud reads its whole catalogue for any GPU, and
-    keyed by the name a buyer sends, each made-up name was a new read and a new entry."""
+    keyed by the name a buyer sends, each made-up name was a new read and a new entry.
+    One read at a time, shared by every caller waiting on it: cached only once the cloud had
+    answered, each quote asked meanwhile read it again (40 quotes asked together, 40 calls on
+    the account whose rate limits its launches and terminates share). A `fresh` caller takes a
+    read begun after it asked."""
     cache: list[tuple[float, list[Any]]] = []
+    reading = asyncio.Lock()
 
     async def offers(gpu: str, *, fresh: bool = False) -> list[Any]:
-        now = asyncio.get_running_loop().time()
-        if fresh or not cache or now - cache[0][0] > OFFERS_TTL_S:
-            cache[:] = [(now, await rt.cloud.offers())]
-        return [o for o in cache[0][1] if o.gpu == gpu.upper()]  # as `best_offer` matches
+        clock = asyncio.get_running_loop().time
+        asked = clock()
+        async with reading:
+            if not cache or (fresh and cache[0][0] < asked) or asked - cache[0][0] > OFFERS_TTL_S:
+                begun = clock()
+                cache[:] = [(begun, await rt.cloud.offers())]
+            return [o for o in cache[0][1] if o.gpu == gpu.upper()]  # as `best_offer` matches
 
     return offers
 
