@@ -197,7 +197,7 @@ def test_agent_completes_a_run_bought_from_the_gateway(gw: GatewayWorld) -> None
     # ... and on its /metrics, behind procure's scrape rule (here: the buyers' bearer).
     assert httpx.get(f"{gw.url}/metrics", timeout=15).status_code == 401
     scraped = httpx.get(f"{gw.url}/metrics", headers=gw.headers(), timeout=15).text
-    assert 'procure_gateway_income_usd{vendor_id="gw1"} 0.374' in scraped
+    assert 'procure_gateway_income_usd_total{vendor_id="gw1"} 0.374' in scraped
     assert 'procure_gateway_live_instances{vendor_id="gw1"} 0' in scraped
     # ... and on the dashboard's runs page, beside what the runs spent.
     assert spend_total(gw.store)["gateway"]["income"] == pytest.approx(0.374)
@@ -659,7 +659,7 @@ def test_the_book_counts_each_payment_once_and_drops_unsettled_ones(db_url: str)
             assert row is not None and row.paid_hours == 1.5
             assert row.paid_until is not None and row.paid_until > now + timedelta(hours=1.4)
         lines = book.prometheus_lines(store, "gw1")
-        assert 'procure_gateway_income_usd{vendor_id="gw1"} 2.0' in lines
+        assert 'procure_gateway_income_usd_total{vendor_id="gw1"} 2.0' in lines
     finally:
         store.dispose()
     # The migration goes down and up again cleanly.

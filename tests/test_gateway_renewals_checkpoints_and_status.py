@@ -86,7 +86,7 @@ def test_a_buyers_bearer_reads_the_gateways_capacity_but_not_the_operators_money
     # /metrics, with the operator's scrape token set, is the operator's only.
     assert _get(g, "/metrics").status_code == 401
     scraped = _get(g, "/metrics", OPERATOR)
-    assert scraped.status_code == 200 and "procure_gateway_income_usd" in scraped.text
+    assert scraped.status_code == 200 and "procure_gateway_income_usd_total" in scraped.text
 
 
 # --- 2. a job's checkpoint lines --------------------------------------------------------------

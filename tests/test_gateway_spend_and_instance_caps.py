@@ -280,7 +280,11 @@ def test_procure_gateway_takes_its_caps_as_options_and_shows_them_in_its_status(
         [*command, "--help"], env=env, capture_output=True, text=True, timeout=120
     )
     assert "--max-hourly-usd" in helped.stdout and "--max-total-instances" in helped.stdout
-    caps = ["--max-hourly-usd", "12.5", "--max-total-instances", "3"]
+    assert "--launch-retry-seconds" in helped.stdout
+    caps = [
+        *("--max-hourly-usd", "12.5", "--max-total-instances", "3"),
+        *("--launch-retry-seconds", "90"),
+    ]
     gateway = subprocess.Popen(
         [*command, "--cloud", "runpod", "--port", str(port), *caps],
         env=env,
@@ -307,6 +311,7 @@ def test_procure_gateway_takes_its_caps_as_options_and_shows_them_in_its_status(
 
         shown = wait_for(status, 60)
         assert shown["maxHourlyUsd"] == 12.5 and shown["maxTotalInstances"] == 3, shown
+        assert shown["launchRetryS"] == 90, shown
         assert shown["committedInstances"] == 0 and shown["committedUsdPerHour"] == 0, shown
     finally:
         gateway.terminate()

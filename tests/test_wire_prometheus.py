@@ -18,10 +18,12 @@ from procure.agent import metrics
 from procure.agent.worker import WorkerConfig
 from procure.api.app import create_app
 from procure.clouds.lambda_cloud.simnvml import SimGpu, sim_nvml
+from procure.gateway import book
 from procure.gpu.probe import nvml_reader, read_nvml
 from procure.gpu.service import create_gpu_worker_app
 from procure.gpu.settings import GpuWorkerSettings
 from procure.local import serve
+from procure.store import open_store
 from prometheus_harness import eventually, promtool, running_prometheus
 from world import World
 
@@ -220,6 +222,20 @@ DASHBOARD = [
     "DCGM_FI_PROF_PCIE_RX_BYTES",
     "DCGM_FI_DEV_FB_USED / DCGM_FI_DEV_FB_TOTAL",
 ]
+
+
+def test_gateway_metrics_pass_promtool(sqlite_url: str) -> None:
+    """Before the fix: the gateway's income and instance costs were counters without `_total`,
+    which `promtool check metrics` flags (the README says every exposition passes it)."""
+    store = open_store(sqlite_url)
+    try:
+        text = "\n".join(book.prometheus_lines(store, "gw1")) + "\n"
+    finally:
+        store.dispose()
+    assert promtool_lint(text) == []
+    kinds = types_of(text)
+    assert kinds["procure_gateway_income_usd_total"] == "counter", kinds
+    assert kinds["procure_gateway_instance_cost_usd_total"] == "counter", kinds
 
 
 def test_nvidias_dashboard_shows_data_from_a_real_prometheus(tmp_path: Path) -> None:

@@ -231,6 +231,16 @@ def gateway(
             parser=whole(0, 1000, "--max-total-instances"),
         ),
     ] = 8,
+    launch_retry_seconds: Annotated[
+        float,
+        typer.Option(
+            help=(
+                "Once every region refused a job's launch (no capacity), wait this long before "
+                "asking them all again"
+            ),
+            parser=number(1, 3600, "--launch-retry-seconds"),
+        ),
+    ] = 60.0,
 ) -> None:
     """Serve /quote, /submit-job (402 until paid over x402), /renew-job, /job-status and
     /cancel-job in front of a cloud account (its key: LAMBDA_API_KEY, RUNPOD_API_KEY or
@@ -257,6 +267,7 @@ def gateway(
         min_sale_s=min_sale_minutes * 60,
         max_hourly_usd=max_hourly_usd,
         max_total_instances=max_total_instances,
+        launch_retry_s=launch_retry_seconds,
     )
 
 

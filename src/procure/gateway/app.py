@@ -435,6 +435,7 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                 **figures,
                 "maxHourlyUsd": cfg.max_hourly_usd,
                 "maxTotalInstances": cfg.max_total_instances,
+                "launchRetryS": cfg.launch_retry_s,
             }
         )
 

@@ -402,12 +402,12 @@ def prometheus_lines(store: Store, vendor_id: str) -> list[str]:
     f = figures(store)
     label = f'{{vendor_id="{vendor_id}"}}'
     lines = [
-        "# HELP procure_gateway_income_usd Payments received by the gateway, USD.",
-        "# TYPE procure_gateway_income_usd counter",
-        f"procure_gateway_income_usd{label} {f['incomeUsd']}",
-        "# HELP procure_gateway_instance_cost_usd What the gateway's instances cost, USD.",
-        "# TYPE procure_gateway_instance_cost_usd counter",
-        f"procure_gateway_instance_cost_usd{label} {f['instanceCostUsd']}",
+        "# HELP procure_gateway_income_usd_total Payments received by the gateway, USD.",
+        "# TYPE procure_gateway_income_usd_total counter",
+        f"procure_gateway_income_usd_total{label} {f['incomeUsd']}",
+        "# HELP procure_gateway_instance_cost_usd_total What the gateway's instances cost, USD.",
+        "# TYPE procure_gateway_instance_cost_usd_total counter",
+        f"procure_gateway_instance_cost_usd_total{label} {f['instanceCostUsd']}",
         "# HELP procure_gateway_margin_usd Income less instance costs, USD.",
         "# TYPE procure_gateway_margin_usd gauge",
         f"procure_gateway_margin_usd{label} {f['marginUsd']}",

@@ -102,11 +102,12 @@ def run_gateway(
     min_sale_s: float = 600.0,
     max_hourly_usd: float = 50.0,
     max_total_instances: int = 8,
+    launch_retry_s: float = 60.0,
 ) -> None:
     """`procure gateway --cloud C --port P --vendor-id ID [--margin] [--max-instances] [--gpu]
-    [--max-hourly-usd] [--max-total-instances]`: the buyers' bearer is GPU_VENDOR_SECRET, the
-    facilitator X402_FACILITATOR_URL, the book the configured store, the cloud's key its
-    provider's own variable."""
+    [--max-hourly-usd] [--max-total-instances] [--launch-retry-seconds]`: the buyers' bearer is
+    GPU_VENDOR_SECRET, the facilitator X402_FACILITATOR_URL, the book the configured store, the
+    cloud's key its provider's own variable."""
     job = CloudJobSettings()
     if not job.shared:
         log.warning(
@@ -125,6 +126,7 @@ def run_gateway(
         min_sale_s=min_sale_s,
         max_hourly_usd=max_hourly_usd,
         max_total_instances=max_total_instances,
+        launch_retry_s=launch_retry_s,
         command=job.argv,
         **({"checkpoint_dir": job.checkpoint_dir} if job.checkpoint_dir else {}),
     )
