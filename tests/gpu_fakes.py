@@ -197,12 +197,16 @@ def mock_ollama(behaviour: OllamaBehaviour) -> FastAPI:
     """Ollama's `/api/tags` and `/api/ps`, answering as `behaviour.mode` says."""
     app = FastAPI()
 
-    async def answer(body: dict[str, Any]) -> Response:
+    async def answer(request: Request, body: dict[str, Any]) -> Response:
         behaviour.calls += 1
         if behaviour.mode == "error":
             return JSONResponse({"error": "model runner has unexpectedly stopped"}, 500)
         if behaviour.mode == "slow":
-            await asyncio.sleep(behaviour.slow_s)
+            # Slow for as long as the caller waits: once it hung up, nothing is left to answer,
+            # and a handler still asleep would hold this server's stop for the rest of slow_s.
+            deadline = time.monotonic() + behaviour.slow_s
+            while time.monotonic() < deadline and not await request.is_disconnected():
+                await asyncio.sleep(0.05)
         if behaviour.mode == "garbage":
             return PlainTextResponse("<html>bad gateway</html>", 502)
         if behaviour.mode == "empty":
@@ -210,12 +214,12 @@ def mock_ollama(behaviour: OllamaBehaviour) -> FastAPI:
         return JSONResponse(body)
 
     @app.get("/api/tags")
-    async def tags() -> Response:
-        return await answer(TAGS)
+    async def tags(request: Request) -> Response:
+        return await answer(request, TAGS)
 
     @app.get("/api/ps")
-    async def ps() -> Response:
-        return await answer(LOADED)
+    async def ps(request: Request) -> Response:
+        return await answer(request, LOADED)
 
     return app
 

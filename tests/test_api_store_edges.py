@@ -386,7 +386,9 @@ def test_the_vendors_page_never_shows_the_facilitator_password(
     assert password not in page.text
 
 
-def test_a_postgresql_server_that_never_answers_fails_the_connection_instead_of_hanging() -> None:
+def test_a_postgresql_server_that_never_answers_fails_the_connection_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Before the fix: libpq waits for ever by default for a server that accepts the connection
     and never answers (a frozen host, a half-open proxy): opening the store hung `procure serve`
     or a worker with no error at all. Now a connection gives up after `store.db.CONNECT_TIMEOUT_S`
@@ -394,6 +396,12 @@ def test_a_postgresql_server_that_never_answers_fails_the_connection_instead_of_
     import socket
 
     from sqlalchemy.exc import OperationalError
+
+    from procure.store import db
+
+    # The default, shortened (libpq's least, 2 s): the URL below sets none, so it is what ends
+    # the wait; 10 s of it was the longest wait of this file.
+    monkeypatch.setattr(db, "CONNECT_TIMEOUT_S", 2)
 
     silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody ever answers
     port = silent.getsockname()[1]

@@ -30,7 +30,7 @@ from procure.clouds.lambda_cloud.client import LambdaCloud, user_data
 from procure.clouds.lambda_cloud.mock import MockCloud, start_mock_cloud
 from procure.clouds.lambda_cloud.mockstate import MockCloudConfig, MockCloudState
 from procure.clouds.lambda_cloud.nodes import env_from_user_data
-from procure.clouds.lambda_cloud.pacing import unpaced
+from procure.clouds.lambda_cloud.pacing import Pacer, unpaced
 from procure.clouds.lambda_cloud.settings import LambdaSettings
 from procure.clouds.specs import validate_answer, validate_request
 from procure.local import free_port
@@ -130,7 +130,9 @@ def recorded() -> Iterator[list[Recording]]:
         check_exchange(*exchange)
 
 
-def client(cloud: MockCloud, recorded: list[Recording], key: str = KEY) -> LambdaCloud:
+def client(
+    cloud: MockCloud, recorded: list[Recording], key: str = KEY, pacer: Pacer | None = None
+) -> LambdaCloud:
     transport = Recording()
     recorded.append(transport)
     settings = LambdaSettings(
@@ -139,7 +141,7 @@ def client(cloud: MockCloud, recorded: list[Recording], key: str = KEY) -> Lambd
         LAMBDA_API_TIMEOUT_S=5,
         LAMBDA_NODE_PORT=cloud.state.config.node_port,
     )
-    return LambdaCloud(settings, pacer=unpaced(), transport=transport)
+    return LambdaCloud(settings, pacer=pacer or unpaced(), transport=transport)
 
 
 def admin(cloud: MockCloud, method: str, path: str, body: Any = None) -> Any:
@@ -347,15 +349,21 @@ def test_injected_faults_answer_in_lambdas_envelope_and_map_to_base_errors(
     error: type[CloudError],
 ) -> None:
     admin(cloud, "POST", "/admin/faults", fault | {"count": 1})
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the pause a Retry-After asks, without waiting it
+        slept.append(seconds)
 
     async def scenario() -> None:
-        c = client(cloud, recorded)
+        c = client(cloud, recorded, pacer=Pacer(0.0, 0.0, clock=lambda: 0.0, sleep=sleep))
         with pytest.raises(error) as raised:
             await c.offers()
         assert raised.value.retryable is (status >= 429)
         if isinstance(raised.value, RateLimited):
             assert raised.value.retry_after_s == fault.get("retry_after_s")
         assert await c.offers()  # count 1: the next call is answered
+        if fault.get("retry_after_s"):
+            assert slept == [fault["retry_after_s"]]  # ... after the pause it asked for
         await c.aclose()
 
     asyncio.run(scenario())

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import select, update
@@ -54,12 +55,14 @@ async def _until(condition: Any, within_s: float) -> bool:
 
 
 def test_a_hanging_git_mirror_holds_slack_up_for_seconds_only(
-    sqlite_url: str, tmp_path: Path
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before the fix: the audit's git mirror is "best effort", yet `_run` waits on git with no
     deadline inside the outbox loop: a git that hangs (a pre-commit hook, a gpg passphrase prompt)
     stops every Slack message (approval requests included) for as long as it hangs, i.e. for
     good."""
+    # The hung git is killed after outbox.GIT_S; 2 s of it instead of 10 s shows the same.
+    monkeypatch.setattr(outbox, "GIT_S", 2.0)
     git_dir, pids = tmp_path / "audit-git", tmp_path / "hook.pids"
     subprocess.run(["git", "init", "-q", str(git_dir)], check=True)
     hook = git_dir / ".git" / "hooks" / "pre-commit"

@@ -49,10 +49,7 @@ def demo(
     runs). `procure demo clouds`: the agent on mock Lambda, RunPod and Vast.ai clouds and one
     x402 vendor takes the cheapest interruptible offer, loses it part-way, and resumes from the
     checkpoint on another cloud; --json prints the summary as one object."""
-    from procure.demos.recovery import run_demo
-    from procure.models import RunStatus
-
-    _refuse_the_other_storys_options(ctx, story)
+    _refuse_the_other_storys_options(ctx, story)  # before the stories' imports: seconds
     if story == "clouds":
         import io
 
@@ -70,6 +67,9 @@ def demo(
         return
     if story != "recovery":
         fail(f"unknown story {safe(story)}: recovery or clouds", code=2)
+    from procure.demos.recovery import run_demo
+    from procure.models import RunStatus
+
     then = None
     if serve_:
         from procure.demos.serve import serve_until_interrupted

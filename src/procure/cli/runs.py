@@ -121,11 +121,11 @@ def run_tick(run_id: Annotated[str, RUN_ID]) -> None:
     """Advance a run by one step (holding its lease)."""
     import uuid
 
+    settings = load_settings()  # a bad setting is said before the agent's imports (seconds)
     from procure.agent.leased_tick import LeaseHeld, tick_under_lease
     from procure.agent.runtime import close_deps, make_deps
     from procure.agent.tick import RunNotFound
 
-    settings = load_settings()
     owner = f"cli-{uuid.uuid4().hex[:8]}"
 
     async def go() -> dict[str, Any]:

@@ -133,12 +133,11 @@ def worker_command(
     import logging
     import signal
 
+    level = level_named(log_level)  # a mistyped level is said before the imports (seconds)
     from procure.agent.runtime import close_deps, make_deps
     from procure.agent.worker import Worker, WorkerConfig, WorkerLockHeld, sqlite_worker_lock
 
-    logging.basicConfig(
-        level=level_named(log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     guard_logging(log_level)
     from procure.store import open_store
 

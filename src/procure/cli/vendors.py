@@ -34,16 +34,18 @@ def mock_vendor(
     ] = None,
 ) -> None:
     """Run a mock GPU vendor. Honours GPU_VENDOR_SECRET, FAIL_VENDOR_ID, FAIL_RATE, FAIL_AT."""
-    import uvicorn
-
-    from procure.local import facilitator_client, mock_fail_rate, mock_vendor_config
-    from procure.vendors.mock import create_mock_vendor_app
     from procure.vendors.registry import default_vendors
 
     settings = load_settings()
     known = {v.vendor_id: v for v in default_vendors()}
     if vendor_id not in known:  # the mock serves the seeds' terms: another id has none
         fail(f"--vendor-id: {safe(vendor_id, 100)} is not one of {', '.join(known)}", code=2)
+    # After the checks: the server's imports (the x402 SDK, web3) cost seconds of a refusal
+    import uvicorn
+
+    from procure.local import facilitator_client, mock_fail_rate, mock_vendor_config
+    from procure.vendors.mock import create_mock_vendor_app
+
     cfg = mock_vendor_config(
         known[vendor_id],
         settings.facilitator_url,
