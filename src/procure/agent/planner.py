@@ -193,6 +193,7 @@ def choices(
     )
     hours_left = ctx.hours_left
     cheapest = min(t.price_per_hour for t in terms.values())
+    available = ctx.available  # a sum over the run's payments: once, not per slice
     result = []
     for vendor in vendors:
         t = terms[vendor.vendor_id]
@@ -201,11 +202,11 @@ def choices(
             estimate(t, work, hours, renew_fraction=RENEW_FRACTION, redo_rate=redo_rate)
             for hours in slice_options(work)
         ):
-            if round(e.nominal) > ctx.available:
+            if round(e.nominal) > available:
                 continue
             # A failure the budget could not pay to recover from misses the deadline too.
             recoverable = hours_left is None or survives_failure(
-                ctx.available, t, e, sum(work), interval, cheapest
+                available, t, e, sum(work), interval, cheapest
             )
             p_miss = miss_probability(
                 t.hazard,
@@ -217,7 +218,7 @@ def choices(
                 max_tolerated=None if recoverable else 0,
             )
             # Missing the deadline is priced at MISS_PENALTY times the money still at stake.
-            scored.append((e.expected + p_miss * ctx.available * MISS_PENALTY, p_miss, e))
+            scored.append((e.expected + p_miss * available * MISS_PENALTY, p_miss, e))
         if not scored:
             continue
         score, p_miss, best = min(scored, key=lambda se: (se[0], -se[2].slice_hours))
