@@ -53,6 +53,8 @@ async def fleet(
     try:
         yield ctx
     finally:
+        with store.session() as s:  # as a controller that stops: its fleet no longer runs here
+            fleet_repo.release_lease(s, ctx.lease_name, ctx.owner)
         await nodes.aclose()
         cloud.close()
         store.dispose()

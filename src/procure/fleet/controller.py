@@ -1,8 +1,9 @@
-"""One scan of the fleet and the loop around it: take the fleet's lease, list the instances,
-finish interrupted actions, expire and carry out decided ones, read every node (or Prometheus,
-when set), renewing each node's dead-man lease (a dry run takes none), keep the samples,
-analyse, decide, pass the rails, act. A cloud error is recorded and backed off; nothing in a
-scan may crash the loop."""
+"""One scan of the fleet and the loop around it: take the fleet's lease (refused while another
+fleet runs on the store: a store keeps one fleet's state), list the instances, finish
+interrupted actions, expire and carry out decided ones, read every node (or Prometheus, when
+set), renewing each node's dead-man lease (a dry run takes none), keep the samples, analyse,
+decide, pass the rails, act. A cloud error is recorded and backed off; nothing in a scan may
+crash the loop, but another fleet running on the store ends it (FleetConflict)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from procure.fleet.context import FleetContext
 from procure.models import utcnow
 from procure.safetext import redact
 from procure.store import fleet_repo
-from procure.store.fleet_tables import FleetSampleRow
+from procure.store.fleet_tables import FleetLeaseRow, FleetSampleRow
 
 log = logging.getLogger(__name__)
 NODE_CONCURRENCY = 16
@@ -326,11 +327,51 @@ def _note(ctx: FleetContext, now: datetime, error: str | None) -> None:
         fleet_repo.note_scan(s, ctx.lease_name, now, error, ctx.backoff_until, wall=wall)
 
 
+class FleetConflict(Exception):
+    """Another fleet (another LAMBDA_LABS_FLEET_NAME) runs on this store: this one refuses to
+    run beside it. The store keeps one fleet's state: one instance ledger, one action history,
+    one set of cooldowns and caps; two fleets on it would count, end and be held by each
+    other's instances (a fleet never launched its minimum, counting the other's as its own)."""
+
+
+def _refusal(ctx: FleetContext, others: list[FleetLeaseRow]) -> FleetConflict:
+    names = ", ".join(repr(r.name.removeprefix("fleet:")) for r in others)
+    until = max(r.expires_at for r in others if r.expires_at is not None)
+    return FleetConflict(
+        f"fleet {ctx.cfg.fleet_name!r} refused: fleet {names} runs on this store (its "
+        f"controller holds the store's fleet lease until {until:%Y-%m-%d %H:%M:%S} UTC). One "
+        "store keeps one fleet's instances, actions, cooldowns and caps: two fleets on it would "
+        "count and end each other's instances. Give each fleet a separate store (its own "
+        "PROCURE_DATABASE_URL; the global caps PROCURE_MAX_SPEND_PER_* then count each "
+        "store's spend alone: split them between the stores), or stop the other fleet first "
+        "(a controller killed without stopping holds its lease until it expires)"
+    )
+
+
+def _take_alone(ctx: FleetContext) -> bool:
+    """Take or renew this fleet's lease, refusing (FleetConflict) while another fleet's is held
+    on the store. Asked again once this one's lease is committed: of two fleets starting at
+    once, each sees the other then, or the later sees the earlier; never do both go on."""
+    with ctx.store.session() as s:
+        others = fleet_repo.other_leases_held(s, ctx.lease_name, utcnow())
+        if others:
+            raise _refusal(ctx, others)
+        held = fleet_repo.take_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow())
+    if not held:
+        return False
+    with ctx.store.session() as s:
+        others = fleet_repo.other_leases_held(s, ctx.lease_name, utcnow())
+        if others:
+            fleet_repo.release_lease(s, ctx.lease_name, ctx.owner)
+    if others:
+        raise _refusal(ctx, others)
+    return True
+
+
 async def scan_once(ctx: FleetContext) -> ScanResult:
     now = ctx.clock()
     result = ScanResult(at=now)
-    with ctx.store.session() as s:
-        held = fleet_repo.take_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow())
+    held = _take_alone(ctx)  # FleetConflict: another fleet runs on this store
     if not held:
         result.leased = False  # another controller runs this fleet: it acts, we do not
         return result
@@ -456,6 +497,11 @@ async def run_controller(
                 error = result.error
                 if result.error:
                     log.warning("fleet scan: %s", result.error)
+            except FleetConflict as exc:  # not a scan's trouble: this fleet must not run here
+                log.error("%s", exc)
+                if health is not None:
+                    health["fleet-controller"] = f"refused: {clip(str(exc), 200)}"
+                raise
             except Exception as exc:  # a bug in one scan must not end the controller
                 error = clip(f"{type(exc).__name__}: {exc}", 500)
                 log.exception("fleet scan failed")

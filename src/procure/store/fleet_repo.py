@@ -423,6 +423,17 @@ def take_lease(s: Session, name: str, owner: str, ttl_s: float, now: datetime) -
     return True
 
 
+def other_leases_held(s: Session, name: str, now: datetime) -> list[FleetLeaseRow]:
+    """The leases other than `name` held at `now` (on the wall clock, as taken): the other
+    fleets whose controllers run on this store."""
+    query = select(FleetLeaseRow).where(
+        FleetLeaseRow.name != name,
+        FleetLeaseRow.owner.is_not(None),
+        FleetLeaseRow.expires_at >= now,
+    )
+    return list(s.scalars(query.order_by(FleetLeaseRow.name)))
+
+
 def release_lease(s: Session, name: str, owner: str) -> None:
     s.execute(
         update(FleetLeaseRow)
