@@ -318,3 +318,5 @@ def test_procure_gateway_takes_its_caps_as_options_and_shows_them_in_its_status(
         gateway.wait(30)
         mock.stop()
         world.stop()
+    # No scrape token set: the operator is told that /metrics opens to every buyer's bearer.
+    assert "PROCURE_METRICS_TOKEN is not set" in gateway.stderr.read()  # type: ignore[union-attr]

@@ -23,6 +23,7 @@ from procure.gateway.settings import GatewayConfig, cloud_from_env, load_node_ke
 from procure.local import LocalServer, asset_info, facilitator_client, serve
 from procure.payments.settlements import FacilitatorLedger
 from procure.payments.wallet import load_or_create_account
+from procure.scrape import ScrapeSettings
 from procure.settings import Settings
 from procure.store import Store, open_store
 
@@ -113,6 +114,11 @@ def run_gateway(
         log.warning(
             "PROCURE_CLOUD_CHECKPOINT_DIR is not a store every instance can reach (s3://, gs://, "
             "...): a buyer's job moved to another instance starts over"
+        )
+    if ScrapeSettings().metrics_token is None:
+        log.warning(
+            "PROCURE_METRICS_TOKEN is not set: /metrics, with the gateway's income and costs, "
+            "opens to the buyers' shared bearer (set it: then only it opens them)"
         )
     cfg = gateway_config(
         vendor_id=vendor_id,
