@@ -350,10 +350,23 @@ def endpoint(settings: Settings) -> Endpoint:
     return Endpoint(provider, url or _BASE_URLS[provider], model, key)
 
 
+_KEY_VARS = {"fireworks": "FIREWORKS_API_KEY", "openai": "OPENAI_API_KEY"}
+"""The providers that refuse a request without a key, and the setting that holds it."""
+
+
 def make_llm_planner(settings: Settings, *, client: AsyncOpenAI | None = None) -> Planner:
     """The LLM planner for `settings`; `client` replaces the one built from them (tests)."""
     chosen = endpoint(settings)
     key = chosen.key
+    needed = _KEY_VARS.get(chosen.provider)
+    if client is None and needed and not key:
+        # Said once, at the start: otherwise each tick's fallback says only "Connection error".
+        log.warning(
+            "PLANNER_MODE=llm: %s is not set, so %s refuses the planner's requests and every "
+            "tick falls back to the heuristic planner",
+            needed,
+            chosen.provider,
+        )
     if client is None:
         client = AsyncOpenAI(
             api_key=key or PLACEHOLDER_KEY,

@@ -3,6 +3,8 @@ money moves, then pay and submit in one x402 request, and record what came of it
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from sqlalchemy.orm import Session
 
 from procure.agent import slices
@@ -41,6 +43,7 @@ from procure.models import (
 )
 from procure.payments.payer import (
     check_requirements,
+    registration_gap,
 )
 from procure.payments.settlements import SettlementLookupError
 from procure.store import repo
@@ -198,7 +201,9 @@ async def submit(
         ours = [] if exc.payment_sent else [check_requirements(o, limits) for o in exc.offered]
         reason = next((r for r in ours if r), str(exc))
         signed = exc.payment_sent or not first_attempt
-        return await payment_refused(deps, job, payment, vendor, reason, signed=signed)
+        # A registry record that cannot be paid is the operator's mistake, not the vendor's.
+        blame = registration_gap(limits) is None
+        return await payment_refused(deps, job, payment, vendor, reason, signed=signed, blame=blame)
     except VendorError as exc:
         if isinstance(exc, PaymentInDoubt) and (exc.payment_sent or not first_attempt):
             # It holds our signature and is settling it: wait as it asks, with the same key.
@@ -267,11 +272,20 @@ def _insufficient_balance(
 
 
 async def payment_refused(
-    deps: AgentDeps, job: Job, payment: Payment, vendor: Vendor, reason: str, *, signed: bool
+    deps: AgentDeps,
+    job: Job,
+    payment: Payment,
+    vendor: Vendor,
+    reason: str,
+    *,
+    signed: bool,
+    blame: bool = True,
 ) -> TickResult:
     """A payment was refused, by our guardrails or by the vendor. If a signed authorisation
     may exist (`signed`), it may still settle, now (an earlier attempt) or later (whoever holds
-    it): only the ledger and its expiry can tell when the payment has truly failed."""
+    it): only the ledger and its expiry can tell when the payment has truly failed. `blame`:
+    count it as the vendor's failure (False: the registry's record of it cannot be paid; it is
+    only cooled down, so the run moves on rather than failing a job on it every tick)."""
     if signed:
         try:
             settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
@@ -290,7 +304,7 @@ async def payment_refused(
             crash_point("refused")
             with deps.store.session() as s:
                 repo.update_payment(s, payment.id, error_message=f"refused: {reason}")
-                penalize_vendor(deps, s, vendor)
+                _refused_by(deps, s, vendor, blame)
                 repo.add_observation(
                     s,
                     job.run_id,
@@ -311,7 +325,7 @@ async def payment_refused(
             error_message=f"payment refused: {reason}",
             completed_at=utcnow(),
         )
-        penalize_vendor(deps, s, vendor)
+        _refused_by(deps, s, vendor, blame)
         repo.add_observation(
             s,
             job.run_id,
@@ -320,6 +334,14 @@ async def payment_refused(
             vendor_id=vendor.vendor_id,
         )
     return TickResult("Payment refused")
+
+
+def _refused_by(deps: AgentDeps, s: Session, vendor: Vendor, blame: bool) -> None:
+    """Penalise the vendor for a refused payment, or (not its fault) only cool it down."""
+    if blame:
+        penalize_vendor(deps, s, vendor)
+    else:
+        repo.cool_down(s, vendor.vendor_id, utcnow() + timedelta(seconds=deps.cooldown_s))
 
 
 def held_by_another_job(s: Session, job: Job, vendor_job_id: str) -> bool:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from procure.cli.common import console, fail, settings_errors
+from procure.cli.common import check_port, console, fail, settings_errors
 from procure.numbers import number, whole
 
 DEFAULT_PORTS = {"lambda": 4100, "runpod": 4200, "vast": 4300}
@@ -99,6 +99,15 @@ def mock_cloud(
     if provider not in DEFAULT_PORTS:
         fail(f"--provider: choose lambda, runpod or vast, not {provider}", 2)
     port = port or DEFAULT_PORTS[provider]
+    ignored = [
+        flag
+        for flag, value in (("--workload", workload), ("--synthetic-seed", synthetic_seed))
+        if value is not None
+    ]
+    if provider != "lambda" and ignored:  # else the jobs a user asked for silently never come
+        fail(f"{' and '.join(ignored)}: only the mock Lambda Cloud runs a workload", 2)
+    check_port("127.0.0.1", port)  # before the banner saying where it serves
+    nodes = "no GPU nodes" if no_nodes else f"nodes on 127.0.0.N:{node_port}"
     given = _provider_key(provider)  # as the clients read it: the environment, then `.env`
     if provider == "runpod":
         from procure.clouds.runpod.mock import serve_mock_cloud as serve_runpod
@@ -107,7 +116,7 @@ def mock_cloud(
         source = "RUNPOD_API_KEY" if given else "mock-runpod-key"
         console.print(
             f"mock RunPod (REST v2) on http://127.0.0.1:{port} (key: {source}), speed ×{speed:g}, "
-            f"pods' nodes on 127.0.0.N:{node_port}"
+            f"pods' {nodes}"
         )
         serve_runpod(
             RunPodMockConfig(
@@ -176,7 +185,7 @@ def mock_cloud(
     source = "LAMBDA_API_KEY" if given else "the default mock-lambda-key"
     console.print(
         f"mock Lambda Cloud on http://127.0.0.1:{port} (key: {source}), speed ×{speed:g}, "
-        f"{len(jobs)} jobs, nodes on 127.0.0.N:{node_port}"
+        f"{len(jobs)} jobs, {nodes}"
     )
     uvicorn.run(
         create_mock_cloud_app(MockCloudState(config)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -125,3 +126,19 @@ def store_errors(settings: Settings) -> Iterator[None]:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         scheme = settings.database_url.split(":", 1)[0]
         fail(f"the store ({scheme}) failed: {detail[0] if detail else type(exc).__name__}")
+
+
+def listen_on(host: str, port: int) -> socket.socket:
+    """A socket listening on `host:port` (SO_REUSEADDR, as uvicorn's: a port just freed is
+    free), or one line saying why not. Taken before a server's side effects (funding a wallet,
+    paying vendors, a banner saying where it serves), so that a busy port is said first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another with --port")
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail in one line now if the server to start could not listen on `host:port`."""
+    listen_on(host, port).close()

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from procure.cli.common import fail, level_named, print_json, settings_errors
+from procure.cli.common import check_port, fail, level_named, print_json, settings_errors
 from procure.numbers import number, whole
 from procure.safetext import guard_logging
 
@@ -43,6 +43,7 @@ def gpu_worker(
     guard_logging(log_level)
     with settings_errors():
         worker_settings = GpuWorkerSettings()
+    check_port(host, port)  # before the app (its lease, its registration) starts
     app_ = create_gpu_worker_app(worker_settings, port=port, bind_host=host)
     # The grace bounds SIGTERM's wait for open requests: one stalled client must not keep the
     # lifespan (which stops the jobs and unregisters) from running.

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from procure.cli.common import (
+    check_port,
     console,
     fail,
     load_settings,
@@ -116,7 +117,10 @@ def add_cloud(
     region: Annotated[
         list[str] | None, typer.Option(help="Only these regions (repeat; default any)")
     ] = None,
-    image: Annotated[str | None, typer.Option(help="Container image the job runs in")] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(help="Container image the job runs in (default: RUNPOD_IMAGE or VAST_IMAGE)"),
+    ] = None,
     vendor_id: Annotated[
         str | None, typer.Option("--id", help="Vendor id (default PROVIDER-GPU)")
     ] = None,
@@ -284,6 +288,7 @@ def _check_gateway_start(provider: str, host: str, port: int) -> None:
     if not keyed:
         var = KEY_VARS[provider]  # type: ignore[index]
         fail(f"{var} is not set: the gateway sells that {provider} account's GPUs")
+    check_port(host, port)  # before the banner saying where it serves
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     guard_logging()
     shown = f"[{host}]" if ":" in host else host

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +15,7 @@ from procure.cli.common import (
     fail,
     key_errors,
     level_named,
+    listen_on,
     load_settings,
     settings_errors,
     store_errors,
@@ -63,6 +63,7 @@ def serve(
     # one line per run event (procure.agent.runlog) beside uvicorn's own; migrations stay quiet
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     guard_logging()
+    quiet_x402("INFO")
     cfg = WorkerConfig(concurrency=concurrency, poll_interval_s=poll_interval) if worker else None
     fleet_run = _fleet_run() if fleet else None
     if host not in ("127.0.0.1", "localhost", "::1") and settings.api_token is None:
@@ -73,11 +74,7 @@ def serve(
         )
     # The port first: the app's start runs the worker, which pays vendors; a server that cannot
     # listen must not have paid anyone before it says so.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        listening = socket.create_server((host, port), family=family)
-    except OSError as exc:
-        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    listening = listen_on(host, port)
     with settings_errors(), store_errors(settings):  # the dashboard's and fleet's settings too
         app_ = create_app(settings, store_for(settings), worker=cfg, fleet=fleet_run)
     with key_errors():  # read by the app's start (the worker, vendors' credentials): said here
@@ -88,6 +85,14 @@ def serve(
     console.file.flush()
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C ends it cleanly, as uvicorn.run does
         uvicorn.Server(uvicorn.Config(app_, host=host, port=port)).run(sockets=[listening])
+
+
+def quiet_x402(level: str) -> None:
+    """The x402 SDK logs a line per payment signed at INFO: noise, the run's log says it."""
+    import logging
+
+    wanted = logging.getLevelNamesMapping()[level]
+    logging.getLogger("x402").setLevel(max(logging.WARNING, wanted))
 
 
 def _fleet_run() -> Any:
@@ -116,7 +121,10 @@ def worker_command(
     once: Annotated[bool, typer.Option(help="Tick one batch of due runs and exit")] = False,
     max_ticks: Annotated[
         int | None,
-        typer.Option(help="Exit after this many ticks", parser=whole(1, 10**9, "--max-ticks")),
+        typer.Option(
+            help="Exit after this many ticks (default: run until stopped)",
+            parser=whole(1, 10**9, "--max-ticks"),
+        ),
     ] = None,
     drain_timeout: Annotated[
         float,
@@ -139,6 +147,7 @@ def worker_command(
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     guard_logging(log_level)
+    quiet_x402(level)
     from procure.store import open_store
 
     settings = load_settings()

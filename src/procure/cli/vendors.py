@@ -8,6 +8,7 @@ import typer
 
 from procure.cli.common import (
     PORT,
+    check_port,
     console,
     fail,
     key_errors,
@@ -30,10 +31,14 @@ def mock_vendor(
     port: Annotated[int, typer.Option(help="Port to listen on", parser=PORT)] = 4001,
     job_seconds: Annotated[
         float | None,
-        typer.Option(help="Real seconds per job", parser=number(0.01, 86400, "--job-seconds")),
+        typer.Option(
+            help="Real seconds per job (default: MOCK_JOB_SECONDS, else 6)",
+            parser=number(0.01, 86400, "--job-seconds"),
+        ),
     ] = None,
 ) -> None:
-    """Run a mock GPU vendor. Honours GPU_VENDOR_SECRET, FAIL_VENDOR_ID, FAIL_RATE, FAIL_AT."""
+    """Run a mock GPU vendor. Honours GPU_VENDOR_SECRET, FAIL_VENDOR_ID, FAIL_RATE, FAIL_AT and
+    MOCK_JOB_SECONDS."""
     from procure.vendors.registry import default_vendors
 
     settings = load_settings()
@@ -46,14 +51,18 @@ def mock_vendor(
     from procure.local import facilitator_client, mock_fail_rate, mock_vendor_config
     from procure.vendors.mock import create_mock_vendor_app
 
-    cfg = mock_vendor_config(
-        known[vendor_id],
-        settings.facilitator_url,
-        settings.gpu_vendor_secret.get_secret_value(),
-        job_seconds=job_seconds or settings.mock_job_seconds,
-        fail_rate=mock_fail_rate(settings, vendor_id),
-        fail_at=settings.fail_at,
-    )
+    check_port("127.0.0.1", port)
+    try:  # the facilitator says what the vendor is paid in
+        cfg = mock_vendor_config(
+            known[vendor_id],
+            settings.facilitator_url,
+            settings.gpu_vendor_secret.get_secret_value(),
+            job_seconds=job_seconds or settings.mock_job_seconds,
+            fail_rate=mock_fail_rate(settings, vendor_id),
+            fail_at=settings.fail_at,
+        )
+    except RuntimeError as exc:
+        fail(f"{exc}; start it with `procure facilitator` or set X402_FACILITATOR_URL")
     facilitator = facilitator_client(settings.facilitator_url)
     uvicorn.run(create_mock_vendor_app(cfg, facilitator), host="127.0.0.1", port=port)
 
@@ -67,7 +76,7 @@ def vendors_seed(
         list[int] | None,
         typer.Option(
             help="The mock vendors' ports: give it twice (vendor 1, vendor 2); given once, "
-            "vendor 2 gets the next port [default: 4001, 4002]",
+            "vendor 2 gets the next port (default: 4001, 4002)",
             parser=PORT,
         ),
     ] = None,
@@ -115,7 +124,7 @@ def vendors_clear_cooldown(
     with store_errors(settings), store_for(settings).session() as s:
         vendor = repo.clear_cooldown(s, vendor_id)
     if vendor is None:
-        fail(f"vendor {vendor_id} not found")
+        fail(f"vendor {vendor_id} not found; `procure vendors list` shows the registered ids")
     console.print(f"{safe(vendor_id)}: cooldown cleared; planners may pick it again")
 
 

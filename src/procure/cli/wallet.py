@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from procure.cli.common import PORT, console, fail, load_settings, print_json
+from procure.cli.common import PORT, check_port, console, fail, load_settings, print_json
 from procure.numbers import number
 from procure.safetext import redact, show_url
 from procure.settings import Settings
@@ -27,6 +27,7 @@ def facilitator(
     from procure.payments.facilitator import create_facilitator_app, fund_wallet_once, open_chain
 
     settings = load_settings()
+    check_port(host, port)  # before the wallet is funded and the journal written
     settings.home.mkdir(parents=True, exist_ok=True)
     chain = open_chain(settings.home)
     console.print(f"chain {chain.network}, token {chain.token_address}")

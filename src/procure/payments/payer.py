@@ -152,17 +152,34 @@ class PaymentLimits:
     network: str | None
 
 
+def registration_gap(limits: PaymentLimits) -> str | None:
+    """Why the registry's record of a vendor cannot be paid at all (no payee, asset or
+    network), with what the operator does about it; None when it is complete. The operator's
+    mistake, not the vendor's: the agent does not count it as a failure of the vendor."""
+    for what, value in (
+        ("payee", limits.pay_to),
+        ("asset", limits.asset),
+        ("network", limits.network),
+    ):
+        if not value:
+            return (
+                f"the vendor registry has no {what} for this vendor: it cannot be paid. Register "
+                "it again with payTo, network and asset (PUT or PATCH /api/vendors/VENDOR_ID; "
+                "`procure vendors list --json` shows a seeded vendor's), then "
+                "`procure vendors clear-cooldown VENDOR_ID`"
+            )
+    return None
+
+
 def check_requirements(req: Any, limits: PaymentLimits) -> str | None:
     """Why a 402's requirements (v1 or v2) break the limits, or None when they are acceptable.
 
     Addresses are compared by their hex, letter case aside, once both are well-formed; v1
     legacy network names are compared as the chain they name."""
-    for what, value in (("payee", limits.pay_to), ("asset", limits.asset)):
-        if not value:
-            return f"the vendor registry has no {what} for this vendor: it cannot be paid"
-    if not limits.network:
-        return "the vendor registry has no network for this vendor: it cannot be paid"
-    assert limits.pay_to and limits.asset
+    gap = registration_gap(limits)
+    if gap is not None:
+        return gap
+    assert limits.pay_to and limits.asset and limits.network
     raw_amount = req.amount if hasattr(req, "amount") else req.max_amount_required
     if not (isinstance(raw_amount, str) and raw_amount.isdecimal() and len(raw_amount) <= 78):
         return f"402 asks a malformed amount {str(raw_amount)[:80]!r}"

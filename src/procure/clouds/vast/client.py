@@ -361,6 +361,7 @@ class VastCloud:
                 )
             except RateLimited as exc:
                 if attempt >= self.rate_limit_retries or (exc.retry_after_s or 0) > 30:
+                    log.warning("%s", exc)  # given up on: the caller sees it
                     raise
         raise AssertionError("unreachable")
 
@@ -402,7 +403,8 @@ class VastCloud:
             error: CloudError = RateLimited(self._scrub(str(found)), retry_after_s=backoff)
         else:
             error = type(found)(self._scrub(str(found)))
-        log.warning("%s", error)
+        # A 429 is waited out and tried again (`_call`): a warning only once it is given up on.
+        log.log(logging.INFO if isinstance(error, RateLimited) else logging.WARNING, "%s", error)
         raise error
 
     def _scrub(self, text: str) -> str:
