@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import subprocess
+import sys
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
@@ -18,7 +22,8 @@ from fleet_fakes import FakeCloud
 from fleet_world import all_actions, fleet, scan_for
 from procure.fleet.context import FleetContext
 from procure.fleet.controller import FleetConflict, run_controller, scan_once
-from procure.store import fleet_repo
+from procure.models import utcnow
+from procure.store import fleet_repo, open_store
 
 DEADLINE_S = 60.0  # generous: a refusal comes at the first scan
 
@@ -144,3 +149,35 @@ def test_of_two_fleets_starting_at_once_the_later_is_refused_and_holds_nothing(
             assert len(cloud_a.launches) == 1
 
     asyncio.run(body())
+
+
+def test_procure_fleet_run_beside_another_fleet_says_why_in_one_line(tmp_path: Path) -> None:
+    """Before the fix: `procure fleet run` for a second fleet on a store where another fleet's
+    controller runs ended with a Python traceback (the refusal's reason on its last line)."""
+    url = f"sqlite:///{tmp_path / 'fleets.db'}"
+    store = open_store(url)
+    try:
+        with store.session() as s:  # fleet "alpha"'s controller runs on this store
+            assert fleet_repo.take_lease(s, "fleet:alpha", "alpha-controller", 3600, utcnow())
+    finally:
+        store.dispose()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LAMBDA_", "PROCURE_"))}
+    env = {
+        **clean,
+        "COLUMNS": "200",
+        "PROCURE_DATABASE_URL": url,
+        "PROCURE_HOME": str(tmp_path / "home"),
+        "LAMBDA_API_KEY": "any-key",  # the refusal comes before the cloud is asked anything
+        "LAMBDA_LABS_FLEET_NAME": "beta",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "procure.cli", "fleet", "run", "--cloud-url", "http://127.0.0.1:9"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and "'alpha' runs on this store" in said[0], done.stderr

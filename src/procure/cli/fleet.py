@@ -63,7 +63,7 @@ def run(
     interval: Annotated[
         float | None,
         typer.Option(
-            help="Seconds between scans (LAMBDA_LABS_SCAN_INTERVAL_S)",
+            help="Seconds between scans (default: LAMBDA_LABS_SCAN_INTERVAL_S, else 60)",
             parser=number(0.01, 86400, "--interval"),
         ),
     ] = None,
@@ -159,11 +159,15 @@ def run(
             store.dispose()
         return error
 
+    from procure.fleet.controller import FleetConflict
+
     try:
         error = asyncio.run(main())
     except KeyboardInterrupt:
         console.print("stopped")
         return
+    except FleetConflict as exc:  # another fleet runs on this store: said, not a traceback
+        fail(str(exc))
     if once and error:  # the one scan asked for did not happen: say so, exit non-zero
         fail(f"the scan failed: {redact(error)}")
 
@@ -305,7 +309,7 @@ def _decide(action_id: str, what: str) -> None:
                 )
                 console.print(f"{safe(action_id)}: {safe(row.status)}")
         except KeyError:
-            fail(f"no action {action_id}")
+            fail(f"no action {action_id}; `procure fleet actions` lists their ids")
         except actions.ActionRefused as exc:
             fail(str(exc))
         finally:
