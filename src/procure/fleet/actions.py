@@ -101,7 +101,7 @@ def record_done(ctx: FleetContext, s: Session, p: Proposal, now: datetime) -> Ac
         status="executed",
         executed_at=now,
         dry_run=False,
-        decided_by="controller",
+        decided_by=fleet_repo.CLEAN_UP,  # not paced by the cooldown (`last_acted`)
         decided_at=now,
         metrics_after={"terminated": [p.target]} if p.action_type == TERMINATE else None,
     )

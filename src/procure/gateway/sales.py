@@ -15,7 +15,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 from x402.http.utils import decode_payment_response_header
 
-from procure.clouds.base import Offer
+from procure.clouds.base import CloudError, Offer
 from procure.crashpoints import crash_point
 from procure.gateway import book
 from procure.gateway import loop as gateway_loop
@@ -69,8 +69,10 @@ def offer_cache(rt: Runtime) -> Callable[..., Awaitable[list[Any]]]:
     One read at a time, shared by every caller waiting on it: cached only once the cloud had
     answered, each quote asked meanwhile read it again (40 quotes asked together, 40 calls on
     the account whose rate limits its launches and terminates share). A `fresh` caller takes a
-    read begun after it asked."""
+    read begun after it asked. A read that failed fails every caller that waited on it: each
+    reading the cloud again in turn, a paid submit waited behind one timeout per quote."""
     cache: list[tuple[float, list[Any]]] = []
+    failed: list[tuple[float, CloudError]] = []  # the last read's failure, and when it ended
     reading = asyncio.Lock()
 
     async def offers(gpu: str, *, fresh: bool = False) -> list[Any]:
@@ -78,8 +80,15 @@ def offer_cache(rt: Runtime) -> Callable[..., Awaitable[list[Any]]]:
         asked = clock()
         async with reading:
             if not cache or (fresh and cache[0][0] < asked) or asked - cache[0][0] > OFFERS_TTL_S:
+                if failed and failed[0][0] >= asked:
+                    raise failed[0][1]  # the read it waited on failed: not asked again
                 begun = clock()
-                cache[:] = [(begun, await rt.cloud.offers())]
+                try:
+                    cache[:] = [(begun, await rt.cloud.offers())]
+                except CloudError as exc:
+                    failed[:] = [(clock(), exc)]
+                    raise
+                failed.clear()
             return [o for o in cache[0][1] if o.gpu == gpu.upper()]  # as `best_offer` matches
 
     return offers

@@ -28,6 +28,7 @@ from procure.store.tables import StoreTotalRow
 # `rolled_back` end it.
 OPEN_STATUSES = ("pending", "approved", "executing")
 RUNNING_STATUSES = ("booting", "active", "unhealthy")  # billed and counted against the caps
+CLEAN_UP = "controller"  # `decided_by` of what the controller carried out on its own (actions)
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -156,10 +157,15 @@ def count_status(s: Session, status: str) -> int:
 
 def last_acted(s: Session, action_type: str) -> datetime | None:
     """When an action of this type last went to the cloud (or would have, in a dry run); one
-    still in flight (being sent, or waiting to be sent again) counts as acting now."""
+    still in flight (being sent, or waiting to be sent again) counts as acting now. The
+    controller's own clean-ups (`actions.record_done`: a duplicate launch, a launch the cloud
+    lost) are no decision the cooldown paces: counted, they held the policy's next termination
+    of an instance still billing for the whole cooldown."""
     executed = s.scalar(
         select(func.max(ActionRow.executed_at)).where(
-            ActionRow.action_type == action_type, ActionRow.executed_at.is_not(None)
+            ActionRow.action_type == action_type,
+            ActionRow.executed_at.is_not(None),
+            ActionRow.decided_by.is_distinct_from(CLEAN_UP),
         )
     )
     flying = s.scalar(
