@@ -168,13 +168,14 @@ def miss_probability(
     deadline is missed when the vendor fails more often than that (Poisson, at its hazard).
     This is the "Can't Be Late" rule: cheap and risky while slack lasts, reliable once it is gone.
     `max_tolerated` caps the failures absorbed (0: a failure misses, e.g. when the budget could
-    not pay for the restart).
+    not pay for the restart). When the usual start-up does not fit but the work does, the miss
+    is not certain (`_late_start_miss`): the steadiest vendor is then the better bet.
     """
     if hours_left is None:
         return 0.0
     slack = hours_left - startup_hours - work_hours
     if slack < -EPS:
-        return 1.0
+        return _late_start_miss(hazard, work_hours, startup_hours, hours_left)
     tolerated = math.floor(max(slack, 0.0) / max(interval_hours + restart_hours, EPS))
     if max_tolerated is not None:
         tolerated = min(tolerated, max_tolerated)
@@ -185,3 +186,19 @@ def miss_probability(
         within += term
         term *= mean / (i + 1)
     return min(max(1.0 - within, 0.0), 1.0)
+
+
+def _late_start_miss(
+    hazard: float, work_hours: float, startup_hours: float, hours_left: float
+) -> float:
+    """Chance of a miss when the usual start-up does not fit before the deadline but the work
+    alone does. Start-ups vary from vendor to vendor and start to start (the usual one is a
+    rough figure), so a shorter one may fit: read as a chance growing with the time left for
+    it, and then no failure may come. Priced as certain (1.0) every vendor tied and the
+    cheapest, flakiest one got the last chance of a job after a failure."""
+    room = hours_left - work_hours
+    if room < -EPS or startup_hours <= 0:
+        return 1.0
+    fits = min(max(room / startup_hours, 0.0), 1.0)
+    mean = max(hazard, 0.0) * (room + work_hours)
+    return min(max(1.0 - fits * math.exp(-mean), 0.0), 1.0)
