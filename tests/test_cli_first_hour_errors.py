@@ -5,65 +5,14 @@ has spent nothing."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from cli_run import cli_env, one_line, procure
 from procure.local import free_port
-
-# Settings a developer's shell may hold: none may leak into these runs
-_OURS = (
-    "PROCURE_",
-    "LAMBDA_",
-    "RUNPOD_",
-    "VAST_",
-    "X402_",
-    "GPU_",
-    "FAIL_",
-    "FLEET_",
-    "LLM_",
-    "PLANNER_",
-    "MOCK_",
-    "VENDOR_",
-    "SLACK_",
-)
-
-
-def _env(tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
-    return {
-        **clean,
-        "COLUMNS": "200",
-        "PROCURE_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}",
-        "PROCURE_HOME": str(tmp_path / "home"),
-        **extra,
-    }
-
-
-def procure(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    """The command as a user runs it, from a directory of their own (its `.env`, if any)."""
-    return subprocess.run(
-        [sys.executable, "-m", "procure.cli", *args],
-        cwd=tmp_path,
-        env=_env(tmp_path, extra),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def _one_line(result: subprocess.CompletedProcess[str], *, naming: str) -> str:
-    full = result.stdout + result.stderr
-    out = full[-800:]  # the end says what went wrong
-    assert result.returncode != 0, out
-    assert "Traceback" not in full, out
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out
-    assert naming in lines[0], out
-    return lines[0]
 
 
 def test_a_malformed_wallet_key_is_one_line_naming_it(tmp_path: Path) -> None:
@@ -72,7 +21,7 @@ def test_a_malformed_wallet_key_is_one_line_naming_it(tmp_path: Path) -> None:
     traceback."""
     key = "0x" + "ab" * 31
     result = procure(tmp_path, "wallet", X402_PRIVATE_KEY=key)  # `run tick` dies the same
-    _one_line(result, naming="X402_PRIVATE_KEY")
+    one_line(result, naming="X402_PRIVATE_KEY")
     assert key[2:] not in result.stdout + result.stderr  # a secret is never echoed
 
 
@@ -82,38 +31,38 @@ def test_a_malformed_secret_key_is_one_line_naming_it(tmp_path: Path) -> None:
     # `worker` and `vendors seed` die the same way; `serve` died in its app's start
     for command in (("run", "tick", "no-such-run"), ("serve", "--port", str(free_port()))):
         result = procure(tmp_path, *command, PROCURE_SECRET_KEY="not-a-fernet-key")
-        _one_line(result, naming="PROCURE_SECRET_KEY")
+        one_line(result, naming="PROCURE_SECRET_KEY")
         assert "not-a-fernet-key" not in result.stdout + result.stderr
 
 
-def test_a_procure_home_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+def test_a_procure_home_that_is_a_file_isone_line(tmp_path: Path) -> None:
     """Before the fix: PROCURE_HOME pointing at a file (or anywhere that cannot hold the wallet key)
     makes `procure wallet` end in a FileExistsError traceback instead of a line naming
     PROCURE_HOME."""
     home = tmp_path / "home-is-a-file"
     home.write_text("")
     result = procure(tmp_path, "wallet", PROCURE_HOME=str(home))
-    _one_line(result, naming="PROCURE_HOME")
+    one_line(result, naming="PROCURE_HOME")
 
 
-def test_gateway_status_on_a_store_that_cannot_be_opened_is_one_line(
+def test_gateway_status_on_a_store_that_cannot_be_opened_isone_line(
     tmp_path: Path,
 ) -> None:
     """Before the fix: `procure gateway status` is the one store-reading command without
     `store_errors`: a mistyped PROCURE_DATABASE_URL is an SQLAlchemy ArgumentError traceback
     there."""
     result = procure(tmp_path, "gateway", "status", PROCURE_DATABASE_URL="not-a-url")
-    line = _one_line(result, naming="the store")
+    line = one_line(result, naming="the store")
     assert "Could not parse" in line
 
 
-def test_demo_with_a_bad_setting_in_the_environment_is_one_line(tmp_path: Path) -> None:
+def test_demo_with_a_bad_setting_in_the_environment_isone_line(tmp_path: Path) -> None:
     """Before the fix: `procure demo` builds its Settings outside `settings_errors`: a value the
     other commands refuse in one line (FAIL_AT=2, say from a `.env` the user edited) is a pydantic
     traceback."""
     (tmp_path / ".env").write_text("FAIL_AT=2\n")
     result = procure(tmp_path, "demo")
-    _one_line(result, naming="FAIL_AT")
+    one_line(result, naming="FAIL_AT")
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[str], deadline_s: float = 30) -> None:
@@ -140,7 +89,7 @@ def test_mock_cloud_takes_the_key_in_dotenv_that_the_clients_send(tmp_path: Path
     mock = subprocess.Popen(
         [sys.executable, "-m", "procure.cli", "mock-cloud", "--port", str(port), "--no-nodes"],
         cwd=tmp_path,
-        env=_env(tmp_path, {}),
+        env=cli_env(tmp_path, {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -229,7 +178,7 @@ def test_wallet_shows_a_balance_the_facilitator_answers_as_a_string(
         assert result.stderr.startswith("error: ") and url in result.stderr, out
 
 
-def test_an_unknown_log_level_is_one_line(tmp_path: Path) -> None:
+def test_an_unknown_log_level_isone_line(tmp_path: Path) -> None:
     """Before the fix: `--log-level` takes any string and hands it to logging.basicConfig: a level
     logging does not know (`verbose`) is a ValueError traceback instead of a usage error naming the
     option."""
@@ -258,7 +207,7 @@ def test_run_cancel_works_for_a_user_without_a_passwd_entry(tmp_path: Path) -> N
     started = procure(tmp_path, "run", "start", "--goal", "x", "--budget", "5")
     assert started.returncode == 0, started.stderr
     run_id = json.loads(started.stdout)["_id"]
-    env = _env(tmp_path, {})
+    env = cli_env(tmp_path, {})
     for name in ("USER", "LOGNAME", "LNAME", "USERNAME"):
         env.pop(name, None)
     cancel = subprocess.run(

@@ -78,6 +78,23 @@ class GatewayWorld:
     def income(self) -> int:
         return sum(t["value"] for t in self.world.chain.transfers() if t["to"] == self.cfg.pay_to)
 
+    def quotes_together(self, n: int, timeout_s: float = 120) -> list[int]:
+        """The status codes of `n` quotes for an hour of an RTX4090 asked all at once."""
+
+        async def ask() -> list[int]:
+            async with httpx.AsyncClient(timeout=timeout_s) as client:
+                asked = [
+                    client.post(
+                        f"{self.url}/quote",
+                        json={"gpuType": "RTX4090", "hours": 1.0},
+                        headers=self.headers(),
+                    )
+                    for _ in range(n)
+                ]
+                return [r.status_code for r in await asyncio.gather(*asked)]
+
+        return asyncio.run(ask())
+
     def stop(self) -> None:
         self.server.stop()
         self.mock.stop()

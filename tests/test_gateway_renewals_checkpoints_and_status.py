@@ -369,19 +369,7 @@ def test_quotes_asked_together_read_the_clouds_catalogue_once(
     rt = g.server.app.state.runtime
     rt.cloud = cloud = _SlowCatalogue(rt.cloud)
 
-    async def ask_together(n: int) -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            asked = [
-                client.post(
-                    f"{g.url}/quote",
-                    json={"gpuType": "RTX4090", "hours": 1.0},
-                    headers=g.headers(),
-                )
-                for _ in range(n)
-            ]
-            return [r.status_code for r in await asyncio.gather(*asked)]
-
-    assert asyncio.run(ask_together(40)) == [200] * 40
+    assert g.quotes_together(40) == [200] * 40
     assert cloud.reads == 1, f"{cloud.reads} catalogue reads for 40 quotes asked together"
 
 

@@ -19,61 +19,19 @@ from pathlib import Path
 
 import pytest
 
+import cli_run
+from cli_run import cli_env, one_line
 from procure.local import LocalServer, free_port, start_facilitator, start_mock_vendor
 
-# Settings a developer's shell may hold: none may leak into these runs
-_OURS = (
-    "PROCURE_",
-    "LAMBDA_",
-    "RUNPOD_",
-    "VAST_",
-    "X402_",
-    "GPU_",
-    "FAIL_",
-    "FLEET_",
-    "LLM_",
-    "PLANNER_",
-    "MOCK_",
-    "VENDOR_",
-    "FIREWORKS_",
-    "OPENAI_",
-)
 SECRET = "rough-edges-secret"
 
 
 def _env(tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
-    return {
-        **clean,
-        "COLUMNS": "200",
-        "PROCURE_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}",
-        "PROCURE_HOME": str(tmp_path / "home"),
-        "GPU_VENDOR_SECRET": SECRET,
-        **extra,
-    }
+    return cli_env(tmp_path, {"GPU_VENDOR_SECRET": SECRET, **extra})
 
 
 def procure(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    """The command as a user runs it, from a directory of their own."""
-    return subprocess.run(
-        [sys.executable, "-m", "procure.cli", *args],
-        cwd=tmp_path,
-        env=_env(tmp_path, extra),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def _one_line(result: subprocess.CompletedProcess[str], *, naming: str) -> str:
-    full = result.stdout + result.stderr
-    out = full[-1500:]
-    assert result.returncode != 0, out
-    assert "Traceback" not in full, out
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out
-    assert naming in lines[0], out
-    return lines[0]
+    return cli_run.procure(tmp_path, *args, **{"GPU_VENDOR_SECRET": SECRET, **extra})
 
 
 @pytest.fixture
@@ -161,7 +119,7 @@ def test_a_vendor_registered_without_its_asset_is_the_operators_mistake(
 # 2. `procure mock-vendor` without a facilitator
 
 
-def test_a_mock_vendor_without_its_facilitator_is_one_line(tmp_path: Path) -> None:
+def test_a_mock_vendor_without_its_facilitator_isone_line(tmp_path: Path) -> None:
     """Before the fix: a 38-line traceback ending in RuntimeError."""
     nowhere = f"http://127.0.0.1:{free_port()}"
     result = procure(
@@ -173,7 +131,7 @@ def test_a_mock_vendor_without_its_facilitator_is_one_line(tmp_path: Path) -> No
         str(free_port()),
         X402_FACILITATOR_URL=nowhere,
     )
-    line = _one_line(result, naming=nowhere)
+    line = one_line(result, naming=nowhere)
     assert "procure facilitator" in line
 
 
@@ -199,7 +157,7 @@ def test_a_facilitator_on_a_busy_port_funds_nothing(tmp_path: Path, busy_port: i
     """Before the fix: it funded the wallet and wrote its chain journal, then uvicorn failed to
     bind."""
     result = procure(tmp_path, "facilitator", "--port", str(busy_port))
-    _one_line(result, naming=f"cannot listen on 127.0.0.1:{busy_port}")
+    one_line(result, naming=f"cannot listen on 127.0.0.1:{busy_port}")
     assert "funded" not in result.stdout
     assert not (tmp_path / "home" / "chain-journal.jsonl").exists()
 
@@ -219,7 +177,7 @@ def test_a_server_on_a_busy_port_says_so_before_its_banner(
 ) -> None:
     """Before the fix: a banner saying where it serves, then uvicorn's bind error."""
     result = procure(tmp_path, *args, "--port", str(busy_port), **extra)
-    _one_line(result, naming=f"cannot listen on 127.0.0.1:{busy_port}")
+    one_line(result, naming=f"cannot listen on 127.0.0.1:{busy_port}")
     assert result.stdout.strip() == ""
 
 
@@ -236,7 +194,7 @@ def test_a_workload_for_a_cloud_that_runs_none_is_refused(tmp_path: Path) -> Non
             tmp_path, "mock-cloud", "--provider", "runpod", flag, value, "--port", str(free_port())
         )
         assert result.returncode == 2, result.stderr
-        _one_line(result, naming=flag)
+        one_line(result, naming=flag)
 
 
 def _first_line(proc: subprocess.Popen[str], timeout: float = 60) -> str:
@@ -306,9 +264,9 @@ def test_help_says_the_defaults_it_used_to_hide() -> None:
 def test_not_found_says_where_the_ids_are_listed(tmp_path: Path) -> None:
     """Before the fix: "vendor nope not found", "no action nope", and no more."""
     cooled = procure(tmp_path, "vendors", "clear-cooldown", "nope")
-    assert "procure vendors list" in _one_line(cooled, naming="nope")
+    assert "procure vendors list" in one_line(cooled, naming="nope")
     approved = procure(tmp_path, "fleet", "approve", "nope")
-    assert "procure fleet actions" in _one_line(approved, naming="nope")
+    assert "procure fleet actions" in one_line(approved, naming="nope")
 
 
 # 5. Log lines
@@ -368,7 +326,7 @@ def test_an_llm_planner_without_its_key_says_so_once(
     from procure.settings import Settings
 
     for name in list(os.environ):
-        if name.startswith(_OURS):
+        if name.startswith(cli_run.OURS):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # no `.env` of the developer's
     monkeypatch.setenv("PLANNER_MODE", "llm")

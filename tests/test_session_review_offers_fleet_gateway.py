@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from procure.clouds.base import ProviderError
@@ -121,17 +120,5 @@ def test_quotes_asked_together_while_the_cloud_fails_share_its_one_failure(
     rt = g.server.app.state.runtime
     rt.cloud = cloud = _FailingCatalogue(rt.cloud)
 
-    async def ask_together(n: int) -> list[int]:
-        async with httpx.AsyncClient(timeout=120) as client:
-            asked = [
-                client.post(
-                    f"{g.url}/quote",
-                    json={"gpuType": "RTX4090", "hours": 1.0},
-                    headers=g.headers(),
-                )
-                for _ in range(n)
-            ]
-            return [r.status_code for r in await asyncio.gather(*asked)]
-
-    assert asyncio.run(ask_together(20)) == [503] * 20
+    assert g.quotes_together(20) == [503] * 20
     assert cloud.reads == 1, f"{cloud.reads} catalogue reads, in a row, for 20 quotes together"
