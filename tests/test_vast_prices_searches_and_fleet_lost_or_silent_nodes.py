@@ -147,19 +147,18 @@ def _client(mock: MockCloud, **kw: Any) -> VastCloud:
     return VastCloud(settings, **kw)
 
 
-def test_a_vast_offers_price_is_what_its_launch_is_billed_disk_included() -> None:
-    """Before the fix: the search asked for no disk, so Vast priced each offer with its default
-    8 GB, while every launch asks for 20 GB: the price shown, compared and checked against the
-    caps was $0.42/h, the instance billed $0.45/h (and listed at it)."""
-    mock = _disk_market()
+def _an_hour_of(mock: MockCloud, *, interruptible: bool) -> tuple[int, int, int | None, int | None]:
+    """An RTX4090 offer of that kind launched and run an hour: its price as offered, as
+    launched and as listed, and what Vast charged for the hour."""
 
     async def scenario() -> tuple[int, int, int | None, int | None]:
         c = _client(mock)
         try:
-            offer = next(o for o in await c.offers(gpu="RTX4090") if not o.interruptible)
-            spec = LaunchSpec(name="procure-job-disk", offer=offer, image="procure/node:1")
+            offers = await c.offers(gpu="RTX4090")
+            offer = next(o for o in offers if o.interruptible == interruptible)
+            spec = LaunchSpec(name="procure-job-hour", offer=offer, image="procure/node:1")
             launched = await c.launch_spec(spec)
-            mock.state.clock.advance(3600)  # an hour running
+            mock.state.clock.advance(3600)  # an hour running (a bid never outbid)
             listed = await c.get(launched.id)
             return (
                 offer.price_per_hour,
@@ -171,9 +170,18 @@ def test_a_vast_offers_price_is_what_its_launch_is_billed_disk_included() -> Non
             await c.aclose()
 
     try:
-        shown, launched, listed, charged = asyncio.run(scenario())
+        return asyncio.run(scenario())
     finally:
         mock.stop()
+
+
+def test_a_vast_offers_price_is_what_its_launch_is_billed_disk_included() -> None:
+    """Before the fix: the search asked for no disk, so Vast priced each offer with its default
+    8 GB, while every launch asks for 20 GB: the price shown, compared and checked against the
+    caps was $0.42/h, the instance billed $0.45/h (and listed at it)."""
+    mock = _disk_market()
+
+    shown, launched, listed, charged = _an_hour_of(mock, interruptible=False)
     assert charged == 450_000  # Vast's charges for the hour: GPU and 20 GB of disk
     assert shown == launched == listed == charged, (shown, launched, listed, charged)
 
@@ -354,27 +362,7 @@ def test_a_vast_bids_price_is_what_its_launch_is_billed_disk_included() -> None:
     $0.18/h, the instance billed $0.23/h (20 GB at $1.80/GB a month)."""
     mock = _disk_market()
 
-    async def scenario() -> tuple[int, int, int | None, int | None]:
-        c = _client(mock)
-        try:
-            offer = next(o for o in await c.offers(gpu="RTX4090") if o.interruptible)
-            spec = LaunchSpec(name="procure-job-bid", offer=offer, image="procure/node:1")
-            launched = await c.launch_spec(spec)
-            mock.state.clock.advance(3600)  # an hour running, never outbid
-            listed = await c.get(launched.id)
-            return (
-                offer.price_per_hour,
-                launched.price_per_hour,
-                listed.price_per_hour if listed else None,
-                await c.billed(launched.id),
-            )
-        finally:
-            await c.aclose()
-
-    try:
-        shown, launched, listed, charged = asyncio.run(scenario())
-    finally:
-        mock.stop()
+    shown, launched, listed, charged = _an_hour_of(mock, interruptible=True)
     assert charged == 230_000  # the bid ($0.18/h: 45 % of $0.40) and 20 GB of disk
     assert shown == launched == listed == charged, (shown, launched, listed, charged)
 
