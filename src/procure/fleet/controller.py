@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from procure.bounds import clip
 from procure.clouds.base import LABEL_PREFIX, CloudError, Instance
-from procure.fleet import actions, costs, monitor, nodes, policy, prometheus, stuck
+from procure.fleet import actions, cleanups, costs, monitor, nodes, policy, prometheus, stuck
 from procure.fleet import signal as procure_signal
 from procure.fleet.context import FleetContext
 from procure.models import utcnow
@@ -114,99 +114,6 @@ def _price(ctx: FleetContext, s: Session, i: Instance) -> int:
         return row.price_per_hour
     known = ctx.types.get(i.instance_type)
     return known.price_per_hour if known is not None else 0
-
-
-LIVE = ("booting", "active", "unhealthy")
-
-
-async def _terminate_duplicates(ctx: FleetContext, listing: list[Instance]) -> list[str]:
-    """Lambda's launch has no idempotency key: a launch whose answer was lost and that landed
-    only after its retry leaves two instances named after one action. Keep the one the action
-    recorded (else the first listed) and terminate the others, saying so; the ids terminated."""
-    by_action: dict[str, list[Instance]] = {}
-    for i in listing:
-        if i.name and i.status in LIVE:
-            by_action.setdefault(i.name, []).append(i)
-    extras: dict[str, Instance] = {}  # id -> the duplicate
-    with ctx.store.session() as s:
-        for name, twins in by_action.items():
-            action = fleet_repo.get_action(s, name) if len(twins) > 1 else None
-            if action is None or action.action_type != policy.PROVISION:
-                continue
-            keep = next((i for i in twins if i.id == action.target_instance), twins[0])
-            extras |= {i.id: i for i in twins if i.id != keep.id}
-    if not extras or ctx.dry_run:
-        return []
-    await ctx.cloud.terminate(list(extras))  # idempotent; a failure is retried next scan
-    log.warning("terminated duplicate launches %s (kept the one its action recorded)", extras)
-    # What the controller did to the cloud is an action like any other: audited, announced,
-    # and no longer billed in the ledger.
-    now = ctx.clock()
-    with ctx.store.session() as s:
-        fleet_repo.end_instances(s, list(extras), now)
-        for i in extras.values():
-            actions.record_done(ctx, s, _duplicate(i), now)
-    return list(extras)
-
-
-def _duplicate(i: Instance) -> policy.Proposal:
-    return policy.Proposal(
-        policy.TERMINATE,
-        i.id,
-        f"Duplicate launch of {i.name}: a launch whose answer was lost landed twice (the "
-        "instance its action recorded is kept)",
-        i.instance_type,
-        i.region,
-        i.price_per_hour,
-    )
-
-
-LOST = ("preempted", "exited")  # stopped by the cloud (a dead host, an ended container)
-
-
-async def _terminate_lost(ctx: FleetContext, listing: list[Instance], now: datetime) -> list[str]:
-    """The fleet's own launches the cloud has shown lost for a boot timeout (Vast.ai's host
-    offline or container exited, a RunPod pod EXITED): the ledger ended them and the pool
-    replaced them, but on the account they bill their disk until destroyed (and their GPU again
-    should the host come back). Terminate them, saying so; the ids terminated. The boot timeout
-    lets one that comes back at once be kept."""
-    lost = {i.id: i for i in listing if i.status in LOST}
-    # Lambda's preempted instance is gone with its disk (listed a while, billed no more).
-    if not lost or ctx.dry_run or getattr(ctx.cloud, "provider", None) == "lambda":
-        return []
-    since = now - timedelta(minutes=ctx.cfg.boot_timeout_mins)
-    with ctx.store.session() as s:
-        rows = [fleet_repo.get_instance(s, instance_id) for instance_id in lost]
-        ours = [
-            r.instance_id
-            for r in rows
-            if r is not None
-            and r.launched_by
-            and r.ended_at is not None
-            and r.ended_at <= since
-            # Terminated once already (a cloud may list it a while longer): not again.
-            and fleet_repo.recent_same(s, policy.TERMINATE, r.instance_id, r.ended_at) is None
-        ]
-    if not ours:
-        return []
-    await ctx.cloud.terminate(ours)  # idempotent; a failure is retried next scan
-    log.warning("terminated fleet launches the cloud shows lost: %s", ours)
-    with ctx.store.session() as s:
-        for instance_id in ours:
-            actions.record_done(ctx, s, _lost(lost[instance_id]), now)
-    return ours
-
-
-def _lost(i: Instance) -> policy.Proposal:
-    return policy.Proposal(
-        policy.TERMINATE,
-        i.id,
-        f"Launched and lost ({i.status} now, replaced): on the account it still bills its disk "
-        "until destroyed",
-        i.instance_type,
-        i.region,
-        0,  # the ledger ended it when it was lost: no running price is saved now
-    )
 
 
 async def _list(ctx: FleetContext) -> list[Instance]:
@@ -394,12 +301,12 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
     result.instances = len(listing)
     sync_instances(ctx, listing, now, grace=True)
     try:
-        duplicates = await _terminate_duplicates(ctx, listing)
+        duplicates = await cleanups.terminate_duplicates(ctx, listing)
     except CloudError as exc:
         duplicates, result.error = [], clip(f"{type(exc).__name__}: {exc}", 500)
     result.carried_out += [f"{i} terminated (a duplicate launch)" for i in duplicates]
     try:
-        lost = await _terminate_lost(ctx, listing, now)
+        lost = await cleanups.terminate_lost(ctx, listing, now)
     except CloudError as exc:
         lost, result.error = [], clip(f"{type(exc).__name__}: {exc}", 500)
     result.carried_out += [f"{i} terminated (lost by the cloud)" for i in lost]
