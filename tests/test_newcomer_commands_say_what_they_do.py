@@ -17,11 +17,11 @@ import click
 import pytest
 import typer.main
 
+from cli_run import OURS, cli_env
 from procure.cli.main import app
 from procure.clouds.runpod.mock import start_mock_cloud
 from procure.clouds.runpod.mockstate import RunPodMockConfig
 from procure.local import LocalServer, free_port, start_facilitator
-from test_cli_first_hour_errors import _OURS, _env
 
 # A valid secp256k1 key that is not the demo's own wallet: its address holds nothing on the
 # demo's fresh chain
@@ -31,7 +31,7 @@ _GATEWAY = (sys.executable, "-m", "procure.cli", "gateway")
 
 def procure(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     """The command as a user runs it, from a directory of their own (its `.env`, if any)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(OURS)}
     return subprocess.run(
         [sys.executable, "-m", "procure.cli", *args],
         cwd=tmp_path,
@@ -67,7 +67,7 @@ def test_a_gateway_without_its_cloud_key_is_one_line_and_fails(
     """Before the fix: `procure gateway --cloud runpod` without RUNPOD_API_KEY started anyway,
     quoted buyers an account it could not rent from, and printed a traceback at its first sweep
     ("AuthError: GET /v2/pods: RUNPOD_API_KEY is not set") instead of saying so and exiting."""
-    env = _env(tmp_path, {"X402_FACILITATOR_URL": facilitator.url})
+    env = cli_env(tmp_path, {"X402_FACILITATOR_URL": facilitator.url})
     try:
         result = subprocess.run(
             [*_GATEWAY, "--cloud", "runpod", "--port", str(free_port())],
@@ -107,7 +107,7 @@ def test_a_gateway_says_where_it_listens_and_whom_it_is_paid_to(
     no address to give buyers and not the wallet the sales are paid to."""
     cloud = start_mock_cloud(RunPodMockConfig(nodes=False))
     port = free_port()
-    env = _env(
+    env = cli_env(
         tmp_path,
         {
             "X402_FACILITATOR_URL": facilitator.url,
@@ -163,7 +163,7 @@ def test_a_fleet_without_its_cloud_key_says_so_and_exits(
         result = subprocess.run(
             [sys.executable, "-m", "procure.cli", "fleet", "run", "--cloud", cloud],
             cwd=tmp_path,
-            env=_env(tmp_path, {}),
+            env=cli_env(tmp_path, {}),
             capture_output=True,
             text=True,
             timeout=60,
@@ -183,7 +183,7 @@ def test_serve_says_where_the_api_and_dashboard_are(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "procure.cli", "serve", "--no-worker", "--port", str(port)],
         cwd=tmp_path,
-        env=_env(tmp_path, {}),
+        env=cli_env(tmp_path, {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
