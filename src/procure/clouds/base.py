@@ -51,6 +51,10 @@ class Instance:
     node_url: str | None = None
     interruptible: bool = False
     gpu: str = ""  # canonical GPU model (see Offer.gpu), where the provider says
+    # Stopped with its disk kept, and may run again (whatever its status says of the job on it):
+    # paused by the provider (a Vast.ai balance run out, an outbid bid), stopped by the operator,
+    # a RunPod pod EXITED. Not lost: destroying it would delete its disk.
+    resumable: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,11 @@ def without_secrets(error: CloudError, secrets: Iterable[str]) -> CloudError:
 
 
 class Cloud(Protocol):
+    # Whether an instance this cloud has lost (and does not list resumable) stays on the account,
+    # billing its disk, until it is destroyed: RunPod's and Vast.ai's do; Lambda's preempted one
+    # is gone with its disk.
+    lost_bills_disk: bool
+
     async def instance_types(self) -> list[InstanceType]: ...
 
     async def instances(self) -> list[Instance]: ...

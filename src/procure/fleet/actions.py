@@ -151,9 +151,13 @@ def _finish_launch(
     notify.announce(s, row, now, slack=ctx.slack)
 
 
-async def carry_out(ctx: FleetContext, action_id: str, listing: list[Instance] | None) -> str:
+async def carry_out(
+    ctx: FleetContext, action_id: str, listing: list[Instance] | None, *, held: bool = False
+) -> str:
     """Carry out one approved (or interrupted) action; its status afterwards. `listing`: the
-    cloud's instances as just listed, where an interrupted launch is looked for by name."""
+    cloud's instances as just listed, where an interrupted launch is looked for by name. `held`:
+    the caller (a scan) took the fleet's lease before deciding, and acts only while it still
+    holds it; else the lease is taken here."""
     now = ctx.clock()
     with ctx.store.session() as s:
         row = fleet_repo.get_action(s, action_id, lock=True)
@@ -161,8 +165,10 @@ async def carry_out(ctx: FleetContext, action_id: str, listing: list[Instance] |
             return row.status if row else "missing"
         if row.next_attempt_at is not None and row.next_attempt_at > now:
             return row.status  # backing off after a retryable cloud error
-        if row.status == "executing" and ctx.dry_run:
-            return row.status  # a live controller's action: a dry run sends nothing
+        if ctx.dry_run:
+            # A live controller's action (in flight, or approved by a person: a dry run's own
+            # are blocked when recorded): a dry run sends nothing, and leaves it to the live one.
+            return row.status
         retry = row.status == "executing" and row.action_type == PROVISION
         if retry and listing is not None:
             mine = [i for i in listing if i.name == action_id]
@@ -198,8 +204,9 @@ async def carry_out(ctx: FleetContext, action_id: str, listing: list[Instance] |
                 return "blocked"
         # The call below must end while this controller still holds the fleet: another one
         # taking over would see the action in flight, not yet listed, and send it again.
-        if not fleet_repo.take_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow()):
-            return row.status  # another controller holds the fleet now: it carries this out
+        lease = fleet_repo.keep_lease if held else fleet_repo.take_lease
+        if not lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow()):
+            return row.status  # another controller has had the fleet since: it carries this out
         fleet_repo.set_status(s, row, "executing", now, attempts=row.attempts + 1)
         attempts, p = row.attempts, proposal_of(row)
     crash_point("fleet_intent")

@@ -1,6 +1,6 @@
 """What the controller cleans up on its own, announced like any executed action and not paced by
 the cooldowns: the duplicates a lost launch answer left (Lambda), and the fleet's launches the
-cloud has lost, which bill their disk until destroyed (Vast.ai, RunPod)."""
+cloud has lost for good, which bill their disk until destroyed (Vast.ai)."""
 
 from __future__ import annotations
 
@@ -65,13 +65,14 @@ LOST = ("preempted", "exited")  # stopped by the cloud (a dead host, an ended co
 
 async def terminate_lost(ctx: FleetContext, listing: list[Instance], now: datetime) -> list[str]:
     """The fleet's own launches the cloud has shown lost for a boot timeout (Vast.ai's host
-    offline or container exited, a RunPod pod EXITED): the ledger ended them and the pool
-    replaced them, but on the account they bill their disk until destroyed (and their GPU again
-    should the host come back). Terminate them, saying so; the ids terminated. The boot timeout
-    lets one that comes back at once be kept."""
-    lost = {i.id: i for i in listing if i.status in LOST}
-    # Lambda's preempted instance is gone with its disk (listed a while, billed no more).
-    if not lost or ctx.dry_run or getattr(ctx.cloud, "provider", None) == "lambda":
+    offline or unknown, its container exited: never to run again): the ledger ended them and the
+    pool replaced them, but on the account they bill their disk until destroyed (and their GPU
+    again should the host come back). Terminate them, saying so; the ids terminated. The boot
+    timeout lets one that comes back at once be kept. One only stopped (`resumable`: paused for
+    an unpaid balance, stopped by the operator, any RunPod pod EXITED) is not lost: its disk is
+    the operator's, and stays."""
+    lost = {i.id: i for i in listing if i.status in LOST and not i.resumable}
+    if not lost or ctx.dry_run or not ctx.cloud.lost_bills_disk:
         return []
     since = now - timedelta(minutes=ctx.cfg.boot_timeout_mins)
     with ctx.store.session() as s:

@@ -1,9 +1,10 @@
 """One scan of the fleet and the loop around it: take the fleet's lease (refused while another
-fleet runs on the store: a store keeps one fleet's state), list the instances, finish
-interrupted actions, expire and carry out decided ones, read every node (or Prometheus, when
-set), renewing each node's dead-man lease (a dry run takes none), keep the samples, analyse,
-decide, pass the rails, act. A cloud error is recorded and backed off; nothing in a scan may
-crash the loop, but another fleet running on the store ends it (FleetConflict)."""
+fleet runs on the store: a store keeps one fleet's state; renewed while the scan runs, and a scan
+whose lease lapsed acts on nothing), list the instances, finish interrupted actions, expire and
+carry out decided ones, read every node (or Prometheus, when set), renewing each node's dead-man
+lease (a dry run takes none), keep the samples, analyse, decide, pass the rails, act. A cloud
+error is recorded and backed off; nothing in a scan may crash the loop, but another fleet running
+on the store ends it (FleetConflict)."""
 
 from __future__ import annotations
 
@@ -275,13 +276,48 @@ def _take_alone(ctx: FleetContext) -> bool:
     return True
 
 
+def _still_held(ctx: FleetContext) -> bool:
+    """Renew the fleet's lease while this controller holds it (during a scan, and before it
+    acts). False once it has lapsed: another controller (of this fleet, or another fleet's beside
+    it) may have had the store meanwhile, even if none holds it now (a `--once` scan took it,
+    acted and let it go), and what this scan read and decided is stale. The next scan takes the
+    lease and starts over."""
+    with ctx.store.session() as s:
+        held = fleet_repo.keep_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow())
+    if not held:
+        log.warning(
+            "the fleet lease (%gs) lapsed under this scan: it acts on nothing more", ctx.cfg.lease_s
+        )
+    return held
+
+
+async def _renew(ctx: FleetContext) -> None:
+    """Renew the fleet's lease every third of it while a scan runs: one waiting on a slow cloud
+    (or on many nodes) keeps the fleet, and a controller beside it stands by. Ends once the lease
+    is no longer held (the process stalled past it: its event loop blocked, or paused)."""
+    while True:
+        await asyncio.sleep(ctx.cfg.lease_s / 3)
+        try:
+            if not _still_held(ctx):
+                return
+        except Exception as exc:  # the store's trouble: tried again, and the scan meets it too
+            log.warning("renewing the fleet lease failed: %s", redact(clip(str(exc), 300)))
+
+
 async def scan_once(ctx: FleetContext) -> ScanResult:
     now = ctx.clock()
-    result = ScanResult(at=now)
     held = _take_alone(ctx)  # FleetConflict: another fleet runs on this store
-    if not held:
-        result.leased = False  # another controller runs this fleet: it acts, we do not
-        return result
+    if not held:  # another controller runs this fleet: it acts, we do not
+        return ScanResult(at=now, leased=False)
+    renewing = asyncio.ensure_future(_renew(ctx))
+    try:
+        return await _scan(ctx, now)
+    finally:
+        renewing.cancel()
+
+
+async def _scan(ctx: FleetContext, now: datetime) -> ScanResult:
+    result = ScanResult(at=now)
     if ctx.backoff_until is not None and now < ctx.backoff_until:
         result.error = f"backing off after cloud errors until {ctx.backoff_until.isoformat()}"
         return result
@@ -298,6 +334,9 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         _note(ctx, now, result.error)
         return result
     ctx.cloud_failures, ctx.backoff_until = 0, None
+    if not _still_held(ctx):  # the cloud answered after the lease lapsed: a stale listing
+        result.leased = False
+        return result
     result.instances = len(listing)
     sync_instances(ctx, listing, now, grace=True)
     try:
@@ -316,7 +355,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
     with ctx.store.session() as s:
         todo = [r.action_id for r in fleet_repo.list_actions(s, status=("approved", "executing"))]
     for action_id in reversed(todo):  # oldest first
-        status = await actions.carry_out(ctx, action_id, listing)
+        status = await actions.carry_out(ctx, action_id, listing, held=True)
         result.carried_out.append(f"{action_id} {status}")
     if todo:  # what they launched or terminated is in the next listing; keep this one
         try:
@@ -362,10 +401,9 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         )
         if p.target not in ending
     ]
-    with ctx.store.session() as s:  # a long scan may have lost the fleet: then it decides nothing
-        if not fleet_repo.take_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow()):
-            result.leased = False
-            return result
+    if not _still_held(ctx):
+        result.leased = False
+        return result
     dedupe = timedelta(minutes=max(ctx.cfg.action_cooldown_mins, ctx.cfg.confirmation_timeout_mins))
     for p in proposed:
         with ctx.store.session() as s:
@@ -376,7 +414,7 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
         action_id, status = actions.record(ctx, p)
         result.proposals.append(f"{action_id} {status}")
         if status == "approved":
-            status = await actions.carry_out(ctx, action_id, None)
+            status = await actions.carry_out(ctx, action_id, None, held=True)
             result.carried_out.append(f"{action_id} {status}")
     _note(ctx, now, result.error or result.queue_error)
     return result

@@ -429,6 +429,23 @@ def take_lease(s: Session, name: str, owner: str, ttl_s: float, now: datetime) -
     return True
 
 
+def keep_lease(s: Session, name: str, owner: str, ttl_s: float, now: datetime) -> bool:
+    """Renew the fleet's lease only while `owner` still holds it: once it has lapsed, another
+    controller may have taken it (and let it go) meanwhile, and what was decided under it is
+    stale. Unlike `take_lease`, a lapsed or free lease is not taken again."""
+    result = s.execute(
+        update(FleetLeaseRow)
+        .where(
+            FleetLeaseRow.name == name,
+            FleetLeaseRow.owner == owner,
+            FleetLeaseRow.expires_at >= now,
+        )
+        .values(expires_at=now + timedelta(seconds=ttl_s))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
 def other_leases_held(s: Session, name: str, now: datetime) -> list[FleetLeaseRow]:
     """The leases other than `name` held at `now` (on the wall clock, as taken): the other
     fleets whose controllers run on this store."""

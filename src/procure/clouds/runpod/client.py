@@ -42,6 +42,7 @@ class RunPodCloud:
 
     provider: Provider = "runpod"
     billing_increment_s = wire.BILLING_INCREMENT_S
+    lost_bills_disk = True  # a pod stays, billing its volume disk, until it is terminated
 
     def __init__(
         self,

@@ -233,6 +233,9 @@ def instance(raw: Any, node_port: int) -> Instance:
         node_url=node_url,
         interruptible=False,
         gpu=canonical_gpu(gpu_id),
+        # Stopped, by the operator or the platform (v2 does not say which): its disk is kept and
+        # it resumes on its host (`start`, the spec's `actions`).
+        resumable=pod.status == "EXITED",
     )
 
 

@@ -51,6 +51,7 @@ class VastCloud:
 
     provider: Provider = "vast"
     billing_increment_s: int = wire.BILLING_INCREMENT_S
+    lost_bills_disk = True  # an instance stays, billing its disk, until it is destroyed
 
     def __init__(
         self,

@@ -31,6 +31,9 @@ HOURS_A_MONTH = 720  # Vast's storage prices are $/GB a month
 BOOTING = {None, "", "created", "loading", "rebooting", "restarting", "scheduling"}
 # Never come back to running (the spec's "poll trap"): the instance is lost to us.
 LOST = {"exited", "unknown", "offline"}
+# Paused by Vast.ai (outbid, a balance run out) or stopped by the operator: the disk is kept, and
+# the instance runs again once resumed (vast-ai/docs billing: stopped instances pay storage).
+PAUSED = {"stopped", "frozen", "paused", "inactive"}
 _FORM_FACTORS = re.compile(r"^(SXM\d?|PCIE|NVL|HBM\d?E?|\d+GB|\d+G)$")
 _VENDORS = {"NVIDIA", "TESLA", "GEFORCE", "AMD", "RADEON"}
 
@@ -161,7 +164,7 @@ def status(actual: str | None, intended: str | None, is_bid: bool) -> InstanceSt
         return "terminated"
     if actual in LOST:
         return "preempted"
-    if actual in ("stopped", "frozen", "paused", "inactive"):
+    if actual in PAUSED:
         # Paused by Vast (outbid, host trouble, balance) or stopped on purpose.
         return "preempted" if is_bid or intended == "running" else "exited"
     return "unhealthy"  # a status we do not know: never guessed gone (see `instance`)
@@ -195,6 +198,7 @@ def instance(raw: Any, node_port: int) -> Instance:
         node_url=url,
         interruptible=i.is_bid,
         gpu=gpu,
+        resumable=i.actual_status in PAUSED,
     )
 
 
