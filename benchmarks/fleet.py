@@ -18,6 +18,11 @@ longer than the peer's.
 Per (workload, billing, policy): cost, x floor, p50/p95 queue wait, idle GPU-hours, blocked
 (rails), refusals (the cloud's), failures. The floor is what no policy can go under: every
 GPU-second of work at the cheapest price per GPU-second (booting is free, as on Lambda).
+The bound (sim/fleet_bound.py) keeps the billing increments: what a policy, clairvoyant or not,
+pays at least when its jobs start as soon as they can (JSON `bound_usd`, `x_bound`); and the
+longest wait up to which the bound stays above the default's goal (JSON
+`goal_out_of_reach_wait_min`): the goal is out of reach for any policy whose jobs all wait no
+longer and run unbroken. It is no bound for a policy whose jobs wait longer.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 from procure.clouds.mockworld.workload import JobSpec, synthetic
 from procure.fleet.policies import ProcurePolicy, seed_rule, static
 from procure.fleet.settings import FleetSettings
+from procure.sim.fleet_bound import hour_bound_usd, longest_wait_above
 from procure.sim.fleet_peers import ClusterAutoscaler, navarch_queue, navarch_reactive
 from procure.sim.fleet_world import BILLING, CATALOGUE, Result, World, run, work_floor_usd
 
@@ -189,8 +195,88 @@ def at_p95(sweep: list[Result], p95_s: float) -> Result | None:
     return min(fit, key=lambda r: r.cost_usd, default=None)
 
 
-def verdicts(rows: list[Result], floors: dict[str, float]) -> list[str]:
-    """Per billing: procure at each peer's p95 on each workload, and the issue's goals."""
+def goal_limit(billing: str) -> float:
+    """The issue's goal for the default row: at most this many times the floor."""
+    return 1.15 if billing == "hour" else 1.10
+
+
+def bounds_for(
+    workloads: list[tuple[str, int, list[JobSpec]]], billings: list[str]
+) -> dict[tuple[str, str], tuple[float, float | None]]:
+    """Per (workload, billing): the bound with no wait, and the longest wait (s) up to which
+    the bound stays above the goal's multiple of the floor (None: not even with none)."""
+    out: dict[tuple[str, str], tuple[float, float | None]] = {}
+    for name, _, jobs in workloads:
+        for b in billings:
+            world = World(billing_s=BILLING[b])
+            out[name, b] = (
+                hour_bound_usd(jobs, world, 0.0),
+                longest_wait_above(jobs, world, goal_limit(b)),
+            )
+    return out
+
+
+def bound_lines(
+    rows: list[Result],
+    floors: dict[str, float],
+    bounds: dict[tuple[str, str], tuple[float, float | None]],
+    billing: str,
+) -> list[str]:
+    """The bound beside the floor per workload, procure's default against it, and the default's
+    goal: out of reach only where every workload it misses is proven so (procure's jobs waited
+    no longer than the wait up to which the bound is above the goal, none was put back in the
+    queue) and procure is within 2 % of the bound there; else it stays missed."""
+    out: list[str] = []
+    limit = goal_limit(billing)
+    reached, missed, proven, near = 0, 0, 0, True
+    for w in dict.fromkeys(r.workload for r in rows if r.billing == billing):
+        if (w, billing) not in bounds:
+            continue
+        bound, reach = bounds[w, billing]
+        default = next(
+            (r for r in rows if r.workload == w and r.billing == billing and r.policy == "procure"),
+            None,
+        )
+        line = (
+            f"  bound {w}: floor ${floors[w]:.2f}, bound with no wait ${bound:.2f} "
+            f"({bound / floors[w]:.3f} × floor)"
+        )
+        if reach is not None:
+            reached += 1
+            line += f", above {limit:.2f} × floor for waits ≤ {reach / 60:.1f} min"
+        if default is not None:
+            line += (
+                f"; procure ${default.cost_usd:.2f} = {default.cost_usd / bound:.3f} × that bound, "
+                f"longest wait {default.wait_max_s / 60:.1f} min, {default.restarts} put back"
+            )
+            if default.cost_usd > limit * floors[w] + 1e-9 or default.completed < default.jobs:
+                missed += 1
+                ok = reach is not None and default.wait_max_s <= reach and default.restarts == 0
+                proven += ok
+                near = near and ok and default.cost_usd <= 1.02 * bound
+        out.append(line)
+    verdict = (
+        "met"
+        if not missed
+        else "out of reach, procure within 2 % of the bound"
+        if proven == missed and near
+        else "MISSED, not proven out of reach"
+    )
+    out.append(
+        f"  bound: ≤ {limit:.2f} × floor is out of reach on {reached} workload(s) for any policy "
+        f"whose jobs all start within the wait above and run unbroken; the default misses it on "
+        f"{missed}, proven out of reach at its own waits on {proven}: {verdict}"
+    )
+    return out
+
+
+def verdicts(
+    rows: list[Result],
+    floors: dict[str, float],
+    bounds: dict[tuple[str, str], tuple[float, float | None]] | None = None,
+) -> list[str]:
+    """Per billing: procure at each peer's p95 on each workload, and the issue's goals; with
+    `bounds`, the bound's lines (see `bound_lines`)."""
     out: list[str] = []
     workloads = list(dict.fromkeys(r.workload for r in rows))
     for billing in dict.fromkeys(r.billing for r in rows):
@@ -234,7 +320,7 @@ def verdicts(rows: list[Result], floors: dict[str, float]) -> list[str]:
                 )
         mean = sum(savings_vs_best) / len(savings_vs_best) if savings_vs_best else 0.0
         worst = max(defaults, default=0.0)
-        limit = 1.15 if billing == "hour" else 1.10
+        limit = goal_limit(billing)
         # A workload where no procure row reaches the best peer's p95 fails the goal: it is not
         # left out of the average.
         vs_best = mean >= 0.10 and best_missed == 0
@@ -247,6 +333,8 @@ def verdicts(rows: list[Result], floors: dict[str, float]) -> list[str]:
             + (f"{worst:.3f} × floor" if math.isfinite(worst) else "unfinished work")
             + f" ({'met' if worst <= limit else 'MISSED'} ≤ {limit:.2f})"
         )
+        if bounds:
+            out += bound_lines(rows, floors, bounds, billing)
     return out
 
 
@@ -290,15 +378,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         rows = list(pool.map(one, tasks, chunksize=1))
+    bounds = bounds_for(workloads, billings)
     if args.json:
         for r in rows:
             floor = floors[r.workload]
+            bound, reach = bounds[r.workload, r.billing]
             print(
                 json.dumps(
                     asdict(r)
                     | {
                         "floor_usd": round(floor, 4),
                         "x_floor": round(r.cost_usd / floor, 4) if floor else None,
+                        "bound_usd": round(bound, 4),
+                        "x_bound": round(r.cost_usd / bound, 4) if bound else None,
+                        "goal_out_of_reach_wait_min": None
+                        if reach is None
+                        else round(reach / 60, 2),
                         "p50_wait_min": round(r.wait_p50_s / 60, 2),
                         "p95_wait_min": round(r.wait_p95_s / 60, 2),
                     }
@@ -311,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(fmt_row(r, floors[r.workload]))
     print()
-    print("\n".join(verdicts(rows, floors)))
+    print("\n".join(verdicts(rows, floors, bounds)))
     print(f"({len(rows)} runs in {time.monotonic() - started:.0f}s)")
     return 1 if any(r.cap_violations for r in rows) else 0
 

@@ -96,6 +96,10 @@ class Result:
     cap_violations: int
     completed: int
     jobs: int
+    # The longest wait and the jobs put back in the queue (a node that failed or was let go
+    # under them): what a bound conditioned on waits and unbroken runs needs to know.
+    wait_max_s: float = 0.0
+    restarts: int = 0
 
 
 def billed_usd(node: Node, now: float, increment: float, bill_boot: bool = False) -> float:
@@ -380,4 +384,6 @@ def run(
         cap_violations=sim.violations,
         completed=f["completed"],
         jobs=len(jobs),
+        wait_max_s=waits[-1] if waits else 0.0,
+        restarts=c.restarts,
     )
