@@ -111,8 +111,8 @@ def test_over_the_threshold_waits_and_expires_as_rejected(db_url: str) -> None:
 
 def test_an_old_approval_expires_however_many_newer_ones_are_pending(db_url: str) -> None:
     """Before the fix: expiry read the newest 1,000 pending actions only; with more pending (a
-    controller whose approvals nobody answers, each past its window), the oldest one, first to
-    expire, was never reached and stayed approvable long after its window ended."""
+    controller whose approvals nobody answers), the oldest one, first to expire, was never
+    reached and stayed approvable long after its window ended."""
     from datetime import timedelta
 
     from procure.fleet import actions
@@ -123,8 +123,12 @@ def test_an_old_approval_expires_however_many_newer_ones_are_pending(db_url: str
         async with fleet(db_url, cloud) as ctx:
             now = ctx.clock()
             with ctx.store.session() as s:
-                for k in range(1001):  # the oldest first, its window ended first
-                    at = now - timedelta(hours=3) + timedelta(seconds=k)
+                # The oldest, its window ended hours ago, behind 1,000 newer ones still in
+                # theirs: the newest 1,000 pending (the old page) hold no expired one at all.
+                # (Newer ones past their window too would prove no more, and each expired one
+                # costs a transition and its notice.)
+                for k in range(1001):
+                    at = now - timedelta(hours=3) if k == 0 else now - timedelta(seconds=1001 - k)
                     fleet_repo.add_action(
                         s,
                         action_id=f"provision_{k:05d}",
@@ -133,11 +137,13 @@ def test_an_old_approval_expires_however_many_newer_ones_are_pending(db_url: str
                         status="pending",
                         needed_approval=True,
                         created_at=at,
-                        expires_at=at + timedelta(minutes=5),
+                        expires_at=at + timedelta(hours=1),
                     )
-            assert actions.expire(ctx) >= 1
+            assert actions.expire(ctx) == 1
             with ctx.store.session() as s:
                 oldest = fleet_repo.get_action(s, "provision_00000")
                 assert oldest is not None and oldest.status == "rejected", oldest.status
+                newest = fleet_repo.get_action(s, "provision_01000")
+                assert newest is not None and newest.status == "pending", newest.status
 
     asyncio.run(body())

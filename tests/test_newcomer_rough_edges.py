@@ -54,8 +54,15 @@ def busy_port() -> Iterator[int]:
 def _seeded_mock_vendors(
     tmp_path: Path, facilitator: LocalServer
 ) -> tuple[list[LocalServer], dict[str, str]]:
-    """The seeds' two vendors, served on loopback and registered as `vendors seed` does."""
+    """The seeds' two vendors, served on loopback, registered as `procure vendors seed` does and
+    the wallet funded as `procure wallet --fund 50` does, in this process: two `procure` starts
+    (seconds each on a busy machine) that the tests below do not look at (those commands have
+    their own tests in tests/test_first_hour_cli.py and tests/test_wallet.py)."""
     from procure.local import mock_vendor_config
+    from procure.models import usd_to_micros
+    from procure.payments.wallet import load_or_create_account
+    from procure.store import open_store, repo
+    from procure.vendors.credentials import Keyring
     from procure.vendors.registry import default_vendors
 
     ports = (free_port(), free_port())
@@ -65,22 +72,24 @@ def _seeded_mock_vendors(
         )
         for v, port in zip(default_vendors(ports=ports), ports, strict=True)
     ]
-    env = {"X402_FACILITATOR_URL": facilitator.url}
-    seed = (
-        "vendors",
-        "seed",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(ports[0]),
-        "--port",
-        str(ports[1]),
-    )
-    seeded = procure(tmp_path, *seed, **env)
-    assert seeded.returncode == 0, seeded.stderr
-    funded = procure(tmp_path, "wallet", "--fund", "50", **env)
-    assert funded.returncode == 0, funded.stderr
-    return servers, env
+    chain = facilitator.app.state.chain
+    home = tmp_path / "home"  # cli_env's PROCURE_HOME: its secret.key and wallet
+    credential = Keyring.load(home).encrypt(SECRET)
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}")  # cli_env's PROCURE_DATABASE_URL
+    try:
+        with store.session() as s:
+            for vendor in default_vendors(
+                host="http://127.0.0.1",
+                ports=ports,
+                network=chain.network,
+                asset=chain.token_address,
+                credential=credential,
+            ):
+                repo.save_vendor(s, vendor)
+    finally:
+        store.dispose()
+    chain.mint(load_or_create_account(None, home).address, usd_to_micros(50))
+    return servers, {"X402_FACILITATOR_URL": facilitator.url}
 
 
 def test_a_vendor_registered_without_its_asset_is_the_operators_mistake(
