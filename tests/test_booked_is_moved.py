@@ -33,8 +33,14 @@ def whole_or_sliced(vendor_id: str, slice_hours: float | None) -> object:
 
 
 def test_store_matches_chain_per_vendor(tmp_path: Path, db_url: str) -> None:
-    # No cool-down: each run meets the over-charging vendor afresh.
-    w = start_world(tmp_path, db_url, job_seconds=2.0, settings_overrides={"VENDOR_COOLDOWN_S": 0})
+    # No cool-down: each run meets the over-charging vendor afresh. A payment left in doubt on a
+    # loaded machine is resolved once its authorisation's window has passed: 30 s, not 300.
+    w = start_world(
+        tmp_path,
+        db_url,
+        job_seconds=2.0,
+        settings_overrides={"VENDOR_COOLDOWN_S": 0, "PROCURE_PAYMENT_WINDOW_S": 30},
+    )
     try:
         _check_runs(w)
     finally:
@@ -59,7 +65,7 @@ def _check_runs(w: World) -> None:
         for run_id, (vendor_id, slice_hours) in zip(run_ids, plans, strict=True):
             deps = w.deps()
             deps.planner = whole_or_sliced(vendor_id, slice_hours)  # type: ignore[assignment]
-            drives.append(drive(deps, run_id))
+            drives.append(drive(deps, run_id, limit_s=240))
         await asyncio.gather(*drives)
 
     asyncio.run(drive_all())
