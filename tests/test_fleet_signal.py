@@ -100,7 +100,9 @@ def _procure(queue: Queue | None, **overrides: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "policy": "procure",
         "queue_wait_target_min": 0,
-        "queue_timeout_s": 1.0,
+        # A loopback queue on a loaded 2-core machine can take over a second to answer (1 s
+        # failed a well-formed read under load); the hanging queue's test sets a shorter one.
+        "queue_timeout_s": 10.0,
         **overrides,
     }
     if queue is not None:
@@ -178,7 +180,8 @@ def test_a_broken_queue_source_launches_nothing_and_is_recorded(
 
     async def body() -> None:
         cloud = MultiGpuCloud()
-        async with fleet(sqlite_url, cloud, **_procure(queue)) as ctx:
+        timeout = {"queue_timeout_s": 3.0} if mode == "hang" else {}
+        async with fleet(sqlite_url, cloud, **_procure(queue, **timeout)) as ctx:
             result = await scan_once(ctx)
             assert result.queue_error and result.queue_error.startswith("queue: ")
             assert result.error is None  # the scan itself went well

@@ -58,6 +58,9 @@ def test_hostile_answers_become_errors_and_the_run_completes_elsewhere(
     hostile.faults("gpu_vendor_1", **fault, **STATUS_ONLY)
     deps = hostile.deps()
     deps.max_troubles = tries or deps.max_troubles
+    # Only the stuck vendor is caught by the stall rule: on a loaded machine a 1 s stall also
+    # beat the other lies to it (a regressing vendor reported "no progress for 1s").
+    deps.stall_s = 1.0 if fault.get("progress_lie") == "stuck" else 60.0
     asyncio.run(drive(deps, run_id))
     state = state_of(hostile, run_id)
 
