@@ -9,11 +9,17 @@ relaxation only helps the policy, so no policy the simulator can play misses les
 
 The relaxed model (each step is in the policy's favour):
 
-- No capacity refusals and no horizon. The one cool-down kept is the one every policy meets
-  in the simulator after a failure (the guard refuses a vendor cooling down): the vendor that
-  just failed cannot be started again for `market.cooldown_hours` (rounded down to the grid);
-  an earlier vendor's cool-down is forgotten once another runs, and a failure in the free part
-  of a start-up (below) cools nothing.
+- Capacity only at the first start, and no horizon. At a job's first start every vendor has
+  capacity for the first quarter hour with its `1 - refuse_rate`, independently, as the
+  simulator draws it (`JobCase.has_capacity`); the policy is told which do at once (a real one
+  learns it from a refusal, which costs it time and a cool-down), and one without capacity
+  cannot start before the next quarter hour. Every later start finds capacity (a policy in
+  the simulator may know some vendors' capacity by then, so nothing more is assumed of it).
+  The one cool-down kept is the one every policy meets in the simulator after a failure (the
+  guard refuses a vendor cooling down): the vendor that just failed cannot be started again
+  for `market.cooldown_hours` (rounded down to the grid); an earlier vendor's cool-down is
+  forgotten once another runs, and a failure in the free part of a start-up (below) cools
+  nothing.
 - Money is one fee per start plus price x the hours of work actually done (failed work
   included), never more than the simulator charges (it bills whole slices ahead, with a fee on
   every slice). Start-up time is not billed, as in the simulator.
@@ -74,7 +80,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from procure.agent.costmodel import intervals
-from procure.sim.market import JobCase, Market, VendorSpec
+from procure.sim.market import CAPACITY_PERIOD_HOURS, JobCase, Market, VendorSpec
 
 
 @dataclass(frozen=True)
@@ -257,10 +263,14 @@ def solve(
     explain: bool = False,
     progress: float = 0.0,
     now: float = 0.0,
+    refusals: bool = False,
 ) -> tuple[float, str | None, tuple[str, ...]]:
     """(the least P(miss) in the relaxed model, its optimal first vendor, its vendor per
     interval if nothing fails (with `explain`)). Money in micro-USD, time in hours; from a run
-    at `progress` (a checkpoint) at hour `now` with `budget` left, no vendor running."""
+    at `progress` (a checkpoint) at hour `now` with `budget` left, no vendor running. With
+    `refusals`, the first start meets the market's capacity (`_with_refusals`: a job just
+    submitted, nothing tried yet); the first vendor and the path are then those if every
+    vendor has capacity."""
     work = intervals(hours, checkpoint_every, progress)
     left = sum(work)
     vendors = market.vendors
@@ -339,8 +349,32 @@ def solve(
         if explain:
             choices.append((start_pick, np.array(stay)))
     value = float(idle.view(0, 1)[0, -1])
+    if refusals:
+        value = _with_refusals(market, grid, [t.view(0, rows)[:, -1] for t in starts])
     first = vendors[int(start_pick[0, -1])].vendor_id
     return value, first, _path(market, work, grid, choices[::-1]) if explain else ()
+
+
+def _with_refusals(market: Market, grid: _Grid, start_at: list[np.ndarray]) -> float:
+    """The least chance of a miss from a job's first start when vendors may lack capacity
+    (`start_at[i][r]`: start vendor i at lateness step r, all the money left).
+
+    Capacity is drawn per vendor and quarter hour (`market.CAPACITY_PERIOD_HOURS`), with the
+    vendor's `refuse_rate`, independent of the failures. The policy is told at once which
+    vendors have capacity in the first quarter hour (a real one learns it only from a refusal,
+    which costs time); one without it cannot start before the next quarter hour, which it
+    reaches at lateness at least that long. Every later start is taken to find capacity."""
+    late = _floor(CAPACITY_PERIOD_HOURS / grid.dt)
+    waited = min((float(s[late]) for s in start_at if late < len(s)), default=1.0)
+    at_once = sorted(
+        (min(float(s[0]), waited), v.refuse_rate)
+        for s, v in zip(start_at, market.vendors, strict=True)
+    )
+    value, none_yet = 0.0, 1.0  # none_yet: P(every vendor ranked better has no capacity)
+    for v, refused in at_once:
+        value += none_yet * (1.0 - refused) * v
+        none_yet *= refused
+    return value + none_yet * waited
 
 
 def _path(
@@ -368,31 +402,50 @@ def _path(
 
 
 def single_vendor_miss(
-    market: Market, hours: float, checkpoint_every: float, deadline_hours: float, budget: float
+    market: Market,
+    hours: float,
+    checkpoint_every: float,
+    deadline_hours: float,
+    budget: float,
+    *,
+    refusals: bool = False,
 ) -> float:
     """An upper bound on the relaxed model's optimum: the least, over vendors, of the chance
     that a policy running one vendor (restarting it after each failure, once its cool-down is
     over) misses. With `j` failures it ends within (j + 1) start-ups + the work + j intervals
     lost + j cool-downs, and pays at most (j + 1) fees + the price x (the work + j intervals);
     if `k` failures would break the deadline or the budget, a miss needs `k` failures before
-    the end that `k - 1` allow, so its chance is at most P(Poisson(hazard x that end) >= k)."""
-    work = intervals(hours, checkpoint_every, 0.0)
-    longest = max(work)
+    the end that `k - 1` allow, so its chance is at most P(Poisson(hazard x that end) >= k).
+    With `refusals` (the model of `solve(refusals=True)`), a vendor without capacity at the
+    first start is started a quarter hour later: the same tail with that much less time."""
+    longest = max(intervals(hours, checkpoint_every, 0.0))
     best = 1.0
     for v in market.vendors:
-        k = 0
-        while True:
-            ends = (k + 1) * v.startup_hours + hours + k * (longest + market.cooldown_hours)
-            paid = (k + 1) * market.payment_fee + v.price_per_hour * (hours + k * longest)
-            if ends > deadline_hours or paid > budget:
-                break
-            k += 1
-        if k == 0:
-            continue
-        # the end with k - 1 failures
-        ends = k * v.startup_hours + hours + (k - 1) * (longest + market.cooldown_hours)
-        best = min(best, _poisson_tail(v.hazard * ends, k))
+        miss = _one_vendor_miss(market, v, hours, longest, deadline_hours, budget)
+        if refusals and v.refuse_rate > 0:
+            late = deadline_hours - CAPACITY_PERIOD_HOURS
+            waited = _one_vendor_miss(market, v, hours, longest, late, budget)
+            miss = (1.0 - v.refuse_rate) * miss + v.refuse_rate * waited
+        best = min(best, miss)
     return best
+
+
+def _one_vendor_miss(
+    market: Market, v: VendorSpec, hours: float, longest: float, deadline: float, budget: float
+) -> float:
+    """`single_vendor_miss` for the one vendor `v` (`longest`: the longest interval)."""
+    k = 0
+    while True:
+        ends = (k + 1) * v.startup_hours + hours + k * (longest + market.cooldown_hours)
+        paid = (k + 1) * market.payment_fee + v.price_per_hour * (hours + k * longest)
+        if ends > deadline or paid > budget:
+            break
+        k += 1
+    if k == 0:
+        return 1.0
+    # the end with k - 1 failures
+    ends = k * v.startup_hours + hours + (k - 1) * (longest + market.cooldown_hours)
+    return _poisson_tail(v.hazard * ends, k)
 
 
 def _poisson_tail(mean: float, k: int) -> float:
@@ -423,10 +476,14 @@ def job_bound(
     args = (market, case.hours, case.checkpoint_every, case.deadline_hours, float(budget))
     cap = single_vendor_miss(*args)
     if cap < skip_below:
-        return JobBound(case.index, case.hours, 0.0, False, cap, None)
+        # Skipped on the cap without refusals (the same jobs solved as before); the cap it
+        # reports is the one with them, which bounds what the job could add.
+        return JobBound(
+            case.index, case.hours, 0.0, False, single_vendor_miss(*args, refusals=True), None
+        )
     if resolution is None:
         resolution = FINE if cap >= FINE_ABOVE else COARSE
-    miss, first, path = solve(*args, resolution=resolution, explain=explain)
+    miss, first, path = solve(*args, resolution=resolution, explain=explain, refusals=True)
     return JobBound(case.index, case.hours, miss, True, cap, first, path)
 
 
