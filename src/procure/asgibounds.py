@@ -1,6 +1,7 @@
 """Inbound bounds for every service we run (API, facilitator, mock vendor, mock cloud, GPU node):
 a request body larger than `max_bytes` gets a 413, JSON nested deeper than `max_depth` (in the
-body or in an x402 header) a 400, both in the `{"error": ...}` envelope, before any route, any
+body or in an x402 header), holding text that is not Unicode (`not_text`) or a number no float
+can be (`not_finite`) a 400, all in the `{"error": ...}` envelope, before any route, any
 authentication, or any JSON parser sees it.
 """
 
@@ -8,12 +9,25 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from procure.bounds import MAX_JSON_DEPTH, MAX_REQUEST_BYTES, json_depth
 
 _JSON_HEADERS = (b"payment-signature", b"x-payment", b"payment-required", b"payment-response")
+# Half a UTF-16 surrogate pair, escaped, in JSON text whose escaped backslashes (`\\`) were
+# each replaced by one other byte: every backslash left starts an escape. A high half not
+# followed by a low one, or a low one not preceded by a high one.
+_ESCAPED_BACKSLASH = re.compile(rb"\\\\")
+_LONE_HIGH = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+_LONE_LOW = re.compile(  # found by its `\u` first (a prefix the engine scans for quickly)
+    rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
+# UTF-8's spelling of a UTF-16 surrogate: not UTF-8, yet `json.loads` reads bytes with
+# "surrogatepass" and so takes it as a lone surrogate.
+_RAW_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
 
 
 class BoundedRequests:
@@ -25,10 +39,14 @@ class BoundedRequests:
         *,
         max_bytes: int = MAX_REQUEST_BYTES,
         max_depth: int = MAX_JSON_DEPTH,
+        finite: bool = True,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_depth = max_depth
+        # An app whose own validation answers name the field (the API's 422 "budgetTotal: …")
+        # refuses such numbers itself; the others' default answers could not render them.
+        self.finite = finite
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,6 +77,12 @@ class BoundedRequests:
             return await _refuse(
                 send, 400, f"invalid request: JSON nested deeper than {self.max_depth} levels"
             )
+        if (
+            body
+            and _json_body(headers)
+            and (why := not_text(body) or (self.finite and not_finite(body)))
+        ):
+            return await _refuse(send, 400, f"invalid request: {why}")
         sent = False
 
         async def replay() -> Message:
@@ -72,6 +96,59 @@ class BoundedRequests:
 
     def _too_large(self) -> str:
         return f"request body too large: at most {self.max_bytes:,} bytes"
+
+
+def _json_body(headers: dict[bytes, bytes]) -> bool:
+    """Whether a framework would read the body as JSON: said so, or nothing said (FastAPI
+    parses a body without a content type as JSON)."""
+    kind = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    return not kind or kind == b"application/json" or kind.endswith(b"+json")
+
+
+def not_text(body: bytes) -> str | None:
+    """Why a JSON body holds what no string of ours may (or None): half a UTF-16 surrogate
+    pair, escaped (`"\\ud800"`, which JSON's grammar allows) or spelled in UTF-8 bytes.
+    Parsed, it is a lone surrogate that is not Unicode: FastAPI's own 422 quotes the input and
+    could not be encoded (a 500), and a route that let it through crashed any store, file or
+    log writing it as UTF-8. Linear: a few passes in C, whatever the body holds."""
+    if _RAW_SURROGATE.search(body):
+        return "the body is not UTF-8"
+    if b"\\u" not in body:
+        return None
+    escapes = _ESCAPED_BACKSLASH.sub(b"#", body) if b"\\\\" in body else body
+    if _LONE_HIGH.search(escapes) or _LONE_LOW.search(escapes):
+        return "half a UTF-16 surrogate pair in a JSON string"
+    return None
+
+
+def not_finite(body: bytes) -> str | None:
+    """Why a JSON body holds a number no float can be (or None): NaN or Infinity (not JSON,
+    but Python reads them) or one past a float's range (read as infinity). FastAPI's own 422
+    quotes the input and cannot render it (a 500), and money must be finite. Read by Python's
+    own JSON parser (in C; bounded by the size and depth checked before), so a string saying
+    "NaN" is text; a body that is not JSON is left to the route to refuse."""
+    try:
+        json.loads(body, parse_float=_finite, parse_constant=_constant)
+    except _NotFinite as exc:
+        return str(exc)
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(f"a number out of range ({text[:20]}...)")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise _NotFinite(f"{name} is not JSON")
 
 
 async def _refuse(send: Send, status: int, message: str) -> None:

@@ -25,7 +25,7 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     """Bound the app's requests and answer every failure in the envelope."""
-    app.add_middleware(BoundedRequests)
+    app.add_middleware(BoundedRequests, finite=False)  # `invalid` below names the field
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -118,7 +118,16 @@ def _field(body: dict[str, Any], alias: str, name: str) -> Any:
 
 # The book's figures that are the operator's money: `GET /gateway/status` shows them only to
 # the operator's token (PROCURE_METRICS_TOKEN), never to the buyers' shared bearer.
-OPERATORS_FIGURES = frozenset({"incomeUsd", "instanceCostUsd", "marginUsd", "paymentsReceived"})
+OPERATORS_FIGURES = frozenset(
+    {
+        "incomeUsd",
+        "instanceCostUsd",
+        "marginUsd",
+        "paymentsReceived",
+        "refundsOwedUsd",
+        "refundsOwed",
+    }
+)
 
 
 def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> FastAPI:
@@ -259,10 +268,12 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
                     )
                 if outcome != "settled" or row is None:
                     return response
+                with rt.store.session() as s:
+                    answer = sales.shown(s, row)  # with a refund owed, if it bought nothing
                 if response.status_code != 200:  # settled, its answer lost: the paid job
-                    return JSONResponse(view(row))
+                    return JSONResponse(answer)
                 if kind == "renew":
-                    return JSONResponse(view(row), headers={"PAYMENT-RESPONSE": header or ""})
+                    return JSONResponse(answer, headers={"PAYMENT-RESPONSE": header or ""})
                 return response
 
         # Runs to its end even if the buyer goes away: money taken is always booked.
@@ -398,17 +409,17 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
         if job_id:
             with rt.store.session() as s:
                 row = book.job(s, job_id)
-        else:  # never mid-submission: wait for one in flight with this key to finish
-            async with lock(f"submit:{idempotency_key or ''}"):
-                # By key, only to the holder of the job's quote: an unknown key's 404 otherwise.
-                if not sales.key_shows_job(rt, idempotency_key or "", quote_id):
+                if row is None or row.status == "unpaid":
                     return _error(404, "no such job")
-                # A payment of it still pending (a lost settle answer) is asked about first.
-                answer = await sales.replayed(rt, "submit", idempotency_key or "")
-            return JSONResponse(answer) if answer else _error(404, "no such job")
-        if row is None or row.status == "unpaid":
-            return _error(404, "no such job")
-        return JSONResponse(view(row))
+                return JSONResponse(sales.shown(s, row))
+        # Never mid-submission: wait for one in flight with this key to finish.
+        async with lock(f"submit:{idempotency_key or ''}"):
+            # By key, only to the holder of the job's quote: an unknown key's 404 otherwise.
+            if not sales.key_shows_job(rt, idempotency_key or "", quote_id):
+                return _error(404, "no such job")
+            # A payment of it still pending (a lost settle answer) is asked about first.
+            answer = await sales.replayed(rt, "submit", idempotency_key or "")
+        return JSONResponse(answer) if answer else _error(404, "no such job")
 
     @app.post("/cancel-job", dependencies=[Depends(authorize)])
     async def cancel_job(body: dict[str, Any]) -> JSONResponse:

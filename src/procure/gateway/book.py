@@ -173,19 +173,28 @@ def renewed_job(s: Session, key: str) -> GatewayJobRow | None:
         select(GatewayPaymentRow).where(
             GatewayPaymentRow.kind == "renew",
             GatewayPaymentRow.key == key,
-            GatewayPaymentRow.status == "completed",
+            GatewayPaymentRow.status.in_(("completed", REFUND_OWED)),
         )
     )
     return job(s, paid.job_id) if paid is not None else None
+
+
+def refund_owed(s: Session, job_id: str) -> int:
+    """Micro-USD owed back on `job_id`: its renewals that settled once it had ended."""
+    query = select(func.coalesce(func.sum(GatewayPaymentRow.amount), 0)).where(
+        GatewayPaymentRow.job_id == job_id, GatewayPaymentRow.status == REFUND_OWED
+    )
+    return int(s.scalar(query) or 0) if known(job_id) else 0
 
 
 def settled(
     s: Session, nonce: str, transaction: str | None, hour_s: float, amount: int | None = None
 ) -> GatewayJobRow | None:
     """The payment `nonce` settled: booked as income, and its job paid (a submit) or given
-    more paid time (a renewal). Idempotent."""
+    more paid time (a renewal); a renewal of a job with no use for more time is a refund owed
+    (`owe_refund`). Idempotent."""
     payment = s.get(GatewayPaymentRow, nonce, with_for_update=True)
-    if payment is None or payment.status == "completed":
+    if payment is None or payment.status != "pending":
         return job(s, payment.job_id) if payment else None
     payment.status = "completed"
     payment.transaction = (transaction or "")[:200] or None
@@ -195,6 +204,9 @@ def settled(
     if row is None:
         return None
     now = utcnow()
+    if payment.kind == "renew" and no_use_for_time(row):
+        owe_refund(payment, row)
+        return row
     row.amount += payment.amount
     row.paid_hours += payment.hours
     if payment.kind == "submit":
@@ -208,10 +220,49 @@ def settled(
         row.paid_until = max(row.paid_until or now, now) + timedelta(seconds=payment.hours * hour_s)
     elif row.paid_until is not None:
         # From where the paid time ran out, not from now: a job kept while this renewal was
-        # being settled ran on it meanwhile (a job that ended has no use for it either way).
+        # being settled ran on it meanwhile.
         row.paid_until = row.paid_until + timedelta(seconds=payment.hours * hour_s)
     row.updated_at = now
     return row
+
+
+# A renewal's payment that settled once its job had ended on its own or been cancelled: the
+# money moved and buys nothing, so it is owed back to its payer (never income).
+REFUND_OWED = "refund_owed"
+
+
+def no_use_for_time(row: GatewayJobRow) -> bool:
+    """Whether a renewal booked now gave the job nothing: it completed, failed on its own or
+    was cancelled (or is being ended so, or its buyer asked to cancel it) within its paid time.
+    A job that ran out of paid time is bought back by it (`ran_out`), unless its buyer asked to
+    cancel it (revived, it would only be cancelled again); one kept running past its paid time
+    while this renewal was being settled (`runtime.kept_for_renewal`) ran on it."""
+    if ran_out(row):
+        return bool(row.cancel_requested)
+    if not row.cancel_requested and row.status not in (*TERMINAL, "ending"):
+        return False
+    # When it ended, or (still being ended) the last word on it: the end was said then.
+    ended = row.ended_at if row.status in TERMINAL and row.ended_at else row.updated_at
+    return row.paid_until is None or ended <= row.paid_until
+
+
+def owe_refund(payment: GatewayPaymentRow, row: GatewayJobRow) -> None:
+    """The renewal `payment` settled on a job with no use for its time: the route checks the
+    job before the money moves, but the settle call takes a while and the job can end meanwhile
+    (or its answer was lost and the ledger showed it settled only later). Booked on the job it
+    was charged and given nothing, silently: kept apart as owed to its payer, which the job's
+    log, the book's figures (`refundsOwedUsd`) and `/metrics` show the operator and the buyer."""
+    payment.status = REFUND_OWED
+    shown = row.outcome if row.status == "ending" and row.outcome else row.status
+    shown = "cancelled" if row.cancel_requested else shown
+    note(
+        row,
+        f"[gateway] a renewal of ${micros_to_usd(payment.amount):g} settled after the job was "
+        f"{shown} (payment {payment.nonce[:10]}, tx {payment.transaction or '?'}): it buys "
+        f"nothing; refund owed to {payment.payer}",
+        200,
+    )
+    row.updated_at = utcnow()
 
 
 # How a job that no instance could be launched for within its paid time ends (`launches`).
@@ -353,6 +404,11 @@ def figures(store: Store) -> dict[str, Any]:
             )
         )
         payments = s.scalar(select(func.count()).where(GatewayPaymentRow.status == "completed"))
+        owed, owed_n = s.execute(
+            select(func.coalesce(func.sum(GatewayPaymentRow.amount), 0), func.count()).where(
+                GatewayPaymentRow.status == REFUND_OWED
+            )
+        ).one()
         by_status = dict(
             s.execute(
                 select(GatewayJobRow.status, func.count()).group_by(GatewayJobRow.status)
@@ -387,6 +443,9 @@ def figures(store: Store) -> dict[str, Any]:
         "instanceCostUsd": micros_to_usd(cost),
         "marginUsd": micros_to_usd(income - cost),
         "paymentsReceived": int(payments or 0),
+        # Renewals settled once their job had ended: moved, not income, to be paid back.
+        "refundsOwedUsd": micros_to_usd(int(owed or 0)),
+        "refundsOwed": int(owed_n or 0),
         "jobs": {str(k): int(v) for k, v in by_status.items()},
         "liveInstances": live,
         "instancesLaunched": int(launched or 0),
@@ -411,6 +470,10 @@ def prometheus_lines(store: Store, vendor_id: str) -> list[str]:
         "# HELP procure_gateway_margin_usd Income less instance costs, USD.",
         "# TYPE procure_gateway_margin_usd gauge",
         f"procure_gateway_margin_usd{label} {f['marginUsd']}",
+        "# HELP procure_gateway_refunds_owed_usd Renewals settled after their job ended, owed"
+        " back to their payers, USD.",
+        "# TYPE procure_gateway_refunds_owed_usd gauge",
+        f"procure_gateway_refunds_owed_usd{label} {f['refundsOwedUsd']}",
         "# HELP procure_gateway_live_instances Instances the gateway holds now.",
         "# TYPE procure_gateway_live_instances gauge",
         f"procure_gateway_live_instances{label} {f['liveInstances']}",

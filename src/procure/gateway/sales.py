@@ -60,6 +60,13 @@ def view(row: GatewayJobRow) -> dict[str, Any]:
     ).to_json()
 
 
+def shown(s: Session, row: GatewayJobRow) -> dict[str, Any]:
+    """`view`, and what is owed back on the job (`refundOwedUsd`, its renewals that settled
+    once it had ended: `book.owe_refund`) when anything is."""
+    owed = book.refund_owed(s, row.job_id)
+    return {**view(row), "refundOwedUsd": micros_to_usd(owed)} if owed else view(row)
+
+
 def offer_cache(rt: Runtime) -> Callable[..., Awaitable[list[Any]]]:
     """`offers(gpu)`: the cloud's offers of `gpu`, at most OFFERS_TTL_S old: a buyer asking for
     quotes in a loop cannot drive the gateway into the cloud's rate limits. `fresh`: asked now
@@ -443,4 +450,4 @@ async def replayed(rt: Runtime, kind: str, key: str) -> dict[str, Any] | None:
         row = book.job_by_key(s, key) if kind == "submit" else book.renewed_job(s, key)
         if row is None or row.status == "unpaid":
             return None
-        return view(row)
+        return shown(s, row)

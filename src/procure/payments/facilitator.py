@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Body, FastAPI
+from fastapi import Path as InPath
 from pydantic import BaseModel, Field
 from x402.schemas import PaymentPayload, PaymentRequirements
 
@@ -21,10 +22,13 @@ from procure.models import format_usd, usd_to_micros
 from procure.payments.chain import LocalChain, make_facilitator
 
 log = logging.getLogger(__name__)
+# What the chain can read: anything else was a 500 (the chain's own parse failing), not a 422.
+ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+NONCE = r"^(0x)?[0-9a-fA-F]{64}$"  # EIP-3009's 32 bytes
 
 
 class FaucetRequest(BaseModel):
-    address: str
+    address: str = Field(pattern=ADDRESS)
     amount: float = Field(gt=0, le=1_000_000, description="US dollars of test token to mint")
 
 
@@ -95,12 +99,14 @@ def create_facilitator_app(chain: LocalChain) -> FastAPI:
         }
 
     @app.get("/balance/{address}")
-    async def balance(address: str) -> dict[str, Any]:
+    async def balance(address: str = InPath(pattern=ADDRESS)) -> dict[str, Any]:
         micros = chain.balance_of(address)
         return {"address": address, "balance": micros / 1e6, "atomic": str(micros)}
 
     @app.get("/authorizations/{payer}/{nonce}")
-    async def authorization(payer: str, nonce: str) -> dict[str, Any]:
+    async def authorization(
+        payer: str = InPath(pattern=ADDRESS), nonce: str = InPath(pattern=NONCE)
+    ) -> dict[str, Any]:
         used = chain.authorization_state(payer, nonce)
         paid = chain.settlement_for_nonce(payer, nonce) if used else None
         return {
