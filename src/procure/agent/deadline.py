@@ -9,8 +9,11 @@ the work expects (the cheap vendor's learned failure rate times the work left): 
 the restarts around it (a start-up back on the cheap vendor, and one on the steady vendor if it
 runs long), and what is left over pays for waiting. While the cheap vendor has no capacity, the
 run waits as long as those outages, each waited out up to the length this one has reached
-(lengths learned from the outages seen in this run), still fit in what is left over: short
-outages are waited out, a long one goes to the steady vendor, whose start-up costs paid time.
+(lengths learned from the outages seen in this run), still fit in what is left over, weighed
+the more the dearer a restart and the more work is left per hour of slack, and the wait leaves
+slack for a return to the cheap vendor: short outages are waited out, a long one goes to the
+steady vendor, whose start-up costs paid time; early in a tight run little is waited out, near
+its end whole outages are.
 Off the steady vendor the run goes back to the cheap one as soon as that is safe, or, when the
 slack can no longer pay every outage's restarts, once the cheap vendor has stayed up a while
 (a blip of capacity would cost two start-ups for little work).
@@ -30,11 +33,18 @@ CONTINUOUS_CHECKPOINT_HOURS = 1 / 60
 # Start-ups owed to each outage the rest of the work expects: one back on the cheap vendor,
 # and one on the steady vendor in case the outage runs long.
 RESTARTS_PER_OUTAGE = 2.0
-# The weight of the waiting tally against the spare slack, per hour of work left per hour of
-# slack: with little slack per hour of work it must be kept for restarts; with plenty, waiting
-# is cheap (the tally assumes every outage is waited out as far as this one, which short ones
-# never are). Chosen on the us-west-2a spot traces among a few; us-west-2b was held out.
-WAIT_WEIGHT = 1 / 24
+# The weight of the waiting tally against the spare slack, per hour of start-up time and per
+# (hour of work left per hour of slack) squared: with little slack per hour of work it must be
+# kept for restarts, the more so the dearer a restart and the more work is left (the exact
+# optimum on the traces' fitted chains waits out almost nothing early in a run and whole
+# outages near its end); with plenty, waiting is cheap (the tally assumes every outage is
+# waited out as far as this one, which short ones never are). Chosen on the us-west-2a spot
+# traces among a few; us-west-2b was held out.
+WAIT_WEIGHT = 0.1
+# Slack a wait must leave, in start-ups: under two the run can never go back to the cheap
+# vendor (a start-up there, and one on the steady vendor if it fails), so a wait that ends
+# there only spends what the rest of the run needs to use the cheap vendor at all.
+WAIT_LEAVES_STARTUPS = 3.0
 # What the run expects of outages before it has seen any (hours): minutes to hours.
 PRIOR_OUTAGE_HOURS = (0.2, 0.5, 1.0, 3.0)
 # When slack cannot pay every outage's restarts, the cheap vendor must have stayed up this many
@@ -117,9 +127,10 @@ def worth_waiting(ctx: PlanContext, cheap: Vendor) -> tuple[bool, str]:
     mean = sum(min(length, reached + wait) for length in sample) / len(sample)
     ahead = outages_ahead(ctx, cheap)
     left = spare(ctx, cheap)
-    weight = WAIT_WEIGHT * ctx.remaining_hours / max(slack(ctx), ctx.startup_hours)
+    per_slack = ctx.remaining_hours / max(slack(ctx), ctx.startup_hours)
+    weight = WAIT_WEIGHT * ctx.startup_hours * per_slack**2
     fits = left > 0 and weight * ahead * mean <= left
-    safe = slack(ctx) - wait >= ctx.startup_hours - EPS
+    safe = slack(ctx) - wait >= WAIT_LEAVES_STARTUPS * ctx.startup_hours - EPS
     figures = (
         f"outage {reached:.2f}h long by then ({len(lengths)} seen this run); "
         f"{ahead:.1f} outages expected, waited out up to that length {mean:.2f}h each on "
