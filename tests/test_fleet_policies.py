@@ -330,7 +330,9 @@ def test_billed_by_the_hour_a_replacement_is_launched_only_if_it_boots_before_th
     hourly = {"billing_increment_s": 3600.0, "free_gpus": (("i-1", 7),)}
 
     def launches(left_s: float) -> list[str]:
-        p = ProcurePolicy(migrate_after_s=600)
+        # A 10-minute target: at 30 a replacement is never launched ahead by the hour (tests/
+        # test_fleet_policy_hourly_no_early_replacement.py).
+        p = ProcurePolicy(target_wait_s=600, migrate_after_s=600)
         # First seen 1 GPU of 8 used 15 min earlier, then again with `left_s` of its hour left.
         p([instance(1, 1, T0, gpus=8, age_s=6300 - left_s)], cfg(), PRICE, signal(T0, **hourly))
         at = T0 + timedelta(seconds=900)
@@ -400,8 +402,8 @@ def test_replacement_types_hold_the_jobs_and_cost_at_most_three_quarters() -> No
 def test_a_node_whose_replacements_are_up_is_never_launched_for_again() -> None:
     """Billed by the hour, a 4 and a 1 replace an 8 running a 4- and a 1-GPU job. If the old
     node outlives its hour, the next hour's launch window buys nothing more: its jobs fit on the
-    replacements already up."""
-    p = ProcurePolicy(migrate_after_s=600)
+    replacements already up (at a 10-minute target: at 30 none is launched ahead by the hour)."""
+    p = ProcurePolicy(target_wait_s=600, migrate_after_s=600)
     hourly = {"billing_increment_s": 3600.0, "jobs_on": (("i-1", (4, 1)),)}
     old = {"free_gpus": (("i-1", 3),)}
     p([instance(1, 5, T0, gpus=8, age_s=5580)], cfg(), PRICE, signal(T0, **hourly, **old))

@@ -183,6 +183,7 @@ def right_size(
     migrate_after_s: float,
     paid_left: Callable[[InstanceView], float],
     keep: set[str],
+    ahead: bool = True,
 ) -> list[Proposal]:
     """A node with GPUs to spare for `migrate_after_s` (a long job left alone on a big node:
     durations are heavy-tailed, one that has run long will likely run longer) is replaced by
@@ -192,7 +193,9 @@ def right_size(
     use, or idle ones still paid for, have the room (`into_paid`), the jobs move there at the end
     of the increment and nothing is launched; where they do not and no replacement could boot
     in time, the node goes at that end anyway and its replacements are launched then
-    (`restarts`).
+    (`restarts`). Not `ahead`: billed by long increments no replacement is launched before that
+    end, only then (launched ahead, it is billed a whole increment from its boot even where the
+    job it was for ends first; its jobs wait a boot instead).
     `frag_since` (when each node was first seen so) and `replacing` (when its replacements were
     launched) are the caller's state, kept across scans; `keep` gets the nodes this scan's moves
     count on (the caller lets none of them go); `left` counts the instances left after this
@@ -270,6 +273,8 @@ def right_size(
             continue
         seen.add(v.id)
         since = frag_since.setdefault(v.id, signal.now)
+        if long and not ahead:
+            continue  # its jobs move at its increment's end, above
         if (signal.now - since).total_seconds() < migrate_after_s:
             continue
         left_s = paid_left(v)
