@@ -127,7 +127,8 @@ def worth_waiting(ctx: PlanContext, cheap: Vendor) -> tuple[bool, str]:
     mean = sum(min(length, reached + wait) for length in sample) / len(sample)
     ahead = outages_ahead(ctx, cheap)
     left = spare(ctx, cheap)
-    per_slack = ctx.remaining_hours / max(slack(ctx), ctx.startup_hours)
+    # EPS: no slack left and no start-up time (free restarts) must not divide by zero.
+    per_slack = ctx.remaining_hours / max(slack(ctx), ctx.startup_hours, EPS)
     weight = WAIT_WEIGHT * ctx.startup_hours * per_slack**2
     fits = left > 0 and weight * ahead * mean <= left
     safe = slack(ctx) - wait >= WAIT_LEAVES_STARTUPS * ctx.startup_hours - EPS

@@ -266,10 +266,15 @@ def upsert_instance(s: Session, now: datetime, **values: Any) -> FleetInstanceRo
     """Record that the cloud shows this instance now (billing runs while it is not ended)."""
     values = _fitted(values)
     row = s.get(FleetInstanceRow, values["instance_id"])
+    paused_since = None
     if row is None:
         row = FleetInstanceRow(first_seen_at=now, last_seen_at=now, **values)
         s.add(row)
     else:
+        # Listed stopped (paused, kept as resumable), not missing (`end_instances`: it may have
+        # run all along): should it run again, the hours it stood stopped billed no GPU.
+        if row.status not in (*RUNNING_STATUSES, "terminated"):
+            paused_since = row.ended_at
         for key, value in values.items():
             if value is not None or key != "launched_by":
                 setattr(row, key, value)
@@ -277,6 +282,10 @@ def upsert_instance(s: Session, now: datetime, **values: Any) -> FleetInstanceRo
     if row.status not in RUNNING_STATUSES and row.ended_at is None:
         row.ended_at = now
     elif row.status in RUNNING_STATUSES:
+        if paused_since is not None and now > paused_since:
+            # Billed from first seen to now while it runs (`ledger.fleet_spent`): moved on by
+            # the pause, it counts the hours it ran, not those it stood stopped.
+            row.first_seen_at += now - paused_since
         row.ended_at = None
     s.flush()
     return row
