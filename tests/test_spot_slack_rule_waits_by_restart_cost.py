@@ -1,6 +1,7 @@
 """The slack rule's waits while the cheap vendor has no capacity: how long an outage a tight run
-waits out depends on what a restart costs, and a wait never leaves too little slack to go back
-to the cheap vendor."""
+waits out depends on what a restart costs, a wait never leaves too little slack to go back to
+the cheap vendor, and a run with no start-up time (`--overheads 0`) and no slack is decided, not
+crashed."""
 
 from __future__ import annotations
 
@@ -45,3 +46,25 @@ def test_a_wait_never_leaves_too_little_slack_to_go_back_to_spot() -> None:
     assert action.action == "start_job" and action.vendor_id == ON_DEMAND
     roomy = decide_in_outage(work=1.0, slack=0.5, overhead=0.05, outage_hours=0.0)
     assert roomy.action == "wait"
+
+
+def test_no_slack_and_no_start_up_goes_on_demand() -> None:
+    """Before the fix: with no start-up time and no slack left, the waiting weight divided the
+    work left by max(slack, start-up) = 0 (ZeroDivisionError): the planner crashed instead of
+    going on-demand, the only way left to meet the deadline."""
+    action = decide_in_outage(work=1.0, slack=0.0, overhead=0.0, outage_hours=0.5)
+    assert action.action == "start_job" and action.vendor_id == ON_DEMAND
+
+
+def test_past_the_slack_with_no_start_up_goes_on_demand() -> None:
+    """Before the fix: the same division by zero once the run is already late (negative
+    slack): it crashed rather than run on-demand to finish as soon as it can."""
+    action = decide_in_outage(work=1.0, slack=-0.1, overhead=0.0, outage_hours=0.5)
+    assert action.action == "start_job" and action.vendor_id == ON_DEMAND
+
+
+def test_slack_with_no_start_up_still_waits_for_spot() -> None:
+    """A run with slack and free restarts still waits out a short outage (the guard changes
+    nothing away from zero)."""
+    action = decide_in_outage(work=1.0, slack=0.5, overhead=0.0, outage_hours=0.5)
+    assert action.action == "wait"
