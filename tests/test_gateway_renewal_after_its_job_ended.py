@@ -31,6 +31,7 @@ from test_gateway import (
     start_gateway_world,
     wait_for,
 )
+from test_gateway_renewal_in_doubt import job_status
 from test_unknown_settlement import FlakySettle, flaky_client, paid_out, payment_for, pending
 
 # Running long enough for a renewal to be asked while it runs, ending soon after on its own.
@@ -90,14 +91,6 @@ def held_gw(
     g = start_gateway_world(tmp_path, sqlite_url, command=JOB)
     yield g, clients[0]
     g.stop()
-
-
-def job_status(gw: GatewayWorld, job_id: str) -> dict[str, Any]:
-    answer = httpx.get(
-        f"{gw.url}/job-status", params={"jobId": job_id}, headers=gw.headers(), timeout=15
-    )
-    assert answer.status_code == 200, answer.text
-    return dict(answer.json())
 
 
 def paid_job(gw: GatewayWorld, account: Any) -> tuple[str, dict[str, Any]]:
