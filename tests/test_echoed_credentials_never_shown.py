@@ -365,6 +365,9 @@ def test_the_settings_secrets_are_never_logged_whoever_echoes_them() -> None:
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
     handler.addFilter(RedactingFilter())
     log = logging.getLogger("procure.test.echo")
+    # Its own level: what another test in this process left on the root logger (a server's
+    # `basicConfig(level=...)` run in a thread between tests) must not swallow the line.
+    log.setLevel(logging.DEBUG)
     log.addHandler(handler)
     try:
         log.warning(
