@@ -5,86 +5,25 @@ that end, and waits a boot there, which the target leaves room for."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-from procure.clouds.base import InstanceType
 from procure.clouds.mockworld.workload import JobSpec
-from procure.fleet import monitor
-from procure.fleet.policies import FleetSignal, ProcurePolicy
+from procure.fleet.policies import ProcurePolicy
 from procure.fleet.policy import PROVISION, TERMINATE
-from procure.fleet.settings import FleetSettings
 from procure.sim.fleet_world import World, run
-from procure.store.fleet_tables import FleetInstanceRow, FleetSampleRow
-
-T0 = datetime(2026, 1, 5, tzinfo=UTC)
-PRICE = 1_290_000  # gpu_1x_a100, micro-USD per hour
-OFFERS = tuple(
-    InstanceType(
-        f"gpu_{n}x_a100",
-        f"{n}x A100 (40 GB {'SXM4' if n == 8 else 'PCIe'})",
-        n,
-        PRICE * n,
-        ["us-east-1"],
-    )
-    for n in (1, 2, 4, 8)
-)
-BOOT = 600.0
-
-
-def cfg() -> FleetSettings:
-    return FleetSettings(
-        _env_file=None,  # type: ignore[call-arg]
-        dry_run=False,
-        action_cooldown_mins=0,
-        min_instances=0,
-        max_instances=32,
-        max_hourly_spend=100.0,
-        scan_interval_s=60.0,
-        confirmation_threshold=1e6,
-        default_instance_type="gpu_1x_a100",
-    )
-
-
-def big_node(now: datetime, left_s: float) -> monitor.InstanceView:
-    """An active 8-GPU node running one 1-GPU job, `left_s` before its third hour ends."""
-    row = FleetInstanceRow(
-        instance_id="i-1",
-        name=None,
-        instance_type="gpu_8x_a100",
-        region="us-east-1",
-        ip=None,
-        status="active",
-        price_per_hour=PRICE * 8,
-        gpus=8,
-        launched_by="a",
-        first_seen_at=now - timedelta(seconds=3 * 3600 - left_s),
-        last_seen_at=now,
-        ended_at=None,
-    )
-    sample = FleetSampleRow(instance_id="i-1", taken_at=now, reachable=True, gpu_util=98.0 / 8)
-    return monitor.InstanceView(row, sample, 0.0, 0.0, None, None)
+from test_fleet_hourly_restarts_at_renewal import BOOT, PRICE, T0, cfg, scan
 
 
 def launched(increment: float, target_s: float = 1800.0) -> list[list[str]]:
-    """The types launched at each of three scans of that node: 25, 12 and 0.5 minutes before its
-    increment ends (a replacement launched at the second would boot 2 minutes before that end)."""
+    """The types launched at each of three scans of an 8-GPU node running one 1-GPU job: 25, 12
+    and 0.5 minutes before its increment ends (a replacement launched at the second would boot 2
+    minutes before that end)."""
     p = ProcurePolicy(target_wait_s=target_s, migrate_after_s=600)
     out = []
     for left_s in (1500.0, BOOT + 120, 30.0):
-        now = T0 + timedelta(seconds=1500 - left_s)
-        signal = FleetSignal(
-            now=now,
-            boot_s=BOOT,
-            offers=OFFERS,
-            billing_increment_s=increment,
-            placement_known=True,
-            free_gpus=(("i-1", 7),),
-            jobs_on=(("i-1", (1,)),),
-        )
-        acts = p([big_node(now, left_s)], cfg(), PRICE, signal)
-        out.append([x.instance_type for x in acts if x.action_type == PROVISION])
-        if any(x.action_type == TERMINATE for x in acts):
-            out[-1].append("8x goes")
+        acts = scan(p, T0 + timedelta(seconds=1500 - left_s), left_s, increment)
+        goes = ["8x goes"] if any(kind == TERMINATE for kind, _, _ in acts) else []
+        out.append([t or "" for kind, _, t in acts if kind == PROVISION] + goes)
     return out
 
 
