@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from procure.clouds.mockworld.workload import JobSpec, synthetic
@@ -14,6 +15,7 @@ from procure.fleet.policies import ProcurePolicy, static
 from procure.sim.fleet_bound import cover_blocks, hour_bound_usd, longest_wait_above
 from procure.sim.fleet_peers import ClusterAutoscaler, navarch_queue
 from procure.sim.fleet_world import CATALOGUE, Result, World, run, work_floor_usd
+from test_fleet_bench_fairness import _row
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fleet as fb
@@ -175,25 +177,8 @@ def test_the_benchmark_prints_the_bound_beside_the_floor_and_in_json(capsys) -> 
 
 
 def _default(cost: float, wait_min: float, restarts: int = 0) -> Result:
-    return Result(
-        policy="procure",
-        workload="a",
-        billing="hour",
-        cost_usd=cost,
-        idle_gpu_hours=0.0,
-        wait_p50_s=0.0,
-        wait_p95_s=wait_min * 60,
-        launches=1,
-        terminations=1,
-        blocked=0,
-        refusals=0,
-        failures=0,
-        cap_violations=0,
-        completed=10,
-        jobs=10,
-        wait_max_s=wait_min * 60,
-        restarts=restarts,
-    )
+    row = _row("a", "procure", cost, wait_min)
+    return replace(row, billing="hour", wait_max_s=wait_min * 60, restarts=restarts)
 
 
 def test_the_goal_is_out_of_reach_only_where_the_bound_covers_the_defaults_own_waits() -> None:
