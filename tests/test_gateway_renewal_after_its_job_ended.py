@@ -31,8 +31,8 @@ from test_gateway import (
     start_gateway_world,
     wait_for,
 )
-from test_gateway_renewal_in_doubt import job_status
-from test_unknown_settlement import FlakySettle, flaky_client, paid_out, payment_for, pending
+from test_gateway_renewal_in_doubt import flaky_gateway, job_status
+from test_unknown_settlement import FlakySettle, paid_out, payment_for, pending
 
 # Running long enough for a renewal to be asked while it runs, ending soon after on its own.
 JOB = (sys.executable, TRAIN, "--steps", "120", "--step-time", "0.05", "--checkpoint-every", "30")
@@ -86,11 +86,7 @@ def slow_gw(
 def held_gw(
     tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[GatewayWorld, FlakySettle]]:
-    clients: list[FlakySettle] = []
-    monkeypatch.setattr(gateway_serve, "facilitator_client", flaky_client(clients))
-    g = start_gateway_world(tmp_path, sqlite_url, command=JOB)
-    yield g, clients[0]
-    g.stop()
+    yield from flaky_gateway(tmp_path, sqlite_url, monkeypatch, JOB)
 
 
 def paid_job(gw: GatewayWorld, account: Any) -> tuple[str, dict[str, Any]]:

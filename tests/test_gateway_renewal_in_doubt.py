@@ -38,15 +38,23 @@ JOB = (sys.executable, TRAIN, "--steps", "160", "--step-time", "0.05", "--checkp
 KEPT = "kept while a renewal's payment is being settled"
 
 
+def flaky_gateway(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> Iterator[tuple[GatewayWorld, FlakySettle]]:
+    """A gateway world running `command` whose facilitator client's settle answers can be held
+    or lost (`FlakySettle`); stopped after."""
+    clients: list[FlakySettle] = []
+    monkeypatch.setattr(gateway_serve, "facilitator_client", flaky_client(clients))
+    g = start_gateway_world(tmp_path, sqlite_url, command=command)
+    yield g, clients[0]
+    g.stop()
+
+
 @pytest.fixture
 def doubt_gw(
     tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[GatewayWorld, FlakySettle]]:
-    clients: list[FlakySettle] = []
-    monkeypatch.setattr(gateway_serve, "facilitator_client", flaky_client(clients))
-    g = start_gateway_world(tmp_path, sqlite_url, command=JOB)
-    yield g, clients[0]
-    g.stop()
+    yield from flaky_gateway(tmp_path, sqlite_url, monkeypatch, JOB)
 
 
 def job_status(gw: GatewayWorld, job_id: str) -> dict[str, Any]:
