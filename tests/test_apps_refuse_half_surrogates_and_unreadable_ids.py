@@ -1,8 +1,8 @@
 """Every service we run (the facilitator, the mock vendor, the mock clouds) answers a JSON body
-holding half a UTF-16 surrogate pair (`"\\ud800"`, or its UTF-8 bytes) or a number no float can
-be (NaN, Infinity, 1e999) with a 400 from the shared request bounds, never a 500; the
-facilitator answers an address or nonce it cannot read with a 422. A whole pair (an emoji), and
-such words inside strings, still pass."""
+holding half a UTF-16 surrogate pair (`"\\ud800"`, or its UTF-8 bytes) with a 400 from the shared
+request bounds, and a number no float can be (NaN, Infinity, 1e999) with its own validation
+answer naming the field, never a 500; the facilitator answers an address or nonce it cannot read
+with a 422. A whole pair (an emoji), and such words inside strings, still pass."""
 
 from __future__ import annotations
 
@@ -97,24 +97,39 @@ def test_a_whole_surrogate_pair_still_passes_the_bounds(services: Services) -> N
     assert answer.json()["error"] == "GPU type \U0001f600 not offered"
 
 
+def refused_naming(answer: httpx.Response, status: int, field: str) -> None:
+    """Refused where the field is known: the status the app gives a wrong field, naming it."""
+    assert answer.status_code == status, (answer.status_code, answer.text)
+    assert f"{field}: Input should be a finite number" in answer.text, answer.text
+
+
 @pytest.mark.parametrize("number", [b"NaN", b"-Infinity", b"1e999", b"9" * 400 + b".5"])
-def test_a_number_no_float_can_be_is_a_400_at_every_service(
+def test_a_number_no_float_can_be_is_refused_naming_its_field_at_every_service(
     services: Services, number: bytes
 ) -> None:
     """Before the fix: Python's JSON reads NaN and Infinity, and 1e999 as infinity; FastAPI's
     own 422 quotes the input and cannot render it ("Out of range float values are not JSON
     compliant"): the facilitator's `/faucet`, the mock vendor's `/quote` and the mock clouds'
-    admin routes answered 500."""
-    why = "not JSON|out of range"
+    admin routes answered 500. Now each app's own validation answer names the field (the
+    facilitator and mock vendor a 422 `{"error": ...}`, RunPod's mock its problem+json 422,
+    Vast's mock its 400 `invalid_args`), never quoting the number."""
     fac, vendor = services.facilitator.url, services.vendor.url
-    refused(
-        post(f"{fac}/faucet", b'{"address": "0x' + b"1" * 40 + b'", "amount": ' + number + b"}"),
-        why,
-    )
-    refused(post(f"{vendor}/quote", b'{"gpuType": "A100", "hours": ' + number + b"}", SECRET), why)
-    for url, key in ((services.runpod, services.runpod_key), (services.vast, services.vast_key)):
-        refused(post(f"{url}/admin/faults", b'{"x": ' + number + b"}", key), why)
-        refused(post(f"{url}/admin/capacity", b'{"x": ' + number + b"}", key), why)
+    address = b'"0x' + b"1" * 40 + b'"'
+    faucet = post(f"{fac}/faucet", b'{"address": ' + address + b', "amount": ' + number + b"}")
+    refused_naming(faucet, 422, "amount")
+    assert faucet.json()["error"].startswith("invalid request: amount")
+    quote = post(f"{vendor}/quote", b'{"gpuType": "A100", "hours": ' + number + b"}", SECRET)
+    refused_naming(quote, 422, "hours")
+    assert quote.json()["details"] == ["hours: Input should be a finite number"]
+    for url, key, status in (
+        (services.runpod, services.runpod_key, 422),
+        (services.vast, services.vast_key, 400),
+    ):
+        refused_naming(
+            post(f"{url}/admin/faults", b'{"hang_s": ' + number + b"}", key), status, "hang_s"
+        )
+        capacity = b'{"gpu": "A100", "region": "x", "count": ' + number + b"}"
+        refused_naming(post(f"{url}/admin/capacity", capacity, key), status, "count")
 
 
 def test_such_words_inside_strings_still_pass_the_bounds(services: Services) -> None:

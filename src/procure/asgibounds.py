@@ -1,20 +1,28 @@
 """Inbound bounds for every service we run (API, facilitator, mock vendor, mock cloud, GPU node):
 a request body larger than `max_bytes` gets a 413, JSON nested deeper than `max_depth` (in the
-body or in an x402 header), holding text that is not Unicode (`not_text`) or a number no float
-can be (`not_finite`) a 400, all in the `{"error": ...}` envelope, before any route, any
-authentication, or any JSON parser sees it.
+body or in an x402 header) or holding text that is not Unicode (`not_text`) a 400, all in the
+`{"error": ...}` envelope, before any route, any authentication, or any JSON parser sees it.
+
+A number no float can be (NaN, Infinity, 1e999) is refused deeper, where the field is known:
+each app answers its validation errors with `answer_invalid_requests` (FastAPI's own answer
+quotes the input and cannot render such a number: a 500), and the models that take numbers
+from outside say `allow_inf_nan=False`.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import math
 import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from procure.bounds import MAX_JSON_DEPTH, MAX_REQUEST_BYTES, json_depth
+from procure.bounds import MAX_JSON_DEPTH, MAX_REQUEST_BYTES, clip, json_depth
 
 _JSON_HEADERS = (b"payment-signature", b"x-payment", b"payment-required", b"payment-response")
 # Half a UTF-16 surrogate pair, escaped, in JSON text whose escaped backslashes (`\\`) were
@@ -39,14 +47,10 @@ class BoundedRequests:
         *,
         max_bytes: int = MAX_REQUEST_BYTES,
         max_depth: int = MAX_JSON_DEPTH,
-        finite: bool = True,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_depth = max_depth
-        # An app whose own validation answers name the field (the API's 422 "budgetTotal: …")
-        # refuses such numbers itself; the others' default answers could not render them.
-        self.finite = finite
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,11 +81,7 @@ class BoundedRequests:
             return await _refuse(
                 send, 400, f"invalid request: JSON nested deeper than {self.max_depth} levels"
             )
-        if (
-            body
-            and _json_body(headers)
-            and (why := not_text(body) or (self.finite and not_finite(body)))
-        ):
+        if body and _json_body(headers) and (why := not_text(body)):
             return await _refuse(send, 400, f"invalid request: {why}")
         sent = False
 
@@ -121,34 +121,51 @@ def not_text(body: bytes) -> str | None:
     return None
 
 
-def not_finite(body: bytes) -> str | None:
-    """Why a JSON body holds a number no float can be (or None): NaN or Infinity (not JSON,
-    but Python reads them) or one past a float's range (read as infinity). FastAPI's own 422
-    quotes the input and cannot render it (a 500), and money must be finite. Read by Python's
-    own JSON parser (in C; bounded by the size and depth checked before), so a string saying
-    "NaN" is text; a body that is not JSON is left to the route to refuse."""
-    try:
-        json.loads(body, parse_float=_finite, parse_constant=_constant)
-    except _NotFinite as exc:
-        return str(exc)
-    except (ValueError, RecursionError):
-        return None
-    return None
+MAX_PROBLEMS = 10
+"""Validation errors named in one answer: the rest are counted, not listed."""
 
 
-class _NotFinite(ValueError):
-    pass
+def field_problems(errors: Sequence[Any]) -> list[str]:
+    """Pydantic's errors as `field: message` lines (the `body` prefix left out), never quoting
+    the input: FastAPI's own answer quotes it, and a number no float can be (NaN, Infinity,
+    1e999 read as infinity) cannot be rendered as JSON (a 500). At most MAX_PROBLEMS lines,
+    each clipped: a body of 10,000 wrong items is named in a few lines, not echoed."""
+    lines = [
+        clip(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
+            f"{e.get('msg', 'invalid')}",
+            300,
+        )
+        # A key or a validator's message may carry what UTF-8 cannot (half a surrogate pair
+        # from a path or query): replaced, so the answer can always be written.
+        .encode("utf-8", "replace")
+        .decode("utf-8")
+        for e in errors[:MAX_PROBLEMS]
+    ]
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"... and {len(errors) - MAX_PROBLEMS:,} more")
+    return lines
 
 
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _NotFinite(f"a number out of range ({text[:20]}...)")
-    return value
+def answer_invalid_requests(
+    app: FastAPI, render: Callable[[list[str]], Response] | None = None
+) -> None:
+    """Answer the app's request validation errors from `field_problems`, in the app's own
+    envelope (`render`) or in ours: a 422 `{"error": "invalid request: hours: Input should
+    be a finite number", "details": [...]}`."""
 
+    def ours(found: list[str]) -> Response:
+        return JSONResponse(
+            {"error": "invalid request: " + "; ".join(found), "details": found}, status_code=422
+        )
 
-def _constant(name: str) -> float:
-    raise _NotFinite(f"{name} is not JSON")
+    answer = render or ours
+
+    async def invalid(_request: Request, exc: Exception) -> Response:
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        return answer(field_problems(list(errors)))
+
+    app.add_exception_handler(RequestValidationError, invalid)
 
 
 async def _refuse(send: Send, status: int, message: str) -> None:

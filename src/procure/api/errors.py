@@ -7,13 +7,11 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from procure.api.schemas import problems
-from procure.asgibounds import BoundedRequests
+from procure.asgibounds import BoundedRequests, answer_invalid_requests
 from procure.bounds import clip
 
 log = logging.getLogger(__name__)
@@ -25,12 +23,11 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     """Bound the app's requests and answer every failure in the envelope."""
-    app.add_middleware(BoundedRequests, finite=False)  # `invalid` below names the field
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        found = problems(list(exc.errors()))
-        return error(422, "invalid request: " + "; ".join(found), details=found)
+    app.add_middleware(BoundedRequests)
+    # 422 `{"error": "invalid request: budgetTotal: …", "details": [...]}`, never quoting the
+    # input (FastAPI's own answer could not render NaN or 1e999: a 500). The shared answer,
+    # as every other app of ours gives it.
+    answer_invalid_requests(app)
 
     # Starlette's own answers (404 unknown route, 405 wrong method, ...) and every
     # HTTPException raised by a route: all in the `{"error": ...}` envelope.

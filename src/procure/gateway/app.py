@@ -25,8 +25,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import Field, SecretStr
 from starlette.requests import ClientDisconnect
@@ -37,7 +35,7 @@ from x402.http.utils import decode_payment_signature_header
 from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.schemas import AssetAmount
 
-from procure.asgibounds import BoundedRequests
+from procure.asgibounds import BoundedRequests, answer_invalid_requests
 from procure.bearer import bearer_matches
 from procure.bounds import UnsafeInput, loads
 from procure.clouds.base import CloudError, Offer
@@ -282,13 +280,10 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
     app.add_middleware(_PaidChain, chain=[paying, paid_route])
     app.add_middleware(BoundedRequests)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
-        # FastAPI's own answer, written as ASCII: it quotes the input, and half a surrogate
-        # pair there (JSON's "\ud800", which pydantic refuses) is not UTF-8: it was a 500.
-        detail = {"detail": jsonable_encoder(exc.errors())}
-        body = json.dumps(detail, ensure_ascii=True, default=str)
-        return Response(body, status_code=422, media_type="application/json")
+    # 422 in the vendor protocol's `{"error": ...}` envelope, naming the field, never quoting
+    # it: FastAPI's own answer quotes the input (half a surrogate pair could not be encoded,
+    # NaN is not JSON).
+    answer_invalid_requests(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -18,12 +18,11 @@ from urllib.parse import urlsplit
 
 import httpx
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from procure.asgibounds import BoundedRequests
+from procure.asgibounds import BoundedRequests, answer_invalid_requests
 from procure.bearer import bearer_matches
 from procure.gpu import nodestate, registration
 from procure.gpu.deadman import DeadMan
@@ -223,13 +222,8 @@ def create_gpu_worker_app(
         ):
             raise HTTPException(401, "missing or wrong bearer token")
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-            for e in exc.errors()
-        ]
-        return _error(422, "invalid request: " + "; ".join(problems))
+    # Naming the field, never quoting it (NaN or 1e999 could not be rendered: a 500).
+    answer_invalid_requests(app, lambda found: _error(422, "invalid request: " + "; ".join(found)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

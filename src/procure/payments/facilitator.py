@@ -17,7 +17,7 @@ from fastapi import Path as InPath
 from pydantic import BaseModel, Field
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from procure.asgibounds import BoundedRequests
+from procure.asgibounds import BoundedRequests, answer_invalid_requests
 from procure.models import format_usd, usd_to_micros
 from procure.payments.chain import LocalChain, make_facilitator
 
@@ -29,7 +29,9 @@ NONCE = r"^(0x)?[0-9a-fA-F]{64}$"  # EIP-3009's 32 bytes
 
 class FaucetRequest(BaseModel):
     address: str = Field(pattern=ADDRESS)
-    amount: float = Field(gt=0, le=1_000_000, description="US dollars of test token to mint")
+    amount: float = Field(
+        gt=0, le=1_000_000, allow_inf_nan=False, description="US dollars of test token to mint"
+    )
 
 
 def _parse(body: dict[str, Any]) -> tuple[PaymentPayload, PaymentRequirements]:
@@ -47,6 +49,7 @@ def create_facilitator_app(chain: LocalChain) -> FastAPI:
     app.state.facilitator = facilitator
 
     app.add_middleware(BoundedRequests)  # outermost: before any parser or authentication
+    answer_invalid_requests(app)  # 422 naming the field, never quoting it (NaN: a 500)
 
     @app.get("/supported")
     async def supported() -> dict[str, Any]:

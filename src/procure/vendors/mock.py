@@ -48,7 +48,7 @@ from x402.http.utils import (
 from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.schemas import AssetAmount
 
-from procure.asgibounds import BoundedRequests
+from procure.asgibounds import BoundedRequests, answer_invalid_requests
 from procure.bearer import bearer_matches
 from procure.models import format_usd, micros_to_usd, usd_to_micros
 from procure.payments.settlements import FacilitatorLedger
@@ -346,6 +346,7 @@ def create_mock_vendor_app(
         chain=[paying, foreign_network, x402_versions, idempotent_submit, idempotent_renew],
     )
     app.add_middleware(BoundedRequests)  # outermost: before any parser or the payment
+    answer_invalid_requests(app)  # 422 naming the field, never quoting it (NaN: a 500)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

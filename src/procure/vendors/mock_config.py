@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 FOREIGN_PAYEE = "0x000000000000000000000000000000000000dEaD"
 FOREIGN_ASSET = "0x00000000000000000000000000000000DeaDBeef"
@@ -15,6 +15,9 @@ FOREIGN_NETWORK = "eip155:8453"  # Base mainnet: real money, never ours to pay o
 
 class Faults(BaseModel):
     """Faults to inject; each applies to the endpoints named in `endpoints` (all if empty)."""
+
+    # `POST /admin/faults` takes them from outside: an infinite hang or factor is refused.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     error500: bool = False
     garbage: bool = False

@@ -7,6 +7,7 @@ with status `expired`, its last checkpoint intact.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,27 @@ def _clipped(value: Any) -> Any:
 
 
 ErrorText = Annotated[str | None, BeforeValidator(_clipped)]
+
+
+def _finite_json(value: dict[str, Any]) -> dict[str, Any]:
+    """Free-form JSON from outside, refused if it holds NaN, Infinity or a number past a
+    float's range (Python's JSON reads 1e999 as infinity): not JSON, no store's JSON column
+    takes them, and an answer echoing them fails. A walk with its own stack (the request's
+    depth is bounded before), linear in the items."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("a number no float can be (NaN, Infinity or past its range)")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+FiniteJson = Annotated[dict[str, Any], AfterValidator(_finite_json)]
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL cannot store a NUL character in text
 Url = Annotated[str | None, Field(max_length=500, pattern=NO_NUL)]
 
@@ -46,12 +68,12 @@ QUOTE_HEADER = "X-Quote-Id"
 
 class QuoteRequest(Model):
     gpu_type: str
-    hours: float = Field(gt=0)
+    hours: float = Field(gt=0, allow_inf_nan=False)
 
 
 class SubmitRequest(Model):
     quote_id: str
-    job_params: dict[str, Any] = Field(default_factory=dict)
+    job_params: FiniteJson = Field(default_factory=dict)
     checkpoint_url: str | None = None
 
 

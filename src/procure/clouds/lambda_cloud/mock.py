@@ -10,12 +10,11 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from procure.asgibounds import BoundedRequests
+from procure.asgibounds import BoundedRequests, answer_invalid_requests
 from procure.clouds.lambda_cloud.catalogue import region_json
 from procure.clouds.lambda_cloud.mockadmin import admin_router
 from procure.clouds.lambda_cloud.mockfaults import (
@@ -160,13 +159,8 @@ def create_mock_cloud_app(state: MockCloudState) -> FastAPI:
     async def refused(_request: Request, exc: Refusal) -> JSONResponse:
         return _refusal(exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-            for e in exc.errors()[:5]
-        )
-        return _refusal(invalid(problems))
+    # In Lambda's envelope, naming the field, never quoting it (NaN could not be rendered).
+    answer_invalid_requests(app, lambda found: _refusal(invalid("; ".join(found[:5]))))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -18,7 +18,7 @@ class AnswerFaults(BaseModel):
     the answer faults to some of the mock's endpoints (empty: all). `count`: the answer faults
     are served that many times, then cleared (None: until changed)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # taken from outside
     ANSWERS: ClassVar[tuple[str, ...]] = ("status", "hang_s", "garbage", "huge")
     """The fields that replace or delay an answer, cleared once `count` answers are served."""
     CLEARED_TOO: ClassVar[tuple[str, ...]] = ()

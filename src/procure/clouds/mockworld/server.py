@@ -91,7 +91,7 @@ def stepping(
 
 
 class ClockBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     advance_s: float = Field(0.0, ge=0, le=365 * 86400)
     speed: float | None = Field(None, ge=0, le=1e6)
 

@@ -23,7 +23,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from procure.asgibounds import BoundedRequests
+from procure.asgibounds import BoundedRequests, answer_invalid_requests
 from procure.bearer import bearer_matches
 from procure.clouds.mockworld import faults as mockfaults
 from procure.clouds.mockworld import server as mockserver
@@ -155,6 +155,11 @@ def create_app(state: MockRunPodState) -> FastAPI:
     )
     app = FastAPI(title="procure mock RunPod", version="2", lifespan=lifespan)
     app.add_middleware(BoundedRequests)
+    # As RunPod answers a body against its contract: a 422 listing the problems (never
+    # quoting the input: FastAPI's own answer could not render NaN, a 500).
+    answer_invalid_requests(
+        app, lambda found: _problem(Problem(422, "Request validation failed.", errors=found))
+    )
     app.state.cloud, app.state.nodes, app.state.faults = state, nodes, faults
 
     def authorised(authorization: str | None = Header(None)) -> None:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from procure.asgibounds import BoundedRequests
+from procure.asgibounds import BoundedRequests, answer_invalid_requests
 from procure.bearer import bearer_matches
 from procure.clouds.mockworld import faults as mockfaults
 from procure.clouds.mockworld import server as mockserver
@@ -40,7 +40,7 @@ HUGE_BYTES = 3 << 20  # past what procure's clients read
 
 
 class FaultBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     endpoint: str | None = Field(None, max_length=20)
     count: int | None = Field(1, ge=1, le=1_000_000)
     status: int | None = Field(None, ge=400, le=599)
@@ -83,6 +83,11 @@ def create_app(state: MockVastState) -> FastAPI:
         redirect_slashes=False,  # Vast's clients follow no redirects
     )
     app.add_middleware(BoundedRequests)
+    # Vast's word for arguments it cannot take, naming the field, never quoting it (FastAPI's
+    # own answer could not render NaN: a 500).
+    answer_invalid_requests(
+        app, lambda found: _error(refusal(400, "invalid_args", "; ".join(found)))
+    )
     app.state.cloud = state
     app.state.nodes = nodes
 
