@@ -143,6 +143,11 @@ class Cloud(Protocol):
     # billing its disk, until it is destroyed: RunPod's and Vast.ai's do; Lambda's preempted one
     # is gone with its disk.
     lost_bills_disk: bool
+    # How the cloud bills an instance (the fleet policy's paid increments): in steps of
+    # `billing_increment_s` seconds, counted from its launch (`bills_boot`: RunPod, Vast.ai) or
+    # from the end of its boot (Lambda). Each client says so of its own provider.
+    billing_increment_s: int
+    bills_boot: bool
 
     async def instance_types(self) -> list[InstanceType]: ...
 

@@ -1,10 +1,11 @@
 """One scan of the fleet and the loop around it: take the fleet's lease (refused while another
 fleet runs on the store: a store keeps one fleet's state; renewed while the scan runs, and a scan
-whose lease lapsed acts on nothing), list the instances, finish interrupted actions, expire and
-carry out decided ones, read every node (or Prometheus, when set), renewing each node's dead-man
-lease (a dry run takes none), keep the samples, analyse, decide, pass the rails, act. A cloud
-error is recorded and backed off; nothing in a scan may crash the loop, but another fleet running
-on the store ends it (FleetConflict)."""
+whose lease lapsed acts on nothing; one past FLEET_SCAN_TIMEOUT_S is abandoned and the lease let
+go), list the instances, finish interrupted actions, expire and carry out decided ones, read
+every node (or Prometheus, when set), renewing each node's dead-man lease (a dry run takes none),
+keep the samples, analyse, decide, pass the rails, act; announce the fleet's launches the cloud
+stopped but keeps (`kept`). A cloud error is recorded and backed off; nothing in a scan may crash
+the loop, but another fleet running on the store ends it (FleetConflict)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from procure.bounds import clip
 from procure.clouds.base import LABEL_PREFIX, CloudError, Instance
-from procure.fleet import actions, cleanups, costs, monitor, nodes, policy, prometheus, stuck
+from procure.fleet import actions, cleanups, costs, kept, monitor, nodes, policy, prometheus, stuck
 from procure.fleet import signal as procure_signal
 from procure.fleet.context import FleetContext
 from procure.models import utcnow
@@ -310,10 +311,36 @@ async def scan_once(ctx: FleetContext) -> ScanResult:
     if not held:  # another controller runs this fleet: it acts, we do not
         return ScanResult(at=now, leased=False)
     renewing = asyncio.ensure_future(_renew(ctx))
+    limit = ctx.cfg.scan_limit_s
     try:
-        return await _scan(ctx, now)
+        async with asyncio.timeout(limit) as deadline:
+            return await _scan(ctx, now)
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # not ours: some call's own timeout, left to the scan's callers as before
+        return _abandoned(ctx, now, limit)
     finally:
         renewing.cancel()
+
+
+def _abandoned(ctx: FleetContext, now: datetime, limit: float) -> ScanResult:
+    """A scan past its limit (a cloud or node call that hangs, a store that does not answer):
+    cancelled where it waited, so it acts on nothing more. An action it had begun stays
+    `executing` in the store and is finished by a later scan (found by name, as after a crash).
+    The lease is let go, so a controller standing by may take the fleet, and the next scan
+    starts afresh; the scan's error says why (`fleet status`, /healthz, the log)."""
+    error = (
+        f"scan abandoned after {limit:g}s (FLEET_SCAN_TIMEOUT_S): a call to the cloud, a node "
+        "or the store did not answer; the next scan starts afresh"
+    )
+    log.warning("fleet scan: %s", error)
+    try:
+        with ctx.store.session() as s:
+            fleet_repo.release_lease(s, ctx.lease_name, ctx.owner)
+        _note(ctx, now, error)
+    except Exception as exc:  # the store's own trouble: the lease lapses by itself
+        log.warning("after an abandoned scan: %s", redact(clip(str(exc), 300)))
+    return ScanResult(at=now, error=error)
 
 
 async def _scan(ctx: FleetContext, now: datetime) -> ScanResult:
@@ -349,6 +376,8 @@ async def _scan(ctx: FleetContext, now: datetime) -> ScanResult:
     except CloudError as exc:
         lost, result.error = [], clip(f"{type(exc).__name__}: {exc}", 500)
     result.carried_out += [f"{i} terminated (lost by the cloud)" for i in lost]
+    # Stopped but kept (resumable: never destroyed with its disk): said once, as it bills.
+    kept.announce_kept(ctx, listing, now)
 
     # Decided and interrupted actions first: they were promised before this scan's ideas.
     actions.expire(ctx)

@@ -12,6 +12,7 @@ from procure.settings import CHECKED, blank_is_unset, finite_numbers, http_url, 
 
 WEEK_MINS = 7 * 24 * 60
 DAY_S = 24 * 3600
+SCAN_LEASES = 5.0  # a scan may run this many fleet leases (FLEET_SCAN_TIMEOUT_S unset)
 MAX_USD_PER_HOUR = 1e7  # far above any real fleet; a typo of more is refused, not obeyed
 
 
@@ -115,6 +116,15 @@ class FleetSettings(BaseSettings):
     audit_log: str = Field("fleet-audit.jsonl", validation_alias="LAMBDA_LABS_AUDIT_LOG")
     audit_git: str | None = Field(None, validation_alias="LAMBDA_LABS_AUDIT_GIT")
     lease_s: float = Field(120.0, gt=1, le=DAY_S, validation_alias="LAMBDA_LABS_CONTROLLER_LEASE_S")
+    scan_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=DAY_S,
+        validation_alias="FLEET_SCAN_TIMEOUT_S",
+        description="One scan running longer (a cloud call that hangs) is abandoned: it acts on "
+        "nothing more, lets the fleet lease go and the next scan starts afresh; unset: "
+        f"{SCAN_LEASES:g} times LAMBDA_LABS_CONTROLLER_LEASE_S",
+    )
     fleet_name: str = Field("default", max_length=100, validation_alias="LAMBDA_LABS_FLEET_NAME")
     policy: Literal["seed", "procure"] = Field(
         "seed",
@@ -156,6 +166,7 @@ class FleetSettings(BaseSettings):
         "prometheus_url",
         "queue_url",
         "queue_token",
+        "scan_timeout_s",
         mode="before",
     )
     @classmethod
@@ -178,6 +189,15 @@ class FleetSettings(BaseSettings):
         if value is not None:
             http_url(value.get_secret_value())  # its message never repeats the URL
         return value
+
+    @property
+    def scan_limit_s(self) -> float:
+        """How long one scan may run before it is abandoned (`scan_timeout_s`, else a few
+        leases: the lease is renewed while a scan runs, so without a limit a cloud call that
+        hangs would hold the fleet for ever, nobody acting on it)."""
+        return (
+            self.scan_timeout_s if self.scan_timeout_s is not None else SCAN_LEASES * self.lease_s
+        )
 
     @model_validator(mode="after")
     def _consistent(self) -> FleetSettings:

@@ -177,14 +177,18 @@ def state_for(ctx: FleetContext) -> ControllerState:
 
 
 def cloud_billing(cloud: Any) -> tuple[float, bool]:
-    """(billing increment in seconds, whether the boot is billed) of a fleet's cloud: Lambda
-    bills by the minute from the end of the boot; RunPod and Vast.ai by the second from the
-    start. A cloud that does not say: per second."""
+    """(billing increment in seconds, whether the boot is billed) of a fleet's cloud, as its
+    client says (`Cloud.billing_increment_s`, `Cloud.bills_boot`): Lambda's bills by the minute
+    from the end of the boot; RunPod's and Vast.ai's by the second from the launch; any other
+    cloud as it says, never by its provider's name. A cloud that does not say: per second,
+    from the end of the boot."""
     increment = getattr(cloud, "billing_increment_s", 1)
-    provider = getattr(cloud, "provider", "lambda")
     if isinstance(increment, bool) or not isinstance(increment, int | float):
         increment = 1
-    return float(max(1, increment)), provider != "lambda"
+    if not math.isfinite(increment):
+        increment = 1
+    bills_boot = getattr(cloud, "bills_boot", False)
+    return float(max(1, increment)), bills_boot is True
 
 
 async def decide(

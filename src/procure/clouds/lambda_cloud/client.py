@@ -49,6 +49,7 @@ class LambdaCloud:
     provider: Provider = "lambda"
     billing_increment_s: int = wire.BILLING_INCREMENT_S
     lost_bills_disk = False  # a preempted instance is gone with its disk (listed, not billed)
+    bills_boot = False  # billing starts once the instance is booted, by the minute
 
     def __init__(
         self,

@@ -43,6 +43,9 @@ class RunPodCloud:
     provider: Provider = "runpod"
     billing_increment_s = wire.BILLING_INCREMENT_S
     lost_bills_disk = True  # a pod stays, billing its volume disk, until it is terminated
+    bills_boot = True  # billing starts at creation, by the second, the boot included
+    # How an operator ends a pod kept EXITED (its volume still billed): the fleet says so.
+    end_kept = "resume it, or terminate pod {id} (RunPod's console, or `runpodctl remove pod {id}`)"
 
     def __init__(
         self,

@@ -52,6 +52,11 @@ class VastCloud:
     provider: Provider = "vast"
     billing_increment_s: int = wire.BILLING_INCREMENT_S
     lost_bills_disk = True  # an instance stays, billing its disk, until it is destroyed
+    bills_boot = True  # billing starts at creation, by the second, the boot included
+    # How an operator ends an instance kept stopped (its storage still billed): the fleet says.
+    end_kept = (
+        "resume it, or destroy instance {id} (Vast.ai's console, or `vastai destroy instance {id}`)"
+    )
 
     def __init__(
         self,
