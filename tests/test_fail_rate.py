@@ -39,6 +39,9 @@ def test_fail_rate_as_the_seeds_configure_it(
     assert mock_fail_rate(Settings(_env_file=None), vendor_id) == rate  # type: ignore[call-arg]
 
 
+# The switch is the mock vendor's (a process that never opens the store); the run it serves is
+# the agent's, on both stores everywhere else: SQLite alone here, one world and vendor fewer
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_mock_vendor_with_fail_rate_zero_never_fails(world: World) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

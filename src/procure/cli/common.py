@@ -7,7 +7,7 @@ import contextlib
 import json
 import socket
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich import box
@@ -15,7 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from procure.numbers import whole
-from procure.settings import Settings, get_settings
+
+# The settings are imported where a command reads them (`load_settings`): pydantic-settings
+# would cost `--help` and every refused option about as much CPU again as the help itself
+if TYPE_CHECKING:
+    from procure.settings import Settings
 
 PORT = whole(1, 65535, "--port")
 
@@ -57,6 +61,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def load_settings() -> Settings:
     """The settings, or one line naming the variable that is wrong."""
+    from procure.settings import get_settings
+
     with settings_errors():
         return get_settings()
 

@@ -3,7 +3,6 @@ actions, and approve / reject / rollback of one action."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -87,6 +86,8 @@ def run(
 ) -> None:
     """Scan the fleet every interval: read the nodes, decide, pass the rails, act (with --live),
     audit and notify. Several controllers on one PostgreSQL never act twice (a lease)."""
+    import asyncio
+
     from procure.clouds.lambda_cloud.client import LambdaCloud
     from procure.fleet.context import FleetContext
     from procure.fleet.controller import run_controller

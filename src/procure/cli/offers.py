@@ -3,7 +3,6 @@ and `procure vendors add-cloud` (a cloud account as a vendor of the agent)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import typer
@@ -45,6 +44,8 @@ def offers(
     """Every offer across the clouds whose key is set (LAMBDA_API_KEY, RUNPOD_API_KEY,
     VAST_API_KEY) and the registered x402 vendors, cheapest first: what `sky show-gpus` and
     `dstack offer` show, over all your sources. A cloud that cannot be asked is named, not fatal."""
+    import asyncio
+
     from procure.agent.cloud_clients import close_clouds
     from procure.agent.cloud_offers import all_offers
     from procure.clouds.registry import configured_clouds
@@ -300,11 +301,18 @@ def gateway_status(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
 ) -> None:
     """The gateway's book: income, instance costs and margin, payments, jobs and instances."""
-    from procure.gateway.serve import gateway_status as figures
+    # The book alone: `procure.gateway.serve` would bring the gateway's whole server stack
+    # (FastAPI, x402, web3: seconds) into a store read
+    from procure.gateway import book
+    from procure.store import open_store
 
     settings = load_settings()
     with store_errors(settings):
-        data = figures(settings.database_url)
+        store = open_store(settings.database_url)
+        try:
+            data = book.figures(store)
+        finally:
+            store.dispose()
     if as_json:
         print_json(data)
         return

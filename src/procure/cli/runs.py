@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 import typer
@@ -119,6 +118,7 @@ def run_start(
 @run_app.command("tick")
 def run_tick(run_id: Annotated[str, RUN_ID]) -> None:
     """Advance a run by one step (holding its lease)."""
+    import asyncio
     import uuid
 
     settings = load_settings()  # a bad setting is said before the agent's imports (seconds)
@@ -153,6 +153,7 @@ def run_cancel(
 ) -> None:
     """Stop a run: cancel its job at the vendor, start no new payment, end it `cancelled`.
     Cancelling a cancelled run is fine; a run that already ended otherwise is an error."""
+    import asyncio
     import uuid
 
     from procure.agent.cancel import CannotCancel, request_cancel

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Annotated, Any
 
@@ -138,6 +137,7 @@ def worker_command(
     """Lease due runs and tick them until stopped (SIGTERM/SIGINT: finish the ticks in flight,
     release the leases, exit; a second signal cancels them). Several workers may share a
     PostgreSQL store; one per SQLite file."""
+    import asyncio
     import logging
     import signal
 

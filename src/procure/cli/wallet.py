@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from procure.cli.common import PORT, check_port, console, fail, load_settings, print_json
 from procure.numbers import number
 from procure.safetext import redact, show_url
-from procure.settings import Settings
+
+if TYPE_CHECKING:
+    from procure.settings import Settings
 
 
 def facilitator(

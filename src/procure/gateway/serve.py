@@ -16,7 +16,6 @@ from fastapi import FastAPI
 
 from procure.clouds.base import Provider, RentalCloud
 from procure.clouds.job import CloudJobSettings
-from procure.gateway import book
 from procure.gateway.app import create_gateway_app
 from procure.gateway.runtime import Runtime
 from procure.gateway.settings import GatewayConfig, cloud_from_env, load_node_key
@@ -151,16 +150,6 @@ def run_gateway(
         port=port,
         host=host,
     )
-
-
-def gateway_status(database_url: str) -> dict[str, Any]:
-    """`procure gateway status`: income, instance costs and margin (USD), payments received,
-    jobs by status, live and launched instances, open quotes (see `book.figures`)."""
-    store = open_store(database_url)
-    try:
-        return book.figures(store)
-    finally:
-        store.dispose()
 
 
 def main(argv: list[str]) -> None:

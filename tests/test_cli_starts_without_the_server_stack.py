@@ -1,0 +1,104 @@
+"""`procure --help` and the commands that only read the store answer quickly: a start imports
+what the command needs, not the servers' stack (FastAPI, uvicorn, x402, web3, eth_account), and
+help or a refused option not even the settings or the store. Asserted on the modules a real
+`procure` process has loaded when it ends, not on a time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_run import cli_env
+
+# Runs `procure` as its script does, then writes the names of the modules it loaded to a file:
+# at exit, so that what the command imported while it ran counts too
+_LOADED = """
+import atexit, json, runpy, sys
+
+out = sys.argv[1]
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+sys.argv = ["procure", *sys.argv[2:]]
+runpy.run_module("procure.cli", run_name="__main__")
+"""
+
+SERVERS = ("fastapi", "starlette", "uvicorn", "x402", "web3", "eth_account", "httpx")
+STORE = ("sqlalchemy", "alembic")
+SETTINGS = ("pydantic_settings",)
+
+
+def loaded(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """`procure *args` in a process of its own, and the top-level packages it had loaded."""
+    where = tmp_path / "modules.json"
+    result = subprocess.run(
+        [sys.executable, "-c", _LOADED, str(where), *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path, {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    names = json.loads(where.read_text())
+    return result, {name.split(".")[0] for name in names}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--help",),
+        (),  # no arguments: the help too
+        ("run", "--help"),
+        ("fleet", "--help"),
+        ("gateway", "status", "--help"),
+        ("serve", "--help"),
+    ],
+    ids=lambda a: " ".join(a) or "no-args",
+)
+def test_help_loads_neither_the_servers_nor_the_store_nor_the_settings(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """Before the fix: every start imported the settings (pydantic-settings) at once, though
+    `--help` reads none: it cost `procure --help` more than the help itself (0.4 s of CPU
+    against 0.2)."""
+    result, packages = loaded(tmp_path, *args)
+    assert "Usage" in result.stdout, result.stdout[-800:] + result.stderr[-800:]
+    assert packages.isdisjoint(SERVERS + STORE + SETTINGS), sorted(
+        packages & set(SERVERS + STORE + SETTINGS)
+    )
+
+
+def test_an_option_refused_at_parsing_loads_nothing_heavy(tmp_path: Path) -> None:
+    """Before the fix: a port typer refuses (`serve --port 0`) still loaded the settings first."""
+    result, packages = loaded(tmp_path, "serve", "--port", "0")
+    assert result.returncode == 2 and "--port" in result.stderr, result.stderr[-800:]
+    assert "Traceback" not in result.stderr
+    assert packages.isdisjoint(SERVERS + STORE + SETTINGS), sorted(
+        packages & set(SERVERS + STORE + SETTINGS)
+    )
+
+
+def test_gateway_status_reads_the_book_without_the_gateway_server(tmp_path: Path) -> None:
+    """Before the fix: `procure gateway status` imported the gateway's server module for its
+    five lines of store read, and with it FastAPI, uvicorn, x402 and web3 (about 1.5 s of CPU
+    of its 2.3)."""
+    result, packages = loaded(tmp_path, "gateway", "status", "--json")
+    assert result.returncode == 0, result.stderr[-800:]
+    book = json.loads(result.stdout)
+    assert book["paymentsReceived"] == 0 and book["liveInstances"] == 0, book
+    assert packages.isdisjoint(SERVERS), sorted(packages & set(SERVERS))
+
+
+@pytest.mark.parametrize(
+    "args", [("run", "list"), ("spend",), ("vendors", "list", "--json")], ids=" ".join
+)
+def test_a_store_read_loads_the_store_not_the_servers(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """A command that reads the store loads the store, and not the servers' stack."""
+    result, packages = loaded(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-800:]
+    assert "sqlalchemy" in packages
+    assert packages.isdisjoint(SERVERS), sorted(packages & set(SERVERS))
