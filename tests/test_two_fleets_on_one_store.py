@@ -151,9 +151,13 @@ def test_of_two_fleets_starting_at_once_the_later_is_refused_and_holds_nothing(
     asyncio.run(body())
 
 
-def test_procure_fleet_run_beside_another_fleet_says_why_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("once", [[], ["--once"]], ids=["loop", "once"])
+def test_procure_fleet_run_beside_another_fleet_says_why_in_one_line(
+    tmp_path: Path, once: list[str]
+) -> None:
     """Before the fix: `procure fleet run` for a second fleet on a store where another fleet's
-    controller runs ended with a Python traceback (the refusal's reason on its last line)."""
+    controller runs ended with a Python traceback (the refusal's reason on its last line); with
+    `--once` the refusal came as a failed scan, cut at 500 characters before its advice's end."""
     url = f"sqlite:///{tmp_path / 'fleets.db'}"
     store = open_store(url)
     try:
@@ -171,7 +175,16 @@ def test_procure_fleet_run_beside_another_fleet_says_why_in_one_line(tmp_path: P
         "LAMBDA_LABS_FLEET_NAME": "beta",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "procure.cli", "fleet", "run", "--cloud-url", "http://127.0.0.1:9"],
+        [
+            sys.executable,
+            "-m",
+            "procure.cli",
+            "fleet",
+            "run",
+            "--cloud-url",
+            "http://127.0.0.1:9",
+            *once,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -181,3 +194,4 @@ def test_procure_fleet_run_beside_another_fleet_says_why_in_one_line(tmp_path: P
     assert "Traceback" not in done.stderr, done.stderr
     said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(said) == 1 and "'alpha' runs on this store" in said[0], done.stderr
+    assert said[0].endswith("holds its lease until it expires)"), done.stderr  # the advice whole

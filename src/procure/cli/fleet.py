@@ -176,11 +176,13 @@ def run(
 async def _scan_and_say(ctx: Any) -> str | None:
     """One scan, then one line of what it saw and decided; its error, if any."""
     from procure.bounds import clip
-    from procure.fleet.controller import scan_once
+    from procure.fleet.controller import FleetConflict, scan_once
     from procure.store import fleet_repo
 
     try:
         result = await scan_once(ctx)
+    except FleetConflict:  # said whole by the caller, as without --once
+        raise
     except Exception as exc:  # one line, not a traceback
         return clip(f"{type(exc).__name__}: {exc}", 500)
     finally:
