@@ -28,31 +28,36 @@ def prune(store: Store, cfg: WorkerConfig, mark: int | None = None) -> tuple[int
     """Retention of operational logs: the tick log's rows past `cfg.tick_log_days`, then each
     recently ticked run's rows beyond its newest `cfg.tick_log_per_run`, in transactions of at
     most `cfg.prune_batch` rows, repeated until a batch comes back short (caught up) or
-    `cfg.prune_budget_s` passes; the store's running totals are folded too. Returns (rows
-    deleted, the trim mark for next time; None starts near the newest rows)."""
+    `cfg.prune_budget_s` passes (one batch of each at least, even with no budget left); the
+    store's running totals are folded too. Returns (rows deleted, the trim mark for next
+    time; None starts near the newest rows)."""
     deadline = time.monotonic() + cfg.prune_budget_s
     deleted = 0
     with store.session() as s:
         totals.fold(s)
         if mark is None:
             mark = max(0, leases.tick_log_mark(s) - TRIM_LOOKBACK)
-    while time.monotonic() < deadline:
+    # Each step does one batch at least, whatever is left of the budget: a caller whose other
+    # work ate it (the serverless cron's ticks, cut at their deadline) still makes headway,
+    # else a busy store's log would never be pruned at all.
+    while True:
         with store.session() as s:
             n = leases.prune_tick_log(
                 s, older_than_s=cfg.tick_log_days * 86400, limit=cfg.prune_batch
             )
         deleted += n
-        if n < cfg.prune_batch:
+        if n < cfg.prune_batch or time.monotonic() >= deadline:
             break
-    while time.monotonic() < deadline:
+    while True:
         with store.session() as s:
             n, next_mark = leases.trim_tick_log_runs(
                 s, keep=max(1, cfg.tick_log_per_run), since_id=mark
             )
         deleted += n
-        if next_mark == mark:
-            break
+        caught_up = next_mark == mark
         mark = next_mark
+        if caught_up or time.monotonic() >= deadline:
+            break
     return deleted, mark
 
 

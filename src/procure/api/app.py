@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from procure.agent.runtime import make_deps
 from procure.agent.tick import AgentDeps
+from procure.agent.upkeep import prune, settle_and_prune
 from procure.agent.worker import WorkerConfig
 from procure.api import errors
 from procure.api.cloud_vendors import cloud_vendors_router
@@ -52,6 +53,7 @@ def create_app(
     worker: WorkerConfig | None = None,
     fleet: FleetRun | None = None,
     budget_warnings: bool = True,
+    upkeep: WorkerConfig | None = None,
 ) -> FastAPI:
     """The API over `store`.
 
@@ -72,7 +74,11 @@ def create_app(
     While the app runs: `app.state.agent` (the AgentLoop), `app.state.deps` (its deps: await
     their clients only through `app.state.agent.call`), `app.state.worker` (the Worker, or None),
     `app.state.fleet` (the controller's FleetContext, or None). With `budget_warnings` (the default)
-    the budgets are swept for warnings before their caps (`fleet.cap_warnings`)."""
+    the budgets are swept for warnings before their caps (`fleet.cap_warnings`).
+
+    Without `worker`, the app does the worker's upkeep itself (retention of the tick log, the
+    running totals folded, payments in doubt on ended runs settled), on the agent's loop, every
+    `upkeep.settle_every_s` (`upkeep`: a WorkerConfig, its defaults if None)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,6 +89,16 @@ def create_app(
         app.state.fleet = None
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(agent.stop)  # last out: the worker drains, deps close
+            if worker is None:
+                # No worker here (`serve --no-worker`, runs ticked through the API as in the
+                # seeds): nothing else pruned the tick log each API tick adds to, folded the
+                # totals every page sums, or settled an ended run's payment in doubt (pending,
+                # its budget held, for ever). Beside separate workers doing the same it is
+                # harmless: each pass works in bounded batches, and a settlement is recorded once.
+                upkeep_task = asyncio.create_task(
+                    agent.call(_upkeep_alone(store, upkeep or WorkerConfig()))
+                )
+                stack.push_async_callback(_cancelled, upkeep_task)
             if fleet is not None:
                 run = fleet
                 controller = LoopThread(
@@ -178,6 +194,27 @@ def create_app(
     app.include_router(cloud_vendor_pages(settings, store))  # /vendors/cloud/new
     mount_docs(app)
     return app
+
+
+def _upkeep_alone(
+    store: Store, cfg: WorkerConfig
+) -> Callable[[AgentDeps], Coroutine[Any, Any, None]]:
+    """The worker's upkeep for an app without one (`upkeep.settle_and_prune`, the retention
+    pass keeping its trim mark between passes as the worker does): run it with `agent.call`."""
+    mark: int | None = None
+
+    def prune_pass() -> int:
+        nonlocal mark
+        deleted, mark = prune(store, cfg, mark)
+        return deleted
+
+    return lambda deps: settle_and_prune(deps, cfg.settle_every_s, prune_pass)
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _audit_log() -> Path:

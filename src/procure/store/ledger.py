@@ -17,13 +17,14 @@ record in the same transaction are serialised.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import ColumnElement, Row, case, func, literal, literal_column, or_, select, text
 from sqlalchemy.orm import Session
 
 from procure.models import CLOUD_NONCE_PREFIX, format_usd, usd_to_micros
@@ -112,6 +113,10 @@ SPENT = ("completed", "pending")
 
 
 def payments_spent(s: Session, since: datetime) -> int:
+    return _x402_spent(s, since) + cloud_spent(s, since)
+
+
+def _x402_spent(s: Session, since: datetime) -> int:
     total = s.scalar(
         select(func.coalesce(func.sum(PaymentRow.amount), 0)).where(
             PaymentRow.status.in_(SPENT),
@@ -119,7 +124,34 @@ def payments_spent(s: Session, since: datetime) -> int:
             ~PaymentRow.nonce.like(CLOUD),
         )
     )
-    return int(total or 0) + cloud_spent(s, since)
+    return int(total or 0)
+
+
+CLOUD_ROWS = literal_column(f"'{CLOUD}'")
+"""The pattern as a literal, the very text of index `ix_payments_cloud_created`'s WHERE clause
+(a partial index serves only a query that says the same; a bound parameter does not)."""
+MARGIN = timedelta(minutes=1)
+"""How much earlier than its window the database's coarse test of a row's end may look (SQLite
+reads times as Julian days, to a fraction of a millisecond): the exact share is Python's."""
+
+
+def _may_reach(s: Session, since: datetime) -> ColumnElement[bool]:
+    """Whether a cloud payment's covered time may reach `since`: created or touched since (a
+    bill booked, a reservation made), or reserved up to it (its creation plus its hours).
+    Never false for a row with a share in the window (see `cloud_spent`): only the rows the
+    window cannot hold are left in the database."""
+    cut = since - MARGIN
+    # Hours past the scan's reach say no more than the reach does; capped, a hostile or broken
+    # row (1e300 hours) overflows no interval.
+    most = CLOUD_SPAN.total_seconds() / 3600
+    hours = case((PaymentRow.hours > most, most), else_=func.coalesce(PaymentRow.hours, 0.0))
+    if s.get_bind().dialect.name == "postgresql":
+        reserved = PaymentRow.created_at + func.make_interval(0, 0, 0, 0, 0, 0, hours * 3600)
+        reaches = reserved >= cut
+    else:
+        at = literal(cut, PaymentRow.created_at.type)  # stored as the column stores times
+        reaches = func.julianday(PaymentRow.created_at) + hours / 24.0 >= func.julianday(at)
+    return or_(PaymentRow.created_at >= cut, PaymentRow.updated_at >= cut, reaches)
 
 
 def cloud_spent(s: Session, since: datetime) -> int:
@@ -127,6 +159,17 @@ def cloud_spent(s: Session, since: datetime) -> int:
     (what is reserved ahead included, as a cap must count it; a booked bill, up to its booking
     at least): the share inside the window. A payment covering no time (a late launch booked
     when found) counts where it was booked."""
+    return cloud_spent_since(s, [since])[0]
+
+
+def cloud_spent_since(s: Session, sinces: Sequence[datetime]) -> list[int]:
+    """`cloud_spent` of several windows (their starts), from one read.
+
+    Read by `ix_payments_cloud_created` (cloud payments only; no status in the WHERE clause, or
+    SQLite's planner takes the status index, every spent payment of the scan's reach), and only
+    the rows that may reach the widest window come back: the cost follows the cloud payments of
+    the last months, not a year of x402 payments, and the Python loop the window's rows."""
+    earliest = min(sinces)
     rows = s.execute(
         select(
             PaymentRow.amount,
@@ -135,13 +178,20 @@ def cloud_spent(s: Session, since: datetime) -> int:
             PaymentRow.status,
             PaymentRow.updated_at,
         ).where(
-            PaymentRow.status.in_(SPENT),
-            PaymentRow.nonce.like(CLOUD),
-            PaymentRow.created_at >= since - CLOUD_SPAN,
+            PaymentRow.nonce.like(CLOUD_ROWS),
+            PaymentRow.created_at >= earliest - CLOUD_SPAN,
+            _may_reach(s, earliest),
         )
     ).all()
+    spent = [row for row in rows if row.status in SPENT]
+    return [_cloud_share(spent, since) for since in sinces]
+
+
+def _cloud_share(rows: Sequence[Row[Any]], since: datetime) -> int:
     total = 0.0
     for amount, created, hours, status, booked in rows:
+        if created < since - CLOUD_SPAN:  # beyond this window's reach (read for a wider one)
+            continue
         span = max(0.0, hours or 0.0)
         if status == "completed":
             # A bill is booked once the instance has stopped billing, maybe long after its
@@ -209,8 +259,19 @@ def fleet_spent(
 def spent(s: Session, window: str, *, now: datetime, but: str | None = None) -> int:
     """What the window holds, as the caps count it (`but`: a launch being checked again, which
     its own amount already counts)."""
-    since = now - WINDOWS[window]
-    return payments_spent(s, since) + fleet_spent(s, since, now, but=but)
+    return spent_in(s, [window], now=now, but=but)[window]
+
+
+def spent_in(
+    s: Session, windows: Sequence[str], *, now: datetime, but: str | None = None
+) -> dict[str, int]:
+    """`spent` of each window, the cloud payments of all of them read once."""
+    sinces = [now - WINDOWS[window] for window in windows]
+    cloud = cloud_spent_since(s, sinces) if sinces else []
+    return {
+        window: _x402_spent(s, since) + cloud[i] + fleet_spent(s, since, now, but=but)
+        for i, (window, since) in enumerate(zip(windows, sinces, strict=True))
+    }
 
 
 def global_cap_conflict(
@@ -222,8 +283,10 @@ def global_cap_conflict(
     if not caps.any:
         return None
     fence(s)
-    for window, cap in caps.items():
-        already = spent(s, window, now=now, but=but)
+    windows = caps.items()
+    held = spent_in(s, [window for window, _cap in windows], now=now, but=but)
+    for window, cap in windows:
+        already = held[window]
         if already + amount_micros > cap:
             return (
                 f"global spend cap per {window} ({format_usd(cap)}) would be exceeded: "

@@ -30,6 +30,7 @@ def spend_summary(s: Session, now: datetime) -> dict[str, Any]:
         "fleet": micros_to_usd(fleet),
         "total": micros_to_usd(paid + pending + fleet),
         "windows": {
-            window: micros_to_usd(ledger.spent(s, window, now=now)) for window in ledger.WINDOWS
+            window: micros_to_usd(held)
+            for window, held in ledger.spent_in(s, list(ledger.WINDOWS), now=now).items()
         },
     }

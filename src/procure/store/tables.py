@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -159,6 +160,14 @@ class PaymentRow(Base):
     __table_args__ = (
         Index("ix_payments_status_created", "status", "created_at", "id"),
         Index("ix_payments_created", "created_at", "id"),
+        # Cloud instances' payments only (migration 0016): the spend ledger's cap check reads
+        # these over months, never the x402 payments beside them (`ledger.cloud_spent`).
+        Index(
+            "ix_payments_cloud_created",
+            "created_at",
+            sqlite_where=text("nonce LIKE 'cloud-%'"),
+            postgresql_where=text("nonce LIKE 'cloud-%'"),
+        ),
     )
 
 
