@@ -1,5 +1,6 @@
 """What a planner sees of a run: its state, the vendors, and what went wrong this run; and what
-procure has learned of each vendor: its reliability and its failure hazard (failures per GPU-hour).
+procure has learned of each vendor: its reliability, its failure hazard (failures per GPU-hour)
+and its start-up (hours from payment to the job running, from the jobs it ran to their end).
 
 A planner may also leave notes on the context (e.g. the LLM planner's raw answer and why it was
 rejected); the tick stores them as observations of the run once the planner has returned.
@@ -8,10 +9,20 @@ rejected); the tick stores them as observations of the run once the planner has 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from procure.models import Job, ObservationType, PaymentStatus, Run, RunState, Vendor, utcnow
+from procure.models import (
+    Job,
+    JobStatus,
+    ObservationType,
+    PaymentStatus,
+    Run,
+    RunState,
+    Vendor,
+    utcnow,
+)
 
 # Beta-prior strength given to a vendor's registered reliability score, in pseudo-jobs.
 PRIOR_STRENGTH = 10.0
@@ -21,6 +32,7 @@ REFERENCE_JOB_HOURS = 1.0
 PRIOR_HOURS = 10.0
 DEFAULT_PAYMENT_OVERHEAD = 50_000  # micro-USD: what one more x402 payment is worth avoiding
 DEFAULT_STARTUP_HOURS = 0.1  # a vendor's usual time from payment to a running job
+EPS = 1e-9
 
 
 def deadline_passed(run: Run) -> bool:
@@ -57,6 +69,56 @@ def hours_between_failures(vendor: Vendor) -> float:
 
 
 @dataclass(frozen=True)
+class StartupsSeen:
+    """The start-ups seen at one vendor (`observed_startup` of each job that ran to its end)."""
+
+    count: int = 0
+    hours: float = 0.0  # summed
+    shortest: float = math.inf
+
+    def seen(self, hours: float) -> StartupsSeen:
+        hours = max(hours, 0.0)
+        return StartupsSeen(self.count + 1, self.hours + hours, min(self.shortest, hours))
+
+
+def observed_startup(job: Job) -> float | None:
+    """Hours from paying for `job` to its work starting, as its row tells once it has ended by
+    plan (completed, or stopped at its paid time): the wall time from its creation (the first
+    payment) to its end, less the hours of work it did (progress since it started, of the
+    run's total). None for a job still active or failed (a failure may have come in the
+    start-up, and a failed job's last polled progress lags, so its figure would mislead) and
+    for one stopped before it did any work (its start-up had not ended)."""
+    if job.completed_at is None or job.status not in (JobStatus.completed, JobStatus.cancelled):
+        return None
+    if job.progress <= job.start_progress + EPS:
+        return None
+    total = float(job.job_params.get("totalHours") or job.job_params.get("hours", 0.0))
+    worked = max(job.progress - job.start_progress, 0.0) * total
+    return max((job.completed_at - job.created_at).total_seconds() / 3600 - worked, 0.0)
+
+
+def startups_from(jobs: Iterable[Job]) -> dict[str, StartupsSeen]:
+    """The start-ups `jobs` (of any runs) showed, per vendor id: what a store that keeps job rows
+    can give the planner with no figure of its own."""
+    seen: dict[str, StartupsSeen] = {}
+    for job in jobs:
+        hours = observed_startup(job)
+        if hours is not None:
+            seen[job.vendor_id] = seen.get(job.vendor_id, StartupsSeen()).seen(hours)
+    return seen
+
+
+def learned_startup(seen: StartupsSeen | None, usual: float = DEFAULT_STARTUP_HOURS) -> float:
+    """A vendor's expected start-up: the mean of those seen there, or the usual figure until
+    one is seen. Not blended with the usual figure: that is a guess, and a vendor seen starting
+    in 0.3 h four times, held at a fifth of the way to 0.1 h, still looked as if a job due
+    0.27 h after its work would make it (it missed)."""
+    if seen is None or seen.count == 0:
+        return usual
+    return seen.hours / seen.count
+
+
+@dataclass(frozen=True)
 class PlanContext:
     state: RunState
     vendors: list[Vendor]
@@ -68,7 +130,9 @@ class PlanContext:
     payment_overhead: int = DEFAULT_PAYMENT_OVERHEAD
     """What each extra payment costs (fees, latency, another chance to fail), in micro-USD."""
     startup_hours: float = DEFAULT_STARTUP_HOURS
-    """Expected hours from paying a vendor to the job running there."""
+    """Expected hours from paying a vendor to the job running there, before any is seen."""
+    startups: dict[str, StartupsSeen] = field(default_factory=dict)
+    """Start-ups seen per vendor id (across runs); a vendor without any gets `startup_hours`."""
 
     @property
     def committed(self) -> int:
@@ -90,6 +154,15 @@ class PlanContext:
 
     def vendor(self, vendor_id: str | None) -> Vendor | None:
         return next((v for v in self.vendors if v.vendor_id == vendor_id), None)
+
+    def startup_of(self, vendor: Vendor) -> float:
+        """The vendor's expected start-up, learned from the jobs it ran to their end."""
+        return learned_startup(self.startups.get(vendor.vendor_id), self.startup_hours)
+
+    def shortest_startup_of(self, vendor: Vendor) -> float | None:
+        """The shortest start-up seen at the vendor, or None before any is seen."""
+        seen = self.startups.get(vendor.vendor_id)
+        return None if seen is None or seen.count == 0 else seen.shortest
 
     def cooling_down(self, vendor: Vendor) -> bool:
         return vendor.cooldown_until is not None and vendor.cooldown_until > self.now

@@ -160,6 +160,7 @@ def miss_probability(
     interval_hours: float,
     restart_hours: float,
     max_tolerated: int | None = None,
+    shortest_startup: float | None = None,
 ) -> float:
     """Chance of missing the deadline when starting this vendor now (0 without a deadline).
 
@@ -168,14 +169,15 @@ def miss_probability(
     deadline is missed when the vendor fails more often than that (Poisson, at its hazard).
     This is the "Can't Be Late" rule: cheap and risky while slack lasts, reliable once it is gone.
     `max_tolerated` caps the failures absorbed (0: a failure misses, e.g. when the budget could
-    not pay for the restart). When the usual start-up does not fit but the work does, the miss
-    is not certain (`_late_start_miss`): the steadiest vendor is then the better bet.
+    not pay for the restart). When the vendor's start-up (its learned mean) does not fit but
+    the work does, the miss is not certain unless every start-up seen there (`shortest_startup`:
+    the shortest, None before any is seen) was too long (`_late_start_miss`).
     """
     if hours_left is None:
         return 0.0
     slack = hours_left - startup_hours - work_hours
     if slack < -EPS:
-        return _late_start_miss(hazard, work_hours, startup_hours, hours_left)
+        return _late_start_miss(hazard, work_hours, startup_hours, hours_left, shortest_startup)
     tolerated = math.floor(max(slack, 0.0) / max(interval_hours + restart_hours, EPS))
     if max_tolerated is not None:
         tolerated = min(tolerated, max_tolerated)
@@ -189,16 +191,27 @@ def miss_probability(
 
 
 def _late_start_miss(
-    hazard: float, work_hours: float, startup_hours: float, hours_left: float
+    hazard: float,
+    work_hours: float,
+    startup_hours: float,
+    hours_left: float,
+    shortest: float | None = None,
 ) -> float:
-    """Chance of a miss when the usual start-up does not fit before the deadline but the work
-    alone does. Start-ups vary from vendor to vendor and start to start (the usual one is a
-    rough figure), so a shorter one may fit: read as a chance growing with the time left for
-    it, and then no failure may come. Priced as certain (1.0) every vendor tied and the
-    cheapest, flakiest one got the last chance of a job after a failure."""
+    """Chance of a miss when the expected start-up does not fit before the deadline but the
+    work alone does. Start-ups vary from start to start, so a shorter one may fit: read as a
+    chance growing with the time left for it (from the `shortest` seen at the vendor, or from
+    nothing where none was seen and the figure is a guess), and then no failure may come.
+    Priced as certain (1.0) every vendor tied and the cheapest, flakiest one got the last
+    chance of a job after a failure; a fit read off a guessed 0.1 h at a vendor seen starting
+    in exactly 0.1 h every time bet deadlines on a start-up that never comes."""
     room = hours_left - work_hours
     if room < -EPS or startup_hours <= 0:
         return 1.0
-    fits = min(max(room / startup_hours, 0.0), 1.0)
+    if shortest is None:  # no start-up seen there: the usual one is a guess
+        fits = min(max(room / startup_hours, 0.0), 1.0)
+    elif startup_hours - shortest > EPS:  # seen from `shortest` up: one as short may come
+        fits = min(max((room - shortest) / (startup_hours - shortest), 0.0), 1.0)
+    else:  # every start-up seen there took as long: none shorter will come
+        fits = 1.0 if room >= startup_hours - EPS else 0.0
     mean = max(hazard, 0.0) * (room + work_hours)
     return min(max(1.0 - fits * math.exp(-mean), 0.0), 1.0)

@@ -161,7 +161,7 @@ def effective_hazard(ctx: PlanContext, vendor: Vendor) -> float:
 def _terms(ctx: PlanContext, vendor: Vendor, *, running: bool = False) -> Terms:
     # A cloud offer is billed by its increment (no payments to make) and starts after its boot.
     offer = vendor.offer
-    startup = ctx.startup_hours if offer is None else offer.boot_s / 3600
+    startup = ctx.startup_of(vendor) if offer is None else offer.boot_s / 3600
     return Terms(
         price_per_hour=float(vendor.base_price_per_hour),
         hazard=effective_hazard(ctx, vendor),
@@ -221,6 +221,9 @@ def choices(
                 interval_hours=interval,
                 restart_hours=ctx.startup_hours,
                 max_tolerated=None if recoverable else 0,
+                shortest_startup=None
+                if vendor.offer is not None or vendor.vendor_id == running
+                else ctx.shortest_startup_of(vendor),
             )
             # Missing the deadline is priced at MISS_PENALTY times the money still at stake.
             scored.append((e.expected + p_miss * available * MISS_PENALTY, p_miss, e))

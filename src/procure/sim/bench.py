@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from procure.agent.context import StartupsSeen
 from procure.sim.engine import Outcome, registry, simulate
 from procure.sim.market import JobCase, Market, make_jobs
 from procure.sim.optimum import expected_cost, optimal_policy
@@ -87,8 +88,9 @@ def run_policy(
     policy: Policy, market: Market, cases: Sequence[JobCase], budget_of: Sequence[int]
 ) -> list[Outcome]:
     learned = registry(market)
+    startups: dict[str, StartupsSeen] = {}  # seen across the jobs, as the agent's store keeps
     rows = [
-        simulate(policy, market, case, budget, learned)
+        simulate(policy, market, case, budget, learned, startups)
         for case, budget in zip(cases, budget_of, strict=True)
     ]
     return charge_unfinished(market, cases, rows)

@@ -10,7 +10,10 @@ The agent's rules hold whatever the policy asks: a job that ends before the work
 the run at the checkpoint it reached, and the next job resumes from there (only the job that
 reaches the end completes the run); failures keep coming for as long as a job runs, horizon or
 not (the horizon only stops new jobs). Vendors' learned outcomes (successes, failures,
-GPU-hours) carry over from job to job, as the store keeps them.
+GPU-hours) carry over from job to job, as the store keeps them, and so do the start-ups seen at
+each vendor: read off each job that ran to its end (completed, or stopped at its paid time) by
+`context.observed_startup`, from the job's row as the tick leaves it (created at the payment,
+ended when its work did), never from the market's own figures.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from procure.agent.context import PlanContext
+from procure.agent.context import PlanContext, StartupsSeen, observed_startup
 from procure.agent.decide import decide, run_sync
 from procure.agent.guard import check_quote, check_renewal
 from procure.agent.slices import (
@@ -122,6 +125,7 @@ class _Sim:
     payments: list[Payment]
     errors: dict[str, int]
     ids: itertools.count  # type: ignore[type-arg]
+    startups: dict[str, StartupsSeen]
     failures: int = 0
 
     def context(self, hours: float) -> PlanContext:
@@ -132,6 +136,7 @@ class _Sim:
             errors_by_vendor=dict(self.errors),
             now=_at(hours),
             payment_overhead=self.market.payment_fee,
+            startups=dict(self.startups),
         )
 
     def quote(self, spec: VendorSpec, hours: float) -> Quote:
@@ -159,6 +164,14 @@ class _Sim:
             update={"cooldown_until": until}
         )
 
+    def ended(self, job: Job) -> None:
+        """Record `job`, ended by plan, and learn its vendor's start-up from its row."""
+        self.jobs[-1] = job
+        seen = observed_startup(job)
+        if seen is not None:
+            before = self.startups.get(job.vendor_id, StartupsSeen())
+            self.startups[job.vendor_id] = before.seen(seen)
+
     def learn(self, vendor_id: str, *, success: bool, gpu_hours: float, now: float) -> None:
         v = self.vendors[vendor_id]
         update: dict[str, object] = {"gpu_hours": v.gpu_hours + gpu_hours}
@@ -171,9 +184,15 @@ class _Sim:
 
 
 def simulate(
-    policy: Policy, market: Market, case: JobCase, budget: int, learned: dict[str, Vendor]
+    policy: Policy,
+    market: Market,
+    case: JobCase,
+    budget: int,
+    learned: dict[str, Vendor],
+    startups: dict[str, StartupsSeen] | None = None,
 ) -> Outcome:
-    """Run `case` to its end under `policy`; `learned` (vendor outcomes) is updated in place."""
+    """Run `case` to its end under `policy`; `learned` (vendor outcomes) and `startups` (the
+    start-ups seen per vendor; none if not given) are updated in place."""
     run = Run(
         _id=f"sim-{case.index}",
         user_id="sim",
@@ -196,6 +215,7 @@ def simulate(
         payments=[],
         errors={},
         ids=itertools.count(),
+        startups={} if startups is None else startups,
     )
     finish = _play(sim)
     progress = 1.0 if finish is not None else sim.context(0.0).resume_progress
@@ -298,17 +318,18 @@ def _run_job(
         if renew_at is None:
             end = work_start + paid
             if paid >= hours - EPS and start + paid / total >= 1 - EPS:
-                sim.jobs[-1] = job.model_copy(update={"status": JobStatus.completed})
+                done = {"status": JobStatus.completed, "progress": 1.0, "completed_at": _at(end)}
+                sim.ended(job.model_copy(update=done))
                 sim.learn(spec.vendor_id, success=True, gpu_hours=paid, now=end)
                 return True, end
             if paid >= hours - EPS:  # a job shorter than the work left: the run goes on
-                _stopped(sim, job, start + paid / total, paid)
+                _stopped(sim, job, start + paid / total, paid, end)
                 return False, end
             if slice_hours is not None and _renew(sim, spec, job, paid, end, stopping=True):
                 paid = sim.paid(job)  # changed its mind at the last moment: carry on
                 renewing = True
                 continue
-            _stopped(sim, job, start + paid / total, paid)
+            _stopped(sim, job, start + paid / total, paid, end)
             return False, end
         now = work_start + renew_at
         assert renewal_due(job, paid, start + renew_at / total + EPS)
@@ -349,13 +370,18 @@ def _failed(sim: _Sim, job: Job, at: float, work_start: float, start: float, tot
     sim.failures += 1
 
 
-def _stopped(sim: _Sim, job: Job, progress: float, worked: float) -> None:
-    """Paid time ran out (the agent moved on, or the budget would not stretch to another
-    slice): not the vendor's fault; the checkpoint it reached stands."""
+def _stopped(sim: _Sim, job: Job, progress: float, worked: float, at: float) -> None:
+    """Paid time ran out at hour `at` (the agent moved on, or the budget would not stretch to
+    another slice): not the vendor's fault; the checkpoint it reached stands, and the job ends
+    `cancelled`, as the tick's `stop_job` leaves it."""
     saved = max(_checkpoint(sim, progress), job.start_progress)
-    update: dict[str, object] = {"status": JobStatus.failed}
+    update: dict[str, object] = {
+        "status": JobStatus.cancelled,
+        "progress": min(progress, 1.0),
+        "completed_at": _at(at),
+    }
     if sim.policy.resume and saved > job.start_progress:
         update |= {"checkpoint_url": f"sim://{job.id}/ckpt", "checkpoint_progress": saved}
-    sim.jobs[-1] = job.model_copy(update=update)
+    sim.ended(job.model_copy(update=update))
     v = sim.vendors[job.vendor_id]
     sim.vendors[job.vendor_id] = v.model_copy(update={"gpu_hours": v.gpu_hours + worked})
