@@ -7,7 +7,6 @@ pending)."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -18,8 +17,9 @@ from sqlalchemy import func, insert, select
 from procure.agent.worker import WorkerConfig
 from procure.api.app import create_app
 from procure.local import LocalServer, serve
-from procure.models import JobStatus, PaymentStatus, RunStatus, utcnow
-from procure.store.tables import JobRow, PaymentRow, RunRow, TickLogRow
+from procure.models import utcnow
+from procure.store.tables import TickLogRow
+from test_cron_keeps_time_for_upkeep import ended_run_paying_in_doubt
 from world import World
 
 
@@ -80,61 +80,8 @@ def test_the_tick_log_of_api_ticks_keeps_its_window(world: World, server: LocalS
 def test_a_cancelled_run_s_payment_in_doubt_is_settled(world: World, server: LocalServer) -> None:
     """Before the fix: only a worker settled payments in doubt on ended runs; without one the
     payment stayed pending for ever, the run's budget held and the spend counting it pending."""
-    signed = utcnow() - timedelta(days=1)  # its authorisation long expired
-    run_id, job_id, payment_id = (uuid.uuid4().hex[:24] for _ in range(3))
-    with world.store.session() as s:
-        s.execute(
-            insert(RunRow),
-            [
-                {
-                    "id": run_id,
-                    "user_id": "u1",
-                    "goal": "Fine-tune",
-                    "status": RunStatus.cancelled,
-                    "budget_total": 5_000_000,
-                    "budget_remaining": 3_000_000,
-                    "job_spec": {"gpu_type": "A100", "hours": 1.0},
-                    "progress": 0.0,
-                    "created_at": signed,
-                    "updated_at": signed,
-                }
-            ],
-        )
-        s.execute(
-            insert(JobRow),
-            [
-                {
-                    "id": job_id,
-                    "run_id": run_id,
-                    "vendor_id": "gpu_vendor_1",
-                    "vendor_job_id": None,
-                    "status": JobStatus.cancelled,
-                    "expected_cost": 2_000_000,
-                    "job_params": {},
-                    "idempotency_key": f"job-{job_id}",
-                    "created_at": signed,
-                    "updated_at": signed,
-                }
-            ],
-        )
-        s.execute(
-            insert(PaymentRow),
-            [
-                {
-                    "id": payment_id,
-                    "run_id": run_id,
-                    "job_id": job_id,
-                    "vendor_id": "gpu_vendor_1",
-                    "amount": 2_000_000,
-                    "currency": "USD",
-                    "status": PaymentStatus.pending,
-                    "nonce": "0x" + uuid.uuid4().hex * 2,  # never settled on the chain
-                    "error_message": "refused: no answer",
-                    "created_at": signed,
-                    "updated_at": signed,
-                }
-            ],
-        )
+    # its authorisation long expired
+    run_id = ended_run_paying_in_doubt(world.store, utcnow() - timedelta(days=1))
 
     def status() -> dict[str, object]:
         answer = httpx.get(f"{server.url}/api/agent-status", params={"runId": run_id}, timeout=30)

@@ -10,7 +10,7 @@ import asyncio
 import socket
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +108,10 @@ def test_a_cron_call_whose_ticks_run_to_its_budget_still_prunes(
         assert leases.holder(s, run_id) is None
 
 
-def _ended_run_paying_in_doubt(store: Store) -> str:
-    """A run that ended with a payment still pending (a signed authorisation in doubt)."""
-    now = utcnow()
+def ended_run_paying_in_doubt(store: Store, now: datetime | None = None) -> str:
+    """A cancelled run with a payment still pending (a signed authorisation in doubt) of $2 of
+    its $5, made at `now` (default: this moment); its id."""
+    now = now or utcnow()
     run_id, job_id = uuid.uuid4().hex[:24], uuid.uuid4().hex[:24]
     with store.session() as s:
         s.execute(
@@ -178,7 +179,7 @@ def test_a_cron_call_answers_before_the_platform_limit_when_the_ledger_hangs(
     silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
     try:
         for _ in range(2):
-            _ended_run_paying_in_doubt(store)
+            ended_run_paying_in_doubt(store)
         run_id = _new_run(store)
         _old_ticks(store, run_id, 50)
         with store.session() as s:  # nothing due: the call goes straight to its upkeep
