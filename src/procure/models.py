@@ -270,6 +270,9 @@ class Job(Model):
     progressed_at: datetime | None = Field(
         None, description="When the vendor last reported progress"
     )
+    started_at: datetime | None = Field(
+        None, description="When the job was first seen running (its start-up ended by then)"
+    )
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None = None

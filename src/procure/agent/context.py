@@ -1,6 +1,6 @@
 """What a planner sees of a run: its state, the vendors, and what went wrong this run; and what
 procure has learned of each vendor: its reliability, its failure hazard (failures per GPU-hour)
-and its start-up (hours from payment to the job running, from the jobs it ran to their end).
+and its start-up (hours from payment to the job running, from the jobs seen starting there).
 
 A planner may also leave notes on the context (e.g. the LLM planner's raw answer and why it was
 rejected); the tick stores them as observations of the run once the planner has returned.
@@ -70,7 +70,7 @@ def hours_between_failures(vendor: Vendor) -> float:
 
 @dataclass(frozen=True)
 class StartupsSeen:
-    """The start-ups seen at one vendor (`observed_startup` of each job that ran to its end)."""
+    """The start-ups seen at one vendor (`observed_startup` of each job seen starting)."""
 
     count: int = 0
     hours: float = 0.0  # summed
@@ -81,13 +81,24 @@ class StartupsSeen:
         return StartupsSeen(self.count + 1, self.hours + hours, min(self.shortest, hours))
 
 
+def hours_to_start(created_at: datetime, started_at: datetime) -> float:
+    """A job's start-up: hours from its creation (its first payment) to its being seen running."""
+    return max((started_at - created_at).total_seconds() / 3600, 0.0)
+
+
 def observed_startup(job: Job) -> float | None:
-    """Hours from paying for `job` to its work starting, as its row tells once it has ended by
-    plan (completed, or stopped at its paid time): the wall time from its creation (the first
-    payment) to its end, less the hours of work it did (progress since it started, of the
-    run's total). None for a job still active or failed (a failure may have come in the
-    start-up, and a failed job's last polled progress lags, so its figure would mislead) and
-    for one stopped before it did any work (its start-up had not ended)."""
+    """Hours from paying for `job` to its work starting. Where a poll saw it running
+    (`started_at`, set once), the time from its creation (the first payment) to then, whatever
+    became of it since: the start-up had ended. Otherwise (a row with no such time: the
+    simulator's, or one from before the column) as its row tells once it has ended by plan
+    (completed, or stopped at its paid time): the wall time from its creation to its end, less
+    the hours of work it did (progress since it started, of the run's total); that reads 0 at a
+    vendor that runs an hour of work in seconds, hence the column. None for a job not seen
+    running that is still active or failed (a failure may have come in the start-up, and a
+    failed job's last polled progress lags, so its figure would mislead) and for one stopped
+    before it did any work (its start-up had not ended)."""
+    if job.started_at is not None:
+        return hours_to_start(job.created_at, job.started_at)
     if job.completed_at is None or job.status not in (JobStatus.completed, JobStatus.cancelled):
         return None
     if job.progress <= job.start_progress + EPS:
@@ -105,6 +116,18 @@ def startups_from(jobs: Iterable[Job]) -> dict[str, StartupsSeen]:
         hours = observed_startup(job)
         if hours is not None:
             seen[job.vendor_id] = seen.get(job.vendor_id, StartupsSeen()).seen(hours)
+    return seen
+
+
+def startups_seen(
+    started: Iterable[tuple[str, datetime, datetime]],
+) -> dict[str, StartupsSeen]:
+    """The start-ups per vendor id of jobs given as (vendor_id, created_at, started_at): what
+    the tick reads before it plans (`repo.recent_startups`), without loading whole job rows."""
+    seen: dict[str, StartupsSeen] = {}
+    for vendor_id, created_at, started_at in started:
+        hours = hours_to_start(created_at, started_at)
+        seen[vendor_id] = seen.get(vendor_id, StartupsSeen()).seen(hours)
     return seen
 
 
@@ -156,7 +179,7 @@ class PlanContext:
         return next((v for v in self.vendors if v.vendor_id == vendor_id), None)
 
     def startup_of(self, vendor: Vendor) -> float:
-        """The vendor's expected start-up, learned from the jobs it ran to their end."""
+        """The vendor's expected start-up, learned from the jobs seen starting there."""
         return learned_startup(self.startups.get(vendor.vendor_id), self.startup_hours)
 
     def shortest_startup_of(self, vendor: Vendor) -> float | None:

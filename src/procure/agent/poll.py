@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from sqlalchemy.orm import Session
+
 from procure.agent import joblogs, runlog, slices
-from procure.agent.context import PlanContext, deadline_passed
+from procure.agent.context import PlanContext, StartupsSeen, deadline_passed, startups_seen
 from procure.agent.deps import EPS, OBS, AgentDeps, TickResult
 from procure.agent.outcomes import (
     fail_job,
@@ -43,12 +45,24 @@ def _implausible(job: Job, vjob: VendorJob) -> str | None:
     return None
 
 
+# How many of the jobs most recently seen running (of any run) the planner learns start-ups from:
+# enough for each vendor in use to show several, few enough to read in one bounded query.
+STARTUPS_READ = 200
+
+
+def learned_startups(s: Session) -> dict[str, StartupsSeen]:
+    """The start-ups seen per vendor, read before a plan (never on a plain poll)."""
+    return startups_seen(repo.recent_startups(s, STARTUPS_READ))
+
+
 def full_context(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
-    """`ctx` with every vendor and this run's error counts, for a poll that must plan."""
+    """`ctx` with every vendor, this run's error counts and the vendors' learned start-ups, for
+    a poll that must plan."""
     with deps.store.session() as s:
         vendors = repo.list_vendors(s)
         errors = repo.vendor_error_counts(s, ctx.state.run.id)
-    return replace(ctx, vendors=vendors, errors_by_vendor=errors)
+        startups = learned_startups(s)
+    return replace(ctx, vendors=vendors, errors_by_vendor=errors, startups=startups)
 
 
 async def poll(
@@ -96,6 +110,9 @@ async def poll(
     if vjob.checkpoint_url and offered > saved + EPS:
         saved_url, saved = vjob.checkpoint_url, offered
     lie = _implausible(job, vjob)
+    # The first poll that finds the job running (or finds it has worked: one polled only once
+    # it had ended) ends its start-up, as far as procure can tell: kept once (`started_at`).
+    seen_running = vjob.status == "running" or vjob.progress > job.start_progress + EPS
     write = PollWrite(
         run_id=job.run_id,
         job_id=job.id,
@@ -109,6 +126,7 @@ async def poll(
         log_lines=kept.counted,
         observations=[(OBS.job_log, line, vendor.vendor_id) for line in kept.lines]
         + [(OBS.job_event, note, vendor.vendor_id) for note in kept.notes],
+        started_at=job.started_at or (now if seen_running else None),
     )
     if saved > job.checkpoint_progress + EPS:
         write.observations.append(

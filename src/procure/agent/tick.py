@@ -25,11 +25,11 @@ given up (its vendor is at fault) or, with no job, the run ends `failed` with th
 from __future__ import annotations
 
 from procure.agent import cancel
-from procure.agent.context import PlanContext
+from procure.agent.context import PlanContext, StartupsSeen
 from procure.agent.decide import decide
 from procure.agent.deps import OBS, TROUBLE, WAITING, AgentDeps, RunNotFound, TickResult
 from procure.agent.outcomes import fail_job
-from procure.agent.poll import late, poll
+from procure.agent.poll import late, learned_startups, poll
 from procure.agent.reconcile import reconcile
 from procure.agent.renewals import settle_stray_slices
 from procure.agent.submit import start_job
@@ -71,6 +71,7 @@ async def tick(
         state, job_vendor = loaded
         vendors: list[Vendor] = [job_vendor]
         errors: dict[str, int] | None = None
+        startups: dict[str, StartupsSeen] = {}
     else:
         with deps.store.session() as s:
             found = repo.load_tick_state(s, run_id)
@@ -83,9 +84,12 @@ async def tick(
                 found_vendor = repo.get_vendor_row(s, active.vendor_id)
                 vendors = [found_vendor] if found_vendor is not None else []
                 errors = None
+                startups = {}
             else:
                 vendors = repo.list_vendors(s)
                 errors = repo.vendor_error_counts(s, run_id)
+                # Off the hot path, where the planner may run: one bounded query.
+                startups = learned_startups(s)
     if state.run.status in TERMINAL_RUN_STATUSES:
         return TickResult(f"Run already {state.run.status}")
     ctx = PlanContext(
@@ -93,6 +97,7 @@ async def tick(
         vendors=vendors,
         errors_by_vendor=errors or {},
         payment_overhead=deps.payment_overhead,
+        startups=startups,
     )
     cloud_job = active is not None and _on_cloud(ctx, active)
     if state.run.cancel_requested_at is not None and cloud_job:

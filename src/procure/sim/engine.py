@@ -11,9 +11,10 @@ the run at the checkpoint it reached, and the next job resumes from there (only 
 reaches the end completes the run); failures keep coming for as long as a job runs, horizon or
 not (the horizon only stops new jobs). Vendors' learned outcomes (successes, failures,
 GPU-hours) carry over from job to job, as the store keeps them, and so do the start-ups seen at
-each vendor: read off each job that ran to its end (completed, or stopped at its paid time) by
-`context.observed_startup`, from the job's row as the tick leaves it (created at the payment,
-ended when its work did), never from the market's own figures.
+each vendor: read off each job seen running by `context.observed_startup`, from the job's row
+as the tick leaves it (created at the payment, `started_at` when its work started, as the
+tick's first running poll records it; one that failed in its start-up was never seen running),
+never from the market's own figures.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class _Sim:
         )
 
     def ended(self, job: Job) -> None:
-        """Record `job`, ended by plan, and learn its vendor's start-up from its row."""
+        """Record `job`, ended, and learn its vendor's start-up from its row (if seen running)."""
         self.jobs[-1] = job
         seen = observed_startup(job)
         if seen is not None:
@@ -318,18 +319,23 @@ def _run_job(
         if renew_at is None:
             end = work_start + paid
             if paid >= hours - EPS and start + paid / total >= 1 - EPS:
-                done = {"status": JobStatus.completed, "progress": 1.0, "completed_at": _at(end)}
+                done = {
+                    "status": JobStatus.completed,
+                    "progress": 1.0,
+                    "completed_at": _at(end),
+                    "started_at": _at(work_start),
+                }
                 sim.ended(job.model_copy(update=done))
                 sim.learn(spec.vendor_id, success=True, gpu_hours=paid, now=end)
                 return True, end
             if paid >= hours - EPS:  # a job shorter than the work left: the run goes on
-                _stopped(sim, job, start + paid / total, paid, end)
+                _stopped(sim, job, start + paid / total, paid, work_start, end)
                 return False, end
             if slice_hours is not None and _renew(sim, spec, job, paid, end, stopping=True):
                 paid = sim.paid(job)  # changed its mind at the last moment: carry on
                 renewing = True
                 continue
-            _stopped(sim, job, start + paid / total, paid, end)
+            _stopped(sim, job, start + paid / total, paid, work_start, end)
             return False, end
         now = work_start + renew_at
         assert renewal_due(job, paid, start + renew_at / total + EPS)
@@ -364,13 +370,17 @@ def _failed(sim: _Sim, job: Job, at: float, work_start: float, start: float, tot
     update: dict[str, object] = {"status": JobStatus.failed}
     if sim.policy.resume and saved > start:
         update |= {"checkpoint_url": f"sim://{job.id}/ckpt", "checkpoint_progress": saved}
-    sim.jobs[-1] = job.model_copy(update=update)
+    if at > work_start:  # it had been seen running, as a tick's poll would have seen it
+        update["started_at"] = _at(work_start)
+    sim.ended(job.model_copy(update=update))
     sim.learn(job.vendor_id, success=False, gpu_hours=worked, now=at)
     sim.error(job.vendor_id)  # the tick's failure observation counts against the vendor
     sim.failures += 1
 
 
-def _stopped(sim: _Sim, job: Job, progress: float, worked: float, at: float) -> None:
+def _stopped(
+    sim: _Sim, job: Job, progress: float, worked: float, work_start: float, at: float
+) -> None:
     """Paid time ran out at hour `at` (the agent moved on, or the budget would not stretch to
     another slice): not the vendor's fault; the checkpoint it reached stands, and the job ends
     `cancelled`, as the tick's `stop_job` leaves it."""
@@ -379,6 +389,7 @@ def _stopped(sim: _Sim, job: Job, progress: float, worked: float, at: float) -> 
         "status": JobStatus.cancelled,
         "progress": min(progress, 1.0),
         "completed_at": _at(at),
+        "started_at": _at(work_start),
     }
     if sim.policy.resume and saved > job.start_progress:
         update |= {"checkpoint_url": f"sim://{job.id}/ckpt", "checkpoint_progress": saved}

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from procure.bounds import clip
@@ -39,6 +39,12 @@ _JOB_POLLED = (
         checkpoint_url=bindparam("checkpoint_url"),
         checkpoint_progress=bindparam("checkpoint_progress"),
         progressed_at=bindparam("progressed_at"),
+        # Set once, by the first poll that saw the job running; never moved by a later one. (The
+        # column's type on the parameter: inside a function it would not be inferred, and SQLite
+        # would keep the time in another text form than every other time in the store.)
+        started_at=func.coalesce(
+            _jobs.c.started_at, bindparam("started_at", type_=_jobs.c.started_at.type)
+        ),
         updated_at=bindparam("now"),
     )
 )
@@ -57,7 +63,8 @@ _RUN_POLLED = (
 class PollWrite:
     """What a poll writes: the job's log cursor, progress, checkpoint and when it last
     progressed, the run's progress and `log_lines` more lines kept, and the new log lines and
-    notes, as (type, content, vendor_id)."""
+    notes, as (type, content, vendor_id); and when the job was seen running (`started_at`),
+    which is kept only where the job has no such time yet."""
 
     run_id: str
     job_id: str
@@ -68,6 +75,7 @@ class PollWrite:
     progressed_at: datetime | None
     log_lines: int = 0
     observations: list[tuple[ObservationType, str, str | None]] = field(default_factory=list)
+    started_at: datetime | None = None
 
 
 def load_tick_states(s: Session, run_ids: Sequence[str]) -> dict[str, RunState]:
@@ -142,6 +150,7 @@ def apply_polls(s: Session, writes: Sequence[PollWrite]) -> None:
                 "checkpoint_url": w.checkpoint_url,
                 "checkpoint_progress": w.checkpoint_progress,
                 "progressed_at": w.progressed_at,
+                "started_at": w.started_at,
                 "now": now,
             }
             for w in writes

@@ -416,6 +416,19 @@ def vendor_error_counts(s: Session, run_id: str) -> dict[str, int]:
     return {vendor_id: n for vendor_id, n in rows}
 
 
+def recent_startups(s: Session, limit: int = 200) -> list[tuple[str, datetime, datetime]]:
+    """(vendor_id, created_at, started_at) of the `limit` jobs most recently seen running, of
+    any run, newest first: what the planner learns each vendor's start-up from. One bounded
+    read by the partial index `ix_jobs_started` (its WHERE clause is implied by this one's)."""
+    rows = s.execute(
+        select(JobRow.vendor_id, JobRow.created_at, JobRow.started_at)
+        .where(JobRow.started_at.is_not(None))
+        .order_by(JobRow.started_at.desc())
+        .limit(limit)
+    )
+    return [(vendor_id, created, started) for vendor_id, created, started in rows]
+
+
 # --- payments left in doubt when their run ended ------------------------------------------
 
 

@@ -131,9 +131,23 @@ class JobRow(Base):
     slice_hours: Mapped[float | None] = mapped_column(Float)
     # When the vendor last reported more progress (None: not since it started).
     progressed_at: Mapped[datetime | None]
+    # When a poll first saw the job running (None: not yet, or never): its start-up is the time
+    # from `created_at` to here, which the planner learns per vendor (migration 0017).
+    started_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     completed_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        # The jobs seen starting, newest first (`repo.recent_startups`, read before each plan):
+        # partial, so the rows that never started (all those from before 0017) are not in it.
+        Index(
+            "ix_jobs_started",
+            "started_at",
+            sqlite_where=text("started_at IS NOT NULL"),
+            postgresql_where=text("started_at IS NOT NULL"),
+        ),
+    )
 
 
 class PaymentRow(Base):
