@@ -231,6 +231,17 @@ async def carry_out(
     except TimeoutError:  # it may have landed: looked for by name, like any lost answer
         lost = ProviderError(f"no answer within {ctx.cfg.lease_s * LEASE_SHARE:g}s")
         return _cloud_error(ctx, action_id, lost, attempts)
+    except asyncio.CancelledError:
+        # Cut in flight (the scan's time limit, FLEET_SCAN_TIMEOUT_S, or a shutdown), which
+        # lets the fleet's lease go: an answer lost all the same, backed off before it is sent
+        # again, or a controller taking over at once would launch while the cloud still makes
+        # this one. The store's trouble here must not hide the cancellation.
+        try:
+            lost = ProviderError("no answer: cut in flight (the scan's time limit, or a stop)")
+            _cloud_error(ctx, action_id, lost, attempts)
+        except Exception as exc:
+            log.warning("action %s: cut in flight, not recorded: %s", action_id, exc)
+        raise
     now = ctx.clock()
     with ctx.store.session() as s:
         row = fleet_repo.get_action(s, action_id, lock=True)

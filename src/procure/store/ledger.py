@@ -141,10 +141,13 @@ def _may_reach(s: Session, since: datetime) -> ColumnElement[bool]:
     Never false for a row with a share in the window (see `cloud_spent`): only the rows the
     window cannot hold are left in the database."""
     cut = since - MARGIN
-    # Hours past the scan's reach say no more than the reach does; capped, a hostile or broken
-    # row (1e300 hours) overflows no interval.
+    # Hours past the scan's reach say no more than the reach does, and none or fewer than none
+    # cover no time (as `_cloud_share` reads them): clamped both ways, a hostile or broken row
+    # (1e300 hours, or -1e300) overflows no interval or timestamp; NULL falls to the else.
     most = CLOUD_SPAN.total_seconds() / 3600
-    hours = case((PaymentRow.hours > most, most), else_=func.coalesce(PaymentRow.hours, 0.0))
+    hours = case(
+        (PaymentRow.hours > most, most), (PaymentRow.hours > 0, PaymentRow.hours), else_=0.0
+    )
     if s.get_bind().dialect.name == "postgresql":
         reserved = PaymentRow.created_at + func.make_interval(0, 0, 0, 0, 0, 0, hours * 3600)
         reaches = reserved >= cut
