@@ -14,7 +14,7 @@ from procure.agent.context import (
     PlanContext,
     StartupsSeen,
     observed_startup,
-    startups_from,
+    startups_seen,
 )
 from procure.agent.costmodel import miss_probability
 from procure.agent.planner import plan_cost_aware
@@ -33,40 +33,35 @@ QUICK = VendorSpec("quick", usd_to_micros("1.10"), 0.0, 0.99, 0.0, 0.05)
 STARTUPS = Market("startups", (SLOW, QUICK), usd_to_micros("0.005"), deadline_slack=0.15)
 
 
-def _job(
-    status: JobStatus, *, start: float, progress: float, hours: float, ended: float | None
-) -> Job:
-    """A job row as the tick leaves it: created when it was paid, `ended` hours later."""
+def _job(status: JobStatus, *, started: float | None) -> Job:
+    """A job row as the tick leaves it: created when it was paid, first seen running `started`
+    hours later (None: never seen running)."""
     return Job(
-        _id=f"j-{status}-{start}",
+        _id=f"j-{status}-{started}",
         run_id="r",
         vendor_id="standard",
         status=status,
         expected_cost=1,
-        job_params={"hours": hours * (1 - start), "totalHours": hours},
-        idempotency_key=f"k-{status}-{start}",
-        start_progress=start,
-        progress=progress,
+        job_params={"hours": 2.0, "totalHours": 2.0},
+        idempotency_key=f"k-{status}-{started}",
         created_at=EPOCH,
         updated_at=EPOCH,
-        completed_at=None if ended is None else EPOCH + timedelta(hours=ended),
+        started_at=None if started is None else EPOCH + timedelta(hours=started),
     )
 
 
-def test_a_start_up_is_read_off_the_rows_of_jobs_that_ran_to_their_end() -> None:
-    # Completed from half-way through a 2 h run, 1.3 h after it was paid: 1 h of work, so it
-    # took 0.3 h to start. Stopped at its paid time at 40 % after 0.9 h: 0.8 h of work.
-    completed = _job(JobStatus.completed, start=0.5, progress=1.0, hours=2.0, ended=1.3)
-    stopped = _job(JobStatus.cancelled, start=0.0, progress=0.4, hours=2.0, ended=0.9)
+def test_a_start_up_is_read_off_the_rows_of_jobs_seen_running() -> None:
+    # Seen running 0.3 h and 0.1 h after they were paid, whatever became of them since.
+    completed = _job(JobStatus.completed, started=0.3)
+    failed = _job(JobStatus.failed, started=0.1)
     assert abs((observed_startup(completed) or 0) - 0.3) < 1e-9
-    assert abs((observed_startup(stopped) or 0) - 0.1) < 1e-9
-    # A failed job may have failed in its start-up, and its last polled progress lags: it
-    # teaches nothing; nor does one still running, or one stopped before doing any work.
-    failed = _job(JobStatus.failed, start=0.0, progress=0.2, hours=2.0, ended=0.9)
-    running = _job(JobStatus.running, start=0.0, progress=0.2, hours=2.0, ended=None)
-    idle = _job(JobStatus.cancelled, start=0.2, progress=0.2, hours=2.0, ended=0.05)
-    assert [observed_startup(j) for j in (failed, running, idle)] == [None, None, None]
-    seen = startups_from([completed, stopped, failed, running, idle])
+    assert abs((observed_startup(failed) or 0) - 0.1) < 1e-9
+    # Never seen running (failed in its start-up, or stopped before it ran): it teaches nothing.
+    assert observed_startup(_job(JobStatus.failed, started=None)) is None
+    jobs = [completed, failed, _job(JobStatus.cancelled, started=None)]
+    seen = startups_seen(
+        (j.vendor_id, j.created_at, j.started_at) for j in jobs if j.started_at is not None
+    )
     assert list(seen) == ["standard"] and seen["standard"].count == 2
     assert abs(seen["standard"].hours - 0.4) < 1e-9
     assert abs(seen["standard"].shortest - 0.1) < 1e-9

@@ -15,7 +15,6 @@ from datetime import datetime
 
 from procure.models import (
     Job,
-    JobStatus,
     ObservationType,
     PaymentStatus,
     Run,
@@ -32,7 +31,6 @@ REFERENCE_JOB_HOURS = 1.0
 PRIOR_HOURS = 10.0
 DEFAULT_PAYMENT_OVERHEAD = 50_000  # micro-USD: what one more x402 payment is worth avoiding
 DEFAULT_STARTUP_HOURS = 0.1  # a vendor's usual time from payment to a running job
-EPS = 1e-9
 
 
 def deadline_passed(run: Run) -> bool:
@@ -87,36 +85,11 @@ def hours_to_start(created_at: datetime, started_at: datetime) -> float:
 
 
 def observed_startup(job: Job) -> float | None:
-    """Hours from paying for `job` to its work starting. Where a poll saw it running
-    (`started_at`, set once), the time from its creation (the first payment) to then, whatever
-    became of it since: the start-up had ended. Otherwise (a row with no such time: the
-    simulator's, or one from before the column) as its row tells once it has ended by plan
-    (completed, or stopped at its paid time): the wall time from its creation to its end, less
-    the hours of work it did (progress since it started, of the run's total); that reads 0 at a
-    vendor that runs an hour of work in seconds, hence the column. None for a job not seen
-    running that is still active or failed (a failure may have come in the start-up, and a
-    failed job's last polled progress lags, so its figure would mislead) and for one stopped
-    before it did any work (its start-up had not ended)."""
-    if job.started_at is not None:
-        return hours_to_start(job.created_at, job.started_at)
-    if job.completed_at is None or job.status not in (JobStatus.completed, JobStatus.cancelled):
-        return None
-    if job.progress <= job.start_progress + EPS:
-        return None
-    total = float(job.job_params.get("totalHours") or job.job_params.get("hours", 0.0))
-    worked = max(job.progress - job.start_progress, 0.0) * total
-    return max((job.completed_at - job.created_at).total_seconds() / 3600 - worked, 0.0)
-
-
-def startups_from(jobs: Iterable[Job]) -> dict[str, StartupsSeen]:
-    """The start-ups `jobs` (of any runs) showed, per vendor id: what a store that keeps job rows
-    can give the planner with no figure of its own."""
-    seen: dict[str, StartupsSeen] = {}
-    for job in jobs:
-        hours = observed_startup(job)
-        if hours is not None:
-            seen[job.vendor_id] = seen.get(job.vendor_id, StartupsSeen()).seen(hours)
-    return seen
+    """Hours from paying for `job` to its work starting: from its creation (the first payment)
+    to `started_at`, when a poll first saw it running (set once), whatever became of it since.
+    None for a job never seen running (its start-up may not have ended). Wall time to the end
+    less the work done would read 0 at a vendor that runs an hour of work in seconds."""
+    return None if job.started_at is None else hours_to_start(job.created_at, job.started_at)
 
 
 def startups_seen(
