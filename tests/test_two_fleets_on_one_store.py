@@ -128,13 +128,15 @@ def test_of_two_fleets_starting_at_once_the_later_is_refused_and_holds_nothing(
             take = fleet_repo.take_lease
             raced: list[str] = []
 
-            def alpha_first(s: Session, name: str, owner: str, ttl: float, now: datetime) -> bool:
+            def alpha_first(
+                s: Session, name: str, owner: str, ttl: float, now: datetime, **how: bool
+            ) -> bool:
                 # Alpha's lease lands between beta's look for other fleets and beta's own take.
                 if name == beta.lease_name and not raced:
                     raced.append(name)
                     with alpha.store.session() as other:
                         assert take(other, alpha.lease_name, alpha.owner, ttl, now)
-                return take(s, name, owner, ttl, now)
+                return take(s, name, owner, ttl, now, **how)
 
             monkeypatch.setattr(fleet_repo, "take_lease", alpha_first)
             with pytest.raises(FleetConflict, match="alpha"):

@@ -1,11 +1,12 @@
-"""One scan of the fleet and the loop around it: take the fleet's lease (refused while another
-fleet runs on the store: a store keeps one fleet's state; renewed while the scan runs, and a scan
-whose lease lapsed acts on nothing; one past FLEET_SCAN_TIMEOUT_S is abandoned and the lease let
-go), list the instances, finish interrupted actions, expire and carry out decided ones, read
-every node (or Prometheus, when set), renewing each node's dead-man lease (a dry run takes none),
-keep the samples, analyse, decide, pass the rails, act; announce the fleet's launches the cloud
-stopped but keeps (`kept`). A cloud error is recorded and backed off; nothing in a scan may crash
-the loop, but another fleet running on the store ends it (FleetConflict)."""
+"""One scan of the fleet and the loop around it: take the fleet's lease (refused while another fleet
+runs on the store: a store keeps one fleet's state; a live controller takes it from a dry run,
+which then stands by; renewed while the scan runs, and a scan whose lease lapsed acts on nothing;
+one past FLEET_SCAN_TIMEOUT_S is abandoned and the lease let go), list the instances, finish
+interrupted actions, expire and carry out decided ones, read every node (or Prometheus, when
+set), renewing each node's dead-man lease (a dry run takes none), keep the samples, analyse,
+decide, pass the rails, act; announce the fleet's launches the cloud stopped but keeps (`kept`).
+A cloud error is recorded and backed off; nothing in a scan may crash the loop, but another fleet
+running on the store ends it (FleetConflict)."""
 
 from __future__ import annotations
 
@@ -265,7 +266,9 @@ def _take_alone(ctx: FleetContext) -> bool:
         others = fleet_repo.other_leases_held(s, ctx.lease_name, utcnow())
         if others:
             raise _refusal(ctx, others)
-        held = fleet_repo.take_lease(s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow())
+        held = fleet_repo.take_lease(
+            s, ctx.lease_name, ctx.owner, ctx.cfg.lease_s, utcnow(), dry_run=ctx.dry_run
+        )
     if not held:
         return False
     with ctx.store.session() as s:

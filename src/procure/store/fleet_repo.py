@@ -412,18 +412,25 @@ def outbox_counts(s: Session) -> dict[str, int]:
 # --- the controller lease ------------------------------------------------------------------
 
 
-def take_lease(s: Session, name: str, owner: str, ttl_s: float, now: datetime) -> bool:
-    """Take or renew the fleet's lease (one conditional UPDATE, or the first INSERT)."""
+def take_lease(
+    s: Session, name: str, owner: str, ttl_s: float, now: datetime, *, dry_run: bool = False
+) -> bool:
+    """Take or renew the fleet's lease (one conditional UPDATE, or the first INSERT). A live
+    controller (`dry_run` False) also takes it from a dry run that holds it: a rehearsal never
+    keeps the fleet from being run; the dry run's next renewal fails and it stands by. A dry run
+    takes it only free, lapsed or its own."""
     expires = now + timedelta(seconds=ttl_s)
+    free = (
+        (FleetLeaseRow.owner == owner)
+        | FleetLeaseRow.owner.is_(None)
+        | (FleetLeaseRow.expires_at < now)
+    )
+    if not dry_run:
+        free = free | FleetLeaseRow.dry_run.is_(True)
     result = s.execute(
         update(FleetLeaseRow)
-        .where(
-            FleetLeaseRow.name == name,
-            (FleetLeaseRow.owner == owner)
-            | FleetLeaseRow.owner.is_(None)
-            | (FleetLeaseRow.expires_at < now),
-        )
-        .values(owner=owner, expires_at=expires)
+        .where(FleetLeaseRow.name == name, free)
+        .values(owner=owner, expires_at=expires, dry_run=dry_run)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount == 1:  # type: ignore[attr-defined]
@@ -432,7 +439,7 @@ def take_lease(s: Session, name: str, owner: str, ttl_s: float, now: datetime) -
         return False
     try:
         with s.begin_nested():
-            s.add(FleetLeaseRow(name=name, owner=owner, expires_at=expires))
+            s.add(FleetLeaseRow(name=name, owner=owner, expires_at=expires, dry_run=dry_run))
     except IntegrityError:  # another controller inserted it first
         return False
     return True

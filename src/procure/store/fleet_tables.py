@@ -7,7 +7,18 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, Numeric, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from procure.store.tables import Base
@@ -119,6 +130,9 @@ class OutboxRow(Base):
     __table_args__ = (
         Index("ix_fleet_outbox_due", "channel", "delivered_at", "next_attempt_at"),
         Index("ix_fleet_outbox_delivered", "delivered_at"),
+        # The kept instances' announcements of the last days (`fleet.kept`, each scan): read by
+        # channel and age, not every delivered row of the week (migration 0018).
+        Index("ix_fleet_outbox_channel_created", "channel", "created_at"),
     )
 
 
@@ -136,3 +150,6 @@ class FleetLeaseRow(Base):
     clock_offset_s: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(String(500))
     backoff_until: Mapped[datetime | None]
+    # The holder only rehearses (a dry run): a live controller takes the lease from it, so a
+    # dry run left running never keeps the fleet from being run (migration 0018).
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
