@@ -28,9 +28,11 @@ from procure.local import LocalServer, serve
 
 @dataclass
 class MultiGpuCloud(FakeCloud):
-    """The fake cloud with Lambda's A100 family (1, 2 and 8 GPUs) and its per-minute billing."""
+    """The fake cloud with Lambda's A100 family (1, 2 and 8 GPUs) and its per-minute billing,
+    from the end of the boot."""
 
     billing_increment_s: int = 60
+    bills_boot: bool = False
 
     async def instance_types(self) -> list[InstanceType]:
         return [

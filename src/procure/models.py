@@ -271,7 +271,11 @@ class Job(Model):
         None, description="When the vendor last reported progress"
     )
     started_at: datetime | None = Field(
-        None, description="When the job was first seen running (its start-up ended by then)"
+        None,
+        description=(
+            "When its start-up ended, read between the last poll that found it queued and the"
+            " first that found it running; null where that window was too wide to tell"
+        ),
     )
     created_at: datetime
     updated_at: datetime

@@ -21,7 +21,7 @@ from procure.agent.cloud_money import reserve
 from procure.agent.cloud_node import NodeError, checked_node_url
 from procure.agent.cloud_offers import as_offer, describe_offer
 from procure.agent.cloud_watch import poll, unseen
-from procure.agent.context import PlanContext
+from procure.agent.context import PlanContext, start_read
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.clouds.base import (
     AuthError,
@@ -263,7 +263,13 @@ async def boot(
             cool(deps, terms, success=False)
             inst = mark_ending(deps, inst, "failed", str(exc), fault=True, terminate=True)
             return await terminate(deps, ctx, job, inst, client, terms)
-        boot_s = (now - (inst.launched_at or now)).total_seconds()
+        launched = inst.launched_at or now
+        seen_s = (now - launched).total_seconds()
+        # Its boot ended after the last poll that saw it booting (or its launch) and by this
+        # one: learned only where that window tells (a poll that came late, the worker down,
+        # would have the planner price every boot there at the outage), at its middle.
+        ended = start_read(launched, inst.active_at or launched, now)
+        boot_s = None if ended is None else (ended - launched).total_seconds()
         with deps.store.session() as s:
             cloud_repo.learn(s, terms.provider, terms.region, terms.gpu, boot_s=boot_s)
             # Billed from when it became active, after the last poll that saw it booting (or
@@ -279,7 +285,13 @@ async def boot(
                 s,
                 job.run_id,
                 OBS.job_event,
-                f"Instance {inst.name} booted in {boot_s:.0f}s; its node answers at {node_url}",
+                f"Instance {inst.name} "
+                + (
+                    f"booted in {boot_s:.0f}s"
+                    if boot_s is not None
+                    else f"seen booted {seen_s:.0f}s after its launch (too late to learn its boot)"
+                )
+                + f"; its node answers at {node_url}",
                 vendor_id=job.vendor_id,
             )
             inst = cloud_repo.get_instance(s, inst.name)  # type: ignore[assignment]

@@ -79,16 +79,39 @@ class StartupsSeen:
         return StartupsSeen(self.count + 1, self.hours + hours, min(self.shortest, hours))
 
 
+# A start-up ends somewhere between the last poll that found the job not yet running (or its
+# payment, before any) and the first that found it running. Read where that window is narrow
+# (under a minute, or under a quarter of the start-up known to have passed already), at its
+# middle: off by at most half the window, 30 s or an eighth of the start-up. A wider one (the
+# worker was down, polls were sparse) is not read: a poll an hour late would read an hour's
+# start-up at a vendor that starts in minutes, until 200 newer starts pushed it out.
+START_WINDOW_S = 60.0
+START_WINDOW_SHARE = 0.25
+
+
+def start_read(created_at: datetime, before: datetime, seen_at: datetime) -> datetime | None:
+    """When a job's start-up ended, read off the window it ended in: after `before` (the last
+    poll that found it not yet running, else its creation) and by `seen_at` (the first poll that
+    found it running): the window's middle, or None where the window is too wide to tell."""
+    window = max((seen_at - before).total_seconds(), 0.0)
+    passed = (before - created_at).total_seconds()
+    if window > max(START_WINDOW_S, START_WINDOW_SHARE * passed):
+        return None
+    return before + (seen_at - before) / 2
+
+
 def hours_to_start(created_at: datetime, started_at: datetime) -> float:
-    """A job's start-up: hours from its creation (its first payment) to its being seen running."""
+    """A job's start-up: hours from its creation (its first payment) to its start (`started_at`,
+    `start_read`)."""
     return max((started_at - created_at).total_seconds() / 3600, 0.0)
 
 
 def observed_startup(job: Job) -> float | None:
     """Hours from paying for `job` to its work starting: from its creation (the first payment)
-    to `started_at`, when a poll first saw it running (set once), whatever became of it since.
-    None for a job never seen running (its start-up may not have ended). Wall time to the end
-    less the work done would read 0 at a vendor that runs an hour of work in seconds."""
+    to `started_at`, read when a poll first saw it running (set once, `start_read`), whatever
+    became of it since. None for a job never seen running (its start-up may not have ended) or
+    first seen running too late to tell when it started. Wall time to the end less the work done
+    would read 0 at a vendor that runs an hour of work in seconds."""
     return None if job.started_at is None else hours_to_start(job.created_at, job.started_at)
 
 

@@ -4,11 +4,18 @@ stop the job, and buy the next slice when it is due."""
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
 from procure.agent import joblogs, runlog, slices
-from procure.agent.context import PlanContext, StartupsSeen, deadline_passed, startups_seen
+from procure.agent.context import (
+    PlanContext,
+    StartupsSeen,
+    deadline_passed,
+    start_read,
+    startups_seen,
+)
 from procure.agent.deps import EPS, OBS, AgentDeps, TickResult
 from procure.agent.outcomes import (
     fail_job,
@@ -110,9 +117,6 @@ async def poll(
     if vjob.checkpoint_url and offered > saved + EPS:
         saved_url, saved = vjob.checkpoint_url, offered
     lie = _implausible(job, vjob)
-    # The first poll that finds the job running (or finds it has worked: one polled only once
-    # it had ended) ends its start-up, as far as procure can tell: kept once (`started_at`).
-    seen_running = vjob.status == "running" or vjob.progress > job.start_progress + EPS
     write = PollWrite(
         run_id=job.run_id,
         job_id=job.id,
@@ -126,7 +130,7 @@ async def poll(
         log_lines=kept.counted,
         observations=[(OBS.job_log, line, vendor.vendor_id) for line in kept.lines]
         + [(OBS.job_event, note, vendor.vendor_id) for note in kept.notes],
-        started_at=job.started_at or (now if seen_running else None),
+        started_at=job.started_at or _start_seen(job, vjob, now),
     )
     if saved > job.checkpoint_progress + EPS:
         write.observations.append(
@@ -222,6 +226,20 @@ async def poll(
         if vjob.progress >= limit - EPS:  # it has reached its paid checkpoint: let it go
             return stop_job(deps, ctx, job, vendor, vjob, move)
     return _running(vjob, pending)
+
+
+def _start_seen(job: Job, vjob: VendorJob, now: datetime) -> datetime | None:
+    """When the job's start-up ended, for the first poll that finds it running (or finds it has
+    worked: one polled only once it had ended), kept once (`started_at`); None before, or where
+    the poll came too late to tell (`context.start_read`)."""
+    if not (vjob.status == "running" or vjob.progress > job.start_progress + EPS):
+        return None
+    if job.progressed_at is not None and job.progress > job.start_progress + EPS:
+        return None  # a poll saw it working before, too late to tell when it started
+    # Until a poll sees the job working, its `progressed_at` moves only at a poll that finds it
+    # queued: the last moment it was known not to run. (A window that was too wide at one poll
+    # is wider at the next: a late poll's start-up is never read by a later one.)
+    return start_read(job.created_at, job.progressed_at or job.created_at, now)
 
 
 def late(ctx: PlanContext) -> bool:

@@ -145,7 +145,8 @@ class Cloud(Protocol):
     lost_bills_disk: bool
     # How the cloud bills an instance (the fleet policy's paid increments): in steps of
     # `billing_increment_s` seconds, counted from its launch (`bills_boot`: RunPod, Vast.ai) or
-    # from the end of its boot (Lambda). Each client says so of its own provider.
+    # from the end of its boot (Lambda). Each client says so of its own provider; one that does
+    # not say whether it bills the boot is planned for as if it did, with a warning.
     billing_increment_s: int
     bills_boot: bool
 

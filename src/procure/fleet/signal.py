@@ -176,19 +176,36 @@ def state_for(ctx: FleetContext) -> ControllerState:
     return found
 
 
+# The cloud clients already warned of for not saying whether they bill the boot (once each).
+_UNSAID_BOOT: set[str] = set()
+
+
 def cloud_billing(cloud: Any) -> tuple[float, bool]:
     """(billing increment in seconds, whether the boot is billed) of a fleet's cloud, as its
     client says (`Cloud.billing_increment_s`, `Cloud.bills_boot`): Lambda's bills by the minute
     from the end of the boot; RunPod's and Vast.ai's by the second from the launch; any other
-    cloud as it says, never by its provider's name. A cloud that does not say: per second,
-    from the end of the boot."""
+    cloud as it says, never by its provider's name. A cloud that does not give an increment:
+    per second. One that does not say whether it bills the boot is taken to (and warned of,
+    once): taken not to, a boot already billed by the hour would be called off, its paid hour
+    thrown away, and the instance kept past the hour its bill really ends."""
     increment = getattr(cloud, "billing_increment_s", 1)
     if isinstance(increment, bool) or not isinstance(increment, int | float):
         increment = 1
     if not math.isfinite(increment):
         increment = 1
-    bills_boot = getattr(cloud, "bills_boot", False)
-    return float(max(1, increment)), bills_boot is True
+    bills_boot = getattr(cloud, "bills_boot", None)
+    if not isinstance(bills_boot, bool):
+        kind = cloud if isinstance(cloud, type) else type(cloud)
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        if name not in _UNSAID_BOOT:
+            _UNSAID_BOOT.add(name)
+            log.warning(
+                "cloud client %s does not say whether its cloud bills the boot (bills_boot): "
+                "the fleet plans as if it does",
+                name,
+            )
+        bills_boot = True
+    return float(max(1, increment)), bills_boot
 
 
 async def decide(
