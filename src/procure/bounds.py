@@ -38,11 +38,31 @@ _STEP[ord("[")] = _STEP[ord("{")] = 1
 _STEP[ord("]")] = _STEP[ord("}")] = -1
 
 
+def as_utf8(raw: bytes | str) -> bytes:
+    """`raw` as the UTF-8 bytes `json.loads` reads: it also reads bytes in UTF-16 or UTF-32
+    (detected by their first bytes), where a byte that looks like a quote, a bracket or a
+    digit need not be one (U+0122 is the bytes 0x22 0x01), so those are measured re-encoded.
+    Bytes it cannot decode come back as they are: it reads nothing of them either."""
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogatepass")
+    data = bytes(raw)
+    encoding = json.detect_encoding(data)
+    if encoding.startswith("utf-8"):
+        return data
+    try:
+        return data.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+    except UnicodeError:
+        return data
+
+
 def json_depth(raw: bytes | str) -> int:
     """How deep the arrays and objects of `raw` nest (brackets inside strings do not count).
     Linear and without recursion, so it is safe on any input; on text that is not JSON the
     figure is meaningless but finite."""
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    return _depth(as_utf8(raw))
+
+
+def _depth(data: bytes) -> int:
     if data.count(b"[") + data.count(b"{") <= 1:
         return data.count(b"[") + data.count(b"{")
     brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
@@ -54,12 +74,21 @@ def check_json(
 ) -> None:
     """Raise `UnsafeInput` if `raw` is larger than `max_bytes` or nests deeper than
     `max_depth`."""
-    size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
+    _checked(raw, max_bytes, max_depth)
+
+
+def _checked(raw: bytes | str, max_bytes: int, max_depth: int) -> bytes:
+    """`raw` as UTF-8 (`as_utf8`), once its size (bytes as given, before any decoding; text in
+    UTF-8) and its depth are within bounds; else `UnsafeInput`."""
+    text = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else None
+    size = len(raw) if text is None else len(text)
     if size > max_bytes:
         raise UnsafeInput(f"{size:,} bytes, more than the {max_bytes:,} allowed")
-    depth = json_depth(raw)
+    data = as_utf8(raw) if text is None else text
+    depth = _depth(data)
     if depth > max_depth:
         raise UnsafeInput(f"JSON nested {depth:,} levels deep, more than the {max_depth} allowed")
+    return data
 
 
 def loads(
@@ -67,9 +96,9 @@ def loads(
 ) -> Any:
     """`json.loads` for input from outside: bounded size and depth, and no NaN or Infinity,
     written so or as a number past a float's range such as 1e999 (they are not JSON, and money
-    must be finite). Raises `UnsafeInput`."""
-    check_json(raw, max_bytes=max_bytes, max_depth=max_depth)
-    floats = _finite if _may_overflow(raw) else float
+    must be finite), in any encoding it reads. Raises `UnsafeInput`."""
+    data = _checked(raw, max_bytes, max_depth)
+    floats = _finite if _may_overflow(data) else float
     try:
         return json.loads(raw, parse_constant=_no_constant, parse_float=floats)
     except UnsafeInput:
@@ -89,12 +118,11 @@ _BIG_EXPONENT = b"e000"
 _LONG_RUN = b"0" * 210
 
 
-def _may_overflow(raw: bytes | str) -> bool:
-    """Whether `raw` may hold a number past a float's range: one needs an exponent of three
-    digits or more, or else (an exponent of two adds at most 99) 210 digits before its point.
+def _may_overflow(data: bytes) -> bool:
+    """Whether `data` (UTF-8) may hold a number past a float's range: one needs an exponent of
+    three digits or more, or else (an exponent of two adds at most 99) 210 digits before its point.
     Checked for anywhere, strings too: a false alarm only costs checking each float as it is
     read, which slows a body of numbers by a fifth or more; this look costs a few percent."""
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
     seen = data.translate(_NUMERALS, b"+")
     # (A body without any e, most bodies of numbers, skips the slower of the two looks.)
     return (b"e" in seen and _BIG_EXPONENT in seen) or _LONG_RUN in seen

@@ -234,7 +234,7 @@ def _note(ctx: FleetContext, now: datetime, error: str | None) -> None:
     # not pass for a clock behind (approvals would be judged that much late).
     wall = utcnow() - (ctx.clock() - now)
     with ctx.store.session() as s:
-        fleet_repo.note_scan(s, ctx.lease_name, now, error, ctx.backoff_until, wall=wall)
+        fleet_repo.note_scan(s, ctx.lease_name, ctx.owner, now, error, ctx.backoff_until, wall=wall)
 
 
 class FleetConflict(Exception):
@@ -338,9 +338,9 @@ def _abandoned(ctx: FleetContext, now: datetime, limit: float) -> ScanResult:
     )
     log.warning("fleet scan: %s", error)
     try:
+        _note(ctx, now, error)  # while the lease is still this controller's
         with ctx.store.session() as s:
             fleet_repo.release_lease(s, ctx.lease_name, ctx.owner)
-        _note(ctx, now, error)
     except Exception as exc:  # the store's own trouble: the lease lapses by itself
         log.warning("after an abandoned scan: %s", redact(clip(str(exc), 300)))
     return ScanResult(at=now, error=error)

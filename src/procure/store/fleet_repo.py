@@ -489,17 +489,21 @@ def lease_row(s: Session, name: str) -> FleetLeaseRow | None:
 def note_scan(
     s: Session,
     name: str,
+    owner: str,
     now: datetime,
     error: str | None,
     backoff_until: datetime | None,
     *,
     wall: datetime | None = None,
 ) -> None:
-    """The scan's outcome; `now` is on the controller's clock, `wall` the wall clock then."""
+    """The scan's outcome; `now` is on the controller's clock, `wall` the wall clock then.
+    Noted only while `owner` holds the lease (or held it last): a scan whose lease another
+    controller took meanwhile (a live one from a dry run) would put its error, its older scan
+    and its backoff on the fleet's record, under the other's name (`fleet status`)."""
     offset = None if wall is None else (now - wall).total_seconds()
     s.execute(
         update(FleetLeaseRow)
-        .where(FleetLeaseRow.name == name)
+        .where(FleetLeaseRow.name == name, FleetLeaseRow.owner == owner)
         .values(
             last_scan_at=now,
             clock_offset_s=offset,
