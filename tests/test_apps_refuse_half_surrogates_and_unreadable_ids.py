@@ -6,7 +6,7 @@ with a 422. A whole pair (an emoji), and such words inside strings, still pass."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +58,14 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     vast.stop()
 
 
-def post(url: str, body: bytes, token: str | None = None) -> httpx.Response:
+def send(url: str, body: bytes, token: str | None = None) -> httpx.Response:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return httpx.post(url, content=body, headers=headers, timeout=15)
+
+
+post = send
 
 
 def refused(answer: httpx.Response, why: str = "surrogate|UTF-8") -> None:
@@ -70,13 +73,28 @@ def refused(answer: httpx.Response, why: str = "surrogate|UTF-8") -> None:
     assert any(word in answer.json()["error"] for word in why.split("|")), answer.text
 
 
-@pytest.mark.parametrize("half", [LONE, RAW], ids=["escaped", "utf8-bytes"])
-def test_half_a_surrogate_pair_is_a_400_at_every_service(services: Services, half: bytes) -> None:
+def _utf16(body: bytes) -> bytes:
+    return body.decode("utf-8", "surrogatepass").encode("utf-16-le", "surrogatepass")
+
+
+@pytest.mark.parametrize(
+    ("half", "encoded"),
+    [(LONE, bytes), (RAW, bytes), (RAW, _utf16)],
+    ids=["escaped", "utf8-bytes", "utf16-body"],
+)
+def test_half_a_surrogate_pair_is_a_400_at_every_service(
+    services: Services, half: bytes, encoded: Callable[[bytes], bytes]
+) -> None:
     """Before the fix: FastAPI's own 422 quotes the input, which half a pair cannot be encoded
     in: the facilitator (`/verify`, `/settle`, `/faucet`), the mock vendor (`/quote`,
     `/cancel-job`, `/admin/faults`) and the mock clouds' admin routes answered 500, their logs a
-    UnicodeEncodeError traceback."""
+    UnicodeEncodeError traceback. And (utf16-body) the bounds looked for it in UTF-8 bytes only,
+    while JSON's parser also reads a body in UTF-16: such a body passed them."""
     fac, vendor = services.facilitator.url, services.vendor.url
+
+    def post(url: str, body: bytes, token: str | None = None) -> httpx.Response:
+        return send(url, encoded(body), token)
+
     refused(post(f"{fac}/verify", b'"' + half + b'"'))
     refused(post(f"{fac}/settle", b'"' + half + b'"'))
     refused(post(f"{fac}/faucet", b'{"address": "' + half + b'", "amount": 1}'))

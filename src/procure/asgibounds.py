@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from procure.bounds import MAX_JSON_DEPTH, MAX_REQUEST_BYTES, clip, json_depth
+from procure.bounds import MAX_JSON_DEPTH, MAX_REQUEST_BYTES, as_utf8, clip, json_depth
 
 _JSON_HEADERS = (b"payment-signature", b"x-payment", b"payment-required", b"payment-response")
 # Half a UTF-16 surrogate pair, escaped, in JSON text whose escaped backslashes (`\\`) were
@@ -110,7 +110,9 @@ def not_text(body: bytes) -> str | None:
     pair, escaped (`"\\ud800"`, which JSON's grammar allows) or spelled in UTF-8 bytes.
     Parsed, it is a lone surrogate that is not Unicode: FastAPI's own 422 quotes the input and
     could not be encoded (a 500), and a route that let it through crashed any store, file or
-    log writing it as UTF-8. Linear: a few passes in C, whatever the body holds."""
+    log writing it as UTF-8. Linear: a few passes in C, whatever the body holds. A body in
+    UTF-16 or UTF-32 (which JSON's parser reads too) is looked at as UTF-8 (`bounds.as_utf8`)."""
+    body = as_utf8(body)
     if _RAW_SURROGATE.search(body):
         return "the body is not UTF-8"
     if b"\\u" not in body:
