@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from shared_tls import share_default_tls_context
 from stores import POSTGRES_ENV, migrated_sqlite, postgres_database
 from world import World, start_world
+
+share_default_tls_context()
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 

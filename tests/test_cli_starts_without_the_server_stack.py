@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cli_run import cli_env
+from procure.local import free_port
 
 # Runs `procure` as its script does, then writes the names of the modules it loaded to a file:
 # at exit, so that what the command imported while it ran counts too
@@ -30,13 +31,16 @@ STORE = ("sqlalchemy", "alembic")
 SETTINGS = ("pydantic_settings",)
 
 
-def loaded(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
-    """`procure *args` in a process of its own, and the top-level packages it had loaded."""
+def loaded(
+    tmp_path: Path, *args: str, **extra: str
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """`procure *args` in a process of its own (`extra` in its environment), and the top-level
+    packages it had loaded."""
     where = tmp_path / "modules.json"
     result = subprocess.run(
         [sys.executable, "-c", _LOADED, str(where), *args],
         cwd=tmp_path,
-        env=cli_env(tmp_path, {}),
+        env=cli_env(tmp_path, extra),
         capture_output=True,
         text=True,
         timeout=120,
@@ -102,3 +106,37 @@ def test_a_store_read_loads_the_store_not_the_servers(
     assert result.returncode == 0, result.stderr[-800:]
     assert "sqlalchemy" in packages
     assert packages.isdisjoint(SERVERS), sorted(packages & set(SERVERS))
+
+
+SIGNING = ("web3",)  # the x402 SDK's EVM code, which signs a payment
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("worker", "--once"), ("run", "tick", "no-such-run"), ("run", "cancel", "no-such-run")],
+    ids=" ".join,
+)
+def test_a_start_that_pays_nobody_loads_no_signing_code(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """Before the fix: the payer imported the x402 SDK's EVM scheme, and with it web3 (about
+    0.5 s of CPU), at every start of the agent: a worker with nothing to pay, a tick or a cancel
+    of a run that does not exist loaded it too. It is loaded at the first payment now."""
+    result, packages = loaded(tmp_path, *args)
+    assert "Traceback" not in result.stderr, result.stderr[-800:]
+    assert "sqlalchemy" in packages  # the command did reach the store
+    assert packages.isdisjoint(SIGNING), sorted(packages & set(SIGNING))
+
+
+def test_vendors_seed_loads_neither_the_chain_nor_the_servers(tmp_path: Path) -> None:
+    """Before the fix: `procure vendors seed` asks the facilitator for its asset through
+    `procure.local`, which imported the local chain (web3, eth_tester), FastAPI and the mock
+    vendor's x402 server (about 1.2 s of CPU) for one HTTP GET."""
+    result, packages = loaded(
+        tmp_path, "vendors", "seed", X402_FACILITATOR_URL=f"http://127.0.0.1:{free_port()}"
+    )
+    assert result.returncode == 1 and "procure facilitator" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "sqlalchemy" in packages
+    chain = ("web3", "eth_tester", "fastapi", "starlette", "uvicorn")
+    assert packages.isdisjoint(chain), sorted(packages & set(chain))

@@ -9,20 +9,24 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
-from fastapi import FastAPI
-from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 
 from procure.bounds import UnsafeInput, loads
 from procure.httpbounds import bounded_client, tls_context
-from procure.models import Vendor
-from procure.payments.chain import LocalChain
-from procure.payments.facilitator import create_facilitator_app
-from procure.settings import Settings
-from procure.uvserver import Server, local_server
-from procure.vendors.mock import MockVendorConfig, create_mock_vendor_app
-from procure.vendors.registry import vendor_payee
+
+# The facilitator's chain (web3, eth_tester), the mock vendor's x402 server and uvicorn are
+# imported by the functions that start them: `free_port` and `asset_info` serve processes (the
+# mock clouds, `vendors seed`) that run none of them.
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from x402.http import HTTPFacilitatorClient
+
+    from procure.models import Vendor
+    from procure.settings import Settings
+    from procure.uvserver import Server
+    from procure.vendors.mock import MockVendorConfig
 
 
 def free_port() -> int:
@@ -58,6 +62,8 @@ def stop_all(servers: list[LocalServer]) -> None:
 def serve(app: FastAPI, port: int | None = None, host: str = "127.0.0.1") -> LocalServer:
     """Start `app` on `host` (loopback) in a daemon thread; return once it accepts
     connections."""
+    from procure.uvserver import local_server
+
     port = port or free_port()
     server = local_server(app, host, port)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
@@ -71,6 +77,9 @@ def serve(app: FastAPI, port: int | None = None, host: str = "127.0.0.1") -> Loc
 
 
 def start_facilitator(journal: Path, port: int | None = None) -> LocalServer:
+    from procure.payments.chain import LocalChain
+    from procure.payments.facilitator import create_facilitator_app
+
     return serve(create_facilitator_app(LocalChain(journal)), port)
 
 
@@ -111,6 +120,9 @@ def mock_fail_rate(settings: Settings, vendor_id: str) -> float:
 def mock_vendor_config(
     vendor: Vendor, facilitator_url: str, secret: str, **overrides: object
 ) -> MockVendorConfig:
+    from procure.vendors.mock import MockVendorConfig
+    from procure.vendors.registry import vendor_payee
+
     info = asset_info(facilitator_url)
     fields: dict[str, object] = {
         "vendor_id": vendor.vendor_id,
@@ -129,6 +141,8 @@ def mock_vendor_config(
 
 def facilitator_client(facilitator_url: str, timeout_s: float = 10.0) -> HTTPFacilitatorClient:
     """The x402 SDK's facilitator client, each of its calls bounded in time and size."""
+    from x402.http import FacilitatorConfig, HTTPFacilitatorClient
+
     http = bounded_client(deadline_s=timeout_s, follow_redirects=False)
     return HTTPFacilitatorClient(FacilitatorConfig(url=facilitator_url, http_client=http))
 
@@ -136,4 +150,6 @@ def facilitator_client(facilitator_url: str, timeout_s: float = 10.0) -> HTTPFac
 def start_mock_vendor(
     cfg: MockVendorConfig, facilitator_url: str, port: int | None = None
 ) -> LocalServer:
+    from procure.vendors.mock import create_mock_vendor_app
+
     return serve(create_mock_vendor_app(cfg, facilitator_client(facilitator_url)), port)

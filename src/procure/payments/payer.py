@@ -11,29 +11,31 @@ has passed unused, no copy of it, sent or not, can ever move money.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from eth_account.signers.local import LocalAccount
-from eth_utils import keccak, to_checksum_address
-from x402 import x402Client
-from x402.mechanisms.evm.exact import ExactEvmScheme
-from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload
-from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
-from x402.schemas import AbortResult, PaymentRequirements
-from x402.schemas.v1 import PaymentRequirementsV1
+from eth_hash.auto import keccak
 
 from procure.crashpoints import crash_point
 from procure.models import format_usd
 
+# The SDK's EVM code (web3, eth_account: about 1 s of CPU) is imported at the first payment,
+# not at every start: `procure serve`, `run cancel` and an idle worker never sign anything.
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+    from x402 import x402Client
+    from x402.schemas import PaymentRequirements
+    from x402.schemas.v1 import PaymentRequirementsV1
+
 
 def payment_nonce(payment_id: str) -> str:
     """The EIP-3009 nonce of a payment: a pure function of its id, stable across retries."""
-    return "0x" + keccak(text=f"procure-payment:{payment_id}").hex()
+    return "0x" + keccak(f"procure-payment:{payment_id}".encode()).hex()
 
 
 def authorization_deadline(created_at: datetime, window_s: float) -> int:
@@ -43,7 +45,19 @@ def authorization_deadline(created_at: datetime, window_s: float) -> int:
 
 _HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _HEX = re.compile(r"^0x[0-9a-fA-F]{1,64}$")
-_LEGACY_NAMES = {f"eip155:{chain}": name for name, chain in V1_NETWORK_CHAIN_IDS.items()}
+
+
+@functools.cache
+def _v1_chain_ids() -> dict[str, int]:
+    """The SDK's x402 v1 legacy network names and their chain ids."""
+    from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
+
+    return dict(V1_NETWORK_CHAIN_IDS)
+
+
+@functools.cache
+def _legacy_names() -> dict[str, str]:
+    return {f"eip155:{chain}": name for name, chain in _v1_chain_ids().items()}
 
 
 def is_hex_address(value: object) -> bool:
@@ -60,18 +74,20 @@ def same_address(a: str, b: str) -> bool:
 def caip2_network(network: str) -> str:
     """A network as CAIP-2 (`eip155:<chain id>`): x402 v1 vendors name known chains by legacy
     names (`base-sepolia`), which are mapped; any other name is returned unchanged."""
-    chain = V1_NETWORK_CHAIN_IDS.get(network)
+    chain = _v1_chain_ids().get(network)
     return f"eip155:{chain}" if chain is not None else network
 
 
 def legacy_network(network: str) -> str | None:
     """The x402 v1 legacy name of a CAIP-2 network, if it has one."""
-    return _LEGACY_NAMES.get(network)
+    return _legacy_names().get(network)
 
 
 def _checksummed(requirements: PaymentRequirements) -> PaymentRequirements:
     """The requirements with payee and asset in EIP-55 form, as the TypeScript client signs
     them (viem's getAddress): a lowercase `payTo` or asset is paid, not refused."""
+    from eth_utils import to_checksum_address
+
     return requirements.model_copy(
         update={
             "pay_to": to_checksum_address(requirements.pay_to),
@@ -83,6 +99,8 @@ def _checksummed(requirements: PaymentRequirements) -> PaymentRequirements:
 
 def v2_requirements(req: PaymentRequirementsV1) -> PaymentRequirements:
     """A v1 requirement in v2 terms (what the EVM 'exact' scheme signs is the same)."""
+    from x402.schemas import PaymentRequirements
+
     extra: Any = req.extra or {}
     if isinstance(extra, str):  # some v1 vendors send `extra` as a JSON string
         extra = json.loads(extra)
@@ -97,34 +115,44 @@ def v2_requirements(req: PaymentRequirementsV1) -> PaymentRequirements:
     )
 
 
-class FixedNonceExactEvmScheme(ExactEvmScheme):
-    """The SDK's exact EVM client scheme, with the authorisation's nonce and `validBefore` fixed
-    by the caller, so that every attempt at one payment signs the same authorisation."""
+@functools.cache
+def _fixed_nonce_scheme() -> type[Any]:
+    """`FixedNonceExactEvmScheme`, defined at its first use: it subclasses the SDK's scheme,
+    whose import loads web3."""
+    from x402.mechanisms.evm.exact import ExactEvmScheme
+    from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload
 
-    def __init__(self, signer: LocalAccount, nonce: str, valid_before: int) -> None:
-        super().__init__(signer)
-        self._nonce = nonce
-        self._valid_before = valid_before
+    class FixedNonceExactEvmScheme(ExactEvmScheme):
+        """The SDK's exact EVM client scheme, with the authorisation's nonce and `validBefore`
+        fixed by the caller, so that every attempt at one payment signs the same
+        authorisation."""
 
-    def create_payment_payload(
-        self, requirements: PaymentRequirements, extensions: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        if (requirements.extra or {}).get("assetTransferMethod") == "permit2":
-            raise ValueError("permit2 payments are not supported: EIP-3009 only")
-        if not (is_hex_address(requirements.pay_to) and is_hex_address(requirements.asset)):
-            raise ValueError("payee and asset must be 20-byte hex addresses")
-        requirements = _checksummed(requirements)
-        authorization = ExactEIP3009Authorization(
-            from_address=self._signer.address,
-            to=requirements.pay_to,
-            value=requirements.amount,
-            valid_after="0",
-            valid_before=str(self._valid_before),
-            nonce=self._nonce,
-        )
-        signature = self._sign_authorization(authorization, requirements)
-        crash_point("signed")
-        return ExactEIP3009Payload(authorization=authorization, signature=signature).to_dict()
+        def __init__(self, signer: LocalAccount, nonce: str, valid_before: int) -> None:
+            super().__init__(signer)
+            self._nonce = nonce
+            self._valid_before = valid_before
+
+        def create_payment_payload(
+            self, requirements: PaymentRequirements, extensions: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
+            if (requirements.extra or {}).get("assetTransferMethod") == "permit2":
+                raise ValueError("permit2 payments are not supported: EIP-3009 only")
+            if not (is_hex_address(requirements.pay_to) and is_hex_address(requirements.asset)):
+                raise ValueError("payee and asset must be 20-byte hex addresses")
+            requirements = _checksummed(requirements)
+            authorization = ExactEIP3009Authorization(
+                from_address=self._signer.address,
+                to=requirements.pay_to,
+                value=requirements.amount,
+                valid_after="0",
+                valid_before=str(self._valid_before),
+                nonce=self._nonce,
+            )
+            signature = self._sign_authorization(authorization, requirements)
+            crash_point("signed")
+            return ExactEIP3009Payload(authorization=authorization, signature=signature).to_dict()
+
+    return FixedNonceExactEvmScheme
 
 
 class FixedNonceExactEvmSchemeV1:
@@ -133,7 +161,7 @@ class FixedNonceExactEvmSchemeV1:
 
     scheme = "exact"
 
-    def __init__(self, v2: FixedNonceExactEvmScheme) -> None:
+    def __init__(self, v2: Any) -> None:  # a `_fixed_nonce_scheme()`
         self._v2 = v2
 
     def create_payment_payload(self, requirements: PaymentRequirementsV1) -> dict[str, Any]:
@@ -207,17 +235,20 @@ def build_payer(
     """An x402 client that pays at most once, only what `limits` allow, with `nonce`, by an
     authorisation valid until `valid_before` (unix seconds; the agent derives it from the
     payment with `authorization_deadline`, default: five minutes from now)."""
+    from x402 import x402Client
+    from x402.schemas import AbortResult
+
     if valid_before is None:
         valid_before = int(time.time()) + 300
     client = x402Client()
-    scheme = FixedNonceExactEvmScheme(account, nonce, valid_before)
+    scheme = _fixed_nonce_scheme()(account, nonce, valid_before)
     # Register for every EVM chain, v2 and v1 (CAIP-2 and legacy names), so a 402 on a foreign
     # network reaches the guard below and is refused with its reason, rather than matching
     # nothing.
     client.register("eip155:*", scheme)
     v1 = FixedNonceExactEvmSchemeV1(scheme)
     client.register_v1("eip155:*", v1)  # type: ignore[arg-type]
-    for name in V1_NETWORK_CHAIN_IDS:
+    for name in _v1_chain_ids():
         client.register_v1(name, v1)  # type: ignore[arg-type]
     # The SDK's own spend controls hold the same limits: one asset on one network (by either
     # of its names), capped at the quote. A 402 outside them matches nothing; the caller
