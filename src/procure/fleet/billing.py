@@ -1,6 +1,6 @@
 """What procure's fleet policy knows of the provider's billing: when each instance's billing
-began, so when its paid increment ends, which boots no queued job needs any more, and which
-idle instances a late job would renew for little."""
+began, so when its paid increment ends, which boots no queued job needs any more (or only one
+a smaller type holds), and which idle instances a late job would renew for little."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from procure.clouds.base import InstanceType
 from procure.fleet.monitor import InstanceView
 
 if TYPE_CHECKING:
@@ -53,26 +54,46 @@ class BillingClock:
 
 
 def unneeded_boots(
-    running: Sequence[InstanceView], signal: FleetSignal, step_s: float
-) -> list[InstanceView]:
+    running: Sequence[InstanceView],
+    signal: FleetSignal,
+    step_s: float,
+    offers: Sequence[InstanceType] = (),
+    patience_s: float = float("inf"),
+) -> list[tuple[InstanceView, int]]:
     """Where billing starts once booted and comes in long increments, the booting instances
-    that no queued job will take any more (a place freed elsewhere took the job each was
-    launched for), at the last scan before their boot ends: each would be billed a whole
-    increment for nothing, and booting is free."""
+    that no queued job needs any more (a place freed elsewhere took the job each was launched
+    for), at the last scan before their boot ends, each with the GPUs queued jobs would take on
+    it: each would be billed a whole increment for nothing, and booting is free. So is one whose
+    queued takers fill at most half of its GPUs where a smaller type of `offers` with capacity
+    holds the largest of them (an 8-GPU node whose 8-GPU job went elsewhere, taken by a 1-GPU
+    job, would bill 8 GPUs for a whole increment), and none of them has waited longer than
+    `patience_s`: those jobs get a launch of their own size at the next scan, a boot later."""
     if signal.bills_boot or signal.billing_increment_s < LONG_INCREMENT_S:
         return []
     booting = [v for v in running if v.instance.status == "booting"]
     room = [v.instance.gpus for v in booting]
-    taken = [False] * len(booting)
-    for gpus, _ in signal.queued:  # the same first fit as the launches count on
+    taken = [0] * len(booting)
+    largest = [0] * len(booting)
+    waited = [0.0] * len(booting)
+    for gpus, wait in signal.queued:  # the same first fit as the launches count on
         slot = next((k for k, f in enumerate(room) if f >= gpus), None)
         if slot is not None:
             room[slot] -= gpus
-            taken[slot] = True
+            taken[slot] += gpus
+            largest[slot] = max(largest[slot], gpus)
+            waited[slot] = max(waited[slot], wait)
+
+    def unneeded(k: int, v: InstanceView) -> bool:
+        n = v.instance.gpus
+        if taken[k] == 0:
+            return True
+        smaller = any(largest[k] <= t.gpus < n and t.regions_with_capacity for t in offers)
+        return 2 * taken[k] <= n and smaller and waited[k] <= patience_s
+
     return [
-        v
-        for v, wanted in zip(booting, taken, strict=True)
-        if not wanted
+        (v, taken[k])
+        for k, v in enumerate(booting)
+        if unneeded(k, v)
         and (signal.now - v.instance.first_seen_at).total_seconds() >= signal.boot_s - step_s
     ]
 

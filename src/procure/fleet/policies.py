@@ -201,18 +201,20 @@ class ProcurePolicy:
       been idle for `hold_s` (ski rental: staying idle that long costs what booting another
       would); with per-second billing that is at once after the hold. Its increments are
       counted from when billing began (the end of its boot, where the cloud bills from there).
-      Billed by long increments, a boot that no queued job needs any more is called off before
-      it ends (booting is free; its first hour is not), and a half-used node whose jobs fit on
-      another node in use goes at the end of its increment (they move there, nothing bought),
-      as does one whose jobs came too late for a replacement to boot before that end: they
-      restart on the smaller types launched for them then (`consolidate.restarts`; renewing
-      would buy its free GPUs for a whole increment); an idle node with more GPUs than the
-      average job goes in its increment's last quarter (a small job landing then would renew
-      all of it; only where arrivals are counted, as the simulators do). A moved node's
-      replacement is launched only where it boots before that node's increment ends and, with
-      a target of `AHEAD_BOOTS` boots or more, not ahead at all: its jobs then restart on
-      types launched at that end (one launched ahead is billed a whole increment from its
-      boot, even where the job it was for ends first).
+      Billed by long increments, a boot that no queued job needs any more is called off before it
+      ends (booting is free; its first hour is not), as is one the jobs queued would fill at most
+      half of where a smaller type holds them (they get their own size, a boot later, where that
+      still starts them within the target; not at the instance cap, where the last launch is the
+      largest type), and a half-used node whose jobs fit on another node in use goes at the end of
+      its increment (they move there, nothing bought), as does one whose jobs came too late for a
+      replacement to boot before that end: they restart on the smaller types launched for them then
+      (`consolidate.restarts`; renewing would buy its free GPUs for a whole increment); an idle node
+      with more GPUs than the average job goes in its increment's last quarter (a small job landing
+      then would renew all of it; only where arrivals are counted, as the simulators do). A moved
+      node's replacement is launched only where it boots before that node's increment ends and, with
+      a target of `AHEAD_BOOTS` boots or more, not ahead at all: its jobs then restart on types
+      launched at that end (one launched ahead is billed a whole increment from its boot, even where
+      the job it was for ends first).
     - Moves (only where the scheduler's placement is known, as in the simulators): a node with
       GPUs to spare for `migrate_after_s` is replaced by smaller types that hold its jobs
       (`consolidate.right_size`).
@@ -304,16 +306,28 @@ class ProcurePolicy:
         moving: bool,
         count: int,
     ) -> list[Proposal]:
-        """Boots no queued job needs any more (`billing.unneeded_boots`) are called off, but
-        not those launched as headroom or to take a moved job, nor under the minimum."""
+        """Boots no queued job needs any more, or only jobs a smaller type holds
+        (`billing.unneeded_boots`), are called off, but not those launched as headroom or to
+        take a moved job, nor under the minimum."""
         if moving or self.spare_gpus(signal) > 0:
             return []
         out: list[Proposal] = []
-        for v in unneeded_boots(running, signal, 1.5 * cfg.scan_interval_s):
+        # At the instance cap the jobs' own launch would be the largest type again (the last
+        # instance the cap allows holds as many GPUs as it can): keep the boot there.
+        offers = self._offers(cfg, signal) if len(running) < cfg.max_instances else []
+        step = 1.5 * cfg.scan_interval_s
+        # Jobs that would take a boot called off still start within the target on their own.
+        patience = self.target_wait_s - signal.boot_s - step
+        for v, taken in unneeded_boots(running, signal, step, offers, patience):
             if count <= cfg.min_instances:
                 break
             count -= 1
             reason = "booting for a job that found a place elsewhere; billing has not begun"
+            if taken:
+                reason += (
+                    f"; the jobs queued for it fill {taken} of its {v.instance.gpus} GPUs: "
+                    "a smaller type is launched for them"
+                )
             out.append(_terminate(v, reason))
         return out
 
