@@ -53,6 +53,19 @@ class BillingClock:
         return increment - age % increment
 
 
+def _first_fit(rooms: Sequence[int], queued: Sequence[tuple[int, float]]) -> list[int | None]:
+    """Where each queued job goes among `rooms` (free GPUs), the first that holds it, in the
+    queue's order, as the launches count on; None where none does."""
+    left = list(rooms)
+    slots: list[int | None] = []
+    for gpus, _ in queued:
+        slot = next((k for k, f in enumerate(left) if f >= gpus), None)
+        if slot is not None:
+            left[slot] -= gpus
+        slots.append(slot)
+    return slots
+
+
 def unneeded_boots(
     running: Sequence[InstanceView],
     signal: FleetSignal,
@@ -67,18 +80,20 @@ def unneeded_boots(
     queued takers fill at most half of its GPUs where a smaller type of `offers` with capacity
     holds the largest of them (an 8-GPU node whose 8-GPU job went elsewhere, taken by a 1-GPU
     job, would bill 8 GPUs for a whole increment), and none of them has waited longer than
-    `patience_s`: those jobs get a launch of their own size at the next scan, a boot later."""
+    `patience_s`: those jobs get a launch of their own size at the next scan, a boot later.
+    None is called off where its jobs would then take the room of a job that another boot
+    holds and that has waited longer (a scheduler may list a new small job before an old big
+    one): that job, due already, would lose its boot and wait another, past its target."""
     if signal.bills_boot or signal.billing_increment_s < LONG_INCREMENT_S:
         return []
     booting = [v for v in running if v.instance.status == "booting"]
-    room = [v.instance.gpus for v in booting]
+    rooms = [v.instance.gpus for v in booting]
+    placed = _first_fit(rooms, signal.queued)
     taken = [0] * len(booting)
     largest = [0] * len(booting)
     waited = [0.0] * len(booting)
-    for gpus, wait in signal.queued:  # the same first fit as the launches count on
-        slot = next((k for k, f in enumerate(room) if f >= gpus), None)
+    for slot, (gpus, wait) in zip(placed, signal.queued, strict=True):
         if slot is not None:
-            room[slot] -= gpus
             taken[slot] += gpus
             largest[slot] = max(largest[slot], gpus)
             waited[slot] = max(waited[slot], wait)
@@ -90,12 +105,28 @@ def unneeded_boots(
         smaller = any(largest[k] <= t.gpus < n and t.regions_with_capacity for t in offers)
         return 2 * taken[k] <= n and smaller and waited[k] <= patience_s
 
-    return [
-        (v, taken[k])
-        for k, v in enumerate(booting)
-        if unneeded(k, v)
-        and (signal.now - v.instance.first_seen_at).total_seconds() >= signal.boot_s - step_s
-    ]
+    def displaces(off: set[int]) -> bool:
+        """Would a job placed on a boot kept, which has waited longer than `patience_s`, have
+        no place once the boots `off` are gone? (One that has waited less gets a launch of its
+        own in time.)"""
+        fit = _first_fit([-1 if k in off else r for k, r in enumerate(rooms)], signal.queued)
+        return any(
+            p is not None and p not in off and f is None and wait > patience_s
+            for p, f, (_, wait) in zip(placed, fit, signal.queued, strict=True)
+        )
+
+    out: list[tuple[InstanceView, int]] = []
+    off: set[int] = set()  # each prefix of `out` is checked: the caller may stop at any one
+    for k, v in enumerate(booting):
+        if not unneeded(k, v):
+            continue
+        if (signal.now - v.instance.first_seen_at).total_seconds() < signal.boot_s - step_s:
+            continue
+        if displaces(off | {k}):
+            continue
+        off.add(k)
+        out.append((v, taken[k]))
+    return out
 
 
 def renews_for_little(v: InstanceView, signal: FleetSignal, paid_left_s: float) -> bool:

@@ -205,10 +205,12 @@ class ProcurePolicy:
       ends (booting is free; its first hour is not), as is one the jobs queued would fill at most
       half of where a smaller type holds them (they get their own size, a boot later, where that
       still starts them within the target; not at the instance cap, where the last launch is the
-      largest type), and a half-used node whose jobs fit on another node in use goes at the end of
-      its increment (they move there, nothing bought), as does one whose jobs came too late for a
-      replacement to boot before that end: they restart on the smaller types launched for them then
-      (`consolidate.restarts`; renewing would buy its free GPUs for a whole increment); an idle node
+      largest type, nor under the rails' launch cooldown, which would hold theirs, nor where they
+      would take the room of a due job on another boot), and a half-used node whose jobs fit on
+      another node in use goes at the end of its increment (they move there, nothing bought), as
+      does one whose jobs came too late for a replacement to boot before that end: they restart
+      on the smaller types launched for them then (`consolidate.restarts`; renewing would buy its
+      free GPUs for a whole increment); an idle node
       with more GPUs than the average job goes in its increment's last quarter (a small job landing
       then would renew all of it; only where arrivals are counted, as the simulators do). A moved
       node's replacement is launched only where it boots before that node's increment ends and, with
@@ -313,8 +315,11 @@ class ProcurePolicy:
             return []
         out: list[Proposal] = []
         # At the instance cap the jobs' own launch would be the largest type again (the last
-        # instance the cap allows holds as many GPUs as it can): keep the boot there.
-        offers = self._offers(cfg, signal) if len(running) < cfg.max_instances else []
+        # instance the cap allows holds as many GPUs as it can): keep the boot there. Under the
+        # rails' cooldown between launches, their launch waits out the cooldown of this boot's
+        # own (and of any launch after it), past their target: keep it there too.
+        own_size = len(running) < cfg.max_instances and cfg.action_cooldown_mins <= 0
+        offers = self._offers(cfg, signal) if own_size else []
         step = 1.5 * cfg.scan_interval_s
         # Jobs that would take a boot called off still start within the target on their own.
         patience = self.target_wait_s - signal.boot_s - step
