@@ -13,7 +13,10 @@ whether procure closes at least 90 % of Uniform Progress's gap to the hindsight 
 miss; where it does not, whether that goal is out of reach (the stats-optimal policy closes
 less on the real traces, and the exact optimum less in the fitted worlds) and how close procure
 comes to each. --json writes one line per (trace, start, deadline, overhead, policy), in the
-format of the traces' README. --model-windows 0 skips the fitted worlds (a third of the time).
+format of the traces' README. --model-windows 0 skips the fitted worlds (a third of the time);
+more windows than --model-chunk per trace are played in parts, so that every worker shares them
+(the same windows as in one pass), and the verdict states on which side of the goal the exact
+optimum's share lies, at what one-sided confidence.
 --learned adds the policy an agent could learn: the optimal policy of the chain fitted on each
 window's own past (out of sample), procure's planner where that past is under two days.
 """
@@ -21,6 +24,7 @@ window's own past (out of sample), procure's planner where that past is under tw
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,12 +49,45 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-Task = tuple[Path, Path | None, list[float], list[float], int, int, bool]
+# (file, folder, deadlines, overheads, starts, fitted-world windows, learned row, windows
+# skipped): one trace's real windows and first fitted-world windows, or a later part of those.
+Task = tuple[Path, Path | None, list[float], list[float], int, int, bool, int]
 
 
 def _rows(args: Task) -> tuple[list[dict[str, object]], list[ModelRow]]:
-    path, root, deadlines, overheads, starts, windows, learn = args
-    return trace_rows(load_trace(path, root), deadlines, overheads, starts, windows, learn)
+    path, root, deadlines, overheads, starts, windows, learn, skip = args
+    trace = load_trace(path, root)
+    return trace_rows(trace, deadlines, overheads, starts, windows, learn, model_skip=skip)
+
+
+def tasks_for(found: list[tuple[Path, Path | None]], args: argparse.Namespace) -> list[Task]:
+    """Per trace, its real windows with the first `--model-chunk` fitted-world windows; then
+    the rest of those windows in parts of that many, so that many workers share them."""
+    chunk = max(args.model_chunk, 1)
+    d, r = args.deadlines, args.overheads
+    first: list[Task] = [
+        (path, root, d, r, args.starts, min(args.model_windows, chunk), args.learned, 0)
+        for path, root in found
+    ]
+    rest: list[Task] = [
+        (path, root, d, r, 0, min(chunk, args.model_windows - lo), False, lo)
+        for path, root in found
+        for lo in range(chunk, args.model_windows, chunk)
+    ]
+    return first + rest
+
+
+def _confidence(closable: float, se: float) -> str:
+    """Which side of the goal the optimum's share lies, and how surely (one-sided, normal)."""
+    side = "above" if closable >= GOAL else "below"
+    if se <= 0:
+        return f"{side} {GOAL:.0%} (no Monte Carlo error)"
+    z = (closable - GOAL) / se
+    sure = 0.5 * (1 + math.erf(abs(z) / math.sqrt(2)))
+    return (
+        f"{side} {GOAL:.0%} by {abs(closable - GOAL) * 100:.1f} points, "
+        f"{abs(z):.1f} standard errors: {side} at {sure:.1%} one-sided confidence"
+    )
 
 
 def table(summaries: list[Summary]) -> str:
@@ -122,8 +159,8 @@ def verdicts(summaries: list[Summary], model: list[ModelSummary] | None = None) 
                 f"fitted worlds: the exact non-clairvoyant optimum closes {world.closable:.1%} "
                 f"(± {world.closable_se:.1%} Monte Carlo), procure {world.procure_closed:.1%} "
                 f"({(world.closable - world.procure_closed) * 100:.1f} points short) at "
-                f"{ratio:.3f}x the "
-                f"optimum's cost"
+                f"{ratio:.3f}x the optimum's cost, on {world.windows} windows; the optimum's "
+                f"share is {_confidence(world.closable, world.closable_se)}"
             )
         else:
             notes.append("no fitted world played: no bound")
@@ -165,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         help="windows drawn from each trace's fitted chain per setting (0: skip those worlds)",
     )
     parser.add_argument(
+        "--model-chunk",
+        type=int,
+        default=50,
+        help="fitted-world windows per task: more windows than this are shared among workers",
+    )
+    parser.add_argument(
         "--learned",
         action="store_true",
         help="also the learned row: the optimal policy of a chain fitted on each window's past "
@@ -181,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in args.traces if not p.exists()]
     if missing:  # a fresh clone has no ../shared: one line, not a traceback
         parser.error(f"no such trace file or folder: {', '.join(missing)}")
-    tasks = [
-        (path, root, args.deadlines, args.overheads, args.starts, args.model_windows, args.learned)
-        for path, root in trace_paths(args.traces)
-    ]
+    tasks = tasks_for(trace_paths(args.traces), args)
     if not tasks:
         parser.error("no trace files found")
     if args.workers > 1 and len(tasks) > 1:
@@ -198,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json_lines(rows))
     summaries = summarize(rows)
     model = summarize_model(model_rows)
-    print(f"{len(tasks)} traces, up to {args.starts} starts each, task 48 h")
+    traces = len({task[0] for task in tasks})
+    print(f"{traces} traces, up to {args.starts} starts each, task 48 h")
     print(table(summaries))
     if model:
         print(

@@ -83,10 +83,12 @@ def trace_rows(
     starts: int,
     model_windows: int = 0,
     learn: bool = False,
+    model_skip: int = 0,
 ) -> tuple[list[dict[str, object]], list[ModelRow]]:
     """Every policy on every start and setting of the trace, and (with `model_windows`) the
-    same in the world of the trace's fitted chain. One setting's programme at a time: the
-    longest deadline's is a few hundred MB."""
+    same in the world of the trace's fitted chain, on its windows after the first `model_skip`
+    (starts 0: the fitted world only). One setting's programme at a time: the longest
+    deadline's is a few hundred MB."""
     chain = fit(trace.available)
     rows: list[dict[str, object]] = []
     model: list[ModelRow] = []
@@ -104,7 +106,7 @@ def trace_rows(
                 for row in case_rows(trace, start, setting, prog, learn)
             ]
             if prog is not None and model_windows > 0:
-                model += model_rows(trace, chain, {setting: prog}, model_windows)
+                model += model_rows(trace, chain, {setting: prog}, model_windows, skip=model_skip)
     return rows, model
 
 
