@@ -25,10 +25,11 @@ demo-clouds: $(STAMP)
 
 # 3 processes on 2 cores; idle ones take queued tests from busy ones. Bytecode is cached even
 # where the environment says not to: every worker and each of the hundreds of `procure`
-# processes the tests start would otherwise compile the project again.
+# processes the tests start would otherwise compile the project again. The 30 slowest tests are
+# listed at the end: where the suite's time goes.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n 3 --dist worksteal
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n 3 --dist worksteal --durations=30
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
