@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from patient_http import make_one_off_requests_patient
 from shared_tls import share_default_tls_context
 from stores import POSTGRES_ENV, migrated_sqlite, postgres_database
 from world import World, start_world
 
 share_default_tls_context()
+make_one_off_requests_patient()
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 

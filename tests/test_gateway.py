@@ -219,7 +219,10 @@ def test_agent_completes_a_run_bought_from_the_gateway(gw: GatewayWorld) -> None
     # ... and on the dashboard's runs page, beside what the runs spent.
     assert spend_total(gw.store)["gateway"]["income"] == pytest.approx(0.374)
     status = httpx.get(
-        f"{gw.url}/job-status", params={"jobId": job.vendor_job_id}, headers=gw.headers()
+        f"{gw.url}/job-status",
+        params={"jobId": job.vendor_job_id},
+        headers=gw.headers(),
+        timeout=30,
     ).json()
     assert status["status"] == "completed" and status["progress"] == 1.0
     assert any(line.startswith("step 20 loss") for line in status["logs"])
@@ -232,7 +235,7 @@ def test_agent_completes_a_run_bought_from_the_gateway(gw: GatewayWorld) -> None
 
 def quote(gw: GatewayWorld, gpu: str = "RTX4090", hours: float = 1.0) -> dict[str, Any]:
     answer = httpx.post(
-        f"{gw.url}/quote", json={"gpuType": gpu, "hours": hours}, headers=gw.headers()
+        f"{gw.url}/quote", json={"gpuType": gpu, "hours": hours}, headers=gw.headers(), timeout=30
     )
     assert answer.status_code == 200, answer.text
     return dict(answer.json())
@@ -306,7 +309,10 @@ def test_a_payment_is_charged_once_whatever_is_replayed(gw: GatewayWorld) -> Non
             s
             if (
                 s := httpx.get(
-                    f"{gw.url}/job-status", params={"jobId": job_id}, headers=gw.headers()
+                    f"{gw.url}/job-status",
+                    params={"jobId": job_id},
+                    headers=gw.headers(),
+                    timeout=30,
                 ).json()
             )["status"]
             == "completed"
@@ -326,7 +332,9 @@ def test_a_cancelled_job_stops_and_its_instance_goes(gw: GatewayWorld) -> None:
     )
     job_id = paid.json()["jobId"]
     wait_for(lambda: gw.live_pods())  # an instance was launched for it
-    answer = httpx.post(f"{gw.url}/cancel-job", json={"jobId": job_id}, headers=gw.headers())
+    answer = httpx.post(
+        f"{gw.url}/cancel-job", json={"jobId": job_id}, headers=gw.headers(), timeout=30
+    )
     assert answer.json()["status"] == "cancelled"
     wait_for(lambda: gw.live_pods() == [])
     with gw.store.session() as s:
@@ -344,7 +352,7 @@ def _status(gw: GatewayWorld, job_id: str) -> str:
 
 
 def test_unpaid_and_hostile_requests_cost_the_gateway_nothing(gw: GatewayWorld) -> None:
-    no_auth = httpx.post(f"{gw.url}/quote", json={"gpuType": "RTX4090", "hours": 1})
+    no_auth = httpx.post(f"{gw.url}/quote", json={"gpuType": "RTX4090", "hours": 1}, timeout=30)
     assert no_auth.status_code == 401
     for body in (
         {"gpuType": "RTX4090", "hours": 10_000},  # past max hours
@@ -352,12 +360,13 @@ def test_unpaid_and_hostile_requests_cost_the_gateway_nothing(gw: GatewayWorld) 
         {"gpuType": "TPU", "hours": 1},
         {"gpuType": "RTX4090", "hours": -1},
     ):
-        answer = httpx.post(f"{gw.url}/quote", json=body, headers=gw.headers())
+        answer = httpx.post(f"{gw.url}/quote", json=body, headers=gw.headers(), timeout=30)
         assert answer.status_code in (400, 422), (body, answer.text)
     huge = httpx.post(
         f"{gw.url}/quote",
         content=b"[" * 2_000_000,
         headers=gw.headers(),
+        timeout=30,
     )
     assert huge.status_code in (400, 413)
     q = quote(gw)
@@ -368,6 +377,7 @@ def test_unpaid_and_hostile_requests_cost_the_gateway_nothing(gw: GatewayWorld) 
         f"{gw.url}/submit-job",
         json={"quoteId": q["quoteId"]},
         headers=gw.headers(quote=q["quoteId"]),
+        timeout=30,
     )
     assert no_key.status_code == 400
     bad_quote = submit(gw, "k", {"quoteId": "q_nope"})
@@ -417,7 +427,9 @@ def test_one_buyer_cannot_take_more_than_max_instances(tmp_path: Path, sqlite_ur
                 row = book.job_by_key(s, job_key)
                 assert row is not None
                 job_id = row.job_id
-            httpx.post(f"{g.url}/cancel-job", json={"jobId": job_id}, headers=g.headers())
+            httpx.post(
+                f"{g.url}/cancel-job", json={"jobId": job_id}, headers=g.headers(), timeout=30
+            )
         # Cancelled, whether or not their instances had been launched yet: none left running.
         wait_for(lambda: book.figures(g.store)["jobs"] == {"cancelled": 2}, 60)
         wait_for(lambda: g.live_pods() == [])

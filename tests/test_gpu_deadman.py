@@ -67,8 +67,10 @@ def test_a_lapsed_lease_runs_the_stop_action_once_and_says_why(
 def test_renewals_keep_the_node_alive_until_they_stop(tmp_path: Path) -> None:
     marker = tmp_path / "stopped"
     with worker(GPU_WORKER_TOKEN=TOKEN, GPU_WORKER_ON_ORPHAN=stop_action(marker)) as client:
-        for _ in range(8):  # 2 s of renewals, each well inside the 1.5 s lease
-            assert client.post("/lease", json={"ttl_s": 1.5, "holder": "fleet-1"}).is_success
+        # 2 s of renewals, each well inside the lease: 6 s, so that a busy machine stalling a
+        # renewal for a second or two does not let it lapse (1.5 s did, beside a CPU-heavy job).
+        for _ in range(8):
+            assert client.post("/lease", json={"ttl_s": 6.0, "holder": "fleet-1"}).is_success
             time.sleep(0.25)
         assert not marker.exists()
         eventually(marker.exists, "firing once renewals stop")
