@@ -140,3 +140,44 @@ def test_vendors_seed_loads_neither_the_chain_nor_the_servers(tmp_path: Path) ->
     assert "sqlalchemy" in packages
     chain = ("web3", "eth_tester", "fastapi", "starlette", "uvicorn")
     assert packages.isdisjoint(chain), sorted(packages & set(chain))
+
+
+WALLET = ("eth_account", "eth_keyfile", "py_ecc")  # eth_account signs; the rest it imports
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("worker", "--once"),
+        ("run", "tick", "no-such-run"),
+        ("run", "cancel", "no-such-run"),
+        ("vendors", "seed"),  # the mock vendors' payees are addresses of keys
+        ("wallet",),  # shows the wallet's address (here: then says the facilitator is down)
+    ],
+    ids=" ".join,
+)
+def test_a_start_that_signs_nothing_loads_no_wallet_library(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """Before the fix: the agent's wallet was eth_account's account, built at every start of
+    the agent and of `procure wallet`, and the seeds' payees were derived with it: eth_account
+    and what it imports (eth_keyfile, py_ecc: about 0.6 s of CPU) were loaded by every start,
+    though only a payment signs. The address is derived with coincurve now."""
+    result, packages = loaded(
+        tmp_path, *args, X402_FACILITATOR_URL=f"http://127.0.0.1:{free_port()}"
+    )
+    assert "Traceback" not in result.stderr, result.stderr[-800:]
+    assert packages.isdisjoint(WALLET), sorted(packages & set(WALLET))
+    assert "coincurve" in packages  # the wallet's address was derived
+
+
+@pytest.mark.parametrize("story", ["recovery", "clouds"])
+def test_a_demo_refuses_a_bad_setting_before_loading_its_stack(tmp_path: Path, story: str) -> None:
+    """Before the fix: `procure demo` imported the agent, the store and the servers, then
+    started its chain (web3, eth_tester), and only then read the settings: a one-line settings
+    error cost 2.5 s of CPU."""
+    result, packages = loaded(tmp_path, "demo", story, VENDOR_TIMEOUT_S="abc")
+    assert result.returncode == 1, result.stderr[-800:]
+    assert "VENDOR_TIMEOUT_S" in result.stderr and "Traceback" not in result.stderr
+    heavy = (*SERVERS, *STORE, "eth_tester")
+    assert packages.isdisjoint(heavy), sorted(packages & set(heavy))

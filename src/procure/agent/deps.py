@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
     from procure.agent.cloud_node import NodeClientFactory
+    from procure.payments.wallet import Wallet
 
 OBS = ObservationType
 EPS = 1e-9  # progress is compared with this tolerance
@@ -62,7 +63,9 @@ class AgentDeps:
 
     store: Store
     vendors: VendorClient
-    account: LocalAccount
+    account: Wallet | LocalAccount
+    """What pays: the agent's `Wallet` (loads eth_account at its first signature), or an
+    eth_account account."""
     ledger: FacilitatorLedger
     planner: Planner = heuristic_planner
     cooldown_s: float = 300.0

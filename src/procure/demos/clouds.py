@@ -19,6 +19,7 @@ from rich.console import Console
 
 from procure.agent.runtime import close_deps, make_deps
 from procure.agent.tick import tick
+from procure.demos.settings import demo_settings
 from procure.local import free_port, start_facilitator
 from procure.models import (
     TERMINAL_RUN_STATUSES,
@@ -189,16 +190,7 @@ def run_cloud_demo(
     secret = "demo-secret"
     facilitator = start_facilitator(workdir / "chain-journal.jsonl")
     chain = facilitator.app.state.chain
-    settings = Settings(
-        PROCURE_DATABASE_URL=f"sqlite:///{workdir / 'procure.db'}",
-        PROCURE_HOME=workdir,
-        GPU_VENDOR_SECRET=secret,
-        X402_FACILITATOR_URL=facilitator.url,
-        # The demo pays from the wallet it funds (under its workdir), never from a key the
-        # environment or `.env` holds: that one has nothing on the demo's fresh chain
-        X402_PRIVATE_KEY=None,
-        PLANNER_MODE="heuristic",
-    )  # type: ignore[call-arg]
+    settings = demo_settings(workdir, facilitator.url, secret)
     servers: list[Any] = [facilitator]
     clouds = start_clouds()
     try:
