@@ -20,11 +20,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import ColumnElement, Row, case, func, literal, literal_column, or_, select, text
+from sqlalchemy import (
+    BindParameter,
+    CompoundSelect,
+    Row,
+    Select,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.orm import Session
 
 from procure.models import CLOUD_NONCE_PREFIX, format_usd, usd_to_micros
@@ -128,33 +143,15 @@ def _x402_spent(s: Session, since: datetime) -> int:
 
 
 CLOUD_ROWS = literal_column(f"'{CLOUD}'")
-"""The pattern as a literal, the very text of index `ix_payments_cloud_created`'s WHERE clause
-(a partial index serves only a query that says the same; a bound parameter does not)."""
+"""The pattern as a literal, the very text of the cloud indexes' WHERE clause (a partial index
+serves only a query that says the same; a bound parameter does not)."""
+SHORT = timedelta(hours=24)
+LONG = literal_column(str(SHORT // timedelta(hours=1)))  # "24"
+"""Hours past which a cloud payment is a long one (index `ix_payments_cloud_long`, migration
+0019): a shorter one reaches no further than SHORT past its creation. A literal, as CLOUD_ROWS."""
 MARGIN = timedelta(minutes=1)
-"""How much earlier than its window the database's coarse test of a row's end may look (SQLite
-reads times as Julian days, to a fraction of a millisecond): the exact share is Python's."""
-
-
-def _may_reach(s: Session, since: datetime) -> ColumnElement[bool]:
-    """Whether a cloud payment's covered time may reach `since`: created or touched since (a
-    bill booked, a reservation made), or reserved up to it (its creation plus its hours).
-    Never false for a row with a share in the window (see `cloud_spent`): only the rows the
-    window cannot hold are left in the database."""
-    cut = since - MARGIN
-    # Hours past the scan's reach say no more than the reach does, and none or fewer than none
-    # cover no time (as `_cloud_share` reads them): clamped both ways, a hostile or broken row
-    # (1e300 hours, or -1e300) overflows no interval or timestamp; NULL falls to the else.
-    most = CLOUD_SPAN.total_seconds() / 3600
-    hours = case(
-        (PaymentRow.hours > most, most), (PaymentRow.hours > 0, PaymentRow.hours), else_=0.0
-    )
-    if s.get_bind().dialect.name == "postgresql":
-        reserved = PaymentRow.created_at + func.make_interval(0, 0, 0, 0, 0, 0, hours * 3600)
-        reaches = reserved >= cut
-    else:
-        at = literal(cut, PaymentRow.created_at.type)  # stored as the column stores times
-        reaches = func.julianday(PaymentRow.created_at) + hours / 24.0 >= func.julianday(at)
-    return or_(PaymentRow.created_at >= cut, PaymentRow.updated_at >= cut, reaches)
+"""How much earlier than its window a read of the rows that may reach it starts: more than the
+microsecond a reservation's end may round by. Which rows count, and how much, is Python's."""
 
 
 def cloud_spent(s: Session, since: datetime) -> int:
@@ -166,35 +163,104 @@ def cloud_spent(s: Session, since: datetime) -> int:
 
 
 def cloud_spent_since(s: Session, sinces: Sequence[datetime]) -> list[int]:
-    """`cloud_spent` of several windows (their starts), from one read.
+    """`cloud_spent` of several windows (their starts), from two reads whose cost follows the
+    windows' payments, not the history before them.
 
-    Read by `ix_payments_cloud_created` (cloud payments only; no status in the WHERE clause, or
-    SQLite's planner takes the status index, every spent payment of the scan's reach), and only
-    the rows that may reach the widest window come back: the cost follows the cloud payments of
-    the last months, not a year of x402 payments, and the Python loop the window's rows."""
-    earliest = min(sinces)
-    rows = s.execute(
-        select(
-            PaymentRow.amount,
-            PaymentRow.created_at,
-            PaymentRow.hours,
-            PaymentRow.status,
-            PaymentRow.updated_at,
-        ).where(
-            PaymentRow.nonce.like(CLOUD_ROWS),
-            PaymentRow.created_at >= earliest - CLOUD_SPAN,
-            _may_reach(s, earliest),
+    A payment created inside a window counts in full there (its span starts inside), so that
+    part is a sum in the database. Only one created before the window has a part share, and
+    only the few that may reach into it come back (`_straddlers`), to be spread here. Rounded
+    once, as before: the whole amounts are integers (exact in a float below 2**53), so the
+    total differs from adding each share to a float in turn only where it lies within a few
+    ulps of a half micro-USD."""
+    if not sinces:
+        return []
+    whole = _cloud_whole(s, sinces)
+    rows = _straddlers(s, sinces)
+    return [
+        round(whole[i] + _cloud_share([row for row in rows if row.created_at < since], since))
+        for i, since in enumerate(sinces)
+    ]
+
+
+def _cloud_whole(s: Session, sinces: Sequence[datetime]) -> list[int]:
+    """The spent cloud payments created in each window, summed whole, in one read of the widest
+    by `ix_payments_cloud_created`."""
+    params = {f"since_{i}": since for i, since in enumerate(sinces)}
+    row = s.execute(_whole_read(len(sinces)), params | {"earliest": min(sinces)}).one()
+    return [int(total) for total in row]
+
+
+@cache
+def _whole_read(windows: int) -> Select[Any]:
+    """`_cloud_whole`'s statement, built once (the building, not the read, was most of its
+    time). The status is summed on, not filtered on: in the WHERE clause, SQLite's planner
+    takes the status index, every spent payment of the window."""
+    spent = PaymentRow.status.in_(SPENT)
+    since = [bindparam(f"since_{i}", type_=PaymentRow.created_at.type) for i in range(windows)]
+    sums = [
+        func.coalesce(
+            func.sum(case((and_(PaymentRow.created_at >= at, spent), PaymentRow.amount))), 0
         )
-    ).all()
-    spent = [row for row in rows if row.status in SPENT]
-    return [_cloud_share(spent, since) for since in sinces]
+        for at in since
+    ]
+    earliest = bindparam("earliest", type_=PaymentRow.created_at.type)
+    return select(*sums).where(PaymentRow.nonce.like(CLOUD_ROWS), PaymentRow.created_at >= earliest)
 
 
-def _cloud_share(rows: Sequence[Row[Any]], since: datetime) -> int:
+def _straddlers(s: Session, sinces: Sequence[datetime]) -> list[Row[Any]]:
+    """The cloud payments created before a window that may reach into it, each read once: made
+    less than SHORT before it (any hours but a long one's end there), booked inside it (a bill
+    spread up to its booking), or long (`ix_payments_cloud_long`: rare, read back CLOUD_SPAN).
+    Each read starts near its window, so none walks the months of history before it."""
+    params: dict[str, datetime] = {
+        "long_from": min(sinces) - CLOUD_SPAN,
+        "long_to": max(sinces),
+    }
+    for i, since in enumerate(sinces):
+        params |= {
+            f"since_{i}": since,
+            f"short_{i}": since - SHORT - MARGIN,
+            f"booked_{i}": since - MARGIN,
+        }
+    rows = s.execute(_straddlers_read(len(sinces)), params).all()
+    return list({row.id: row for row in rows}.values())  # a row may answer several reads
+
+
+@cache
+def _straddlers_read(windows: int) -> CompoundSelect[Any]:
+    """`_straddlers`' statement, built once."""
+    columns = (
+        PaymentRow.id,
+        PaymentRow.amount,
+        PaymentRow.created_at,
+        PaymentRow.hours,
+        PaymentRow.status,
+        PaymentRow.updated_at,
+    )
+    created, cloud = PaymentRow.created_at, PaymentRow.nonce.like(CLOUD_ROWS)
+
+    def at(name: str) -> BindParameter[datetime]:
+        return bindparam(name, type_=created.type)
+
+    reads = [
+        select(*columns).where(
+            cloud, PaymentRow.hours > LONG, created >= at("long_from"), created < at("long_to")
+        )
+    ]
+    for i in range(windows):
+        before = created < at(f"since_{i}")
+        reads.append(select(*columns).where(cloud, created >= at(f"short_{i}"), before))
+        booked = and_(PaymentRow.updated_at > created, PaymentRow.updated_at >= at(f"booked_{i}"))
+        reads.append(select(*columns).where(cloud, booked, before))
+    return union_all(*reads)
+
+
+def _cloud_share(rows: Sequence[Row[Any]], since: datetime) -> float:
+    """The share inside the window of cloud payments created before it (see `cloud_spent`)."""
     total = 0.0
-    for amount, created, hours, status, booked in rows:
-        if created < since - CLOUD_SPAN:  # beyond this window's reach (read for a wider one)
-            continue
+    for _id, amount, created, hours, status, booked in rows:
+        if created < since - CLOUD_SPAN or status not in SPENT:
+            continue  # beyond this window's reach (read for a wider one), or no money moved
         span = max(0.0, hours or 0.0)
         if status == "completed":
             # A bill is booked once the instance has stopped billing, maybe long after its
@@ -203,11 +269,15 @@ def _cloud_share(rows: Sequence[Row[Any]], since: datetime) -> int:
             # would count in no window (an error high, never low).
             span = max(span, _hours(created, booked))
         if span <= 0:
-            total += amount if created >= since else 0
-            continue
-        inside = _hours(max(created, since), created + timedelta(hours=span))
-        total += amount * min(1.0, inside / span)
-    return round(total)
+            continue  # covering no time, it counts where it was made: before the window
+        try:
+            share = _hours(since, created + timedelta(hours=span)) / span
+        except OverflowError:
+            # Hours past any date (1e300, inf: a broken row, which once failed every check):
+            # the part before the window is as good as none of them.
+            share = 1.0 - _hours(created, since) / span
+        total += amount * min(1.0, share)
+    return total
 
 
 def _hours(start: datetime, end: datetime) -> float:

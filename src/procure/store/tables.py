@@ -182,6 +182,22 @@ class PaymentRow(Base):
             sqlite_where=text("nonce LIKE 'cloud-%'"),
             postgresql_where=text("nonce LIKE 'cloud-%'"),
         ),
+        # Those made before a cap's window that may reach into it (migration 0019): the bills
+        # booked in it (by booking, then creation), and the rare ones of more than 24 hours
+        # (`ledger._straddlers`).
+        Index(
+            "ix_payments_cloud_booked",
+            "updated_at",
+            "created_at",
+            sqlite_where=text("nonce LIKE 'cloud-%' AND updated_at > created_at"),
+            postgresql_where=text("nonce LIKE 'cloud-%' AND updated_at > created_at"),
+        ),
+        Index(
+            "ix_payments_cloud_long",
+            "created_at",
+            sqlite_where=text("nonce LIKE 'cloud-%' AND hours > 24"),
+            postgresql_where=text("nonce LIKE 'cloud-%' AND hours > 24"),
+        ),
     )
 
 
