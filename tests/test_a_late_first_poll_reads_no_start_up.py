@@ -17,9 +17,9 @@ from procure.agent.context import PlanContext, start_read
 from procure.agent.poll import full_context
 from procure.agent.runtime import close_deps
 from procure.agent.tick import tick
-from procure.models import Job, JobSpec, JobStatus, RunState, usd_to_micros, utcnow
+from procure.models import Job, RunState, utcnow
 from procure.store import repo
-from world import World, running_world
+from world import World, running_world, seen_starting
 
 
 @pytest.fixture
@@ -35,34 +35,6 @@ def _job(world: World, run_id: str) -> Job:
     assert state is not None
     [job] = state.jobs
     return job
-
-
-def _seen_starting(world: World, vendor_id: str, startup: timedelta, times: int) -> None:
-    """`times` earlier jobs at `vendor_id`, each seen starting `startup` after its payment."""
-    with world.store.session() as s:
-        earlier = repo.create_run(
-            s, user_id="u0", goal="earlier", budget_total=usd_to_micros(10), job_spec=JobSpec()
-        )
-        for i in range(times):
-            paid = utcnow() - timedelta(hours=3 + i)
-            repo.insert_job(
-                s,
-                Job(
-                    _id=f"earlier-{vendor_id}-{i}",
-                    run_id=earlier.id,
-                    vendor_id=vendor_id,
-                    status=JobStatus.completed,
-                    expected_cost=usd_to_micros(2),
-                    job_params={"hours": 1.0, "totalHours": 1.0},
-                    idempotency_key=f"earlier-{vendor_id}-{i}",
-                    progress=1.0,
-                    started_at=paid + startup,
-                    created_at=paid,
-                    updated_at=paid,
-                    completed_at=paid + startup + timedelta(minutes=5),
-                ),
-            )
-        repo.update_run(s, earlier.id, status="completed", progress=1.0)
 
 
 def _learned_startup(world: World, run_id: str, vendor_id: str) -> float:
@@ -117,7 +89,7 @@ def test_a_poll_an_hour_late_reads_no_start_up(slow_world: World) -> None:
     priced at a 20-minute start-up (the mean), which pushes runs due soon away from it until
     200 newer starts push the reading out."""
     world = slow_world
-    _seen_starting(world, "gpu_vendor_1", timedelta(minutes=5), times=3)
+    seen_starting(world, "gpu_vendor_1", timedelta(minutes=5), times=3, ran=timedelta(minutes=5))
     run_id = _start_and_age(world, paid_ago=timedelta(minutes=61), queued_ago=timedelta(minutes=60))
     job = _job(world, run_id)
     assert job.vendor_id == "gpu_vendor_1"

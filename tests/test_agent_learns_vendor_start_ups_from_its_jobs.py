@@ -26,7 +26,7 @@ from procure.models import Job, JobSpec, JobStatus, ObservationType, RunState, u
 from procure.store import hotpath, open_store, repo
 from procure.store.db import HEAD, alembic_config, make_engine, revision
 from procure.store.hotpath import PollWrite
-from world import World, running_world
+from world import World, running_world, seen_starting
 
 WAIT_S = 60.0  # a safety net for a loaded machine, never a measure of speed
 
@@ -131,39 +131,6 @@ def test_a_start_up_is_the_time_to_running_even_where_an_hour_of_work_takes_seco
     assert observed_startup(job) == pytest.approx(0.2)
 
 
-def _seen_starting(world: World, vendor_id: str, startup: timedelta, times: int) -> None:
-    """`times` earlier jobs at `vendor_id`, each first polled running `startup` after it was
-    paid for, as the poll leaves their rows."""
-    with world.store.session() as s:
-        earlier = repo.create_run(
-            s,
-            user_id="u0",
-            goal="earlier",
-            budget_total=usd_to_micros(10),
-            job_spec=JobSpec(hours=1.0),
-        )
-        for i in range(times):
-            paid = utcnow() - timedelta(hours=3 + i)
-            repo.insert_job(
-                s,
-                Job(
-                    _id=f"earlier-{vendor_id}-{i}",
-                    run_id=earlier.id,
-                    vendor_id=vendor_id,
-                    status=JobStatus.completed,
-                    expected_cost=usd_to_micros(2),
-                    job_params={"hours": 1.0, "totalHours": 1.0},
-                    idempotency_key=f"earlier-{vendor_id}-{i}",
-                    progress=1.0,
-                    started_at=paid + startup,
-                    created_at=paid,
-                    updated_at=paid,
-                    completed_at=paid + startup + timedelta(seconds=40),
-                ),
-            )
-        repo.update_run(s, earlier.id, status="completed", progress=1.0)
-
-
 def test_the_tick_prices_a_vendor_seen_starting_slowly_at_its_own_start_up(
     slow_world: World,
 ) -> None:
@@ -172,7 +139,7 @@ def test_the_tick_prices_a_vendor_seen_starting_slowly_at_its_own_start_up(
     taking half an hour to start: its start-up does not fit, and the run was bound to miss.
     FastGPU ($1.40/h, flakier, no start-up seen) still fits and gets it."""
     world = slow_world
-    _seen_starting(world, "gpu_vendor_2", timedelta(minutes=30), times=3)
+    seen_starting(world, "gpu_vendor_2", timedelta(minutes=30), times=3, ran=timedelta(seconds=40))
     with world.store.session() as s:
         run_id = repo.create_run(
             s,

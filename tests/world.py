@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,16 @@ from procure.local import (
     start_mock_vendor,
     stop_all,
 )
-from procure.models import Action, RunState, Vendor, usd_to_micros
+from procure.models import (
+    Action,
+    Job,
+    JobSpec,
+    JobStatus,
+    RunState,
+    Vendor,
+    usd_to_micros,
+    utcnow,
+)
 from procure.payments.chain import LocalChain
 from procure.payments.wallet import load_or_create_account
 from procure.settings import Settings
@@ -199,6 +209,37 @@ def state_of(world: World, run_id: str) -> RunState:
         state = repo.load_state(s, run_id)
     assert state is not None
     return state
+
+
+def seen_starting(
+    world: World, vendor_id: str, startup: timedelta, times: int, ran: timedelta
+) -> None:
+    """`times` earlier jobs at `vendor_id`, completed in an ended run, each seen starting
+    `startup` after it was paid for and running `ran`, as the poll leaves their rows."""
+    with world.store.session() as s:
+        earlier = repo.create_run(
+            s, user_id="u0", goal="earlier", budget_total=usd_to_micros(10), job_spec=JobSpec()
+        )
+        for i in range(times):
+            paid = utcnow() - timedelta(hours=3 + i)
+            repo.insert_job(
+                s,
+                Job(
+                    _id=f"earlier-{vendor_id}-{i}",
+                    run_id=earlier.id,
+                    vendor_id=vendor_id,
+                    status=JobStatus.completed,
+                    expected_cost=usd_to_micros(2),
+                    job_params={"hours": 1.0, "totalHours": 1.0},
+                    idempotency_key=f"earlier-{vendor_id}-{i}",
+                    progress=1.0,
+                    started_at=paid + startup,
+                    created_at=paid,
+                    updated_at=paid,
+                    completed_at=paid + startup + ran,
+                ),
+            )
+        repo.update_run(s, earlier.id, status="completed", progress=1.0)
 
 
 def procure_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
