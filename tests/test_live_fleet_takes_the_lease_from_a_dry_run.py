@@ -16,14 +16,19 @@ from fleet_fakes import FakeCloud
 from fleet_world import all_actions, fleet
 from procure.cli import fleet as fleet_cli
 from procure.fleet.controller import scan_once
+from procure.fleet.summary import summary
+from procure.models import utcnow
 from procure.store import fleet_repo
 
 
 def _holder(ctx) -> tuple[str | None, bool]:  # type: ignore[no-untyped-def]
+    """Who holds the fleet's lease, and whether a dry run, as `fleet status` says it."""
     with ctx.store.session() as s:
         row = fleet_repo.lease_row(s, ctx.lease_name)
-        assert row is not None
-        return row.owner, row.dry_run
+        said = summary(s, ctx.cfg, utcnow())["controller"]
+    assert row is not None
+    assert (said["owner"], said["dry_run"]) == (row.owner, row.dry_run)
+    return row.owner, row.dry_run
 
 
 def test_a_live_controller_started_beside_a_dry_run_acts(db_url: str) -> None:

@@ -81,6 +81,8 @@ def summary(s: Session, cfg: FleetSettings, now: datetime) -> dict[str, Any]:
         if lease is None
         else {
             "owner": lease.owner,
+            # A dry run's lease is taken by the first live controller: whether `owner` acts.
+            "dry_run": lease.dry_run,
             "last_scan_at": lease.last_scan_at.isoformat() if lease.last_scan_at else None,
             "last_error": _redacted(lease.last_error),
         },
