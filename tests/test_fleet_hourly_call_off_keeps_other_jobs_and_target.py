@@ -8,32 +8,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 from procure.clouds.mockworld.workload import JobSpec
-from procure.fleet import monitor
 from procure.fleet.policies import FleetSignal, ProcurePolicy
 from procure.fleet.policy import PROVISION, TERMINATE
 from procure.sim.fleet_world import World, run
-from procure.store.fleet_tables import FleetInstanceRow
+from test_fleet_hourly_half_empty_boot_called_off import booting
 from test_fleet_hourly_restarts_at_renewal import BOOT, OFFERS, PRICE, T0, cfg
 
 MIN = 60.0
-
-
-def _booting(instance_id: str, gpus: int, age_s: float, now: object = T0) -> monitor.InstanceView:
-    row = FleetInstanceRow(
-        instance_id=instance_id,
-        name=None,
-        instance_type=f"gpu_{gpus}x_a100",
-        region="us-east-1",
-        ip=None,
-        status="booting",
-        price_per_hour=PRICE * gpus,
-        gpus=gpus,
-        launched_by=instance_id,
-        first_seen_at=now - timedelta(seconds=age_s),  # type: ignore[operator]
-        last_seen_at=now,
-        ended_at=None,
-    )
-    return monitor.InstanceView(row, None, 0.0, 0.0, None, None)
 
 
 def test_a_call_off_never_hands_a_due_jobs_boot_to_another_job() -> None:
@@ -44,7 +25,7 @@ def test_a_call_off_never_hands_a_due_jobs_boot_to_another_job() -> None:
     turn: three boots called off, three launched, and the 8-GPU job (due at 30 min) waited
     past 40 min. Now A boots, as before the call-offs: the 8-GPU job starts on B, in time."""
     policy = ProcurePolicy()  # a 30-min target: the 8-GPU job was due a launch at 20 min
-    views = {"A": _booting("A", 8, BOOT - 30), "B": _booting("B", 8, 60.0)}
+    views = {"A": booting(BOOT - 30, 8, instance_id="A"), "B": booting(60.0, 8, instance_id="B")}
     waits = [2 * MIN, 21 * MIN]  # the 1-GPU job (first in the scheduler's order), the 8-GPU job
     called_off: list[str] = []
     launched = 0
@@ -70,7 +51,9 @@ def test_a_call_off_never_hands_a_due_jobs_boot_to_another_job() -> None:
             elif p.action_type == PROVISION:
                 launched += 1
                 name = f"L{launched}"
-                views[name] = _booting(name, int(p.instance_type.split("_")[1][0]), 0.0, now)
+                views[name] = booting(
+                    0.0, int(p.instance_type.split("_")[1][0]), instance_id=name, now=now
+                )
         waits = [w + 60 for w in waits]
     assert called_off == [] and launched == 0, (called_off, launched)
     assert up == ["A"] and waits[1] <= 30 * MIN  # B boots for the 8-GPU job within its target

@@ -6,7 +6,7 @@ cap leaves room for one more instance only."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from procure.clouds.base import InstanceType
 from procure.clouds.mockworld.workload import JobSpec
@@ -39,9 +39,12 @@ def test_in_the_simulated_world_a_1_gpu_job_does_not_keep_an_8_gpu_boot() -> Non
     assert result.wait_max_s <= 30 * MIN + 2 * MIN
 
 
-def booting(now_age_s: float, gpus: int = 8) -> monitor.InstanceView:
+def booting(
+    now_age_s: float, gpus: int = 8, *, instance_id: str = "i-1", now: datetime = T0
+) -> monitor.InstanceView:
+    """A booting instance of `gpus` GPUs, launched `now_age_s` before `now`."""
     row = FleetInstanceRow(
-        instance_id="i-1",
+        instance_id=instance_id,
         name=None,
         instance_type=f"gpu_{gpus}x_a100",
         region="us-east-1",
@@ -49,9 +52,9 @@ def booting(now_age_s: float, gpus: int = 8) -> monitor.InstanceView:
         status="booting",
         price_per_hour=PRICE * gpus,
         gpus=gpus,
-        launched_by="a",
-        first_seen_at=T0 - timedelta(seconds=now_age_s),
-        last_seen_at=T0,
+        launched_by=instance_id,
+        first_seen_at=now - timedelta(seconds=now_age_s),
+        last_seen_at=now,
         ended_at=None,
     )
     return monitor.InstanceView(row, None, 0.0, 0.0, None, None)

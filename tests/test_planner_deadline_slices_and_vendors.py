@@ -20,7 +20,8 @@ from procure.sim.market import DEADLINE_TIGHT, make_jobs
 MARKET = DEADLINE_TIGHT
 
 
-def _run(hours: float, every: float, budget: int, deadline_hours: float) -> Run:
+def deadline_run(hours: float, every: float, budget: int, deadline_hours: float) -> Run:
+    """A running run on the simulated market's GPU, due `deadline_hours` after its start."""
     return Run(
         _id="r",
         user_id="u",
@@ -53,7 +54,9 @@ def test_a_short_deadline_job_is_paid_one_checkpoint_interval_at_a_time() -> Non
     assert len(cases) == 20
     for case in cases:
         assert case.deadline_hours is not None
-        run = _run(case.hours, case.checkpoint_every, job_budget(MARKET, case), case.deadline_hours)
+        run = deadline_run(
+            case.hours, case.checkpoint_every, job_budget(MARKET, case), case.deadline_hours
+        )
         action = plan_cost_aware(_context(run, list(registry(MARKET).values()), EPOCH, []))
         assert action.action == "start_job", action.reason
         paid = action.slice_hours or case.hours
@@ -77,7 +80,7 @@ def test_after_a_failure_with_less_slack_than_a_start_up_the_steadiest_affordabl
     ]
     # A 1.5 h job due at 1.72 h: standard ran it to its checkpoint at 60 % and failed at 1.05 h,
     # and cools down; 0.6 h of work is left with 0.67 h to go (a usual start-up is 0.1 h).
-    run = _run(1.5, 0.1, 3_000_000, 1.72)
+    run = deadline_run(1.5, 0.1, 3_000_000, 1.72)
     failed = Job(
         _id="j1",
         run_id=run.id,

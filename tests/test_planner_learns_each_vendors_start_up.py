@@ -18,11 +18,12 @@ from procure.agent.context import (
 )
 from procure.agent.costmodel import miss_probability
 from procure.agent.planner import plan_cost_aware
-from procure.models import Action, Job, JobSpec, JobStatus, Run, RunState, RunStatus, usd_to_micros
+from procure.models import Action, Job, JobStatus, RunState, usd_to_micros
 from procure.sim.bench import job_budget, run_policy
-from procure.sim.engine import EPOCH, GPU, registry
+from procure.sim.engine import EPOCH, registry
 from procure.sim.market import DEADLINE_TIGHT, JobCase, Market, VendorSpec, make_jobs
 from procure.sim.policies import POLICIES, Policy
+from test_planner_deadline_slices_and_vendors import deadline_run
 
 PROCURE = next(p for p in POLICIES if p.name == "procure")
 # Two vendors that never fail: the cheaper one takes 0.3 h from payment to a running job, the
@@ -66,7 +67,9 @@ def test_a_start_up_is_read_off_the_rows_of_jobs_seen_running() -> None:
     assert abs(seen["standard"].hours - 0.4) < 1e-9
     assert abs(seen["standard"].shortest - 0.1) < 1e-9
     ctx = PlanContext(
-        state=RunState(run=_run(2.0, 0.1, 10**7, 3.0), jobs=[], payments=[], observations=[]),
+        state=RunState(
+            run=deadline_run(2.0, 0.1, 10**7, 3.0), jobs=[], payments=[], observations=[]
+        ),
         vendors=list(registry(DEADLINE_TIGHT).values()),
         startups=seen,
     )
@@ -81,21 +84,6 @@ def _seen(hours: float, times: int) -> StartupsSeen:
     for _ in range(times):
         seen = seen.seen(hours)
     return seen
-
-
-def _run(hours: float, every: float, budget: int, deadline_hours: float) -> Run:
-    return Run(
-        _id="r",
-        user_id="u",
-        goal="train",
-        status=RunStatus.running,
-        budget_total=budget,
-        budget_remaining=budget,
-        job_spec=JobSpec(gpu_type=GPU, hours=hours, checkpoint_every=every),
-        deadline=EPOCH + timedelta(hours=deadline_hours),
-        created_at=EPOCH,
-        updated_at=EPOCH,
-    )
 
 
 def test_after_a_failure_the_vendor_seen_starting_fastest_gets_the_deadline_only_it_fits() -> None:
@@ -128,7 +116,7 @@ def test_after_a_failure_the_vendor_seen_starting_fastest_gets_the_deadline_only
     ]
     # A 1.5 h job due at 1.69 h: discount ran it to 60 % and failed at 1.0 h (it cools down);
     # 0.6 h of work is left, 0.69 h to go, and $0.95: steady and premium cannot be afforded.
-    run = _run(1.5, 0.1, usd_to_micros("0.95"), 1.69)
+    run = deadline_run(1.5, 0.1, usd_to_micros("0.95"), 1.69)
     failed = Job(
         _id="j1",
         run_id=run.id,
