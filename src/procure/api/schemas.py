@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from eth_utils import is_address, is_checksum_address, to_checksum_address
 from pydantic import (
     ConfigDict,
     Field,
@@ -31,6 +31,7 @@ from procure.agent.start_request import (
 )
 from procure.clouds.base import PROVIDERS
 from procure.models import Model, Vendor, usd_to_micros
+from procure.payments.wallet import checksum_address
 
 __all__ = [
     "MAX_BUDGET_USD",
@@ -56,6 +57,7 @@ class TickRequest(Model):
 MAX_VENDOR_COUNT = 1_000_000_000
 _VENDOR_ID = r"^[A-Za-z0-9_.-]+$"
 _CREDENTIAL = r"^[\x21-\x7e]+$"  # visible ASCII: a valid bearer header value, nothing else
+_HEX40 = re.compile(r"[0-9a-fA-F]{40}")
 _GpuType = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=NO_NUL)]
 
 
@@ -176,12 +178,13 @@ class VendorRegistration(Model):
         if value is None:
             return None
         hex_part = value[2:]
-        if not (value.startswith("0x") and len(hex_part) == 40 and is_address(value)):
+        if not (value.startswith("0x") and _HEX40.fullmatch(hex_part)):
             raise ValueError("must be an EVM address: 0x and 40 hex digits")
+        canonical = checksum_address(bytes.fromhex(hex_part))
         mixed_case = hex_part not in (hex_part.lower(), hex_part.upper())
-        if mixed_case and not is_checksum_address(value):
+        if mixed_case and value != canonical:
             raise ValueError("has mixed case but a wrong EIP-55 checksum (a typo?)")
-        return str(to_checksum_address(value))
+        return canonical
 
     def to_vendor(self, credential: str | None) -> Vendor:
         """The domain vendor, with `credential` already encrypted (or None)."""
