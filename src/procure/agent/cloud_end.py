@@ -9,7 +9,7 @@ from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
-from procure.agent.cloud_money import JOB_TO_STATUS, book_end, computed_bill
+from procure.agent.cloud_money import JOB_TO_STATUS, bills_boot, book_end, computed_bill
 from procure.agent.context import PlanContext
 from procure.agent.deps import OBS, AgentDeps, TickResult
 from procure.clouds.base import CloudError, Instance, RentalCloud
@@ -191,7 +191,7 @@ def abandon(deps: AgentDeps, job: Job, inst: CloudInstance, why: str) -> TickRes
 
 def end(
     deps: AgentDeps,
-    ctx: PlanContext,
+    ctx: PlanContext | None,
     job: Job,
     inst: CloudInstance | None,
     billed: int,
@@ -244,7 +244,7 @@ async def terminate(
         last = ctx.state.run.troubles + 1 >= deps.max_troubles
         if exc.retryable and not last:
             return trouble(deps, job, f"{inst.provider} billing of {inst.instance_id}: {exc}")
-        billed = computed_bill(inst, terms)
+        billed = computed_bill(inst, terms, from_launch=bills_boot(client, terms))
         with deps.store.session() as s:
             repo.add_observation(
                 s,
@@ -256,6 +256,6 @@ async def terminate(
                 vendor_id=job.vendor_id,
             )
     else:
-        if billed is None:  # no billing endpoint (Lambda): its rule, from its launch
-            billed = computed_bill(inst, terms)
+        if billed is None:  # no billing endpoint (Lambda), no charge yet (Vast.ai): its rule
+            billed = computed_bill(inst, terms, from_launch=bills_boot(client, terms))
     return end(deps, ctx, job, inst, billed, inst.outcome or "failed", inst.end_reason or "ended")

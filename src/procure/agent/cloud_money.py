@@ -107,19 +107,29 @@ def seconds_within(terms: OfferTerms, micros: int) -> float:
     return float(whole)
 
 
-def computed_bill(inst: CloudInstance, terms: OfferTerms) -> int:
-    """What a provider without a billing endpoint bills: whole increments begun, from when the
-    instance may have become active to when the provider accepted its terminate. Both ends err
-    high, never low: the start is the last poll that still saw it booting (else the moment
-    before its launch), so the user may be booked up to one poll interval (and one increment)
-    more than billed, but is never told they spent less than the provider bills."""
-    start = inst.active_at or inst.launched_at
+def computed_bill(inst: CloudInstance, terms: OfferTerms, *, from_launch: bool = False) -> int:
+    """What a provider without a billing endpoint bills (or one whose bill cannot be read):
+    whole increments begun, from when the instance may have become active (`from_launch`: from
+    its launch, for a provider that bills the boot) to when the provider accepted its
+    terminate. Both ends err high, never low: the start is the last poll that still saw it
+    booting (else the moment before its launch), so the user may be booked up to one poll
+    interval (and one increment) more than billed, but is never told they spent less than the
+    provider bills."""
+    start = inst.launched_at if from_launch else inst.active_at or inst.launched_at
     if start is None:  # never launched: nothing to bill
         return 0
     end: datetime = inst.ended_at or utcnow()
     seconds = round(max((end - start).total_seconds(), 0.0), 3)
     step = max(terms.billing_increment_s, 1)
     return round(math.ceil(seconds / step) * step * terms.price_per_hour / 3600)
+
+
+def bills_boot(client: object, terms: OfferTerms) -> bool:
+    """Whether the instance's provider bills its boot (RunPod, Vast.ai: from its creation), as
+    its client says; a client that does not say is taken to, unless it is Lambda's (whose rule
+    `computed_bill` follows by default), so that a computed bill errs high."""
+    says = getattr(client, "bills_boot", None)
+    return says if isinstance(says, bool) else terms.provider != "lambda"
 
 
 def failing_job(s: Session, state: RunState, job: Job, reason: str) -> str | None:
@@ -142,7 +152,7 @@ def failing_job(s: Session, state: RunState, job: Job, reason: str) -> str | Non
 
 def book_end(
     deps: AgentDeps,
-    ctx: PlanContext,
+    ctx: PlanContext | None,
     job: Job,
     inst: CloudInstance | None,
     billed: int,

@@ -258,6 +258,12 @@ def give_up(deps: AgentDeps, job: Job, why: str) -> TickResult:
         # Already ending, and its end not confirmed in all these ticks nor in a boot's time:
         # marking it again would change nothing, and the run would wait here for ever.
         return abandon(deps, job, inst, why)
+    elif inst is not None and inst.status == "launching" and stuck_ending(deps, inst):
+        # Ending, its launch tried without an answer, and the provider refusing every lookup by
+        # its name as long (a key revoked): ended with nothing booked, as a launch never listed
+        # is (`cloud_launch.lookup`), or neither this nor a cancel would ever end the run. One
+        # that landed after all is the sweeper's: terminated, and booked as a late launch.
+        return end(deps, None, job, inst, 0, inst.outcome or "failed", why)
     return TickResult("Vendor error")
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from procure.agent.cloud_money import computed_bill
+from sqlalchemy.orm import Session
+
+from procure.agent.cloud_money import bills_boot, computed_bill
 from procure.agent.cloud_run import own_prefix
 from procure.agent.deps import OBS, AgentDeps
 from procure.clouds.base import LABEL_PREFIX, CloudError
@@ -64,7 +66,8 @@ async def sweep(deps: AgentDeps) -> list[str]:
                     "sweeper: terminated %s (%s %s): no run knows it", name, provider, instance.id
                 )
                 continue
-            _book(deps, record, instance.id, billed, unread)
+            from_launch = bills_boot(client, OfferTerms.model_validate(record.offer))
+            _book(deps, record, instance.id, billed, unread, from_launch=from_launch)
     return swept
 
 
@@ -74,10 +77,13 @@ def _book(
     instance_id: str,
     billed: int | None,
     unread: str | None = None,
+    *,
+    from_launch: bool = False,
 ) -> None:
     """Record the sweep on the run; book the bill if the run never did (its payment pending),
     or as a payment of its own for a launch that landed after its job had ended. `unread`: why
-    the provider's bill could not be read (the computed one is booked, erring high)."""
+    the provider's bill could not be read (the computed one is booked, erring high); `from_launch`:
+    the provider bills the boot, so a computed bill starts at the launch."""
     terms = OfferTerms.model_validate(record.offer)
     with deps.store.session() as s:
         note = f" (its bill could not be read: {unread}; computed)" if unread else ""
@@ -92,24 +98,20 @@ def _book(
             late = billed if billed is not None else computed_bill(whole, terms)
             cloud_repo.update_instance(s, record.name, billed=late)
             if late:
-                payment_id = repo.new_id()
-                repo.insert_payment(
-                    s,
-                    Payment(
-                        _id=payment_id,
-                        run_id=record.run_id,
-                        job_id=record.job_id,
-                        vendor_id=record.vendor_id,
-                        amount=late,
-                        status=PaymentStatus.completed,
-                        nonce=f"{CLOUD_NONCE_PREFIX}late-{record.provider}-{instance_id}"[:66],
-                        hours=0.0,
-                        created_at=now,
-                        updated_at=now,
-                    ),
-                )
-                repo.refresh_budget(s, record.run_id)
+                nonce = f"{CLOUD_NONCE_PREFIX}late-{record.provider}-{instance_id}"[:66]
+                _book_payment(s, record, late, nonce)
                 note += f"; booked {format_usd(late)} as billed for a launch that landed late"
+        elif record.status == "terminated":
+            # Its job ended with it (said gone by the provider, or ended, and booked at what
+            # could be read then), yet it ran on, billed, until this sweep: the rest is booked.
+            if billed is None:
+                billed = computed_bill(
+                    dataclasses.replace(record, ended_at=None), terms, from_launch=from_launch
+                )
+            more = billed - (record.billed or 0)
+            if more > 0 and cloud_repo.claim_more(s, record.name, record.billed, billed):
+                _book_payment(s, record, more, f"{CLOUD_NONCE_PREFIX}{repo.new_id()}")
+                note += f"; booked {format_usd(more)} more, billed after its job ended"
         if record.status != "terminated":
             state = repo.load_state(s, record.run_id, observations=False)
             ours = [p for p in (state.payments if state else []) if p.job_id == record.job_id]
@@ -123,7 +125,9 @@ def _book(
                 # to this sweep's terminate: an instance still listed live after an accepted
                 # terminate (abandoned to the sweeper) billed on until now, and booked up to
                 # that first acceptance it was booked short. (No end: `computed_bill` ends now.)
-                billed = computed_bill(dataclasses.replace(record, ended_at=None), terms)
+                billed = computed_bill(
+                    dataclasses.replace(record, ended_at=None), terms, from_launch=from_launch
+                )
             for p in pending:
                 status = PaymentStatus.completed if billed else PaymentStatus.failed
                 repo.update_payment(s, p.id, amount=billed, status=status, error_message=None)
@@ -139,3 +143,25 @@ def _book(
         if not any(c.startswith(head) for c in repo.recent_contents(s, record.run_id)):
             said = f"{head}: no live run owns it{note}"
             repo.add_observation(s, record.run_id, OBS.error, said, vendor_id=record.vendor_id)
+
+
+def _book_payment(s: Session, record: cloud_repo.CloudInstance, amount: int, nonce: str) -> None:
+    """A completed payment of the record's job for what the instance billed beyond its booking
+    (covering no hours of its own: counted where it is booked)."""
+    now = utcnow()
+    repo.insert_payment(
+        s,
+        Payment(
+            _id=repo.new_id(),
+            run_id=record.run_id,
+            job_id=record.job_id,
+            vendor_id=record.vendor_id,
+            amount=amount,
+            status=PaymentStatus.completed,
+            nonce=nonce,
+            hours=0.0,
+            created_at=now,
+            updated_at=now,
+        ),
+    )
+    repo.refresh_budget(s, record.run_id)

@@ -92,6 +92,20 @@ def claim_late(s: Session, name: str, instance_id: str) -> bool:
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+def claim_more(s: Session, name: str, booked: int | None, billed: int) -> bool:
+    """Move the record's bill from `booked` (as read before a sweep) to `billed`: one
+    conditional UPDATE, so of two sweepers of an instance that billed on after its job ended,
+    exactly one books the difference."""
+    was = CloudInstanceRow.billed.is_(None) if booked is None else CloudInstanceRow.billed == booked
+    result = s.execute(
+        update(CloudInstanceRow)
+        .where(CloudInstanceRow.name == name, was)
+        .values(billed=billed, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
 def update_instance(s: Session, name: str, **values: Any) -> None:
     values["updated_at"] = utcnow()
     s.execute(update(CloudInstanceRow).where(CloudInstanceRow.name == name).values(**values))
