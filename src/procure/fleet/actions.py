@@ -91,22 +91,45 @@ def record(ctx: FleetContext, p: Proposal) -> tuple[str, str]:
         return row.action_id, status
 
 
-def record_done(ctx: FleetContext, s: Session, p: Proposal, now: datetime) -> ActionRow:
-    """Record an action the controller has already carried out on its own (the termination of
-    a duplicate launch), announced like any executed one."""
+def record_cleanup(s: Session, p: Proposal, now: datetime) -> str:
+    """Record a termination the controller makes on its own (a duplicate launch, a launch the
+    cloud lost) before the cloud is called: `executing`, as any action in flight, so that a
+    controller killed after the cloud's answer finishes it on restart (`carry_out`) and the
+    audit trail never misses it. One already in flight for the target is taken up, not doubled.
+    Its action id."""
+    assert p.action_type == TERMINATE and p.target is not None
+    found = fleet_repo.open_cleanup(s, p.target)
+    if found is not None:
+        return found.action_id
     row = _add(
         s,
         p,
         now,
-        status="executed",
-        executed_at=now,
+        status="executing",
+        attempts=1,
         dry_run=False,
         decided_by=fleet_repo.CLEAN_UP,  # not paced by the cooldown (`last_acted`)
         decided_at=now,
-        metrics_after={"terminated": [p.target]} if p.action_type == TERMINATE else None,
+    )
+    return row.action_id
+
+
+def finish_cleanup(ctx: FleetContext, s: Session, action_id: str, now: datetime) -> None:
+    """The cloud terminated it: executed, announced like any executed action (once: a restart
+    that finished it already leaves it)."""
+    row = fleet_repo.get_action(s, action_id, lock=True)
+    if row is None or row.status != "executing":
+        return
+    fleet_repo.set_status(
+        s,
+        row,
+        "executed",
+        now,
+        executed_at=now,
+        metrics_after={"terminated": [row.target_instance]},
+        error_message=None,
     )
     notify.announce(s, row, now, slack=ctx.slack)
-    return row
 
 
 def _fail(ctx: FleetContext, s: Session, row: ActionRow, error: str, now: datetime) -> None:

@@ -36,15 +36,17 @@ async def terminate_duplicates(ctx: FleetContext, listing: list[Instance]) -> li
             extras |= {i.id: i for i in twins if i.id != keep.id}
     if not extras or ctx.dry_run:
         return []
-    await ctx.cloud.terminate(list(extras))  # idempotent; a failure is retried next scan
-    log.warning("terminated duplicate launches %s (kept the one its action recorded)", extras)
-    # What the controller did to the cloud is an action like any other: audited, announced,
-    # and no longer billed in the ledger.
+    # What the controller does to the cloud is an action like any other: audited, announced,
+    # and no longer billed in the ledger. Recorded before the call, finished after it.
     now = ctx.clock()
     with ctx.store.session() as s:
+        ids = [actions.record_cleanup(s, _duplicate(i), now) for i in extras.values()]
+    await ctx.cloud.terminate(list(extras))  # idempotent; a failure is retried next scan
+    log.warning("terminated duplicate launches %s (kept the one its action recorded)", extras)
+    with ctx.store.session() as s:
         fleet_repo.end_instances(s, list(extras), now)
-        for i in extras.values():
-            actions.record_done(ctx, s, _duplicate(i), now)
+        for action_id in ids:
+            actions.finish_cleanup(ctx, s, action_id, now)
     return list(extras)
 
 
@@ -89,11 +91,13 @@ async def terminate_lost(ctx: FleetContext, listing: list[Instance], now: dateti
         ]
     if not ours:
         return []
-    await ctx.cloud.terminate(ours)  # idempotent; a failure is retried next scan
+    with ctx.store.session() as s:  # recorded before the call (`record_cleanup`)
+        ids = [actions.record_cleanup(s, _lost(lost[i]), now) for i in ours]
+    await ctx.cloud.terminate(ours)  # idempotent; a failure is retried (`carry_out`)
     log.warning("terminated fleet launches the cloud shows lost: %s", ours)
     with ctx.store.session() as s:
-        for instance_id in ours:
-            actions.record_done(ctx, s, _lost(lost[instance_id]), now)
+        for action_id in ids:
+            actions.finish_cleanup(ctx, s, action_id, now)
     return ours
 
 

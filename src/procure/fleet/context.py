@@ -12,7 +12,7 @@ from datetime import datetime
 
 import httpx
 
-from procure.clouds.base import Cloud, InstanceType
+from procure.clouds.base import Cloud, Instance, InstanceType
 from procure.fleet.settings import FleetSettings
 from procure.models import utcnow
 from procure.store import Store
@@ -44,6 +44,9 @@ class FleetContext:
     nodes_answered: bool = False  # some node of the fleet has answered (fleet.controller)
     samples_read: bool = False  # the store's samples were asked that once
     backoff_until: datetime | None = None
+    # The nodes whose dead-man lease the last node read renewed (by instance id): kept up while
+    # the cloud's listing fails (fleet.node_leases).
+    leased: dict[str, Instance] = field(default_factory=dict)
 
     @property
     def lease_name(self) -> str:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from procure.bounds import clip
 from procure.clouds.base import LABEL_PREFIX, CloudError, Instance
 from procure.fleet import actions, cleanups, costs, kept, monitor, nodes, policy, prometheus, stuck
+from procure.fleet import node_leases as dead_man
 from procure.fleet import signal as procure_signal
 from procure.fleet.context import FleetContext
 from procure.models import utcnow
@@ -159,20 +160,12 @@ async def _read_nodes(
     """Each readable instance's figures; `account`: every instance on the account (procure's
     other parts' and booting ones too), to know which IPs several instances share."""
     limit = asyncio.Semaphore(NODE_CONCURRENCY)
-    port, token = (0 if ctx.mapped_ports else ctx.cfg.node_port), ctx.node_token
+    port, token = dead_man.where(ctx)
 
     async def renew(i: Instance, sample: dict[str, Any]) -> dict[str, Any]:
         if sample.get("reachable"):
             async with limit:
-                # A dry run keeps up what the live fleet holds, but takes no lease of its own:
-                # one it took would, once it ends, fire the node's stop action
-                # (GPU_WORKER_ON_ORPHAN) on an instance no live controller ever held.
-                if not ctx.dry_run or await nodes.holds_lease(
-                    ctx.nodes, i, port, token, ctx.node_holder
-                ):
-                    await nodes.renew_lease(
-                        ctx.nodes, i, port, token, ctx.node_holder, ctx.cfg.node_lease_s
-                    )
+                await dead_man.renew(ctx, i)
         return sample
 
     async def one(i: Instance) -> dict[str, Any]:
@@ -182,12 +175,17 @@ async def _read_nodes(
 
     readable = [i for i in listing if i.status in ("active", "unhealthy")]
     if not ctx.cfg.prometheus_url:
-        return list(await asyncio.gather(*(one(i) for i in readable)))
-    found = await prometheus.read_instances(
-        ctx.nodes, ctx.cfg.prometheus_url, readable, now, sharing=account
-    )
-    # The figures come from Prometheus, but the dead-man lease lives on the node: renew it.
-    return list(await asyncio.gather(*(renew(i, s) for i, s in zip(readable, found, strict=True))))
+        samples = list(await asyncio.gather(*(one(i) for i in readable)))
+    else:
+        found = await prometheus.read_instances(
+            ctx.nodes, ctx.cfg.prometheus_url, readable, now, sharing=account
+        )
+        # The figures come from Prometheus, but the dead-man lease lives on the node: renew it.
+        samples = list(
+            await asyncio.gather(*(renew(i, s) for i, s in zip(readable, found, strict=True)))
+        )
+    ctx.leased = {i.id: i for i, s in zip(readable, samples, strict=True) if s.get("reachable")}
+    return samples
 
 
 def _nodes_answer(ctx: FleetContext, samples: list[dict[str, Any]]) -> bool:
@@ -350,6 +348,7 @@ async def _scan(ctx: FleetContext, now: datetime) -> ScanResult:
     result = ScanResult(at=now)
     if ctx.backoff_until is not None and now < ctx.backoff_until:
         result.error = f"backing off after cloud errors until {ctx.backoff_until.isoformat()}"
+        await dead_man.keep_up(ctx)  # the controller runs: its nodes must not stop
         return result
     try:
         account = await _list(ctx)  # every instance: some share an IP with the fleet's
@@ -361,6 +360,7 @@ async def _scan(ctx: FleetContext, now: datetime) -> ScanResult:
         ctx.types = {}
         result.error = clip(f"{type(exc).__name__}: {exc}", 500)
         log.warning("listing the fleet failed (%s); backing off %.0fs", result.error, wait)
+        await dead_man.keep_up(ctx)
         _note(ctx, now, result.error)
         return result
     ctx.cloud_failures, ctx.backoff_until = 0, None

@@ -47,7 +47,9 @@ def bounded(value: Any, most: float = 1e6) -> float | None:
     negative, and an absurd one must not overflow the store's columns)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return min(max(float(value), 0.0), most) if math.isfinite(value) else None
+    if isinstance(value, int):  # any length of digits: clamped before float() could overflow
+        return float(min(max(value, 0), int(most)))
+    return min(max(value, 0.0), most) if math.isfinite(value) else None
 
 
 def figures(answer: Any) -> dict[str, Any]:

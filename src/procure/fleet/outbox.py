@@ -126,7 +126,10 @@ async def deliver(
                     fleet_repo.mark_delivered(s, message_id, utcnow())
                 delivered += 1
                 continue
-            error = f"HTTP {status}: {clip(response.text, 100)}"
+            # Decoded here: `response.text` raises for a charset the body does not follow
+            # (utf-16 without a BOM), and this message would never be counted or dropped.
+            said = response.content[:400].decode("utf-8", "replace")
+            error = f"HTTP {status}: {clip(said, 100)}"
         # The counts are of failures of one kind in a row: one 502 after hours of no answer
         # (a receiver starting behind its proxy) is its first 5xx, not its fiftieth.
         restart = _kind(error) != _kind(last_error)

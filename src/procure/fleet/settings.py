@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from procure.gpu.settings import MAX_LEASE_S
 from procure.safetext import remember_secret
 from procure.settings import CHECKED, blank_is_unset, finite_numbers, http_url, secret_values
 
@@ -94,8 +95,8 @@ class FleetSettings(BaseSettings):
     node_timeout_s: float = Field(5.0, gt=0, le=600, validation_alias="LAMBDA_LABS_NODE_TIMEOUT_S")
     node_lease_s: float = Field(
         900.0,
-        gt=0,
-        le=30 * DAY_S,
+        gt=0.1,  # as the node takes it (`POST /lease`): one it refuses is never armed
+        le=MAX_LEASE_S,
         validation_alias="LAMBDA_LABS_NODE_LEASE_S",
         description="Dead-man lease held on each node: a node not renewed this long stops itself",
     )

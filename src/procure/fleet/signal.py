@@ -56,8 +56,9 @@ def parse_queue(body: Any) -> tuple[tuple[int, float], ...]:
         if (
             isinstance(waited, bool)
             or not isinstance(waited, int | float)
-            or not math.isfinite(waited)
+            # Compared before isfinite: an integer beyond a float's range would raise there.
             or not 0 <= waited <= MAX_WAIT_S
+            or not math.isfinite(waited)
         ):
             raise QueueError(f"job {n}: waitingS must be seconds from 0 to {MAX_WAIT_S:g}")
         out.append((gpus, float(waited)))

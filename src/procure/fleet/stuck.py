@@ -1,7 +1,7 @@
 """Instances the fleet launched that will not work: one not working (booting, active with a node
-that does not answer, or unhealthy as a RunPod pod in ERROR) past its boot deadline, or unhealthy
-after half of it, is terminated through the rails like any other action; the cloud bills it, and
-it fills the pool's minimum (and, silent, holds back every scale-up)."""
+that does not answer or reads no GPU, or unhealthy as a RunPod pod in ERROR) past its boot
+deadline, or unhealthy after half of it, is terminated through the rails like any other action;
+the cloud bills it, and it fills the pool's minimum (and, silent, holds back every scale-up)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,22 @@ def silent(v: InstanceView, now: datetime) -> bool:
         and last.taken_at >= now
         and not last.reachable
         and not nodes.refused(last.error)
+    )
+
+
+def gpuless(v: InstanceView, now: datetime) -> bool:
+    """Active, its node answered this scan, but it reads no GPU: each one it has fails in NVML
+    (a GPU fallen off the bus, NVML hung) or it finds none (no driver loaded). It bills as a
+    GPU and computes nothing, like a silent node. One GPU still read gives a utilisation; a GPU
+    that reports none (MIG) fails on nothing: neither is judged so."""
+    last = v.latest
+    return (
+        v.instance.status == "active"
+        and last is not None
+        and last.taken_at >= now
+        and last.reachable
+        and last.gpu_util is None
+        and (bool(last.gpus_failing) or last.error is not None)
     )
 
 
@@ -57,7 +73,7 @@ def proposals(
     out: list[Proposal] = []
     for v in views:
         row = v.instance
-        idle = row.status in NOT_WORKING or (judge_silence and silent(v, now))
+        idle = row.status in NOT_WORKING or (judge_silence and (silent(v, now) or gpuless(v, now)))
         state = "idle" if idle else "working"
         seen = since.get(v.id)
         if seen is None or seen[0] != state:
@@ -76,7 +92,9 @@ def proposals(
         if state == "working" or now - entered < limit:
             continue
         minutes = (now - entered).total_seconds() / 60
-        what = "active, its node silent" if row.status == "active" else row.status
+        what = row.status
+        if row.status == "active":
+            what = "active, its GPUs unread" if gpuless(v, now) else "active, its node silent"
         why = f"not working ({what} now) for {minutes:.0f} minutes"
         out.append(
             Proposal(

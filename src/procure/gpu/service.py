@@ -31,7 +31,7 @@ from procure.gpu.jobs import JobRunner, Limits
 from procure.gpu.metrics import exposition
 from procure.gpu.ollama import Catalogue, ollama_client, read_catalogue
 from procure.gpu.probe import CachedProbe, Probe, nvml_reader, plainly
-from procure.gpu.settings import GpuWorkerSettings, capability_token
+from procure.gpu.settings import MAX_LEASE_S, GpuWorkerSettings, capability_token
 from procure.safetext import show_url
 from procure.scrape import ScrapeSettings, scrape_allowed
 
@@ -49,7 +49,7 @@ class CheckRequest(BaseModel):
 
 class LeaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ttl_s: float = Field(gt=0.1, le=7 * 86400, allow_inf_nan=False)
+    ttl_s: float = Field(gt=0.1, le=MAX_LEASE_S, allow_inf_nan=False)
     holder: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 

@@ -13,6 +13,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from procure.settings import CHECKED, finite_numbers, http_url
 
+# The longest dead-man lease a node takes (`POST /lease`): the fleet's LAMBDA_LABS_NODE_LEASE_S is
+# bounded by it, so a renewal the fleet sends is never one the node refuses.
+MAX_LEASE_S = 7 * 86400.0
+
 
 def default_capability_name() -> str:
     """`agent-net-<host>`: the seed's per-orchestrator capability name (e.g. agent-net-nyc)."""

@@ -158,7 +158,7 @@ def count_status(s: Session, status: str) -> int:
 def last_acted(s: Session, action_type: str) -> datetime | None:
     """When an action of this type last went to the cloud (or would have, in a dry run); one
     still in flight (being sent, or waiting to be sent again) counts as acting now. The
-    controller's own clean-ups (`actions.record_done`: a duplicate launch, a launch the cloud
+    controller's own clean-ups (`actions.record_cleanup`: a duplicate launch, a launch the cloud
     lost) are no decision the cooldown paces: counted, they held the policy's next termination
     of an instance still billing for the whole cooldown."""
     executed = s.scalar(
@@ -170,10 +170,23 @@ def last_acted(s: Session, action_type: str) -> datetime | None:
     )
     flying = s.scalar(
         select(func.max(ActionRow.updated_at)).where(
-            ActionRow.action_type == action_type, ActionRow.status == "executing"
+            ActionRow.action_type == action_type,
+            ActionRow.status == "executing",
+            ActionRow.decided_by.is_distinct_from(CLEAN_UP),
         )
     )
     return max((t for t in (executed, flying) if t is not None), default=None)
+
+
+def open_cleanup(s: Session, target: str) -> ActionRow | None:
+    """The controller's own termination of `target` still in flight (`executing`), if any."""
+    query = select(ActionRow).where(
+        ActionRow.action_type == "terminate_instance",
+        ActionRow.target_instance == target,
+        ActionRow.status == "executing",
+        ActionRow.decided_by == CLEAN_UP,
+    )
+    return s.scalars(query.order_by(ActionRow.created_at).limit(1)).first()
 
 
 def recent_same(
