@@ -265,6 +265,20 @@ def owe_refund(payment: GatewayPaymentRow, row: GatewayJobRow) -> None:
     row.updated_at = utcnow()
 
 
+def owe_back_unused(s: Session, row: GatewayJobRow) -> None:
+    """The job `row` ends never having run (no launch within its paid time: no capacity, quota
+    or credit): its settled payments bought nothing, so are owed back (as `owe_refund`)."""
+    paid = select(GatewayPaymentRow).where(
+        GatewayPaymentRow.job_id == row.job_id, GatewayPaymentRow.status == "completed"
+    )
+    for payment in list(s.scalars(paid.with_for_update())):
+        payment.status = REFUND_OWED
+        usd, tx = micros_to_usd(payment.amount), payment.transaction or "?"
+        line = f"its payment of ${usd:g} (payment {payment.nonce[:10]}, tx {tx}) bought nothing"
+        note(row, f"[gateway] the job never ran: {line}; refund owed to {payment.payer}", 200)
+    row.updated_at = utcnow()
+
+
 # How a job that no instance could be launched for within its paid time ends (`launches`).
 NO_LAUNCH = "no instance could be launched within the paid time"
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 from typing import Any
 
@@ -37,6 +38,7 @@ from procure.store.gateway_tables import GatewayInstanceRow, GatewayJobRow
 
 log = logging.getLogger(__name__)
 GONE = ("terminated", "preempted", "exited")
+NODE_ENDED = ("completed", "failed", "cancelled")  # a node's job that runs no more
 
 
 async def advance(rt: Runtime, job_id: str) -> None:
@@ -125,24 +127,18 @@ async def _poll(rt: Runtime, row: GatewayJobRow) -> None:
     if inst is None or inst.node_url is None or inst.node_job_id is None:
         update_job(rt, row.job_id, status="booting")
         return
-    if utcnow() > paid_end(rt, row):
-        kept = kept_for_renewal(rt, row)
-        if kept is None:
-            update_job(
-                rt,
-                row.job_id,
-                f"paid time ran out at {row.progress:.0%}; job stopped",
-                status="ending",
-                outcome="expired",
-            )
-            return
-        row = kept  # relayed on from the book as it is now, the note kept
+    over = utcnow() > paid_end(rt, row)
+    if over and (kept := kept_for_renewal(rt, row)) is not None:
+        row, over = kept, False  # relayed on from the book as it is now, the note kept
     host = inst.node_url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
     try:
         async with rt.node(inst.node_url, rt.cfg.node_token(inst.name), host) as node:
             status = await node.status(inst.node_job_id)
             page = await node.logs(inst.node_job_id, after=row.log_cursor, limit=200)
     except (NodeJobError, ValueError) as exc:
+        if over:
+            _expire(rt, row)
+            return
         try:
             got = await rt.cloud.get(inst.instance_id or "")
         except CloudError:
@@ -150,7 +146,23 @@ async def _poll(rt: Runtime, row: GatewayJobRow) -> None:
         if got is None or got.status in GONE or getattr(exc, "status", None) == 404:
             await _lost(rt, row, inst, f"instance {inst.instance_id} lost: {exc}")
         return
+    # Its node asked first: a job that finished in its paid time, heard of only once that time
+    # was over (the loop reaches each job in turn), was ended `expired`, its work unshown.
+    if over and status["status"] not in NODE_ENDED:
+        _expire(rt, row)
+        return
     _relay(rt, row, status, page)
+
+
+def _expire(rt: Runtime, row: GatewayJobRow) -> None:
+    """The job's paid time ran out while it ran: it is stopped."""
+    update_job(
+        rt,
+        row.job_id,
+        f"paid time ran out at {row.progress:.0%}; job stopped",
+        status="ending",
+        outcome="expired",
+    )
 
 
 IGNORED = "checkpoint not taken (not one the node can resume from, or another job's)"
@@ -182,11 +194,15 @@ def its_checkpoint(rt: Runtime, row: GatewayJobRow, url: str) -> bool:
 
 def _where(url: str) -> tuple[str, str]:
     """(the store's implementation, the path in it): one spelling of a URL, so that `file://`,
-    `~` or a doubled slash does not make another job's folder look like none of the store's."""
+    `~`, a doubled slash or (on a disk) a `.` segment does not make another job's folder look
+    like none of the store's. (`..` never reaches here: `its_checkpoint` refuses it.)"""
     protocol, path = split_protocol(url)
     store = known_implementations.get(protocol or "file", {}).get("class", protocol or "")
     if store == known_implementations["file"]["class"]:
-        path = os.path.expanduser(path)
+        # A disk reads `/a/./b` as `/a/b`: left as spelled, a `.` above the store's folder hid
+        # another job's checkpoint in it. (An object store's keys are as written: left so.)
+        folder = path.endswith("/")
+        path = posixpath.normpath(os.path.expanduser(path)) + ("/" if folder else "")
     return store, re.sub("/+", "/", path)
 
 
@@ -229,7 +245,7 @@ def _relay(rt: Runtime, row: GatewayJobRow, status: dict[str, Any], page: dict[s
         logs_total=(row.logs_total or 0) + len(lines) - before,
     )
     node_status = status["status"]
-    if node_status in ("completed", "failed", "cancelled"):
+    if node_status in NODE_ENDED:
         ok = node_status == "completed" and status.get("exitCode") in (0, None)
         fields["outcome"] = "completed" if ok else "failed"
         fields["status"] = "ending"
@@ -322,5 +338,9 @@ def _ended(rt: Runtime, job_id: str, outcome: str) -> None:
             book.revive(row, row.paid_until)
             row.ended_at = row.updated_at = now  # relaunched without a sale's check of the caps
             return
+        # Ended for want of paid time before it ever ran: the buyer got no compute at all.
+        never_ran = book.ran_out(row) and row.paid_until is None
         row.status, row.ended_at, row.updated_at = outcome, now, now
         book.note(row, f"[gateway] job {outcome}; instance terminated", rt.cfg.log_lines)
+        if never_ran:
+            book.owe_back_unused(s, row)

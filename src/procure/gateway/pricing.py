@@ -28,7 +28,9 @@ def sold_hours(hours: float, increment_s: int, min_sale_s: float = 0.0) -> float
 
 def best_offer(offers: list[Offer], gpu: str, skip_regions: set[str] | None = None) -> Offer | None:
     """The cheapest on-demand single-GPU offer of `gpu` that can be launched now, outside
-    `skip_regions` (a paid job never lands on an interruptible offer: it would be lost)."""
+    `skip_regions` (a paid job never lands on an interruptible offer: it would be lost). An
+    offer listed at $0 (under a micro-dollar) is none: its price is unknown, not nothing, and
+    as the cheapest it was quoted at a micro-dollar for a day and launched on as costing none."""
     fit = [
         o
         for o in offers
@@ -36,6 +38,7 @@ def best_offer(offers: list[Offer], gpu: str, skip_regions: set[str] | None = No
         and not o.interruptible
         and o.available > 0
         and o.gpu_count == 1
+        and o.price_per_hour > 0
         and o.region not in (skip_regions or set())
     ]
     return min(fit, key=lambda o: (o.price_per_hour, o.region, o.offer_id), default=None)

@@ -282,7 +282,11 @@ def request_cancel(rt: Runtime, job_id: Any) -> dict[str, Any] | None:
         row = book.job(s, job_id) if isinstance(job_id, str) else None
         if row is None or row.status == "unpaid":
             return None
-        if row.status in book.STARTED and not row.cancel_requested:
+        # One being ended on its node's word (completed, failed) ends so: marked cancelled, a
+        # job that had completed read `cancelled` until its instance was gone. (One ending for
+        # want of paid time may be revived by a renewal booked late: a cancel still stops it.)
+        final = row.status == "ending" and not book.ran_out(row)
+        if row.status in book.STARTED and not final and not row.cancel_requested:
             row.cancel_requested = 1
             row.updated_at = utcnow()
         return view(row)
