@@ -11,10 +11,13 @@ JSON): `/metrics` (and its first scrape) and the server's RSS growth on the firs
 `/api/runs` first page and a walk over every page (checking each run is seen once), the
 dashboard's first and last page, the big run's status (API, first page of observations) and
 page (dashboard); the global spend caps' check (in process, as before every payment); then one
-worker's ticks/s (`throughput.measure`) and the retention pass's rows/s on a backlog of old
-tick log rows (to compare with the write rate: one row per tick).
+worker's ticks/s and CPU per tick (`throughput.measure`; the best of `--rounds` rounds, each
+over every size of the store in turn, so that sizes are compared under the same load), and the
+retention pass's rows/s on a backlog of old tick log rows (to compare with the write rate: one
+row per tick). `--only worker` seeds and measures the worker alone.
 
     .venv/bin/python benchmarks/scale.py --runs 1000,100000 --backends sqlite,postgres --json
+    .venv/bin/python benchmarks/scale.py --runs 1000,30000 --backends sqlite --only worker
 
 PostgreSQL: `--postgres-url` (default PROCURE_BENCH_POSTGRES_URL or PROCURE_TEST_POSTGRES_URL).
 """
@@ -32,6 +35,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -312,27 +316,54 @@ def measure_cap_check(url: str) -> dict[str, float]:
     return {"cap_check_s": min(times)}
 
 
-def one(backend: str, runs: int, args: argparse.Namespace) -> dict[str, Any]:
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        throughput.fresh_database(backend, args.postgres_url, Path(tmp)) as url,
-    ):
-        started = time.perf_counter()
-        throughput.seed(url, RUNNING)
-        big = seed_history(url, runs)
-        row: dict[str, Any] = {
-            "backend": backend,
-            "runs": runs,
-            "seed_s": time.perf_counter() - started,
-        }
-        row |= measure_server(url, Path(tmp) / "home", big, runs)
+def prepare(
+    backend: str, runs: int, args: argparse.Namespace, tmp: Path, stack: ExitStack
+) -> tuple[str, dict[str, Any]]:
+    """A fresh store of `runs` historical runs (dropped when `stack` closes), measured up to the
+    worker: its URL and its row of figures."""
+    url = stack.enter_context(throughput.fresh_database(backend, args.postgres_url, tmp))
+    started = time.perf_counter()
+    throughput.seed(url, RUNNING)
+    big = seed_history(url, runs)
+    row: dict[str, Any] = {
+        "backend": backend,
+        "runs": runs,
+        "seed_s": time.perf_counter() - started,
+    }
+    if args.only == "all":
+        row |= measure_server(url, tmp / f"home-{runs}", big, runs)
         row |= measure_cap_check(url)
-        row["caught_up_rows"] = catch_up(url)
-        worker = throughput.measure(url, 1, args.concurrency, args.warmup, args.seconds)
-        row["worker_tps"] = worker["tps"]
-        row["worker_cpu_ms"] = worker["cpu_ms"]
-        row |= measure_prune(url, args.prune_rows)
-        return row
+    row["caught_up_rows"] = catch_up(url)
+    return url, row
+
+
+def measure_workers(stores: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> None:
+    """One worker's ticks/s and CPU per tick on each store, in `args.rounds` rounds that take
+    the stores in turn: the sizes are compared under the same neighbours (on a shared machine
+    one five-second window against another differed by 1.5x either way, whatever the store).
+    The figure is the best round (the least disturbed), `_median` beside it."""
+    figures: list[dict[str, list[float]]] = [{"tps": [], "cpu_ms": []} for _ in stores]
+    for _ in range(max(1, args.rounds)):
+        for (url, _row), mine in zip(stores, figures, strict=True):
+            worker = throughput.measure(url, 1, args.concurrency, args.warmup, args.seconds)
+            mine["tps"].append(worker["tps"])
+            mine["cpu_ms"].append(worker["cpu_ms"])
+    for (_url, row), mine in zip(stores, figures, strict=True):
+        row["worker_tps"] = max(mine["tps"])
+        row["worker_tps_median"] = statistics.median(mine["tps"])
+        row["worker_cpu_ms"] = min(mine["cpu_ms"])
+        row["worker_cpu_ms_median"] = statistics.median(mine["cpu_ms"])
+
+
+def backend_rows(backend: str, sizes: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every size of one store, alive together so that the worker's rounds can alternate."""
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        stores = [prepare(backend, runs, args, Path(tmp), stack) for runs in sizes]
+        measure_workers(stores, args)
+        if args.only == "all":
+            for url, row in stores:
+                row |= measure_prune(url, args.prune_rows)
+        return [row for _url, row in stores]
 
 
 COLUMNS = [
@@ -364,7 +395,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="worker: measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="worker: warm-up seconds")
     parser.add_argument("--concurrency", type=int, default=16, help="worker: ticks in flight")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="worker: rounds, each over every size in turn"
+    )
     parser.add_argument("--prune-rows", type=int, default=50_000, help="old tick rows to prune")
+    parser.add_argument(
+        "--only",
+        choices=("all", "worker"),
+        default="all",
+        help="worker: seed, catch up and measure the worker's ticks only (no server, caps, prune)",
+    )
     parser.add_argument(
         "--postgres-url",
         default=os.environ.get("PROCURE_BENCH_POSTGRES_URL")
@@ -373,14 +413,15 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for backend in args.backends.split(","):
-        for runs in (int(n) for n in args.runs.split(",")):
-            row = one(backend, runs, args)
-            rows.append(row)
-            if args.json:
+        mine = backend_rows(backend, [int(n) for n in args.runs.split(",")], args)
+        rows += mine
+        if args.json:
+            for row in mine:
                 print(json.dumps(row), flush=True)
-    print(" | ".join(name for name, _ in COLUMNS))
+    columns = [(name, fmt) for name, fmt in COLUMNS if all(name in row for row in rows)]
+    print(" | ".join(name for name, _ in columns))
     for row in rows:
-        print(" | ".join(fmt.format(row[name]) for name, fmt in COLUMNS))
+        print(" | ".join(fmt.format(row[name]) for name, fmt in columns))
     for line in verdicts(rows):
         print(line)
 
@@ -407,12 +448,16 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
         small, big = mine[0], mine[-1]
         out.append(f"{backend}: {big['runs']:,} runs against {small['runs']:,}")
         for name, goal, higher in GOALS:
+            if name not in small or name not in big:  # not measured (`--only`)
+                continue
             ratio = big[name] / small[name] if small[name] else float("inf")
             met = ratio >= goal if higher else ratio <= goal
             sign = ">=" if higher else "<="
             out.append(
                 f"  [{'met' if met else 'MISSED'}] {name}: {ratio:.2f}x (goal {sign} {goal:.2f}x)"
             )
+        if "metrics_rss_mb" not in big:
+            continue
         grown = big["metrics_rss_mb"]
         out.append(
             f"  [{'met' if grown <= 30 else 'MISSED'}] /metrics RSS growth {grown:.1f} MB (<= 30)"
