@@ -181,6 +181,7 @@ def test_a_node_echoing_the_node_token_does_not_show_it_to_api_readers(
             status="active",
             price_per_hour=1_290_000,
             launched_by=None,
+            node_url=f"http://127.0.0.1:{node_server.port}",  # as the fleet's scan checked it
         )
         fleet_repo.add_samples(
             s, [{"instance_id": "i-echo", "taken_at": now, "reachable": True, "gpu_util": 5.0}]

@@ -141,6 +141,7 @@ def test_a_hanging_node_costs_only_the_deadline(sqlite_url: str) -> None:
             status="active",
             price_per_hour=1_290_000,
             launched_by=None,
+            node_url="http://10.0.0.9:9876",  # as the fleet's scan checked it
         )
         fleet_repo.add_samples(
             s, [{"instance_id": "i-hang", "taken_at": now, "reachable": True, "gpu_util": 5.0}]

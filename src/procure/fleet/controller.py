@@ -91,6 +91,7 @@ def sync_instances(
                 price_per_hour=_price(ctx, s, i),
                 gpus=i.gpus,
                 launched_by=mine,
+                node_url=dead_man.address(ctx, i),
             )
         gone = [r for r in fleet_repo.live_instances(s) if r.instance_id not in seen]
         if not grace:
@@ -240,6 +241,25 @@ class FleetConflict(Exception):
     run beside it. The store keeps one fleet's state: one instance ledger, one action history,
     one set of cooldowns and caps; two fleets on it would count, end and be held by each
     other's instances (a fleet never launched its minimum, counting the other's as its own)."""
+
+
+class NodeLeaseTooShort(FleetConflict):
+    """The nodes' dead-man lease lapses between two scans (LAMBDA_LABS_NODE_LEASE_S not above the
+    interval): every node would stop its instance under a running controller. Refused at start
+    as a FleetConflict is (said whole, /healthz `refused`)."""
+
+
+def _node_lease_checked(ctx: FleetContext, interval: float, health: dict[str, str] | None) -> None:
+    """Refuse a node lease that lapses between scans; warn of one a late scan lapses."""
+    short = ctx.cfg.node_lease_short(interval)
+    if short is not None and ctx.cfg.node_lease_s > interval:
+        log.warning("%s", short)
+    elif short is not None:
+        refused = NodeLeaseTooShort(f"fleet {ctx.cfg.fleet_name!r} refused: {short}")
+        log.error("%s", refused)
+        if health is not None:
+            health["fleet-controller"] = f"refused: {clip(str(refused), 200)}"
+        raise refused
 
 
 def _refusal(ctx: FleetContext, others: list[FleetLeaseRow]) -> FleetConflict:
@@ -466,6 +486,8 @@ async def run_controller(
     `health["fleet-controller"]` up to date for /healthz."""
     stop = stop or asyncio.Event()
     interval = interval_s if interval_s is not None else ctx.cfg.scan_interval_s
+    if not once:  # a lone scan (`--once`) knows not when the next one comes
+        _node_lease_checked(ctx, interval, health)
     error: str | None = None
     try:
         while not stop.is_set():

@@ -1,7 +1,7 @@
-"""The controller's dead-man leases on its nodes (`POST /lease`): renewed on each node read, and
-kept up while the cloud's listing fails. A node whose lease lapses stops its instance; that is
-for a controller that died, not for one whose cloud API is down a while (a listing that fails,
-and the scans backing off after it, read no node)."""
+"""Where the controller's nodes answer, and its dead-man leases on them (`POST /lease`): renewed
+on each node read, and kept up while the cloud's listing fails. A node whose lease lapses stops
+its instance; that is for a controller that died, not for one whose cloud API is down a while (a
+listing that fails, and the scans backing off after it, read no node)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ CONCURRENCY = 16
 def where(ctx: FleetContext) -> tuple[int, str | None]:
     """The nodes' port (0: where the cloud maps it) and token."""
     return (0 if ctx.mapped_ports else ctx.cfg.node_port), ctx.node_token
+
+
+def address(ctx: FleetContext, i: Instance) -> str | None:
+    """Where the fleet reads `i`'s node (`nodes.node_url`: checked to be the instance's own
+    address), recorded on its row for the Nodes page, which sends the node token there and
+    nowhere else. None while the listing gives no such address."""
+    port, _token = where(ctx)
+    return nodes.node_url(i, port)
 
 
 async def renew(ctx: FleetContext, i: Instance) -> None:

@@ -14,6 +14,8 @@ from procure.settings import CHECKED, blank_is_unset, finite_numbers, http_url, 
 WEEK_MINS = 7 * 24 * 60
 DAY_S = 24 * 3600
 SCAN_LEASES = 5.0  # a scan may run this many fleet leases (FLEET_SCAN_TIMEOUT_S unset)
+# Scans' intervals a node's dead-man lease should outlast: one late scan must not lapse it.
+NODE_LEASE_SCANS = 2.0
 MAX_USD_PER_HOUR = 1e7  # far above any real fleet; a typo of more is refused, not obeyed
 
 
@@ -198,6 +200,18 @@ class FleetSettings(BaseSettings):
         hangs would hold the fleet for ever, nobody acting on it)."""
         return (
             self.scan_timeout_s if self.scan_timeout_s is not None else SCAN_LEASES * self.lease_s
+        )
+
+    def node_lease_short(self, interval_s: float) -> str | None:
+        """Why the nodes' dead-man lease is too short for scans `interval_s` apart, or None. Each
+        scan renews it; one renewal follows the last after the interval and a scan's length."""
+        if self.node_lease_s >= NODE_LEASE_SCANS * interval_s:
+            return None
+        lapses = "whenever a scan is late" if self.node_lease_s > interval_s else "between scans"
+        return (
+            f"LAMBDA_LABS_NODE_LEASE_S ({self.node_lease_s:g} s) lapses {lapses} ({interval_s:g} "
+            "s apart), and a node whose lease lapses stops its instance (GPU_WORKER_ON_ORPHAN): "
+            f"set it to {NODE_LEASE_SCANS * interval_s:g} s or more, or scan more often"
         )
 
     @model_validator(mode="after")

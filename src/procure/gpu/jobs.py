@@ -18,8 +18,8 @@ import shutil
 import signal
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ PASSED_ENV = (
 )
 READ_CHUNK = 65_536
 DRAIN_S = 2.0  # after the process exits, how long its children may keep the pipe open
+NO_LINES: deque[tuple[int, str]] = deque(maxlen=0)  # a forgotten job's: shared, holds nothing
 
 
 class JobRefused(Exception):
@@ -61,6 +62,9 @@ class JobRefused(Exception):
 class Limits:
     max_running: int = 1
     keep: int = 50
+    # Idempotency keys of jobs `keep` pushed out, each with its job's final state: a retried
+    # submission is answered with it, never run again (paid once, run twice). Oldest use first.
+    keep_keys: int = 10_000
     log_lines: int = 2_000
     line_bytes: int = 4_096
     cancel_grace_s: float = 10.0
@@ -168,6 +172,7 @@ class JobRunner:
         self.limits = limits
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, Job] = {}
+        self.ended_keys: OrderedDict[str, Job] = OrderedDict()  # key -> forgotten job, ended
         self.slots = asyncio.Semaphore(limits.max_running)
         self.closing = False
 
@@ -194,8 +199,8 @@ class JobRunner:
             "checkpointDir": checkpoint_dir,
         }
         digest = fingerprint(spec)
-        if key is not None and key in self.by_key:
-            known = self.by_key[key]
+        known = self._known(key)
+        if known is not None:
             if known.fingerprint != digest:
                 raise JobRefused(409, "idempotencyKey already used for a different job")
             return known, False
@@ -278,6 +283,27 @@ class JobRunner:
             del self.jobs[old.id]
             if old.key is not None and self.by_key.get(old.key) is old:
                 del self.by_key[old.key]
+                self._remember(old.key, old)
+
+    def _known(self, key: str | None) -> Job | None:
+        """The job submitted under `key`: held, or forgotten since and ended (its final state)."""
+        if key is None:
+            return None
+        if key in self.by_key:
+            return self.by_key[key]
+        ended = self.ended_keys.get(key)
+        if ended is not None:
+            self.ended_keys.move_to_end(key)  # asked again: kept the longest
+        return ended
+
+    def _remember(self, key: str, job: Job) -> None:
+        """Keep `job`'s final state under its key, without what a retry is not answered with
+        (its command, env and log lines): bounded by `keep_keys`, the least asked for first."""
+        slim = replace(job, argv=[], env={}, lines=NO_LINES, process=None, task=None)
+        self.ended_keys[key] = slim
+        self.ended_keys.move_to_end(key)
+        while len(self.ended_keys) > self.limits.keep_keys:
+            self.ended_keys.popitem(last=False)
 
     async def _run(self, job: Job) -> None:
         try:

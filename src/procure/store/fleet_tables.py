@@ -84,6 +84,10 @@ class FleetInstanceRow(Base):
     first_seen_at: Mapped[datetime]
     last_seen_at: Mapped[datetime]
     ended_at: Mapped[datetime | None] = mapped_column(index=True)
+    # Where the fleet reads its node, checked to be the instance's own address (on RunPod and
+    # Vast.ai, the port the cloud maps: a shared IP's other ports are other tenants'). The
+    # Nodes page sends the node token there only; None: no such address (migration 0020).
+    node_url: Mapped[str | None] = mapped_column(String(300))
 
 
 class FleetSampleRow(Base):
