@@ -39,7 +39,7 @@ from procure.asgibounds import BoundedRequests, answer_invalid_requests
 from procure.bearer import bearer_matches
 from procure.bounds import UnsafeInput, loads
 from procure.clouds.base import CloudError, Offer
-from procure.gateway import book, refusals, sales
+from procure.gateway import book, refusals, sales, storelease
 from procure.gateway.loop import run_loop
 from procure.gateway.pricing import best_offer
 from procure.gateway.runtime import Runtime
@@ -137,15 +137,20 @@ def create_gateway_app(rt: Runtime, facilitator: Any, *, loop: bool = True) -> F
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        task = asyncio.create_task(run_loop(rt, stop)) if loop else None
+        storelease.claim(cfg, rt.store)  # GatewayConflict: another gateway's store
+        tasks = [asyncio.create_task(storelease.heartbeat(rt, stop))]
+        if loop:
+            tasks.append(asyncio.create_task(run_loop(rt, stop)))
         try:
             yield
         finally:
             stop.set()
-            if task is not None:
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            with contextlib.suppress(Exception):  # unreleased, it lapses
+                storelease.release(cfg, rt.store)
 
     app = FastAPI(title=f"procure gateway {cfg.vendor_id}", lifespan=lifespan)
 

@@ -32,11 +32,13 @@ async def run_loop(rt: Runtime, stop: asyncio.Event) -> None:
     last_sweep = 0.0
     loop = asyncio.get_running_loop()
     while not stop.is_set():
-        if loop.time() - last_sweep >= rt.cfg.sweep_every_s:
+        # Another gateway took the store (this one's lease lapsed): its book is not ours.
+        if rt.holds_store and loop.time() - last_sweep >= rt.cfg.sweep_every_s:
             last_sweep = loop.time()
             await guarded(recover_payments(rt), "recover")
             await guarded(sweep(rt), "sweep")
-        await guarded(step_all(rt), "step")
+        if rt.holds_store:
+            await guarded(step_all(rt), "step")
         rt.wake.clear()
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(rt.wake.wait())]
         await asyncio.wait(waits, timeout=rt.cfg.poll_s, return_when=asyncio.FIRST_COMPLETED)

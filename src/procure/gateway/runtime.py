@@ -38,6 +38,9 @@ class Runtime:
     ledger: FacilitatorLedger | None = None  # reconciles payments a crash left pending
     node: NodeFactory = http_node
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Whether the store's book is still this gateway's (`storelease.heartbeat`): once another
+    # gateway took it, this one advances and sells nothing.
+    holds_store: bool = True
 
 
 # --- the book, one short transaction at a time ------------------------------------------------

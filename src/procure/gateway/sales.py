@@ -17,7 +17,7 @@ from x402.http.utils import decode_payment_response_header
 
 from procure.clouds.base import CloudError, Offer
 from procure.crashpoints import crash_point
-from procure.gateway import book
+from procure.gateway import book, storelease
 from procure.gateway import loop as gateway_loop
 from procure.gateway.pricing import amount_for, sell_per_hour, sold_hours
 from procure.gateway.refusals import Refusal, below_cost, over_caps
@@ -188,6 +188,8 @@ def new_job(
     with rt.store.session() as s:  # no await from the caps' count to the insert
         # Another gateway process on this store counts after this insert, not beside it.
         fence(s)
+        if not storelease.ours(s, cfg):
+            return 503, "this gateway no longer holds its store (another gateway runs on it)"
         if book.nonce_seen(s, auth["nonce"]):
             return 409, "this payment was already used"
         held = book.live_jobs_of(s, auth["from"])
@@ -249,6 +251,8 @@ def new_renewal(
     """The renewal of `job_id` that `quote` sells, its payment written `pending`, unless the
     payment was already used or the quote sells below what the job's instance costs."""
     with rt.store.session() as s:
+        if not storelease.ours(s, rt.cfg):  # a renewal may revive an ended job
+            return 503, "this gateway no longer holds its store (another gateway runs on it)"
         if book.nonce_seen(s, auth["nonce"]):
             return 409, "this payment was already used"
         row = book.job(s, job_id)

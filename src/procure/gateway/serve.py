@@ -19,6 +19,7 @@ from procure.clouds.job import CloudJobSettings
 from procure.gateway.app import create_gateway_app
 from procure.gateway.runtime import Runtime
 from procure.gateway.settings import GatewayConfig, cloud_from_env, load_node_key
+from procure.gateway.storelease import GatewayConflict, claim
 from procure.local import LocalServer, asset_info, facilitator_client, serve
 from procure.payments.settlements import FacilitatorLedger
 from procure.payments.wallet import load_or_create_account
@@ -70,7 +71,9 @@ def start_gateway(
     facilitator_url: str,
     port: int | None = None,
 ) -> LocalServer:
-    """The gateway on 127.0.0.1 in a background thread (tests and demos)."""
+    """The gateway on 127.0.0.1 in a background thread (tests and demos); GatewayConflict if
+    another gateway holds the store (said here, not lost in the server's startup)."""
+    claim(cfg, store)
     return serve(gateway_app(cfg, store, cloud, facilitator_url), port)
 
 
@@ -85,6 +88,11 @@ def serve_gateway(
 ) -> None:
     """`procure gateway`: serve in the foreground until interrupted."""
     store = open_store(database_url)
+    try:
+        claim(cfg, store)  # before the server: a refusal is its only line, not a traceback
+    except GatewayConflict as exc:
+        store.dispose()
+        raise SystemExit(str(exc)) from None
     app = gateway_app(cfg, store, cloud or cloud_from_env(cfg.provider), facilitator_url)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -46,6 +46,9 @@ class GatewayConfig:
     # call on the account and a failed instance row, ~1,350 an hour per job on three regions.
     launch_retry_s: float = 60.0
     sweep_every_s: float = 30.0
+    # The store's gateway lease (`storelease`), renewed every third of it: how long a gateway
+    # killed without stopping keeps another gateway off its store (once its book is done).
+    store_lease_s: float = 60.0
     log_lines: int = 200  # a job's last log lines kept and relayed
     max_params_bytes: int = 8_000
     max_open_quotes: int = 10_000  # unexpired quotes at once (a hostile buyer's spam)

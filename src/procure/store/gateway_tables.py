@@ -104,3 +104,22 @@ class GatewayInstanceRow(Base):
     ended_at: Mapped[datetime | None]
     cost: Mapped[int | None] = mapped_column(BigInteger)  # billed (or computed) at the end
     created_at: Mapped[datetime]
+
+
+class GatewayLeaseRow(Base):
+    """Which gateway this store's book belongs to (one row, `name` "gateway"): the gateway
+    (vendor id, cloud and wallet, as `identity`) whose processes renew `expires_at` while they
+    run. Another gateway may take the store only once that lease has lapsed and the book holds
+    nothing of the first's unfinished (`procure.gateway.storelease`). Released (`expires_at`
+    NULL) on a clean stop, the row and its gateway stay: the book is still that gateway's."""
+
+    __tablename__ = "gateway_lease"
+
+    name: Mapped[str] = mapped_column(String(16), primary_key=True)
+    identity: Mapped[str] = mapped_column(String(64))  # digest of vendor id, cloud, wallet
+    vendor_id: Mapped[str] = mapped_column(String(200))  # shown in a refusal
+    provider: Mapped[str] = mapped_column(String(16))
+    pay_to: Mapped[str] = mapped_column(String(64))
+    owner: Mapped[str] = mapped_column(String(200))  # host:pid of the last process to renew it
+    expires_at: Mapped[datetime | None]
+    taken_at: Mapped[datetime]
