@@ -4,6 +4,7 @@ the token goes there) or its boot deadline passes."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 from procure.agent.cloud_end import (
@@ -301,10 +302,12 @@ async def boot(
         why = f"boot did not finish within {deps.cloud.boot_timeout_s:.0f}s ({instance.status})"
         inst = mark_ending(deps, inst, "failed", why, fault=True, terminate=True)
         return await terminate(deps, ctx, job, inst, client, terms)
-    if not reserve(deps, ctx, job, inst, terms):
-        inst = mark_ending(deps, inst, "stopped", BUDGET, fault=False, terminate=True)
-        return await terminate(deps, ctx, job, inst, client, terms)
     if instance.status == "booting":  # still booting then: its bill starts later (see above)
         with deps.store.session() as s:
             cloud_repo.update_instance(s, inst.name, active_at=asked)
+        # Before the reservation: where the boot is not billed, it counts from here.
+        inst = dataclasses.replace(inst, active_at=asked)
+    if not reserve(deps, ctx, job, inst, terms):
+        inst = mark_ending(deps, inst, "stopped", BUDGET, fault=False, terminate=True)
+        return await terminate(deps, ctx, job, inst, client, terms)
     return TickResult("Instance booting")

@@ -60,7 +60,7 @@ def reserve(
     reserved_until = inst.reserved_until or now
     if (reserved_until - now).total_seconds() >= ahead / 2:
         return True
-    started = inst.created_at
+    started = billed_from(deps, inst, terms)
     run_id = job.run_id
     with deps.store.session() as s:
         repo.update_run(s, run_id)  # the run's write lock, as every spender takes
@@ -93,6 +93,16 @@ def reserve(
             s, inst.name, reserved_until=started + timedelta(seconds=target_s)
         )
     return True
+
+
+def billed_from(deps: AgentDeps, inst: CloudInstance, terms: OfferTerms) -> datetime:
+    """The earliest moment the instance's bill may run from, which its reservation counts from:
+    its intent (before its launch) where the provider bills the boot; else where it may have
+    become active, the last poll that saw it booting (or its launch): a boot, however long, is
+    not reserved for where it is not billed, and the bill, from a later moment, stays within."""
+    if bills_boot(deps.clouds.get(inst.provider), terms):
+        return inst.created_at
+    return inst.active_at or inst.launched_at or inst.created_at
 
 
 def seconds_within(terms: OfferTerms, micros: int) -> float:

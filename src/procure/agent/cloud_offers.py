@@ -5,6 +5,7 @@ clouds and x402 vendors, cheapest first (`procure offers`, `GET /api/offers`).""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -33,13 +34,21 @@ def matches(vendor: Vendor, offer: Offer) -> bool:
     if terms is None or offer.provider != terms.provider:
         return False
     return (
-        offer.gpu.upper() == terms.gpu.upper()
+        priced_right(offer)
+        and offer.gpu.upper() == terms.gpu.upper()
         and offer.gpu_count == terms.count
         and offer.price_per_hour <= terms.max_price_per_hour
         and (terms.spot or not offer.interruptible)
         and (not terms.regions or offer.region in terms.regions)
         and offer.available > 0
     )
+
+
+def priced_right(offer: Offer) -> bool:
+    """Whether `offer` has a price procure can reserve against: above zero (and a number). At
+    $0/h (a provider's free promotion, a parse gone wrong) nothing would be reserved and no
+    budget would ever stop the instance, while the provider may bill it all the same."""
+    return 0 < offer.price_per_hour < math.inf
 
 
 def offer_terms(deps: AgentDeps, offer: Offer, stats: OfferStats) -> OfferTerms:
@@ -137,6 +146,9 @@ async def price_clouds(deps: AgentDeps, ctx: PlanContext) -> PlanContext:
         known = stats[terms.provider]
         copies = []
         cooling = 0
+        free = [o for o in fetched if not priced_right(o) and matches(vendor, _priced_at(o, 1))]
+        if free:
+            said.append((OBS.error, _unpriced(vendor, free)))
         for i, offer in enumerate(o for o in fetched if matches(vendor, o)):
             learned = known.get((offer.region, offer.gpu), OfferStats())
             if learned.cooldown_until is not None and learned.cooldown_until > now:
@@ -177,6 +189,22 @@ def priced(
             "gpu_hours": learned.gpu_hours,
             "offer": offer_terms(deps, offer, learned),
         }
+    )
+
+
+def _priced_at(offer: Offer, micros: int) -> Offer:
+    return replace(offer, price_per_hour=micros)
+
+
+def _unpriced(vendor: Vendor, offers: list[Offer]) -> str:
+    """Why offers that would otherwise match `vendor` were refused, said once in the run's log."""
+    shown = ", ".join(
+        f"{o.offer_id} in {o.region} at ${o.price_per_hour / 1_000_000:g}/h" for o in offers[:3]
+    ) + (f" and {len(offers) - 3} more" if len(offers) > 3 else "")
+    return (
+        f"{vendor.vendor_id}: refused {len(offers)} {offers[0].provider} offer(s) priced at zero "
+        f"or less ({shown}): nothing can be reserved against such a price, so no budget would "
+        "stop the instance while the provider may bill it"
     )
 
 

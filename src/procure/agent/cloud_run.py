@@ -25,7 +25,7 @@ from procure.agent.cloud_end import (
     trouble,
 )
 from procure.agent.cloud_launch import boot, launch
-from procure.agent.cloud_money import ahead_s, cost
+from procure.agent.cloud_money import ahead_s, bills_boot, cost
 from procure.agent.cloud_offers import describe_offer
 from procure.agent.cloud_watch import poll
 from procure.agent.context import PlanContext
@@ -99,11 +99,15 @@ async def start_cloud_job(
         updated_at=now,
     )
     job.idempotency_key = f"job-{job.id}"
-    # Booting may be billed: reserve through the boot deadline and one stretch beyond it.
-    window_s = deps.cloud.boot_timeout_s + ahead_s(deps, terms)
+    # Where the provider bills the boot, reserve through the boot deadline and one stretch
+    # beyond it; where it does not (Lambda), only the first stretch of billed time: `reserve`
+    # keeps the money that far ahead, counted from where the boot may have ended (a boot
+    # reserved there would fail a budget that can pay for the work).
+    boots_billed = bills_boot(deps.clouds.get(terms.provider), terms)
+    window_s = (deps.cloud.boot_timeout_s if boots_billed else 0.0) + ahead_s(deps, terms)
     amount = cost(terms, window_s)
     if budget_short(ctx, amount):
-        return too_small(deps, ctx, action, terms, amount, window_s)
+        return too_small(deps, ctx, action, terms, amount, window_s, boots_billed)
     payment_id = repo.new_id()
     payment = Payment(
         _id=payment_id,
@@ -146,8 +150,9 @@ async def start_cloud_job(
             run.id,
             OBS.agent_reasoning,
             f"Renting {describe_offer(terms)} through {vendor.vendor_id} as instance {name}; "
-            f"{format_usd(amount)} reserved for the boot and the first "
-            f"{ahead_s(deps, terms):.0f}s of the {hours:.2f}h of work"
+            f"{format_usd(amount)} reserved for "
+            + ("the boot and " if boots_billed else "")
+            + f"the first {ahead_s(deps, terms):.0f}s of the {hours:.2f}h of work"
             + (
                 f", resuming from the checkpoint at {resume.checkpoint_progress:.0%}"
                 if resume
@@ -178,15 +183,18 @@ def too_small(
     terms: OfferTerms,
     amount: int,
     window_s: float,
+    boots_billed: bool,
 ) -> TickResult:
     """The budget cannot take the boot reservation of the planner's best offer: the run ends
     now, saying so, rather than asking again each tick until it fails with no way forward."""
     run = ctx.state.run
+    ahead = f"{ahead_s(deps, terms):.0f}s ahead"
+    window = f"its boot and first stretch ({window_s:.0f}s: the boot timeout and {ahead})"
     why = (
         f"the budget left, {format_usd(ctx.available)}, cannot take the {format_usd(amount)} "
-        f"that renting {describe_offer(terms)} reserves for its boot and first stretch "
-        f"({window_s:.0f}s: the boot timeout and {ahead_s(deps, terms):.0f}s ahead); "
-        "raise the budget to rent it"
+        f"that renting {describe_offer(terms)} reserves for "
+        + (window if boots_billed else f"its first stretch ({ahead} of its billed time)")
+        + "; raise the budget to rent it"
     )
     with deps.store.session() as s:
         repo.update_run(s, run.id, status=RunStatus.failed, status_reason=f"Failed: {why}")

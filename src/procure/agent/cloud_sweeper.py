@@ -2,8 +2,10 @@
 older untagged name its store records) that no live run owns (a crash between launch and record
 on a run that then ended, a terminate lost, a launch that landed after its job ended) are
 terminated, each one recorded on its run (or logged when no run knows it) and its bill booked.
-Another install's instances on the same account are left alone. Run by the worker every
-`CloudTuning.sweep_every_s`; a terminate that fails is tried again at the next sweep."""
+Another install's instances on the same account are left alone. An instance whose job ended
+while it was still ending, and which the provider no longer lists live, is booked once the
+provider says it is gone. Run by the worker every `CloudTuning.sweep_every_s`; a terminate
+that fails is tried again at the next sweep."""
 
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import logging
 
 from sqlalchemy.orm import Session
 
+from procure.agent.cloud_end import GONE
 from procure.agent.cloud_money import bills_boot, computed_bill
 from procure.agent.cloud_run import own_prefix
 from procure.agent.deps import OBS, AgentDeps
-from procure.clouds.base import LABEL_PREFIX, CloudError
+from procure.clouds.base import LABEL_PREFIX, CloudError, RentalCloud
 from procure.models import (
     CLOUD_NONCE_PREFIX,
     OfferTerms,
@@ -31,7 +34,8 @@ AGENT_PREFIX = LABEL_PREFIX + "job-"  # the agent's instances; the fleet's and g
 
 
 async def sweep(deps: AgentDeps) -> list[str]:
-    """Terminate the agent's orphaned instances on every configured cloud; their names."""
+    """Terminate the agent's orphaned instances on every configured cloud (their names), and
+    book those whose job ended before they were confirmed gone (`settle_ended`)."""
     swept: list[str] = []
     with deps.store.session() as s:
         mine = own_prefix(cloud_repo.install_tag(s))
@@ -68,7 +72,40 @@ async def sweep(deps: AgentDeps) -> list[str]:
                 continue
             from_launch = bills_boot(client, OfferTerms.model_validate(record.offer))
             _book(deps, record, instance.id, billed, unread, from_launch=from_launch)
+        await settle_ended(deps, client, {i.id for i in instances})
     return swept
+
+
+async def settle_ended(deps: AgentDeps, client: RentalCloud, listed: set[str]) -> list[str]:
+    """Book the instances whose job ended while they were still ending (`cloud_end.abandon`),
+    once the provider says they are gone: one no longer listed live is never swept above
+    (Lambda lists no `terminating` instance as live, and forgets a terminated one), so its
+    reservation would stay pending for ever, counted against the run's budget and the spend
+    caps. `listed`: the ids the sweep above has (it terminates and books those); their names."""
+    with deps.store.session() as s:
+        ending = cloud_repo.unowned_ending(s, client.provider)
+    settled: list[str] = []
+    for record in ending:
+        instance_id = record.instance_id
+        if instance_id is None or instance_id in listed:
+            continue
+        try:
+            instance = await client.get(instance_id)
+        except CloudError as exc:
+            log.warning("sweeper: cannot read %s on %s: %s", record.name, record.provider, exc)
+            continue
+        if instance is not None and instance.status not in GONE:
+            continue  # still ending (or live again): asked again at the next sweep
+        try:
+            billed, unread = await client.billed(instance_id), None
+        except CloudError as exc:
+            billed, unread = None, str(exc)
+        from_launch = bills_boot(client, OfferTerms.model_validate(record.offer))
+        seen = instance.status if instance is not None else "gone"
+        head = f"Sweeper saw instance {record.name} ({record.provider} {instance_id}) {seen}"
+        _book(deps, record, instance_id, billed, unread, from_launch=from_launch, head=head)
+        settled.append(record.name)
+    return settled
 
 
 def _book(
@@ -79,6 +116,7 @@ def _book(
     unread: str | None = None,
     *,
     from_launch: bool = False,
+    head: str | None = None,
 ) -> None:
     """Record the sweep on the run; book the bill if the run never did (its payment pending),
     or as a payment of its own for a launch that landed after its job had ended. `unread`: why
@@ -137,7 +175,8 @@ def _book(
             cloud_repo.update_instance(
                 s, record.name, status="terminated", billed=billed, instance_id=instance_id
             )
-        head = f"Sweeper terminated instance {record.name} ({record.provider} {instance_id})"
+        said_of = f"instance {record.name} ({record.provider} {instance_id})"
+        head = head or f"Sweeper terminated {said_of}"
         # Said once while it repeats: a provider that accepts the terminate but lists the
         # instance on has it terminated again at every sweep, and must not add a row each time.
         if not any(c.startswith(head) for c in repo.recent_contents(s, record.run_id)):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 
 from procure.agent import deadline as slack_rule
 from procure.agent.context import PlanContext, hazard, reliability
@@ -28,7 +29,7 @@ from procure.agent.costmodel import (
     slice_options,
 )
 from procure.agent.slices import RENEW_FRACTION
-from procure.models import Action, Job, Vendor, format_usd
+from procure.models import MICROS_PER_USD, Action, Job, Vendor, format_usd
 
 Planner = Callable[[PlanContext], Awaitable[Action]]
 Reconsider = Callable[[PlanContext, Job, float], str | None]
@@ -80,13 +81,43 @@ def _no_vendor(notes: list[str]) -> Action:
 
 
 def _unaffordable(ctx: PlanContext, cheapest: Vendor, cost: int) -> Action:
+    """`cost`: what was compared with the budget left, and found above it."""
+    shown_cost, shown_left = _apart(cost, ctx.available)
     return Action(
         action="abort",
         reason=(
             f"No vendor is affordable: the cheapest, {cheapest.vendor_id}, costs "
-            f"{format_usd(cost)} and {format_usd(ctx.available)} is left"
+            f"{shown_cost} and {shown_left} is left"
         ),
     )
+
+
+def _apart(a: int, b: int) -> tuple[str, str]:
+    """Micro-USD `a` and `b` in dollars, to the cent unless that shows two different amounts
+    alike (a cost a fraction of a cent above what is left read "costs $24.47 and $24.47 is
+    left"): then with as many decimals as tell them apart."""
+    for places in range(2, 7):
+        shown = tuple(f"${Decimal(x) / MICROS_PER_USD:,.{places}f}" for x in (a, b))
+        if shown[0] != shown[1] or a == b:
+            break
+    return shown[0], shown[1]
+
+
+def _unaffordable_work(ctx: PlanContext, offered: list[Vendor]) -> Action:
+    """Why `choices` kept no vendor, with the figure it compared: each vendor's list price of
+    the work left after the checkpoint (`Estimate.nominal`, the same for every slice)."""
+    spec = ctx.state.run.job_spec
+    work = sum(intervals(spec.hours, spec.checkpoint_every, ctx.resume_progress))
+    if work <= 0:  # nothing was priced: no cost to show
+        return Action(
+            action="abort",
+            reason=(
+                "No vendor can be priced: no work is left after the checkpoint at "
+                f"{ctx.resume_progress:.0%}"
+            ),
+        )
+    cheapest = min(offered, key=lambda v: (round(v.base_price_per_hour * work), v.vendor_id))
+    return _unaffordable(ctx, cheapest, round(cheapest.base_price_per_hour * work))
 
 
 COOLING = "Every affordable vendor is cooling down after a failure"
@@ -352,9 +383,7 @@ def plan_cost_aware(ctx: PlanContext) -> Action:
         return slack_rule.plan(ctx, fits)
     affordable = choices(ctx, offered)
     if not affordable:
-        cheapest = min(offered, key=lambda v: (v.base_price_per_hour, v.vendor_id))
-        cost = round(cheapest.base_price_per_hour * ctx.remaining_hours)
-        return _unaffordable(ctx, cheapest, cost)
+        return _unaffordable_work(ctx, offered)
     ready = [c for c in affordable if not ctx.cooling_down(c.vendor)]
     if not ready:
         return Action(action="wait", reason=COOLING)

@@ -149,6 +149,27 @@ def live_owner(s: Session, name: str) -> bool:
     )
 
 
+def unowned_ending(s: Session, provider: str, limit: int = 100) -> list[CloudInstance]:
+    """`provider`'s instances still `terminating` (a terminate accepted, the instance not
+    confirmed gone) that no live run owns: their job was ended without that confirmation
+    (`cloud_end.abandon`), or their run ended. The oldest first, `limit` at a time."""
+    active = [str(j) for j in ACTIVE_JOB_STATUSES]
+    rows = s.scalars(
+        select(CloudInstanceRow)
+        .join(JobRow, JobRow.id == CloudInstanceRow.job_id)
+        .join(RunRow, RunRow.id == CloudInstanceRow.run_id)
+        .where(
+            CloudInstanceRow.status == "terminating",
+            CloudInstanceRow.provider == provider,
+            CloudInstanceRow.instance_id.is_not(None),
+            JobRow.status.not_in(active) | (RunRow.status != RunStatus.running),
+        )
+        .order_by(CloudInstanceRow.updated_at)
+        .limit(limit)
+    )
+    return [_record(r) for r in rows]
+
+
 def offer_stats(s: Session, provider: str) -> dict[tuple[str, str], OfferStats]:
     """What was learned of `provider`, by (region, GPU)."""
     rows = s.scalars(select(CloudStatsRow).where(CloudStatsRow.provider == provider))
