@@ -30,6 +30,7 @@ from procure.payments.settlements import FacilitatorLedger
 from procure.store import Store, open_store, repo
 from procure.vendors.client import VendorClient
 from procure.vendors.credentials import Keyring
+from stores import migrated_if_new
 
 _ips = itertools.count(2)
 
@@ -369,7 +370,7 @@ def make_deps(store: Store, clouds: dict[str, FakeCloud], **tuning: object) -> A
 
 
 def new_store(url: str, vendors: list[Vendor]) -> Store:
-    store = open_store(url)
+    store = open_store(migrated_if_new(url))
     with store.session() as s:
         for v in vendors:
             repo.save_vendor(s, v)

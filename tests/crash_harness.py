@@ -156,7 +156,14 @@ def _worker(cmd: dict[str, Any], transports: tuple[Any, Any]) -> None:
 
 def _zygote() -> None:
     """Import everything once, then fork a worker per request (one JSON command per line)."""
+    # The signing code that procure loads at a process's first payment (eth_account and the
+    # SDK's EVM scheme: procure.payments.payer and .wallet) is loaded here, once, before the
+    # forks: else every worker loads it again (~0.8 s of CPU each, dozens a campaign).
+    import eth_account  # noqa: F401
     import httpx
+    import x402.mechanisms.evm.exact
+    import x402.mechanisms.evm.signers
+    import x402.mechanisms.evm.v1.constants  # noqa: F401
 
     import procure.agent.runtime
     import procure.agent.worker

@@ -8,7 +8,9 @@ import atexit
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
+import sqlite3
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -50,7 +52,31 @@ def sqlite_template() -> Path:
 def migrated_sqlite(path: Path) -> str:
     """`path` as a migrated, empty store; its URL."""
     shutil.copyfile(sqlite_template(), path)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(*_new_install_id())
     return f"sqlite:///{path}"
+
+
+def _new_install_id() -> tuple[str, dict[str, str]]:
+    """The statement giving a copy of the template an install id of its own, as migration 0011
+    makes one per store: copies sharing one would take each other's cloud instances for their
+    own."""
+    return (
+        "UPDATE procure_meta SET value = :v WHERE key = 'install_id'",
+        {"v": secrets.token_hex(4)},
+    )
+
+
+def migrated_if_new(url: str) -> str:
+    """`url`, where it names a SQLite file not made yet, made a copy of the migrated template
+    (what opening it would migrate to, without running every migration again); any other
+    store's URL unchanged."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and ":memory:" not in url and "?" not in url:
+        path = Path(url.removeprefix(prefix))
+        if not path.exists():
+            return migrated_sqlite(path)
+    return url
 
 
 def _postgres_template(admin: Engine) -> str:
@@ -92,8 +118,17 @@ def postgres_database(*, migrated: bool = True) -> Iterator[str]:
         template = f' TEMPLATE "{_postgres_template(admin)}"' if migrated else ""
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"{template}'))
+        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
         try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+            if migrated:
+                own = create_engine(url)
+                try:
+                    with own.begin() as conn:
+                        statement, values = _new_install_id()
+                        conn.execute(text(statement), values)
+                finally:
+                    own.dispose()
+            yield url
         finally:
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -33,6 +33,7 @@ from procure.payments.wallet import load_or_create_account
 from procure.store import Store, open_store, repo
 from procure.vendors.credentials import Keyring
 from procure.web.spend import spend_total
+from stores import migrated_if_new
 from world import World, drive, start_world, state_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ def start_gateway_world(
         home=tmp / "gateway-home",
         **settings,
     )
-    store = open_store(f"sqlite:///{tmp / 'gateway.db'}")
+    store = open_store(migrated_if_new(f"sqlite:///{tmp / 'gateway.db'}"))
     server = start_gateway(cfg, store, cloud, world.facilitator.url)
     vendor = Vendor(
         vendor_id="gw1",
