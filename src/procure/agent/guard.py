@@ -106,17 +106,29 @@ def check_quote_terms(quote: Quote, gpu_type: str, fee: int) -> str | None:
     return None
 
 
-def check_quote_hours(quote: Quote, asked: float, job_hours: float, sliced: bool) -> str | None:
+def check_quote_hours(
+    quote: Quote, asked: float, job_hours: float, sliced: bool, fee: int = 0
+) -> str | None:
     """Why a job's first payment must not buy `quote.hours` (asked for `asked` of a job of
     `job_hours`), or None. A vendor may sell more than asked (its minimum), never more than the
     whole job needs: those hours would be paid for and never run. A job paid at once (not
-    `sliced`) must get all it asked for: nothing would buy the rest."""
+    `sliced`) must get all it asked for: nothing would buy the rest. A sliced job may get fewer
+    hours, but not with a whole payment's `fee` on them (as `_repriced` holds renewals): seconds
+    sold for a fee, job after job, would spend the budget on fees."""
     if quote.hours > job_hours + EPS:
         return (
             f"{quote.vendor_id} sells {quote.hours:g}h, more than the {job_hours:g}h the job needs"
         )
     if not sliced and quote.hours < asked - EPS:
         return f"{quote.vendor_id} sells only {quote.hours:g}h of the {asked:g}h asked for"
+    if quote.hours < asked - EPS:
+        share = fee * quote.hours / asked  # the fee on the hours sold, as on the hours asked
+        priced = quote.price_per_hour * quote.hours
+        if quote.amount > priced * (1 + 1e-6) + 1 + share:
+            return (
+                f"{quote.vendor_id} sells only {quote.hours:g}h of the {asked:g}h asked for, "
+                f"for {format_usd(quote.amount)}: a whole payment's fee on a sliver"
+            )
     return None
 
 
@@ -160,8 +172,11 @@ otherwise be paid at any price the budget holds."""
 
 
 def _repriced(ctx: PlanContext, job: Job, quote: Quote) -> str | None:
+    # What each slice cost per hour, its payment's fee aside: a first payment sold as a sliver
+    # (seconds, for its price plus a whole fee) would otherwise set a baseline many times the
+    # vendor's price, and every later sliver at the same fee would pass as no rise at all.
     paid = [
-        p.amount / p.hours
+        max(0.0, p.amount - ctx.payment_overhead) / p.hours
         for p in ctx.state.payments
         if p.job_id == job.id and p.status == PaymentStatus.completed and p.hours
     ]

@@ -167,16 +167,19 @@ def new_payment(run_id: str, job_id: str, vendor: Vendor, amount: int, hours: fl
 async def settlement_of(
     deps: AgentDeps, payment: Payment, tx: str | None = None, amount: int | None = None
 ) -> tuple[str | None, int | None]:
-    """The transaction and the amount that moved for a settled payment: the ledger's
-    transaction where it knows one (a vendor's answer may name any hash), else the answer's;
-    the amount as given (the signed one), else the ledger's (an idempotent replay answers
-    without a settlement). (None, None) parts when neither can say now."""
+    """The transaction and the amount that moved for a settled payment: the ledger's where it
+    knows them (a vendor's answer may name any hash), else the answer's; the amount given (the
+    signed one) only while the ledger cannot say (an idempotent replay answers without a
+    settlement). (None, None) parts when neither can say now. A retry signs the same nonce
+    again for whatever its 402 asks: the earlier attempt's authorisation, for another amount,
+    may be the one that moved money."""
     try:
         settled = await deps.ledger.lookup(deps.account.address, payment.nonce)
     except SettlementLookupError:
         return tx, amount
-    ledger_tx = settled.transaction if settled.used else None
-    return ledger_tx or tx, amount if amount is not None else settled.amount
+    if not settled.used:
+        return tx, amount
+    return settled.transaction or tx, settled.amount if settled.amount is not None else amount
 
 
 def paid_values(payment: Payment, tx: str | None, amount: int | None) -> dict[str, object]:

@@ -71,7 +71,11 @@ async def start_job(
         return TickResult("Vendor error", action)
     asked = spec.hours
     rejection = check_quote(ctx, action, quote) or check_quote_hours(
-        quote, asked, hours, sliced=slice_hours is not None or probe is not None
+        quote,
+        asked,
+        hours,
+        sliced=slice_hours is not None or probe is not None,
+        fee=ctx.payment_overhead,
     )
     if rejection is not None:
         vendor_trouble(
