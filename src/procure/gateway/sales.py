@@ -251,6 +251,9 @@ def new_renewal(
     """The renewal of `job_id` that `quote` sells, its payment written `pending`, unless the
     payment was already used or the quote sells below what the job's instance costs."""
     with rt.store.session() as s:
+        # Fenced as a sale is: a renewal written as another gateway takes the store is either
+        # counted by its claim (a pending payment) or refused here, never slipped in after.
+        fence(s)
         if not storelease.ours(s, rt.cfg):  # a renewal may revive an ended job
             return 503, "this gateway no longer holds its store (another gateway runs on it)"
         if book.nonce_seen(s, auth["nonce"]):
