@@ -7,6 +7,7 @@ gateway restarted, or run twice on its store, starts as before."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -26,6 +27,8 @@ from procure.clouds.runpod.mockstate import RunPodMockConfig
 from procure.clouds.runpod.pacing import Pacer
 from procure.clouds.runpod.settings import RunPodSettings
 from procure.gateway import book, storelease
+from procure.gateway import loop as gateway_loop
+from procure.gateway.runtime import Runtime
 from procure.gateway.serve import gateway_config, start_gateway
 from procure.gateway.settings import GatewayConfig
 from procure.local import LocalServer, free_port
@@ -402,3 +405,38 @@ def test_a_gateway_whose_store_was_taken_sells_nothing(long_gw: GatewayWorld) ->
     assert gw.income() == 0
     with gw.store.session() as s:
         assert book.job_by_key(s, key) is None
+
+
+def test_a_gateway_steps_nothing_once_another_took_its_store(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix: the loop learnt it had lost the store only at its next heartbeat (a
+    third of a lease, ~20 s), stepping the other gateway's jobs on its own cloud meanwhile."""
+    store = open_store(db_url)
+    a, b = config("gw-a", "0x" + "a" * 40), config("gw-b", "0x" + "b" * 40)
+    stepped: list[str] = []
+
+    async def step_all(_rt: Any) -> None:
+        stepped.append("step")
+
+    async def one_pass() -> None:
+        rt = Runtime(cfg=a, store=store, cloud=None)  # type: ignore[arg-type]
+        stop = asyncio.Event()
+        rt.wake.set()
+        task = asyncio.create_task(gateway_loop.run_loop(rt, stop))
+        await asyncio.sleep(0)  # the loop's first pass runs to its first wait
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        assert rt.holds_store is False  # and its sales are refused, as `ours` says
+
+    monkeypatch.setattr(gateway_loop, "step_all", step_all)
+    monkeypatch.setattr(gateway_loop, "sweep", step_all)
+    monkeypatch.setattr(gateway_loop, "recover_payments", step_all)
+    try:
+        storelease.claim(a, store)
+        storelease.release(a, store)  # its lease lapsed while it still ran
+        storelease.claim(b, store)  # gw-b took the store
+        asyncio.run(one_pass())
+        assert stepped == []
+    finally:
+        store.dispose()

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 
 from procure.clouds.base import CloudError
-from procure.gateway import book
+from procure.gateway import book, storelease
 from procure.gateway.instances import advance
 from procure.gateway.pricing import instance_cost
 from procure.gateway.runtime import Runtime
@@ -32,7 +32,11 @@ async def run_loop(rt: Runtime, stop: asyncio.Event) -> None:
     last_sweep = 0.0
     loop = asyncio.get_running_loop()
     while not stop.is_set():
-        # Another gateway took the store (this one's lease lapsed): its book is not ours.
+        # Another gateway took the store (this one's lease lapsed): its book is not ours. Read
+        # each pass, not only at the heartbeat: stepping the other's jobs for a third of a lease
+        # would advance them on this gateway's cloud.
+        if rt.holds_store:
+            rt.holds_store = _still_ours(rt)
         if rt.holds_store and loop.time() - last_sweep >= rt.cfg.sweep_every_s:
             last_sweep = loop.time()
             await guarded(recover_payments(rt), "recover")
@@ -44,6 +48,17 @@ async def run_loop(rt: Runtime, stop: asyncio.Event) -> None:
         await asyncio.wait(waits, timeout=rt.cfg.poll_s, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()
+
+
+def _still_ours(rt: Runtime) -> bool:
+    """Whether the store's book is still this gateway's (a store that cannot be read now is
+    taken as still ours: the loop's own reads meet the same trouble and retry)."""
+    try:
+        with rt.store.session() as s:
+            return storelease.ours(s, rt.cfg)
+    except Exception as exc:
+        log.warning("reading whose store this is failed: %s", exc)
+        return True
 
 
 async def guarded(work: Any, what: str) -> None:
