@@ -20,6 +20,7 @@ from procure.models import (
     TERMINAL_RUN_STATUSES,
     Job,
     JobStatus,
+    PaymentStatus,
     Run,
     RunStatus,
     format_usd,
@@ -104,6 +105,10 @@ async def carry_out(
             crash_point("cancel_sent")
         else:
             note = f"Job {active.vendor_job_id} dropped: {active.vendor_id} left the registry"
+    elif active is not None and active.status == JobStatus.submitted:
+        # Its vendor left the registry (else it was reconciled above): no cancel was asked for,
+        # and its payment stays pending until settle_ended_runs finds it used or expired.
+        note = _dropped_in_submission(ctx, active)
     elif active is not None:
         note = (
             f"{active.vendor_id} did not confirm the cancel of job {active.vendor_job_id} "
@@ -113,6 +118,25 @@ async def carry_out(
         note = None
     _record_cancelled(deps, ctx, active, note)
     return TickResult("Run cancelled")
+
+
+def _dropped_in_submission(ctx: PlanContext, job: Job) -> str:
+    """What became of a job still being submitted to a vendor no longer in the registry."""
+    pending = sum(
+        p.amount
+        for p in ctx.state.payments
+        if p.job_id == job.id and p.status == PaymentStatus.pending
+    )
+    money = (
+        f"; its payment of {format_usd(pending)} stays pending (counted against the budget) "
+        "until the ledger shows it settled or its authorisation expires unused"
+        if pending
+        else ""
+    )
+    return (
+        f"Job {job.id} dropped while still being submitted: {job.vendor_id} left the registry, "
+        f"so it was neither reconciled nor cancelled there{money}"
+    )
 
 
 def _record_cancelled(

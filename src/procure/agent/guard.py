@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, timedelta
 
 from procure.agent.context import PlanContext
+from procure.agent.planner import plan_cost_aware
 from procure.agent.slices import MIN_SLICE_HOURS, job_hours, next_slice_hours, paid_hours
 from procure.agent.start_request import MIN_CHECKPOINT_EVERY
-from procure.models import Action, Job, PaymentStatus, Quote, format_usd, utcnow
+from procure.models import Action, Job, PaymentStatus, Quote, Vendor, format_usd, utcnow
 
 EPS = 1e-9
 MAX_HOURS = 1e6  # no job is longer; a larger figure (or inf) is not a plan
@@ -63,12 +65,56 @@ def check_quote(ctx: PlanContext, action: Action, quote: Quote) -> str | None:
     terms = check_quote_terms(quote, ctx.state.run.job_spec.gpu_type, ctx.payment_overhead)
     if terms is not None:
         return terms
+    listed = check_listed_price(ctx, ctx.vendor(action.vendor_id), quote)
+    if listed is not None:
+        return listed
     if quote.amount > ctx.available:
         return (
             f"quote {format_usd(quote.amount)} from {quote.vendor_id} is over "
             f"the {format_usd(ctx.available)} left"
         )
     return None
+
+
+LISTED_PRICE_RISE = 0.10
+"""How much dearer per hour than its registered price a vendor's first quote for a job may be
+and still be paid as chosen: every planner chose it by that price, so a vendor listed at $1/h
+quoting $10/h would otherwise be paid up to the budget. Renewals are held to RENEWAL_PRICE_RISE
+over the job's earlier slices instead."""
+
+
+def over_listed(vendor: Vendor | None, quote: Quote) -> bool:
+    """Whether `quote` is more than LISTED_PRICE_RISE dearer per hour than `vendor`'s listing."""
+    # The quoted price, not the amount per hour: the amount carries a payment's fee (a short
+    # slice's reads as a rise) and is held to hours x price plus that fee by check_quote_terms.
+    listed = vendor.base_price_per_hour if vendor else quote.price_per_hour
+    return quote.price_per_hour > listed * (1 + LISTED_PRICE_RISE) + 1
+
+
+def check_listed_price(ctx: PlanContext, vendor: Vendor | None, quote: Quote) -> str | None:
+    """Why a first quote dearer than the price `vendor` was chosen at must not be paid, or None.
+    The registry is the only price procure knows for an x402 vendor (the offers cache lists it
+    at that price too), and a listing may lag: a gateway's follows its cloud's live price. So a
+    dearer quote is judged as if it were the listing: paid when the cost-aware planner would
+    still choose the vendor at that price (no cheaper way, and within the budget), refused when
+    it would choose otherwise."""
+    if vendor is None or not over_listed(vendor, quote):
+        return None
+    at_quote = vendor.model_copy(update={"base_price_per_hour": quote.price_per_hour})
+    vendors = [at_quote if v.vendor_id == vendor.vendor_id else v for v in ctx.vendors]
+    choice = plan_cost_aware(replace(ctx, vendors=vendors, notes=[]))
+    if choice.action == "start_job" and choice.vendor_id == vendor.vendor_id:
+        return None
+    instead = (
+        f"{choice.vendor_id} instead" if choice.action == "start_job" else f"to {choice.action}"
+    )
+    return (
+        f"{quote.vendor_id} quotes {format_usd(quote.price_per_hour)}/h, more than "
+        f"{LISTED_PRICE_RISE:.0%} over the {format_usd(vendor.base_price_per_hour)}/h it is "
+        f"registered at (the price it was chosen by); at its quote the planner chooses {instead}: "
+        "not paid (if that is its price now, update its registration: "
+        f"PUT /api/vendors/{quote.vendor_id})"
+    )
 
 
 QUOTE_CURRENCY = "USD"

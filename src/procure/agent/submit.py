@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from procure.agent import slices
 from procure.agent.context import PlanContext, deadline_passed
 from procure.agent.deps import OBS, AgentDeps, TickResult
-from procure.agent.guard import check_quote, check_quote_hours
+from procure.agent.guard import check_quote, check_quote_hours, over_listed
 from procure.agent.ledger import spend_cap_blocks
 from procure.agent.outcomes import (
     authorization_expired,
@@ -134,6 +134,13 @@ async def start_job(
             + (
                 f" (asked for {asked:g}h: {vendor.vendor_id} sells at least {quote.hours:g}h)"
                 if quote.hours > asked + slices.EPS
+                else ""
+            )
+            + (
+                f" at {format_usd(quote.price_per_hour)}/h, over the "
+                f"{format_usd(vendor.base_price_per_hour)}/h it is registered at: still the "
+                "cost-aware planner's choice at that price"
+                if over_listed(vendor, quote)
                 else ""
             )
             + (
