@@ -38,10 +38,18 @@ def whole_or_sliced(vendor_id: str, slice_hours: float | None) -> object:
 def test_store_matches_chain_per_vendor(tmp_path: Path, db_url: str) -> None:
     # No cool-down: each run meets the over-charging vendor afresh. A payment left in doubt on a
     # loaded machine is resolved once its authorisation's window has passed: 30 s, not 300.
+    # In this world an hour of work is 2 s, so a 0.25 h slice lasts half a second and is renewed
+    # 0.05 s before it runs out (10% of it, 90 s for a real 15-minute slice). With the mock's
+    # default grace (2 s) four runs ticked in one event loop on a loaded machine renewed after
+    # the vendor had expired the job, and the run bought fewer slices than this test checks.
+    # A job out of paid time waits for its renewal as long as a run may take: what is booked is
+    # checked here, not how soon a renewal comes.
+    patient = {"grace_seconds": 240.0}
     w = start_world(
         tmp_path,
         db_url,
         job_seconds=2.0,
+        vendor_overrides={"gpu_vendor_1": patient, "gpu_vendor_2": patient},
         settings_overrides={"VENDOR_COOLDOWN_S": 0, "PROCURE_PAYMENT_WINDOW_S": 30},
     )
     try:

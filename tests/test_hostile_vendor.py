@@ -61,6 +61,11 @@ def test_hostile_answers_become_errors_and_the_run_completes_elsewhere(
     # Only the stuck vendor is caught by the stall rule: on a loaded machine a 1 s stall also
     # beat the other lies to it (a regressing vendor reported "no progress for 1s").
     deps.stall_s = 1.0 if fault.get("progress_lie") == "stuck" else 60.0
+    if fault.get("progress_lie") == "regress":
+        # Progress is seen going back only after a poll saw it at 10% or more (the lie starts
+        # then): vendor 1's job takes 20 s, not 0.6 s, so that a poll on a loaded machine lands
+        # between 10% and its end.
+        hostile.vendor_servers["gpu_vendor_1"].app.state.config.job_seconds = 20.0
     asyncio.run(drive(deps, run_id))
     state = state_of(hostile, run_id)
 

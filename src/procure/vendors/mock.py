@@ -425,7 +425,9 @@ def create_mock_vendor_app(
                 job = None
         if job is None or not job.paid:
             return JSONResponse({"error": "no such job"}, 404)
-        answer = mock_jobs.view(cfg, job, clock()).to_json()
+        shown = mock_jobs.view(cfg, job, clock())
+        job.shown = max(job.shown, shown.progress)
+        answer = shown.to_json()
         if answer.get("error") and cfg.faults.huge_error_bytes:  # past the protocol's own clip
             answer["error"] += "; core dump: " + "E" * cfg.faults.huge_error_bytes
         return JSONResponse(answer)

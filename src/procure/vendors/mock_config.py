@@ -38,7 +38,8 @@ class Faults(BaseModel):
     extra_log_lines: int = Field(0, ge=0, le=1_000_000)  # job-status: this many more lines
     nul_in_logs: bool = False  # job-status: a log line and the error with NUL characters
     huge_error_bytes: int = Field(0, ge=0, le=64 << 20)  # a failed job's error this long
-    progress_lie: Literal["", "regress", "early_complete", "stuck"] = ""  # from 30% on
+    # From 30% on; "regress": back to 5% once job-status has shown 10% or more.
+    progress_lie: Literal["", "regress", "early_complete", "stuck"] = ""
     endpoints: list[str] = Field(default_factory=list)
 
 

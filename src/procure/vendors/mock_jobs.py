@@ -10,6 +10,12 @@ from typing import Any
 from procure.vendors.mock_config import MockVendorConfig
 from procure.vendors.protocol import VendorJob
 
+REGRESS_AFTER = 0.1
+"""A vendor lying with `progress_lie="regress"` goes back to `REGRESSED_TO` once its job-status
+has shown this much: by what a poller saw, not by the clock (a slow poller sees it too), and
+far enough back for a buyer's tolerance of a point or two."""
+REGRESSED_TO = 0.05
+
 
 @dataclass
 class MockJob:
@@ -25,6 +31,7 @@ class MockJob:
     paid_hours: float = 0.0  # the job runs until its progress has used these up
     base: float = 0.0  # progress when the current stretch of running began
     since: float | None = None  # clock time it began (None: not paid yet)
+    shown: float = 0.0  # the most progress `/job-status` has reported (a regressing lie's cue)
 
 
 def start_paid(job: MockJob, now: float) -> None:
@@ -119,9 +126,9 @@ def view(cfg: MockVendorConfig, job: MockJob, now: float) -> VendorJob:
     logs.extend(f"debug line {i}" for i in range(faults.extra_log_lines))
     if faults.nul_in_logs:
         logs.append("binary\x00garbage\x00")
-    if faults.progress_lie and progress >= 0.3:
-        if faults.progress_lie == "regress":
-            return VendorJob(status="running", progress=0.05, **base)
+    if faults.progress_lie == "regress" and job.shown >= REGRESS_AFTER:
+        return VendorJob(status="running", progress=REGRESSED_TO, **base)
+    if faults.progress_lie in ("early_complete", "stuck") and progress >= 0.3:
         if faults.progress_lie == "early_complete":
             return VendorJob(status="completed", progress=0.3, **base)
         return VendorJob(status="running", progress=0.3, **base)  # stuck
