@@ -33,11 +33,15 @@ from test_gateway import (
 )
 
 
-def spawn(gw: GatewayWorld, tmp: Path, port: int, crash_at: str | None) -> subprocess.Popen[bytes]:
+def spawn(
+    gw: GatewayWorld, tmp: Path, port: int, crash_at: str | None, db: str | None = None
+) -> subprocess.Popen[bytes]:
+    """`procure.gateway.serve` of `gw`'s config as a process on `port`, on the store `db` (a
+    SQLite file of its own unless given), dying at `crash_at` if set; once it answers."""
     config = dataclasses.asdict(gw.cfg)
     spec = {
         "config": config,
-        "databaseUrl": f"sqlite:///{tmp / 'child-gateway.db'}",
+        "databaseUrl": db or f"sqlite:///{tmp / 'child-gateway.db'}",
         "facilitatorUrl": gw.world.facilitator.url,
         "port": port,
     }

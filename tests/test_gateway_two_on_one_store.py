@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +46,7 @@ from test_gateway import (
     submit,
     wait_for,
 )
+from test_gateway_crash import spawn
 
 # Long enough (~8 s) for a second gateway's loop to meet the job while it runs.
 LONG = (sys.executable, TRAIN, "--steps", "160", "--step-time", "0.05")
@@ -157,41 +155,6 @@ def test_the_same_gateway_twice_on_its_store_both_serve(
 # --- a killed gateway: its book waits for it; its lease expires --------------------------------
 
 
-def spawn(gw: GatewayWorld, tmp: Path, db: str, port: int, crash_at: str | None) -> Any:
-    spec = {
-        "config": dataclasses.asdict(gw.cfg),
-        "databaseUrl": db,
-        "facilitatorUrl": gw.world.facilitator.url,
-        "port": port,
-    }
-    path = tmp / "gateway.json"
-    path.write_text(json.dumps(spec))
-    env = {
-        **os.environ,
-        "RUNPOD_API_KEY": gw.mock.api_key,
-        "RUNPOD_API_URL": gw.mock.url,
-        "PROCURE_CRASH_AT": crash_at or "",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "procure.gateway.serve", str(path)],
-        env=env,
-        cwd=tmp,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the gateway exited with {proc.returncode}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, 60)
-    return proc
-
-
 def killed_after_settling(gw: GatewayWorld, url: str, proc: Any) -> str:
     """A job paid for, the gateway killed after the payment settled and before it was booked
     (`paid` crash point); the job's Idempotency-Key."""
@@ -248,7 +211,7 @@ def test_a_killed_gateways_book_waits_for_it_and_its_lease_expires(
     url = f"http://127.0.0.1:{port}"
     other = other_gateway(gw, tmp_path)
     store = open_store(db)
-    proc = spawn(gw, tmp_path, db, port, "paid:1")
+    proc = spawn(gw, tmp_path, port, "paid:1", db=db)
     started: LocalServer | str | None = None
     try:
         key = killed_after_settling(gw, url, proc)
@@ -273,7 +236,7 @@ def test_a_killed_gateways_book_waits_for_it_and_its_lease_expires(
         assert pending_job(store) == ("unpaid", "pending")
         assert other.pods() == []
         # The first, restarted, books the payment and runs the job.
-        proc = spawn(gw, tmp_path, db, port, None)
+        proc = spawn(gw, tmp_path, port, None, db=db)
         with store.session() as s:
             job = book.job_by_key(s, key)
             assert job is not None
