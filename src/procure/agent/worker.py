@@ -94,6 +94,9 @@ class WorkerConfig:
     owner: str = field(default_factory=_default_owner)
 
 
+ONCE_LEASE_TRIES = 5  # `--once`: leasing attempts that may raise before it gives up
+
+
 @dataclass
 class WorkerStats:
     ticks: int = 0
@@ -115,6 +118,7 @@ class Worker:
         self._releasing: list[tuple[leases.TickRecord, list[hotpath.PollWrite]]] = []  # its ticks
         self._stopping = asyncio.Event()
         self._started = 0
+        self._lease_failures = 0  # leasing attempts in a row that raised (`_acquire`)
         self._trim_mark: int | None = None  # tick log id up to which runs were trimmed
 
     @property
@@ -194,8 +198,10 @@ class Worker:
         try:
             run_ids, loaded = await asyncio.to_thread(self._lease, limit, self._unreleased())
         except Exception:
+            self._lease_failures += 1
             log.exception("leasing due runs failed; backing off")
             return 0
+        self._lease_failures = 0
         for run_id in run_ids:
             task = asyncio.create_task(
                 self._tick(run_id, loaded.get(run_id)), name=f"tick-{run_id}"
@@ -364,6 +370,12 @@ class Worker:
                         idle = cfg.idle_min_s if got else min(cfg.idle_max_s, idle * 2)
                     else:
                         idle, next_poll = cfg.idle_min_s, 0.0
+                    # Once: after the first pass that could ask the store. One whose leasing
+                    # raised (a store busy or restarting) is asked again after its pause, up to
+                    # ONCE_LEASE_TRIES, not ended having done nothing as if nothing were due.
+                    if cfg.once and 0 < self._lease_failures < ONCE_LEASE_TRIES:
+                        await self._wait(idle)
+                        continue
                     if cfg.once:
                         self._stopping.set()
                         break
