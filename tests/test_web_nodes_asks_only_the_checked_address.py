@@ -126,6 +126,30 @@ def test_an_address_the_latest_scan_did_not_check_is_not_asked(sqlite_url: str) 
     assert "no address the fleet checked" in stale["models"]["error"]
 
 
+def live_instance(
+    store: Any, now: Any, instance_id: str, ip: str, node_url: str | None = None
+) -> None:
+    """An active fleet instance at `ip`, its node answering at the last scan; `node_url`: the
+    address the fleet checked, if any."""
+    with store.session() as s:
+        fleet_repo.upsert_instance(
+            s,
+            now,
+            instance_id=instance_id,
+            name=None,
+            instance_type="gpu_1x_a100",
+            region="us-east-1",
+            ip=ip,
+            status="active",
+            price_per_hour=1_290_000,
+            launched_by=None,
+            node_url=node_url,
+        )
+        fleet_repo.add_samples(
+            s, [{"instance_id": instance_id, "taken_at": now, "reachable": True}]
+        )
+
+
 def test_a_node_with_no_checked_address_is_not_asked(sqlite_url: str) -> None:
     """Before the fix: an instance the fleet knows no checked address of (a RunPod pod whose
     port the listing maps nowhere, a row from before the address was recorded) was asked at its
@@ -135,22 +159,7 @@ def test_a_node_with_no_checked_address_is_not_asked(sqlite_url: str) -> None:
     other, heard = neighbour(ip, port)
     store = open_store(sqlite_url)
     now = utcnow()
-    with store.session() as s:
-        fleet_repo.upsert_instance(
-            s,
-            now,
-            instance_id="pod-unmapped",
-            name=None,
-            instance_type="gpu_1x_a100",
-            region="us-east-1",
-            ip=ip,
-            status="active",
-            price_per_hour=1_290_000,
-            launched_by=None,
-        )
-        fleet_repo.add_samples(
-            s, [{"instance_id": "pod-unmapped", "taken_at": now, "reachable": True}]
-        )
+    live_instance(store, now, "pod-unmapped", ip)
     cfg = FleetSettings(_env_file=None, node_port=port, node_token=NODE_TOKEN)  # type: ignore[call-arg]
     try:
         (node,) = asyncio.run(nodes_view(store, cfg))
@@ -169,23 +178,7 @@ def test_an_address_not_on_the_instances_ip_is_not_asked(sqlite_url: str) -> Non
     other, heard = neighbour("127.0.0.12", port)
     store = open_store(sqlite_url)
     now = utcnow()
-    with store.session() as s:
-        fleet_repo.upsert_instance(
-            s,
-            now,
-            instance_id="pod-moved",
-            name=None,
-            instance_type="gpu_1x_a100",
-            region="us-east-1",
-            ip=ip,
-            status="active",
-            price_per_hour=1_290_000,
-            launched_by=None,
-            node_url=f"http://127.0.0.12:{port}",
-        )
-        fleet_repo.add_samples(
-            s, [{"instance_id": "pod-moved", "taken_at": now, "reachable": True}]
-        )
+    live_instance(store, now, "pod-moved", ip, node_url=f"http://127.0.0.12:{port}")
     cfg = FleetSettings(_env_file=None, node_port=port, node_token=NODE_TOKEN)  # type: ignore[call-arg]
     try:
         (node,) = asyncio.run(nodes_view(store, cfg))
