@@ -14,13 +14,12 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from procure.gateway import sales, storelease
-from procure.models import utcnow
 from procure.store import open_store
-from procure.store.gateway_tables import GatewayJobRow, GatewayPaymentRow
+from procure.store.gateway_tables import GatewayPaymentRow
 from procure.store.ledger import LEDGER_LOCK
 from stores import POSTGRES_ENV, postgres_database
 from test_gateway import wait_for
-from test_gateway_two_on_one_store import config
+from test_gateway_two_on_one_store import config, live_job
 
 pytestmark = pytest.mark.postgres
 
@@ -37,22 +36,7 @@ def test_a_renewal_waits_for_a_takeover_in_progress_and_is_refused() -> None:
         a, b = config("gw-a", "0x" + "a" * 40), config("gw-b", "0x" + "b" * 40)
         try:
             storelease.claim(a, store)
-            now = utcnow()
-            with store.session() as s:  # booting: its paid time has not started
-                s.add(
-                    GatewayJobRow(
-                        job_id="gw-1",
-                        key="k",
-                        quote_id="q",
-                        gpu="RTX4090",
-                        payer="0x" + "2" * 40,
-                        nonce="0x01",
-                        params={},
-                        status="booting",
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
+            live_job(store, "gw-1", "booting")  # booting: its paid time has not started
             rt: Any = types.SimpleNamespace(store=store, cfg=a)
             quote: Any = types.SimpleNamespace(quote_id="q2", price_per_hour=10**9, hours=1.0)
             auth = {"nonce": "0x02", "from": "0x" + "2" * 40, "value": 1000}

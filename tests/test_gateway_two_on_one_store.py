@@ -284,19 +284,20 @@ def config(vendor_id: str, pay_to: str, lease_s: float = 60.0) -> GatewayConfig:
     )
 
 
-def live_job(store: Store) -> None:
+def live_job(store: Store, job_id: str = "gw-left", status: str = "running") -> None:
+    """A job of the book, live (`status`), as a sale would have written it."""
     now = utcnow()
     with store.session() as s:
         s.add(
             GatewayJobRow(
-                job_id="gw-left",
-                key="left",
+                job_id=job_id,
+                key=f"key-{job_id}",
                 quote_id="q",
                 gpu="RTX4090",
                 payer="0x" + "2" * 40,
                 nonce="0x01",
                 params={},
-                status="running",
+                status=status,
                 created_at=now,
                 updated_at=now,
             )
